@@ -127,8 +127,8 @@ interface HeapBackend {
 
 function unsortedSegmentSumOnHeap(args: { inputs: tf.NamedTensorInfoMap; backend: unknown; attrs?: tf.NamedAttrMap }): tf.TensorInfo {
   const backend = args.backend as HeapBackend;
-  const x = args.inputs.x;
-  const ids = args.inputs.segmentIds;
+  const x = args.inputs.x as tf.TensorInfo;
+  const ids = args.inputs.segmentIds as tf.TensorInfo;
   const numSegments = Number(args.attrs?.numSegments);
   const xs = backend.readSync(x.dataId);
   const seg = backend.readSync(ids.dataId);
