@@ -18,7 +18,7 @@ export {
   writeFileAtomic,
   writeSafetensorsFile,
 } from './safetensors.ts';
-export type { FloatDtype, SafetensorsContents, SafetensorsDtype, SafetensorsTensor, SafetensorsTensorInput, SafetensorsTensorsInput } from './safetensors.ts';
+export type { FloatDtype, ReadSafetensorsOptions, SafetensorsContents, SafetensorsDtype, SafetensorsTensor, SafetensorsTensorInput, SafetensorsTensorsInput } from './safetensors.ts';
 export {
   CONFIG_FILE,
   SAFETENSORS_FILE,
