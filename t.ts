@@ -1,0 +1,13 @@
+import { LlamaModel, llamaConfig, randomWeights, SMOLLM_135M_SHAPE, tf, useBackend, causalLmLoss } from './model/index.ts';
+await useBackend('wasm');
+const config = llamaConfig({ ...SMOLLM_135M_SHAPE, layers: 2 });
+const model = LlamaModel.fromArrays(config, randomWeights(config, 1));
+const ids = tf.randomUniform([1, 256], 0, config.vocabSize, 'int32') as tf.Tensor2D;
+tf.tidy(() => void model.forward(ids).dataSync());
+let t0 = performance.now();
+tf.tidy(() => void model.forward(ids).dataSync());
+console.log('fwd ms', performance.now() - t0);
+const vars = [...model.weights.values()]; for (const v of vars) v.trainable = true;
+t0 = performance.now();
+const { value, grads } = tf.variableGrads(() => causalLmLoss(model.forward(ids), ids).loss, vars);
+console.log('train ms', performance.now() - t0, tf.memory().numBytes / 2**20);
