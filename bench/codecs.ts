@@ -77,7 +77,7 @@ export async function run(): Promise<Record<string, unknown>> {
       codec.decodeInto({ ...frame, payload: encoded.payload, params: encoded.params }, out, label);
     });
     const frameEncodeSeconds = time(() => encodeTensor(data, shape, spec), 3);
-    let decoded = new Float32Array(0);
+    let decoded: Float32Array = new Float32Array(0);
     const frameDecodeSeconds = time(() => {
       decoded = decodeTensor(frame, { shape, limits: { maxFrameBytes: 2 ** 31, maxMessageBytes: 2 ** 31, maxRank: 4, maxDim: 1 << 24, maxElements: 1 << 26 } });
     }, 3);
