@@ -1,7 +1,9 @@
 // A received frame is checked before anything is allocated; each refusal names what was wrong.
 import test from 'node:test';
 import assert from 'node:assert/strict';
-import { DEFAULT_LIMITS, ProtocolError, decodeEnvelope, decodeTensor, encodeEnvelope, encodeTensor, envelope, frameChecksum, validateFrame } from '../../protocol/index.ts';
+import {
+  DEFAULT_LIMITS, ProtocolError, decodeEnvelope, decodeTensor, encodeEnvelope, encodeTensor, envelope, frameChecksum, intersectLimits, validateFrame,
+} from '../../protocol/index.ts';
 import type { TensorFrame } from '../../protocol/index.ts';
 
 function refuses(fn: () => unknown, code: string, details: Record<string, unknown> = {}): void {
@@ -102,4 +104,16 @@ test('bad input to the encoder is refused', () => {
   refuses(() => encodeTensor(x, [24], { codec: 'int8-block', blockSize: 0.5 }), 'TANDEM_PROTO_CODEC_PARAMS_INVALID');
   refuses(() => encodeTensor(x, [24], { codec: 'topk', topkFraction: 2 }), 'TANDEM_PROTO_CODEC_PARAMS_INVALID');
   refuses(() => encodeTensor(x, [24], { codec: 'zstd' as never }), 'TANDEM_PROTO_CODEC_UNSUPPORTED');
+});
+
+test('session limits are the stricter of both sides, with defaults for unstated (0) values', () => {
+  const edge = { maxFrameBytes: 1 << 20, maxMessageBytes: 0, maxRank: 4, maxDim: 0, maxElements: 1 << 30 };
+  const cloud = { maxFrameBytes: 1 << 24, maxMessageBytes: 1 << 16, maxRank: 0, maxDim: 4096, maxElements: 0 };
+  assert.deepEqual(intersectLimits(edge, cloud), {
+    maxFrameBytes: 1 << 20,
+    maxMessageBytes: 1 << 16,
+    maxRank: 4,
+    maxDim: 4096,
+    maxElements: DEFAULT_LIMITS.maxElements,
+  });
 });
