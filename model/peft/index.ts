@@ -1,0 +1,24 @@
+// The public API of the PEFT methods; other folders import from here only.
+export type { Adapter } from './adapter.ts';
+export { createAdapter } from './compose.ts';
+export type { AdapterMethod, CreateAdapterOptions, MethodSpec, PeftAdapter } from './compose.ts';
+export { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, COMPOSITE_PEFT_TYPE, TANDEM_METHOD_METADATA, loadAdapter, saveAdapter } from './io.ts';
+export type { LoadAdapterOptions, SaveAdapterOptions } from './io.ts';
+export type { AdapterTensor, CreateContext, MethodInstance, PeftMethod } from './method.ts';
+export { BUILTIN_METHODS, defaultRegistry } from './methods.ts';
+export { MethodRegistry } from './registry.ts';
+export type { TargetModules } from './fields.ts';
+export { LORA_FIELDS, dora, lora, loraFa, loraScaling } from './lora/index.ts';
+export type { LoraConfig } from './lora/index.ts';
+export { VERA_FIELDS, vera } from './vera/index.ts';
+export type { VeraConfig } from './vera/index.ts';
+export { IA3_FIELDS, ia3 } from './ia3/index.ts';
+export type { Ia3Config } from './ia3/index.ts';
+export { PROMPT_TUNING_FIELDS, promptTuning } from './prompt_tuning/index.ts';
+export type { PromptTuningConfig } from './prompt_tuning/index.ts';
+export { BOTTLENECK_FIELDS, bottleneck } from './bottleneck/index.ts';
+export type { BottleneckConfig } from './bottleneck/index.ts';
+export { bitfit } from './bitfit/index.ts';
+export type { BitfitConfig } from './bitfit/index.ts';
+export { block } from './block/index.ts';
+export type { BlockConfig } from './block/index.ts';
