@@ -1,6 +1,8 @@
 import { Command, CommanderError } from 'commander';
+import { cloudCommand } from './cloud.ts';
 import { generateCommand } from './generate.ts';
 import { processIo, type CommandIo } from './io.ts';
+import { keysCommand } from './keys.ts';
 
 /** The commands of `tandem`, in the order `--help` lists them. */
 function program(io: CommandIo): Command {
@@ -8,8 +10,12 @@ function program(io: CommandIo): Command {
     .description('Split and offsite fine-tuning of LLMs across a cloud and the machines that own the data')
     .showHelpAfterError()
     .configureOutput({ writeOut: (s) => io.out(s.trimEnd()), writeErr: (s) => io.log(s.trimEnd()) });
-  for (const command of [generateCommand(io)]) root.addCommand(command);
-  root.commands.forEach((c) => c.configureOutput({ writeOut: (s) => io.out(s.trimEnd()), writeErr: (s) => io.log(s.trimEnd()) }));
+  for (const command of [generateCommand(io), cloudCommand(io), keysCommand(io)]) root.addCommand(command);
+  const configure = (c: Command): void => {
+    c.configureOutput({ writeOut: (s) => io.out(s.trimEnd()), writeErr: (s) => io.log(s.trimEnd()) });
+    c.commands.forEach(configure);
+  };
+  root.commands.forEach(configure);
   return root;
 }
 
@@ -19,8 +25,11 @@ function program(io: CommandIo): Command {
  */
 export async function main(argv: string[], io: CommandIo = processIo): Promise<number> {
   const root = program(io);
-  root.exitOverride();
-  for (const c of root.commands) c.exitOverride();
+  const override = (c: Command): void => {
+    c.exitOverride();
+    c.commands.forEach(override);
+  };
+  override(root);
   try {
     await root.parseAsync(argv, { from: 'user' });
     return 0;
