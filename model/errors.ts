@@ -17,6 +17,10 @@ export const MODEL_ERRORS = {
   TANDEM_TOKENIZER_INVALID: 'the tokenizer could not be loaded',
   TANDEM_BACKEND_UNAVAILABLE: 'the requested compute backend is not available',
   TANDEM_INPUT_INVALID: 'an argument is outside what the model accepts',
+  TANDEM_DATA_INVALID: 'a training or evaluation data file is malformed',
+  TANDEM_DATA_EMPTY: 'a data file yields no usable examples',
+  TANDEM_CHECKPOINT_INVALID: 'a training checkpoint is missing, incomplete or does not match the run',
+  TANDEM_TRAIN_OPTION_INVALID: 'a training option is outside its allowed range',
 } as const;
 
 export type ModelErrorCode = keyof typeof MODEL_ERRORS;
