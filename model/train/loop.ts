@@ -9,8 +9,8 @@ import { IGNORE_INDEX } from '../loss.ts';
 import type { Adapter } from '../peft/adapter.ts';
 import { clipGradNorm } from './clip.ts';
 import { gradientsOf, variablesReached } from './gradients.ts';
-import { LocalMiddle } from './middle.ts';
-import type { Middle, MicrobatchKey } from './middle.ts';
+import { LocalMiddle, randomStateOf, replaying } from './middle.ts';
+import type { Middle, MicrobatchKey, RandomState } from './middle.ts';
 import type { Optimizer } from './optimizer.ts';
 import { learningRate } from './schedule.ts';
 import type { ScheduleOptions } from './schedule.ts';
@@ -38,6 +38,11 @@ export interface TrainerOptions {
   middle?: Middle;
   /** Clip gradients to this global L2 norm; 0 or undefined turns clipping off. */
   clipNorm?: number;
+  /**
+   * Send micro-batch i+1 forward before i finishes. Default: on for a remote middle, off
+   * for a local one, where it gains nothing and would change the order of dropout draws.
+   */
+  pipeline?: boolean;
 }
 
 export interface StepResult {
@@ -87,6 +92,13 @@ function accumulate(into: Map<string, tf.Tensor>, name: string, g: tf.Tensor): v
   g.dispose();
 }
 
+interface InFlight {
+  ids: tf.Tensor2D;
+  labels: tf.Tensor2D;
+  random: number[][] | undefined;
+  hM: Promise<tf.Tensor3D>;
+}
+
 export class Trainer {
   readonly model: LlamaModel;
   readonly adapter: Adapter;
@@ -96,6 +108,8 @@ export class Trainer {
   readonly middle: Middle;
   readonly clipNorm: number;
   private readonly ownsMiddle: boolean;
+  private readonly pipeline: boolean;
+  private readonly random: RandomState | undefined;
   private readonly trainable: Map<string, tf.Variable>;
   private readonly bottomVars: string[];
   private readonly topVars: string[];
@@ -114,8 +128,10 @@ export class Trainer {
     this.cut = cut;
     this.clipNorm = options.clipNorm ?? 0;
     this.trainable = adapter.trainableVariables();
+    this.random = randomStateOf(adapter);
     this.ownsMiddle = options.middle === undefined;
-    this.middle = options.middle ?? new LocalMiddle(model, cut.bottom, L - cut.top, { hooks: adapter.hooks, trainable: this.trainable });
+    this.middle = options.middle ?? new LocalMiddle(model, cut.bottom, L - cut.top, { hooks: adapter.hooks, trainable: this.trainable, random: this.random });
+    this.pipeline = options.pipeline ?? !(this.middle instanceof LocalMiddle);
     // Which parameters each edge part reaches, from one tiny probe through each part.
     const probeIds = tf.tensor2d([[0, 0]], [1, 2], 'int32');
     const bottom = variablesReached(() => this.bottom(probeIds, false), this.trainable);
@@ -157,16 +173,18 @@ export class Trainer {
   }
 
   /** Bottom, then the middle's forward (started, not awaited). */
-  private startForward(batch: Batch, key: MicrobatchKey, training: boolean): { ids: tf.Tensor2D; labels: tf.Tensor2D; hM: Promise<tf.Tensor3D> } {
+  private startForward(batch: Batch, key: MicrobatchKey, training: boolean): InFlight {
     const rows = batch.ids.length;
     const seq = batch.ids[0].length;
     const ids = tf.tensor2d(batch.ids.flat(), [rows, seq], 'int32');
     const labels = tf.tensor2d(batch.labels.flat(), [rows, seq], 'int32');
+    // Where the dropout generators stood, so the bottom's recomputation replays its masks.
+    const random = training ? this.random?.randomState() : undefined;
     const hB = this.bottom(ids, training);
-    if (this.middleEmpty) return { ids, labels, hM: Promise.resolve(hB) };
+    if (this.middleEmpty) return { ids, labels, random, hM: Promise.resolve(hB) };
     const hM = this.middle.forward(hB, key).finally(() => hB.dispose());
     hM.catch(() => undefined); // awaited later; do not report it as unhandled meanwhile
-    return { ids, labels, hM };
+    return { ids, labels, random, hM };
   }
 
   /**
@@ -183,13 +201,15 @@ export class Trainer {
     const topVars = this.topVars.map((n) => this.trainable.get(n) as tf.Variable);
     const bottomVars = this.bottomVars.map((n) => this.trainable.get(n) as tf.Variable);
     let loss = 0;
-    let next = this.startForward(microbatches[0], { step, microbatch: 0 }, true);
+    let next: InFlight | undefined;
     for (let i = 0; i < microbatches.length; i++) {
       const key = { step, microbatch: i };
-      const { ids, labels } = next;
-      const hM = await next.hM;
+      const current = next ?? this.startForward(microbatches[i], key, true);
+      next = undefined;
+      const { ids, labels } = current;
+      const hM = await current.hM;
       // Pipelining: the next micro-batch goes forward while this one finishes.
-      if (i + 1 < microbatches.length) next = this.startForward(microbatches[i + 1], { step, microbatch: i + 1 }, true);
+      if (this.pipeline && i + 1 < microbatches.length) next = this.startForward(microbatches[i + 1], { step, microbatch: i + 1 }, true);
       try {
         const top = gradientsOf(() => {
           const logits = this.topLogits(hM, true);
@@ -202,7 +222,7 @@ export class Trainer {
         if (this.needsMiddleBackward) {
           const gB = this.middleEmpty ? gM : await this.middle.backward(gM, key);
           if (bottomVars.length > 0) {
-            const bottom = gradientsOf(() => this.bottom(ids, true), bottomVars, gB);
+            const bottom = replaying(this.random, current.random, () => gradientsOf(() => this.bottom(ids, true), bottomVars, gB));
             bottom.value.dispose();
             bottom.grads.forEach((g, j) => g && accumulate(grads, this.bottomVars[j], g));
           }

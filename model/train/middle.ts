@@ -32,8 +32,34 @@ function keyString(key: MicrobatchKey): string {
   return `${key.eval ? 'eval' : 'train'}:${key.step}:${key.microbatch}`;
 }
 
+/** An adapter's random generators (dropout), rewound so a recomputation draws the masks the forward drew. */
+export interface RandomState {
+  randomState(): number[][];
+  setRandomState(state: readonly (readonly number[])[]): void;
+}
+
+/** The adapter's generators when it exposes them (PEFT adapters do). */
+export function randomStateOf(x: object): RandomState | undefined {
+  const r = x as Partial<RandomState>;
+  return typeof r.randomState === 'function' && typeof r.setRandomState === 'function' ? (r as RandomState) : undefined;
+}
+
+/** Runs f with the generators at `at`, then puts them back where they were. */
+export function replaying<T>(random: RandomState | undefined, at: number[][] | undefined, f: () => T): T {
+  if (!random || !at) return f();
+  const now = random.randomState();
+  random.setRandomState(at);
+  try {
+    return f();
+  } finally {
+    random.setRandomState(now);
+  }
+}
+
 export interface LocalMiddleOptions {
   hooks?: ForwardHooks;
+  /** The adapter's generators, so the recomputation in backward replays forward's dropout masks. */
+  random?: RandomState;
   /** Trainable variables that may live in the middle (an adapter's); those the middle reaches get gradients. */
   trainable?: ReadonlyMap<string, tf.Variable>;
 }
@@ -45,7 +71,7 @@ export interface LocalMiddleOptions {
  */
 export class LocalMiddle implements Middle {
   readonly trainsParameters: boolean;
-  private readonly kept = new Map<string, tf.Tensor3D>();
+  private readonly kept = new Map<string, { h: tf.Tensor3D; random?: number[][] }>();
   private readonly params: Map<string, tf.Variable>;
   private grads = new Map<string, tf.Tensor>();
 
@@ -73,19 +99,22 @@ export class LocalMiddle implements Middle {
   async forward(h: tf.Tensor3D, key: MicrobatchKey): Promise<tf.Tensor3D> {
     if (!key.eval) {
       const k = keyString(key);
-      this.kept.get(k)?.dispose();
-      this.kept.set(k, tf.keep(tf.clone(h)));
+      this.kept.get(k)?.h.dispose();
+      this.kept.set(k, { h: tf.keep(tf.clone(h)), random: this.options.random?.randomState() });
     }
     return this.run(h, !key.eval);
   }
 
   async backward(g: tf.Tensor3D, key: MicrobatchKey): Promise<tf.Tensor3D> {
     const k = keyString(key);
-    const h = this.kept.get(k);
-    if (!h) throw new Error(`LocalMiddle: no forward kept for ${k}`);
+    const kept = this.kept.get(k);
+    if (!kept) throw new Error(`LocalMiddle: no forward kept for ${k}`);
     this.kept.delete(k);
+    const { h } = kept;
     const names = [...this.params.keys()];
-    const { value, grads } = gradientsOf(() => this.run(h, true), [h, ...names.map((n) => this.params.get(n) as tf.Variable)], g);
+    const { value, grads } = replaying(this.options.random, kept.random, () =>
+      gradientsOf(() => this.run(h, true), [h, ...names.map((n) => this.params.get(n) as tf.Variable)], g),
+    );
     value.dispose();
     const gB = (grads[0] ?? tf.zerosLike(h)) as tf.Tensor3D;
     h.dispose();
@@ -104,7 +133,7 @@ export class LocalMiddle implements Middle {
 
   release(key: MicrobatchKey): void {
     const k = keyString(key);
-    this.kept.get(k)?.dispose();
+    this.kept.get(k)?.h.dispose();
     this.kept.delete(k);
   }
 
@@ -115,7 +144,7 @@ export class LocalMiddle implements Middle {
   }
 
   dispose(): void {
-    for (const t of this.kept.values()) t.dispose();
+    for (const t of this.kept.values()) t.h.dispose();
     this.kept.clear();
     for (const t of this.grads.values()) t.dispose();
     this.grads.clear();
