@@ -31,7 +31,6 @@ export interface BackendChoice {
 tf.env().set('PROD', true);
 
 let active: BackendChoice | undefined;
-let pending: Promise<BackendChoice> | undefined;
 
 /** Parses a backend name from a flag or TANDEM_BACKEND; 'auto' or undefined means best available. */
 export function parseBackendName(value: string | undefined, field = '--backend'): BackendName | undefined {
@@ -65,31 +64,27 @@ async function tryBackend(name: BackendName): Promise<void> {
 }
 
 /**
- * Picks the compute backend once per process: the one asked for (flag, then TANDEM_BACKEND),
- * or the best that loads. Asking for one that does not load is a typed error.
+ * Picks the compute backend: the one asked for (flag, then TANDEM_BACKEND), or the best that
+ * loads, once per process. Asking for one that does not load is a typed error.
  */
-export function initBackend(options: { backend?: string; log?: (line: string) => void } = {}): Promise<BackendChoice> {
-  if (pending) return pending;
-  pending = (async () => {
-    const wanted = parseBackendName(options.backend ?? process.env.TANDEM_BACKEND, options.backend ? '--backend' : 'TANDEM_BACKEND');
-    const order = wanted ? [wanted] : [...BACKENDS];
-    const skipped: BackendChoice['skipped'] = [];
-    for (const name of order) {
-      try {
-        await tryBackend(name);
-        active = { name, skipped };
-        options.log?.(`backend: ${name}${skipped.length ? ` (skipped ${skipped.map((s) => s.name).join(', ')})` : ''}`);
-        return active;
-      } catch (err) {
-        skipped.push({ name, reason: err instanceof Error ? err.message.split('\n')[0] : String(err) });
-      }
+export async function initBackend(options: { backend?: string; log?: (line: string) => void } = {}): Promise<BackendChoice> {
+  const wanted = parseBackendName(options.backend ?? process.env.TANDEM_BACKEND, options.backend ? '--backend' : 'TANDEM_BACKEND');
+  if (active && (wanted === undefined || wanted === active.name)) return active;
+  const order = wanted ? [wanted] : [...BACKENDS];
+  const skipped: BackendChoice['skipped'] = [];
+  for (const name of order) {
+    try {
+      await tryBackend(name);
+      active = { name, skipped };
+      options.log?.(`backend: ${name}${skipped.length ? ` (skipped ${skipped.map((s) => s.name).join(', ')})` : ''}`);
+      return active;
+    } catch (err) {
+      skipped.push({ name, reason: err instanceof Error ? err.message.split('\n')[0] : String(err) });
     }
-    pending = undefined;
-    throw new ModelError('TANDEM_BACKEND_UNAVAILABLE', `no backend could be started: ${skipped.map((s) => `${s.name}: ${s.reason}`).join('; ')}`, {
-      details: { skipped },
-    });
-  })();
-  return pending;
+  }
+  throw new ModelError('TANDEM_BACKEND_UNAVAILABLE', `no backend could be started: ${skipped.map((s) => `${s.name}: ${s.reason}`).join('; ')}`, {
+    details: { skipped },
+  });
 }
 
 /** The backend chosen by initBackend, or undefined before it ran. */
@@ -104,7 +99,6 @@ export function activeBackend(): BackendChoice | undefined {
 export async function useBackend(name: BackendName): Promise<void> {
   await tryBackend(name);
   active = { name, skipped: [] };
-  pending = Promise.resolve(active);
 }
 
 let wasmFallbacksRegistered = false;

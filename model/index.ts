@@ -18,7 +18,7 @@ export {
   writeFileAtomic,
   writeSafetensorsFile,
 } from './safetensors.ts';
-export type { FloatDtype, SafetensorsContents, SafetensorsDtype, SafetensorsTensor, SafetensorsTensorInput, SafetensorsTensorsInput } from './safetensors.ts';
+export type { FloatDtype, ReadSafetensorsOptions, SafetensorsContents, SafetensorsDtype, SafetensorsTensor, SafetensorsTensorInput, SafetensorsTensorsInput } from './safetensors.ts';
 export {
   CONFIG_FILE,
   SAFETENSORS_FILE,
@@ -34,3 +34,16 @@ export {
 export type { LoadedModel, SaveModelOptions, ShardedWriteOptions, Weight, Weights, WeightsInput } from './checkpoint.ts';
 export { TOKENIZER_CONFIG_FILE, loadTokenizer } from './tokenizer.ts';
 export type { DecodeOptions, EncodeOptions, Tokenizer } from './tokenizer.ts';
+export { BACKENDS, activeBackend, initBackend, parseBackendName, tf, useBackend } from './backend.ts';
+export type { BackendChoice, BackendName } from './backend.ts';
+export { HOOK_NAMES, LINEAR_MODULES } from './hooks.ts';
+export type { ForwardHooks, HookContext, LinearModule, LinearModuleName, SublayerKind } from './hooks.ts';
+export { KvCache, LlamaModel } from './llama/llama.ts';
+export type { ForwardOptions } from './llama/llama.ts';
+export { ropeInverseFrequencies, ropeTables } from './llama/rope.ts';
+export { IGNORE_INDEX, causalLmLoss } from './loss.ts';
+export { generate } from './generate.ts';
+export type { GenerateOptions, GenerateResult } from './generate.ts';
+export { Rng } from './random.ts';
+export { SMOLLM_135M_SHAPE, llamaConfig, randomWeights } from './init.ts';
+export type { Adapter } from './peft/adapter.ts';

@@ -5,6 +5,7 @@
 // the reference's layout byte for byte.
 import { randomBytes } from 'node:crypto';
 import { open, readFile, rename, rm } from 'node:fs/promises';
+import type { FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { ModelError } from './errors.ts';
 
@@ -117,21 +118,27 @@ function findDuplicateKey(text: string): string | undefined {
   return undefined;
 }
 
-function parseHeader(bytes: Uint8Array, file: string): { headerLength: number; header: Record<string, unknown> } {
-  if (bytes.byteLength < 8) {
-    throw new ModelError('TANDEM_SAFETENSORS_TRUNCATED', `the file holds ${bytes.byteLength} bytes, fewer than the 8-byte header length`, { file });
+/** Reads and checks the u64 header length N against the limit and the file's size. */
+function headerLengthOf(prefix: Uint8Array, fileLength: number, file: string): number {
+  if (fileLength < 8 || prefix.byteLength < 8) {
+    throw new ModelError('TANDEM_SAFETENSORS_TRUNCATED', `the file holds ${fileLength} bytes, fewer than the 8-byte header length`, { file });
   }
-  const n = new DataView(bytes.buffer, bytes.byteOffset, 8).getBigUint64(0, true);
+  const n = new DataView(prefix.buffer, prefix.byteOffset, 8).getBigUint64(0, true);
   if (n > BigInt(SAFETENSORS_MAX_HEADER_BYTES)) {
     throw invalid(`header length ${n} exceeds the limit of ${SAFETENSORS_MAX_HEADER_BYTES} bytes`, file);
   }
   const headerLength = Number(n);
-  if (8 + headerLength > bytes.byteLength) {
-    throw new ModelError('TANDEM_SAFETENSORS_TRUNCATED', `header length ${headerLength} runs past the end of the file (${bytes.byteLength} bytes)`, { file });
+  if (8 + headerLength > fileLength) {
+    throw new ModelError('TANDEM_SAFETENSORS_TRUNCATED', `header length ${headerLength} runs past the end of the file (${fileLength} bytes)`, { file });
   }
+  return headerLength;
+}
+
+/** The header's N bytes: UTF-8, a JSON object, no key repeated. */
+function parseHeaderText(headerBytes: Uint8Array, file: string): Record<string, unknown> {
   let text: string;
   try {
-    text = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true }).decode(bytes.subarray(8, 8 + headerLength));
+    text = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true }).decode(headerBytes);
   } catch (cause) {
     throw new ModelError('TANDEM_SAFETENSORS_INVALID', 'header is not valid UTF-8', { file, cause });
   }
@@ -145,7 +152,7 @@ function parseHeader(bytes: Uint8Array, file: string): { headerLength: number; h
   if (typeof header !== 'object' || header === null || Array.isArray(header)) throw invalid('header must be a JSON object', file);
   const dup = findDuplicateKey(text);
   if (dup !== undefined) throw invalid(`header repeats the key ${JSON.stringify(dup)}`, file, dup);
-  return { headerLength, header: header as Record<string, unknown> };
+  return header as Record<string, unknown>;
 }
 
 function parseMetadata(v: unknown, file: string): Record<string, string> {
@@ -197,20 +204,14 @@ function parseEntry(name: string, v: unknown, file: string): Located {
   return { name, dtype: e.dtype, shape: e.shape as number[], begin, end };
 }
 
-/**
- * Parses a whole safetensors file held in memory. Tensor data are views into `bytes`.
- * `file` is only used to name the file in errors.
- */
-export function parseSafetensors(bytes: Uint8Array, file: string): SafetensorsContents {
-  const { headerLength, header } = parseHeader(bytes, file);
-  const dataStart = 8 + headerLength;
-  const dataLength = bytes.byteLength - dataStart;
+/** Checks every entry and that the entries tile a data buffer of `dataLength` bytes exactly. */
+function layoutOf(header: Record<string, unknown>, dataLength: number, file: string): { metadata: Record<string, string>; entries: Located[] } {
   const metadata = parseMetadata(header[METADATA_KEY], file);
   const entries: Located[] = [];
   for (const [name, v] of Object.entries(header)) {
     if (name !== METADATA_KEY) entries.push(parseEntry(name, v, file));
   }
-  // The data buffer must be tiled exactly: sorted by offsets, each tensor starts where the last ended.
+  // Sorted by offsets, each tensor must start where the last ended: no overlap, no hole.
   entries.sort((a, b) => a.begin - b.begin || a.end - b.end);
   let covered = 0;
   let previous: Located | undefined;
@@ -226,6 +227,18 @@ export function parseSafetensors(bytes: Uint8Array, file: string): SafetensorsCo
     throw new ModelError('TANDEM_SAFETENSORS_TRUNCATED', `data ends at byte ${covered} but the data buffer holds ${dataLength} bytes`, { file, tensor: previous?.name });
   }
   if (covered < dataLength) throw invalid(`${dataLength - covered} trailing bytes after the last tensor belong to no tensor`, file);
+  return { metadata, entries };
+}
+
+/**
+ * Parses a whole safetensors file held in memory. Tensor data are views into `bytes`.
+ * `file` is only used to name the file in errors.
+ */
+export function parseSafetensors(bytes: Uint8Array, file: string): SafetensorsContents {
+  const headerLength = headerLengthOf(bytes, bytes.byteLength, file);
+  const dataStart = 8 + headerLength;
+  const header = parseHeaderText(bytes.subarray(8, dataStart), file);
+  const { metadata, entries } = layoutOf(header, bytes.byteLength - dataStart, file);
   const tensors = new Map<string, SafetensorsTensor>();
   for (const t of entries) {
     tensors.set(t.name, { dtype: t.dtype, shape: t.shape, data: bytes.subarray(dataStart + t.begin, dataStart + t.end) });
@@ -291,9 +304,70 @@ export function serializeSafetensors(tensors: SafetensorsTensorsInput, metadata?
   return out;
 }
 
+export interface ReadSafetensorsOptions {
+  /**
+   * Files up to this size are read in one piece and tensors are views into it; larger ones
+   * are read tensor by tensor (fs.readFile stops at 2 GiB; real shards reach 5 GB). 1 GiB by default.
+   */
+  maxWholeFileBytes?: number;
+}
+
+function fsError(cause: unknown, path: string, verb: 'read' | 'written'): ModelError {
+  const code = (cause as NodeJS.ErrnoException).code;
+  if (code === 'ENOENT' && verb === 'read') return new ModelError('TANDEM_MODEL_FILE_MISSING', 'the file does not exist', { file: path, cause });
+  return new ModelError(verb === 'read' ? 'TANDEM_MODEL_FILE_UNREADABLE' : 'TANDEM_MODEL_FILE_UNWRITABLE', `the file could not be ${verb} (${code ?? String(cause)})`, {
+    file: path,
+    cause,
+  });
+}
+
 /** Reads and parses a safetensors file; a missing file is TANDEM_MODEL_FILE_MISSING naming it. */
-export async function readSafetensorsFile(path: string): Promise<SafetensorsContents> {
-  return parseSafetensors(await readModelFile(path), path);
+export async function readSafetensorsFile(path: string, options: ReadSafetensorsOptions = {}): Promise<SafetensorsContents> {
+  let fh: FileHandle;
+  try {
+    fh = await open(path, 'r');
+  } catch (cause) {
+    throw fsError(cause, path, 'read');
+  }
+  try {
+    const size = (await fh.stat()).size;
+    if (size <= (options.maxWholeFileBytes ?? 2 ** 30)) {
+      const whole = new Uint8Array(size);
+      await readExactly(fh, whole, 0, path);
+      return parseSafetensors(whole, path);
+    }
+    const prefix = new Uint8Array(8);
+    await readExactly(fh, prefix, 0, path);
+    const headerLength = headerLengthOf(prefix, size, path);
+    const headerBytes = new Uint8Array(headerLength);
+    await readExactly(fh, headerBytes, 8, path);
+    const dataStart = 8 + headerLength;
+    const { metadata, entries } = layoutOf(parseHeaderText(headerBytes, path), size - dataStart, path);
+    const tensors = new Map<string, SafetensorsTensor>();
+    for (const t of entries) {
+      // Each tensor gets its own buffer, so every one starts aligned.
+      const data = new Uint8Array(t.end - t.begin);
+      await readExactly(fh, data, dataStart + t.begin, path);
+      tensors.set(t.name, { dtype: t.dtype, shape: t.shape, data });
+    }
+    return { metadata, tensors };
+  } finally {
+    await fh.close();
+  }
+}
+
+async function readExactly(fh: FileHandle, into: Uint8Array, position: number, path: string): Promise<void> {
+  let done = 0;
+  while (done < into.byteLength) {
+    let bytesRead: number;
+    try {
+      ({ bytesRead } = await fh.read(into, done, Math.min(into.byteLength - done, 2 ** 30), position + done));
+    } catch (cause) {
+      throw fsError(cause, path, 'read');
+    }
+    if (bytesRead === 0) throw new ModelError('TANDEM_SAFETENSORS_TRUNCATED', `the file ended while reading (it changed while being read?)`, { file: path });
+    done += bytesRead;
+  }
 }
 
 /** Reads a file a model needs, turning the filesystem's errors into typed ones naming the file. */
@@ -302,9 +376,7 @@ export async function readModelFile(path: string): Promise<Uint8Array> {
     const buf = await readFile(path);
     return new Uint8Array(buf.buffer, buf.byteOffset, buf.byteLength);
   } catch (cause) {
-    const code = (cause as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT') throw new ModelError('TANDEM_MODEL_FILE_MISSING', 'the file does not exist', { file: path, cause });
-    throw new ModelError('TANDEM_MODEL_FILE_UNREADABLE', `the file could not be read (${code ?? String(cause)})`, { file: path, cause });
+    throw fsError(cause, path, 'read');
   }
 }
 
@@ -325,7 +397,7 @@ export async function writeFileAtomic(path: string, bytes: Uint8Array | string):
     await rename(tmp, path);
   } catch (cause) {
     await rm(tmp, { force: true });
-    throw new ModelError('TANDEM_MODEL_FILE_UNWRITABLE', `the file could not be written (${(cause as NodeJS.ErrnoException).code ?? String(cause)})`, { file: path, cause });
+    throw fsError(cause, path, 'written');
   }
   // Make the rename itself durable; not every platform lets a directory be fsynced.
   try {

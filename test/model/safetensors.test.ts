@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { readdir, readFile } from 'node:fs/promises';
+import { readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import {
@@ -115,6 +115,30 @@ describe('safetensors writer and reader', () => {
     const back = await readSafetensorsFile(path);
     assert.deepEqual([...toFloat32(back.tensors.get('w') as SafetensorsTensor, path, 'w')], [1, -1]);
     await rejectsModelError(readSafetensorsFile(join(dir, 'nope.safetensors')), 'TANDEM_MODEL_FILE_MISSING', 'nope.safetensors');
+  });
+
+  test('a file above maxWholeFileBytes is read tensor by tensor, to the same contents', async () => {
+    const path = join(STORIES_DIR, 'model.safetensors');
+    const whole = await readSafetensorsFile(path);
+    const streamed = await readSafetensorsFile(path, { maxWholeFileBytes: 0 });
+    assert.deepEqual(streamed.metadata, whole.metadata);
+    assert.deepEqual([...streamed.tensors.keys()], [...whole.tensors.keys()]);
+    for (const [name, t] of whole.tensors) {
+      const s = streamed.tensors.get(name) as SafetensorsTensor;
+      assert.equal(s.dtype, t.dtype);
+      assert.deepEqual(s.shape, t.shape);
+      assert.ok(Buffer.from(s.data).equals(Buffer.from(t.data)), name);
+    }
+    const dir = await tempDir();
+    const cut = join(dir, 'cut.safetensors');
+    await writeFile(cut, (await readFile(path)).subarray(0, 600_000));
+    await rejectsModelError(readSafetensorsFile(cut, { maxWholeFileBytes: 0 }), 'TANDEM_SAFETENSORS_TRUNCATED', cut);
+    const tiny = join(dir, 'tiny.safetensors');
+    await writeFile(tiny, rawFile('{}', new Uint8Array(0), 64n));
+    await rejectsModelError(readSafetensorsFile(tiny, { maxWholeFileBytes: 0 }), 'TANDEM_SAFETENSORS_TRUNCATED', tiny);
+    const overlap = join(dir, 'overlap.safetensors');
+    await writeFile(overlap, rawFile(JSON.stringify({ a: f32([2], 0, 8), b: f32([2], 4, 12) }), new Uint8Array(12)));
+    await rejectsModelError(readSafetensorsFile(overlap, { maxWholeFileBytes: 0 }), 'TANDEM_SAFETENSORS_INVALID', overlap, 'tensor b');
   });
 
   test('reads the stories260K fixture: 48 F32 tensors, metadata format pt', async () => {

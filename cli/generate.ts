@@ -1,0 +1,50 @@
+import { Command } from 'commander';
+import { generate, initBackend, LlamaModel, loadModelFolder, loadTokenizer } from '../model/index.ts';
+import { numberFlag, requiredFlag } from './flags.ts';
+import type { CommandIo } from './io.ts';
+
+interface GenerateFlags {
+  model?: string;
+  prompt?: string;
+  maxNewTokens?: string;
+  temperature?: string;
+  topP?: string;
+  seed?: string;
+  json?: boolean;
+  backend?: string;
+}
+
+export function generateCommand(io: CommandIo): Command {
+  return new Command('generate')
+    .description('generate text from a Hugging Face model folder')
+    .option('--model <dir>', 'Hugging Face model folder (config.json, model.safetensors, tokenizer.json)')
+    .option('--prompt <text>', 'the prompt', '')
+    .option('--max-new-tokens <n>', 'tokens to generate', '64')
+    .option('--temperature <t>', 'sampling temperature; 0 is greedy', '1')
+    .option('--top-p <p>', 'nucleus sampling mass', '1')
+    .option('--seed <s>', 'sampling seed', '0')
+    .option('--json', 'print one JSON object: input_ids, generated_ids, text, top_logits')
+    .option('--backend <name>', 'compute backend: auto, tensorflow-gpu, tensorflow, wasm, cpu')
+    .action(async (flags: GenerateFlags) => {
+      const dir = requiredFlag('--model', flags.model);
+      const maxNewTokens = numberFlag('--max-new-tokens', flags.maxNewTokens, { min: 0, integer: true });
+      const temperature = numberFlag('--temperature', flags.temperature, { min: 0 });
+      const topP = numberFlag('--top-p', flags.topP, { min: Number.MIN_VALUE, max: 1 });
+      const seed = numberFlag('--seed', flags.seed, { min: 0, max: 2 ** 32 - 1, integer: true });
+      await initBackend({ backend: flags.backend, log: flags.json ? undefined : io.log });
+      const [loaded, tokenizer] = await Promise.all([loadModelFolder(dir), loadTokenizer(dir)]);
+      const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
+      try {
+        const inputIds = tokenizer.encode(flags.prompt ?? '');
+        const result = generate(model, inputIds, { maxNewTokens, temperature, topP, seed });
+        const text = tokenizer.decode([...inputIds, ...result.generatedIds], { skipSpecialTokens: true });
+        if (flags.json) {
+          io.out(JSON.stringify({ input_ids: inputIds, generated_ids: result.generatedIds, text, top_logits: result.topLogits }));
+        } else {
+          io.out(text);
+        }
+      } finally {
+        model.dispose();
+      }
+    });
+}

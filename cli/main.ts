@@ -1,0 +1,37 @@
+import { Command, CommanderError } from 'commander';
+import { generateCommand } from './generate.ts';
+import { processIo, type CommandIo } from './io.ts';
+
+/** The commands of `tandem`, in the order `--help` lists them. */
+function program(io: CommandIo): Command {
+  const root = new Command('tandem')
+    .description('Split and offsite fine-tuning of LLMs across a cloud and the machines that own the data')
+    .showHelpAfterError()
+    .configureOutput({ writeOut: (s) => io.out(s.trimEnd()), writeErr: (s) => io.log(s.trimEnd()) });
+  for (const command of [generateCommand(io)]) root.addCommand(command);
+  root.commands.forEach((c) => c.configureOutput({ writeOut: (s) => io.out(s.trimEnd()), writeErr: (s) => io.log(s.trimEnd()) }));
+  return root;
+}
+
+/**
+ * Runs the `tandem` command line and returns the exit code: 0 done, 1 failed, 2 bad usage
+ * or bad input (a flag, a file, the network), with the error's stable code on stderr.
+ */
+export async function main(argv: string[], io: CommandIo = processIo): Promise<number> {
+  const root = program(io);
+  root.exitOverride();
+  for (const c of root.commands) c.exitOverride();
+  try {
+    await root.parseAsync(argv, { from: 'user' });
+    return 0;
+  } catch (err) {
+    if (err instanceof CommanderError) return err.exitCode === 0 ? 0 : 2;
+    const code = (err as { code?: unknown }).code;
+    if (typeof code === 'string' && code.startsWith('TANDEM_')) {
+      io.log(`error: ${(err as Error).message}`);
+      return 2;
+    }
+    io.log(`error: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
+    return 1;
+  }
+}

@@ -1,0 +1,61 @@
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, it } from 'node:test';
+import { main } from '../../cli/main.ts';
+import type { CommandIo } from '../../cli/io.ts';
+
+const fixture = join(import.meta.dirname, '..', 'fixtures', 'stories260K');
+const reference = JSON.parse(readFileSync(join(fixture, 'reference-once-upon-a-time.json'), 'utf8')) as {
+  input_ids: number[];
+  greedy_ids: number[];
+  full_text: string;
+  last_prompt_position_top10: { id: number; logit: number }[];
+};
+
+async function run(argv: string[]): Promise<{ code: number; out: string[]; log: string[] }> {
+  const out: string[] = [];
+  const log: string[] = [];
+  const io: CommandIo = { out: (l) => out.push(l), log: (l) => log.push(l) };
+  const code = await main(argv, io);
+  return { code, out, log };
+}
+
+describe('tandem generate', () => {
+  for (const backend of ['wasm', 'cpu']) {
+    it(`reproduces the stories260K reference greedily on ${backend}`, async () => {
+      const { code, out } = await run(['generate', '--model', fixture, '--prompt', 'Once upon a time', '--max-new-tokens', '32', '--temperature', '0', '--json', '--backend', backend]);
+      assert.equal(code, 0);
+      const result = JSON.parse(out.join('\n')) as { input_ids: number[]; generated_ids: number[]; text: string; top_logits: { id: number; logit: number }[] };
+      assert.deepEqual(result.input_ids, reference.input_ids);
+      assert.deepEqual(result.generated_ids, reference.greedy_ids);
+      assert.equal(result.text, reference.full_text);
+      assert.equal(result.top_logits.length, 10);
+      result.top_logits.forEach((t, i) => {
+        assert.equal(t.id, reference.last_prompt_position_top10[i].id);
+        assert.ok(Math.abs(t.logit - reference.last_prompt_position_top10[i].logit) < 1e-4, `logit ${i}: ${t.logit}`);
+      });
+    });
+  }
+
+  it('samples reproducibly with a seed and differently with another', async () => {
+    const args = ['generate', '--model', fixture, '--prompt', 'One day', '--max-new-tokens', '24', '--temperature', '1', '--top-p', '0.95', '--json'];
+    const a = JSON.parse((await run([...args, '--seed', '1'])).out[0]) as { generated_ids: number[] };
+    const b = JSON.parse((await run([...args, '--seed', '1'])).out[0]) as { generated_ids: number[] };
+    const c = JSON.parse((await run([...args, '--seed', '2'])).out[0]) as { generated_ids: number[] };
+    assert.deepEqual(a.generated_ids, b.generated_ids);
+    assert.notDeepEqual(a.generated_ids, c.generated_ids);
+  });
+
+  it('refuses bad flags and missing folders with a typed error and exit code 2', async () => {
+    const bad = await run(['generate', '--model', fixture, '--max-new-tokens', 'many']);
+    assert.equal(bad.code, 2);
+    assert.match(bad.log.join('\n'), /TANDEM_CLI_FLAG_INVALID: --max-new-tokens/);
+    const missing = await run(['generate', '--model', join(fixture, 'nope'), '--prompt', 'x']);
+    assert.equal(missing.code, 2);
+    assert.match(missing.log.join('\n'), /TANDEM_MODEL_FILE_MISSING.*nope/);
+    const backend = await run(['generate', '--model', fixture, '--backend', 'abacus']);
+    assert.equal(backend.code, 2);
+    assert.match(backend.log.join('\n'), /TANDEM_BACKEND_UNAVAILABLE/);
+  });
+});
