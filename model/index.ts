@@ -47,3 +47,5 @@ export type { GenerateOptions, GenerateResult } from './generate.ts';
 export { Rng } from './random.ts';
 export { SMOLLM_135M_SHAPE, llamaConfig, randomWeights } from './init.ts';
 export type { Adapter } from './peft/adapter.ts';
+export * from './train/index.ts';
+export type { MethodSpec } from './peft/index.ts';
