@@ -1,8 +1,11 @@
 import { Command, CommanderError } from 'commander';
 import { cloudCommand } from './cloud.ts';
+import { evalCommand } from './eval.ts';
+import { exportCommand } from './export.ts';
 import { generateCommand } from './generate.ts';
 import { processIo, type CommandIo } from './io.ts';
 import { keysCommand } from './keys.ts';
+import { trainCommand } from './train.ts';
 
 /** The commands of `tandem`, in the order `--help` lists them. */
 function program(io: CommandIo): Command {
@@ -10,7 +13,7 @@ function program(io: CommandIo): Command {
     .description('Split and offsite fine-tuning of LLMs across a cloud and the machines that own the data')
     .showHelpAfterError()
     .configureOutput({ writeOut: (s) => io.out(s.trimEnd()), writeErr: (s) => io.log(s.trimEnd()) });
-  for (const command of [generateCommand(io), cloudCommand(io), keysCommand(io)]) root.addCommand(command);
+  for (const command of [generateCommand(io), trainCommand(io), evalCommand(io), exportCommand(io), cloudCommand(io), keysCommand(io)]) root.addCommand(command);
   const configure = (c: Command): void => {
     c.configureOutput({ writeOut: (s) => io.out(s.trimEnd()), writeErr: (s) => io.log(s.trimEnd()) });
     c.commands.forEach(configure);
