@@ -111,6 +111,17 @@ function registerWasmFallbacks(): void {
   if (!tf.getKernel('UnsortedSegmentSum', 'wasm')) {
     tf.registerKernel({ kernelName: 'UnsortedSegmentSum', backendName: 'wasm', kernelFunc: unsortedSegmentSumOnHeap });
   }
+  // The gradient tape clones every tensor it saves for backward, and wasm's Identity copies
+  // the bytes: a PEFT step on SmolLM-135M then held a second copy of the embedding and of
+  // every activation. Tensors are immutable, so sharing the data (as the cpu backend does) is exact.
+  tf.unregisterKernel('Identity', 'wasm');
+  tf.registerKernel({ kernelName: 'Identity', backendName: 'wasm', kernelFunc: identitySharingData });
+}
+
+function identitySharingData(args: { inputs: tf.NamedTensorInfoMap; backend: unknown }): tf.TensorInfo {
+  const x = args.inputs.x as tf.TensorInfo;
+  (args.backend as { incRef(dataId: tf.DataId): void }).incRef(x.dataId);
+  return { dataId: x.dataId, shape: x.shape, dtype: x.dtype };
 }
 
 interface HeapBackend {
@@ -154,8 +165,8 @@ const swapLast = (t: tf.Tensor): tf.Tensor => {
   return tf.transpose(t, perm);
 };
 
-/** y = x W^T + nothing else: x [n, in], W [out, in] (PyTorch's layout) → [n, out]. */
-export const linear = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
+/** y = x W^T for a W that receives a gradient: x [n, in], W [out, in] (PyTorch's layout) → [n, out]. */
+const trainedLinear = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
   const [x, w, save] = args as [tf.Tensor2D, tf.Tensor2D, tf.GradSaveFunc];
   save([x, w]);
   return {
@@ -167,6 +178,35 @@ export const linear = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) =
     },
   };
 }) as (x: tf.Tensor2D, w: tf.Tensor2D) => tf.Tensor2D;
+
+// A custom gradient computes the gradient of every input it is given, wanted or not; a
+// frozen weight is therefore closed over rather than passed, so no [out, in] gradient is
+// computed for it (that would double a PEFT step's backward).
+const frozenLinears = new WeakMap<tf.Variable, (x: tf.Tensor2D) => tf.Tensor2D>();
+
+function frozenLinear(w: tf.Variable): (x: tf.Tensor2D) => tf.Tensor2D {
+  let f = frozenLinears.get(w);
+  if (!f) {
+    const w2 = w as tf.Tensor as tf.Tensor2D;
+    f = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
+      const [x] = args as [tf.Tensor2D];
+      return {
+        value: tf.transpose(tf.matMul(w2, tf.transpose(x))),
+        gradFunc: (dy: tf.Tensor | tf.Tensor[]) => [tf.matMul(dy as tf.Tensor2D, w2)],
+      };
+    }) as (x: tf.Tensor2D) => tf.Tensor2D;
+    frozenLinears.set(w, f);
+  }
+  return f;
+}
+
+/**
+ * y = x W^T: x [n, in], W [out, in] (PyTorch's layout) → [n, out]. A W that is a Variable
+ * with trainable = false gets no gradient; any other W (trainable, or computed) does.
+ */
+export function linear(x: tf.Tensor2D, w: tf.Tensor2D): tf.Tensor2D {
+  return w instanceof tf.Variable && !w.trainable ? frozenLinear(w)(x) : trainedLinear(x, w);
+}
 
 /** Batched a @ b on plain operands, [..., m, k] @ [..., k, n], with a gradient of plain matmuls. */
 export const batchMatMul = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
