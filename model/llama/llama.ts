@@ -103,8 +103,8 @@ export class LlamaModel {
       const { cos, sin } = this.rope(offset, seq);
       const mask = causalMask(seq, offset);
       let x = h;
-      // A scope per block: under a gradient tape only what backward saved survives a block,
-      // not every intermediate of the whole range (about 8x less memory on SmolLM-135M).
+      // A scope per block: without a tape a block's intermediates are freed before the next
+      // block runs; under one, what backward needs was kept by the tape and survives.
       for (let i = start; i < end; i++) {
         const input = x;
         x = tf.tidy(() => this.block(i, input, cos, sin, mask, options));
