@@ -204,8 +204,9 @@ function frozenLinear(w: tf.Variable): (x: tf.Tensor2D) => tf.Tensor2D {
  * y = x W^T: x [n, in], W [out, in] (PyTorch's layout) → [n, out]. A W that is a Variable
  * with trainable = false gets no gradient; any other W (trainable, or computed) does.
  */
-export function linear(x: tf.Tensor2D, w: tf.Tensor2D): tf.Tensor2D {
-  return w instanceof tf.Variable && !w.trainable ? frozenLinear(w)(x) : trainedLinear(x, w);
+export function linear(x: tf.Tensor, w: tf.Tensor): tf.Tensor2D {
+  const x2 = x as tf.Tensor2D;
+  return w instanceof tf.Variable && !w.trainable ? frozenLinear(w)(x2) : trainedLinear(x2, w as tf.Tensor2D);
 }
 
 /** Batched a @ b on plain operands, [..., m, k] @ [..., k, n], with a gradient of plain matmuls. */

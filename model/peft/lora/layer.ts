@@ -1,4 +1,4 @@
-import { tf } from '../../backend.ts';
+import { linear, tf } from '../../backend.ts';
 import type { ForwardHooks, HookContext, LinearModule } from '../../hooks.ts';
 import type { LlamaModel } from '../../llama/llama.ts';
 import type { Rng } from '../../random.ts';
@@ -87,11 +87,11 @@ export class LoraLayers implements MethodInstance {
     const xd = dropout(x, this.config.loraDropout, ctx.training, this.rng);
     const a = mod.a as tf.Tensor as tf.Tensor2D;
     const b = mod.b as tf.Tensor as tf.Tensor2D;
-    const lora: tf.Tensor2D = tf.matMul(tf.matMul(xd, a, false, true), b, false, true);
+    const lora: tf.Tensor2D = linear(linear(xd, a), b);
     if (!mod.magnitude) return tf.add(y, tf.mul(lora, this.scaling)) as tf.Tensor2D;
     const w = module.weight;
     // Without active dropout PEFT reuses the base result less its bias; with it, x W^T is recomputed on the dropped-out x.
-    const baseNoBias: tf.Tensor2D = xd === x ? (module.bias ? (tf.sub(y, module.bias) as tf.Tensor2D) : y) : tf.matMul(xd, w, false, true);
+    const baseNoBias: tf.Tensor2D = xd === x ? (module.bias ? (tf.sub(y, module.bias) as tf.Tensor2D) : y) : linear(xd, w);
     const norm = doraWeightNorm(w, a, b, this.scaling);
     return tf.add(y, doraDelta(baseNoBias, lora, mod.magnitude as tf.Tensor as tf.Tensor1D, norm, this.scaling)) as tf.Tensor2D;
   }

@@ -1,4 +1,4 @@
-import { tf } from '../../backend.ts';
+import { linear, tf } from '../../backend.ts';
 import type { ForwardHooks, HookContext, LinearModule } from '../../hooks.ts';
 import type { LlamaModel } from '../../llama/llama.ts';
 import { Rng } from '../../random.ts';
@@ -69,8 +69,8 @@ export class VeraLayers implements MethodInstance {
     if (!mod || this.merged) return base(x);
     const { a, b } = this.sliced(mod.info);
     const xd = dropout(x, this.config.veraDropout, ctx.training, this.ctx.rng);
-    const inner = tf.mul(tf.matMul(xd, a, false, true), mod.lambdaD);
-    return tf.add(base(x), tf.mul(tf.matMul(inner, b, false, true), mod.lambdaB)) as tf.Tensor2D;
+    const inner = tf.mul(linear(xd, a), mod.lambdaD);
+    return tf.add(base(x), tf.mul(linear(inner, b), mod.lambdaB)) as tf.Tensor2D;
   }
 
   merge(): void {
