@@ -17,6 +17,15 @@ export const MODEL_ERRORS = {
   TANDEM_TOKENIZER_INVALID: 'the tokenizer could not be loaded',
   TANDEM_BACKEND_UNAVAILABLE: 'the requested compute backend is not available',
   TANDEM_INPUT_INVALID: 'an argument is outside what the model accepts',
+  TANDEM_DATA_INVALID: 'a training or evaluation data file is malformed',
+  TANDEM_DATA_EMPTY: 'a data file yields no usable examples',
+  TANDEM_CHECKPOINT_INVALID: 'a training checkpoint is missing, incomplete or does not match the run',
+  TANDEM_TRAIN_OPTION_INVALID: 'a training option is outside its allowed range',
+  TANDEM_PEFT_CONFIG_INVALID: 'a PEFT method configuration is invalid',
+  TANDEM_PEFT_METHOD_UNKNOWN: 'no PEFT method is registered under that name or peft_type',
+  TANDEM_PEFT_METHOD_DUPLICATE: 'a PEFT method is already registered under that name',
+  TANDEM_ADAPTER_INVALID: 'an adapter folder does not match its configuration',
+  TANDEM_MERGE_UNSUPPORTED: 'a PEFT method of the adapter cannot be merged into the base weights',
 } as const;
 
 export type ModelErrorCode = keyof typeof MODEL_ERRORS;

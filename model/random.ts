@@ -28,6 +28,12 @@ export class Rng {
     return Array.from(this.s);
   }
 
+  /** Continues from a saved state in place, for holders of this generator. */
+  restore(state: readonly number[]): void {
+    if (state.length !== 4 || state.every((w) => w === 0)) throw new RangeError('Rng state must be 4 words, not all zero');
+    this.s = Uint32Array.from(state, (w) => w >>> 0);
+  }
+
   static fromState(state: readonly number[]): Rng {
     return new Rng(Uint32Array.from(state));
   }

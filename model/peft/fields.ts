@@ -1,0 +1,183 @@
+// Declarative config fields: one table per method gives each field's camelCase API name,
+// its PEFT on-disk name, its default and its validation; specs, files and writing all
+// derive from the table.
+import { ModelError } from '../errors.ts';
+
+export interface FieldAt {
+  /** The name as the user wrote it: camelCase in a spec, PEFT's snake_case in a file. */
+  field: string;
+  file?: string;
+}
+
+export interface Field<T> {
+  /** PEFT's name in adapter_config.json. */
+  json: string;
+  /** Validates a value (undefined when absent) and applies the default. */
+  read(value: unknown, at: FieldAt): T;
+  /** The value as written to adapter_config.json; identity when absent. */
+  write?(value: T): unknown;
+}
+
+export type Schema = Record<string, Field<unknown>>;
+export type ConfigOf<S extends Schema> = { [K in keyof S]: S[K] extends Field<infer T> ? T : never };
+
+export function configError(at: FieldAt, message: string): ModelError {
+  return new ModelError('TANDEM_PEFT_CONFIG_INVALID', `${at.field} ${message}`, { field: at.field, file: at.file });
+}
+
+const show = (v: unknown): string => JSON.stringify(v) ?? String(v);
+
+/** Reads a camelCase spec; a key the method does not know is an error naming the keys it does. */
+export function readSpec<S extends Schema>(schema: S, spec: Readonly<Record<string, unknown>>, method: string): ConfigOf<S> {
+  for (const key of Object.keys(spec)) {
+    if (key !== 'method' && !Object.hasOwn(schema, key)) {
+      throw configError({ field: key }, `is not a field of ${method}; its fields are ${Object.keys(schema).join(', ')}`);
+    }
+  }
+  const out: Record<string, unknown> = {};
+  for (const [key, f] of Object.entries(schema)) out[key] = f.read(spec[key], { field: key });
+  return out as ConfigOf<S>;
+}
+
+/** Reads the method's fields from adapter_config.json by PEFT's names; fields PEFT added later are ignored. */
+export function readJson<S extends Schema>(schema: S, json: Readonly<Record<string, unknown>>, file: string): ConfigOf<S> {
+  const out: Record<string, unknown> = {};
+  for (const [key, f] of Object.entries(schema)) out[key] = f.read(json[f.json], { field: f.json, file });
+  return out as ConfigOf<S>;
+}
+
+export function writeJson<S extends Schema>(schema: S, config: ConfigOf<S>): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (const [key, f] of Object.entries(schema)) {
+    const v = (config as Record<string, unknown>)[key];
+    out[f.json] = f.write ? f.write(v) : v;
+  }
+  return out;
+}
+
+export function int(json: string, options: { min: number; default?: number }): Field<number> {
+  return {
+    json,
+    read(v, at) {
+      if (v === undefined && options.default !== undefined) return options.default;
+      if (typeof v !== 'number' || !Number.isInteger(v) || v < options.min) throw configError(at, `must be an integer >= ${options.min}, got ${show(v)}`);
+      return v;
+    },
+  };
+}
+
+export function num(json: string, options: { min: number; max?: number; minExclusive?: boolean; maxExclusive?: boolean; default: number }): Field<number> {
+  const range = `${options.minExclusive ? '(' : '['}${options.min}, ${options.max ?? 'inf'}${options.maxExclusive || options.max === undefined ? ')' : ']'}`;
+  return {
+    json,
+    read(v, at) {
+      if (v === undefined) return options.default;
+      const ok =
+        typeof v === 'number' &&
+        Number.isFinite(v) &&
+        (options.minExclusive ? v > options.min : v >= options.min) &&
+        (options.max === undefined || (options.maxExclusive ? v < options.max : v <= options.max));
+      if (!ok) throw configError(at, `must be a number in ${range}, got ${show(v)}`);
+      return v as number;
+    },
+  };
+}
+
+export function bool(json: string, fallback: boolean): Field<boolean> {
+  return {
+    json,
+    read(v, at) {
+      if (v === undefined || v === null) return fallback;
+      if (typeof v !== 'boolean') throw configError(at, `must be true or false, got ${show(v)}`);
+      return v;
+    },
+  };
+}
+
+export function oneOf<const T extends string | number | boolean>(json: string, values: readonly T[], fallback: T): Field<T> {
+  return {
+    json,
+    read(v, at) {
+      if (v === undefined || v === null) return fallback;
+      if (!values.includes(v as T)) throw configError(at, `must be one of ${values.map(show).join(', ')}, got ${show(v)}`);
+      return v as T;
+    },
+  };
+}
+
+export function optionalString(json: string): Field<string | null> {
+  return {
+    json,
+    read(v, at) {
+      if (v === undefined || v === null) return null;
+      if (typeof v !== 'string') throw configError(at, `must be a string or null, got ${show(v)}`);
+      return v;
+    },
+  };
+}
+
+/**
+ * A PEFT field Tandem supports only at its neutral value (e.g. fan_in_fan_out false). Any other
+ * value changes the math, so it is refused with `hint` saying what to do.
+ */
+export function neutral<T>(json: string, value: T, hint: string): Field<T> {
+  const isNeutral = (v: unknown): boolean =>
+    v === undefined ||
+    v === null ||
+    v === value ||
+    (Array.isArray(v) && v.length === 0) ||
+    (typeof v === 'object' && v !== null && !Array.isArray(v) && Object.keys(v).length === 0 && typeof value === 'object');
+  return {
+    json,
+    read(v, at) {
+      if (!isNeutral(v)) throw configError(at, `${show(v)} is not supported: ${hint}`);
+      return value;
+    },
+  };
+}
+
+/** PEFT's target_modules: a list of module-name suffixes, a regex matched against the full module path, or "all-linear". */
+export type TargetModules = readonly string[] | string;
+
+export function targetModules(json: string, fallback: readonly string[]): Field<TargetModules> {
+  return {
+    json,
+    read(v, at) {
+      if (v === undefined || v === null) return fallback;
+      if (typeof v === 'string') {
+        if (v === '') throw configError(at, 'must not be empty: give module names such as ["q_proj", "v_proj"], a regex, or "all-linear"');
+        if (v !== 'all-linear') {
+          try {
+            new RegExp(v);
+          } catch (cause) {
+            throw configError(at, `is not a valid regular expression: ${(cause as Error).message}`);
+          }
+        }
+        return v;
+      }
+      if (!Array.isArray(v) || v.length === 0 || v.some((s) => typeof s !== 'string' || s === '')) {
+        throw configError(at, `must be a non-empty list of module names (e.g. ["q_proj", "v_proj"]), a regex string or "all-linear", got ${show(v)}`);
+      }
+      return [...v] as string[];
+    },
+  };
+}
+
+/** PEFT's layers_to_transform: one layer index or a list of them; null means every layer. */
+export function layerList(json: string, options: { required?: string } = {}): Field<number[] | null> {
+  return {
+    json,
+    read(v, at) {
+      if (v === undefined || v === null) {
+        if (options.required) throw configError(at, `is required: ${options.required}`);
+        return null;
+      }
+      const list = typeof v === 'number' ? [v] : v;
+      if (!Array.isArray(list) || list.length === 0 || list.some((i) => typeof i !== 'number' || !Number.isInteger(i) || i < 0)) {
+        throw configError(at, `must be a layer index or a non-empty list of layer indices (integers >= 0), got ${show(v)}`);
+      }
+      if (new Set(list).size !== list.length) throw configError(at, `lists a layer twice: ${show(v)}`);
+      return [...(list as number[])];
+    },
+  };
+}

@@ -1,0 +1,131 @@
+import { tf } from '../../backend.ts';
+import type { ForwardHooks, HookContext, LinearModule } from '../../hooks.ts';
+import type { LlamaModel } from '../../llama/llama.ts';
+import type { Rng } from '../../random.ts';
+import { moduleStateKey } from '../keys.ts';
+import type { AdapterTensor, CreateContext, MethodInstance } from '../method.ts';
+import { dropout, filledVariable, keepCopy, uniformValues, normalValues, variableFrom } from '../ops.ts';
+import type { ModuleInfo } from '../targets.ts';
+import { selectModules } from '../targets.ts';
+import type { LoraConfig } from './config.ts';
+import { loraScaling } from './config.ts';
+import { doraDelta, doraMergedWeight, doraWeightNorm } from './dora.ts';
+
+/**
+ * LoRA's state per module by PEFT's names (LoraLayer.adapter_layer_names): lora_A and lora_B
+ * are Linear layers, saved with `.weight`; DoRA's magnitude is saved bare (PEFT strips the
+ * `.weight` of its DoraLinearLayer to keep the older key).
+ */
+export const LORA_STATE = { A: ['lora_A', 'weight'], B: ['lora_B', 'weight'], magnitude: ['lora_magnitude_vector'] } as const;
+
+interface LoraModule {
+  info: ModuleInfo;
+  a: tf.Variable; // [r, in]
+  b: tf.Variable; // [out, r]
+  magnitude?: tf.Variable; // [out], DoRA
+  original?: tf.Tensor; // the base weight while merged
+}
+
+export interface LoraVariant {
+  /** LoRA-FA: A stays at its initial value; only B (and DoRA's magnitude) train. */
+  freezeA: boolean;
+}
+
+export class LoraLayers implements MethodInstance {
+  readonly numVirtualTokens = 0;
+  readonly state: AdapterTensor[] = [];
+  readonly claims: string[];
+  readonly hooks: ForwardHooks;
+  private readonly modules = new Map<string, LoraModule>();
+  private readonly scaling: number;
+  private readonly rng: Rng;
+  private merged = false;
+
+  constructor(
+    private readonly model: LlamaModel,
+    private readonly config: LoraConfig,
+    ctx: CreateContext,
+    variant: LoraVariant,
+  ) {
+    this.rng = ctx.rng;
+    this.scaling = loraScaling(config);
+    const fromFile = !!ctx.fromFile;
+    const targets = selectModules(model, config.targetModules, config.layersToTransform, {
+      targets: { field: 'targetModules' },
+      layers: { field: 'layersToTransform' },
+    });
+    const { r } = config;
+    for (const info of targets) {
+      const { inFeatures: n, outFeatures: m } = info;
+      // PEFT: kaiming_uniform_(a=sqrt(5)) gives U(-1/sqrt(in), 1/sqrt(in)); gaussian is normal_(std=1/r).
+      const aValues = config.initLoraWeights === 'gaussian' ? normalValues(this.rng, r * n, 1 / r) : uniformValues(this.rng, r * n, 1 / Math.sqrt(n));
+      const a = variableFrom(aValues, [r, n], !variant.freezeA);
+      const b = config.initLoraWeights === false ? variableFrom(uniformValues(this.rng, m * r, 1 / Math.sqrt(r)), [m, r], true) : filledVariable([m, r], 0, true);
+      const mod: LoraModule = { info, a, b };
+      this.state.push({ key: moduleStateKey(info.path, ...LORA_STATE.A), variable: a, trainable: !variant.freezeA });
+      this.state.push({ key: moduleStateKey(info.path, ...LORA_STATE.B), variable: b, trainable: true });
+      if (config.useDora) {
+        const norm = fromFile ? tf.zeros([m]) : doraWeightNorm(this.weight(info), a as tf.Tensor as tf.Tensor2D, b as tf.Tensor as tf.Tensor2D, this.scaling);
+        mod.magnitude = tf.variable(norm, true);
+        norm.dispose();
+        this.state.push({ key: moduleStateKey(info.path, ...LORA_STATE.magnitude), variable: mod.magnitude, trainable: true });
+      }
+      this.modules.set(info.path, mod);
+    }
+    this.claims = targets.map((t) => t.weightName);
+    this.hooks = { linear: (module, x, base, hookCtx) => this.linear(module, x, base, hookCtx) };
+  }
+
+  private weight(info: ModuleInfo): tf.Tensor2D {
+    return this.model.weight(info.weightName) as tf.Tensor as tf.Tensor2D;
+  }
+
+  private linear(module: LinearModule, x: tf.Tensor2D, base: (x: tf.Tensor2D) => tf.Tensor2D, ctx: HookContext): tf.Tensor2D {
+    const mod = this.modules.get(module.path);
+    if (!mod || this.merged) return base(x);
+    const y = base(x);
+    const xd = dropout(x, this.config.loraDropout, ctx.training, this.rng);
+    const a = mod.a as tf.Tensor as tf.Tensor2D;
+    const b = mod.b as tf.Tensor as tf.Tensor2D;
+    const lora: tf.Tensor2D = tf.matMul(tf.matMul(xd, a, false, true), b, false, true);
+    if (!mod.magnitude) return tf.add(y, tf.mul(lora, this.scaling)) as tf.Tensor2D;
+    const w = module.weight;
+    // Without active dropout PEFT reuses the base result less its bias; with it, x W^T is recomputed on the dropped-out x.
+    const baseNoBias: tf.Tensor2D = xd === x ? (module.bias ? (tf.sub(y, module.bias) as tf.Tensor2D) : y) : tf.matMul(xd, w, false, true);
+    const norm = doraWeightNorm(w, a, b, this.scaling);
+    return tf.add(y, doraDelta(baseNoBias, lora, mod.magnitude as tf.Tensor as tf.Tensor1D, norm, this.scaling)) as tf.Tensor2D;
+  }
+
+  merge(): void {
+    if (this.merged) return;
+    for (const mod of this.modules.values()) {
+      const w = this.model.weight(mod.info.weightName);
+      mod.original = keepCopy(w);
+      const a = mod.a as tf.Tensor as tf.Tensor2D;
+      const b = mod.b as tf.Tensor as tf.Tensor2D;
+      const merged = mod.magnitude
+        ? doraMergedWeight(w as tf.Tensor as tf.Tensor2D, a, b, mod.magnitude as tf.Tensor as tf.Tensor1D, this.scaling)
+        : tf.tidy(() => tf.add(w, tf.mul(tf.matMul(b, a), this.scaling)));
+      w.assign(merged);
+      merged.dispose();
+    }
+    this.merged = true;
+  }
+
+  unmerge(): void {
+    if (!this.merged) return;
+    for (const mod of this.modules.values()) {
+      // The kept original restores the base exactly; subtracting the delta would not.
+      this.model.weight(mod.info.weightName).assign(mod.original as tf.Tensor);
+      mod.original?.dispose();
+      mod.original = undefined;
+    }
+    this.merged = false;
+  }
+
+  dispose(): void {
+    this.unmerge();
+    for (const s of this.state) s.variable.dispose();
+    this.modules.clear();
+  }
+}

@@ -1,0 +1,55 @@
+import type { tf } from '../backend.ts';
+import type { ForwardHooks } from '../hooks.ts';
+import type { LlamaModel } from '../llama/llama.ts';
+import type { Rng } from '../random.ts';
+
+/** One tensor of an adapter's state under its on-disk key (PEFT's name where PEFT has the method). */
+export interface AdapterTensor {
+  key: string;
+  variable: tf.Variable;
+  /** False for state that is saved but never updated (LoRA-FA's A, VeRA's shared projections). */
+  trainable: boolean;
+}
+
+export interface CreateContext {
+  /** This method's own generator: initialization, then dropout masks while training. */
+  rng: Rng;
+  /** The values are about to be loaded from a file: initialization that needs more input (text-initialized prompts) is skipped. */
+  fromFile: boolean;
+}
+
+/** One PEFT method instantiated on a model. */
+export interface MethodInstance {
+  readonly hooks: ForwardHooks;
+  readonly numVirtualTokens: number;
+  /** Everything the method saves, derived from its declared state names; never listed by hand. */
+  readonly state: readonly AdapterTensor[];
+  /**
+   * What the method changes, as dotted names (a module path, a weight name, a layer prefix).
+   * Two methods of one adapter may not claim the same thing or one inside the other.
+   */
+  readonly claims: readonly string[];
+  /** Why merge is impossible, or undefined when it is possible. */
+  readonly mergeBlocker?: string;
+  merge(): void;
+  unmerge(): void;
+  dispose(): void;
+}
+
+/**
+ * A PEFT method as the registry holds it. `C` is its validated configuration in camelCase;
+ * on disk the configuration uses PEFT's snake_case field names.
+ */
+export interface PeftMethod<C = unknown> {
+  /** Registry name, used in MethodSpec.method, e.g. 'lora'. */
+  readonly name: string;
+  /** adapter_config.json's peft_type: PEFT's own where PEFT has the method, TANDEM_* otherwise. */
+  readonly peftType: string;
+  /** Validates a camelCase spec (the `method` key excluded); throws TANDEM_PEFT_CONFIG_INVALID naming the field. */
+  fromSpec(spec: Readonly<Record<string, unknown>>): C;
+  /** Validates the method's fields of adapter_config.json; throws TANDEM_PEFT_CONFIG_INVALID naming the file and field. */
+  fromJson(json: Readonly<Record<string, unknown>>, file: string): C;
+  /** The method's fields of adapter_config.json, in PEFT's names (peft_type included). */
+  toJson(config: C): Record<string, unknown>;
+  create(model: LlamaModel, config: C, ctx: CreateContext): MethodInstance;
+}

@@ -1,0 +1,288 @@
+// One training step over micro-batches, structured as the cut: bottom (embedding and
+// blocks [0, B)) and top (blocks [L-T, L), norm, head, loss) run here; the middle runs
+// behind the Middle interface. Local whole-model training is the cut (0, L): the bottom
+// is the embedding alone and the middle is empty, so there is no round trip.
+import { tf } from '../backend.ts';
+import { ModelError } from '../errors.ts';
+import type { LlamaModel } from '../llama/llama.ts';
+import { IGNORE_INDEX } from '../loss.ts';
+import type { Adapter } from '../peft/adapter.ts';
+import { clipGradNorm } from './clip.ts';
+import { gradientsOf, variablesReached } from './gradients.ts';
+import { LocalMiddle, randomStateOf, replaying } from './middle.ts';
+import type { Middle, MicrobatchKey, RandomState } from './middle.ts';
+import type { Optimizer } from './optimizer.ts';
+import { learningRate } from './schedule.ts';
+import type { ScheduleOptions } from './schedule.ts';
+
+/** Token ids and labels of one micro-batch, [rows][seq], all rows of one length. */
+export interface Batch {
+  ids: number[][];
+  labels: number[][];
+}
+
+/** B blocks in the bottom and T in the top; the middle is blocks [B, L-T). */
+export interface Cut {
+  bottom: number;
+  top: number;
+}
+
+export interface TrainerOptions {
+  model: LlamaModel;
+  adapter: Adapter;
+  optimizer: Optimizer;
+  schedule: ScheduleOptions;
+  /** Defaults to local whole-model training, { bottom: 0, top: L }. */
+  cut?: Cut;
+  /** Defaults to a LocalMiddle over the model's blocks [B, L-T) with the adapter's hooks. */
+  middle?: Middle;
+  /** Clip gradients to this global L2 norm; 0 or undefined turns clipping off. */
+  clipNorm?: number;
+  /**
+   * Send micro-batch i+1 forward before i finishes. Default: on for a remote middle, off
+   * for a local one, where it gains nothing and would change the order of dropout draws.
+   */
+  pipeline?: boolean;
+}
+
+export interface StepResult {
+  /** Optimizer steps completed, this one included. */
+  step: number;
+  /** Mean loss over the step's label tokens (all micro-batches together). */
+  loss: number;
+  /** Label tokens the loss was averaged over. */
+  tokens: number;
+  lr: number;
+  /** Global gradient norm before clipping. */
+  gradNorm: number;
+}
+
+export interface BatchScore {
+  /** Summed negative log-likelihood over the batch's label tokens. */
+  lossSum: number;
+  tokens: number;
+  /** Per row: summed log-likelihood of its label tokens. */
+  rowLogLikelihood: number[];
+  rowTokens: number[];
+}
+
+/** Label tokens that count in a causal-LM loss: positions t ≥ 1 whose label is not IGNORE_INDEX. */
+export function labelTokens(labels: readonly (readonly number[])[]): number {
+  let n = 0;
+  for (const row of labels) for (let t = 1; t < row.length; t++) if (row[t] !== IGNORE_INDEX) n++;
+  return n;
+}
+
+function checkBatch(batch: Batch): void {
+  const rows = batch.ids.length;
+  const seq = batch.ids[0]?.length ?? 0;
+  if (rows === 0 || seq < 2 || batch.labels.length !== rows || batch.ids.some((r, i) => r.length !== seq || batch.labels[i].length !== seq)) {
+    throw new ModelError('TANDEM_INPUT_INVALID', 'a batch needs rows of ids and labels of one length of at least 2', { field: 'batch' });
+  }
+}
+
+function accumulate(into: Map<string, tf.Tensor>, name: string, g: tf.Tensor): void {
+  const prev = into.get(name);
+  if (!prev) {
+    into.set(name, g);
+    return;
+  }
+  into.set(name, tf.tidy(() => tf.add(prev, g)));
+  prev.dispose();
+  g.dispose();
+}
+
+interface InFlight {
+  ids: tf.Tensor2D;
+  labels: tf.Tensor2D;
+  random: number[][] | undefined;
+  hM: Promise<tf.Tensor3D>;
+}
+
+export class Trainer {
+  readonly model: LlamaModel;
+  readonly adapter: Adapter;
+  readonly optimizer: Optimizer;
+  readonly schedule: ScheduleOptions;
+  readonly cut: Cut;
+  readonly middle: Middle;
+  readonly clipNorm: number;
+  private readonly ownsMiddle: boolean;
+  private readonly pipeline: boolean;
+  private readonly random: RandomState | undefined;
+  private readonly trainable: Map<string, tf.Variable>;
+  private readonly bottomVars: string[];
+  private readonly topVars: string[];
+
+  constructor(options: TrainerOptions) {
+    const { model, adapter } = options;
+    const L = model.numLayers;
+    const cut = options.cut ?? { bottom: 0, top: L };
+    if (!Number.isInteger(cut.bottom) || !Number.isInteger(cut.top) || cut.bottom < 0 || cut.top < 0 || cut.bottom + cut.top > L) {
+      throw new ModelError('TANDEM_TRAIN_OPTION_INVALID', `cut (${cut.bottom}, ${cut.top}) needs B, T ≥ 0 and B + T ≤ ${L}`, { field: 'cut' });
+    }
+    this.model = model;
+    this.adapter = adapter;
+    this.optimizer = options.optimizer;
+    this.schedule = options.schedule;
+    this.cut = cut;
+    this.clipNorm = options.clipNorm ?? 0;
+    this.trainable = adapter.trainableVariables();
+    this.random = randomStateOf(adapter);
+    this.ownsMiddle = options.middle === undefined;
+    this.middle = options.middle ?? new LocalMiddle(model, cut.bottom, L - cut.top, { hooks: adapter.hooks, trainable: this.trainable, random: this.random });
+    this.pipeline = options.pipeline ?? !(this.middle instanceof LocalMiddle);
+    // Which parameters each edge part reaches, from one tiny probe through each part.
+    const probeIds = tf.tensor2d([[0, 0]], [1, 2], 'int32');
+    const bottom = variablesReached(() => this.bottom(probeIds, false), this.trainable);
+    const probeH = tf.zeros([1, 2 + adapter.numVirtualTokens, model.config.hiddenSize]) as tf.Tensor3D;
+    const top = variablesReached(() => tf.sum(this.topLogits(probeH, false)), this.trainable);
+    tf.dispose([probeIds, probeH]);
+    this.bottomVars = [...this.trainable.keys()].filter((n) => bottom.has(n));
+    this.topVars = [...this.trainable.keys()].filter((n) => top.has(n));
+  }
+
+  /** Optimizer steps completed. */
+  get step(): number {
+    return this.optimizer.stepCount;
+  }
+
+  private get middleEmpty(): boolean {
+    return this.cut.bottom === this.model.numLayers - this.cut.top;
+  }
+
+  /** Whether the backward round trip through the middle is needed at all. */
+  get needsMiddleBackward(): boolean {
+    return this.bottomVars.length > 0 || this.middle.trainsParameters;
+  }
+
+  private bottom(ids: tf.Tensor2D, training: boolean): tf.Tensor3D {
+    return tf.tidy(() => {
+      const options = { hooks: this.adapter.hooks, training, positionOffset: 0 };
+      const h = this.model.embed(ids, options);
+      return this.cut.bottom > 0 ? this.model.blocks(h, 0, this.cut.bottom, options) : h;
+    });
+  }
+
+  private topLogits(hM: tf.Tensor3D, training: boolean): tf.Tensor3D {
+    return tf.tidy(() => {
+      const L = this.model.numLayers;
+      const h = this.cut.top > 0 ? this.model.blocks(hM, L - this.cut.top, L, { hooks: this.adapter.hooks, training, positionOffset: 0 }) : hM;
+      return this.model.head(h, this.adapter.numVirtualTokens);
+    });
+  }
+
+  /** Bottom, then the middle's forward (started, not awaited). */
+  private startForward(batch: Batch, key: MicrobatchKey, training: boolean): InFlight {
+    const rows = batch.ids.length;
+    const seq = batch.ids[0].length;
+    const ids = tf.tensor2d(batch.ids.flat(), [rows, seq], 'int32');
+    const labels = tf.tensor2d(batch.labels.flat(), [rows, seq], 'int32');
+    // Where the dropout generators stood, so the bottom's recomputation replays its masks.
+    const random = training ? this.random?.randomState() : undefined;
+    const hB = this.bottom(ids, training);
+    if (this.middleEmpty) return { ids, labels, random, hM: Promise.resolve(hB) };
+    const hM = this.middle.forward(hB, key).finally(() => hB.dispose());
+    hM.catch(() => undefined); // awaited later; do not report it as unhandled meanwhile
+    return { ids, labels, random, hM };
+  }
+
+  /**
+   * One optimizer step over `microbatches`. Each micro-batch's summed loss is divided by the
+   * label tokens of the whole step, so accumulating micro-batches equals the full batch.
+   */
+  async trainStep(microbatches: readonly Batch[]): Promise<StepResult> {
+    if (microbatches.length === 0) throw new ModelError('TANDEM_INPUT_INVALID', 'a step needs at least one micro-batch', { field: 'microbatches' });
+    microbatches.forEach(checkBatch);
+    const step = this.step;
+    const tokens = labelTokens(microbatches.flatMap((b) => b.labels));
+    const scale = 1 / Math.max(tokens, 1);
+    const grads = new Map<string, tf.Tensor>();
+    const topVars = this.topVars.map((n) => this.trainable.get(n) as tf.Variable);
+    const bottomVars = this.bottomVars.map((n) => this.trainable.get(n) as tf.Variable);
+    let loss = 0;
+    let next: InFlight | undefined;
+    for (let i = 0; i < microbatches.length; i++) {
+      const key = { step, microbatch: i };
+      const current = next ?? this.startForward(microbatches[i], key, true);
+      next = undefined;
+      const { ids, labels } = current;
+      const hM = await current.hM;
+      // Pipelining: the next micro-batch goes forward while this one finishes.
+      if (this.pipeline && i + 1 < microbatches.length) next = this.startForward(microbatches[i + 1], { step, microbatch: i + 1 }, true);
+      try {
+        const top = gradientsOf(() => {
+          const logits = this.topLogits(hM, true);
+          return tf.tidy(() => tf.mul(lossSum(logits, labels), scale)) as tf.Scalar;
+        }, [hM, ...topVars]);
+        loss += top.value.dataSync()[0];
+        top.value.dispose();
+        const gM = (top.grads[0] ?? tf.zerosLike(hM)) as tf.Tensor3D;
+        top.grads.slice(1).forEach((g, j) => g && accumulate(grads, this.topVars[j], g));
+        if (this.needsMiddleBackward) {
+          const gB = this.middleEmpty ? gM : await this.middle.backward(gM, key);
+          if (bottomVars.length > 0) {
+            const bottom = replaying(this.random, current.random, () => gradientsOf(() => this.bottom(ids, true), bottomVars, gB));
+            bottom.value.dispose();
+            bottom.grads.forEach((g, j) => g && accumulate(grads, this.bottomVars[j], g));
+          }
+          if (gB !== gM) gB.dispose();
+        } else if (!this.middleEmpty) {
+          this.middle.release(key);
+        }
+        gM.dispose();
+      } finally {
+        tf.dispose([hM, ids, labels]);
+      }
+    }
+    for (const [name, g] of this.middle.takeGradients?.() ?? []) accumulate(grads, name, g);
+    const gradNorm = this.clipNorm > 0 ? clipGradNorm(grads, this.clipNorm) : globalNorm(grads);
+    const lr = learningRate(this.schedule, step);
+    this.optimizer.step(this.trainable, grads, lr);
+    tf.dispose([...grads.values()]);
+    return { step: this.step, loss, tokens, lr, gradNorm };
+  }
+
+  /** Forward only, through the middle: summed loss and per-row log-likelihoods of the label tokens. */
+  async score(batch: Batch, microbatch = 0): Promise<BatchScore> {
+    checkBatch(batch);
+    const { ids, labels, hM } = this.startForward(batch, { step: this.step, microbatch, eval: true }, false);
+    const h = await hM;
+    try {
+      const logits = this.topLogits(h, false);
+      const perRow = tf.tidy(() => rowLogLikelihood(logits, labels));
+      logits.dispose();
+      const rows = Array.from(perRow.dataSync());
+      perRow.dispose();
+      const rowTokens = batch.labels.map((row) => labelTokens([row]));
+      return { lossSum: -rows.reduce((a, b) => a + b, 0), tokens: labelTokens(batch.labels), rowLogLikelihood: rows, rowTokens };
+    } finally {
+      tf.dispose([h, ids, labels]);
+    }
+  }
+
+  dispose(): void {
+    if (this.ownsMiddle) this.middle.dispose?.();
+  }
+}
+
+function globalNorm(grads: Map<string, tf.Tensor>): number {
+  if (grads.size === 0) return 0;
+  return tf.tidy(() => Math.sqrt(tf.addN([...grads.values()].map((g) => tf.sum(tf.square(g)))).dataSync()[0]));
+}
+
+/** Per row, the summed log-probability of each label token given the tokens before it. */
+function rowLogLikelihood(logits: tf.Tensor3D, labels: tf.Tensor2D): tf.Tensor1D {
+  const [b, s, v] = logits.shape;
+  const shifted = tf.slice(logits, [0, 0, 0], [b, s - 1, v]);
+  const target = tf.slice(labels, [0, 1], [b, s - 1]);
+  const valid = tf.notEqual(target, tf.scalar(IGNORE_INDEX, 'int32'));
+  const safe = tf.where(valid, target, tf.zerosLike(target)) as tf.Tensor2D;
+  const picked = tf.sum(tf.mul(tf.logSoftmax(shifted), tf.oneHot(safe, v)), -1);
+  return tf.sum(tf.mul(picked, tf.cast(valid, 'float32')), -1) as tf.Tensor1D;
+}
+
+/** The summed causal-LM negative log-likelihood of the label tokens. */
+function lossSum(logits: tf.Tensor3D, labels: tf.Tensor2D): tf.Scalar {
+  return tf.neg(tf.sum(rowLogLikelihood(logits, labels))) as tf.Scalar;
+}

@@ -1,0 +1,47 @@
+// CRC-32 (IEEE 802.3, reflected polynomial 0xEDB88320), slicing-by-8: eight table
+// lookups per 8 bytes instead of one per byte.
+
+const TABLES = (() => {
+  const t = new Int32Array(8 * 256);
+  for (let n = 0; n < 256; n++) {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    t[n] = c;
+  }
+  for (let n = 0; n < 256; n++) {
+    let c = t[n];
+    for (let k = 1; k < 8; k++) {
+      c = t[c & 0xff] ^ (c >>> 8);
+      t[k * 256 + n] = c;
+    }
+  }
+  return t;
+})();
+
+/** Continues a CRC-32 over `bytes`. Start with crc 0; chain calls to cover several buffers. */
+export function crc32(bytes: Uint8Array, crc = 0): number {
+  // Whole 32-bit words are about twice as fast to read, when the view is aligned for them.
+  if ((bytes.byteOffset & 3) === 0 && bytes.length >= 64) return crc32Words(bytes, crc);
+  return crc32Bytes(bytes, 0, ~crc);
+}
+
+function crc32Bytes(bytes: Uint8Array, from: number, c: number): number {
+  const t = TABLES;
+  for (let i = from; i < bytes.length; i++) c = t[(c ^ bytes[i]) & 0xff] ^ (c >>> 8);
+  return ~c >>> 0;
+}
+
+function crc32Words(bytes: Uint8Array, crc: number): number {
+  const t = TABLES;
+  // Little-endian words: the first byte of the stream is the low byte of the word.
+  const w = new Int32Array(bytes.buffer, bytes.byteOffset, bytes.length >> 2);
+  const pairs = w.length & ~1;
+  let c = ~crc;
+  for (let j = 0; j < pairs; j += 2) {
+    const lo = c ^ w[j];
+    const hi = w[j + 1];
+    c = t[1792 + (lo & 0xff)] ^ t[1536 + ((lo >>> 8) & 0xff)] ^ t[1280 + ((lo >>> 16) & 0xff)] ^ t[1024 + (lo >>> 24)] ^
+      t[768 + (hi & 0xff)] ^ t[512 + ((hi >>> 8) & 0xff)] ^ t[256 + ((hi >>> 16) & 0xff)] ^ t[hi >>> 24];
+  }
+  return crc32Bytes(bytes, pairs * 4, c);
+}

@@ -1,0 +1,64 @@
+// One catalogue of the errors protocol/ raises. Codes are stable and travel on the wire
+// inside an Error body, so a code is never renamed or reused; new ones are appended.
+
+export const PROTOCOL_ERRORS = {
+  TANDEM_PROTO_MESSAGE_TOO_LARGE: { number: 4001, template: 'message of {actual} bytes is over the limit of {limit} bytes' },
+  TANDEM_PROTO_MESSAGE_MALFORMED: { number: 4002, template: 'message is not a valid Tandem envelope: {reason}' },
+  TANDEM_PROTO_VERSION_MISSING: { number: 4003, template: 'message carries no protocol version' },
+  TANDEM_PROTO_VERSION_UNSUPPORTED: { number: 4004, template: 'peer speaks protocol {theirs}; this build speaks {ours}' },
+  TANDEM_PROTO_FIELD_INVALID: { number: 4005, template: 'field {field} is invalid: {reason}' },
+  TANDEM_PROTO_CODEC_UNSUPPORTED: { number: 4006, template: 'codec {codec} is not supported' },
+  TANDEM_PROTO_CODEC_PARAMS_INVALID: { number: 4007, template: 'codec parameter {field} is invalid: {reason}' },
+  TANDEM_PROTO_CODEC_NEGOTIATION_FAILED: { number: 4008, template: 'no codec offered for {direction} is accepted; accepted: {accepted}' },
+  TANDEM_PROTO_FRAME_RANK_EXCEEDED: { number: 4009, template: 'frame {field} has rank {actual}, over the limit of {limit}' },
+  TANDEM_PROTO_FRAME_DIM_EXCEEDED: { number: 4010, template: 'frame {field} has a dimension of {actual}, over the limit of {limit}' },
+  TANDEM_PROTO_FRAME_ELEMENTS_EXCEEDED: { number: 4011, template: 'frame {field} declares more than {limit} elements' },
+  TANDEM_PROTO_FRAME_TOO_LARGE: { number: 4012, template: 'frame {field} has {actual} bytes, over the limit of {limit} bytes' },
+  TANDEM_PROTO_FRAME_SHAPE_MISMATCH: { number: 4013, template: 'frame {field} has shape {actual}; the session expects {expected}' },
+  TANDEM_PROTO_FRAME_SIZE_MISMATCH: { number: 4014, template: 'frame {field} has {actual} bytes; codec {codec} needs {expected}' },
+  TANDEM_PROTO_FRAME_CHECKSUM_MISMATCH: { number: 4015, template: 'frame {field} has crc32 {actual}; its bytes give {expected}' },
+  TANDEM_PROTO_FRAME_NON_FINITE: { number: 4016, template: 'frame {field} holds a NaN or an infinity at element {index} and the session does not allow them' },
+  TANDEM_PROTO_FRAME_PAYLOAD_INVALID: { number: 4017, template: 'frame {field} payload is invalid: {reason}' },
+  TANDEM_PROTO_CHUNK_INVALID: { number: 4018, template: 'chunk {index} of stream {streamId} is invalid: {reason}' },
+  TANDEM_PROTO_CHUNK_DUPLICATE: { number: 4019, template: 'chunk {index} of stream {streamId} arrived twice' },
+  TANDEM_PROTO_CHUNK_OUT_OF_ORDER: { number: 4020, template: 'chunk {index} of stream {streamId} arrived when chunk {expected} was due (missing or reordered)' },
+  TANDEM_PROTO_CHUNK_MISSING: { number: 4021, template: 'stream {streamId} ended with {received} of {count} chunks' },
+  TANDEM_PROTO_CHUNK_LIMIT_EXCEEDED: { number: 4022, template: 'reassembly would hold {actual} {field}, over the limit of {limit}' },
+  TANDEM_PROTO_INPUT_INVALID: { number: 4023, template: 'argument {field} is invalid: {reason}' },
+} as const satisfies Record<string, { number: number; template: string }>;
+
+export type ProtocolErrorCode = keyof typeof PROTOCOL_ERRORS;
+
+export type ProtocolErrorDetails = Readonly<Record<string, string | number | boolean>>;
+
+export function isProtocolErrorCode(code: string): code is ProtocolErrorCode {
+  return Object.hasOwn(PROTOCOL_ERRORS, code);
+}
+
+function fill(template: string, details: ProtocolErrorDetails): string {
+  return template.replace(/\{(\w+)\}/g, (whole, key: string) => (Object.hasOwn(details, key) ? String(details[key]) : whole));
+}
+
+/** The only error protocol/ throws. `code` is stable; `details` names the field, the limit and the value found. */
+export class ProtocolError extends Error {
+  override readonly name = 'ProtocolError';
+  readonly code: ProtocolErrorCode;
+  /** The code's number in the catalogue, for peers that match on numbers. */
+  readonly number: number;
+  readonly details: ProtocolErrorDetails;
+
+  constructor(code: ProtocolErrorCode, details: ProtocolErrorDetails = {}, options: { cause?: unknown } = {}) {
+    const entry = PROTOCOL_ERRORS[code];
+    super(`${code} (${entry.number}): ${fill(entry.template, details)}`, options.cause === undefined ? undefined : { cause: options.cause });
+    this.code = code;
+    this.number = entry.number;
+    this.details = details;
+  }
+}
+
+/** Wraps anything thrown while decoding untrusted bytes, so callers only ever see ProtocolError. */
+export function asProtocolError(error: unknown, fallback: ProtocolErrorCode, details: ProtocolErrorDetails = {}): ProtocolError {
+  if (error instanceof ProtocolError) return error;
+  const reason = error instanceof Error ? error.message : String(error);
+  return new ProtocolError(fallback, { reason, ...details }, { cause: error });
+}

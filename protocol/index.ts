@@ -1,0 +1,26 @@
+// The public surface of protocol/. Other folders import from here and nowhere else.
+export { PROTOCOL_ERRORS, ProtocolError, isProtocolErrorCode } from './errors.ts';
+export type { ProtocolErrorCode, ProtocolErrorDetails } from './errors.ts';
+export type {
+  Backward, BackwardResult, Body, BodyCase, Chunk, CloseReason, CodecChoice, CodecName, CodecOffer, CodecParams, CodecSpec, Cut,
+  DTypeName, Envelope, ErrorBody, Forward, ForwardResult, Heartbeat, Hello, Limits, ModelRef, ProtocolVersion, SessionClose,
+  SessionOpen, TensorFrame, TopkValuesCodec, TrainingSpec, VersionRange, Welcome,
+} from './messages.ts';
+export {
+  PROTOCOL_VERSION, SUPPORTED_VERSIONS, compareVersions, formatRange, formatVersion, isReadableVersion, negotiateVersion,
+} from './version.ts';
+export { DEFAULT_LIMITS, intersectLimits } from './limits.ts';
+export { decodeEnvelope, encodeEnvelope, envelope, errorBody } from './envelope.ts';
+export type { DecodeEnvelopeOptions } from './envelope.ts';
+export { negotiateCodecs } from './codec-negotiation.ts';
+export type { CodecPreferences } from './codec-negotiation.ts';
+export { decodeTensor, encodeTensor, frameBytes, frameChecksum, validateFrame } from './tensor-frame.ts';
+export type { EncodeTensorOptions, FrameExpectation } from './tensor-frame.ts';
+export { CODEC_NAMES } from './codecs/registry.ts';
+export { DEFAULT_BLOCK_SIZE } from './codecs/codec.ts';
+export { DEFAULT_TOPK_FRACTION } from './codecs/topk.ts';
+export { ErrorFeedback } from './error-feedback.ts';
+export { crc32 } from './crc32.ts';
+export { messagesForTransport, splitMessage } from './chunker.ts';
+export { Reassembler } from './reassembler.ts';
+export type { ReassemblerOptions } from './reassembler.ts';

@@ -1,0 +1,181 @@
+// The TypeScript shape of every protocol v1 message (camelCase mirrors of protocol/proto).
+// Enums are names here and numbers on the wire; wire.ts converts.
+
+export interface ProtocolVersion {
+  major: number;
+  minor: number;
+}
+
+/** Inclusive, ordered by (major, minor). */
+export interface VersionRange {
+  min: ProtocolVersion;
+  max: ProtocolVersion;
+}
+
+export type DTypeName = 'f32' | 'f16' | 'bf16';
+export type CodecName = 'f32' | 'f16' | 'bf16' | 'int8-block' | 'int4-block' | 'topk';
+/** How top-k stores its kept values. */
+export type TopkValuesCodec = 'f16' | 'int8-block';
+
+export interface CodecParams {
+  blockSize: number;
+  /** float32 little-endian, one per block. */
+  scales: Uint8Array;
+  k: number;
+  topkValues: TopkValuesCodec | null;
+  /** LEB128 varint gaps between kept indices. */
+  indices: Uint8Array;
+}
+
+export interface TensorFrame {
+  name: string;
+  dtype: DTypeName;
+  shape: number[];
+  codec: CodecName;
+  params: CodecParams;
+  payload: Uint8Array;
+  /** CRC-32 of payload, then params.scales, then params.indices. */
+  crc32: number;
+}
+
+/** A codec with its parameters, as offered in a Hello or chosen in a Welcome. */
+export interface CodecSpec {
+  codec: CodecName;
+  /** int8-block, int4-block and top-k int8 values; 0 means the default (64). */
+  blockSize?: number;
+  /** top-k: fraction of elements kept, in (0, 1]. */
+  topkFraction?: number;
+  topkValues?: TopkValuesCodec;
+}
+
+export interface ModelRef {
+  id: string;
+  contentHash: string;
+}
+
+export interface Limits {
+  maxFrameBytes: number;
+  maxMessageBytes: number;
+  maxRank: number;
+  maxDim: number;
+  maxElements: number;
+}
+
+export interface Cut {
+  bottom: number;
+  top: number;
+}
+
+export interface TrainingSpec {
+  methods: string[];
+  cloudMiddleLora: boolean;
+  middleLoraRank: number;
+}
+
+export interface CodecOffer {
+  forward: CodecSpec[];
+  backward: CodecSpec[];
+}
+
+export interface CodecChoice {
+  forward: CodecSpec;
+  backward: CodecSpec;
+}
+
+export interface Hello {
+  versions: VersionRange;
+  clientBuild: string;
+  model: ModelRef;
+  codecs: CodecOffer;
+  limits: Limits;
+  cut: Cut;
+  training: TrainingSpec;
+  allowNonFinite: boolean;
+}
+
+export interface Welcome {
+  version: ProtocolVersion;
+  serverBuild: string;
+  sessionId: string;
+  model: ModelRef;
+  codecs: CodecChoice;
+  limits: Limits;
+  cut: Cut;
+  training: TrainingSpec;
+  allowNonFinite: boolean;
+}
+
+export interface SessionOpen {
+  sessionId: string;
+  resumeStep: number;
+}
+
+export type CloseReason = 'unspecified' | 'completed' | 'cancelled' | 'failed' | 'expired';
+
+export interface SessionClose {
+  sessionId: string;
+  reason: CloseReason;
+  message: string;
+}
+
+export interface Heartbeat {
+  sessionId: string;
+  sequence: number;
+  sentAtMs: number;
+}
+
+interface StepMessage {
+  sessionId: string;
+  step: number;
+  microbatch: number;
+  frames: TensorFrame[];
+}
+
+export interface Forward extends StepMessage {
+  needsBackward: boolean;
+}
+
+export type ForwardResult = StepMessage;
+
+export type Backward = StepMessage;
+
+export interface BackwardResult extends StepMessage {
+  recomputed: boolean;
+}
+
+/** The Error body: a code from some errors.ts catalogue, a message, details as strings. */
+export interface ErrorBody {
+  code: string;
+  message: string;
+  details: Record<string, string>;
+}
+
+export interface Chunk {
+  streamId: string;
+  index: number;
+  count: number;
+  totalBytes: number;
+  crc32: number;
+  data: Uint8Array;
+}
+
+export type Body =
+  | { case: 'hello'; value: Hello }
+  | { case: 'welcome'; value: Welcome }
+  | { case: 'sessionOpen'; value: SessionOpen }
+  | { case: 'sessionClose'; value: SessionClose }
+  | { case: 'forward'; value: Forward }
+  | { case: 'forwardResult'; value: ForwardResult }
+  | { case: 'backward'; value: Backward }
+  | { case: 'backwardResult'; value: BackwardResult }
+  | { case: 'heartbeat'; value: Heartbeat }
+  | { case: 'error'; value: ErrorBody }
+  | { case: 'chunk'; value: Chunk };
+
+export type BodyCase = Body['case'];
+
+export interface Envelope {
+  version: ProtocolVersion;
+  requestId: string;
+  body: Body;
+}

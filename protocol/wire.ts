@@ -1,0 +1,256 @@
+// Converts between the TypeScript messages and the plain objects protobufjs encodes and
+// decodes. Decoded bytes stay views into the received buffer: nothing is copied here.
+import { ProtocolError } from './errors.ts';
+import type {
+  Body, CloseReason, CodecName, CodecParams, CodecSpec, Cut, DTypeName, Envelope, Limits, ModelRef,
+  ProtocolVersion, TensorFrame, TopkValuesCodec, TrainingSpec, VersionRange,
+} from './messages.ts';
+
+type Wire = Record<string, unknown>;
+
+export const CODEC_WIRE: Readonly<Record<CodecName, number>> = {
+  f32: 1, f16: 2, bf16: 3, 'int8-block': 4, 'int4-block': 5, topk: 6,
+};
+const CODEC_BY_WIRE: ReadonlyMap<number, CodecName> = new Map(Object.entries(CODEC_WIRE).map(([name, n]) => [n, name as CodecName]));
+
+export const DTYPE_WIRE: Readonly<Record<DTypeName, number>> = { f32: 1, f16: 2, bf16: 3 };
+const DTYPE_BY_WIRE: ReadonlyMap<number, DTypeName> = new Map(Object.entries(DTYPE_WIRE).map(([name, n]) => [n, name as DTypeName]));
+
+const CLOSE_REASONS: readonly CloseReason[] = ['unspecified', 'completed', 'cancelled', 'failed', 'expired'];
+
+const EMPTY_BYTES = new Uint8Array(0);
+
+const str = (m: Wire, key: string): string => (typeof m[key] === 'string' ? (m[key] as string) : '');
+const num = (m: Wire, key: string): number => (typeof m[key] === 'number' ? (m[key] as number) : 0);
+const bool = (m: Wire, key: string): boolean => m[key] === true;
+// protobufjs gives an empty array, not an empty Uint8Array, for an absent bytes field.
+const bytes = (m: Wire, key: string): Uint8Array => (m[key] instanceof Uint8Array ? (m[key] as Uint8Array) : EMPTY_BYTES);
+const sub = (m: Wire, key: string): Wire => (m[key] !== null && typeof m[key] === 'object' ? (m[key] as Wire) : {});
+const list = (m: Wire, key: string): Wire[] => (Array.isArray(m[key]) ? (m[key] as Wire[]) : []);
+
+export function codecName(wire: number, field: string): CodecName {
+  const name = CODEC_BY_WIRE.get(wire);
+  if (name === undefined) throw new ProtocolError('TANDEM_PROTO_CODEC_UNSUPPORTED', { codec: wire, field });
+  return name;
+}
+
+function topkValues(wire: number, field: string): TopkValuesCodec | null {
+  if (wire === 0) return null;
+  const name = codecName(wire, field);
+  if (name !== 'f16' && name !== 'int8-block') {
+    throw new ProtocolError('TANDEM_PROTO_CODEC_PARAMS_INVALID', { field, reason: `top-k values cannot use ${name}` });
+  }
+  return name;
+}
+
+const versionFromWire = (m: Wire): ProtocolVersion => ({ major: num(m, 'major'), minor: num(m, 'minor') });
+const rangeFromWire = (m: Wire): VersionRange => ({ min: versionFromWire(sub(m, 'min')), max: versionFromWire(sub(m, 'max')) });
+const modelFromWire = (m: Wire): ModelRef => ({ id: str(m, 'id'), contentHash: str(m, 'contentHash') });
+const cutFromWire = (m: Wire): Cut => ({ bottom: num(m, 'bottom'), top: num(m, 'top') });
+const limitsFromWire = (m: Wire): Limits => ({
+  maxFrameBytes: num(m, 'maxFrameBytes'),
+  maxMessageBytes: num(m, 'maxMessageBytes'),
+  maxRank: num(m, 'maxRank'),
+  maxDim: num(m, 'maxDim'),
+  maxElements: num(m, 'maxElements'),
+});
+const trainingFromWire = (m: Wire): TrainingSpec => ({
+  methods: (Array.isArray(m.methods) ? m.methods : []).filter((x): x is string => typeof x === 'string'),
+  cloudMiddleLora: bool(m, 'cloudMiddleLora'),
+  middleLoraRank: num(m, 'middleLoraRank'),
+});
+
+/** Null when the peer offers a codec this build does not know: newer peers may offer more. */
+function codecSpecFromWire(m: Wire): CodecSpec | null {
+  const codec = CODEC_BY_WIRE.get(num(m, 'codec'));
+  if (codec === undefined) return null;
+  const spec: CodecSpec = { codec };
+  if (num(m, 'blockSize') !== 0) spec.blockSize = num(m, 'blockSize');
+  if (num(m, 'topkFraction') !== 0) spec.topkFraction = num(m, 'topkFraction');
+  const values = num(m, 'topkValues');
+  if (values === CODEC_WIRE.f16) spec.topkValues = 'f16';
+  else if (values === CODEC_WIRE['int8-block']) spec.topkValues = 'int8-block';
+  return spec;
+}
+
+function codecSpecsFromWire(items: Wire[]): CodecSpec[] {
+  return items.map(codecSpecFromWire).filter((spec): spec is CodecSpec => spec !== null);
+}
+
+function chosenSpecFromWire(m: Wire, field: string): CodecSpec {
+  const spec = codecSpecFromWire(m);
+  if (spec === null) throw new ProtocolError('TANDEM_PROTO_CODEC_UNSUPPORTED', { codec: num(m, 'codec'), field });
+  return spec;
+}
+
+function paramsFromWire(m: Wire, field: string): CodecParams {
+  return {
+    blockSize: num(m, 'blockSize'),
+    scales: bytes(m, 'scales'),
+    k: num(m, 'k'),
+    topkValues: topkValues(num(m, 'topkValues'), `${field}.params.topk_values`),
+    indices: bytes(m, 'indices'),
+  };
+}
+
+export function frameFromWire(m: Wire, field = 'frame'): TensorFrame {
+  const dtype = DTYPE_BY_WIRE.get(num(m, 'dtype'));
+  if (dtype === undefined) throw new ProtocolError('TANDEM_PROTO_FIELD_INVALID', { field: `${field}.dtype`, reason: `unknown dtype ${num(m, 'dtype')}` });
+  return {
+    name: str(m, 'name'),
+    dtype,
+    shape: Array.isArray(m.shape) ? (m.shape as number[]) : [],
+    codec: codecName(num(m, 'codec'), `${field}.codec`),
+    params: paramsFromWire(sub(m, 'params'), field),
+    payload: bytes(m, 'payload'),
+    crc32: num(m, 'crc32'),
+  };
+}
+
+function stepFromWire(m: Wire, field: string) {
+  return {
+    sessionId: str(m, 'sessionId'),
+    step: num(m, 'step'),
+    microbatch: num(m, 'microbatch'),
+    frames: list(m, 'frames').map((frame, i) => frameFromWire(frame, `${field}.frames[${i}]`)),
+  };
+}
+
+function bodyFromWire(m: Wire): Body {
+  const which = m.body;
+  const b = typeof which === 'string' ? sub(m, which) : {};
+  switch (which) {
+    case 'hello': {
+      const codecs = sub(b, 'codecs');
+      return {
+        case: 'hello',
+        value: {
+          versions: rangeFromWire(sub(b, 'versions')),
+          clientBuild: str(b, 'clientBuild'),
+          model: modelFromWire(sub(b, 'model')),
+          codecs: { forward: codecSpecsFromWire(list(codecs, 'forward')), backward: codecSpecsFromWire(list(codecs, 'backward')) },
+          limits: limitsFromWire(sub(b, 'limits')),
+          cut: cutFromWire(sub(b, 'cut')),
+          training: trainingFromWire(sub(b, 'training')),
+          allowNonFinite: bool(b, 'allowNonFinite'),
+        },
+      };
+    }
+    case 'welcome': {
+      const codecs = sub(b, 'codecs');
+      return {
+        case: 'welcome',
+        value: {
+          version: versionFromWire(sub(b, 'version')),
+          serverBuild: str(b, 'serverBuild'),
+          sessionId: str(b, 'sessionId'),
+          model: modelFromWire(sub(b, 'model')),
+          codecs: {
+            forward: chosenSpecFromWire(sub(codecs, 'forward'), 'welcome.codecs.forward'),
+            backward: chosenSpecFromWire(sub(codecs, 'backward'), 'welcome.codecs.backward'),
+          },
+          limits: limitsFromWire(sub(b, 'limits')),
+          cut: cutFromWire(sub(b, 'cut')),
+          training: trainingFromWire(sub(b, 'training')),
+          allowNonFinite: bool(b, 'allowNonFinite'),
+        },
+      };
+    }
+    case 'sessionOpen':
+      return { case: 'sessionOpen', value: { sessionId: str(b, 'sessionId'), resumeStep: num(b, 'resumeStep') } };
+    case 'sessionClose':
+      return {
+        case: 'sessionClose',
+        // A reason added by a later minor version reads as 'unspecified'.
+        value: { sessionId: str(b, 'sessionId'), reason: CLOSE_REASONS[num(b, 'reason')] ?? 'unspecified', message: str(b, 'message') },
+      };
+    case 'forward':
+      return { case: 'forward', value: { ...stepFromWire(b, 'forward'), needsBackward: bool(b, 'needsBackward') } };
+    case 'forwardResult':
+      return { case: 'forwardResult', value: stepFromWire(b, 'forwardResult') };
+    case 'backward':
+      return { case: 'backward', value: stepFromWire(b, 'backward') };
+    case 'backwardResult':
+      return { case: 'backwardResult', value: { ...stepFromWire(b, 'backwardResult'), recomputed: bool(b, 'recomputed') } };
+    case 'heartbeat':
+      return { case: 'heartbeat', value: { sessionId: str(b, 'sessionId'), sequence: num(b, 'sequence'), sentAtMs: num(b, 'sentAtMs') } };
+    case 'error': {
+      const details: Record<string, string> = {};
+      const wireDetails = sub(b, 'details');
+      for (const key of Object.keys(wireDetails)) details[key] = String(wireDetails[key]);
+      return { case: 'error', value: { code: str(b, 'code'), message: str(b, 'message'), details } };
+    }
+    case 'chunk':
+      return {
+        case: 'chunk',
+        value: {
+          streamId: str(b, 'streamId'),
+          index: num(b, 'index'),
+          count: num(b, 'count'),
+          totalBytes: num(b, 'totalBytes'),
+          crc32: num(b, 'crc32'),
+          data: bytes(b, 'data'),
+        },
+      };
+    default:
+      throw new ProtocolError('TANDEM_PROTO_FIELD_INVALID', { field: 'envelope.body', reason: 'no body, or a body this version does not know' });
+  }
+}
+
+export function envelopeFromWire(m: Wire): Envelope {
+  return { version: versionFromWire(sub(m, 'version')), requestId: str(m, 'requestId'), body: bodyFromWire(m) };
+}
+
+function codecSpecToWire(spec: CodecSpec): Wire {
+  return {
+    codec: CODEC_WIRE[spec.codec],
+    blockSize: spec.blockSize ?? 0,
+    topkFraction: spec.topkFraction ?? 0,
+    topkValues: spec.topkValues === undefined ? 0 : CODEC_WIRE[spec.topkValues],
+  };
+}
+
+export function frameToWire(frame: TensorFrame): Wire {
+  const p = frame.params;
+  return {
+    name: frame.name,
+    dtype: DTYPE_WIRE[frame.dtype],
+    shape: frame.shape,
+    codec: CODEC_WIRE[frame.codec],
+    params: { blockSize: p.blockSize, scales: p.scales, k: p.k, topkValues: p.topkValues === null ? 0 : CODEC_WIRE[p.topkValues], indices: p.indices },
+    payload: frame.payload,
+    crc32: frame.crc32,
+  };
+}
+
+function bodyToWire(body: Body): Wire {
+  switch (body.case) {
+    case 'hello': {
+      const v = body.value;
+      return {
+        ...v,
+        codecs: { forward: v.codecs.forward.map(codecSpecToWire), backward: v.codecs.backward.map(codecSpecToWire) },
+      };
+    }
+    case 'welcome': {
+      const v = body.value;
+      return { ...v, codecs: { forward: codecSpecToWire(v.codecs.forward), backward: codecSpecToWire(v.codecs.backward) } };
+    }
+    case 'sessionClose':
+      return { ...body.value, reason: CLOSE_REASONS.indexOf(body.value.reason) };
+    case 'forward':
+    case 'forwardResult':
+    case 'backward':
+    case 'backwardResult':
+      return { ...body.value, frames: body.value.frames.map(frameToWire) };
+    case 'error':
+    case 'sessionOpen':
+    case 'heartbeat':
+    case 'chunk':
+      return { ...body.value };
+  }
+}
+
+export function envelopeToWire(envelope: Envelope): Wire {
+  return { version: envelope.version, requestId: envelope.requestId, [envelope.body.case]: bodyToWire(envelope.body) };
+}
