@@ -1,4 +1,5 @@
 import { Command, CommanderError } from 'commander';
+import { edgeCommand } from './edge.ts';
 import { generateCommand } from './generate.ts';
 import { processIo, type CommandIo } from './io.ts';
 
@@ -8,9 +9,15 @@ function program(io: CommandIo): Command {
     .description('Split and offsite fine-tuning of LLMs across a cloud and the machines that own the data')
     .showHelpAfterError()
     .configureOutput({ writeOut: (s) => io.out(s.trimEnd()), writeErr: (s) => io.log(s.trimEnd()) });
-  for (const command of [generateCommand(io)]) root.addCommand(command);
-  root.commands.forEach((c) => c.configureOutput({ writeOut: (s) => io.out(s.trimEnd()), writeErr: (s) => io.log(s.trimEnd()) }));
+  for (const command of [generateCommand(io), edgeCommand(io)]) root.addCommand(command);
+  forEachCommand(root, (c) => c.configureOutput({ writeOut: (s) => io.out(s.trimEnd()), writeErr: (s) => io.log(s.trimEnd()) }));
   return root;
+}
+
+/** Applies `f` to a command and every subcommand below it (`tandem edge train`). */
+function forEachCommand(c: Command, f: (c: Command) => void): void {
+  f(c);
+  for (const sub of c.commands) forEachCommand(sub, f);
 }
 
 /**
@@ -19,8 +26,7 @@ function program(io: CommandIo): Command {
  */
 export async function main(argv: string[], io: CommandIo = processIo): Promise<number> {
   const root = program(io);
-  root.exitOverride();
-  for (const c of root.commands) c.exitOverride();
+  forEachCommand(root, (c) => c.exitOverride());
   try {
     await root.parseAsync(argv, { from: 'user' });
     return 0;
