@@ -21,7 +21,9 @@ export function envelope(requestId: string, body: Body): Envelope {
 
 export function encodeEnvelope(value: Envelope): Uint8Array {
   try {
-    return wireTypes.Envelope.encode(envelopeToWire(value)).finish();
+    const bytes = wireTypes.Envelope.encode(envelopeToWire(value)).finish();
+    // In Node protobufjs returns a Buffer; callers get the same plain Uint8Array everywhere (a view, not a copy).
+    return new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.length);
   } catch (error) {
     throw asProtocolError(error, 'TANDEM_PROTO_INPUT_INVALID', { field: 'envelope' });
   }

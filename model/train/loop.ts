@@ -5,9 +5,10 @@
 import { tf } from '../backend.ts';
 import { ModelError } from '../errors.ts';
 import type { LlamaModel } from '../llama/llama.ts';
-import { IGNORE_INDEX } from '../loss.ts';
 import type { Adapter } from '../peft/adapter.ts';
 import { clipGradNorm } from './clip.ts';
+import { labelTokens, rowLogLikelihood, scoreLogits } from './evaluate.ts';
+import type { Scorer } from './evaluate.ts';
 import { gradientsOf, variablesReached } from './gradients.ts';
 import { LocalMiddle, randomStateOf, replaying } from './middle.ts';
 import type { Middle, MicrobatchKey, RandomState } from './middle.ts';
@@ -66,13 +67,6 @@ export interface BatchScore {
   rowTokens: number[];
 }
 
-/** Label tokens that count in a causal-LM loss: positions t ≥ 1 whose label is not IGNORE_INDEX. */
-export function labelTokens(labels: readonly (readonly number[])[]): number {
-  let n = 0;
-  for (const row of labels) for (let t = 1; t < row.length; t++) if (row[t] !== IGNORE_INDEX) n++;
-  return n;
-}
-
 function checkBatch(batch: Batch): void {
   const rows = batch.ids.length;
   const seq = batch.ids[0]?.length ?? 0;
@@ -99,7 +93,7 @@ interface InFlight {
   hM: Promise<tf.Tensor3D>;
 }
 
-export class Trainer {
+export class Trainer implements Scorer {
   readonly model: LlamaModel;
   readonly adapter: Adapter;
   readonly optimizer: Optimizer;
@@ -250,12 +244,11 @@ export class Trainer {
     const h = await hM;
     try {
       const logits = this.topLogits(h, false);
-      const perRow = tf.tidy(() => rowLogLikelihood(logits, labels));
-      logits.dispose();
-      const rows = Array.from(perRow.dataSync());
-      perRow.dispose();
-      const rowTokens = batch.labels.map((row) => labelTokens([row]));
-      return { lossSum: -rows.reduce((a, b) => a + b, 0), tokens: labelTokens(batch.labels), rowLogLikelihood: rows, rowTokens };
+      try {
+        return scoreLogits(logits, labels, batch.labels);
+      } finally {
+        logits.dispose();
+      }
     } finally {
       tf.dispose([h, ids, labels]);
     }
@@ -269,17 +262,6 @@ export class Trainer {
 function globalNorm(grads: Map<string, tf.Tensor>): number {
   if (grads.size === 0) return 0;
   return tf.tidy(() => Math.sqrt(tf.addN([...grads.values()].map((g) => tf.sum(tf.square(g)))).dataSync()[0]));
-}
-
-/** Per row, the summed log-probability of each label token given the tokens before it. */
-function rowLogLikelihood(logits: tf.Tensor3D, labels: tf.Tensor2D): tf.Tensor1D {
-  const [b, s, v] = logits.shape;
-  const shifted = tf.slice(logits, [0, 0, 0], [b, s - 1, v]);
-  const target = tf.slice(labels, [0, 1], [b, s - 1]);
-  const valid = tf.notEqual(target, tf.scalar(IGNORE_INDEX, 'int32'));
-  const safe = tf.where(valid, target, tf.zerosLike(target)) as tf.Tensor2D;
-  const picked = tf.sum(tf.mul(tf.logSoftmax(shifted), tf.oneHot(safe, v)), -1);
-  return tf.sum(tf.mul(picked, tf.cast(valid, 'float32')), -1) as tf.Tensor1D;
 }
 
 /** The summed causal-LM negative log-likelihood of the label tokens. */

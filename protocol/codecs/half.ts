@@ -20,12 +20,10 @@ export function f32BitsToF16(x: number): number {
     if (rest > half || (rest === half && (h & 1) === 1)) h++;
     return sign | h;
   }
-  // Normal: rebias the exponent (127 -> 15) and round 23 mantissa bits to 10. A carry
-  // out of the mantissa correctly bumps the exponent.
-  let h = (abs - 0x38000000) >>> 13;
-  const rest = abs & 0x1fff;
-  if (rest > 0x1000 || (rest === 0x1000 && (h & 1) === 1)) h++;
-  return sign | h;
+  // Normal: rebias the exponent (127 -> 15) and round 23 mantissa bits to 10, to nearest
+  // even without a branch (adding 0xfff plus the kept low bit, then truncating). A carry out
+  // of the mantissa correctly bumps the exponent.
+  return sign | ((abs - 0x38000000 + 0xfff + ((abs >>> 13) & 1)) >>> 13);
 }
 
 export function f16ToNumber(h: number): number {

@@ -2,7 +2,7 @@
 // Two elements per byte: element 2i in the low nibble, 2i+1 in the high nibble, each a
 // 4-bit two's complement; an odd count leaves the last high nibble 0.
 // |x - x'| <= scale / 2 + 2^-24 |x'|.
-import { alignedBytes, blockSizeOf, bytesOf, checkFrameBlockSize, expectBytes, firstBadScale, float32sOf } from './codec.ts';
+import { blockSizeOf, bytesOf, checkFrameBlockSize, expectBytes, firstBadScale, float32sOf } from './codec.ts';
 import type { TensorCodec } from './codec.ts';
 import { blockCount, quantizeBlocks } from './int8-block.ts';
 
@@ -29,15 +29,18 @@ export const int4BlockCodec: TensorCodec = {
     expectBytes(frame, `${field}.params.scales`, frame.params.scales.length, blockCount(elements, blockSize) * 4);
   },
   decodeInto(frame, out) {
-    const bytes = alignedBytes(frame.payload, 1);
+    const bytes = frame.payload;
     const scales = float32sOf(frame.params.scales);
     const blockSize = frame.params.blockSize;
     const n = out.length;
-    for (let i = 0; i < n; i++) {
-      const byte = bytes[i >> 1];
-      // Sign-extend the nibble: move it to the top of an int32, then shift back arithmetically.
-      const q = i & 1 ? (byte << 24) >> 28 : (byte << 28) >> 28;
-      out[i] = q * scales[(i / blockSize) | 0];
+    for (let b = 0, s = 0; s < n; b++, s += blockSize) {
+      const e = Math.min(s + blockSize, n);
+      const scale = scales[b];
+      for (let i = s; i < e; i++) {
+        const byte = bytes[i >> 1];
+        // Sign-extend the nibble: move it to the top of an int32, then shift back arithmetically.
+        out[i] = (i & 1 ? (byte << 24) >> 28 : (byte << 28) >> 28) * scale;
+      }
     }
   },
   findNonFinite(frame) {

@@ -4,6 +4,7 @@ import assert from 'node:assert/strict';
 import {
   ProtocolError, SUPPORTED_VERSIONS, crc32, decodeEnvelope, encodeEnvelope, envelope, negotiateCodecs, negotiateVersion,
 } from '../../protocol/index.ts';
+import type { Hello } from '../../protocol/index.ts';
 import { PROTO_SOURCES } from '../../protocol/schema.generated.ts';
 import { buildSchemaRoot } from '../../protocol/schema.ts';
 
@@ -40,7 +41,7 @@ test('a major-version-2 Hello is refused, naming both ranges', () => {
   const bytes = encodeEnvelope({
     version: v(2, 0),
     requestId: 'r',
-    body: { case: 'hello', value: { ...(decodeEnvelope(helloBytes).body.value as never), versions: { min: v(2, 0), max: v(2, 1) } } },
+    body: { case: 'hello', value: { ...(decodeEnvelope(helloBytes).body.value as Hello), versions: { min: v(2, 0), max: v(2, 1) } } },
   });
   const error = throwsCode(() => decodeEnvelope(bytes), 'TANDEM_PROTO_VERSION_UNSUPPORTED');
   assert.deepEqual(error.details, { ours: '[1.0, 1.0]', theirs: '[2.0, 2.1]' });

@@ -1,0 +1,45 @@
+// What the node's plugins share, passed to each explicitly as its options.
+import { CloudError } from './errors.ts';
+import type { CloudMetrics } from './metrics.ts';
+import type { MiddleExecutor } from './middle-executor.ts';
+import type { ServedModel } from './served-model.ts';
+import type { SessionService } from './session-service.ts';
+import type { KeyStore } from './state/key-store.ts';
+import type { SessionStore } from './state/session-store.ts';
+
+/** The served model once loaded; routes and the data plane answer TANDEM_MODEL_NOT_READY before. */
+export class ModelSlot {
+  #value: { served: ServedModel; executor: MiddleExecutor } | undefined;
+
+  get ready(): boolean {
+    return this.#value !== undefined;
+  }
+
+  set(served: ServedModel, executor: MiddleExecutor): void {
+    this.#value = { served, executor };
+  }
+
+  get(): { served: ServedModel; executor: MiddleExecutor } {
+    if (this.#value === undefined) throw new CloudError('TANDEM_MODEL_NOT_READY');
+    return this.#value;
+  }
+
+  served(): ServedModel {
+    return this.get().served;
+  }
+
+  /** The model with this id; TANDEM_MODEL_UNKNOWN otherwise. */
+  byId(id: string): ServedModel {
+    const served = this.served();
+    if (served.id !== id) throw new CloudError('TANDEM_MODEL_UNKNOWN', { model: JSON.stringify(id), served: served.id });
+    return served;
+  }
+}
+
+export interface CloudContext {
+  keys: KeyStore;
+  sessions: SessionStore;
+  service: SessionService;
+  metrics: CloudMetrics;
+  model: ModelSlot;
+}

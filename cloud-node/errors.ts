@@ -1,0 +1,55 @@
+// One catalogue of the errors cloud-node/ raises. Codes are stable: they are HTTP error
+// bodies' `code` and travel on the wire inside protocol Error bodies, so a code is never
+// renamed or reused; new ones are appended.
+
+export const CLOUD_ERRORS = {
+  TANDEM_AUTH_KEY_MISSING: { status: 401, template: 'no API key: send `authorization: Bearer <key>` (REST) or `auth: { key }` (socket.io)' },
+  TANDEM_AUTH_KEY_INVALID: { status: 401, template: 'the API key is not valid' },
+  TANDEM_AUTH_ADMIN_REQUIRED: { status: 403, template: '{action} needs the admin key' },
+  TANDEM_TENANT_INVALID: { status: 400, template: 'tenant {tenant} is invalid: {reason}' },
+  TANDEM_MODEL_UNKNOWN: { status: 404, template: 'this node serves no model {model}; it serves {served}' },
+  TANDEM_MODEL_MISMATCH: { status: 409, template: 'model {model} has content hash {actual}; the client expects {expected}' },
+  TANDEM_MODEL_NOT_READY: { status: 503, template: 'the model is not loaded yet' },
+  TANDEM_CUT_INVALID: { status: 400, template: 'cut bottom={bottom} top={top} is invalid: {reason}' },
+  TANDEM_EDGE_FILE_UNKNOWN: { status: 404, template: 'the edge part has no file {name}; it has {files}' },
+  TANDEM_SESSION_UNKNOWN: { status: 404, template: 'no session {session}' },
+  TANDEM_SESSION_CLOSED: { status: 409, template: 'session {session} is closed' },
+  TANDEM_STEP_STALE: { status: 409, template: 'step {step} of session {session} is older than its last step {lastStep} and no reply for it is kept' },
+  TANDEM_ACTIVATIONS_GONE: { status: 409, template: 'the activations of session {session} step {step} microbatch {microbatch} are gone ({reason}); resend Backward with h_B as its second frame' },
+  TANDEM_SHAPE_MISMATCH: { status: 400, template: '{field} has shape {actual}; expected {expected}' },
+  TANDEM_FRAME_COUNT_INVALID: { status: 400, template: '{kind} carries {actual} frames; expected {expected}' },
+  TANDEM_FEATURE_UNSUPPORTED: { status: 400, template: '{feature} is not supported by this node' },
+  TANDEM_MESSAGE_UNEXPECTED: { status: 400, template: 'the cloud does not take {kind} messages' },
+  TANDEM_REQUEST_INVALID: { status: 400, template: 'the request is invalid: {reason}' },
+  TANDEM_ROUTE_UNKNOWN: { status: 404, template: 'no route {method} {url}' },
+  TANDEM_STATE_INVALID: { status: 500, template: 'state file {file} is invalid: {reason}' },
+  TANDEM_INTERNAL: { status: 500, template: 'internal error: {reason}' },
+} as const satisfies Record<string, { status: number; template: string }>;
+
+export type CloudErrorCode = keyof typeof CLOUD_ERRORS;
+
+export type CloudErrorDetails = Readonly<Record<string, string | number | boolean>>;
+
+function fill(template: string, details: CloudErrorDetails): string {
+  return template.replace(/\{(\w+)\}/g, (whole, key: string) => (Object.hasOwn(details, key) ? String(details[key]) : whole));
+}
+
+/** The error cloud-node/ throws. `status` is its HTTP status; `code` is stable and travels on the wire. */
+export class CloudError extends Error {
+  override readonly name = 'CloudError';
+  readonly code: CloudErrorCode;
+  readonly status: number;
+  readonly details: CloudErrorDetails;
+
+  constructor(code: CloudErrorCode, details: CloudErrorDetails = {}, options: { cause?: unknown } = {}) {
+    const entry = CLOUD_ERRORS[code];
+    super(`${code}: ${fill(entry.template, details)}`, options.cause === undefined ? undefined : { cause: options.cause });
+    this.code = code;
+    this.status = entry.status;
+    this.details = details;
+  }
+}
+
+export function isCloudErrorCode(code: string): code is CloudErrorCode {
+  return Object.hasOwn(CLOUD_ERRORS, code);
+}

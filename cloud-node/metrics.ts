@@ -1,0 +1,50 @@
+// Prometheus metrics of one node, in a registry of its own (several nodes may share a process).
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import type { EvictionReason } from './activation-cache.ts';
+
+export type StepKind = 'forward' | 'backward';
+export type Direction = 'in' | 'out';
+
+const LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
+
+export class CloudMetrics {
+  readonly registry = new Registry();
+  readonly sessionsOpen: Gauge;
+  readonly sessionsCreated: Counter;
+  readonly steps: Counter;
+  readonly replays: Counter;
+  readonly frameBytes: Counter;
+  readonly messageBytes: Counter;
+  readonly latency: Histogram;
+  readonly cacheBytes: Gauge;
+  readonly evictions: Counter;
+  readonly recomputes: Counter;
+  readonly errors: Counter;
+  readonly connections: Gauge;
+
+  constructor(options: { defaultMetrics?: boolean } = {}) {
+    const registers = [this.registry];
+    this.sessionsOpen = new Gauge({ name: 'tandem_sessions_open', help: 'Sessions open on this node', registers });
+    this.sessionsCreated = new Counter({ name: 'tandem_sessions_created_total', help: 'Sessions created by a Hello', registers });
+    this.steps = new Counter({ name: 'tandem_steps_total', help: 'Forward and Backward requests computed (retries answered from the reply cache are not counted)', labelNames: ['kind'], registers });
+    this.replays = new Counter({ name: 'tandem_step_replays_total', help: 'Retried Forward and Backward requests answered from the reply cache', labelNames: ['kind'], registers });
+    this.frameBytes = new Counter({ name: 'tandem_frame_bytes_total', help: 'Tensor frame bytes (payload and codec parameters) received and sent, by codec', labelNames: ['direction', 'codec'], registers });
+    this.messageBytes = new Counter({ name: 'tandem_message_bytes_total', help: 'Envelope bytes received and sent on the socket, chunks included', labelNames: ['direction'], registers });
+    this.latency = new Histogram({ name: 'tandem_step_seconds', help: 'Time to compute a Forward or Backward of the middle', labelNames: ['kind'], buckets: LATENCY_BUCKETS, registers });
+    this.cacheBytes = new Gauge({ name: 'tandem_activation_cache_bytes', help: 'Bytes of activations kept for backward', registers });
+    this.evictions = new Counter({ name: 'tandem_activation_evictions_total', help: 'Activations dropped before their backward, by reason', labelNames: ['reason'], registers });
+    this.recomputes = new Counter({ name: 'tandem_recomputes_total', help: 'Backwards computed from an h_B the edge resent because the cloud no longer had it', registers });
+    this.errors = new Counter({ name: 'tandem_errors_total', help: 'Errors returned to clients, by code', labelNames: ['code'], registers });
+    this.connections = new Gauge({ name: 'tandem_socket_connections', help: 'socket.io connections open', registers });
+    for (const kind of ['forward', 'backward']) {
+      this.steps.inc({ kind }, 0);
+      this.replays.inc({ kind }, 0);
+    }
+    for (const reason of ['budget', 'ttl', 'closed'] satisfies EvictionReason[]) this.evictions.inc({ reason }, 0);
+    if (options.defaultMetrics) collectDefaultMetrics({ register: this.registry, prefix: 'tandem_process_' });
+  }
+
+  frame(direction: Direction, codec: string, bytes: number): void {
+    this.frameBytes.inc({ direction, codec }, bytes);
+  }
+}

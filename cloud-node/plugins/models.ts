@@ -1,0 +1,111 @@
+// The models this node serves and the edge part of each for download.
+import type { FastifyInstance } from 'fastify';
+import type { CloudContext } from '../context.ts';
+import { CloudError } from '../errors.ts';
+import type { ServedModel } from '../served-model.ts';
+import { requireCaller } from './auth.ts';
+import { authErrors, cutSchema, security } from './schemas.ts';
+
+const modelSchema = {
+  type: 'object',
+  required: ['id', 'modelType', 'contentHash', 'numLayers', 'config', 'cuts', 'defaultCut'],
+  properties: {
+    id: { type: 'string' },
+    modelType: { type: 'string' },
+    contentHash: { type: 'string', description: '"sha256:<hex>" of what the weights compute (model/ content hash)' },
+    numLayers: { type: 'integer' },
+    config: { type: 'object', additionalProperties: true, description: 'config.json as the model folder has it' },
+    cuts: {
+      type: 'object',
+      required: ['minBottom', 'minTop', 'maxBottomPlusTop'],
+      properties: { minBottom: { type: 'integer' }, minTop: { type: 'integer' }, maxBottomPlusTop: { type: 'integer' } },
+    },
+    defaultCut: cutSchema,
+  },
+} as const;
+
+const cutQuery = {
+  type: 'object',
+  properties: { bottom: { type: 'integer', minimum: 0 }, top: { type: 'integer', minimum: 0 } },
+} as const;
+
+interface CutQuery {
+  bottom?: number;
+  top?: number;
+}
+
+function cutOf(served: ServedModel, query: CutQuery) {
+  const fallback = served.defaultCut;
+  return { bottom: query.bottom ?? fallback.bottom, top: query.top ?? fallback.top };
+}
+
+function describe(served: ServedModel) {
+  return {
+    id: served.id,
+    modelType: served.config.modelType,
+    contentHash: served.contentHash,
+    numLayers: served.numLayers,
+    config: served.rawConfig,
+    cuts: served.cutLimits,
+    defaultCut: served.defaultCut,
+  };
+}
+
+export async function modelsPlugin(app: FastifyInstance, ctx: CloudContext): Promise<void> {
+  app.addHook('onRequest', requireCaller(ctx.keys));
+
+  app.get('/models', {
+    schema: {
+      summary: 'the models this node serves', tags: ['models'], security,
+      response: { 200: { type: 'object', required: ['models'], properties: { models: { type: 'array', items: modelSchema } } }, ...authErrors },
+    },
+  }, async () => ({ models: [describe(ctx.model.served())] }));
+
+  app.get<{ Params: { id: string }; Querystring: CutQuery }>('/models/:id/edge', {
+    schema: {
+      summary: 'manifest of the edge part of a model for a cut: embedding, blocks [0, bottom) and [L-top, L), final norm, head, tokenizer',
+      tags: ['models'], security,
+      params: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } },
+      querystring: cutQuery,
+      response: {
+        200: {
+          type: 'object',
+          required: ['model', 'contentHash', 'cut', 'files'],
+          properties: {
+            model: { type: 'string' },
+            contentHash: { type: 'string' },
+            cut: cutSchema,
+            files: {
+              type: 'array',
+              items: { type: 'object', required: ['name', 'bytes', 'sha256'], properties: { name: { type: 'string' }, bytes: { type: 'integer' }, sha256: { type: 'string' } } },
+            },
+          },
+        },
+        ...authErrors,
+      },
+    },
+  }, async (request) => {
+    const served = ctx.model.byId(request.params.id);
+    const bundle = served.edgeBundle(cutOf(served, request.query));
+    return { model: served.id, contentHash: served.contentHash, cut: bundle.cut, files: bundle.files };
+  });
+
+  app.get<{ Params: { id: string; name: string }; Querystring: CutQuery }>('/models/:id/edge/files/:name', {
+    schema: {
+      summary: 'one file of the edge part; its sha256 is in the manifest and in the x-tandem-sha256 header',
+      tags: ['models'], security,
+      params: { type: 'object', required: ['id', 'name'], properties: { id: { type: 'string' }, name: { type: 'string' } } },
+      querystring: cutQuery,
+      response: { 200: { type: 'string', format: 'binary' }, ...authErrors },
+    },
+  }, async (request, reply) => {
+    const served = ctx.model.byId(request.params.id);
+    const bundle = served.edgeBundle(cutOf(served, request.query));
+    const bytes = bundle.contents.get(request.params.name);
+    const file = bundle.files.find((f) => f.name === request.params.name);
+    if (bytes === undefined || file === undefined) {
+      throw new CloudError('TANDEM_EDGE_FILE_UNKNOWN', { name: JSON.stringify(request.params.name), files: bundle.files.map((f) => f.name).join(', ') });
+    }
+    return reply.type('application/octet-stream').header('x-tandem-sha256', file.sha256).send(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength));
+  });
+}

@@ -1,0 +1,162 @@
+// The model a node serves: its weights, what the edge may download of it, and the cuts it allows.
+import { createHash } from 'node:crypto';
+import { readFile, stat } from 'node:fs/promises';
+import { basename, join, resolve } from 'node:path';
+import {
+  CONFIG_FILE, LlamaModel, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, loadModelFolder, serializeSafetensors,
+} from '../model/index.ts';
+import type { LoadedModel, ModelConfig, SafetensorsTensorInput } from '../model/index.ts';
+import type { Cut } from '../protocol/index.ts';
+import { CloudError } from './errors.ts';
+
+export const EDGE_WEIGHTS_FILE = 'edge.safetensors';
+const DEFAULT_CUT: Cut = { bottom: 2, top: 2 };
+/** Edge bundles kept built, most recently used last. */
+const EDGE_BUNDLES_KEPT = 4;
+
+export interface EdgeFile {
+  name: string;
+  bytes: number;
+  sha256: string;
+}
+
+export interface EdgeBundle {
+  cut: Cut;
+  files: EdgeFile[];
+  contents: Map<string, Uint8Array>;
+}
+
+export interface CutLimits {
+  minBottom: number;
+  minTop: number;
+  maxBottomPlusTop: number;
+}
+
+function sha256(bytes: Uint8Array): string {
+  return createHash('sha256').update(bytes).digest('hex');
+}
+
+async function readIfExists(path: string): Promise<Uint8Array | undefined> {
+  try {
+    if (!(await stat(path)).isFile()) return undefined;
+  } catch {
+    return undefined;
+  }
+  return readFile(path);
+}
+
+export class ServedModel {
+  readonly id: string;
+  readonly dir: string;
+  readonly config: ModelConfig;
+  /** config.json as the folder has it. */
+  readonly rawConfig: Record<string, unknown>;
+  /** "sha256:<hex>" of what the weights compute (model/'s content hash). */
+  readonly contentHash: string;
+  /** The whole model as tfjs variables; the executor runs its middle blocks. */
+  readonly model: LlamaModel;
+  readonly #loaded: LoadedModel;
+  readonly #sideFiles: Map<string, Uint8Array>;
+  readonly #bundles = new Map<string, EdgeBundle>();
+
+  private constructor(id: string, loaded: LoadedModel, rawConfig: Record<string, unknown>, sideFiles: Map<string, Uint8Array>) {
+    this.id = id;
+    this.dir = loaded.dir;
+    this.config = loaded.config;
+    this.rawConfig = rawConfig;
+    this.contentHash = `sha256:${loaded.contentHash}`;
+    this.#loaded = loaded;
+    this.#sideFiles = sideFiles;
+    this.model = LlamaModel.fromArrays(loaded.config, loaded.weights);
+  }
+
+  /** Loads a Hugging Face model folder; the id is the folder's base name unless given. */
+  static async load(dir: string, id?: string): Promise<ServedModel> {
+    const loaded = await loadModelFolder(dir);
+    const configBytes = await readFile(join(dir, CONFIG_FILE));
+    const rawConfig = JSON.parse(Buffer.from(configBytes).toString('utf8')) as Record<string, unknown>;
+    const sideFiles = new Map<string, Uint8Array>([[CONFIG_FILE, configBytes]]);
+    for (const name of [TOKENIZER_FILE, TOKENIZER_CONFIG_FILE]) {
+      const bytes = await readIfExists(join(dir, name));
+      if (bytes !== undefined) sideFiles.set(name, bytes);
+    }
+    return new ServedModel(id ?? basename(resolve(dir)), loaded, rawConfig, sideFiles);
+  }
+
+  get numLayers(): number {
+    return this.config.numHiddenLayers;
+  }
+
+  /** The middle keeps at least one block. */
+  get cutLimits(): CutLimits {
+    return { minBottom: 0, minTop: 1, maxBottomPlusTop: this.numLayers - 1 };
+  }
+
+  /** The default cut (2, 2) clipped so the middle keeps a block. */
+  get defaultCut(): Cut {
+    const max = this.cutLimits.maxBottomPlusTop;
+    const top = Math.max(1, Math.min(DEFAULT_CUT.top, max));
+    const bottom = Math.max(0, Math.min(DEFAULT_CUT.bottom, max - top));
+    return { bottom, top };
+  }
+
+  /** Throws TANDEM_CUT_INVALID unless the cut leaves the edge a top block and the cloud a middle block. */
+  checkCut(cut: Cut): void {
+    const { bottom, top } = cut;
+    const limits = this.cutLimits;
+    const fail = (reason: string): CloudError => new CloudError('TANDEM_CUT_INVALID', { bottom, top, reason });
+    if (!Number.isInteger(bottom) || bottom < limits.minBottom) throw fail(`bottom must be an integer >= ${limits.minBottom}`);
+    if (!Number.isInteger(top) || top < limits.minTop) throw fail(`top must be an integer >= ${limits.minTop}`);
+    if (bottom + top > limits.maxBottomPlusTop) throw fail(`bottom + top must be at most ${limits.maxBottomPlusTop} (the model has ${this.numLayers} blocks)`);
+  }
+
+  /** Blocks [start, end) the cloud runs for a cut. */
+  middleOf(cut: Cut): { start: number; end: number } {
+    return { start: cut.bottom, end: this.numLayers - cut.top };
+  }
+
+  /** The checked content hash: the client's may be bare hex or "sha256:<hex>"; empty means "any". */
+  checkContentHash(expected: string): void {
+    if (expected === '') return;
+    const bare = (h: string): string => h.replace(/^sha256:/, '').toLowerCase();
+    if (bare(expected) !== bare(this.contentHash)) {
+      throw new CloudError('TANDEM_MODEL_MISMATCH', { model: this.id, actual: this.contentHash, expected });
+    }
+  }
+
+  /** The files the edge downloads for a cut, built once per cut and kept for the next download. */
+  edgeBundle(cut: Cut): EdgeBundle {
+    this.checkCut(cut);
+    const key = `${cut.bottom}:${cut.top}`;
+    let bundle = this.#bundles.get(key);
+    if (bundle !== undefined) {
+      this.#bundles.delete(key);
+      this.#bundles.set(key, bundle);
+      return bundle;
+    }
+    const contents = new Map<string, Uint8Array>([[EDGE_WEIGHTS_FILE, this.#edgeWeights(cut)], ...this.#sideFiles]);
+    bundle = { cut: { ...cut }, contents, files: [...contents].map(([name, bytes]) => ({ name, bytes: bytes.length, sha256: sha256(bytes) })) };
+    this.#bundles.set(key, bundle);
+    if (this.#bundles.size > EDGE_BUNDLES_KEPT) this.#bundles.delete(this.#bundles.keys().next().value as string);
+    return bundle;
+  }
+
+  #edgeWeights(cut: Cut): Uint8Array {
+    const { start, end } = this.middleOf(cut);
+    const onEdge = (name: string): boolean => {
+      const m = /^model\.layers\.(\d+)\./.exec(name);
+      if (m === null) return true; // embedding, final norm, head
+      const layer = Number(m[1]);
+      return layer < start || layer >= end;
+    };
+    const tensors = new Map<string, SafetensorsTensorInput>();
+    for (const [name, w] of this.#loaded.weights) {
+      if (onEdge(name)) tensors.set(name, { dtype: 'F32', shape: w.shape, data: w.data });
+    }
+    return serializeSafetensors(tensors, { format: 'pt', contentHash: this.contentHash, bottom: String(cut.bottom), top: String(cut.top) });
+  }
+
+  dispose(): void {
+    this.model.dispose();
+  }
+}

@@ -1,0 +1,313 @@
+// The data plane's logic, transport aside: one envelope in, one encoded reply envelope out.
+// Hello and SessionOpen welcome a session; Forward and Backward run the middle; replies
+// are kept per (session, step, microbatch, kind) so a retry gets the same bytes and is
+// computed once.
+import { randomUUID } from 'node:crypto';
+import {
+  CODEC_NAMES, ErrorFeedback, decodeTensor, encodeEnvelope, encodeTensor, envelope, frameBytes, intersectLimits, negotiateCodecs,
+  negotiateVersion, validateFrame,
+} from '../protocol/index.ts';
+import type {
+  Backward, Body, CodecName, CodecOffer, CodecPreferences, CodecSpec, Envelope, Forward, Heartbeat, Hello, Limits, SessionClose,
+  SessionOpen, TensorFrame, Welcome,
+} from '../protocol/index.ts';
+import type { ActivationCache } from './activation-cache.ts';
+import { CloudError } from './errors.ts';
+import type { CloudMetrics, StepKind } from './metrics.ts';
+import type { MiddleExecutor, Shape3 } from './middle-executor.ts';
+import type { ServedModel } from './served-model.ts';
+import type { Caller } from './state/key-store.ts';
+import type { SessionRecord, SessionStore } from './state/session-store.ts';
+
+export const SERVER_BUILD = 'tandem-cloud/0.1.0';
+
+/** An encoded reply and the largest message the transport may send to this peer in one piece. */
+export interface Reply {
+  bytes: Uint8Array;
+  maxMessageBytes: number;
+}
+
+interface CachedReply {
+  requestId: string;
+  step: number;
+  body: Body;
+  bytes: Uint8Array;
+}
+
+/** What a session holds in memory only: replies for retries, and the gradient codec's error feedback. */
+interface SessionRuntime {
+  replies: Map<string, CachedReply>;
+  inFlight: Map<string, Promise<CachedReply>>;
+  feedback?: ErrorFeedback;
+}
+
+export interface SessionServiceOptions {
+  store: SessionStore;
+  metrics: CloudMetrics;
+  cache: ActivationCache;
+  /** The served model and its executor; undefined until loaded. */
+  model: () => { served: ServedModel; executor: MiddleExecutor };
+  limits: Limits;
+  /** Codecs the node accepts per direction; the edge's order of preference decides among them. */
+  codecs?: CodecPreferences;
+}
+
+const ALL_CODECS: CodecPreferences = { forward: CODEC_NAMES, backward: CODEC_NAMES };
+
+function replyKey(kind: StepKind, step: number, microbatch: number): string {
+  return `${kind}:${step}:${microbatch}`;
+}
+
+function sameShape(a: readonly number[], b: readonly number[]): boolean {
+  return a.length === b.length && a.every((d, i) => d === b[i]);
+}
+
+export class SessionService {
+  readonly #options: SessionServiceOptions;
+  readonly #runtimes = new Map<string, SessionRuntime>();
+
+  constructor(options: SessionServiceOptions) {
+    this.#options = options;
+  }
+
+  /** The reply to one request envelope. Throws CloudError or ProtocolError for the transport to report. */
+  async handle(caller: Caller, request: Envelope): Promise<Reply> {
+    const body = request.body;
+    switch (body.case) {
+      case 'hello':
+        return this.#plain(request, await this.#hello(caller, body.value));
+      case 'sessionOpen':
+        return this.#plain(request, await this.#open(caller, body.value));
+      case 'forward':
+        return this.#step(caller, request, 'forward', body.value);
+      case 'backward':
+        return this.#step(caller, request, 'backward', body.value);
+      case 'heartbeat':
+        return this.#plain(request, this.#heartbeat(caller, body.value));
+      case 'sessionClose':
+        return this.#plain(request, await this.close(caller, body.value.sessionId, body.value));
+      default:
+        throw new CloudError('TANDEM_MESSAGE_UNEXPECTED', { kind: body.case });
+    }
+  }
+
+  /** Closes a session (socket SessionClose or REST DELETE); closing a closed session is a no-op. */
+  async close(caller: Caller, sessionId: string, request: Partial<SessionClose> = {}): Promise<Body> {
+    const session = this.#options.store.get(caller, sessionId);
+    if (session.state === 'open') {
+      await this.#options.store.update(sessionId, (s) => {
+        s.state = 'closed';
+        s.closedAt = new Date().toISOString();
+        s.closeReason = request.reason ?? 'unspecified';
+      });
+      this.#options.cache.dropSession(sessionId);
+      this.#runtimes.get(sessionId)?.feedback?.clear();
+      this.#runtimes.delete(sessionId);
+      this.#options.metrics.sessionsOpen.set(this.#options.store.openCount);
+    }
+    return { case: 'sessionClose', value: { sessionId, reason: session.closeReason ?? 'unspecified', message: request.message ?? '' } };
+  }
+
+  #plain(request: Envelope, body: Body, limits: Limits = this.#options.limits): Reply {
+    return { bytes: encodeEnvelope(envelope(request.requestId, body)), maxMessageBytes: limits.maxMessageBytes };
+  }
+
+  async #hello(caller: Caller, hello: Hello): Promise<Body> {
+    const { served } = this.#options.model();
+    const version = negotiateVersion(hello.versions);
+    if (hello.model.id !== served.id) throw new CloudError('TANDEM_MODEL_UNKNOWN', { model: JSON.stringify(hello.model.id), served: served.id });
+    served.checkContentHash(hello.model.contentHash);
+    // A Hello without a cut (proto3 zeros: top 0 is never valid) asks for the default.
+    const cut = hello.cut.bottom === 0 && hello.cut.top === 0 ? served.defaultCut : { ...hello.cut };
+    served.checkCut(cut);
+    if (hello.training.cloudMiddleLora) throw new CloudError('TANDEM_FEATURE_UNSUPPORTED', { feature: 'LoRA held by the cloud on the middle blocks (training.cloud_middle_lora)' });
+    const offer = withDefaultOffer(hello.codecs);
+    const codecs = negotiateCodecs(offer, this.#preferencesFor(offer));
+    const now = new Date().toISOString();
+    const record: SessionRecord = {
+      id: randomUUID(),
+      tenant: caller.tenant,
+      modelId: served.id,
+      contentHash: served.contentHash,
+      version,
+      cut,
+      codecs,
+      limits: intersectLimits(hello.limits, this.#options.limits),
+      training: { ...hello.training, methods: [...hello.training.methods] },
+      // The middle does not compute on NaN or infinities, whatever the edge allows itself.
+      allowNonFinite: false,
+      clientBuild: hello.clientBuild,
+      state: 'open',
+      lastStep: -1,
+      createdAt: now,
+      updatedAt: now,
+    };
+    await this.#options.store.add(record);
+    this.#options.metrics.sessionsCreated.inc();
+    this.#options.metrics.sessionsOpen.set(this.#options.store.openCount);
+    return { case: 'welcome', value: welcomeOf(record) };
+  }
+
+  /** The edge's offer, in its order, restricted to what the node accepts. */
+  #preferencesFor(offer: CodecOffer): CodecPreferences {
+    const accepted = this.#options.codecs ?? ALL_CODECS;
+    const order = (specs: readonly CodecSpec[], allowed: readonly CodecName[]): CodecName[] => specs.map((s) => s.codec).filter((c) => allowed.includes(c));
+    return { forward: order(offer.forward, accepted.forward), backward: order(offer.backward, accepted.backward) };
+  }
+
+  async #open(caller: Caller, open: SessionOpen): Promise<Body> {
+    const session = this.#options.store.getOpen(caller, open.sessionId);
+    // The edge resumes at `resumeStep` (e.g. from a checkpoint): replies of later steps are
+    // of a run it abandoned, and the step order restarts there.
+    const runtime = this.#runtime(session.id);
+    for (const [key, reply] of runtime.replies) if (reply.step > open.resumeStep) runtime.replies.delete(key);
+    if (session.lastStep > open.resumeStep) await this.#options.store.update(session.id, (s) => { s.lastStep = open.resumeStep; });
+    return { case: 'welcome', value: welcomeOf(session) };
+  }
+
+  #heartbeat(caller: Caller, beat: Heartbeat): Body {
+    if (beat.sessionId !== '') this.#options.store.getOpen(caller, beat.sessionId);
+    return { case: 'heartbeat', value: { sessionId: beat.sessionId, sequence: beat.sequence, sentAtMs: Date.now() } };
+  }
+
+  #runtime(sessionId: string): SessionRuntime {
+    let runtime = this.#runtimes.get(sessionId);
+    if (runtime === undefined) {
+      runtime = { replies: new Map(), inFlight: new Map() };
+      this.#runtimes.set(sessionId, runtime);
+    }
+    return runtime;
+  }
+
+  async #step(caller: Caller, request: Envelope, kind: StepKind, message: Forward | Backward): Promise<Reply> {
+    const session = this.#options.store.getOpen(caller, message.sessionId);
+    const runtime = this.#runtime(session.id);
+    const key = replyKey(kind, message.step, message.microbatch);
+    let reply = runtime.replies.get(key);
+    if (reply === undefined) {
+      // A retry that arrives while the first attempt computes waits for it.
+      let pending = runtime.inFlight.get(key);
+      if (pending === undefined) {
+        pending = this.#compute(session, runtime, kind, message, request.requestId);
+        runtime.inFlight.set(key, pending);
+        pending.then(() => runtime.inFlight.delete(key), () => runtime.inFlight.delete(key));
+      }
+      reply = await pending;
+    } else {
+      this.#options.metrics.replays.inc({ kind });
+    }
+    // A retry under another request id gets the same body under its own id.
+    const bytes = reply.requestId === request.requestId ? reply.bytes : encodeEnvelope(envelope(request.requestId, reply.body));
+    return { bytes, maxMessageBytes: session.limits.maxMessageBytes };
+  }
+
+  async #compute(session: SessionRecord, runtime: SessionRuntime, kind: StepKind, message: Forward | Backward, requestId: string): Promise<CachedReply> {
+    const body = kind === 'forward' ? await this.#forward(session, message as Forward) : await this.#backward(session, runtime, message as Backward);
+    const reply: CachedReply = { requestId, step: message.step, body, bytes: encodeEnvelope(envelope(requestId, body)) };
+    this.#options.metrics.steps.inc({ kind });
+    if (this.#runtimes.get(session.id) !== runtime) return reply; // closed meanwhile
+    runtime.replies.set(replyKey(kind, message.step, message.microbatch), reply);
+    if (message.step > session.lastStep) {
+      await this.#options.store.update(session.id, (s) => { s.lastStep = message.step; });
+      // Replies are kept for the last two steps: enough for the retries of a step in flight.
+      for (const [key, old] of runtime.replies) if (old.step < message.step - 1) runtime.replies.delete(key);
+    }
+    return reply;
+  }
+
+  async #forward(session: SessionRecord, forward: Forward): Promise<Body> {
+    if (forward.step < session.lastStep) {
+      throw new CloudError('TANDEM_STEP_STALE', { session: session.id, step: forward.step, lastStep: session.lastStep });
+    }
+    if (forward.frames.length !== 1) throw new CloudError('TANDEM_FRAME_COUNT_INVALID', { kind: 'Forward', actual: forward.frames.length, expected: '1 (h_B)' });
+    const { served, executor } = this.#options.model();
+    const [h, shape] = this.#readFrame(session, forward.frames[0], 'forward.frames[0] (h_B)');
+    const started = performance.now();
+    const out = await executor.forward(served.middleOf(session.cut), h, shape);
+    this.#options.metrics.latency.observe({ kind: 'forward' }, (performance.now() - started) / 1000);
+    if (forward.needsBackward) this.#options.cache.put({ sessionId: session.id, step: forward.step, microbatch: forward.microbatch, data: h, shape });
+    const frame = encodeTensor(out, shape, session.codecs.forward, { name: 'h_M' });
+    this.#options.metrics.frame('out', frame.codec, frameBytes(frame));
+    return { case: 'forwardResult', value: { sessionId: session.id, step: forward.step, microbatch: forward.microbatch, frames: [frame] } };
+  }
+
+  async #backward(session: SessionRecord, runtime: SessionRuntime, backward: Backward): Promise<Body> {
+    const n = backward.frames.length;
+    if (n !== 1 && n !== 2) throw new CloudError('TANDEM_FRAME_COUNT_INVALID', { kind: 'Backward', actual: n, expected: '1 (g_M) or 2 (g_M, h_B)' });
+    const { served, executor } = this.#options.model();
+    const [g, shape] = this.#readFrame(session, backward.frames[0], 'backward.frames[0] (g_M)');
+    const cached = this.#options.cache.get(session.id, backward.step, backward.microbatch);
+    let h: Float32Array;
+    let hShape: Shape3;
+    if (n === 2) {
+      [h, hShape] = this.#readFrame(session, backward.frames[1], 'backward.frames[1] (h_B)');
+    } else if (cached !== undefined) {
+      ({ data: h, shape: hShape } = cached);
+    } else {
+      throw new CloudError('TANDEM_ACTIVATIONS_GONE', {
+        session: session.id, step: backward.step, microbatch: backward.microbatch,
+        reason: 'evicted by the memory budget or the time limit, lost in a restart, or the Forward had needs_backward false',
+      });
+    }
+    if (!sameShape(shape, hShape)) {
+      throw new CloudError('TANDEM_SHAPE_MISMATCH', { field: 'backward.frames[0] (g_M)', actual: `[${shape.join(', ')}]`, expected: `[${hShape.join(', ')}] (h_B)` });
+    }
+    const started = performance.now();
+    const out = await executor.backward(served.middleOf(session.cut), h, g, shape);
+    this.#options.metrics.latency.observe({ kind: 'backward' }, (performance.now() - started) / 1000);
+    const recomputed = cached === undefined;
+    if (recomputed) this.#options.metrics.recomputes.inc();
+    this.#options.cache.delete(session.id, backward.step, backward.microbatch);
+    const frame = this.#encodeGradient(session, runtime, backward.microbatch, out, shape);
+    this.#options.metrics.frame('out', frame.codec, frameBytes(frame));
+    return { case: 'backwardResult', value: { sessionId: session.id, step: backward.step, microbatch: backward.microbatch, frames: [frame], recomputed } };
+  }
+
+  /** g_B in the backward codec; a lossy one goes through the session's error feedback, one stream per micro-batch index. */
+  #encodeGradient(session: SessionRecord, runtime: SessionRuntime, microbatch: number, data: Float32Array, shape: Shape3): TensorFrame {
+    const spec = session.codecs.backward;
+    if (spec.codec === 'f32') return encodeTensor(data, shape, spec, { name: 'g_B' });
+    runtime.feedback ??= new ErrorFeedback(spec);
+    const stream = `g_B/${microbatch}`;
+    const residual = runtime.feedback.residual(stream);
+    if (residual !== undefined && residual.length !== data.length) runtime.feedback.reset(stream);
+    return runtime.feedback.encode(stream, data, shape, { name: 'g_B' });
+  }
+
+  /** Validates a received hidden-state frame against the session and the model, and decodes it. */
+  #readFrame(session: SessionRecord, frame: TensorFrame, field: string): [Float32Array, Shape3] {
+    const { served } = this.#options.model();
+    const expectation = { limits: session.limits, allowNonFinite: session.allowNonFinite, field };
+    validateFrame(frame, expectation);
+    const { hiddenSize, maxPositionEmbeddings } = served.config;
+    const s = frame.shape;
+    if (s.length !== 3 || s[0] < 1 || s[1] < 1 || s[1] > maxPositionEmbeddings || s[2] !== hiddenSize) {
+      throw new CloudError('TANDEM_SHAPE_MISMATCH', { field, actual: `[${s.join(', ')}]`, expected: `[batch >= 1, 1 <= seq <= ${maxPositionEmbeddings}, ${hiddenSize}]` });
+    }
+    const data = decodeTensor(frame, expectation);
+    this.#options.metrics.frame('in', frame.codec, frameBytes(frame));
+    return [data, [s[0], s[1], s[2]]];
+  }
+}
+
+function withDefaultOffer(offer: CodecOffer): CodecOffer {
+  // An edge that states no codec for a direction gets f32.
+  return {
+    forward: offer.forward.length > 0 ? offer.forward : [{ codec: 'f32' }],
+    backward: offer.backward.length > 0 ? offer.backward : [{ codec: 'f32' }],
+  };
+}
+
+export function welcomeOf(s: SessionRecord): Welcome {
+  return {
+    version: { ...s.version },
+    serverBuild: SERVER_BUILD,
+    sessionId: s.id,
+    model: { id: s.modelId, contentHash: s.contentHash },
+    codecs: s.codecs,
+    limits: s.limits,
+    cut: s.cut,
+    training: s.training,
+    allowNonFinite: s.allowNonFinite,
+  };
+}

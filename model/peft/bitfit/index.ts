@@ -1,0 +1,16 @@
+// BitFit: the model's own biases become trainable.
+import type { PeftMethod } from '../method.ts';
+import type { BitfitConfig } from './config.ts';
+import { bitfitConfigFromJson, bitfitConfigFromSpec, bitfitConfigToJson } from './config.ts';
+import { bitfitWeights } from './layer.ts';
+
+export type { BitfitConfig } from './config.ts';
+
+export const bitfit: PeftMethod<BitfitConfig> = {
+  name: 'bitfit',
+  peftType: 'TANDEM_BITFIT',
+  fromSpec: bitfitConfigFromSpec,
+  fromJson: bitfitConfigFromJson,
+  toJson: bitfitConfigToJson,
+  create: (model, config) => bitfitWeights(model, config),
+};

@@ -1,0 +1,93 @@
+import { tf } from '../../backend.ts';
+import type { ForwardHooks, LinearModule } from '../../hooks.ts';
+import type { LlamaModel } from '../../llama/llama.ts';
+import { moduleStateKey } from '../keys.ts';
+import type { AdapterTensor, CreateContext, MethodInstance } from '../method.ts';
+import { filledVariable, keepCopy, normalValues, variableFrom } from '../ops.ts';
+import type { ModuleInfo } from '../targets.ts';
+import { matchesTarget, selectModules } from '../targets.ts';
+import type { Ia3Config } from './config.ts';
+
+/** (IA)^3's state per module by PEFT's name: ia3_l, [out, 1] scaling the output or [1, in] scaling the input (feedforward). */
+export const IA3_STATE = { scale: 'ia3_l' } as const;
+
+interface Ia3Module {
+  info: ModuleInfo;
+  feedforward: boolean;
+  scale: tf.Variable;
+  original?: { weight: tf.Tensor; bias?: tf.Tensor };
+}
+
+export class Ia3Layers implements MethodInstance {
+  readonly numVirtualTokens = 0;
+  readonly state: AdapterTensor[] = [];
+  readonly claims: string[] = [];
+  readonly hooks: ForwardHooks;
+  private readonly modules = new Map<string, Ia3Module>();
+  private merged = false;
+
+  constructor(
+    private readonly model: LlamaModel,
+    config: Ia3Config,
+    ctx: CreateContext,
+  ) {
+    const targets = selectModules(model, config.targetModules, config.layersToTransform, { targets: { field: 'targetModules' }, layers: { field: 'layersToTransform' } });
+    for (const info of targets) {
+      const feedforward = matchesTarget(info.path, config.feedforwardModules);
+      const shape = feedforward ? [1, info.inFeatures] : [info.outFeatures, 1];
+      const size = shape[0] * shape[1];
+      const scale = config.initIa3Weights ? filledVariable(shape, 1, true) : variableFrom(normalValues(ctx.rng, size, 1), shape, true);
+      this.state.push({ key: moduleStateKey(info.path, IA3_STATE.scale), variable: scale, trainable: true });
+      this.modules.set(info.path, { info, feedforward, scale });
+      this.claims.push(info.weightName);
+      // Merging an output scale scales the bias as well.
+      if (!feedforward && info.biasName) this.claims.push(info.biasName);
+    }
+    this.hooks = { linear: (module, x, base) => this.linear(module, x, base) };
+  }
+
+  private linear(module: LinearModule, x: tf.Tensor2D, base: (x: tf.Tensor2D) => tf.Tensor2D): tf.Tensor2D {
+    const mod = this.modules.get(module.path);
+    if (!mod || this.merged) return base(x);
+    if (mod.feedforward) return base(tf.mul(x, mod.scale) as tf.Tensor2D);
+    return tf.mul(base(x), tf.reshape(mod.scale, [1, -1])) as tf.Tensor2D;
+  }
+
+  merge(): void {
+    if (this.merged) return;
+    for (const mod of this.modules.values()) {
+      const w = this.model.weight(mod.info.weightName);
+      const bias = !mod.feedforward && mod.info.biasName ? this.model.weight(mod.info.biasName) : undefined;
+      mod.original = { weight: keepCopy(w), bias: bias && keepCopy(bias) };
+      // [out, 1] scales rows (outputs), [1, in] scales columns (inputs): PEFT's torch.mul(W, ia3_l).
+      const merged = tf.tidy(() => tf.mul(w, mod.scale));
+      w.assign(merged);
+      merged.dispose();
+      if (bias) {
+        const b = tf.tidy(() => tf.mul(bias, tf.reshape(mod.scale, [-1])));
+        bias.assign(b);
+        b.dispose();
+      }
+    }
+    this.merged = true;
+  }
+
+  unmerge(): void {
+    if (!this.merged) return;
+    for (const mod of this.modules.values()) {
+      const o = mod.original;
+      if (!o) continue;
+      this.model.weight(mod.info.weightName).assign(o.weight);
+      if (o.bias && mod.info.biasName) this.model.weight(mod.info.biasName).assign(o.bias);
+      tf.dispose([o.weight, ...(o.bias ? [o.bias] : [])]);
+      mod.original = undefined;
+    }
+    this.merged = false;
+  }
+
+  dispose(): void {
+    this.unmerge();
+    for (const s of this.state) s.variable.dispose();
+    this.modules.clear();
+  }
+}

@@ -1,0 +1,107 @@
+import { tf } from '../../backend.ts';
+import type { ForwardHooks, HookContext, LinearModule } from '../../hooks.ts';
+import type { LlamaModel } from '../../llama/llama.ts';
+import { Rng } from '../../random.ts';
+import { moduleStateKey, sharedStateKey } from '../keys.ts';
+import type { AdapterTensor, CreateContext, MethodInstance } from '../method.ts';
+import { dropout, filledVariable, keepCopy, uniformValues, variableFrom } from '../ops.ts';
+import type { ModuleInfo } from '../targets.ts';
+import { selectModules } from '../targets.ts';
+import type { VeraConfig } from './config.ts';
+
+/**
+ * VeRA's state by PEFT's names: per module the trainable vectors vera_lambda_b [out] and
+ * vera_lambda_d [r] (bare Parameters); shared by the model the frozen projections
+ * vera_A [r, max in] and vera_B [max out, r], saved as base_model.vera_A / base_model.vera_B.
+ */
+export const VERA_STATE = { lambdaB: 'vera_lambda_b', lambdaD: 'vera_lambda_d', A: 'vera_A', B: 'vera_B' } as const;
+
+interface VeraModule {
+  info: ModuleInfo;
+  lambdaB: tf.Variable;
+  lambdaD: tf.Variable;
+  original?: tf.Tensor;
+}
+
+export class VeraLayers implements MethodInstance {
+  readonly numVirtualTokens = 0;
+  readonly state: AdapterTensor[] = [];
+  readonly claims: string[];
+  readonly hooks: ForwardHooks;
+  private readonly modules = new Map<string, VeraModule>();
+  private readonly a: tf.Variable;
+  private readonly b: tf.Variable;
+  private merged = false;
+
+  constructor(
+    private readonly model: LlamaModel,
+    private readonly config: VeraConfig,
+    private readonly ctx: CreateContext,
+  ) {
+    const targets = selectModules(model, config.targetModules, config.layersToTransform, { targets: { field: 'targetModules' }, layers: { field: 'layersToTransform' } });
+    const { r } = config;
+    const maxIn = Math.max(...targets.map((t) => t.inFeatures));
+    const maxOut = Math.max(...targets.map((t) => t.outFeatures));
+    // As PEFT's _kaiming_init: kaiming_uniform_(a=sqrt(5)), bound 1/sqrt(fan_in) of each matrix.
+    const proj = new Rng(config.projectionPrngKey);
+    this.a = variableFrom(uniformValues(proj, r * maxIn, 1 / Math.sqrt(maxIn)), [r, maxIn], false);
+    this.b = variableFrom(uniformValues(proj, maxOut * r, 1 / Math.sqrt(r)), [maxOut, r], false);
+    this.state.push({ key: sharedStateKey(VERA_STATE.A), variable: this.a, trainable: false });
+    this.state.push({ key: sharedStateKey(VERA_STATE.B), variable: this.b, trainable: false });
+    for (const info of targets) {
+      const lambdaB = filledVariable([info.outFeatures], 0, true);
+      const lambdaD = filledVariable([r], config.dInitial, true);
+      this.state.push({ key: moduleStateKey(info.path, VERA_STATE.lambdaB), variable: lambdaB, trainable: true });
+      this.state.push({ key: moduleStateKey(info.path, VERA_STATE.lambdaD), variable: lambdaD, trainable: true });
+      this.modules.set(info.path, { info, lambdaB, lambdaD });
+    }
+    this.claims = targets.map((t) => t.weightName);
+    this.hooks = { linear: (module, x, base, hookCtx) => this.linear(module, x, base, hookCtx) };
+  }
+
+  private sliced(info: ModuleInfo): { a: tf.Tensor2D; b: tf.Tensor2D } {
+    const r = this.config.r;
+    return { a: tf.slice(this.a, [0, 0], [r, info.inFeatures]) as tf.Tensor2D, b: tf.slice(this.b, [0, 0], [info.outFeatures, r]) as tf.Tensor2D };
+  }
+
+  private linear(module: LinearModule, x: tf.Tensor2D, base: (x: tf.Tensor2D) => tf.Tensor2D, ctx: HookContext): tf.Tensor2D {
+    const mod = this.modules.get(module.path);
+    if (!mod || this.merged) return base(x);
+    const { a, b } = this.sliced(mod.info);
+    const xd = dropout(x, this.config.veraDropout, ctx.training, this.ctx.rng);
+    const inner = tf.mul(tf.matMul(xd, a, false, true), mod.lambdaD);
+    return tf.add(base(x), tf.mul(tf.matMul(inner, b, false, true), mod.lambdaB)) as tf.Tensor2D;
+  }
+
+  merge(): void {
+    if (this.merged) return;
+    for (const mod of this.modules.values()) {
+      const w = this.model.weight(mod.info.weightName);
+      mod.original = keepCopy(w);
+      // delta = diag(lambda_b) B diag(lambda_d) A, PEFT's get_delta_weight.
+      const merged = tf.tidy(() => {
+        const { a, b } = this.sliced(mod.info);
+        return tf.add(w, tf.matMul(tf.mul(b, tf.reshape(mod.lambdaB, [-1, 1])), tf.mul(a, tf.reshape(mod.lambdaD, [-1, 1]))));
+      });
+      w.assign(merged);
+      merged.dispose();
+    }
+    this.merged = true;
+  }
+
+  unmerge(): void {
+    if (!this.merged) return;
+    for (const mod of this.modules.values()) {
+      this.model.weight(mod.info.weightName).assign(mod.original as tf.Tensor);
+      mod.original?.dispose();
+      mod.original = undefined;
+    }
+    this.merged = false;
+  }
+
+  dispose(): void {
+    this.unmerge();
+    for (const s of this.state) s.variable.dispose();
+    this.modules.clear();
+  }
+}
