@@ -1,0 +1,174 @@
+import { Command } from 'commander';
+import { DEFAULT_RECIPE, OPTIMIZER_KINDS, SCHEDULES, trainLocal } from '../model/index.ts';
+import type { MethodSpec, OptimizerKind, ScheduleKind, TrainEvent } from '../model/index.ts';
+import { CliError } from './errors.ts';
+import { numberFlag, requiredFlag } from './flags.ts';
+import { processIo } from './io.ts';
+import type { CommandIo } from './io.ts';
+
+interface TrainFlags {
+  model?: string;
+  data?: string;
+  method?: string;
+  r?: string;
+  loraAlpha?: string;
+  loraDropout?: string;
+  targetModules?: string;
+  layers?: string;
+  numVirtualTokens?: string;
+  steps?: string;
+  out?: string;
+  batchSize?: string;
+  seqLen?: string;
+  lr?: string;
+  warmup?: string;
+  schedule?: string;
+  weightDecay?: string;
+  optimizer?: string;
+  momentum?: string;
+  gradAccum?: string;
+  clip?: string;
+  seed?: string;
+  valFraction?: string;
+  evalEvery?: string;
+  saveEvery?: string;
+  cut?: string;
+  pack: boolean;
+  resume?: boolean;
+  json?: boolean;
+  backend?: string;
+}
+
+function choice<T extends string>(flag: string, value: string | undefined, values: readonly T[], fallback: T): T {
+  if (value === undefined) return fallback;
+  if (!(values as readonly string[]).includes(value)) throw new CliError('TANDEM_CLI_FLAG_INVALID', flag, `must be one of ${values.join(', ')}, got ${JSON.stringify(value)}`);
+  return value as T;
+}
+
+function intList(flag: string, value: string): number[] {
+  return value.split(',').map((part) => numberFlag(flag, part.trim(), { min: 0, integer: true }));
+}
+
+/** The method spec from the method flags given; fields not given keep the method's defaults, and fields the method lacks are its error. */
+function methodSpec(flags: TrainFlags): MethodSpec {
+  const spec: MethodSpec = { method: requiredFlag('--method', flags.method) };
+  if (flags.r !== undefined) spec.r = numberFlag('--r', flags.r, { min: 1, integer: true });
+  if (flags.loraAlpha !== undefined) spec.loraAlpha = numberFlag('--lora-alpha', flags.loraAlpha, { min: 0 });
+  if (flags.loraDropout !== undefined) spec.loraDropout = numberFlag('--lora-dropout', flags.loraDropout, { min: 0, max: 0.999999 });
+  if (flags.targetModules !== undefined) {
+    const t = flags.targetModules.trim();
+    spec.targetModules = t === 'all-linear' ? t : t.split(',').map((m) => m.trim()).filter(Boolean);
+  }
+  if (flags.layers !== undefined) spec.layersToTransform = intList('--layers', flags.layers);
+  if (flags.numVirtualTokens !== undefined) spec.numVirtualTokens = numberFlag('--num-virtual-tokens', flags.numVirtualTokens, { min: 1, integer: true });
+  return spec;
+}
+
+function duration(seconds: number): string {
+  if (!Number.isFinite(seconds)) return '?';
+  const s = Math.round(seconds);
+  const h = Math.floor(s / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  return h > 0 ? `${h}h${String(m).padStart(2, '0')}m` : `${m}m${String(s % 60).padStart(2, '0')}s`;
+}
+
+/** One human line per event. */
+function describe(e: TrainEvent): string {
+  switch (e.type) {
+    case 'start':
+      return `${e.resumed ? 'resuming at' : 'training from'} step ${e.step}/${e.totalSteps} on ${e.backend}: ${e.trainRows} train rows, ${e.validationRows} validation rows, ${e.trainableParameters} trainable parameters`;
+    case 'step':
+      return `step ${e.step}/${e.totalSteps}  loss ${e.loss.toFixed(4)}  lr ${e.lr.toExponential(2)}  ${Math.round(e.tokensPerSecond)} tok/s  eta ${duration(e.etaSeconds)}`;
+    case 'eval':
+      return `eval  step ${e.step}  val loss ${e.loss.toFixed(4)}  ppl ${e.perplexity.toFixed(2)}${e.accuracy === undefined ? '' : `  accuracy ${(100 * e.accuracy).toFixed(1)}%`}`;
+    case 'checkpoint':
+      return `checkpoint  step ${e.step}  ${e.dir}`;
+    case 'done':
+      return e.adapterDir ? `done: adapter in ${e.adapterDir}` : `stopped at step ${e.step}; resume with --resume (checkpoint in ${e.checkpointDir})`;
+  }
+}
+
+export function trainCommand(io: CommandIo = processIo): Command {
+  return new Command('train')
+    .description('fine-tune a PEFT adapter on a local model folder and data file, in this process')
+    .option('--model <dir>', 'Hugging Face model folder')
+    .option('--data <file>', '.jsonl of {"text"}, {"prompt","completion"} or {"text","label"}, or a plain .txt file')
+    .option('--method <name>', 'PEFT method: lora, dora, lora_fa, prompt_tuning, ...')
+    .option('--r <n>', 'LoRA rank')
+    .option('--lora-alpha <a>', 'LoRA alpha')
+    .option('--lora-dropout <p>', 'LoRA dropout')
+    .option('--target-modules <list>', 'comma-separated module names (q_proj,v_proj) or all-linear')
+    .option('--layers <list>', 'comma-separated layer indices to adapt')
+    .option('--num-virtual-tokens <n>', 'prompt tuning: virtual tokens')
+    .option('--steps <n>', 'optimizer steps')
+    .option('--out <dir>', 'output folder: checkpoint/ and, when done, adapter/')
+    .option('--batch-size <n>', 'rows per micro-batch', String(DEFAULT_RECIPE.batchSize))
+    .option('--grad-accum <n>', 'micro-batches per optimizer step', String(DEFAULT_RECIPE.gradAccum))
+    .option('--seq-len <n>', 'tokens per row', String(DEFAULT_RECIPE.seqLen))
+    .option('--lr <x>', 'peak learning rate', String(DEFAULT_RECIPE.lr))
+    .option('--warmup <n>', 'linear warm-up steps', String(DEFAULT_RECIPE.warmup))
+    .option('--schedule <kind>', `learning-rate decay after warm-up: ${SCHEDULES.join(', ')}`, DEFAULT_RECIPE.schedule)
+    .option('--optimizer <kind>', `${OPTIMIZER_KINDS.join(', ')}`, DEFAULT_RECIPE.optimizer)
+    .option('--weight-decay <x>', 'weight decay (decoupled for adamw)', String(DEFAULT_RECIPE.weightDecay))
+    .option('--momentum <x>', 'sgd momentum', String(DEFAULT_RECIPE.momentum))
+    .option('--clip <x>', 'clip gradients to this global norm; 0 turns clipping off', String(DEFAULT_RECIPE.clip))
+    .option('--seed <n>', 'seed of the split, the shuffles, the adapter and dropout', String(DEFAULT_RECIPE.seed))
+    .option('--val-fraction <x>', 'fraction of the data held out for validation', String(DEFAULT_RECIPE.valFraction))
+    .option('--eval-every <n>', 'validate every n steps (0: only at the end)', '0')
+    .option('--save-every <n>', 'checkpoint every n steps (0: only at the end)', '0')
+    .option('--cut <B,T>', 'train as the split cut does: B bottom and T top blocks (default: the whole model)')
+    .option('--no-pack', 'one sequence per row instead of packing short ones together')
+    .option('--resume', 'continue the checkpoint in --out exactly')
+    .option('--json', 'one JSON object per line per report')
+    .option('--backend <name>', 'compute backend: auto, tensorflow-gpu, tensorflow, wasm, cpu')
+    .action(async (flags: TrainFlags) => {
+      const int = (flag: string, value: string | undefined, min = 0) => numberFlag(flag, value, { min, integer: true });
+      let cut: { bottom: number; top: number } | undefined;
+      if (flags.cut !== undefined) {
+        const parts = intList('--cut', flags.cut);
+        if (parts.length !== 2) throw new CliError('TANDEM_CLI_FLAG_INVALID', '--cut', `must be two integers B,T, got ${JSON.stringify(flags.cut)}`);
+        cut = { bottom: parts[0], top: parts[1] };
+      }
+      const options = {
+        modelDir: requiredFlag('--model', flags.model),
+        dataFile: requiredFlag('--data', flags.data),
+        outDir: requiredFlag('--out', flags.out),
+        methods: [methodSpec(flags)],
+        steps: int('--steps', flags.steps, 1),
+        batchSize: int('--batch-size', flags.batchSize, 1),
+        gradAccum: int('--grad-accum', flags.gradAccum, 1),
+        seqLen: int('--seq-len', flags.seqLen, 2),
+        lr: numberFlag('--lr', flags.lr, { min: Number.MIN_VALUE }),
+        warmup: int('--warmup', flags.warmup),
+        schedule: choice<ScheduleKind>('--schedule', flags.schedule, SCHEDULES, DEFAULT_RECIPE.schedule),
+        optimizer: choice<OptimizerKind>('--optimizer', flags.optimizer, OPTIMIZER_KINDS, DEFAULT_RECIPE.optimizer),
+        weightDecay: numberFlag('--weight-decay', flags.weightDecay, { min: 0 }),
+        momentum: numberFlag('--momentum', flags.momentum, { min: 0 }),
+        clip: numberFlag('--clip', flags.clip, { min: 0 }),
+        seed: numberFlag('--seed', flags.seed, { min: 0, max: 2 ** 32 - 1, integer: true }),
+        valFraction: numberFlag('--val-fraction', flags.valFraction, { min: 0, max: 0.99 }),
+        evalEvery: int('--eval-every', flags.evalEvery),
+        saveEvery: int('--save-every', flags.saveEvery),
+        pack: flags.pack,
+        resume: flags.resume ?? false,
+        backend: flags.backend,
+        ...(cut ? { cut } : {}),
+      };
+      // On a terminal the step line rewrites itself; elsewhere each report is a plain line.
+      const live = !flags.json && io === processIo && process.stdout.isTTY;
+      let open = false;
+      const report = (e: TrainEvent) => {
+        if (flags.json) return io.out(JSON.stringify(e));
+        const line = describe(e);
+        if (live && e.type === 'step') {
+          process.stdout.write(`\r\x1b[K${line}`);
+          open = true;
+          return;
+        }
+        if (open) process.stdout.write('\n');
+        open = false;
+        io.out(line);
+      };
+      await trainLocal(options, report);
+    });
+}

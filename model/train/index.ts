@@ -1,0 +1,19 @@
+// The public API of training: the loop with its middle interface, optimizers, schedules,
+// data, checkpoints and the local runs the CLI calls.
+export { clipGradNorm } from './clip.ts';
+export { CHECKPOINT_ADAPTER_DIR, CHECKPOINT_VERSION, OPTIMIZER_FILE, TRAINER_STATE_FILE, checkSameRun, readTrainingCheckpoint, saveTrainingCheckpoint } from './checkpoint.ts';
+export type { TrainerState, TrainingCheckpoint } from './checkpoint.ts';
+export { BatchStream, exampleRows, labelRow, packRows, padRow, parseDataset, prepareData, readDataset, splitExamples } from './data.ts';
+export type { BatchStreamState, DataFormat, Dataset, Example, PrepareOptions, PreparedData, Row, TextTokenizer } from './data.ts';
+export { evaluateClassification, evaluateRows, labelTokens, localScorer } from './evaluate.ts';
+export type { ClassificationEvaluation, LmEvaluation, Scorer } from './evaluate.ts';
+export { Trainer } from './loop.ts';
+export type { Batch, BatchScore, Cut, StepResult, TrainerOptions } from './loop.ts';
+export { LocalMiddle, randomStateOf } from './middle.ts';
+export type { LocalMiddleOptions, Middle, MicrobatchKey, RandomState } from './middle.ts';
+export { AdamW, OPTIMIZER_KINDS, Sgd, createOptimizer } from './optimizer.ts';
+export type { AdamWOptions, Optimizer, OptimizerKind, OptimizerState, SgdOptions, StateTensor } from './optimizer.ts';
+export { ADAPTER_DIR, CHECKPOINT_DIR, DEFAULT_RECIPE, checkRecipe, evaluateLocal, exportAdapter, trainLocal } from './run.ts';
+export type { EvaluateLocalOptions, EvaluationReport, ExportOptions, TrainEvent, TrainLocalOptions, TrainRecipe, TrainSummary } from './run.ts';
+export { SCHEDULES, learningRate } from './schedule.ts';
+export type { ScheduleKind, ScheduleOptions } from './schedule.ts';
