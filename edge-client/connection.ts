@@ -89,6 +89,11 @@ export class CloudConnection {
       if (this.connectedOnce) this.onReconnect();
       this.connectedOnce = true;
     });
+    this.socket.on('disconnect', (reason) => {
+      // A server that shuts down disconnects its sockets itself, and socket.io does not
+      // reconnect after that on its own; a restarted node is worth waiting for.
+      if (reason === 'io server disconnect' && !this.closed) this.socket.connect();
+    });
   }
 
   /** Opens the connection; fails with TANDEM_EDGE_AUTH_FAILED or TANDEM_EDGE_CONNECT_FAILED. */
