@@ -1,4 +1,5 @@
 import { Command, CommanderError } from 'commander';
+import { demoCommand } from './demo.ts';
 import { edgeCommand } from './edge.ts';
 import { generateCommand } from './generate.ts';
 import { processIo, type CommandIo } from './io.ts';
@@ -9,7 +10,7 @@ function program(io: CommandIo): Command {
     .description('Split and offsite fine-tuning of LLMs across a cloud and the machines that own the data')
     .showHelpAfterError()
     .configureOutput({ writeOut: (s) => io.out(s.trimEnd()), writeErr: (s) => io.log(s.trimEnd()) });
-  for (const command of [generateCommand(io), edgeCommand(io)]) root.addCommand(command);
+  for (const command of [generateCommand(io), edgeCommand(io), demoCommand(io)]) root.addCommand(command);
   forEachCommand(root, (c) => c.configureOutput({ writeOut: (s) => io.out(s.trimEnd()), writeErr: (s) => io.log(s.trimEnd()) }));
   return root;
 }
