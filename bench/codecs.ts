@@ -4,6 +4,7 @@
 // plus memcpy and crc32 GB/s measured in the same run. Measures; asserts nothing.
 // Run: node --import tsx bench/codecs.ts   (or npm run bench -- codecs)
 import { mkdirSync, writeFileSync } from 'node:fs';
+import { loadavg } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { crc32, decodeTensor, encodeTensor, frameBytes } from '../protocol/index.ts';
 import type { CodecSpec } from '../protocol/index.ts';
@@ -25,27 +26,40 @@ const SPECS: { label: string; spec: CodecSpec }[] = [
   { label: 'topk 1% int8', spec: { codec: 'topk', topkFraction: 0.01, topkValues: 'int8-block', blockSize: 64 } },
 ];
 
-/** Median seconds of `repeats` runs after two warm-up runs. */
-function time(fn: () => void, repeats = REPEATS): number {
-  fn();
-  fn();
-  const runs: number[] = [];
-  for (let r = 0; r < repeats; r++) {
-    const start = performance.now();
-    fn();
-    runs.push((performance.now() - start) / 1000);
-  }
-  runs.sort((a, b) => a - b);
-  return runs[runs.length >> 1];
+interface Timing {
+  /** Median wall-clock seconds. */
+  wall: number;
+  /** Median CPU seconds of this process: closer to the unloaded figure on a shared machine. */
+  cpu: number;
 }
 
-const gbps = (seconds: number): number => BYTES / 1e9 / seconds;
+/** Medians of `repeats` runs after two warm-up runs. */
+function time(fn: () => void, repeats = REPEATS): Timing {
+  fn();
+  fn();
+  const walls: number[] = [];
+  const cpus: number[] = [];
+  for (let r = 0; r < repeats; r++) {
+    const cpu = process.cpuUsage();
+    const start = performance.now();
+    fn();
+    walls.push((performance.now() - start) / 1000);
+    const used = process.cpuUsage(cpu);
+    cpus.push((used.user + used.system) / 1e6);
+  }
+  const median = (xs: number[]) => xs.sort((a, b) => a - b)[xs.length >> 1];
+  return { wall: median(walls), cpu: median(cpus) };
+}
+
+const gbps = (seconds: number): number => BYTES / 1e9 / Math.max(seconds, 1e-6);
 const round = (x: number, digits = 3): number => Number(x.toPrecision(digits));
 
 export interface CodecResult {
   codec: string;
   encodeGBps: number;
   decodeGBps: number;
+  encodeCpuGBps: number;
+  decodeCpuGBps: number;
   frameEncodeGBps: number;
   frameDecodeGBps: number;
   compressionRatio: number;
@@ -56,9 +70,9 @@ export interface CodecResult {
 export async function run(): Promise<Record<string, unknown>> {
   const data = activationLike(ELEMENTS, 1, HIDDEN);
   const copy = new Float32Array(ELEMENTS);
-  const memcpyGBps = gbps(time(() => copy.set(data)));
+  const memcpyGBps = gbps(time(() => copy.set(data)).wall);
   const dataBytes = new Uint8Array(data.buffer);
-  const crc32GBps = gbps(time(() => crc32(dataBytes), 3));
+  const crc32GBps = gbps(time(() => crc32(dataBytes), 3).wall);
   const shape = [ELEMENTS / HIDDEN, HIDDEN];
 
   const results: CodecResult[] = [];
@@ -90,10 +104,12 @@ export async function run(): Promise<Record<string, unknown>> {
     }
     results.push({
       codec: label,
-      encodeGBps: round(gbps(encodeSeconds)),
-      decodeGBps: round(gbps(decodeSeconds)),
-      frameEncodeGBps: round(gbps(frameEncodeSeconds)),
-      frameDecodeGBps: round(gbps(frameDecodeSeconds)),
+      encodeGBps: round(gbps(encodeSeconds.wall)),
+      decodeGBps: round(gbps(decodeSeconds.wall)),
+      encodeCpuGBps: round(gbps(encodeSeconds.cpu)),
+      decodeCpuGBps: round(gbps(decodeSeconds.cpu)),
+      frameEncodeGBps: round(gbps(frameEncodeSeconds.wall)),
+      frameDecodeGBps: round(gbps(frameDecodeSeconds.wall)),
       compressionRatio: round(BYTES / frameBytes(frame)),
       maxAbsError: round(maxAbs),
       rmsError: round(Math.sqrt(squares / ELEMENTS)),
@@ -104,6 +120,8 @@ export async function run(): Promise<Record<string, unknown>> {
   return {
     data: { elements: ELEMENTS, bytes: BYTES, shape, kind: 'Student-t (3 dof) x 0.5, 0.5% of channels x20-100', absMax: round(absMax) },
     node: process.version,
+    // On a shared machine the wall-clock figures depend on what else runs.
+    loadAverage: loadavg().map((x) => round(x, 2)),
     memcpyGBps: round(memcpyGBps),
     crc32GBps: round(crc32GBps),
     codecs: results,
@@ -112,13 +130,16 @@ export async function run(): Promise<Record<string, unknown>> {
 
 export function formatTable(result: Record<string, unknown>): string {
   const rows = result.codecs as CodecResult[];
-  const header = ['codec', 'enc GB/s', 'dec GB/s', 'frame enc', 'frame dec', 'ratio', 'max |err|', 'rms err'];
-  const lines = rows.map((r) => [r.codec, r.encodeGBps, r.decodeGBps, r.frameEncodeGBps, r.frameDecodeGBps, `${r.compressionRatio}x`, r.maxAbsError, r.rmsError].map(String));
+  const header = ['codec', 'enc GB/s', 'dec GB/s', 'enc (cpu)', 'dec (cpu)', 'frame enc', 'frame dec', 'ratio', 'max |err|', 'rms err'];
+  const lines = rows.map((r) => [
+    r.codec, r.encodeGBps, r.decodeGBps, r.encodeCpuGBps, r.decodeCpuGBps, r.frameEncodeGBps, r.frameDecodeGBps, `${r.compressionRatio}x`, r.maxAbsError, r.rmsError,
+  ].map(String));
   const widths = header.map((h, i) => Math.max(h.length, ...lines.map((l) => l[i].length)));
   const format = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join('  ');
   return [
     `16 MB activation-like float32 (${JSON.stringify(result.data)}), ${String(result.node)}, one thread`,
-    `memcpy ${String(result.memcpyGBps)} GB/s   crc32 ${String(result.crc32GBps)} GB/s   (GB/s = input float32 bytes / time; frame = codec + crc32 + validation)`,
+    `memcpy ${String(result.memcpyGBps)} GB/s   crc32 ${String(result.crc32GBps)} GB/s   load average ${String(result.loadAverage)}`,
+    'GB/s = input float32 bytes / median time; (cpu) = per CPU second of this process; frame = codec + crc32 + validation + allocation',
     format(header),
     ...lines.map(format),
   ].join('\n');

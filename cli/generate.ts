@@ -1,10 +1,11 @@
 import { Command } from 'commander';
-import { generate, initBackend, LlamaModel, loadModelFolder, loadTokenizer } from '../model/index.ts';
+import { generate, initBackend, LlamaModel, loadAdapter, loadModelFolder, loadTokenizer } from '../model/index.ts';
 import { numberFlag, requiredFlag } from './flags.ts';
 import type { CommandIo } from './io.ts';
 
 interface GenerateFlags {
   model?: string;
+  adapter?: string;
   prompt?: string;
   maxNewTokens?: string;
   temperature?: string;
@@ -18,6 +19,7 @@ export function generateCommand(io: CommandIo): Command {
   return new Command('generate')
     .description('generate text from a Hugging Face model folder')
     .option('--model <dir>', 'Hugging Face model folder (config.json, model.safetensors, tokenizer.json)')
+    .option('--adapter <dir>', 'a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) to apply')
     .option('--prompt <text>', 'the prompt', '')
     .option('--max-new-tokens <n>', 'tokens to generate', '64')
     .option('--temperature <t>', 'sampling temperature; 0 is greedy', '1')
@@ -35,8 +37,9 @@ export function generateCommand(io: CommandIo): Command {
       const [loaded, tokenizer] = await Promise.all([loadModelFolder(dir), loadTokenizer(dir)]);
       const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
       try {
+        const adapter = flags.adapter ? await loadAdapter(model, flags.adapter) : undefined;
         const inputIds = tokenizer.encode(flags.prompt ?? '');
-        const result = generate(model, inputIds, { maxNewTokens, temperature, topP, seed });
+        const result = generate(model, inputIds, { maxNewTokens, temperature, topP, seed, hooks: adapter?.hooks });
         const text = tokenizer.decode([...inputIds, ...result.generatedIds], { skipSpecialTokens: true });
         if (flags.json) {
           io.out(JSON.stringify({ input_ids: inputIds, generated_ids: result.generatedIds, text, top_logits: result.topLogits }));

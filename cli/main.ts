@@ -1,8 +1,13 @@
 import { Command, CommanderError } from 'commander';
+import { cloudCommand } from './cloud.ts';
 import { demoCommand } from './demo.ts';
 import { edgeCommand } from './edge.ts';
+import { evalCommand } from './eval.ts';
+import { exportCommand } from './export.ts';
 import { generateCommand } from './generate.ts';
 import { processIo, type CommandIo } from './io.ts';
+import { keysCommand } from './keys.ts';
+import { trainCommand } from './train.ts';
 
 /** The commands of `tandem`, in the order `--help` lists them. */
 function program(io: CommandIo): Command {
@@ -10,15 +15,13 @@ function program(io: CommandIo): Command {
     .description('Split and offsite fine-tuning of LLMs across a cloud and the machines that own the data')
     .showHelpAfterError()
     .configureOutput({ writeOut: (s) => io.out(s.trimEnd()), writeErr: (s) => io.log(s.trimEnd()) });
-  for (const command of [generateCommand(io), edgeCommand(io), demoCommand(io)]) root.addCommand(command);
-  forEachCommand(root, (c) => c.configureOutput({ writeOut: (s) => io.out(s.trimEnd()), writeErr: (s) => io.log(s.trimEnd()) }));
+  for (const command of [generateCommand(io), trainCommand(io), evalCommand(io), exportCommand(io), cloudCommand(io), keysCommand(io), edgeCommand(io), demoCommand(io)]) root.addCommand(command);
+  const configure = (c: Command): void => {
+    c.configureOutput({ writeOut: (s) => io.out(s.trimEnd()), writeErr: (s) => io.log(s.trimEnd()) });
+    c.commands.forEach(configure);
+  };
+  root.commands.forEach(configure);
   return root;
-}
-
-/** Applies `f` to a command and every subcommand below it (`tandem edge train`). */
-function forEachCommand(c: Command, f: (c: Command) => void): void {
-  f(c);
-  for (const sub of c.commands) forEachCommand(sub, f);
 }
 
 /**
@@ -27,7 +30,11 @@ function forEachCommand(c: Command, f: (c: Command) => void): void {
  */
 export async function main(argv: string[], io: CommandIo = processIo): Promise<number> {
   const root = program(io);
-  forEachCommand(root, (c) => c.exitOverride());
+  const override = (c: Command): void => {
+    c.exitOverride();
+    c.commands.forEach(override);
+  };
+  override(root);
   try {
     await root.parseAsync(argv, { from: 'user' });
     return 0;

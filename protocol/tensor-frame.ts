@@ -69,7 +69,7 @@ export function encodeTensor(data: Float32Array, shape: readonly number[], spec:
  */
 export function validateFrame(frame: TensorFrame, expectation: FrameExpectation = {}): number {
   const limits = expectation.limits ?? DEFAULT_LIMITS;
-  const field = expectation.field ?? frame.name ?? 'frame';
+  const field = expectation.field ?? (frame.name || 'frame');
   const shape = frame.shape;
   if (shape.length > limits.maxRank) {
     throw new ProtocolError('TANDEM_PROTO_FRAME_RANK_EXCEEDED', { field, actual: shape.length, limit: limits.maxRank });
@@ -106,7 +106,7 @@ const hex = (n: number): string => `0x${n.toString(16).padStart(8, '0')}`;
 /** Validates (see validateFrame), then decodes into a new Float32Array. */
 export function decodeTensor(frame: TensorFrame, expectation: FrameExpectation = {}): Float32Array {
   const elements = validateFrame(frame, expectation);
-  const field = expectation.field ?? frame.name ?? 'frame';
+  const field = expectation.field ?? (frame.name || 'frame');
   const codec = CODECS[frame.codec];
   const out = new Float32Array(elements);
   codec.decodeInto(frame, out, field);

@@ -27,6 +27,15 @@ export interface Caller {
   keyId: string;
 }
 
+async function fileVersion(path: string): Promise<string> {
+  try {
+    const s = await stat(path);
+    return `${s.ino}:${s.size}:${s.mtimeMs}`;
+  } catch {
+    return '';
+  }
+}
+
 export function hashKey(key: string): string {
   return createHash('sha256').update(key, 'utf8').digest('hex');
 }
@@ -51,7 +60,8 @@ function parseRecord(raw: unknown, file: string): KeyRecord {
 export class KeyStore {
   readonly path: string;
   #byHash = new Map<string, KeyRecord>();
-  #mtimeMs = -1;
+  /** Identity of the file last read: inode, size and mtime (the CLI replaces it by rename). */
+  #version = '';
   readonly #writes = new WriteQueue();
 
   private constructor(path: string) {
@@ -82,7 +92,7 @@ export class KeyStore {
     this.#byHash.set(record.sha256, record);
     await this.#writes.run(async () => {
       await writeJsonState(this.path, { version: 1, keys: this.records });
-      this.#mtimeMs = (await stat(this.path)).mtimeMs;
+      this.#version = await fileVersion(this.path);
     });
     return { record, key };
   }
@@ -98,13 +108,8 @@ export class KeyStore {
   }
 
   async #reloadIfChanged(): Promise<boolean> {
-    let mtimeMs: number;
-    try {
-      mtimeMs = (await stat(this.path)).mtimeMs;
-    } catch {
-      return false;
-    }
-    if (mtimeMs === this.#mtimeMs) return false;
+    const version = await fileVersion(this.path);
+    if (version === '' || version === this.#version) return false;
     await this.#load();
     return true;
   }
@@ -118,7 +123,7 @@ export class KeyStore {
         const record = parseRecord(item, this.path);
         byHash.set(record.sha256, record);
       }
-      this.#mtimeMs = (await stat(this.path)).mtimeMs;
+      this.#version = await fileVersion(this.path);
     }
     this.#byHash = byHash;
   }

@@ -1,4 +1,4 @@
-import { tf } from '../backend.ts';
+import { batchMatMul, linear, tf, transposeLast } from '../backend.ts';
 import type { ModelConfig } from '../config.ts';
 import { expectedTensorShapes } from '../config.ts';
 import { ModelError } from '../errors.ts';
@@ -117,7 +117,7 @@ export class LlamaModel {
       const x = dropPrefix > 0 ? tf.slice(h, [0, dropPrefix, 0], [b, s - dropPrefix, d]) : h;
       const n = this.rmsNorm(x, this.weight('model.norm.weight'));
       const rows = tf.reshape(n, [-1, d]) as tf.Tensor2D;
-      const logits = tf.matMul(rows, this.headWeight(), false, true);
+      const logits = linear(rows, this.headWeight() as tf.Tensor as tf.Tensor2D);
       return tf.reshape(logits, [b, s - dropPrefix, this.config.vocabSize]) as tf.Tensor3D;
     });
   }
@@ -172,7 +172,7 @@ export class LlamaModel {
     const weight = this.weight(`${path}.weight`) as tf.Tensor as tf.Tensor2D;
     const bias = this.weights.get(`${path}.bias`) as tf.Tensor as tf.Tensor1D | undefined;
     const base = (input: tf.Tensor2D): tf.Tensor2D => {
-      const y: tf.Tensor2D = tf.matMul(input, weight, false, true);
+      const y = linear(input, weight);
       return bias ? (tf.add(y, bias) as tf.Tensor2D) : y;
     };
     const hook = options.hooks?.linear;
@@ -220,9 +220,9 @@ export class LlamaModel {
     const kg = tf.reshape(k, [b * nKv, t, hd]);
     const vg = tf.reshape(v, [b * nKv, t, hd]);
     const groupMask = g === 1 ? mask : tf.tile(mask, [g, 1]);
-    const scores = tf.add(tf.mul(tf.matMul(qg, kg, false, true), 1 / Math.sqrt(hd)), groupMask);
+    const scores = tf.add(tf.mul(batchMatMul(qg as tf.Tensor3D, transposeLast(kg) as tf.Tensor3D), 1 / Math.sqrt(hd)), groupMask);
     const probs = tf.softmax(scores);
-    const ctx = tf.reshape(tf.matMul(probs, vg), [b, nH, s, hd]);
+    const ctx = tf.reshape(batchMatMul(probs as tf.Tensor3D, vg as tf.Tensor3D), [b, nH, s, hd]);
     const merged = tf.reshape(tf.transpose(ctx, [0, 2, 1, 3]), [b * s, nH * hd]) as tf.Tensor2D;
     return tf.reshape(this.linear(i, 'self_attn', 'o_proj', merged, options), [b, s, hiddenSize]) as tf.Tensor3D;
   }

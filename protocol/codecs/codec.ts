@@ -74,10 +74,16 @@ export function bytesOf(view: ArrayBufferView, length = view.byteLength): Uint8A
 
 /** -1, or the first index whose value is NaN or infinite. */
 export function firstNonFinite(values: Float32Array): number {
-  for (let i = 0; i < values.length; i++) {
-    const v = values[i];
-    // v - v is 0 for every finite v and NaN for NaN and the infinities.
-    if (v - v !== 0) return i;
+  const bits = new Int32Array(values.buffer, values.byteOffset, values.length);
+  const n = bits.length;
+  for (let s = 0; s < n; s += 1024) {
+    const e = Math.min(s + 1024, n);
+    // Branch-free over a chunk: an all-ones exponent (NaN, infinity) carries into the sign bit.
+    let found = 0;
+    for (let i = s; i < e; i++) found |= ((bits[i] & 0x7f800000) + 0x00800000) & 0x80000000;
+    if (found !== 0) {
+      for (let i = s; i < e; i++) if ((bits[i] & 0x7f800000) === 0x7f800000) return i;
+    }
   }
   return -1;
 }

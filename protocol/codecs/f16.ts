@@ -6,7 +6,8 @@ import type { TensorCodec } from './codec.ts';
 import { f16Table, f32BitsToF16 } from './half.ts';
 
 export function encodeF16(data: Float32Array, allowNonFinite: boolean): Uint16Array {
-  const bits = new Uint32Array(data.buffer, data.byteOffset, data.length);
+  // Int32, not Uint32: V8 keeps int32 loads in registers, while a uint32 above 2^31 becomes a double.
+  const bits = new Int32Array(data.buffer, data.byteOffset, data.length);
   const out = new Uint16Array(data.length);
   for (let i = 0; i < bits.length; i++) {
     const h = f32BitsToF16(bits[i]);

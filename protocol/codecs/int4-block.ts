@@ -1,4 +1,4 @@
-// int4-block: blockwise absmax with scale = absmax / 7 (float32) and q in [-7, 7].
+// int4-block: blockwise absmax with scale = absmax / 7 (float32) and q = floor(x / scale + 0.5) in [-7, 7].
 // Two elements per byte: element 2i in the low nibble, 2i+1 in the high nibble, each a
 // 4-bit two's complement; an odd count leaves the last high nibble 0.
 // |x - x'| <= scale / 2 + 2^-24 |x'|.

@@ -4,13 +4,14 @@
 //
 // Speed: the absmax pass reads the float bits as int32 (abs is a mask, max is branchless
 // integer arithmetic, and NaN/infinity show up as bits >= 0x7f800000 for free); the
-// quantize pass rounds with the 1.5 * 2^52 trick instead of Math.round and writes four
-// int8 at a time as one int32 (little-endian).
+// quantize pass rounds without Math.round: x / scale + 128.5 is in [1, 256), so truncating
+// to an integer (which |, << do anyway) gives q + 128, and XOR 0x80 turns that byte into q's
+// two's complement. Four int8 are written at a time as one little-endian int32.
 import { checkFrameBlockSize, blockSizeOf, bytesOf, expectBytes, float32sOf, alignedBytes, firstBadScale, nonFiniteInput } from './codec.ts';
 import type { TensorCodec } from './codec.ts';
 
-// Adding then subtracting 1.5 * 2^52 rounds a double to the nearest integer, ties to even.
-const ROUND = 6755399441055744;
+// q + 128 + 0.5: truncation then rounds half up, on a positive number.
+const BIAS = 128.5;
 const NON_FINITE_BITS = 0x7f800000;
 
 const scratchF32 = new Float32Array(1);
@@ -64,14 +65,10 @@ export function quantizeBlocks(x: Float32Array, blockSize: number, qmax: number,
     const inv = scale > 0 ? 1 / scale : 0;
     if (packed) {
       for (let i = s; i < e; i += 4) {
-        const v0 = x[i] * inv + ROUND - ROUND;
-        const v1 = x[i + 1] * inv + ROUND - ROUND;
-        const v2 = x[i + 2] * inv + ROUND - ROUND;
-        const v3 = x[i + 3] * inv + ROUND - ROUND;
-        q32[i >> 2] = (v0 & 0xff) | ((v1 & 0xff) << 8) | ((v2 & 0xff) << 16) | (v3 << 24);
+        q32[i >> 2] = ((x[i] * inv + BIAS) | ((x[i + 1] * inv + BIAS) << 8) | ((x[i + 2] * inv + BIAS) << 16) | ((x[i + 3] * inv + BIAS) << 24)) ^ 0x80808080;
       }
     } else {
-      for (let i = s; i < e; i++) q[i] = x[i] * inv + ROUND - ROUND;
+      for (let i = s; i < e; i++) q[i] = ((x[i] * inv + BIAS) | 0) - 128;
     }
   }
   const s = fullBlocks * blockSize;
@@ -81,7 +78,7 @@ export function quantizeBlocks(x: Float32Array, blockSize: number, qmax: number,
     scales[fullBlocks] = floatOfBits(bits) / qmax;
     const scale = scales[fullBlocks];
     const inv = scale > 0 ? 1 / scale : 0;
-    for (let i = s; i < n; i++) q[i] = x[i] * inv + ROUND - ROUND;
+    for (let i = s; i < n; i++) q[i] = ((x[i] * inv + BIAS) | 0) - 128;
   }
 }
 

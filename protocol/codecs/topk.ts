@@ -8,7 +8,7 @@
 import { ProtocolError } from '../errors.ts';
 import type { TopkValuesCodec } from '../messages.ts';
 import {
-  alignedBytes, blockSizeOf, bytesOf, checkFrameBlockSize, expectBytes, firstBadScale, float32sOf, nonFiniteInput, uint16sOf,
+  alignedBytes, blockSizeOf, bytesOf, checkFrameBlockSize, expectBytes, firstBadScale, firstNonFinite, float32sOf, nonFiniteInput, uint16sOf,
 } from './codec.ts';
 import type { TensorCodec } from './codec.ts';
 import { decodeF16Into, encodeF16, firstNonFiniteF16 } from './f16.ts';
@@ -156,8 +156,11 @@ export const topkCodec: TensorCodec = {
     }
     for (let j = 0; j < k; j++) out[indices[j]] = kept[j];
   },
-  findNonFinite(frame) {
-    if (frame.params.topkValues === 'f16') return firstNonFiniteF16(uint16sOf(frame.payload)) < 0 ? -1 : 0;
-    return firstBadScale(float32sOf(frame.params.scales), 127) < 0 ? -1 : 0;
+  findNonFinite(frame, out) {
+    // The kept values are few: check them, and only when one is bad scan the output for its index.
+    const bad = frame.params.topkValues === 'f16'
+      ? firstNonFiniteF16(uint16sOf(frame.payload))
+      : firstBadScale(float32sOf(frame.params.scales), 127);
+    return bad < 0 ? -1 : firstNonFinite(out);
   },
 };

@@ -2,7 +2,10 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { main } from '../../cli/main.ts';
+import { createAdapter, generate, initBackend, LlamaModel, loadModelFolder, saveAdapter, tf } from '../../model/index.ts';
 import type { CommandIo } from '../../cli/io.ts';
 
 const fixture = join(import.meta.dirname, '..', 'fixtures', 'stories260K');
@@ -57,5 +60,29 @@ describe('tandem generate', () => {
     const backend = await run(['generate', '--model', fixture, '--backend', 'abacus']);
     assert.equal(backend.code, 2);
     assert.match(backend.log.join('\n'), /TANDEM_BACKEND_UNAVAILABLE/);
+  });
+
+  it('applies a PEFT adapter with --adapter', async () => {
+    await initBackend({ backend: 'wasm' });
+    const loaded = await loadModelFolder(fixture);
+    const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
+    const adapter = createAdapter(model, [{ method: 'lora', r: 4, loraAlpha: 8, targetModules: ['q_proj', 'v_proj', 'down_proj'] }], { seed: 3 });
+    // A trained-looking adapter: B away from its zero init.
+    for (const [name, v] of adapter.trainableVariables()) if (name.includes('lora_B')) v.assign(tf.mul(tf.randomNormal(v.shape, 0, 1, 'float32', 5), 0.5));
+    const dir = mkdtempSync(join(tmpdir(), 'tandem-adapter-'));
+    try {
+      await saveAdapter(adapter, dir, { baseModel: 'stories260K' });
+      const expected = generate(model, reference.input_ids, { maxNewTokens: 16, temperature: 0, hooks: adapter.hooks, stopTokenIds: [] });
+      const { code, out } = await run(['generate', '--model', fixture, '--adapter', dir, '--prompt', 'Once upon a time', '--max-new-tokens', '16', '--temperature', '0', '--json', '--backend', 'wasm']);
+      assert.equal(code, 0);
+      const result = JSON.parse(out[0]) as { top_logits: { id: number; logit: number }[]; generated_ids: number[] };
+      assert.notEqual(result.top_logits[0].logit, reference.last_prompt_position_top10[0].logit);
+      result.top_logits.forEach((t, i) => assert.ok(Math.abs(t.logit - expected.topLogits[i].logit) < 1e-4));
+      assert.deepEqual(result.generated_ids, expected.generatedIds.slice(0, result.generated_ids.length));
+    } finally {
+      adapter.dispose();
+      model.dispose();
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

@@ -32,7 +32,7 @@ describe('tandem train, eval, export', () => {
     const records = Array.from({ length: 12 }, (_, i) => JSON.stringify(i % 2 ? { text: 'The dog was sad and cried.', label: 'sad' } : { text: 'Lily smiled and played.', label: 'happy' }));
     await writeFile(data, `${records.join('\n')}\n`);
     const out = join(work, 'run');
-    const base = ['--model', fixture, '--data', data, '--method', 'lora', '--r', '2', '--target-modules', 'q_proj,v_proj', '--out', out, '--batch-size', '4', '--seq-len', '16', '--lr', '0.01', '--backend', 'cpu'];
+    const base = ['--model', fixture, '--data', data, '--method', 'lora', '--r', '2', '--target-modules', 'q_proj,v_proj', '--out', out, '--batch-size', '4', '--seq-len', '16', '--lr', '0.01', '--backend', 'wasm'];
     const lines = await run(trainCommand, [...base, '--steps', '3', '--eval-every', '3', '--json']);
     const events = lines.map((l) => JSON.parse(l) as { type: string; step: number; accuracy?: number });
     assert.deepEqual(
@@ -47,18 +47,18 @@ describe('tandem train, eval, export', () => {
     const resumed = await run(trainCommand, [...base, '--steps', '3', '--resume']);
     assert.ok(resumed[0].startsWith('resuming at step 3/3'), resumed[0]);
 
-    const report = JSON.parse((await run(evalCommand, ['--model', fixture, '--adapter', adapter, '--data', data, '--seq-len', '16', '--json', '--backend', 'cpu']))[0]) as { loss: number; perplexity: number; accuracy: number; examples: number };
+    const report = JSON.parse((await run(evalCommand, ['--model', fixture, '--adapter', adapter, '--data', data, '--seq-len', '16', '--json', '--backend', 'wasm']))[0]) as { loss: number; perplexity: number; accuracy: number; examples: number };
     assert.equal(report.examples, 12);
     assert.ok(report.loss > 0 && Math.abs(report.perplexity - Math.exp(report.loss)) < 1e-9);
     assert.ok(report.accuracy >= 0 && report.accuracy <= 1);
 
     const peft = join(work, 'peft');
-    await run(exportCommand, ['--model', fixture, '--adapter', adapter, '--out', peft, '--backend', 'cpu']);
+    await run(exportCommand, ['--model', fixture, '--adapter', adapter, '--out', peft, '--backend', 'wasm']);
     assert.deepEqual(await readFile(join(peft, 'adapter_model.safetensors')), await readFile(join(adapter, 'adapter_model.safetensors')));
     const merged = join(work, 'merged');
-    await run(exportCommand, ['--model', fixture, '--adapter', adapter, '--out', merged, '--merged', '--backend', 'cpu']);
+    await run(exportCommand, ['--model', fixture, '--adapter', adapter, '--out', merged, '--merged', '--backend', 'wasm']);
     // The merged model scores the data as the base model with the adapter does.
-    const mergedReport = JSON.parse((await run(evalCommand, ['--model', merged, '--data', data, '--seq-len', '16', '--json', '--backend', 'cpu']))[0]) as { loss: number };
+    const mergedReport = JSON.parse((await run(evalCommand, ['--model', merged, '--data', data, '--seq-len', '16', '--json', '--backend', 'wasm']))[0]) as { loss: number };
     assert.ok(Math.abs(mergedReport.loss - report.loss) < 1e-4, `${mergedReport.loss} vs ${report.loss}`);
   });
 
@@ -75,7 +75,7 @@ describe('tandem train, eval, export', () => {
     // A malformed data line is the model's typed error, naming the file and line.
     const bad = join(work, 'bad.jsonl');
     await writeFile(bad, '{"text":"fine"}\n{"text":\n');
-    await assert.rejects(run(evalCommand, ['--model', fixture, '--data', bad, '--backend', 'cpu']), (e: unknown) => e instanceof ModelError && e.code === 'TANDEM_DATA_INVALID' && e.message.includes('line 2') && e.message.includes(bad));
+    await assert.rejects(run(evalCommand, ['--model', fixture, '--data', bad, '--backend', 'wasm']), (e: unknown) => e instanceof ModelError && e.code === 'TANDEM_DATA_INVALID' && e.message.includes('line 2') && e.message.includes(bad));
   });
 
   it('prints help for each command', async () => {

@@ -131,11 +131,11 @@ test('v1 backward-result decodes to its values (bf16 and top-k int8 frames)', ()
     name: 'g_B', dtype: 'bf16', shape: [4], codec: 'bf16', crc32: 0x9c9f801b, blockSize: 0, scales: [], k: 0, topkValues: null, indices: [],
     payload: [128, 63, 32, 192, 73, 64, 171, 62],
   }, [1, -2.5, 3.140625, 0.333984375]);
-  // -127 / 2 = -63.5 rounds to even: -64.
+  // -127 / 2 = -63.5 and 1 / 2 = 0.5 are ties: they were rounded up, to -63 and 1.
   checkFrame(body.frames[1], {
-    name: 'g_B.topk', dtype: 'f32', shape: [6], codec: 'topk', crc32: 0xdd840839, blockSize: 32, scales: [2], k: 3, topkValues: 'int8-block', indices: [2, 1, 0],
-    payload: [127, 192, 0],
-  }, [0, 0, 254, 0, -128, 0]);
+    name: 'g_B.topk', dtype: 'f32', shape: [6], codec: 'topk', crc32: 0x06551ce4, blockSize: 32, scales: [2], k: 3, topkValues: 'int8-block', indices: [2, 1, 0],
+    payload: [127, 193, 1],
+  }, [0, 0, 254, 0, -126, 2]);
 });
 
 test('v1 heartbeat, error and chunk decode to their values', () => {

@@ -117,3 +117,10 @@ test('session limits are the stricter of both sides, with defaults for unstated 
     maxElements: DEFAULT_LIMITS.maxElements,
   });
 });
+
+test('a top-k frame whose kept values hold an infinity is refused, naming the element', () => {
+  // 70000 is beyond f16: with allowNonFinite the sender's f16 values carry an infinity.
+  const frame = encodeTensor(new Float32Array([0, 1, 0, 70000]), [4], { codec: 'topk', topkFraction: 0.5 }, { allowNonFinite: true });
+  refuses(() => decodeTensor(frame), 'TANDEM_PROTO_FRAME_NON_FINITE', { index: 3 });
+  assert.equal(decodeTensor(frame, { allowNonFinite: true })[3], Infinity);
+});

@@ -76,6 +76,12 @@ describe('training data', () => {
     assert.deepEqual(packed[0].labels, [I, 7, 8, 2, I, I, I, I]);
     assert.deepEqual(packed[1].labels, [I, 9, 10, 11, 2, I, 12, 2]);
     assert.deepEqual(packed[1].ids, [1, 9, 10, 11, 2, 1, 12, 2]);
+    // Plain text is one document chunked to the sequence length.
+    const plain = prepareData(parseDataset('abcdefghijklmnopqrst', 'story.txt'), chars, { seqLen: 8, valFraction: 0, seed: 1 });
+    assert.deepEqual(plain.train.map((r) => r.ids.length), [8, 8, 8]);
+    const tokens = [1, ...'abcdefghijklmnopqrst'.split('').map((c) => c.charCodeAt(0) - 90), 2];
+    const inOrder = [...plain.train].sort((x, y) => (x.ids[0] === 1 ? -1 : y.ids[0] === 1 ? 1 : x.ids[0] - y.ids[0]));
+    assert.deepEqual(inOrder.flatMap((r) => r.ids).slice(0, 22), tokens);
     // A long text is chunked, not dropped.
     assert.equal(exampleRows(chars, { kind: 'text', line: 1, text: 'abcdefghij' }, 4).length, 3);
   });

@@ -1,0 +1,12 @@
+import { LlamaModel, llamaConfig, randomWeights, SMOLLM_135M_SHAPE, tf, useBackend, causalLmLoss } from './model/index.ts';
+await useBackend('wasm');
+const config = llamaConfig({ ...SMOLLM_135M_SHAPE, layers: 2 });
+const model = LlamaModel.fromArrays(config, randomWeights(config, 1));
+const ids = tf.randomUniform([1, 256], 0, config.vocabSize, 'int32') as tf.Tensor2D;
+const vars = [...model.weights.values()]; for (const v of vars) v.trainable = true;
+const step = () => { const { value, grads } = tf.variableGrads(() => causalLmLoss(model.forward(ids), ids).loss, vars); value.dataSync(); tf.dispose([value, ...Object.values(grads)]); };
+step();
+const prof = await tf.profile(step);
+const by = new Map<string, number>();
+for (const k of prof.kernels) by.set(k.name, (by.get(k.name) ?? 0) + (k.kernelTimeMs as number));
+console.log([...by].sort((a, b) => b[1] - a[1]).slice(0, 10).map(([n, t]) => `${n} ${t.toFixed(0)}`).join('\n'));
