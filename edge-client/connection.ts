@@ -36,7 +36,7 @@ export interface ConnectionStats {
 
 /** Codes of Error replies that a retry of the same request may cure. */
 // TANDEM_MODEL_NOT_READY: a restarted node listens before its model is loaded.
-const RETRYABLE_REMOTE = new Set(['TANDEM_MODEL_NOT_READY', 'TANDEM_INTERNAL_BUSY']);
+const RETRYABLE_REMOTE = new Set(['TANDEM_MODEL_NOT_READY']);
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
