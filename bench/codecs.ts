@@ -67,7 +67,7 @@ export interface CodecResult {
   rmsError: number;
 }
 
-export async function run(): Promise<Record<string, unknown>> {
+async function measureCodecs(): Promise<Record<string, unknown>> {
   const data = activationLike(ELEMENTS, 1, HIDDEN);
   const copy = new Float32Array(ELEMENTS);
   const memcpyGBps = gbps(time(() => copy.set(data)).wall);
@@ -145,9 +145,15 @@ export function formatTable(result: Record<string, unknown>): string {
   ].join('\n');
 }
 
+/** Measures, prints the table and returns the figures (bench/run.ts writes them as JSON). */
+export async function run(): Promise<Record<string, unknown>> {
+  const result = await measureCodecs();
+  console.log(formatTable(result));
+  return result;
+}
+
 if (process.argv[1] === fileURLToPath(import.meta.url)) {
   const result = await run();
-  console.log(formatTable(result));
   const dir = fileURLToPath(new URL('./results/', import.meta.url));
   mkdirSync(dir, { recursive: true });
   writeFileSync(`${dir}codecs.json`, `${JSON.stringify(result, null, 2)}\n`);

@@ -2,13 +2,16 @@
 // (float32) and q = round(x / scale) in [-127, 127]; x' = q * scale.
 // |x - x'| <= scale / 2 + 2^-24 |x'| (the second term is float32 rounding of the product).
 //
-// Speed: the absmax pass reads the float bits as int32 (abs is a mask, max is branchless
+// Speed: whole blocks of a multiple of 16 elements go through the WebAssembly SIMD kernel
+// (simd/int8-block.wat: round half to even); the rest through the JS loops below, which
+// round half up. Both keep the bound above. In the JS loops, the absmax pass reads the float bits as int32 (abs is a mask, max is branchless
 // integer arithmetic, and NaN/infinity show up as bits >= 0x7f800000 for free); the
 // quantize pass rounds without Math.round: x / scale + 128.5 is in [1, 256), so truncating
 // to an integer (which |, << do anyway) gives q + 128, and XOR 0x80 turns that byte into q's
 // two's complement. Four int8 are written at a time as one little-endian int32.
 import { checkFrameBlockSize, blockSizeOf, bytesOf, expectBytes, float32sOf, alignedBytes, firstBadScale, nonFiniteInput } from './codec.ts';
 import type { TensorCodec } from './codec.ts';
+import { int8Kernel } from './simd/int8-kernel.ts';
 
 // q + 128 + 0.5: truncation then rounds half up, on a positive number.
 const BIAS = 128.5;
@@ -51,6 +54,21 @@ function firstNonFiniteIn(x: Float32Array, from: number, to: number): number {
  */
 export function quantizeBlocks(x: Float32Array, blockSize: number, qmax: number, q: Int8Array, scales: Float32Array): void {
   const n = x.length;
+  // int8 with whole 16-lane blocks: the WebAssembly SIMD kernel for the whole blocks, JS for the tail.
+  const simd = qmax === 127 && blockSize % 16 === 0 ? int8Kernel() : undefined;
+  if (simd && n >= blockSize) {
+    const whole = n - (n % blockSize);
+    const bad = simd.quantize(x.subarray(0, whole), blockSize, q, scales);
+    if (bad >= 0) throw nonFiniteInput(firstNonFiniteIn(x, bad * blockSize, (bad + 1) * blockSize));
+    if (whole < n) quantizeTail(x, whole, blockSize, qmax, q, scales);
+    return;
+  }
+  quantizeBlocksScalar(x, blockSize, qmax, q, scales);
+}
+
+/** The plain JS quantization (any block size, int8 or int4 range). */
+export function quantizeBlocksScalar(x: Float32Array, blockSize: number, qmax: number, q: Int8Array, scales: Float32Array): void {
+  const n = x.length;
   const xi = new Int32Array(x.buffer, x.byteOffset, n);
   const fullBlocks = Math.floor(n / blockSize);
   const packed = blockSize % 4 === 0 && q.byteOffset === 0;
@@ -71,19 +89,38 @@ export function quantizeBlocks(x: Float32Array, blockSize: number, qmax: number,
       for (let i = s; i < e; i++) q[i] = ((x[i] * inv + BIAS) | 0) - 128;
     }
   }
-  const s = fullBlocks * blockSize;
-  if (s < n) {
-    const bits = absmaxBits(xi, s, n);
-    if (bits >= NON_FINITE_BITS) throw nonFiniteInput(firstNonFiniteIn(x, s, n));
-    scales[fullBlocks] = floatOfBits(bits) / qmax;
-    const scale = scales[fullBlocks];
-    const inv = scale > 0 ? 1 / scale : 0;
-    for (let i = s; i < n; i++) q[i] = ((x[i] * inv + BIAS) | 0) - 128;
-  }
+  if (fullBlocks * blockSize < n) quantizeTail(x, fullBlocks * blockSize, blockSize, qmax, q, scales);
+}
+
+/** The last, partial block starting at `s`. */
+function quantizeTail(x: Float32Array, s: number, blockSize: number, qmax: number, q: Int8Array, scales: Float32Array): void {
+  const n = x.length;
+  const xi = new Int32Array(x.buffer, x.byteOffset, n);
+  const b = s / blockSize;
+  const bits = absmaxBits(xi, s, n);
+  if (bits >= NON_FINITE_BITS) throw nonFiniteInput(firstNonFiniteIn(x, s, n));
+  scales[b] = floatOfBits(bits) / qmax;
+  const scale = scales[b];
+  const inv = scale > 0 ? 1 / scale : 0;
+  for (let i = s; i < n; i++) q[i] = ((x[i] * inv + BIAS) | 0) - 128;
 }
 
 /** x' = q * scale per block. `q` must start at a 4-byte aligned offset for the fast path. */
 export function dequantizeInt8Blocks(q: Int8Array, scales: Float32Array, blockSize: number, out: Float32Array): void {
+  const n = out.length;
+  const fullBlocks = Math.floor(n / blockSize);
+  const simd = blockSize % 16 === 0 && fullBlocks > 0 ? int8Kernel() : undefined;
+  if (simd) {
+    const whole = fullBlocks * blockSize;
+    simd.dequantize(q, scales, blockSize, out.subarray(0, whole));
+    for (let i = whole; i < n; i++) out[i] = q[i] * scales[fullBlocks];
+    return;
+  }
+  dequantizeInt8BlocksScalar(q, scales, blockSize, out);
+}
+
+/** The plain JS dequantization. */
+export function dequantizeInt8BlocksScalar(q: Int8Array, scales: Float32Array, blockSize: number, out: Float32Array): void {
   const n = out.length;
   const fullBlocks = Math.floor(n / blockSize);
   const packed = blockSize % 4 === 0 && q.byteOffset % 4 === 0;
