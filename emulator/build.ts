@@ -42,6 +42,8 @@ export interface BuildEmulatorOptions {
   evalFile?: string;
   /** Rows of `seqLen` tokens the fidelity report uses at most. */
   evalRows?: number;
+  /** Tokens per row for distillation and the fidelity report (128); distill.seqLen wins for distillation. */
+  seqLen?: number;
   quantize?: Quantization | null;
   outDir: string;
   backend?: string;
@@ -100,7 +102,7 @@ export async function buildEmulator(options: BuildEmulatorOptions): Promise<Bund
   if (quantize !== null && !QUANTIZATIONS.includes(quantize)) throw new EmulatorError('TANDEM_EMULATOR_OPTION_INVALID', `quantize must be one of ${QUANTIZATIONS.join(', ')}, got ${JSON.stringify(quantize)}`, { field: 'quantize' });
   const evalRows = options.evalRows ?? 64;
   positiveInt(evalRows, 'eval_rows');
-  const d = options.distill ? { ...DEFAULTS, ...Object.fromEntries(Object.entries(options.distill).filter(([, v]) => v !== undefined)) } as Required<DistillSettings> : undefined;
+  const d = options.distill ? { ...DEFAULTS, ...(options.seqLen === undefined ? {} : { seqLen: options.seqLen }), ...Object.fromEntries(Object.entries(options.distill).filter(([, v]) => v !== undefined)) } as Required<DistillSettings> : undefined;
   if (d) {
     positiveInt(d.steps, 'steps');
     positiveInt(d.batchSize, 'batch_size');
@@ -116,7 +118,8 @@ export async function buildEmulator(options: BuildEmulatorOptions): Promise<Bund
   const rawConfig = JSON.parse(Buffer.from(await readFile(join(options.modelDir, CONFIG_FILE))).toString('utf8')) as Record<string, unknown>;
   const { edge, kept, middleBytes } = partition(loaded, layout);
 
-  const seqLen = d?.seqLen ?? DEFAULTS.seqLen;
+  const seqLen = d?.seqLen ?? options.seqLen ?? DEFAULTS.seqLen;
+  positiveInt(seqLen, 'seq_len', 2);
   const distillRows = d ? await rowsOf(d.dataFile, options.modelDir, seqLen, options.evalFile ? 0 : 0.1, d.seed) : undefined;
   const evalRowsOf = options.evalFile ? (await rowsOf(options.evalFile, options.modelDir, seqLen, 0, 0)).train : distillRows?.validation;
   const evalName = options.evalFile ? basename(options.evalFile) : d ? `${basename(d.dataFile)} (held-out tenth)` : null;
