@@ -50,10 +50,12 @@ export class EmulatorRegistry {
   readonly #settings: EmulatorBuildSettings;
   readonly #memory = new Map<string, ServedBundle>();
   readonly #building = new Map<string, Promise<ServedBundle>>();
+  readonly #onDamaged: ((key: string, err: EmulatorError) => void) | undefined;
 
-  constructor(stateDir: string, settings: EmulatorBuildSettings = {}) {
+  constructor(stateDir: string, settings: EmulatorBuildSettings = {}, onDamaged?: (key: string, err: EmulatorError) => void) {
     this.dir = join(stateDir, EMULATORS_DIR);
     this.#settings = settings;
+    this.#onDamaged = onDamaged;
   }
 
   static keyOf(served: ServedModel, r: EmulatorRequest): string {
@@ -82,28 +84,44 @@ export class EmulatorRegistry {
 
   async #load(served: ServedModel, request: EmulatorRequest, key: string): Promise<ServedBundle> {
     const dir = join(this.dir, key);
-    if (!(await stat(join(dir, MANIFEST_FILE)).then((s) => s.isFile(), () => false))) {
-      await mkdir(this.dir, { recursive: true });
-      const building = join(this.dir, `.${key}.${randomBytes(4).toString('hex')}`);
-      const s = this.#settings;
+    if (await stat(join(dir, MANIFEST_FILE)).then((s) => s.isFile(), () => false)) {
       try {
-        await buildEmulator({
-          modelDir: served.dir,
-          modelId: served.id,
-          keep: request.keep,
-          cut: { bottom: request.bottom, top: request.top },
-          quantize: request.quantize,
-          outDir: building,
-          ...(s.distillData ? { distill: { dataFile: s.distillData, steps: s.distillSteps ?? 100 } } : {}),
-          ...(s.evalData ? { evalFile: s.evalData } : {}),
-        });
-        await rm(dir, { recursive: true, force: true });
-        await rename(building, dir);
+        return await this.#read(dir, key);
       } catch (err) {
-        await rm(building, { recursive: true, force: true });
-        throw cloudErrorOf(err, request);
+        // A stored bundle that no longer verifies (a damaged disk, a hand edit) is built again.
+        if (!(err instanceof EmulatorError)) throw err;
+        this.#onDamaged?.(key, err);
       }
     }
+    await this.#build(served, request, key, dir);
+    return this.#read(dir, key);
+  }
+
+  /** Builds into a temporary folder and renames it into place, so a bundle folder is always complete. */
+  async #build(served: ServedModel, request: EmulatorRequest, key: string, dir: string): Promise<void> {
+    await mkdir(this.dir, { recursive: true });
+    const building = join(this.dir, `.${key}.${randomBytes(4).toString('hex')}`);
+    const s = this.#settings;
+    try {
+      await buildEmulator({
+        modelDir: served.dir,
+        modelId: served.id,
+        keep: request.keep,
+        cut: { bottom: request.bottom, top: request.top },
+        quantize: request.quantize,
+        outDir: building,
+        ...(s.distillData ? { distill: { dataFile: s.distillData, steps: s.distillSteps ?? 100 } } : {}),
+        ...(s.evalData ? { evalFile: s.evalData } : {}),
+      });
+      await rm(dir, { recursive: true, force: true });
+      await rename(building, dir);
+    } catch (err) {
+      await rm(building, { recursive: true, force: true });
+      throw cloudErrorOf(err, request);
+    }
+  }
+
+  async #read(dir: string, key: string): Promise<ServedBundle> {
     const { manifest, files } = await verifyBundle(dir);
     const manifestBytes = await readFile(join(dir, MANIFEST_FILE));
     const contents = new Map(files);

@@ -131,7 +131,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   sendError(app, log);
   await app.register(healthPlugin, { prefix: '/v1', ...ctx });
   await app.register(modelsPlugin, { prefix: '/v1', ...ctx });
-  await app.register(emulatorsPlugin, { prefix: '/v1', ...ctx, emulators: new EmulatorRegistry(stateDir, options.emulators), maxAdapterRequestBytes: options.maxAdapterRequestBytes });
+  await app.register(emulatorsPlugin, { prefix: '/v1', ...ctx, emulators: new EmulatorRegistry(stateDir, options.emulators, (key, err) => log.warn({ bundle: key, err: err.message }, 'a stored emulator bundle does not verify; building it again')), maxAdapterRequestBytes: options.maxAdapterRequestBytes });
   await app.register(sessionsPlugin, { prefix: '/v1', ...ctx });
   await app.register(keysPlugin, { prefix: '/v1', ...ctx });
   await app.register(metricsPlugin, ctx);

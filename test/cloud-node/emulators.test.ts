@@ -1,14 +1,14 @@
 // Offsite mode against a real node on loopback: emulator bundles built on request and kept,
 // adapters trained on a bundle plugged into the full model and evaluated, hashes checked.
 import assert from 'node:assert/strict';
-import { readdir, readFile, writeFile } from 'node:fs/promises';
+import { readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { before, describe, it } from 'node:test';
 import { trainOffsite } from '../../edge-client/offsite.ts';
 import { CloudRequestError, downloadBundle, uploadAdapter } from '../../edge-client/upload.ts';
 import { OFFSITE_FILE } from '../../emulator/index.ts';
-import { DEFAULT_RECIPE, evaluateLocal } from '../../model/index.ts';
+import { DEFAULT_RECIPE, evaluateLocal, tf } from '../../model/index.ts';
 import { STORIES_DIR, api, createTenantKey, startTestNode, tempDir } from './helpers.ts';
 import type { TestNode } from './helpers.ts';
 
@@ -56,7 +56,9 @@ describe('emulators and adapter evaluation on the node', () => {
     const before = new Set((await readdir(tmpdir())).filter((n) => n.startsWith('tandem-adapter-eval-')));
     const evalFile = join(work, 'eval.jsonl');
     const first = await uploadAdapter({ cloudUrl: node.url, key, adapterDir, dataFile: evalFile, seqLen: 16 });
+    const tensors = tf.memory().numTensors;
     const second = await uploadAdapter({ cloudUrl: node.url, key, adapterDir, dataFile: evalFile, seqLen: 16 });
+    assert.equal(tf.memory().numTensors, tensors, 'an evaluation leaves no tensor behind');
     assert.equal(first.examples, 2);
     assert.ok(Number.isFinite(first.plugIn.loss) && first.plugIn.perplexity > 1);
     assert.notEqual(first.plugIn.loss, first.baseline.loss, 'the adapter changes the full model');
@@ -93,5 +95,25 @@ describe('emulators and adapter evaluation on the node', () => {
     assert.equal(noData.json.code, 'TANDEM_ADAPTER_INVALID'); // the adapter is checked first
     const missing = await api(node, 'POST', '/v1/models/stories260K/adapters/evaluate', key, { adapter: { config: '{}', weights: '' } });
     assert.equal(missing.json.code, 'TANDEM_REQUEST_INVALID');
+  });
+
+  it('a restarted node serves the stored bundle, and builds again one that no longer verifies', async () => {
+    const [key16] = await readdir(join(node.stateDir, 'emulators'));
+    const file = join(node.stateDir, 'emulators', key16, 'emulator.safetensors');
+    const bytes = await readFile(file);
+    const mtime = (await stat(file)).mtimeMs;
+    const checksum = async (n: TestNode, k: string) => ((await api(n, 'GET', `/v1/models/stories260K/emulators${query}`, k)).json.manifest as { checksum: string }).checksum;
+    const expected = await checksum(node, key);
+    await node.close();
+    const again = await startTestNode({ backend: 'wasm', stateDir: node.stateDir });
+    assert.equal(await checksum(again, key), expected);
+    assert.equal((await stat(file)).mtimeMs, mtime, 'served from the state directory, not rebuilt');
+    await again.close();
+    const damaged = Buffer.from(bytes);
+    damaged[damaged.length - 1] ^= 1;
+    await writeFile(file, damaged);
+    const third = await startTestNode({ backend: 'wasm', stateDir: node.stateDir });
+    assert.equal(await checksum(third, key), expected);
+    assert.deepEqual(await readFile(file), bytes);
   });
 });
