@@ -8,6 +8,7 @@ export const EMULATOR_ERRORS = {
   TANDEM_BUNDLE_CHECKSUM_MISMATCH: 'a file of an emulator bundle does not match the checksum its manifest records',
   TANDEM_ADAPTER_BASE_MISMATCH: 'the adapter was trained against another base model than this one',
   TANDEM_OFFSITE_LAYER_INVALID: 'an offsite adapter may train only the bottom and top blocks',
+  TANDEM_OFFSITE_RECORD_INVALID: 'an offsite adapter folder lacks a valid tandem_offsite.json',
 } as const;
 
 export type EmulatorErrorCode = keyof typeof EMULATOR_ERRORS;

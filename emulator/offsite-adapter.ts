@@ -113,18 +113,18 @@ export async function writeOffsiteRecord(dir: string, record: OffsiteRecord): Pr
   await writeFile(join(dir, OFFSITE_FILE), `${JSON.stringify(record, null, 2)}\n`);
 }
 
-/** Reads tandem_offsite.json of an adapter folder; TANDEM_BUNDLE_INVALID when absent or malformed. */
+/** Reads tandem_offsite.json of an adapter folder; TANDEM_OFFSITE_RECORD_INVALID when absent or malformed. */
 export async function readOffsiteRecord(dir: string): Promise<OffsiteRecord> {
   const path = join(dir, OFFSITE_FILE);
   let json: unknown;
   try {
     json = JSON.parse(await readFile(path, 'utf8'));
   } catch (cause) {
-    throw new EmulatorError('TANDEM_BUNDLE_INVALID', `the adapter folder has no readable ${OFFSITE_FILE}; it names the base model the adapter was trained against`, { file: path, cause });
+    throw new EmulatorError('TANDEM_OFFSITE_RECORD_INVALID', `the adapter folder has no readable ${OFFSITE_FILE}; it names the base model the adapter was trained against`, { file: path, cause });
   }
   const r = json as Partial<OffsiteRecord>;
   if (r?.format !== 'tandem-offsite-adapter' || typeof r.baseModel?.contentHash !== 'string' || typeof r.baseModel.id !== 'string') {
-    throw new EmulatorError('TANDEM_BUNDLE_INVALID', 'not a tandem offsite record (format, baseModel.id, baseModel.contentHash)', { file: path });
+    throw new EmulatorError('TANDEM_OFFSITE_RECORD_INVALID', 'not a tandem offsite record (format, baseModel.id, baseModel.contentHash)', { file: path });
   }
   return r as OffsiteRecord;
 }

@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { trainOffsite } from '../../edge-client/offsite.ts';
 import type { OffsiteTrainOptions } from '../../edge-client/offsite.ts';
-import { EmulatorError, OFFSITE_FILE, buildEmulator, emulatedSpecs, emulatorLayout } from '../../emulator/index.ts';
+import { EmulatorError, OFFSITE_FILE, buildEmulator, checkAdapterBase, emulatedSpecs, emulatorLayout, readOffsiteRecord } from '../../emulator/index.ts';
 import { DEFAULT_RECIPE, LlamaModel, initBackend, loadAdapter, loadModelFolder, readSafetensorsFile, toFloat32 } from '../../model/index.ts';
 
 const fixture = join(import.meta.dirname, '..', 'fixtures', 'stories260K');
@@ -79,5 +79,13 @@ describe('offsite adapters', () => {
     const layout = emulatorLayout(5, { bottom: 1, top: 1 }, 2);
     assert.deepEqual(emulatedSpecs([{ method: 'lora', layersToTransform: [4] }], layout), [{ method: 'lora', layersToTransform: [3] }]);
     assert.throws(() => emulatedSpecs([{ method: 'lora', layersToTransform: [0, 3] }], layout), (e: unknown) => e instanceof EmulatorError && e.code === 'TANDEM_OFFSITE_LAYER_INVALID' && /block 3/.test(e.message));
+  });
+
+  it('checks the base model an adapter was trained against, with or without the sha256: prefix', async () => {
+    const hash = 'ab'.repeat(32);
+    checkAdapterBase(`sha256:${hash}`, hash);
+    checkAdapterBase(hash.toUpperCase(), `sha256:${hash}`);
+    assert.throws(() => checkAdapterBase(`sha256:${'cd'.repeat(32)}`, `sha256:${hash}`, 'stories260K'), (e: unknown) => e instanceof EmulatorError && e.code === 'TANDEM_ADAPTER_BASE_MISMATCH' && /stories260K/.test(e.message));
+    await assert.rejects(readOffsiteRecord(work), (e: unknown) => e instanceof EmulatorError && e.code === 'TANDEM_OFFSITE_RECORD_INVALID');
   });
 });
