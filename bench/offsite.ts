@@ -39,7 +39,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
   const quick = args.includes('--quick');
   const dataPath = flag(args, '--data', join(root, '..', 'shared', 'fixtures', 'data', 'tinyshakespeare', 'input.txt'));
   const steps = Number(flag(args, '--steps', quick ? '10' : '80'));
-  const distillSteps = Number(flag(args, '--distill-steps', quick ? '10' : '80'));
+  const distillSteps = Number(flag(args, '--distill-steps', quick ? '10' : '160'));
   const chars = Number(flag(args, '--chars', quick ? '30000' : '120000'));
   const seqLen = 128;
   const batchSize = 4;
