@@ -1,6 +1,12 @@
 // Forward and training-step throughput of the LLaMA implementation, per backend, on the
-// shipped stories260K and on a random model of SmolLM-135M's shape. Two training steps:
-// LoRA (r 8, all linear layers: what Tandem trains) and full fine-tuning (every weight).
+// shipped stories260K and on a random model of SmolLM-135M's shape. Training steps: LoRA
+// (r 8 on every linear layer: what Tandem trains) and full fine-tuning (every weight).
+//
+//   npm run bench -- model [--quick] [--all]
+//
+// --quick: SmolLM's shape with 2 layers. --all: also the SmolLM shape on the pure-JS cpu
+// backend (tens of minutes). Runs are ordered by memory: wasm's heap stops at 4 GiB, and a
+// failed allocation aborts the module, so after a failure the rest of that backend is skipped.
 import { join } from 'node:path';
 import { BACKENDS, causalLmLoss, createAdapter, LlamaModel, llamaConfig, loadModelFolder, randomWeights, SMOLLM_135M_SHAPE, tf, useBackend } from '../model/index.ts';
 import type { ModelConfig } from '../model/index.ts';
@@ -10,12 +16,12 @@ interface Case {
   config: ModelConfig;
   weights: Map<string, { shape: number[]; data: Float32Array }>;
   batch: number;
-  seq: number;
+  seqs: number[];
   reps: number;
 }
 
-/** Median seconds of `reps` runs after a profiled warm-up run, and that run's peak tensor bytes. */
-async function measure(f: () => void, reps: number): Promise<{ seconds: number; peakBytes: number }> {
+/** Median seconds of `reps` runs after a profiled warm-up run, and that run's peak tensor bytes as tfjs counts them. */
+async function measure(f: () => void, reps: number): Promise<{ seconds: number; peakTensorBytes: number }> {
   const { peakBytes } = await tf.profile(() => f());
   const times: number[] = [];
   for (let i = 0; i < reps; i++) {
@@ -24,78 +30,104 @@ async function measure(f: () => void, reps: number): Promise<{ seconds: number; 
     times.push((performance.now() - t0) / 1000);
   }
   times.sort((a, b) => a - b);
-  return { seconds: times[Math.floor(times.length / 2)], peakBytes };
+  return { seconds: times[Math.floor(times.length / 2)], peakTensorBytes: peakBytes };
 }
 
-function trainStep(model: LlamaModel, ids: tf.Tensor2D, vars: tf.Variable[], hooks?: Parameters<LlamaModel['forward']>[1]): void {
-  const { value, grads } = tf.variableGrads(() => causalLmLoss(model.forward(ids, { ...hooks, training: true }), ids).loss, vars);
-  value.dataSync();
-  tf.dispose([value, ...Object.values(grads)]);
+/** Bytes the backend holds outside tfjs's count: wasm's heap (it only grows, so this is its peak so far). */
+function backendBytes(): number | undefined {
+  const wasm = (tf.backend() as unknown as { wasm?: { HEAPU8?: Uint8Array } }).wasm;
+  return wasm?.HEAPU8?.buffer.byteLength;
 }
 
-const mib = (b: number): string => `${(b / 2 ** 20).toFixed(0)} MiB`;
+const mib = (b: number | undefined): string => (b === undefined ? '-' : `${(b / 2 ** 20).toFixed(0)} MiB`);
 
 export async function run(args: string[]): Promise<Record<string, unknown>> {
   const quick = args.includes('--quick');
+  const all = args.includes('--all');
   const stories = await loadModelFolder(join(import.meta.dirname, '..', 'test', 'fixtures', 'stories260K'));
   const smolConfig = llamaConfig({ ...SMOLLM_135M_SHAPE, layers: quick ? 2 : SMOLLM_135M_SHAPE.layers });
+  const smolWeights = randomWeights(smolConfig, 1);
   const cases: Case[] = [
-    { name: 'stories260K', config: stories.config, weights: stories.weights, batch: 4, seq: 256, reps: 5 },
-    { name: quick ? 'smollm-135m-shape-2-layers' : 'smollm-135m-shape', config: smolConfig, weights: randomWeights(smolConfig, 1), batch: 1, seq: 256, reps: 1 },
+    { name: 'stories260K', config: stories.config, weights: stories.weights, batch: 4, seqs: [256], reps: 5 },
+    { name: quick ? 'smollm-135m-shape-2-layers' : 'smollm-135m-shape', config: smolConfig, weights: smolWeights, batch: 1, seqs: [128, 256], reps: 1 },
   ];
   const rows: Record<string, unknown>[] = [];
+  const print = (line: string): boolean => process.stdout.write(`${line}\n`);
   for (const backend of BACKENDS) {
     try {
       await useBackend(backend);
     } catch (err) {
-      process.stdout.write(`${backend}: not available (${(err as Error).message.split('\n')[0].slice(0, 80)})\n`);
+      print(`${backend}: not available (${(err as Error).message.split('\n')[0].slice(0, 100)})`);
       continue;
     }
-    const pending: (() => Promise<void>)[] = [];
+    let aborted: string | undefined;
     for (const c of cases) {
+      if (backend === 'cpu' && c.config.numHiddenLayers * c.config.hiddenSize > 10_000 && !all) {
+        print(`cpu      ${c.name}: skipped (the pure-JS backend needs tens of minutes here; --all runs it)`);
+        continue;
+      }
       const model = LlamaModel.fromArrays(c.config, c.weights);
-      const ids = tf.randomUniform([c.batch, c.seq], 0, c.config.vocabSize, 'int32') as tf.Tensor2D;
-      const tokens = c.batch * c.seq;
-      const fwd = await measure(() => tf.tidy(() => void model.forward(ids).dataSync()), c.reps);
-      const adapter = createAdapter(model, [{ method: 'lora', r: 8, loraAlpha: 16, targetModules: 'all-linear' }], { seed: 0 });
-      const loraVars = [...adapter.trainableVariables().values()];
-      const lora = await measure(() => trainStep(model, ids, loraVars, { hooks: adapter.hooks }), c.reps);
-      adapter.dispose();
-      const row: Record<string, unknown> = {
-        backend,
-        model: c.name,
-        parameters: [...model.weights.values()].reduce((n, v) => n + v.size, 0),
-        loraParameters: loraVars.reduce((n, v) => n + v.size, 0),
-        batch: c.batch,
-        seq: c.seq,
-        forwardTokensPerSecond: tokens / fwd.seconds,
-        forwardPeakTensorBytes: fwd.peakBytes,
-        loraStepTokensPerSecond: tokens / lora.seconds,
-        loraStepPeakTensorBytes: lora.peakBytes,
-      };
-      rows.push(row);
-      process.stdout.write(
-        `${backend.padEnd(8)} ${c.name.padEnd(28)} forward ${(tokens / fwd.seconds).toFixed(0).padStart(7)} tok/s (peak ${mib(fwd.peakBytes)})  lora step ${(tokens / lora.seconds).toFixed(0).padStart(7)} tok/s (peak ${mib(lora.peakBytes)})\n`,
-      );
-      // Full fine-tuning last: on wasm it can exhaust the 4 GiB heap, which ends that backend's module.
-      pending.push(async () => {
-        const vars = [...model.weights.values()];
-        for (const v of vars) v.trainable = true;
-        try {
-          const full = await measure(() => trainStep(model, ids, vars), c.reps);
-          row.fullStepTokensPerSecond = tokens / full.seconds;
-          row.fullStepPeakTensorBytes = full.peakBytes;
-          process.stdout.write(`${backend.padEnd(8)} ${c.name.padEnd(28)} full fine-tuning step ${(tokens / full.seconds).toFixed(0).padStart(7)} tok/s (peak ${mib(full.peakBytes)})\n`);
-        } catch (err) {
-          row.fullStepError = (err as Error).message.split('\n')[0].slice(0, 200);
-          process.stdout.write(`${backend.padEnd(8)} ${c.name.padEnd(28)} full fine-tuning step failed: ${row.fullStepError}\n`);
+      for (const seq of c.seqs) {
+        const row: Record<string, unknown> = { backend, model: c.name, parameters: [...model.weights.values()].reduce((n, v) => n + v.size, 0), batch: c.batch, seq };
+        rows.push(row);
+        const tokens = c.batch * seq;
+        const ids = tf.randomUniform([c.batch, seq], 0, c.config.vocabSize, 'int32') as tf.Tensor2D;
+        const steps: [string, () => Promise<void>][] = [
+          ['forward', async () => {
+            const r = await measure(() => tf.tidy(() => void model.forward(ids).dataSync()), c.reps);
+            Object.assign(row, { forwardTokensPerSecond: tokens / r.seconds, forwardPeakTensorBytes: r.peakTensorBytes });
+          }],
+          ['lora step', async () => {
+            const adapter = createAdapter(model, [{ method: 'lora', r: 8, loraAlpha: 16, targetModules: 'all-linear' }], { seed: 0 });
+            const vars = [...adapter.trainableVariables().values()];
+            try {
+              const r = await measure(() => {
+                const { value, grads } = tf.variableGrads(() => causalLmLoss(model.forward(ids, { hooks: adapter.hooks, training: true }), ids).loss, vars);
+                value.dataSync();
+                tf.dispose([value, ...Object.values(grads)]);
+              }, c.reps);
+              Object.assign(row, { loraParameters: vars.reduce((n, v) => n + v.size, 0), loraStepTokensPerSecond: tokens / r.seconds, loraStepPeakTensorBytes: r.peakTensorBytes });
+            } finally {
+              adapter.dispose();
+            }
+          }],
+          ['full fine-tuning step', async () => {
+            const vars = [...model.weights.values()];
+            for (const v of vars) v.trainable = true;
+            try {
+              const r = await measure(() => {
+                const { value, grads } = tf.variableGrads(() => causalLmLoss(model.forward(ids, { training: true }), ids).loss, vars);
+                value.dataSync();
+                tf.dispose([value, ...Object.values(grads)]);
+              }, c.reps);
+              Object.assign(row, { fullStepTokensPerSecond: tokens / r.seconds, fullStepPeakTensorBytes: r.peakTensorBytes });
+            } finally {
+              for (const v of vars) v.trainable = false;
+            }
+          }],
+        ];
+        for (const [label, step] of steps) {
+          if (aborted) {
+            row[`${label} skipped`] = aborted;
+            continue;
+          }
+          try {
+            await step();
+          } catch (err) {
+            aborted = `${backend} failed earlier: ${(err as Error).message.split('\n')[0].slice(0, 120)}`;
+            row[`${label} error`] = (err as Error).message.split('\n')[0].slice(0, 200);
+          }
         }
+        row.backendHeapBytes = backendBytes();
         row.rssBytes = process.memoryUsage().rss;
-        tf.dispose(ids);
-        model.dispose();
-      });
+        const f = (k: string): string => (typeof row[k] === 'number' ? (row[k] as number).toFixed(0).padStart(7) : '      -');
+        print(
+          `${backend.padEnd(8)} ${c.name.padEnd(27)} seq ${String(seq).padEnd(4)} forward ${f('forwardTokensPerSecond')} tok/s  lora step ${f('loraStepTokensPerSecond')} tok/s  full step ${f('fullStepTokensPerSecond')} tok/s  peak tensors ${mib(row.loraStepPeakTensorBytes as number | undefined)} (lora)  heap ${mib(row.backendHeapBytes as number | undefined)}  rss ${mib(row.rssBytes as number)}${aborted ? `  [${aborted}]` : ''}`,
+        );
+        if (!aborted) ids.dispose();
+      }
+      if (!aborted) model.dispose();
     }
-    for (const p of pending) await p();
   }
   return { rows };
 }

@@ -1,11 +1,13 @@
 // What the middle's backward needs, kept under a byte budget and a time limit.
 //
-// The middle is frozen, so its vector-Jacobian product needs only its input h_B: the
-// backward recomputes the middle's forward from h_B on the way (activation checkpointing
-// at the middle's boundary), which keeps memory at one tensor per micro-batch in flight.
+// An entry holds h_B and, while it fits, the forward's tape (what the middle's backward
+// saved), so the backward runs without recomputing the forward. The middle is frozen, so
+// h_B alone is enough to recompute: an entry whose tape does not fit keeps h_B only.
 // Entries leave least recently used first when the budget is full, when older than the
 // time limit, when their backward completes, and when their session closes. Whatever
 // left, the edge can resend h_B and the cloud recomputes exactly the same g_B.
+
+import type { TapedForward } from '../model/index.ts';
 
 export type EvictionReason = 'budget' | 'ttl' | 'closed';
 
@@ -16,7 +18,13 @@ export interface CachedActivation {
   /** h_B as decoded from the Forward frame. */
   data: Float32Array;
   shape: [number, number, number];
+  /** The forward's tape, when it was kept. */
+  tape?: TapedForward;
   storedAt: number;
+}
+
+function entryBytes(entry: Pick<CachedActivation, 'data' | 'tape'>): number {
+  return entry.data.byteLength + (entry.tape?.savedBytes ?? 0);
 }
 
 export interface ActivationCacheOptions {
@@ -54,7 +62,12 @@ export class ActivationCache {
   put(entry: Omit<CachedActivation, 'storedAt'>): void {
     const key = activationKey(entry.sessionId, entry.step, entry.microbatch);
     this.#remove(key);
-    const bytes = entry.data.byteLength;
+    if (entry.tape && entryBytes(entry) > this.#options.budgetBytes) {
+      // Too big with its tape: keep h_B alone, the backward will recompute.
+      entry.tape.dispose();
+      entry = { ...entry, tape: undefined };
+    }
+    const bytes = entryBytes(entry);
     if (bytes > this.#options.budgetBytes) {
       this.#options.onEvict?.('budget', bytes);
       return;
@@ -108,8 +121,10 @@ export class ActivationCache {
     const entry = this.#entries.get(key);
     if (entry === undefined) return;
     this.#entries.delete(key);
-    this.#bytes -= entry.data.byteLength;
-    if (reason !== undefined) this.#options.onEvict?.(reason, entry.data.byteLength);
+    const bytes = entryBytes(entry);
+    this.#bytes -= bytes;
+    entry.tape?.dispose();
+    if (reason !== undefined) this.#options.onEvict?.(reason, bytes);
     this.#options.onSize?.(this.#bytes);
   }
 }

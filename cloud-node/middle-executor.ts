@@ -1,7 +1,8 @@
 // Runs the frozen middle blocks [B, L-T) of the served model: forward, and the
-// vector-Jacobian product g_B = (d middle / d h_B)^T g_M, recomputing the forward from h_B.
-import { tf } from '../model/index.ts';
-import type { LlamaModel } from '../model/index.ts';
+// vector-Jacobian product g_B = (d middle / d h_B)^T g_M, either from the tape the forward
+// kept or by recomputing the forward from h_B (after an eviction or a restart).
+import { tapedForward, tf } from '../model/index.ts';
+import type { LlamaModel, TapedForward } from '../model/index.ts';
 
 export type Shape3 = [number, number, number];
 
@@ -20,6 +21,39 @@ export class MiddleExecutor {
   /** h_B [batch, seq, hidden] → h_M. */
   async forward(range: BlockRange, h: Float32Array, shape: Shape3): Promise<Float32Array> {
     const out = tf.tidy(() => this.#model.blocks(tf.tensor3d(h, shape), range.start, range.end));
+    try {
+      return (await out.data()) as Float32Array;
+    } finally {
+      out.dispose();
+    }
+  }
+
+  /** h_B → h_M, keeping the forward's tape so that backwardFromTape needs no recomputation. */
+  async forwardKeepingTape(range: BlockRange, h: Float32Array, shape: Shape3): Promise<{ output: Float32Array; tape: TapedForward }> {
+    const input = tf.tensor3d(h, shape);
+    let tape: TapedForward;
+    try {
+      tape = tapedForward(() => this.#model.blocks(input, range.start, range.end), [input]);
+    } finally {
+      input.dispose();
+    }
+    try {
+      return { output: (await tape.output.data()) as Float32Array, tape };
+    } catch (err) {
+      tape.dispose();
+      throw err;
+    }
+  }
+
+  /** g_M → g_B from a kept tape (which this frees). */
+  async backwardFromTape(tape: TapedForward, g: Float32Array, shape: Shape3): Promise<Float32Array> {
+    const dy = tf.tensor3d(g, shape);
+    let out: tf.Tensor;
+    try {
+      [out] = tape.vjp(dy);
+    } finally {
+      dy.dispose();
+    }
     try {
       return (await out.data()) as Float32Array;
     } finally {

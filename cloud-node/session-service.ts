@@ -223,9 +223,16 @@ export class SessionService {
     const { served, executor } = this.#options.model();
     const [h, shape] = this.#readFrame(session, forward.frames[0], 'forward.frames[0] (h_B)');
     const started = performance.now();
-    const out = await executor.forward(served.middleOf(session.cut), h, shape);
+    const range = served.middleOf(session.cut);
+    let out: Float32Array;
+    if (forward.needsBackward) {
+      const taped = await executor.forwardKeepingTape(range, h, shape);
+      out = taped.output;
+      this.#options.cache.put({ sessionId: session.id, step: forward.step, microbatch: forward.microbatch, data: h, shape, tape: taped.tape });
+    } else {
+      out = await executor.forward(range, h, shape);
+    }
     this.#options.metrics.latency.observe({ kind: 'forward' }, (performance.now() - started) / 1000);
-    if (forward.needsBackward) this.#options.cache.put({ sessionId: session.id, step: forward.step, microbatch: forward.microbatch, data: h, shape });
     const frame = encodeTensor(out, shape, session.codecs.forward, { name: 'h_M' });
     this.#options.metrics.frame('out', frame.codec, frameBytes(frame));
     return { case: 'forwardResult', value: { sessionId: session.id, step: forward.step, microbatch: forward.microbatch, frames: [frame] } };
@@ -253,7 +260,7 @@ export class SessionService {
       throw new CloudError('TANDEM_SHAPE_MISMATCH', { field: 'backward.frames[0] (g_M)', actual: `[${shape.join(', ')}]`, expected: `[${hShape.join(', ')}] (h_B)` });
     }
     const started = performance.now();
-    const out = await executor.backward(served.middleOf(session.cut), h, g, shape);
+    const out = cached?.tape ? await executor.backwardFromTape(cached.tape, g, shape) : await executor.backward(served.middleOf(session.cut), h, g, shape);
     this.#options.metrics.latency.observe({ kind: 'backward' }, (performance.now() - started) / 1000);
     const recomputed = cached === undefined;
     if (recomputed) this.#options.metrics.recomputes.inc();

@@ -111,6 +111,17 @@ function registerWasmFallbacks(): void {
   if (!tf.getKernel('UnsortedSegmentSum', 'wasm')) {
     tf.registerKernel({ kernelName: 'UnsortedSegmentSum', backendName: 'wasm', kernelFunc: unsortedSegmentSumOnHeap });
   }
+  // The gradient tape clones every tensor it saves for backward, and wasm's Identity copies
+  // the bytes: a PEFT step on SmolLM-135M then held a second copy of the embedding and of
+  // every activation. Tensors are immutable, so sharing the data (as the cpu backend does) is exact.
+  tf.unregisterKernel('Identity', 'wasm');
+  tf.registerKernel({ kernelName: 'Identity', backendName: 'wasm', kernelFunc: identitySharingData });
+}
+
+function identitySharingData(args: { inputs: tf.NamedTensorInfoMap; backend: unknown }): tf.TensorInfo {
+  const x = args.inputs.x as tf.TensorInfo;
+  (args.backend as { incRef(dataId: tf.DataId): void }).incRef(x.dataId);
+  return { dataId: x.dataId, shape: x.shape, dtype: x.dtype };
 }
 
 interface HeapBackend {
@@ -154,8 +165,8 @@ const swapLast = (t: tf.Tensor): tf.Tensor => {
   return tf.transpose(t, perm);
 };
 
-/** y = x W^T + nothing else: x [n, in], W [out, in] (PyTorch's layout) → [n, out]. */
-export const linear = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
+/** y = x W^T for a W that receives a gradient: x [n, in], W [out, in] (PyTorch's layout) → [n, out]. */
+const trainedLinear = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
   const [x, w, save] = args as [tf.Tensor2D, tf.Tensor2D, tf.GradSaveFunc];
   save([x, w]);
   return {
@@ -167,6 +178,36 @@ export const linear = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) =
     },
   };
 }) as (x: tf.Tensor2D, w: tf.Tensor2D) => tf.Tensor2D;
+
+// A custom gradient computes the gradient of every input it is given, wanted or not; a
+// frozen weight is therefore closed over rather than passed, so no [out, in] gradient is
+// computed for it (that would double a PEFT step's backward).
+const frozenLinears = new WeakMap<tf.Variable, (x: tf.Tensor2D) => tf.Tensor2D>();
+
+function frozenLinear(w: tf.Variable): (x: tf.Tensor2D) => tf.Tensor2D {
+  let f = frozenLinears.get(w);
+  if (!f) {
+    const w2 = w as tf.Tensor as tf.Tensor2D;
+    f = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
+      const [x] = args as [tf.Tensor2D];
+      return {
+        value: tf.transpose(tf.matMul(w2, tf.transpose(x))),
+        gradFunc: (dy: tf.Tensor | tf.Tensor[]) => [tf.matMul(dy as tf.Tensor2D, w2)],
+      };
+    }) as (x: tf.Tensor2D) => tf.Tensor2D;
+    frozenLinears.set(w, f);
+  }
+  return f;
+}
+
+/**
+ * y = x W^T: x [n, in], W [out, in] (PyTorch's layout) → [n, out]. A W that is a Variable
+ * with trainable = false gets no gradient; any other W (trainable, or computed) does.
+ */
+export function linear(x: tf.Tensor, w: tf.Tensor): tf.Tensor2D {
+  const x2 = x as tf.Tensor2D;
+  return w instanceof tf.Variable && !w.trainable ? frozenLinear(w)(x2) : trainedLinear(x2, w as tf.Tensor2D);
+}
 
 /** Batched a @ b on plain operands, [..., m, k] @ [..., k, n], with a gradient of plain matmuls. */
 export const batchMatMul = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
@@ -185,4 +226,117 @@ export const batchMatMul = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)
 /** Swaps the last two axes. */
 export function transposeLast<T extends tf.Tensor>(t: T): T {
   return swapLast(t) as T;
+}
+
+// A forward pass whose tape outlives the call, so that its vector-Jacobian product can be
+// taken later: the cloud runs a micro-batch's middle forward when its Forward arrives and its
+// backward when the Backward arrives, a network round trip later. tf.grads needs the forward
+// and the backward in one synchronous call and would recompute the forward; this keeps what
+// the forward saved for backward instead. It uses the engine's tape the way tf.grads does
+// (startTape, endTape, the recorded nodes) and replays tfjs's own backpropagation.
+
+interface TapeNode {
+  id: number;
+  kernelName: string;
+  inputs: Record<string, tf.Tensor>;
+  outputs: tf.Tensor[];
+  gradient?: (dys: (tf.Tensor | null)[]) => Record<string, () => tf.Tensor>;
+  saved?: tf.Tensor[];
+}
+
+interface EngineTape {
+  startTape(): void;
+  endTape(): void;
+  tidy<T extends tf.TensorContainer>(name: string, f: () => T): T;
+  state: { activeTape: TapeNode[] | null; gradientDepth: number };
+}
+
+/** A forward pass with its tape kept; `vjp` runs the backward once and frees the tape. */
+export interface TapedForward {
+  readonly output: tf.Tensor;
+  /** Bytes the tape holds for backward. */
+  readonly savedBytes: number;
+  /** dL/dx for each x given to tapedForward, for dy = dL/d output. Frees the tape. */
+  vjp(dy: tf.Tensor): tf.Tensor[];
+  /** Frees the tape (and the output) without a backward. */
+  dispose(): void;
+}
+
+/** Runs f recording a tape for a later vjp with respect to `xs`. Not for use inside tf.grads. */
+export function tapedForward(f: () => tf.Tensor, xs: tf.Tensor[]): TapedForward {
+  const engine = tf.engine() as unknown as EngineTape;
+  if (engine.state.gradientDepth !== 0) throw new Error('tapedForward cannot run inside another gradient computation');
+  engine.startTape();
+  let output: tf.Tensor;
+  let tape: TapeNode[];
+  try {
+    output = engine.tidy('forward', f);
+  } finally {
+    engine.endTape();
+    tape = engine.state.activeTape ?? [];
+    // Ops run from here on (other sessions) must not land on this tape.
+    engine.state.activeTape = null;
+  }
+  let savedBytes = 0;
+  for (const node of tape) for (const t of node.saved ?? []) savedBytes += t.size * 4;
+  let open = true;
+  const free = (): void => {
+    if (!open) return;
+    open = false;
+    for (const node of tape) for (const t of node.saved ?? []) t.dispose();
+    tape = [];
+  };
+  return {
+    output,
+    savedBytes,
+    vjp(dy: tf.Tensor): tf.Tensor[] {
+      if (!open) throw new Error('this forward pass was already used or freed');
+      try {
+        return tf.tidy(() => backpropagate(tape, xs, output, dy));
+      } finally {
+        free();
+        output.dispose();
+      }
+    },
+    dispose(): void {
+      free();
+      output.dispose();
+    },
+  };
+}
+
+/** tfjs's backpropagation over the part of a tape between xs and y (getFilteredNodesXToY, backpropagateGradients). */
+function backpropagate(tape: TapeNode[], xs: tf.Tensor[], y: tf.Tensor, dy: tf.Tensor): tf.Tensor[] {
+  const fromX = new Set(xs.map((x) => x.id));
+  const nodesFromX = new Set<number>();
+  for (const node of tape) {
+    if (Object.values(node.inputs).some((t) => fromX.has(t.id))) {
+      for (const o of node.outputs) fromX.add(o.id);
+      nodesFromX.add(node.id);
+    }
+  }
+  const toY = new Set([y.id]);
+  const nodesToY = new Set<number>();
+  for (let i = tape.length - 1; i >= 0; i--) {
+    const node = tape[i];
+    if (node.outputs.some((o) => toY.has(o.id))) {
+      for (const t of Object.values(node.inputs)) toY.add(t.id);
+      nodesToY.add(node.id);
+    }
+  }
+  const grads = new Map<number, tf.Tensor>([[y.id, dy]]);
+  for (let i = tape.length - 1; i >= 0; i--) {
+    const node = tape[i];
+    if (!nodesFromX.has(node.id) || !nodesToY.has(node.id)) continue;
+    if (!node.gradient) throw new Error(`no gradient registered for ${node.kernelName}`);
+    const dys = node.outputs.map((o) => grads.get(o.id) ?? null);
+    const inputGrads = node.gradient(dys);
+    for (const [name, x] of Object.entries(node.inputs)) {
+      if (!fromX.has(x.id)) continue;
+      const dx = tf.tidy(() => inputGrads[name]());
+      const prev = grads.get(x.id);
+      grads.set(x.id, prev ? tf.add(prev, dx) : dx);
+    }
+  }
+  return xs.map((x) => grads.get(x.id) ?? tf.zerosLike(x));
 }

@@ -103,7 +103,12 @@ export class LlamaModel {
       const { cos, sin } = this.rope(offset, seq);
       const mask = causalMask(seq, offset);
       let x = h;
-      for (let i = start; i < end; i++) x = this.block(i, x, cos, sin, mask, options);
+      // A scope per block: without a tape a block's intermediates are freed before the next
+      // block runs; under one, what backward needs was kept by the tape and survives.
+      for (let i = start; i < end; i++) {
+        const input = x;
+        x = tf.tidy(() => this.block(i, input, cos, sin, mask, options));
+      }
       return x;
     });
     if (cache && end === this.numLayers) cache.length = offset + seq;

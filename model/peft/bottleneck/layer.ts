@@ -1,4 +1,4 @@
-import { tf } from '../../backend.ts';
+import { linear, tf } from '../../backend.ts';
 import type { ForwardHooks, SublayerKind } from '../../hooks.ts';
 import type { LlamaModel } from '../../llama/llama.ts';
 import { moduleStateKey } from '../keys.ts';
@@ -78,8 +78,8 @@ export class BottleneckAdapters implements MethodInstance {
         const src = this.config.placement === 'serial' ? output : input;
         const [bs, s, d] = src.shape;
         const rows = tf.reshape(src, [bs * s, d]);
-        const down = activate(tf.add(tf.matMul(rows, a.downW, false, true), a.downB), this.config.nonLinearity);
-        const up = tf.add(tf.matMul(down, a.upW, false, true), a.upB);
+        const down = activate(tf.add(linear(rows, a.downW), a.downB), this.config.nonLinearity);
+        const up = tf.add(linear(down, a.upW), a.upB);
         return tf.add(output, tf.mul(tf.reshape(up, [bs, s, d]), this.config.scaling)) as tf.Tensor3D;
       },
     };

@@ -3,7 +3,8 @@ import type { ForwardHooks, LinearModule } from '../../hooks.ts';
 import type { LlamaModel } from '../../llama/llama.ts';
 import { moduleStateKey } from '../keys.ts';
 import type { AdapterTensor, CreateContext, MethodInstance } from '../method.ts';
-import { filledVariable, keepCopy, normalValues, variableFrom } from '../ops.ts';
+import { MergedWeights } from '../merged-weights.ts';
+import { filledVariable, normalValues, variableFrom } from '../ops.ts';
 import type { ModuleInfo } from '../targets.ts';
 import { matchesTarget, selectModules } from '../targets.ts';
 import type { Ia3Config } from './config.ts';
@@ -15,7 +16,6 @@ interface Ia3Module {
   info: ModuleInfo;
   feedforward: boolean;
   scale: tf.Variable;
-  original?: { weight: tf.Tensor; bias?: tf.Tensor };
 }
 
 export class Ia3Layers implements MethodInstance {
@@ -24,13 +24,14 @@ export class Ia3Layers implements MethodInstance {
   readonly claims: string[] = [];
   readonly hooks: ForwardHooks;
   private readonly modules = new Map<string, Ia3Module>();
-  private merged = false;
+  private readonly mergedWeights: MergedWeights;
 
   constructor(
     private readonly model: LlamaModel,
     config: Ia3Config,
     ctx: CreateContext,
   ) {
+    this.mergedWeights = new MergedWeights(model);
     const targets = selectModules(model, config.targetModules, config.layersToTransform, { targets: { field: 'targetModules' }, layers: { field: 'layersToTransform' } });
     for (const info of targets) {
       const feedforward = matchesTarget(info.path, config.feedforwardModules);
@@ -48,41 +49,27 @@ export class Ia3Layers implements MethodInstance {
 
   private linear(module: LinearModule, x: tf.Tensor2D, base: (x: tf.Tensor2D) => tf.Tensor2D): tf.Tensor2D {
     const mod = this.modules.get(module.path);
-    if (!mod || this.merged) return base(x);
+    if (!mod || this.mergedWeights.active) return base(x);
     if (mod.feedforward) return base(tf.mul(x, mod.scale) as tf.Tensor2D);
     return tf.mul(base(x), tf.reshape(mod.scale, [1, -1])) as tf.Tensor2D;
+  }
+
+  get merged(): boolean {
+    return this.mergedWeights.active;
   }
 
   merge(): void {
     if (this.merged) return;
     for (const mod of this.modules.values()) {
-      const w = this.model.weight(mod.info.weightName);
-      const bias = !mod.feedforward && mod.info.biasName ? this.model.weight(mod.info.biasName) : undefined;
-      mod.original = { weight: keepCopy(w), bias: bias && keepCopy(bias) };
       // [out, 1] scales rows (outputs), [1, in] scales columns (inputs): PEFT's torch.mul(W, ia3_l).
-      const merged = tf.tidy(() => tf.mul(w, mod.scale));
-      w.assign(merged);
-      merged.dispose();
-      if (bias) {
-        const b = tf.tidy(() => tf.mul(bias, tf.reshape(mod.scale, [-1])));
-        bias.assign(b);
-        b.dispose();
-      }
+      this.mergedWeights.replace(mod.info.weightName, (w) => tf.mul(w, mod.scale));
+      const biasName = !mod.feedforward ? mod.info.biasName : undefined;
+      if (biasName) this.mergedWeights.replace(biasName, (bias) => tf.mul(bias, tf.reshape(mod.scale, [-1])));
     }
-    this.merged = true;
   }
 
   unmerge(): void {
-    if (!this.merged) return;
-    for (const mod of this.modules.values()) {
-      const o = mod.original;
-      if (!o) continue;
-      this.model.weight(mod.info.weightName).assign(o.weight);
-      if (o.bias && mod.info.biasName) this.model.weight(mod.info.biasName).assign(o.bias);
-      tf.dispose([o.weight, ...(o.bias ? [o.bias] : [])]);
-      mod.original = undefined;
-    }
-    this.merged = false;
+    this.mergedWeights.restore();
   }
 
   dispose(): void {

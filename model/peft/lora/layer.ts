@@ -1,10 +1,11 @@
-import { tf } from '../../backend.ts';
+import { linear, tf } from '../../backend.ts';
 import type { ForwardHooks, HookContext, LinearModule } from '../../hooks.ts';
 import type { LlamaModel } from '../../llama/llama.ts';
 import type { Rng } from '../../random.ts';
 import { moduleStateKey } from '../keys.ts';
 import type { AdapterTensor, CreateContext, MethodInstance } from '../method.ts';
-import { dropout, filledVariable, keepCopy, uniformValues, normalValues, variableFrom } from '../ops.ts';
+import { MergedWeights } from '../merged-weights.ts';
+import { dropout, filledVariable, uniformValues, normalValues, variableFrom } from '../ops.ts';
 import type { ModuleInfo } from '../targets.ts';
 import { selectModules } from '../targets.ts';
 import type { LoraConfig } from './config.ts';
@@ -23,7 +24,6 @@ interface LoraModule {
   a: tf.Variable; // [r, in]
   b: tf.Variable; // [out, r]
   magnitude?: tf.Variable; // [out], DoRA
-  original?: tf.Tensor; // the base weight while merged
 }
 
 export interface LoraVariant {
@@ -39,7 +39,7 @@ export class LoraLayers implements MethodInstance {
   private readonly modules = new Map<string, LoraModule>();
   private readonly scaling: number;
   private readonly rng: Rng;
-  private merged = false;
+  private readonly mergedWeights: MergedWeights;
 
   constructor(
     private readonly model: LlamaModel,
@@ -48,6 +48,7 @@ export class LoraLayers implements MethodInstance {
     variant: LoraVariant,
   ) {
     this.rng = ctx.rng;
+    this.mergedWeights = new MergedWeights(model);
     this.scaling = loraScaling(config);
     const fromFile = !!ctx.fromFile;
     const targets = selectModules(model, config.targetModules, config.layersToTransform, {
@@ -82,45 +83,39 @@ export class LoraLayers implements MethodInstance {
 
   private linear(module: LinearModule, x: tf.Tensor2D, base: (x: tf.Tensor2D) => tf.Tensor2D, ctx: HookContext): tf.Tensor2D {
     const mod = this.modules.get(module.path);
-    if (!mod || this.merged) return base(x);
+    if (!mod || this.mergedWeights.active) return base(x);
     const y = base(x);
     const xd = dropout(x, this.config.loraDropout, ctx.training, this.rng);
     const a = mod.a as tf.Tensor as tf.Tensor2D;
     const b = mod.b as tf.Tensor as tf.Tensor2D;
-    const lora: tf.Tensor2D = tf.matMul(tf.matMul(xd, a, false, true), b, false, true);
+    const lora: tf.Tensor2D = linear(linear(xd, a), b);
     if (!mod.magnitude) return tf.add(y, tf.mul(lora, this.scaling)) as tf.Tensor2D;
     const w = module.weight;
     // Without active dropout PEFT reuses the base result less its bias; with it, x W^T is recomputed on the dropped-out x.
-    const baseNoBias: tf.Tensor2D = xd === x ? (module.bias ? (tf.sub(y, module.bias) as tf.Tensor2D) : y) : tf.matMul(xd, w, false, true);
+    const baseNoBias: tf.Tensor2D = xd === x ? (module.bias ? (tf.sub(y, module.bias) as tf.Tensor2D) : y) : linear(xd, w);
     const norm = doraWeightNorm(w, a, b, this.scaling);
     return tf.add(y, doraDelta(baseNoBias, lora, mod.magnitude as tf.Tensor as tf.Tensor1D, norm, this.scaling)) as tf.Tensor2D;
+  }
+
+  get merged(): boolean {
+    return this.mergedWeights.active;
   }
 
   merge(): void {
     if (this.merged) return;
     for (const mod of this.modules.values()) {
-      const w = this.model.weight(mod.info.weightName);
-      mod.original = keepCopy(w);
       const a = mod.a as tf.Tensor as tf.Tensor2D;
       const b = mod.b as tf.Tensor as tf.Tensor2D;
-      const merged = mod.magnitude
-        ? doraMergedWeight(w as tf.Tensor as tf.Tensor2D, a, b, mod.magnitude as tf.Tensor as tf.Tensor1D, this.scaling)
-        : tf.tidy(() => tf.add(w, tf.mul(tf.matMul(b, a), this.scaling)));
-      w.assign(merged);
-      merged.dispose();
+      this.mergedWeights.replace(mod.info.weightName, (w) =>
+        mod.magnitude
+          ? doraMergedWeight(w as tf.Tensor2D, a, b, mod.magnitude as tf.Tensor as tf.Tensor1D, this.scaling)
+          : tf.add(w, tf.mul(tf.matMul(b, a), this.scaling)),
+      );
     }
-    this.merged = true;
   }
 
   unmerge(): void {
-    if (!this.merged) return;
-    for (const mod of this.modules.values()) {
-      // The kept original restores the base exactly; subtracting the delta would not.
-      this.model.weight(mod.info.weightName).assign(mod.original as tf.Tensor);
-      mod.original?.dispose();
-      mod.original = undefined;
-    }
-    this.merged = false;
+    this.mergedWeights.restore();
   }
 
   dispose(): void {

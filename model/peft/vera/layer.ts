@@ -1,10 +1,11 @@
-import { tf } from '../../backend.ts';
+import { linear, tf } from '../../backend.ts';
 import type { ForwardHooks, HookContext, LinearModule } from '../../hooks.ts';
 import type { LlamaModel } from '../../llama/llama.ts';
 import { Rng } from '../../random.ts';
 import { moduleStateKey, sharedStateKey } from '../keys.ts';
 import type { AdapterTensor, CreateContext, MethodInstance } from '../method.ts';
-import { dropout, filledVariable, keepCopy, uniformValues, variableFrom } from '../ops.ts';
+import { MergedWeights } from '../merged-weights.ts';
+import { dropout, filledVariable, uniformValues, variableFrom } from '../ops.ts';
 import type { ModuleInfo } from '../targets.ts';
 import { selectModules } from '../targets.ts';
 import type { VeraConfig } from './config.ts';
@@ -20,7 +21,6 @@ interface VeraModule {
   info: ModuleInfo;
   lambdaB: tf.Variable;
   lambdaD: tf.Variable;
-  original?: tf.Tensor;
 }
 
 export class VeraLayers implements MethodInstance {
@@ -31,13 +31,14 @@ export class VeraLayers implements MethodInstance {
   private readonly modules = new Map<string, VeraModule>();
   private readonly a: tf.Variable;
   private readonly b: tf.Variable;
-  private merged = false;
+  private readonly mergedWeights: MergedWeights;
 
   constructor(
     private readonly model: LlamaModel,
     private readonly config: VeraConfig,
     private readonly ctx: CreateContext,
   ) {
+    this.mergedWeights = new MergedWeights(model);
     const targets = selectModules(model, config.targetModules, config.layersToTransform, { targets: { field: 'targetModules' }, layers: { field: 'layersToTransform' } });
     const { r } = config;
     const maxIn = Math.max(...targets.map((t) => t.inFeatures));
@@ -66,37 +67,30 @@ export class VeraLayers implements MethodInstance {
 
   private linear(module: LinearModule, x: tf.Tensor2D, base: (x: tf.Tensor2D) => tf.Tensor2D, ctx: HookContext): tf.Tensor2D {
     const mod = this.modules.get(module.path);
-    if (!mod || this.merged) return base(x);
+    if (!mod || this.mergedWeights.active) return base(x);
     const { a, b } = this.sliced(mod.info);
     const xd = dropout(x, this.config.veraDropout, ctx.training, this.ctx.rng);
-    const inner = tf.mul(tf.matMul(xd, a, false, true), mod.lambdaD);
-    return tf.add(base(x), tf.mul(tf.matMul(inner, b, false, true), mod.lambdaB)) as tf.Tensor2D;
+    const inner = tf.mul(linear(xd, a), mod.lambdaD);
+    return tf.add(base(x), tf.mul(linear(inner, b), mod.lambdaB)) as tf.Tensor2D;
+  }
+
+  get merged(): boolean {
+    return this.mergedWeights.active;
   }
 
   merge(): void {
     if (this.merged) return;
     for (const mod of this.modules.values()) {
-      const w = this.model.weight(mod.info.weightName);
-      mod.original = keepCopy(w);
       // delta = diag(lambda_b) B diag(lambda_d) A, PEFT's get_delta_weight.
-      const merged = tf.tidy(() => {
+      this.mergedWeights.replace(mod.info.weightName, (w) => {
         const { a, b } = this.sliced(mod.info);
         return tf.add(w, tf.matMul(tf.mul(b, tf.reshape(mod.lambdaB, [-1, 1])), tf.mul(a, tf.reshape(mod.lambdaD, [-1, 1]))));
       });
-      w.assign(merged);
-      merged.dispose();
     }
-    this.merged = true;
   }
 
   unmerge(): void {
-    if (!this.merged) return;
-    for (const mod of this.modules.values()) {
-      this.model.weight(mod.info.weightName).assign(mod.original as tf.Tensor);
-      mod.original?.dispose();
-      mod.original = undefined;
-    }
-    this.merged = false;
+    this.mergedWeights.restore();
   }
 
   dispose(): void {

@@ -1,0 +1,187 @@
+// Split step time against local step time, per codec pair, on stories260K and on a random
+// Llama of ~25M parameters, with bytes per trained token each way and raw TCP loopback
+// throughput for scale. `npm run bench -- split [--quick] [--steps N]`.
+//
+// Two local baselines: the whole model in one tape (cut (0, L)), and the same cut with a
+// LocalMiddle, which, like the cloud, runs the middle's forward without a tape and
+// recomputes it in backward (activation checkpointing at the cut) — the fair comparison
+// for the cost of the wire itself.
+import { mkdtemp, rm } from 'node:fs/promises';
+import { createServer, connect } from 'node:net';
+import type { AddressInfo } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { startCloudNode } from '../cloud-node/index.ts';
+import { connectCloud, loadEdgePart } from '../edge-client/index.ts';
+import {
+  LlamaModel, Rng, Trainer, createAdapter, createOptimizer, initBackend, loadModelFolder, randomWeights, saveModelFolder,
+} from '../model/index.ts';
+import type { Batch, Cut, MethodSpec, Middle } from '../model/index.ts';
+import type { CodecName } from '../protocol/index.ts';
+
+const FIXTURE = join(import.meta.dirname, '..', 'test', 'fixtures', 'stories260K');
+
+interface Case {
+  name: string;
+  dir: string;
+  cut: Cut;
+  batch: number;
+  seq: number;
+}
+
+const PAIRS: [CodecName, CodecName][] = [
+  ['f32', 'f32'],
+  ['f16', 'f16'],
+  ['int8-block', 'f16'],
+  ['int8-block', 'int8-block'],
+];
+
+function batches(vocab: number, rows: number, seq: number, n: number, seed: number): Batch[] {
+  const rng = new Rng(seed);
+  return Array.from({ length: n }, () => {
+    const ids = Array.from({ length: rows }, () => Array.from({ length: seq }, () => rng.int(vocab)));
+    return { ids, labels: ids.map((r) => [...r]) };
+  });
+}
+
+function methodsFor(layers: number, cut: Cut): MethodSpec[] {
+  const edgeLayers = [...Array(layers).keys()].filter((l) => l < cut.bottom || l >= layers - cut.top);
+  return [{ method: 'lora', r: 8, loraAlpha: 16, targetModules: ['q_proj', 'v_proj'], layersToTransform: edgeLayers }];
+}
+
+/** Median seconds per step after one warm-up step. */
+async function timeSteps(model: LlamaModel, cut: Cut | undefined, middle: Middle | undefined, methods: MethodSpec[], data: Batch[], onReady?: (t: Trainer) => void): Promise<number> {
+  const adapter = createAdapter(model, methods, { seed: 1 });
+  const optimizer = createOptimizer('adamw');
+  const trainer = new Trainer({ model, adapter, optimizer, schedule: { kind: 'constant', lr: 1e-3, warmupSteps: 0, totalSteps: data.length }, cut, middle });
+  onReady?.(trainer);
+  try {
+    const times: number[] = [];
+    for (const [i, b] of data.entries()) {
+      const t0 = performance.now();
+      await trainer.trainStep([b]);
+      if (i > 0) times.push((performance.now() - t0) / 1000);
+    }
+    times.sort((a, b) => a - b);
+    return times[Math.floor(times.length / 2)];
+  } finally {
+    trainer.dispose();
+    optimizer.dispose();
+    adapter.dispose();
+  }
+}
+
+async function tcpLoopbackBytesPerSecond(totalBytes: number): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const port = (server.address() as AddressInfo).port;
+  const received = new Promise<number>((resolve) => {
+    server.on('connection', (s) => {
+      let n = 0;
+      const t0 = performance.now();
+      s.on('data', (d: Buffer) => {
+        n += d.length;
+        if (n >= totalBytes) {
+          resolve(n / ((performance.now() - t0) / 1000));
+          s.destroy();
+        }
+      });
+    });
+  });
+  const client = connect(port, '127.0.0.1');
+  const chunk = Buffer.alloc(1 << 20, 7);
+  await new Promise<void>((r) => client.on('connect', r));
+  for (let sent = 0; sent < totalBytes; sent += chunk.length) if (!client.write(chunk)) await new Promise((r) => client.once('drain', r));
+  const rate = await received;
+  client.destroy();
+  await new Promise((r) => server.close(r));
+  return rate;
+}
+
+async function runCase(c: Case, steps: number, work: string): Promise<Record<string, unknown>> {
+  const loaded = await loadModelFolder(c.dir);
+  const L = loaded.config.numHiddenLayers;
+  const methods = methodsFor(L, c.cut);
+  const data = batches(loaded.config.vocabSize, c.batch, c.seq, steps + 1, 3);
+  const full = LlamaModel.fromArrays(loaded.config, loaded.weights);
+  const parameters = [...loaded.weights.values()].reduce((n, w) => n + w.data.length, 0);
+  const localWhole = await timeSteps(full, undefined, undefined, methods, data);
+  const localCut = await timeSteps(full, c.cut, undefined, methods, data);
+  full.dispose();
+  const node = await startCloudNode({ modelDir: c.dir, stateDir: join(work, `${c.name}-state`), port: 0, logLevel: 'silent' });
+  const client = await connectCloud(node.url, { key: node.adminKey as string });
+  const tokens = c.batch * c.seq;
+  const split: Record<string, unknown>[] = [];
+  try {
+    const id = (await client.models())[0].id;
+    const edge = await loadEdgePart(await client.downloadEdge(id, c.cut, join(work, 'cache')));
+    for (const [fwd, bwd] of PAIRS) {
+      const session = await client.openSession({ model: { id, contentHash: edge.contentHash }, cut: c.cut, codecs: { forward: [{ codec: fwd }], backward: [{ codec: bwd }] } });
+      const middle = session.middle();
+      const seconds = await timeSteps(edge.model, c.cut, middle, methods, data, (t) => {
+        middle.needsBackward = t.needsMiddleBackward;
+      });
+      const f = middle.traffic;
+      const trained = tokens * (steps + 1);
+      split.push({
+        forward: fwd, backward: bwd, stepSeconds: seconds,
+        ratioToLocalWhole: seconds / localWhole, ratioToLocalCut: seconds / localCut,
+        upBytesPerToken: (f.forwardUpBytes + f.backwardUpBytes) / trained, downBytesPerToken: (f.forwardDownBytes + f.backwardDownBytes) / trained,
+      });
+      await session.close();
+    }
+    edge.model.dispose();
+  } finally {
+    client.close();
+    await node.close();
+  }
+  return { model: c.name, parameters, layers: L, cut: c.cut, batch: c.batch, seq: c.seq, localWholeStepSeconds: localWhole, localCutStepSeconds: localCut, split };
+}
+
+async function randomModelDir(work: string, quick: boolean): Promise<string> {
+  const rawConfig = {
+    architectures: ['LlamaForCausalLM'], model_type: 'llama', hidden_size: 512, intermediate_size: 1536, num_hidden_layers: quick ? 4 : 8,
+    num_attention_heads: 8, num_key_value_heads: 4, vocab_size: 512, max_position_embeddings: 1024, rms_norm_eps: 1e-5, rope_theta: 10000,
+    hidden_act: 'silu', tie_word_embeddings: true, bos_token_id: 1, eos_token_id: 2, torch_dtype: 'float32',
+  };
+  const dir = join(work, 'random-llama');
+  const { parseModelConfig } = await import('../model/index.ts');
+  await saveModelFolder(dir, rawConfig, randomWeights(parseModelConfig(rawConfig), 11), {
+    copyFiles: [join(FIXTURE, 'tokenizer.json'), join(FIXTURE, 'tokenizer_config.json')],
+  });
+  return dir;
+}
+
+export async function run(args: string[]): Promise<Record<string, unknown>> {
+  const quick = args.includes('--quick');
+  const stepsAt = args.indexOf('--steps');
+  const steps = stepsAt >= 0 ? Number(args[stepsAt + 1]) : quick ? 2 : 3;
+  const backend = await initBackend();
+  const work = await mkdtemp(join(tmpdir(), 'tandem-bench-split-'));
+  try {
+    const tcp = await tcpLoopbackBytesPerSecond(quick ? 64 << 20 : 256 << 20);
+    const cases: Case[] = [
+      { name: 'stories260K', dir: FIXTURE, cut: { bottom: 1, top: 1 }, batch: 8, seq: 64 },
+      { name: quick ? 'random-llama (4 layers, --quick)' : 'random-llama', dir: await randomModelDir(work, quick), cut: quick ? { bottom: 1, top: 1 } : { bottom: 2, top: 2 }, batch: 4, seq: 128 },
+    ];
+    const results = [];
+    for (const c of cases) results.push(await runCase(c, steps, work));
+    const lines = [`backend ${backend.name}; raw TCP loopback ${(tcp / 2 ** 20).toFixed(0)} MiB/s; median of ${steps} steps after one warm-up`, ''];
+    const header = ['model', 'params', 'cut', 'fwd/bwd codec', 'step s', 'split/local whole', 'split/local cut', 'B/token up', 'B/token down'];
+    const rows: string[][] = [header];
+    for (const r of results) {
+      const cut = r.cut as Cut;
+      rows.push([String(r.model), `${((r.parameters as number) / 1e6).toFixed(2)}M`, `(${cut.bottom},${cut.top})`, 'local whole', (r.localWholeStepSeconds as number).toFixed(3), '', '', '', '']);
+      rows.push(['', '', '', 'local cut', (r.localCutStepSeconds as number).toFixed(3), '', '', '', '']);
+      for (const s of r.split as Record<string, number | string>[]) {
+        rows.push(['', '', '', `${s.forward}/${s.backward}`, (s.stepSeconds as number).toFixed(3), (s.ratioToLocalWhole as number).toFixed(3), (s.ratioToLocalCut as number).toFixed(3), (s.upBytesPerToken as number).toFixed(0), (s.downBytesPerToken as number).toFixed(0)]);
+      }
+    }
+    const widths = header.map((_, i) => Math.max(...rows.map((r) => r[i].length)));
+    for (const r of rows) lines.push(r.map((c, i) => c.padEnd(widths[i])).join('  '));
+    process.stdout.write(`${lines.join('\n')}\n`);
+    return { backend: backend.name, tcpLoopbackBytesPerSecond: tcp, steps, cases: results };
+  } finally {
+    await rm(work, { recursive: true, force: true });
+  }
+}

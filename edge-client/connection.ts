@@ -1,0 +1,247 @@
+// The data-plane connection: socket.io over websocket, one event `envelope` whose ack is
+// the reply. A request is encoded once and resent byte for byte after a timeout or a
+// reconnect, so a retry is the same (session, step, microbatch) with the same content
+// (error feedback has already been applied once). After a reconnect nothing is sent until
+// the session is reattached.
+import { io } from 'socket.io-client';
+import type { Socket } from 'socket.io-client';
+import { DEFAULT_LIMITS, Reassembler, decodeEnvelope, encodeEnvelope, messagesForTransport } from '../protocol/index.ts';
+import type { Envelope } from '../protocol/index.ts';
+import { EdgeError } from './errors.ts';
+
+export interface ConnectionOptions {
+  key: string;
+  /** How long one send waits for its ack before it is retried. */
+  requestTimeoutMs?: number;
+  /** Sends of one request after the first; a send waiting for a reconnect does not count. */
+  retries?: number;
+  /** First retry delay; doubles each retry up to maxBackoffMs. */
+  backoffMs?: number;
+  maxBackoffMs?: number;
+  /** How long to wait for the (re)connection before a request fails. */
+  connectTimeoutMs?: number;
+}
+
+/** Traffic counters; bytes are the encoded envelopes on the wire. */
+export interface ConnectionStats {
+  bytesSent: number;
+  bytesReceived: number;
+  requests: number;
+  retries: number;
+  reconnects: number;
+  /** Mean round-trip time of the answered sends, in milliseconds. */
+  meanRttMs: number;
+  lastRttMs: number;
+}
+
+/** Codes of Error replies that a retry of the same request may cure. */
+// TANDEM_MODEL_NOT_READY: a restarted node listens before its model is loaded.
+const RETRYABLE_REMOTE = new Set(['TANDEM_MODEL_NOT_READY']);
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+function toBytes(x: unknown): Uint8Array | undefined {
+  if (x instanceof Uint8Array) return x;
+  if (x instanceof ArrayBuffer) return new Uint8Array(x);
+  return undefined;
+}
+
+export interface RequestOptions {
+  /** Send even while the session is being reattached (the reattach request itself). */
+  beforeReattach?: boolean;
+  /** Overrides ConnectionOptions.retries for this request. */
+  retries?: number;
+}
+
+export class CloudConnection {
+  readonly socket: Socket;
+  readonly stats: ConnectionStats = { bytesSent: 0, bytesReceived: 0, requests: 0, retries: 0, reconnects: 0, meanRttMs: 0, lastRttMs: 0 };
+  /** The negotiated limit; larger envelopes go as chunks. */
+  maxMessageBytes: number = DEFAULT_LIMITS.maxMessageBytes;
+  private readonly options: Required<ConnectionOptions>;
+  private readonly reassembler = new Reassembler({ maxMessageBytes: DEFAULT_LIMITS.maxFrameBytes });
+  private reattach?: () => Promise<void>;
+  private ready: Promise<void> = Promise.resolve();
+  private closed = false;
+  private connectedOnce = false;
+  private rttCount = 0;
+  private streamCounter = 0;
+
+  private constructor(url: string, options: ConnectionOptions) {
+    this.options = {
+      key: options.key,
+      requestTimeoutMs: options.requestTimeoutMs ?? 30_000,
+      retries: options.retries ?? 8,
+      backoffMs: options.backoffMs ?? 100,
+      maxBackoffMs: options.maxBackoffMs ?? 3_000,
+      connectTimeoutMs: options.connectTimeoutMs ?? 60_000,
+    };
+    this.socket = io(url, {
+      transports: ['websocket'],
+      auth: { key: options.key },
+      autoConnect: false,
+      reconnection: true,
+      reconnectionDelay: 100,
+      reconnectionDelayMax: 2_000,
+      randomizationFactor: 0.2,
+    });
+    this.socket.on('connect', () => {
+      if (this.connectedOnce) this.onReconnect();
+      this.connectedOnce = true;
+    });
+    this.socket.on('disconnect', (reason) => {
+      // A server that shuts down disconnects its sockets itself, and socket.io does not
+      // reconnect after that on its own; a restarted node is worth waiting for.
+      if (reason === 'io server disconnect' && !this.closed) this.socket.connect();
+    });
+  }
+
+  /** Opens the connection; fails with TANDEM_EDGE_AUTH_FAILED or TANDEM_EDGE_CONNECT_FAILED. */
+  static async open(url: string, options: ConnectionOptions): Promise<CloudConnection> {
+    const c = new CloudConnection(url, options);
+    c.socket.connect();
+    try {
+      await c.waitConnected();
+    } catch (err) {
+      c.close();
+      throw err;
+    }
+    return c;
+  }
+
+  /** Called after every reconnect, before any other request is sent. */
+  onReattach(handler: () => Promise<void>): void {
+    this.reattach = handler;
+  }
+
+  private onReconnect(): void {
+    this.stats.reconnects += 1;
+    const handler = this.reattach;
+    if (!handler) return;
+    const run = async (): Promise<void> => {
+      // A reattach that fails on a connection that drops again is retried on the next connect.
+      await handler();
+    };
+    this.ready = run();
+    this.ready.catch(() => undefined);
+  }
+
+  private waitConnected(): Promise<void> {
+    if (this.closed) return Promise.reject(new EdgeError('TANDEM_EDGE_CLOSED', 'the connection is closed'));
+    if (this.socket.connected) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const done = (err?: Error): void => {
+        clearTimeout(timer);
+        this.socket.off('connect', onConnect);
+        this.socket.off('connect_error', onError);
+        if (err) reject(err);
+        else resolve();
+      };
+      const onConnect = (): void => done();
+      const onError = (err: Error & { data?: unknown }): void => {
+        // A refusal by the server's middleware is final: socket.io does not retry it.
+        if (this.socket.active) return;
+        const auth = /auth|key|TANDEM_[A-Z_]*AUTH/i.test(err.message);
+        done(new EdgeError(auth ? 'TANDEM_EDGE_AUTH_FAILED' : 'TANDEM_EDGE_CONNECT_FAILED', `the cloud refused the connection: ${err.message}`, { where: this.url, cause: err }));
+      };
+      const timer = setTimeout(
+        () => done(new EdgeError('TANDEM_EDGE_CONNECT_FAILED', `no connection within ${this.options.connectTimeoutMs} ms`, { where: this.url })),
+        this.options.connectTimeoutMs,
+      );
+      this.socket.on('connect', onConnect);
+      this.socket.on('connect_error', onError);
+    });
+  }
+
+  private get url(): string {
+    return (this.socket.io as unknown as { uri?: string }).uri ?? '';
+  }
+
+  /**
+   * Sends `env` and returns the reply envelope. Timeouts and lost connections are retried
+   * with backoff; an Error reply is thrown as TANDEM_EDGE_REMOTE_ERROR with the cloud's code.
+   */
+  async request(env: Envelope, options: RequestOptions = {}): Promise<Envelope> {
+    const bytes = encodeEnvelope(env);
+    const retries = options.retries ?? this.options.retries;
+    this.stats.requests += 1;
+    let lastError: unknown;
+    for (let attempt = 0; attempt <= retries; attempt++) {
+      if (attempt > 0) {
+        this.stats.retries += 1;
+        await sleep(Math.min(this.options.maxBackoffMs, this.options.backoffMs * 2 ** (attempt - 1)));
+      }
+      await this.waitConnected();
+      if (!options.beforeReattach) await this.ready;
+      if (!this.socket.connected) {
+        attempt -= 1; // dropped again while reattaching: wait for the next connection, no send was made
+        continue;
+      }
+      try {
+        const reply = await this.send(bytes, env.requestId);
+        if (reply.body.case === 'error') {
+          const { code, message, details } = reply.body.value;
+          if (RETRYABLE_REMOTE.has(code)) {
+            lastError = new EdgeError('TANDEM_EDGE_REMOTE_ERROR', `${code}: ${message}`, { remoteCode: code, details });
+            continue;
+          }
+          throw new EdgeError('TANDEM_EDGE_REMOTE_ERROR', `${code}: ${message}`, { remoteCode: code, details, field: env.body.case });
+        }
+        return reply;
+      } catch (err) {
+        if (err instanceof EdgeError) throw err;
+        lastError = err; // a timeout or a disconnect: resend the same bytes
+      }
+    }
+    throw new EdgeError('TANDEM_EDGE_REQUEST_FAILED', `${env.body.case} got no answer after ${retries + 1} sends: ${(lastError as Error)?.message ?? lastError}`, { field: env.body.case, cause: lastError });
+  }
+
+  /** One send of an encoded envelope (as chunks when over the limit); resolves to the decoded reply. */
+  private async send(bytes: Uint8Array, requestId: string): Promise<Envelope> {
+    const messages = messagesForTransport(bytes, `${requestId}#${++this.streamCounter}`, this.maxMessageBytes);
+    const t0 = performance.now();
+    let ack: unknown;
+    for (const m of messages) {
+      this.stats.bytesSent += m.length;
+      ack = await this.socket.timeout(this.options.requestTimeoutMs).emitWithAck('envelope', m);
+    }
+    const rtt = performance.now() - t0;
+    this.rttCount += 1;
+    this.stats.lastRttMs = rtt;
+    this.stats.meanRttMs += (rtt - this.stats.meanRttMs) / this.rttCount;
+    return this.decodeReply(ack);
+  }
+
+  private decodeReply(ack: unknown): Envelope {
+    const parts = Array.isArray(ack) ? ack.map(toBytes) : [toBytes(ack)];
+    if (parts.length === 0 || parts.some((p) => p === undefined)) {
+      throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', 'the ack carries no envelope bytes', { field: 'ack' });
+    }
+    let whole: Uint8Array | null = null;
+    for (const p of parts as Uint8Array[]) {
+      this.stats.bytesReceived += p.length;
+      const env = decodeEnvelope(p, { maxMessageBytes: Math.max(this.maxMessageBytes, DEFAULT_LIMITS.maxMessageBytes) });
+      if (env.body.case !== 'chunk') return env;
+      whole = this.reassembler.accept(env.body.value);
+    }
+    if (whole === null) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', 'the reply chunks do not complete a message', { field: 'ack' });
+    return decodeEnvelope(whole, { maxMessageBytes: DEFAULT_LIMITS.maxFrameBytes });
+  }
+
+  /** A message that needs no reply (SessionClose): sent once, its ack awaited briefly. */
+  async notify(env: Envelope, timeoutMs = 2_000): Promise<void> {
+    if (!this.socket.connected) return;
+    const bytes = encodeEnvelope(env);
+    this.stats.bytesSent += bytes.length;
+    await this.socket
+      .timeout(timeoutMs)
+      .emitWithAck('envelope', bytes)
+      .catch(() => undefined);
+  }
+
+  close(): void {
+    this.closed = true;
+    this.socket.removeAllListeners();
+    this.socket.disconnect();
+  }
+}

@@ -1,0 +1,243 @@
+// The edge part of a model: the cloud's REST API lists models and serves, per cut, the
+// embedding, the bottom and top blocks, the final norm and head, config and tokenizer.
+// Every file is checked against the manifest's sha256 and cached by content hash and cut,
+// so a second run starts without the network.
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { homedir } from 'node:os';
+import { join } from 'node:path';
+import { LlamaModel, expectedTensorShapes, loadTokenizer, parseModelConfig, readSafetensorsFile, toFloat32 } from '../model/index.ts';
+import type { Cut, ModelConfig, Tokenizer } from '../model/index.ts';
+import { EdgeError } from './errors.ts';
+
+export const EDGE_WEIGHTS_FILE = 'edge.safetensors';
+export const EDGE_FILES = [EDGE_WEIGHTS_FILE, 'config.json', 'tokenizer.json', 'tokenizer_config.json'] as const;
+const MANIFEST_FILE = 'manifest.json';
+
+/** One model of GET /v1/models. */
+export interface ModelInfo {
+  id: string;
+  modelType: string;
+  contentHash: string;
+  numLayers: number;
+  config: Record<string, unknown>;
+  /** The cuts the cloud allows, as it states them ({minBottom, minTop, maxBottomPlusTop}). */
+  cuts: Record<string, unknown>;
+  defaultCut: Cut;
+}
+
+export interface EdgeManifest {
+  model: string;
+  contentHash: string;
+  cut: Cut;
+  files: { name: string; bytes: number; sha256: string }[];
+}
+
+export interface EdgePart {
+  /** The cache folder holding the files of EDGE_FILES. */
+  dir: string;
+  manifest: EdgeManifest;
+  /** True when nothing had to be downloaded. */
+  cached: boolean;
+  /** Bytes downloaded now. */
+  downloadedBytes: number;
+}
+
+/** The default cache: $TANDEM_CACHE or ~/.cache/tandem. */
+export function defaultCacheDir(): string {
+  return process.env.TANDEM_CACHE || join(homedir(), '.cache', 'tandem');
+}
+
+function isObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+function invalid(what: string, where: string): EdgeError {
+  return new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', what, { where });
+}
+
+function parseCut(v: unknown, where: string, field: string): Cut {
+  if (!isObject(v) || !Number.isInteger(v.bottom) || !Number.isInteger(v.top) || (v.bottom as number) < 0 || (v.top as number) < 0) {
+    throw invalid(`${field} must be {bottom, top} of non-negative integers`, where);
+  }
+  return { bottom: v.bottom as number, top: v.top as number };
+}
+
+/** The REST half of the cloud API, with the key in every request. */
+export class CloudRest {
+  readonly baseUrl: string;
+
+  constructor(
+    url: string,
+    private readonly key: string,
+    private readonly timeoutMs = 60_000,
+  ) {
+    this.baseUrl = url.replace(/\/+$/, '');
+  }
+
+  private async get(path: string): Promise<Response> {
+    const url = `${this.baseUrl}${path}`;
+    let res: Response;
+    try {
+      res = await fetch(url, { headers: { authorization: `Bearer ${this.key}` }, signal: AbortSignal.timeout(this.timeoutMs) });
+    } catch (cause) {
+      throw new EdgeError('TANDEM_EDGE_HTTP_FAILED', `GET failed: ${(cause as Error).message}`, { where: url, cause });
+    }
+    if (res.ok) return res;
+    const body = await res.text().catch(() => '');
+    let remoteCode: string | undefined;
+    try {
+      const j = JSON.parse(body) as { code?: unknown };
+      if (typeof j.code === 'string') remoteCode = j.code;
+    } catch {
+      // not JSON: the status says enough
+    }
+    const detail = `${res.status} ${res.statusText}${remoteCode ? ` ${remoteCode}` : ''}`;
+    if (res.status === 401 || res.status === 403) throw new EdgeError('TANDEM_EDGE_AUTH_FAILED', `the cloud answered ${detail}`, { where: url, remoteCode });
+    if (res.status === 404) throw new EdgeError('TANDEM_EDGE_MODEL_UNKNOWN', `the cloud answered ${detail}`, { where: url, remoteCode });
+    throw new EdgeError('TANDEM_EDGE_HTTP_FAILED', `the cloud answered ${detail}: ${body.slice(0, 200)}`, { where: url, remoteCode });
+  }
+
+  private async json(path: string): Promise<unknown> {
+    const res = await this.get(path);
+    try {
+      return await res.json();
+    } catch (cause) {
+      throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', 'the body is not JSON', { where: `${this.baseUrl}${path}`, cause });
+    }
+  }
+
+  async models(): Promise<ModelInfo[]> {
+    const where = `${this.baseUrl}/v1/models`;
+    const body = await this.json('/v1/models');
+    if (!isObject(body) || !Array.isArray(body.models)) throw invalid('expected {models: [...]}', where);
+    return body.models.map((m, i) => {
+      if (!isObject(m) || typeof m.id !== 'string' || typeof m.contentHash !== 'string' || !Number.isInteger(m.numLayers)) {
+        throw invalid(`models[${i}] needs id, contentHash and numLayers`, where);
+      }
+      return {
+        id: m.id,
+        modelType: typeof m.modelType === 'string' ? m.modelType : '',
+        contentHash: m.contentHash,
+        numLayers: m.numLayers as number,
+        config: isObject(m.config) ? m.config : {},
+        cuts: isObject(m.cuts) ? m.cuts : {},
+        defaultCut: parseCut(m.defaultCut ?? { bottom: 2, top: 2 }, where, `models[${i}].defaultCut`),
+      };
+    });
+  }
+
+  private edgePath(modelId: string, cut: Cut, suffix = ''): string {
+    return `/v1/models/${encodeURIComponent(modelId)}/edge${suffix}?bottom=${cut.bottom}&top=${cut.top}`;
+  }
+
+  async manifest(modelId: string, cut: Cut): Promise<EdgeManifest> {
+    const path = this.edgePath(modelId, cut);
+    const where = `${this.baseUrl}${path}`;
+    const body = await this.json(path);
+    if (!isObject(body) || typeof body.contentHash !== 'string' || !Array.isArray(body.files)) throw invalid('expected {model, contentHash, cut, files}', where);
+    const files = body.files.map((f, i) => {
+      if (!isObject(f) || typeof f.name !== 'string' || !Number.isInteger(f.bytes) || typeof f.sha256 !== 'string') throw invalid(`files[${i}] needs name, bytes and sha256`, where);
+      // A file name from the network becomes a path here: nothing but a plain name.
+      if (!/^[A-Za-z0-9._-]+$/.test(f.name) || f.name.startsWith('.')) throw invalid(`files[${i}].name ${JSON.stringify(f.name)} is not a plain file name`, where);
+      return { name: f.name, bytes: f.bytes as number, sha256: f.sha256.replace(/^sha256:/, '').toLowerCase() };
+    });
+    for (const name of EDGE_FILES) if (name !== 'tokenizer_config.json' && !files.some((f) => f.name === name)) throw invalid(`the manifest lists no ${name}`, where);
+    const got = parseCut(body.cut ?? cut, where, 'cut');
+    if (got.bottom !== cut.bottom || got.top !== cut.top) throw invalid(`the manifest is for cut (${got.bottom}, ${got.top}), not (${cut.bottom}, ${cut.top})`, where);
+    return { model: typeof body.model === 'string' ? body.model : modelId, contentHash: body.contentHash, cut: got, files };
+  }
+
+  async file(modelId: string, cut: Cut, name: string): Promise<Uint8Array> {
+    const res = await this.get(this.edgePath(modelId, cut, `/files/${encodeURIComponent(name)}`));
+    return new Uint8Array(await res.arrayBuffer());
+  }
+}
+
+const sha256 = (bytes: Uint8Array): string => createHash('sha256').update(bytes).digest('hex');
+
+function cacheKey(contentHash: string, cut: Cut): string {
+  const hash = contentHash.replace(/^sha256:/, '').replace(/[^A-Za-z0-9]/g, '').slice(0, 64);
+  return `${hash}-b${cut.bottom}-t${cut.top}`;
+}
+
+async function cachedFilesMatch(dir: string, manifest: EdgeManifest): Promise<boolean> {
+  for (const f of manifest.files) {
+    const path = join(dir, f.name);
+    const s = await stat(path).catch(() => undefined);
+    if (!s || s.size !== f.bytes) return false;
+    if (sha256(await readFile(path)) !== f.sha256) return false;
+  }
+  return true;
+}
+
+/**
+ * The edge part of `modelId` at `cut` in the cache, downloading what is missing. The folder
+ * is written to a temporary sibling and renamed into place, so a crash leaves no half cache.
+ */
+export async function downloadEdgePart(rest: CloudRest, modelId: string, cut: Cut, cacheDir = defaultCacheDir()): Promise<EdgePart> {
+  const manifest = await rest.manifest(modelId, cut);
+  const dir = join(cacheDir, cacheKey(manifest.contentHash, cut));
+  if (await cachedFilesMatch(dir, manifest)) return { dir, manifest, cached: true, downloadedBytes: 0 };
+  await mkdir(cacheDir, { recursive: true });
+  const tmp = join(cacheDir, `.${cacheKey(manifest.contentHash, cut)}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`);
+  let downloadedBytes = 0;
+  try {
+    await mkdir(tmp);
+    for (const f of manifest.files) {
+      const bytes = await rest.file(modelId, cut, f.name);
+      downloadedBytes += bytes.length;
+      const where = `${rest.baseUrl} file ${f.name}`;
+      if (bytes.length !== f.bytes) throw new EdgeError('TANDEM_EDGE_DOWNLOAD_CORRUPT', `got ${bytes.length} bytes, the manifest says ${f.bytes}`, { where });
+      const got = sha256(bytes);
+      if (got !== f.sha256) throw new EdgeError('TANDEM_EDGE_DOWNLOAD_CORRUPT', `sha256 ${got} differs from the manifest's ${f.sha256}`, { where });
+      await writeFile(join(tmp, f.name), bytes);
+    }
+    await writeFile(join(tmp, MANIFEST_FILE), `${JSON.stringify(manifest, null, 2)}\n`);
+    await rm(dir, { recursive: true, force: true });
+    await rename(tmp, dir);
+  } catch (err) {
+    await rm(tmp, { recursive: true, force: true });
+    throw err;
+  }
+  return { dir, manifest, cached: false, downloadedBytes };
+}
+
+/** Names of the tensors the edge holds at `cut`. */
+export function edgeTensorNames(config: ModelConfig, cut: Cut): string[] {
+  const L = config.numHiddenLayers;
+  const keep = (name: string): boolean => {
+    const m = /^model\.layers\.(\d+)\./.exec(name);
+    if (!m) return true;
+    const layer = Number(m[1]);
+    return layer < cut.bottom || layer >= L - cut.top;
+  };
+  return [...expectedTensorShapes(config).keys()].filter(keep);
+}
+
+export interface LoadedEdgePart {
+  config: ModelConfig;
+  model: LlamaModel;
+  tokenizer: Tokenizer;
+  contentHash: string;
+  cut: Cut;
+}
+
+/** Builds the edge LlamaModel (only the edge's tensors; the middle blocks are absent) and the tokenizer. */
+export async function loadEdgePart(part: EdgePart): Promise<LoadedEdgePart> {
+  const configPath = join(part.dir, 'config.json');
+  const config = parseModelConfig(JSON.parse(await readFile(configPath, 'utf8')), configPath);
+  const weightsPath = join(part.dir, EDGE_WEIGHTS_FILE);
+  const contents = await readSafetensorsFile(weightsPath);
+  const { cut } = part.manifest;
+  if (cut.bottom + cut.top > config.numHiddenLayers) throw invalid(`cut (${cut.bottom}, ${cut.top}) leaves no room in ${config.numHiddenLayers} layers`, configPath);
+  const arrays = new Map<string, { shape: number[]; data: Float32Array }>();
+  for (const name of edgeTensorNames(config, cut)) {
+    const entry = contents.tensors.get(name);
+    if (!entry) throw new EdgeError('TANDEM_EDGE_DOWNLOAD_CORRUPT', `the edge weights lack ${name}`, { where: weightsPath });
+    arrays.set(name, { shape: [...entry.shape], data: toFloat32(entry, weightsPath, name) });
+  }
+  const model = LlamaModel.fromArrays(config, arrays);
+  const tokenizer = await loadTokenizer(part.dir);
+  return { config, model, tokenizer, contentHash: part.manifest.contentHash, cut };
+}

@@ -1,0 +1,132 @@
+// model/train's Middle over the wire: forward sends h_B and gets h_M, backward sends g_M
+// and gets g_B. The encoded h_B frame is kept until backward completes, because the cloud
+// may have lost its activations (eviction, restart) and then needs h_B again to recompute;
+// resending the very frame makes the recomputation see exactly what forward saw.
+import { ErrorFeedback, decodeTensor, encodeTensor, frameBytes } from '../protocol/index.ts';
+import type { CodecSpec, Envelope, TensorFrame } from '../protocol/index.ts';
+import { tf } from '../model/index.ts';
+import type { Middle, MicrobatchKey } from '../model/index.ts';
+import { EdgeError } from './errors.ts';
+import type { EdgeSession } from './session.ts';
+
+/** The cloud's code when it no longer holds a micro-batch's activations. */
+export const ACTIVATIONS_GONE = 'TANDEM_ACTIVATIONS_GONE';
+
+export interface RemoteMiddleOptions {
+  /** Error feedback on the gradient codec; on by default when it is lossy. */
+  errorFeedback?: boolean;
+}
+
+/** Bytes of tensor frames per direction and message kind (payload and codec parameters). */
+export interface MiddleTraffic {
+  forwardUpBytes: number;
+  forwardDownBytes: number;
+  backwardUpBytes: number;
+  backwardDownBytes: number;
+  forwards: number;
+  backwards: number;
+  /** Backwards the cloud answered by recomputing from a resent h_B. */
+  recomputes: number;
+}
+
+const LOSSLESS = new Set(['f32']);
+
+function keyString(key: MicrobatchKey): string {
+  return `${key.eval ? 'eval' : 'train'}:${key.step}:${key.microbatch}`;
+}
+
+export class RemoteMiddle implements Middle {
+  readonly trainsParameters = false;
+  /** Whether the trainer will send backward; forward tells the cloud whether to keep activations. */
+  needsBackward = true;
+  readonly traffic: MiddleTraffic = { forwardUpBytes: 0, forwardDownBytes: 0, backwardUpBytes: 0, backwardDownBytes: 0, forwards: 0, backwards: 0, recomputes: 0 };
+  private readonly kept = new Map<string, TensorFrame>();
+  private readonly feedback?: ErrorFeedback;
+  private evalCounter = 0;
+
+  constructor(
+    private readonly session: EdgeSession,
+    options: RemoteMiddleOptions = {},
+  ) {
+    const backward = this.backwardCodec;
+    if (options.errorFeedback ?? !LOSSLESS.has(backward.codec)) this.feedback = new ErrorFeedback(backward);
+  }
+
+  get forwardCodec(): CodecSpec {
+    return this.session.welcome.codecs.forward;
+  }
+
+  get backwardCodec(): CodecSpec {
+    return this.session.welcome.codecs.backward;
+  }
+
+  private decode(reply: Envelope, expected: 'forwardResult' | 'backwardResult', key: MicrobatchKey, shape: number[]): { data: Float32Array; bytes: number; recomputed: boolean } {
+    if (reply.body.case !== expected) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `expected ${expected}, got ${reply.body.case}`, { field: expected });
+    const v = reply.body.value;
+    if (v.step !== key.step || v.microbatch !== key.microbatch) {
+      throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the reply is for (${v.step}, ${v.microbatch}), the request for (${key.step}, ${key.microbatch})`, { field: `${expected}.step` });
+    }
+    const frame = v.frames[0];
+    if (!frame) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', 'the reply carries no tensor frame', { field: `${expected}.frames` });
+    const w = this.session.welcome;
+    const data = decodeTensor(frame, { shape, limits: w.limits, allowNonFinite: w.allowNonFinite, field: `${expected}.frames[0]` });
+    const recomputed = reply.body.case === 'backwardResult' ? reply.body.value.recomputed : false;
+    return { data, bytes: frameBytes(frame), recomputed };
+  }
+
+  async forward(h: tf.Tensor3D, key: MicrobatchKey): Promise<tf.Tensor3D> {
+    const shape = [...h.shape];
+    const data = (await h.data()) as Float32Array;
+    const frame = encodeTensor(data, shape, this.forwardCodec, { name: 'h_B', checkFinite: true });
+    const needsBackward = !key.eval && this.needsBackward;
+    // Eval passes are keyed apart from training steps: a distinct micro-batch number each.
+    const wireKey = key.eval ? { step: key.step, microbatch: 0x40000000 + (this.evalCounter++ % 0x3fffffff) } : key;
+    if (needsBackward) this.kept.set(keyString(key), frame);
+    this.traffic.forwards += 1;
+    this.traffic.forwardUpBytes += frameBytes(frame);
+    const reply = await this.session.request({
+      case: 'forward',
+      value: { sessionId: this.session.id, step: wireKey.step, microbatch: wireKey.microbatch, frames: [frame], needsBackward },
+    });
+    const out = this.decode(reply, 'forwardResult', wireKey, shape);
+    this.traffic.forwardDownBytes += out.bytes;
+    return tf.tensor3d(out.data, shape as [number, number, number]);
+  }
+
+  async backward(g: tf.Tensor3D, key: MicrobatchKey): Promise<tf.Tensor3D> {
+    const k = keyString(key);
+    const hB = this.kept.get(k);
+    if (!hB) throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', `backward for ${k} without a forward that kept h_B`, { field: 'key' });
+    const shape = [...g.shape];
+    const data = (await g.data()) as Float32Array;
+    const stream = `g_M:${key.microbatch}`;
+    if (this.feedback?.residual(stream)?.length !== undefined && this.feedback.residual(stream)?.length !== data.length) this.feedback.reset(stream);
+    const gFrame = this.feedback ? this.feedback.encode(stream, data, shape, { name: 'g_M' }) : encodeTensor(data, shape, this.backwardCodec, { name: 'g_M', checkFinite: true });
+    const send = (frames: TensorFrame[]) => {
+      this.traffic.backwards += 1;
+      this.traffic.backwardUpBytes += frames.reduce((n, f) => n + frameBytes(f), 0);
+      return this.session.request({ case: 'backward', value: { sessionId: this.session.id, step: key.step, microbatch: key.microbatch, frames } });
+    };
+    let reply: Envelope;
+    try {
+      reply = await send([gFrame]);
+    } catch (err) {
+      if (!(err instanceof EdgeError) || err.remoteCode !== ACTIVATIONS_GONE) throw err;
+      reply = await send([gFrame, hB]);
+    }
+    const out = this.decode(reply, 'backwardResult', key, shape);
+    if (out.recomputed) this.traffic.recomputes += 1;
+    this.traffic.backwardDownBytes += out.bytes;
+    this.kept.delete(k);
+    return tf.tensor3d(out.data, shape as [number, number, number]);
+  }
+
+  release(key: MicrobatchKey): void {
+    this.kept.delete(keyString(key));
+  }
+
+  dispose(): void {
+    this.kept.clear();
+    this.feedback?.clear();
+  }
+}

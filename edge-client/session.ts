@@ -1,0 +1,187 @@
+// A training session with the cloud: Hello → Welcome opens it, SessionOpen reattaches it
+// after a reconnect (the cloud restarted, or the network dropped), SessionClose ends it.
+import { DEFAULT_LIMITS, PROTOCOL_VERSION, SUPPORTED_VERSIONS, envelope, intersectLimits } from '../protocol/index.ts';
+import type { Body, CloseReason, CodecSpec, Envelope, Limits, TrainingSpec, Welcome } from '../protocol/index.ts';
+import type { Cut } from '../model/index.ts';
+import { CloudConnection } from './connection.ts';
+import type { ConnectionOptions, ConnectionStats } from './connection.ts';
+import { CloudRest, defaultCacheDir, downloadEdgePart } from './download.ts';
+import type { EdgePart, ModelInfo } from './download.ts';
+import { EdgeError } from './errors.ts';
+import { RemoteMiddle } from './remote-middle.ts';
+import type { RemoteMiddleOptions } from './remote-middle.ts';
+
+export const CLIENT_BUILD = `tandem-edge/${PROTOCOL_VERSION.major}.${PROTOCOL_VERSION.minor}`;
+
+export interface SessionSpec {
+  model: { id: string; contentHash: string };
+  cut: Cut;
+  /** Codecs the edge offers per direction, most preferred first. */
+  codecs: { forward: CodecSpec[]; backward: CodecSpec[] };
+  /** PEFT method names trained on the edge (informational for the cloud). */
+  methods?: string[];
+  limits?: Partial<Limits>;
+  allowNonFinite?: boolean;
+}
+
+export type ConnectCloudOptions = ConnectionOptions;
+
+/** What connectCloud returns: REST for models and downloads, the data-plane connection for sessions. */
+export class CloudClient {
+  readonly rest: CloudRest;
+
+  constructor(
+    readonly url: string,
+    readonly connection: CloudConnection,
+    key: string,
+  ) {
+    this.rest = new CloudRest(url, key);
+  }
+
+  models(): Promise<ModelInfo[]> {
+    return this.rest.models();
+  }
+
+  /** The edge part of a model at a cut, from the cache when it is there. */
+  downloadEdge(modelId: string, cut: Cut, cacheDir = defaultCacheDir()): Promise<EdgePart> {
+    return downloadEdgePart(this.rest, modelId, cut, cacheDir);
+  }
+
+  async openSession(spec: SessionSpec): Promise<EdgeSession> {
+    const session = new EdgeSession(this.connection, spec);
+    await session.hello();
+    return session;
+  }
+
+  get stats(): ConnectionStats {
+    return this.connection.stats;
+  }
+
+  close(): void {
+    this.connection.close();
+  }
+}
+
+/** Connects to a cloud node (REST at `url`, socket.io at the same origin). */
+export async function connectCloud(url: string, options: ConnectCloudOptions): Promise<CloudClient> {
+  if (typeof options?.key !== 'string' || options.key === '') throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', 'a key is required', { field: 'key' });
+  let parsed: URL;
+  try {
+    parsed = new URL(url);
+  } catch (cause) {
+    throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', `${JSON.stringify(url)} is not a URL`, { field: 'cloud', cause });
+  }
+  if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', `the cloud URL must be http(s), got ${parsed.protocol}`, { field: 'cloud' });
+  const connection = await CloudConnection.open(url, options);
+  return new CloudClient(url, connection, options.key);
+}
+
+export class EdgeSession {
+  private welcomeMessage?: Welcome;
+  private requestCounter = 0;
+  /** Steps the edge has completed; a reattach tells the cloud where training stands. */
+  completedStep = 0;
+  /** Times the session was reattached, and times a new session had to replace it. */
+  reattached = 0;
+  reopened = 0;
+
+  constructor(
+    readonly connection: CloudConnection,
+    readonly spec: SessionSpec,
+  ) {
+    connection.onReattach(() => this.reattach());
+  }
+
+  get id(): string {
+    return this.welcome.sessionId;
+  }
+
+  get welcome(): Welcome {
+    if (!this.welcomeMessage) throw new EdgeError('TANDEM_EDGE_SESSION_LOST', 'the session is not open');
+    return this.welcomeMessage;
+  }
+
+  private nextRequestId(): string {
+    return `edge-${process.pid}-${++this.requestCounter}`;
+  }
+
+  /** Sends a request of this session and returns the reply. */
+  request(body: Body, options: { beforeReattach?: boolean } = {}): Promise<Envelope> {
+    return this.connection.request(envelope(this.nextRequestId(), body), options);
+  }
+
+  private helloBody(): Body {
+    const { spec } = this;
+    const training: TrainingSpec = { methods: spec.methods ?? [], cloudMiddleLora: false, middleLoraRank: 0 };
+    return {
+      case: 'hello',
+      value: {
+        versions: SUPPORTED_VERSIONS,
+        clientBuild: CLIENT_BUILD,
+        model: spec.model,
+        codecs: spec.codecs,
+        limits: intersectLimits(spec.limits ?? {}, DEFAULT_LIMITS),
+        cut: spec.cut,
+        training,
+        allowNonFinite: spec.allowNonFinite ?? false,
+      },
+    };
+  }
+
+  private adopt(reply: Envelope, asked: string): Welcome {
+    if (reply.body.case !== 'welcome') throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `${asked} was answered by ${reply.body.case}, not welcome`, { field: asked });
+    const w = reply.body.value;
+    const { cut } = this.spec;
+    if (w.cut.bottom !== cut.bottom || w.cut.top !== cut.top) {
+      throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the cloud welcomed cut (${w.cut.bottom}, ${w.cut.top}); the edge holds (${cut.bottom}, ${cut.top})`, { field: 'welcome.cut' });
+    }
+    if (w.model.contentHash && w.model.contentHash !== this.spec.model.contentHash) {
+      throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the cloud serves ${w.model.contentHash}; the edge part is ${this.spec.model.contentHash}`, { field: 'welcome.model' });
+    }
+    const offered = (list: CodecSpec[], c: CodecSpec) => list.some((s) => s.codec === c.codec);
+    if (!offered(this.spec.codecs.forward, w.codecs.forward) || !offered(this.spec.codecs.backward, w.codecs.backward)) {
+      throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the cloud chose codecs ${w.codecs.forward.codec}/${w.codecs.backward.codec}, which the edge did not offer`, { field: 'welcome.codecs' });
+    }
+    this.welcomeMessage = w;
+    this.connection.maxMessageBytes = w.limits.maxMessageBytes || DEFAULT_LIMITS.maxMessageBytes;
+    return w;
+  }
+
+  /** Hello → Welcome. */
+  async hello(options: { beforeReattach?: boolean } = {}): Promise<Welcome> {
+    return this.adopt(await this.request(this.helloBody(), options), 'hello');
+  }
+
+  /**
+   * SessionOpen → Welcome after a reconnect. When the cloud no longer knows the session (its
+   * state was lost), a new one is opened: the edge holds every trainable parameter, so
+   * nothing the cloud forgot is needed.
+   */
+  private async reattach(): Promise<void> {
+    if (!this.welcomeMessage) return;
+    try {
+      const reply = await this.request({ case: 'sessionOpen', value: { sessionId: this.id, resumeStep: this.completedStep } }, { beforeReattach: true });
+      this.adopt(reply, 'sessionOpen');
+      this.reattached += 1;
+    } catch (err) {
+      if (!(err instanceof EdgeError) || err.code !== 'TANDEM_EDGE_REMOTE_ERROR') throw err;
+      try {
+        await this.hello({ beforeReattach: true });
+        this.reopened += 1;
+      } catch (cause) {
+        throw new EdgeError('TANDEM_EDGE_SESSION_LOST', `the cloud refused to reattach (${err.message}) and to open a new session`, { cause });
+      }
+    }
+  }
+
+  /** The middle of the model, run by the cloud in this session. */
+  middle(options: RemoteMiddleOptions = {}): RemoteMiddle {
+    return new RemoteMiddle(this, options);
+  }
+
+  /** Tells the cloud the session is over; best effort. */
+  async close(reason: CloseReason = 'completed', message = ''): Promise<void> {
+    if (!this.welcomeMessage) return;
+    await this.connection.notify(envelope(this.nextRequestId(), { case: 'sessionClose', value: { sessionId: this.id, reason, message } }));
+  }
+}

@@ -1,0 +1,69 @@
+// Faults during split training: the cloud node killed and restarted mid-training, and
+// activations evicted before their backward. Either way the run ends exactly where an
+// undisturbed run ends: no step lost, none applied twice, recomputation gives the same result.
+import assert from 'node:assert/strict';
+import { after, before, describe, it } from 'node:test';
+import { trainEdge } from '../../edge-client/index.ts';
+import type { EdgeTrainOptions, EdgeTrainResult } from '../../edge-client/index.ts';
+import { initBackend } from '../../model/index.ts';
+import { DEMO_DATA, MODEL_ID, startTestCloud, tempDir } from './helpers.ts';
+import type { TestCloud } from './helpers.ts';
+
+const run = {
+  model: MODEL_ID, data: DEMO_DATA, cut: { bottom: 1, top: 1 }, steps: 6, batchSize: 4, microbatches: 2, seqLen: 32, lr: 5e-3, seed: 5,
+  methods: [{ method: 'lora', r: 4, targetModules: ['q_proj', 'v_proj'], initLoraWeights: false }], evaluate: false, requestTimeoutMs: 5_000,
+} satisfies Partial<EdgeTrainOptions>;
+
+function assertSameRun(a: EdgeTrainResult, b: EdgeTrainResult, tolerance: number): void {
+  assert.equal(a.steps, b.steps);
+  assert.deepEqual([...a.adapter.keys()].sort(), [...b.adapter.keys()].sort());
+  a.losses.forEach((loss, i) => assert.ok(Math.abs(loss - b.losses[i]) <= tolerance, `step ${i + 1}: ${loss} vs ${b.losses[i]}`));
+  for (const [name, t] of a.adapter) {
+    const u = b.adapter.get(name)!.data;
+    for (let i = 0; i < t.data.length; i++) assert.ok(Math.abs(t.data[i] - u[i]) <= tolerance, `${name}[${i}]: ${t.data[i]} vs ${u[i]}`);
+  }
+}
+
+describe('split training under faults', () => {
+  let cache: { dir: string; remove(): Promise<void> };
+  let reference: EdgeTrainResult;
+  let cloud: TestCloud;
+
+  before(async () => {
+    await initBackend();
+    cache = await tempDir('cache');
+    cloud = await startTestCloud();
+    reference = await trainEdge({ ...run, cloud: cloud.url, key: cloud.key, cacheDir: cache.dir });
+  });
+  after(async () => {
+    await cloud.close();
+    await cache.remove();
+  });
+
+  it('the cloud node is killed and restarted mid-training: the edge reattaches and finishes the same run', async () => {
+    let restarted: Promise<void> | undefined;
+    const result = await trainEdge({
+      ...run, cloud: cloud.url, key: cloud.key, cacheDir: cache.dir,
+      onEvent: (e) => {
+        // Not awaited: the node goes down while step 3's requests are on their way.
+        if (e.type === 'step' && e.step === 2) restarted = cloud.restart();
+      },
+    });
+    await restarted;
+    assert.ok(result.wire.reconnects >= 1, 'the edge reconnected');
+    assert.equal(result.wire.reattached + result.wire.reopened, result.wire.reconnects, 'each reconnect reattached the session');
+    assert.equal(result.losses.length, run.steps, 'every step ran once');
+    assertSameRun(result, reference, 1e-6);
+  });
+
+  it('activations evicted before their backward: the cloud recomputes from the resent h_B and the result is the same', async () => {
+    const tight = await startTestCloud({ memoryBudgetBytes: 1 });
+    try {
+      const result = await trainEdge({ ...run, cloud: tight.url, key: tight.key, cacheDir: cache.dir });
+      assert.equal(result.wire.frames.recomputes, run.steps * run.microbatches, 'every backward was recomputed');
+      assertSameRun(result, reference, 1e-6);
+    } finally {
+      await tight.close();
+    }
+  });
+});
