@@ -5,26 +5,7 @@ import { basename, join } from 'node:path';
 import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE } from '../model/index.ts';
 import { readBundle, readOffsiteRecord, writeBundleFiles } from '../emulator/index.ts';
 import type { Bundle, BundleFile, Quantization } from '../emulator/index.ts';
-
-/** Errors of talking to the cloud; a refusal carries the cloud's own stable code (e.g. TANDEM_ADAPTER_BASE_MISMATCH). */
-export const UPLOAD_ERRORS = {
-  TANDEM_CLOUD_UNREACHABLE: 'the cloud node could not be reached',
-  TANDEM_CLOUD_REPLY_INVALID: 'the cloud node answered something that is not what the API documents',
-} as const;
-
-export class CloudRequestError extends Error {
-  override readonly name = 'CloudRequestError';
-  /** The cloud's code for a refusal, or one of UPLOAD_ERRORS. */
-  readonly code: string;
-  /** HTTP status; 0 when there was no answer. */
-  readonly status: number;
-
-  constructor(code: string, status: number, message: string, options: { cause?: unknown } = {}) {
-    super(message.startsWith(code) ? message : `${code}: ${message}`, options.cause === undefined ? undefined : { cause: options.cause });
-    this.code = code;
-    this.status = status;
-  }
-}
+import { EdgeError } from './errors.ts';
 
 export interface CloudTarget {
   /** http(s)://host:port of the node. */
@@ -42,22 +23,24 @@ async function call(target: CloudTarget, method: string, path: string, body?: un
       body: body === undefined ? undefined : JSON.stringify(body),
     });
   } catch (cause) {
-    throw new CloudRequestError('TANDEM_CLOUD_UNREACHABLE', 0, `${method} ${url}: ${(cause as Error).message}`, { cause });
+    throw new EdgeError('TANDEM_EDGE_HTTP_FAILED', `${method} failed: ${(cause as Error).message}`, { where: url, cause });
   }
-  if (!response.ok) {
-    const text = await response.text();
-    let code = 'TANDEM_CLOUD_REPLY_INVALID';
-    let message = `${method} ${path} answered ${response.status}: ${text.slice(0, 200)}`;
-    try {
-      const json = JSON.parse(text) as { code?: unknown; message?: unknown };
-      if (typeof json.code === 'string') code = json.code;
-      if (typeof json.message === 'string') message = json.message;
-    } catch {
-      // not JSON: keep the generic code
-    }
-    throw new CloudRequestError(code, response.status, message);
+  if (response.ok) return response;
+  const text = await response.text().catch(() => '');
+  let remoteCode: string | undefined;
+  let message = text.slice(0, 200);
+  try {
+    const json = JSON.parse(text) as { code?: unknown; message?: unknown };
+    if (typeof json.code === 'string') remoteCode = json.code;
+    if (typeof json.message === 'string') message = json.message;
+  } catch {
+    // not JSON: the status says enough
   }
-  return response;
+  const details = { status: response.status };
+  if (response.status === 401 || response.status === 403) throw new EdgeError('TANDEM_EDGE_AUTH_FAILED', `the cloud answered ${response.status}: ${message}`, { where: url, remoteCode, details });
+  // A refusal keeps the cloud's stable code (TANDEM_ADAPTER_BASE_MISMATCH, TANDEM_EMULATOR_KEEP_INVALID, ...).
+  if (remoteCode !== undefined) throw new EdgeError('TANDEM_EDGE_REMOTE_ERROR', `the cloud answered ${response.status}: ${message}`, { where: url, remoteCode, details });
+  throw new EdgeError('TANDEM_EDGE_HTTP_FAILED', `the cloud answered ${response.status}: ${message}`, { where: url, details });
 }
 
 export interface UploadOptions extends CloudTarget {
@@ -105,7 +88,7 @@ export async function uploadAdapter(options: UploadOptions): Promise<PlugInEvalu
     ...(options.batchSize === undefined ? {} : { batchSize: options.batchSize }),
   });
   const json = (await response.json()) as PlugInEvaluation;
-  if (typeof json?.plugIn?.loss !== 'number') throw new CloudRequestError('TANDEM_CLOUD_REPLY_INVALID', response.status, 'the evaluation reply has no plugIn figures');
+  if (typeof json?.plugIn?.loss !== 'number' || typeof json?.baseline?.loss !== 'number') throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', 'the evaluation reply has no plugIn and baseline figures', { where: options.cloudUrl });
   return json;
 }
 
@@ -126,10 +109,10 @@ export async function downloadBundle(options: DownloadBundleOptions): Promise<Bu
   if (options.quantize !== undefined) query.set('quantize', options.quantize);
   const base = `/v1/models/${encodeURIComponent(options.modelId)}/emulators`;
   const listing = (await (await call(options, 'GET', `${base}?${query}`)).json()) as { files?: BundleFile[] };
-  if (!Array.isArray(listing.files)) throw new CloudRequestError('TANDEM_CLOUD_REPLY_INVALID', 200, 'the emulator manifest reply has no files');
+  if (!Array.isArray(listing.files)) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', 'the emulator manifest reply has no files', { where: options.cloudUrl });
   const files = new Map<string, Uint8Array>();
   for (const f of listing.files) {
-    if (!/^[A-Za-z0-9._-]+$/.test(f.name) || f.name.startsWith('.')) throw new CloudRequestError('TANDEM_CLOUD_REPLY_INVALID', 200, `file name ${JSON.stringify(f.name)} is not a plain file name`);
+    if (typeof f?.name !== 'string' || !/^[A-Za-z0-9._-]+$/.test(f.name) || f.name.startsWith('.')) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `file name ${JSON.stringify(f?.name)} is not a plain file name`, { where: options.cloudUrl });
     files.set(f.name, new Uint8Array(await (await call(options, 'GET', `${base}/files/${encodeURIComponent(f.name)}?${query}`)).arrayBuffer()));
   }
   await writeBundleFiles(options.outDir, files);

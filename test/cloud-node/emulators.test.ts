@@ -6,7 +6,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { before, describe, it } from 'node:test';
 import { trainOffsite } from '../../edge-client/offsite.ts';
-import { CloudRequestError, downloadBundle, uploadAdapter } from '../../edge-client/upload.ts';
+import { EdgeError } from '../../edge-client/index.ts';
+import { downloadBundle, uploadAdapter } from '../../edge-client/upload.ts';
 import { OFFSITE_FILE } from '../../emulator/index.ts';
 import { DEFAULT_RECIPE, evaluateLocal, tf } from '../../model/index.ts';
 import { STORIES_DIR, api, createTenantKey, startTestNode, tempDir } from './helpers.ts';
@@ -80,7 +81,7 @@ describe('emulators and adapter evaluation on the node', () => {
     await writeFile(join(adapterDir, OFFSITE_FILE), JSON.stringify(record));
     await assert.rejects(
       uploadAdapter({ cloudUrl: node.url, key, adapterDir, dataFile: join(work, 'eval.jsonl'), seqLen: 16 }),
-      (e: unknown) => e instanceof CloudRequestError && e.code === 'TANDEM_ADAPTER_BASE_MISMATCH' && e.status === 409,
+      (e: unknown) => e instanceof EdgeError && e.code === 'TANDEM_EDGE_REMOTE_ERROR' && e.remoteCode === 'TANDEM_ADAPTER_BASE_MISMATCH' && e.details.status === 409,
     );
   });
 
