@@ -39,18 +39,21 @@ interface TrainFlags {
   backend?: string;
 }
 
-function choice<T extends string>(flag: string, value: string | undefined, values: readonly T[], fallback: T): T {
+export function choice<T extends string>(flag: string, value: string | undefined, values: readonly T[], fallback: T): T {
   if (value === undefined) return fallback;
   if (!(values as readonly string[]).includes(value)) throw new CliError('TANDEM_CLI_FLAG_INVALID', flag, `must be one of ${values.join(', ')}, got ${JSON.stringify(value)}`);
   return value as T;
 }
 
-function intList(flag: string, value: string): number[] {
+export function intList(flag: string, value: string): number[] {
   return value.split(',').map((part) => numberFlag(flag, part.trim(), { min: 0, integer: true }));
 }
 
+/** The flags that make a method spec. */
+export type MethodFlags = Pick<TrainFlags, 'method' | 'r' | 'loraAlpha' | 'loraDropout' | 'targetModules' | 'layers' | 'numVirtualTokens'>;
+
 /** The method spec from the method flags given; fields not given keep the method's defaults, and fields the method lacks are its error. */
-function methodSpec(flags: TrainFlags): MethodSpec {
+export function methodSpec(flags: MethodFlags): MethodSpec {
   const spec: MethodSpec = { method: requiredFlag('--method', flags.method) };
   if (flags.r !== undefined) spec.r = numberFlag('--r', flags.r, { min: 1, integer: true });
   if (flags.loraAlpha !== undefined) spec.loraAlpha = numberFlag('--lora-alpha', flags.loraAlpha, { min: 0 });
@@ -73,7 +76,7 @@ function duration(seconds: number): string {
 }
 
 /** One human line per event. */
-function describe(e: TrainEvent): string {
+export function describe(e: TrainEvent): string {
   switch (e.type) {
     case 'start':
       return `${e.resumed ? 'resuming at' : 'training from'} step ${e.step}/${e.totalSteps} on ${e.backend}: ${e.trainRows} train rows, ${e.validationRows} validation rows, ${e.trainableParameters} trainable parameters`;

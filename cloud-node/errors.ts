@@ -24,6 +24,12 @@ export const CLOUD_ERRORS = {
   TANDEM_ROUTE_UNKNOWN: { status: 404, template: 'no route {method} {url}' },
   TANDEM_STATE_INVALID: { status: 500, template: 'state file {file} is invalid: {reason}' },
   TANDEM_INTERNAL: { status: 500, template: 'internal error: {reason}' },
+  TANDEM_EMULATOR_KEEP_INVALID: { status: 400, template: 'keep={keep} is invalid: {reason}' },
+  TANDEM_EMULATOR_OPTION_INVALID: { status: 400, template: 'the emulator request is invalid: {reason}' },
+  TANDEM_EMULATOR_FILE_UNKNOWN: { status: 404, template: 'the emulator bundle has no file {name}; it has {files}' },
+  TANDEM_ADAPTER_BASE_MISMATCH: { status: 409, template: 'the adapter was trained against content hash {actual}; model {model} has {expected}' },
+  TANDEM_ADAPTER_INVALID: { status: 400, template: 'the adapter cannot be plugged into model {model}: {reason}' },
+  TANDEM_EVAL_DATA_INVALID: { status: 400, template: 'the evaluation data is invalid: {reason}' },
 } as const satisfies Record<string, { status: number; template: string }>;
 
 export type CloudErrorCode = keyof typeof CLOUD_ERRORS;

@@ -16,12 +16,15 @@ import { ModelSlot } from './context.ts';
 import type { CloudContext } from './context.ts';
 import { attachDataPlane } from './data-plane.ts';
 import { CloudError } from './errors.ts';
+import { EmulatorRegistry } from './emulator-registry.ts';
+import type { EmulatorBuildSettings } from './emulator-registry.ts';
 import { CloudMetrics } from './metrics.ts';
 import { MiddleExecutor } from './middle-executor.ts';
 import { requireCaller } from './plugins/auth.ts';
 import { healthPlugin } from './plugins/health.ts';
 import { keysPlugin } from './plugins/keys.ts';
 import { metricsPlugin } from './plugins/metrics.ts';
+import { emulatorsPlugin } from './plugins/emulators.ts';
 import { modelsPlugin } from './plugins/models.ts';
 import { sessionsPlugin } from './plugins/sessions.ts';
 import { ServedModel } from './served-model.ts';
@@ -55,6 +58,10 @@ export interface CloudNodeOptions {
   /** A pino logger; by default one writing JSON lines to stderr at `logLevel`. */
   logger?: Logger;
   logLevel?: string;
+  /** How emulator bundles are built on request (distillation data and steps, fidelity data). */
+  emulators?: EmulatorBuildSettings;
+  /** Largest POST /v1/models/:id/adapters/evaluate body (64 MiB). */
+  maxAdapterRequestBytes?: number;
 }
 
 export interface CloudNode {
@@ -124,6 +131,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   sendError(app, log);
   await app.register(healthPlugin, { prefix: '/v1', ...ctx });
   await app.register(modelsPlugin, { prefix: '/v1', ...ctx });
+  await app.register(emulatorsPlugin, { prefix: '/v1', ...ctx, emulators: new EmulatorRegistry(stateDir, options.emulators, (key, err) => log.warn({ bundle: key, err: err.message }, 'a stored emulator bundle does not verify; building it again')), maxAdapterRequestBytes: options.maxAdapterRequestBytes });
   await app.register(sessionsPlugin, { prefix: '/v1', ...ctx });
   await app.register(keysPlugin, { prefix: '/v1', ...ctx });
   await app.register(metricsPlugin, ctx);

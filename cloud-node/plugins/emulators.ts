@@ -1,0 +1,176 @@
+// Offsite mode on the node: emulator bundles of the served model for download, and the
+// evaluation of adapters trained against them, plugged into the full model.
+import type { FastifyInstance } from 'fastify';
+import { QUANTIZATIONS, checkAdapterBase } from '../../emulator/index.ts';
+import type { Quantization } from '../../emulator/index.ts';
+import { loadTokenizer } from '../../model/index.ts';
+import type { Tokenizer } from '../../model/index.ts';
+import { evaluateAdapter } from '../adapter-evaluation.ts';
+import type { CloudContext } from '../context.ts';
+import type { EmulatorRegistry, EmulatorRequest } from '../emulator-registry.ts';
+import { CloudError } from '../errors.ts';
+import type { ServedModel } from '../served-model.ts';
+import { requireCaller } from './auth.ts';
+import { authErrors, cutSchema, errorSchema, security } from './schemas.ts';
+
+/** Defaults of the adapter evaluation limits. */
+export const DEFAULT_ADAPTER_REQUEST_BYTES = 64 * 1024 * 1024;
+export const DEFAULT_EVAL_TEXT_BYTES = 8 * 1024 * 1024;
+const MAX_EVAL_BATCH = 64;
+
+export interface EmulatorsPluginOptions extends CloudContext {
+  emulators: EmulatorRegistry;
+  /** Largest POST /adapters/evaluate body, base64 adapter and data included. */
+  maxAdapterRequestBytes?: number;
+  /** Largest evaluation text, in UTF-8 bytes. */
+  maxEvalTextBytes?: number;
+}
+
+const emulatorQuery = {
+  type: 'object',
+  required: ['keep'],
+  properties: {
+    keep: { type: 'integer', minimum: 1, description: 'middle blocks the emulator keeps (uniform layer drop; first and last always)' },
+    bottom: { type: 'integer', minimum: 0 },
+    top: { type: 'integer', minimum: 0 },
+    quantize: { type: 'string', enum: [...QUANTIZATIONS] },
+  },
+} as const;
+
+interface EmulatorQuery {
+  keep: number;
+  bottom?: number;
+  top?: number;
+  quantize?: Quantization;
+}
+
+const fileSchema = { type: 'object', required: ['name', 'bytes', 'sha256'], properties: { name: { type: 'string' }, bytes: { type: 'integer' }, sha256: { type: 'string' } } } as const;
+const figuresSchema = { type: 'object', required: ['loss', 'perplexity', 'tokens'], properties: { loss: { type: 'number' }, perplexity: { type: 'number' }, tokens: { type: 'integer' }, accuracy: { type: 'number' } } } as const;
+
+interface EvaluateBody {
+  baseContentHash: string;
+  adapter: { config: string; weights: string };
+  data: { name: string; text: string };
+  seqLen?: number;
+  batchSize?: number;
+}
+
+function requestOf(served: ServedModel, q: EmulatorQuery): EmulatorRequest {
+  const fallback = served.defaultCut;
+  return { keep: q.keep, bottom: q.bottom ?? fallback.bottom, top: q.top ?? fallback.top, quantize: q.quantize ?? null };
+}
+
+export async function emulatorsPlugin(app: FastifyInstance, options: EmulatorsPluginOptions): Promise<void> {
+  const ctx = options;
+  const maxBody = options.maxAdapterRequestBytes ?? DEFAULT_ADAPTER_REQUEST_BYTES;
+  const maxText = options.maxEvalTextBytes ?? DEFAULT_EVAL_TEXT_BYTES;
+  let tokenizer: { dir: string; value: Promise<Tokenizer> } | undefined;
+  const tokenizerOf = (served: ServedModel): Promise<Tokenizer> => {
+    if (tokenizer?.dir !== served.dir) tokenizer = { dir: served.dir, value: loadTokenizer(served.dir) };
+    return tokenizer.value;
+  };
+  app.addHook('onRequest', requireCaller(ctx.keys));
+
+  app.get<{ Params: { id: string }; Querystring: EmulatorQuery }>('/models/:id/emulators', {
+    schema: {
+      summary: 'manifest of an emulator bundle (bottom and top blocks, the emulator of the middle, tokenizer) for offsite training; built on the first request and kept',
+      tags: ['emulators'], security,
+      params: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } },
+      querystring: emulatorQuery,
+      response: {
+        200: {
+          type: 'object',
+          required: ['model', 'contentHash', 'cut', 'keptLayers', 'manifest', 'files'],
+          properties: {
+            model: { type: 'string' },
+            contentHash: { type: 'string' },
+            cut: cutSchema,
+            keptLayers: { type: 'array', items: { type: 'integer' } },
+            manifest: { type: 'object', additionalProperties: true, description: 'manifest.json of the bundle (emulator/README.md)' },
+            files: { type: 'array', items: fileSchema, description: 'every file of the bundle, manifest.json included' },
+          },
+        },
+        ...authErrors,
+      },
+    },
+  }, async (request) => {
+    const served = ctx.model.byId(request.params.id);
+    const bundle = await options.emulators.get(served, requestOf(served, request.query));
+    return { model: served.id, contentHash: served.contentHash, cut: bundle.manifest.cut, keptLayers: bundle.manifest.keptLayers, manifest: bundle.manifest, files: bundle.files };
+  });
+
+  app.get<{ Params: { id: string; name: string }; Querystring: EmulatorQuery }>('/models/:id/emulators/files/:name', {
+    schema: {
+      summary: 'one file of an emulator bundle; its sha256 is in the manifest and in the x-tandem-sha256 header',
+      tags: ['emulators'], security,
+      params: { type: 'object', required: ['id', 'name'], properties: { id: { type: 'string' }, name: { type: 'string' } } },
+      querystring: emulatorQuery,
+      response: { 200: { type: 'string', format: 'binary' }, ...authErrors },
+    },
+  }, async (request, reply) => {
+    const served = ctx.model.byId(request.params.id);
+    const bundle = await options.emulators.get(served, requestOf(served, request.query));
+    const bytes = bundle.contents.get(request.params.name);
+    const file = bundle.files.find((f) => f.name === request.params.name);
+    if (bytes === undefined || file === undefined) {
+      throw new CloudError('TANDEM_EMULATOR_FILE_UNKNOWN', { name: JSON.stringify(request.params.name), files: bundle.files.map((f) => f.name).join(', ') });
+    }
+    return reply.type('application/octet-stream').header('x-tandem-sha256', file.sha256).send(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength));
+  });
+
+  app.post<{ Params: { id: string }; Body: EvaluateBody }>('/models/:id/adapters/evaluate', {
+    bodyLimit: maxBody,
+    schema: {
+      summary: 'plug an adapter into the full model and evaluate it on the data sent; nothing is stored after the response',
+      tags: ['emulators'], security,
+      params: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } },
+      body: {
+        type: 'object',
+        required: ['baseContentHash', 'adapter', 'data'],
+        additionalProperties: false,
+        properties: {
+          baseContentHash: { type: 'string', description: 'content hash of the model the adapter was trained against (tandem_offsite.json), with or without "sha256:"' },
+          adapter: {
+            type: 'object', required: ['config', 'weights'], additionalProperties: false,
+            properties: { config: { type: 'string', description: 'adapter_config.json as text' }, weights: { type: 'string', description: 'adapter_model.safetensors, base64' } },
+          },
+          data: {
+            type: 'object', required: ['name', 'text'], additionalProperties: false,
+            properties: { name: { type: 'string', description: 'file name: .jsonl by record ({"text"}, {"prompt","completion"}, {"text","label"}), else plain text' }, text: { type: 'string' } },
+          },
+          seqLen: { type: 'integer', minimum: 2 },
+          batchSize: { type: 'integer', minimum: 1, maximum: MAX_EVAL_BATCH },
+        },
+      },
+      response: {
+        200: {
+          type: 'object',
+          required: ['model', 'contentHash', 'plugIn', 'baseline', 'examples'],
+          properties: {
+            model: { type: 'string' }, contentHash: { type: 'string' },
+            plugIn: figuresSchema, baseline: figuresSchema,
+            examples: { type: 'integer' }, peftType: { type: 'string' }, adapterTensors: { type: 'integer' },
+          },
+        },
+        413: errorSchema,
+        ...authErrors,
+      },
+    },
+  }, async (request) => {
+    const served = ctx.model.byId(request.params.id);
+    const body = request.body;
+    try {
+      checkAdapterBase(body.baseContentHash, served.contentHash, served.id);
+    } catch {
+      throw new CloudError('TANDEM_ADAPTER_BASE_MISMATCH', { actual: body.baseContentHash, model: served.id, expected: served.contentHash });
+    }
+    const textBytes = Buffer.byteLength(body.data.text, 'utf8');
+    if (textBytes > maxText) throw new CloudError('TANDEM_EVAL_DATA_INVALID', { reason: `the text holds ${textBytes} bytes; the limit is ${maxText}` });
+    const seqLen = body.seqLen ?? Math.min(256, served.config.maxPositionEmbeddings);
+    if (seqLen > served.config.maxPositionEmbeddings) throw new CloudError('TANDEM_EVAL_DATA_INVALID', { reason: `seqLen ${seqLen} exceeds the model's ${served.config.maxPositionEmbeddings} positions` });
+    if (!/^[A-Za-z0-9+/]*={0,2}$/.test(body.adapter.weights)) throw new CloudError('TANDEM_ADAPTER_INVALID', { model: served.id, reason: 'adapter.weights must be base64' });
+    const weights = new Uint8Array(Buffer.from(body.adapter.weights, 'base64'));
+    const result = await evaluateAdapter(served, await tokenizerOf(served), { config: body.adapter.config, weights }, body.data, { seqLen, batchSize: body.batchSize ?? 8 });
+    return { model: served.id, contentHash: served.contentHash, ...result };
+  });
+}
