@@ -13,7 +13,7 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { trainOffsite } from '../edge-client/offsite.ts';
+import { trainOffsite } from '../edge-client/index.ts';
 import { buildEmulator, readBundle, writeEmulatedModelFolder } from '../emulator/index.ts';
 import type { BundleManifest } from '../emulator/index.ts';
 import { DEFAULT_RECIPE, LlamaModel, Rng, evaluateLocal, generate, initBackend, loadModelFolder, loadTokenizer, trainLocal } from '../model/index.ts';

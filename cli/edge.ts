@@ -6,6 +6,7 @@ import type { MethodSpec } from '../model/index.ts';
 import { CliError } from './errors.ts';
 import { numberFlag, requiredFlag } from './flags.ts';
 import type { CommandIo } from './io.ts';
+import { offsiteCommand, uploadCommand } from './offsite.ts';
 
 interface TrainFlags {
   cloud?: string;
@@ -162,5 +163,7 @@ export function edgeCommand(io: CommandIo): Command {
   const edge = new Command('edge').description('the data owner\'s side of split fine-tuning');
   edge.addCommand(trainCommand(io));
   edge.addCommand(exportCommand(io));
+  edge.addCommand(offsiteCommand(io));
+  edge.addCommand(uploadCommand(io));
   return edge;
 }

@@ -1,7 +1,6 @@
 // `tandem edge offsite` and `tandem edge upload` (the lead mounts both under `tandem edge`).
 import { Command } from 'commander';
-import { OFFSITE_ADAPTER_DIR, trainOffsite } from '../edge-client/offsite.ts';
-import { uploadAdapter } from '../edge-client/upload.ts';
+import { OFFSITE_ADAPTER_DIR, trainOffsite, uploadAdapter } from '../edge-client/index.ts';
 import { DEFAULT_RECIPE, SCHEDULES } from '../model/index.ts';
 import type { ScheduleKind, TrainEvent } from '../model/index.ts';
 import { numberFlag, requiredFlag } from './flags.ts';

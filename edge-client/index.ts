@@ -15,3 +15,7 @@ export { DEFAULT_METHODS, exportAdapter, trainEdge } from './train.ts';
 export type { EdgeTrainOptions, EdgeTrainResult, TrainEvent, WireSummary } from './train.ts';
 export { formatBytes, progressPrinter } from './progress.ts';
 export type { ProgressMode, ProgressSink } from './progress.ts';
+export { OFFSITE_ADAPTER_DIR, OFFSITE_MODEL_DIR, OFFSITE_RUN_DIR, trainOffsite } from './offsite.ts';
+export type { OffsiteTrainOptions, OffsiteTrainResult } from './offsite.ts';
+export { downloadBundle, uploadAdapter } from './upload.ts';
+export type { CloudTarget, DownloadBundleOptions, LmFigures, PlugInEvaluation, UploadOptions } from './upload.ts';

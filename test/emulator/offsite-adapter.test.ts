@@ -5,8 +5,8 @@ import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { trainOffsite } from '../../edge-client/offsite.ts';
-import type { OffsiteTrainOptions } from '../../edge-client/offsite.ts';
+import { trainOffsite } from '../../edge-client/index.ts';
+import type { OffsiteTrainOptions } from '../../edge-client/index.ts';
 import { EmulatorError, OFFSITE_FILE, buildEmulator, checkAdapterBase, emulatedSpecs, emulatorLayout, readOffsiteRecord } from '../../emulator/index.ts';
 import { DEFAULT_RECIPE, LlamaModel, initBackend, loadAdapter, loadModelFolder, readSafetensorsFile, toFloat32 } from '../../model/index.ts';
 
