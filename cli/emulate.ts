@@ -5,7 +5,8 @@ import { CliError } from './errors.ts';
 import { numberFlag, requiredFlag } from './flags.ts';
 import { processIo } from './io.ts';
 import type { CommandIo } from './io.ts';
-import { choice, intList } from './train.ts';
+import { choice } from './recipe.ts';
+import { intList } from './train.ts';
 
 interface EmulateFlags {
   model?: string;

@@ -1,12 +1,14 @@
 import { Command } from 'commander';
-import { DEFAULT_RECIPE, OPTIMIZER_KINDS, SCHEDULES, trainLocal } from '../model/index.ts';
-import type { MethodSpec, OptimizerKind, ScheduleKind, TrainEvent } from '../model/index.ts';
+import { trainLocal } from '../model/index.ts';
+import type { MethodSpec, TrainEvent } from '../model/index.ts';
 import { CliError } from './errors.ts';
 import { numberFlag, requiredFlag } from './flags.ts';
 import { processIo } from './io.ts';
 import type { CommandIo } from './io.ts';
+import { addRecipeOptions, recipeFromFlags } from './recipe.ts';
+import type { RecipeFlags } from './recipe.ts';
 
-interface TrainFlags {
+interface TrainFlags extends RecipeFlags {
   model?: string;
   data?: string;
   method?: string;
@@ -16,33 +18,8 @@ interface TrainFlags {
   targetModules?: string;
   layers?: string;
   numVirtualTokens?: string;
-  steps?: string;
   out?: string;
-  batchSize?: string;
-  seqLen?: string;
-  lr?: string;
-  warmup?: string;
-  schedule?: string;
-  weightDecay?: string;
-  optimizer?: string;
-  momentum?: string;
-  gradAccum?: string;
-  clip?: string;
-  seed?: string;
-  valFraction?: string;
-  evalEvery?: string;
-  saveEvery?: string;
   cut?: string;
-  pack: boolean;
-  resume?: boolean;
-  json?: boolean;
-  backend?: string;
-}
-
-export function choice<T extends string>(flag: string, value: string | undefined, values: readonly T[], fallback: T): T {
-  if (value === undefined) return fallback;
-  if (!(values as readonly string[]).includes(value)) throw new CliError('TANDEM_CLI_FLAG_INVALID', flag, `must be one of ${values.join(', ')}, got ${JSON.stringify(value)}`);
-  return value as T;
 }
 
 export function intList(flag: string, value: string): number[] {
@@ -92,7 +69,7 @@ export function describe(e: TrainEvent): string {
 }
 
 export function trainCommand(io: CommandIo = processIo): Command {
-  return new Command('train')
+  const command = new Command('train')
     .description('fine-tune a PEFT adapter on a local model folder and data file, in this process')
     .option('--model <dir>', 'Hugging Face model folder')
     .option('--data <file>', '.jsonl of {"text"}, {"prompt","completion"} or {"text","label"}, or a plain .txt file')
@@ -103,29 +80,9 @@ export function trainCommand(io: CommandIo = processIo): Command {
     .option('--target-modules <list>', 'comma-separated module names (q_proj,v_proj) or all-linear')
     .option('--layers <list>', 'comma-separated layer indices to adapt')
     .option('--num-virtual-tokens <n>', 'prompt tuning: virtual tokens')
-    .option('--steps <n>', 'optimizer steps')
     .option('--out <dir>', 'output folder: checkpoint/ and, when done, adapter/')
-    .option('--batch-size <n>', 'rows per micro-batch', String(DEFAULT_RECIPE.batchSize))
-    .option('--grad-accum <n>', 'micro-batches per optimizer step', String(DEFAULT_RECIPE.gradAccum))
-    .option('--seq-len <n>', 'tokens per row', String(DEFAULT_RECIPE.seqLen))
-    .option('--lr <x>', 'peak learning rate', String(DEFAULT_RECIPE.lr))
-    .option('--warmup <n>', 'linear warm-up steps', String(DEFAULT_RECIPE.warmup))
-    .option('--schedule <kind>', `learning-rate decay after warm-up: ${SCHEDULES.join(', ')}`, DEFAULT_RECIPE.schedule)
-    .option('--optimizer <kind>', `${OPTIMIZER_KINDS.join(', ')}`, DEFAULT_RECIPE.optimizer)
-    .option('--weight-decay <x>', 'weight decay (decoupled for adamw)', String(DEFAULT_RECIPE.weightDecay))
-    .option('--momentum <x>', 'sgd momentum', String(DEFAULT_RECIPE.momentum))
-    .option('--clip <x>', 'clip gradients to this global norm; 0 turns clipping off', String(DEFAULT_RECIPE.clip))
-    .option('--seed <n>', 'seed of the split, the shuffles, the adapter and dropout', String(DEFAULT_RECIPE.seed))
-    .option('--val-fraction <x>', 'fraction of the data held out for validation', String(DEFAULT_RECIPE.valFraction))
-    .option('--eval-every <n>', 'validate every n steps (0: only at the end)', '0')
-    .option('--save-every <n>', 'checkpoint every n steps (0: only at the end)', '0')
-    .option('--cut <B,T>', 'train as the split cut does: B bottom and T top blocks (default: the whole model)')
-    .option('--no-pack', 'one sequence per row instead of packing short ones together')
-    .option('--resume', 'continue the checkpoint in --out exactly')
-    .option('--json', 'one JSON object per line per report')
-    .option('--backend <name>', 'compute backend: auto, tensorflow-gpu, tensorflow, wasm, cpu')
-    .action(async (flags: TrainFlags) => {
-      const int = (flag: string, value: string | undefined, min = 0) => numberFlag(flag, value, { min, integer: true });
+    .option('--cut <B,T>', 'train as the split cut does: B bottom and T top blocks (default: the whole model)');
+  return addRecipeOptions(command).action(async (flags: TrainFlags) => {
       let cut: { bottom: number; top: number } | undefined;
       if (flags.cut !== undefined) {
         const parts = intList('--cut', flags.cut);
@@ -137,24 +94,7 @@ export function trainCommand(io: CommandIo = processIo): Command {
         dataFile: requiredFlag('--data', flags.data),
         outDir: requiredFlag('--out', flags.out),
         methods: [methodSpec(flags)],
-        steps: int('--steps', flags.steps, 1),
-        batchSize: int('--batch-size', flags.batchSize, 1),
-        gradAccum: int('--grad-accum', flags.gradAccum, 1),
-        seqLen: int('--seq-len', flags.seqLen, 2),
-        lr: numberFlag('--lr', flags.lr, { min: Number.MIN_VALUE }),
-        warmup: int('--warmup', flags.warmup),
-        schedule: choice<ScheduleKind>('--schedule', flags.schedule, SCHEDULES, DEFAULT_RECIPE.schedule),
-        optimizer: choice<OptimizerKind>('--optimizer', flags.optimizer, OPTIMIZER_KINDS, DEFAULT_RECIPE.optimizer),
-        weightDecay: numberFlag('--weight-decay', flags.weightDecay, { min: 0 }),
-        momentum: numberFlag('--momentum', flags.momentum, { min: 0 }),
-        clip: numberFlag('--clip', flags.clip, { min: 0 }),
-        seed: numberFlag('--seed', flags.seed, { min: 0, max: 2 ** 32 - 1, integer: true }),
-        valFraction: numberFlag('--val-fraction', flags.valFraction, { min: 0, max: 0.99 }),
-        evalEvery: int('--eval-every', flags.evalEvery),
-        saveEvery: int('--save-every', flags.saveEvery),
-        pack: flags.pack,
-        resume: flags.resume ?? false,
-        backend: flags.backend,
+        ...recipeFromFlags(flags),
         ...(cut ? { cut } : {}),
       };
       // On a terminal the step line rewrites itself; elsewhere each report is a plain line.

@@ -1,0 +1,83 @@
+// The training-recipe flags that `tandem train` and `tandem edge offsite` share.
+import type { Command } from 'commander';
+import { DEFAULT_RECIPE, OPTIMIZER_KINDS, SCHEDULES } from '../model/index.ts';
+import type { OptimizerKind, ScheduleKind, TrainRecipe } from '../model/index.ts';
+import { CliError } from './errors.ts';
+import { numberFlag } from './flags.ts';
+
+export interface RecipeFlags {
+  steps?: string;
+  batchSize?: string;
+  gradAccum?: string;
+  seqLen?: string;
+  lr?: string;
+  warmup?: string;
+  schedule?: string;
+  optimizer?: string;
+  weightDecay?: string;
+  momentum?: string;
+  clip?: string;
+  seed?: string;
+  valFraction?: string;
+  evalEvery?: string;
+  saveEvery?: string;
+  pack: boolean;
+  resume?: boolean;
+  json?: boolean;
+  backend?: string;
+}
+
+export function choice<T extends string>(flag: string, value: string | undefined, values: readonly T[], fallback: T): T {
+  if (value === undefined) return fallback;
+  if (!(values as readonly string[]).includes(value)) throw new CliError('TANDEM_CLI_FLAG_INVALID', flag, `must be one of ${values.join(', ')}, got ${JSON.stringify(value)}`);
+  return value as T;
+}
+
+/** Adds the recipe flags, with the recipe's defaults. */
+export function addRecipeOptions(command: Command): Command {
+  return command
+    .option('--steps <n>', 'optimizer steps')
+    .option('--batch-size <n>', 'rows per micro-batch', String(DEFAULT_RECIPE.batchSize))
+    .option('--grad-accum <n>', 'micro-batches per optimizer step', String(DEFAULT_RECIPE.gradAccum))
+    .option('--seq-len <n>', 'tokens per row', String(DEFAULT_RECIPE.seqLen))
+    .option('--lr <x>', 'peak learning rate', String(DEFAULT_RECIPE.lr))
+    .option('--warmup <n>', 'linear warm-up steps', String(DEFAULT_RECIPE.warmup))
+    .option('--schedule <kind>', `learning-rate decay after warm-up: ${SCHEDULES.join(', ')}`, DEFAULT_RECIPE.schedule)
+    .option('--optimizer <kind>', `${OPTIMIZER_KINDS.join(', ')}`, DEFAULT_RECIPE.optimizer)
+    .option('--weight-decay <x>', 'weight decay (decoupled for adamw)', String(DEFAULT_RECIPE.weightDecay))
+    .option('--momentum <x>', 'sgd momentum', String(DEFAULT_RECIPE.momentum))
+    .option('--clip <x>', 'clip gradients to this global norm; 0 turns clipping off', String(DEFAULT_RECIPE.clip))
+    .option('--seed <n>', 'seed of the split, the shuffles, the adapter and dropout', String(DEFAULT_RECIPE.seed))
+    .option('--val-fraction <x>', 'fraction of the data held out for validation', String(DEFAULT_RECIPE.valFraction))
+    .option('--eval-every <n>', 'validate every n steps (0: only at the end)', '0')
+    .option('--save-every <n>', 'checkpoint every n steps (0: only at the end)', '0')
+    .option('--no-pack', 'one sequence per row instead of packing short ones together')
+    .option('--resume', 'continue the checkpoint in --out exactly')
+    .option('--json', 'one JSON object per line per report')
+    .option('--backend <name>', 'compute backend: auto, tensorflow-gpu, tensorflow, wasm, cpu');
+}
+
+/** The recipe and run settings from the flags, each checked against its range. */
+export function recipeFromFlags(flags: RecipeFlags): Omit<TrainRecipe, 'cut'> & { evalEvery: number; saveEvery: number; resume: boolean; backend?: string } {
+  const int = (flag: string, value: string | undefined, min = 0) => numberFlag(flag, value, { min, integer: true });
+  return {
+    steps: int('--steps', flags.steps, 1),
+    batchSize: int('--batch-size', flags.batchSize, 1),
+    gradAccum: int('--grad-accum', flags.gradAccum, 1),
+    seqLen: int('--seq-len', flags.seqLen, 2),
+    lr: numberFlag('--lr', flags.lr, { min: Number.MIN_VALUE }),
+    warmup: int('--warmup', flags.warmup),
+    schedule: choice<ScheduleKind>('--schedule', flags.schedule, SCHEDULES, DEFAULT_RECIPE.schedule),
+    optimizer: choice<OptimizerKind>('--optimizer', flags.optimizer, OPTIMIZER_KINDS, DEFAULT_RECIPE.optimizer),
+    weightDecay: numberFlag('--weight-decay', flags.weightDecay, { min: 0 }),
+    momentum: numberFlag('--momentum', flags.momentum, { min: 0 }),
+    clip: numberFlag('--clip', flags.clip, { min: 0 }),
+    seed: numberFlag('--seed', flags.seed, { min: 0, max: 2 ** 32 - 1, integer: true }),
+    valFraction: numberFlag('--val-fraction', flags.valFraction, { min: 0, max: 0.99 }),
+    evalEvery: int('--eval-every', flags.evalEvery),
+    saveEvery: int('--save-every', flags.saveEvery),
+    pack: flags.pack,
+    resume: flags.resume ?? false,
+    backend: flags.backend,
+  };
+}
