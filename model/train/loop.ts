@@ -2,7 +2,8 @@
 // blocks [0, B)) and top (blocks [L-T, L), norm, head, loss) run here; the middle runs
 // behind the Middle interface. Local whole-model training is the cut (0, L): the bottom
 // is the embedding alone and the middle is empty, so there is no round trip.
-import { tf } from '../backend.ts';
+import { tapedForward, tf } from '../backend.ts';
+import type { TapedForward } from '../backend.ts';
 import { ModelError } from '../errors.ts';
 import type { LlamaModel } from '../llama/llama.ts';
 import type { Adapter } from '../peft/adapter.ts';
@@ -10,7 +11,7 @@ import { clipGradNorm } from './clip.ts';
 import { labelTokens, rowLogLikelihood, scoreLogits } from './evaluate.ts';
 import type { Scorer } from './evaluate.ts';
 import { gradientsOf, variablesReached } from './gradients.ts';
-import { LocalMiddle, randomStateOf, replaying } from './middle.ts';
+import { LocalMiddle, randomStateOf } from './middle.ts';
 import type { Middle, MicrobatchKey, RandomState } from './middle.ts';
 import type { Optimizer } from './optimizer.ts';
 import { learningRate } from './schedule.ts';
@@ -89,7 +90,8 @@ function accumulate(into: Map<string, tf.Tensor>, name: string, g: tf.Tensor): v
 interface InFlight {
   ids: tf.Tensor2D;
   labels: tf.Tensor2D;
-  random: number[][] | undefined;
+  /** The bottom's forward with its tape, when the bottom trains: its backward needs no recomputation. */
+  bottomTape: TapedForward | undefined;
   hM: Promise<tf.Tensor3D>;
 }
 
@@ -172,13 +174,14 @@ export class Trainer implements Scorer {
     const seq = batch.ids[0].length;
     const ids = tf.tensor2d(batch.ids.flat(), [rows, seq], 'int32');
     const labels = tf.tensor2d(batch.labels.flat(), [rows, seq], 'int32');
-    // Where the dropout generators stood, so the bottom's recomputation replays its masks.
-    const random = training ? this.random?.randomState() : undefined;
-    const hB = this.bottom(ids, training);
-    if (this.middleEmpty) return { ids, labels, random, hM: Promise.resolve(hB) };
+    const bottomTape = training && this.needsMiddleBackward && this.bottomVars.length > 0
+      ? tapedForward(() => this.bottom(ids, training), this.bottomVars.map((n) => this.trainable.get(n) as tf.Variable))
+      : undefined;
+    const hB = (bottomTape?.output as tf.Tensor3D | undefined) ?? this.bottom(ids, training);
+    if (this.middleEmpty) return { ids, labels, bottomTape, hM: Promise.resolve(hB) };
     const hM = this.middle.forward(hB, key).finally(() => hB.dispose());
     hM.catch(() => undefined); // awaited later; do not report it as unhandled meanwhile
-    return { ids, labels, random, hM };
+    return { ids, labels, bottomTape, hM };
   }
 
   /**
@@ -193,7 +196,6 @@ export class Trainer implements Scorer {
     const scale = 1 / Math.max(tokens, 1);
     const grads = new Map<string, tf.Tensor>();
     const topVars = this.topVars.map((n) => this.trainable.get(n) as tf.Variable);
-    const bottomVars = this.bottomVars.map((n) => this.trainable.get(n) as tf.Variable);
     let loss = 0;
     let next: InFlight | undefined;
     for (let i = 0; i < microbatches.length; i++) {
@@ -215,17 +217,14 @@ export class Trainer implements Scorer {
         top.grads.slice(1).forEach((g, j) => g && accumulate(grads, this.topVars[j], g));
         if (this.needsMiddleBackward) {
           const gB = this.middleEmpty ? gM : await this.middle.backward(gM, key);
-          if (bottomVars.length > 0) {
-            const bottom = replaying(this.random, current.random, () => gradientsOf(() => this.bottom(ids, true), bottomVars, gB));
-            bottom.value.dispose();
-            bottom.grads.forEach((g, j) => g && accumulate(grads, this.bottomVars[j], g));
-          }
+          if (current.bottomTape) current.bottomTape.vjp(gB).forEach((g: tf.Tensor, j: number) => accumulate(grads, this.bottomVars[j], g));
           if (gB !== gM) gB.dispose();
         } else if (!this.middleEmpty) {
           this.middle.release(key);
         }
         gM.dispose();
       } finally {
+        current.bottomTape?.dispose();
         tf.dispose([hM, ids, labels]);
       }
     }
