@@ -155,7 +155,7 @@ async function randomModelDir(work: string, quick: boolean): Promise<string> {
 export async function run(args: string[]): Promise<Record<string, unknown>> {
   const quick = args.includes('--quick');
   const stepsAt = args.indexOf('--steps');
-  const steps = stepsAt >= 0 ? Number(args[stepsAt + 1]) : quick ? 2 : 3;
+  const steps = stepsAt >= 0 ? Number(args[stepsAt + 1]) : quick ? 2 : 7;
   const backend = await initBackend();
   const work = await mkdtemp(join(tmpdir(), 'tandem-bench-split-'));
   try {
