@@ -3,6 +3,7 @@ import type { ModelConfig } from '../config.ts';
 import { expectedTensorShapes } from '../config.ts';
 import { ModelError } from '../errors.ts';
 import type { ForwardHooks, HookContext, LinearModule, LinearModuleName } from '../hooks.ts';
+import { maskedSoftmax, rmsNorm, rope, swiglu } from './ops.ts';
 import { ropeInverseFrequencies, ropeTables } from './rope.ts';
 
 /** Keys and values already computed for earlier positions, per layer, [batch, kvHeads, past, headDim]. */
@@ -168,8 +169,7 @@ export class LlamaModel {
   }
 
   private rmsNorm(x: tf.Tensor, w: tf.Tensor): tf.Tensor {
-    const variance = tf.mean(tf.square(x), -1, true);
-    return tf.mul(tf.mul(x, tf.rsqrt(tf.add(variance, this.config.rmsNormEps))), w);
+    return rmsNorm(x, w, this.config.rmsNormEps);
   }
 
   private linear(layer: number, group: 'self_attn' | 'mlp', name: LinearModuleName, x: tf.Tensor2D, options: ForwardOptions): tf.Tensor2D {
@@ -204,8 +204,8 @@ export class LlamaModel {
     const [b, s] = x.shape;
     const rows = tf.reshape(x, [b * s, hiddenSize]) as tf.Tensor2D;
     const heads = (t: tf.Tensor2D, n: number) => tf.transpose(tf.reshape(t, [b, s, n, hd]), [0, 2, 1, 3]) as tf.Tensor4D;
-    const q = rotate(heads(this.linear(i, 'self_attn', 'q_proj', rows, options), nH), cos, sin);
-    let k = rotate(heads(this.linear(i, 'self_attn', 'k_proj', rows, options), nKv), cos, sin);
+    const q = rope(heads(this.linear(i, 'self_attn', 'q_proj', rows, options), nH), cos, sin);
+    let k = rope(heads(this.linear(i, 'self_attn', 'k_proj', rows, options), nKv), cos, sin);
     let v = heads(this.linear(i, 'self_attn', 'v_proj', rows, options), nKv);
     const cache = options.cache;
     if (cache) {
@@ -225,8 +225,7 @@ export class LlamaModel {
     const kg = tf.reshape(k, [b * nKv, t, hd]);
     const vg = tf.reshape(v, [b * nKv, t, hd]);
     const groupMask = g === 1 ? mask : tf.tile(mask, [g, 1]);
-    const scores = tf.add(tf.mul(batchMatMul(qg as tf.Tensor3D, transposeLast(kg) as tf.Tensor3D), 1 / Math.sqrt(hd)), groupMask);
-    const probs = tf.softmax(scores);
+    const probs = maskedSoftmax(batchMatMul(qg as tf.Tensor3D, transposeLast(kg) as tf.Tensor3D), 1 / Math.sqrt(hd), groupMask);
     const ctx = tf.reshape(batchMatMul(probs as tf.Tensor3D, vg as tf.Tensor3D), [b, nH, s, hd]);
     const merged = tf.reshape(tf.transpose(ctx, [0, 2, 1, 3]), [b * s, nH * hd]) as tf.Tensor2D;
     return tf.reshape(this.linear(i, 'self_attn', 'o_proj', merged, options), [b, s, hiddenSize]) as tf.Tensor3D;
@@ -237,19 +236,9 @@ export class LlamaModel {
     const rows = tf.reshape(x, [b * s, d]) as tf.Tensor2D;
     const gate = this.linear(i, 'mlp', 'gate_proj', rows, options);
     const up = this.linear(i, 'mlp', 'up_proj', rows, options);
-    const act = tf.mul(tf.mul(gate, tf.sigmoid(gate)), up) as tf.Tensor2D;
+    const act = swiglu(gate, up) as tf.Tensor2D;
     return tf.reshape(this.linear(i, 'mlp', 'down_proj', act, options), [b, s, d]) as tf.Tensor3D;
   }
-}
-
-/** Rotary embedding in HF's rotate_half layout: x cos + rotate_half(x) sin, x [b, heads, seq, hd]. */
-function rotate(x: tf.Tensor4D, cos: tf.Tensor2D, sin: tf.Tensor2D): tf.Tensor4D {
-  const [b, h, s, d] = x.shape;
-  const half = d / 2;
-  const x1 = tf.slice(x, [0, 0, 0, 0], [b, h, s, half]);
-  const x2 = tf.slice(x, [0, 0, 0, half], [b, h, s, half]);
-  const rotated = tf.concat([tf.neg(x2), x1], 3);
-  return tf.add(tf.mul(x, cos), tf.mul(rotated, sin)) as tf.Tensor4D;
 }
 
 /** Additive causal mask [seq, past + seq]: query i (at position past + i) sees keys 0..past + i. */
