@@ -41,6 +41,22 @@ function backendBytes(): number | undefined {
 
 const mib = (b: number | undefined): string => (b === undefined ? '-' : `${(b / 2 ** 20).toFixed(0)} MiB`);
 
+/** Runs one measurement unless the backend already failed; returns the failure, if any, for the next ones. */
+async function attempt(row: Record<string, unknown>, label: string, step: () => Promise<void>, aborted: string | undefined): Promise<string | undefined> {
+  if (aborted) {
+    row[`${label} skipped`] = aborted;
+    return aborted;
+  }
+  try {
+    await step();
+    return undefined;
+  } catch (err) {
+    const message = (err as Error).message.split('\n')[0];
+    row[`${label} error`] = message.slice(0, 200);
+    return `${String(row.backend)} failed earlier: ${message.slice(0, 120)}`;
+  }
+}
+
 export async function run(args: string[]): Promise<Record<string, unknown>> {
   const quick = args.includes('--quick');
   const all = args.includes('--all');
@@ -67,6 +83,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
         continue;
       }
       const model = LlamaModel.fromArrays(c.config, c.weights);
+      const fullSteps: { row: Record<string, unknown>; seq: number; ids: tf.Tensor2D; step: () => Promise<void> }[] = [];
       for (const seq of c.seqs) {
         const row: Record<string, unknown> = { backend, model: c.name, parameters: [...model.weights.values()].reduce((n, v) => n + v.size, 0), batch: c.batch, seq };
         rows.push(row);
@@ -106,23 +123,18 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
             }
           }],
         ];
-        for (const [label, step] of steps) {
-          if (aborted) {
-            row[`${label} skipped`] = aborted;
-            continue;
-          }
-          try {
-            await step();
-          } catch (err) {
-            aborted = `${backend} failed earlier: ${(err as Error).message.split('\n')[0].slice(0, 120)}`;
-            row[`${label} error`] = (err as Error).message.split('\n')[0].slice(0, 200);
-          }
-        }
+        // Full fine-tuning needs the most memory: it runs after every sequence length's other steps.
+        fullSteps.push({ row, seq, ids, step: steps[2][1] });
+        for (const [label, step] of steps.slice(0, 2)) aborted = await attempt(row, label, step, aborted);
+      }
+      for (const { row, step } of fullSteps) aborted = await attempt(row, 'full fine-tuning step', step, aborted);
+      for (const { row, seq, ids } of fullSteps) {
         row.backendHeapBytes = backendBytes();
         row.rssBytes = process.memoryUsage().rss;
         const f = (k: string): string => (typeof row[k] === 'number' ? (row[k] as number).toFixed(0).padStart(7) : '      -');
+        const failed = Object.entries(row).find(([k]) => k.endsWith(' error') || k.endsWith(' skipped'));
         print(
-          `${backend.padEnd(8)} ${c.name.padEnd(27)} seq ${String(seq).padEnd(4)} forward ${f('forwardTokensPerSecond')} tok/s  lora step ${f('loraStepTokensPerSecond')} tok/s  full step ${f('fullStepTokensPerSecond')} tok/s  peak tensors ${mib(row.loraStepPeakTensorBytes as number | undefined)} (lora)  heap ${mib(row.backendHeapBytes as number | undefined)}  rss ${mib(row.rssBytes as number)}${aborted ? `  [${aborted}]` : ''}`,
+          `${backend.padEnd(8)} ${c.name.padEnd(27)} seq ${String(seq).padEnd(4)} forward ${f('forwardTokensPerSecond')} tok/s  lora step ${f('loraStepTokensPerSecond')} tok/s  full step ${f('fullStepTokensPerSecond')} tok/s  peak tensors ${mib(row.loraStepPeakTensorBytes as number | undefined)} (lora)  heap ${mib(row.backendHeapBytes as number | undefined)}  rss ${mib(row.rssBytes as number)}${failed ? `  [${failed[0]}: ${String(failed[1])}]` : ''}`,
         );
         if (!aborted) ids.dispose();
       }
