@@ -8,7 +8,7 @@
 // backend (tens of minutes). Runs are ordered by memory: wasm's heap stops at 4 GiB, and a
 // failed allocation aborts the module, so after a failure the rest of that backend is skipped.
 import { join } from 'node:path';
-import { BACKENDS, causalLmLoss, createAdapter, LlamaModel, llamaConfig, loadModelFolder, randomWeights, SMOLLM_135M_SHAPE, tf, useBackend } from '../model/index.ts';
+import { BACKENDS, causalLmLoss, gradients, createAdapter, LlamaModel, llamaConfig, loadModelFolder, randomWeights, SMOLLM_135M_SHAPE, tf, useBackend } from '../model/index.ts';
 import type { ModelConfig } from '../model/index.ts';
 
 interface Case {
@@ -99,9 +99,9 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
             const vars = [...adapter.trainableVariables().values()];
             try {
               const r = await measure(() => {
-                const { value, grads } = tf.variableGrads(() => causalLmLoss(model.forward(ids, { hooks: adapter.hooks, training: true }), ids).loss, vars);
+                const { value, grads } = gradients(() => causalLmLoss(model.forward(ids, { hooks: adapter.hooks, training: true }), ids).loss, vars);
                 value.dataSync();
-                tf.dispose([value, ...Object.values(grads)]);
+                tf.dispose([value, ...grads.filter((g): g is tf.Tensor => g !== undefined)]);
               }, c.reps);
               Object.assign(row, { loraParameters: vars.reduce((n, v) => n + v.size, 0), loraStepTokensPerSecond: tokens / r.seconds, loraStepPeakTensorBytes: r.peakTensorBytes });
             } finally {
@@ -113,9 +113,9 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
             for (const v of vars) v.trainable = true;
             try {
               const r = await measure(() => {
-                const { value, grads } = tf.variableGrads(() => causalLmLoss(model.forward(ids, { training: true }), ids).loss, vars);
+                const { value, grads } = gradients(() => causalLmLoss(model.forward(ids, { training: true }), ids).loss, vars);
                 value.dataSync();
-                tf.dispose([value, ...Object.values(grads)]);
+                tf.dispose([value, ...grads.filter((g): g is tf.Tensor => g !== undefined)]);
               }, c.reps);
               Object.assign(row, { fullStepTokensPerSecond: tokens / r.seconds, fullStepPeakTensorBytes: r.peakTensorBytes });
             } finally {

@@ -8,7 +8,7 @@
 // uses SmolLM's shape with 2 layers. On wasm a failed allocation aborts the backend's module,
 // so the rest of that model's rows are then skipped and say so.
 import { join } from 'node:path';
-import { causalLmLoss, createAdapter, initBackend, LlamaModel, llamaConfig, loadModelFolder, randomWeights, SMOLLM_135M_SHAPE, tf } from '../model/index.ts';
+import { causalLmLoss, createAdapter, gradients, initBackend, LlamaModel, llamaConfig, loadModelFolder, randomWeights, SMOLLM_135M_SHAPE, tf } from '../model/index.ts';
 import type { MethodSpec, ModelConfig } from '../model/index.ts';
 
 /** One spec per method, at the sizes the PEFT literature uses for models of this scale. */
@@ -79,9 +79,9 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
       const vars = [...adapter.trainableVariables().values()];
       const hooks = adapter.hooks;
       const step = (): void => {
-        const { value, grads } = tf.variableGrads(() => causalLmLoss(model.forward(ids, { hooks, training: true }), ids).loss, vars);
+        const { value, grads } = gradients(() => causalLmLoss(model.forward(ids, { hooks, training: true }), ids).loss, vars);
         value.dataSync();
-        tf.dispose([value, ...Object.values(grads)]);
+        tf.dispose([value, ...grads.filter((g): g is tf.Tensor => g !== undefined)]);
       };
       try {
         const { peakBytes } = await tf.profile(step);

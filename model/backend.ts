@@ -264,6 +264,63 @@ export interface TapedForward {
 
 /** Runs f recording a tape for a later vjp with respect to `xs`. Not for use inside tf.grads. */
 export function tapedForward(f: () => tf.Tensor, xs: tf.Tensor[]): TapedForward {
+  const { output, tape } = record(f);
+  let open = true;
+  const free = (): void => {
+    if (!open) return;
+    open = false;
+    for (const node of tape) for (const t of node.saved ?? []) t.dispose();
+    tape.length = 0;
+  };
+  let savedBytes = 0;
+  for (const node of tape) for (const t of node.saved ?? []) savedBytes += t.size * 4;
+  return {
+    output,
+    savedBytes,
+    vjp(dy: tf.Tensor): tf.Tensor[] {
+      if (!open) throw new Error('this forward pass was already used or freed');
+      try {
+        return tf.tidy(() => backpropagate(tape, xs, output, dy).map((g, i) => g ?? tf.zerosLike(xs[i])));
+      } finally {
+        free();
+        output.dispose();
+      }
+    },
+    dispose(): void {
+      free();
+      output.dispose();
+    },
+  };
+}
+
+/**
+ * f's value and the gradients of it (or of <value, dy>) with respect to each x: undefined
+ * where the value does not depend on x. Like tf.grads, but a gradient is freed as soon as
+ * backward has used it, which halves the peak memory of a training step.
+ */
+export function gradients<T extends tf.Tensor>(f: () => T, xs: tf.Tensor[], dy?: tf.Tensor): { value: T; grads: (tf.Tensor | undefined)[] } {
+  const engine = tf.engine() as unknown as EngineTape;
+  if (engine.state.gradientDepth !== 0) {
+    const { value, grads } = tf.engine().gradients(f, xs, dy, true);
+    return { value: value as T, grads: grads.map((g) => g ?? undefined) };
+  }
+  const { output, tape } = record(f);
+  try {
+    let present: boolean[] = [];
+    const reached = tf.tidy(() => {
+      const all = backpropagate(tape, xs, output, dy ?? tf.onesLike(output));
+      present = all.map((g) => g !== undefined);
+      return all.filter((g): g is tf.Tensor => g !== undefined);
+    });
+    let k = 0;
+    return { value: output as T, grads: present.map((p) => (p ? reached[k++] : undefined)) };
+  } finally {
+    for (const node of tape) for (const t of node.saved ?? []) t.dispose();
+  }
+}
+
+/** Runs f under a fresh tape; the tape is detached from the engine afterwards. */
+function record(f: () => tf.Tensor): { output: tf.Tensor; tape: TapeNode[] } {
   const engine = tf.engine() as unknown as EngineTape;
   if (engine.state.gradientDepth !== 0) throw new Error('tapedForward cannot run inside another gradient computation');
   engine.startTape();
@@ -277,36 +334,11 @@ export function tapedForward(f: () => tf.Tensor, xs: tf.Tensor[]): TapedForward 
     // Ops run from here on (other sessions) must not land on this tape.
     engine.state.activeTape = null;
   }
-  let savedBytes = 0;
-  for (const node of tape) for (const t of node.saved ?? []) savedBytes += t.size * 4;
-  let open = true;
-  const free = (): void => {
-    if (!open) return;
-    open = false;
-    for (const node of tape) for (const t of node.saved ?? []) t.dispose();
-    tape = [];
-  };
-  return {
-    output,
-    savedBytes,
-    vjp(dy: tf.Tensor): tf.Tensor[] {
-      if (!open) throw new Error('this forward pass was already used or freed');
-      try {
-        return tf.tidy(() => backpropagate(tape, xs, output, dy));
-      } finally {
-        free();
-        output.dispose();
-      }
-    },
-    dispose(): void {
-      free();
-      output.dispose();
-    },
-  };
+  return { output, tape };
 }
 
 /** tfjs's backpropagation over the part of a tape between xs and y (getFilteredNodesXToY, backpropagateGradients). */
-function backpropagate(tape: TapeNode[], xs: tf.Tensor[], y: tf.Tensor, dy: tf.Tensor): tf.Tensor[] {
+function backpropagate(tape: TapeNode[], xs: tf.Tensor[], y: tf.Tensor, dy: tf.Tensor): (tf.Tensor | undefined)[] {
   const fromX = new Set(xs.map((x) => x.id));
   const nodesFromX = new Set<number>();
   for (const node of tape) {
@@ -324,6 +356,7 @@ function backpropagate(tape: TapeNode[], xs: tf.Tensor[], y: tf.Tensor, dy: tf.T
       nodesToY.add(node.id);
     }
   }
+  const wanted = new Set(xs.map((x) => x.id));
   const grads = new Map<number, tf.Tensor>([[y.id, dy]]);
   for (let i = tape.length - 1; i >= 0; i--) {
     const node = tape[i];
@@ -335,10 +368,25 @@ function backpropagate(tape: TapeNode[], xs: tf.Tensor[], y: tf.Tensor, dy: tf.T
       if (!fromX.has(x.id)) continue;
       const dx = tf.tidy(() => inputGrads[name]());
       const prev = grads.get(x.id);
-      grads.set(x.id, prev ? tf.add(prev, dx) : dx);
+      if (prev) {
+        grads.set(x.id, tf.add(prev, dx));
+        prev.dispose();
+        dx.dispose();
+      } else {
+        grads.set(x.id, dx);
+      }
+    }
+    // Every consumer of this node's outputs came later on the tape, so their gradients are
+    // complete and used: free them now (tfjs keeps them all to the end, doubling the peak).
+    for (const o of node.outputs) {
+      const g = grads.get(o.id);
+      if (g && g !== dy && !wanted.has(o.id)) {
+        g.dispose();
+        grads.delete(o.id);
+      }
     }
   }
-  return xs.map((x) => grads.get(x.id) ?? tf.zerosLike(x));
+  return xs.map((x) => grads.get(x.id));
 }
 
 /** What a custom op computes: its value, the tensors its gradient needs, and the gradient of each input. */

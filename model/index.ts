@@ -34,7 +34,7 @@ export {
 export type { LoadedModel, SaveModelOptions, ShardedWriteOptions, Weight, Weights, WeightsInput } from './checkpoint.ts';
 export { TOKENIZER_CONFIG_FILE, loadTokenizer } from './tokenizer.ts';
 export type { DecodeOptions, EncodeOptions, Tokenizer } from './tokenizer.ts';
-export { BACKENDS, activeBackend, initBackend, parseBackendName, tapedForward, tf, useBackend } from './backend.ts';
+export { BACKENDS, activeBackend, gradients, initBackend, parseBackendName, tapedForward, tf, useBackend } from './backend.ts';
 export type { BackendChoice, BackendName, TapedForward } from './backend.ts';
 export { HOOK_NAMES, LINEAR_MODULES } from './hooks.ts';
 export type { ForwardHooks, HookContext, LinearModule, LinearModuleName, SublayerKind } from './hooks.ts';

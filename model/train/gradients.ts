@@ -1,8 +1,9 @@
 // Gradients with respect to variables and plain tensors together, with an optional
 // upstream gradient: what the cut needs (dL/dh_M and the top's weights from one backward;
 // the bottom's vector-Jacobian product with g_B). tfjs's public tf.grads and
-// tf.variableGrads each do only half of that; both are thin wrappers of this engine call.
-import { tf } from '../backend.ts';
+// tf.variableGrads each do only half of that. backend.ts's `gradients` does both, and frees
+// each intermediate gradient as soon as backward has used it.
+import { gradients, tf } from '../backend.ts';
 
 export interface GradientsResult<T extends tf.Tensor> {
   value: T;
@@ -15,8 +16,7 @@ export interface GradientsResult<T extends tf.Tensor> {
  * The caller owns `value` and the gradients.
  */
 export function gradientsOf<T extends tf.Tensor>(f: () => T, xs: tf.Tensor[], dy?: T): GradientsResult<T> {
-  const { value, grads } = tf.engine().gradients(f, xs, dy, true);
-  return { value, grads: grads.map((g) => g ?? undefined) };
+  return gradients(f, xs, dy);
 }
 
 /** The trainable variables among `vars` that f's result depends on (a probe on a small input). */
