@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { activeBackend, initBackend, LlamaModel, llamaConfig, ModelError, parseBackendName, randomWeights, tapedForward, tf } from '../../model/index.ts';
+import { activeBackend, gradients, initBackend, LlamaModel, llamaConfig, ModelError, parseBackendName, randomWeights, tapedForward, tf } from '../../model/index.ts';
 
 describe('backend choice', () => {
   it('takes the backend asked for and reports it', async () => {
@@ -56,6 +56,30 @@ describe('tapedForward', () => {
     unused.dispose();
     assert.equal(tf.memory().numTensors, before);
     tf.dispose([h, g]);
+    model.dispose();
+  });
+});
+
+describe('gradients', () => {
+  it('equals tf.variableGrads, gives undefined for what the value does not depend on, and leaves no tensor behind', async () => {
+    await initBackend({ backend: 'wasm' });
+    const config = llamaConfig({ hidden: 16, layers: 2, heads: 4, kvHeads: 2, intermediate: 24, vocab: 32 });
+    const model = LlamaModel.fromArrays(config, randomWeights(config, 3, 0.2));
+    const vars = [...model.weights.values()];
+    for (const v of vars) v.trainable = true;
+    const ids = tf.tensor2d([[1, 4, 9, 2, 7]], [1, 5], 'int32');
+    const unused = tf.variable(tf.zeros([3]), true);
+    const loss = (): tf.Scalar => tf.sum(model.forward(ids)) as tf.Scalar;
+    model.forward(ids).dispose(); // fills the rotary table cache
+    const before = tf.memory().numTensors;
+    const ours = gradients(loss, [...vars, unused]);
+    const theirs = tf.variableGrads(loss, vars);
+    assert.equal(ours.grads.at(-1), undefined);
+    vars.forEach((v, i) => assert.deepEqual(Array.from((ours.grads[i] as tf.Tensor).dataSync()), Array.from(theirs.grads[v.name].dataSync()), v.name));
+    assert.equal(ours.value.dataSync()[0], theirs.value.dataSync()[0]);
+    tf.dispose([ours.value, ...ours.grads.filter((g): g is tf.Tensor => g !== undefined), theirs.value, ...Object.values(theirs.grads)]);
+    assert.equal(tf.memory().numTensors, before);
+    tf.dispose([ids, unused]);
     model.dispose();
   });
 });
