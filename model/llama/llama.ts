@@ -102,7 +102,11 @@ export class LlamaModel {
     const seq = h.shape[1];
     const out = tf.tidy(() => {
       const { cos, sin } = this.rope(offset, seq);
-      const mask = causalMask(seq, offset);
+      // One mask for every block: the query heads sharing a kv head are stacked along the
+      // sequence axis (see attention), so the mask repeats once per head of a group.
+      const groupSize = this.config.numAttentionHeads / this.config.numKeyValueHeads;
+      const causal = causalMask(seq, offset);
+      const mask = groupSize === 1 ? causal : tf.tile(causal, [groupSize, 1]);
       let x = h;
       // A scope per block: without a tape a block's intermediates are freed before the next
       // block runs; under one, what backward needs was kept by the tape and survives.
@@ -199,6 +203,7 @@ export class LlamaModel {
     return tf.add(h, mlp) as tf.Tensor3D;
   }
 
+  /** `mask` is the causal mask repeated for each query head of a kv group, [group · seq, past + seq]. */
   private attention(i: number, x: tf.Tensor3D, cos: tf.Tensor2D, sin: tf.Tensor2D, mask: tf.Tensor2D, options: ForwardOptions): tf.Tensor3D {
     const { numAttentionHeads: nH, numKeyValueHeads: nKv, headDim: hd, hiddenSize } = this.config;
     const [b, s] = x.shape;
@@ -224,8 +229,7 @@ export class LlamaModel {
     const qg = tf.reshape(q, [b * nKv, g * s, hd]);
     const kg = tf.reshape(k, [b * nKv, t, hd]);
     const vg = tf.reshape(v, [b * nKv, t, hd]);
-    const groupMask = g === 1 ? mask : tf.tile(mask, [g, 1]);
-    const probs = maskedSoftmax(batchMatMul(qg as tf.Tensor3D, transposeLast(kg) as tf.Tensor3D), 1 / Math.sqrt(hd), groupMask);
+    const probs = maskedSoftmax(batchMatMul(qg as tf.Tensor3D, transposeLast(kg) as tf.Tensor3D), 1 / Math.sqrt(hd), mask);
     const ctx = tf.reshape(batchMatMul(probs as tf.Tensor3D, vg as tf.Tensor3D), [b, nH, s, hd]);
     const merged = tf.reshape(tf.transpose(ctx, [0, 2, 1, 3]), [b * s, nH * hd]) as tf.Tensor2D;
     return tf.reshape(this.linear(i, 'self_attn', 'o_proj', merged, options), [b, s, hiddenSize]) as tf.Tensor3D;
