@@ -2,9 +2,8 @@
 // bottom and top stay frozen, the teacher is the full middle on the same h_B, and the loss is
 //   LM cross-entropy of the emulated model + λ · mean((h_teacher − h_emulator)²) / mean(h_teacher²)
 // (the hidden-state MSE normalized by the teacher's mean square, as the reference code does).
-import { AdamW, BatchStream, causalLmLoss, clipGradNorm, gradients, learningRate, tf } from '../model/index.ts';
+import { AdamW, BatchStream, causalLmLoss, clipGradNorm, gradients, layerOf, learningRate, tf } from '../model/index.ts';
 import type { LlamaModel, Row } from '../model/index.ts';
-import { layerOf } from './layer-drop.ts';
 import type { EmulatorLayout } from './layer-drop.ts';
 
 /** λ of the paper's recipe. */

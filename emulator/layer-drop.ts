@@ -95,16 +95,3 @@ export function edgeLayers(layout: EmulatorLayout): number[] {
   const { cut, numLayers } = layout;
   return [...Array.from({ length: cut.bottom }, (_, i) => i), ...Array.from({ length: cut.top }, (_, i) => numLayers - cut.top + i)];
 }
-
-const LAYER_IN_NAME = /(^|\.)model\.layers\.(\d+)\./;
-
-/** The block index a tensor or module name refers to (`model.layers.{i}.`), if any. */
-export function layerOf(name: string): number | undefined {
-  const m = LAYER_IN_NAME.exec(name);
-  return m === null ? undefined : Number(m[2]);
-}
-
-/** Renames the block index in a tensor or adapter key; names without one stay. */
-export function renameLayer(name: string, map: (layer: number) => number): string {
-  return name.replace(LAYER_IN_NAME, (_, lead: string, i: string) => `${lead}model.layers.${map(Number(i))}.`);
-}

@@ -1,6 +1,6 @@
 // tfjs types a Variable or a computed tensor as tf.Tensor<Rank>; its ops want the rank in the
 // type. These helpers are the one place that narrows, and they check the rank they claim.
-import { tf } from './tf.ts';
+import type { tf } from './tf.ts';
 
 function checked<T extends tf.Tensor>(t: tf.Tensor | undefined, rank: number): T | undefined {
   if (t === undefined) return undefined;
