@@ -11,6 +11,7 @@ import { selectModules } from '../targets.ts';
 import type { LoraConfig } from './config.ts';
 import { loraScaling } from './config.ts';
 import { doraDelta, doraMergedWeight, doraWeightNorm } from './dora.ts';
+import { projectLoraFaGradient } from './lora-fa.ts';
 
 /**
  * LoRA's state per module by PEFT's names (LoraLayer.adapter_layer_names): lora_A and lora_B
@@ -40,6 +41,7 @@ export class LoraLayers implements MethodInstance {
   private readonly scaling: number;
   private readonly rng: Rng;
   private readonly mergedWeights: MergedWeights;
+  readonly projectGradients?: (grads: Map<string, tf.Tensor>) => void;
 
   constructor(
     private readonly model: LlamaModel,
@@ -74,6 +76,7 @@ export class LoraLayers implements MethodInstance {
       this.modules.set(info.path, mod);
     }
     this.claims = targets.map((t) => t.weightName);
+    if (variant.freezeA) this.projectGradients = (grads) => this.projectLoraFa(grads);
     this.hooks = { linear: (module, x, base, hookCtx) => this.linear(module, x, base, hookCtx) };
   }
 
@@ -95,6 +98,17 @@ export class LoraLayers implements MethodInstance {
     const baseNoBias: tf.Tensor2D = xd === x ? (module.bias ? (tf.sub(y, module.bias) as tf.Tensor2D) : y) : linear(xd, w);
     const norm = doraWeightNorm(w, a, b, this.scaling);
     return tf.add(y, doraDelta(baseNoBias, lora, as1D(mod.magnitude), norm, this.scaling)) as tf.Tensor2D;
+  }
+
+  /** LoRA-FA: B's gradient times (1/s^2) pinv(A A^T + δI), as PEFT's LoraFAOptimizer does before its update. */
+  private projectLoraFa(grads: Map<string, tf.Tensor>): void {
+    for (const mod of this.modules.values()) {
+      const key = moduleStateKey(mod.info.path, ...LORA_STATE.B);
+      const g = grads.get(key);
+      if (!g) continue;
+      grads.set(key, projectLoraFaGradient(g, mod.a, this.scaling));
+      g.dispose();
+    }
   }
 
   get merged(): boolean {
