@@ -28,6 +28,7 @@ export const MODEL_ERRORS = {
   TANDEM_PEFT_METHOD_DUPLICATE: { summary: 'a PEFT method is already registered under that name' },
   TANDEM_ADAPTER_INVALID: { summary: 'an adapter folder does not match its configuration' },
   TANDEM_MERGE_UNSUPPORTED: { summary: 'a PEFT method of the adapter cannot be merged into the base weights' },
+  TANDEM_MODEL_FAMILY_DUPLICATE: { summary: 'a model family is already registered under that model_type' },
 } as const satisfies Record<string, { summary: string }>;
 
 export type ModelErrorCode = keyof typeof MODEL_ERRORS;

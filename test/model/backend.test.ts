@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { activeBackend, gradients, initBackend, LlamaModel, llamaConfig, ModelError, parseBackendName, randomWeights, tapedForward, tf } from '../../model/index.ts';
+import { activeBackend, gradients, initBackend, LlamaModel, ModelError, parseBackendName, tapedForward, tf } from '../../model/index.ts';
+import { llamaConfig, randomWeights } from '../../model/testing.ts';
 
 describe('backend choice', () => {
   it('takes the backend asked for and reports it', async () => {

@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { cutPartOf, expectedTensorShapes, layerOf, llamaConfig, onEdge } from '../../model/index.ts';
+import { cutPartOf, expectedTensorShapes, layerOf, onEdge } from '../../model/index.ts';
+import { llamaConfig } from '../../model/testing.ts';
 
 describe('the cut', () => {
   it('reads the block index of tensor names and adapter keys, and nothing else', () => {
