@@ -7,8 +7,10 @@ import { describe, it } from 'node:test';
 import { gradients, tf } from '../../../model/backend.ts';
 import { createAdapter, loadAdapter, loraScaling, saveAdapter } from '../../../model/peft/index.ts';
 import { readSafetensorsFile } from '../../../model/safetensors.ts';
+import { Sgd, Trainer } from '../../../model/train/index.ts';
+import type { Adapter } from '../../../model/peft/adapter.ts';
 import { rejectsModelError, tempDir, throwsModelError } from '../helpers.ts';
-import { lossOf, tinyModel } from './helpers.ts';
+import { IDS, lossOf, tinyModel } from './helpers.ts';
 
 // Fields PEFT v0.11.0 knows (src/peft/config.py and src/peft/tuners/<method>/config.py): before
 // 0.14, PEFT's config __init__ refuses a file naming any other field.
@@ -119,6 +121,37 @@ describe('PEFT fidelity', () => {
     assert.deepEqual(g.get('x')!.arraySync(), [[1, 1], [1, 1]]);
     tf.dispose([...g.values()]);
     plain.dispose();
+    model.dispose();
+  });
+
+  it("the training loop applies LoRA-FA's projected gradient: one SGD step moves B by the projection of the raw step", async () => {
+    const model = tinyModel();
+    const spec = { method: 'lora_fa', r: 2, loraAlpha: 4, targetModules: ['v_proj'], initLoraWeights: false };
+    const stepOf = async (adapter: Adapter): Promise<Map<string, number[][]>> => {
+      const vars = adapter.trainableVariables();
+      const before = new Map([...vars].map(([k, v]) => [k, v.arraySync() as number[][]]));
+      const trainer = new Trainer({ model, adapter, optimizer: new Sgd(), schedule: { kind: 'constant', lr: 1, warmupSteps: 0, totalSteps: 1 } });
+      await trainer.trainStep([{ ids: IDS, labels: IDS }]);
+      return new Map([...vars].map(([k, v]) => [k, (v.arraySync() as number[][]).map((row, i) => row.map((x, j) => x - before.get(k)![i][j]))]));
+    };
+    const fa = createAdapter(model, [spec], { seed: 2 });
+    const projected = await stepOf(fa);
+    // The same adapter seen without its projection: the raw gradient step.
+    const same = createAdapter(model, [spec], { seed: 2 });
+    const raw = await stepOf({ hooks: same.hooks, numVirtualTokens: 0, trainableVariables: () => same.trainableVariables(), merge: () => same.merge(), unmerge: () => same.unmerge(), merged: false, dispose: () => same.dispose() });
+    const s = loraScaling({ r: 2, loraAlpha: 4, useRslora: false });
+    for (const [key, d] of projected) {
+      const a = fa.state().get(key.replace('lora_B', 'lora_A'))!.variable.arraySync() as number[][];
+      const aat = a.map((ai) => a.map((aj) => ai.reduce((x, v, k) => x + v * aj[k], 0)));
+      const back = d.map((row) => aat[0].map((_, j) => row.reduce((x, v, k) => x + v * aat[k][j], 0) * s * s));
+      const want = raw.get(key)!;
+      const scale = Math.max(...want.flat().map(Math.abs));
+      assert.ok(scale > 0, 'B moved');
+      assert.ok(maxDiff(back, want) <= 1e-3 * scale, `${key}: ΔB (A A^T) s^2 equals the raw step`);
+      assert.ok(maxDiff(d, want) > 1e-2 * scale, 'the projection changed the step');
+    }
+    fa.dispose();
+    same.dispose();
     model.dispose();
   });
 
