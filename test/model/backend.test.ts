@@ -86,4 +86,19 @@ describe('gradients', () => {
     tf.dispose([ids, unused]);
     model.dispose();
   });
+
+  it("with an upstream gradient equals tf.grads bit for bit (the cloud's recompute of g_B from h_B)", async () => {
+    for (const backend of ['cpu', 'wasm']) {
+      await initBackend({ backend });
+      const config = llamaConfig({ hidden: 16, layers: 5, heads: 4, kvHeads: 2, intermediate: 24, vocab: 32 });
+      const model = LlamaModel.fromArrays(config, randomWeights(config, 3, 0.2));
+      const h = tf.randomNormal([2, 7, 16], 0, 1, 'float32', 4) as tf.Tensor3D;
+      const g = tf.randomNormal([2, 7, 16], 0, 1, 'float32', 5) as tf.Tensor3D;
+      const [theirs] = tf.grads((x: tf.Tensor) => model.blocks(x as tf.Tensor3D, 1, 4))([h], g);
+      const ours = gradients(() => model.blocks(h, 1, 4), [h], g);
+      assert.deepEqual(Array.from((ours.grads[0] as tf.Tensor).dataSync()), Array.from(theirs.dataSync()), backend);
+      tf.dispose([h, g, theirs, ours.value, ours.grads[0] as tf.Tensor]);
+      model.dispose();
+    }
+  });
 });
