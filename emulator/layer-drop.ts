@@ -1,12 +1,11 @@
 // Uniform layer drop (Offsite-Tuning, Xiao et al. 2023) and the layer numbering of the
 // emulated model: bottom blocks, then the kept middle blocks, then the top blocks, numbered
 // 0..B+K+T-1, so the emulated model is an ordinary LlamaModel of B+K+T blocks.
+import type { CutSpec } from '../model/index.ts';
 import { EmulatorError } from './errors.ts';
 
-export interface Cut {
-  bottom: number;
-  top: number;
-}
+/** B bottom and T top blocks (model/cut.ts). */
+export type Cut = CutSpec;
 
 /** Python's round(): halves go to the even neighbour (the reference implementation rounds so). */
 function roundHalfEven(x: number): number {
