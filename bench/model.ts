@@ -8,7 +8,8 @@
 // backend (tens of minutes). Runs are ordered by memory: wasm's heap stops at 4 GiB, and a
 // failed allocation aborts the module, so after a failure the rest of that backend is skipped.
 import { join } from 'node:path';
-import { BACKENDS, causalLmLoss, gradients, createAdapter, LlamaModel, llamaConfig, loadModelFolder, randomWeights, SMOLLM_135M_SHAPE, tf, useBackend } from '../model/index.ts';
+import { BACKENDS, causalLmLoss, gradients, createAdapter, LlamaModel, loadModelFolder, tf } from '../model/index.ts';
+import { llamaConfig, randomWeights, SMOLLM_135M_SHAPE, useBackend } from '../model/testing.ts';
 import type { ModelConfig } from '../model/index.ts';
 
 interface Case {

@@ -8,7 +8,8 @@
 // uses SmolLM's shape with 2 layers. On wasm a failed allocation aborts the backend's module,
 // so the rest of that model's rows are then skipped and say so.
 import { join } from 'node:path';
-import { causalLmLoss, createAdapter, gradients, initBackend, LlamaModel, llamaConfig, loadModelFolder, randomWeights, SMOLLM_135M_SHAPE, tf } from '../model/index.ts';
+import { causalLmLoss, createAdapter, gradients, initBackend, LlamaModel, loadModelFolder, tf } from '../model/index.ts';
+import { llamaConfig, randomWeights, SMOLLM_135M_SHAPE } from '../model/testing.ts';
 import type { MethodSpec, ModelConfig } from '../model/index.ts';
 
 /** One spec per method, at the sizes the PEFT literature uses for models of this scale. */

@@ -14,9 +14,10 @@ import { join } from 'node:path';
 import { startCloudNode } from '../cloud-node/index.ts';
 import { connectCloud, loadEdgePart } from '../edge-client/index.ts';
 import {
-  LlamaModel, Rng, Trainer, createAdapter, createOptimizer, initBackend, loadModelFolder, randomWeights, saveModelFolder,
+  LlamaModel, Rng, Trainer, createAdapter, createOptimizer, initBackend, loadModelFolder, saveModelFolder,
 } from '../model/index.ts';
 import type { Batch, Cut, MethodSpec, Middle } from '../model/index.ts';
+import { randomWeights } from '../model/testing.ts';
 import type { CodecName } from '../protocol/index.ts';
 
 const FIXTURE = join(import.meta.dirname, '..', 'test', 'fixtures', 'stories260K');

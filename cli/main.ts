@@ -9,6 +9,7 @@ import { generateCommand } from './generate.ts';
 import { processIo, type CommandIo } from './io.ts';
 import { keysCommand } from './keys.ts';
 import { trainCommand } from './train.ts';
+import { isTandemError } from '../common/define-errors.ts';
 
 /** The commands of `tandem`, in the order `--help` lists them. */
 function program(io: CommandIo): Command {
@@ -41,9 +42,8 @@ export async function main(argv: string[], io: CommandIo = processIo): Promise<n
     return 0;
   } catch (err) {
     if (err instanceof CommanderError) return err.exitCode === 0 ? 0 : 2;
-    const code = (err as { code?: unknown }).code;
-    if (typeof code === 'string' && code.startsWith('TANDEM_')) {
-      io.log(`error: ${(err as Error).message}`);
+    if (isTandemError(err)) {
+      io.log(`error: ${err.describe()}`);
       return 2;
     }
     io.log(`error: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);

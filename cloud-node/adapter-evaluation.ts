@@ -8,7 +8,7 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
-  ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LlamaModel, ModelError, evaluateClassification, evaluateRows, loadAdapter, localScorer, parseDataset, parseSafetensors, prepareData, tf,
+  ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LlamaModel, baseNameOfKey, ModelError, evaluateClassification, evaluateRows, loadAdapter, localScorer, parseDataset, parseSafetensors, prepareData, tf,
 } from '../model/index.ts';
 import type { PeftAdapter, Tokenizer } from '../model/index.ts';
 import { CloudError } from './errors.ts';
@@ -43,8 +43,6 @@ export interface AdapterEvaluation {
   peftType: string;
   adapterTensors: number;
 }
-
-const PEFT_PREFIX = 'base_model.model.';
 
 function invalidAdapter(served: ServedModel, err: unknown): CloudError {
   const reason = err instanceof Error ? err.message : String(err);
@@ -97,7 +95,7 @@ export async function evaluateAdapter(served: ServedModel, tokenizer: Tokenizer,
   const records = dataset.examples.flatMap((e) => (e.kind === 'label' ? [{ text: e.text, label: e.label }] : []));
   const labels = prepared.classification ? { tokenizer, records, labels: prepared.classification.labels, seqLen: options.seqLen } : undefined;
   // Base weights the adapter's file names (block, bitfit) are changed in place: copy them.
-  const copied = new Set(keys.map((k) => (k.startsWith(PEFT_PREFIX) ? k.slice(PEFT_PREFIX.length) : k)).filter((n) => served.model.weights.has(n)));
+  const copied = new Set(keys.map(baseNameOfKey).filter((n) => served.model.weights.has(n)));
   const dir = await mkdtemp(join(tmpdir(), 'tandem-adapter-eval-'));
   const view = viewOf(served, copied);
   let adapter: PeftAdapter | undefined;

@@ -35,7 +35,7 @@ export function errorBodyOf(error: unknown, log: Logger): ErrorBody {
   if (error instanceof CloudError) {
     const details: Record<string, string> = {};
     for (const [key, value] of Object.entries(error.details)) details[key] = String(value);
-    return { code: error.code, message: error.message, details };
+    return { code: error.code, message: error.describe(), details };
   }
   log.error({ err: error }, 'unexpected error in the data plane');
   return { code: 'TANDEM_INTERNAL', message: 'TANDEM_INTERNAL: internal error', details: {} };

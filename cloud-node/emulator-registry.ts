@@ -39,7 +39,7 @@ export interface EmulatorBuildSettings {
 /** A CloudError for an EmulatorError about the request; anything else is rethrown. */
 export function cloudErrorOf(err: unknown, request: EmulatorRequest): unknown {
   if (!(err instanceof EmulatorError)) return err;
-  const reason = err.message.replace(/^TANDEM_\w+: /, '');
+  const reason = err.message; // the code is not part of the message
   if (err.code === 'TANDEM_EMULATOR_KEEP_INVALID') return new CloudError('TANDEM_EMULATOR_KEEP_INVALID', { keep: request.keep, reason }, { cause: err });
   if (err.code === 'TANDEM_EMULATOR_OPTION_INVALID') return new CloudError('TANDEM_EMULATOR_OPTION_INVALID', { reason }, { cause: err });
   return err;

@@ -1,6 +1,7 @@
 // One catalogue of the errors cloud-node/ raises. Codes are stable: they are HTTP error
 // bodies' `code` and travel on the wire inside protocol Error bodies, so a code is never
 // renamed or reused; new ones are appended.
+import { defineErrors } from '../common/define-errors.ts';
 
 export const CLOUD_ERRORS = {
   TANDEM_AUTH_KEY_MISSING: { status: 401, template: 'no API key: send `authorization: Bearer <key>` (REST) or `auth: { key }` (socket.io)' },
@@ -36,26 +37,16 @@ export type CloudErrorCode = keyof typeof CLOUD_ERRORS;
 
 export type CloudErrorDetails = Readonly<Record<string, string | number | boolean>>;
 
-function fill(template: string, details: CloudErrorDetails): string {
-  return template.replace(/\{(\w+)\}/g, (whole, key: string) => (Object.hasOwn(details, key) ? String(details[key]) : whole));
-}
+const defined = defineErrors('CloudError', CLOUD_ERRORS);
+
+export const isCloudErrorCode = defined.isCode;
 
 /** The error cloud-node/ throws. `status` is its HTTP status; `code` is stable and travels on the wire. */
-export class CloudError extends Error {
-  override readonly name = 'CloudError';
-  readonly code: CloudErrorCode;
-  readonly status: number;
-  readonly details: CloudErrorDetails;
+export class CloudError extends defined.Base {
+  declare readonly status: number;
+  declare readonly details: CloudErrorDetails;
 
   constructor(code: CloudErrorCode, details: CloudErrorDetails = {}, options: { cause?: unknown } = {}) {
-    const entry = CLOUD_ERRORS[code];
-    super(`${code}: ${fill(entry.template, details)}`, options.cause === undefined ? undefined : { cause: options.cause });
-    this.code = code;
-    this.status = entry.status;
-    this.details = details;
+    super(code, defined.format(code, details), { details, cause: options.cause });
   }
-}
-
-export function isCloudErrorCode(code: string): code is CloudErrorCode {
-  return Object.hasOwn(CLOUD_ERRORS, code);
 }

@@ -1,7 +1,7 @@
 // Runs the frozen middle blocks [B, L-T) of the served model: forward, and the
 // vector-Jacobian product g_B = (d middle / d h_B)^T g_M, either from the tape the forward
 // kept or by recomputing the forward from h_B (after an eviction or a restart).
-import { tapedForward, tf } from '../model/index.ts';
+import { gradients, tapedForward, tf } from '../model/index.ts';
 import type { LlamaModel, TapedForward } from '../model/index.ts';
 
 export type Shape3 = [number, number, number];
@@ -64,9 +64,9 @@ export class MiddleExecutor {
   /** g_M (same shape as h_B) → g_B. */
   async backward(range: BlockRange, h: Float32Array, g: Float32Array, shape: Shape3): Promise<Float32Array> {
     const out = tf.tidy(() => {
-      const middle = (x: tf.Tensor): tf.Tensor3D => this.#model.blocks(x as tf.Tensor3D, range.start, range.end);
-      const [gradient] = tf.grads(middle)([tf.tensor3d(h, shape)], tf.tensor3d(g, shape));
-      return gradient;
+      const x = tf.tensor3d(h, shape);
+      const { grads } = gradients(() => this.#model.blocks(x, range.start, range.end), [x], tf.tensor3d(g, shape));
+      return grads[0] ?? tf.zerosLike(x);
     });
     try {
       return (await out.data()) as Float32Array;

@@ -78,20 +78,20 @@ export interface CloudNode {
 function sendError(app: FastifyInstance, log: Logger): void {
   app.setErrorHandler((error: FastifyError | CloudError | Error, request, reply) => {
     if (error instanceof CloudError) {
-      return reply.code(error.status).send({ code: error.code, message: error.message, details: error.details });
+      return reply.code(error.status).send({ code: error.code, message: error.describe(), details: error.details });
     }
     const fastifyError = error as FastifyError;
     if (fastifyError.validation !== undefined || (fastifyError.statusCode !== undefined && fastifyError.statusCode < 500)) {
       const wrapped = new CloudError('TANDEM_REQUEST_INVALID', { reason: fastifyError.message });
-      return reply.code(fastifyError.statusCode ?? 400).send({ code: wrapped.code, message: wrapped.message, details: wrapped.details });
+      return reply.code(fastifyError.statusCode ?? 400).send({ code: wrapped.code, message: wrapped.describe(), details: wrapped.details });
     }
     log.error({ err: error, url: request.url }, 'unexpected error in a route');
     const internal = new CloudError('TANDEM_INTERNAL', { reason: 'see the node log' });
-    return reply.code(500).send({ code: internal.code, message: internal.message });
+    return reply.code(500).send({ code: internal.code, message: internal.describe() });
   });
   app.setNotFoundHandler((request, reply) => {
     const error = new CloudError('TANDEM_ROUTE_UNKNOWN', { method: request.method, url: request.url.split('?')[0] });
-    return reply.code(404).send({ code: error.code, message: error.message });
+    return reply.code(404).send({ code: error.code, message: error.describe() });
   });
 }
 

@@ -3,7 +3,7 @@ import { createHash } from 'node:crypto';
 import { readFile, stat } from 'node:fs/promises';
 import { basename, join, resolve } from 'node:path';
 import {
-  CONFIG_FILE, LlamaModel, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, loadModelFolder, serializeSafetensors,
+  CONFIG_FILE, LlamaModel, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, loadModelFolder, onEdge, serializeSafetensors,
 } from '../model/index.ts';
 import type { LoadedModel, ModelConfig, SafetensorsTensorInput } from '../model/index.ts';
 import type { Cut } from '../protocol/index.ts';
@@ -142,16 +142,9 @@ export class ServedModel {
   }
 
   #edgeWeights(cut: Cut): Uint8Array {
-    const { start, end } = this.middleOf(cut);
-    const onEdge = (name: string): boolean => {
-      const m = /^model\.layers\.(\d+)\./.exec(name);
-      if (m === null) return true; // embedding, final norm, head
-      const layer = Number(m[1]);
-      return layer < start || layer >= end;
-    };
     const tensors = new Map<string, SafetensorsTensorInput>();
     for (const [name, w] of this.#loaded.weights) {
-      if (onEdge(name)) tensors.set(name, { dtype: 'F32', shape: w.shape, data: w.data });
+      if (onEdge(name, cut, this.numLayers)) tensors.set(name, { dtype: 'F32', shape: w.shape, data: w.data });
     }
     return serializeSafetensors(tensors, { format: 'pt', contentHash: this.contentHash, bottom: String(cut.bottom), top: String(cut.top) });
   }

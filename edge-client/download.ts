@@ -6,7 +6,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
-import { LlamaModel, expectedTensorShapes, loadTokenizer, parseModelConfig, readSafetensorsFile, toFloat32 } from '../model/index.ts';
+import { LlamaModel, expectedTensorShapes, loadTokenizer, onEdge, parseModelConfig, readSafetensorsFile, toFloat32 } from '../model/index.ts';
 import type { Cut, ModelConfig, Tokenizer } from '../model/index.ts';
 import { EdgeError } from './errors.ts';
 
@@ -205,14 +205,7 @@ export async function downloadEdgePart(rest: CloudRest, modelId: string, cut: Cu
 
 /** Names of the tensors the edge holds at `cut`. */
 export function edgeTensorNames(config: ModelConfig, cut: Cut): string[] {
-  const L = config.numHiddenLayers;
-  const keep = (name: string): boolean => {
-    const m = /^model\.layers\.(\d+)\./.exec(name);
-    if (!m) return true;
-    const layer = Number(m[1]);
-    return layer < cut.bottom || layer >= L - cut.top;
-  };
-  return [...expectedTensorShapes(config).keys()].filter(keep);
+  return [...expectedTensorShapes(config).keys()].filter((name) => onEdge(name, cut, config.numHiddenLayers));
 }
 
 export interface LoadedEdgePart {

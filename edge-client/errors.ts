@@ -1,20 +1,21 @@
 // One catalogue of the errors edge-client/ raises. Codes are stable: users and scripts
 // match on them; errors from the cloud keep the cloud's code in `remoteCode`.
+import { defineErrors } from '../common/define-errors.ts';
 
 export const EDGE_ERRORS = {
-  TANDEM_EDGE_OPTION_INVALID: 'an edge option is outside what the client accepts',
-  TANDEM_EDGE_AUTH_FAILED: 'the cloud refused the key',
-  TANDEM_EDGE_HTTP_FAILED: 'a REST request to the cloud failed',
-  TANDEM_EDGE_MODEL_UNKNOWN: 'the cloud serves no model with that id, or not with that cut',
-  TANDEM_EDGE_RESPONSE_INVALID: 'the cloud answered with something the contract does not allow',
-  TANDEM_EDGE_DOWNLOAD_CORRUPT: 'a downloaded file does not match the manifest',
-  TANDEM_EDGE_CONNECT_FAILED: 'the data-plane connection to the cloud could not be made',
-  TANDEM_EDGE_REQUEST_FAILED: 'a request got no answer after every retry',
-  TANDEM_EDGE_REMOTE_ERROR: 'the cloud answered a request with an error',
-  TANDEM_EDGE_SESSION_LOST: 'the session could not be reattached after a reconnect',
-  TANDEM_EDGE_CLOSED: 'the connection was closed by this client',
-  TANDEM_EDGE_CHECKPOINT_MISMATCH: 'the checkpoint was written by a different run',
-} as const;
+  TANDEM_EDGE_OPTION_INVALID: { summary: 'an edge option is outside what the client accepts' },
+  TANDEM_EDGE_AUTH_FAILED: { summary: 'the cloud refused the key' },
+  TANDEM_EDGE_HTTP_FAILED: { summary: 'a REST request to the cloud failed' },
+  TANDEM_EDGE_MODEL_UNKNOWN: { summary: 'the cloud serves no model with that id, or not with that cut' },
+  TANDEM_EDGE_RESPONSE_INVALID: { summary: 'the cloud answered with something the contract does not allow' },
+  TANDEM_EDGE_DOWNLOAD_CORRUPT: { summary: 'a downloaded file does not match the manifest' },
+  TANDEM_EDGE_CONNECT_FAILED: { summary: 'the data-plane connection to the cloud could not be made' },
+  TANDEM_EDGE_REQUEST_FAILED: { summary: 'a request got no answer after every retry' },
+  TANDEM_EDGE_REMOTE_ERROR: { summary: 'the cloud answered a request with an error' },
+  TANDEM_EDGE_SESSION_LOST: { summary: 'the session could not be reattached after a reconnect' },
+  TANDEM_EDGE_CLOSED: { summary: 'the connection was closed by this client' },
+  TANDEM_EDGE_CHECKPOINT_MISMATCH: { summary: 'the checkpoint was written by a different run' },
+} as const satisfies Record<string, { summary: string }>;
 
 export type EdgeErrorCode = keyof typeof EDGE_ERRORS;
 
@@ -29,21 +30,19 @@ export interface EdgeErrorOptions {
   cause?: unknown;
 }
 
-export class EdgeError extends Error {
-  override readonly name = 'EdgeError';
-  readonly code: EdgeErrorCode;
+const defined = defineErrors('EdgeError', EDGE_ERRORS);
+
+export class EdgeError extends defined.Base {
   readonly field?: string;
   readonly where?: string;
   readonly remoteCode?: string;
-  readonly details: Record<string, unknown>;
+  declare readonly details: Record<string, unknown>;
 
   constructor(code: EdgeErrorCode, message: string, options: EdgeErrorOptions = {}) {
     const at = [options.field && `field ${options.field}`, options.where].filter(Boolean).join(', ');
-    super(`${code}: ${message}${at ? ` (${at})` : ''}`, options.cause === undefined ? undefined : { cause: options.cause });
-    this.code = code;
+    super(code, `${message}${at ? ` (${at})` : ''}`, { details: options.details ?? {}, cause: options.cause });
     this.field = options.field;
     this.where = options.where;
     this.remoteCode = options.remoteCode;
-    this.details = options.details ?? {};
   }
 }

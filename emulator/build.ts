@@ -5,7 +5,7 @@ import { createHash } from 'node:crypto';
 import { readFile, stat } from 'node:fs/promises';
 import { basename, join, resolve } from 'node:path';
 import {
-  CONFIG_FILE, LlamaModel, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, initBackend, loadModelFolder, loadTokenizer, parseModelConfig, prepareData, readDataset,
+  CONFIG_FILE, LlamaModel, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, initBackend, layerOf, loadModelFolder, loadTokenizer, onEdge, parseModelConfig, renameLayer, prepareData, readDataset,
 } from '../model/index.ts';
 import type { LoadedModel, Row, Weights } from '../model/index.ts';
 import { MANIFEST_FILE, emulatedRawConfig, emulatedWeights, encodeBundle, encodeEmulatorWeights, writeBundleFiles } from './bundle.ts';
@@ -13,7 +13,7 @@ import type { BundleManifest, Distillation, Fidelity, ManifestBody } from './bun
 import { DEFAULT_DISTILL_LAMBDA, distillEmulator } from './distill.ts';
 import { EmulatorError } from './errors.ts';
 import { measureFidelity } from './fidelity.ts';
-import { emulatedLayerCount, emulatorLayout, layerOf, renameLayer, toEmulatedLayer } from './layer-drop.ts';
+import { emulatedLayerCount, emulatorLayout, toEmulatedLayer } from './layer-drop.ts';
 import type { Cut, EmulatorLayout } from './layer-drop.ts';
 import { QUANTIZATIONS, SCALE_SUFFIX, roundTrip } from './quantize.ts';
 import type { Quantization } from './quantize.ts';
@@ -77,13 +77,12 @@ function partition(loaded: LoadedModel, layout: EmulatorLayout): { edge: Weights
   let middleBytes = 0;
   const keep = new Set(layout.kept);
   for (const [name, w] of loaded.weights) {
-    const l = layerOf(name);
-    if (l === undefined || l < cut.bottom || l >= numLayers - cut.top) {
+    if (onEdge(name, cut, numLayers)) {
       edge.set(name, w);
       continue;
     }
     middleBytes += w.data.length * 4;
-    if (keep.has(l)) kept.set(name, { shape: [...w.shape], data: Float32Array.from(w.data) });
+    if (keep.has(layerOf(name) as number)) kept.set(name, { shape: [...w.shape], data: Float32Array.from(w.data) });
   }
   return { edge, kept, middleBytes };
 }

@@ -3,10 +3,10 @@
 import { createHash } from 'node:crypto';
 import { mkdir, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, expectedTensorShapes, parseModelConfig, parseSafetensors, serializeSafetensors, toFloat32, writeFileAtomic } from '../model/index.ts';
+import { CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, expectedTensorShapes, layerOf, parseModelConfig, renameLayer, parseSafetensors, serializeSafetensors, toFloat32, writeFileAtomic } from '../model/index.ts';
 import type { ModelConfig, SafetensorsContents, Weight, Weights } from '../model/index.ts';
 import { EmulatorError } from './errors.ts';
-import { checkLayout, emulatedLayerCount, layerOf, renameLayer, toEmulatedLayer } from './layer-drop.ts';
+import { checkLayout, emulatedLayerCount, toEmulatedLayer } from './layer-drop.ts';
 import type { Cut, EmulatorLayout } from './layer-drop.ts';
 import { QUANTIZATIONS, SCALE_SUFFIX, dequantizeInt8Rows, encodeWeights, isQuantizable } from './quantize.ts';
 import type { Quantization } from './quantize.ts';

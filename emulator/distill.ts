@@ -2,9 +2,8 @@
 // bottom and top stay frozen, the teacher is the full middle on the same h_B, and the loss is
 //   LM cross-entropy of the emulated model + λ · mean((h_teacher − h_emulator)²) / mean(h_teacher²)
 // (the hidden-state MSE normalized by the teacher's mean square, as the reference code does).
-import { AdamW, BatchStream, causalLmLoss, clipGradNorm, learningRate, tf } from '../model/index.ts';
+import { AdamW, BatchStream, causalLmLoss, clipGradNorm, gradients, layerOf, learningRate, tf } from '../model/index.ts';
 import type { LlamaModel, Row } from '../model/index.ts';
-import { layerOf } from './layer-drop.ts';
 import type { EmulatorLayout } from './layer-drop.ts';
 
 /** λ of the paper's recipe. */
@@ -62,7 +61,8 @@ export function distillEmulator(full: LlamaModel, emulated: LlamaModel, layout: 
       });
       let lm = 0;
       let kd = 0;
-      const { value, grads } = tf.variableGrads(() => {
+      const trained = [...params.values()];
+      const { value, grads } = gradients(() => {
         const hS = emulated.blocks(hB, B, B + K, { training: true });
         const kdLoss = tf.div(tf.mean(tf.square(tf.sub(hTeacher, hS))), teacherMs);
         const logits = emulated.head(emulated.blocks(hS, B + K, B + K + T, { training: true }));
@@ -71,13 +71,13 @@ export function distillEmulator(full: LlamaModel, emulated: LlamaModel, layout: 
         lm = lmLoss.dataSync()[0];
         kd = kdLoss.dataSync()[0];
         return tf.add(lmLoss, tf.mul(kdLoss, options.lambda)) as tf.Scalar;
-      }, [...params.values()]);
+      }, trained);
       const loss = value.dataSync()[0];
       const byName = new Map<string, tf.Tensor>();
-      for (const [name, v] of params) {
-        const g = grads[v.name];
+      [...params.keys()].forEach((name, i) => {
+        const g = grads[i];
         if (g) byName.set(name, g);
-      }
+      });
       if ((options.clip ?? 1) > 0) clipGradNorm(byName, options.clip ?? 1);
       optimizer.step(params, byName, learningRate(schedule, step));
       tf.dispose([value, ids, labels, hB, hTeacher, teacherMs, ...byName.values()]);

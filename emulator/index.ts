@@ -9,7 +9,7 @@ export { EMULATOR_ERRORS, EmulatorError } from './errors.ts';
 export type { EmulatorErrorCode, EmulatorErrorOptions } from './errors.ts';
 export { measureFidelity } from './fidelity.ts';
 export type { FidelityFigures } from './fidelity.ts';
-export { checkLayout, edgeLayers, emulatedLayerCount, emulatorLayout, keptMiddleIndices, layerOf, renameLayer, toEmulatedLayer, toFullLayer } from './layer-drop.ts';
+export { checkLayout, edgeLayers, emulatedLayerCount, emulatorLayout, keptMiddleIndices, toEmulatedLayer, toFullLayer } from './layer-drop.ts';
 export type { Cut, EmulatorLayout } from './layer-drop.ts';
 export { OFFSITE_FILE, checkAdapterBase, emulatedSpecs, fullModelSpecs, readOffsiteRecord, remapAdapterToFullModel, writeOffsiteRecord } from './offsite-adapter.ts';
 export type { OffsiteRecord, RemapOptions } from './offsite-adapter.ts';

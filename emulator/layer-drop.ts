@@ -1,12 +1,11 @@
 // Uniform layer drop (Offsite-Tuning, Xiao et al. 2023) and the layer numbering of the
 // emulated model: bottom blocks, then the kept middle blocks, then the top blocks, numbered
 // 0..B+K+T-1, so the emulated model is an ordinary LlamaModel of B+K+T blocks.
+import type { CutSpec } from '../model/index.ts';
 import { EmulatorError } from './errors.ts';
 
-export interface Cut {
-  bottom: number;
-  top: number;
-}
+/** B bottom and T top blocks (model/cut.ts). */
+export type Cut = CutSpec;
 
 /** Python's round(): halves go to the even neighbour (the reference implementation rounds so). */
 function roundHalfEven(x: number): number {
@@ -94,17 +93,4 @@ export function toEmulatedLayer(layout: EmulatorLayout, i: number): number | und
 export function edgeLayers(layout: EmulatorLayout): number[] {
   const { cut, numLayers } = layout;
   return [...Array.from({ length: cut.bottom }, (_, i) => i), ...Array.from({ length: cut.top }, (_, i) => numLayers - cut.top + i)];
-}
-
-const LAYER_IN_NAME = /(^|\.)model\.layers\.(\d+)\./;
-
-/** The block index a tensor or module name refers to (`model.layers.{i}.`), if any. */
-export function layerOf(name: string): number | undefined {
-  const m = LAYER_IN_NAME.exec(name);
-  return m === null ? undefined : Number(m[2]);
-}
-
-/** Renames the block index in a tensor or adapter key; names without one stay. */
-export function renameLayer(name: string, map: (layer: number) => number): string {
-  return name.replace(LAYER_IN_NAME, (_, lead: string, i: string) => `${lead}model.layers.${map(Number(i))}.`);
 }

@@ -4,10 +4,10 @@
 // loads into the full model with loadAdapter unchanged.
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { ADAPTER_WEIGHTS_FILE, LlamaModel, createAdapter, readSafetensorsFile, saveAdapter, tf, toFloat32 } from '../model/index.ts';
+import { ADAPTER_WEIGHTS_FILE, LlamaModel, createAdapter, readSafetensorsFile, renameLayer, saveAdapter, tf, toFloat32 } from '../model/index.ts';
 import type { MethodSpec, ModelConfig, Weights } from '../model/index.ts';
 import { EmulatorError } from './errors.ts';
-import { edgeLayers, renameLayer, toEmulatedLayer, toFullLayer } from './layer-drop.ts';
+import { edgeLayers, toEmulatedLayer, toFullLayer } from './layer-drop.ts';
 import type { Cut, EmulatorLayout } from './layer-drop.ts';
 
 /** Methods without a layer choice (they act on the embeddings, not on blocks). */

@@ -1,8 +1,10 @@
 import { ModelError } from './errors.ts';
+import { MODEL_FAMILIES } from './families/index.ts';
 
-/** The architectures of the LLaMA family this project runs, by Hugging Face `model_type`. */
-export const SUPPORTED_MODEL_TYPES = ['llama', 'mistral', 'qwen2'] as const;
-export type ModelType = (typeof SUPPORTED_MODEL_TYPES)[number];
+/** The model_types Tandem runs (model/families), in registration order. */
+export const SUPPORTED_MODEL_TYPES: readonly string[] = MODEL_FAMILIES.modelTypes();
+/** A Hugging Face model_type of a registered family. */
+export type ModelType = string;
 
 /** llama3-style rope scaling (`rope_type: "llama3"`) or linear scaling. */
 export interface RopeScaling {
@@ -79,13 +81,8 @@ export function parseModelConfig(raw: unknown, file = 'config.json'): ModelConfi
     throw new ModelError('TANDEM_MODEL_CONFIG_INVALID', 'config.json must hold a JSON object', { file });
   }
   const r = raw as Record<string, unknown>;
-  const modelType = r.model_type;
-  if (!SUPPORTED_MODEL_TYPES.includes(modelType as ModelType)) {
-    throw new ModelError('TANDEM_MODEL_TYPE_UNSUPPORTED', `model_type ${JSON.stringify(modelType)} is not supported; supported: ${SUPPORTED_MODEL_TYPES.join(', ')}`, {
-      file,
-      field: 'model_type',
-    });
-  }
+  const family = MODEL_FAMILIES.get(r.model_type, file);
+  const modelType = family.modelType;
   const hiddenSize = positiveInt(r, 'hidden_size', file);
   const numAttentionHeads = positiveInt(r, 'num_attention_heads', file);
   const numKeyValueHeads = positiveInt(r, 'num_key_value_heads', file, numAttentionHeads);
@@ -109,7 +106,7 @@ export function parseModelConfig(raw: unknown, file = 'config.json'): ModelConfi
     throw new ModelError('TANDEM_MODEL_CONFIG_INVALID', 'bos_token_id must be an integer', { file, field: 'bos_token_id' });
   }
   return {
-    modelType: modelType as ModelType,
+    modelType,
     hiddenSize,
     intermediateSize: positiveInt(r, 'intermediate_size', file),
     numHiddenLayers: positiveInt(r, 'num_hidden_layers', file),
@@ -122,8 +119,7 @@ export function parseModelConfig(raw: unknown, file = 'config.json'): ModelConfi
     ropeTheta: positiveNumber(r, 'rope_theta', file, 10000),
     ropeScaling: parseRopeScaling(r.rope_scaling, file),
     tieWordEmbeddings: r.tie_word_embeddings === undefined ? false : Boolean(r.tie_word_embeddings),
-    // Qwen2 always has q/k/v biases; llama exposes them through attention_bias.
-    attentionBias: modelType === 'qwen2' ? true : Boolean(r.attention_bias),
+    attentionBias: family.attentionBias(r),
     mlpBias: Boolean(r.mlp_bias),
     hiddenAct: 'silu',
     bosTokenId: bos === undefined || bos === null ? undefined : (bos as number),

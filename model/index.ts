@@ -1,5 +1,8 @@
-// The only module other folders import from model/.
+// The only module other folders import from model/: its public surface. Tests and benchmarks
+// import synthetic models and backend switching from model/testing.ts.
 export { SUPPORTED_MODEL_TYPES, expectedTensorShapes, parseModelConfig } from './config.ts';
+export { MODEL_FAMILIES, ModelFamilyRegistry } from './families/index.ts';
+export type { ModelFamily } from './families/index.ts';
 export type { ModelConfig, ModelType, RopeScaling } from './config.ts';
 export { MODEL_ERRORS, ModelError } from './errors.ts';
 export type { ModelErrorCode, ModelErrorOptions } from './errors.ts';
@@ -34,19 +37,20 @@ export {
 export type { LoadedModel, SaveModelOptions, ShardedWriteOptions, Weight, Weights, WeightsInput } from './checkpoint.ts';
 export { TOKENIZER_CONFIG_FILE, loadTokenizer } from './tokenizer.ts';
 export type { DecodeOptions, EncodeOptions, Tokenizer } from './tokenizer.ts';
-export { BACKENDS, activeBackend, gradients, initBackend, parseBackendName, tapedForward, tf, useBackend } from './backend.ts';
+export { BACKENDS, activeBackend, gradients, initBackend, parseBackendName, tapedForward, tf } from './backend.ts';
 export type { BackendChoice, BackendName, TapedForward } from './backend.ts';
 export { HOOK_NAMES, LINEAR_MODULES } from './hooks.ts';
 export type { ForwardHooks, HookContext, LinearModule, LinearModuleName, SublayerKind } from './hooks.ts';
 export { KvCache, LlamaModel } from './llama/llama.ts';
 export type { ForwardOptions } from './llama/llama.ts';
-export { ropeInverseFrequencies, ropeTables } from './llama/rope.ts';
 export { IGNORE_INDEX, causalLmLoss } from './loss.ts';
 export { generate } from './generate.ts';
 export type { GenerateOptions, GenerateResult } from './generate.ts';
 export { Rng } from './random.ts';
-export { SMOLLM_135M_SHAPE, llamaConfig, randomWeights } from './init.ts';
 export type { Adapter } from './peft/adapter.ts';
+export { CUT_PARTS, cutPartOf, cutPartOfLayer, layerOf, onEdge, renameLayer } from './cut.ts';
+export type { CutPart, CutSpec } from './cut.ts';
+export { PEFT_MODULE_PREFIX, baseNameOfKey } from './peft/index.ts';
 export { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, BUILTIN_METHODS, MethodRegistry, createAdapter, defaultRegistry, loadAdapter, saveAdapter } from './peft/index.ts';
 export type { CreateAdapterOptions, LoadAdapterOptions, MethodSpec, PeftAdapter, SaveAdapterOptions } from './peft/index.ts';
 export * from './train/index.ts';

@@ -83,5 +83,6 @@ function envelopeFromWireSafe(decoded: Decoded): Envelope {
 export function errorBody(error: ProtocolError): ErrorBody {
   const details: Record<string, string> = {};
   for (const [key, value] of Object.entries(error.details)) details[key] = String(value);
-  return { code: error.code, message: error.message, details };
+  // The wire's message keeps the code in front (`CODE (number): ...`), as every released version sent it.
+  return { code: error.code, message: error.describe(), details };
 }

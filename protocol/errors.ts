@@ -1,5 +1,6 @@
 // One catalogue of the errors protocol/ raises. Codes are stable and travel on the wire
 // inside an Error body, so a code is never renamed or reused; new ones are appended.
+import { defineErrors } from '../common/define-errors.ts';
 
 export const PROTOCOL_ERRORS = {
   TANDEM_PROTO_MESSAGE_TOO_LARGE: { number: 4001, template: 'message of {actual} bytes is over the limit of {limit} bytes' },
@@ -31,28 +32,21 @@ export type ProtocolErrorCode = keyof typeof PROTOCOL_ERRORS;
 
 export type ProtocolErrorDetails = Readonly<Record<string, string | number | boolean>>;
 
-export function isProtocolErrorCode(code: string): code is ProtocolErrorCode {
-  return Object.hasOwn(PROTOCOL_ERRORS, code);
-}
+const defined = defineErrors('ProtocolError', PROTOCOL_ERRORS);
 
-function fill(template: string, details: ProtocolErrorDetails): string {
-  return template.replace(/\{(\w+)\}/g, (whole, key: string) => (Object.hasOwn(details, key) ? String(details[key]) : whole));
-}
+export const isProtocolErrorCode = defined.isCode;
 
-/** The only error protocol/ throws. `code` is stable; `details` names the field, the limit and the value found. */
-export class ProtocolError extends Error {
-  override readonly name = 'ProtocolError';
-  readonly code: ProtocolErrorCode;
+/**
+ * The only error protocol/ throws. `code` is stable; `details` names the field, the limit and
+ * the value found; `describe()` is the line an Error body carries (`CODE (number): message`).
+ */
+export class ProtocolError extends defined.Base {
   /** The code's number in the catalogue, for peers that match on numbers. */
-  readonly number: number;
-  readonly details: ProtocolErrorDetails;
+  declare readonly number: number;
+  declare readonly details: ProtocolErrorDetails;
 
   constructor(code: ProtocolErrorCode, details: ProtocolErrorDetails = {}, options: { cause?: unknown } = {}) {
-    const entry = PROTOCOL_ERRORS[code];
-    super(`${code} (${entry.number}): ${fill(entry.template, details)}`, options.cause === undefined ? undefined : { cause: options.cause });
-    this.code = code;
-    this.number = entry.number;
-    this.details = details;
+    super(code, defined.format(code, details), { details, cause: options.cause });
   }
 }
 

@@ -161,8 +161,8 @@ export async function emulatorsPlugin(app: FastifyInstance, options: EmulatorsPl
     const body = request.body;
     try {
       checkAdapterBase(body.baseContentHash, served.contentHash, served.id);
-    } catch {
-      throw new CloudError('TANDEM_ADAPTER_BASE_MISMATCH', { actual: body.baseContentHash, model: served.id, expected: served.contentHash });
+    } catch (cause) {
+      throw new CloudError('TANDEM_ADAPTER_BASE_MISMATCH', { actual: body.baseContentHash, model: served.id, expected: served.contentHash }, { cause });
     }
     const textBytes = Buffer.byteLength(body.data.text, 'utf8');
     if (textBytes > maxText) throw new CloudError('TANDEM_EVAL_DATA_INVALID', { reason: `the text holds ${textBytes} bytes; the limit is ${maxText}` });

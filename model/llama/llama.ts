@@ -1,4 +1,4 @@
-import { batchMatMul, linear, tf, transposeLast } from '../backend.ts';
+import { as1D, as2D, batchMatMul, linear, tf, transposeLast } from '../backend.ts';
 import type { ModelConfig } from '../config.ts';
 import { expectedTensorShapes } from '../config.ts';
 import { ModelError } from '../errors.ts';
@@ -127,7 +127,7 @@ export class LlamaModel {
       const x = dropPrefix > 0 ? tf.slice(h, [0, dropPrefix, 0], [b, s - dropPrefix, d]) : h;
       const n = this.rmsNorm(x, this.weight('model.norm.weight'));
       const rows = tf.reshape(n, [-1, d]) as tf.Tensor2D;
-      const logits = linear(rows, this.headWeight() as tf.Tensor as tf.Tensor2D);
+      const logits = linear(rows, as2D(this.headWeight()));
       return tf.reshape(logits, [b, s - dropPrefix, this.config.vocabSize]) as tf.Tensor3D;
     });
   }
@@ -178,8 +178,8 @@ export class LlamaModel {
 
   private linear(layer: number, group: 'self_attn' | 'mlp', name: LinearModuleName, x: tf.Tensor2D, options: ForwardOptions): tf.Tensor2D {
     const path = `model.layers.${layer}.${group}.${name}`;
-    const weight = this.weight(`${path}.weight`) as tf.Tensor as tf.Tensor2D;
-    const bias = this.weights.get(`${path}.bias`) as tf.Tensor as tf.Tensor1D | undefined;
+    const weight = as2D(this.weight(`${path}.weight`));
+    const bias = as1D(this.weights.get(`${path}.bias`));
     const base = (input: tf.Tensor2D): tf.Tensor2D => {
       const y = linear(input, weight);
       return bias ? (tf.add(y, bias) as tf.Tensor2D) : y;

@@ -15,6 +15,12 @@ export interface Adapter {
   readonly numVirtualTokens: number;
   /** Variables the optimizer updates, keyed by their on-disk (PEFT) tensor names. */
   trainableVariables(): Map<string, tf.Variable>;
+  /**
+   * Turns raw gradients (by key, after clipping) into those the optimizer applies, in place:
+   * LoRA-FA projects B's gradient as PEFT's LoRA-FA optimizer does. Call it just before the
+   * optimizer step; absent or a no-op for methods whose raw gradients are applied.
+   */
+  projectGradients?(grads: Map<string, tf.Tensor>): void;
   /** Folds the adapter into the base weights where every method allows it; throws a typed error otherwise. */
   merge(): void;
   /** Undoes merge() exactly (within float tolerance). */

@@ -112,6 +112,10 @@ class ComposedAdapter implements PeftAdapter {
     return out;
   }
 
+  projectGradients(grads: Map<string, tf.Tensor>): void {
+    for (const m of this.methods) m.instance.projectGradients?.(grads);
+  }
+
   state(): Map<string, AdapterTensor> {
     const out = new Map<string, AdapterTensor>();
     for (const m of this.methods) for (const s of m.instance.state) out.set(s.key, s);

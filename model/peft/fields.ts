@@ -16,6 +16,11 @@ export interface Field<T> {
   read(value: unknown, at: FieldAt): T;
   /** The value as written to adapter_config.json; identity when absent. */
   write?(value: T): unknown;
+  /**
+   * False for a field read but never written: one that PEFT's oldest supported version does
+   * not know (its __init__ would refuse the file), always at PEFT's default when Tandem writes.
+   */
+  written?: boolean;
 }
 
 export type Schema = Record<string, Field<unknown>>;
@@ -39,8 +44,28 @@ export function readSpec<S extends Schema>(schema: S, spec: Readonly<Record<stri
   return out as ConfigOf<S>;
 }
 
-/** Reads the method's fields from adapter_config.json by PEFT's names; fields PEFT added later are ignored. */
-export function readJson<S extends Schema>(schema: S, json: Readonly<Record<string, unknown>>, file: string): ConfigOf<S> {
+/** Fields of every adapter_config.json that describe the file, not the computation (PeftConfigMixin's, and Tandem's composite entry name). */
+export const DESCRIPTIVE_FIELDS: readonly string[] = ['peft_type', 'task_type', 'base_model_name_or_path', 'revision', 'inference_mode', 'auto_mapping', 'peft_version', 'tandem_method'];
+
+/** A value that turns a PEFT option off: absent, null, false, an empty list or object. */
+function isOff(v: unknown): boolean {
+  return v === undefined || v === null || v === false || (Array.isArray(v) && v.length === 0) || (typeof v === 'object' && v !== null && Object.keys(v).length === 0);
+}
+
+/**
+ * Reads the method's fields from adapter_config.json by PEFT's names. A field outside the
+ * schema is ignored only when it cannot change the computation: a descriptive field, one the
+ * method lists as `inert` (initialization-only or runtime settings), or one at its "off" value
+ * (null, false, empty), as PEFT writes every option it does not use. Any other value names an
+ * option Tandem does not implement (alora_invocation_tokens, use_qalora, ...) and is refused.
+ */
+export function readJson<S extends Schema>(schema: S, json: Readonly<Record<string, unknown>>, file: string, inert: readonly string[] = []): ConfigOf<S> {
+  const known = new Set([...Object.values(schema).map((f) => f.json), ...DESCRIPTIVE_FIELDS, ...inert]);
+  for (const [key, v] of Object.entries(json)) {
+    if (!known.has(key) && !isOff(v)) {
+      throw configError({ field: key, file }, `is ${show(v)}: an option Tandem does not implement, and it changes the computation; remove it or set it to null`);
+    }
+  }
   const out: Record<string, unknown> = {};
   for (const [key, f] of Object.entries(schema)) out[key] = f.read(json[f.json], { field: f.json, file });
   return out as ConfigOf<S>;
@@ -49,6 +74,7 @@ export function readJson<S extends Schema>(schema: S, json: Readonly<Record<stri
 export function writeJson<S extends Schema>(schema: S, config: ConfigOf<S>): Record<string, unknown> {
   const out: Record<string, unknown> = {};
   for (const [key, f] of Object.entries(schema)) {
+    if (f.written === false) continue;
     const v = (config as Record<string, unknown>)[key];
     out[f.json] = f.write ? f.write(v) : v;
   }
@@ -134,6 +160,11 @@ export function neutral<T>(json: string, value: T, hint: string): Field<T> {
       return value;
     },
   };
+}
+
+/** A field as read, but never written to adapter_config.json (see Field.written). */
+export function unwritten<T>(field: Field<T>): Field<T> {
+  return { ...field, written: false };
 }
 
 /** PEFT's target_modules: a list of module-name suffixes, a regex matched against the full module path, or "all-linear". */

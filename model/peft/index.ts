@@ -2,6 +2,7 @@
 export type { Adapter } from './adapter.ts';
 export { createAdapter } from './compose.ts';
 export type { AdapterMethod, CreateAdapterOptions, MethodSpec, PeftAdapter } from './compose.ts';
+export { PEFT_MODULE_PREFIX, baseNameOfKey } from './keys.ts';
 export { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, COMPOSITE_PEFT_TYPE, TANDEM_METHOD_METADATA, loadAdapter, saveAdapter } from './io.ts';
 export type { LoadAdapterOptions, SaveAdapterOptions } from './io.ts';
 export type { AdapterTensor, CreateContext, MethodInstance, PeftMethod } from './method.ts';

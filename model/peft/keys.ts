@@ -19,3 +19,8 @@ export function sharedStateKey(stateName: string): string {
 export function baseWeightKey(weightName: string): string {
   return `${PEFT_MODULE_PREFIX}${weightName}`;
 }
+
+/** The base model's name for what an adapter key refers to: the key without PEFT's prefix. */
+export function baseNameOfKey(key: string): string {
+  return key.startsWith(PEFT_MODULE_PREFIX) ? key.slice(PEFT_MODULE_PREFIX.length) : key;
+}

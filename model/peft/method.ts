@@ -34,6 +34,11 @@ export interface MethodInstance {
   merge(): void;
   unmerge(): void;
   dispose(): void;
+  /**
+   * Replaces the gradients of this method's state (by key) with what its optimizer would apply
+   * (LoRA-FA's projection of B's gradient); absent when the raw gradients are applied.
+   */
+  projectGradients?(grads: Map<string, tf.Tensor>): void;
 }
 
 /**

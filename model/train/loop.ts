@@ -231,6 +231,7 @@ export class Trainer implements Scorer {
     for (const [name, g] of this.middle.takeGradients?.() ?? []) accumulate(grads, name, g);
     const gradNorm = this.clipNorm > 0 ? clipGradNorm(grads, this.clipNorm) : globalNorm(grads);
     const lr = learningRate(this.schedule, step);
+    this.adapter.projectGradients?.(grads);
     this.optimizer.step(this.trainable, grads, lr);
     tf.dispose([...grads.values()]);
     return { step: this.step, loss, tokens, lr, gradNorm };

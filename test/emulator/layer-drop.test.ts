@@ -1,7 +1,8 @@
 // Uniform layer drop as Offsite-Tuning's reference code does it, and the emulated numbering.
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { EmulatorError, edgeLayers, emulatorLayout, keptMiddleIndices, renameLayer, toEmulatedLayer, toFullLayer } from '../../emulator/index.ts';
+import { EmulatorError, edgeLayers, emulatorLayout, keptMiddleIndices, toEmulatedLayer, toFullLayer } from '../../emulator/index.ts';
+import { renameLayer } from '../../model/index.ts';
 
 describe('uniform layer drop', () => {
   it('keeps round(i·(n−1)/(K−1)) with Python rounding, first and last always', () => {

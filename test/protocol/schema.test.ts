@@ -1,6 +1,7 @@
 import test from 'node:test';
 import assert from 'node:assert/strict';
 import { PROTOCOL_ERRORS, ProtocolError, errorBody, isProtocolErrorCode } from '../../protocol/index.ts';
+import { isTandemError } from '../../common/define-errors.ts';
 import { PROTO_SOURCES } from '../../protocol/schema.generated.ts';
 import { renderSchemaModule } from '../fixtures/protocol/embed-schema.ts';
 import { readFileSync } from 'node:fs';
@@ -28,6 +29,9 @@ test('a ProtocolError carries code, number, details and cause, and becomes an Er
   assert.equal(error.name, 'ProtocolError');
   assert.equal(error.number, 4009);
   assert.equal(error.cause, cause);
-  assert.equal(error.message, 'TANDEM_PROTO_FRAME_RANK_EXCEEDED (4009): frame h_B has rank 9, over the limit of 8');
-  assert.deepEqual(errorBody(error), { code: 'TANDEM_PROTO_FRAME_RANK_EXCEEDED', message: error.message, details: { field: 'h_B', actual: '9', limit: '8' } });
+  // The code is kept out of the message; the Error body's message carries both, as it always did.
+  assert.equal(error.message, 'frame h_B has rank 9, over the limit of 8');
+  assert.equal(error.describe(), 'TANDEM_PROTO_FRAME_RANK_EXCEEDED (4009): frame h_B has rank 9, over the limit of 8');
+  assert.ok(isTandemError(error));
+  assert.deepEqual(errorBody(error), { code: 'TANDEM_PROTO_FRAME_RANK_EXCEEDED', message: error.describe(), details: { field: 'h_B', actual: '9', limit: '8' } });
 });

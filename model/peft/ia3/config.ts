@@ -1,5 +1,5 @@
 import type { ConfigOf } from '../fields.ts';
-import { bool, configError, layerList, neutral, readJson, readSpec, targetModules, writeJson } from '../fields.ts';
+import { bool, configError, layerList, neutral, readJson, readSpec, targetModules, unwritten, writeJson } from '../fields.ts';
 
 /** (IA)^3's fields with PEFT's names (peft/tuners/ia3/config.py) and its LLaMA defaults. */
 export const IA3_FIELDS = {
@@ -15,7 +15,8 @@ export const IA3_FIELDS = {
   initIa3Weights: bool('init_ia3_weights', true),
   fanInFanOut: neutral('fan_in_fan_out', false, 'LLaMA-family weights are stored [out, in]; set fan_in_fan_out to false'),
   modulesToSave: neutral('modules_to_save', null, 'set modules_to_save to null'),
-  excludeModules: neutral('exclude_modules', null, 'narrow target_modules instead'),
+  // PEFT >= 0.14 only: never written, so that older versions read the file.
+  excludeModules: unwritten(neutral('exclude_modules', null, 'narrow target_modules instead')),
 };
 
 export type Ia3Config = ConfigOf<typeof IA3_FIELDS>;

@@ -1,5 +1,6 @@
 import type { ConfigOf } from '../fields.ts';
-import { bool, configError, int, layerList, neutral, num, oneOf, readJson, readSpec, targetModules, writeJson } from '../fields.ts';
+import { LINEAR_MODULES } from '../../hooks.ts';
+import { bool, configError, int, layerList, neutral, num, oneOf, readJson, readSpec, targetModules, unwritten, writeJson } from '../fields.ts';
 
 /** LoRA's fields with PEFT's names (peft/tuners/lora/config.py) and defaults. */
 export const LORA_FIELDS = {
@@ -19,19 +20,40 @@ export const LORA_FIELDS = {
   modulesToSave: neutral('modules_to_save', null, 'train whole modules with the block method; set modules_to_save to null'),
   rankPattern: neutral('rank_pattern', {}, 'use one rank per method, or several lora methods on different layers'),
   alphaPattern: neutral('alpha_pattern', {}, 'use one lora_alpha per method, or several lora methods on different layers'),
-  loraBias: neutral('lora_bias', false, 'set lora_bias to false'),
+  // lora_bias and exclude_modules arrived in PEFT 0.14; older versions refuse a file naming them.
+  loraBias: unwritten(neutral('lora_bias', false, 'set lora_bias to false')),
   layerReplication: neutral('layer_replication', null, 'set layer_replication to null'),
-  excludeModules: neutral('exclude_modules', null, 'narrow target_modules instead (a list or a regex)'),
+  excludeModules: unwritten(neutral('exclude_modules', null, 'narrow target_modules instead (a list or a regex)')),
 };
 
 export type LoraConfig = ConfigOf<typeof LORA_FIELDS>;
 
-function validate(c: LoraConfig, file?: string): LoraConfig {
-  if (typeof c.targetModules === 'string' && c.targetModules !== 'all-linear' && c.layersToTransform !== null) {
-    // PEFT refuses the same combination: the regex already decides the layers.
-    throw configError({ field: file ? 'layers_to_transform' : 'layersToTransform', file }, 'cannot be used when target_modules is a regex; put the layers in the regex or give target_modules as a list');
+/**
+ * PEFT fields outside LORA_FIELDS that never change the computation of a loaded adapter:
+ * initialization recipes (the weights come from the file), runtime and Megatron settings, and
+ * options that act only together with one Tandem refuses (qalora_group_size without use_qalora).
+ */
+export const LORA_INERT_FIELDS = ['loftq_config', 'eva_config', 'corda_config', 'lora_ga_config', 'runtime_config', 'megatron_core', 'qalora_group_size', 'ensure_weight_tying'];
+
+/**
+ * PEFT's LoraConfig refuses layers_to_transform with any string target_modules, "all-linear"
+ * included. A spec asking for "all-linear" on some layers is written as the list "all-linear"
+ * stands for in a LLaMA block (every linear module; lm_head is outside the blocks), which
+ * PEFT reads with the same meaning; a file with the combination is refused as PEFT refuses it.
+ */
+function expandAllLinear(c: LoraConfig, file: string | undefined): LoraConfig {
+  if (typeof c.targetModules !== 'string' || c.layersToTransform === null) return c;
+  const at = { field: file ? 'layers_to_transform' : 'layersToTransform', file };
+  if (c.targetModules !== 'all-linear') {
+    // The regex already decides the layers.
+    throw configError(at, 'cannot be used when target_modules is a regex; put the layers in the regex or give target_modules as a list');
   }
-  return c;
+  if (file) throw configError(at, `cannot be used with target_modules "all-linear" (PEFT's LoraConfig refuses it too); list the modules instead, e.g. ${JSON.stringify(LINEAR_MODULES)}`);
+  return { ...c, targetModules: [...LINEAR_MODULES] };
+}
+
+function validate(c: LoraConfig, file?: string): LoraConfig {
+  return expandAllLinear(c, file);
 }
 
 export function loraConfigFromSpec(spec: Readonly<Record<string, unknown>>, method: string): LoraConfig {
@@ -39,7 +61,7 @@ export function loraConfigFromSpec(spec: Readonly<Record<string, unknown>>, meth
 }
 
 export function loraConfigFromJson(json: Readonly<Record<string, unknown>>, file: string): LoraConfig {
-  return validate(readJson(LORA_FIELDS, json, file), file);
+  return validate(readJson(LORA_FIELDS, json, file, LORA_INERT_FIELDS), file);
 }
 
 export function loraConfigToJson(c: LoraConfig): Record<string, unknown> {

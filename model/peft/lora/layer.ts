@@ -1,4 +1,4 @@
-import { linear, tf } from '../../backend.ts';
+import { as1D, as2D, linear, tf } from '../../backend.ts';
 import type { ForwardHooks, HookContext, LinearModule } from '../../hooks.ts';
 import type { LlamaModel } from '../../llama/llama.ts';
 import type { Rng } from '../../random.ts';
@@ -11,6 +11,7 @@ import { selectModules } from '../targets.ts';
 import type { LoraConfig } from './config.ts';
 import { loraScaling } from './config.ts';
 import { doraDelta, doraMergedWeight, doraWeightNorm } from './dora.ts';
+import { projectLoraFaGradient } from './lora-fa.ts';
 
 /**
  * LoRA's state per module by PEFT's names (LoraLayer.adapter_layer_names): lora_A and lora_B
@@ -40,6 +41,7 @@ export class LoraLayers implements MethodInstance {
   private readonly scaling: number;
   private readonly rng: Rng;
   private readonly mergedWeights: MergedWeights;
+  readonly projectGradients?: (grads: Map<string, tf.Tensor>) => void;
 
   constructor(
     private readonly model: LlamaModel,
@@ -66,7 +68,7 @@ export class LoraLayers implements MethodInstance {
       this.state.push({ key: moduleStateKey(info.path, ...LORA_STATE.A), variable: a, trainable: !variant.freezeA });
       this.state.push({ key: moduleStateKey(info.path, ...LORA_STATE.B), variable: b, trainable: true });
       if (config.useDora) {
-        const norm = fromFile ? tf.zeros([m]) : doraWeightNorm(this.weight(info), a as tf.Tensor as tf.Tensor2D, b as tf.Tensor as tf.Tensor2D, this.scaling);
+        const norm = fromFile ? tf.zeros([m]) : doraWeightNorm(this.weight(info), as2D(a), as2D(b), this.scaling);
         mod.magnitude = tf.variable(norm, true);
         norm.dispose();
         this.state.push({ key: moduleStateKey(info.path, ...LORA_STATE.magnitude), variable: mod.magnitude, trainable: true });
@@ -74,11 +76,12 @@ export class LoraLayers implements MethodInstance {
       this.modules.set(info.path, mod);
     }
     this.claims = targets.map((t) => t.weightName);
+    if (variant.freezeA) this.projectGradients = (grads) => this.projectLoraFa(grads);
     this.hooks = { linear: (module, x, base, hookCtx) => this.linear(module, x, base, hookCtx) };
   }
 
   private weight(info: ModuleInfo): tf.Tensor2D {
-    return this.model.weight(info.weightName) as tf.Tensor as tf.Tensor2D;
+    return as2D(this.model.weight(info.weightName));
   }
 
   private linear(module: LinearModule, x: tf.Tensor2D, base: (x: tf.Tensor2D) => tf.Tensor2D, ctx: HookContext): tf.Tensor2D {
@@ -86,15 +89,26 @@ export class LoraLayers implements MethodInstance {
     if (!mod || this.mergedWeights.active) return base(x);
     const y = base(x);
     const xd = dropout(x, this.config.loraDropout, ctx.training, this.rng);
-    const a = mod.a as tf.Tensor as tf.Tensor2D;
-    const b = mod.b as tf.Tensor as tf.Tensor2D;
+    const a = as2D(mod.a);
+    const b = as2D(mod.b);
     const lora: tf.Tensor2D = linear(linear(xd, a), b);
     if (!mod.magnitude) return tf.add(y, tf.mul(lora, this.scaling)) as tf.Tensor2D;
     const w = module.weight;
     // Without active dropout PEFT reuses the base result less its bias; with it, x W^T is recomputed on the dropped-out x.
     const baseNoBias: tf.Tensor2D = xd === x ? (module.bias ? (tf.sub(y, module.bias) as tf.Tensor2D) : y) : linear(xd, w);
     const norm = doraWeightNorm(w, a, b, this.scaling);
-    return tf.add(y, doraDelta(baseNoBias, lora, mod.magnitude as tf.Tensor as tf.Tensor1D, norm, this.scaling)) as tf.Tensor2D;
+    return tf.add(y, doraDelta(baseNoBias, lora, as1D(mod.magnitude), norm, this.scaling)) as tf.Tensor2D;
+  }
+
+  /** LoRA-FA: B's gradient times (1/s^2) pinv(A A^T + δI), as PEFT's LoraFAOptimizer does before its update. */
+  private projectLoraFa(grads: Map<string, tf.Tensor>): void {
+    for (const mod of this.modules.values()) {
+      const key = moduleStateKey(mod.info.path, ...LORA_STATE.B);
+      const g = grads.get(key);
+      if (!g) continue;
+      grads.set(key, projectLoraFaGradient(g, mod.a, this.scaling));
+      g.dispose();
+    }
   }
 
   get merged(): boolean {
@@ -104,11 +118,11 @@ export class LoraLayers implements MethodInstance {
   merge(): void {
     if (this.merged) return;
     for (const mod of this.modules.values()) {
-      const a = mod.a as tf.Tensor as tf.Tensor2D;
-      const b = mod.b as tf.Tensor as tf.Tensor2D;
+      const a = as2D(mod.a);
+      const b = as2D(mod.b);
       this.mergedWeights.replace(mod.info.weightName, (w) =>
         mod.magnitude
-          ? doraMergedWeight(w as tf.Tensor2D, a, b, mod.magnitude as tf.Tensor as tf.Tensor1D, this.scaling)
+          ? doraMergedWeight(w as tf.Tensor2D, a, b, as1D(mod.magnitude), this.scaling)
           : tf.add(w, tf.mul(tf.matMul(b, a), this.scaling)),
       );
     }

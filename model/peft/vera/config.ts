@@ -21,6 +21,8 @@ export const VERA_FIELDS = {
 
 export type VeraConfig = ConfigOf<typeof VERA_FIELDS>;
 
+// PEFT's VeraConfig, unlike its LoraConfig, takes "all-linear" with layers_to_transform (the
+// shorthand is expanded before layers are matched), so Tandem does too.
 function validate(c: VeraConfig, file?: string): VeraConfig {
   if (typeof c.targetModules === 'string' && c.targetModules !== 'all-linear' && c.layersToTransform !== null) {
     throw configError({ field: file ? 'layers_to_transform' : 'layersToTransform', file }, 'cannot be used when target_modules is a regex');

@@ -17,6 +17,11 @@ import type { VeraConfig } from './config.ts';
  */
 export const VERA_STATE = { lambdaB: 'vera_lambda_b', lambdaD: 'vera_lambda_d', A: 'vera_A', B: 'vera_B' } as const;
 
+/** The bound of PEFT's _kaiming_init for a matrix with `fanIn` columns: sqrt(6 / fan_in). */
+export function veraKaimingBound(fanIn: number): number {
+  return Math.sqrt(3) * (Math.SQRT2 / Math.sqrt(fanIn));
+}
+
 interface VeraModule {
   info: ModuleInfo;
   lambdaB: tf.Variable;
@@ -43,10 +48,11 @@ export class VeraLayers implements MethodInstance {
     const { r } = config;
     const maxIn = Math.max(...targets.map((t) => t.inFeatures));
     const maxOut = Math.max(...targets.map((t) => t.outFeatures));
-    // As PEFT's _kaiming_init: kaiming_uniform_(a=sqrt(5)), bound 1/sqrt(fan_in) of each matrix.
+    // As PEFT's _kaiming_init (peft/tuners/vera/model.py): gain sqrt(2), std = gain / sqrt(fan_in),
+    // bound = sqrt(3) · std = sqrt(6 / fan_in), fan_in being each matrix's second dimension.
     const proj = new Rng(config.projectionPrngKey);
-    this.a = variableFrom(uniformValues(proj, r * maxIn, 1 / Math.sqrt(maxIn)), [r, maxIn], false);
-    this.b = variableFrom(uniformValues(proj, maxOut * r, 1 / Math.sqrt(r)), [maxOut, r], false);
+    this.a = variableFrom(uniformValues(proj, r * maxIn, veraKaimingBound(maxIn)), [r, maxIn], false);
+    this.b = variableFrom(uniformValues(proj, maxOut * r, veraKaimingBound(r)), [maxOut, r], false);
     this.state.push({ key: sharedStateKey(VERA_STATE.A), variable: this.a, trainable: false });
     this.state.push({ key: sharedStateKey(VERA_STATE.B), variable: this.b, trainable: false });
     for (const info of targets) {

@@ -166,7 +166,7 @@ describe('scaling and initialization', () => {
 describe('prompt tuning', () => {
   it('returns logits for the real tokens only and prepends the prompt once with a KV cache', () => {
     const model = tinyModel();
-    const adapter = createAdapter(model, [{ method: 'prompt_tuning', numVirtualTokens: 4, promptTuningInit: 'TEXT', initTokenIds: [5, 6, 7] }]);
+    const adapter = createAdapter(model, [{ method: 'prompt_tuning', numVirtualTokens: 4, promptTuningInit: 'TEXT', initTokenIds: [5, 6, 7], promptTuningInitText: 'five six seven', tokenizerNameOrPath: 'org/tiny' }]);
     assert.equal(adapter.numVirtualTokens, 4);
     const full = logits(model, adapter);
     assert.equal(full.length, IDS.length * IDS[0].length * 32);

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { tf } from '../../../model/backend.ts';
+import { gradients, tf } from '../../../model/backend.ts';
 import type { ModelConfig } from '../../../model/config.ts';
 import { llamaConfig, randomWeights } from '../../../model/init.ts';
 import { LlamaModel } from '../../../model/llama/llama.ts';
@@ -77,14 +77,14 @@ export function train(model: LlamaModel, adapter: Adapter, steps = 6, lr = 0.5):
   const before = first.dataSync()[0];
   first.dispose();
   for (let s = 0; s < steps; s++) {
-    const { value, grads } = tf.variableGrads(() => lossOf(model, adapter, true), vars);
+    const { value, grads } = gradients(() => lossOf(model, adapter, true), vars);
     value.dispose();
-    for (const v of vars) {
-      const g = grads[v.name];
+    vars.forEach((v, i) => {
+      const g = grads[i];
       assert.ok(g, `a gradient reaches ${v.name}`);
       tf.tidy(() => v.assign(tf.sub(v, tf.mul(g, lr))));
-    }
-    tf.dispose(Object.values(grads));
+    });
+    tf.dispose(grads.filter((g): g is tf.Tensor => g !== undefined));
   }
   const last = lossOf(model, adapter);
   const after = last.dataSync()[0];
