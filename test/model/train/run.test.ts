@@ -3,8 +3,10 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { ModelError } from '../../../model/errors.ts';
-import { DEFAULT_RECIPE, trainLocal } from '../../../model/train/run.ts';
-import type { TrainEvent, TrainLocalOptions } from '../../../model/train/run.ts';
+import { DEFAULT_RECIPE } from '../../../model/train/recipe.ts';
+import { trainLocal } from '../../../model/train/run.ts';
+import type { TrainLocalOptions } from '../../../model/train/run.ts';
+import type { TrainEvent } from '../../../model/train/training-run.ts';
 import { STORIES_DIR, tempDir } from '../helpers.ts';
 
 const SENTENCES = ['Tom has a red ball.', 'The cat sat on the mat.', 'Lily likes to play in the park.', 'The sun is big and warm.', 'Ben has a little dog.'];
@@ -28,7 +30,7 @@ function options(dataFile: string, outDir: string, over: Partial<TrainLocalOptio
     batchSize: 2,
     seqLen: 16,
     lr: 5e-3,
-    warmup: 1,
+    warmupSteps: 1,
     valFraction: 0.2,
     evalEvery: 0,
     saveEvery: 0,
@@ -41,7 +43,7 @@ describe('local training', () => {
   it('lowers the validation loss on a small dataset (stories260K, LoRA)', async () => {
     const data = await dataset();
     const events: TrainEvent[] = [];
-    const summary = await trainLocal(options(data, await tempDir(), { steps: 8, evalEvery: 8, lr: 3e-2, schedule: 'linear', warmup: 1, batchSize: 4, seqLen: 16 }), (e) => events.push(e));
+    const summary = await trainLocal(options(data, await tempDir(), { steps: 8, evalEvery: 8, lr: 3e-2, schedule: 'linear', warmupSteps: 1, batchSize: 4, seqLen: 16 }), (e) => events.push(e));
     const evals = events.filter((e): e is Extract<TrainEvent, { type: 'eval' }> => e.type === 'eval');
     assert.equal(evals[0].step, 0);
     assert.equal(evals.at(-1)?.step, 8);
@@ -53,16 +55,16 @@ describe('local training', () => {
   it('resumes exactly: 2 + 2 steps with a restart equal 4 straight, bit for bit', async () => {
     const data = await dataset();
     const straight = await tempDir();
-    await trainLocal(options(data, straight, { gradAccum: 2 }));
+    await trainLocal(options(data, straight, { gradientAccumulationSteps: 2 }));
     const parts = await tempDir();
-    const first = await trainLocal(options(data, parts, { gradAccum: 2, stopAfter: 2 }));
+    const first = await trainLocal(options(data, parts, { gradientAccumulationSteps: 2, stopAfter: 2 }));
     assert.equal(first.finished, false);
     assert.equal(first.step, 2);
     // A second start without --resume must not overwrite the checkpoint.
-    await assert.rejects(trainLocal(options(data, parts, { gradAccum: 2 })), (e: unknown) => e instanceof ModelError && e.code === 'TANDEM_TRAIN_OPTION_INVALID');
+    await assert.rejects(trainLocal(options(data, parts, { gradientAccumulationSteps: 2 })), (e: unknown) => e instanceof ModelError && e.code === 'TANDEM_TRAIN_OPTION_INVALID');
     // A different recipe cannot resume this checkpoint.
-    await assert.rejects(trainLocal(options(data, parts, { gradAccum: 2, lr: 1e-3, resume: true })), (e: unknown) => e instanceof ModelError && e.code === 'TANDEM_CHECKPOINT_INVALID' && e.message.includes('recipe'));
-    const second = await trainLocal(options(data, parts, { gradAccum: 2, resume: true }));
+    await assert.rejects(trainLocal(options(data, parts, { gradientAccumulationSteps: 2, lr: 1e-3, resume: true })), (e: unknown) => e instanceof ModelError && e.code === 'TANDEM_CHECKPOINT_INVALID' && e.message.includes('recipe'));
+    const second = await trainLocal(options(data, parts, { gradientAccumulationSteps: 2, resume: true }));
     assert.equal(second.step, 4);
     const a = await readFile(join(straight, 'adapter', 'adapter_model.safetensors'));
     const b = await readFile(join(parts, 'adapter', 'adapter_model.safetensors'));
