@@ -11,6 +11,7 @@ import {
   ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LlamaModel, ModelError, evaluateClassification, evaluateRows, loadAdapter, localScorer, parseDataset, parseSafetensors, prepareData, tf,
 } from '../model/index.ts';
 import type { PeftAdapter, Tokenizer } from '../model/index.ts';
+import type { AdapterEvaluation, LmFigures } from '../protocol/index.ts';
 import { CloudError } from './errors.ts';
 import type { ServedModel } from './served-model.ts';
 
@@ -25,23 +26,6 @@ export interface EvaluationData {
   /** The file name it came from: `.jsonl` is read by record, anything else as plain text. */
   name: string;
   text: string;
-}
-
-export interface LmFigures {
-  loss: number;
-  perplexity: number;
-  tokens: number;
-  accuracy?: number;
-}
-
-export interface AdapterEvaluation {
-  /** The served model with the adapter plugged in. */
-  plugIn: LmFigures;
-  /** The served model alone on the same data. */
-  baseline: LmFigures;
-  examples: number;
-  peftType: string;
-  adapterTensors: number;
 }
 
 const PEFT_PREFIX = 'base_model.model.';
