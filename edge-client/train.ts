@@ -1,7 +1,7 @@
 // Split training on the edge: what is remote about it and nothing else. Download the edge
 // part, open a session, and hand model/train's one training run the cloud as its middle.
 // The run holds the data, the adapter, the optimizer, checkpoints and exact resume.
-import { DEFAULT_RECIPE, ModelError, checkRecipe, checkpointFolder, runTraining } from '../model/index.ts';
+import { DEFAULT_RECIPE, ModelError, checkRun, checkpointFolder, runTraining } from '../model/index.ts';
 import type { Cut, Evaluation, MethodSpec, RunSettings, TrainEvent, TrainEventHandler, TrainRecipe } from '../model/index.ts';
 import { CODEC_NAMES } from '../protocol/index.ts';
 import type { CodecName, CodecSpec } from '../protocol/index.ts';
@@ -82,11 +82,10 @@ function codecSpec(c: CodecName | CodecSpec | undefined, field: string): CodecSp
   return spec;
 }
 
-/** The recipe of a split run: the options given, DEFAULT_RECIPE's for the rest, checked. */
+/** The recipe of a split run: the options given, DEFAULT_RECIPE's for the rest. */
 export function edgeRecipe(options: Partial<TrainRecipe>): TrainRecipe {
   const recipe: TrainRecipe = { ...DEFAULT_RECIPE, steps: 100 };
   for (const k of Object.keys(recipe) as (keyof TrainRecipe)[]) if (options[k] !== undefined) (recipe as unknown as Record<string, unknown>)[k] = options[k];
-  checkRecipe(recipe);
   return recipe;
 }
 
@@ -95,6 +94,7 @@ export async function trainEdge(options: EdgeTrainOptions): Promise<EdgeTrainRes
   const t0 = performance.now();
   // Everything is checked before the network is touched.
   const recipe = edgeRecipe(options);
+  checkRun(recipe, options);
   const forward = codecSpec(options.codecForward, 'codecForward');
   const backward = codecSpec(options.codecBackward, 'codecBackward');
   const methods = options.methods ?? DEFAULT_METHODS;

@@ -12,8 +12,6 @@ export const WIRE_ERRORS = {
   activationsGone: 'TANDEM_ACTIVATIONS_GONE',
   /** A restarted node listens before its model is loaded: retry. */
   modelNotReady: 'TANDEM_MODEL_NOT_READY',
-  /** The session is unknown to the cloud (its state was lost): open a new one. */
-  sessionUnknown: 'TANDEM_SESSION_UNKNOWN',
   authKeyMissing: 'TANDEM_AUTH_KEY_MISSING',
   authKeyInvalid: 'TANDEM_AUTH_KEY_INVALID',
 } as const;

@@ -17,7 +17,7 @@ export { AdamW, OPTIMIZER_KINDS, Sgd, createOptimizer } from './optimizer.ts';
 export type { AdamWOptions, Optimizer, OptimizerKind, OptimizerState, SgdOptions, StateTensor } from './optimizer.ts';
 export { DEFAULT_RECIPE, checkRecipe } from './recipe.ts';
 export type { TrainRecipe } from './recipe.ts';
-export { checkpointFolder, fileHash, openRun, runSteps, runTraining } from './training-run.ts';
+export { checkRun, checkpointFolder, fileHash, openRun, runSteps, runTraining } from './training-run.ts';
 export type { CheckpointStore, Evaluation, RemoteStart, RunSettings, RunState, TrainEvent, TrainEventHandler, TrainingResult, TrainingSpec, WireProgress } from './training-run.ts';
 export { ADAPTER_DIR, CHECKPOINT_DIR, evaluateLocal, exportAdapter, trainLocal } from './run.ts';
 export type { EvaluateLocalOptions, EvaluationReport, ExportOptions, ExportResult, TrainLocalOptions, TrainSummary } from './run.ts';

@@ -14,9 +14,9 @@ import { readTrainingCheckpoint } from './checkpoint.ts';
 import { prepareData, readDataset } from './data.ts';
 import { evaluateClassification, evaluateRows, localScorer } from './evaluate.ts';
 import type { Cut } from './loop.ts';
-import { checkInteger, checkRecipe } from './recipe.ts';
+import { checkInteger } from './recipe.ts';
 import type { TrainRecipe } from './recipe.ts';
-import { checkpointFolder, runTraining } from './training-run.ts';
+import { checkRun, checkpointFolder, runTraining } from './training-run.ts';
 import type { RunSettings, TrainEventHandler, TrainingResult } from './training-run.ts';
 
 export const CHECKPOINT_DIR = 'checkpoint';
@@ -60,7 +60,7 @@ async function exists(path: string): Promise<boolean> {
  */
 export async function trainLocal(options: TrainLocalOptions, onEvent?: TrainEventHandler): Promise<TrainSummary> {
   const { modelDir, dataFile, outDir, methods, cut, resume, backend, evalEvery, evaluate, saveEvery, stopAfter, ...recipe } = options;
-  checkRecipe(recipe);
+  checkRun(recipe, options);
   await initBackend({ backend });
   const { model, tokenizer, contentHash } = await loadModel(modelDir);
   const checkpointDir = join(outDir, CHECKPOINT_DIR);

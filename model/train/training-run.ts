@@ -276,12 +276,17 @@ export async function runSteps(state: RunState, spec: TrainingSpec): Promise<Tra
   }
 }
 
+/** Checks a recipe and the run settings; callers do it before loading or connecting anything. */
+export function checkRun(recipe: TrainRecipe, settings: RunSettings): void {
+  checkRecipe(recipe);
+  checkInteger(settings.evalEvery ?? 0, 'evalEvery', 0);
+  checkInteger(settings.saveEvery ?? 0, 'saveEvery', 0);
+  if (settings.stopAfter !== undefined) checkInteger(settings.stopAfter, 'stopAfter', 1);
+}
+
 /** The whole run: open (resume or start), step, and free the adapter and optimizer. */
 export async function runTraining(spec: TrainingSpec): Promise<TrainingResult> {
-  checkRecipe(spec.recipe);
-  checkInteger(spec.evalEvery ?? 0, 'evalEvery', 0);
-  checkInteger(spec.saveEvery ?? 0, 'saveEvery', 0);
-  if (spec.stopAfter !== undefined) checkInteger(spec.stopAfter, 'stopAfter', 1);
+  checkRun(spec.recipe, spec);
   const state = await openRun(spec);
   try {
     return await runSteps(state, spec);

@@ -6,7 +6,12 @@ import { ModelError } from '../../../model/errors.ts';
 import { DEFAULT_RECIPE } from '../../../model/train/recipe.ts';
 import { trainLocal } from '../../../model/train/run.ts';
 import type { TrainLocalOptions } from '../../../model/train/run.ts';
-import type { TrainEvent } from '../../../model/train/training-run.ts';
+import { openRun, runSteps, runTraining } from '../../../model/train/training-run.ts';
+import type { TrainEvent, TrainingSpec } from '../../../model/train/training-run.ts';
+import { initBackend } from '../../../model/backend.ts';
+import { loadModelFolder } from '../../../model/checkpoint.ts';
+import { LlamaModel } from '../../../model/llama/llama.ts';
+import { loadTokenizer } from '../../../model/tokenizer.ts';
 import { STORIES_DIR, tempDir } from '../helpers.ts';
 
 const SENTENCES = ['Tom has a red ball.', 'The cat sat on the mat.', 'Lily likes to play in the park.', 'The sun is big and warm.', 'Ben has a little dog.'];
@@ -72,5 +77,34 @@ describe('local training', () => {
     const c = await readFile(join(straight, 'checkpoint', 'optimizer.safetensors'));
     const d = await readFile(join(parts, 'checkpoint', 'optimizer.safetensors'));
     assert.ok(c.equals(d), 'optimizer states differ');
+  });
+
+  it('continues N steps from a run state: 2 steps, then 2 more on the same state, equal 4 in one run', async () => {
+    await initBackend({ backend: 'wasm' });
+    const loaded = await loadModelFolder(STORIES_DIR);
+    const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
+    try {
+      const spec: TrainingSpec = {
+        model, tokenizer: await loadTokenizer(STORIES_DIR), modelHash: loaded.contentHash, dataFile: await dataset(), baseModel: STORIES_DIR, evaluate: false,
+        recipe: { ...DEFAULT_RECIPE, steps: 4, batchSize: 2, seqLen: 16, lr: 5e-3, warmupSteps: 1, valFraction: 0.2 },
+        methods: [{ method: 'lora', r: 4, loraDropout: 0.1, targetModules: ['q_proj', 'v_proj'] }],
+      };
+      const straight = await runTraining(spec);
+      const state = await openRun(spec);
+      try {
+        const first = await runSteps(state, { ...spec, stopAfter: 2 });
+        const rest = await runSteps(state, spec);
+        assert.equal(first.finished, false);
+        assert.equal(rest.startStep, 2);
+        assert.ok(rest.finished);
+        assert.deepEqual([...first.losses, ...rest.losses], straight.losses);
+        for (const [name, t] of straight.adapter) assert.deepEqual(rest.adapter.get(name)?.data, t.data, name);
+      } finally {
+        state.optimizer.dispose();
+        state.adapter.dispose();
+      }
+    } finally {
+      model.dispose();
+    }
   });
 });
