@@ -4,7 +4,7 @@
 // resending the very frame makes the recomputation see exactly what forward saw.
 import { ErrorFeedback, WIRE_ERRORS, decodeTensor, encodeTensor, frameBytes } from '../protocol/index.ts';
 import type { Body, CodecSpec, Envelope, TensorFrame, Welcome } from '../protocol/index.ts';
-import { tf } from '../model/index.ts';
+import { keyString, tf } from '../model/index.ts';
 import type { Middle, MicrobatchKey } from '../model/index.ts';
 import { EdgeError } from './errors.ts';
 
@@ -36,10 +36,6 @@ export interface MiddleTraffic {
 }
 
 const LOSSLESS = new Set(['f32']);
-
-function keyString(key: MicrobatchKey): string {
-  return `${key.eval ? 'eval' : 'train'}:${key.step}:${key.microbatch}`;
-}
 
 export class RemoteMiddle implements Middle {
   readonly trainsParameters = false;

@@ -11,7 +11,7 @@ export { Trainer } from './loop.ts';
 export type { Cut, StepResult, TrainerOptions } from './loop.ts';
 export { batchTensors } from './batch.ts';
 export type { Batch, BatchScore } from './batch.ts';
-export { LocalMiddle, randomStateOf } from './middle.ts';
+export { LocalMiddle, keyString, randomStateOf } from './middle.ts';
 export type { LocalMiddleOptions, Middle, MicrobatchKey, RandomState } from './middle.ts';
 export { AdamW, OPTIMIZER_KINDS, Sgd, createOptimizer } from './optimizer.ts';
 export type { AdamWOptions, Optimizer, OptimizerKind, OptimizerState, SgdOptions, StateTensor } from './optimizer.ts';

@@ -29,7 +29,8 @@ export interface Middle {
   dispose?(): void;
 }
 
-function keyString(key: MicrobatchKey): string {
+/** The key as one string, for maps of what a middle keeps per micro-batch. */
+export function keyString(key: MicrobatchKey): string {
   return `${key.eval ? 'eval' : 'train'}:${key.step}:${key.microbatch}`;
 }
 
