@@ -7,7 +7,7 @@ import { CliError } from './errors.ts';
 import { numberFlag, requiredFlag } from './flags.ts';
 import type { CommandIo } from './io.ts';
 import { offsiteCommand, uploadCommand } from './offsite.ts';
-import { addCodecOptions, addRecipeOptions, codecsFromFlags, recipeFromFlags } from './recipe.ts';
+import { addCodecOptions, addRecipeOptions, choice, codecsFromFlags, recipeFromFlags } from './recipe.ts';
 import type { CodecFlags, RecipeFlags } from './recipe.ts';
 
 interface TrainFlags extends RecipeFlags, CodecFlags {
@@ -56,9 +56,7 @@ function collect(value: string, previous: string[]): string[] {
 
 function progressMode(flags: TrainFlags): ProgressMode {
   if (flags.json) return 'json';
-  const p = flags.progress ?? (process.stderr.isTTY ? 'tty' : 'plain');
-  if (p !== 'tty' && p !== 'plain' && p !== 'json') throw new CliError('TANDEM_CLI_FLAG_INVALID', '--progress', `must be tty, plain or json, got ${JSON.stringify(p)}`);
-  return p;
+  return choice<ProgressMode>('--progress', flags.progress, ['tty', 'plain', 'json'], process.stderr.isTTY ? 'tty' : 'plain');
 }
 
 function summary(r: EdgeTrainResult): Record<string, unknown> {

@@ -23,6 +23,7 @@ describe('the CLI checks before it works', () => {
     ['--codec-forward', ['--codec-forward', 'int3']],
     ['--codec-backward', ['--codec-backward', 'f8']],
     ['--grad-accum', ['--grad-accum', '0']],
+    ['--progress', ['--progress', 'fancy']],
   ];
   for (const [flag, extra] of cases) {
     it(`tandem edge train ${extra.join(' ')}: exit 2, ${flag} named, nothing contacted`, async () => {
