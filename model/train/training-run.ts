@@ -117,6 +117,8 @@ export interface TrainingSpec extends RunSettings {
   cut?: Cut;
   /** The PEFT methods of a new adapter; on resume the checkpoint's adapter is used. */
   methods: MethodSpec[];
+  /** Start from this PEFT adapter folder instead of a new adapter of `methods` (a federated round starts from the global adapter). */
+  adapterDir?: string;
   /** The middle; a LocalMiddle over the model's own blocks when absent. */
   middle?: Middle;
   /** Checkpoints; none are written without it. */
@@ -176,7 +178,13 @@ export async function openRun(spec: TrainingSpec): Promise<RunState> {
   }
   const optimizer = createOptimizer(recipe.optimizer, { weightDecay: recipe.weightDecay, momentum: recipe.momentum });
   if (!store || !(spec.resume === true || (spec.resume === 'auto' && held))) {
-    return { adapter: createAdapter(spec.model, spec.methods, { seed: seeds.adapter }), optimizer, stream: new BatchStream(data.train, recipe.batchSize, seeds.stream), data, identity, methods: spec.methods, resumed: false };
+    try {
+      const adapter = spec.adapterDir === undefined ? createAdapter(spec.model, spec.methods, { seed: seeds.adapter }) : await loadAdapter(spec.model, spec.adapterDir, { seed: seeds.adapter });
+      return { adapter, optimizer, stream: new BatchStream(data.train, recipe.batchSize, seeds.stream), data, identity, methods: spec.methods, resumed: false };
+    } catch (err) {
+      optimizer.dispose();
+      throw err;
+    }
   }
   let adapter: PeftAdapter | undefined;
   try {

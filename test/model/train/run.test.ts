@@ -89,7 +89,16 @@ describe('local training', () => {
         recipe: { ...DEFAULT_RECIPE, steps: 4, batchSize: 2, seqLen: 16, lr: 5e-3, warmupSteps: 1, valFraction: 0.2 },
         methods: [{ method: 'lora', r: 4, loraDropout: 0.1, targetModules: ['q_proj', 'v_proj'] }],
       };
-      const straight = await runTraining(spec);
+      const adapterOut = await tempDir();
+      const straight = await runTraining({ ...spec, adapterOut });
+      // A run may also start from an adapter folder (as a federated round starts from the global adapter).
+      const from = await openRun({ ...spec, adapterDir: adapterOut });
+      try {
+        for (const [name, v] of from.adapter.trainableVariables()) assert.deepEqual(Float32Array.from(v.dataSync() as Float32Array), straight.adapter.get(name)?.data, name);
+      } finally {
+        from.optimizer.dispose();
+        from.adapter.dispose();
+      }
       const state = await openRun(spec);
       try {
         const first = await runSteps(state, { ...spec, stopAfter: 2 });
