@@ -38,10 +38,11 @@ describe('the CLI checks before it works', () => {
   }
 
   it('tandem edge train takes the recipe flags of tandem train (same names, same defaults)', async () => {
-    // With valid flags the first failure is the connection: everything before it was checked.
-    const r = await tandem([...train, '--grad-accum', '2', '--warmup', '1', '--clip', '0', '--save-every', '1', '--schedule', 'linear']);
+    // With valid flags the first failure is edge-client's own check of the URL: every flag before it passed.
+    const flags = ['--grad-accum', '2', '--warmup', '1', '--clip', '0', '--save-every', '1', '--schedule', 'linear', '--optimizer', 'sgd', '--momentum', '0.5'];
+    const r = await tandem([...train.map((a) => (a === NOWHERE ? 'ftp://127.0.0.1:9' : a)), ...flags]);
     assert.equal(r.code, 2);
-    assert.match(r.log, /TANDEM_EDGE_CONNECT_FAILED/);
+    assert.match(r.log, /TANDEM_EDGE_OPTION_INVALID: the cloud URL must be http\(s\)/);
   });
 
   it('tandem demo --codec-forward int3: exit 2 before a node starts', async () => {
