@@ -92,7 +92,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
     const int8 = await buildEmulator({ modelDir: fixture, keep, cut, outDir: join(work, 'bundle-int8'), evalFile: valFile, seqLen, quantize: 'int8' });
     process.stdout.write(`emulator without distillation, int8: emulated ppl ${int8.fidelity.emulatorPerplexity?.toFixed(2)}, middle cosine ${int8.fidelity.middleCosine?.toFixed(4)}, ${(100 * int8.fidelity.sizeRatio).toFixed(1)}% of the middle\n`);
 
-    const recipe = { ...DEFAULT_RECIPE, steps, batchSize, seqLen, valFraction: 0, evalEvery: 0, saveEvery: 0, warmup: 0, schedule: 'cosine' as const };
+    const recipe = { ...DEFAULT_RECIPE, steps, batchSize, seqLen, valFraction: 0, evalEvery: 0, saveEvery: 0, warmupSteps: 0, schedule: 'cosine' as const };
     const evaluate = async (modelDir: string, adapterDir?: string) =>
       (await evaluateLocal({ modelDir, dataFile: valFile, seqLen, batchSize: 8, ...(adapterDir ? { adapterDir } : {}) })).perplexity;
     const fullZeroShot = await evaluate(fixture);

@@ -51,11 +51,10 @@ function methodsFor(layers: number, cut: Cut): MethodSpec[] {
 }
 
 /** Median seconds per step after one warm-up step. */
-async function timeSteps(model: LlamaModel, cut: Cut | undefined, middle: Middle | undefined, methods: MethodSpec[], data: Batch[], onReady?: (t: Trainer) => void): Promise<number> {
+async function timeSteps(model: LlamaModel, cut: Cut | undefined, middle: Middle | undefined, methods: MethodSpec[], data: Batch[]): Promise<number> {
   const adapter = createAdapter(model, methods, { seed: 1 });
   const optimizer = createOptimizer('adamw');
   const trainer = new Trainer({ model, adapter, optimizer, schedule: { kind: 'constant', lr: 1e-3, warmupSteps: 0, totalSteps: data.length }, cut, middle });
-  onReady?.(trainer);
   try {
     const times: number[] = [];
     for (const [i, b] of data.entries()) {
@@ -119,9 +118,7 @@ async function runCase(c: Case, steps: number, work: string): Promise<Record<str
     for (const [fwd, bwd] of PAIRS) {
       const session = await client.openSession({ model: { id, contentHash: edge.contentHash }, cut: c.cut, codecs: { forward: [{ codec: fwd }], backward: [{ codec: bwd }] } });
       const middle = session.middle();
-      const seconds = await timeSteps(edge.model, c.cut, middle, methods, data, (t) => {
-        middle.needsBackward = t.needsMiddleBackward;
-      });
+      const seconds = await timeSteps(edge.model, c.cut, middle, methods, data);
       const f = middle.traffic;
       const trained = tokens * (steps + 1);
       split.push({

@@ -11,6 +11,7 @@ import type { EdgeTrainResult } from '../edge-client/index.ts';
 import { initBackend } from '../model/index.ts';
 import { numberFlag } from './flags.ts';
 import type { CommandIo } from './io.ts';
+import { addCodecOptions, codecsFromFlags } from './recipe.ts';
 
 const ROOT = join(import.meta.dirname, '..');
 export const DEMO_MODEL_DIR = join(ROOT, 'test', 'fixtures', 'stories260K');
@@ -34,8 +35,8 @@ function demoJson(r: EdgeTrainResult, seconds: number): Record<string, unknown> 
     methods: r.methods,
     trainableParameters: r.trainableParameters,
     steps: r.steps,
-    before: { valLoss: r.before?.valLoss ?? null, accuracy: r.before?.accuracy ?? null },
-    after: { valLoss: r.after?.valLoss ?? null, accuracy: r.after?.accuracy ?? null },
+    before: { valLoss: r.before?.loss ?? null, accuracy: r.before?.accuracy ?? null },
+    after: { valLoss: r.after?.loss ?? null, accuracy: r.after?.accuracy ?? null },
     wire: {
       codecs: { forward: r.codecs.forward.codec, backward: r.codecs.backward.codec },
       bytesSent: r.wire.bytesSent,
@@ -68,7 +69,7 @@ function report(r: EdgeTrainResult, seconds: number): string {
   const f = r.wire.frames;
   const quality = table([
     ['', 'before', 'after'],
-    ['validation loss', r.before?.valLoss.toFixed(4) ?? '-', r.after?.valLoss.toFixed(4) ?? '-'],
+    ['validation loss', r.before?.loss.toFixed(4) ?? '-', r.after?.loss.toFixed(4) ?? '-'],
     [`label accuracy (${r.after?.records ?? 0} held-out stories)`, pct(r.before?.accuracy), pct(r.after?.accuracy)],
   ]);
   const wire = table([
@@ -81,7 +82,7 @@ function report(r: EdgeTrainResult, seconds: number): string {
   ]);
   return [
     '',
-    `stories260K fine-tuned on a private dataset in split mode: the edge holds the embedding, blocks [0, ${r.cut.bottom}) and [${5 - r.cut.top}, 5), the head, the data and the adapter (${r.trainableParameters} parameters); the cloud ran the middle.`,
+    `stories260K fine-tuned on a private dataset in split mode: the edge holds the embedding, blocks [0, ${r.cut.bottom}) and [${r.numLayers - r.cut.top}, ${r.numLayers}), the head, the data and the adapter (${r.trainableParameters} parameters); the cloud ran the middle.`,
     '',
     quality,
     '',
@@ -91,16 +92,17 @@ function report(r: EdgeTrainResult, seconds: number): string {
   ].join('\n');
 }
 
+const DEMO_CODECS = { forward: 'int8-block', backward: 'f16' } as const;
+
 export function demoCommand(io: CommandIo): Command {
-  return new Command('demo')
+  const command = new Command('demo')
     .description('start a cloud node and an edge client on loopback and fine-tune stories260K on a private dataset, split')
     .option('--json', 'print one JSON object instead of the table')
     .option('--steps <n>', 'training steps', '80')
-    .option('--codec-forward <codec>', 'activation codec', 'int8-block')
-    .option('--codec-backward <codec>', 'gradient codec', 'f16')
-    .option('--backend <name>', 'compute backend: auto, tensorflow-gpu, tensorflow, wasm, cpu')
-    .action(async (flags: DemoFlags) => {
+    .option('--backend <name>', 'compute backend: auto, tensorflow-gpu, tensorflow, wasm, cpu');
+  return addCodecOptions(command, DEMO_CODECS).action(async (flags: DemoFlags) => {
       const steps = numberFlag('--steps', flags.steps, { min: 1, integer: true });
+      const codecs = codecsFromFlags(flags, DEMO_CODECS);
       const t0 = performance.now();
       await initBackend({ backend: flags.backend, log: flags.json ? undefined : io.log });
       const work = await mkdtemp(join(tmpdir(), 'tandem-demo-'));
@@ -114,14 +116,15 @@ export function demoCommand(io: CommandIo): Command {
           data: DEMO_DATA,
           cut: { bottom: 1, top: 1 },
           methods: [{ method: 'lora', r: 8, loraAlpha: 16, targetModules: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] }],
-          codecForward: flags.codecForward as never,
-          codecBackward: flags.codecBackward as never,
+          ...codecs,
           steps,
           batchSize: 16,
           seqLen: 32,
           lr: 1e-2,
           schedule: 'cosine',
           warmupSteps: Math.min(10, Math.floor(steps / 10)),
+          weightDecay: 0,
+          maxGradNorm: 0,
           seed: 0,
           valFraction: 0.1,
           cacheDir: join(work, 'cache'),

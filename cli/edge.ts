@@ -1,42 +1,30 @@
 import { Command } from 'commander';
-import { DEFAULT_METHODS, exportAdapter, progressPrinter, trainEdge } from '../edge-client/index.ts';
+import { DEFAULT_METHODS, progressPrinter, trainEdge } from '../edge-client/index.ts';
 import type { EdgeTrainResult, ProgressMode } from '../edge-client/index.ts';
-import { initBackend } from '../model/index.ts';
+import { exportAdapter, initBackend } from '../model/index.ts';
 import type { MethodSpec } from '../model/index.ts';
 import { CliError } from './errors.ts';
 import { numberFlag, requiredFlag } from './flags.ts';
 import type { CommandIo } from './io.ts';
 import { offsiteCommand, uploadCommand } from './offsite.ts';
+import { addCodecOptions, addRecipeOptions, choice, codecsFromFlags, recipeFromFlags } from './recipe.ts';
+import type { CodecFlags, RecipeFlags } from './recipe.ts';
 
-interface TrainFlags {
+interface TrainFlags extends RecipeFlags, CodecFlags {
   cloud?: string;
   key?: string;
   model?: string;
   data?: string;
   method: string[];
-  codecForward?: string;
-  codecBackward?: string;
   bottom?: string;
   top?: string;
-  steps?: string;
-  batchSize?: string;
-  microbatches?: string;
-  seqLen?: string;
-  lr?: string;
-  warmup?: string;
-  schedule?: string;
-  optimizer?: string;
-  seed?: string;
-  valFraction?: string;
-  evalEvery?: string;
   checkpoint?: string;
-  checkpointEvery?: string;
   out?: string;
   cache?: string;
-  json?: boolean;
   progress?: string;
-  backend?: string;
 }
+
+const CODEC_DEFAULTS = { forward: 'f32', backward: 'f32' } as const;
 
 function parseValue(raw: string): unknown {
   if (raw.includes('+')) return raw.split('+');
@@ -68,9 +56,7 @@ function collect(value: string, previous: string[]): string[] {
 
 function progressMode(flags: TrainFlags): ProgressMode {
   if (flags.json) return 'json';
-  const p = flags.progress ?? (process.stderr.isTTY ? 'tty' : 'plain');
-  if (p !== 'tty' && p !== 'plain' && p !== 'json') throw new CliError('TANDEM_CLI_FLAG_INVALID', '--progress', `must be tty, plain or json, got ${JSON.stringify(p)}`);
-  return p;
+  return choice<ProgressMode>('--progress', flags.progress, ['tty', 'plain', 'json'], process.stderr.isTTY ? 'tty' : 'plain');
 }
 
 function summary(r: EdgeTrainResult): Record<string, unknown> {
@@ -81,71 +67,44 @@ function summary(r: EdgeTrainResult): Record<string, unknown> {
 }
 
 function trainCommand(io: CommandIo): Command {
-  return new Command('train')
+  const command = new Command('train')
     .description('fine-tune an adapter on local data with the cloud running the middle of the model')
     .option('--cloud <url>', 'cloud node URL, e.g. http://127.0.0.1:8080')
     .option('--key <key>', 'API key (or TANDEM_KEY)')
     .option('--model <id>', 'model id the cloud serves')
     .option('--data <file>', '.jsonl ({"text"}, {"prompt","completion"}, {"text","label"}) or plain text')
     .option('--method <spec>', 'PEFT method, repeatable: name or name:key=value,... (default lora:r=8,loraAlpha=16)', collect, [])
-    .option('--codec-forward <codec>', 'activation codec: f32, f16, bf16, int8-block, int4-block, topk', 'f32')
-    .option('--codec-backward <codec>', 'gradient codec (lossy ones use error feedback)', 'f32')
     .option('--bottom <n>', 'blocks kept at the bottom (default: the model\'s default cut)')
     .option('--top <n>', 'blocks kept at the top')
-    .option('--steps <n>', 'optimizer steps', '100')
-    .option('--batch-size <n>', 'rows per micro-batch', '8')
-    .option('--microbatches <n>', 'micro-batches per step (pipelined)', '1')
-    .option('--seq-len <n>', 'tokens per row', '128')
-    .option('--lr <x>', 'peak learning rate', '1e-3')
-    .option('--warmup <n>', 'warm-up steps', '0')
-    .option('--schedule <kind>', 'cosine, linear or constant', 'constant')
-    .option('--optimizer <kind>', 'adamw or sgd', 'adamw')
-    .option('--seed <n>', 'seed of data order, adapter init and dropout', '0')
-    .option('--val-fraction <x>', 'fraction of records held out for validation', '0.1')
-    .option('--eval-every <n>', 'evaluate every n steps (0: only before and after)', '0')
     .option('--checkpoint <dir>', 'checkpoint folder; an existing checkpoint there is resumed')
-    .option('--checkpoint-every <n>', 'steps between checkpoints', '50')
     .option('--out <dir>', 'write the final adapter here as a PEFT folder')
     .option('--cache <dir>', 'cache of edge parts (default ~/.cache/tandem)')
-    .option('--progress <mode>', 'tty, plain or json (default: tty on a terminal)')
-    .option('--json', 'JSON lines of progress on stderr and one JSON summary on stdout')
-    .option('--backend <name>', 'compute backend: auto, tensorflow-gpu, tensorflow, wasm, cpu')
-    .action(async (flags: TrainFlags) => {
-      const cloud = requiredFlag('--cloud', flags.cloud);
-      const key = requiredFlag('--key', flags.key ?? process.env.TANDEM_KEY);
-      const model = requiredFlag('--model', flags.model);
-      const data = requiredFlag('--data', flags.data);
-      const int = (flag: string, v: string | undefined, min = 0) => numberFlag(flag, v, { min, integer: true });
-      const cut = flags.bottom !== undefined || flags.top !== undefined ? { bottom: int('--bottom', flags.bottom), top: int('--top', flags.top) } : undefined;
-      const schedule = flags.schedule as 'cosine' | 'linear' | 'constant';
-      const optimizer = flags.optimizer as 'adamw' | 'sgd';
-      const mode = progressMode(flags);
-      await initBackend({ backend: flags.backend, log: mode === 'json' ? undefined : io.log });
-      const result = await trainEdge({
-        cloud, key, model, data, cut,
-        methods: flags.method.length > 0 ? flags.method.map(parseMethodFlag) : DEFAULT_METHODS,
-        codecForward: flags.codecForward as never,
-        codecBackward: flags.codecBackward as never,
-        steps: int('--steps', flags.steps, 1),
-        batchSize: int('--batch-size', flags.batchSize, 1),
-        microbatches: int('--microbatches', flags.microbatches, 1),
-        seqLen: int('--seq-len', flags.seqLen, 2),
-        lr: numberFlag('--lr', flags.lr, { min: Number.MIN_VALUE }),
-        warmupSteps: int('--warmup', flags.warmup),
-        schedule,
-        optimizer,
-        seed: numberFlag('--seed', flags.seed, { min: 0, max: 2 ** 32 - 1, integer: true }),
-        valFraction: numberFlag('--val-fraction', flags.valFraction, { min: 0, max: 0.9 }),
-        evalEvery: int('--eval-every', flags.evalEvery),
-        checkpointDir: flags.checkpoint,
-        checkpointEvery: int('--checkpoint-every', flags.checkpointEvery, 1),
-        out: flags.out,
-        cacheDir: flags.cache,
-        onEvent: progressPrinter(mode, { write: (s) => process.stderr.write(s) }),
-      });
-      if (flags.json) io.out(JSON.stringify(summary(result)));
-      else io.out(`done: ${result.steps} steps, final loss ${(result.losses.at(-1) ?? Number.NaN).toFixed(4)}${flags.out ? `, adapter in ${flags.out}` : ''}`);
+    .option('--progress <mode>', 'tty, plain or json (default: tty on a terminal)');
+  return addRecipeOptions(addCodecOptions(command, CODEC_DEFAULTS)).action(async (flags: TrainFlags) => {
+    // Every flag is checked before the backend starts, the edge part downloads or a session opens.
+    const cloud = requiredFlag('--cloud', flags.cloud);
+    const key = requiredFlag('--key', flags.key ?? process.env.TANDEM_KEY);
+    const model = requiredFlag('--model', flags.model);
+    const data = requiredFlag('--data', flags.data);
+    const int = (flag: string, v: string | undefined) => numberFlag(flag, v, { min: 0, integer: true });
+    const cut = flags.bottom !== undefined || flags.top !== undefined ? { bottom: int('--bottom', flags.bottom), top: int('--top', flags.top) } : undefined;
+    const { resume, backend, ...recipe } = recipeFromFlags(flags);
+    const codecs = codecsFromFlags(flags, CODEC_DEFAULTS);
+    const methods = flags.method.length > 0 ? flags.method.map(parseMethodFlag) : DEFAULT_METHODS;
+    if (resume && flags.checkpoint === undefined) throw new CliError('TANDEM_CLI_FLAG_MISSING', '--checkpoint', 'is required with --resume');
+    const mode = progressMode(flags);
+    await initBackend({ backend, log: mode === 'json' ? undefined : io.log });
+    const result = await trainEdge({
+      cloud, key, model, data, cut, methods, ...codecs, ...recipe,
+      resume: resume ? true : 'auto',
+      checkpointDir: flags.checkpoint,
+      out: flags.out,
+      cacheDir: flags.cache,
+      onEvent: progressPrinter(mode, { write: (s) => process.stderr.write(s) }),
     });
+    if (flags.json) io.out(JSON.stringify(summary(result)));
+    else io.out(`done: ${result.steps} steps, final loss ${(result.losses.at(-1) ?? Number.NaN).toFixed(4)}${flags.out ? `, adapter in ${flags.out}` : ''}`);
+  });
 }
 
 function exportCommand(io: CommandIo): Command {
@@ -154,7 +113,7 @@ function exportCommand(io: CommandIo): Command {
     .option('--checkpoint <dir>', 'checkpoint folder written by `tandem edge train --checkpoint`')
     .option('--out <dir>', 'the PEFT folder to write (adapter_config.json, adapter_model.safetensors)')
     .action(async (flags: { checkpoint?: string; out?: string }) => {
-      const files = await exportAdapter(requiredFlag('--checkpoint', flags.checkpoint), requiredFlag('--out', flags.out));
+      const { files } = await exportAdapter({ checkpointDir: requiredFlag('--checkpoint', flags.checkpoint), outDir: requiredFlag('--out', flags.out) });
       io.out(`wrote ${files.join(', ')} to ${flags.out}`);
     });
 }

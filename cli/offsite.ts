@@ -39,7 +39,7 @@ export function offsiteCommand(io: CommandIo = processIo): Command {
         ...recipeFromFlags(flags),
       }, report);
       if (result.adapterDir === undefined) return;
-      const v = result.summary.validation;
+      const v = result.summary.after;
       if (flags.json) {
         io.out(JSON.stringify({ type: 'offsite', adapterDir: result.adapterDir, baseModel: result.manifest.baseModel, emulatorFineTuned: v ?? null }));
         return;

@@ -64,7 +64,7 @@ export function describe(e: TrainEvent): string {
     case 'checkpoint':
       return `checkpoint  step ${e.step}  ${e.dir}`;
     case 'done':
-      return e.adapterDir ? `done: adapter in ${e.adapterDir}` : `stopped at step ${e.step}; resume with --resume (checkpoint in ${e.checkpointDir})`;
+      return e.adapterDir ? `done: adapter in ${e.adapterDir}` : `stopped at step ${e.step}; resume with --resume (checkpoint in ${e.checkpointDir ?? '-'})`;
   }
 }
 

@@ -11,6 +11,7 @@ import {
   ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LlamaModel, baseNameOfKey, ModelError, evaluateClassification, evaluateRows, loadAdapter, localScorer, parseDataset, parseSafetensors, prepareData, tf,
 } from '../model/index.ts';
 import type { PeftAdapter, Tokenizer } from '../model/index.ts';
+import type { AdapterEvaluation, LmFigures } from '../protocol/index.ts';
 import { CloudError } from './errors.ts';
 import type { ServedModel } from './served-model.ts';
 
@@ -27,22 +28,6 @@ export interface EvaluationData {
   text: string;
 }
 
-export interface LmFigures {
-  loss: number;
-  perplexity: number;
-  tokens: number;
-  accuracy?: number;
-}
-
-export interface AdapterEvaluation {
-  /** The served model with the adapter plugged in. */
-  plugIn: LmFigures;
-  /** The served model alone on the same data. */
-  baseline: LmFigures;
-  examples: number;
-  peftType: string;
-  adapterTensors: number;
-}
 
 function invalidAdapter(served: ServedModel, err: unknown): CloudError {
   const reason = err instanceof Error ? err.message : String(err);

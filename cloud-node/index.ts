@@ -5,7 +5,6 @@ export { CLOUD_ERRORS, CloudError, isCloudErrorCode } from './errors.ts';
 export type { CloudErrorCode, CloudErrorDetails } from './errors.ts';
 export { ENVELOPE_EVENT } from './data-plane.ts';
 export type { EnvelopeAck } from './data-plane.ts';
-export { EDGE_WEIGHTS_FILE } from './served-model.ts';
 export { SERVER_BUILD } from './session-service.ts';
 export { ADMIN_TENANT, KEYS_FILE, KeyStore } from './state/key-store.ts';
 export type { Caller, KeyRecord } from './state/key-store.ts';

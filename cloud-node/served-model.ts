@@ -6,30 +6,17 @@ import {
   CONFIG_FILE, LlamaModel, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, loadModelFolder, onEdge, serializeSafetensors,
 } from '../model/index.ts';
 import type { LoadedModel, ModelConfig, SafetensorsTensorInput } from '../model/index.ts';
-import type { Cut } from '../protocol/index.ts';
+import { DEFAULT_CUT, EDGE_WEIGHTS_FILE } from '../protocol/index.ts';
+import type { Cut, CutLimits, FileEntry } from '../protocol/index.ts';
 import { CloudError } from './errors.ts';
 
-export const EDGE_WEIGHTS_FILE = 'edge.safetensors';
-const DEFAULT_CUT: Cut = { bottom: 2, top: 2 };
 /** Edge bundles kept built, most recently used last. */
 const EDGE_BUNDLES_KEPT = 4;
 
-export interface EdgeFile {
-  name: string;
-  bytes: number;
-  sha256: string;
-}
-
 export interface EdgeBundle {
   cut: Cut;
-  files: EdgeFile[];
+  files: FileEntry[];
   contents: Map<string, Uint8Array>;
-}
-
-export interface CutLimits {
-  minBottom: number;
-  minTop: number;
-  maxBottomPlusTop: number;
 }
 
 function sha256(bytes: Uint8Array): string {

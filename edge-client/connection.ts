@@ -5,7 +5,7 @@
 // the session is reattached.
 import { io } from 'socket.io-client';
 import type { Socket } from 'socket.io-client';
-import { DEFAULT_LIMITS, Reassembler, decodeEnvelope, encodeEnvelope, messagesForTransport } from '../protocol/index.ts';
+import { AUTH_ERROR_CODES, DEFAULT_LIMITS, Reassembler, WIRE_ERRORS, decodeEnvelope, encodeEnvelope, messagesForTransport } from '../protocol/index.ts';
 import type { Envelope } from '../protocol/index.ts';
 import { EdgeError } from './errors.ts';
 
@@ -35,8 +35,7 @@ export interface ConnectionStats {
 }
 
 /** Codes of Error replies that a retry of the same request may cure. */
-// TANDEM_MODEL_NOT_READY: a restarted node listens before its model is loaded.
-const RETRYABLE_REMOTE = new Set(['TANDEM_MODEL_NOT_READY']);
+const RETRYABLE_REMOTE = new Set<string>([WIRE_ERRORS.modelNotReady]);
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
@@ -141,7 +140,8 @@ export class CloudConnection {
       const onError = (err: Error & { data?: unknown }): void => {
         // A refusal by the server's middleware is final: socket.io does not retry it.
         if (this.socket.active) return;
-        const auth = /auth|key|TANDEM_[A-Z_]*AUTH/i.test(err.message);
+        const code = (err.data as { code?: unknown } | undefined)?.code;
+        const auth = (AUTH_ERROR_CODES as readonly unknown[]).includes(code) || /auth|key/i.test(err.message);
         done(new EdgeError(auth ? 'TANDEM_EDGE_AUTH_FAILED' : 'TANDEM_EDGE_CONNECT_FAILED', `the cloud refused the connection: ${err.message}`, { where: this.url, cause: err }));
       };
       const timer = setTimeout(

@@ -6,32 +6,16 @@ import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
-import { LlamaModel, expectedTensorShapes, loadTokenizer, onEdge, parseModelConfig, readSafetensorsFile, toFloat32 } from '../model/index.ts';
+import { CONFIG_FILE, LlamaModel, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, expectedTensorShapes, loadTokenizer, onEdge, parseModelConfig, readSafetensorsFile, toFloat32 } from '../model/index.ts';
 import type { Cut, ModelConfig, Tokenizer } from '../model/index.ts';
+import { DEFAULT_CUT, EDGE_WEIGHTS_FILE } from '../protocol/index.ts';
+import type { CutLimits, EdgeManifest, ModelDescription } from '../protocol/index.ts';
 import { EdgeError } from './errors.ts';
 
-export const EDGE_WEIGHTS_FILE = 'edge.safetensors';
-export const EDGE_FILES = [EDGE_WEIGHTS_FILE, 'config.json', 'tokenizer.json', 'tokenizer_config.json'] as const;
+/** The files of an edge part; all but tokenizer_config.json are required. */
+export const EDGE_FILES = [EDGE_WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE] as const;
+const OPTIONAL_FILES: readonly string[] = [TOKENIZER_CONFIG_FILE];
 const MANIFEST_FILE = 'manifest.json';
-
-/** One model of GET /v1/models. */
-export interface ModelInfo {
-  id: string;
-  modelType: string;
-  contentHash: string;
-  numLayers: number;
-  config: Record<string, unknown>;
-  /** The cuts the cloud allows, as it states them ({minBottom, minTop, maxBottomPlusTop}). */
-  cuts: Record<string, unknown>;
-  defaultCut: Cut;
-}
-
-export interface EdgeManifest {
-  model: string;
-  contentHash: string;
-  cut: Cut;
-  files: { name: string; bytes: number; sha256: string }[];
-}
 
 export interface EdgePart {
   /** The cache folder holding the files of EDGE_FILES. */
@@ -61,6 +45,12 @@ function parseCut(v: unknown, where: string, field: string): Cut {
     throw invalid(`${field} must be {bottom, top} of non-negative integers`, where);
   }
   return { bottom: v.bottom as number, top: v.top as number };
+}
+
+function parseCutLimits(v: unknown, where: string, field: string): CutLimits {
+  const keys = ['minBottom', 'minTop', 'maxBottomPlusTop'] as const;
+  if (!isObject(v) || !keys.every((k) => Number.isInteger(v[k]) && (v[k] as number) >= 0)) throw invalid(`${field} must be {${keys.join(', ')}} of non-negative integers`, where);
+  return { minBottom: v.minBottom as number, minTop: v.minTop as number, maxBottomPlusTop: v.maxBottomPlusTop as number };
 }
 
 /** The REST half of the cloud API, with the key in every request. */
@@ -107,7 +97,7 @@ export class CloudRest {
     }
   }
 
-  async models(): Promise<ModelInfo[]> {
+  async models(): Promise<ModelDescription[]> {
     const where = `${this.baseUrl}/v1/models`;
     const body = await this.json('/v1/models');
     if (!isObject(body) || !Array.isArray(body.models)) throw invalid('expected {models: [...]}', where);
@@ -121,8 +111,8 @@ export class CloudRest {
         contentHash: m.contentHash,
         numLayers: m.numLayers as number,
         config: isObject(m.config) ? m.config : {},
-        cuts: isObject(m.cuts) ? m.cuts : {},
-        defaultCut: parseCut(m.defaultCut ?? { bottom: 2, top: 2 }, where, `models[${i}].defaultCut`),
+        cuts: parseCutLimits(m.cuts, where, `models[${i}].cuts`),
+        defaultCut: parseCut(m.defaultCut ?? DEFAULT_CUT, where, `models[${i}].defaultCut`),
       };
     });
   }
@@ -142,7 +132,7 @@ export class CloudRest {
       if (!/^[A-Za-z0-9._-]+$/.test(f.name) || f.name.startsWith('.')) throw invalid(`files[${i}].name ${JSON.stringify(f.name)} is not a plain file name`, where);
       return { name: f.name, bytes: f.bytes as number, sha256: f.sha256.replace(/^sha256:/, '').toLowerCase() };
     });
-    for (const name of EDGE_FILES) if (name !== 'tokenizer_config.json' && !files.some((f) => f.name === name)) throw invalid(`the manifest lists no ${name}`, where);
+    for (const name of EDGE_FILES) if (!OPTIONAL_FILES.includes(name) && !files.some((f) => f.name === name)) throw invalid(`the manifest lists no ${name}`, where);
     const got = parseCut(body.cut ?? cut, where, 'cut');
     if (got.bottom !== cut.bottom || got.top !== cut.top) throw invalid(`the manifest is for cut (${got.bottom}, ${got.top}), not (${cut.bottom}, ${cut.top})`, where);
     return { model: typeof body.model === 'string' ? body.model : modelId, contentHash: body.contentHash, cut: got, files };
@@ -218,7 +208,7 @@ export interface LoadedEdgePart {
 
 /** Builds the edge LlamaModel (only the edge's tensors; the middle blocks are absent) and the tokenizer. */
 export async function loadEdgePart(part: EdgePart): Promise<LoadedEdgePart> {
-  const configPath = join(part.dir, 'config.json');
+  const configPath = join(part.dir, CONFIG_FILE);
   const config = parseModelConfig(JSON.parse(await readFile(configPath, 'utf8')), configPath);
   const weightsPath = join(part.dir, EDGE_WEIGHTS_FILE);
   const contents = await readSafetensorsFile(weightsPath);

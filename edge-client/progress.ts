@@ -1,6 +1,6 @@
-// Progress of trainEdge for people and for programs: a bar redrawn in place on a TTY,
+// Progress of a training run (trainEdge's above all) for people and for programs: a bar redrawn in place on a TTY,
 // one plain line per report otherwise, or one JSON object per event.
-import type { TrainEvent } from './train.ts';
+import type { TrainEvent } from '../model/index.ts';
 
 export type ProgressMode = 'tty' | 'plain' | 'json';
 
@@ -23,30 +23,36 @@ export function formatBytes(n: number): string {
 
 function stepLine(e: Extract<TrainEvent, { type: 'step' }>, bar: boolean): string {
   const width = 24;
-  const filled = Math.round((e.step / e.steps) * width);
+  const filled = Math.round((e.step / e.totalSteps) * width);
   const head = bar ? `[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ` : '';
-  return (
-    `${head}step ${e.step}/${e.steps}  loss ${e.loss.toFixed(4)}  ${Math.round(e.tokensPerSecond)} tok/s  ` +
-    `up ${formatBytes(e.bytesSent)}  down ${formatBytes(e.bytesReceived)}  rtt ${e.rttMs.toFixed(1)} ms`
-  );
+  const wire = e.wire ? `  up ${formatBytes(e.wire.bytesSent)}  down ${formatBytes(e.wire.bytesReceived)}  rtt ${e.wire.rttMs.toFixed(1)} ms` : '';
+  return `${head}step ${e.step}/${e.totalSteps}  loss ${e.loss.toFixed(4)}  ${Math.round(e.tokensPerSecond)} tok/s${wire}`;
 }
 
-function otherLine(e: Exclude<TrainEvent, { type: 'step' }>): string {
+function otherLine(e: Exclude<TrainEvent, { type: 'step' }>): string | undefined {
   switch (e.type) {
-    case 'start':
+    case 'start': {
+      const r = e.remote;
+      const model = r ? `model ${r.model} (${r.contentHash.slice(0, 19)}…) ` : '';
+      const cut = e.cut ? `cut (${e.cut.bottom}, ${e.cut.top})  ` : '';
+      const wire = r ? `codecs ${r.codecs.forward}/${r.codecs.backward}  ` : '';
+      const download = r ? `  ${r.cached ? 'edge part from cache' : `downloaded ${formatBytes(r.downloadedBytes)}`}` : '';
       return (
-        `model ${e.model} (${e.contentHash.slice(0, 19)}…) cut (${e.cut.bottom}, ${e.cut.top})  codecs ${e.codecs.forward}/${e.codecs.backward}  ` +
-        `${e.trainableParameters} trainable parameters  ${e.trainRows} train / ${e.validationRows} validation rows  ` +
-        `${e.cached ? 'edge part from cache' : `downloaded ${formatBytes(e.downloadedBytes)}`}${e.startStep > 0 ? `  resuming at step ${e.startStep}` : ''}`
+        `${model}${cut}${wire}${e.trainableParameters} trainable parameters  ${e.trainRows} train / ${e.validationRows} validation rows` +
+        `${download}${e.step > 0 ? `  resuming at step ${e.step}` : ''}`
       );
+    }
     case 'eval':
-      return `eval (${e.phase}, step ${e.step}): validation loss ${e.result.valLoss.toFixed(4)}${e.result.accuracy === null ? '' : `  accuracy ${(100 * e.result.accuracy).toFixed(1)}%`}`;
+      return `eval (${e.phase}, step ${e.step}): validation loss ${e.loss.toFixed(4)}${e.accuracy === undefined ? '' : `  accuracy ${(100 * e.accuracy).toFixed(1)}%`}`;
     case 'checkpoint':
       return `checkpoint at step ${e.step} → ${e.dir}`;
+    case 'done':
+      // The caller reports the outcome.
+      return undefined;
   }
 }
 
-/** An onEvent handler for trainEdge. Plain mode prints a step line every `every` steps (and the last). */
+/** An onEvent handler for a training run. Plain mode prints a step line every `every` steps (and the last). */
 export function progressPrinter(mode: ProgressMode, sink: ProgressSink, options: { every?: number } = {}): (e: TrainEvent) => void {
   const every = options.every ?? 10;
   let barShown = false;
@@ -58,17 +64,19 @@ export function progressPrinter(mode: ProgressMode, sink: ProgressSink, options:
     if (e.type === 'step') {
       if (mode === 'tty') {
         sink.write(`\r\x1b[2K${stepLine(e, true)}`);
-        barShown = e.step < e.steps;
+        barShown = e.step < e.totalSteps;
         if (!barShown) sink.write('\n');
-      } else if (e.step % every === 0 || e.step === e.steps || e.step === 1) {
+      } else if (e.step % every === 0 || e.step === e.totalSteps || e.step === 1) {
         sink.write(`${stepLine(e, false)}\n`);
       }
       return;
     }
+    const line = otherLine(e);
+    if (line === undefined) return;
     if (barShown) {
       sink.write('\n');
       barShown = false;
     }
-    sink.write(`${otherLine(e)}\n`);
+    sink.write(`${line}\n`);
   };
 }

@@ -2,15 +2,21 @@
 // and gets g_B. The encoded h_B frame is kept until backward completes, because the cloud
 // may have lost its activations (eviction, restart) and then needs h_B again to recompute;
 // resending the very frame makes the recomputation see exactly what forward saw.
-import { ErrorFeedback, decodeTensor, encodeTensor, frameBytes } from '../protocol/index.ts';
-import type { CodecSpec, Envelope, TensorFrame } from '../protocol/index.ts';
-import { tf } from '../model/index.ts';
+import { ErrorFeedback, WIRE_ERRORS, decodeTensor, encodeTensor, frameBytes } from '../protocol/index.ts';
+import type { Body, CodecSpec, Envelope, TensorFrame, Welcome } from '../protocol/index.ts';
+import { keyString, tf } from '../model/index.ts';
 import type { Middle, MicrobatchKey } from '../model/index.ts';
 import { EdgeError } from './errors.ts';
-import type { EdgeSession } from './session.ts';
 
-/** The cloud's code when it no longer holds a micro-batch's activations. */
-export const ACTIVATIONS_GONE = 'TANDEM_ACTIVATIONS_GONE';
+/** What the remote middle needs of a session: its id, what was negotiated, and requests. */
+export interface MiddleChannel {
+  /** The session's id now (a reopened session has a new one). */
+  readonly id: string;
+  /** The Welcome in force: codecs, limits. */
+  readonly welcome: Welcome;
+  /** Sends a request of the session and returns the reply; a cloud error is EdgeError with `remoteCode`. */
+  request(body: Body): Promise<Envelope>;
+}
 
 export interface RemoteMiddleOptions {
   /** Error feedback on the gradient codec; on by default when it is lossy. */
@@ -31,21 +37,15 @@ export interface MiddleTraffic {
 
 const LOSSLESS = new Set(['f32']);
 
-function keyString(key: MicrobatchKey): string {
-  return `${key.eval ? 'eval' : 'train'}:${key.step}:${key.microbatch}`;
-}
-
 export class RemoteMiddle implements Middle {
   readonly trainsParameters = false;
-  /** Whether the trainer will send backward; forward tells the cloud whether to keep activations. */
-  needsBackward = true;
   readonly traffic: MiddleTraffic = { forwardUpBytes: 0, forwardDownBytes: 0, backwardUpBytes: 0, backwardDownBytes: 0, forwards: 0, backwards: 0, recomputes: 0 };
   private readonly kept = new Map<string, TensorFrame>();
   private readonly feedback?: ErrorFeedback;
   private evalCounter = 0;
 
   constructor(
-    private readonly session: EdgeSession,
+    private readonly session: MiddleChannel,
     options: RemoteMiddleOptions = {},
   ) {
     const backward = this.backwardCodec;
@@ -74,11 +74,11 @@ export class RemoteMiddle implements Middle {
     return { data, bytes: frameBytes(frame), recomputed };
   }
 
-  async forward(h: tf.Tensor3D, key: MicrobatchKey): Promise<tf.Tensor3D> {
+  async forward(h: tf.Tensor3D, key: MicrobatchKey, backward: boolean): Promise<tf.Tensor3D> {
     const shape = [...h.shape];
     const data = (await h.data()) as Float32Array;
     const frame = encodeTensor(data, shape, this.forwardCodec, { name: 'h_B', checkFinite: true });
-    const needsBackward = !key.eval && this.needsBackward;
+    const needsBackward = !key.eval && backward;
     // Eval passes are keyed apart from training steps: a distinct micro-batch number each.
     const wireKey = key.eval ? { step: key.step, microbatch: 0x40000000 + (this.evalCounter++ % 0x3fffffff) } : key;
     if (needsBackward) this.kept.set(keyString(key), frame);
@@ -111,7 +111,7 @@ export class RemoteMiddle implements Middle {
     try {
       reply = await send([gFrame]);
     } catch (err) {
-      if (!(err instanceof EdgeError) || err.remoteCode !== ACTIVATIONS_GONE) throw err;
+      if (!(err instanceof EdgeError) || err.remoteCode !== WIRE_ERRORS.activationsGone) throw err;
       reply = await send([gFrame, hB]);
     }
     const out = this.decode(reply, 'backwardResult', key, shape);
@@ -119,10 +119,6 @@ export class RemoteMiddle implements Middle {
     this.traffic.backwardDownBytes += out.bytes;
     this.kept.delete(k);
     return tf.tensor3d(out.data, shape as [number, number, number]);
-  }
-
-  release(key: MicrobatchKey): void {
-    this.kept.delete(keyString(key));
   }
 
   dispose(): void {

@@ -1,15 +1,15 @@
 // A training session with the cloud: Hello → Welcome opens it, SessionOpen reattaches it
 // after a reconnect (the cloud restarted, or the network dropped), SessionClose ends it.
 import { DEFAULT_LIMITS, PROTOCOL_VERSION, SUPPORTED_VERSIONS, envelope, intersectLimits } from '../protocol/index.ts';
-import type { Body, CloseReason, CodecSpec, Envelope, Limits, TrainingSpec, Welcome } from '../protocol/index.ts';
+import type { Body, CloseReason, CodecSpec, Envelope, Limits, ModelDescription, TrainingSpec, Welcome } from '../protocol/index.ts';
 import type { Cut } from '../model/index.ts';
 import { CloudConnection } from './connection.ts';
 import type { ConnectionOptions, ConnectionStats } from './connection.ts';
 import { CloudRest, defaultCacheDir, downloadEdgePart } from './download.ts';
-import type { EdgePart, ModelInfo } from './download.ts';
+import type { EdgePart } from './download.ts';
 import { EdgeError } from './errors.ts';
 import { RemoteMiddle } from './remote-middle.ts';
-import type { RemoteMiddleOptions } from './remote-middle.ts';
+import type { MiddleChannel, RemoteMiddleOptions } from './remote-middle.ts';
 
 export const CLIENT_BUILD = `tandem-edge/${PROTOCOL_VERSION.major}.${PROTOCOL_VERSION.minor}`;
 
@@ -38,7 +38,7 @@ export class CloudClient {
     this.rest = new CloudRest(url, key);
   }
 
-  models(): Promise<ModelInfo[]> {
+  models(): Promise<ModelDescription[]> {
     return this.rest.models();
   }
 
@@ -76,11 +76,10 @@ export async function connectCloud(url: string, options: ConnectCloudOptions): P
   return new CloudClient(url, connection, options.key);
 }
 
-export class EdgeSession {
+export class EdgeSession implements MiddleChannel {
   private welcomeMessage?: Welcome;
   private requestCounter = 0;
-  /** Steps the edge has completed; a reattach tells the cloud where training stands. */
-  completedStep = 0;
+  private stepsDone = 0;
   /** Times the session was reattached, and times a new session had to replace it. */
   reattached = 0;
   reopened = 0;
@@ -101,12 +100,21 @@ export class EdgeSession {
     return this.welcomeMessage;
   }
 
+  /**
+   * Steps the edge has completed, as its requests show: the edge starts step s (or evaluates
+   * after s steps) only once s steps are done. A reattach tells the cloud where training stands.
+   */
+  get completedStep(): number {
+    return this.stepsDone;
+  }
+
   private nextRequestId(): string {
     return `edge-${process.pid}-${++this.requestCounter}`;
   }
 
   /** Sends a request of this session and returns the reply. */
   request(body: Body, options: { beforeReattach?: boolean } = {}): Promise<Envelope> {
+    if (body.case === 'forward' || body.case === 'backward') this.stepsDone = Math.max(this.stepsDone, body.value.step);
     return this.connection.request(envelope(this.nextRequestId(), body), options);
   }
 
@@ -160,7 +168,7 @@ export class EdgeSession {
   private async reattach(): Promise<void> {
     if (!this.welcomeMessage) return;
     try {
-      const reply = await this.request({ case: 'sessionOpen', value: { sessionId: this.id, resumeStep: this.completedStep } }, { beforeReattach: true });
+      const reply = await this.request({ case: 'sessionOpen', value: { sessionId: this.id, resumeStep: this.stepsDone } }, { beforeReattach: true });
       this.adopt(reply, 'sessionOpen');
       this.reattached += 1;
     } catch (err) {

@@ -5,6 +5,7 @@ import { basename, join } from 'node:path';
 import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE } from '../model/index.ts';
 import { readBundle, readOffsiteRecord, writeBundleFiles } from '../emulator/index.ts';
 import type { Bundle, BundleFile, Quantization } from '../emulator/index.ts';
+import type { PlugInEvaluation } from '../protocol/index.ts';
 import { EdgeError } from './errors.ts';
 
 export interface CloudTarget {
@@ -52,25 +53,6 @@ export interface UploadOptions extends CloudTarget {
   modelId?: string;
   seqLen?: number;
   batchSize?: number;
-}
-
-export interface LmFigures {
-  loss: number;
-  perplexity: number;
-  tokens: number;
-  accuracy?: number;
-}
-
-export interface PlugInEvaluation {
-  model: string;
-  contentHash: string;
-  /** The full model with the adapter. */
-  plugIn: LmFigures;
-  /** The full model alone, on the same data. */
-  baseline: LmFigures;
-  examples: number;
-  peftType?: string;
-  adapterTensors?: number;
 }
 
 /** Sends the adapter, the base content hash it was trained against and the data; returns the cloud's evaluation. */

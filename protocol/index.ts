@@ -24,3 +24,6 @@ export { crc32 } from './crc32.ts';
 export { messagesForTransport, splitMessage } from './chunker.ts';
 export { Reassembler } from './reassembler.ts';
 export type { ReassemblerOptions } from './reassembler.ts';
+export { AUTH_ERROR_CODES, DEFAULT_CUT, EDGE_WEIGHTS_FILE, WIRE_ERRORS } from './contract.ts';
+export type { WireErrorCode } from './contract.ts';
+export type { AdapterEvaluation, CutLimits, EdgeManifest, FileEntry, LmFigures, ModelDescription, PlugInEvaluation } from './rest.ts';

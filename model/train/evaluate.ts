@@ -6,7 +6,8 @@ import { IGNORE_INDEX } from '../loss.ts';
 import type { Adapter } from '../peft/adapter.ts';
 import { labelRow, padRow } from './data.ts';
 import type { Row, TextTokenizer } from './data.ts';
-import type { Batch, BatchScore } from './loop.ts';
+import { batchTensors } from './batch.ts';
+import type { Batch, BatchScore } from './batch.ts';
 
 /** Anything that scores batches forward-only: the Trainer (through its middle) or a local model. */
 export interface Scorer {
@@ -45,10 +46,7 @@ export function scoreLogits(logits: tf.Tensor3D, labels: tf.Tensor2D, labelRows:
 export function localScorer(model: LlamaModel, adapter?: Adapter): Scorer {
   return {
     async score(batch) {
-      const rows = batch.ids.length;
-      const seq = batch.ids[0].length;
-      const ids = tf.tensor2d(batch.ids.flat(), [rows, seq], 'int32');
-      const labels = tf.tensor2d(batch.labels.flat(), [rows, seq], 'int32');
+      const { ids, labels } = batchTensors(batch);
       const logits = model.forward(ids, { hooks: adapter?.hooks });
       try {
         return scoreLogits(logits, labels, batch.labels);

@@ -1,5 +1,5 @@
-// The public API of training: the loop with its middle interface, optimizers, schedules,
-// data, checkpoints and the local runs the CLI calls.
+// The public API of training: the one training run, the loop with its middle interface,
+// optimizers, schedules, data, checkpoints and the local runs the CLI calls.
 export { clipGradNorm } from './clip.ts';
 export { CHECKPOINT_ADAPTER_DIR, CHECKPOINT_VERSION, OPTIMIZER_FILE, TRAINER_STATE_FILE, checkSameRun, readTrainingCheckpoint, saveTrainingCheckpoint } from './checkpoint.ts';
 export type { TrainerState, TrainingCheckpoint } from './checkpoint.ts';
@@ -8,12 +8,18 @@ export type { BatchStreamState, DataFormat, Dataset, Example, PrepareOptions, Pr
 export { evaluateClassification, evaluateRows, labelTokens, localScorer } from './evaluate.ts';
 export type { ClassificationEvaluation, LmEvaluation, Scorer } from './evaluate.ts';
 export { Trainer } from './loop.ts';
-export type { Batch, BatchScore, Cut, StepResult, TrainerOptions } from './loop.ts';
-export { LocalMiddle, randomStateOf } from './middle.ts';
+export type { Cut, StepResult, TrainerOptions } from './loop.ts';
+export { batchTensors } from './batch.ts';
+export type { Batch, BatchScore } from './batch.ts';
+export { LocalMiddle, keyString, randomStateOf } from './middle.ts';
 export type { LocalMiddleOptions, Middle, MicrobatchKey, RandomState } from './middle.ts';
 export { AdamW, OPTIMIZER_KINDS, Sgd, createOptimizer } from './optimizer.ts';
 export type { AdamWOptions, Optimizer, OptimizerKind, OptimizerState, SgdOptions, StateTensor } from './optimizer.ts';
-export { ADAPTER_DIR, CHECKPOINT_DIR, DEFAULT_RECIPE, checkRecipe, evaluateLocal, exportAdapter, trainLocal } from './run.ts';
-export type { EvaluateLocalOptions, EvaluationReport, ExportOptions, TrainEvent, TrainLocalOptions, TrainRecipe, TrainSummary } from './run.ts';
+export { DEFAULT_RECIPE, checkRecipe } from './recipe.ts';
+export type { TrainRecipe } from './recipe.ts';
+export { checkRun, checkpointFolder, fileHash, openRun, runSteps, runTraining } from './training-run.ts';
+export type { CheckpointStore, Evaluation, RemoteStart, RunSettings, RunState, TrainEvent, TrainEventHandler, TrainingResult, TrainingSpec, WireProgress } from './training-run.ts';
+export { ADAPTER_DIR, CHECKPOINT_DIR, evaluateLocal, exportAdapter, trainLocal } from './run.ts';
+export type { EvaluateLocalOptions, EvaluationReport, ExportOptions, ExportResult, TrainLocalOptions, TrainSummary } from './run.ts';
 export { SCHEDULES, learningRate } from './schedule.ts';
 export type { ScheduleKind, ScheduleOptions } from './schedule.ts';

@@ -7,6 +7,8 @@ import type { TapedForward } from '../backend.ts';
 import { ModelError } from '../errors.ts';
 import type { LlamaModel } from '../llama/llama.ts';
 import type { Adapter } from '../peft/adapter.ts';
+import { batchTensors, checkBatch } from './batch.ts';
+import type { Batch, BatchScore } from './batch.ts';
 import { clipGradNorm } from './clip.ts';
 import { labelTokens, rowLogLikelihood, scoreLogits } from './evaluate.ts';
 import type { Scorer } from './evaluate.ts';
@@ -16,12 +18,6 @@ import type { Middle, MicrobatchKey, RandomState } from './middle.ts';
 import type { Optimizer } from './optimizer.ts';
 import { learningRate } from './schedule.ts';
 import type { ScheduleOptions } from './schedule.ts';
-
-/** Token ids and labels of one micro-batch, [rows][seq], all rows of one length. */
-export interface Batch {
-  ids: number[][];
-  labels: number[][];
-}
 
 /** B blocks in the bottom and T in the top; the middle is blocks [B, L-T). */
 export interface Cut {
@@ -39,7 +35,7 @@ export interface TrainerOptions {
   /** Defaults to a LocalMiddle over the model's blocks [B, L-T) with the adapter's hooks. */
   middle?: Middle;
   /** Clip gradients to this global L2 norm; 0 or undefined turns clipping off. */
-  clipNorm?: number;
+  maxGradNorm?: number;
   /**
    * Send micro-batch i+1 forward before i finishes. Default: on for a remote middle, off
    * for a local one, where it gains nothing and would change the order of dropout draws.
@@ -57,23 +53,6 @@ export interface StepResult {
   lr: number;
   /** Global gradient norm before clipping. */
   gradNorm: number;
-}
-
-export interface BatchScore {
-  /** Summed negative log-likelihood over the batch's label tokens. */
-  lossSum: number;
-  tokens: number;
-  /** Per row: summed log-likelihood of its label tokens. */
-  rowLogLikelihood: number[];
-  rowTokens: number[];
-}
-
-function checkBatch(batch: Batch): void {
-  const rows = batch.ids.length;
-  const seq = batch.ids[0]?.length ?? 0;
-  if (rows === 0 || seq < 2 || batch.labels.length !== rows || batch.ids.some((r, i) => r.length !== seq || batch.labels[i].length !== seq)) {
-    throw new ModelError('TANDEM_INPUT_INVALID', 'a batch needs rows of ids and labels of one length of at least 2', { field: 'batch' });
-  }
 }
 
 function accumulate(into: Map<string, tf.Tensor>, name: string, g: tf.Tensor): void {
@@ -102,7 +81,7 @@ export class Trainer implements Scorer {
   readonly schedule: ScheduleOptions;
   readonly cut: Cut;
   readonly middle: Middle;
-  readonly clipNorm: number;
+  readonly maxGradNorm: number;
   private readonly ownsMiddle: boolean;
   private readonly pipeline: boolean;
   private readonly random: RandomState | undefined;
@@ -122,7 +101,7 @@ export class Trainer implements Scorer {
     this.optimizer = options.optimizer;
     this.schedule = options.schedule;
     this.cut = cut;
-    this.clipNorm = options.clipNorm ?? 0;
+    this.maxGradNorm = options.maxGradNorm ?? 0;
     this.trainable = adapter.trainableVariables();
     this.random = randomStateOf(adapter);
     this.ownsMiddle = options.middle === undefined;
@@ -170,16 +149,14 @@ export class Trainer implements Scorer {
 
   /** Bottom, then the middle's forward (started, not awaited). */
   private startForward(batch: Batch, key: MicrobatchKey, training: boolean): InFlight {
-    const rows = batch.ids.length;
-    const seq = batch.ids[0].length;
-    const ids = tf.tensor2d(batch.ids.flat(), [rows, seq], 'int32');
-    const labels = tf.tensor2d(batch.labels.flat(), [rows, seq], 'int32');
-    const bottomTape = training && this.needsMiddleBackward && this.bottomVars.length > 0
+    const { ids, labels } = batchTensors(batch);
+    const backward = training && this.needsMiddleBackward;
+    const bottomTape = backward && this.bottomVars.length > 0
       ? tapedForward(() => this.bottom(ids, training), this.bottomVars.map((n) => this.trainable.get(n) as tf.Variable))
       : undefined;
     const hB = (bottomTape?.output as tf.Tensor3D | undefined) ?? this.bottom(ids, training);
     if (this.middleEmpty) return { ids, labels, bottomTape, hM: Promise.resolve(hB) };
-    const hM = this.middle.forward(hB, key).finally(() => hB.dispose());
+    const hM = this.middle.forward(hB, key, backward).finally(() => hB.dispose());
     hM.catch(() => undefined); // awaited later; do not report it as unhandled meanwhile
     return { ids, labels, bottomTape, hM };
   }
@@ -219,8 +196,6 @@ export class Trainer implements Scorer {
           const gB = this.middleEmpty ? gM : await this.middle.backward(gM, key);
           if (current.bottomTape) current.bottomTape.vjp(gB).forEach((g: tf.Tensor, j: number) => accumulate(grads, this.bottomVars[j], g));
           if (gB !== gM) gB.dispose();
-        } else if (!this.middleEmpty) {
-          this.middle.release(key);
         }
         gM.dispose();
       } finally {
@@ -229,7 +204,7 @@ export class Trainer implements Scorer {
       }
     }
     for (const [name, g] of this.middle.takeGradients?.() ?? []) accumulate(grads, name, g);
-    const gradNorm = this.clipNorm > 0 ? clipGradNorm(grads, this.clipNorm) : globalNorm(grads);
+    const gradNorm = this.maxGradNorm > 0 ? clipGradNorm(grads, this.maxGradNorm) : globalNorm(grads);
     const lr = learningRate(this.schedule, step);
     this.adapter.projectGradients?.(grads);
     this.optimizer.step(this.trainable, grads, lr);

@@ -15,12 +15,13 @@ export interface MicrobatchKey {
 }
 
 export interface Middle {
-  /** h_B [batch, seq, hidden] → h_M. The middle keeps (or can recompute) what backward needs. */
-  forward(h: tf.Tensor3D, key: MicrobatchKey): Promise<tf.Tensor3D>;
+  /**
+   * h_B [batch, seq, hidden] → h_M. With `backward`, a backward for `key` follows and the
+   * middle keeps (or can recompute) what it needs; without, nothing is kept.
+   */
+  forward(h: tf.Tensor3D, key: MicrobatchKey, backward: boolean): Promise<tf.Tensor3D>;
   /** g_M = dL/dh_M → g_B = dL/dh_B for the micro-batch `key` went forward with. */
   backward(g: tf.Tensor3D, key: MicrobatchKey): Promise<tf.Tensor3D>;
-  /** Forgets what forward kept for `key` when no backward will follow. */
-  release(key: MicrobatchKey): void;
   /** True when the middle holds trainable parameters whose gradients need backward. */
   readonly trainsParameters: boolean;
   /** Gradients of the middle's own parameters accumulated by backward since the last call (local middles). */
@@ -28,7 +29,8 @@ export interface Middle {
   dispose?(): void;
 }
 
-function keyString(key: MicrobatchKey): string {
+/** The key as one string, for maps of what a middle keeps per micro-batch. */
+export function keyString(key: MicrobatchKey): string {
   return `${key.eval ? 'eval' : 'train'}:${key.step}:${key.microbatch}`;
 }
 
@@ -96,8 +98,8 @@ export class LocalMiddle implements Middle {
     return this.model.blocks(h, this.start, this.end, { hooks: this.options.hooks, training, positionOffset: 0 });
   }
 
-  async forward(h: tf.Tensor3D, key: MicrobatchKey): Promise<tf.Tensor3D> {
-    if (!key.eval) {
+  async forward(h: tf.Tensor3D, key: MicrobatchKey, backward: boolean): Promise<tf.Tensor3D> {
+    if (backward) {
       const k = keyString(key);
       this.kept.get(k)?.h.dispose();
       this.kept.set(k, { h: tf.keep(tf.clone(h)), random: this.options.random?.randomState() });
@@ -129,12 +131,6 @@ export class LocalMiddle implements Middle {
       }
     });
     return gB;
-  }
-
-  release(key: MicrobatchKey): void {
-    const k = keyString(key);
-    this.kept.get(k)?.h.dispose();
-    this.kept.delete(k);
   }
 
   takeGradients(): Map<string, tf.Tensor> {

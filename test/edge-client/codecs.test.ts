@@ -30,9 +30,9 @@ describe('codecs per direction', () => {
     const lossy = await trainEdge({ ...run, codecForward: 'int8-block', codecBackward: 'f16' });
     assert.equal(lossy.codecs.forward.codec, 'int8-block');
     assert.equal(lossy.codecs.backward.codec, 'f16');
-    const a = f32.after!.valLoss;
-    const b = lossy.after!.valLoss;
-    assert.ok(a < f32.before!.valLoss, `f32 training lowers the validation loss (${f32.before!.valLoss} → ${a})`);
+    const a = f32.after!.loss;
+    const b = lossy.after!.loss;
+    assert.ok(a < f32.before!.loss, `f32 training lowers the validation loss (${f32.before!.loss} → ${a})`);
     assert.ok(Math.abs(b - a) / a <= 0.02, `int8/f16 validation loss ${b} vs f32 ${a}`);
     assert.ok(lossy.wire.upBytesPerToken < f32.wire.upBytesPerToken / 2, `bytes up per token ${lossy.wire.upBytesPerToken} vs ${f32.wire.upBytesPerToken}`);
   });

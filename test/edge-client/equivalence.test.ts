@@ -10,14 +10,14 @@ import type { TestCloud } from './helpers.ts';
 
 const common = { steps: 4, batchSize: 4, seqLen: 32, lr: 5e-3, seed: 3 };
 
-async function compare(cloud: TestCloud, methods: MethodSpec[], cut: { bottom: number; top: number }, microbatches = 1): Promise<void> {
+async function compare(cloud: TestCloud, methods: MethodSpec[], cut: { bottom: number; top: number }, gradientAccumulationSteps = 1): Promise<void> {
   const cache = await tempDir('cache');
   try {
     const split = await trainEdge({
-      cloud: cloud.url, key: cloud.key, model: MODEL_ID, data: DEMO_DATA, cut, methods, ...common, microbatches,
+      cloud: cloud.url, key: cloud.key, model: MODEL_ID, data: DEMO_DATA, cut, methods, ...common, gradientAccumulationSteps,
       codecForward: 'f32', codecBackward: 'f32', evaluate: false, cacheDir: cache.dir,
     });
-    const local = await trainReference({ methods, ...common, microbatches });
+    const local = await trainReference({ methods, ...common, gradientAccumulationSteps });
     assert.equal(split.losses.length, common.steps);
     split.losses.forEach((loss, i) => assert.ok(Math.abs(loss - local.losses[i]) <= 1e-5, `step ${i + 1}: split ${loss} vs local ${local.losses[i]}`));
     const diff = maxAdapterDiff(local.adapter, split.adapter);

@@ -10,7 +10,7 @@ import { DEMO_DATA, MODEL_ID, startTestCloud, tempDir } from './helpers.ts';
 import type { TestCloud } from './helpers.ts';
 
 const run = {
-  model: MODEL_ID, data: DEMO_DATA, cut: { bottom: 1, top: 1 }, steps: 6, batchSize: 4, microbatches: 2, seqLen: 32, lr: 5e-3, seed: 5,
+  model: MODEL_ID, data: DEMO_DATA, cut: { bottom: 1, top: 1 }, steps: 6, batchSize: 4, gradientAccumulationSteps: 2, seqLen: 32, lr: 5e-3, seed: 5,
   methods: [{ method: 'lora', r: 4, targetModules: ['q_proj', 'v_proj'], initLoraWeights: false }], evaluate: false, requestTimeoutMs: 5_000,
 } satisfies Partial<EdgeTrainOptions>;
 
@@ -60,7 +60,7 @@ describe('split training under faults', () => {
     const tight = await startTestCloud({ memoryBudgetBytes: 1 });
     try {
       const result = await trainEdge({ ...run, cloud: tight.url, key: tight.key, cacheDir: cache.dir });
-      assert.equal(result.wire.frames.recomputes, run.steps * run.microbatches, 'every backward was recomputed');
+      assert.equal(result.wire.frames.recomputes, run.steps * run.gradientAccumulationSteps, 'every backward was recomputed');
       assertSameRun(result, reference, 1e-6);
     } finally {
       await tight.close();

@@ -5,9 +5,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startCloudNode } from '../../cloud-node/index.ts';
 import type { CloudNode } from '../../cloud-node/index.ts';
-import {
-  BatchStream, Trainer, createAdapter, createOptimizer, loadModelFolder, loadTokenizer, LlamaModel, prepareData, readDataset,
-} from '../../model/index.ts';
+import { edgeRecipe } from '../../edge-client/index.ts';
+import { trainLocal } from '../../model/index.ts';
 import type { MethodSpec } from '../../model/index.ts';
 
 export const FIXTURE = join(import.meta.dirname, '..', 'fixtures', 'stories260K');
@@ -60,30 +59,18 @@ export interface ReferenceOptions {
   seqLen: number;
   lr: number;
   seed: number;
-  microbatches?: number;
+  gradientAccumulationSteps?: number;
 }
 
-/** Local training of the whole model with model/train, as trainEdge prepares it: same data, order, seed. */
+/** The same training run on the whole model in this process (its own middle): same data, order, seed and recipe as trainEdge's. */
 export async function trainReference(o: ReferenceOptions): Promise<{ losses: number[]; adapter: Map<string, Float32Array> }> {
-  const loaded = await loadModelFolder(FIXTURE);
-  const tokenizer = await loadTokenizer(FIXTURE);
-  const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
-  const prepared = prepareData(await readDataset(DEMO_DATA), tokenizer, { seqLen: o.seqLen, valFraction: 0.1, seed: o.seed });
-  const adapter = createAdapter(model, o.methods, { seed: o.seed });
-  const optimizer = createOptimizer('adamw', { weightDecay: 0 });
-  const trainer = new Trainer({ model, adapter, optimizer, schedule: { kind: 'constant', lr: o.lr, warmupSteps: 0, totalSteps: o.steps } });
-  const stream = new BatchStream(prepared.train, o.batchSize, o.seed);
-  const losses: number[] = [];
+  const out = await tempDir('reference');
   try {
-    for (let s = 0; s < o.steps; s++) losses.push((await trainer.trainStep(Array.from({ length: o.microbatches ?? 1 }, () => stream.next()))).loss);
-    const out = new Map<string, Float32Array>();
-    for (const [name, v] of adapter.trainableVariables()) out.set(name, Float32Array.from(v.dataSync() as Float32Array));
-    return { losses, adapter: out };
+    const recipe = edgeRecipe({ ...o });
+    const result = await trainLocal({ ...recipe, modelDir: FIXTURE, dataFile: DEMO_DATA, outDir: out.dir, methods: o.methods, evaluate: false });
+    return { losses: result.losses, adapter: new Map([...result.adapter].map(([k, v]) => [k, v.data])) };
   } finally {
-    trainer.dispose();
-    optimizer.dispose();
-    adapter.dispose();
-    model.dispose();
+    await out.remove();
   }
 }
 

@@ -3,9 +3,9 @@ import assert from 'node:assert/strict';
 import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { connectCloud, exportAdapter, trainEdge } from '../../edge-client/index.ts';
+import { connectCloud, trainEdge } from '../../edge-client/index.ts';
 import type { EdgeError, EdgeTrainOptions } from '../../edge-client/index.ts';
-import { initBackend } from '../../model/index.ts';
+import { exportAdapter, initBackend } from '../../model/index.ts';
 import { DEMO_DATA, MODEL_ID, maxAdapterDiff, startTestCloud, tempDir } from './helpers.ts';
 import type { TestCloud } from './helpers.ts';
 
@@ -30,16 +30,16 @@ describe('edge checkpoints, cache and export', () => {
     const whole = await trainEdge(run);
     const checkpointDir = join(work.dir, 'ckpt');
     await assert.rejects(
-      trainEdge({ ...run, checkpointDir, checkpointEvery: 2, onEvent: (e) => { if (e.type === 'checkpoint' && e.step === 2) throw new Error('interrupted'); } }),
+      trainEdge({ ...run, checkpointDir, saveEvery: 2, onEvent: (e) => { if (e.type === 'checkpoint' && e.step === 2) throw new Error('interrupted'); } }),
       /interrupted/,
     );
-    const resumed = await trainEdge({ ...run, checkpointDir, checkpointEvery: 2 });
+    const resumed = await trainEdge({ ...run, checkpointDir, saveEvery: 2 });
     assert.equal(resumed.startStep, 2);
     assert.deepEqual(resumed.losses, whole.losses.slice(2));
     assert.ok(maxAdapterDiff(new Map([...whole.adapter].map(([k, v]) => [k, v.data])), resumed.adapter) <= 1e-6);
     await assert.rejects(trainEdge({ ...run, seed: 10, checkpointDir }), (e: EdgeError) => e.code === 'TANDEM_EDGE_CHECKPOINT_MISMATCH');
     const out = join(work.dir, 'peft');
-    await exportAdapter(checkpointDir, out);
+    await exportAdapter({ checkpointDir, outDir: out });
     assert.deepEqual((await readdir(out)).sort(), ['adapter_config.json', 'adapter_model.safetensors']);
   });
 

@@ -7,8 +7,9 @@ import { join } from 'node:path';
 import { before, describe, it } from 'node:test';
 import { expectedTensorShapes, loadModelFolder, parseModelConfig, saveModelFolder } from '../../../model/index.ts';
 import type { MethodSpec } from '../../../model/index.ts';
-import { DEFAULT_RECIPE, trainLocal } from '../../../model/train/run.ts';
-import type { TrainEvent } from '../../../model/train/run.ts';
+import { DEFAULT_RECIPE } from '../../../model/train/recipe.ts';
+import { trainLocal } from '../../../model/train/run.ts';
+import type { TrainEvent } from '../../../model/train/training-run.ts';
 import { STORIES_DIR, tempDir } from '../helpers.ts';
 
 const SENTENCES = ['Tom has a red ball.', 'The cat sat on the mat.', 'Lily likes to play in the park.', 'The sun is big and warm.', 'Ben has a little dog.'];
@@ -44,7 +45,7 @@ before(async () => {
 async function validationLosses(modelDir: string, methods: MethodSpec[], lr: number): Promise<[number, number]> {
   const events: TrainEvent[] = [];
   await trainLocal(
-    { ...DEFAULT_RECIPE, modelDir, dataFile: data, outDir: await tempDir(), methods, steps: 8, batchSize: 4, seqLen: 16, lr, warmup: 1, schedule: 'linear', valFraction: 0.2, evalEvery: 8, saveEvery: 0, backend: 'wasm' },
+    { ...DEFAULT_RECIPE, modelDir, dataFile: data, outDir: await tempDir(), methods, steps: 8, batchSize: 4, seqLen: 16, lr, warmupSteps: 1, schedule: 'linear', valFraction: 0.2, evalEvery: 8, saveEvery: 0, backend: 'wasm' },
     (e) => events.push(e),
   );
   const evals = events.filter((e): e is Extract<TrainEvent, { type: 'eval' }> => e.type === 'eval');

@@ -4,7 +4,8 @@ import { tf, useBackend } from '../../../model/backend.ts';
 import type { Adapter } from '../../../model/peft/adapter.ts';
 import type { LlamaModel } from '../../../model/llama/llama.ts';
 import { Trainer } from '../../../model/train/loop.ts';
-import type { Batch, Cut } from '../../../model/train/loop.ts';
+import type { Batch } from '../../../model/train/batch.ts';
+import type { Cut } from '../../../model/train/loop.ts';
 import { AdamW } from '../../../model/train/optimizer.ts';
 import { createAdapter } from '../../../model/peft/index.ts';
 import type { MethodSpec } from '../../../model/peft/index.ts';
@@ -19,7 +20,7 @@ const schedule = { kind: 'constant' as const, lr: 0.05, warmupSteps: 0, totalSte
 async function train(makeAdapter: (m: LlamaModel) => Adapter, steps: Batch[][], cut?: Cut): Promise<{ losses: number[]; weights: Map<string, Float32Array> }> {
   const model = tinyModel();
   const adapter = makeAdapter(model);
-  const trainer = new Trainer({ model, adapter, optimizer: new AdamW({ weightDecay: 0.01 }), schedule, cut, clipNorm: 1 });
+  const trainer = new Trainer({ model, adapter, optimizer: new AdamW({ weightDecay: 0.01 }), schedule, cut, maxGradNorm: 1 });
   const losses: number[] = [];
   for (const mbs of steps) losses.push((await trainer.trainStep(mbs)).loss);
   const weights = snapshot(adapter);
@@ -71,7 +72,7 @@ describe('training loop', () => {
     await useBackend('cpu');
     const model = tinyModel();
     const adapter = lora(model);
-    const trainer = new Trainer({ model, adapter, optimizer: new AdamW(), schedule, cut: { bottom: 1, top: 1 }, clipNorm: 1 });
+    const trainer = new Trainer({ model, adapter, optimizer: new AdamW(), schedule, cut: { bottom: 1, top: 1 }, maxGradNorm: 1 });
     const batch = [randomBatch(3, 2, 6), randomBatch(4, 2, 6)];
     await trainer.trainStep(batch);
     await trainer.score(batch[0]);

@@ -1,0 +1,28 @@
+// The contract between a cloud node and an edge client beyond the messages: the error codes
+// the cloud sends that the edge acts on, the files of an edge part, and the default cut.
+// cloud-node sends these and edge-client matches them; neither spells them itself.
+import type { Cut } from './messages.ts';
+
+/**
+ * Cloud error codes that travel on the wire (ErrorBody.code, REST error bodies' `code`) and
+ * that the edge acts on. cloud-node's catalogue holds an entry for each.
+ */
+export const WIRE_ERRORS = {
+  /** The cloud no longer holds a micro-batch's activations: resend Backward with h_B. */
+  activationsGone: 'TANDEM_ACTIVATIONS_GONE',
+  /** A restarted node listens before its model is loaded: retry. */
+  modelNotReady: 'TANDEM_MODEL_NOT_READY',
+  authKeyMissing: 'TANDEM_AUTH_KEY_MISSING',
+  authKeyInvalid: 'TANDEM_AUTH_KEY_INVALID',
+} as const;
+
+export type WireErrorCode = (typeof WIRE_ERRORS)[keyof typeof WIRE_ERRORS];
+
+/** Codes that refuse the caller's key. */
+export const AUTH_ERROR_CODES: readonly WireErrorCode[] = [WIRE_ERRORS.authKeyMissing, WIRE_ERRORS.authKeyInvalid];
+
+/** The weights of an edge part: embedding, bottom and top blocks, final norm, head. */
+export const EDGE_WEIGHTS_FILE = 'edge.safetensors';
+
+/** The cut a session gets when its Hello names none (Offsite-Tuning's 2 and 2). */
+export const DEFAULT_CUT: Readonly<Cut> = Object.freeze({ bottom: 2, top: 2 });
