@@ -4,18 +4,15 @@
 // The disk they take is bounded: per tenant (the bundles its requests had built, the
 // `storedBundles` quota) and in total (count and bytes); the least recently used go first.
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdir, readFile, readdir, rename, rm, stat } from 'node:fs/promises';
+import { mkdir, readFile, readdir, rename, rm, stat, utimes } from 'node:fs/promises';
 import { join } from 'node:path';
 import { EmulatorError, MANIFEST_FILE, buildEmulator, verifyBundle } from '../emulator/index.ts';
 import type { BundleFile, BundleManifest, Quantization } from '../emulator/index.ts';
 import { CloudError } from './errors.ts';
 import { quotaExceeded } from './quotas.ts';
 import type { ServedModel } from './served-model.ts';
-import { writeJsonState } from './state/json-file.ts';
 
 export const EMULATORS_DIR = 'emulators';
-/** Who had each stored bundle built and when it was last used, so LRU order survives a restart. */
-const INDEX_FILE = 'index.json';
 /** Bundles kept in memory, most recently used last. */
 const BUNDLES_IN_MEMORY = 4;
 const BUNDLE_DIR_PATTERN = /^[0-9a-f]{16}-b\d+-t\d+-k\d+-[a-z0-9]+$/;
@@ -36,7 +33,7 @@ export const DEFAULT_EMULATOR_MAX_BYTES = 8 * 1024 ** 3;
 
 interface StoredBundle {
   key: string;
-  /** The tenant whose request had it built; null for bundles of earlier builds. */
+  /** The tenant whose request had it built; null for bundles found on disk at start. */
   owner: string | null;
   bytes: number;
   lastUsed: number;
@@ -108,7 +105,8 @@ export class EmulatorRegistry {
 
   /**
    * Reads what is on disk: removes folders a hard kill left mid-build, and takes the stored
-   * bundles into the LRU order (index.json's, or the folders' times for bundles it does not know).
+   * bundles into the LRU order (the folders' times). Bundles built before the restart count
+   * in the totals, no longer against the tenant that had them built.
    */
   async open(): Promise<void> {
     let names: string[];
@@ -118,17 +116,6 @@ export class EmulatorRegistry {
       if ((cause as NodeJS.ErrnoException).code === 'ENOENT') return;
       throw cause;
     }
-    const index = new Map<string, { owner: string | null; lastUsed: number }>();
-    try {
-      const raw = JSON.parse(await readFile(join(this.dir, INDEX_FILE), 'utf8')) as { bundles?: unknown };
-      if (Array.isArray(raw.bundles)) {
-        for (const b of raw.bundles as { key?: unknown; owner?: unknown; lastUsed?: unknown }[]) {
-          if (typeof b?.key === 'string' && typeof b.lastUsed === 'number') index.set(b.key, { owner: typeof b.owner === 'string' ? b.owner : null, lastUsed: b.lastUsed });
-        }
-      }
-    } catch {
-      // no index (or a damaged one): the folders' times order them
-    }
     const found: StoredBundle[] = [];
     for (const name of names) {
       const path = join(this.dir, name);
@@ -137,8 +124,8 @@ export class EmulatorRegistry {
       } else if (BUNDLE_DIR_PATTERN.test(name)) {
         const s = await stat(path);
         if (!s.isDirectory()) continue;
-        const known = index.get(name);
-        found.push({ key: name, owner: known?.owner ?? null, bytes: await folderBytes(path), lastUsed: known?.lastUsed ?? s.mtimeMs });
+        // The folder's mtime is its last use (set on every use); who had it built is not kept on disk.
+        found.push({ key: name, owner: null, bytes: await folderBytes(path), lastUsed: s.mtimeMs });
       }
     }
     found.sort((a, b) => a.lastUsed - b.lastUsed);
@@ -164,6 +151,9 @@ export class EmulatorRegistry {
     b.lastUsed = Date.now();
     this.#stored.delete(key);
     this.#stored.set(key, b);
+    // The order survives a restart through the folder's times.
+    const when = new Date(b.lastUsed);
+    utimes(join(this.dir, key), when, when).catch(() => undefined);
   }
 
   #ownedBy(tenant: string): StoredBundle[] {
@@ -196,10 +186,7 @@ export class EmulatorRegistry {
     }
   }
 
-  async #saveIndex(): Promise<void> {
-    const bundles = [...this.#stored.values()].map(({ key, owner, lastUsed }) => ({ key, owner, lastUsed }));
-    await writeJsonState(join(this.dir, INDEX_FILE), { version: 1, bundles }).catch(() => undefined);
-  }
+
 
   static keyOf(served: ServedModel, r: EmulatorRequest): string {
     return `${served.contentHash.replace(/^sha256:/, '').slice(0, 16)}-b${r.bottom}-t${r.top}-k${r.keep}-${r.quantize ?? 'f32'}`;
@@ -254,7 +241,6 @@ export class EmulatorRegistry {
     }
     this.#stored.set(key, { key, owner: tenant, bytes: await folderBytes(dir), lastUsed: Date.now() });
     await this.#evictOverTotal(key);
-    await this.#saveIndex();
     return this.#read(dir, key);
   }
 
