@@ -4,13 +4,14 @@ import type { EdgeTrainResult, ProgressMode } from '../edge-client/index.ts';
 import { initBackend } from '../model/index.ts';
 import type { MethodSpec } from '../model/index.ts';
 import { CliError } from './errors.ts';
-import { numberFlag, requiredFlag } from './flags.ts';
+import { numberFlag, pemFlag, requiredFlag } from './flags.ts';
 import type { CommandIo } from './io.ts';
 import { offsiteCommand, uploadCommand } from './offsite.ts';
 
 interface TrainFlags {
   cloud?: string;
   key?: string;
+  ca?: string;
   model?: string;
   data?: string;
   method: string[];
@@ -85,6 +86,7 @@ function trainCommand(io: CommandIo): Command {
     .description('fine-tune an adapter on local data with the cloud running the middle of the model')
     .option('--cloud <url>', 'cloud node URL, e.g. http://127.0.0.1:8080')
     .option('--key <key>', 'API key (or TANDEM_KEY)')
+    .option('--ca <file>', 'PEM CA certificate an https:// cloud\'s certificate must chain to (a private CA)')
     .option('--model <id>', 'model id the cloud serves')
     .option('--data <file>', '.jsonl ({"text"}, {"prompt","completion"}, {"text","label"}) or plain text')
     .option('--method <spec>', 'PEFT method, repeatable: name or name:key=value,... (default lora:r=8,loraAlpha=16)', collect, [])
@@ -115,6 +117,7 @@ function trainCommand(io: CommandIo): Command {
       const key = requiredFlag('--key', flags.key ?? process.env.TANDEM_KEY);
       const model = requiredFlag('--model', flags.model);
       const data = requiredFlag('--data', flags.data);
+      const ca = flags.ca === undefined ? undefined : (await pemFlag('--ca', flags.ca)).toString('utf8');
       const int = (flag: string, v: string | undefined, min = 0) => numberFlag(flag, v, { min, integer: true });
       const cut = flags.bottom !== undefined || flags.top !== undefined ? { bottom: int('--bottom', flags.bottom), top: int('--top', flags.top) } : undefined;
       const schedule = flags.schedule as 'cosine' | 'linear' | 'constant';
@@ -122,7 +125,7 @@ function trainCommand(io: CommandIo): Command {
       const mode = progressMode(flags);
       await initBackend({ backend: flags.backend, log: mode === 'json' ? undefined : io.log });
       const result = await trainEdge({
-        cloud, key, model, data, cut,
+        cloud, key, ca, model, data, cut,
         methods: flags.method.length > 0 ? flags.method.map(parseMethodFlag) : DEFAULT_METHODS,
         codecForward: flags.codecForward as never,
         codecBackward: flags.codecBackward as never,

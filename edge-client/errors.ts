@@ -14,6 +14,7 @@ export const EDGE_ERRORS = {
   TANDEM_EDGE_SESSION_LOST: 'the session could not be reattached after a reconnect',
   TANDEM_EDGE_CLOSED: 'the connection was closed by this client',
   TANDEM_EDGE_CHECKPOINT_MISMATCH: 'the checkpoint was written by a different run',
+  TANDEM_EDGE_TLS_UNTRUSTED: 'the cloud\'s TLS certificate is not trusted (pass --ca for a private CA)',
 } as const;
 
 export type EdgeErrorCode = keyof typeof EDGE_ERRORS;
