@@ -5,7 +5,9 @@ import assert from 'node:assert/strict';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
-import { DISCONNECT_REASON_EVENT, KeyStore, RESERVED_TENANTS } from '../../cloud-node/index.ts';
+import { main } from '../../cli/main.ts';
+import { DISCONNECT_REASON_EVENT, RESERVED_TENANTS } from '../../cloud-node/index.ts';
+import type { KeyView } from '../../cloud-node/index.ts';
 import { EdgeError, connectCloud } from '../../edge-client/index.ts';
 import { TestClient, api, createTenantKey, startTestNode } from './helpers.ts';
 import { assertReady, goodTenant } from './tenancy-helpers.ts';
@@ -43,7 +45,7 @@ describe('key revocation, listings and reserved names', () => {
     await assertReady(node);
   });
 
-  it('a key revoked by another process (`tandem keys revoke`) fails on the next request and cuts the edge with a typed reason', async () => {
+  it('a key revoked by `tandem keys revoke` (another process\'s write) fails on the next request and cuts the edge with a typed reason', async () => {
     const node = await startTestNode({ sweepIntervalMs: 100 });
     const good = await goodTenant(node);
     const key = await createTenantKey(node, 'mallory');
@@ -52,10 +54,15 @@ describe('key revocation, listings and reserved names', () => {
     const session = await edge.openSession({ model: { id: model.id, contentHash: model.contentHash }, cut: { bottom: 2, top: 2 }, codecs: { forward: [{ codec: 'f32' }], backward: [{ codec: 'f32' }] } });
     assert.equal((await api(node, 'GET', '/v1/models', key)).status, 200);
 
-    const other = await KeyStore.open(node.stateDir); // what `tandem keys revoke` does
-    const listed = await other.list();
+    const out: string[] = [];
+    const io = { out: (l: string) => out.push(l), log: () => undefined };
+    assert.equal(await main(['keys', 'list', '--state', node.stateDir, '--json'], io), 0);
+    const listed = (JSON.parse(out.pop()!) as { keys: KeyView[] }).keys;
+    assert.ok(!JSON.stringify(listed).includes(key), '`tandem keys list` shows no key');
     const target = listed.find((k) => k.tenant === 'mallory')!;
-    await other.revoke(target.prefix); // by prefix, as `tandem keys list` shows it
+    // By prefix, as the listing shows it, from another process's view of the state directory.
+    assert.equal(await main(['keys', 'revoke', '--id', target.prefix, '--state', node.stateDir, '--json'], io), 0);
+    assert.equal((JSON.parse(out.pop()!) as KeyView).id, target.id);
     assert.equal((await api(node, 'GET', '/v1/models', key)).json.code, 'TANDEM_AUTH_KEY_REVOKED', 'no stale cached lookup');
     await good.step();
     await sleep(400); // the node's periodic check of the keys file reaches open sockets

@@ -2,7 +2,8 @@
 // TANDEM_QUOTA_EXCEEDED naming the quota and its value, while another tenant keeps stepping.
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { HIDDEN, TestClient, api, createTenantKey, frameOf, helloBody, randomTensor, startTestNode } from './helpers.ts';
+import { main } from '../../cli/main.ts';
+import { HIDDEN, STORIES_DIR, TestClient, api, createTenantKey, frameOf, helloBody, randomTensor, startTestNode } from './helpers.ts';
 import { assertReady, errorDetails, goodTenant } from './tenancy-helpers.ts';
 
 describe('tenant quotas', () => {
@@ -92,7 +93,10 @@ describe('tenant quotas', () => {
     await assertReady(node);
   });
 
-  it('refuses a quota that is not a positive integer before starting', async () => {
+  it('refuses a quota that is not a positive integer before starting, from the flags too', async () => {
+    const log: string[] = [];
+    assert.equal(await main(['cloud', '--model', STORIES_DIR, '--quota-sessions', '0'], { out: () => undefined, log: (l) => log.push(l) }), 2);
+    assert.match(log.join('\n'), /TANDEM_CLI_FLAG_INVALID.*--quota-sessions/);
     await assert.rejects(startTestNode({ quotas: { openSessions: 0 } }), (e: Error & { code?: string }) => e.code === 'TANDEM_OPTION_INVALID' && /quotas\.openSessions/.test(e.message));
     await assert.rejects(startTestNode({ quotas: { bogus: 1 } as never }), (e: Error & { code?: string }) => e.code === 'TANDEM_OPTION_INVALID' && /unknown quota/.test(e.message));
   });
