@@ -65,8 +65,11 @@ describe('sessions: bounded strings, per-session records, expiry and pruning', (
     const key = await createTenantKey(node, 'mallory');
     const idle = await TestClient.connect(node, key);
     await idle.hello();
+    const beating = await TestClient.connect(node, key);
+    await beating.hello();
     for (let i = 0; i < 8; i++) {
       await good.step();
+      assert.equal((await beating.request({ case: 'heartbeat', value: { sessionId: beating.sessionId, sequence: i, sentAtMs: Date.now() } })).body.case, 'heartbeat');
       await sleep(300);
     }
     const listed = await api(node, 'GET', `/v1/sessions/${idle.sessionId}`, key);
@@ -74,6 +77,7 @@ describe('sessions: bounded strings, per-session records, expiry and pruning', (
     assert.equal(listed.json.closeReason, 'expired');
     assertError(await idle.request(idle.forwardBody(0, 0, [])), 'TANDEM_SESSION_CLOSED');
     assert.equal((await api(node, 'GET', `/v1/sessions/${good.client.sessionId}`, good.key)).json.state, 'open', 'the stepping session did not expire');
+    assert.equal((await api(node, 'GET', `/v1/sessions/${beating.sessionId}`, key)).json.state, 'open', 'heartbeats keep a session alive');
     await good.step();
     await assertReady(node);
   });
