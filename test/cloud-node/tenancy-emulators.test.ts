@@ -47,6 +47,21 @@ describe('emulator bundles on disk', () => {
     await assertReady(node);
   });
 
+  it('keeps the bytes on disk within maxBytes: a new bundle evicts the least recently used ones', async () => {
+    const node = await startTestNode({ emulatorStorage: { maxBytes: 1 } });
+    const good = await goodTenant(node);
+    const key = await createTenantKey(node, 'alice');
+    for (const [b, t, k] of [[1, 1, 2], [1, 1, 3], [0, 1, 2]]) {
+      const r = await api(node, 'GET', bundlePath(b, t, k), key);
+      assert.equal(r.status, 200, JSON.stringify(r.json));
+      const names = (await readdir(join(node.stateDir, 'emulators'))).sort();
+      assert.equal(names.length, 1, 'every bundle is over 1 byte: only the newest stays');
+      assert.match(names[0], keyOf(b, t, k));
+    }
+    await good.step();
+    await assertReady(node);
+  });
+
   it('refuses more concurrent builds than the quota with 429 TANDEM_QUOTA_EXCEEDED naming storedBundles', async () => {
     const node = await startTestNode({ quotas: { storedBundles: 1 } });
     const good = await goodTenant(node);

@@ -31,6 +31,18 @@ describe('tenant quotas', () => {
     await assertReady(node);
   });
 
+  it('per-tenant overrides: one tenant held to a tighter quota than the others', async () => {
+    const node = await startTestNode({ quotas: { openSessions: 4 }, tenantQuotas: { mallory: { openSessions: 1 } } });
+    const good = await goodTenant(node);
+    const attacker = await TestClient.connect(node, await createTenantKey(node, 'mallory'));
+    assert.equal((await attacker.request(helloBody())).body.case, 'welcome');
+    const details = errorDetails(await attacker.request(helloBody()), 'TANDEM_QUOTA_EXCEEDED');
+    assert.deepEqual([details.quota, details.limit], ['openSessions', '1']);
+    for (let i = 0; i < 3; i++) assert.equal((await good.client.request(helloBody())).body.case, 'welcome', 'the others keep the default of 4');
+    await good.step();
+    await assertReady(node);
+  });
+
   it('bytes per minute on the data plane: refused once the minute is spent, another tenant unaffected', async () => {
     const node = await startTestNode({ quotas: { bytesPerMinute: 64 * 1024 } });
     const good = await goodTenant(node);
