@@ -72,9 +72,11 @@ export interface EmulatorBuildSettings {
 }
 
 /** A CloudError for an EmulatorError about the request; anything else is rethrown. */
-export function cloudErrorOf(err: unknown, request: EmulatorRequest): unknown {
+export function cloudErrorOf(err: unknown, request: EmulatorRequest, tempDir?: string): unknown {
   if (!(err instanceof EmulatorError)) return err;
-  const reason = err.message.replace(/^TANDEM_\w+: /, '');
+  // The folder being built is the node's business: the tenant is told about the request only.
+  let reason = err.message.replace(/^TANDEM_\w+: /, '');
+  if (tempDir !== undefined) reason = reason.split(tempDir).join('<bundle>');
   if (err.code === 'TANDEM_EMULATOR_KEEP_INVALID') return new CloudError('TANDEM_EMULATOR_KEEP_INVALID', { keep: request.keep, reason }, { cause: err });
   if (err.code === 'TANDEM_EMULATOR_OPTION_INVALID') return new CloudError('TANDEM_EMULATOR_OPTION_INVALID', { reason }, { cause: err });
   return err;
@@ -264,7 +266,7 @@ export class EmulatorRegistry {
       await rename(building, dir);
     } catch (err) {
       await rm(building, { recursive: true, force: true });
-      throw cloudErrorOf(err, request);
+      throw cloudErrorOf(err, request, building);
     }
   }
 
