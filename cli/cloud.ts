@@ -1,6 +1,10 @@
 import { Command } from 'commander';
-import { DEFAULT_ACTIVATION_TTL_MS, DEFAULT_MEMORY_BUDGET_BYTES, startCloudNode } from '../cloud-node/index.ts';
-import { numberFlag, requiredFlag } from './flags.ts';
+import {
+  DEFAULT_ACTIVATION_TTL_MS, DEFAULT_CLOSED_RETENTION_MS, DEFAULT_EMULATOR_MAX_BUNDLES, DEFAULT_EMULATOR_MAX_BYTES, DEFAULT_MEMORY_BUDGET_BYTES, DEFAULT_QUOTAS,
+  DEFAULT_SESSION_IDLE_MS, startCloudNode,
+} from '../cloud-node/index.ts';
+import { CliError } from './errors.ts';
+import { numberFlag, pemFlag, requiredFlag } from './flags.ts';
 import type { CommandIo } from './io.ts';
 import { DEFAULT_STATE_DIR } from './keys.ts';
 
@@ -14,7 +18,20 @@ interface CloudFlags {
   activationTtl: string;
   backend?: string;
   logLevel: string;
+  tlsCert?: string;
+  tlsKey?: string;
+  quotaSessions: string;
+  quotaTokens: string;
+  quotaMbPerMinute: string;
+  quotaBundles: string;
+  quotaAdapters: string;
+  quotaRequestsPerMinute: string;
+  sessionIdle: string;
+  closedRetention: string;
+  emulatorsMaxBundles: string;
+  emulatorsMaxMb: string;
 }
+
 
 export const DEFAULT_CLOUD_PORT = 7470;
 
@@ -44,11 +61,47 @@ export function cloudCommand(io: CommandIo, until: () => Promise<void> = untilSi
     .option('--activation-ttl <s>', 'seconds an activation waits for its backward', String(DEFAULT_ACTIVATION_TTL_MS / 1000))
     .option('--backend <name>', 'compute backend: auto, tensorflow-gpu, tensorflow, wasm, cpu')
     .option('--log-level <level>', 'pino log level (logs go to stderr as JSON lines)', 'info')
+    .option('--tls-cert <file>', 'PEM certificate (chain): serve HTTPS and WSS on the port (with --tls-key)')
+    .option('--tls-key <file>', 'PEM private key of --tls-cert')
+    .option('--quota-sessions <n>', 'sessions a tenant may have open at once', String(DEFAULT_QUOTAS.openSessions))
+    .option('--quota-tokens <n>', 'tokens (batch x sequence) a tenant may have computing at once', String(DEFAULT_QUOTAS.tokensInFlight))
+    .option('--quota-mb-per-minute <mb>', 'MiB a tenant may send on the data plane per minute', String(DEFAULT_QUOTAS.bytesPerMinute / 2 ** 20))
+    .option('--quota-bundles <n>', 'emulator bundles a tenant\'s requests may keep built', String(DEFAULT_QUOTAS.storedBundles))
+    .option('--quota-adapters <n>', 'adapters a tenant may have the node hold (evaluate) at once', String(DEFAULT_QUOTAS.storedAdapters))
+    .option('--quota-requests-per-minute <n>', 'REST requests per tenant per minute (the admin is exempt)', String(DEFAULT_QUOTAS.requestsPerMinute))
+    .option('--session-idle <s>', 'seconds without a request after which an open session expires', String(DEFAULT_SESSION_IDLE_MS / 1000))
+    .option('--closed-retention <s>', 'seconds a closed session stays listed before it is pruned', String(DEFAULT_CLOSED_RETENTION_MS / 1000))
+    .option('--emulators-max-bundles <n>', 'emulator bundles on disk, all tenants together (least recently used evicted)', String(DEFAULT_EMULATOR_MAX_BUNDLES))
+    .option('--emulators-max-mb <mb>', 'MiB of emulator bundles on disk, all tenants together', String(DEFAULT_EMULATOR_MAX_BYTES / 2 ** 20))
     .action(async (flags: CloudFlags) => {
       const modelDir = requiredFlag('--model', flags.model);
       const port = numberFlag('--port', flags.port, { min: 0, max: 65535, integer: true });
       const memoryBudget = numberFlag('--memory-budget', flags.memoryBudget, { min: 0 });
       const ttl = numberFlag('--activation-ttl', flags.activationTtl, { min: 0 });
+      const count = (flag: string, value: string): number => numberFlag(flag, value, { min: 1, max: Number.MAX_SAFE_INTEGER, integer: true });
+      const quotas = {
+        openSessions: count('--quota-sessions', flags.quotaSessions),
+        tokensInFlight: count('--quota-tokens', flags.quotaTokens),
+        bytesPerMinute: Math.round(numberFlag('--quota-mb-per-minute', flags.quotaMbPerMinute, { min: 1 / 1024, max: 2 ** 32 }) * 2 ** 20),
+        storedBundles: count('--quota-bundles', flags.quotaBundles),
+        storedAdapters: count('--quota-adapters', flags.quotaAdapters),
+        requestsPerMinute: count('--quota-requests-per-minute', flags.quotaRequestsPerMinute),
+      };
+      const sessions = {
+        idleMs: Math.round(numberFlag('--session-idle', flags.sessionIdle, { min: 1, max: 365 * 86400 }) * 1000),
+        closedRetentionMs: Math.round(numberFlag('--closed-retention', flags.closedRetention, { min: 0, max: 365 * 86400 }) * 1000),
+      };
+      const emulatorStorage = {
+        maxBundles: count('--emulators-max-bundles', flags.emulatorsMaxBundles),
+        maxBytes: Math.round(numberFlag('--emulators-max-mb', flags.emulatorsMaxMb, { min: 1, max: 2 ** 32 }) * 2 ** 20),
+      };
+      if ((flags.tlsCert === undefined) !== (flags.tlsKey === undefined)) {
+        const missing = flags.tlsCert === undefined ? '--tls-cert' : '--tls-key';
+        throw new CliError('TANDEM_CLI_FLAG_MISSING', missing, '--tls-cert and --tls-key go together');
+      }
+      const tls = flags.tlsCert !== undefined && flags.tlsKey !== undefined
+        ? { cert: await pemFlag('--tls-cert', flags.tlsCert), key: await pemFlag('--tls-key', flags.tlsKey) }
+        : undefined;
       const node = await startCloudNode({
         modelDir,
         modelId: flags.modelId,
@@ -59,6 +112,10 @@ export function cloudCommand(io: CommandIo, until: () => Promise<void> = untilSi
         activationTtlMs: Math.round(ttl * 1000),
         backend: flags.backend,
         logLevel: flags.logLevel,
+        quotas,
+        sessions,
+        emulatorStorage,
+        tls,
       });
       io.out(`tandem cloud listening on ${node.url}`);
       if (node.adminKey !== undefined) io.out(`admin key (shown once, keep it): ${node.adminKey}`);

@@ -4,7 +4,7 @@ import type { EdgeTrainResult, ProgressMode } from '../edge-client/index.ts';
 import { exportAdapter, initBackend } from '../model/index.ts';
 import type { MethodSpec } from '../model/index.ts';
 import { CliError } from './errors.ts';
-import { numberFlag, requiredFlag } from './flags.ts';
+import { numberFlag, pemFlag, requiredFlag } from './flags.ts';
 import type { CommandIo } from './io.ts';
 import { offsiteCommand, uploadCommand } from './offsite.ts';
 import { addCodecOptions, addRecipeOptions, choice, codecsFromFlags, recipeFromFlags } from './recipe.ts';
@@ -13,6 +13,7 @@ import type { CodecFlags, RecipeFlags } from './recipe.ts';
 interface TrainFlags extends RecipeFlags, CodecFlags {
   cloud?: string;
   key?: string;
+  ca?: string;
   model?: string;
   data?: string;
   method: string[];
@@ -71,6 +72,7 @@ function trainCommand(io: CommandIo): Command {
     .description('fine-tune an adapter on local data with the cloud running the middle of the model')
     .option('--cloud <url>', 'cloud node URL, e.g. http://127.0.0.1:8080')
     .option('--key <key>', 'API key (or TANDEM_KEY)')
+    .option('--ca <file>', 'PEM CA certificate an https:// cloud\'s certificate must chain to (a private CA)')
     .option('--model <id>', 'model id the cloud serves')
     .option('--data <file>', '.jsonl ({"text"}, {"prompt","completion"}, {"text","label"}) or plain text')
     .option('--method <spec>', 'PEFT method, repeatable: name or name:key=value,... (default lora:r=8,loraAlpha=16)', collect, [])
@@ -86,6 +88,7 @@ function trainCommand(io: CommandIo): Command {
     const key = requiredFlag('--key', flags.key ?? process.env.TANDEM_KEY);
     const model = requiredFlag('--model', flags.model);
     const data = requiredFlag('--data', flags.data);
+    const ca = flags.ca === undefined ? undefined : (await pemFlag('--ca', flags.ca)).toString('utf8');
     const int = (flag: string, v: string | undefined) => numberFlag(flag, v, { min: 0, integer: true });
     const cut = flags.bottom !== undefined || flags.top !== undefined ? { bottom: int('--bottom', flags.bottom), top: int('--top', flags.top) } : undefined;
     const { resume, backend, ...recipe } = recipeFromFlags(flags);
@@ -95,7 +98,7 @@ function trainCommand(io: CommandIo): Command {
     const mode = progressMode(flags);
     await initBackend({ backend, log: mode === 'json' ? undefined : io.log });
     const result = await trainEdge({
-      cloud, key, model, data, cut, methods, ...codecs, ...recipe,
+      cloud, key, ca, model, data, cut, methods, ...codecs, ...recipe,
       resume: resume ? true : 'auto',
       checkpointDir: flags.checkpoint,
       out: flags.out,

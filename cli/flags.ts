@@ -1,3 +1,4 @@
+import { readFile, stat } from 'node:fs/promises';
 import { CliError } from './errors.ts';
 
 /** Parses a number flag, checking that it is finite and within [min, max]; integers when asked. */
@@ -20,4 +21,17 @@ export function numberFlag(flag: string, value: string | undefined, options: { m
 export function requiredFlag(flag: string, value: string | undefined): string {
   if (value === undefined || value === '') throw new CliError('TANDEM_CLI_FLAG_MISSING', flag, 'is required');
   return value;
+}
+
+/** Largest PEM file read for --tls-cert / --tls-key (a long chain fits many times over). */
+const MAX_PEM_BYTES = 1024 * 1024;
+
+/** Reads a PEM flag's file, bounded, before anything starts. */
+export async function pemFlag(flag: string, path: string): Promise<Buffer> {
+  const s = await stat(path).catch(() => undefined);
+  if (s === undefined || !s.isFile()) throw new CliError('TANDEM_CLI_FLAG_INVALID', flag, `${JSON.stringify(path)} is not a readable file`);
+  if (s.size > MAX_PEM_BYTES) throw new CliError('TANDEM_CLI_FLAG_INVALID', flag, `${JSON.stringify(path)} holds ${s.size} bytes; a PEM file is at most ${MAX_PEM_BYTES}`);
+  const bytes = await readFile(path);
+  if (!bytes.toString('latin1').includes('-----BEGIN ')) throw new CliError('TANDEM_CLI_FLAG_INVALID', flag, `${JSON.stringify(path)} is not PEM (no -----BEGIN line)`);
+  return bytes;
 }

@@ -2,7 +2,7 @@
 import { Command } from 'commander';
 import { OFFSITE_ADAPTER_DIR, trainOffsite, uploadAdapter } from '../edge-client/index.ts';
 import type { TrainEvent } from '../model/index.ts';
-import { numberFlag, requiredFlag } from './flags.ts';
+import { numberFlag, pemFlag, requiredFlag } from './flags.ts';
 import { processIo } from './io.ts';
 import type { CommandIo } from './io.ts';
 import { addRecipeOptions, recipeFromFlags } from './recipe.ts';
@@ -52,6 +52,7 @@ export function offsiteCommand(io: CommandIo = processIo): Command {
 interface UploadFlags {
   cloud?: string;
   key?: string;
+  ca?: string;
   adapter?: string;
   data?: string;
   model?: string;
@@ -65,6 +66,7 @@ export function uploadCommand(io: CommandIo = processIo): Command {
     .description('send an offsite adapter to the cloud, which plugs it into the full model and evaluates it on the data sent (and keeps neither)')
     .option('--cloud <url>', 'the cloud node, http://host:port')
     .option('--key <key>', 'your API key (or TANDEM_KEY)')
+    .option('--ca <file>', 'PEM CA certificate an https:// cloud\'s certificate must chain to (a private CA)')
     .option('--adapter <dir>', `the adapter folder \`tandem edge offsite\` wrote (OUT/${OFFSITE_ADAPTER_DIR})`)
     .option('--data <file>', 'evaluation data (.jsonl or plain text)')
     .option('--model <id>', "the model's id on the node (default: the one the adapter was trained for)")
@@ -76,6 +78,7 @@ export function uploadCommand(io: CommandIo = processIo): Command {
       const result = await uploadAdapter({
         cloudUrl: requiredFlag('--cloud', flags.cloud),
         key: requiredFlag('--key', key),
+        ...(flags.ca === undefined ? {} : { ca: (await pemFlag('--ca', flags.ca)).toString('utf8') }),
         adapterDir: requiredFlag('--adapter', flags.adapter),
         dataFile: requiredFlag('--data', flags.data),
         modelId: flags.model,

@@ -1,11 +1,8 @@
-// What the node's plugins share, passed to each explicitly as its options.
+// The served model, shared by the plugins and the data plane; each plugin gets it (and only
+// what else it needs) as its options.
 import { CloudError } from './errors.ts';
-import type { CloudMetrics } from './metrics.ts';
 import type { MiddleExecutor } from './middle-executor.ts';
 import type { ServedModel } from './served-model.ts';
-import type { SessionService } from './session-service.ts';
-import type { KeyStore } from './state/key-store.ts';
-import type { SessionStore } from './state/session-store.ts';
 
 /** The served model once loaded; routes and the data plane answer TANDEM_MODEL_NOT_READY before. */
 export class ModelSlot {
@@ -34,12 +31,4 @@ export class ModelSlot {
     if (served.id !== id) throw new CloudError('TANDEM_MODEL_UNKNOWN', { model: JSON.stringify(id), served: served.id });
     return served;
   }
-}
-
-export interface CloudContext {
-  keys: KeyStore;
-  sessions: SessionStore;
-  service: SessionService;
-  metrics: CloudMetrics;
-  model: ModelSlot;
 }

@@ -11,6 +11,7 @@ import { ProtocolError, Reassembler, decodeEnvelope, encodeEnvelope, envelope, e
 import type { Envelope, ErrorBody, Limits } from '../protocol/index.ts';
 import { CloudError } from './errors.ts';
 import type { CloudMetrics } from './metrics.ts';
+import type { QuotaLedger } from './quotas.ts';
 import type { SessionService } from './session-service.ts';
 import type { Caller, KeyStore } from './state/key-store.ts';
 
@@ -26,6 +27,7 @@ export interface DataPlaneOptions {
   service: SessionService;
   metrics: CloudMetrics;
   limits: Limits;
+  quotas: QuotaLedger;
   log: Logger;
 }
 
@@ -42,7 +44,7 @@ export function errorBodyOf(error: unknown, log: Logger): ErrorBody {
 }
 
 export function attachDataPlane(options: DataPlaneOptions): Server {
-  const { keys, service, metrics, limits, log } = options;
+  const { keys, service, metrics, limits, quotas, log } = options;
   // Chunked requests reassemble up to one Backward with two full frames.
   const reassemblyLimit = 2 * limits.maxFrameBytes + TRANSPORT_SLACK_BYTES;
   const io = new Server(options.server, {
@@ -100,6 +102,7 @@ export function attachDataPlane(options: DataPlaneOptions): Server {
       let request: Envelope;
       let requestId = '';
       try {
+        quotas.chargeBytes(caller.tenant, payload.length);
         request = decodeEnvelope(payload, { maxMessageBytes: limits.maxMessageBytes });
         requestId = request.requestId;
         if (request.body.case === 'chunk') {

@@ -31,6 +31,12 @@ export const CLOUD_ERRORS = {
   TANDEM_ADAPTER_BASE_MISMATCH: { status: 409, template: 'the adapter was trained against content hash {actual}; model {model} has {expected}' },
   TANDEM_ADAPTER_INVALID: { status: 400, template: 'the adapter cannot be plugged into model {model}: {reason}' },
   TANDEM_EVAL_DATA_INVALID: { status: 400, template: 'the evaluation data is invalid: {reason}' },
+  TANDEM_QUOTA_EXCEEDED: { status: 429, template: 'tenant {tenant} is over its {quota} quota of {limit}: {reason}' },
+  TANDEM_AUTH_KEY_REVOKED: { status: 401, template: 'the API key {keyId} was revoked at {revokedAt}' },
+  TANDEM_KEY_UNKNOWN: { status: 404, template: 'no API key {keyId}' },
+  TANDEM_FIELD_TOO_LONG: { status: 400, template: '{field} holds {actual}; the limit is {limit}' },
+  TANDEM_OPTION_INVALID: { status: 500, template: 'node option {option} is {value}: {reason}' },
+  TANDEM_TLS_INVALID: { status: 500, template: 'the TLS {field} is invalid: {reason}' },
 } as const satisfies Record<string, { status: number; template: string }>;
 
 export type CloudErrorCode = keyof typeof CLOUD_ERRORS;

@@ -1,36 +1,48 @@
 // A cloud node: fastify (REST under /v1, OpenAPI, /metrics) and socket.io (protocol v1
 // envelopes) on one HTTP server, the middle executor over the served model, and the
 // state directory (keys and sessions).
+import rateLimit from '@fastify/rate-limit';
 import swagger from '@fastify/swagger';
 import Fastify from 'fastify';
 import type { FastifyBaseLogger, FastifyError, FastifyInstance } from 'fastify';
-import { mkdir } from 'node:fs/promises';
+import { createServer as createHttpServer } from 'node:http';
+import type { RequestListener, Server as HttpServer } from 'node:http';
+import { createServer as createHttpsServer } from 'node:https';
 import { resolve } from 'node:path';
+import { createSecureContext } from 'node:tls';
 import { pino } from 'pino';
 import type { Logger } from 'pino';
+import type { Server as SocketServer } from 'socket.io';
 import { initBackend } from '../model/index.ts';
 import { DEFAULT_LIMITS, intersectLimits } from '../protocol/index.ts';
 import type { CodecPreferences, Limits } from '../protocol/index.ts';
 import { ActivationCache } from './activation-cache.ts';
 import { ModelSlot } from './context.ts';
-import type { CloudContext } from './context.ts';
-import { attachDataPlane } from './data-plane.ts';
+import { attachDataPlane, errorBodyOf } from './data-plane.ts';
 import { CloudError } from './errors.ts';
 import { EmulatorRegistry } from './emulator-registry.ts';
-import type { EmulatorBuildSettings } from './emulator-registry.ts';
+import type { EmulatorBuildSettings, EmulatorStorageLimits } from './emulator-registry.ts';
 import { CloudMetrics } from './metrics.ts';
 import { MiddleExecutor } from './middle-executor.ts';
-import { requireCaller } from './plugins/auth.ts';
+import { authPlugin } from './plugins/auth.ts';
 import { healthPlugin } from './plugins/health.ts';
 import { keysPlugin } from './plugins/keys.ts';
 import { metricsPlugin } from './plugins/metrics.ts';
 import { emulatorsPlugin } from './plugins/emulators.ts';
 import { modelsPlugin } from './plugins/models.ts';
 import { sessionsPlugin } from './plugins/sessions.ts';
+import { QuotaLedger, quotaExceeded } from './quotas.ts';
+import type { TenantQuotas } from './quotas.ts';
 import { ServedModel } from './served-model.ts';
 import { SERVER_BUILD, SessionService } from './session-service.ts';
-import { ADMIN_TENANT, KeyStore } from './state/key-store.ts';
+import type { SessionLifetimes } from './session-service.ts';
+import { ensureStateDir, tidyStateDir } from './state/json-file.ts';
+import { ADMIN_TENANT, KEYS_FILE, KeyStore } from './state/key-store.ts';
+import type { KeyRecord } from './state/key-store.ts';
 import { SessionStore } from './state/session-store.ts';
+
+/** The event a socket gets, with `{code, message}`, just before the node disconnects it (a revoked key). */
+export const DISCONNECT_REASON_EVENT = 'tandem:disconnect';
 
 export const DEFAULT_MEMORY_BUDGET_BYTES = 512 * 1024 * 1024;
 export const DEFAULT_ACTIVATION_TTL_MS = 10 * 60 * 1000;
@@ -62,10 +74,22 @@ export interface CloudNodeOptions {
   emulators?: EmulatorBuildSettings;
   /** Largest POST /v1/models/:id/adapters/evaluate body (64 MiB). */
   maxAdapterRequestBytes?: number;
+  /** Every tenant's quotas (DEFAULT_QUOTAS for what is not given). */
+  quotas?: Partial<TenantQuotas>;
+  /** Quotas of particular tenants, over `quotas`. */
+  tenantQuotas?: Readonly<Record<string, Partial<TenantQuotas>>>;
+  /** Idle expiry and pruning of closed sessions. */
+  sessions?: Partial<SessionLifetimes>;
+  /** How often expiry and pruning run (default: a quarter of the idle time, between 1 and 60 s). */
+  sweepIntervalMs?: number;
+  /** Disk taken by emulator bundles, all tenants together (per tenant: quotas.storedBundles). */
+  emulatorStorage?: Partial<Omit<EmulatorStorageLimits, 'perTenant'>>;
+  /** PEM certificate (chain) and private key: the node serves HTTPS and WSS on its port. */
+  tls?: { cert: string | Buffer; key: string | Buffer };
 }
 
 export interface CloudNode {
-  /** http://host:port */
+  /** http://host:port, or https:// with `tls` */
   url: string;
   port: number;
   /** The admin key, only when this start created it (first start on an empty state directory). */
@@ -95,11 +119,39 @@ function sendError(app: FastifyInstance, log: Logger): void {
   });
 }
 
+/** The HTTP(S) server fastify runs on; socket.io attaches to the same one. */
+function serverFactory(tls: CloudNodeOptions['tls']): (handler: RequestListener) => HttpServer {
+  if (tls === undefined) return (handler) => createHttpServer(handler);
+  try {
+    createSecureContext({ cert: tls.cert, key: tls.key });
+  } catch (cause) {
+    throw new CloudError('TANDEM_TLS_INVALID', { field: 'certificate or key', reason: (cause as Error).message }, { cause });
+  }
+  // An https.Server is an http.Server to fastify and socket.io (same request/upgrade events).
+  return (handler) => createHttpsServer({ cert: tls.cert, key: tls.key }, handler) as unknown as HttpServer;
+}
+
+/** Tells every socket authenticated with `record` why, then disconnects it. */
+function disconnectRevoked(io: SocketServer, record: KeyRecord, log: Logger): void {
+  const error = new CloudError('TANDEM_AUTH_KEY_REVOKED', { keyId: record.id, revokedAt: record.revokedAt ?? '' });
+  const body = errorBodyOf(error, log);
+  for (const socket of io.sockets.sockets.values()) {
+    if ((socket.data as { caller?: { keyId: string } }).caller?.keyId !== record.id) continue;
+    socket.emit(DISCONNECT_REASON_EVENT, { code: body.code, message: body.message });
+    socket.disconnect(true);
+    log.info({ socket: socket.id, key: record.id }, 'disconnected a socket of a revoked key');
+  }
+}
+
 /** Starts a node: listens first (health answers, readiness says loading), then loads the model. */
 export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNode> {
   const log = options.logger ?? pino({ name: 'tandem-cloud', level: options.logLevel ?? 'info' }, pino.destination(2));
+  const quotas = new QuotaLedger(options.quotas, options.tenantQuotas);
+  const createServer = serverFactory(options.tls);
   const stateDir = resolve(options.stateDir);
-  await mkdir(stateDir, { recursive: true });
+  await ensureStateDir(stateDir);
+  const stale = await tidyStateDir(stateDir, [KEYS_FILE]);
+  if (stale.length > 0) log.warn({ removed: stale.length }, 'removed temporary files left by an earlier process');
   const keys = await KeyStore.open(stateDir);
   let adminKey: string | undefined;
   if (!keys.hasAdmin) {
@@ -117,10 +169,15 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     onSize: (bytes) => metrics.cacheBytes.set(bytes),
   });
   const model = new ModelSlot();
-  const service = new SessionService({ store: sessions, metrics, cache, model: () => model.get(), limits, codecs: options.codecs });
-  const ctx: CloudContext = { keys, sessions, service, metrics, model };
+  const service = new SessionService({ store: sessions, metrics, cache, model: () => model.get(), limits, codecs: options.codecs, quotas, lifetimes: options.sessions });
+  const emulators = new EmulatorRegistry(
+    stateDir, options.emulators,
+    (key, err) => log.warn({ bundle: key, err: err.message }, 'a stored emulator bundle does not verify; building it again'),
+    { ...options.emulatorStorage, perTenant: (tenant) => quotas.of(tenant).storedBundles },
+  );
+  await emulators.open();
 
-  const app = Fastify({ loggerInstance: log as FastifyBaseLogger, bodyLimit: 1024 * 1024 });
+  const app = Fastify({ loggerInstance: log as FastifyBaseLogger, bodyLimit: 1024 * 1024, serverFactory: createServer });
   await app.register(swagger, {
     openapi: {
       openapi: '3.0.3',
@@ -129,25 +186,48 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     },
   });
   sendError(app, log);
-  await app.register(healthPlugin, { prefix: '/v1', ...ctx });
-  await app.register(modelsPlugin, { prefix: '/v1', ...ctx });
-  await app.register(emulatorsPlugin, { prefix: '/v1', ...ctx, emulators: new EmulatorRegistry(stateDir, options.emulators, (key, err) => log.warn({ bundle: key, err: err.message }, 'a stored emulator bundle does not verify; building it again')), maxAdapterRequestBytes: options.maxAdapterRequestBytes });
-  await app.register(sessionsPlugin, { prefix: '/v1', ...ctx });
-  await app.register(keysPlugin, { prefix: '/v1', ...ctx });
-  await app.register(metricsPlugin, ctx);
+  await app.register(healthPlugin, { prefix: '/v1', model });
+  await app.register(metricsPlugin, { metrics });
+  // Everything else needs a key: one scope, the auth plugin once, then the per-tenant rate limit.
   await app.register(async (scope) => {
-    scope.addHook('onRequest', requireCaller(keys));
+    await scope.register(authPlugin, { keys });
+    await scope.register(rateLimit, {
+      // A route-level onRequest hook: it runs after the scope's auth hook, so the caller is known.
+      keyGenerator: (request) => request.caller.tenant,
+      max: (request) => quotas.of(request.caller.tenant).requestsPerMinute,
+      timeWindow: 60_000,
+      allowList: (request) => request.caller.admin,
+      errorResponseBuilder: (request, context) => quotaExceeded(request.caller.tenant, 'requestsPerMinute', Number(context.max), `retry in ${context.after}`),
+    });
+    await scope.register(modelsPlugin, { model });
+    await scope.register(emulatorsPlugin, { model, emulators, quotas, maxAdapterRequestBytes: options.maxAdapterRequestBytes });
+    await scope.register(sessionsPlugin, { sessions, service });
+    await scope.register(keysPlugin, { keys });
     scope.get('/openapi.json', {
       schema: { summary: 'this OpenAPI document', tags: ['operations'], security: [{ bearer: [] }], response: { 200: { type: 'object', additionalProperties: true } } },
     }, async () => app.swagger());
   }, { prefix: '/v1' });
 
-  const io = attachDataPlane({ server: app.server, keys, service, metrics, limits, log: log.child({ plane: 'data' }) });
+  const io = attachDataPlane({ server: app.server, keys, service, metrics, limits, quotas, log: log.child({ plane: 'data' }) });
+  keys.onRevoked((record) => disconnectRevoked(io, record, log));
   const sweep = setInterval(() => cache.sweep(), Math.max(1000, Math.min(60_000, options.activationTtlMs ?? DEFAULT_ACTIVATION_TTL_MS)));
   sweep.unref();
+  let sweeping = false;
+  const sessionSweep = setInterval(() => {
+    if (sweeping) return;
+    sweeping = true;
+    service.sweep().then(
+      ({ expired, pruned }) => { if (expired + pruned > 0) log.info({ expired, pruned }, 'expired idle sessions and pruned closed ones'); },
+      (err: unknown) => log.error({ err }, 'the session sweep failed'),
+    ).finally(() => { sweeping = false; });
+    // A key revoked by another process (`tandem keys revoke`) reaches open sockets here.
+    keys.reloadIfChanged().catch((err: unknown) => log.error({ err }, 'reading the keys file failed'));
+  }, options.sweepIntervalMs ?? Math.max(1000, Math.min(60_000, service.lifetimes.idleMs / 4)));
+  sessionSweep.unref();
 
   const close = async (): Promise<void> => {
     clearInterval(sweep);
+    clearInterval(sessionSweep);
     io.disconnectSockets(true);
     io.engine.close();
     await app.close();
@@ -160,7 +240,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     const backend = await initBackend({ backend: options.backend, log: (line) => log.info(line) });
     const served = await ServedModel.load(options.modelDir, options.modelId);
     model.set(served, new MiddleExecutor(served.model));
-    log.info({ model: served.id, contentHash: served.contentHash, layers: served.numLayers, backend: backend.name }, 'model loaded; ready');
+    log.info({ model: served.id, contentHash: served.contentHash, layers: served.numLayers, backend: backend.name, tls: options.tls !== undefined }, 'model loaded; ready');
   } catch (error) {
     await close();
     throw error;
@@ -168,5 +248,6 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   const address = app.server.address();
   const port = typeof address === 'object' && address !== null ? address.port : (options.port ?? 0);
   const host = options.host ?? '127.0.0.1';
-  return { url: `http://${host.includes(':') ? `[${host}]` : host}:${port}`, port, adminKey, limits, close };
+  const scheme = options.tls === undefined ? 'http' : 'https';
+  return { url: `${scheme}://${host.includes(':') ? `[${host}]` : host}:${port}`, port, adminKey, limits, close };
 }

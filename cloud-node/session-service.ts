@@ -8,18 +8,35 @@ import {
   negotiateVersion, validateFrame,
 } from '../protocol/index.ts';
 import type {
-  Backward, Body, CodecName, CodecOffer, CodecPreferences, CodecSpec, Envelope, Forward, Heartbeat, Hello, Limits, SessionClose,
+  Backward, Body, CloseReason, CodecName, CodecOffer, CodecPreferences, CodecSpec, Envelope, Forward, Heartbeat, Hello, Limits, SessionClose,
   SessionOpen, TensorFrame, Welcome,
 } from '../protocol/index.ts';
 import type { ActivationCache } from './activation-cache.ts';
 import { CloudError } from './errors.ts';
 import type { CloudMetrics, StepKind } from './metrics.ts';
 import type { MiddleExecutor, Shape3 } from './middle-executor.ts';
+import type { QuotaLedger } from './quotas.ts';
 import type { ServedModel } from './served-model.ts';
 import type { Caller } from './state/key-store.ts';
 import type { SessionRecord, SessionStore } from './state/session-store.ts';
 
 export const SERVER_BUILD = 'tandem-cloud/0.1.0';
+
+/** Bounds of the Hello's strings that a session record keeps. */
+export const HELLO_STRING_LIMITS = { clientBuild: 128, methods: 32, method: 64 } as const;
+export const DEFAULT_SESSION_IDLE_MS = 60 * 60 * 1000;
+export const DEFAULT_CLOSED_RETENTION_MS = 24 * 60 * 60 * 1000;
+export const DEFAULT_CLOSED_SESSIONS_PER_TENANT = 100;
+
+/** Session lifetimes: idle expiry and the pruning of closed sessions. */
+export interface SessionLifetimes {
+  /** An open session with no request for this long is closed with reason `expired`. */
+  idleMs: number;
+  /** A closed session is forgotten (its record removed) this long after it closed. */
+  closedRetentionMs: number;
+  /** At most this many closed sessions are kept per tenant; the oldest are forgotten first. */
+  closedPerTenant: number;
+}
 
 /** An encoded reply and the largest message the transport may send to this peer in one piece. */
 export interface Reply {
@@ -50,12 +67,34 @@ export interface SessionServiceOptions {
   limits: Limits;
   /** Codecs the node accepts per direction; the edge's order of preference decides among them. */
   codecs?: CodecPreferences;
+  quotas: QuotaLedger;
+  lifetimes?: Partial<SessionLifetimes>;
 }
 
 const ALL_CODECS: CodecPreferences = { forward: CODEC_NAMES, backward: CODEC_NAMES };
 
 function replyKey(kind: StepKind, step: number, microbatch: number): string {
   return `${kind}:${step}:${microbatch}`;
+}
+
+/** Tokens (batch x sequence) a hidden-state frame declares; 0 for a shape the frame checks will refuse. */
+function tokensOf(frame: TensorFrame | undefined): number {
+  const s = frame?.shape;
+  return s !== undefined && s.length === 3 ? s[0] * s[1] : 0;
+}
+
+function checkLength(field: string, value: string, limit: number): void {
+  if (value.length > limit) throw new CloudError('TANDEM_FIELD_TOO_LONG', { field, actual: `${value.length} characters`, limit: `${limit} characters` });
+}
+
+/** The Hello's strings that are persisted, bounded before anything else is done. */
+function checkHelloStrings(hello: Hello): void {
+  checkLength('hello.client_build', hello.clientBuild, HELLO_STRING_LIMITS.clientBuild);
+  const methods = hello.training.methods;
+  if (methods.length > HELLO_STRING_LIMITS.methods) {
+    throw new CloudError('TANDEM_FIELD_TOO_LONG', { field: 'hello.training.methods', actual: `${methods.length} entries`, limit: `${HELLO_STRING_LIMITS.methods} entries` });
+  }
+  methods.forEach((m, i) => checkLength(`hello.training.methods[${i}]`, m, HELLO_STRING_LIMITS.method));
 }
 
 function sameShape(a: readonly number[], b: readonly number[]): boolean {
@@ -65,9 +104,70 @@ function sameShape(a: readonly number[], b: readonly number[]): boolean {
 export class SessionService {
   readonly #options: SessionServiceOptions;
   readonly #runtimes = new Map<string, SessionRuntime>();
+  /** When each session last saw a request (ms); sessions loaded from disk start at their updatedAt. */
+  readonly #activity = new Map<string, number>();
+  readonly #lifetimes: SessionLifetimes;
 
   constructor(options: SessionServiceOptions) {
     this.#options = options;
+    this.#lifetimes = {
+      idleMs: options.lifetimes?.idleMs ?? DEFAULT_SESSION_IDLE_MS,
+      closedRetentionMs: options.lifetimes?.closedRetentionMs ?? DEFAULT_CLOSED_RETENTION_MS,
+      closedPerTenant: options.lifetimes?.closedPerTenant ?? DEFAULT_CLOSED_SESSIONS_PER_TENANT,
+    };
+  }
+
+  get lifetimes(): Readonly<SessionLifetimes> {
+    return this.#lifetimes;
+  }
+
+  #touch(sessionId: string): void {
+    this.#activity.set(sessionId, Date.now());
+  }
+
+  /**
+   * Closes open sessions idle for longer than `idleMs` (reason `expired`) and forgets closed
+   * ones older than `closedRetentionMs`. The node runs it periodically.
+   */
+  async sweep(now = Date.now()): Promise<{ expired: number; pruned: number }> {
+    let expired = 0;
+    let pruned = 0;
+    for (const s of [...this.#options.store.all()]) {
+      if (s.state === 'open') {
+        const last = this.#activity.get(s.id) ?? Date.parse(s.updatedAt);
+        if (now - last > this.#lifetimes.idleMs) {
+          await this.#closeRecord(s, 'expired');
+          expired += 1;
+        }
+      } else if (now - Date.parse(s.closedAt ?? s.updatedAt) > this.#lifetimes.closedRetentionMs) {
+        await this.#options.store.remove(s.id);
+        this.#activity.delete(s.id);
+        pruned += 1;
+      }
+    }
+    return { expired, pruned };
+  }
+
+  async #closeRecord(session: SessionRecord, reason: CloseReason): Promise<void> {
+    await this.#options.store.update(session.id, (s) => {
+      s.state = 'closed';
+      s.closedAt = new Date().toISOString();
+      s.closeReason = reason;
+    });
+    this.#options.cache.dropSession(session.id);
+    this.#runtimes.get(session.id)?.feedback?.clear();
+    this.#runtimes.delete(session.id);
+    this.#activity.delete(session.id);
+    this.#options.metrics.sessionsOpen.set(this.#options.store.openCount);
+    await this.#pruneClosed(session.tenant);
+  }
+
+  /** Keeps at most `closedPerTenant` closed sessions of a tenant, forgetting the oldest. */
+  async #pruneClosed(tenant: string): Promise<void> {
+    const closed = [...this.#options.store.all()].filter((s) => s.tenant === tenant && s.state === 'closed');
+    if (closed.length <= this.#lifetimes.closedPerTenant) return;
+    closed.sort((a, b) => (a.closedAt ?? a.updatedAt).localeCompare(b.closedAt ?? b.updatedAt));
+    for (const s of closed.slice(0, closed.length - this.#lifetimes.closedPerTenant)) await this.#options.store.remove(s.id);
   }
 
   /** The reply to one request envelope. Throws CloudError or ProtocolError for the transport to report. */
@@ -94,17 +194,7 @@ export class SessionService {
   /** Closes a session (socket SessionClose or REST DELETE); closing a closed session is a no-op. */
   async close(caller: Caller, sessionId: string, request: Partial<SessionClose> = {}): Promise<Body> {
     const session = this.#options.store.get(caller, sessionId);
-    if (session.state === 'open') {
-      await this.#options.store.update(sessionId, (s) => {
-        s.state = 'closed';
-        s.closedAt = new Date().toISOString();
-        s.closeReason = request.reason ?? 'unspecified';
-      });
-      this.#options.cache.dropSession(sessionId);
-      this.#runtimes.get(sessionId)?.feedback?.clear();
-      this.#runtimes.delete(sessionId);
-      this.#options.metrics.sessionsOpen.set(this.#options.store.openCount);
-    }
+    if (session.state === 'open') await this.#closeRecord(session, request.reason ?? 'unspecified');
     return { case: 'sessionClose', value: { sessionId, reason: session.closeReason ?? 'unspecified', message: request.message ?? '' } };
   }
 
@@ -113,6 +203,8 @@ export class SessionService {
   }
 
   async #hello(caller: Caller, hello: Hello): Promise<Body> {
+    checkHelloStrings(hello);
+    this.#options.quotas.checkOpenSessions(caller.tenant, this.#options.store.openCountOf(caller.tenant));
     const { served } = this.#options.model();
     const version = negotiateVersion(hello.versions);
     if (hello.model.id !== served.id) throw new CloudError('TANDEM_MODEL_UNKNOWN', { model: JSON.stringify(hello.model.id), served: served.id });
@@ -143,6 +235,7 @@ export class SessionService {
       updatedAt: now,
     };
     await this.#options.store.add(record);
+    this.#touch(record.id);
     this.#options.metrics.sessionsCreated.inc();
     this.#options.metrics.sessionsOpen.set(this.#options.store.openCount);
     return { case: 'welcome', value: welcomeOf(record) };
@@ -157,6 +250,7 @@ export class SessionService {
 
   async #open(caller: Caller, open: SessionOpen): Promise<Body> {
     const session = this.#options.store.getOpen(caller, open.sessionId);
+    this.#touch(session.id);
     // The edge resumes at `resumeStep` (e.g. from a checkpoint): replies of later steps are
     // of a run it abandoned, and the step order restarts there.
     const runtime = this.#runtime(session.id);
@@ -166,7 +260,10 @@ export class SessionService {
   }
 
   #heartbeat(caller: Caller, beat: Heartbeat): Body {
-    if (beat.sessionId !== '') this.#options.store.getOpen(caller, beat.sessionId);
+    if (beat.sessionId !== '') {
+      this.#options.store.getOpen(caller, beat.sessionId);
+      this.#touch(beat.sessionId);
+    }
     return { case: 'heartbeat', value: { sessionId: beat.sessionId, sequence: beat.sequence, sentAtMs: Date.now() } };
   }
 
@@ -181,6 +278,7 @@ export class SessionService {
 
   async #step(caller: Caller, request: Envelope, kind: StepKind, message: Forward | Backward): Promise<Reply> {
     const session = this.#options.store.getOpen(caller, message.sessionId);
+    this.#touch(session.id);
     const runtime = this.#runtime(session.id);
     const key = replyKey(kind, message.step, message.microbatch);
     let reply = runtime.replies.get(key);
@@ -202,7 +300,14 @@ export class SessionService {
   }
 
   async #compute(session: SessionRecord, runtime: SessionRuntime, kind: StepKind, message: Forward | Backward, requestId: string): Promise<CachedReply> {
-    const body = kind === 'forward' ? await this.#forward(session, message as Forward) : await this.#backward(session, runtime, message as Backward);
+    // The tenant's tokens in flight are bounded before any work (TANDEM_QUOTA_EXCEEDED).
+    const release = this.#options.quotas.reserveTokens(session.tenant, tokensOf(message.frames[0]));
+    let body: Body;
+    try {
+      body = kind === 'forward' ? await this.#forward(session, message as Forward) : await this.#backward(session, runtime, message as Backward);
+    } finally {
+      release();
+    }
     const reply: CachedReply = { requestId, step: message.step, body, bytes: encodeEnvelope(envelope(requestId, body)) };
     this.#options.metrics.steps.inc({ kind });
     if (this.#runtimes.get(session.id) !== runtime) return reply; // closed meanwhile

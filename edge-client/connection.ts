@@ -7,7 +7,11 @@ import { io } from 'socket.io-client';
 import type { Socket } from 'socket.io-client';
 import { AUTH_ERROR_CODES, DEFAULT_LIMITS, Reassembler, WIRE_ERRORS, decodeEnvelope, encodeEnvelope, messagesForTransport } from '../protocol/index.ts';
 import type { Envelope } from '../protocol/index.ts';
+import { tlsTrustFailure, tlsUntrusted } from './download.ts';
 import { EdgeError } from './errors.ts';
+
+/** The event the cloud sends, `{code, message}`, just before it disconnects a socket for good (a revoked key). */
+export const DISCONNECT_REASON_EVENT = 'tandem:disconnect';
 
 export interface ConnectionOptions {
   key: string;
@@ -20,6 +24,8 @@ export interface ConnectionOptions {
   maxBackoffMs?: number;
   /** How long to wait for the (re)connection before a request fails. */
   connectTimeoutMs?: number;
+  /** PEM CA certificate(s) an https:// cloud's certificate must chain to, instead of the system's. */
+  ca?: string;
 }
 
 /** Traffic counters; bytes are the encoded envelopes on the wire. */
@@ -57,7 +63,9 @@ export class CloudConnection {
   readonly stats: ConnectionStats = { bytesSent: 0, bytesReceived: 0, requests: 0, retries: 0, reconnects: 0, meanRttMs: 0, lastRttMs: 0 };
   /** The negotiated limit; larger envelopes go as chunks. */
   maxMessageBytes: number = DEFAULT_LIMITS.maxMessageBytes;
-  private readonly options: Required<ConnectionOptions>;
+  private readonly options: Required<Omit<ConnectionOptions, 'ca'>>;
+  /** Set when the cloud said why it disconnected us for good: every later request fails with it. */
+  private refusal?: EdgeError;
   private readonly reassembler = new Reassembler({ maxMessageBytes: DEFAULT_LIMITS.maxFrameBytes });
   private reattach?: () => Promise<void>;
   private ready: Promise<void> = Promise.resolve();
@@ -83,6 +91,12 @@ export class CloudConnection {
       reconnectionDelay: 100,
       reconnectionDelayMax: 2_000,
       randomizationFactor: 0.2,
+      ...(options.ca === undefined ? {} : { ca: options.ca }),
+    });
+    this.socket.on(DISCONNECT_REASON_EVENT, (reason: { code?: unknown; message?: unknown } | undefined) => {
+      const code = typeof reason?.code === 'string' ? reason.code : 'TANDEM_AUTH_KEY_REVOKED';
+      const message = typeof reason?.message === 'string' ? reason.message : code;
+      this.refusal = new EdgeError('TANDEM_EDGE_AUTH_FAILED', `the cloud disconnected this client: ${message}`, { where: url, remoteCode: code });
     });
     this.socket.on('connect', () => {
       if (this.connectedOnce) this.onReconnect();
@@ -91,7 +105,7 @@ export class CloudConnection {
     this.socket.on('disconnect', (reason) => {
       // A server that shuts down disconnects its sockets itself, and socket.io does not
       // reconnect after that on its own; a restarted node is worth waiting for.
-      if (reason === 'io server disconnect' && !this.closed) this.socket.connect();
+      if (reason === 'io server disconnect' && !this.closed && this.refusal === undefined) this.socket.connect();
     });
   }
 
@@ -126,6 +140,7 @@ export class CloudConnection {
   }
 
   private waitConnected(): Promise<void> {
+    if (this.refusal !== undefined) return Promise.reject(this.refusal);
     if (this.closed) return Promise.reject(new EdgeError('TANDEM_EDGE_CLOSED', 'the connection is closed'));
     if (this.socket.connected) return Promise.resolve();
     return new Promise((resolve, reject) => {
@@ -138,11 +153,18 @@ export class CloudConnection {
       };
       const onConnect = (): void => done();
       const onError = (err: Error & { data?: unknown }): void => {
+        // A certificate that does not verify will not verify on a retry either.
+        const tls = tlsTrustFailure(err);
+        if (tls !== undefined) {
+          done(tlsUntrusted(this.url, tls, err));
+          return;
+        }
         // A refusal by the server's middleware is final: socket.io does not retry it.
         if (this.socket.active) return;
-        const code = (err.data as { code?: unknown } | undefined)?.code;
-        const auth = (AUTH_ERROR_CODES as readonly unknown[]).includes(code) || /auth|key/i.test(err.message);
-        done(new EdgeError(auth ? 'TANDEM_EDGE_AUTH_FAILED' : 'TANDEM_EDGE_CONNECT_FAILED', `the cloud refused the connection: ${err.message}`, { where: this.url, cause: err }));
+        const data = err.data as { code?: unknown } | undefined;
+        const remoteCode = typeof data?.code === 'string' ? data.code : undefined;
+        const auth = (AUTH_ERROR_CODES as readonly unknown[]).includes(remoteCode) || /auth|key/i.test(err.message);
+        done(new EdgeError(auth ? 'TANDEM_EDGE_AUTH_FAILED' : 'TANDEM_EDGE_CONNECT_FAILED', `the cloud refused the connection: ${err.message}`, { where: this.url, cause: err, remoteCode }));
       };
       const timer = setTimeout(
         () => done(new EdgeError('TANDEM_EDGE_CONNECT_FAILED', `no connection within ${this.options.connectTimeoutMs} ms`, { where: this.url })),

@@ -4,6 +4,7 @@
 // so a second run starts without the network.
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { request as httpsRequest } from 'node:https';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { CONFIG_FILE, LlamaModel, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, expectedTensorShapes, loadTokenizer, onEdge, parseModelConfig, readSafetensorsFile, toFloat32 } from '../model/index.ts';
@@ -53,6 +54,66 @@ function parseCutLimits(v: unknown, where: string, field: string): CutLimits {
   return { minBottom: v.minBottom as number, minTop: v.minTop as number, maxBottomPlusTop: v.maxBottomPlusTop as number };
 }
 
+/** TLS failures meaning the cloud's certificate is not trusted: unknown CA, self-signed, wrong name, expired. */
+const TLS_TRUST_CODES = new Set([
+  'SELF_SIGNED_CERT_IN_CHAIN', 'DEPTH_ZERO_SELF_SIGNED_CERT', 'UNABLE_TO_VERIFY_LEAF_SIGNATURE', 'UNABLE_TO_GET_ISSUER_CERT',
+  'UNABLE_TO_GET_ISSUER_CERT_LOCALLY', 'CERT_SIGNATURE_FAILURE', 'CERT_HAS_EXPIRED', 'CERT_NOT_YET_VALID', 'CERT_UNTRUSTED',
+  'CERT_REJECTED', 'ERR_TLS_CERT_ALTNAME_INVALID', 'HOSTNAME_MISMATCH',
+]);
+
+/** The TLS trust failure code inside an error (fetch's cause, ws' error event, engine.io's description), if any. */
+export function tlsTrustFailure(err: unknown, depth = 0): string | undefined {
+  if (typeof err !== 'object' || err === null || depth > 4) return undefined;
+  const e = err as { code?: unknown; cause?: unknown; error?: unknown; description?: unknown };
+  if (typeof e.code === 'string' && TLS_TRUST_CODES.has(e.code)) return e.code;
+  return tlsTrustFailure(e.cause, depth + 1) ?? tlsTrustFailure(e.error, depth + 1) ?? tlsTrustFailure(e.description, depth + 1);
+}
+
+/** TANDEM_EDGE_TLS_UNTRUSTED naming the URL whose certificate failed. */
+export function tlsUntrusted(url: string, code: string, cause: unknown): EdgeError {
+  return new EdgeError('TANDEM_EDGE_TLS_UNTRUSTED', `the TLS certificate of ${url} is not trusted (${code}); for a private CA pass --ca FILE`, { where: url, cause });
+}
+
+export interface CloudFetchInit {
+  method?: string;
+  headers?: Record<string, string>;
+  body?: string;
+  timeoutMs?: number;
+  /** PEM CA certificate(s) the cloud's certificate must chain to, instead of the system's. */
+  ca?: string;
+}
+
+/**
+ * fetch() for the cloud's REST API. With a private CA the request goes through node:https
+ * (Node's fetch takes no CA), and the answer is the same Response. A certificate that does not
+ * verify is TANDEM_EDGE_TLS_UNTRUSTED naming the URL; other failures are thrown as they come.
+ */
+export async function cloudFetch(url: string, init: CloudFetchInit = {}): Promise<Response> {
+  const signal = AbortSignal.timeout(init.timeoutMs ?? 60_000);
+  try {
+    if (init.ca === undefined || !url.startsWith('https:')) return await fetch(url, { method: init.method, headers: init.headers, body: init.body, signal });
+    return await new Promise<Response>((resolve, reject) => {
+      const req = httpsRequest(url, { method: init.method ?? 'GET', headers: init.headers, ca: init.ca, signal }, (res) => {
+        const chunks: Buffer[] = [];
+        res.on('data', (c: Buffer) => chunks.push(c));
+        res.on('error', reject);
+        res.on('end', () => {
+          const headers = new Headers();
+          for (const [name, value] of Object.entries(res.headers)) if (value !== undefined) headers.set(name, Array.isArray(value) ? value.join(', ') : value);
+          const status = res.statusCode ?? 500;
+          resolve(new Response(status === 204 || status === 304 ? null : Buffer.concat(chunks), { status, statusText: res.statusMessage, headers }));
+        });
+      });
+      req.on('error', reject);
+      req.end(init.body);
+    });
+  } catch (cause) {
+    const code = tlsTrustFailure(cause);
+    if (code !== undefined) throw tlsUntrusted(url, code, cause);
+    throw cause;
+  }
+}
+
 /** The REST half of the cloud API, with the key in every request. */
 export class CloudRest {
   readonly baseUrl: string;
@@ -61,6 +122,7 @@ export class CloudRest {
     url: string,
     private readonly key: string,
     private readonly timeoutMs = 60_000,
+    private readonly ca?: string,
   ) {
     this.baseUrl = url.replace(/\/+$/, '');
   }
@@ -69,8 +131,9 @@ export class CloudRest {
     const url = `${this.baseUrl}${path}`;
     let res: Response;
     try {
-      res = await fetch(url, { headers: { authorization: `Bearer ${this.key}` }, signal: AbortSignal.timeout(this.timeoutMs) });
+      res = await cloudFetch(url, { headers: { authorization: `Bearer ${this.key}` }, timeoutMs: this.timeoutMs, ca: this.ca });
     } catch (cause) {
+      if (cause instanceof EdgeError) throw cause;
       throw new EdgeError('TANDEM_EDGE_HTTP_FAILED', `GET failed: ${(cause as Error).message}`, { where: url, cause });
     }
     if (res.ok) return res;

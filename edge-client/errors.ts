@@ -15,6 +15,7 @@ export const EDGE_ERRORS = {
   TANDEM_EDGE_SESSION_LOST: { summary: 'the session could not be reattached after a reconnect' },
   TANDEM_EDGE_CLOSED: { summary: 'the connection was closed by this client' },
   TANDEM_EDGE_CHECKPOINT_MISMATCH: { summary: 'the checkpoint was written by a different run' },
+  TANDEM_EDGE_TLS_UNTRUSTED: { summary: 'the cloud\'s TLS certificate is not trusted (pass --ca for a private CA)' },
 } as const satisfies Record<string, { summary: string }>;
 
 export type EdgeErrorCode = keyof typeof EDGE_ERRORS;

@@ -34,8 +34,9 @@ export class CloudClient {
     readonly url: string,
     readonly connection: CloudConnection,
     key: string,
+    ca?: string,
   ) {
-    this.rest = new CloudRest(url, key);
+    this.rest = new CloudRest(url, key, undefined, ca);
   }
 
   models(): Promise<ModelDescription[]> {
@@ -73,7 +74,7 @@ export async function connectCloud(url: string, options: ConnectCloudOptions): P
   }
   if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', `the cloud URL must be http(s), got ${parsed.protocol}`, { field: 'cloud' });
   const connection = await CloudConnection.open(url, options);
-  return new CloudClient(url, connection, options.key);
+  return new CloudClient(url, connection, options.key, options.ca);
 }
 
 export class EdgeSession implements MiddleChannel {

@@ -14,6 +14,8 @@ export interface EdgeTrainOptions extends Partial<TrainRecipe>, Omit<RunSettings
   /** The cloud node's base URL, e.g. http://127.0.0.1:8080. */
   cloud: string;
   key: string;
+  /** PEM CA certificate(s) for an https:// cloud with a private CA. */
+  ca?: string;
   /** A model id the cloud serves (GET /v1/models). */
   model: string;
   /** A .jsonl ({"text"}, {"prompt","completion"} or {"text","label"}) or plain-text file. */
@@ -99,7 +101,7 @@ export async function trainEdge(options: EdgeTrainOptions): Promise<EdgeTrainRes
   const backward = codecSpec(options.codecBackward, 'codecBackward');
   const methods = options.methods ?? DEFAULT_METHODS;
 
-  const client = await connectCloud(options.cloud, { key: options.key, requestTimeoutMs: options.requestTimeoutMs, retries: options.retries });
+  const client = await connectCloud(options.cloud, { key: options.key, requestTimeoutMs: options.requestTimeoutMs, retries: options.retries, ca: options.ca });
   let edge: Awaited<ReturnType<typeof loadEdgePart>> | undefined;
   try {
     const info = (await client.models()).find((m) => m.id === options.model);

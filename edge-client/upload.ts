@@ -6,24 +6,30 @@ import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE } from '../model/index.ts';
 import { readBundle, readOffsiteRecord, writeBundleFiles } from '../emulator/index.ts';
 import type { Bundle, BundleFile, Quantization } from '../emulator/index.ts';
 import type { PlugInEvaluation } from '../protocol/index.ts';
+import { cloudFetch } from './download.ts';
 import { EdgeError } from './errors.ts';
 
 export interface CloudTarget {
   /** http(s)://host:port of the node. */
   cloudUrl: string;
   key: string;
+  /** PEM CA certificate(s) for an https:// cloud with a private CA. */
+  ca?: string;
 }
 
 async function call(target: CloudTarget, method: string, path: string, body?: unknown): Promise<Response> {
   const url = `${target.cloudUrl.replace(/\/+$/, '')}${path}`;
   let response: Response;
   try {
-    response = await fetch(url, {
+    response = await cloudFetch(url, {
       method,
       headers: { authorization: `Bearer ${target.key}`, ...(body === undefined ? {} : { 'content-type': 'application/json' }) },
       body: body === undefined ? undefined : JSON.stringify(body),
+      timeoutMs: 30 * 60_000,
+      ca: target.ca,
     });
   } catch (cause) {
+    if (cause instanceof EdgeError) throw cause;
     throw new EdgeError('TANDEM_EDGE_HTTP_FAILED', `${method} failed: ${(cause as Error).message}`, { where: url, cause });
   }
   if (response.ok) return response;

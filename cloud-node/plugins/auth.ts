@@ -1,11 +1,21 @@
-// API-key authentication for REST routes: `authorization: Bearer <key>`. A plugin adds
-// `requireCaller(keys)` as an onRequest hook in its own scope and reads the caller back
-// with `callerOf(request)`.
-import type { FastifyRequest, onRequestAsyncHookHandler } from 'fastify';
+// API-key authentication for REST routes: `authorization: Bearer <key>`. One plugin,
+// registered once around the authenticated scope: its onRequest hook decorates every request
+// of that scope with `request.caller` before any route (or the rate limit) sees it.
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+import fp from 'fastify-plugin';
 import { CloudError } from '../errors.ts';
 import type { Caller, KeyStore } from '../state/key-store.ts';
 
-const callers = new WeakMap<FastifyRequest, Caller>();
+declare module 'fastify' {
+  interface FastifyRequest {
+    /** Who sent the request; set by the auth plugin on every route of the authenticated scope. */
+    caller: Caller;
+  }
+}
+
+export interface AuthPluginOptions {
+  keys: KeyStore;
+}
 
 export function bearerKey(header: string | undefined): string | undefined {
   if (header === undefined) return undefined;
@@ -14,20 +24,17 @@ export function bearerKey(header: string | undefined): string | undefined {
   return match[1];
 }
 
-export function requireCaller(keys: KeyStore): onRequestAsyncHookHandler {
-  return async (request) => {
-    callers.set(request, await keys.authenticate(bearerKey(request.headers.authorization)));
-  };
+async function auth(app: FastifyInstance, options: AuthPluginOptions): Promise<void> {
+  app.decorateRequest('caller', null as unknown as Caller);
+  app.addHook('onRequest', async (request) => {
+    request.caller = await options.keys.authenticate(bearerKey(request.headers.authorization));
+  });
 }
 
-export function callerOf(request: FastifyRequest): Caller {
-  const caller = callers.get(request);
-  if (caller === undefined) throw new CloudError('TANDEM_AUTH_KEY_MISSING');
-  return caller;
-}
+/** Not encapsulated (fastify-plugin): the hook and the decoration apply to the scope that registers it. */
+export const authPlugin = fp(auth, { name: 'tandem-auth', fastify: '5.x' });
 
 export function requireAdmin(request: FastifyRequest, action: string): Caller {
-  const caller = callerOf(request);
-  if (!caller.admin) throw new CloudError('TANDEM_AUTH_ADMIN_REQUIRED', { action });
-  return caller;
+  if (!request.caller.admin) throw new CloudError('TANDEM_AUTH_ADMIN_REQUIRED', { action });
+  return request.caller;
 }

@@ -6,11 +6,12 @@ import type { Quantization } from '../../emulator/index.ts';
 import { loadTokenizer } from '../../model/index.ts';
 import type { Tokenizer } from '../../model/index.ts';
 import { evaluateAdapter } from '../adapter-evaluation.ts';
-import type { CloudContext } from '../context.ts';
+import type { ModelSlot } from '../context.ts';
 import type { EmulatorRegistry, EmulatorRequest } from '../emulator-registry.ts';
 import { CloudError } from '../errors.ts';
+import type { QuotaLedger } from '../quotas.ts';
 import type { ServedModel } from '../served-model.ts';
-import { requireCaller } from './auth.ts';
+import { sendListedFile } from './files.ts';
 import { authErrors, cutSchema, errorSchema, security } from './schemas.ts';
 
 /** Defaults of the adapter evaluation limits. */
@@ -18,8 +19,10 @@ export const DEFAULT_ADAPTER_REQUEST_BYTES = 64 * 1024 * 1024;
 export const DEFAULT_EVAL_TEXT_BYTES = 8 * 1024 * 1024;
 const MAX_EVAL_BATCH = 64;
 
-export interface EmulatorsPluginOptions extends CloudContext {
+export interface EmulatorsPluginOptions {
+  model: ModelSlot;
   emulators: EmulatorRegistry;
+  quotas: QuotaLedger;
   /** Largest POST /adapters/evaluate body, base64 adapter and data included. */
   maxAdapterRequestBytes?: number;
   /** Largest evaluation text, in UTF-8 bytes. */
@@ -69,8 +72,6 @@ export async function emulatorsPlugin(app: FastifyInstance, options: EmulatorsPl
     if (tokenizer?.dir !== served.dir) tokenizer = { dir: served.dir, value: loadTokenizer(served.dir) };
     return tokenizer.value;
   };
-  app.addHook('onRequest', requireCaller(ctx.keys));
-
   app.get<{ Params: { id: string }; Querystring: EmulatorQuery }>('/models/:id/emulators', {
     schema: {
       summary: 'manifest of an emulator bundle (bottom and top blocks, the emulator of the middle, tokenizer) for offsite training; built on the first request and kept',
@@ -95,7 +96,7 @@ export async function emulatorsPlugin(app: FastifyInstance, options: EmulatorsPl
     },
   }, async (request) => {
     const served = ctx.model.byId(request.params.id);
-    const bundle = await options.emulators.get(served, requestOf(served, request.query));
+    const bundle = await options.emulators.get(served, requestOf(served, request.query), request.caller.tenant);
     return { model: served.id, contentHash: served.contentHash, cut: bundle.manifest.cut, keptLayers: bundle.manifest.keptLayers, manifest: bundle.manifest, files: bundle.files };
   });
 
@@ -109,13 +110,8 @@ export async function emulatorsPlugin(app: FastifyInstance, options: EmulatorsPl
     },
   }, async (request, reply) => {
     const served = ctx.model.byId(request.params.id);
-    const bundle = await options.emulators.get(served, requestOf(served, request.query));
-    const bytes = bundle.contents.get(request.params.name);
-    const file = bundle.files.find((f) => f.name === request.params.name);
-    if (bytes === undefined || file === undefined) {
-      throw new CloudError('TANDEM_EMULATOR_FILE_UNKNOWN', { name: JSON.stringify(request.params.name), files: bundle.files.map((f) => f.name).join(', ') });
-    }
-    return reply.type('application/octet-stream').header('x-tandem-sha256', file.sha256).send(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength));
+    const bundle = await options.emulators.get(served, requestOf(served, request.query), request.caller.tenant);
+    return sendListedFile(reply, bundle, request.params.name, (name, files) => new CloudError('TANDEM_EMULATOR_FILE_UNKNOWN', { name, files }));
   });
 
   app.post<{ Params: { id: string }; Body: EvaluateBody }>('/models/:id/adapters/evaluate', {
@@ -169,8 +165,13 @@ export async function emulatorsPlugin(app: FastifyInstance, options: EmulatorsPl
     const seqLen = body.seqLen ?? Math.min(256, served.config.maxPositionEmbeddings);
     if (seqLen > served.config.maxPositionEmbeddings) throw new CloudError('TANDEM_EVAL_DATA_INVALID', { reason: `seqLen ${seqLen} exceeds the model's ${served.config.maxPositionEmbeddings} positions` });
     if (!/^[A-Za-z0-9+/]*={0,2}$/.test(body.adapter.weights)) throw new CloudError('TANDEM_ADAPTER_INVALID', { model: served.id, reason: 'adapter.weights must be base64' });
-    const weights = new Uint8Array(Buffer.from(body.adapter.weights, 'base64'));
-    const result = await evaluateAdapter(served, await tokenizerOf(served), { config: body.adapter.config, weights }, body.data, { seqLen, batchSize: body.batchSize ?? 8 });
-    return { model: served.id, contentHash: served.contentHash, ...result };
+    const release = options.quotas.holdAdapter(request.caller.tenant);
+    try {
+      const weights = new Uint8Array(Buffer.from(body.adapter.weights, 'base64'));
+      const result = await evaluateAdapter(served, await tokenizerOf(served), { config: body.adapter.config, weights }, body.data, { seqLen, batchSize: body.batchSize ?? 8 });
+      return { model: served.id, contentHash: served.contentHash, ...result };
+    } finally {
+      release();
+    }
   });
 }

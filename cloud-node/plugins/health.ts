@@ -1,8 +1,12 @@
 // Liveness and readiness, without authentication.
 import type { FastifyInstance } from 'fastify';
-import type { CloudContext } from '../context.ts';
+import type { ModelSlot } from '../context.ts';
 
-export async function healthPlugin(app: FastifyInstance, ctx: CloudContext): Promise<void> {
+export interface HealthPluginOptions {
+  model: ModelSlot;
+}
+
+export async function healthPlugin(app: FastifyInstance, ctx: HealthPluginOptions): Promise<void> {
   app.get('/health', {
     schema: {
       summary: 'liveness: the process answers',

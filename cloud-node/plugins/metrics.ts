@@ -1,9 +1,13 @@
 // Prometheus text at /metrics. Unauthenticated, as scrapers expect: it carries counts by
 // codec, kind and error code, never a tenant, session or key.
 import type { FastifyInstance } from 'fastify';
-import type { CloudContext } from '../context.ts';
+import type { CloudMetrics } from '../metrics.ts';
 
-export async function metricsPlugin(app: FastifyInstance, ctx: CloudContext): Promise<void> {
+export interface MetricsPluginOptions {
+  metrics: CloudMetrics;
+}
+
+export async function metricsPlugin(app: FastifyInstance, ctx: MetricsPluginOptions): Promise<void> {
   app.get('/metrics', {
     schema: { summary: 'Prometheus metrics', tags: ['operations'], response: { 200: { type: 'string' } } },
   }, async (_request, reply) => {

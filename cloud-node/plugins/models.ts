@@ -1,10 +1,14 @@
 // The models this node serves and the edge part of each for download.
 import type { FastifyInstance } from 'fastify';
-import type { CloudContext } from '../context.ts';
+import type { ModelSlot } from '../context.ts';
 import { CloudError } from '../errors.ts';
 import type { ServedModel } from '../served-model.ts';
-import { requireCaller } from './auth.ts';
+import { sendListedFile } from './files.ts';
 import { authErrors, cutSchema, security } from './schemas.ts';
+
+export interface ModelsPluginOptions {
+  model: ModelSlot;
+}
 
 const modelSchema = {
   type: 'object',
@@ -51,9 +55,7 @@ function describe(served: ServedModel) {
   };
 }
 
-export async function modelsPlugin(app: FastifyInstance, ctx: CloudContext): Promise<void> {
-  app.addHook('onRequest', requireCaller(ctx.keys));
-
+export async function modelsPlugin(app: FastifyInstance, ctx: ModelsPluginOptions): Promise<void> {
   app.get('/models', {
     schema: {
       summary: 'the models this node serves', tags: ['models'], security,
@@ -101,11 +103,6 @@ export async function modelsPlugin(app: FastifyInstance, ctx: CloudContext): Pro
   }, async (request, reply) => {
     const served = ctx.model.byId(request.params.id);
     const bundle = served.edgeBundle(cutOf(served, request.query));
-    const bytes = bundle.contents.get(request.params.name);
-    const file = bundle.files.find((f) => f.name === request.params.name);
-    if (bytes === undefined || file === undefined) {
-      throw new CloudError('TANDEM_EDGE_FILE_UNKNOWN', { name: JSON.stringify(request.params.name), files: bundle.files.map((f) => f.name).join(', ') });
-    }
-    return reply.type('application/octet-stream').header('x-tandem-sha256', file.sha256).send(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength));
+    return sendListedFile(reply, bundle, request.params.name, (name, files) => new CloudError('TANDEM_EDGE_FILE_UNKNOWN', { name, files }));
   });
 }

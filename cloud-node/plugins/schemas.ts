@@ -10,8 +10,8 @@ export const errorSchema = {
   },
 } as const;
 
-/** The error responses every authenticated route may give. */
-export const authErrors = { 401: errorSchema, 403: errorSchema, 404: errorSchema, 409: errorSchema, 400: errorSchema, 503: errorSchema } as const;
+/** The error responses every authenticated route may give (429: over a tenant quota, the rate limit included). */
+export const authErrors = { 401: errorSchema, 403: errorSchema, 404: errorSchema, 409: errorSchema, 400: errorSchema, 429: errorSchema, 503: errorSchema } as const;
 
 export const security = [{ bearer: [] }];
 

@@ -1,10 +1,14 @@
 // Sessions of the caller's tenant (all of them for the admin): list, inspect, close.
 // Another tenant's session answers 404 TANDEM_SESSION_UNKNOWN, exactly like a missing one.
 import type { FastifyInstance } from 'fastify';
-import type { CloudContext } from '../context.ts';
-import type { SessionRecord } from '../state/session-store.ts';
-import { callerOf, requireCaller } from './auth.ts';
+import type { SessionService } from '../session-service.ts';
+import type { SessionRecord, SessionStore } from '../state/session-store.ts';
 import { authErrors, security, sessionSchema } from './schemas.ts';
+
+export interface SessionsPluginOptions {
+  sessions: SessionStore;
+  service: SessionService;
+}
 
 function view(s: SessionRecord) {
   return { ...s, version: `${s.version.major}.${s.version.minor}` };
@@ -12,19 +16,17 @@ function view(s: SessionRecord) {
 
 const idParams = { type: 'object', required: ['id'], properties: { id: { type: 'string' } } } as const;
 
-export async function sessionsPlugin(app: FastifyInstance, ctx: CloudContext): Promise<void> {
-  app.addHook('onRequest', requireCaller(ctx.keys));
-
+export async function sessionsPlugin(app: FastifyInstance, ctx: SessionsPluginOptions): Promise<void> {
   app.get('/sessions', {
     schema: {
       summary: "the caller's sessions (the admin sees every tenant's)", tags: ['sessions'], security,
       response: { 200: { type: 'object', required: ['sessions'], properties: { sessions: { type: 'array', items: sessionSchema } } }, ...authErrors },
     },
-  }, async (request) => ({ sessions: ctx.sessions.list(callerOf(request)).map(view) }));
+  }, async (request) => ({ sessions: ctx.sessions.list(request.caller).map(view) }));
 
   app.get<{ Params: { id: string } }>('/sessions/:id', {
     schema: { summary: 'one session', tags: ['sessions'], security, params: idParams, response: { 200: sessionSchema, ...authErrors } },
-  }, async (request) => view(ctx.sessions.get(callerOf(request), request.params.id)));
+  }, async (request) => view(ctx.sessions.get(request.caller, request.params.id)));
 
   app.delete<{ Params: { id: string } }>('/sessions/:id', {
     schema: {
@@ -32,7 +34,7 @@ export async function sessionsPlugin(app: FastifyInstance, ctx: CloudContext): P
       tags: ['sessions'], security, params: idParams, response: { 200: sessionSchema, ...authErrors },
     },
   }, async (request) => {
-    const caller = callerOf(request);
+    const { caller } = request;
     await ctx.service.close(caller, request.params.id, { reason: 'cancelled', message: 'closed through the REST API' });
     return view(ctx.sessions.get(caller, request.params.id));
   });

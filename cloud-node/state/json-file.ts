@@ -1,7 +1,14 @@
-// JSON state files: read with validation, written atomically (temporary file, then rename).
-import { readFile } from 'node:fs/promises';
-import { writeFileAtomic } from '../../model/index.ts';
+// JSON state files: read with validation, written atomically (temporary file, fsync, rename,
+// fsync of the folder), readable by the node's user only (0600 in a 0700 folder).
+import { randomBytes } from 'node:crypto';
+import { chmod, mkdir, open, readFile, readdir, rename, rm } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
 import { CloudError } from '../errors.ts';
+
+export const STATE_DIR_MODE = 0o700;
+export const STATE_FILE_MODE = 0o600;
+/** Temporary files are `<name>.tmp-<pid>-<hex>`; a hard kill can leave one behind. */
+const TEMP_PATTERN = /\.tmp-\d+-[0-9a-f]+$/;
 
 /** The parsed file, or undefined when it does not exist yet. Anything unreadable is TANDEM_STATE_INVALID. */
 export async function readJsonState(path: string): Promise<Record<string, unknown> | undefined> {
@@ -24,17 +31,83 @@ export async function readJsonState(path: string): Promise<Record<string, unknow
   return value as Record<string, unknown>;
 }
 
+/** Writes `value` as JSON to `path` atomically with mode 0600; durable once it resolves. */
 export async function writeJsonState(path: string, value: unknown): Promise<void> {
-  await writeFileAtomic(path, `${JSON.stringify(value, null, 2)}\n`);
+  const tmp = `${path}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
+  try {
+    const fh = await open(tmp, 'w', STATE_FILE_MODE);
+    try {
+      await fh.writeFile(`${JSON.stringify(value, null, 2)}\n`);
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    await rename(tmp, path);
+  } catch (cause) {
+    await rm(tmp, { force: true });
+    // The temporary path is ours, not the caller's business: the message names the state file.
+    throw new CloudError('TANDEM_INTERNAL', { reason: `state file ${basename(path)} could not be written: ${(cause as NodeJS.ErrnoException).code ?? 'error'}` }, { cause });
+  }
+  await syncDir(dirname(path));
+}
+
+/** Makes renames and unlinks in `dir` durable; not every platform lets a directory be fsynced. */
+export async function syncDir(dir: string): Promise<void> {
+  try {
+    const dh = await open(dir, 'r');
+    try {
+      await dh.sync();
+    } finally {
+      await dh.close();
+    }
+  } catch {
+    // best effort
+  }
+}
+
+/** Creates `dir` (and its parents) if needed and makes it 0700. */
+export async function ensureStateDir(dir: string): Promise<void> {
+  await mkdir(dir, { recursive: true, mode: STATE_DIR_MODE });
+  await chmod(dir, STATE_DIR_MODE);
+}
+
+/**
+ * Removes the temporary files a hard kill left in `dir` and makes the state files there
+ * 0600 (files written by older builds were 0644). Returns the names removed.
+ */
+export async function tidyStateDir(dir: string, stateFiles: readonly string[] = []): Promise<string[]> {
+  let names: string[];
+  try {
+    names = await readdir(dir);
+  } catch (cause) {
+    if ((cause as NodeJS.ErrnoException).code === 'ENOENT') return [];
+    throw cause;
+  }
+  const removed: string[] = [];
+  for (const name of names) {
+    if (TEMP_PATTERN.test(name)) {
+      await rm(join(dir, name), { force: true, recursive: true });
+      removed.push(name);
+    } else if (stateFiles.includes(name) || name.endsWith('.json')) {
+      await chmod(join(dir, name), STATE_FILE_MODE).catch(() => undefined);
+    }
+  }
+  return removed;
 }
 
 /** Runs writes one after another, so a later state never lands before an earlier one. */
 export class WriteQueue {
   #tail: Promise<void> = Promise.resolve();
+  #pending = 0;
 
   run(write: () => Promise<void>): Promise<void> {
-    const next = this.#tail.then(write);
+    this.#pending += 1;
+    const next = this.#tail.then(write).finally(() => { this.#pending -= 1; });
     this.#tail = next.catch(() => undefined);
     return next;
+  }
+
+  get idle(): boolean {
+    return this.#pending === 0;
   }
 }

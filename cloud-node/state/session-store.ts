@@ -1,13 +1,20 @@
-// Session metadata, kept in <state>/sessions.json and rewritten atomically on every change
-// that is acknowledged to a client (open, a new step, close), so a restarted node knows
-// every session it ever welcomed. Activations and cached replies are memory only.
+// Session metadata, one record file per session in <state>/sessions/<id>.json, written
+// atomically (fsync) on every change acknowledged to a client (open, a new step, close), so a
+// restarted node knows every session it welcomed. A step rewrites its own session's small
+// record only: the write cost does not grow with the number of sessions. Closed sessions are
+// pruned (their files removed) after a retention time. Activations and cached replies are
+// memory only. A `sessions.json` of earlier builds is read once and split into records.
+import { readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { CloseReason, CodecChoice, Cut, Limits, ProtocolVersion, TrainingSpec } from '../../protocol/index.ts';
 import { CloudError } from '../errors.ts';
 import type { Caller } from './key-store.ts';
-import { readJsonState, WriteQueue, writeJsonState } from './json-file.ts';
+import { ensureStateDir, readJsonState, syncDir, tidyStateDir, WriteQueue, writeJsonState } from './json-file.ts';
 
+/** The single file of earlier builds, migrated into SESSIONS_DIR at start. */
 export const SESSIONS_FILE = 'sessions.json';
+export const SESSIONS_DIR = 'sessions';
+const RECORD_PATTERN = /^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\.json$/;
 
 export type SessionState = 'open' | 'closed';
 
@@ -34,31 +41,72 @@ export interface SessionRecord {
 
 function isRecord(v: unknown): v is SessionRecord {
   const r = v as Partial<SessionRecord> | null;
-  return typeof r === 'object' && r !== null && typeof r.id === 'string' && typeof r.tenant === 'string' && typeof r.modelId === 'string'
-    && typeof r.lastStep === 'number' && (r.state === 'open' || r.state === 'closed') && typeof r.cut === 'object' && typeof r.codecs === 'object'
-    && typeof r.limits === 'object';
+  return typeof r === 'object' && r !== null && typeof r.id === 'string' && RECORD_PATTERN.test(`${r.id}.json`) && typeof r.tenant === 'string'
+    && typeof r.modelId === 'string' && typeof r.lastStep === 'number' && (r.state === 'open' || r.state === 'closed') && typeof r.cut === 'object'
+    && typeof r.codecs === 'object' && typeof r.limits === 'object' && typeof r.updatedAt === 'string';
 }
 
 export class SessionStore {
-  readonly path: string;
+  /** The folder of record files. */
+  readonly dir: string;
   readonly #sessions = new Map<string, SessionRecord>();
-  readonly #writes = new WriteQueue();
+  readonly #openByTenant = new Map<string, number>();
+  readonly #writes = new Map<string, WriteQueue>();
+  #dirReady = false;
 
-  private constructor(path: string) {
-    this.path = path;
+  private constructor(dir: string) {
+    this.dir = dir;
   }
 
   static async open(stateDir: string): Promise<SessionStore> {
-    const store = new SessionStore(join(stateDir, SESSIONS_FILE));
-    const raw = await readJsonState(store.path);
-    if (raw !== undefined) {
-      if (!Array.isArray(raw.sessions)) throw new CloudError('TANDEM_STATE_INVALID', { file: store.path, reason: 'sessions must be an array' });
-      for (const item of raw.sessions) {
-        if (!isRecord(item)) throw new CloudError('TANDEM_STATE_INVALID', { file: store.path, reason: `a session record is malformed: ${JSON.stringify(item).slice(0, 200)}` });
-        store.#sessions.set(item.id, item);
-      }
+    const store = new SessionStore(join(stateDir, SESSIONS_DIR));
+    await tidyStateDir(store.dir);
+    let names: string[] = [];
+    try {
+      names = await readdir(store.dir);
+      store.#dirReady = true;
+    } catch (cause) {
+      if ((cause as NodeJS.ErrnoException).code !== 'ENOENT') throw new CloudError('TANDEM_STATE_INVALID', { file: store.dir, reason: (cause as Error).message }, { cause });
     }
+    for (const name of names) {
+      const match = RECORD_PATTERN.exec(name);
+      if (match === null) continue;
+      const path = join(store.dir, name);
+      const item = await readJsonState(path);
+      if (!isRecord(item) || item.id !== match[1]) throw new CloudError('TANDEM_STATE_INVALID', { file: path, reason: 'the session record is malformed' });
+      store.#remember(item);
+    }
+    await store.#migrate(join(stateDir, SESSIONS_FILE));
     return store;
+  }
+
+  /** Splits the single sessions.json of earlier builds into record files, then removes it. */
+  async #migrate(legacy: string): Promise<void> {
+    const raw = await readJsonState(legacy);
+    if (raw === undefined) return;
+    if (!Array.isArray(raw.sessions)) throw new CloudError('TANDEM_STATE_INVALID', { file: legacy, reason: 'sessions must be an array' });
+    for (const item of raw.sessions) {
+      if (!isRecord(item)) throw new CloudError('TANDEM_STATE_INVALID', { file: legacy, reason: `a session record is malformed: ${JSON.stringify(item).slice(0, 200)}` });
+    }
+    for (const item of raw.sessions as SessionRecord[]) {
+      if (this.#sessions.has(item.id)) continue; // written by an interrupted migration
+      this.#remember(item);
+      await this.#persist(item);
+    }
+    await rm(legacy, { force: true });
+  }
+
+  #remember(record: SessionRecord): void {
+    const before = this.#sessions.get(record.id);
+    if (before?.state === 'open') this.#countOpen(before.tenant, -1);
+    this.#sessions.set(record.id, record);
+    if (record.state === 'open') this.#countOpen(record.tenant, 1);
+  }
+
+  #countOpen(tenant: string, delta: number): void {
+    const n = (this.#openByTenant.get(tenant) ?? 0) + delta;
+    if (n <= 0) this.#openByTenant.delete(tenant);
+    else this.#openByTenant.set(tenant, n);
   }
 
   /** Every session the caller may see: its tenant's, or all for the admin. */
@@ -66,10 +114,23 @@ export class SessionStore {
     return [...this.#sessions.values()].filter((s) => caller.admin || s.tenant === caller.tenant);
   }
 
+  /** Every session, for the node's sweeps. */
+  all(): IterableIterator<SessionRecord> {
+    return this.#sessions.values();
+  }
+
+  get size(): number {
+    return this.#sessions.size;
+  }
+
   get openCount(): number {
     let n = 0;
-    for (const s of this.#sessions.values()) if (s.state === 'open') n++;
+    for (const count of this.#openByTenant.values()) n += count;
     return n;
+  }
+
+  openCountOf(tenant: string): number {
+    return this.#openByTenant.get(tenant) ?? 0;
   }
 
   /**
@@ -90,21 +151,59 @@ export class SessionStore {
   }
 
   async add(record: SessionRecord): Promise<void> {
-    this.#sessions.set(record.id, record);
-    await this.#persist();
+    this.#remember(record);
+    await this.#persist(record);
   }
 
-  /** Applies `change` to the session and persists it before returning. */
+  /** Applies `change` to the session and persists its record before returning. */
   async update(id: string, change: (s: SessionRecord) => void): Promise<SessionRecord> {
     const s = this.#sessions.get(id);
     if (s === undefined) throw new CloudError('TANDEM_SESSION_UNKNOWN', { session: id });
+    const wasOpen = s.state === 'open';
     change(s);
+    if (wasOpen && s.state !== 'open') this.#countOpen(s.tenant, -1);
     s.updatedAt = new Date().toISOString();
-    await this.#persist();
+    await this.#persist(s);
     return s;
   }
 
-  #persist(): Promise<void> {
-    return this.#writes.run(() => writeJsonState(this.path, { version: 1, sessions: [...this.#sessions.values()] }));
+  /** Forgets a closed session and removes its record file. */
+  async remove(id: string): Promise<void> {
+    const s = this.#sessions.get(id);
+    if (s === undefined) return;
+    if (s.state === 'open') throw new CloudError('TANDEM_INTERNAL', { reason: `session ${id} is open; close it before removing it` });
+    this.#sessions.delete(id);
+    await this.#queue(id).run(async () => {
+      await rm(this.#path(id), { force: true });
+      await syncDir(this.dir);
+    });
+    this.#dropQueueIfIdle(id);
+  }
+
+  #path(id: string): string {
+    return join(this.dir, `${id}.json`);
+  }
+
+  #queue(id: string): WriteQueue {
+    let q = this.#writes.get(id);
+    if (q === undefined) {
+      q = new WriteQueue();
+      this.#writes.set(id, q);
+    }
+    return q;
+  }
+
+  #dropQueueIfIdle(id: string): void {
+    if (this.#writes.get(id)?.idle) this.#writes.delete(id);
+  }
+
+  async #persist(record: SessionRecord): Promise<void> {
+    if (!this.#dirReady) {
+      await ensureStateDir(this.dir);
+      this.#dirReady = true;
+    }
+    // The write takes the record as it is when its turn comes: the latest state wins.
+    await this.#queue(record.id).run(() => (this.#sessions.has(record.id) ? writeJsonState(this.#path(record.id), record) : Promise.resolve()));
+    this.#dropQueueIfIdle(record.id);
   }
 }

@@ -1,0 +1,134 @@
+// Per-tenant quotas: what one data owner may hold or spend at once, so that no tenant can
+// crowd out the others. Over a quota: 429 / TANDEM_QUOTA_EXCEEDED naming the quota and
+// its value, on REST and inside the socket's Error body alike.
+import { CloudError } from './errors.ts';
+
+export interface TenantQuotas {
+  /** Sessions open at once. */
+  openSessions: number;
+  /** Tokens (batch x sequence) of Forwards and Backwards computing at once. */
+  tokensInFlight: number;
+  /** Bytes received on the data plane per minute (a fixed one-minute window). */
+  bytesPerMinute: number;
+  /** Emulator bundles the tenant's requests keep built in the state directory. */
+  storedBundles: number;
+  /** Adapters the node holds for the tenant at once (plug-in evaluations in progress). */
+  storedAdapters: number;
+  /** REST requests per minute (@fastify/rate-limit). */
+  requestsPerMinute: number;
+}
+
+export type QuotaName = keyof TenantQuotas;
+
+export const DEFAULT_QUOTAS: Readonly<TenantQuotas> = {
+  openSessions: 32,
+  tokensInFlight: 64 * 1024,
+  bytesPerMinute: 4 * 1024 ** 3,
+  storedBundles: 4,
+  storedAdapters: 2,
+  requestsPerMinute: 1200,
+};
+
+const WINDOW_MS = 60_000;
+
+export function quotaExceeded(tenant: string, quota: QuotaName, limit: number, reason: string): CloudError {
+  return new CloudError('TANDEM_QUOTA_EXCEEDED', { tenant, quota, limit, reason });
+}
+
+/** The defaults overridden by `partial`; every value must be a positive integer. */
+export function resolveQuotas(partial: Partial<TenantQuotas> = {}, option = 'quotas'): TenantQuotas {
+  const out: TenantQuotas = { ...DEFAULT_QUOTAS };
+  for (const [name, value] of Object.entries(partial)) {
+    if (!Object.hasOwn(DEFAULT_QUOTAS, name)) {
+      throw new CloudError('TANDEM_OPTION_INVALID', { option: `${option}.${name}`, value: JSON.stringify(value), reason: `unknown quota; known: ${Object.keys(DEFAULT_QUOTAS).join(', ')}` });
+    }
+    if (value === undefined) continue;
+    if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 1) {
+      throw new CloudError('TANDEM_OPTION_INVALID', { option: `${option}.${name}`, value: JSON.stringify(value), reason: 'must be an integer >= 1' });
+    }
+    out[name as QuotaName] = value;
+  }
+  return out;
+}
+
+interface TenantUsage {
+  tokens: number;
+  adapters: number;
+  windowStart: number;
+  windowBytes: number;
+}
+
+/** What each tenant holds and spends now, against its quotas. */
+export class QuotaLedger {
+  readonly defaults: TenantQuotas;
+  readonly #overrides = new Map<string, TenantQuotas>();
+  readonly #usage = new Map<string, TenantUsage>();
+
+  constructor(defaults: Partial<TenantQuotas> = {}, perTenant: Readonly<Record<string, Partial<TenantQuotas>>> = {}) {
+    this.defaults = resolveQuotas(defaults);
+    for (const [tenant, partial] of Object.entries(perTenant)) this.#overrides.set(tenant, resolveQuotas({ ...this.defaults, ...partial }, `tenantQuotas.${tenant}`));
+  }
+
+  of(tenant: string): TenantQuotas {
+    return this.#overrides.get(tenant) ?? this.defaults;
+  }
+
+  #usageOf(tenant: string): TenantUsage {
+    let u = this.#usage.get(tenant);
+    if (u === undefined) {
+      u = { tokens: 0, adapters: 0, windowStart: 0, windowBytes: 0 };
+      this.#usage.set(tenant, u);
+    }
+    return u;
+  }
+
+  /** Refuses a new session when the tenant already has `open` sessions open. */
+  checkOpenSessions(tenant: string, open: number): void {
+    const limit = this.of(tenant).openSessions;
+    if (open >= limit) throw quotaExceeded(tenant, 'openSessions', limit, `${open} sessions are open; close one (SessionClose or DELETE /v1/sessions/:id)`);
+  }
+
+  /**
+   * Reserves `tokens` for one computation (the executor calls this before it starts) and
+   * returns the release, to call once it ends, whatever the outcome.
+   */
+  reserveTokens(tenant: string, tokens: number): () => void {
+    const limit = this.of(tenant).tokensInFlight;
+    const u = this.#usageOf(tenant);
+    if (u.tokens + tokens > limit) throw quotaExceeded(tenant, 'tokensInFlight', limit, `${u.tokens} tokens are computing and this request adds ${tokens}`);
+    u.tokens += tokens;
+    return once(() => { u.tokens -= tokens; });
+  }
+
+  /** Counts bytes received on the data plane; throws once the minute's allowance is spent. */
+  chargeBytes(tenant: string, bytes: number, now = Date.now()): void {
+    const limit = this.of(tenant).bytesPerMinute;
+    const u = this.#usageOf(tenant);
+    if (now - u.windowStart >= WINDOW_MS) {
+      u.windowStart = now;
+      u.windowBytes = 0;
+    }
+    if (u.windowBytes + bytes > limit) {
+      throw quotaExceeded(tenant, 'bytesPerMinute', limit, `${u.windowBytes} bytes were received in this minute; retry in ${Math.ceil((u.windowStart + WINDOW_MS - now) / 1000)} s`);
+    }
+    u.windowBytes += bytes;
+  }
+
+  /** Holds one adapter for the tenant; returns the release. */
+  holdAdapter(tenant: string): () => void {
+    const limit = this.of(tenant).storedAdapters;
+    const u = this.#usageOf(tenant);
+    if (u.adapters >= limit) throw quotaExceeded(tenant, 'storedAdapters', limit, `${u.adapters} adapters of this tenant are being evaluated`);
+    u.adapters += 1;
+    return once(() => { u.adapters -= 1; });
+  }
+}
+
+function once(f: () => void): () => void {
+  let done = false;
+  return () => {
+    if (done) return;
+    done = true;
+    f();
+  };
+}
