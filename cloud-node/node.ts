@@ -62,6 +62,16 @@ export interface CloudNodeOptions {
   emulators?: EmulatorBuildSettings;
   /** Largest POST /v1/models/:id/adapters/evaluate body (64 MiB). */
   maxAdapterRequestBytes?: number;
+  /** batch x sequence of one micro-batch, per Forward or Backward frame (16384). */
+  maxMicrobatchTokens?: number;
+  /** Longest sequence a session may send; the model's context by default (and at most). */
+  maxSequenceLength?: number;
+  /** Replies kept for retries per session (64); they count in the memory budget. */
+  maxRepliesPerSession?: number;
+  /** Bytes all incomplete chunked requests may hold together (512 MiB). */
+  reassemblyBudgetBytes?: number;
+  /** A chunked request with no chunk for this long is dropped (30 s). */
+  chunkStreamTimeoutMs?: number;
 }
 
 export interface CloudNode {
@@ -114,10 +124,16 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     budgetBytes: options.memoryBudgetBytes ?? DEFAULT_MEMORY_BUDGET_BYTES,
     ttlMs: options.activationTtlMs ?? DEFAULT_ACTIVATION_TTL_MS,
     onEvict: (reason) => metrics.evictions.inc({ reason }),
-    onSize: (bytes) => metrics.cacheBytes.set(bytes),
+    onSize: (activationBytes, replyBytes) => {
+      metrics.cacheBytes.set(activationBytes);
+      metrics.replyBytes.set(replyBytes);
+    },
+    maxRepliesPerSession: options.maxRepliesPerSession,
   });
   const model = new ModelSlot();
-  const service = new SessionService({ store: sessions, metrics, cache, model: () => model.get(), limits, codecs: options.codecs });
+  const service = new SessionService({ store: sessions, metrics, cache, model: () => model.get(), limits, codecs: options.codecs,
+    shapeLimits: { maxMicrobatchTokens: options.maxMicrobatchTokens, maxSequenceLength: options.maxSequenceLength },
+  });
   const ctx: CloudContext = { keys, sessions, service, metrics, model };
 
   const app = Fastify({ loggerInstance: log as FastifyBaseLogger, bodyLimit: 1024 * 1024 });
@@ -142,7 +158,9 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     }, async () => app.swagger());
   }, { prefix: '/v1' });
 
-  const io = attachDataPlane({ server: app.server, keys, service, metrics, limits, log: log.child({ plane: 'data' }) });
+  const io = attachDataPlane({ server: app.server, keys, service, metrics, limits, log: log.child({ plane: 'data' }),
+    reassemblyBudgetBytes: options.reassemblyBudgetBytes, chunkStreamTimeoutMs: options.chunkStreamTimeoutMs,
+  });
   const sweep = setInterval(() => cache.sweep(), Math.max(1000, Math.min(60_000, options.activationTtlMs ?? DEFAULT_ACTIVATION_TTL_MS)));
   sweep.unref();
 
