@@ -12,7 +12,7 @@
 // bounded per session; a retry whose reply left is computed again (a Forward as it was, a
 // Backward from the h_B the edge resends).
 
-import type { TapedForward } from '../model/index.ts';
+import type { KeptTape } from './middle-executor.ts';
 
 /** Why an activation left before its backward; 'reply' counts kept replies that left for any reason. */
 export type EvictionReason = 'budget' | 'ttl' | 'closed' | 'reply';
@@ -25,7 +25,7 @@ export interface CachedActivation {
   data: Float32Array;
   shape: [number, number, number];
   /** The forward's tape, when it was kept. */
-  tape?: TapedForward;
+  tape?: KeptTape;
   storedAt: number;
 }
 

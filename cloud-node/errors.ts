@@ -34,6 +34,7 @@ export const CLOUD_ERRORS = {
   TANDEM_RESULT_NON_FINITE: { status: 422, template: '{field} of session {session} step {step} holds a NaN or an infinity at element {index} and the session does not allow them' },
   TANDEM_CODEC_PARAMS_INVALID: { status: 400, template: 'the {direction} codec {codec} has invalid parameters: {reason}' },
   TANDEM_RESOURCE_EXHAUSTED: { status: 400, template: 'the request needs more {resource} than this node allows: {reason}' },
+  TANDEM_COMPUTE_FAILED: { status: 500, template: 'the compute backend failed and was restarted: {reason}' },
   TANDEM_ADAPTER_TOO_LARGE: { status: 400, template: 'the adapter states {field} = {actual}, over the limit of {limit}' },
 } as const satisfies Record<string, { status: number; template: string }>;
 

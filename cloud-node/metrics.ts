@@ -22,6 +22,8 @@ export class CloudMetrics {
   readonly recomputes: Counter;
   readonly errors: Counter;
   readonly connections: Gauge;
+  readonly computeRestarts: Counter;
+  readonly computeReady: Gauge;
 
   constructor(options: { defaultMetrics?: boolean } = {}) {
     const registers = [this.registry];
@@ -38,6 +40,8 @@ export class CloudMetrics {
     this.recomputes = new Counter({ name: 'tandem_recomputes_total', help: 'Backwards computed from an h_B the edge resent because the cloud no longer had it', registers });
     this.errors = new Counter({ name: 'tandem_errors_total', help: 'Errors returned to clients, by code', labelNames: ['code'], registers });
     this.connections = new Gauge({ name: 'tandem_socket_connections', help: 'socket.io connections open', registers });
+    this.computeRestarts = new Counter({ name: 'tandem_compute_restarts_total', help: 'Compute workers restarted after they died or their backend failed', registers });
+    this.computeReady = new Gauge({ name: 'tandem_compute_ready', help: '1 while every compute worker has the model loaded, 0 while one restarts', registers });
     for (const kind of ['forward', 'backward']) {
       this.steps.inc({ kind }, 0);
       this.replays.inc({ kind }, 0);

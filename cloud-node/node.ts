@@ -72,6 +72,18 @@ export interface CloudNodeOptions {
   reassemblyBudgetBytes?: number;
   /** A chunked request with no chunk for this long is dropped (30 s). */
   chunkStreamTimeoutMs?: number;
+  /** Compute workers (threads), each with the model loaded once (1). */
+  computeWorkers?: number;
+}
+
+/** The node's compute workers, for operations (and the tests and the soak bench). */
+export interface ComputeControl {
+  readonly workers: number;
+  /** Worker restarts since start. */
+  readonly restarts: number;
+  readonly ready: boolean;
+  /** Ends a worker as a crash would; it is restarted, /v1/ready saying 503 meanwhile. */
+  terminateWorker(index: number): Promise<void>;
 }
 
 export interface CloudNode {
@@ -82,6 +94,7 @@ export interface CloudNode {
   adminKey?: string;
   /** The limits this node offers sessions. */
   limits: Limits;
+  compute: ComputeControl;
   close(): Promise<void>;
 }
 
@@ -164,21 +177,30 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   const sweep = setInterval(() => cache.sweep(), Math.max(1000, Math.min(60_000, options.activationTtlMs ?? DEFAULT_ACTIVATION_TTL_MS)));
   sweep.unref();
 
+  let executor: MiddleExecutor | undefined;
   const close = async (): Promise<void> => {
     clearInterval(sweep);
     io.disconnectSockets(true);
     io.engine.close();
     await app.close();
     cache.clear();
-    if (model.ready) model.served().dispose();
+    await executor?.close();
+    if (model.loaded) model.served().dispose();
   };
 
   try {
     await app.listen({ host: options.host ?? '127.0.0.1', port: options.port ?? 0 });
     const backend = await initBackend({ backend: options.backend, log: (line) => log.info(line) });
     const served = await ServedModel.load(options.modelDir, options.modelId);
-    model.set(served, new MiddleExecutor(served.model));
-    log.info({ model: served.id, contentHash: served.contentHash, layers: served.numLayers, backend: backend.name }, 'model loaded; ready');
+    // The workers use the backend this thread picked, so that every thread computes alike.
+    executor = await MiddleExecutor.start({
+      modelDir: served.dir, backend: backend.name, workers: options.computeWorkers, log: log.child({ plane: 'compute' }),
+      onRestart: () => metrics.computeRestarts.inc(),
+      onReady: (ready) => metrics.computeReady.set(ready ? 1 : 0),
+    });
+    metrics.computeReady.set(1);
+    model.set(served, executor);
+    log.info({ model: served.id, contentHash: served.contentHash, layers: served.numLayers, backend: backend.name, computeWorkers: executor.workers }, 'model loaded; ready');
   } catch (error) {
     await close();
     throw error;
@@ -186,5 +208,12 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   const address = app.server.address();
   const port = typeof address === 'object' && address !== null ? address.port : (options.port ?? 0);
   const host = options.host ?? '127.0.0.1';
-  return { url: `http://${host.includes(':') ? `[${host}]` : host}:${port}`, port, adminKey, limits, close };
+  const running = executor as MiddleExecutor;
+  const compute: ComputeControl = {
+    get workers() { return running.workers; },
+    get restarts() { return running.restarts; },
+    get ready() { return running.ready; },
+    terminateWorker: (index) => running.terminateWorker(index),
+  };
+  return { url: `http://${host.includes(':') ? `[${host}]` : host}:${port}`, port, adminKey, limits, compute, close };
 }

@@ -16,6 +16,7 @@ import type {
 import type { ActivationCache } from './activation-cache.ts';
 import { CloudError } from './errors.ts';
 import type { CloudMetrics, StepKind } from './metrics.ts';
+import { TapeLost } from './middle-executor.ts';
 import type { MiddleExecutor, Shape3 } from './middle-executor.ts';
 import type { ServedModel } from './served-model.ts';
 import type { Caller } from './state/key-store.ts';
@@ -244,11 +245,11 @@ export class SessionService {
     const range = served.middleOf(session.cut);
     let out: Float32Array;
     if (forward.needsBackward) {
-      const taped = await executor.forwardKeepingTape(range, h, shape);
+      const taped = await executor.forwardKeepingTape(range, h, shape, session.tenant);
       out = taped.output;
       this.#options.cache.put({ sessionId: session.id, step: forward.step, microbatch: forward.microbatch, data: h, shape, tape: taped.tape });
     } else {
-      out = await executor.forward(range, h, shape);
+      out = await executor.forward(range, h, shape, session.tenant);
     }
     this.#options.metrics.latency.observe({ kind: 'forward' }, (performance.now() - started) / 1000);
     this.#checkFinite(session, out, 'h_M', forward.step);
@@ -279,8 +280,18 @@ export class SessionService {
       throw new CloudError('TANDEM_SHAPE_MISMATCH', { field: 'backward.frames[0] (g_M)', actual: `[${shape.join(', ')}]`, expected: `[${hShape.join(', ')}] (h_B)` });
     }
     const started = performance.now();
-    const out = cached?.tape ? await executor.backwardFromTape(cached.tape, g, shape) : await executor.backward(served.middleOf(session.cut), h, g, shape);
+    let out: Float32Array | undefined;
+    if (cached?.tape) {
+      try {
+        out = await executor.backwardFromTape(cached.tape, g, shape, session.tenant);
+      } catch (err) {
+        // The worker that kept the tape restarted: recompute from the h_B kept beside it.
+        if (!(err instanceof TapeLost)) throw err;
+      }
+    }
+    out ??= await executor.backward(served.middleOf(session.cut), h, g, shape, session.tenant);
     this.#options.metrics.latency.observe({ kind: 'backward' }, (performance.now() - started) / 1000);
+    // The edge resent h_B (the cloud had nothing of this micro-batch left).
     const recomputed = cached === undefined;
     if (recomputed) this.#options.metrics.recomputes.inc();
     this.#options.cache.delete(session.id, backward.step, backward.microbatch);
