@@ -3,7 +3,7 @@
 // parser takes 10. Beyond MAX_ACK_CHUNKS they are now pushed as events before the ack.
 import assert from 'node:assert/strict';
 import { before, describe, it } from 'node:test';
-import { CloudConnection } from '../../edge-client/connection.ts';
+import { CloudConnection } from '../../edge-client/index.ts';
 import { LIMIT_FLOORS, decodeTensor, envelope } from '../../protocol/index.ts';
 import type { Hello } from '../../protocol/index.ts';
 import { HIDDEN, TestClient, createTenantKey, frameOf, helloBody, metric, randomTensor, startTestNode } from './helpers.ts';
