@@ -15,7 +15,7 @@ import { ActivationCache } from './activation-cache.ts';
 import { ModelSlot } from './context.ts';
 import type { CloudContext } from './context.ts';
 import { attachDataPlane } from './data-plane.ts';
-import { CloudError } from './errors.ts';
+import { CloudError, resourceErrorOf } from './errors.ts';
 import { EmulatorRegistry } from './emulator-registry.ts';
 import type { EmulatorBuildSettings } from './emulator-registry.ts';
 import { CloudMetrics } from './metrics.ts';
@@ -108,6 +108,11 @@ function sendError(app: FastifyInstance, log: Logger): void {
       const wrapped = new CloudError('TANDEM_REQUEST_INVALID', { reason: fastifyError.message });
       return reply.code(fastifyError.statusCode ?? 400).send({ code: wrapped.code, message: wrapped.message, details: wrapped.details });
     }
+    const resource = resourceErrorOf(error, 'memory');
+    if (resource !== undefined) {
+      log.warn({ err: error, url: request.url }, 'a request ran out of a resource');
+      return reply.code(resource.status).send({ code: resource.code, message: resource.message, details: resource.details });
+    }
     log.error({ err: error, url: request.url }, 'unexpected error in a route');
     const internal = new CloudError('TANDEM_INTERNAL', { reason: 'see the node log' });
     return reply.code(500).send({ code: internal.code, message: internal.message });
@@ -192,15 +197,27 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     await app.listen({ host: options.host ?? '127.0.0.1', port: options.port ?? 0 });
     const backend = await initBackend({ backend: options.backend, log: (line) => log.info(line) });
     const served = await ServedModel.load(options.modelDir, options.modelId);
-    // The workers use the backend this thread picked, so that every thread computes alike.
-    executor = await MiddleExecutor.start({
-      modelDir: served.dir, backend: backend.name, workers: options.computeWorkers, log: log.child({ plane: 'compute' }),
-      onRestart: () => metrics.computeRestarts.inc(),
-      onReady: (ready) => metrics.computeReady.set(ready ? 1 : 0),
-    });
+    // The workers use the backend this thread picked, so that every thread computes alike;
+    // a native backend that cannot load in a worker thread falls back to wasm, then cpu.
+    const computeLog = log.child({ plane: 'compute' });
+    const candidates = [...new Set([backend.name, 'wasm', 'cpu'])];
+    for (const name of candidates) {
+      try {
+        executor = await MiddleExecutor.start({
+          modelDir: served.dir, backend: name, workers: options.computeWorkers, log: computeLog,
+          onRestart: () => metrics.computeRestarts.inc(),
+          onReady: (ready) => metrics.computeReady.set(ready ? 1 : 0),
+        });
+        break;
+      } catch (error) {
+        if (name === candidates.at(-1)) throw error;
+        computeLog.warn({ backend: name, err: error instanceof Error ? error.message : String(error) }, 'compute workers could not start on this backend; trying the next');
+      }
+    }
+    if (executor === undefined) throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: 'no compute worker could start' });
     metrics.computeReady.set(1);
     model.set(served, executor);
-    log.info({ model: served.id, contentHash: served.contentHash, layers: served.numLayers, backend: backend.name, computeWorkers: executor.workers }, 'model loaded; ready');
+    log.info({ model: served.id, contentHash: served.contentHash, layers: served.numLayers, backend: backend.name, computeWorkers: executor.workers, computeBackend: executor.backend }, 'model loaded; ready');
   } catch (error) {
     await close();
     throw error;
