@@ -4,8 +4,10 @@
 // long request ids, overflowing gradients, bad codec parameters, many sessions, huge Hello
 // strings, REST floods, emulator bundle floods). Reports failed good steps, resident memory
 // growth from after the warm-up to the end, and p50/p99 good step latency without and with
-// the hostile tenant. `npm run bench -- soak [--seconds N]` (600 by default).
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+// the hostile tenant. `npm run bench -- soak [--seconds N]` (600 by default). Phases: a
+// warm-up (a tenth, at least 5 s, with one round of every hostile input), three tenths
+// without the hostile tenant, the rest with it.
+import { mkdtemp, readFile, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { io } from 'socket.io-client';
@@ -125,7 +127,7 @@ async function keyFor(node: CloudNode, tenant: string): Promise<string> {
 }
 
 /** One hostile action after another, each kind in turn; what the node answered is counted per kind. */
-async function hostile(node: CloudNode, key: string, adapter: { config: Record<string, unknown>; weights: string }, stop: () => boolean, answers: Map<string, Map<string, number>>): Promise<void> {
+async function hostile(node: CloudNode, key: string, adapter: { config: Record<string, unknown>; weights: string }, stop: () => boolean, answers: Map<string, Map<string, number>>, rounds = Infinity): Promise<void> {
   const count = (kind: string, answer: string): void => {
     const byAnswer = answers.get(kind) ?? new Map<string, number>();
     byAnswer.set(answer, (byAnswer.get(answer) ?? 0) + 1);
@@ -196,7 +198,7 @@ async function hostile(node: CloudNode, key: string, adapter: { config: Record<s
       return rest('GET', `/v1/models/stories260K/emulators?keep=${keep}&bottom=${bottom}&top=1`);
     }],
   ];
-  while (!stop()) {
+  for (let round = 0; round < rounds && !stop(); round++) {
     for (const [kind, action] of actions) {
       if (stop()) break;
       let answer: string;
@@ -283,8 +285,13 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
         await sleep(100);
       }
     });
-    await sleep(warmupMs);
-    const rssAfterWarmup = process.memoryUsage().rss;
+    // The warm-up includes one round of every hostile input, so that what is built once and
+    // kept (emulator bundles, compiled code, the backend's pools) is there before the baseline.
+    const warmupStarted = performance.now();
+    await hostile(node, hostileKey, adapter, () => stopping, new Map(), 1);
+    await sleep(Math.max(0, warmupMs - (performance.now() - warmupStarted)));
+    const afterWarmup = process.memoryUsage();
+    const rssAfterWarmup = afterWarmup.rss;
     phase.name = 'without';
     await sleep(withoutMs);
     phase.name = 'with';
@@ -293,7 +300,9 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
     await sleep(withMs);
     stopping = true;
     await Promise.all([...good, attack]);
-    const rssEnd = process.memoryUsage().rss;
+    const end = process.memoryUsage();
+    const rssEnd = end.rss;
+    const sessionsFileBytes = (await stat(join(stateDir, 'sessions.json')).catch(() => ({ size: 0 }))).size;
     const ready = await fetch(`${node.url}/v1/ready`);
     for (const client of sessions) client.close();
     const without = [...latencies.without].sort((a, b) => a - b);
@@ -307,6 +316,13 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
       rssAfterWarmupBytes: rssAfterWarmup,
       rssEndBytes: rssEnd,
       rssGrowthFraction: (rssEnd - rssAfterWarmup) / rssAfterWarmup,
+      // Where it went: the JS heap, memory outside it (typed arrays, tensors), and the session
+      // records the hostile tenant's Hellos added (kept in memory and rewritten on every step).
+      heapUsedAfterWarmupBytes: afterWarmup.heapUsed,
+      heapUsedEndBytes: end.heapUsed,
+      externalAfterWarmupBytes: afterWarmup.external,
+      externalEndBytes: end.external,
+      sessionsFileBytes,
       p50WithoutHostileSeconds: quantile(without, 0.5),
       p99WithoutHostileSeconds: quantile(without, 0.99),
       p50WithHostileSeconds: quantile(withHostile, 0.5),
@@ -318,6 +334,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
       hostileAnswers: Object.fromEntries([...answers].map(([kind, byAnswer]) => [kind, Object.fromEntries(byAnswer)])),
     };
     process.stdout.write(`soak ${seconds} s: ${goodSteps} good steps, ${goodStepsFailed} failed; rss ${(rssAfterWarmup / 2 ** 20).toFixed(0)} -> ${(rssEnd / 2 ** 20).toFixed(0)} MiB (${(figures.rssGrowthFraction * 100).toFixed(1)}%)\n`);
+    process.stdout.write(`heap ${(afterWarmup.heapUsed / 2 ** 20).toFixed(0)} -> ${(end.heapUsed / 2 ** 20).toFixed(0)} MiB, external ${(afterWarmup.external / 2 ** 20).toFixed(0)} -> ${(end.external / 2 ** 20).toFixed(0)} MiB, sessions.json ${(sessionsFileBytes / 2 ** 20).toFixed(1)} MiB\n`);
     process.stdout.write(`good step latency p50/p99: without hostile ${figures.p50WithoutHostileSeconds.toFixed(3)}/${figures.p99WithoutHostileSeconds.toFixed(3)} s, with ${figures.p50WithHostileSeconds.toFixed(3)}/${figures.p99WithHostileSeconds.toFixed(3)} s\n`);
     for (const [kind, byAnswer] of answers) process.stdout.write(`  hostile ${kind}: ${[...byAnswer].map(([a, n]) => `${a} x${n}`).join(', ')}\n`);
     return figures;
