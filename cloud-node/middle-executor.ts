@@ -179,6 +179,9 @@ export class MiddleExecutor {
   async terminateWorker(index: number): Promise<void> {
     const slot = this.#slots[index];
     if (slot?.worker === undefined) throw new CloudError('TANDEM_REQUEST_INVALID', { reason: `no compute worker ${index}; there are ${this.#slots.length}` });
+    // Not ready from now on, not from when the exit event comes.
+    slot.loaded = false;
+    this.#options.onReady?.(false);
     await slot.worker.terminate();
   }
 
