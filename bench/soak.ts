@@ -4,7 +4,8 @@
 // long request ids, overflowing gradients, bad codec parameters, many sessions, huge Hello
 // strings, REST floods, emulator bundle floods). Reports failed good steps, resident memory
 // growth from after the warm-up to the end, and p50/p99 good step latency without and with
-// the hostile tenant. `npm run bench -- soak [--seconds N]` (600 by default). Phases: a
+// the hostile tenant. `npm run bench -- soak [--seconds N] [--skip KIND,...]` (600 s by default; --skip leaves
+// out the hostile kinds whose names start so). Phases: a
 // warm-up (a tenth, at least 5 s, with one round of every hostile input), three tenths
 // without the hostile tenant, the rest with it.
 import { mkdtemp, readFile, rm, stat } from 'node:fs/promises';
@@ -127,7 +128,7 @@ async function keyFor(node: CloudNode, tenant: string): Promise<string> {
 }
 
 /** One hostile action after another, each kind in turn; what the node answered is counted per kind. */
-async function hostile(node: CloudNode, key: string, adapter: { config: Record<string, unknown>; weights: string }, stop: () => boolean, answers: Map<string, Map<string, number>>, rounds = Infinity): Promise<void> {
+async function hostile(node: CloudNode, key: string, adapter: { config: Record<string, unknown>; weights: string }, stop: () => boolean, answers: Map<string, Map<string, number>>, rounds = Infinity, skip: readonly string[] = []): Promise<void> {
   const count = (kind: string, answer: string): void => {
     const byAnswer = answers.get(kind) ?? new Map<string, number>();
     byAnswer.set(answer, (byAnswer.get(answer) ?? 0) + 1);
@@ -201,6 +202,7 @@ async function hostile(node: CloudNode, key: string, adapter: { config: Record<s
   for (let round = 0; round < rounds && !stop(); round++) {
     for (const [kind, action] of actions) {
       if (stop()) break;
+      if (skip.some((prefix) => kind.startsWith(prefix))) continue;
       let answer: string;
       try {
         answer = await action();
@@ -237,6 +239,9 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
   const at = args.indexOf('--seconds');
   const seconds = at >= 0 ? Number(args[at + 1]) : 600;
   if (!Number.isFinite(seconds) || seconds < 10) throw new Error(`--seconds must be a number >= 10, got ${args[at + 1]}`);
+  // --skip a,b: leave out the hostile kinds whose names start so (to see what costs what).
+  const skipAt = args.indexOf('--skip');
+  const skip = skipAt >= 0 ? (args[skipAt + 1] ?? '').split(',').filter((k) => k !== '') : [];
   const warmupMs = Math.max(5, seconds * 0.1) * 1000;
   const withoutMs = seconds * 0.3 * 1000;
   const withMs = seconds * 1000 - warmupMs - withoutMs;
@@ -288,7 +293,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
     // The warm-up includes one round of every hostile input, so that what is built once and
     // kept (emulator bundles, compiled code, the backend's pools) is there before the baseline.
     const warmupStarted = performance.now();
-    await hostile(node, hostileKey, adapter, () => stopping, new Map(), 1);
+    await hostile(node, hostileKey, adapter, () => stopping, new Map(), 1, skip);
     await sleep(Math.max(0, warmupMs - (performance.now() - warmupStarted)));
     const afterWarmup = process.memoryUsage();
     const rssAfterWarmup = afterWarmup.rss;
@@ -296,7 +301,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
     await sleep(withoutMs);
     phase.name = 'with';
     const answers = new Map<string, Map<string, number>>();
-    const attack = hostile(node, hostileKey, adapter, () => stopping, answers);
+    const attack = hostile(node, hostileKey, adapter, () => stopping, answers, Infinity, skip);
     await sleep(withMs);
     stopping = true;
     await Promise.all([...good, attack]);
@@ -309,6 +314,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
     const withHostile = [...latencies.with].sort((a, b) => a - b);
     const figures = {
       seconds,
+      skippedHostileKinds: skip,
       goodSessions: sessions.length,
       goodSteps,
       goodStepsFailed,
