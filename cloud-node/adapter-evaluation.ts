@@ -4,6 +4,10 @@
 // copies: the served model and the sessions running on it never see the adapter. Nothing
 // is kept after the call: the adapter's files live in a temporary folder removed before
 // returning, and the data only in memory.
+//
+// What loading allocates is bounded before anything is allocated: adapter_config.json's size,
+// and every size it states (LoRA/VeRA rank, virtual tokens, bottleneck size, token dim) is
+// capped and must be a dimension of a tensor in the weights sent.
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -12,7 +16,7 @@ import {
 } from '../model/index.ts';
 import type { PeftAdapter, Tokenizer } from '../model/index.ts';
 import type { AdapterEvaluation, LmFigures } from '../protocol/index.ts';
-import { CloudError } from './errors.ts';
+import { CloudError, resourceErrorOf } from './errors.ts';
 import type { ServedModel } from './served-model.ts';
 
 export interface AdapterFiles {
@@ -28,10 +32,62 @@ export interface EvaluationData {
   text: string;
 }
 
+export const MAX_ADAPTER_CONFIG_BYTES = 64 * 1024;
+/** Bytes an adapter's stated sizes may make loading allocate (an upper estimate). */
+export const MAX_ADAPTER_ALLOCATION_BYTES = 512 * 1024 * 1024;
+/** adapter_config.json fields that size what loading allocates. */
+const SIZE_FIELDS = ['r', 'num_virtual_tokens', 'bottleneck_size', 'token_dim'];
+/** Projections per block a method may attach to (q, k, v, o, gate, up, down). */
+const PROJECTIONS_PER_BLOCK = 7;
 
-function invalidAdapter(served: ServedModel, err: unknown): CloudError {
-  const reason = err instanceof Error ? err.message : String(err);
+/** The message without the temporary folder the adapter was written to. */
+function scrubbed(message: string, dir: string | undefined): string {
+  let out = message;
+  if (dir !== undefined) out = out.split(`${dir}/`).join('').split(dir).join('<adapter>');
+  return out.split(tmpdir()).join('<tmp>');
+}
+
+function invalidAdapter(served: ServedModel, err: unknown, dir?: string): CloudError {
+  const reason = scrubbed(err instanceof Error ? err.message : String(err), dir);
   return new CloudError('TANDEM_ADAPTER_INVALID', { model: served.id, reason }, { cause: err });
+}
+
+interface StatedSize {
+  field: string;
+  value: number;
+}
+
+/** The sizes a config states, in its top level, a composite's methods and LoRA's rank_pattern. */
+function statedSizes(json: unknown, at: string, depth = 0): StatedSize[] {
+  if (depth > 3 || json === null || typeof json !== 'object') return [];
+  const out: StatedSize[] = [];
+  const obj = json as Record<string, unknown>;
+  for (const field of SIZE_FIELDS) if (typeof obj[field] === 'number') out.push({ field: `${at}${field}`, value: obj[field] });
+  const pattern = obj.rank_pattern;
+  if (pattern !== null && typeof pattern === 'object' && !Array.isArray(pattern)) {
+    for (const [name, v] of Object.entries(pattern as Record<string, unknown>)) if (typeof v === 'number') out.push({ field: `${at}rank_pattern[${JSON.stringify(name).slice(0, 80)}]`, value: v });
+  }
+  if (Array.isArray(obj.methods)) obj.methods.slice(0, 16).forEach((m, i) => out.push(...statedSizes(m, `${at}methods[${i}].`, depth + 1)));
+  return out;
+}
+
+/** Refuses a config whose stated sizes would make loading allocate more than the weights sent justify. */
+function checkAdapterCost(served: ServedModel, json: unknown, shapes: number[][]): void {
+  const { hiddenSize, intermediateSize, numHiddenLayers } = served.config;
+  const maxSize = 4 * Math.max(hiddenSize, intermediateSize);
+  const dims = new Set(shapes.flat());
+  let estimate = 0;
+  for (const { field, value } of statedSizes(json, '')) {
+    if (!Number.isSafeInteger(value) || value < 1) continue; // the method's own validation names it
+    if (value > maxSize) throw new CloudError('TANDEM_ADAPTER_TOO_LARGE', { field, actual: value, limit: `${maxSize} (4 x the model's largest width)` });
+    if (!dims.has(value)) {
+      throw new CloudError('TANDEM_ADAPTER_INVALID', { model: served.id, reason: `${ADAPTER_CONFIG_FILE} states ${field} = ${value}, which is no dimension of any tensor in ${ADAPTER_WEIGHTS_FILE}` });
+    }
+    estimate += value * (hiddenSize + intermediateSize) * numHiddenLayers * PROJECTIONS_PER_BLOCK * 4;
+  }
+  if (estimate > MAX_ADAPTER_ALLOCATION_BYTES) {
+    throw new CloudError('TANDEM_ADAPTER_TOO_LARGE', { field: 'the sizes stated together', actual: `about ${estimate} bytes to allocate`, limit: MAX_ADAPTER_ALLOCATION_BYTES });
+  }
 }
 
 /** A model sharing the served weights except `copied`, which it holds as its own variables. */
@@ -55,19 +111,26 @@ async function lmFigures(model: LlamaModel, adapter: PeftAdapter | undefined, ro
 }
 
 export async function evaluateAdapter(served: ServedModel, tokenizer: Tokenizer, files: AdapterFiles, data: EvaluationData, options: { seqLen: number; batchSize: number }): Promise<AdapterEvaluation> {
+  const configBytes = Buffer.byteLength(files.config, 'utf8');
+  if (configBytes > MAX_ADAPTER_CONFIG_BYTES) throw new CloudError('TANDEM_ADAPTER_TOO_LARGE', { field: `${ADAPTER_CONFIG_FILE} bytes`, actual: configBytes, limit: MAX_ADAPTER_CONFIG_BYTES });
   let keys: string[];
+  let shapes: number[][];
   try {
-    keys = [...parseSafetensors(files.weights, ADAPTER_WEIGHTS_FILE).tensors.keys()];
+    const tensors = parseSafetensors(files.weights, ADAPTER_WEIGHTS_FILE).tensors;
+    keys = [...tensors.keys()];
+    shapes = [...tensors.values()].map((t) => t.shape);
   } catch (err) {
     throw invalidAdapter(served, err);
   }
   let peftType = 'unknown';
+  let json: { peft_type?: unknown };
   try {
-    const json = JSON.parse(files.config) as { peft_type?: unknown };
-    if (typeof json.peft_type === 'string') peftType = json.peft_type;
+    json = JSON.parse(files.config) as { peft_type?: unknown };
   } catch (err) {
     throw invalidAdapter(served, new Error(`${ADAPTER_CONFIG_FILE} is not valid JSON: ${(err as Error).message}`));
   }
+  if (json !== null && typeof json.peft_type === 'string') peftType = json.peft_type;
+  checkAdapterCost(served, json, shapes);
   let prepared: ReturnType<typeof prepareData>;
   let dataset: ReturnType<typeof parseDataset>;
   try {
@@ -90,13 +153,15 @@ export async function evaluateAdapter(served: ServedModel, tokenizer: Tokenizer,
     try {
       adapter = await loadAdapter(view, dir);
     } catch (err) {
-      if (err instanceof ModelError) throw invalidAdapter(served, err);
+      if (err instanceof ModelError) throw invalidAdapter(served, err, dir);
       throw err;
     }
     await rm(dir, { recursive: true, force: true });
     const plugIn = await lmFigures(view, adapter, prepared.train, options.batchSize, labels);
     const baseline = await lmFigures(served.model, undefined, prepared.train, options.batchSize, labels);
     return { plugIn, baseline, examples: dataset.examples.length, peftType, adapterTensors: keys.length };
+  } catch (err) {
+    throw resourceErrorOf(err, 'memory') ?? err;
   } finally {
     adapter?.dispose();
     disposeView(view, served, copied);

@@ -8,7 +8,12 @@ import type { ServedModel } from './served-model.ts';
 export class ModelSlot {
   #value: { served: ServedModel; executor: MiddleExecutor } | undefined;
 
+  /** Loaded, and every compute worker is up (not while one restarts). */
   get ready(): boolean {
+    return this.#value !== undefined && this.#value.executor.ready;
+  }
+
+  get loaded(): boolean {
     return this.#value !== undefined;
   }
 

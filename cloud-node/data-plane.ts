@@ -2,14 +2,19 @@
 // event, `envelope`, each answered through its ack. A message larger than the peer's
 // max message bytes travels as Chunk envelopes; the reply to a chunked request comes on
 // the ack of its last chunk (earlier chunks are acked with null); a reply too large is
-// acked as an array of Chunk envelopes (a single envelope is acked as itself).
+// acked as an array of Chunk envelopes (a single envelope is acked as itself), or, when
+// there are more than MAX_ACK_CHUNKS of them, all but the last are emitted as `envelope`
+// events to the client first (in order, on the same socket) and the last one is the ack:
+// socket.io's parser takes at most 10 binary attachments in one packet.
 import type { Server as HttpServer } from 'node:http';
 import type { Logger } from 'pino';
 import { Server } from 'socket.io';
 import type { Socket } from 'socket.io';
-import { ProtocolError, Reassembler, decodeEnvelope, encodeEnvelope, envelope, errorBody, messagesForTransport } from '../protocol/index.ts';
+import {
+  ProtocolError, ReassemblyBudget, Reassembler, decodeEnvelope, encodeEnvelope, envelope, errorBody, messagesForTransport,
+} from '../protocol/index.ts';
 import type { Envelope, ErrorBody, Limits } from '../protocol/index.ts';
-import { CloudError } from './errors.ts';
+import { CloudError, resourceErrorOf } from './errors.ts';
 import type { CloudMetrics } from './metrics.ts';
 import type { QuotaLedger } from './quotas.ts';
 import type { SessionService } from './session-service.ts';
@@ -18,6 +23,12 @@ import type { Caller, KeyStore } from './state/key-store.ts';
 export const ENVELOPE_EVENT = 'envelope';
 /** Room for socket.io's own framing above the largest envelope. */
 const TRANSPORT_SLACK_BYTES = 64 * 1024;
+/** Chunks acked in one packet; more go as events first (socket.io's parser allows 10 attachments). */
+export const MAX_ACK_CHUNKS = 8;
+/** Longest request id: it names the reply's chunk stream, whose header must leave room for data. */
+export const MAX_REQUEST_ID_CHARS = 256;
+export const DEFAULT_REASSEMBLY_BUDGET_BYTES = 512 * 1024 * 1024;
+export const DEFAULT_CHUNK_STREAM_TIMEOUT_MS = 30_000;
 
 export type EnvelopeAck = (reply: Uint8Array | Uint8Array[] | null) => void;
 
@@ -29,11 +40,20 @@ export interface DataPlaneOptions {
   limits: Limits;
   quotas: QuotaLedger;
   log: Logger;
+  /** Bytes all incomplete chunked requests of all sockets may hold together. */
+  reassemblyBudgetBytes?: number;
+  /** A chunked request with no chunk for this long is dropped. */
+  chunkStreamTimeoutMs?: number;
 }
 
 /** The Error body for anything a handler threw; unexpected errors are logged and reported as TANDEM_INTERNAL. */
 export function errorBodyOf(error: unknown, log: Logger): ErrorBody {
   if (error instanceof ProtocolError) return errorBody(error);
+  const resource = resourceErrorOf(error, 'memory');
+  if (resource !== undefined) {
+    log.warn({ err: error }, 'a request ran out of a resource');
+    error = resource;
+  }
   if (error instanceof CloudError) {
     const details: Record<string, string> = {};
     for (const [key, value] of Object.entries(error.details)) details[key] = String(value);
@@ -43,10 +63,26 @@ export function errorBodyOf(error: unknown, log: Logger): ErrorBody {
   return { code: 'TANDEM_INTERNAL', message: 'TANDEM_INTERNAL: internal error', details: {} };
 }
 
+function checkedRequestId(requestId: string): string {
+  if (requestId.length > MAX_REQUEST_ID_CHARS) {
+    throw new ProtocolError('TANDEM_PROTO_FIELD_INVALID', { field: 'envelope.request_id', reason: `${requestId.length} characters, over the limit of ${MAX_REQUEST_ID_CHARS}` });
+  }
+  return requestId;
+}
+
 export function attachDataPlane(options: DataPlaneOptions): Server {
   const { keys, service, metrics, limits, quotas, log } = options;
   // Chunked requests reassemble up to one Backward with two full frames.
   const reassemblyLimit = 2 * limits.maxFrameBytes + TRANSPORT_SLACK_BYTES;
+  const budget = new ReassemblyBudget(options.reassemblyBudgetBytes ?? DEFAULT_REASSEMBLY_BUDGET_BYTES);
+  const streamTimeoutMs = options.chunkStreamTimeoutMs ?? DEFAULT_CHUNK_STREAM_TIMEOUT_MS;
+  const reassemblers = new Set<Reassembler>();
+  // Streams that stopped mid-way give their bytes back even when their socket stays silent.
+  const sweep = setInterval(() => {
+    for (const r of reassemblers) for (const streamId of r.expire()) log.warn({ streamId }, 'chunked request timed out');
+  }, Math.max(100, Math.min(5_000, streamTimeoutMs)));
+  sweep.unref();
+  options.server.once('close', () => clearInterval(sweep));
   const io = new Server(options.server, {
     transports: ['websocket'],
     maxHttpBufferSize: limits.maxMessageBytes + TRANSPORT_SLACK_BYTES,
@@ -72,20 +108,44 @@ export function attachDataPlane(options: DataPlaneOptions): Server {
   io.on('connection', (socket: Socket) => {
     const caller = socket.data.caller as Caller;
     const socketLog = log.child({ socket: socket.id, tenant: caller.tenant });
-    const reassembler = new Reassembler({ maxMessageBytes: reassemblyLimit, maxTotalBytes: 2 * reassemblyLimit });
+    const reassembler = new Reassembler({ maxMessageBytes: reassemblyLimit, maxTotalBytes: 2 * reassemblyLimit, budget, streamTimeoutMs });
+    reassemblers.add(reassembler);
     metrics.connections.inc();
     socketLog.info('socket connected');
 
-    const send = (ack: EnvelopeAck, bytes: Uint8Array, maxMessageBytes: number, requestId: string): void => {
+    const deliver = (ack: EnvelopeAck, bytes: Uint8Array, maxMessageBytes: number, requestId: string): void => {
       const parts = messagesForTransport(bytes, `${requestId}/reply`, maxMessageBytes);
       for (const part of parts) metrics.messageBytes.inc({ direction: 'out' }, part.length);
-      ack(parts.length === 1 ? parts[0] : parts);
+      if (parts.length === 1) ack(parts[0]);
+      else if (parts.length <= MAX_ACK_CHUNKS) ack(parts);
+      else {
+        for (const part of parts.slice(0, -1)) socket.emit(ENVELOPE_EVENT, part);
+        ack(parts[parts.length - 1]);
+      }
     };
     const fail = (ack: EnvelopeAck, requestId: string, error: unknown): void => {
       const body = errorBodyOf(error, socketLog);
       metrics.errors.inc({ code: body.code });
       socketLog.warn({ code: body.code, requestId }, body.message);
-      send(ack, encodeEnvelope(envelope(requestId, { case: 'error', value: body })), limits.maxMessageBytes, requestId);
+      send(ack, encodeEnvelope(envelope(requestId, { case: 'error', value: body })), limits.maxMessageBytes, requestId, true);
+    };
+    // Nothing thrown while replying leaves the handler: the client gets an Error reply, or
+    // (when even that cannot be sent) the failure is logged and the ack carries null.
+    const send = (ack: EnvelopeAck, bytes: Uint8Array, maxMessageBytes: number, requestId: string, isError = false): void => {
+      try {
+        deliver(ack, bytes, maxMessageBytes, requestId);
+      } catch (error) {
+        if (!isError) {
+          fail(ack, requestId, error);
+          return;
+        }
+        socketLog.error({ err: error, requestId }, 'an error reply could not be sent');
+        try {
+          ack(null);
+        } catch {
+          // the socket is gone
+        }
+      }
     };
 
     socket.on(ENVELOPE_EVENT, (payload: unknown, ack: unknown) => {
@@ -104,7 +164,7 @@ export function attachDataPlane(options: DataPlaneOptions): Server {
       try {
         quotas.chargeBytes(caller.tenant, payload.length);
         request = decodeEnvelope(payload, { maxMessageBytes: limits.maxMessageBytes });
-        requestId = request.requestId;
+        requestId = checkedRequestId(request.requestId);
         if (request.body.case === 'chunk') {
           // Chunks are accepted in arrival order, before anything awaits.
           const whole = reassembler.accept(request.body.value);
@@ -113,12 +173,13 @@ export function attachDataPlane(options: DataPlaneOptions): Server {
             return;
           }
           request = decodeEnvelope(whole, { maxMessageBytes: reassemblyLimit });
+          requestId = '';
+          requestId = checkedRequestId(request.requestId);
         }
       } catch (error) {
         fail(reply, requestId, error);
         return;
       }
-      requestId = request.requestId;
       service.handle(caller, request).then(
         (result) => send(reply, result.bytes, result.maxMessageBytes, requestId),
         (error: unknown) => fail(reply, requestId, error),
@@ -127,6 +188,7 @@ export function attachDataPlane(options: DataPlaneOptions): Server {
 
     socket.on('disconnect', (reason) => {
       metrics.connections.dec();
+      reassemblers.delete(reassembler);
       for (const streamId of reassembler.openStreams) {
         try {
           reassembler.close(streamId);

@@ -37,6 +37,12 @@ export const CLOUD_ERRORS = {
   TANDEM_FIELD_TOO_LONG: { status: 400, template: '{field} holds {actual}; the limit is {limit}' },
   TANDEM_OPTION_INVALID: { status: 500, template: 'node option {option} is {value}: {reason}' },
   TANDEM_TLS_INVALID: { status: 500, template: 'the TLS {field} is invalid: {reason}' },
+  TANDEM_MICROBATCH_TOO_LARGE: { status: 400, template: '{field} declares {actual} tokens (batch x sequence), over the limit of {limit}' },
+  TANDEM_RESULT_NON_FINITE: { status: 422, template: '{field} of session {session} step {step} holds a NaN or an infinity at element {index} and the session does not allow them' },
+  TANDEM_CODEC_PARAMS_INVALID: { status: 400, template: 'the {direction} codec {codec} has invalid parameters: {reason}' },
+  TANDEM_RESOURCE_EXHAUSTED: { status: 400, template: 'the request needs more {resource} than this node allows: {reason}' },
+  TANDEM_COMPUTE_FAILED: { status: 500, template: 'the compute backend failed and was restarted: {reason}' },
+  TANDEM_ADAPTER_TOO_LARGE: { status: 400, template: 'the adapter states {field} = {actual}, over the limit of {limit}' },
 } as const satisfies Record<string, { status: number; template: string }>;
 
 export type CloudErrorCode = keyof typeof CLOUD_ERRORS;
@@ -55,4 +61,13 @@ export class CloudError extends defined.Base {
   constructor(code: CloudErrorCode, details: CloudErrorDetails = {}, options: { cause?: unknown } = {}) {
     super(code, defined.format(code, details), { details, cause: options.cause });
   }
+}
+
+/** What an allocation failure (a RangeError for a buffer, a backend out of memory) says. */
+const RESOURCE_FAILURE = /array buffer allocation failed|invalid (typed )?array length|out of memory|cannot allocate|failed to allocate/i;
+
+/** TANDEM_RESOURCE_EXHAUSTED (400) for an allocation failure caused by a request; undefined for anything else. */
+export function resourceErrorOf(error: unknown, resource: string): CloudError | undefined {
+  if (error instanceof CloudError || !(error instanceof Error) || !RESOURCE_FAILURE.test(error.message)) return undefined;
+  return new CloudError('TANDEM_RESOURCE_EXHAUSTED', { resource, reason: error.message.slice(0, 200) }, { cause: error });
 }

@@ -17,10 +17,13 @@ export class CloudMetrics {
   readonly messageBytes: Counter;
   readonly latency: Histogram;
   readonly cacheBytes: Gauge;
+  readonly replyBytes: Gauge;
   readonly evictions: Counter;
   readonly recomputes: Counter;
   readonly errors: Counter;
   readonly connections: Gauge;
+  readonly computeRestarts: Counter;
+  readonly computeReady: Gauge;
 
   constructor(options: { defaultMetrics?: boolean } = {}) {
     const registers = [this.registry];
@@ -32,15 +35,18 @@ export class CloudMetrics {
     this.messageBytes = new Counter({ name: 'tandem_message_bytes_total', help: 'Envelope bytes received and sent on the socket, chunks included', labelNames: ['direction'], registers });
     this.latency = new Histogram({ name: 'tandem_step_seconds', help: 'Time to compute a Forward or Backward of the middle', labelNames: ['kind'], buckets: LATENCY_BUCKETS, registers });
     this.cacheBytes = new Gauge({ name: 'tandem_activation_cache_bytes', help: 'Bytes of activations kept for backward', registers });
-    this.evictions = new Counter({ name: 'tandem_activation_evictions_total', help: 'Activations dropped before their backward, by reason', labelNames: ['reason'], registers });
+    this.replyBytes = new Gauge({ name: 'tandem_reply_cache_bytes', help: 'Bytes of encoded replies kept for retries (within the memory budget of the activations)', registers });
+    this.evictions = new Counter({ name: 'tandem_activation_evictions_total', help: 'Activations dropped before their backward, by reason (reason="reply": kept replies dropped by the budget, the time limit or a close)', labelNames: ['reason'], registers });
     this.recomputes = new Counter({ name: 'tandem_recomputes_total', help: 'Backwards computed from an h_B the edge resent because the cloud no longer had it', registers });
     this.errors = new Counter({ name: 'tandem_errors_total', help: 'Errors returned to clients, by code', labelNames: ['code'], registers });
     this.connections = new Gauge({ name: 'tandem_socket_connections', help: 'socket.io connections open', registers });
+    this.computeRestarts = new Counter({ name: 'tandem_compute_restarts_total', help: 'Compute workers restarted after they died or their backend failed', registers });
+    this.computeReady = new Gauge({ name: 'tandem_compute_ready', help: '1 while every compute worker has the model loaded, 0 while one restarts', registers });
     for (const kind of ['forward', 'backward']) {
       this.steps.inc({ kind }, 0);
       this.replays.inc({ kind }, 0);
     }
-    for (const reason of ['budget', 'ttl', 'closed'] satisfies EvictionReason[]) this.evictions.inc({ reason }, 0);
+    for (const reason of ['budget', 'ttl', 'closed', 'reply'] satisfies EvictionReason[]) this.evictions.inc({ reason }, 0);
     if (options.defaultMetrics) collectDefaultMetrics({ register: this.registry, prefix: 'tandem_process_' });
   }
 

@@ -19,7 +19,7 @@ import type { CodecPreferences, Limits } from '../protocol/index.ts';
 import { ActivationCache } from './activation-cache.ts';
 import { ModelSlot } from './context.ts';
 import { attachDataPlane, errorBodyOf } from './data-plane.ts';
-import { CloudError } from './errors.ts';
+import { CloudError, resourceErrorOf } from './errors.ts';
 import { EmulatorRegistry } from './emulator-registry.ts';
 import type { EmulatorBuildSettings, EmulatorStorageLimits } from './emulator-registry.ts';
 import { CloudMetrics } from './metrics.ts';
@@ -86,6 +86,28 @@ export interface CloudNodeOptions {
   emulatorStorage?: Partial<Omit<EmulatorStorageLimits, 'perTenant'>>;
   /** PEM certificate (chain) and private key: the node serves HTTPS and WSS on its port. */
   tls?: { cert: string | Buffer; key: string | Buffer };
+  /** batch x sequence of one micro-batch, per Forward or Backward frame (16384). */
+  maxMicrobatchTokens?: number;
+  /** Longest sequence a session may send; the model's context by default (and at most). */
+  maxSequenceLength?: number;
+  /** Replies kept for retries per session (64); they count in the memory budget. */
+  maxRepliesPerSession?: number;
+  /** Bytes all incomplete chunked requests may hold together (512 MiB). */
+  reassemblyBudgetBytes?: number;
+  /** A chunked request with no chunk for this long is dropped (30 s). */
+  chunkStreamTimeoutMs?: number;
+  /** Compute workers (threads), each with the model loaded once (1). */
+  computeWorkers?: number;
+}
+
+/** The node's compute workers, for operations (and the tests and the soak bench). */
+export interface ComputeControl {
+  readonly workers: number;
+  /** Worker restarts since start. */
+  readonly restarts: number;
+  readonly ready: boolean;
+  /** Ends a worker as a crash would; it is restarted, /v1/ready saying 503 meanwhile. */
+  terminateWorker(index: number): Promise<void>;
 }
 
 export interface CloudNode {
@@ -96,6 +118,7 @@ export interface CloudNode {
   adminKey?: string;
   /** The limits this node offers sessions. */
   limits: Limits;
+  compute: ComputeControl;
   close(): Promise<void>;
 }
 
@@ -108,6 +131,11 @@ function sendError(app: FastifyInstance, log: Logger): void {
     if (fastifyError.validation !== undefined || (fastifyError.statusCode !== undefined && fastifyError.statusCode < 500)) {
       const wrapped = new CloudError('TANDEM_REQUEST_INVALID', { reason: fastifyError.message });
       return reply.code(fastifyError.statusCode ?? 400).send({ code: wrapped.code, message: wrapped.describe(), details: wrapped.details });
+    }
+    const resource = resourceErrorOf(error, 'memory');
+    if (resource !== undefined) {
+      log.warn({ err: error, url: request.url }, 'a request ran out of a resource');
+      return reply.code(resource.status).send({ code: resource.code, message: resource.describe(), details: resource.details });
     }
     log.error({ err: error, url: request.url }, 'unexpected error in a route');
     const internal = new CloudError('TANDEM_INTERNAL', { reason: 'see the node log' });
@@ -166,10 +194,16 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     budgetBytes: options.memoryBudgetBytes ?? DEFAULT_MEMORY_BUDGET_BYTES,
     ttlMs: options.activationTtlMs ?? DEFAULT_ACTIVATION_TTL_MS,
     onEvict: (reason) => metrics.evictions.inc({ reason }),
-    onSize: (bytes) => metrics.cacheBytes.set(bytes),
+    onSize: (activationBytes, replyBytes) => {
+      metrics.cacheBytes.set(activationBytes);
+      metrics.replyBytes.set(replyBytes);
+    },
+    maxRepliesPerSession: options.maxRepliesPerSession,
   });
   const model = new ModelSlot();
-  const service = new SessionService({ store: sessions, metrics, cache, model: () => model.get(), limits, codecs: options.codecs, quotas, lifetimes: options.sessions });
+  const service = new SessionService({ store: sessions, metrics, cache, model: () => model.get(), limits, codecs: options.codecs, quotas, lifetimes: options.sessions,
+    shapeLimits: { maxMicrobatchTokens: options.maxMicrobatchTokens, maxSequenceLength: options.maxSequenceLength },
+  });
   const emulators = new EmulatorRegistry(
     stateDir, options.emulators,
     (key, err) => log.warn({ bundle: key, err: err.message }, 'a stored emulator bundle does not verify; building it again'),
@@ -208,7 +242,9 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     }, async () => app.swagger());
   }, { prefix: '/v1' });
 
-  const io = attachDataPlane({ server: app.server, keys, service, metrics, limits, quotas, log: log.child({ plane: 'data' }) });
+  const io = attachDataPlane({ server: app.server, keys, service, metrics, limits, quotas, log: log.child({ plane: 'data' }),
+    reassemblyBudgetBytes: options.reassemblyBudgetBytes, chunkStreamTimeoutMs: options.chunkStreamTimeoutMs,
+  });
   keys.onRevoked((record) => disconnectRevoked(io, record, log));
   const sweep = setInterval(() => cache.sweep(), Math.max(1000, Math.min(60_000, options.activationTtlMs ?? DEFAULT_ACTIVATION_TTL_MS)));
   sweep.unref();
@@ -225,6 +261,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   }, options.sweepIntervalMs ?? Math.max(1000, Math.min(60_000, service.lifetimes.idleMs / 4)));
   sessionSweep.unref();
 
+  let executor: MiddleExecutor | undefined;
   const close = async (): Promise<void> => {
     clearInterval(sweep);
     clearInterval(sessionSweep);
@@ -232,15 +269,35 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     io.engine.close();
     await app.close();
     cache.clear();
-    if (model.ready) model.served().dispose();
+    await executor?.close();
+    if (model.loaded) model.served().dispose();
   };
 
   try {
     await app.listen({ host: options.host ?? '127.0.0.1', port: options.port ?? 0 });
     const backend = await initBackend({ backend: options.backend, log: (line) => log.info(line) });
     const served = await ServedModel.load(options.modelDir, options.modelId);
-    model.set(served, new MiddleExecutor(served.model));
-    log.info({ model: served.id, contentHash: served.contentHash, layers: served.numLayers, backend: backend.name, tls: options.tls !== undefined }, 'model loaded; ready');
+    // The workers use the backend this thread picked, so that every thread computes alike;
+    // a native backend that cannot load in a worker thread falls back to wasm, then cpu.
+    const computeLog = log.child({ plane: 'compute' });
+    const candidates = [...new Set([backend.name, 'wasm', 'cpu'])];
+    for (const name of candidates) {
+      try {
+        executor = await MiddleExecutor.start({
+          modelDir: served.dir, backend: name, workers: options.computeWorkers, log: computeLog,
+          onRestart: () => metrics.computeRestarts.inc(),
+          onReady: (ready) => metrics.computeReady.set(ready ? 1 : 0),
+        });
+        break;
+      } catch (error) {
+        if (name === candidates.at(-1)) throw error;
+        computeLog.warn({ backend: name, err: error instanceof Error ? error.message : String(error) }, 'compute workers could not start on this backend; trying the next');
+      }
+    }
+    if (executor === undefined) throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: 'no compute worker could start' });
+    metrics.computeReady.set(1);
+    model.set(served, executor);
+    log.info({ model: served.id, contentHash: served.contentHash, layers: served.numLayers, backend: backend.name, computeWorkers: executor.workers, computeBackend: executor.backend, tls: options.tls !== undefined }, 'model loaded; ready');
   } catch (error) {
     await close();
     throw error;
@@ -248,6 +305,13 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   const address = app.server.address();
   const port = typeof address === 'object' && address !== null ? address.port : (options.port ?? 0);
   const host = options.host ?? '127.0.0.1';
+  const running = executor as MiddleExecutor;
+  const compute: ComputeControl = {
+    get workers() { return running.workers; },
+    get restarts() { return running.restarts; },
+    get ready() { return running.ready; },
+    terminateWorker: (index) => running.terminateWorker(index),
+  };
   const scheme = options.tls === undefined ? 'http' : 'https';
-  return { url: `${scheme}://${host.includes(':') ? `[${host}]` : host}:${port}`, port, adminKey, limits, close };
+  return { url: `${scheme}://${host.includes(':') ? `[${host}]` : host}:${port}`, port, adminKey, limits, compute, close };
 }

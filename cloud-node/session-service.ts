@@ -1,19 +1,22 @@
 // The data plane's logic, transport aside: one envelope in, one encoded reply envelope out.
 // Hello and SessionOpen welcome a session; Forward and Backward run the middle; replies
 // are kept per (session, step, microbatch, kind) so a retry gets the same bytes and is
-// computed once.
+// computed once. What a request may cost is checked before any work: the limits a Hello
+// states against their floors, the codecs' parameters by a trial encode, and each frame's
+// DECLARED shape against the session's shape limits before it is validated or decoded.
 import { randomUUID } from 'node:crypto';
 import {
-  CODEC_NAMES, ErrorFeedback, decodeTensor, encodeEnvelope, encodeTensor, envelope, frameBytes, intersectLimits, negotiateCodecs,
-  negotiateVersion, validateFrame,
+  CODEC_NAMES, ErrorFeedback, checkLimitFloors, decodeEnvelope, decodeTensor, encodeEnvelope, encodeTensor, envelope, frameBytes,
+  intersectLimits, negotiateCodecs, negotiateVersion, validateFrame,
 } from '../protocol/index.ts';
 import type {
-  Backward, Body, CloseReason, CodecName, CodecOffer, CodecPreferences, CodecSpec, Envelope, Forward, Heartbeat, Hello, Limits, SessionClose,
-  SessionOpen, TensorFrame, Welcome,
+  Backward, Body, CloseReason, CodecChoice, CodecName, CodecOffer, CodecPreferences, CodecSpec, Envelope, Forward, Heartbeat, Hello, Limits,
+  SessionClose, SessionOpen, TensorFrame, Welcome,
 } from '../protocol/index.ts';
 import type { ActivationCache } from './activation-cache.ts';
 import { CloudError } from './errors.ts';
 import type { CloudMetrics, StepKind } from './metrics.ts';
+import { TapeLost } from './middle-executor.ts';
 import type { MiddleExecutor, Shape3 } from './middle-executor.ts';
 import type { QuotaLedger } from './quotas.ts';
 import type { ServedModel } from './served-model.ts';
@@ -44,19 +47,26 @@ export interface Reply {
   maxMessageBytes: number;
 }
 
-interface CachedReply {
+interface ComputedReply {
   requestId: string;
-  step: number;
-  body: Body;
   bytes: Uint8Array;
 }
 
-/** What a session holds in memory only: replies for retries, and the gradient codec's error feedback. */
+/** What a session holds in memory only: requests being computed, and the gradient codec's error feedback (kept replies live in the cache). */
 interface SessionRuntime {
-  replies: Map<string, CachedReply>;
-  inFlight: Map<string, Promise<CachedReply>>;
+  inFlight: Map<string, Promise<ComputedReply>>;
   feedback?: ErrorFeedback;
 }
+
+/** Shape limits every session of the node gets, checked against a frame's declared shape. */
+export interface ShapeLimits {
+  /** batch x sequence of one micro-batch. */
+  maxMicrobatchTokens: number;
+  /** Longest sequence; never more than the model's context (max_position_embeddings). */
+  maxSequenceLength?: number;
+}
+
+export const DEFAULT_MAX_MICROBATCH_TOKENS = 16 * 1024;
 
 export interface SessionServiceOptions {
   store: SessionStore;
@@ -69,6 +79,7 @@ export interface SessionServiceOptions {
   codecs?: CodecPreferences;
   quotas: QuotaLedger;
   lifetimes?: Partial<SessionLifetimes>;
+  shapeLimits?: Partial<ShapeLimits>;
 }
 
 const ALL_CODECS: CodecPreferences = { forward: CODEC_NAMES, backward: CODEC_NAMES };
@@ -206,6 +217,7 @@ export class SessionService {
     checkHelloStrings(hello);
     this.#options.quotas.checkOpenSessions(caller.tenant, this.#options.store.openCountOf(caller.tenant));
     const { served } = this.#options.model();
+    checkLimitFloors(hello.limits, 'hello.limits');
     const version = negotiateVersion(hello.versions);
     if (hello.model.id !== served.id) throw new CloudError('TANDEM_MODEL_UNKNOWN', { model: JSON.stringify(hello.model.id), served: served.id });
     served.checkContentHash(hello.model.contentHash);
@@ -215,6 +227,10 @@ export class SessionService {
     if (hello.training.cloudMiddleLora) throw new CloudError('TANDEM_FEATURE_UNSUPPORTED', { feature: 'LoRA held by the cloud on the middle blocks (training.cloud_middle_lora)' });
     const offer = withDefaultOffer(hello.codecs);
     const codecs = negotiateCodecs(offer, this.#preferencesFor(offer));
+    checkCodecParameters(codecs);
+    const limits = intersectLimits(hello.limits, this.#options.limits);
+    // No frame may hold more than a micro-batch of hidden states.
+    limits.maxElements = Math.min(limits.maxElements, this.#maxTokens * served.config.hiddenSize);
     const now = new Date().toISOString();
     const record: SessionRecord = {
       id: randomUUID(),
@@ -224,7 +240,7 @@ export class SessionService {
       version,
       cut,
       codecs,
-      limits: intersectLimits(hello.limits, this.#options.limits),
+      limits,
       training: { ...hello.training, methods: [...hello.training.methods] },
       // The middle does not compute on NaN or infinities, whatever the edge allows itself.
       allowNonFinite: false,
@@ -241,6 +257,10 @@ export class SessionService {
     return { case: 'welcome', value: welcomeOf(record) };
   }
 
+  get #maxTokens(): number {
+    return this.#options.shapeLimits?.maxMicrobatchTokens ?? DEFAULT_MAX_MICROBATCH_TOKENS;
+  }
+
   /** The edge's offer, in its order, restricted to what the node accepts. */
   #preferencesFor(offer: CodecOffer): CodecPreferences {
     const accepted = this.#options.codecs ?? ALL_CODECS;
@@ -253,8 +273,7 @@ export class SessionService {
     this.#touch(session.id);
     // The edge resumes at `resumeStep` (e.g. from a checkpoint): replies of later steps are
     // of a run it abandoned, and the step order restarts there.
-    const runtime = this.#runtime(session.id);
-    for (const [key, reply] of runtime.replies) if (reply.step > open.resumeStep) runtime.replies.delete(key);
+    this.#options.cache.dropReplies(session.id, (reply) => reply.step > open.resumeStep);
     if (session.lastStep > open.resumeStep) await this.#options.store.update(session.id, (s) => { s.lastStep = open.resumeStep; });
     return { case: 'welcome', value: welcomeOf(session) };
   }
@@ -270,7 +289,7 @@ export class SessionService {
   #runtime(sessionId: string): SessionRuntime {
     let runtime = this.#runtimes.get(sessionId);
     if (runtime === undefined) {
-      runtime = { replies: new Map(), inFlight: new Map() };
+      runtime = { inFlight: new Map() };
       this.#runtimes.set(sessionId, runtime);
     }
     return runtime;
@@ -281,7 +300,7 @@ export class SessionService {
     this.#touch(session.id);
     const runtime = this.#runtime(session.id);
     const key = replyKey(kind, message.step, message.microbatch);
-    let reply = runtime.replies.get(key);
+    let reply: ComputedReply | undefined = this.#options.cache.getReply(session.id, key);
     if (reply === undefined) {
       // A retry that arrives while the first attempt computes waits for it.
       let pending = runtime.inFlight.get(key);
@@ -295,12 +314,15 @@ export class SessionService {
       this.#options.metrics.replays.inc({ kind });
     }
     // A retry under another request id gets the same body under its own id.
-    const bytes = reply.requestId === request.requestId ? reply.bytes : encodeEnvelope(envelope(request.requestId, reply.body));
+    const bytes = reply.requestId === request.requestId ? reply.bytes : encodeEnvelope(envelope(request.requestId, decodeEnvelope(reply.bytes, { maxMessageBytes: reply.bytes.length }).body));
     return { bytes, maxMessageBytes: session.limits.maxMessageBytes };
   }
 
-  async #compute(session: SessionRecord, runtime: SessionRuntime, kind: StepKind, message: Forward | Backward, requestId: string): Promise<CachedReply> {
-    // The tenant's tokens in flight are bounded before any work (TANDEM_QUOTA_EXCEEDED).
+  async #compute(session: SessionRecord, runtime: SessionRuntime, kind: StepKind, message: Forward | Backward, requestId: string): Promise<ComputedReply> {
+    // A shape no session may send is refused as such, before the tenant's quota is charged;
+    // then the tenant's tokens in flight are bounded before any work (TANDEM_QUOTA_EXCEEDED).
+    const first = message.frames[0];
+    if (first !== undefined) this.#checkDeclaredShape(first, kind === 'forward' ? 'forward.frames[0] (h_B)' : 'backward.frames[0] (g_M)');
     const release = this.#options.quotas.reserveTokens(session.tenant, tokensOf(message.frames[0]));
     let body: Body;
     try {
@@ -308,14 +330,14 @@ export class SessionService {
     } finally {
       release();
     }
-    const reply: CachedReply = { requestId, step: message.step, body, bytes: encodeEnvelope(envelope(requestId, body)) };
+    const reply: ComputedReply = { requestId, bytes: encodeEnvelope(envelope(requestId, body)) };
     this.#options.metrics.steps.inc({ kind });
     if (this.#runtimes.get(session.id) !== runtime) return reply; // closed meanwhile
-    runtime.replies.set(replyKey(kind, message.step, message.microbatch), reply);
+    this.#options.cache.putReply({ sessionId: session.id, key: replyKey(kind, message.step, message.microbatch), step: message.step, requestId, bytes: reply.bytes });
     if (message.step > session.lastStep) {
       await this.#options.store.update(session.id, (s) => { s.lastStep = message.step; });
       // Replies are kept for the last two steps: enough for the retries of a step in flight.
-      for (const [key, old] of runtime.replies) if (old.step < message.step - 1) runtime.replies.delete(key);
+      this.#options.cache.dropReplies(session.id, (old) => old.step < message.step - 1);
     }
     return reply;
   }
@@ -331,14 +353,15 @@ export class SessionService {
     const range = served.middleOf(session.cut);
     let out: Float32Array;
     if (forward.needsBackward) {
-      const taped = await executor.forwardKeepingTape(range, h, shape);
+      const taped = await executor.forwardKeepingTape(range, h, shape, session.tenant);
       out = taped.output;
       this.#options.cache.put({ sessionId: session.id, step: forward.step, microbatch: forward.microbatch, data: h, shape, tape: taped.tape });
     } else {
-      out = await executor.forward(range, h, shape);
+      out = await executor.forward(range, h, shape, session.tenant);
     }
     this.#options.metrics.latency.observe({ kind: 'forward' }, (performance.now() - started) / 1000);
-    const frame = encodeTensor(out, shape, session.codecs.forward, { name: 'h_M' });
+    this.#checkFinite(session, out, 'h_M', forward.step);
+    const frame = encodeTensor(out, shape, session.codecs.forward, { name: 'h_M', allowNonFinite: session.allowNonFinite });
     this.#options.metrics.frame('out', frame.codec, frameBytes(frame));
     return { case: 'forwardResult', value: { sessionId: session.id, step: forward.step, microbatch: forward.microbatch, frames: [frame] } };
   }
@@ -365,14 +388,33 @@ export class SessionService {
       throw new CloudError('TANDEM_SHAPE_MISMATCH', { field: 'backward.frames[0] (g_M)', actual: `[${shape.join(', ')}]`, expected: `[${hShape.join(', ')}] (h_B)` });
     }
     const started = performance.now();
-    const out = cached?.tape ? await executor.backwardFromTape(cached.tape, g, shape) : await executor.backward(served.middleOf(session.cut), h, g, shape);
+    let out: Float32Array | undefined;
+    if (cached?.tape) {
+      try {
+        out = await executor.backwardFromTape(cached.tape, g, shape, session.tenant);
+      } catch (err) {
+        // The worker that kept the tape restarted: recompute from the h_B kept beside it.
+        if (!(err instanceof TapeLost)) throw err;
+      }
+    }
+    out ??= await executor.backward(served.middleOf(session.cut), h, g, shape, session.tenant);
     this.#options.metrics.latency.observe({ kind: 'backward' }, (performance.now() - started) / 1000);
+    // The edge resent h_B (the cloud had nothing of this micro-batch left).
     const recomputed = cached === undefined;
     if (recomputed) this.#options.metrics.recomputes.inc();
     this.#options.cache.delete(session.id, backward.step, backward.microbatch);
+    this.#checkFinite(session, out, 'g_B', backward.step);
     const frame = this.#encodeGradient(session, runtime, backward.microbatch, out, shape);
     this.#options.metrics.frame('out', frame.codec, frameBytes(frame));
     return { case: 'backwardResult', value: { sessionId: session.id, step: backward.step, microbatch: backward.microbatch, frames: [frame], recomputed } };
+  }
+
+  /** A result holding NaN or an infinity is refused when the session forbids them, instead of being sent. */
+  #checkFinite(session: SessionRecord, data: Float32Array, name: string, step: number): void {
+    if (session.allowNonFinite) return;
+    for (let i = 0; i < data.length; i++) {
+      if (!Number.isFinite(data[i])) throw new CloudError('TANDEM_RESULT_NON_FINITE', { field: name, index: i, session: session.id, step });
+    }
   }
 
   /** g_B in the backward codec; a lossy one goes through the session's error feedback, one stream per micro-batch index. */
@@ -388,17 +430,41 @@ export class SessionService {
 
   /** Validates a received hidden-state frame against the session and the model, and decodes it. */
   #readFrame(session: SessionRecord, frame: TensorFrame, field: string): [Float32Array, Shape3] {
-    const { served } = this.#options.model();
+    const s = this.#checkDeclaredShape(frame, field);
     const expectation = { limits: session.limits, allowNonFinite: session.allowNonFinite, field };
     validateFrame(frame, expectation);
-    const { hiddenSize, maxPositionEmbeddings } = served.config;
-    const s = frame.shape;
-    if (s.length !== 3 || s[0] < 1 || s[1] < 1 || s[1] > maxPositionEmbeddings || s[2] !== hiddenSize) {
-      throw new CloudError('TANDEM_SHAPE_MISMATCH', { field, actual: `[${s.join(', ')}]`, expected: `[batch >= 1, 1 <= seq <= ${maxPositionEmbeddings}, ${hiddenSize}]` });
-    }
     const data = decodeTensor(frame, expectation);
     this.#options.metrics.frame('in', frame.codec, frameBytes(frame));
     return [data, [s[0], s[1], s[2]]];
+  }
+
+  /** The frame's declared shape against the session's shape limits; what a request may cost is known from it. */
+  #checkDeclaredShape(frame: TensorFrame, field: string): readonly number[] {
+    const { served } = this.#options.model();
+    const { hiddenSize, maxPositionEmbeddings } = served.config;
+    const maxSeq = Math.min(maxPositionEmbeddings, this.#options.shapeLimits?.maxSequenceLength ?? maxPositionEmbeddings);
+    // The declared shape, before the frame is validated or decoded: a top-k frame of a few
+    // bytes may declare any shape, and decoding allocates (and the middle computes) all of it.
+    const s = frame.shape;
+    if (s.length !== 3 || s[0] < 1 || s[1] < 1 || s[1] > maxSeq || s[2] !== hiddenSize) {
+      throw new CloudError('TANDEM_SHAPE_MISMATCH', { field, actual: `[${s.slice(0, 8).join(', ')}${s.length > 8 ? ', ...' : ''}]`, expected: `[batch >= 1, 1 <= seq <= ${maxSeq}, ${hiddenSize}]` });
+    }
+    const tokens = s[0] * s[1];
+    if (tokens > this.#maxTokens) {
+      throw new CloudError('TANDEM_MICROBATCH_TOO_LARGE', { field, actual: tokens, limit: this.#maxTokens });
+    }
+    return s;
+  }
+}
+
+/** A trial encode of one element with each chosen codec: bad parameters fail the Hello, not a step after its compute. */
+function checkCodecParameters(codecs: CodecChoice): void {
+  for (const [direction, spec] of Object.entries(codecs) as [string, CodecSpec][]) {
+    try {
+      encodeTensor(new Float32Array(1), [1], spec);
+    } catch (err) {
+      throw new CloudError('TANDEM_CODEC_PARAMS_INVALID', { direction, codec: spec.codec, reason: err instanceof Error ? err.message : String(err) }, { cause: err });
+    }
   }
 }
 

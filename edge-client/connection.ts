@@ -102,6 +102,8 @@ export class CloudConnection {
       if (this.connectedOnce) this.onReconnect();
       this.connectedOnce = true;
     });
+    // Reply chunks that do not fit one packet arrive as `envelope` events before the ack.
+    this.socket.on('envelope', (bytes: unknown) => this.acceptPushed(bytes));
     this.socket.on('disconnect', (reason) => {
       // A server that shuts down disconnects its sockets itself, and socket.io does not
       // reconnect after that on its own; a restarted node is worth waiting for.
@@ -232,6 +234,26 @@ export class CloudConnection {
     this.stats.lastRttMs = rtt;
     this.stats.meanRttMs += (rtt - this.stats.meanRttMs) / this.rttCount;
     return this.decodeReply(ack);
+  }
+
+  private acceptPushed(bytes: unknown): void {
+    const b = toBytes(bytes);
+    if (b === undefined) return;
+    try {
+      const env = decodeEnvelope(b, { maxMessageBytes: Math.max(this.maxMessageBytes, DEFAULT_LIMITS.maxMessageBytes) });
+      if (env.body.case !== 'chunk') return;
+      // A resent request's reply starts over: forget what remains of the earlier one.
+      if (env.body.value.index === 0 && this.reassembler.openStreams.includes(env.body.value.streamId)) {
+        try {
+          this.reassembler.close(env.body.value.streamId);
+        } catch {
+          // incomplete, as expected
+        }
+      }
+      this.reassembler.accept(env.body.value);
+    } catch {
+      // A bad pushed chunk fails its reply when the ack arrives (the stream is incomplete).
+    }
   }
 
   private decodeReply(ack: unknown): Envelope {

@@ -9,7 +9,7 @@ export type {
 export {
   PROTOCOL_VERSION, SUPPORTED_VERSIONS, compareVersions, formatRange, formatVersion, isReadableVersion, negotiateVersion,
 } from './version.ts';
-export { DEFAULT_LIMITS, intersectLimits } from './limits.ts';
+export { DEFAULT_LIMITS, LIMIT_FLOORS, checkLimitFloors, intersectLimits } from './limits.ts';
 export { decodeEnvelope, encodeEnvelope, envelope, errorBody } from './envelope.ts';
 export type { DecodeEnvelopeOptions } from './envelope.ts';
 export { negotiateCodecs } from './codec-negotiation.ts';
@@ -22,7 +22,7 @@ export { DEFAULT_TOPK_FRACTION } from './codecs/topk.ts';
 export { ErrorFeedback } from './error-feedback.ts';
 export { crc32 } from './crc32.ts';
 export { messagesForTransport, splitMessage } from './chunker.ts';
-export { Reassembler } from './reassembler.ts';
+export { ReassemblyBudget, Reassembler } from './reassembler.ts';
 export type { ReassemblerOptions } from './reassembler.ts';
 export { AUTH_ERROR_CODES, DEFAULT_CUT, EDGE_WEIGHTS_FILE, WIRE_ERRORS } from './contract.ts';
 export type { WireErrorCode } from './contract.ts';

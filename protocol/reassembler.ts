@@ -1,17 +1,50 @@
 // Reassembles chunked messages. Chunks of a stream must arrive in order (the transport is
-// ordered, so a gap means a chunk was lost); memory is bounded by the number of open
-// streams and the bytes they reserve.
+// ordered, so a gap means a chunk was lost). Memory is bounded by the number of open
+// streams and the totals they declare, and only what has arrived is held: nothing is
+// reserved up front, so a stream that declares a large total and stops costs its chunks,
+// not its total, and is dropped after the stream timeout. A ReassemblyBudget shared by
+// every reassembler of a process caps the bytes being reassembled all together.
 import { crc32 } from './crc32.ts';
 import { ProtocolError } from './errors.ts';
 import { DEFAULT_LIMITS } from './limits.ts';
 import type { Chunk } from './messages.ts';
 
+/** Bytes held by incomplete streams, across every Reassembler that shares it. */
+export class ReassemblyBudget {
+  readonly limit: number;
+  #used = 0;
+
+  constructor(limit: number) {
+    this.limit = limit;
+  }
+
+  get used(): number {
+    return this.#used;
+  }
+
+  /** False (and nothing taken) when `bytes` more would pass the limit. */
+  take(bytes: number): boolean {
+    if (this.#used + bytes > this.limit) return false;
+    this.#used += bytes;
+    return true;
+  }
+
+  give(bytes: number): void {
+    this.#used = Math.max(0, this.#used - bytes);
+  }
+}
+
 export interface ReassemblerOptions {
   /** Largest message one stream may assemble. */
   maxMessageBytes?: number;
-  /** Bytes all open streams may reserve together. */
+  /** Bytes all open streams of this reassembler may declare together. */
   maxTotalBytes?: number;
   maxOpenStreams?: number;
+  /** Shared cap on the bytes held by incomplete streams (of this and other reassemblers). */
+  budget?: ReassemblyBudget;
+  /** A stream with no chunk for this long is dropped (expire(), and on the next accept()). */
+  streamTimeoutMs?: number;
+  now?: () => number;
 }
 
 interface OpenStream {
@@ -19,31 +52,46 @@ interface OpenStream {
   totalBytes: number;
   next: number;
   filled: number;
-  buffer: Uint8Array;
+  parts: Uint8Array[];
+  lastChunkAt: number;
 }
+
+/** Stream ids remembered after their timeout, so that a late chunk is told why. */
+const TIMED_OUT_REMEMBERED = 64;
 
 export class Reassembler {
   readonly #maxMessageBytes: number;
   readonly #maxTotalBytes: number;
   readonly #maxOpenStreams: number;
+  readonly #budget: ReassemblyBudget | undefined;
+  readonly #timeoutMs: number;
+  readonly #now: () => number;
   readonly #streams = new Map<string, OpenStream>();
+  readonly #timedOut = new Set<string>();
   #reserved = 0;
 
   constructor(options: ReassemblerOptions = {}) {
     this.#maxMessageBytes = options.maxMessageBytes ?? DEFAULT_LIMITS.maxFrameBytes;
     this.#maxTotalBytes = options.maxTotalBytes ?? 2 * this.#maxMessageBytes;
     this.#maxOpenStreams = options.maxOpenStreams ?? 16;
+    this.#budget = options.budget;
+    this.#timeoutMs = options.streamTimeoutMs ?? Infinity;
+    this.#now = options.now ?? Date.now;
   }
 
   /** Adds a chunk; returns the whole message when this chunk completes it, else null. */
   accept(chunk: Chunk): Uint8Array | null {
     const { streamId, index, count, totalBytes, data } = chunk;
     const fail = (reason: string): ProtocolError => new ProtocolError('TANDEM_PROTO_CHUNK_INVALID', { streamId, index, reason });
+    this.expire();
     if (count < 1 || index >= count) throw fail(`index ${index} is outside count ${count}`);
     if (crc32(data) !== chunk.crc32) throw fail('crc32 does not match its data');
     let stream = this.#streams.get(streamId);
     if (stream === undefined) {
-      if (index !== 0) throw new ProtocolError('TANDEM_PROTO_CHUNK_OUT_OF_ORDER', { streamId, index, expected: 0 });
+      if (index !== 0) {
+        if (this.#timedOut.has(streamId)) throw new ProtocolError('TANDEM_PROTO_CHUNK_TIMEOUT', { streamId, timeoutMs: this.#timeoutMs });
+        throw new ProtocolError('TANDEM_PROTO_CHUNK_OUT_OF_ORDER', { streamId, index, expected: 0 });
+      }
       if (totalBytes > this.#maxMessageBytes) {
         throw new ProtocolError('TANDEM_PROTO_CHUNK_LIMIT_EXCEEDED', { field: 'message bytes', actual: totalBytes, limit: this.#maxMessageBytes });
       }
@@ -52,10 +100,10 @@ export class Reassembler {
         throw new ProtocolError('TANDEM_PROTO_CHUNK_LIMIT_EXCEEDED', { field: 'open streams', actual: this.#streams.size + 1, limit: this.#maxOpenStreams });
       }
       if (this.#reserved + totalBytes > this.#maxTotalBytes) {
-        throw new ProtocolError('TANDEM_PROTO_CHUNK_LIMIT_EXCEEDED', { field: 'reserved bytes', actual: this.#reserved + totalBytes, limit: this.#maxTotalBytes });
+        throw new ProtocolError('TANDEM_PROTO_CHUNK_LIMIT_EXCEEDED', { field: 'declared bytes', actual: this.#reserved + totalBytes, limit: this.#maxTotalBytes });
       }
-      // Allocated only after every limit has passed.
-      stream = { count, totalBytes, next: 0, filled: 0, buffer: new Uint8Array(totalBytes) };
+      this.#timedOut.delete(streamId);
+      stream = { count, totalBytes, next: 0, filled: 0, parts: [], lastChunkAt: this.#now() };
       this.#streams.set(streamId, stream);
       this.#reserved += totalBytes;
     } else {
@@ -73,13 +121,27 @@ export class Reassembler {
       this.#drop(streamId);
       throw fail(`data runs past the total of ${stream.totalBytes} bytes`);
     }
-    stream.buffer.set(data, stream.filled);
+    const last = stream.next + 1 === stream.count;
+    // The last chunk is copied straight into the whole message: only incomplete streams hold budget.
+    if (!last && this.#budget !== undefined && !this.#budget.take(data.length)) {
+      const used = this.#budget.used;
+      this.#drop(streamId);
+      throw new ProtocolError('TANDEM_PROTO_CHUNK_LIMIT_EXCEEDED', { field: 'bytes being reassembled on this node', actual: used + data.length, limit: this.#budget.limit });
+    }
+    stream.parts.push(data);
     stream.filled += data.length;
     stream.next++;
-    if (stream.next < stream.count) return null;
+    stream.lastChunkAt = this.#now();
+    if (!last) return null;
     this.#drop(streamId);
     if (stream.filled !== stream.totalBytes) throw fail(`the chunks carry ${stream.filled} of ${stream.totalBytes} bytes`);
-    return stream.buffer;
+    const whole = new Uint8Array(stream.totalBytes);
+    let at = 0;
+    for (const part of stream.parts) {
+      whole.set(part, at);
+      at += part.length;
+    }
+    return whole;
   }
 
   /** Ends a stream, e.g. on a timeout or a disconnect; a typed error when it was still incomplete. */
@@ -90,12 +152,35 @@ export class Reassembler {
     throw new ProtocolError('TANDEM_PROTO_CHUNK_MISSING', { streamId, received: stream.next, count: stream.count });
   }
 
+  /** Drops the streams that had no chunk within the stream timeout; returns their ids. */
+  expire(): string[] {
+    if (!Number.isFinite(this.#timeoutMs)) return [];
+    const now = this.#now();
+    const expired: string[] = [];
+    for (const [streamId, stream] of this.#streams) {
+      if (now - stream.lastChunkAt <= this.#timeoutMs) continue;
+      this.#drop(streamId);
+      expired.push(streamId);
+      this.#timedOut.add(streamId);
+      if (this.#timedOut.size > TIMED_OUT_REMEMBERED) this.#timedOut.delete(this.#timedOut.values().next().value as string);
+    }
+    return expired;
+  }
+
   get openStreams(): string[] {
     return [...this.#streams.keys()];
   }
 
+  /** Bytes the open streams declare (their totals). */
   get reservedBytes(): number {
     return this.#reserved;
+  }
+
+  /** Bytes the open streams hold. */
+  get heldBytes(): number {
+    let held = 0;
+    for (const stream of this.#streams.values()) held += stream.filled;
+    return held;
   }
 
   #drop(streamId: string): void {
@@ -103,5 +188,8 @@ export class Reassembler {
     if (stream === undefined) return;
     this.#streams.delete(streamId);
     this.#reserved -= stream.totalBytes;
+    // What the last chunk added was never taken from the budget.
+    const taken = stream.next === stream.count ? stream.filled - (stream.parts.at(-1)?.length ?? 0) : stream.filled;
+    this.#budget?.give(taken);
   }
 }

@@ -99,9 +99,16 @@ export class TestClient {
   maxMessageBytes = TEST_LIMITS.maxMessageBytes;
   sessionId = '';
   welcome?: Welcome;
+  /** Reply chunks arrive in the ack, or (more than fit one packet) as `envelope` events before it. */
+  private readonly replies = new Reassembler();
 
   private constructor(socket: Socket) {
     this.socket = socket;
+    socket.on('envelope', (bytes: unknown) => {
+      const env = decodeEnvelope(asBytes(bytes));
+      assert.equal(env.body.case, 'chunk', 'the cloud pushes only reply chunks');
+      if (env.body.case === 'chunk') assert.equal(this.replies.accept(env.body.value), null, 'a pushed chunk never completes a reply');
+    });
   }
 
   static async connect(node: CloudNode, key: string): Promise<TestClient> {
@@ -130,17 +137,18 @@ export class TestClient {
     let ack: unknown = null;
     for (const part of parts) ack = await this.sendRaw(part);
     let whole: Uint8Array;
-    if (Array.isArray(ack)) {
-      const reassembler = new Reassembler();
+    const first = decodeEnvelope(asBytes(Array.isArray(ack) ? ack[0] : ack));
+    if (first.body.case === 'chunk') {
       let done: Uint8Array | null = null;
-      for (const chunk of ack) {
+      for (const chunk of Array.isArray(ack) ? ack : [ack]) {
         const env = decodeEnvelope(asBytes(chunk));
         assert.equal(env.body.case, 'chunk');
-        if (env.body.case === 'chunk') done = reassembler.accept(env.body.value);
+        if (env.body.case === 'chunk') done = this.replies.accept(env.body.value);
       }
       assert.ok(done !== null, 'a chunked reply must complete');
       whole = done;
     } else {
+      assert.ok(!Array.isArray(ack), 'an array ack carries chunks');
       whole = asBytes(ack);
     }
     return { reply: decodeEnvelope(whole, { maxMessageBytes: 1 << 30 }), bytes: whole };
