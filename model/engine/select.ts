@@ -2,7 +2,10 @@
 // ONNX Runtime on the CPU, tfjs-node, wasm, cpu. `--engine` or TANDEM_ENGINE override it and
 // the choice is logged. ORT engines run the frozen backbone; tfjs (its best backend) stays
 // for autodiff of the trainable parts, so an ORT choice also starts a tfjs backend.
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
+import { dirname, join } from 'node:path';
 import type { BackendName } from '../backend.ts';
 import { initBackend } from '../backend.ts';
 import { ModelError } from '../errors.ts';
@@ -65,6 +68,14 @@ function parseThreads(value: number | string | undefined, field: string): number
 /** Opens a one-node session on the provider: loading the library is not enough to know CUDA works. */
 async function probeOrt(provider: OrtProvider): Promise<void> {
   const ort = await loadOrt();
+  if (provider === 'cuda') {
+    // The provider library comes from onnxruntime-node's postinstall, which .npmrc skips offline.
+    const require = createRequire(import.meta.url);
+    const dir = join(dirname(require.resolve('onnxruntime-node')), '..', 'bin', 'napi-v6', `${process.platform}`, process.arch);
+    if (!existsSync(join(dir, 'libonnxruntime_providers_cuda.so'))) {
+      throw new Error('the CUDA execution provider is not installed (ONNXRUNTIME_NODE_INSTALL=cuda12 npm rebuild onnxruntime-node)');
+    }
+  }
   const g = new GraphBuilder('probe');
   const x = g.input('x', ONNX_FLOAT, [1]);
   g.alias(g.op('Relu', [x]), 'y');
