@@ -6,3 +6,7 @@ export { loraGradNames, loraInputNames, loraPaths, modulePath } from './llama-gr
 export type { LoraSpec, WeightArrays } from './llama-graphs.ts';
 export { ENGINES, activeEngine, parseEngineName, selectEngine } from './select.ts';
 export type { EngineChoice, EngineName } from './select.ts';
+export { ArrayAdamW } from './adamw.ts';
+export type { ArrayAdamWOptions } from './adamw.ts';
+export { createOrtMatMul } from './ort-matmul.ts';
+export type { OrtMatMul } from './ort-matmul.ts';
