@@ -10,3 +10,5 @@ export { ArrayAdamW } from './adamw.ts';
 export type { ArrayAdamWOptions } from './adamw.ts';
 export { createOrtMatMul } from './ort-matmul.ts';
 export type { OrtMatMul } from './ort-matmul.ts';
+export { OrtMiddle, OrtMiddleExecutor } from './middle.ts';
+export type { BlockRange, Shape3 } from './middle.ts';
