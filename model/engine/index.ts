@@ -1,6 +1,6 @@
 // The ONNX Runtime engine: the frozen backbone from graphs built in TypeScript, and the choice
 // of engine at start. Other folders reach it through model/index.ts.
-export { OrtLlama, loadOrt } from './ort-llama.ts';
+export { OrtKvCache, OrtLlama, loadOrt } from './ort-llama.ts';
 export type { KeptForward, LoraParams, LoraStepResult, OrtEngineOptions, OrtProvider } from './ort-llama.ts';
 export { loraGradNames, loraInputNames, loraPaths, modulePath } from './llama-graphs.ts';
 export type { LoraSpec, WeightArrays } from './llama-graphs.ts';

@@ -68,6 +68,8 @@ interface Ctx {
   mask?: string;
   bs: string;
   lora?: { spec: LoraSpec; paths: Set<string> };
+  /** KV cache: each block's past keys and values [batch, kvHeads, past, headDim] in, past + new out. */
+  cache?: { past(layer: number): { k: string; v: string }; present(layer: number, k: string, v: string): void };
 }
 
 class LlamaGraph {
@@ -187,8 +189,14 @@ class LlamaGraph {
     // [B, S, nKv, g, hd] → [B, nKv, g, S, hd]: the rope tables [S, hd] broadcast; then stacked [B, nKv, g·S, hd].
     const q5 = g.transpose(g.op('Reshape', [qRows, this.dims(ctx, [nKv, grp, hd])]), [0, 2, 3, 1, 4]);
     const q = g.reshape(this.rope(q5, ctx), [0, 0, -1, hd]);
-    const k = this.rope(g.transpose(g.op('Reshape', [kRows, this.dims(ctx, [nKv, hd])]), [0, 2, 1, 3]), ctx);
-    const v = g.transpose(g.op('Reshape', [vRows, this.dims(ctx, [nKv, hd])]), [0, 2, 1, 3]);
+    let k = this.rope(g.transpose(g.op('Reshape', [kRows, this.dims(ctx, [nKv, hd])]), [0, 2, 1, 3]), ctx);
+    let v = g.transpose(g.op('Reshape', [vRows, this.dims(ctx, [nKv, hd])]), [0, 2, 1, 3]);
+    if (ctx.cache) {
+      const past = ctx.cache.past(i);
+      k = g.op('Concat', [past.k, k], { axis: 2 });
+      v = g.op('Concat', [past.v, v], { axis: 2 });
+      ctx.cache.present(i, k, v);
+    }
     const scores = g.matmul(q, g.transpose(k, [0, 1, 3, 2]));
     const logits = g.add(g.mul(scores, g.scalar(1 / Math.sqrt(hd))), ctx.mask as string);
     const probs = g.op('Softmax', [logits], { axis: -1 });
@@ -391,5 +399,50 @@ export function loraTrainGraph(config: ModelConfig, weights: WeightArrays, spec:
   const dLogits = g.op('ScatterElements', [pw, idx, g.sub(g.op('GatherElements', [pw, idx], { axis: 1 }), w1)], { axis: 1 });
   let d = m.rmsNormBackward(g.matmul(dLogits, m.headWeight()), 'model.norm.weight', norm.n, norm.r);
   for (let i = config.numHiddenLayers - 1; i >= 0; i--) d = m.blockBackward(i, d, saved[i], ctx);
+  return g.build();
+}
+
+export const pastName = (layer: number, kv: 'k' | 'v'): string => `past.${layer}.${kv}`;
+export const presentName = (layer: number, kv: 'k' | 'v'): string => `present.${layer}.${kv}`;
+
+/**
+ * The whole model with a KV cache: input ids [batch, seq] at positions past..past+seq-1 (the
+ * rope tables and mask given for those), every block's past.i.k and past.i.v [batch, kvHeads,
+ * past, headDim] → logits of the last position [batch, vocab] and present.i.k, present.i.v.
+ */
+export function cachedLogitsGraph(config: ModelConfig, weights: WeightArrays): OnnxGraph {
+  const m = new LlamaGraph(config, weights, 'logits_cached');
+  const g = m.g;
+  const { cos, sin, mask } = m.ropeAndMask(true);
+  const ids = g.input('input_ids', ONNX_INT32, ['batch', 'seq']);
+  const { numKeyValueHeads: nKv, headDim: hd, hiddenSize: d } = config;
+  for (let i = 0; i < config.numHiddenLayers; i++) {
+    for (const kv of ['k', 'v'] as const) {
+      g.input(pastName(i, kv), ONNX_FLOAT, ['batch', nKv, 'past', hd]);
+      g.output(presentName(i, kv), ONNX_FLOAT, ['batch', nKv, 'total', hd]);
+    }
+  }
+  const { rows, bs } = m.embed(ids);
+  const ctx: Ctx = {
+    cos,
+    sin,
+    mask,
+    bs,
+    cache: {
+      past: (i) => ({ k: pastName(i, 'k'), v: pastName(i, 'v') }),
+      present: (i, k, v) => {
+        g.alias(k, presentName(i, 'k'));
+        g.alias(v, presentName(i, 'v'));
+      },
+    },
+  };
+  let x = rows;
+  for (let i = 0; i < config.numHiddenLayers; i++) x = m.block(i, x, ctx).y;
+  // Only the last position's logits: [batch, seq, hidden] → [batch, hidden].
+  const h3 = g.op('Reshape', [x, m.dims(ctx, [d])]);
+  const last = g.op('Squeeze', [g.op('Slice', [h3, g.ints([-1]), g.ints([2 ** 62]), g.ints([1])]), g.ints([1])]);
+  const n = m.rmsNorm(last, 'model.norm.weight').out;
+  g.alias(g.op('Gemm', [n, m.headWeight()], { transB: 1 }), 'logits');
+  g.output('logits', ONNX_FLOAT, ['batch', config.vocabSize]);
   return g.build();
 }

@@ -7,7 +7,7 @@ import type { ModelConfig } from '../config.ts';
 import { ModelError } from '../errors.ts';
 import { ropeInverseFrequencies, ropeTables } from '../llama/rope.ts';
 import type { LoraSpec, WeightArrays } from './llama-graphs.ts';
-import { SAVED_PER_BLOCK, blockRangeBackwardGraph, blockRangeGraph, logitsGraph, loraGradNames, loraInputNames, loraPaths, loraTrainGraph } from './llama-graphs.ts';
+import { SAVED_PER_BLOCK, blockRangeBackwardGraph, cachedLogitsGraph, pastName, presentName, blockRangeGraph, logitsGraph, loraGradNames, loraInputNames, loraPaths, loraTrainGraph } from './llama-graphs.ts';
 import type { OnnxGraph } from './onnx-proto.ts';
 import { encodeModel } from './onnx-proto.ts';
 
@@ -68,6 +68,13 @@ function checkTokens(config: ModelConfig, batch: number, seq: number, field: str
 
 function checkLength(a: ArrayLike<number>, expected: number, field: string): void {
   if (a.length !== expected) throw new ModelError('TANDEM_INPUT_INVALID', `expected ${expected} values, got ${a.length}`, { field });
+}
+
+/** Keys and values of the positions already run, per block, for one batch of sequences. */
+export class OrtKvCache {
+  /** Positions held. */
+  length = 0;
+  tensors: Record<string, Ort.Tensor> | undefined;
 }
 
 export class OrtLlama {
@@ -258,6 +265,55 @@ export class OrtLlama {
       grads.set(path, { a: out[names.a].data as Float32Array, b: out[names.b].data as Float32Array });
     }
     return { loss: count === 0 ? 0 : (out.loss.data as Float32Array)[0], count, grads };
+  }
+
+  /**
+   * The next positions of sequences whose earlier positions are in `cache`: ids [batch, seq]
+   * → logits of the last position [batch, vocab]; the cache grows by seq.
+   */
+  async logitsCached(ids: Int32Array, batch: number, seq: number, cache: OrtKvCache): Promise<Float32Array> {
+    checkTokens(this.config, batch, cache.length + seq, 'input_ids');
+    const s = await this.session('logits-cached', () => cachedLogitsGraph(this.config, this.weights));
+    const { numKeyValueHeads: nKv, headDim: hd } = this.config;
+    const past = cache.tensors ?? {};
+    if (!cache.tensors) {
+      const empty = this.f32(new Float32Array(0), [batch, nKv, 0, hd]);
+      for (let i = 0; i < this.config.numHiddenLayers; i++) {
+        past[pastName(i, 'k')] = empty;
+        past[pastName(i, 'v')] = empty;
+      }
+    } else if (past[pastName(0, 'k')].dims[0] !== batch) {
+      throw new ModelError('TANDEM_INPUT_INVALID', `the cache holds batch ${past[pastName(0, 'k')].dims[0]}, got ${batch}`, { field: 'input_ids' });
+    }
+    const out = await s.run({ input_ids: this.ids(ids, batch, seq), ...this.positional(seq, cache.length), ...past });
+    const next: Record<string, Ort.Tensor> = {};
+    for (let i = 0; i < this.config.numHiddenLayers; i++) {
+      for (const kv of ['k', 'v'] as const) next[pastName(i, kv)] = out[presentName(i, kv)];
+    }
+    cache.tensors = next;
+    cache.length += seq;
+    return out.logits.data as Float32Array;
+  }
+
+  /** Greedy continuation of one prompt with the KV cache: the new ids, stopping at an EOS id when given. */
+  async generateGreedy(prompt: readonly number[], maxNewTokens: number, eosTokenIds: readonly number[] = []): Promise<number[]> {
+    if (prompt.length === 0) throw new ModelError('TANDEM_INPUT_INVALID', 'the prompt is empty', { field: 'prompt' });
+    if (!Number.isInteger(maxNewTokens) || maxNewTokens < 0) {
+      throw new ModelError('TANDEM_INPUT_INVALID', `maxNewTokens must be a non-negative integer, got ${maxNewTokens}`, { field: 'maxNewTokens' });
+    }
+    const cache = new OrtKvCache();
+    const v = this.config.vocabSize;
+    const out: number[] = [];
+    let input = Int32Array.from(prompt);
+    while (out.length < maxNewTokens) {
+      const logits = await this.logitsCached(input, 1, input.length, cache);
+      let best = 0;
+      for (let j = 1; j < v; j++) if (logits[j] > logits[best]) best = j;
+      out.push(best);
+      if (eosTokenIds.includes(best)) break;
+      input = Int32Array.of(best);
+    }
+    return out;
   }
 
   /** Releases every session. */

@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { before, describe, it } from 'node:test';
-import { OrtLlama } from '../../../model/engine/index.ts';
+import { OrtKvCache, OrtLlama } from '../../../model/engine/index.ts';
 import type { LoraParams, LoraSpec } from '../../../model/engine/index.ts';
 import { LlamaModel, Rng, causalLmLoss, createAdapter, gradients, loadModelFolder, tapedForward, tf, useBackend } from '../../../model/index.ts';
 import type { LoadedModel } from '../../../model/index.ts';
@@ -70,6 +70,23 @@ describe('the ONNX Runtime engine on stories260K', () => {
       ids.push(best);
     }
     assert.deepEqual(ids.slice(reference.input_ids.length), reference.greedy_ids);
+    // The same continuation with the KV cache, one position per call after the prompt.
+    assert.deepEqual(await engine.generateGreedy(reference.input_ids, reference.greedy_ids.length), reference.greedy_ids);
+  });
+
+  it('with a KV cache gives the last-position logits of the full forward, and refuses a different batch', async () => {
+    const ids = Int32Array.from([1, 403, 407, 261, 378, 90, 12, 300]);
+    const full = await engine.logits(ids, 2, 4);
+    const cache = new OrtKvCache();
+    const v = loaded.config.vocabSize;
+    const first = await engine.logitsCached(Int32Array.from([1, 403, 378, 90]), 2, 2, cache);
+    assert.ok(maxAbsDiff(first.subarray(0, v), full.subarray(v, 2 * v)) < 1e-4);
+    assert.ok(maxAbsDiff(first.subarray(v), full.subarray(5 * v, 6 * v)) < 1e-4);
+    const second = await engine.logitsCached(Int32Array.from([407, 12]), 2, 1, cache);
+    assert.equal(cache.length, 3);
+    assert.ok(maxAbsDiff(second.subarray(0, v), full.subarray(2 * v, 3 * v)) < 1e-4);
+    assert.ok(maxAbsDiff(second.subarray(v), full.subarray(6 * v, 7 * v)) < 1e-4);
+    await rejectsModelError(engine.logitsCached(Int32Array.from([5]), 1, 1, cache), 'TANDEM_INPUT_INVALID', 'batch');
   });
 
   it('runs a block range and its vector-Jacobian product within 1e-4 (relative) of tfjs', async () => {
