@@ -270,6 +270,10 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
   const all = args.includes('--all');
   const ti = args.indexOf('--threads');
   const threads = ti >= 0 ? Number(args[ti + 1]) : availableParallelism();
+  if (!Number.isInteger(threads) || threads < 1 || threads > 1024) {
+    process.stderr.write(`--threads must be an integer in [1, 1024], got ${JSON.stringify(args[ti + 1])}\n`);
+    process.exit(2);
+  }
   const stories = await loadModelFolder(join(import.meta.dirname, '..', 'test', 'fixtures', 'stories260K'));
   const smolConfig = llamaConfig({ ...SMOLLM_135M_SHAPE, layers: quick ? 2 : SMOLLM_135M_SHAPE.layers });
   const cases: Case[] = [

@@ -5,6 +5,7 @@ import { availableParallelism } from 'node:os';
 import type * as Ort from 'onnxruntime-node';
 import type { ModelConfig } from '../config.ts';
 import { ModelError } from '../errors.ts';
+import { LINEAR_MODULES } from '../hooks.ts';
 import { ropeInverseFrequencies, ropeTables } from '../llama/rope.ts';
 import type { LoraSpec, WeightArrays } from './llama-graphs.ts';
 import { SAVED_PER_BLOCK, blockRangeBackwardGraph, cachedLogitsGraph, pastName, presentName, blockRangeGraph, logitsGraph, loraGradNames, loraInputNames, loraPaths, loraTrainGraph } from './llama-graphs.ts';
@@ -75,6 +76,20 @@ export class OrtKvCache {
   /** Positions held. */
   length = 0;
   tensors: Record<string, Ort.Tensor> | undefined;
+}
+
+function checkLoraSpec(config: ModelConfig, spec: LoraSpec): void {
+  if (!Number.isInteger(spec.r) || spec.r < 1 || spec.r > 4096) throw new ModelError('TANDEM_INPUT_INVALID', `r must be an integer in [1, 4096], got ${spec.r}`, { field: 'r' });
+  if (!Number.isFinite(spec.scaling)) throw new ModelError('TANDEM_INPUT_INVALID', `scaling must be finite, got ${spec.scaling}`, { field: 'scaling' });
+  if (spec.modules.length === 0) throw new ModelError('TANDEM_INPUT_INVALID', 'no target modules', { field: 'modules' });
+  for (const m of spec.modules) {
+    if (!(LINEAR_MODULES as readonly string[]).includes(m)) throw new ModelError('TANDEM_INPUT_INVALID', `unknown module ${JSON.stringify(m)}; one of ${LINEAR_MODULES.join(', ')}`, { field: 'modules' });
+  }
+  for (const l of spec.layers ?? []) {
+    if (!Number.isInteger(l) || l < 0 || l >= config.numHiddenLayers) {
+      throw new ModelError('TANDEM_INPUT_INVALID', `layer ${l} is outside [0, ${config.numHiddenLayers})`, { field: 'layers' });
+    }
+  }
 }
 
 export class OrtLlama {
@@ -220,7 +235,7 @@ export class OrtLlama {
   async loraStep(ids: Int32Array, labels: Int32Array, batch: number, seq: number, spec: LoraSpec, params: LoraParams): Promise<LoraStepResult> {
     checkTokens(this.config, batch, seq, 'input_ids');
     checkLength(labels, batch * seq, 'labels');
-    if (!Number.isInteger(spec.r) || spec.r < 1) throw new ModelError('TANDEM_INPUT_INVALID', `r must be a positive integer, got ${spec.r}`, { field: 'r' });
+    checkLoraSpec(this.config, spec);
     const paths = loraPaths(this.config, spec);
     const key = `lora:${spec.r}:${spec.scaling}:${spec.modules.join(',')}:${spec.layers?.join(',') ?? 'all'}`;
     const s = await this.session(key, () => loraTrainGraph(this.config, this.weights, spec));

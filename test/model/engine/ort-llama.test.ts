@@ -202,6 +202,8 @@ describe('the ONNX Runtime engine on stories260K', () => {
       await rejectsModelError(engine.loraStep(ids, bad, b, s, one, params), 'TANDEM_INPUT_INVALID', 'labels');
       const wrong: LoraParams = new Map([['model.layers.0.self_attn.v_proj', { a: new Float32Array(3), b: new Float32Array(32 * 2) }]]);
       await rejectsModelError(engine.loraStep(ids, labels, b, s, one, wrong), 'TANDEM_INPUT_INVALID', 'lora_A');
+      await rejectsModelError(engine.loraStep(ids, labels, b, s, { ...one, modules: ['qkv'] as unknown as LoraSpec['modules'] }, params), 'TANDEM_INPUT_INVALID', 'modules', 'qkv');
+      await rejectsModelError(engine.loraStep(ids, labels, b, s, { ...one, layers: [5] }, params), 'TANDEM_INPUT_INVALID', 'layers');
     });
   });
 
