@@ -297,7 +297,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
     print(`pytorch ${torch.torch} matmul ${torch.matmulGflops.toFixed(0)} GFLOP/s (${threads} threads)`);
   }
 
-  const choice = await selectEngine({ log: (l) => print(l) });
+  const choice = await selectEngine({ threads, log: (l) => print(l) });
   const ortProviders: ['ort-cpu' | 'ort-cuda', 'cpu' | 'cuda'][] = [['ort-cpu', 'cpu']];
   if (choice.name === 'ort-cuda') ortProviders.unshift(['ort-cuda', 'cuda']);
   for (const [name, provider] of ortProviders) {
