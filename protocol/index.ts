@@ -20,7 +20,7 @@ export { CODEC_NAMES } from './codecs/registry.ts';
 export { DEFAULT_BLOCK_SIZE } from './codecs/codec.ts';
 export { DEFAULT_TOPK_FRACTION } from './codecs/topk.ts';
 export { ErrorFeedback } from './error-feedback.ts';
-export { crc32 } from './crc32.ts';
+export { CRC32_IMPLEMENTATION, crc32, crc32Js } from './crc32.ts';
 export { messagesForTransport, splitMessage } from './chunker.ts';
 export { ReassemblyBudget, Reassembler } from './reassembler.ts';
 export type { ReassemblerOptions } from './reassembler.ts';

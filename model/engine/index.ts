@@ -1,0 +1,14 @@
+// The ONNX Runtime engine: the frozen backbone from graphs built in TypeScript, and the choice
+// of engine at start. Other folders reach it through model/index.ts.
+export { OrtKvCache, OrtLlama, loadOrt } from './ort-llama.ts';
+export type { KeptForward, LoraParams, LoraStepResult, OrtEngineOptions, OrtProvider } from './ort-llama.ts';
+export { loraGradNames, loraInputNames, loraPaths, modulePath } from './llama-graphs.ts';
+export type { LoraSpec, WeightArrays } from './llama-graphs.ts';
+export { ENGINES, activeEngine, parseEngineName, selectEngine } from './select.ts';
+export type { EngineChoice, EngineName } from './select.ts';
+export { ArrayAdamW } from './adamw.ts';
+export type { ArrayAdamWOptions } from './adamw.ts';
+export { createOrtMatMul } from './ort-matmul.ts';
+export type { OrtMatMul } from './ort-matmul.ts';
+export { OrtMiddle, OrtMiddleExecutor } from './middle.ts';
+export type { BlockRange, Shape3 } from './middle.ts';

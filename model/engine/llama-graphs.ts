@@ -1,0 +1,448 @@
+// ONNX graphs of the LLaMA-family backbone, built from the model configuration: the forward
+// of a block range or of the whole model, a forward that also outputs what backward needs,
+// the hand-derived backward (vector-Jacobian product with respect to the hidden states), and
+// one whole-model LoRA training graph (forward, loss, backward to every LoRA parameter).
+//
+// Hidden states travel as rows [tokens, hidden] so every projection is one Gemm against the
+// weight in PyTorch's [out, in] layout (transB), and backward is a plain MatMul with the same
+// weight: each weight is held once per session. Attention stacks the query heads that share a
+// kv head along the sequence axis (as model/llama does), so one batched MatMul serves a group
+// and the additive mask given as input is [group · seq, past + seq].
+import type { ModelConfig } from '../config.ts';
+import type { LinearModuleName } from '../hooks.ts';
+import { GraphBuilder } from './graph.ts';
+import type { OnnxGraph } from './onnx-proto.ts';
+import { ONNX_FLOAT, ONNX_INT32 } from './onnx-proto.ts';
+
+export type WeightArrays = ReadonlyMap<string, { shape: number[]; data: Float32Array }>;
+
+/** LoRA on some projections of some layers: y = x W^T + scaling · (x A^T) B^T, A [r, in], B [out, r]. */
+export interface LoraSpec {
+  r: number;
+  scaling: number;
+  modules: readonly LinearModuleName[];
+  /** Layers that carry LoRA; all when absent. */
+  layers?: readonly number[];
+}
+
+/** Graph input names of one LoRA module's A and B. */
+export const loraInputNames = (path: string): { a: string; b: string } => ({ a: `${path}.lora_A`, b: `${path}.lora_B` });
+/** Graph output names of their gradients. */
+export const loraGradNames = (path: string): { a: string; b: string } => ({ a: `grad.${path}.lora_A`, b: `grad.${path}.lora_B` });
+
+/** Module paths carrying LoRA under a spec, in layer then module order. */
+export function loraPaths(config: ModelConfig, spec: LoraSpec): string[] {
+  const paths: string[] = [];
+  const layers = spec.layers ?? Array.from({ length: config.numHiddenLayers }, (_, i) => i);
+  for (const i of layers) for (const m of spec.modules) paths.push(modulePath(i, m));
+  return paths;
+}
+
+export function modulePath(layer: number, name: LinearModuleName): string {
+  const group = name === 'gate_proj' || name === 'up_proj' || name === 'down_proj' ? 'mlp' : 'self_attn';
+  return `model.layers.${layer}.${group}.${name}`;
+}
+
+/** What a block's forward kept for its backward, by value name. */
+interface BlockSaved {
+  n1: string;
+  r1: string;
+  q: string;
+  k: string;
+  v: string;
+  probs: string;
+  merged: string;
+  n2: string;
+  r2: string;
+  gate: string;
+  up: string;
+}
+const SAVED_FIELDS: (keyof BlockSaved)[] = ['n1', 'r1', 'q', 'k', 'v', 'probs', 'merged', 'n2', 'r2', 'gate', 'up'];
+export const savedName = (layer: number, field: string): string => `saved.${layer}.${field}`;
+export const SAVED_PER_BLOCK = SAVED_FIELDS.length;
+
+/** Per-graph shared values: the rope tables, the mask and [batch, seq] of the rows. */
+interface Ctx {
+  cos: string;
+  sin: string;
+  mask?: string;
+  bs: string;
+  lora?: { spec: LoraSpec; paths: Set<string> };
+  /** KV cache: each block's past keys and values [batch, kvHeads, past, headDim] in, past + new out. */
+  cache?: { past(layer: number): { k: string; v: string }; present(layer: number, k: string, v: string): void };
+}
+
+class LlamaGraph {
+  readonly g: GraphBuilder;
+  private readonly dimsCache = new Map<string, string>();
+  private readonly held = new Set<string>();
+
+  constructor(
+    readonly config: ModelConfig,
+    private readonly weights: WeightArrays,
+    name: string,
+  ) {
+    this.g = new GraphBuilder(name);
+  }
+
+  /** A weight by Hugging Face name, added as an initializer on first use. */
+  w(name: string): string {
+    if (!this.held.has(name)) {
+      const a = this.weights.get(name);
+      if (!a) throw new Error(`weight ${name} is missing`);
+      this.g.weight(name, a.data, a.shape);
+      this.held.add(name);
+    }
+    return name;
+  }
+
+  has(name: string): boolean {
+    return this.weights.has(name);
+  }
+
+  /** [batch, seq, ...rest] as an int64 shape tensor. */
+  dims(ctx: Ctx, rest: number[]): string {
+    const key = rest.join(',');
+    let v = this.dimsCache.get(key);
+    if (!v) {
+      v = this.g.op('Concat', [ctx.bs, this.g.ints(rest)], { axis: 0 });
+      this.dimsCache.set(key, v);
+    }
+    return v;
+  }
+
+  rmsNorm(x: string, weight: string): { out: string; n: string; r: string } {
+    const g = this.g;
+    const ms = g.meanKeep(g.mul(x, x), [-1]);
+    const r = g.op('Reciprocal', [g.op('Sqrt', [g.add(ms, g.scalar(this.config.rmsNormEps))])]);
+    const n = g.mul(x, r);
+    return { out: g.mul(n, this.w(weight)), n, r };
+  }
+
+  /** d x for RMSNorm given dy, the normalised n and 1/rms r. */
+  rmsNormBackward(dy: string, weight: string, n: string, r: string): string {
+    const g = this.g;
+    const dn = g.mul(dy, this.w(weight));
+    return g.mul(r, g.sub(dn, g.mul(n, g.meanKeep(g.mul(dn, n), [-1]))));
+  }
+
+  /** x cos + rotate_half(x) sin over the last axis (the tables broadcast over the leading axes). */
+  rope(x: string, ctx: Ctx): string {
+    const g = this.g;
+    const [x1, x2] = g.node('Split', [x], { axis: -1 }, 2);
+    const rotated = g.op('Concat', [g.op('Neg', [x2]), x1], { axis: -1 });
+    return g.add(g.mul(x, ctx.cos), g.mul(rotated, ctx.sin));
+  }
+
+  /** The transpose of rope: dy cos + rotate_half^T(dy sin), rotate_half^T([z1, z2]) = [z2, -z1]. */
+  ropeBackward(dy: string, ctx: Ctx): string {
+    const g = this.g;
+    const [z1, z2] = g.node('Split', [g.mul(dy, ctx.sin)], { axis: -1 }, 2);
+    return g.add(g.mul(dy, ctx.cos), g.op('Concat', [z2, g.op('Neg', [z1])], { axis: -1 }));
+  }
+
+  private lora(path: string, ctx: Ctx): { a: string; b: string } | undefined {
+    if (!ctx.lora?.paths.has(path)) return undefined;
+    return loraInputNames(path);
+  }
+
+  /** y = x W^T + b (+ LoRA) on rows. */
+  linear(layer: number, name: LinearModuleName, x: string, ctx: Ctx): string {
+    const g = this.g;
+    const path = modulePath(layer, name);
+    const bias = `${path}.bias`;
+    const inputs = [x, this.w(`${path}.weight`)];
+    if (this.has(bias)) inputs.push(this.w(bias));
+    const y = g.op('Gemm', inputs, { transB: 1 });
+    const lora = this.lora(path, ctx);
+    if (!lora) return y;
+    const u = g.op('Gemm', [x, lora.a], { transB: 1 });
+    return g.op('Gemm', [u, lora.b, y], { transB: 1, alpha: { float: ctx.lora?.spec.scaling ?? 1 } });
+  }
+
+  /** d x of a linear for dy (rows); LoRA gradients become graph outputs. */
+  linearBackward(layer: number, name: LinearModuleName, dy: string, x: string, ctx: Ctx): string {
+    const g = this.g;
+    const path = modulePath(layer, name);
+    const dx = g.matmul(dy, this.w(`${path}.weight`));
+    const lora = this.lora(path, ctx);
+    if (!lora) return dx;
+    const s = ctx.lora?.spec.scaling ?? 1;
+    const u = g.op('Gemm', [x, lora.a], { transB: 1 });
+    const grads = loraGradNames(path);
+    g.alias(g.op('Gemm', [dy, u], { transA: 1, alpha: { float: s } }), grads.b);
+    const du = g.op('Gemm', [dy, lora.b], { alpha: { float: s } });
+    g.alias(g.op('Gemm', [du, x], { transA: 1 }), grads.a);
+    return g.add(dx, g.matmul(du, lora.a));
+  }
+
+  /** One block on rows x [tokens, hidden]; returns its output and what backward needs. */
+  block(i: number, x: string, ctx: Ctx): { y: string; saved: BlockSaved } {
+    const g = this.g;
+    const { numAttentionHeads: nH, numKeyValueHeads: nKv, headDim: hd } = this.config;
+    const grp = nH / nKv;
+    const p = `model.layers.${i}`;
+    const norm1 = this.rmsNorm(x, `${p}.input_layernorm.weight`);
+    const qRows = this.linear(i, 'q_proj', norm1.out, ctx);
+    const kRows = this.linear(i, 'k_proj', norm1.out, ctx);
+    const vRows = this.linear(i, 'v_proj', norm1.out, ctx);
+    // [B, S, nKv, g, hd] → [B, nKv, g, S, hd]: the rope tables [S, hd] broadcast; then stacked [B, nKv, g·S, hd].
+    const q5 = g.transpose(g.op('Reshape', [qRows, this.dims(ctx, [nKv, grp, hd])]), [0, 2, 3, 1, 4]);
+    const q = g.reshape(this.rope(q5, ctx), [0, 0, -1, hd]);
+    let k = this.rope(g.transpose(g.op('Reshape', [kRows, this.dims(ctx, [nKv, hd])]), [0, 2, 1, 3]), ctx);
+    let v = g.transpose(g.op('Reshape', [vRows, this.dims(ctx, [nKv, hd])]), [0, 2, 1, 3]);
+    if (ctx.cache) {
+      const past = ctx.cache.past(i);
+      k = g.op('Concat', [past.k, k], { axis: 2 });
+      v = g.op('Concat', [past.v, v], { axis: 2 });
+      ctx.cache.present(i, k, v);
+    }
+    const scores = g.matmul(q, g.transpose(k, [0, 1, 3, 2]));
+    const logits = g.add(g.mul(scores, g.scalar(1 / Math.sqrt(hd))), ctx.mask as string);
+    const probs = g.op('Softmax', [logits], { axis: -1 });
+    const ctx4 = g.matmul(probs, v); // [B, nKv, g·S, hd]
+    const merged = g.reshape(g.transpose(g.reshape(ctx4, [0, 0, grp, -1, hd]), [0, 3, 1, 2, 4]), [-1, nH * hd]);
+    const attn = this.linear(i, 'o_proj', merged, ctx);
+    const h = g.add(x, attn);
+    const norm2 = this.rmsNorm(h, `${p}.post_attention_layernorm.weight`);
+    const gate = this.linear(i, 'gate_proj', norm2.out, ctx);
+    const up = this.linear(i, 'up_proj', norm2.out, ctx);
+    const act = g.mul(g.mul(gate, g.op('Sigmoid', [gate])), up);
+    const y = g.add(h, this.linear(i, 'down_proj', act, ctx));
+    return { y, saved: { n1: norm1.n, r1: norm1.r, q, k, v, probs, merged, n2: norm2.n, r2: norm2.r, gate, up } };
+  }
+
+  /** The vector-Jacobian product of block i: dy (rows) → dx (rows). */
+  blockBackward(i: number, dy: string, s: BlockSaved, ctx: Ctx): string {
+    const g = this.g;
+    const { numAttentionHeads: nH, numKeyValueHeads: nKv, headDim: hd } = this.config;
+    const grp = nH / nKv;
+    const p = `model.layers.${i}`;
+    const w1 = `${p}.input_layernorm.weight`;
+    const w2 = `${p}.post_attention_layernorm.weight`;
+    // The norms' outputs, needed as the inputs of LoRA'd projections.
+    const lora = ctx.lora !== undefined;
+    const norm1 = lora ? g.mul(s.n1, this.w(w1)) : '';
+    const norm2 = lora ? g.mul(s.n2, this.w(w2)) : '';
+    // MLP: y = h + down(silu(gate) · up).
+    const sg = g.op('Sigmoid', [s.gate]);
+    const silu = g.mul(s.gate, sg);
+    const act = g.mul(silu, s.up);
+    const dAct = this.linearBackward(i, 'down_proj', dy, act, ctx);
+    // d silu / d gate = s (1 + gate − silu)
+    const dSilu = g.mul(sg, g.sub(g.add(s.gate, g.scalar(1)), silu));
+    const dGate = g.mul(g.mul(dAct, s.up), dSilu);
+    const dUp = g.mul(dAct, silu);
+    const dNorm2 = g.add(this.linearBackward(i, 'gate_proj', dGate, norm2, ctx), this.linearBackward(i, 'up_proj', dUp, norm2, ctx));
+    const dh = g.add(dy, this.rmsNormBackward(dNorm2, w2, s.n2, s.r2));
+    // Attention.
+    const dMerged = this.linearBackward(i, 'o_proj', dh, s.merged, ctx);
+    const dCtx = g.reshape(g.transpose(g.op('Reshape', [dMerged, this.dims(ctx, [nKv, grp, hd])]), [0, 2, 3, 1, 4]), [0, 0, -1, hd]);
+    const dProbs = g.matmul(dCtx, g.transpose(s.v, [0, 1, 3, 2]));
+    const dV = g.matmul(g.transpose(s.probs, [0, 1, 3, 2]), dCtx);
+    const dScores = g.mul(g.mul(s.probs, g.sub(dProbs, g.sumKeep(g.mul(dProbs, s.probs), [-1]))), g.scalar(1 / Math.sqrt(hd)));
+    const dQ = g.matmul(dScores, s.k);
+    const dK = g.matmul(g.transpose(dScores, [0, 1, 3, 2]), s.q);
+    const dQRows = g.reshape(g.transpose(this.ropeBackward(g.reshape(dQ, [0, 0, grp, -1, hd]), ctx), [0, 3, 1, 2, 4]), [-1, nH * hd]);
+    const dKRows = g.reshape(g.transpose(this.ropeBackward(dK, ctx), [0, 2, 1, 3]), [-1, nKv * hd]);
+    const dVRows = g.reshape(g.transpose(dV, [0, 2, 1, 3]), [-1, nKv * hd]);
+    const dNorm1 = g.add(
+      g.add(this.linearBackward(i, 'q_proj', dQRows, norm1, ctx), this.linearBackward(i, 'k_proj', dKRows, norm1, ctx)),
+      this.linearBackward(i, 'v_proj', dVRows, norm1, ctx),
+    );
+    return g.add(dh, this.rmsNormBackward(dNorm1, w1, s.n1, s.r1));
+  }
+
+  headWeight(): string {
+    return this.w(this.config.tieWordEmbeddings ? 'model.embed_tokens.weight' : 'lm_head.weight');
+  }
+
+  /** Rope tables [seq, headDim] and the additive mask [group · seq, past + seq] as graph inputs. */
+  ropeAndMask(withMask: boolean): { cos: string; sin: string; mask?: string } {
+    const g = this.g;
+    const hd = this.config.headDim;
+    const cos = g.input('cos', ONNX_FLOAT, ['seq', hd]);
+    const sin = g.input('sin', ONNX_FLOAT, ['seq', hd]);
+    const mask = withMask ? g.input('mask', ONNX_FLOAT, ['group_seq', 'total']) : undefined;
+    return { cos, sin, mask };
+  }
+
+  /** Rows of h [batch, seq, hidden] and the [batch, seq] shape. */
+  hiddenInput(name: string): { rows: string; bs: string } {
+    const g = this.g;
+    const h = g.input(name, ONNX_FLOAT, ['batch', 'seq', this.config.hiddenSize]);
+    return { rows: g.reshape(h, [-1, this.config.hiddenSize]), bs: g.op('Shape', [h], { end: 2 }) };
+  }
+
+  embed(ids: string): { rows: string; bs: string } {
+    const g = this.g;
+    return { rows: g.reshape(g.op('Gather', [this.w('model.embed_tokens.weight'), ids]), [-1, this.config.hiddenSize]), bs: g.op('Shape', [ids]) };
+  }
+
+  outputHidden(rows: string, ctx: Ctx, name: string): void {
+    this.g.alias(this.g.op('Reshape', [rows, this.dims(ctx, [this.config.hiddenSize])]), name);
+    this.g.output(name, ONNX_FLOAT, ['batch', 'seq', this.config.hiddenSize]);
+  }
+}
+
+function checkRange(config: ModelConfig, start: number, end: number): void {
+  if (!Number.isInteger(start) || !Number.isInteger(end) || start < 0 || end > config.numHiddenLayers || start >= end) {
+    throw new Error(`block range [${start}, ${end}) is outside [0, ${config.numHiddenLayers}] or empty`);
+  }
+}
+
+/**
+ * Blocks [start, end) on hidden states: inputs h [batch, seq, hidden], cos, sin, mask; output
+ * `out`. With `keep`, also every block's saved tensors (savedName(i, field)) for blockRangeBackward.
+ */
+export function blockRangeGraph(config: ModelConfig, weights: WeightArrays, start: number, end: number, keep: boolean): OnnxGraph {
+  checkRange(config, start, end);
+  const m = new LlamaGraph(config, weights, `blocks_${start}_${end}${keep ? '_keep' : ''}`);
+  const { cos, sin, mask } = m.ropeAndMask(true);
+  const { rows, bs } = m.hiddenInput('h');
+  const ctx: Ctx = { cos, sin, mask, bs };
+  let x = rows;
+  for (let i = start; i < end; i++) {
+    const { y, saved } = m.block(i, x, ctx);
+    if (keep) {
+      for (const f of SAVED_FIELDS) {
+        m.g.alias(saved[f], savedName(i, f));
+        m.g.output(savedName(i, f), ONNX_FLOAT);
+      }
+    }
+    x = y;
+  }
+  m.outputHidden(x, ctx, 'out');
+  return m.g.build();
+}
+
+/** The VJP of blocks [start, end): inputs dy [batch, seq, hidden], cos, sin and the saved tensors; output `dx`. */
+export function blockRangeBackwardGraph(config: ModelConfig, weights: WeightArrays, start: number, end: number): OnnxGraph {
+  checkRange(config, start, end);
+  const m = new LlamaGraph(config, weights, `blocks_${start}_${end}_backward`);
+  const { cos, sin } = m.ropeAndMask(false);
+  const { rows, bs } = m.hiddenInput('dy');
+  const ctx: Ctx = { cos, sin, bs };
+  let d = rows;
+  for (let i = end - 1; i >= start; i--) {
+    const saved = {} as BlockSaved;
+    for (const f of SAVED_FIELDS) saved[f] = m.g.input(savedName(i, f), ONNX_FLOAT);
+    d = m.blockBackward(i, d, saved, ctx);
+  }
+  m.outputHidden(d, ctx, 'dx');
+  return m.g.build();
+}
+
+/** The whole model: input ids int32 [batch, seq], cos, sin, mask → logits [batch, seq, vocab]. */
+export function logitsGraph(config: ModelConfig, weights: WeightArrays): OnnxGraph {
+  const m = new LlamaGraph(config, weights, 'logits');
+  const g = m.g;
+  const { cos, sin, mask } = m.ropeAndMask(true);
+  const ids = g.input('input_ids', ONNX_INT32, ['batch', 'seq']);
+  const { rows, bs } = m.embed(ids);
+  const ctx: Ctx = { cos, sin, mask, bs };
+  let x = rows;
+  for (let i = 0; i < config.numHiddenLayers; i++) x = m.block(i, x, ctx).y;
+  const n = m.rmsNorm(x, 'model.norm.weight').out;
+  const logits = g.op('Gemm', [n, m.headWeight()], { transB: 1 });
+  g.alias(g.op('Reshape', [logits, m.dims(ctx, [config.vocabSize])]), 'logits');
+  g.output('logits', ONNX_FLOAT, ['batch', 'seq', config.vocabSize]);
+  return g.build();
+}
+
+/**
+ * One LoRA training step's compute: inputs input_ids int32 [batch, seq], targets int32 [tokens]
+ * (the label each position predicts, any valid id where ignored), weights float [tokens]
+ * (1/count where counted, 0 where ignored), cos, sin, mask and every module's lora_A and
+ * lora_B; outputs `loss` (the mean cross-entropy) and the gradient of every A and B.
+ */
+export function loraTrainGraph(config: ModelConfig, weights: WeightArrays, spec: LoraSpec): OnnxGraph {
+  const m = new LlamaGraph(config, weights, 'lora_train');
+  const g = m.g;
+  const { cos, sin, mask } = m.ropeAndMask(true);
+  const ids = g.input('input_ids', ONNX_INT32, ['batch', 'seq']);
+  const targets = g.input('targets', ONNX_INT32, ['tokens']);
+  const tokenWeights = g.input('weights', ONNX_FLOAT, ['tokens']);
+  const paths = loraPaths(config, spec);
+  for (const path of paths) {
+    const w = weights.get(`${path}.weight`);
+    if (!w) throw new Error(`weight ${path}.weight is missing`);
+    const names = loraInputNames(path);
+    g.input(names.a, ONNX_FLOAT, [spec.r, w.shape[1]]);
+    g.input(names.b, ONNX_FLOAT, [w.shape[0], spec.r]);
+    const grads = loraGradNames(path);
+    g.output(grads.a, ONNX_FLOAT, [spec.r, w.shape[1]]);
+    g.output(grads.b, ONNX_FLOAT, [w.shape[0], spec.r]);
+  }
+  const { rows, bs } = m.embed(ids);
+  const ctx: Ctx = { cos, sin, mask, bs, lora: { spec, paths: new Set(paths) } };
+  let x = rows;
+  const saved: BlockSaved[] = [];
+  for (let i = 0; i < config.numHiddenLayers; i++) {
+    const b = m.block(i, x, ctx);
+    saved.push(b.saved);
+    x = b.y;
+  }
+  const norm = m.rmsNorm(x, 'model.norm.weight');
+  const logits = g.op('Gemm', [norm.out, m.headWeight()], { transB: 1 }); // [tokens, vocab]
+  // Cross-entropy with the log-sum-exp trick; d logits = (softmax − onehot) · weight.
+  const mx = g.op('ReduceMax', [logits], { axes: [-1], keepdims: 1 });
+  const e = g.op('Exp', [g.sub(logits, mx)]);
+  const se = g.sumKeep(e, [-1]);
+  const lse = g.add(g.op('Log', [se]), mx);
+  const idx = g.op('Unsqueeze', [targets, g.ints([1])]);
+  const picked = g.op('GatherElements', [logits, idx], { axis: 1 });
+  const w1 = g.op('Unsqueeze', [tokenWeights, g.ints([1])]);
+  g.alias(g.sum(g.mul(w1, g.sub(lse, picked)), [0, 1]), 'loss');
+  g.output('loss', ONNX_FLOAT, []);
+  const pw = g.mul(g.op('Div', [e, se]), w1);
+  const dLogits = g.op('ScatterElements', [pw, idx, g.sub(g.op('GatherElements', [pw, idx], { axis: 1 }), w1)], { axis: 1 });
+  let d = m.rmsNormBackward(g.matmul(dLogits, m.headWeight()), 'model.norm.weight', norm.n, norm.r);
+  for (let i = config.numHiddenLayers - 1; i >= 0; i--) d = m.blockBackward(i, d, saved[i], ctx);
+  return g.build();
+}
+
+export const pastName = (layer: number, kv: 'k' | 'v'): string => `past.${layer}.${kv}`;
+export const presentName = (layer: number, kv: 'k' | 'v'): string => `present.${layer}.${kv}`;
+
+/**
+ * The whole model with a KV cache: input ids [batch, seq] at positions past..past+seq-1 (the
+ * rope tables and mask given for those), every block's past.i.k and past.i.v [batch, kvHeads,
+ * past, headDim] → logits of the last position [batch, vocab] and present.i.k, present.i.v.
+ */
+export function cachedLogitsGraph(config: ModelConfig, weights: WeightArrays): OnnxGraph {
+  const m = new LlamaGraph(config, weights, 'logits_cached');
+  const g = m.g;
+  const { cos, sin, mask } = m.ropeAndMask(true);
+  const ids = g.input('input_ids', ONNX_INT32, ['batch', 'seq']);
+  const { numKeyValueHeads: nKv, headDim: hd, hiddenSize: d } = config;
+  for (let i = 0; i < config.numHiddenLayers; i++) {
+    for (const kv of ['k', 'v'] as const) {
+      g.input(pastName(i, kv), ONNX_FLOAT, ['batch', nKv, 'past', hd]);
+      g.output(presentName(i, kv), ONNX_FLOAT, ['batch', nKv, 'total', hd]);
+    }
+  }
+  const { rows, bs } = m.embed(ids);
+  const ctx: Ctx = {
+    cos,
+    sin,
+    mask,
+    bs,
+    cache: {
+      past: (i) => ({ k: pastName(i, 'k'), v: pastName(i, 'v') }),
+      present: (i, k, v) => {
+        g.alias(k, presentName(i, 'k'));
+        g.alias(v, presentName(i, 'v'));
+      },
+    },
+  };
+  let x = rows;
+  for (let i = 0; i < config.numHiddenLayers; i++) x = m.block(i, x, ctx).y;
+  // Only the last position's logits: [batch, seq, hidden] → [batch, hidden].
+  const h3 = g.op('Reshape', [x, m.dims(ctx, [d])]);
+  const last = g.op('Squeeze', [g.op('Slice', [h3, g.ints([-1]), g.ints([2 ** 62]), g.ints([1])]), g.ints([1])]);
+  const n = m.rmsNorm(last, 'model.norm.weight').out;
+  g.alias(g.op('Gemm', [n, m.headWeight()], { transB: 1 }), 'logits');
+  g.output('logits', ONNX_FLOAT, ['batch', config.vocabSize]);
+  return g.build();
+}

@@ -1,0 +1,346 @@
+// The frozen LLaMA-family backbone on ONNX Runtime: graphs built once per kind from the
+// configuration (dynamic batch and sequence), weights given once as initializers, sessions
+// cached. Tensors in and out are plain typed arrays in row-major order.
+import { availableParallelism } from 'node:os';
+import type * as Ort from 'onnxruntime-node';
+import type { ModelConfig } from '../config.ts';
+import { ModelError } from '../errors.ts';
+import { LINEAR_MODULES } from '../hooks.ts';
+import { ropeInverseFrequencies, ropeTables } from '../llama/rope.ts';
+import type { LoraSpec, WeightArrays } from './llama-graphs.ts';
+import { SAVED_PER_BLOCK, blockRangeBackwardGraph, cachedLogitsGraph, pastName, presentName, blockRangeGraph, logitsGraph, loraGradNames, loraInputNames, loraPaths, loraTrainGraph } from './llama-graphs.ts';
+import type { OnnxGraph } from './onnx-proto.ts';
+import { encodeModel } from './onnx-proto.ts';
+
+export type OrtProvider = 'cpu' | 'cuda';
+
+export interface OrtEngineOptions {
+  /** Intra-op threads; defaults to the machine's cores. */
+  threads?: number;
+  provider?: OrtProvider;
+}
+
+type OrtModule = typeof Ort;
+let ortModule: OrtModule | undefined;
+
+/** Loads onnxruntime-node once; a missing or broken native library is a typed error. */
+export async function loadOrt(): Promise<OrtModule> {
+  if (!ortModule) {
+    try {
+      const m = (await import('onnxruntime-node')) as OrtModule & { default?: OrtModule };
+      ortModule = m.InferenceSession ? m : (m.default as OrtModule);
+    } catch (err) {
+      throw new ModelError('TANDEM_BACKEND_UNAVAILABLE', `onnxruntime-node could not be loaded: ${(err as Error).message.split('\n')[0]}`, { field: 'engine', cause: err });
+    }
+  }
+  return ortModule;
+}
+
+const MASKED = -1e9;
+
+/** A block-range forward whose saved tensors are kept for one later vector-Jacobian product. */
+export interface KeptForward {
+  readonly output: Float32Array;
+  /** Bytes held for backward. */
+  readonly savedBytes: number;
+  /** dL/dh for dy = dL/d output, [batch, seq, hidden]. Frees what was kept. */
+  vjp(dy: Float32Array): Promise<Float32Array>;
+  dispose(): void;
+}
+
+/** LoRA parameters by module path, PEFT's layout: A [r, in], B [out, r]. */
+export type LoraParams = Map<string, { a: Float32Array; b: Float32Array }>;
+
+export interface LoraStepResult {
+  loss: number;
+  /** Tokens the loss counts. */
+  count: number;
+  grads: LoraParams;
+}
+
+function checkTokens(config: ModelConfig, batch: number, seq: number, field: string): void {
+  if (!Number.isInteger(batch) || batch < 1 || !Number.isInteger(seq) || seq < 1) {
+    throw new ModelError('TANDEM_INPUT_INVALID', `batch and seq must be positive integers, got ${batch} x ${seq}`, { field });
+  }
+  if (seq > config.maxPositionEmbeddings) {
+    throw new ModelError('TANDEM_INPUT_INVALID', `seq ${seq} exceeds max_position_embeddings ${config.maxPositionEmbeddings}`, { field });
+  }
+}
+
+function checkLength(a: ArrayLike<number>, expected: number, field: string): void {
+  if (a.length !== expected) throw new ModelError('TANDEM_INPUT_INVALID', `expected ${expected} values, got ${a.length}`, { field });
+}
+
+/** Keys and values of the positions already run, per block, for one batch of sequences. */
+export class OrtKvCache {
+  /** Positions held. */
+  length = 0;
+  tensors: Record<string, Ort.Tensor> | undefined;
+}
+
+function checkLoraSpec(config: ModelConfig, spec: LoraSpec): void {
+  if (!Number.isInteger(spec.r) || spec.r < 1 || spec.r > 4096) throw new ModelError('TANDEM_INPUT_INVALID', `r must be an integer in [1, 4096], got ${spec.r}`, { field: 'r' });
+  if (!Number.isFinite(spec.scaling)) throw new ModelError('TANDEM_INPUT_INVALID', `scaling must be finite, got ${spec.scaling}`, { field: 'scaling' });
+  if (spec.modules.length === 0) throw new ModelError('TANDEM_INPUT_INVALID', 'no target modules', { field: 'modules' });
+  for (const m of spec.modules) {
+    if (!(LINEAR_MODULES as readonly string[]).includes(m)) throw new ModelError('TANDEM_INPUT_INVALID', `unknown module ${JSON.stringify(m)}; one of ${LINEAR_MODULES.join(', ')}`, { field: 'modules' });
+  }
+  for (const l of spec.layers ?? []) {
+    if (!Number.isInteger(l) || l < 0 || l >= config.numHiddenLayers) {
+      throw new ModelError('TANDEM_INPUT_INVALID', `layer ${l} is outside [0, ${config.numHiddenLayers})`, { field: 'layers' });
+    }
+  }
+}
+
+export class OrtLlama {
+  readonly config: ModelConfig;
+  readonly threads: number;
+  readonly provider: OrtProvider;
+  private readonly invFreq: Float64Array;
+  private readonly sessions = new Map<string, Promise<Ort.InferenceSession>>();
+  private weights: WeightArrays;
+
+  private constructor(
+    private readonly ort: OrtModule,
+    config: ModelConfig,
+    weights: WeightArrays,
+    options: OrtEngineOptions,
+  ) {
+    this.config = config;
+    this.weights = weights;
+    this.threads = options.threads ?? availableParallelism();
+    this.provider = options.provider ?? 'cpu';
+    this.invFreq = ropeInverseFrequencies(config);
+  }
+
+  /** An engine over these weights (Hugging Face names, float32); the arrays must stay unchanged. */
+  static async create(config: ModelConfig, weights: WeightArrays, options: OrtEngineOptions = {}): Promise<OrtLlama> {
+    if (options.threads !== undefined && (!Number.isInteger(options.threads) || options.threads < 1 || options.threads > 1024)) {
+      throw new ModelError('TANDEM_INPUT_INVALID', `threads must be an integer in [1, 1024], got ${options.threads}`, { field: 'threads' });
+    }
+    return new OrtLlama(await loadOrt(), config, weights, options);
+  }
+
+  /** Sessions built so far, by graph key (one per kind and block range; batch and seq are dynamic). */
+  get sessionKeys(): string[] {
+    return [...this.sessions.keys()];
+  }
+
+  private session(key: string, build: () => OnnxGraph): Promise<Ort.InferenceSession> {
+    let s = this.sessions.get(key);
+    if (!s) {
+      const bytes = encodeModel(build());
+      s = this.ort.InferenceSession.create(bytes, {
+        executionProviders: [this.provider],
+        intraOpNumThreads: this.threads,
+        interOpNumThreads: 1,
+        executionMode: 'sequential',
+        graphOptimizationLevel: 'all',
+      });
+      s.catch(() => this.sessions.delete(key));
+      this.sessions.set(key, s);
+    }
+    return s;
+  }
+
+  private f32(data: Float32Array, dims: number[]): Ort.Tensor {
+    return new this.ort.Tensor('float32', data, dims);
+  }
+
+  /** cos, sin [seq, headDim] for positions 0..seq-1 and the causal mask [group · seq, seq]. */
+  private positional(seq: number, offset = 0): Record<string, Ort.Tensor> {
+    const hd = this.config.headDim;
+    const { cos, sin } = ropeTables(this.invFreq, offset, seq);
+    const group = this.config.numAttentionHeads / this.config.numKeyValueHeads;
+    const total = offset + seq;
+    const mask = new Float32Array(group * seq * total);
+    for (let gi = 0; gi < group; gi++) {
+      for (let i = 0; i < seq; i++) {
+        const row = (gi * seq + i) * total;
+        for (let j = offset + i + 1; j < total; j++) mask[row + j] = MASKED;
+      }
+    }
+    return { cos: this.f32(cos, [seq, hd]), sin: this.f32(sin, [seq, hd]), mask: this.f32(mask, [group * seq, total]) };
+  }
+
+  private ids(ids: Int32Array, batch: number, seq: number): Ort.Tensor {
+    checkLength(ids, batch * seq, 'input_ids');
+    const v = this.config.vocabSize;
+    for (let i = 0; i < ids.length; i++) {
+      if (!(ids[i] >= 0 && ids[i] < v)) throw new ModelError('TANDEM_INPUT_INVALID', `token id ${ids[i]} at ${i} is outside [0, ${v})`, { field: 'input_ids' });
+    }
+    return new this.ort.Tensor('int32', ids, [batch, seq]);
+  }
+
+  /** Token ids [batch, seq] → logits [batch, seq, vocab]. */
+  async logits(ids: Int32Array, batch: number, seq: number): Promise<Float32Array> {
+    checkTokens(this.config, batch, seq, 'input_ids');
+    const s = await this.session('logits', () => logitsGraph(this.config, this.weights));
+    const out = await s.run({ input_ids: this.ids(ids, batch, seq), ...this.positional(seq) });
+    return out.logits.data as Float32Array;
+  }
+
+  private checkHidden(h: Float32Array, batch: number, seq: number, field: string): void {
+    checkTokens(this.config, batch, seq, field);
+    checkLength(h, batch * seq * this.config.hiddenSize, field);
+  }
+
+  /** Blocks [start, end) on h [batch, seq, hidden], nothing kept. */
+  async blocks(h: Float32Array, batch: number, seq: number, start: number, end: number): Promise<Float32Array> {
+    this.checkHidden(h, batch, seq, 'h');
+    if (start === end) return h;
+    const s = await this.session(`blocks:${start}:${end}`, () => blockRangeGraph(this.config, this.weights, start, end, false));
+    const out = await s.run({ h: this.f32(h, [batch, seq, this.config.hiddenSize]), ...this.positional(seq) });
+    return out.out.data as Float32Array;
+  }
+
+  /** Blocks [start, end) keeping what their backward needs; `vjp` runs the hand-derived backward graph. */
+  async blocksKeep(h: Float32Array, batch: number, seq: number, start: number, end: number): Promise<KeptForward> {
+    this.checkHidden(h, batch, seq, 'h');
+    const d = this.config.hiddenSize;
+    const fwd = await this.session(`blocks-keep:${start}:${end}`, () => blockRangeGraph(this.config, this.weights, start, end, true));
+    const pos = this.positional(seq);
+    const out = await fwd.run({ h: this.f32(h, [batch, seq, d]), ...pos });
+    let saved: Record<string, Ort.Tensor> | undefined = {};
+    let savedBytes = 0;
+    for (const [name, t] of Object.entries(out)) {
+      if (name === 'out') continue;
+      saved[name] = t;
+      savedBytes += (t.data as Float32Array).byteLength;
+    }
+    if (Object.keys(saved).length !== (end - start) * SAVED_PER_BLOCK) throw new Error('the forward graph did not return every saved tensor');
+    return {
+      output: out.out.data as Float32Array,
+      savedBytes,
+      vjp: async (dy: Float32Array): Promise<Float32Array> => {
+        if (!saved) throw new ModelError('TANDEM_INPUT_INVALID', 'this forward pass was already used or freed', { field: 'vjp' });
+        checkLength(dy, batch * seq * d, 'dy');
+        const kept = saved;
+        saved = undefined;
+        const bwd = await this.session(`blocks-backward:${start}:${end}`, () => blockRangeBackwardGraph(this.config, this.weights, start, end));
+        const r = await bwd.run({ dy: this.f32(dy, [batch, seq, d]), cos: pos.cos, sin: pos.sin, ...kept });
+        return r.dx.data as Float32Array;
+      },
+      dispose: () => {
+        saved = undefined;
+      },
+    };
+  }
+
+  /**
+   * Loss and LoRA gradients of one micro-batch, all in ONNX Runtime: forward of the whole
+   * model, causal-LM cross-entropy (position t predicts labels[t + 1]; -100 is ignored),
+   * backward through the frozen weights to every A and B.
+   */
+  async loraStep(ids: Int32Array, labels: Int32Array, batch: number, seq: number, spec: LoraSpec, params: LoraParams): Promise<LoraStepResult> {
+    checkTokens(this.config, batch, seq, 'input_ids');
+    checkLength(labels, batch * seq, 'labels');
+    checkLoraSpec(this.config, spec);
+    const paths = loraPaths(this.config, spec);
+    const key = `lora:${spec.r}:${spec.scaling}:${spec.modules.join(',')}:${spec.layers?.join(',') ?? 'all'}`;
+    const s = await this.session(key, () => loraTrainGraph(this.config, this.weights, spec));
+    const n = batch * seq;
+    const targets = new Int32Array(n);
+    const weights = new Float32Array(n);
+    let count = 0;
+    for (let b = 0; b < batch; b++) {
+      for (let t = 0; t + 1 < seq; t++) {
+        const label = labels[b * seq + t + 1];
+        if (label === -100) continue;
+        if (!(label >= 0 && label < this.config.vocabSize)) {
+          throw new ModelError('TANDEM_INPUT_INVALID', `label ${label} is outside [0, ${this.config.vocabSize}) and is not -100`, { field: 'labels' });
+        }
+        targets[b * seq + t] = label;
+        count++;
+      }
+    }
+    for (let b = 0; b < batch; b++) {
+      for (let t = 0; t + 1 < seq; t++) if (labels[b * seq + t + 1] !== -100) weights[b * seq + t] = 1 / count;
+    }
+    const feeds: Record<string, Ort.Tensor> = {
+      input_ids: this.ids(ids, batch, seq),
+      targets: new this.ort.Tensor('int32', targets, [n]),
+      weights: this.f32(weights, [n]),
+      ...this.positional(seq),
+    };
+    for (const path of paths) {
+      const p = params.get(path);
+      const w = this.weights.get(`${path}.weight`);
+      if (!p || !w) throw new ModelError('TANDEM_INPUT_INVALID', `LoRA parameters for ${path} are missing`, { field: 'params' });
+      checkLength(p.a, spec.r * w.shape[1], `${path}.lora_A`);
+      checkLength(p.b, w.shape[0] * spec.r, `${path}.lora_B`);
+      const names = loraInputNames(path);
+      feeds[names.a] = this.f32(p.a, [spec.r, w.shape[1]]);
+      feeds[names.b] = this.f32(p.b, [w.shape[0], spec.r]);
+    }
+    const out = await s.run(feeds);
+    const grads: LoraParams = new Map();
+    for (const path of paths) {
+      const names = loraGradNames(path);
+      grads.set(path, { a: out[names.a].data as Float32Array, b: out[names.b].data as Float32Array });
+    }
+    return { loss: count === 0 ? 0 : (out.loss.data as Float32Array)[0], count, grads };
+  }
+
+  /**
+   * The next positions of sequences whose earlier positions are in `cache`: ids [batch, seq]
+   * → logits of the last position [batch, vocab]; the cache grows by seq.
+   */
+  async logitsCached(ids: Int32Array, batch: number, seq: number, cache: OrtKvCache): Promise<Float32Array> {
+    checkTokens(this.config, batch, cache.length + seq, 'input_ids');
+    const s = await this.session('logits-cached', () => cachedLogitsGraph(this.config, this.weights));
+    const { numKeyValueHeads: nKv, headDim: hd } = this.config;
+    const past = cache.tensors ?? {};
+    if (!cache.tensors) {
+      const empty = this.f32(new Float32Array(0), [batch, nKv, 0, hd]);
+      for (let i = 0; i < this.config.numHiddenLayers; i++) {
+        past[pastName(i, 'k')] = empty;
+        past[pastName(i, 'v')] = empty;
+      }
+    } else if (past[pastName(0, 'k')].dims[0] !== batch) {
+      throw new ModelError('TANDEM_INPUT_INVALID', `the cache holds batch ${past[pastName(0, 'k')].dims[0]}, got ${batch}`, { field: 'input_ids' });
+    }
+    const out = await s.run({ input_ids: this.ids(ids, batch, seq), ...this.positional(seq, cache.length), ...past });
+    const next: Record<string, Ort.Tensor> = {};
+    for (let i = 0; i < this.config.numHiddenLayers; i++) {
+      for (const kv of ['k', 'v'] as const) next[pastName(i, kv)] = out[presentName(i, kv)];
+    }
+    cache.tensors = next;
+    cache.length += seq;
+    return out.logits.data as Float32Array;
+  }
+
+  /** Greedy continuation of one prompt with the KV cache: the new ids, stopping at an EOS id when given. */
+  async generateGreedy(prompt: readonly number[], maxNewTokens: number, eosTokenIds: readonly number[] = []): Promise<number[]> {
+    if (prompt.length === 0) throw new ModelError('TANDEM_INPUT_INVALID', 'the prompt is empty', { field: 'prompt' });
+    if (!Number.isInteger(maxNewTokens) || maxNewTokens < 0) {
+      throw new ModelError('TANDEM_INPUT_INVALID', `maxNewTokens must be a non-negative integer, got ${maxNewTokens}`, { field: 'maxNewTokens' });
+    }
+    const cache = new OrtKvCache();
+    const v = this.config.vocabSize;
+    const out: number[] = [];
+    let input = Int32Array.from(prompt);
+    while (out.length < maxNewTokens) {
+      const logits = await this.logitsCached(input, 1, input.length, cache);
+      let best = 0;
+      for (let j = 1; j < v; j++) if (logits[j] > logits[best]) best = j;
+      out.push(best);
+      if (eosTokenIds.includes(best)) break;
+      input = Int32Array.of(best);
+    }
+    return out;
+  }
+
+  /** Releases every session. */
+  async dispose(): Promise<void> {
+    const all = [...this.sessions.values()];
+    this.sessions.clear();
+    for (const s of all) {
+      try {
+        await (await s).release();
+      } catch {
+        // A session that failed to build holds nothing.
+      }
+    }
+  }
+}
