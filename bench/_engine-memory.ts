@@ -1,7 +1,8 @@
 // Child of `npm run bench -- engine`: one LoRA step (r 8 on q_proj and v_proj) of the
 // SmolLM-135M shape on ORT at 1 x SEQ, printing its peak RSS as JSON on the last line.
 //   node --import tsx bench/_engine-memory.ts LAYERS SEQ THREADS
-import { OrtLlama, SMOLLM_135M_SHAPE, llamaConfig, randomWeights } from '../model/index.ts';
+import { OrtLlama } from '../model/index.ts';
+import { SMOLLM_135M_SHAPE, llamaConfig, randomWeights } from '../model/testing.ts';
 import type { LoraParams } from '../model/index.ts';
 
 const [layers, seq, threads] = process.argv.slice(2).map(Number);

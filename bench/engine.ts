@@ -18,18 +18,15 @@ import {
   LlamaModel,
   OrtLlama,
   Rng,
-  SMOLLM_135M_SHAPE,
   causalLmLoss,
   createAdapter,
   createOrtMatMul,
   gradients,
-  llamaConfig,
   loadModelFolder,
-  randomWeights,
   selectEngine,
   tf,
-  useBackend,
 } from '../model/index.ts';
+import { SMOLLM_135M_SHAPE, llamaConfig, randomWeights, useBackend } from '../model/testing.ts';
 import type { LoraParams, LoraSpec, ModelConfig } from '../model/index.ts';
 
 const execFileAsync = promisify(execFile);

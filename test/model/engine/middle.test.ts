@@ -1,7 +1,8 @@
 import assert from 'node:assert/strict';
 import { before, describe, it } from 'node:test';
 import { OrtLlama, OrtMiddle, OrtMiddleExecutor } from '../../../model/engine/index.ts';
-import { AdamW, LlamaModel, Rng, Trainer, createAdapter, loadModelFolder, tf, useBackend } from '../../../model/index.ts';
+import { AdamW, LlamaModel, Rng, Trainer, createAdapter, loadModelFolder, tf } from '../../../model/index.ts';
+import { useBackend } from '../../../model/testing.ts';
 import type { Batch, LoadedModel, Middle } from '../../../model/index.ts';
 import { STORIES_DIR } from '../helpers.ts';
 

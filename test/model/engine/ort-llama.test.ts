@@ -4,7 +4,8 @@ import { join } from 'node:path';
 import { before, describe, it } from 'node:test';
 import { OrtKvCache, OrtLlama } from '../../../model/engine/index.ts';
 import type { LoraParams, LoraSpec } from '../../../model/engine/index.ts';
-import { LlamaModel, Rng, causalLmLoss, createAdapter, gradients, loadModelFolder, tapedForward, tf, useBackend } from '../../../model/index.ts';
+import { LlamaModel, Rng, causalLmLoss, createAdapter, gradients, loadModelFolder, tapedForward, tf } from '../../../model/index.ts';
+import { useBackend } from '../../../model/testing.ts';
 import type { LoadedModel } from '../../../model/index.ts';
 import { STORIES_DIR, rejectsModelError } from '../helpers.ts';
 
