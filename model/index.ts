@@ -50,3 +50,4 @@ export type { Adapter } from './peft/adapter.ts';
 export { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, BUILTIN_METHODS, MethodRegistry, createAdapter, defaultRegistry, loadAdapter, saveAdapter } from './peft/index.ts';
 export type { CreateAdapterOptions, LoadAdapterOptions, MethodSpec, PeftAdapter, SaveAdapterOptions } from './peft/index.ts';
 export * from './train/index.ts';
+export * from './federation/index.ts';
