@@ -25,6 +25,8 @@ import { healthPlugin } from './plugins/health.ts';
 import { keysPlugin } from './plugins/keys.ts';
 import { metricsPlugin } from './plugins/metrics.ts';
 import { emulatorsPlugin } from './plugins/emulators.ts';
+import { federationsPlugin } from './plugins/federations.ts';
+import { Coordinator } from './federation/index.ts';
 import { modelsPlugin } from './plugins/models.ts';
 import { sessionsPlugin } from './plugins/sessions.ts';
 import { ServedModel } from './served-model.ts';
@@ -134,6 +136,8 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   await app.register(emulatorsPlugin, { prefix: '/v1', ...ctx, emulators: new EmulatorRegistry(stateDir, options.emulators, (key, err) => log.warn({ bundle: key, err: err.message }, 'a stored emulator bundle does not verify; building it again')), maxAdapterRequestBytes: options.maxAdapterRequestBytes });
   await app.register(sessionsPlugin, { prefix: '/v1', ...ctx });
   await app.register(keysPlugin, { prefix: '/v1', ...ctx });
+  const coordinator = await Coordinator.open({ stateDir });
+  await app.register(federationsPlugin, { prefix: '/v1', ...ctx, coordinator });
   await app.register(metricsPlugin, ctx);
   await app.register(async (scope) => {
     scope.addHook('onRequest', requireCaller(keys));
@@ -148,6 +152,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
 
   const close = async (): Promise<void> => {
     clearInterval(sweep);
+    coordinator.close();
     io.disconnectSockets(true);
     io.engine.close();
     await app.close();

@@ -1,0 +1,360 @@
+// The federation coordinator: rounds, sampling, deadlines, minimum owners, aggregation and
+// DP accounting, with every federation's state in <state>/federations/<id>.json, rewritten
+// atomically before an update is acknowledged, so a restarted node resumes the open round
+// with every acknowledged update in it.
+import { createHash } from 'node:crypto';
+import { mkdir, readdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { RdpAccountant, addGaussianNoise, aggregate, clipUpdate, fedAdamStep, layoutOf, flatten } from '../../model/index.ts';
+import type { AccountantState, FedAdamState, Layout, TensorSet } from '../../model/index.ts';
+import { FEDERATION_AGGREGATIONS, FEDERATION_MODES, decodeFloat32, encodeFloat32 } from '../../protocol/index.ts';
+import type { FederationCreate, FederationStatus, RoundAssignment, RoundRecord, RoundUpdate, RoundUpdateAck, WireAdapter } from '../../protocol/index.ts';
+import { readJsonState, WriteQueue, writeJsonState } from '../state/json-file.ts';
+import { CoordinatorError } from './errors.ts';
+
+export const FEDERATIONS_DIR = 'federations';
+const ID_RE = /^[a-z0-9][a-z0-9_-]{0,63}$/;
+const MAX_ADAPTER_VALUES = 16 * 1024 * 1024;
+const MAX_TENSORS = 4096;
+
+interface PendingUpdate {
+  examples: number;
+  values: string;
+  loss: number;
+  validation?: { loss: number; accuracy?: number };
+  bytes: number;
+}
+
+interface FederationRecord {
+  config: Omit<FederationCreate, 'adapter'>;
+  adapterConfig: string;
+  layout: Layout;
+  /** The global adapter, flat, base64 float32. */
+  global: string;
+  state: 'open' | 'done' | 'stopped';
+  round: number;
+  attempt: number;
+  sampled: string[];
+  deadline: number;
+  received: Record<string, PendingUpdate>;
+  bytesSent: number;
+  history: RoundRecord[];
+  accountant: AccountantState;
+  fedAdam?: { m: string; v: string; round: number };
+  rejected: Record<string, number>;
+  stopReason?: string;
+}
+
+function invalid(field: string, reason: string): CoordinatorError {
+  return new CoordinatorError('TANDEM_FED_CONFIG_INVALID', { field, reason });
+}
+
+function intIn(v: unknown, field: string, min: number, max: number): number {
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > max) throw invalid(field, `must be an integer in ${min}..${max}, got ${JSON.stringify(v)}`);
+  return v;
+}
+
+function numIn(v: unknown, field: string, min: number, max: number, open = false): number {
+  if (typeof v !== 'number' || !Number.isFinite(v) || v > max || (open ? v <= min : v < min)) throw invalid(field, `must be a number in ${open ? '(' : '['}${min}, ${max}], got ${JSON.stringify(v)}`);
+  return v;
+}
+
+/** The adapter's tensors from the wire, every size checked before decoding. */
+export function adapterFromWire(adapter: WireAdapter, field = 'adapter'): TensorSet {
+  if (typeof adapter !== 'object' || adapter === null || typeof adapter.config !== 'string' || typeof adapter.tensors !== 'object' || adapter.tensors === null) throw invalid(field, 'must be { config, tensors }');
+  try {
+    JSON.parse(adapter.config);
+  } catch {
+    throw invalid(`${field}.config`, 'must be the text of adapter_config.json');
+  }
+  const keys = Object.keys(adapter.tensors);
+  if (keys.length === 0 || keys.length > MAX_TENSORS) throw invalid(`${field}.tensors`, `must hold 1..${MAX_TENSORS} tensors`);
+  const set: TensorSet = {};
+  let total = 0;
+  for (const key of keys) {
+    const t = adapter.tensors[key];
+    if (typeof t !== 'object' || t === null || !Array.isArray(t.shape) || t.shape.length < 1 || t.shape.length > 4 || t.shape.some((d) => !Number.isInteger(d) || d < 1 || d > MAX_ADAPTER_VALUES)) {
+      throw invalid(`${field}.tensors.${key}.shape`, 'must be 1..4 positive integers');
+    }
+    const n = t.shape.reduce((a, b) => a * b, 1);
+    total += n;
+    if (total > MAX_ADAPTER_VALUES) throw invalid(`${field}.tensors`, `more than ${MAX_ADAPTER_VALUES} values`);
+    const data = typeof t.data === 'string' && t.data.length <= 4 * Math.ceil((n * 4) / 3) ? decodeFloat32(t.data) : null;
+    if (data === null || data.length !== n) throw invalid(`${field}.tensors.${key}.data`, `must be base64 of ${n} float32 values`);
+    if (data.some((v) => !Number.isFinite(v))) throw invalid(`${field}.tensors.${key}.data`, 'holds NaN or infinity');
+    set[key] = { shape: [...t.shape], data };
+  }
+  return set;
+}
+
+export function adapterToWire(config: string, set: TensorSet): WireAdapter {
+  const tensors: WireAdapter['tensors'] = {};
+  for (const key of Object.keys(set).sort()) tensors[key] = { shape: set[key].shape, data: encodeFloat32(set[key].data) };
+  return { config, tensors };
+}
+
+function checkCreate(body: FederationCreate): void {
+  if (typeof body !== 'object' || body === null) throw invalid('body', 'must be an object');
+  if (typeof body.id !== 'string' || !ID_RE.test(body.id)) throw invalid('id', 'must match [a-z0-9][a-z0-9_-]{0,63}');
+  if (typeof body.model !== 'string' || body.model.length === 0 || body.model.length > 200) throw invalid('model', 'must be a model id of 1..200 characters');
+  if (!FEDERATION_MODES.includes(body.mode)) throw invalid('mode', `must be one of ${FEDERATION_MODES.join(', ')}`);
+  intIn(body.rounds, 'rounds', 1, 10_000);
+  if (!Array.isArray(body.owners) || body.owners.length < 1 || body.owners.length > 10_000 || body.owners.some((o) => typeof o !== 'string' || !/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/.test(o))) {
+    throw invalid('owners', 'must be 1..10000 tenant names');
+  }
+  if (new Set(body.owners).size !== body.owners.length) throw invalid('owners', 'holds a tenant twice');
+  intIn(body.sampleSize, 'sampleSize', 1, body.owners.length);
+  intIn(body.minOwners, 'minOwners', 1, body.sampleSize);
+  intIn(body.localSteps, 'localSteps', 1, 100_000);
+  intIn(body.roundDeadlineSeconds, 'roundDeadlineSeconds', 1, 7 * 86_400);
+  if (!FEDERATION_AGGREGATIONS.includes(body.aggregation)) throw invalid('aggregation', `must be one of ${FEDERATION_AGGREGATIONS.join(', ')}`);
+  if (body.trimFraction !== undefined) numIn(body.trimFraction, 'trimFraction', 0, 0.49);
+  if (body.serverLearningRate !== undefined) numIn(body.serverLearningRate, 'serverLearningRate', 0, 100, true);
+  if (typeof body.secureAggregation !== 'boolean') throw invalid('secureAggregation', 'must be a boolean');
+  if (body.secureAggregation) throw invalid('secureAggregation', 'secure aggregation over REST is not served by this node yet (model/federation has the protocol); set false');
+  if (body.dp !== undefined) {
+    if (typeof body.dp !== 'object' || body.dp === null) throw invalid('dp', 'must be an object');
+    numIn(body.dp.clipNorm, 'dp.clipNorm', 0, 1e6, true);
+    numIn(body.dp.noiseMultiplier, 'dp.noiseMultiplier', 0, 1000, true);
+    numIn(body.dp.delta, 'dp.delta', 0, 0.5, true);
+    numIn(body.dp.epsilonBudget, 'dp.epsilonBudget', 0, 1e6, true);
+  }
+}
+
+/** Owners of a round attempt: the invited sorted by SHA-256 of (federation, round, attempt, owner). */
+export function sampleOwners(id: string, owners: readonly string[], round: number, attempt: number, size: number): string[] {
+  const rank = (o: string): string => createHash('sha256').update(`${id}|${round}|${attempt}|${o}`).digest('hex');
+  return [...owners].sort((a, b) => (rank(a) < rank(b) ? -1 : 1)).slice(0, size).sort();
+}
+
+export interface CoordinatorOptions {
+  stateDir: string;
+  /** Clock, for tests of deadlines; Date.now by default. */
+  now?: () => number;
+  /** How often deadlines are checked. */
+  tickMs?: number;
+  onRound?: (federation: string, record: RoundRecord) => void;
+}
+
+export class Coordinator {
+  readonly #dir: string;
+  readonly #now: () => number;
+  readonly #federations = new Map<string, FederationRecord>();
+  readonly #writes = new Map<string, WriteQueue>();
+  readonly #timer: NodeJS.Timeout;
+  readonly #onRound?: CoordinatorOptions['onRound'];
+
+  private constructor(options: CoordinatorOptions) {
+    this.#dir = join(options.stateDir, FEDERATIONS_DIR);
+    this.#now = options.now ?? Date.now;
+    this.#onRound = options.onRound;
+    this.#timer = setInterval(() => void this.tick(), options.tickMs ?? 250);
+    this.#timer.unref();
+  }
+
+  static async open(options: CoordinatorOptions): Promise<Coordinator> {
+    const c = new Coordinator(options);
+    await mkdir(c.#dir, { recursive: true });
+    for (const name of await readdir(c.#dir)) {
+      if (!name.endsWith('.json')) continue;
+      const file = join(c.#dir, name);
+      const raw = (await readJsonState(file)) as unknown as FederationRecord | undefined;
+      if (!raw || typeof raw.config?.id !== 'string' || typeof raw.global !== 'string' || typeof raw.round !== 'number' || typeof raw.received !== 'object') {
+        throw new CoordinatorError('TANDEM_FED_STATE_INVALID', { file, reason: 'not a federation record' });
+      }
+      c.#federations.set(raw.config.id, raw);
+    }
+    return c;
+  }
+
+  close(): void {
+    clearInterval(this.#timer);
+  }
+
+  async create(body: FederationCreate): Promise<FederationStatus> {
+    checkCreate(body);
+    if (this.#federations.has(body.id)) throw new CoordinatorError('TANDEM_FED_EXISTS', { federation: body.id });
+    const tensors = adapterFromWire(body.adapter);
+    const layout = layoutOf(tensors);
+    const { adapter, ...config } = body;
+    const record: FederationRecord = {
+      config, adapterConfig: adapter.config, layout, global: encodeFloat32(flatten(tensors, layout)),
+      state: 'open', round: 0, attempt: 0, sampled: [], deadline: 0, received: {}, bytesSent: 0, history: [], accountant: { steps: [] }, rejected: {},
+    };
+    this.#federations.set(body.id, record);
+    this.#openRound(record, 1, 0);
+    await this.#save(record);
+    return this.status(body.id);
+  }
+
+  #get(id: string): FederationRecord {
+    const r = this.#federations.get(id);
+    if (!r) throw new CoordinatorError('TANDEM_FED_UNKNOWN', { federation: id });
+    return r;
+  }
+
+  #openRound(r: FederationRecord, round: number, attempt: number): void {
+    r.round = round;
+    r.attempt = attempt;
+    r.received = {};
+    r.bytesSent = 0;
+    const { dp, owners, sampleSize } = r.config;
+    if (round > r.config.rounds) {
+      r.state = 'done';
+      r.sampled = [];
+      return;
+    }
+    if (dp) {
+      const preview = new RdpAccountant(r.accountant).preview(dp.noiseMultiplier, sampleSize / owners.length, dp.delta);
+      if (preview.epsilon > dp.epsilonBudget) {
+        r.state = 'stopped';
+        r.stopReason = `round ${round} would bring ε to ${preview.epsilon.toFixed(3)}, over the budget ${dp.epsilonBudget}`;
+        r.sampled = [];
+        return;
+      }
+    }
+    r.sampled = sampleOwners(r.config.id, owners, round, attempt, sampleSize);
+    r.deadline = this.#now() + r.config.roundDeadlineSeconds * 1000;
+  }
+
+  #save(r: FederationRecord): Promise<void> {
+    const id = r.config.id;
+    let q = this.#writes.get(id);
+    if (!q) this.#writes.set(id, (q = new WriteQueue()));
+    const snapshot = JSON.parse(JSON.stringify(r)) as FederationRecord;
+    return q.run(() => writeJsonState(join(this.#dir, `${id}.json`), snapshot));
+  }
+
+  #reject(r: FederationRecord, error: CoordinatorError): CoordinatorError {
+    r.rejected[error.code] = (r.rejected[error.code] ?? 0) + 1;
+    return error;
+  }
+
+  /** What `tenant` does next in federation `id`. */
+  assignment(id: string, tenant: string): RoundAssignment {
+    const r = this.#get(id);
+    if (!r.config.owners.includes(tenant)) throw this.#reject(r, new CoordinatorError('TANDEM_FED_NOT_INVITED', { tenant, federation: id }));
+    const sampled = r.state === 'open' && r.sampled.includes(tenant);
+    const submitted = Object.hasOwn(r.received, tenant);
+    const out: RoundAssignment = {
+      federation: id, round: r.round, attempt: r.attempt, state: r.state, sampled, submitted, deadline: new Date(r.deadline).toISOString(),
+      localSteps: r.config.localSteps, mode: r.config.mode, model: r.config.model,
+    };
+    if (r.config.dp) out.dp = { clipNorm: r.config.dp.clipNorm };
+    if (sampled && !submitted) {
+      out.adapter = this.globalAdapter(id);
+      r.bytesSent += r.layout.size * 4;
+    }
+    return out;
+  }
+
+  globalAdapter(id: string): WireAdapter {
+    const r = this.#get(id);
+    const values = decodeFloat32(r.global)!;
+    const tensors: WireAdapter['tensors'] = {};
+    let o = 0;
+    r.layout.keys.forEach((key, i) => {
+      const n = r.layout.shapes[i].reduce((a, b) => a * b, 1);
+      tensors[key] = { shape: r.layout.shapes[i], data: encodeFloat32(values.subarray(o, o + n)) };
+      o += n;
+    });
+    return { config: r.adapterConfig, tensors };
+  }
+
+  /** Takes one owner's update; every check comes before it is stored, and it is stored before the ack. */
+  async submit(id: string, tenant: string, round: number, body: RoundUpdate): Promise<RoundUpdateAck> {
+    const r = this.#get(id);
+    if (!r.config.owners.includes(tenant)) throw this.#reject(r, new CoordinatorError('TANDEM_FED_NOT_INVITED', { tenant, federation: id }));
+    const attempt = body?.attempt;
+    if (r.state !== 'open' || round !== r.round || attempt !== r.attempt) {
+      throw this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_LATE', { round, attempt: String(attempt), current: r.round, currentAttempt: r.attempt, state: r.state }));
+    }
+    if (!r.sampled.includes(tenant)) throw this.#reject(r, new CoordinatorError('TANDEM_FED_NOT_SAMPLED', { tenant, round, attempt }));
+    if (Object.hasOwn(r.received, tenant)) throw this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_REPLAY', { tenant, round, attempt }));
+    if (this.#now() > r.deadline) throw this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_LATE', { round, attempt, current: r.round, currentAttempt: r.attempt, state: 'past its deadline' }));
+    const shape = (field: string, reason: string): CoordinatorError => this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_SHAPE', { field, reason }));
+    if (typeof body.examples !== 'number' || !Number.isInteger(body.examples) || body.examples < 1 || body.examples > 1e9) throw shape('examples', 'must be an integer in 1..1e9');
+    if (typeof body.loss !== 'number' || !Number.isFinite(body.loss)) throw shape('loss', 'must be a finite number');
+    if (body.validation !== undefined && (typeof body.validation !== 'object' || body.validation === null || !Number.isFinite(body.validation.loss) || (body.validation.accuracy !== undefined && !(body.validation.accuracy >= 0 && body.validation.accuracy <= 1)))) {
+      throw shape('validation', 'must be { loss, accuracy? in [0, 1] }');
+    }
+    const expectedChars = 4 * Math.ceil((r.layout.size * 4) / 3);
+    if (typeof body.values !== 'string' || body.values.length !== expectedChars) throw shape('values', `must be base64 of ${r.layout.size} float32 values (${expectedChars} characters), got ${typeof body.values === 'string' ? body.values.length : typeof body.values}`);
+    const values = decodeFloat32(body.values);
+    if (values === null || values.length !== r.layout.size) throw shape('values', `must be base64 of ${r.layout.size} float32 values`);
+    const bad = values.findIndex((v) => !Number.isFinite(v));
+    if (bad >= 0) throw this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_NON_FINITE', { index: bad, value: String(values[bad]) }));
+    r.received[tenant] = { examples: body.examples, values: body.values, loss: body.loss, validation: body.validation, bytes: values.length * 4 };
+    const received = Object.keys(r.received).length;
+    if (received === r.sampled.length) this.#closeRound(r);
+    await this.#save(r);
+    return { federation: id, round, attempt, accepted: true, received };
+  }
+
+  /** Closes an expired round with the updates in, or retries it with a new sample. */
+  async tick(): Promise<void> {
+    for (const r of this.#federations.values()) {
+      if (r.state !== 'open' || this.#now() <= r.deadline) continue;
+      if (Object.keys(r.received).length >= r.config.minOwners) this.#closeRound(r);
+      else this.#openRound(r, r.round, r.attempt + 1);
+      await this.#save(r);
+    }
+  }
+
+  #closeRound(r: FederationRecord): void {
+    const owners = Object.keys(r.received).sort();
+    const { dp, aggregation } = r.config;
+    const updates = owners.map((o) => ({ values: decodeFloat32(r.received[o].values)!, weight: dp ? 1 : r.received[o].examples }));
+    let delta: Float32Array;
+    let epsilon: number | null = null;
+    if (dp) {
+      // DP-FedAvg: clip again here (an owner may not have), noise N(0, (σC)²) on the sum, uniform mean.
+      const sum = new Float32Array(r.layout.size);
+      for (const u of updates) {
+        clipUpdate(u.values, dp.clipNorm);
+        for (let i = 0; i < sum.length; i++) sum[i] += u.values[i];
+      }
+      addGaussianNoise(sum, dp.noiseMultiplier * dp.clipNorm);
+      delta = sum.map((v) => v / updates.length);
+      const accountant = new RdpAccountant(r.accountant);
+      epsilon = accountant.spendRound(dp.noiseMultiplier, r.config.sampleSize / r.config.owners.length, dp.delta, Infinity).epsilon;
+      r.accountant = accountant.state();
+    } else {
+      delta = aggregate(aggregation === 'fedadam' ? 'fedavg' : aggregation, updates, r.config.trimFraction ?? 0.2);
+    }
+    const global = decodeFloat32(r.global)!;
+    if (aggregation === 'fedadam') {
+      const state: FedAdamState | undefined = r.fedAdam ? { m: decodeFloat32(r.fedAdam.m)!, v: decodeFloat32(r.fedAdam.v)!, round: r.fedAdam.round } : undefined;
+      const { step, state: next } = fedAdamStep(delta, state, { learningRate: r.config.serverLearningRate ?? 0.01 });
+      r.fedAdam = { m: encodeFloat32(next.m), v: encodeFloat32(next.v), round: next.round };
+      for (let i = 0; i < global.length; i++) global[i] += step[i];
+    } else {
+      const lr = r.config.serverLearningRate ?? 1;
+      for (let i = 0; i < global.length; i++) global[i] += lr * delta[i];
+    }
+    r.global = encodeFloat32(global);
+    const examples = owners.reduce((s, o) => s + r.received[o].examples, 0);
+    const validation: RoundRecord['validation'] = {};
+    for (const o of owners) if (r.received[o].validation) validation[o] = r.received[o].validation!;
+    const record: RoundRecord = {
+      round: r.round, attempt: r.attempt, sampled: [...r.sampled], participants: owners, examples,
+      loss: owners.reduce((s, o) => s + r.received[o].loss * r.received[o].examples, 0) / examples,
+      validation, bytesReceived: owners.reduce((s, o) => s + r.received[o].bytes, 0), bytesSent: r.bytesSent, epsilon, completedAt: new Date(this.#now()).toISOString(),
+    };
+    r.history.push(record);
+    this.#onRound?.(r.config.id, record);
+    this.#openRound(r, r.round + 1, 0);
+  }
+
+  status(id: string): FederationStatus {
+    const r = this.#get(id);
+    const dp = r.config.dp;
+    return {
+      id, model: r.config.model, mode: r.config.mode, state: r.state, round: r.round, rounds: r.config.rounds, attempt: r.attempt,
+      owners: [...r.config.owners], aggregation: r.config.aggregation, secureAggregation: r.config.secureAggregation,
+      epsilon: dp ? new RdpAccountant(r.accountant).spent(dp.delta).epsilon : null, delta: dp ? dp.delta : null,
+      current: { sampled: [...r.sampled], received: Object.keys(r.received).sort(), deadline: new Date(r.deadline).toISOString() },
+      history: r.history.map((h) => ({ ...h })), rejected: { ...r.rejected },
+    };
+  }
+}

@@ -1,0 +1,138 @@
+// The REST bodies of federations (under /v1/federations): cloud-node's coordinator returns
+// them and edge-client reads them. Tensors travel as base64 of little-endian float32.
+
+export const FEDERATION_MODES = ['split', 'offsite'] as const;
+export type FederationMode = (typeof FEDERATION_MODES)[number];
+export const FEDERATION_AGGREGATIONS = ['fedavg', 'fedadam', 'median', 'trimmed-mean'] as const;
+export type FederationAggregation = (typeof FEDERATION_AGGREGATIONS)[number];
+
+/** One adapter tensor on the wire. */
+export interface WireTensor {
+  shape: number[];
+  /** base64 of little-endian float32 values. */
+  data: string;
+}
+
+/** A PEFT adapter on the wire: adapter_config.json's text and its tensors by PEFT key. */
+export interface WireAdapter {
+  config: string;
+  tensors: Record<string, WireTensor>;
+}
+
+export interface FederationDp {
+  /** L2 norm every owner's update is clipped to. */
+  clipNorm: number;
+  /** σ: the noise on the sum has std σ·clipNorm. */
+  noiseMultiplier: number;
+  delta: number;
+  /** ε the federation may spend in total; a round that would exceed it is refused. */
+  epsilonBudget: number;
+}
+
+/** POST /v1/federations. */
+export interface FederationCreate {
+  id: string;
+  model: string;
+  mode: FederationMode;
+  adapter: WireAdapter;
+  rounds: number;
+  /** Tenants invited. */
+  owners: string[];
+  /** Owners sampled per round. */
+  sampleSize: number;
+  /** Fewest updates a round completes with. */
+  minOwners: number;
+  localSteps: number;
+  roundDeadlineSeconds: number;
+  aggregation: FederationAggregation;
+  trimFraction?: number;
+  serverLearningRate?: number;
+  secureAggregation: boolean;
+  dp?: FederationDp;
+}
+
+/** GET /v1/federations/:id/round: what an owner does next. */
+export interface RoundAssignment {
+  federation: string;
+  round: number;
+  attempt: number;
+  /** open: updates are taken; done: every round is complete; stopped: refused by the privacy budget. */
+  state: 'open' | 'done' | 'stopped';
+  sampled: boolean;
+  /** Whether this owner's update for this round and attempt is in. */
+  submitted: boolean;
+  deadline: string;
+  localSteps: number;
+  mode: FederationMode;
+  model: string;
+  dp?: { clipNorm: number };
+  /** The global adapter, for a sampled owner that has not submitted. */
+  adapter?: WireAdapter;
+}
+
+/** POST /v1/federations/:id/rounds/:round/updates. */
+export interface RoundUpdate {
+  attempt: number;
+  /** Examples trained on: FedAvg's weight. */
+  examples: number;
+  /** Delta from the global adapter, flat in sorted-key order, base64 float32. */
+  values: string;
+  loss: number;
+  validation?: { loss: number; accuracy?: number };
+}
+
+export interface RoundUpdateAck {
+  federation: string;
+  round: number;
+  attempt: number;
+  accepted: true;
+  received: number;
+}
+
+export interface RoundRecord {
+  round: number;
+  attempt: number;
+  sampled: string[];
+  participants: string[];
+  examples: number;
+  /** Mean training loss of the participants, weighted by examples. */
+  loss: number | null;
+  validation: Record<string, { loss: number; accuracy?: number }>;
+  bytesReceived: number;
+  bytesSent: number;
+  epsilon: number | null;
+  completedAt: string;
+}
+
+/** GET /v1/federations/:id. */
+export interface FederationStatus {
+  id: string;
+  model: string;
+  mode: FederationMode;
+  state: 'open' | 'done' | 'stopped';
+  round: number;
+  rounds: number;
+  attempt: number;
+  owners: string[];
+  aggregation: FederationAggregation;
+  secureAggregation: boolean;
+  epsilon: number | null;
+  delta: number | null;
+  current: { sampled: string[]; received: string[]; deadline: string };
+  history: RoundRecord[];
+  rejected: Record<string, number>;
+}
+
+export function encodeFloat32(values: Float32Array): string {
+  return Buffer.from(values.buffer, values.byteOffset, values.byteLength).toString('base64');
+}
+
+/** Decodes base64 float32; null when the text is not base64 of a whole number of floats. */
+export function decodeFloat32(text: string): Float32Array | null {
+  if (typeof text !== 'string' || !/^[A-Za-z0-9+/]*={0,2}$/.test(text)) return null;
+  const bytes = Buffer.from(text, 'base64');
+  if (bytes.length % 4 !== 0) return null;
+  const out = new Float32Array(bytes.length / 4);
+  for (let i = 0; i < out.length; i++) out[i] = bytes.readFloatLE(i * 4);
+  return out;
+}
