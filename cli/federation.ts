@@ -146,7 +146,7 @@ export function federateCommand(io: CommandIo): Command {
         onReady: () => (flags.json ? io.out(JSON.stringify({ event: 'ready' })) : io.log('model loaded; joining')),
         onTraining: (round, attempt) => (flags.json ? io.out(JSON.stringify({ event: 'training', round, attempt })) : io.log(`round ${round}.${attempt}: training`)),
         onRound: (e) => {
-          if (flags.json) io.out(JSON.stringify({ event: 'round', round: e.round, attempt: e.attempt, loss: e.loss, examples: e.examples, validation: e.validation ?? null, refused: e.refused ?? null, accepted: e.ack?.accepted ?? false, update: encodeFloat32(e.update) }));
+          if (flags.json) io.out(JSON.stringify({ event: 'round', round: e.round, attempt: e.attempt, loss: e.loss, examples: e.examples, validation: e.validation ?? null, refused: e.refused ?? null, accepted: e.ack?.accepted ?? false, secaggSeconds: e.secaggSeconds ?? null, update: encodeFloat32(e.update) }));
           else io.out(`round ${e.round}.${e.attempt}: loss ${e.loss.toFixed(4)}, ${e.examples} examples, ${e.updateBytes} bytes sent${e.refused ? `, refused: ${e.refused}` : ''}`);
         },
       });

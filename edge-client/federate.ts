@@ -5,10 +5,10 @@
 // never leaves this process; only the update does.
 import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, DEFAULT_RECIPE, LlamaModel, clipUpdate, initBackend, loadModelFolder, loadTokenizer, readSafetensorsFile, runTraining, toFloat32, writeSafetensorsFile } from '../model/index.ts';
+import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, DEFAULT_RECIPE, LlamaModel, SecAggOwner, addGaussianNoise, clipUpdate, initBackend, splitNoiseStd, loadModelFolder, loadTokenizer, readSafetensorsFile, runTraining, toFloat32, writeSafetensorsFile } from '../model/index.ts';
 import type { Evaluation, TrainRecipe } from '../model/index.ts';
-import { decodeFloat32, encodeFloat32 } from '../protocol/index.ts';
-import type { FederationCreate, FederationStatus, RoundAssignment, RoundUpdate, RoundUpdateAck, WireAdapter } from '../protocol/index.ts';
+import { decodeFloat32, encodeFloat32, encodeUint32 } from '../protocol/index.ts';
+import type { FederationCreate, FederationStatus, RoundAssignment, RoundUpdate, RoundUpdateAck, SecAggPhase, SecAggView, WireAdapter } from '../protocol/index.ts';
 import { EdgeError } from './errors.ts';
 
 export interface FederateOptions {
@@ -46,6 +46,8 @@ export interface FederateRoundEvent {
   /** The update sent (the delta, clipped under DP): the owner's own, for its records. */
   update: Float32Array;
   ack?: RoundUpdateAck;
+  /** Seconds spent in secure aggregation (key agreement, sharing, masking, reveal), waits for other owners included. */
+  secaggSeconds?: number;
   /** The cloud's code when it refused the update (e.g. the round moved on). */
   refused?: string;
 }
@@ -154,6 +156,33 @@ async function writeGlobal(adapter: WireAdapter, dir: string): Promise<{ keys: s
   return { keys, flat };
 }
 
+/** Values in the global adapter of an assignment. */
+function global0(a: RoundAssignment): number {
+  return Object.values(a.adapter!.tensors).reduce((s, t) => s + t.shape.reduce((x, y) => x * y, 1), 0);
+}
+
+const PHASES: SecAggPhase[] = ['keys', 'shares', 'masked', 'reveal'];
+
+/** Polls the round's secure aggregation until it reaches `phase` (a later round or attempt answers with a typed error). */
+async function waitPhase(rest: Rest, base: string, phase: SecAggPhase, pollMs: number): Promise<SecAggView> {
+  for (;;) {
+    const view = await rest.call<SecAggView>('GET', `${base}/secagg`);
+    if (PHASES.indexOf(view.phase) >= PHASES.indexOf(phase)) return view;
+    await sleep(Math.min(pollMs, 100));
+  }
+}
+
+/** SecAgg steps 1 and 2 before local training: keys, then Shamir shares of the seeds, so a later dropout is recoverable. */
+async function startSecAgg(rest: Rest, base: string, a: RoundAssignment, length: number, pollMs: number): Promise<{ owner: SecAggOwner; seconds: number }> {
+  const t0 = performance.now();
+  const first = await rest.call<SecAggView>('GET', `${base}/secagg`);
+  const owner = new SecAggOwner(a.owner, { round: first.label, length, threshold: first.threshold, owners: first.sampled.length });
+  await rest.call('POST', `${base}/secagg/keys`, { attempt: a.attempt, ...owner.advertise() });
+  const view = await waitPhase(rest, base, 'shares', pollMs);
+  await rest.call('POST', `${base}/secagg/shares`, { attempt: a.attempt, shares: owner.shareKeys(view.advertised) });
+  return { owner, seconds: (performance.now() - t0) / 1000 };
+}
+
 /** Takes part in every round this owner is sampled for, until the federation is done. */
 export async function federate(options: FederateOptions): Promise<FederateResult> {
   const rest = new Rest(options.cloud, options.key);
@@ -187,40 +216,64 @@ export async function federate(options: FederateOptions): Promise<FederateResult
         await sleep(pollMs);
         continue;
       }
-      await options.onTraining?.(a.round, a.attempt);
-      const dir = join(options.workDir, `round-${a.round}-${a.attempt}`);
-      const global = await writeGlobal(a.adapter, join(dir, 'global'));
-      let trainRows = 0;
-      const result = await runTraining({
-        model, tokenizer, modelHash: loaded.contentHash, dataFile: options.data, baseModel: options.modelDir,
-        recipe: { ...DEFAULT_RECIPE, ...options.recipe, steps: a.localSteps, seed: (options.recipe?.seed ?? 0) + a.round * 1009 + a.attempt },
-        methods: [], adapterDir: join(dir, 'global'), evaluate: true,
-        onEvent: (e) => {
-          if (e.type === 'start') trainRows = e.trainRows;
-        },
+      const base = `/v1/federations/${encodeURIComponent(options.federation)}/rounds/${a.round}`;
+      const event = await (async (): Promise<FederateRoundEvent> => {
+        const secure = a.secureAggregation ? await startSecAgg(rest, base, a, global0(a), pollMs) : undefined;
+        await options.onTraining?.(a.round, a.attempt);
+        const dir = join(options.workDir, `round-${a.round}-${a.attempt}`);
+        const global = await writeGlobal(a.adapter!, join(dir, 'global'));
+        let trainRows = 0;
+        const result = await runTraining({
+          model, tokenizer, modelHash: loaded.contentHash, dataFile: options.data, baseModel: options.modelDir,
+          recipe: { ...DEFAULT_RECIPE, ...options.recipe, steps: a.localSteps, seed: (options.recipe?.seed ?? 0) + a.round * 1009 + a.attempt },
+          methods: [], adapterDir: join(dir, 'global'), evaluate: true,
+          onEvent: (e) => {
+            if (e.type === 'start') trainRows = e.trainRows;
+          },
+        });
+        await rm(dir, { recursive: true, force: true });
+        const delta = new Float32Array(global.flat.length);
+        let o = 0;
+        for (const k of global.keys) {
+          const t = result.adapter.get(k);
+          if (!t) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the trained adapter lacks tensor ${k} of the global adapter`, { field: k });
+          for (let i = 0; i < t.data.length; i++) delta[o + i] = t.data[i] - global.flat[o + i];
+          o += t.data.length;
+        }
+        if (a.dp) clipUpdate(delta, a.dp.clipNorm);
+        const loss = result.losses.length ? result.losses.reduce((s, l) => s + l, 0) / result.losses.length : 0;
+        const examples = Math.max(1, trainRows);
+        const body: RoundUpdate = { attempt: a.attempt, examples, loss };
+        if (result.after) body.validation = { loss: result.after.loss, ...(result.after.accuracy === undefined ? {} : { accuracy: result.after.accuracy }) };
+        const ev: FederateRoundEvent = { round: a.round, attempt: a.attempt, loss, examples, validation: result.after, updateBytes: delta.byteLength, update: delta };
+        try {
+          if (secure) {
+            const t0 = performance.now();
+            // The sum the cloud learns is Σ examples·delta (Σ delta under DP, each owner adding its share of the noise).
+            const input = Float32Array.from(delta, (v) => (a.dp ? v : v * examples));
+            if (a.dp) addGaussianNoise(input, splitNoiseStd(a.dp.noiseMultiplier, a.dp.clipNorm, a.sampledOwners.length));
+            const view = await waitPhase(rest, base, 'masked', pollMs);
+            body.masked = encodeUint32(secure.owner.maskInput(input, view.shares));
+            ev.ack = await rest.call<RoundUpdateAck>('POST', `${base}/updates`, body);
+            const reveal = await waitPhase(rest, base, 'reveal', pollMs);
+            await rest.call('POST', `${base}/secagg/reveal`, { attempt: a.attempt, ...secure.owner.reveal(reveal.survivors) });
+            ev.secaggSeconds = secure.seconds + (performance.now() - t0) / 1000;
+          } else {
+            body.values = encodeFloat32(delta);
+            ev.ack = await rest.call<RoundUpdateAck>('POST', `${base}/updates`, body);
+          }
+        } catch (error) {
+          if (!(error instanceof EdgeError) || error.remoteCode === undefined) throw error;
+          ev.refused = error.remoteCode; // the round moved on (late) or it was already in (replay): ask again
+        }
+        return ev;
+      })().catch((error: unknown) => {
+        if (error instanceof EdgeError && error.remoteCode !== undefined) return { round: a.round, attempt: a.attempt, loss: NaN, examples: 0, updateBytes: 0, update: new Float32Array(0), refused: error.remoteCode };
+        throw error;
       });
-      const delta = new Float32Array(global.flat.length);
-      let o = 0;
-      for (const k of global.keys) {
-        const t = result.adapter.get(k);
-        if (!t) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the trained adapter lacks tensor ${k} of the global adapter`, { field: k });
-        for (let i = 0; i < t.data.length; i++) delta[o + i] = t.data[i] - global.flat[o + i];
-        o += t.data.length;
-      }
-      if (a.dp) clipUpdate(delta, a.dp.clipNorm);
-      const loss = result.losses.length ? result.losses.reduce((s, l) => s + l, 0) / result.losses.length : 0;
-      const body: RoundUpdate = { attempt: a.attempt, examples: Math.max(1, trainRows), values: encodeFloat32(delta), loss };
-      if (result.after) body.validation = { loss: result.after.loss, ...(result.after.accuracy === undefined ? {} : { accuracy: result.after.accuracy }) };
-      const event: FederateRoundEvent = { round: a.round, attempt: a.attempt, loss, examples: body.examples, validation: result.after, updateBytes: delta.byteLength, update: delta };
-      try {
-        event.ack = await rest.call<RoundUpdateAck>('POST', `/v1/federations/${encodeURIComponent(options.federation)}/rounds/${a.round}/updates`, body);
-      } catch (error) {
-        if (!(error instanceof EdgeError) || error.remoteCode === undefined) throw error;
-        event.refused = error.remoteCode; // the round moved on (late) or it was already in (replay): ask again
-      }
       rounds.push(event);
       await options.onRound?.(event);
-      await rm(dir, { recursive: true, force: true });
+      if (event.refused) await sleep(pollMs);
       if (options.maxRounds !== undefined && rounds.filter((r) => r.ack).length >= options.maxRounds) return { rounds, state: 'open' };
     }
   } finally {

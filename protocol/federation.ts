@@ -65,7 +65,12 @@ export interface RoundAssignment {
   localSteps: number;
   mode: FederationMode;
   model: string;
-  dp?: { clipNorm: number };
+  dp?: { clipNorm: number; noiseMultiplier: number };
+  secureAggregation: boolean;
+  /** The caller's tenant: its name in the round's secure aggregation. */
+  owner: string;
+  /** Owners sampled in this attempt. */
+  sampledOwners: string[];
   /** The global adapter, for a sampled owner that has not submitted. */
   adapter?: WireAdapter;
 }
@@ -75,8 +80,10 @@ export interface RoundUpdate {
   attempt: number;
   /** Examples trained on: FedAvg's weight. */
   examples: number;
-  /** Delta from the global adapter, flat in sorted-key order, base64 float32. */
-  values: string;
+  /** Delta from the global adapter, flat in sorted-key order, base64 float32 (plain aggregation). */
+  values?: string;
+  /** Under secure aggregation: examples·delta in fixed point, masked, base64 of little-endian uint32. */
+  masked?: string;
   loss: number;
   validation?: { loss: number; accuracy?: number };
 }
@@ -134,5 +141,67 @@ export function decodeFloat32(text: string): Float32Array | null {
   if (bytes.length % 4 !== 0) return null;
   const out = new Float32Array(bytes.length / 4);
   for (let i = 0; i < out.length; i++) out[i] = bytes.readFloatLE(i * 4);
+  return out;
+}
+
+export const SECAGG_PHASES = ['keys', 'shares', 'masked', 'reveal'] as const;
+export type SecAggPhase = (typeof SECAGG_PHASES)[number];
+
+/** A Shamir share on the wire. */
+export interface WireShare {
+  x: number;
+  y: string;
+}
+
+/** GET /v1/federations/:id/rounds/:round/secagg: the caller's view of the round's secure aggregation. */
+export interface SecAggView {
+  round: number;
+  attempt: number;
+  phase: SecAggPhase;
+  threshold: number;
+  /** The label masks are expanded under. */
+  label: string;
+  sampled: string[];
+  /** From phase shares on: the owners' advertised keys. */
+  advertised: { owner: string; cipherPublic: string; maskPublic: string }[];
+  /** From phase masked on: the encrypted shares addressed to the caller. */
+  shares: { from: string; to: string; box: string }[];
+  /** In phase reveal: the owners whose masked inputs are in. */
+  survivors: string[];
+}
+
+/** POST .../secagg/keys. */
+export interface SecAggKeys {
+  attempt: number;
+  cipherPublic: string;
+  maskPublic: string;
+}
+
+/** POST .../secagg/shares. */
+export interface SecAggShares {
+  attempt: number;
+  shares: { from: string; to: string; box: string }[];
+}
+
+/** POST .../secagg/reveal. */
+export interface SecAggReveal {
+  attempt: number;
+  selfMask: Record<string, WireShare>;
+  maskKey: Record<string, WireShare>;
+}
+
+/** base64 of little-endian uint32 words (masked SecAgg inputs: every bit pattern is valid). */
+export function encodeUint32(values: Uint32Array): string {
+  const b = Buffer.alloc(values.length * 4);
+  for (let i = 0; i < values.length; i++) b.writeUInt32LE(values[i], i * 4);
+  return b.toString('base64');
+}
+
+export function decodeUint32(text: string): Uint32Array | null {
+  if (typeof text !== 'string' || !/^[A-Za-z0-9+/]*={0,2}$/.test(text)) return null;
+  const bytes = Buffer.from(text, 'base64');
+  if (bytes.length % 4 !== 0) return null;
+  const out = new Uint32Array(bytes.length / 4);
+  for (let i = 0; i < out.length; i++) out[i] = bytes.readUInt32LE(i * 4);
   return out;
 }

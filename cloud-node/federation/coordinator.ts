@@ -5,10 +5,11 @@
 import { createHash } from 'node:crypto';
 import { mkdir, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
-import { RdpAccountant, addGaussianNoise, aggregate, clipUpdate, fedAdamStep, layoutOf, flatten } from '../../model/index.ts';
+import { FederationError, RdpAccountant, addGaussianNoise, aggregate, clipUpdate, fedAdamStep, layoutOf, flatten, unmaskSum } from '../../model/index.ts';
+import type { AdvertisedKeys, EncryptedShare, RevealedShares, SecAggParams } from '../../model/index.ts';
 import type { AccountantState, FedAdamState, Layout, TensorSet } from '../../model/index.ts';
-import { FEDERATION_AGGREGATIONS, FEDERATION_MODES, decodeFloat32, encodeFloat32 } from '../../protocol/index.ts';
-import type { FederationCreate, FederationStatus, RoundAssignment, RoundRecord, RoundUpdate, RoundUpdateAck, WireAdapter } from '../../protocol/index.ts';
+import { FEDERATION_AGGREGATIONS, FEDERATION_MODES, decodeFloat32, decodeUint32, encodeFloat32 } from '../../protocol/index.ts';
+import type { FederationCreate, FederationStatus, RoundAssignment, RoundRecord, RoundUpdate, RoundUpdateAck, SecAggKeys, SecAggPhase, SecAggReveal, SecAggShares, SecAggView, WireAdapter, WireShare } from '../../protocol/index.ts';
 import { readJsonState, WriteQueue, writeJsonState } from '../state/json-file.ts';
 import { CoordinatorError } from './errors.ts';
 
@@ -43,7 +44,28 @@ interface FederationRecord {
   fedAdam?: { m: string; v: string; round: number };
   rejected: Record<string, number>;
   stopReason?: string;
+  secagg?: SecAggRound;
 }
+
+/** The secure aggregation of the open round attempt (SecAgg: keys, shares, masked inputs, reveal). */
+interface SecAggRound {
+  phase: SecAggPhase;
+  threshold: number;
+  advertised: Record<string, AdvertisedKeys>;
+  /** Encrypted shares by sender. */
+  shares: Record<string, EncryptedShare[]>;
+  /** Masked inputs, base64 uint32. */
+  masked: Record<string, string>;
+  survivors: string[];
+  reveals: Record<string, RevealedShares>;
+}
+
+/** Shamir threshold of a round of n owners: a majority, and never below the minimum owners. */
+export function secAggThreshold(n: number, minOwners: number): number {
+  return Math.min(n, Math.max(2, minOwners, Math.floor(n / 2) + 1));
+}
+
+const B64_32 = /^[A-Za-z0-9+/]{43}=$/;
 
 function invalid(field: string, reason: string): CoordinatorError {
   return new CoordinatorError('TANDEM_FED_CONFIG_INVALID', { field, reason });
@@ -111,7 +133,8 @@ function checkCreate(body: FederationCreate): void {
   if (body.trimFraction !== undefined) numIn(body.trimFraction, 'trimFraction', 0, 0.49);
   if (body.serverLearningRate !== undefined) numIn(body.serverLearningRate, 'serverLearningRate', 0, 100, true);
   if (typeof body.secureAggregation !== 'boolean') throw invalid('secureAggregation', 'must be a boolean');
-  if (body.secureAggregation) throw invalid('secureAggregation', 'secure aggregation over REST is not served by this node yet (model/federation has the protocol); set false');
+  if (body.secureAggregation && body.sampleSize < 2) throw invalid('sampleSize', 'secure aggregation needs at least 2 owners per round');
+  if (body.secureAggregation && body.aggregation !== 'fedavg' && body.aggregation !== 'fedadam') throw invalid('aggregation', 'under secure aggregation the cloud sees only the sum: fedavg or fedadam');
   if (body.dp !== undefined) {
     if (typeof body.dp !== 'object' || body.dp === null) throw invalid('dp', 'must be an object');
     numIn(body.dp.clipNorm, 'dp.clipNorm', 0, 1e6, true);
@@ -214,6 +237,9 @@ export class Coordinator {
       }
     }
     r.sampled = sampleOwners(r.config.id, owners, round, attempt, sampleSize);
+    r.secagg = r.config.secureAggregation
+      ? { phase: 'keys', threshold: secAggThreshold(r.sampled.length, r.config.minOwners), advertised: {}, shares: {}, masked: {}, survivors: [], reveals: {} }
+      : undefined;
     r.deadline = this.#now() + r.config.roundDeadlineSeconds * 1000;
   }
 
@@ -239,8 +265,9 @@ export class Coordinator {
     const out: RoundAssignment = {
       federation: id, round: r.round, attempt: r.attempt, state: r.state, sampled, submitted, deadline: new Date(r.deadline).toISOString(),
       localSteps: r.config.localSteps, mode: r.config.mode, model: r.config.model,
+      secureAggregation: r.config.secureAggregation, owner: tenant, sampledOwners: sampled ? [...r.sampled] : [],
     };
-    if (r.config.dp) out.dp = { clipNorm: r.config.dp.clipNorm };
+    if (r.config.dp) out.dp = { clipNorm: r.config.dp.clipNorm, noiseMultiplier: r.config.dp.noiseMultiplier };
     if (sampled && !submitted) {
       out.adapter = this.globalAdapter(id);
       r.bytesSent += r.layout.size * 4;
@@ -279,14 +306,23 @@ export class Coordinator {
       throw shape('validation', 'must be { loss, accuracy? in [0, 1] }');
     }
     const expectedChars = 4 * Math.ceil((r.layout.size * 4) / 3);
-    if (typeof body.values !== 'string' || body.values.length !== expectedChars) throw shape('values', `must be base64 of ${r.layout.size} float32 values (${expectedChars} characters), got ${typeof body.values === 'string' ? body.values.length : typeof body.values}`);
-    const values = decodeFloat32(body.values);
-    if (values === null || values.length !== r.layout.size) throw shape('values', `must be base64 of ${r.layout.size} float32 values`);
-    const bad = values.findIndex((v) => !Number.isFinite(v));
-    if (bad >= 0) throw this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_NON_FINITE', { index: bad, value: String(values[bad]) }));
-    r.received[tenant] = { examples: body.examples, values: body.values, loss: body.loss, validation: body.validation, bytes: values.length * 4 };
+    const field = r.secagg ? 'masked' : 'values';
+    const text = r.secagg ? body.masked : body.values;
+    if (typeof text !== 'string' || text.length !== expectedChars) throw shape(field, `must be base64 of ${r.layout.size} 4-byte values (${expectedChars} characters), got ${typeof text === 'string' ? text.length : typeof text}`);
+    const values = decodeFloat32(text);
+    if (values === null || values.length !== r.layout.size) throw shape(field, `must be base64 of ${r.layout.size} 4-byte values`);
+    if (r.secagg) {
+      if (r.secagg.phase !== 'masked' || !Object.hasOwn(r.secagg.shares, tenant)) throw this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_LATE', { round, attempt, current: r.round, currentAttempt: r.attempt, state: `secure aggregation phase ${r.secagg.phase}${Object.hasOwn(r.secagg.shares, tenant) ? '' : ', and this owner shared no keys'}` }));
+      r.secagg.masked[tenant] = text;
+    } else {
+      const bad = values.findIndex((v) => !Number.isFinite(v));
+      if (bad >= 0) throw this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_NON_FINITE', { index: bad, value: String(values[bad]) }));
+    }
+    r.received[tenant] = { examples: body.examples, values: r.secagg ? '' : text, loss: body.loss, validation: body.validation, bytes: values.length * 4 };
     const received = Object.keys(r.received).length;
-    if (received === r.sampled.length) this.#closeRound(r);
+    if (r.secagg) {
+      if (received === Object.keys(r.secagg.shares).length) this.#toReveal(r);
+    } else if (received === r.sampled.length) this.#closeRound(r);
     await this.#save(r);
     return { federation: id, round, attempt, accepted: true, received };
   }
@@ -295,7 +331,17 @@ export class Coordinator {
   async tick(): Promise<void> {
     for (const r of this.#federations.values()) {
       if (r.state !== 'open' || this.#now() <= r.deadline) continue;
-      if (Object.keys(r.received).length >= r.config.minOwners) this.#closeRound(r);
+      const enough = Object.keys(r.received).length >= Math.max(r.config.minOwners, r.secagg?.threshold ?? 0);
+      if (r.secagg?.phase === 'masked' && enough) this.#toReveal(r);
+      else if (r.secagg?.phase === 'reveal' && Object.keys(r.secagg.reveals).length >= r.secagg.threshold) {
+        try {
+          this.#closeRound(r);
+        } catch (error) {
+          if (!(error instanceof FederationError)) throw error;
+          this.#openRound(r, r.round, r.attempt + 1); // the reveals do not unmask: retry the round
+        }
+      }
+      else if (!r.secagg && enough) this.#closeRound(r);
       else this.#openRound(r, r.round, r.attempt + 1);
       await this.#save(r);
     }
@@ -304,11 +350,21 @@ export class Coordinator {
   #closeRound(r: FederationRecord): void {
     const owners = Object.keys(r.received).sort();
     const { dp, aggregation } = r.config;
-    const updates = owners.map((o) => ({ values: decodeFloat32(r.received[o].values)!, weight: dp ? 1 : r.received[o].examples }));
     let delta: Float32Array;
     let epsilon: number | null = null;
-    if (dp) {
+    if (r.secagg) {
+      // Owners sent examples·delta (1·delta under DP, noise split across them); the cloud sees only the sum.
+      const sum = this.#unmask(r);
+      const weight = dp ? owners.length : owners.reduce((s, o) => s + r.received[o].examples, 0);
+      delta = sum.map((v) => v / weight);
+      if (dp) {
+        const accountant = new RdpAccountant(r.accountant);
+        epsilon = accountant.spendRound(dp.noiseMultiplier, r.config.sampleSize / r.config.owners.length, dp.delta, Infinity).epsilon;
+        r.accountant = accountant.state();
+      }
+    } else if (dp) {
       // DP-FedAvg: clip again here (an owner may not have), noise N(0, (σC)²) on the sum, uniform mean.
+      const updates = owners.map((o) => ({ values: decodeFloat32(r.received[o].values)! }));
       const sum = new Float32Array(r.layout.size);
       for (const u of updates) {
         clipUpdate(u.values, dp.clipNorm);
@@ -320,6 +376,7 @@ export class Coordinator {
       epsilon = accountant.spendRound(dp.noiseMultiplier, r.config.sampleSize / r.config.owners.length, dp.delta, Infinity).epsilon;
       r.accountant = accountant.state();
     } else {
+      const updates = owners.map((o) => ({ values: decodeFloat32(r.received[o].values)!, weight: r.received[o].examples }));
       delta = aggregate(aggregation === 'fedadam' ? 'fedavg' : aggregation, updates, r.config.trimFraction ?? 0.2);
     }
     const global = decodeFloat32(r.global)!;
@@ -344,6 +401,114 @@ export class Coordinator {
     r.history.push(record);
     this.#onRound?.(r.config.id, record);
     this.#openRound(r, r.round + 1, 0);
+  }
+
+  #params(r: FederationRecord): SecAggParams {
+    return { round: `${r.config.id}|${r.round}|${r.attempt}`, length: r.layout.size, threshold: r.secagg!.threshold, owners: r.sampled.length };
+  }
+
+  #toReveal(r: FederationRecord): void {
+    const sa = r.secagg!;
+    sa.phase = 'reveal';
+    sa.survivors = Object.keys(sa.masked).sort();
+    r.deadline = this.#now() + r.config.roundDeadlineSeconds * 1000;
+  }
+
+  #unmask(r: FederationRecord): Float32Array {
+    const sa = r.secagg!;
+    const shared = Object.keys(sa.shares).map((o) => sa.advertised[o]);
+    const masked = new Map(sa.survivors.map((o) => [o, decodeUint32(sa.masked[o])!] as const));
+    return unmaskSum(this.#params(r), shared, masked, Object.values(sa.reveals));
+  }
+
+  #secaggRound(id: string, tenant: string, round: number, attempt: unknown): { r: FederationRecord; sa: SecAggRound } {
+    const r = this.#get(id);
+    if (!r.config.owners.includes(tenant)) throw this.#reject(r, new CoordinatorError('TANDEM_FED_NOT_INVITED', { tenant, federation: id }));
+    if (r.state !== 'open' || round !== r.round || attempt !== r.attempt || !r.secagg) {
+      throw this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_LATE', { round, attempt: String(attempt), current: r.round, currentAttempt: r.attempt, state: r.secagg ? r.state : 'no secure aggregation' }));
+    }
+    if (!r.sampled.includes(tenant)) throw this.#reject(r, new CoordinatorError('TANDEM_FED_NOT_SAMPLED', { tenant, round, attempt: r.attempt }));
+    return { r, sa: r.secagg };
+  }
+
+  #phaseError(r: FederationRecord, sa: SecAggRound, want: SecAggPhase): CoordinatorError {
+    return this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_LATE', { round: r.round, attempt: r.attempt, current: r.round, currentAttempt: r.attempt, state: `secure aggregation is in phase ${sa.phase}, not ${want}` }));
+  }
+
+  secAggView(id: string, tenant: string, round: number): SecAggView {
+    const r = this.#get(id);
+    const { sa } = this.#secaggRound(id, tenant, round, r.attempt);
+    const after = (p: SecAggPhase): boolean => ['keys', 'shares', 'masked', 'reveal'].indexOf(sa.phase) >= ['keys', 'shares', 'masked', 'reveal'].indexOf(p);
+    return {
+      round: r.round, attempt: r.attempt, phase: sa.phase, threshold: sa.threshold, label: this.#params(r).round, sampled: [...r.sampled],
+      advertised: after('shares') ? Object.values(sa.advertised) : [],
+      shares: after('masked') ? Object.values(sa.shares).flat().filter((s) => s.to === tenant) : [],
+      survivors: sa.phase === 'reveal' ? [...sa.survivors] : [],
+    };
+  }
+
+  async advertise(id: string, tenant: string, round: number, body: SecAggKeys): Promise<SecAggView> {
+    const { r, sa } = this.#secaggRound(id, tenant, round, body?.attempt);
+    if (sa.phase !== 'keys') throw this.#phaseError(r, sa, 'keys');
+    if (Object.hasOwn(sa.advertised, tenant)) throw this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_REPLAY', { tenant, round, attempt: r.attempt }));
+    for (const f of ['cipherPublic', 'maskPublic'] as const) {
+      if (typeof body[f] !== 'string' || !B64_32.test(body[f])) throw this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_SHAPE', { field: f, reason: 'must be base64 of a 32-byte X25519 public key' }));
+    }
+    if (body.cipherPublic === body.maskPublic || Object.values(sa.advertised).some((a) => a.maskPublic === body.maskPublic || a.cipherPublic === body.cipherPublic)) {
+      throw this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_REPLAY', { tenant, round, attempt: r.attempt }));
+    }
+    sa.advertised[tenant] = { owner: tenant, cipherPublic: body.cipherPublic, maskPublic: body.maskPublic };
+    if (Object.keys(sa.advertised).length === r.sampled.length) sa.phase = 'shares';
+    await this.#save(r);
+    return this.secAggView(id, tenant, round);
+  }
+
+  async share(id: string, tenant: string, round: number, body: SecAggShares): Promise<SecAggView> {
+    const { r, sa } = this.#secaggRound(id, tenant, round, body?.attempt);
+    if (sa.phase !== 'shares') throw this.#phaseError(r, sa, 'shares');
+    if (Object.hasOwn(sa.shares, tenant)) throw this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_REPLAY', { tenant, round, attempt: r.attempt }));
+    const owners = Object.keys(sa.advertised).sort();
+    const list = Array.isArray(body.shares) ? body.shares : [];
+    const to = list.map((s) => s?.to).sort();
+    if (list.length !== owners.length || to.some((t, i) => t !== owners[i]) || list.some((s) => s.from !== tenant || typeof s.box !== 'string' || s.box.length > 8192)) {
+      throw this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_SHAPE', { field: 'shares', reason: `must be one box (≤ 8192 characters) from ${tenant} to each of ${owners.join(', ')}` }));
+    }
+    sa.shares[tenant] = list.map((s) => ({ from: s.from, to: s.to, box: s.box }));
+    if (Object.keys(sa.shares).length === owners.length) sa.phase = 'masked';
+    await this.#save(r);
+    return this.secAggView(id, tenant, round);
+  }
+
+  async reveal(id: string, tenant: string, round: number, body: SecAggReveal): Promise<SecAggView> {
+    const { r, sa } = this.#secaggRound(id, tenant, round, body?.attempt);
+    if (sa.phase !== 'reveal') throw this.#phaseError(r, sa, 'reveal');
+    if (!sa.survivors.includes(tenant)) throw this.#reject(r, new CoordinatorError('TANDEM_FED_NOT_SAMPLED', { tenant, round, attempt: r.attempt }));
+    if (Object.hasOwn(sa.reveals, tenant)) throw this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_REPLAY', { tenant, round, attempt: r.attempt }));
+    const dropped = Object.keys(sa.shares).filter((o) => !sa.survivors.includes(o));
+    const check = (m: unknown, allowed: string[], field: string): Record<string, WireShare> => {
+      const ok = typeof m === 'object' && m !== null && Object.entries(m).every(([o, s]) => allowed.includes(o) && Number.isInteger((s as WireShare)?.x) && typeof (s as WireShare)?.y === 'string' && /^[0-9a-f]{1,131}$/.test((s as WireShare).y));
+      if (!ok) throw this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_SHAPE', { field, reason: `must map owners among ${allowed.join(', ') || '(none)'} to shares { x, y (hex) }` }));
+      return m as Record<string, WireShare>;
+    };
+    // A survivor reveals self-mask shares of survivors only, and key shares of dropped owners only: never both for one owner.
+    const selfMask = check(body.selfMask, sa.survivors, 'selfMask');
+    const maskKey = check(body.maskKey, dropped, 'maskKey');
+    sa.reveals[tenant] = { owner: tenant, selfMask, maskKey };
+    if (Object.keys(sa.reveals).length === sa.survivors.length) {
+      try {
+        this.#closeRound(r);
+      } catch (error) {
+        if (!(error instanceof FederationError)) throw error;
+        delete sa.reveals[tenant];
+        throw this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_SHAPE', { field: 'reveal', reason: error.message }));
+      }
+    }
+    await this.#save(r);
+    return r.round === round && r.secagg === sa ? this.secAggView(id, tenant, round) : { ...this.secAggViewClosed(round, sa) };
+  }
+
+  private secAggViewClosed(round: number, sa: SecAggRound): SecAggView {
+    return { round, attempt: -1, phase: 'reveal', threshold: sa.threshold, label: '', sampled: [], advertised: [], shares: [], survivors: [...sa.survivors] };
   }
 
   status(id: string): FederationStatus {

@@ -1,7 +1,7 @@
 // Federations on the node: the admin creates one and reads its status and global adapter;
 // invited owners (tenants) ask for their round and send their updates.
 import type { FastifyInstance } from 'fastify';
-import type { FederationCreate, RoundUpdate } from '../../protocol/index.ts';
+import type { FederationCreate, RoundUpdate, SecAggKeys, SecAggReveal, SecAggShares } from '../../protocol/index.ts';
 import type { CloudContext } from '../context.ts';
 import { CoordinatorError } from '../federation/index.ts';
 import type { Coordinator } from '../federation/index.ts';
@@ -62,6 +62,24 @@ export async function federationsPlugin(app: FastifyInstance, options: Federatio
 
   app.post<{ Params: { id: string; round: number }; Body: RoundUpdate }>('/federations/:id/rounds/:round/updates', {
     bodyLimit,
-    schema: { summary: "an owner's update for a round (delta from the global adapter)", tags: ['federations'], security, params: roundParams, body: { type: 'object', required: ['attempt', 'examples', 'values', 'loss'], additionalProperties: true }, response: { 200: anyObject, ...authErrors } },
+    schema: { summary: "an owner's update for a round (delta from the global adapter)", tags: ['federations'], security, params: roundParams, body: { type: 'object', required: ['attempt', 'examples', 'loss'], additionalProperties: true }, response: { 200: anyObject, ...authErrors } },
   }, async (request) => coordinator.submit(request.params.id, callerOf(request).tenant, request.params.round, request.body));
+
+  app.get<{ Params: { id: string; round: number } }>('/federations/:id/rounds/:round/secagg', {
+    schema: { summary: "the caller's view of the round's secure aggregation: phase, advertised keys, its encrypted shares, survivors", tags: ['federations'], security, params: roundParams, response: { 200: anyObject, ...authErrors } },
+  }, async (request) => coordinator.secAggView(request.params.id, callerOf(request).tenant, request.params.round));
+
+  app.post<{ Params: { id: string; round: number }; Body: SecAggKeys }>('/federations/:id/rounds/:round/secagg/keys', {
+    schema: { summary: 'SecAgg step 1: the owner\'s two X25519 public keys', tags: ['federations'], security, params: roundParams, body: { type: 'object', required: ['attempt', 'cipherPublic', 'maskPublic'], additionalProperties: true }, response: { 200: anyObject, ...authErrors } },
+  }, async (request) => coordinator.advertise(request.params.id, callerOf(request).tenant, request.params.round, request.body));
+
+  app.post<{ Params: { id: string; round: number }; Body: SecAggShares }>('/federations/:id/rounds/:round/secagg/shares', {
+    bodyLimit,
+    schema: { summary: 'SecAgg step 2: Shamir shares of the owner\'s seeds, one encrypted box per owner', tags: ['federations'], security, params: roundParams, body: { type: 'object', required: ['attempt', 'shares'], additionalProperties: true }, response: { 200: anyObject, ...authErrors } },
+  }, async (request) => coordinator.share(request.params.id, callerOf(request).tenant, request.params.round, request.body));
+
+  app.post<{ Params: { id: string; round: number }; Body: SecAggReveal }>('/federations/:id/rounds/:round/secagg/reveal', {
+    bodyLimit,
+    schema: { summary: 'SecAgg step 4: shares of survivors\' self masks and of dropped owners\' mask keys', tags: ['federations'], security, params: roundParams, body: { type: 'object', required: ['attempt', 'selfMask', 'maskKey'], additionalProperties: true }, response: { 200: anyObject, ...authErrors } },
+  }, async (request) => coordinator.reveal(request.params.id, callerOf(request).tenant, request.params.round, request.body));
 }

@@ -12,7 +12,7 @@ import { join, resolve } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { readAdapterFolder } from '../../edge-client/index.ts';
 import { LlamaModel, createAdapter, initBackend, loadModelFolder, saveAdapter } from '../../model/index.ts';
-import { decodeFloat32, encodeFloat32 } from '../../protocol/index.ts';
+import { decodeFloat32, decodeUint32, encodeFloat32 } from '../../protocol/index.ts';
 import type { FederationCreate, FederationStatus, WireAdapter } from '../../protocol/index.ts';
 
 const ROOT = resolve(import.meta.dirname, '..', '..');
@@ -299,6 +299,49 @@ describe('federation with real processes', { timeout: 600_000 }, () => {
     assert.equal(done.state, 'done');
     assert.deepEqual(done.history[0].participants, ['alice', 'bob', 'carol']);
     await Promise.all([alice.exited, bob.exited]);
+    cloud.proc.child.kill('SIGTERM');
+    await cloud.proc.exited;
+  });
+
+  it('with SecAgg the cloud learns only the sum, equal to the plain weighted sum within the fixed-point step; a killed owner is recovered through seed shares', async () => {
+    const dir = await tempDir();
+    const state = join(dir, 'state');
+    const cloud = await startCloud(state);
+    const keys = { alice: await tenantKey(cloud, 'alice'), bob: await tenantKey(cloud, 'bob'), carol: await tenantKey(cloud, 'carol') };
+    const data = await ownerData(dir);
+    const owners = Object.fromEntries((['alice', 'bob', 'carol'] as const).map((o) => [o, owner(cloud, keys[o], 'secure', data[o], join(dir, `w-${o}`))]));
+    await Promise.all(Object.values(owners).map((p) => p.waitFor(/"event":"ready"/)));
+    await create(cloud, { id: 'secure', rounds: 1, minOwners: 2, roundDeadlineSeconds: 20, secureAggregation: true });
+    const before = flatOf((await api(cloud, 'GET', '/v1/federations/secure/adapter', cloud.adminKey)).json as unknown as WireAdapter);
+    // carol starts training only after her keys and seed shares are in: killing her then is a dropout SecAgg must recover.
+    await owners.carol.waitFor(/"event":"training","round":1/);
+    owners.carol.child.kill('SIGKILL');
+    // While the round waits for its deadline, the cloud's state holds alice's and bob's masked inputs.
+    const masked = await until(async () => {
+      const s = JSON.parse(await readFile(join(state, 'federations', 'secure.json'), 'utf8')) as { secagg?: { masked: Record<string, string> } };
+      return s.secagg && Object.keys(s.secagg.masked).length === 2 ? s.secagg.masked : undefined;
+    }, 'masked inputs of alice and bob', 60_000).catch(async (e: unknown) => {
+      throw new Error(`${String(e)}; alice: ${owners.alice.lines.map((l) => l.slice(0, 300)).join(' / ')}; state: ${(await readFile(join(state, 'federations', 'secure.json'), 'utf8')).slice(0, 3000)}`);
+    });
+    await Promise.all([owners.alice.exited, owners.bob.exited]);
+    const done = await status(cloud, 'secure');
+    assert.equal(done.state, 'done');
+    assert.deepEqual(done.history[0].participants, ['alice', 'bob']);
+    const lines = [roundLine(owners.alice, 1)!, roundLine(owners.bob, 1)!];
+    const updates = lines.map((l) => decodeFloat32(l.update)!);
+    const total = lines[0].examples + lines[1].examples;
+    const after = flatOf((await api(cloud, 'GET', '/v1/federations/secure/adapter', cloud.adminKey)).json as unknown as WireAdapter);
+    const step = 2 ** -16;
+    for (let i = 0; i < before.length; i++) {
+      const want = before[i] + (lines[0].examples * updates[0][i] + lines[1].examples * updates[1][i]) / total;
+      assert.ok(Math.abs(after[i] - want) <= (2 * step) / total + 2e-7 * Math.max(1, Math.abs(want)), `value ${i}: ${after[i]} vs ${want}`);
+    }
+    // alice's masked input is not her update: decoded, it is noise of the ring's scale.
+    const ring = decodeUint32(masked.alice)!;
+    const decoded = Float32Array.from(ring, (v) => (v | 0) * step);
+    const meanAbs = decoded.reduce((s, v) => s + Math.abs(v), 0) / decoded.length;
+    const plainMeanAbs = updates[0].reduce((s, v) => s + Math.abs(v * lines[0].examples), 0) / decoded.length;
+    assert.ok(meanAbs > 1000 && plainMeanAbs < 10, `masked mean |x| ${meanAbs}, plain ${plainMeanAbs}`);
     cloud.proc.child.kill('SIGTERM');
     await cloud.proc.exited;
   });
