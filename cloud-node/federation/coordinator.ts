@@ -177,8 +177,12 @@ export class Coordinator {
 
   static async open(options: CoordinatorOptions): Promise<Coordinator> {
     const c = new Coordinator(options);
-    await mkdir(c.#dir, { recursive: true });
-    for (const name of await readdir(c.#dir)) {
+    // The folder is made on the first save: a node with no federations leaves no trace in its state directory.
+    const names = await readdir(c.#dir).catch((error: NodeJS.ErrnoException) => {
+      if (error.code === 'ENOENT') return [] as string[];
+      throw error;
+    });
+    for (const name of names) {
       if (!name.endsWith('.json')) continue;
       const file = join(c.#dir, name);
       const raw = (await readJsonState(file)) as unknown as FederationRecord | undefined;
@@ -248,7 +252,10 @@ export class Coordinator {
     let q = this.#writes.get(id);
     if (!q) this.#writes.set(id, (q = new WriteQueue()));
     const snapshot = JSON.parse(JSON.stringify(r)) as FederationRecord;
-    return q.run(() => writeJsonState(join(this.#dir, `${id}.json`), snapshot));
+    return q.run(async () => {
+      await mkdir(this.#dir, { recursive: true });
+      await writeJsonState(join(this.#dir, `${id}.json`), snapshot);
+    });
   }
 
   #reject(r: FederationRecord, error: CoordinatorError): CoordinatorError {

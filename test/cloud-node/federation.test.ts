@@ -207,6 +207,8 @@ describe('federation with real processes', { timeout: 600_000 }, () => {
     // carol is killed as soon as she starts training round 2 (alice and bob may already be done with it).
     await owners.carol.waitFor(/"event":"training","round":2/);
     owners.carol.child.kill('SIGKILL');
+    // The last owner's ack may still be on its way when the status shows the round: wait for each owner's own line.
+    for (const o of ['alice', 'bob'] as const) await owners[o].waitFor(/"event":"round","round":1,.*"accepted":true/);
     const lines = (['alice', 'bob', 'carol'] as const).map((o) => roundLine(owners[o], 1)!);
     assert.deepEqual(r1.history[0].participants, ['alice', 'bob', 'carol']);
     const total = lines.reduce((s, l) => s + l.examples, 0);
