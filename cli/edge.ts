@@ -6,6 +6,7 @@ import type { MethodSpec } from '../model/index.ts';
 import { CliError } from './errors.ts';
 import { numberFlag, pemFlag, requiredFlag } from './flags.ts';
 import type { CommandIo } from './io.ts';
+import { federateCommand } from './federation.ts';
 import { offsiteCommand, uploadCommand } from './offsite.ts';
 import { addCodecOptions, addRecipeOptions, choice, codecsFromFlags, recipeFromFlags } from './recipe.ts';
 import type { CodecFlags, RecipeFlags } from './recipe.ts';
@@ -127,5 +128,6 @@ export function edgeCommand(io: CommandIo): Command {
   edge.addCommand(exportCommand(io));
   edge.addCommand(offsiteCommand(io));
   edge.addCommand(uploadCommand(io));
+  edge.addCommand(federateCommand(io));
   return edge;
 }

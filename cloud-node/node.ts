@@ -29,6 +29,8 @@ import { healthPlugin } from './plugins/health.ts';
 import { keysPlugin } from './plugins/keys.ts';
 import { metricsPlugin } from './plugins/metrics.ts';
 import { emulatorsPlugin } from './plugins/emulators.ts';
+import { federationsPlugin } from './plugins/federations.ts';
+import { Coordinator } from './federation/index.ts';
 import { modelsPlugin } from './plugins/models.ts';
 import { sessionsPlugin } from './plugins/sessions.ts';
 import { QuotaLedger, quotaExceeded } from './quotas.ts';
@@ -222,6 +224,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   sendError(app, log);
   await app.register(healthPlugin, { prefix: '/v1', model });
   await app.register(metricsPlugin, { metrics });
+  const coordinator = await Coordinator.open({ stateDir });
   // Everything else needs a key: one scope, the auth plugin once, then the per-tenant rate limit.
   await app.register(async (scope) => {
     await scope.register(authPlugin, { keys });
@@ -237,6 +240,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     await scope.register(emulatorsPlugin, { model, emulators, quotas, maxAdapterRequestBytes: options.maxAdapterRequestBytes });
     await scope.register(sessionsPlugin, { sessions, service });
     await scope.register(keysPlugin, { keys });
+    await scope.register(federationsPlugin, { coordinator });
     scope.get('/openapi.json', {
       schema: { summary: 'this OpenAPI document', tags: ['operations'], security: [{ bearer: [] }], response: { 200: { type: 'object', additionalProperties: true } } },
     }, async () => app.swagger());
@@ -265,6 +269,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   const close = async (): Promise<void> => {
     clearInterval(sweep);
     clearInterval(sessionSweep);
+    coordinator.close();
     io.disconnectSockets(true);
     io.engine.close();
     await app.close();

@@ -17,3 +17,5 @@ export { OFFSITE_ADAPTER_DIR, OFFSITE_MODEL_DIR, OFFSITE_RUN_DIR, trainOffsite }
 export type { OffsiteTrainOptions, OffsiteTrainResult } from './offsite.ts';
 export { downloadBundle, uploadAdapter } from './upload.ts';
 export type { CloudTarget, DownloadBundleOptions, UploadOptions } from './upload.ts';
+export { FederationAdmin, federate, readAdapterFolder, writeAdapterFolder } from './federate.ts';
+export type { FederateOptions, FederateResult, FederateRoundEvent } from './federate.ts';

@@ -55,3 +55,4 @@ export { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, BUILTIN_METHODS, MethodRegis
 export type { CreateAdapterOptions, LoadAdapterOptions, MethodSpec, PeftAdapter, SaveAdapterOptions } from './peft/index.ts';
 export * from './train/index.ts';
 export * from './engine/index.ts';
+export * from './federation/index.ts';
