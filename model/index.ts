@@ -54,3 +54,4 @@ export { PEFT_MODULE_PREFIX, baseNameOfKey } from './peft/index.ts';
 export { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, BUILTIN_METHODS, MethodRegistry, createAdapter, defaultRegistry, loadAdapter, saveAdapter } from './peft/index.ts';
 export type { CreateAdapterOptions, LoadAdapterOptions, MethodSpec, PeftAdapter, SaveAdapterOptions } from './peft/index.ts';
 export * from './train/index.ts';
+export * from './privacy/index.ts';
