@@ -1,0 +1,47 @@
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import { describe, it } from 'node:test';
+import { main } from '../../cli/main.ts';
+import type { CommandIo } from '../../cli/io.ts';
+import type { AuditReport } from '../../model/index.ts';
+
+const fixture = join(import.meta.dirname, '..', 'fixtures', 'stories260K');
+const demoData = join(import.meta.dirname, '..', '..', 'cli', 'demo-data', 'feelings.jsonl');
+
+async function run(argv: string[]): Promise<{ code: number; out: string[]; log: string[] }> {
+  const out: string[] = [];
+  const log: string[] = [];
+  const io: CommandIo = { out: (l) => out.push(l), log: (l) => log.push(l) };
+  const code = await main(argv, io);
+  return { code, out, log };
+}
+
+describe('tandem audit', () => {
+  it('reports token recovery and label leakage with and without the defenses', async () => {
+    const { code, out, log } = await run(['audit', '--model', fixture, '--data', demoData, '--cut', '1,1', '--defense', 'noise:4:2,max-norm,gradient-noise:4', '--rows', '2', '--label-examples', '64', '--json', '--backend', 'wasm']);
+    assert.equal(code, 0, log.join('\n'));
+    const report = JSON.parse(out.join('\n')) as AuditReport;
+    assert.deepEqual(report.cut, { bottom: 1, top: 1 });
+    assert.equal(report.undefended.tokensAttacked, 32);
+    assert.ok(report.undefended.tokenRecovery >= 0.9, `undefended recovery ${report.undefended.tokenRecovery}`);
+    assert.ok(report.undefended.labelLeakAucDirection !== undefined && report.undefended.labelLeakAucDirection > 0.7);
+    const defended = report.defended;
+    assert.ok(defended);
+    assert.equal(defended.defenses, 'noise:4:2,max-norm,gradient-noise:4');
+    assert.ok(defended.tokenRecovery <= report.undefended.tokenRecovery / 2, `defended recovery ${defended.tokenRecovery}`);
+    assert.ok(defended.forwardLossCost > 0, 'noise this strong costs loss');
+    assert.ok(defended.labelLeakAucNorm !== undefined && defended.labelLeakAucNorm < report.undefended.labelLeakAucDirection);
+  });
+
+  it('refuses an unknown defense with a typed error before loading anything', async () => {
+    const { code, log } = await run(['audit', '--model', '/nonexistent', '--data', demoData, '--defense', 'noise,shuffle']);
+    assert.equal(code, 2);
+    assert.match(log.join('\n'), /TANDEM_DEFENSE_UNKNOWN.*shuffle/);
+  });
+
+  it('refuses a cut that leaves no middle', async () => {
+    const { code, log } = await run(['audit', '--model', fixture, '--data', demoData, '--cut', '3,2', '--backend', 'wasm']);
+    assert.equal(code, 2);
+    assert.match(log.join('\n'), /TANDEM_AUDIT_INPUT_INVALID.*cut/);
+  });
+});
