@@ -44,6 +44,7 @@ export function defensesToWire(d: Defenses, hidden: number): Defense[] {
   if (d.deeperBottom) out.push({ name: 'deeper-bottom', scale: d.deeperBottom, clip: 0, noiseStd: 0 });
   if (d.maxNorm) out.push({ name: 'max-norm', scale: 0, clip: 0, noiseStd: 0 });
   if (d.gradientNoise) out.push({ name: 'gradient-noise', scale: d.gradientNoise.rho, clip: 0, noiseStd: 0 });
+  if (d.nopeek) out.push({ name: 'nopeek', scale: d.nopeek.weight, clip: 0, noiseStd: 0 });
   return out;
 }
 
@@ -141,7 +142,7 @@ export async function trainEdge(options: EdgeTrainOptions): Promise<EdgeTrainRes
       result = await runTraining({
         model: edge.model, tokenizer: edge.tokenizer, modelHash: edge.contentHash, dataFile: options.data, recipe, cut, methods, middle,
         store: options.checkpointDir === undefined ? undefined : checkpointFolder(options.checkpointDir), resume: options.resume ?? 'auto', baseModel: info.id,
-        evalEvery: options.evalEvery, evaluate: options.evaluate, saveEvery: options.saveEvery, adapterOut: options.out, onEvent,
+        evalEvery: options.evalEvery, evaluate: options.evaluate, ...(defenses?.nopeek ? { noPeek: defenses.nopeek.weight } : {}), saveEvery: options.saveEvery, adapterOut: options.out, onEvent,
       });
     } catch (cause) {
       // A checkpoint of another run names the setting that differs.

@@ -5,13 +5,14 @@
 //   max-norm       Li et al.'s label defense: each example's g_M gets isotropic noise that
 //                  brings its expected squared norm to the largest in the micro-batch;
 //   gradient-noise isotropic noise on each example's g_M of norm ≈ rho·(largest example norm),
-//                  which hides its direction.
+//                  which hides its direction;
+//   nopeek         NoPeek: alpha·dCor(token embeddings, h_B) added to the edge's loss (training only).
 // A list of these is what the edge offers in Hello; an unknown name is refused.
 import { tf } from '../backend.ts';
 import type { Rng } from '../random.ts';
 import { PrivacyError } from './errors.ts';
 
-export const DEFENSE_NAMES = ['noise', 'deeper-bottom', 'max-norm', 'gradient-noise'] as const;
+export const DEFENSE_NAMES = ['noise', 'deeper-bottom', 'max-norm', 'gradient-noise', 'nopeek'] as const;
 export type DefenseName = (typeof DEFENSE_NAMES)[number];
 
 export interface Defenses {
@@ -22,12 +23,14 @@ export interface Defenses {
   maxNorm?: boolean;
   /** Noise on g_M relative to the largest example norm of the micro-batch. */
   gradientNoise?: { rho: number };
+  /** NoPeek: the weight of the distance-correlation term in the edge's loss. */
+  nopeek?: { weight: number };
 }
 
 /** The defaults `auto` falls back to when no measurement picked them (bench/privacy.ts measured these on stories260K). */
 export const AUTO_DEFENSES: Readonly<Defenses> = { noise: { sigma: 0.1, clip: 0 }, maxNorm: true, gradientNoise: { rho: 4 } };
 
-export const DEFENSE_LIMITS = { sigma: 100, clip: 1e6, deeperBottom: 64, rho: 100 } as const;
+export const DEFENSE_LIMITS = { sigma: 100, clip: 1e6, deeperBottom: 64, rho: 100, nopeek: 100 } as const;
 
 function positive(value: number, field: string, max: number): number {
   if (!Number.isFinite(value) || value <= 0 || value > max) {
@@ -54,12 +57,13 @@ export function checkDefenses(d: Defenses): Defenses {
     throw new PrivacyError('TANDEM_DEFENSE_INVALID', `defense.deeper-bottom must be an integer in [1, ${DEFENSE_LIMITS.deeperBottom}], got ${d.deeperBottom}`, { field: 'defense.deeper-bottom' });
   }
   if (d.gradientNoise) positive(d.gradientNoise.rho, 'defense.gradient-noise.rho', DEFENSE_LIMITS.rho);
+  if (d.nopeek) positive(d.nopeek.weight, 'defense.nopeek', DEFENSE_LIMITS.nopeek);
   return d;
 }
 
 /**
  * Parses `--defense` text: `none`, `auto`, or a comma list of `noise[:SIGMA[:CLIP]]`,
- * `deeper-bottom[:K]`, `max-norm`, `gradient-noise[:RHO]`. Unknown names are a typed error.
+ * `deeper-bottom[:K]`, `max-norm`, `gradient-noise[:RHO]`, `nopeek[:ALPHA]`. Unknown names are a typed error.
  */
 export function parseDefenses(text: string): Defenses | 'auto' {
   const items = text.split(',').map((s) => s.trim()).filter((s) => s !== '');
@@ -85,6 +89,9 @@ export function parseDefenses(text: string): Defenses | 'auto' {
       case 'gradient-noise':
         out.gradientNoise = { rho: param(a, 'defense.gradient-noise.rho', DEFENSE_LIMITS.rho, 1) };
         break;
+      case 'nopeek':
+        out.nopeek = { weight: param(a, 'defense.nopeek', DEFENSE_LIMITS.nopeek, 0.1) };
+        break;
       default:
         throw new PrivacyError('TANDEM_DEFENSE_UNKNOWN', `unknown defense "${name.slice(0, 40)}"; known: none, auto, ${DEFENSE_NAMES.join(', ')}`, { field: 'defense', details: { known: DEFENSE_NAMES } });
     }
@@ -99,6 +106,7 @@ export function defenseNames(d: Defenses): DefenseName[] {
   if (d.deeperBottom) names.push('deeper-bottom');
   if (d.maxNorm) names.push('max-norm');
   if (d.gradientNoise) names.push('gradient-noise');
+  if (d.nopeek) names.push('nopeek');
   return names;
 }
 
@@ -109,6 +117,7 @@ export function describeDefenses(d: Defenses): string {
   if (d.deeperBottom) parts.push(`deeper-bottom:${d.deeperBottom}`);
   if (d.maxNorm) parts.push('max-norm');
   if (d.gradientNoise) parts.push(`gradient-noise:${d.gradientNoise.rho}`);
+  if (d.nopeek) parts.push(`nopeek:${d.nopeek.weight}`);
   return parts.length === 0 ? 'none' : parts.join(',');
 }
 

@@ -4,6 +4,7 @@ export { leakAuc, rocAuc } from './auc.ts';
 export { AUDIT_LIMITS, AUTO_MAX_LOSS_COST, chooseDefenses, forwardLoss, labelBatch, measureAttacks, resolveClip, runAudit, streamRows, tokenStream } from './audit.ts';
 export type { AttackFigures, AuditOptions, AuditReport, MeasureInput } from './audit.ts';
 export { DefendedMiddle } from './defended-middle.ts';
+export { distanceCorrelation, noPeekGradient } from './distance-correlation.ts';
 export {
   AUTO_DEFENSES,
   DEFENSE_LIMITS,

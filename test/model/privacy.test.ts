@@ -4,7 +4,11 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import {
+  AdamW,
   DefendedMiddle,
+  Trainer,
+  createAdapter,
+  distanceCorrelation,
   LlamaModel,
   LocalMiddle,
   Rng,
@@ -64,7 +68,7 @@ describe('rocAuc', () => {
 
 describe('defense parsing', () => {
   it('reads the known defenses with their parameters', () => {
-    assert.deepEqual(parseDefenses('noise:0.5:3,max-norm,gradient-noise:2,deeper-bottom:1'), { noise: { sigma: 0.5, clip: 3 }, maxNorm: true, gradientNoise: { rho: 2 }, deeperBottom: 1 });
+    assert.deepEqual(parseDefenses('noise:0.5:3,max-norm,gradient-noise:2,deeper-bottom:1,nopeek:0.5'), { noise: { sigma: 0.5, clip: 3 }, maxNorm: true, gradientNoise: { rho: 2 }, deeperBottom: 1, nopeek: { weight: 0.5 } });
     assert.deepEqual(parseDefenses('none'), {});
     assert.equal(parseDefenses('auto'), 'auto');
   });
@@ -198,5 +202,41 @@ describe('attacks on stories260K', () => {
     const defended = labelLeakage(middleGradients(model, labels.batch, cut, { maxNorm: true, gradientNoise: { rho: 4 } }, 8, new Rng(0)), labels.classes);
     assert.ok(defended.aucDirection <= 0.62, `defended direction AUC ${defended.aucDirection}`);
     assert.ok(defended.aucNorm <= 0.62, `defended norm AUC ${defended.aucNorm}`);
+  });
+});
+
+describe('NoPeek', () => {
+  it('distance correlation is 1 for a linear image and near 0 for independent rows', () => {
+    const rng = new Rng(11);
+    const n = 200;
+    const x = tf.tensor2d(Array.from({ length: n * 4 }, () => rng.normal()), [n, 4]);
+    const y = tf.tensor2d(Array.from({ length: n * 4 }, () => rng.normal()), [n, 4]);
+    const same = distanceCorrelation(x, tf.add(tf.mul(x, 3), 1) as tf.Tensor2D).dataSync()[0];
+    const independent = distanceCorrelation(x, y).dataSync()[0];
+    assert.ok(Math.abs(same - 1) < 1e-3, `dCor(x, 3x + 1) = ${same}`);
+    assert.ok(independent < 0.3, `dCor of independent rows ${independent}`);
+    tf.dispose([x, y]);
+  });
+
+  it('training with the NoPeek term lowers dCor(token embeddings, h_B) where training without it does not', async () => {
+    const rows = streamRows(tokenStream(dataset, tokenizer), 16, 4);
+    const batch = { ids: rows, labels: rows };
+    const dcorAfter = async (noPeek: number): Promise<number> => {
+      const adapter = createAdapter(model, [{ method: 'lora', r: 4, loraAlpha: 8, targetModules: ['q_proj', 'v_proj', 'o_proj', 'down_proj'], layersToTransform: [0] }], { seed: 1 });
+      const trainer = new Trainer({ model, adapter, optimizer: new AdamW(), schedule: { kind: 'constant', lr: 0.05, warmupSteps: 0, totalSteps: 8 }, cut: { bottom: 1, top: 1 }, noPeek });
+      for (let i = 0; i < 6; i++) await trainer.trainStep([batch]);
+      const value = tf.tidy(() => {
+        const ids = tf.tensor2d(rows.flat(), [rows.length, 16], 'int32');
+        const x = tf.reshape(model.embed(ids), [-1, 64]) as tf.Tensor2D;
+        const h = tf.reshape(model.blocks(model.embed(ids, { hooks: adapter.hooks }), 0, 1, { hooks: adapter.hooks, positionOffset: 0 }), [-1, 64]) as tf.Tensor2D;
+        return distanceCorrelation(x, h).dataSync()[0];
+      });
+      trainer.dispose();
+      adapter.dispose();
+      return value;
+    };
+    const plain = await dcorAfter(0);
+    const nopeek = await dcorAfter(5);
+    assert.ok(nopeek < plain - 0.01, `dCor after NoPeek training ${nopeek}, without ${plain}`);
   });
 });
