@@ -42,6 +42,10 @@ describe('tandem audit', () => {
     const { code, log } = await run(['audit', '--model', '/nonexistent', '--data', demoData, '--defense', 'noise,shuffle']);
     assert.equal(code, 2);
     assert.match(log.join('\n'), /TANDEM_DEFENSE_UNKNOWN.*shuffle/);
+    // tandem edge train checks --defense before it connects anywhere.
+    const train = await run(['edge', 'train', '--cloud', 'http://127.0.0.1:9', '--key', 'k', '--model', 'm', '--data', demoData, '--steps', '1', '--defense', 'noise:0.1,shuffle']);
+    assert.equal(train.code, 2);
+    assert.match(train.log.join('\n'), /TANDEM_DEFENSE_UNKNOWN.*shuffle/);
   });
 
   it('with --offsite, compares the emulator with the full model and the adapter on the emulator alone with the plug-in', async () => {
