@@ -28,7 +28,7 @@ export interface Defenses {
 }
 
 /** The defaults `auto` falls back to when no measurement picked them (bench/privacy.ts measured these on stories260K). */
-export const AUTO_DEFENSES: Readonly<Defenses> = { noise: { sigma: 0.1, clip: 0 }, maxNorm: true, gradientNoise: { rho: 4 } };
+export const AUTO_DEFENSES: Readonly<Defenses> = { noise: { sigma: 0.2, clip: 0 }, maxNorm: true, gradientNoise: { rho: 2 } };
 
 export const DEFENSE_LIMITS = { sigma: 100, clip: 1e6, deeperBottom: 64, rho: 100, nopeek: 100 } as const;
 
