@@ -1,7 +1,7 @@
 import { Command } from 'commander';
 import { DEFAULT_METHODS, progressPrinter, trainEdge } from '../edge-client/index.ts';
 import type { EdgeTrainResult, ProgressMode } from '../edge-client/index.ts';
-import { exportAdapter, initBackend } from '../model/index.ts';
+import { AUTO_DEFENSES, exportAdapter, initBackend, parseDefenses } from '../model/index.ts';
 import type { MethodSpec } from '../model/index.ts';
 import { CliError } from './errors.ts';
 import { numberFlag, pemFlag, requiredFlag } from './flags.ts';
@@ -12,6 +12,7 @@ import { addCodecOptions, addRecipeOptions, choice, codecsFromFlags, recipeFromF
 import type { CodecFlags, RecipeFlags } from './recipe.ts';
 
 interface TrainFlags extends RecipeFlags, CodecFlags {
+  defense?: string;
   cloud?: string;
   key?: string;
   ca?: string;
@@ -82,7 +83,8 @@ function trainCommand(io: CommandIo): Command {
     .option('--checkpoint <dir>', 'checkpoint folder; an existing checkpoint there is resumed')
     .option('--out <dir>', 'write the final adapter here as a PEFT folder')
     .option('--cache <dir>', 'cache of edge parts (default ~/.cache/tandem)')
-    .option('--progress <mode>', 'tty, plain or json (default: tty on a terminal)');
+    .option('--progress <mode>', 'tty, plain or json (default: tty on a terminal)')
+    .option('--defense <list>', 'privacy defenses applied before anything leaves: none, auto, or noise[:SIGMA[:CLIP]], deeper-bottom[:K], max-norm, gradient-noise[:RHO] (see tandem audit)');
   return addRecipeOptions(addCodecOptions(command, CODEC_DEFAULTS)).action(async (flags: TrainFlags) => {
     // Every flag is checked before the backend starts, the edge part downloads or a session opens.
     const cloud = requiredFlag('--cloud', flags.cloud);
@@ -95,11 +97,14 @@ function trainCommand(io: CommandIo): Command {
     const { resume, backend, ...recipe } = recipeFromFlags(flags);
     const codecs = codecsFromFlags(flags, CODEC_DEFAULTS);
     const methods = flags.method.length > 0 ? flags.method.map(parseMethodFlag) : DEFAULT_METHODS;
+    const parsedDefenses = flags.defense === undefined ? undefined : parseDefenses(flags.defense);
+    const defenses = parsedDefenses === 'auto' ? { ...AUTO_DEFENSES } : parsedDefenses;
     if (resume && flags.checkpoint === undefined) throw new CliError('TANDEM_CLI_FLAG_MISSING', '--checkpoint', 'is required with --resume');
     const mode = progressMode(flags);
     await initBackend({ backend, log: mode === 'json' ? undefined : io.log });
     const result = await trainEdge({
       cloud, key, ca, model, data, cut, methods, ...codecs, ...recipe,
+      ...(defenses === undefined ? {} : { defenses }),
       resume: resume ? true : 'auto',
       checkpointDir: flags.checkpoint,
       out: flags.out,

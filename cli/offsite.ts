@@ -63,12 +63,12 @@ interface UploadFlags {
 
 export function uploadCommand(io: CommandIo = processIo): Command {
   return new Command('upload')
-    .description('send an offsite adapter to the cloud, which plugs it into the full model and evaluates it on the data sent (and keeps neither)')
+    .description('the plug-in evaluation of an offsite adapter in split mode: the adapter and the data stay here, the cloud runs the full middle on hidden states only')
     .option('--cloud <url>', 'the cloud node, http://host:port')
     .option('--key <key>', 'your API key (or TANDEM_KEY)')
     .option('--ca <file>', 'PEM CA certificate an https:// cloud\'s certificate must chain to (a private CA)')
     .option('--adapter <dir>', `the adapter folder \`tandem edge offsite\` wrote (OUT/${OFFSITE_ADAPTER_DIR})`)
-    .option('--data <file>', 'evaluation data (.jsonl or plain text)')
+    .option('--data <file>', 'evaluation data (.jsonl or plain text); it never leaves this machine')
     .option('--model <id>', "the model's id on the node (default: the one the adapter was trained for)")
     .option('--seq-len <n>', 'tokens per evaluation row')
     .option('--batch-size <n>', 'evaluation rows per batch')

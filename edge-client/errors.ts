@@ -16,6 +16,7 @@ export const EDGE_ERRORS = {
   TANDEM_EDGE_CLOSED: { summary: 'the connection was closed by this client' },
   TANDEM_EDGE_CHECKPOINT_MISMATCH: { summary: 'the checkpoint was written by a different run' },
   TANDEM_EDGE_TLS_UNTRUSTED: { summary: 'the cloud\'s TLS certificate is not trusted (pass --ca for a private CA)' },
+  TANDEM_EDGE_ADAPTER_BASE_MISMATCH: { summary: 'the adapter was trained against another base model than the cloud serves' },
 } as const satisfies Record<string, { summary: string }>;
 
 export type EdgeErrorCode = keyof typeof EDGE_ERRORS;

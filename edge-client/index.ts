@@ -9,7 +9,7 @@ export { CLIENT_BUILD, CloudClient, EdgeSession, connectCloud } from './session.
 export type { ConnectCloudOptions, SessionSpec } from './session.ts';
 export { RemoteMiddle } from './remote-middle.ts';
 export type { MiddleChannel, MiddleTraffic, RemoteMiddleOptions } from './remote-middle.ts';
-export { DEFAULT_METHODS, edgeRecipe, trainEdge } from './train.ts';
+export { DEFAULT_METHODS, defensesToWire, edgeRecipe, trainEdge } from './train.ts';
 export type { EdgeTrainOptions, EdgeTrainResult, WireSummary } from './train.ts';
 export { formatBytes, progressPrinter } from './progress.ts';
 export type { ProgressMode, ProgressSink } from './progress.ts';

@@ -1,7 +1,7 @@
 // A training session with the cloud: Hello → Welcome opens it, SessionOpen reattaches it
 // after a reconnect (the cloud restarted, or the network dropped), SessionClose ends it.
 import { DEFAULT_LIMITS, PROTOCOL_VERSION, SUPPORTED_VERSIONS, envelope, intersectLimits } from '../protocol/index.ts';
-import type { Body, CloseReason, CodecSpec, Envelope, Limits, ModelDescription, TrainingSpec, Welcome } from '../protocol/index.ts';
+import type { Body, CloseReason, CodecSpec, Defense, Envelope, Limits, ModelDescription, TrainingSpec, Welcome } from '../protocol/index.ts';
 import type { Cut } from '../model/index.ts';
 import { CloudConnection } from './connection.ts';
 import type { ConnectionOptions, ConnectionStats } from './connection.ts';
@@ -22,6 +22,8 @@ export interface SessionSpec {
   methods?: string[];
   limits?: Partial<Limits>;
   allowNonFinite?: boolean;
+  /** v1.1: the privacy defenses the edge applies, offered in Hello (refused there when unknown). */
+  defenses?: Defense[];
 }
 
 export type ConnectCloudOptions = ConnectionOptions;
@@ -133,6 +135,7 @@ export class EdgeSession implements MiddleChannel {
         cut: spec.cut,
         training,
         allowNonFinite: spec.allowNonFinite ?? false,
+        ...(spec.defenses && spec.defenses.length > 0 ? { defenses: spec.defenses } : {}),
       },
     };
   }

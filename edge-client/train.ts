@@ -1,10 +1,10 @@
 // Split training on the edge: what is remote about it and nothing else. Download the edge
 // part, open a session, and hand model/train's one training run the cloud as its middle.
 // The run holds the data, the adapter, the optimizer, checkpoints and exact resume.
-import { DEFAULT_RECIPE, ModelError, checkRun, checkpointFolder, runTraining } from '../model/index.ts';
-import type { Cut, Evaluation, MethodSpec, RunSettings, TrainEvent, TrainEventHandler, TrainRecipe } from '../model/index.ts';
+import { DEFAULT_RECIPE, DefendedMiddle, ModelError, checkDefenses, checkRun, checkpointFolder, hiddenNoiseStd, runTraining } from '../model/index.ts';
+import type { Cut, Defenses, Evaluation, MethodSpec, RunSettings, TrainEvent, TrainEventHandler, TrainRecipe } from '../model/index.ts';
 import { CODEC_NAMES } from '../protocol/index.ts';
-import type { CodecName, CodecSpec } from '../protocol/index.ts';
+import type { CodecName, CodecSpec, Defense } from '../protocol/index.ts';
 import { loadEdgePart } from './download.ts';
 import { EdgeError } from './errors.ts';
 import type { MiddleTraffic } from './remote-middle.ts';
@@ -35,6 +35,19 @@ export interface EdgeTrainOptions extends Partial<TrainRecipe>, Omit<RunSettings
   cacheDir?: string;
   requestTimeoutMs?: number;
   retries?: number;
+  /** Privacy defenses applied here to h_B and g_M before they leave (a deeper bottom moves the cut); offered in Hello. */
+  defenses?: Defenses;
+}
+
+/** The defenses as Hello offers them; a noise clip of 0 is fixed later from the first h_B, so its std is not stated yet. */
+export function defensesToWire(d: Defenses, hidden: number): Defense[] {
+  const out: Defense[] = [];
+  if (d.noise) out.push({ name: 'noise', scale: d.noise.sigma, clip: d.noise.clip, noiseStd: d.noise.clip > 0 ? hiddenNoiseStd(d.noise, hidden) : 0 });
+  if (d.deeperBottom) out.push({ name: 'deeper-bottom', scale: d.deeperBottom, clip: 0, noiseStd: 0 });
+  if (d.maxNorm) out.push({ name: 'max-norm', scale: 0, clip: 0, noiseStd: 0 });
+  if (d.gradientNoise) out.push({ name: 'gradient-noise', scale: d.gradientNoise.rho, clip: 0, noiseStd: 0 });
+  if (d.nopeek) out.push({ name: 'nopeek', scale: d.nopeek.weight, clip: 0, noiseStd: 0 });
+  return out;
 }
 
 export interface WireSummary {
@@ -100,17 +113,20 @@ export async function trainEdge(options: EdgeTrainOptions): Promise<EdgeTrainRes
   const forward = codecSpec(options.codecForward, 'codecForward');
   const backward = codecSpec(options.codecBackward, 'codecBackward');
   const methods = options.methods ?? DEFAULT_METHODS;
+  const defenses = options.defenses === undefined ? undefined : checkDefenses(options.defenses);
 
   const client = await connectCloud(options.cloud, { key: options.key, requestTimeoutMs: options.requestTimeoutMs, retries: options.retries, ca: options.ca });
   let edge: Awaited<ReturnType<typeof loadEdgePart>> | undefined;
   try {
     const info = (await client.models()).find((m) => m.id === options.model);
     if (!info) throw new EdgeError('TANDEM_EDGE_MODEL_UNKNOWN', `the cloud serves no model ${JSON.stringify(options.model)}`, { field: 'model' });
-    const cut = options.cut ?? info.defaultCut;
+    const asked = options.cut ?? info.defaultCut;
+    const cut = defenses?.deeperBottom ? { bottom: asked.bottom + defenses.deeperBottom, top: asked.top } : asked;
     const part = await client.downloadEdge(info.id, cut, options.cacheDir);
     edge = await loadEdgePart(part);
-    const session = await client.openSession({ model: { id: info.id, contentHash: edge.contentHash }, cut, codecs: { forward: [forward], backward: [backward] }, methods: methods.map((m) => m.method) });
-    const middle = session.middle();
+    const session = await client.openSession({ model: { id: info.id, contentHash: edge.contentHash }, cut, codecs: { forward: [forward], backward: [backward] }, methods: methods.map((m) => m.method), ...(defenses ? { defenses: defensesToWire(defenses, edge.config.hiddenSize) } : {}) });
+    const remoteMiddle = session.middle();
+    const middle = defenses ? new DefendedMiddle(remoteMiddle, defenses, options.seed ?? 0) : remoteMiddle;
     const remote = { model: info.id, contentHash: edge.contentHash, codecs: { forward: forward.codec, backward: backward.codec }, downloadedBytes: part.downloadedBytes, cached: part.cached };
     let trainedTokens = 0;
     // The run's events, with what only the edge knows: the download and the wire.
@@ -128,7 +144,7 @@ export async function trainEdge(options: EdgeTrainOptions): Promise<EdgeTrainRes
       result = await runTraining({
         model: edge.model, tokenizer: edge.tokenizer, modelHash: edge.contentHash, dataFile: options.data, recipe, cut, methods, middle,
         store: options.checkpointDir === undefined ? undefined : checkpointFolder(options.checkpointDir), resume: options.resume ?? 'auto', baseModel: info.id,
-        evalEvery: options.evalEvery, evaluate: options.evaluate, saveEvery: options.saveEvery, adapterOut: options.out, onEvent,
+        evalEvery: options.evalEvery, evaluate: options.evaluate, ...(defenses?.nopeek ? { noPeek: defenses.nopeek.weight } : {}), saveEvery: options.saveEvery, adapterOut: options.out, onEvent,
       });
     } catch (cause) {
       // A checkpoint of another run names the setting that differs.
@@ -141,7 +157,7 @@ export async function trainEdge(options: EdgeTrainOptions): Promise<EdgeTrainRes
     }
     await session.close('completed');
     const s = client.stats;
-    const frames = { ...middle.traffic };
+    const frames = { ...remoteMiddle.traffic };
     return {
       model: info.id,
       contentHash: edge.contentHash,

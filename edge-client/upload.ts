@@ -1,13 +1,17 @@
-// `tandem edge upload`: sends an offsite adapter to the cloud, which plugs it into the full
-// model and evaluates it on the data sent with it; and the download of emulator bundles.
+// `tandem edge upload`: the plug-in evaluation of an offsite adapter in split mode (the data
+// and the adapter stay on the edge; the cloud runs the full middle on hidden states); and the
+// download of emulator bundles.
 import { readFile } from 'node:fs/promises';
-import { basename, join } from 'node:path';
-import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE } from '../model/index.ts';
+import { join } from 'node:path';
+import { ADAPTER_CONFIG_FILE, batchTensors, evaluateClassification, evaluateRows, loadAdapter, prepareData, readDataset, scoreLogits, tf } from '../model/index.ts';
+import type { Cut, LlamaModel, Middle, PeftAdapter, PreparedData, Scorer, Tokenizer } from '../model/index.ts';
 import { readBundle, readOffsiteRecord, writeBundleFiles } from '../emulator/index.ts';
 import type { Bundle, BundleFile, Quantization } from '../emulator/index.ts';
-import type { PlugInEvaluation } from '../protocol/index.ts';
-import { cloudFetch } from './download.ts';
+import type { LmFigures, PlugInEvaluation } from '../protocol/index.ts';
+import { cloudFetch, loadEdgePart } from './download.ts';
+import type { LoadedEdgePart } from './download.ts';
 import { EdgeError } from './errors.ts';
+import { connectCloud } from './session.ts';
 
 export interface CloudTarget {
   /** http(s)://host:port of the node. */
@@ -53,31 +57,108 @@ async function call(target: CloudTarget, method: string, path: string, body?: un
 export interface UploadOptions extends CloudTarget {
   /** The adapter folder `tandem edge offsite` wrote (with tandem_offsite.json). */
   adapterDir: string;
-  /** Evaluation data (.jsonl or plain text), sent with the adapter and not stored by the cloud. */
+  /** Evaluation data (.jsonl or plain text); it never leaves this machine. */
   dataFile: string;
   /** The model's id on the node; tandem_offsite.json's by default. */
   modelId?: string;
   seqLen?: number;
   batchSize?: number;
+  cacheDir?: string;
+  requestTimeoutMs?: number;
 }
 
-/** Sends the adapter, the base content hash it was trained against and the data; returns the cloud's evaluation. */
+const sha = (h: string) => h.replace(/^sha256:/, '');
+
+/**
+ * Forward-only scoring in split mode: bottom and top (with the adapter's hooks) here, the
+ * middle on the cloud, which sees h_B and nothing else. Every call takes a new micro-batch
+ * number, so no two batches of the session share a key.
+ */
+function splitScorer(model: LlamaModel, cut: Cut, middle: Middle, next: () => number, adapter?: PeftAdapter): Scorer {
+  const L = model.numLayers;
+  const hooks = adapter?.hooks;
+  return {
+    async score(batch) {
+      const { ids, labels } = batchTensors(batch);
+      const hB = tf.tidy(() => {
+        const h = model.embed(ids, { hooks });
+        return cut.bottom > 0 ? model.blocks(h, 0, cut.bottom, { hooks, positionOffset: 0 }) : h;
+      });
+      let hM: tf.Tensor3D;
+      try {
+        hM = await middle.forward(hB, { step: 0, microbatch: next(), eval: true }, false);
+      } finally {
+        hB.dispose();
+      }
+      try {
+        const logits = tf.tidy(() => model.head(cut.top > 0 ? model.blocks(hM, L - cut.top, L, { hooks, positionOffset: 0 }) : hM, adapter?.numVirtualTokens ?? 0));
+        try {
+          return scoreLogits(logits, labels, batch.labels);
+        } finally {
+          logits.dispose();
+        }
+      } finally {
+        tf.dispose([hM, ids, labels]);
+      }
+    },
+  };
+}
+
+async function figures(scorer: Scorer, rows: PreparedData['train'], batchSize: number, labels: { tokenizer: Tokenizer; records: { text: string; label: string }[]; labels: string[]; seqLen: number } | undefined): Promise<LmFigures> {
+  const lm = await evaluateRows(scorer, rows, batchSize);
+  const accuracy = labels ? (await evaluateClassification(scorer, labels.tokenizer, labels.records, labels.labels, labels.seqLen)).accuracy : undefined;
+  return { ...lm, ...(accuracy === undefined ? {} : { accuracy }) };
+}
+
+/**
+ * The plug-in evaluation of an offsite adapter, with no text, token ids or labels sent: the
+ * edge downloads its part of the full model at the adapter's cut, plugs the adapter into it
+ * and evaluates in split mode through the cloud's full middle (the base alone first, then
+ * with the adapter). The adapter stays on the edge too.
+ */
 export async function uploadAdapter(options: UploadOptions): Promise<PlugInEvaluation> {
   const record = await readOffsiteRecord(options.adapterDir);
-  const config = await readFile(join(options.adapterDir, ADAPTER_CONFIG_FILE), 'utf8');
-  const weights = await readFile(join(options.adapterDir, ADAPTER_WEIGHTS_FILE));
-  const text = await readFile(options.dataFile, 'utf8');
-  const model = options.modelId ?? record.baseModel.id;
-  const response = await call(options, 'POST', `/v1/models/${encodeURIComponent(model)}/adapters/evaluate`, {
-    baseContentHash: record.baseModel.contentHash,
-    adapter: { config, weights: weights.toString('base64') },
-    data: { name: basename(options.dataFile), text },
-    ...(options.seqLen === undefined ? {} : { seqLen: options.seqLen }),
-    ...(options.batchSize === undefined ? {} : { batchSize: options.batchSize }),
-  });
-  const json = (await response.json()) as PlugInEvaluation;
-  if (typeof json?.plugIn?.loss !== 'number' || typeof json?.baseline?.loss !== 'number') throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', 'the evaluation reply has no plugIn and baseline figures', { where: options.cloudUrl });
-  return json;
+  const config = JSON.parse(await readFile(join(options.adapterDir, ADAPTER_CONFIG_FILE), 'utf8')) as { peft_type?: unknown };
+  const seqLen = options.seqLen ?? 256;
+  const batchSize = options.batchSize ?? 8;
+  const dataset = await readDataset(options.dataFile);
+  const modelId = options.modelId ?? record.baseModel.id;
+  const client = await connectCloud(options.cloudUrl, { key: options.key, ca: options.ca, requestTimeoutMs: options.requestTimeoutMs });
+  let edge: LoadedEdgePart | undefined;
+  let adapter: PeftAdapter | undefined;
+  try {
+    const info = (await client.models()).find((m) => m.id === modelId);
+    if (!info) throw new EdgeError('TANDEM_EDGE_MODEL_UNKNOWN', `the cloud serves no model ${JSON.stringify(modelId)}`, { field: 'model' });
+    if (sha(info.contentHash) !== sha(record.baseModel.contentHash)) {
+      throw new EdgeError('TANDEM_EDGE_ADAPTER_BASE_MISMATCH', `the adapter was trained against ${record.baseModel.contentHash}, the cloud serves ${info.contentHash}`, { where: options.adapterDir, field: 'baseModel.contentHash' });
+    }
+    edge = await loadEdgePart(await client.downloadEdge(info.id, record.cut, options.cacheDir));
+    const prepared = prepareData(dataset, edge.tokenizer, { seqLen, valFraction: 0, seed: 0, pack: false });
+    const records = dataset.examples.flatMap((e) => (e.kind === 'label' ? [{ text: e.text, label: e.label }] : []));
+    const labels = prepared.classification ? { tokenizer: edge.tokenizer, records, labels: prepared.classification.labels, seqLen } : undefined;
+    const session = await client.openSession({ model: { id: info.id, contentHash: edge.contentHash }, cut: record.cut, codecs: { forward: [{ codec: 'f32' }], backward: [{ codec: 'f32' }] }, methods: [] });
+    const middle = session.middle();
+    let microbatch = 0;
+    const next = () => microbatch++;
+    try {
+      // The base first: block and BitFit adapters load into the edge's base weights.
+      const baseline = await figures(splitScorer(edge.model, record.cut, middle, next), prepared.train, batchSize, labels);
+      adapter = await loadAdapter(edge.model, options.adapterDir);
+      const plugIn = await figures(splitScorer(edge.model, record.cut, middle, next, adapter), prepared.train, batchSize, labels);
+      await session.close('completed');
+      return { model: info.id, contentHash: info.contentHash, plugIn, baseline, examples: dataset.examples.length, peftType: typeof config.peft_type === 'string' ? config.peft_type : 'unknown', adapterTensors: adapterTensorCount(adapter) };
+    } finally {
+      middle.dispose();
+    }
+  } finally {
+    adapter?.dispose();
+    edge?.model.dispose();
+    client.close();
+  }
+}
+
+function adapterTensorCount(adapter: PeftAdapter): number {
+  return adapter.state().size;
 }
 
 export interface DownloadBundleOptions extends CloudTarget {

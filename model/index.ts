@@ -56,3 +56,4 @@ export type { CreateAdapterOptions, LoadAdapterOptions, MethodSpec, PeftAdapter,
 export * from './train/index.ts';
 export * from './engine/index.ts';
 export * from './federation/index.ts';
+export * from './privacy/index.ts';

@@ -27,6 +27,7 @@ export const PROTOCOL_ERRORS = {
   TANDEM_PROTO_CHUNK_LIMIT_EXCEEDED: { number: 4022, template: 'reassembly would hold {actual} {field}, over the limit of {limit}' },
   TANDEM_PROTO_INPUT_INVALID: { number: 4023, template: 'argument {field} is invalid: {reason}' },
   TANDEM_PROTO_CHUNK_TIMEOUT: { number: 4024, template: 'stream {streamId} received no chunk for {timeoutMs} ms and was dropped' },
+  TANDEM_PROTO_DEFENSE_UNKNOWN: { number: 4025, template: 'defense {name} in {field} is not known; known: {known}' },
 } as const satisfies Record<string, { number: number; template: string }>;
 
 export type ProtocolErrorCode = keyof typeof PROTOCOL_ERRORS;

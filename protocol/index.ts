@@ -3,9 +3,11 @@ export { PROTOCOL_ERRORS, ProtocolError, isProtocolErrorCode } from './errors.ts
 export type { ProtocolErrorCode, ProtocolErrorDetails } from './errors.ts';
 export type {
   Backward, BackwardResult, Body, BodyCase, Chunk, CloseReason, CodecChoice, CodecName, CodecOffer, CodecParams, CodecSpec, Cut,
-  DTypeName, Envelope, ErrorBody, Forward, ForwardResult, Heartbeat, Hello, Limits, ModelRef, ProtocolVersion, SessionClose,
+  Defense, DTypeName, Envelope, ErrorBody, Forward, ForwardResult, Heartbeat, Hello, Limits, ModelRef, ProtocolVersion, SessionClose,
   SessionOpen, TensorFrame, TopkValuesCodec, TrainingSpec, VersionRange, Welcome,
 } from './messages.ts';
+export { DEFENSE_NAMES } from './messages.ts';
+export { MAX_DEFENSES } from './wire.ts';
 export {
   PROTOCOL_VERSION, SUPPORTED_VERSIONS, compareVersions, formatRange, formatVersion, isReadableVersion, negotiateVersion,
 } from './version.ts';

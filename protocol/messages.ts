@@ -82,6 +82,17 @@ export interface CodecChoice {
   backward: CodecSpec;
 }
 
+/** v1.1: one privacy defense of a session (see proto/handshake.proto). */
+export interface Defense {
+  name: string;
+  scale: number;
+  clip: number;
+  noiseStd: number;
+}
+
+/** The defense names this build knows; a Hello naming another is refused. */
+export const DEFENSE_NAMES = ['noise', 'deeper-bottom', 'max-norm', 'gradient-noise', 'nopeek'] as const;
+
 export interface Hello {
   versions: VersionRange;
   clientBuild: string;
@@ -91,6 +102,8 @@ export interface Hello {
   cut: Cut;
   training: TrainingSpec;
   allowNonFinite: boolean;
+  /** v1.1; absent (never an empty list) when the edge offers none. */
+  defenses?: Defense[];
 }
 
 export interface Welcome {
@@ -103,6 +116,8 @@ export interface Welcome {
   cut: Cut;
   training: TrainingSpec;
   allowNonFinite: boolean;
+  /** v1.1; absent when the session has none. */
+  defenses?: Defense[];
 }
 
 export interface SessionOpen {

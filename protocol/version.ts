@@ -3,10 +3,10 @@ import { ProtocolError } from './errors.ts';
 import type { ProtocolVersion, VersionRange } from './messages.ts';
 
 /** The version this build writes. */
-export const PROTOCOL_VERSION: ProtocolVersion = Object.freeze({ major: 1, minor: 0 });
+export const PROTOCOL_VERSION: ProtocolVersion = Object.freeze({ major: 1, minor: 1 });
 
-/** Every version this build reads and writes. */
-export const SUPPORTED_VERSIONS: VersionRange = Object.freeze({ min: PROTOCOL_VERSION, max: PROTOCOL_VERSION });
+/** Every version this build reads and writes: 1.1 adds the session's privacy defenses to Hello and Welcome. */
+export const SUPPORTED_VERSIONS: VersionRange = Object.freeze({ min: Object.freeze({ major: 1, minor: 0 }), max: PROTOCOL_VERSION });
 
 export function compareVersions(a: ProtocolVersion, b: ProtocolVersion): number {
   return a.major !== b.major ? a.major - b.major : a.minor - b.minor;

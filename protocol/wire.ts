@@ -1,8 +1,9 @@
 // Converts between the TypeScript messages and the plain objects protobufjs encodes and
 // decodes. Decoded bytes stay views into the received buffer: nothing is copied here.
 import { ProtocolError } from './errors.ts';
+import { DEFENSE_NAMES } from './messages.ts';
 import type {
-  Body, CloseReason, CodecName, CodecParams, CodecSpec, Cut, DTypeName, Envelope, Limits, ModelRef,
+  Body, CloseReason, CodecName, CodecParams, CodecSpec, Cut, Defense, DTypeName, Envelope, Limits, ModelRef,
   ProtocolVersion, TensorFrame, TopkValuesCodec, TrainingSpec, VersionRange,
 } from './messages.ts';
 
@@ -54,6 +55,29 @@ const limitsFromWire = (m: Wire): Limits => ({
   maxDim: num(m, 'maxDim'),
   maxElements: num(m, 'maxElements'),
 });
+/** The most defenses one Hello or Welcome may carry. */
+export const MAX_DEFENSES = 16;
+
+/** v1.1 defenses: known names only, each once, parameters finite and ≥ 0; absent when the list is empty. */
+function defensesFromWire(items: Wire[], field: string): { defenses?: Defense[] } {
+  if (items.length === 0) return {};
+  if (items.length > MAX_DEFENSES) throw new ProtocolError('TANDEM_PROTO_FIELD_INVALID', { field, reason: `${items.length} defenses, over the limit of ${MAX_DEFENSES}` });
+  const seen = new Set<string>();
+  const defenses = items.map((m, i): Defense => {
+    const d = { name: str(m, 'name'), scale: num(m, 'scale'), clip: num(m, 'clip'), noiseStd: num(m, 'noiseStd') };
+    if (!(DEFENSE_NAMES as readonly string[]).includes(d.name)) {
+      throw new ProtocolError('TANDEM_PROTO_DEFENSE_UNKNOWN', { name: JSON.stringify(d.name.slice(0, 40)), field: `${field}[${i}].name`, known: DEFENSE_NAMES.join(', ') });
+    }
+    if (seen.has(d.name)) throw new ProtocolError('TANDEM_PROTO_FIELD_INVALID', { field: `${field}[${i}].name`, reason: `${d.name} is given twice` });
+    seen.add(d.name);
+    for (const k of ['scale', 'clip', 'noiseStd'] as const) {
+      if (!Number.isFinite(d[k]) || d[k] < 0) throw new ProtocolError('TANDEM_PROTO_FIELD_INVALID', { field: `${field}[${i}].${k}`, reason: 'must be a finite number ≥ 0' });
+    }
+    return d;
+  });
+  return { defenses };
+}
+
 const trainingFromWire = (m: Wire): TrainingSpec => ({
   methods: (Array.isArray(m.methods) ? m.methods : []).filter((x): x is string => typeof x === 'string'),
   cloudMiddleLora: bool(m, 'cloudMiddleLora'),
@@ -133,6 +157,7 @@ function bodyFromWire(m: Wire): Body {
           cut: cutFromWire(sub(b, 'cut')),
           training: trainingFromWire(sub(b, 'training')),
           allowNonFinite: bool(b, 'allowNonFinite'),
+          ...defensesFromWire(list(b, 'defenses'), 'hello.defenses'),
         },
       };
     }
@@ -153,6 +178,7 @@ function bodyFromWire(m: Wire): Body {
           cut: cutFromWire(sub(b, 'cut')),
           training: trainingFromWire(sub(b, 'training')),
           allowNonFinite: bool(b, 'allowNonFinite'),
+          ...defensesFromWire(list(b, 'defenses'), 'welcome.defenses'),
         },
       };
     }

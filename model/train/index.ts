@@ -5,7 +5,7 @@ export { CHECKPOINT_ADAPTER_DIR, CHECKPOINT_VERSION, OPTIMIZER_FILE, TRAINER_STA
 export type { TrainerState, TrainingCheckpoint } from './checkpoint.ts';
 export { BatchStream, exampleRows, labelRow, packRows, padRow, parseDataset, prepareData, readDataset, splitExamples } from './data.ts';
 export type { BatchStreamState, DataFormat, Dataset, Example, PrepareOptions, PreparedData, Row, TextTokenizer } from './data.ts';
-export { evaluateClassification, evaluateRows, labelTokens, localScorer } from './evaluate.ts';
+export { evaluateClassification, evaluateRows, labelTokens, localScorer, scoreLogits } from './evaluate.ts';
 export type { ClassificationEvaluation, LmEvaluation, Scorer } from './evaluate.ts';
 export { Trainer } from './loop.ts';
 export type { Cut, StepResult, TrainerOptions } from './loop.ts';

@@ -12,6 +12,7 @@ import type { Batch, BatchScore } from './batch.ts';
 import { clipGradNorm } from './clip.ts';
 import { labelTokens, rowLogLikelihood, scoreLogits } from './evaluate.ts';
 import type { Scorer } from './evaluate.ts';
+import { noPeekGradient } from '../privacy/distance-correlation.ts';
 import { gradientsOf, variablesReached } from './gradients.ts';
 import { LocalMiddle, randomStateOf } from './middle.ts';
 import type { Middle, MicrobatchKey, RandomState } from './middle.ts';
@@ -36,6 +37,8 @@ export interface TrainerOptions {
   middle?: Middle;
   /** Clip gradients to this global L2 norm; 0 or undefined turns clipping off. */
   maxGradNorm?: number;
+  /** NoPeek: the weight α of dCor(token embeddings, h_B) added to the edge's loss; 0 or undefined turns it off. */
+  noPeek?: number;
   /**
    * Send micro-batch i+1 forward before i finishes. Default: on for a remote middle, off
    * for a local one, where it gains nothing and would change the order of dropout draws.
@@ -72,6 +75,8 @@ interface InFlight {
   /** The bottom's forward with its tape, when the bottom trains: its backward needs no recomputation. */
   bottomTape: TapedForward | undefined;
   hM: Promise<tf.Tensor3D>;
+  /** NoPeek only: d(α·dCor)/dh_B of this micro-batch, added to g_B. */
+  noPeekGrad?: tf.Tensor3D;
 }
 
 export class Trainer implements Scorer {
@@ -82,6 +87,7 @@ export class Trainer implements Scorer {
   readonly cut: Cut;
   readonly middle: Middle;
   readonly maxGradNorm: number;
+  readonly noPeek: number;
   private readonly ownsMiddle: boolean;
   private readonly pipeline: boolean;
   private readonly random: RandomState | undefined;
@@ -102,6 +108,7 @@ export class Trainer implements Scorer {
     this.schedule = options.schedule;
     this.cut = cut;
     this.maxGradNorm = options.maxGradNorm ?? 0;
+    this.noPeek = options.noPeek ?? 0;
     this.trainable = adapter.trainableVariables();
     this.random = randomStateOf(adapter);
     this.ownsMiddle = options.middle === undefined;
@@ -155,10 +162,11 @@ export class Trainer implements Scorer {
       ? tapedForward(() => this.bottom(ids, training), this.bottomVars.map((n) => this.trainable.get(n) as tf.Variable))
       : undefined;
     const hB = (bottomTape?.output as tf.Tensor3D | undefined) ?? this.bottom(ids, training);
-    if (this.middleEmpty) return { ids, labels, bottomTape, hM: Promise.resolve(hB) };
+    const noPeekGrad = bottomTape && this.noPeek > 0 ? tf.tidy(() => noPeekGradient(this.model.embed(ids), hB, this.noPeek)) : undefined;
+    if (this.middleEmpty) return { ids, labels, bottomTape, hM: Promise.resolve(hB), noPeekGrad };
     const hM = this.middle.forward(hB, key, backward).finally(() => hB.dispose());
     hM.catch(() => undefined); // awaited later; do not report it as unhandled meanwhile
-    return { ids, labels, bottomTape, hM };
+    return { ids, labels, bottomTape, hM, noPeekGrad };
   }
 
   /**
@@ -193,13 +201,16 @@ export class Trainer implements Scorer {
         const gM = (top.grads[0] ?? tf.zerosLike(hM)) as tf.Tensor3D;
         top.grads.slice(1).forEach((g, j) => g && accumulate(grads, this.topVars[j], g));
         if (this.needsMiddleBackward) {
-          const gB = this.middleEmpty ? gM : await this.middle.backward(gM, key);
+          const gRemote = this.middleEmpty ? gM : await this.middle.backward(gM, key);
+          const gB = current.noPeekGrad ? (tf.add(gRemote, current.noPeekGrad) as tf.Tensor3D) : gRemote;
           if (current.bottomTape) current.bottomTape.vjp(gB).forEach((g: tf.Tensor, j: number) => accumulate(grads, this.bottomVars[j], g));
-          if (gB !== gM) gB.dispose();
+          if (gB !== gRemote) gB.dispose();
+          if (gRemote !== gM) gRemote.dispose();
         }
         gM.dispose();
       } finally {
         current.bottomTape?.dispose();
+        current.noPeekGrad?.dispose();
         tf.dispose([hM, ids, labels]);
       }
     }

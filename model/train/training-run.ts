@@ -127,6 +127,8 @@ export interface TrainingSpec extends RunSettings {
   resume?: boolean | 'auto';
   /** `base_model_name_or_path` of the adapters written. */
   baseModel: string;
+  /** NoPeek weight α of dCor(token embeddings, h_B) in the edge's loss (a privacy defense); off when absent. */
+  noPeek?: number;
 }
 
 /** A run's state between steps: "N more steps from here" is runSteps on it. */
@@ -230,7 +232,7 @@ export async function runSteps(state: RunState, spec: TrainingSpec): Promise<Tra
   };
   const { adapter, optimizer, stream, data } = state;
   const schedule = { kind: recipe.schedule, lr: recipe.lr, warmupSteps: recipe.warmupSteps, totalSteps: recipe.steps };
-  const trainer = new Trainer({ model: spec.model, adapter, optimizer, schedule, cut: spec.cut, middle: spec.middle, maxGradNorm: recipe.maxGradNorm });
+  const trainer = new Trainer({ model: spec.model, adapter, optimizer, schedule, cut: spec.cut, middle: spec.middle, maxGradNorm: recipe.maxGradNorm, noPeek: spec.noPeek });
   try {
     const startStep = trainer.step;
     const trainableParameters = [...adapter.trainableVariables().values()].reduce((n, v) => n + v.size, 0);

@@ -1,0 +1,29 @@
+// Privacy measured: the honest-but-curious cloud's attacks (token inversion from h_B, label
+// leakage from g_M), the edge's defenses and the middle that applies them, and the audit.
+export { leakAuc, rocAuc } from './auc.ts';
+export { AUDIT_LIMITS, AUTO_MAX_LOSS_COST, chooseDefenses, forwardLoss, labelBatch, measureAttacks, resolveClip, runAudit, streamRows, tokenStream } from './audit.ts';
+export type { AttackFigures, AuditOptions, AuditReport, MeasureInput } from './audit.ts';
+export { DefendedMiddle } from './defended-middle.ts';
+export { distanceCorrelation, noPeekGradient } from './distance-correlation.ts';
+export {
+  AUTO_DEFENSES,
+  DEFENSE_LIMITS,
+  DEFENSE_NAMES,
+  checkDefenses,
+  defenseNames,
+  describeDefenses,
+  hiddenNoiseStd,
+  medianTokenNorm,
+  noiseHidden,
+  noiseHiddenInPlace,
+  parseDefenses,
+  perturbGradient,
+  perturbGradientInPlace,
+} from './defenses.ts';
+export type { DefenseName, Defenses } from './defenses.ts';
+export { PRIVACY_ERRORS, PrivacyError } from './errors.ts';
+export type { PrivacyErrorCode } from './errors.ts';
+export { baseBottom, learnedInversion, nearestNeighbourInversion, observedBottom } from './inversion.ts';
+export type { InversionResult, LearnedInversionOptions } from './inversion.ts';
+export { labelLeakage, middleGradients } from './label-leak.ts';
+export type { LabelLeakResult } from './label-leak.ts';
