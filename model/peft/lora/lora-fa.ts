@@ -3,6 +3,7 @@
 //   grad_B <- (1/s^2) · grad_B · pinv(A A^T + δ I),  δ = 1e-8, s = the LoRA scaling,
 // so that the update of B A approximates full fine-tuning's projected onto A's row space.
 import { as2D, tf } from '../../backend.ts';
+import { symmetricEigen } from '../../linalg.ts';
 
 /** PEFT's δ, added to A A^T before the pseudo-inverse. */
 export const LORA_FA_DELTA = 1e-8;
@@ -32,43 +33,8 @@ export function loraFaProjection(a: tf.Tensor, scaling: number): Float64Array {
  * default cut-off for float32 input: eigenvalues below r · eps(f32) · the largest are dropped.
  */
 export function symmetricPinv(m: Float64Array, r: number): Float64Array {
-  const a = Float64Array.from(m);
-  const v = new Float64Array(r * r);
-  for (let i = 0; i < r; i++) v[i * r + i] = 1;
-  for (let sweep = 0; sweep < 100; sweep++) {
-    let off = 0;
-    for (let p = 0; p < r; p++) for (let q = p + 1; q < r; q++) off += a[p * r + q] * a[p * r + q];
-    if (off < 1e-30) break;
-    for (let p = 0; p < r; p++) {
-      for (let q = p + 1; q < r; q++) {
-        const apq = a[p * r + q];
-        if (apq === 0) continue;
-        const theta = (a[q * r + q] - a[p * r + p]) / (2 * apq);
-        const t = Math.sign(theta || 1) / (Math.abs(theta) + Math.sqrt(theta * theta + 1));
-        const c = 1 / Math.sqrt(t * t + 1);
-        const s = t * c;
-        for (let k = 0; k < r; k++) {
-          const akp = a[k * r + p];
-          const akq = a[k * r + q];
-          a[k * r + p] = c * akp - s * akq;
-          a[k * r + q] = s * akp + c * akq;
-        }
-        for (let k = 0; k < r; k++) {
-          const apk = a[p * r + k];
-          const aqk = a[q * r + k];
-          a[p * r + k] = c * apk - s * aqk;
-          a[q * r + k] = s * apk + c * aqk;
-        }
-        for (let k = 0; k < r; k++) {
-          const vkp = v[k * r + p];
-          const vkq = v[k * r + q];
-          v[k * r + p] = c * vkp - s * vkq;
-          v[k * r + q] = s * vkp + c * vkq;
-        }
-      }
-    }
-  }
-  const eig = Array.from({ length: r }, (_, i) => a[i * r + i]);
+  const { values, vectors: v } = symmetricEigen(m, r);
+  const eig = Array.from(values);
   const cutoff = r * 2 ** -23 * Math.max(...eig.map(Math.abs));
   const out = new Float64Array(r * r);
   for (let k = 0; k < r; k++) {
