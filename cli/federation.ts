@@ -4,7 +4,7 @@ import { FederationAdmin, federate, readAdapterFolder, writeAdapterFolder } from
 import { FEDERATION_AGGREGATIONS, FEDERATION_MODES, encodeFloat32 } from '../protocol/index.ts';
 import type { FederationAggregation, FederationCreate, FederationMode, FederationStatus } from '../protocol/index.ts';
 import { CliError } from './errors.ts';
-import { numberFlag, requiredFlag } from './flags.ts';
+import { numberFlag, pemFlag, requiredFlag } from './flags.ts';
 import type { CommandIo } from './io.ts';
 import { choice } from './recipe.ts';
 
@@ -113,6 +113,7 @@ export function federationCommand(io: CommandIo): Command {
 }
 
 interface FederateFlags extends CommonFlags {
+  ca?: string;
   data?: string;
   model?: string;
   work?: string;
@@ -129,14 +130,16 @@ export function federateCommand(io: CommandIo): Command {
   return new Command('federate')
     .description('join a federation: for each round sampled, train the global adapter locally and send the update')
     .option('--cloud <url>', 'cloud node URL').option('--key <key>', "this owner's API key (or TANDEM_KEY)").option('--federation <id>', 'federation id')
+    .option('--ca <file>', "PEM CA certificate an https:// cloud's certificate must chain to (a private CA)")
     .option('--data <file>', "this owner's data file").option('--model <dir>', 'model folder for local training (the emulated model of a bundle in offsite mode)')
     .option('--work <dir>', 'scratch folder', '.tandem/federate').option('--poll <ms>', 'how often to ask for the next round', '500')
     .option('--batch-size <n>', 'rows per micro-batch', '8').option('--seq-len <n>', 'tokens per row', '64').option('--lr <lr>', 'local learning rate', '0.001').option('--seed <n>', 'seed', '0')
     .option('--backend <name>', 'compute backend')
     .option('--json', 'print one JSON line per event (with the update sent, base64 float32)')
     .action(async (flags: FederateFlags) => {
+      const ca = flags.ca === undefined ? undefined : (await pemFlag('--ca', flags.ca)).toString('utf8');
       const result = await federate({
-        cloud: requiredFlag('--cloud', flags.cloud), key: requiredFlag('--key', flags.key ?? process.env.TANDEM_KEY), federation: requiredFlag('--federation', flags.federation),
+        cloud: requiredFlag('--cloud', flags.cloud), key: requiredFlag('--key', flags.key ?? process.env.TANDEM_KEY), ca, federation: requiredFlag('--federation', flags.federation),
         data: requiredFlag('--data', flags.data), modelDir: requiredFlag('--model', flags.model), workDir: flags.work ?? '.tandem/federate',
         pollMs: numberFlag('--poll', flags.poll, { min: 10, integer: true }), backend: flags.backend,
         recipe: {

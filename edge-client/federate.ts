@@ -9,11 +9,15 @@ import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, DEFAULT_RECIPE, LlamaModel, 
 import type { Evaluation, TrainRecipe } from '../model/index.ts';
 import { decodeFloat32, encodeFloat32, encodeUint32 } from '../protocol/index.ts';
 import type { FederationCreate, FederationStatus, RoundAssignment, RoundUpdate, RoundUpdateAck, SecAggPhase, SecAggView, WireAdapter } from '../protocol/index.ts';
+import { call } from './cloud-call.ts';
+import type { CloudTarget } from './cloud-call.ts';
 import { EdgeError } from './errors.ts';
 
 export interface FederateOptions {
   cloud: string;
   key: string;
+  /** PEM CA certificate(s) for an https:// cloud with a private CA. */
+  ca?: string;
   federation: string;
   /** The owner's data file. */
   data: string;
@@ -58,37 +62,16 @@ export interface FederateResult {
 }
 
 class Rest {
-  constructor(
-    private readonly base: string,
-    private readonly key: string,
-  ) {}
+  constructor(private readonly target: CloudTarget) {}
 
   async call<T>(method: 'GET' | 'POST', path: string, body?: unknown): Promise<T> {
-    const url = `${this.base.replace(/\/+$/, '')}${path}`;
-    let res: Response;
-    try {
-      res = await fetch(url, {
-        method,
-        headers: { authorization: `Bearer ${this.key}`, ...(body === undefined ? {} : { 'content-type': 'application/json' }) },
-        body: body === undefined ? undefined : JSON.stringify(body),
-        signal: AbortSignal.timeout(120_000),
-      });
-    } catch (cause) {
-      throw new EdgeError('TANDEM_EDGE_HTTP_FAILED', `${method} failed: ${(cause as Error).message}`, { where: url, cause });
-    }
+    const res = await call(this.target, method, path, body, 120_000);
     const text = await res.text();
-    let json: unknown;
     try {
-      json = JSON.parse(text);
-    } catch {
-      json = undefined;
+      return JSON.parse(text) as T;
+    } catch (cause) {
+      throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', 'the body is not JSON', { where: `${this.target.cloudUrl}${path}`, cause });
     }
-    if (!res.ok) {
-      const remoteCode = typeof (json as { code?: unknown })?.code === 'string' ? (json as { code: string }).code : undefined;
-      throw new EdgeError(res.status === 401 ? 'TANDEM_EDGE_AUTH_FAILED' : 'TANDEM_EDGE_REMOTE_ERROR', `the cloud answered ${res.status}${remoteCode ? ` ${remoteCode}` : ''}: ${text.slice(0, 300)}`, { where: url, remoteCode });
-    }
-    if (json === undefined) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', 'the body is not JSON', { where: url });
-    return json as T;
   }
 }
 
@@ -116,7 +99,7 @@ export class FederationAdmin {
   readonly #rest: Rest;
 
   constructor(cloud: string, key: string) {
-    this.#rest = new Rest(cloud, key);
+    this.#rest = new Rest({ cloudUrl: cloud, key });
   }
 
   create(body: FederationCreate): Promise<FederationStatus> {
@@ -185,7 +168,7 @@ async function startSecAgg(rest: Rest, base: string, a: RoundAssignment, length:
 
 /** Takes part in every round this owner is sampled for, until the federation is done. */
 export async function federate(options: FederateOptions): Promise<FederateResult> {
-  const rest = new Rest(options.cloud, options.key);
+  const rest = new Rest({ cloudUrl: options.cloud, key: options.key, ca: options.ca });
   const pollMs = options.pollMs ?? 500;
   const unreachableMs = options.unreachableMs ?? 120_000;
   await initBackend({ backend: options.backend });

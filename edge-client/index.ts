@@ -16,6 +16,7 @@ export type { ProgressMode, ProgressSink } from './progress.ts';
 export { OFFSITE_ADAPTER_DIR, OFFSITE_MODEL_DIR, OFFSITE_RUN_DIR, trainOffsite } from './offsite.ts';
 export type { OffsiteTrainOptions, OffsiteTrainResult } from './offsite.ts';
 export { downloadBundle, uploadAdapter } from './upload.ts';
-export type { CloudTarget, DownloadBundleOptions, UploadOptions } from './upload.ts';
+export type { CloudTarget } from './cloud-call.ts';
+export type { DownloadBundleOptions, UploadOptions } from './upload.ts';
 export { FederationAdmin, federate, readAdapterFolder, writeAdapterFolder } from './federate.ts';
 export type { FederateOptions, FederateResult, FederateRoundEvent } from './federate.ts';
