@@ -44,6 +44,9 @@ const loaded = await loadModelFolder(start.modelDir);
 let backendName: string;
 let compute: Compute;
 if (start.engine !== undefined) {
+  // The tfjs backend the node's thread picked first (a native one may not load in a worker);
+  // selectEngine then probes the ORT provider (CUDA is checked here, not at the first request).
+  await initBackend({ backend: start.backend });
   const choice = await selectEngine({ engine: start.engine, threads: start.threads });
   const engine = await OrtLlama.create(loaded.config, loaded.weights, { threads: choice.threads, provider: choice.ortProvider });
   compute = new OrtMiddleCompute(engine) as Compute;
