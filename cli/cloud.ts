@@ -17,6 +17,7 @@ interface CloudFlags {
   memoryBudget: string;
   activationTtl: string;
   backend?: string;
+  engine?: string;
   logLevel: string;
   tlsCert?: string;
   tlsKey?: string;
@@ -60,6 +61,7 @@ export function cloudCommand(io: CommandIo, until: () => Promise<void> = untilSi
     .option('--memory-budget <mb>', 'MiB of activations kept for backward, all sessions together', String(DEFAULT_MEMORY_BUDGET_BYTES / 2 ** 20))
     .option('--activation-ttl <s>', 'seconds an activation waits for its backward', String(DEFAULT_ACTIVATION_TTL_MS / 1000))
     .option('--backend <name>', 'compute backend: auto, tensorflow-gpu, tensorflow, wasm, cpu')
+    .option('--engine <name>', "the middle's engine: auto (tfjs on --backend), ort-cpu, ort-cuda (ONNX Runtime), tfjs-node-gpu, tfjs-node, wasm, cpu (default TANDEM_ENGINE)")
     .option('--log-level <level>', 'pino log level (logs go to stderr as JSON lines)', 'info')
     .option('--tls-cert <file>', 'PEM certificate (chain): serve HTTPS and WSS on the port (with --tls-key)')
     .option('--tls-key <file>', 'PEM private key of --tls-cert')
@@ -111,6 +113,7 @@ export function cloudCommand(io: CommandIo, until: () => Promise<void> = untilSi
         memoryBudgetBytes: Math.round(memoryBudget * 2 ** 20),
         activationTtlMs: Math.round(ttl * 1000),
         backend: flags.backend,
+        engine: flags.engine,
         logLevel: flags.logLevel,
         quotas,
         sessions,

@@ -1,5 +1,6 @@
 import { Command } from 'commander';
-import { generate, initBackend, LlamaModel, loadAdapter, loadModelFolder, loadTokenizer } from '../model/index.ts';
+import { generate, generateOrt, initBackend, LlamaModel, loadAdapter, loadModelFolder, loadTokenizer, ModelError, OrtLlama, parseEngineName, selectEngine } from '../model/index.ts';
+import type { GenerateResult, LoadedModel, WeightArrays } from '../model/index.ts';
 import { numberFlag, requiredFlag } from './flags.ts';
 import type { CommandIo } from './io.ts';
 
@@ -13,6 +14,27 @@ interface GenerateFlags {
   seed?: string;
   json?: boolean;
   backend?: string;
+  engine?: string;
+}
+
+/** The base weights with the adapter merged in, or undefined when a method of it cannot merge. */
+async function mergedWeights(loaded: LoadedModel, adapterDir: string): Promise<WeightArrays | undefined> {
+  const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
+  try {
+    const adapter = await loadAdapter(model, adapterDir);
+    try {
+      adapter.merge();
+    } catch (err) {
+      if (err instanceof ModelError && err.code === 'TANDEM_MERGE_UNSUPPORTED') return undefined;
+      throw err;
+    }
+    const out = new Map<string, { shape: number[]; data: Float32Array }>();
+    for (const [name, w] of loaded.weights) out.set(name, { shape: w.shape, data: Float32Array.from(model.weight(name).dataSync() as Float32Array) });
+    adapter.dispose();
+    return out;
+  } finally {
+    model.dispose();
+  }
 }
 
 export function generateCommand(io: CommandIo): Command {
@@ -27,27 +49,48 @@ export function generateCommand(io: CommandIo): Command {
     .option('--seed <s>', 'sampling seed', '0')
     .option('--json', 'print one JSON object: input_ids, generated_ids, text, top_logits')
     .option('--backend <name>', 'compute backend: auto, tensorflow-gpu, tensorflow, wasm, cpu')
+    .option('--engine <name>', 'ort-cpu or ort-cuda: run the model on ONNX Runtime (an adapter is merged into the weights; one that cannot merge runs on tfjs); default TANDEM_ENGINE unless --backend is given')
     .action(async (flags: GenerateFlags) => {
       const dir = requiredFlag('--model', flags.model);
       const maxNewTokens = numberFlag('--max-new-tokens', flags.maxNewTokens, { min: 0, integer: true });
       const temperature = numberFlag('--temperature', flags.temperature, { min: 0 });
       const topP = numberFlag('--top-p', flags.topP, { min: Number.MIN_VALUE, max: 1 });
       const seed = numberFlag('--seed', flags.seed, { min: 0, max: 2 ** 32 - 1, integer: true });
-      await initBackend({ backend: flags.backend, log: flags.json ? undefined : io.log });
+      const engineName = parseEngineName(flags.engine ?? (flags.backend === undefined ? process.env.TANDEM_ENGINE : undefined), flags.engine !== undefined ? '--engine' : 'TANDEM_ENGINE');
+      const log = flags.json ? undefined : io.log;
+      const chosen = engineName !== undefined ? await selectEngine({ engine: engineName, log }) : undefined;
+      const ort = chosen?.ortProvider !== undefined ? chosen : undefined;
+      if (chosen === undefined) await initBackend({ backend: flags.backend, log });
       const [loaded, tokenizer] = await Promise.all([loadModelFolder(dir), loadTokenizer(dir)]);
-      const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
-      try {
-        const adapter = flags.adapter ? await loadAdapter(model, flags.adapter) : undefined;
-        const inputIds = tokenizer.encode(flags.prompt ?? '');
-        const result = generate(model, inputIds, { maxNewTokens, temperature, topP, seed, hooks: adapter?.hooks });
-        const text = tokenizer.decode([...inputIds, ...result.generatedIds], { skipSpecialTokens: true });
-        if (flags.json) {
-          io.out(JSON.stringify({ input_ids: inputIds, generated_ids: result.generatedIds, text, top_logits: result.topLogits }));
-        } else {
-          io.out(text);
+      const inputIds = tokenizer.encode(flags.prompt ?? '');
+      const options = { maxNewTokens, temperature, topP, seed };
+      let result: GenerateResult | undefined;
+      if (ort !== undefined) {
+        const weights = flags.adapter ? await mergedWeights(loaded, flags.adapter) : loaded.weights;
+        if (weights === undefined) log?.('the adapter cannot be merged into the weights: generating on tfjs');
+        else {
+          const engine = await OrtLlama.create(loaded.config, weights, { threads: ort.threads, provider: ort.ortProvider });
+          try {
+            result = await generateOrt(engine, inputIds, options);
+          } finally {
+            await engine.dispose();
+          }
         }
-      } finally {
-        model.dispose();
+      }
+      if (result === undefined) {
+        const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
+        try {
+          const adapter = flags.adapter ? await loadAdapter(model, flags.adapter) : undefined;
+          result = generate(model, inputIds, { ...options, hooks: adapter?.hooks });
+        } finally {
+          model.dispose();
+        }
+      }
+      const text = tokenizer.decode([...inputIds, ...result.generatedIds], { skipSpecialTokens: true });
+      if (flags.json) {
+        io.out(JSON.stringify({ input_ids: inputIds, generated_ids: result.generatedIds, text, top_logits: result.topLogits }));
+      } else {
+        io.out(text);
       }
     });
 }

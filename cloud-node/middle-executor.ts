@@ -7,6 +7,7 @@
 // node's /v1/ready says 503) and requests wait in their queues. A request that was running
 // when its worker died without answering is run once more on the fresh worker; the tapes
 // the worker held are lost, and their backwards are recomputed from h_B (TapeLost).
+import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import type { Logger } from 'pino';
 import { CloudError, resourceErrorOf } from './errors.ts';
@@ -29,6 +30,10 @@ export class TapeLost extends Error {
 export interface MiddleExecutorOptions {
   modelDir: string;
   backend?: string;
+  /** Run the middle on ONNX Runtime with this engine (tfjs on `backend` when unset). */
+  engine?: 'ort-cpu' | 'ort-cuda';
+  /** ORT intra-op threads per worker (TANDEM_THREADS, else the machine's cores shared among the workers). */
+  threads?: number;
   /** Compute workers (1). */
   workers?: number;
   log?: Logger;
@@ -254,10 +259,17 @@ export class MiddleExecutor {
     slot.worker.postMessage({ id: 0, op: 'dropTape', tapeId: tape.tapeId } satisfies WorkerRequest);
   }
 
+  #threads(): number | undefined {
+    if (this.#options.engine === undefined) return undefined;
+    if (this.#options.threads !== undefined) return this.#options.threads;
+    if (process.env.TANDEM_THREADS !== undefined && process.env.TANDEM_THREADS !== '') return undefined;
+    return Math.max(1, Math.floor(availableParallelism() / this.#slots.length));
+  }
+
   #spawn(slot: Slot): Promise<void> {
     slot.generation++;
     slot.loaded = false;
-    const start: WorkerStart = { modelDir: this.#options.modelDir, backend: this.#options.backend };
+    const start: WorkerStart = { modelDir: this.#options.modelDir, backend: this.#options.backend, engine: this.#options.engine, threads: this.#threads() };
     const worker = new Worker(bootstrap(), { eval: true, execArgv: [], workerData: start });
     slot.worker = worker;
     return new Promise((resolve, reject) => {

@@ -4,14 +4,17 @@
 // backend: a wasm abort, an allocation that failed) is reported and then ends this worker,
 // which the executor restarts: a backend is never left half-broken.
 import { parentPort, workerData } from 'node:worker_threads';
-import { LlamaModel, initBackend, loadModelFolder, tf } from '../model/index.ts';
-import type { TapedForward } from '../model/index.ts';
-import { MiddleCompute } from './middle-compute.ts';
-import type { BlockRange, Shape3 } from './middle-compute.ts';
+import { LlamaModel, OrtLlama, initBackend, loadModelFolder, selectEngine, tf } from '../model/index.ts';
+import { MiddleCompute, OrtMiddleCompute } from './middle-compute.ts';
+import type { BlockRange, Compute, Kept, Shape3 } from './middle-compute.ts';
 
 export interface WorkerStart {
   modelDir: string;
   backend?: string;
+  /** An ONNX Runtime engine (ort-cpu, ort-cuda) for the middle; tfjs on `backend` otherwise. */
+  engine?: 'ort-cpu' | 'ort-cuda';
+  /** ORT intra-op threads (the machine's cores by default). */
+  threads?: number;
 }
 
 export type WorkerRequest =
@@ -37,11 +40,23 @@ function own(data: Float32Array): Float32Array {
   return data.byteOffset === 0 && data.byteLength === data.buffer.byteLength ? data : data.slice();
 }
 
-const backend = await initBackend({ backend: start.backend });
 const loaded = await loadModelFolder(start.modelDir);
-const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
-const compute = new MiddleCompute(model);
-const tapes = new Map<number, TapedForward>();
+let backendName: string;
+let compute: Compute;
+if (start.engine !== undefined) {
+  // The tfjs backend the node's thread picked first (a native one may not load in a worker);
+  // selectEngine then probes the ORT provider (CUDA is checked here, not at the first request).
+  await initBackend({ backend: start.backend });
+  const choice = await selectEngine({ engine: start.engine, threads: start.threads });
+  const engine = await OrtLlama.create(loaded.config, loaded.weights, { threads: choice.threads, provider: choice.ortProvider });
+  compute = new OrtMiddleCompute(engine) as Compute;
+  backendName = choice.name;
+} else {
+  const backend = await initBackend({ backend: start.backend });
+  compute = new MiddleCompute(LlamaModel.fromArrays(loaded.config, loaded.weights)) as Compute;
+  backendName = backend.name;
+}
+const tapes = new Map<number, Kept>();
 let nextTape = 1;
 
 async function run(request: Exclude<WorkerRequest, { op: 'dropTape' }>): Promise<WorkerMessage> {
@@ -90,4 +105,4 @@ port.on('message', (request: WorkerRequest) => {
   );
 });
 
-port.postMessage({ type: 'ready', backend: backend.name } satisfies WorkerMessage);
+port.postMessage({ type: 'ready', backend: backendName } satisfies WorkerMessage);

@@ -13,7 +13,7 @@ import { createSecureContext } from 'node:tls';
 import { pino } from 'pino';
 import type { Logger } from 'pino';
 import type { Server as SocketServer } from 'socket.io';
-import { initBackend } from '../model/index.ts';
+import { initBackend, parseEngineName } from '../model/index.ts';
 import { DEFAULT_LIMITS, intersectLimits } from '../protocol/index.ts';
 import type { CodecPreferences, Limits } from '../protocol/index.ts';
 import { ActivationCache } from './activation-cache.ts';
@@ -49,6 +49,14 @@ export const DISCONNECT_REASON_EVENT = 'tandem:disconnect';
 export const DEFAULT_MEMORY_BUDGET_BYTES = 512 * 1024 * 1024;
 export const DEFAULT_ACTIVATION_TTL_MS = 10 * 60 * 1000;
 
+/** The tfjs backend behind each tfjs engine name. */
+const TFJS_BACKEND_OF: Partial<Record<string, string>> = {
+  'tfjs-node-gpu': 'tensorflow-gpu',
+  'tfjs-node': 'tensorflow',
+  wasm: 'wasm',
+  cpu: 'cpu',
+};
+
 export interface CloudNodeOptions {
   /** Hugging Face model folder to serve. */
   modelDir: string;
@@ -65,6 +73,12 @@ export interface CloudNodeOptions {
   activationTtlMs?: number;
   /** Compute backend (auto, tensorflow-gpu, tensorflow, wasm, cpu). */
   backend?: string;
+  /**
+   * The middle's engine (model/engine's names; TANDEM_ENGINE when unset): ort-cpu or ort-cuda
+   * run the compute workers' middle on ONNX Runtime; a tfjs engine names the backend; unset
+   * or auto keeps `backend`'s choice (tfjs).
+   */
+  engine?: string;
   /** The node's own limits; a session gets the stricter of these and the edge's. */
   limits?: Partial<Limits>;
   /** Codecs accepted per direction (all by default); the edge's order of preference picks among them. */
@@ -108,6 +122,8 @@ export interface ComputeControl {
   /** Worker restarts since start. */
   readonly restarts: number;
   readonly ready: boolean;
+  /** What the workers compute with: a tfjs backend's name, or ort-cpu / ort-cuda. */
+  readonly backend: string;
   /** Ends a worker as a crash would; it is restarted, /v1/ready saying 503 meanwhile. */
   terminateWorker(index: number): Promise<void>;
 }
@@ -279,17 +295,21 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   };
 
   try {
+    const engine = parseEngineName(options.engine ?? process.env.TANDEM_ENGINE, options.engine !== undefined ? '--engine' : 'TANDEM_ENGINE');
+    const ort = engine === 'ort-cpu' || engine === 'ort-cuda' ? engine : undefined;
+    const tfjsBackend = engine === undefined || ort !== undefined ? options.backend : TFJS_BACKEND_OF[engine];
     await app.listen({ host: options.host ?? '127.0.0.1', port: options.port ?? 0 });
-    const backend = await initBackend({ backend: options.backend, log: (line) => log.info(line) });
+    const backend = await initBackend({ backend: tfjsBackend, log: (line) => log.info(line) });
     const served = await ServedModel.load(options.modelDir, options.modelId);
     // The workers use the backend this thread picked, so that every thread computes alike;
     // a native backend that cannot load in a worker thread falls back to wasm, then cpu.
     const computeLog = log.child({ plane: 'compute' });
-    const candidates = [...new Set([backend.name, 'wasm', 'cpu'])];
+    // On ORT the engine asked for must start (no fallback): a typed error otherwise.
+    const candidates = ort !== undefined ? [backend.name] : [...new Set([backend.name, 'wasm', 'cpu'])];
     for (const name of candidates) {
       try {
         executor = await MiddleExecutor.start({
-          modelDir: served.dir, backend: name, workers: options.computeWorkers, log: computeLog,
+          modelDir: served.dir, backend: name, engine: ort, workers: options.computeWorkers, log: computeLog,
           onRestart: () => metrics.computeRestarts.inc(),
           onReady: (ready) => metrics.computeReady.set(ready ? 1 : 0),
         });
@@ -313,6 +333,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   const running = executor as MiddleExecutor;
   const compute: ComputeControl = {
     get workers() { return running.workers; },
+    get backend() { return running.backend; },
     get restarts() { return running.restarts; },
     get ready() { return running.ready; },
     terminateWorker: (index) => running.terminateWorker(index),

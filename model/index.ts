@@ -44,7 +44,7 @@ export type { ForwardHooks, HookContext, LinearModule, LinearModuleName, Sublaye
 export { KvCache, LlamaModel } from './llama/llama.ts';
 export type { ForwardOptions } from './llama/llama.ts';
 export { IGNORE_INDEX, causalLmLoss } from './loss.ts';
-export { generate } from './generate.ts';
+export { generate, generateOrt } from './generate.ts';
 export type { GenerateOptions, GenerateResult } from './generate.ts';
 export { Rng } from './random.ts';
 export type { Adapter } from './peft/adapter.ts';

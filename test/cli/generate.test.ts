@@ -41,6 +41,33 @@ describe('tandem generate', () => {
     });
   }
 
+  it('reproduces the stories260K reference greedily on ONNX Runtime (--engine ort-cpu, KV cache)', async () => {
+    const { code, out } = await run(['generate', '--model', fixture, '--prompt', 'Once upon a time', '--max-new-tokens', '32', '--temperature', '0', '--json', '--engine', 'ort-cpu']);
+    assert.equal(code, 0);
+    const result = JSON.parse(out.join('\n')) as { input_ids: number[]; generated_ids: number[]; text: string; top_logits: { id: number; logit: number }[] };
+    assert.deepEqual(result.input_ids, reference.input_ids);
+    assert.deepEqual(result.generated_ids, reference.greedy_ids);
+    assert.equal(result.text, reference.full_text);
+    result.top_logits.forEach((t, i) => {
+      assert.equal(t.id, reference.last_prompt_position_top10[i].id);
+      assert.ok(Math.abs(t.logit - reference.last_prompt_position_top10[i].logit) < 1e-4, `logit ${i}: ${t.logit}`);
+    });
+  });
+
+  it('samples on ONNX Runtime the tokens tfjs samples with the same seed', async () => {
+    const args = ['generate', '--model', fixture, '--prompt', 'One day', '--max-new-tokens', '24', '--temperature', '1', '--top-p', '0.95', '--seed', '1', '--json'];
+    const tfjs = JSON.parse((await run([...args, '--backend', 'wasm'])).out[0]) as { generated_ids: number[] };
+    const ort = JSON.parse((await run([...args, '--engine', 'ort-cpu'])).out[0]) as { generated_ids: number[] };
+    assert.ok(tfjs.generated_ids.length > 0);
+    assert.deepEqual(ort.generated_ids, tfjs.generated_ids);
+  });
+
+  it('refuses an unknown --engine with a typed error', async () => {
+    const bad = await run(['generate', '--model', fixture, '--engine', 'abacus']);
+    assert.equal(bad.code, 2);
+    assert.match(bad.log.join('\n'), /TANDEM_BACKEND_UNAVAILABLE.*abacus/);
+  });
+
   it('samples reproducibly with a seed and differently with another', async () => {
     const args = ['generate', '--model', fixture, '--prompt', 'One day', '--max-new-tokens', '24', '--temperature', '1', '--top-p', '0.95', '--json'];
     const a = JSON.parse((await run([...args, '--seed', '1'])).out[0]) as { generated_ids: number[] };
@@ -79,6 +106,15 @@ describe('tandem generate', () => {
       assert.notEqual(result.top_logits[0].logit, reference.last_prompt_position_top10[0].logit);
       result.top_logits.forEach((t, i) => assert.ok(Math.abs(t.logit - expected.topLogits[i].logit) < 1e-4));
       assert.deepEqual(result.generated_ids, expected.generatedIds.slice(0, result.generated_ids.length));
+      // On ONNX Runtime the LoRA adapter is merged into the weights: the same logits and tokens.
+      const onOrt = await run(['generate', '--model', fixture, '--adapter', dir, '--prompt', 'Once upon a time', '--max-new-tokens', '16', '--temperature', '0', '--json', '--engine', 'ort-cpu']);
+      assert.equal(onOrt.code, 0, onOrt.log.join('\n'));
+      const ort = JSON.parse(onOrt.out[0]) as { top_logits: { id: number; logit: number }[]; generated_ids: number[] };
+      ort.top_logits.forEach((t, i) => {
+        assert.equal(t.id, expected.topLogits[i].id);
+        assert.ok(Math.abs(t.logit - expected.topLogits[i].logit) < 1e-4, `ORT logit ${i}: ${t.logit} vs ${expected.topLogits[i].logit}`);
+      });
+      assert.deepEqual(ort.generated_ids, result.generated_ids);
     } finally {
       adapter.dispose();
       model.dispose();
