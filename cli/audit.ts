@@ -4,6 +4,7 @@ import { Command } from 'commander';
 import { OFFSITE_ADAPTER_DIR, OFFSITE_MODEL_DIR, OFFSITE_RUN_DIR } from '../edge-client/index.ts';
 import { ADAPTER_DIR, evaluateLocal, parseDefenses, runAudit } from '../model/index.ts';
 import type { AttackFigures, EvaluationReport } from '../model/index.ts';
+import { DEFAULT_CUT } from '../protocol/index.ts';
 import { CliError } from './errors.ts';
 import { numberFlag, requiredFlag } from './flags.ts';
 import { processIo } from './io.ts';
@@ -59,7 +60,7 @@ export function auditCommand(io: CommandIo = processIo): Command {
     .option('--model <dir>', 'Hugging Face model folder (the frozen base the cloud holds)')
     .option('--data <file>', 'the private data: .jsonl or .txt; {"text","label"} data adds the label-leak attacks')
     .option('--public <file>', 'public text the attacker trains its inversion on (default: the rest of --data, a stronger attacker)')
-    .option('--cut <B,T>', 'bottom and top blocks on the edge', '2,2')
+    .option('--cut <B,T>', 'bottom and top blocks on the edge', `${DEFAULT_CUT.bottom},${DEFAULT_CUT.top}`)
     .option('--defense <list>', 'none, auto, or a comma list of noise[:SIGMA[:CLIP]], deeper-bottom[:K], max-norm, gradient-noise[:RHO]')
     .option('--rows <n>', 'rows attacked by inversion', '8')
     .option('--seq-len <n>', 'tokens per inverted row', '16')

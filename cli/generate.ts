@@ -24,14 +24,15 @@ async function mergedWeights(loaded: LoadedModel, adapterDir: string): Promise<W
     const adapter = await loadAdapter(model, adapterDir);
     try {
       adapter.merge();
+      const out = new Map<string, { shape: number[]; data: Float32Array }>();
+      for (const [name, w] of loaded.weights) out.set(name, { shape: w.shape, data: Float32Array.from(model.weight(name).dataSync() as Float32Array) });
+      return out;
     } catch (err) {
       if (err instanceof ModelError && err.code === 'TANDEM_MERGE_UNSUPPORTED') return undefined;
       throw err;
+    } finally {
+      adapter.dispose();
     }
-    const out = new Map<string, { shape: number[]; data: Float32Array }>();
-    for (const [name, w] of loaded.weights) out.set(name, { shape: w.shape, data: Float32Array.from(model.weight(name).dataSync() as Float32Array) });
-    adapter.dispose();
-    return out;
   } finally {
     model.dispose();
   }
