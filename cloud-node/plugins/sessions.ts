@@ -35,7 +35,9 @@ export async function sessionsPlugin(app: FastifyInstance, ctx: SessionsPluginOp
     },
   }, async (request) => {
     const { caller } = request;
+    // The record as this request closed it: a sweep may prune a closed session at any time after.
+    const session = ctx.sessions.get(caller, request.params.id);
     await ctx.service.close(caller, request.params.id, { reason: 'cancelled', message: 'closed through the REST API' });
-    return view(ctx.sessions.get(caller, request.params.id));
+    return view(session);
   });
 }
