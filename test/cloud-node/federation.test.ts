@@ -286,7 +286,9 @@ describe('federation with real processes', { timeout: 600_000 }, () => {
 
     // bob's update is acknowledged, then the cloud is killed.
     const bob = owner(cloud, keys.bob, 'restart', data.bob, join(dir, 'wb'));
-    await until(async () => ((await status(cloud, 'restart')).current.received.includes('bob') ? true : undefined), 'bob acknowledged');
+    // The promise is about acknowledged updates: the status lists bob's as soon as it is taken,
+    // while its write to disk may still be under way; bob's ack comes after that write.
+    await bob.waitFor(/"event":"round".*"accepted":true/);
     cloud.proc.child.kill('SIGKILL');
     await cloud.proc.exited;
     const persisted = JSON.parse(await readFile(join(state, 'federations', 'restart.json'), 'utf8')) as { received: Record<string, unknown> };
