@@ -350,35 +350,57 @@ export function logitsGraph(config: ModelConfig, weights: WeightArrays): OnnxGra
   return g.build();
 }
 
-/**
- * One LoRA training step's compute: inputs input_ids int32 [batch, seq], targets int32 [tokens]
- * (the label each position predicts, any valid id where ignored), weights float [tokens]
- * (1/count where counted, 0 where ignored), cos, sin, mask and every module's lora_A and
- * lora_B; outputs `loss` (the mean cross-entropy) and the gradient of every A and B.
- */
-export function loraTrainGraph(config: ModelConfig, weights: WeightArrays, spec: LoraSpec): OnnxGraph {
-  const m = new LlamaGraph(config, weights, 'lora_train');
-  const g = m.g;
-  const { cos, sin, mask } = m.ropeAndMask(true);
-  const ids = g.input('input_ids', ONNX_INT32, ['batch', 'seq']);
-  const targets = g.input('targets', ONNX_INT32, ['tokens']);
-  const tokenWeights = g.input('weights', ONNX_FLOAT, ['tokens']);
-  const paths = loraPaths(config, spec);
+/** The LoRA module paths of `spec` whose layer is in [start, end). */
+function segmentPaths(config: ModelConfig, spec: LoraSpec | undefined, start: number, end: number): string[] {
+  if (!spec) return [];
+  return loraPaths(config, spec).filter((p) => {
+    const layer = Number(p.split('.')[2]);
+    return layer >= start && layer < end;
+  });
+}
+
+/** Declares every path's lora_A and lora_B inputs (and, with `grads`, their gradients as outputs). */
+function loraIo(m: LlamaGraph, weights: WeightArrays, spec: LoraSpec | undefined, paths: readonly string[], grads: boolean): Ctx['lora'] {
+  if (!spec || paths.length === 0) return undefined;
   for (const path of paths) {
     const w = weights.get(`${path}.weight`);
     if (!w) throw new Error(`weight ${path}.weight is missing`);
     const names = loraInputNames(path);
-    g.input(names.a, ONNX_FLOAT, [spec.r, w.shape[1]]);
-    g.input(names.b, ONNX_FLOAT, [w.shape[0], spec.r]);
-    const grads = loraGradNames(path);
-    g.output(grads.a, ONNX_FLOAT, [spec.r, w.shape[1]]);
-    g.output(grads.b, ONNX_FLOAT, [w.shape[0], spec.r]);
+    m.g.input(names.a, ONNX_FLOAT, [spec.r, w.shape[1]]);
+    m.g.input(names.b, ONNX_FLOAT, [w.shape[0], spec.r]);
+    if (!grads) continue;
+    const g = loraGradNames(path);
+    m.g.output(g.a, ONNX_FLOAT, [spec.r, w.shape[1]]);
+    m.g.output(g.b, ONNX_FLOAT, [w.shape[0], spec.r]);
   }
-  const { rows, bs } = m.embed(ids);
-  const ctx: Ctx = { cos, sin, mask, bs, lora: { spec, paths: new Set(paths) } };
-  let x = rows;
+  return { spec, paths: new Set(paths) };
+}
+
+/** What the top of a training graph starts from: token ids (the whole model) or hidden states at block `start`. */
+export type TopInput = { from: 'ids' } | { from: 'hidden'; start: number };
+
+/**
+ * One training step's compute from `input` to the loss: inputs input_ids int32 [batch, seq]
+ * (or h [batch, seq, hidden]), targets int32 [tokens] (the label each position predicts, any
+ * valid id where ignored), weights float [tokens] (each counted token's weight in the loss, 0
+ * where ignored), cos, sin, mask and the lora_A and lora_B of every LoRA path in the blocks run;
+ * outputs `loss` (the weighted cross-entropy sum), the gradient of every A and B there and,
+ * with `withDh` (hidden input only), `dh` = dL/dh.
+ */
+export function topTrainGraph(config: ModelConfig, weights: WeightArrays, spec: LoraSpec | undefined, input: TopInput, withDh: boolean): OnnxGraph {
+  const start = input.from === 'ids' ? 0 : input.start;
+  if (input.from === 'hidden' && start < config.numHiddenLayers) checkRange(config, start, config.numHiddenLayers);
+  const m = new LlamaGraph(config, weights, `top_train_${input.from}_${start}`);
+  const g = m.g;
+  const { cos, sin, mask } = m.ropeAndMask(true);
+  const x0 = input.from === 'ids' ? m.embed(g.input('input_ids', ONNX_INT32, ['batch', 'seq'])) : m.hiddenInput('h');
+  const targets = g.input('targets', ONNX_INT32, ['tokens']);
+  const tokenWeights = g.input('weights', ONNX_FLOAT, ['tokens']);
+  const lora = loraIo(m, weights, spec, segmentPaths(config, spec, start, config.numHiddenLayers), true);
+  const ctx: Ctx = { cos, sin, mask, bs: x0.bs, lora };
+  let x = x0.rows;
   const saved: BlockSaved[] = [];
-  for (let i = 0; i < config.numHiddenLayers; i++) {
+  for (let i = start; i < config.numHiddenLayers; i++) {
     const b = m.block(i, x, ctx);
     saved.push(b.saved);
     x = b.y;
@@ -398,8 +420,74 @@ export function loraTrainGraph(config: ModelConfig, weights: WeightArrays, spec:
   const pw = g.mul(g.op('Div', [e, se]), w1);
   const dLogits = g.op('ScatterElements', [pw, idx, g.sub(g.op('GatherElements', [pw, idx], { axis: 1 }), w1)], { axis: 1 });
   let d = m.rmsNormBackward(g.matmul(dLogits, m.headWeight()), 'model.norm.weight', norm.n, norm.r);
-  for (let i = config.numHiddenLayers - 1; i >= 0; i--) d = m.blockBackward(i, d, saved[i], ctx);
+  for (let i = config.numHiddenLayers - 1; i >= start; i--) d = m.blockBackward(i, d, saved[i - start], ctx);
+  if (withDh && input.from === 'hidden') m.outputHidden(d, ctx, 'dh');
   return g.build();
+}
+
+/** The whole-model LoRA step: topTrainGraph from the token ids, gradients to every LoRA parameter. */
+export function loraTrainGraph(config: ModelConfig, weights: WeightArrays, spec: LoraSpec): OnnxGraph {
+  return topTrainGraph(config, weights, spec, { from: 'ids' }, false);
+}
+
+/** Hidden states at block `start` (h [batch, seq, hidden], cos, sin, mask, LoRA of the blocks run) → logits [batch, seq, vocab]. */
+export function topLogitsGraph(config: ModelConfig, weights: WeightArrays, spec: LoraSpec | undefined, start: number): OnnxGraph {
+  const m = new LlamaGraph(config, weights, `top_logits_${start}`);
+  const g = m.g;
+  const { cos, sin, mask } = m.ropeAndMask(true);
+  const { rows, bs } = m.hiddenInput('h');
+  const lora = loraIo(m, weights, spec, segmentPaths(config, spec, start, config.numHiddenLayers), false);
+  const ctx: Ctx = { cos, sin, mask, bs, lora };
+  let x = rows;
+  for (let i = start; i < config.numHiddenLayers; i++) x = m.block(i, x, ctx).y;
+  const n = m.rmsNorm(x, 'model.norm.weight').out;
+  g.alias(g.op('Reshape', [g.op('Gemm', [n, m.headWeight()], { transB: 1 }), m.dims(ctx, [config.vocabSize])]), 'logits');
+  g.output('logits', ONNX_FLOAT, ['batch', 'seq', config.vocabSize]);
+  return g.build();
+}
+
+/**
+ * The bottom: input_ids int32 [batch, seq] (with cos, sin, mask and the LoRA of blocks
+ * [0, end)) → embedding and blocks [0, end) → `out` [batch, seq, hidden]; with `keep`, also
+ * every block's saved tensors for bottomBackwardGraph.
+ */
+export function bottomGraph(config: ModelConfig, weights: WeightArrays, spec: LoraSpec | undefined, end: number, keep: boolean): OnnxGraph {
+  if (end > 0) checkRange(config, 0, end);
+  const m = new LlamaGraph(config, weights, `bottom_${end}${keep ? '_keep' : ''}`);
+  const { cos, sin, mask } = m.ropeAndMask(true);
+  const { rows, bs } = m.embed(m.g.input('input_ids', ONNX_INT32, ['batch', 'seq']));
+  const lora = loraIo(m, weights, spec, segmentPaths(config, spec, 0, end), false);
+  const ctx: Ctx = { cos, sin, mask, bs, lora };
+  let x = rows;
+  for (let i = 0; i < end; i++) {
+    const { y, saved } = m.block(i, x, ctx);
+    if (keep) {
+      for (const f of SAVED_FIELDS) {
+        m.g.alias(saved[f], savedName(i, f));
+        m.g.output(savedName(i, f), ONNX_FLOAT);
+      }
+    }
+    x = y;
+  }
+  m.outputHidden(x, ctx, 'out');
+  return m.g.build();
+}
+
+/** The bottom's backward to its LoRA parameters: dy [batch, seq, hidden], cos, sin, the saved tensors and the LoRA inputs → their gradients. */
+export function bottomBackwardGraph(config: ModelConfig, weights: WeightArrays, spec: LoraSpec, end: number): OnnxGraph {
+  checkRange(config, 0, end);
+  const m = new LlamaGraph(config, weights, `bottom_${end}_backward`);
+  const { cos, sin } = m.ropeAndMask(false);
+  const { rows, bs } = m.hiddenInput('dy');
+  const lora = loraIo(m, weights, spec, segmentPaths(config, spec, 0, end), true);
+  const ctx: Ctx = { cos, sin, bs, lora };
+  let d = rows;
+  for (let i = end - 1; i >= 0; i--) {
+    const saved = {} as BlockSaved;
+    for (const f of SAVED_FIELDS) saved[f] = m.g.input(savedName(i, f), ONNX_FLOAT);
+    d = m.blockBackward(i, d, saved, ctx);
+  }
+  return m.g.build();
 }
 
 export const pastName = (layer: number, kv: 'k' | 'v'): string => `past.${layer}.${kv}`;

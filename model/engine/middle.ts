@@ -45,7 +45,7 @@ const keyString = (key: MicrobatchKey): string => `${key.eval ? 'eval' : 'train'
 
 /**
  * Blocks [start, end) of a frozen model on ORT behind the training loop's Middle interface.
- * Forward keeps the saved tensors for the micro-batch's backward; it holds no trainable
+ * Forward keeps the saved tensors for the micro-batch's backward when one follows; it holds no trainable
  * parameters (LoRA on the middle stays with tfjs's LocalMiddle).
  */
 export class OrtMiddle implements Middle {
@@ -63,11 +63,11 @@ export class OrtMiddle implements Middle {
     }
   }
 
-  async forward(h: tf.Tensor3D, key: MicrobatchKey): Promise<tf.Tensor3D> {
+  async forward(h: tf.Tensor3D, key: MicrobatchKey, backward = !key.eval): Promise<tf.Tensor3D> {
     const [b, s, d] = h.shape;
     const data = (await h.data()) as Float32Array;
     if (this.start === this.end) return tf.tensor3d(data, [b, s, d]);
-    if (key.eval) return tf.tensor3d(await this.engine.blocks(data, b, s, this.start, this.end), [b, s, d]);
+    if (key.eval || !backward) return tf.tensor3d(await this.engine.blocks(data, b, s, this.start, this.end), [b, s, d]);
     const k = keyString(key);
     this.kept.get(k)?.dispose();
     const kept = await this.engine.blocksKeep(data, b, s, this.start, this.end);

@@ -8,7 +8,7 @@ import { ModelError } from '../errors.ts';
 import { LINEAR_MODULES } from '../hooks.ts';
 import { ropeInverseFrequencies, ropeTables } from '../llama/rope.ts';
 import type { LoraSpec, WeightArrays } from './llama-graphs.ts';
-import { SAVED_PER_BLOCK, blockRangeBackwardGraph, cachedLogitsGraph, pastName, presentName, blockRangeGraph, logitsGraph, loraGradNames, loraInputNames, loraPaths, loraTrainGraph } from './llama-graphs.ts';
+import { SAVED_PER_BLOCK, blockRangeBackwardGraph, bottomBackwardGraph, bottomGraph, cachedLogitsGraph, pastName, presentName, blockRangeGraph, logitsGraph, loraGradNames, loraInputNames, loraPaths, loraTrainGraph, topLogitsGraph, topTrainGraph } from './llama-graphs.ts';
 import type { OnnxGraph } from './onnx-proto.ts';
 import { encodeModel } from './onnx-proto.ts';
 
@@ -50,6 +50,23 @@ export interface KeptForward {
 
 /** LoRA parameters by module path, PEFT's layout: A [r, in], B [out, r]. */
 export type LoraParams = Map<string, { a: Float32Array; b: Float32Array }>;
+
+/** The top's training step: the weighted loss sum, its LoRA gradients and dL/dh when asked for. */
+export interface TopStepResult {
+  loss: number;
+  /** Tokens the loss counts. */
+  count: number;
+  grads: LoraParams;
+  dh?: Float32Array;
+}
+
+/** The bottom's forward; `backward` is there when it kept what its LoRA gradients need. */
+export interface BottomForward {
+  readonly output: Float32Array;
+  backward?(dy: Float32Array): Promise<LoraParams>;
+}
+
+const specKey = (spec: LoraSpec | undefined): string => (spec ? `${spec.r}:${spec.scaling}:${spec.modules.join(',')}:${spec.layers?.join(',') ?? 'all'}` : 'none');
 
 export interface LoraStepResult {
   loss: number;
@@ -228,17 +245,12 @@ export class OrtLlama {
   }
 
   /**
-   * Loss and LoRA gradients of one micro-batch, all in ONNX Runtime: forward of the whole
-   * model, causal-LM cross-entropy (position t predicts labels[t + 1]; -100 is ignored),
-   * backward through the frozen weights to every A and B.
+   * Causal-LM targets of labels [batch, seq]: position t predicts labels[t + 1]; -100 is
+   * ignored. Each counted position weighs `tokenWeight` (1/count, the mean, when absent).
    */
-  async loraStep(ids: Int32Array, labels: Int32Array, batch: number, seq: number, spec: LoraSpec, params: LoraParams): Promise<LoraStepResult> {
-    checkTokens(this.config, batch, seq, 'input_ids');
+  private targets(labels: Int32Array, batch: number, seq: number, tokenWeight?: number): { feeds: Record<string, Ort.Tensor>; count: number } {
     checkLength(labels, batch * seq, 'labels');
-    checkLoraSpec(this.config, spec);
-    const paths = loraPaths(this.config, spec);
-    const key = `lora:${spec.r}:${spec.scaling}:${spec.modules.join(',')}:${spec.layers?.join(',') ?? 'all'}`;
-    const s = await this.session(key, () => loraTrainGraph(this.config, this.weights, spec));
+    if (tokenWeight !== undefined && !Number.isFinite(tokenWeight)) throw new ModelError('TANDEM_INPUT_INVALID', `tokenWeight must be finite, got ${tokenWeight}`, { field: 'tokenWeight' });
     const n = batch * seq;
     const targets = new Int32Array(n);
     const weights = new Float32Array(n);
@@ -254,17 +266,24 @@ export class OrtLlama {
         count++;
       }
     }
+    const w = tokenWeight ?? (count === 0 ? 0 : 1 / count);
     for (let b = 0; b < batch; b++) {
-      for (let t = 0; t + 1 < seq; t++) if (labels[b * seq + t + 1] !== -100) weights[b * seq + t] = 1 / count;
+      for (let t = 0; t + 1 < seq; t++) if (labels[b * seq + t + 1] !== -100) weights[b * seq + t] = w;
     }
-    const feeds: Record<string, Ort.Tensor> = {
-      input_ids: this.ids(ids, batch, seq),
-      targets: new this.ort.Tensor('int32', targets, [n]),
-      weights: this.f32(weights, [n]),
-      ...this.positional(seq),
-    };
+    return { feeds: { targets: new this.ort.Tensor('int32', targets, [n]), weights: this.f32(weights, [n]) }, count };
+  }
+
+  /** The LoRA inputs of the paths of `spec` in blocks [start, end), checked against the weights. */
+  private loraFeeds(spec: LoraSpec | undefined, params: LoraParams | undefined, start: number, end: number): { feeds: Record<string, Ort.Tensor>; paths: string[] } {
+    if (!spec) return { feeds: {}, paths: [] };
+    checkLoraSpec(this.config, spec);
+    const paths = loraPaths(this.config, spec).filter((p) => {
+      const layer = Number(p.split('.')[2]);
+      return layer >= start && layer < end;
+    });
+    const feeds: Record<string, Ort.Tensor> = {};
     for (const path of paths) {
-      const p = params.get(path);
+      const p = params?.get(path);
       const w = this.weights.get(`${path}.weight`);
       if (!p || !w) throw new ModelError('TANDEM_INPUT_INVALID', `LoRA parameters for ${path} are missing`, { field: 'params' });
       checkLength(p.a, spec.r * w.shape[1], `${path}.lora_A`);
@@ -273,13 +292,95 @@ export class OrtLlama {
       feeds[names.a] = this.f32(p.a, [spec.r, w.shape[1]]);
       feeds[names.b] = this.f32(p.b, [w.shape[0], spec.r]);
     }
-    const out = await s.run(feeds);
+    return { feeds, paths };
+  }
+
+  private gradsOf(out: Record<string, Ort.Tensor>, paths: readonly string[]): LoraParams {
     const grads: LoraParams = new Map();
     for (const path of paths) {
       const names = loraGradNames(path);
       grads.set(path, { a: out[names.a].data as Float32Array, b: out[names.b].data as Float32Array });
     }
-    return { loss: count === 0 ? 0 : (out.loss.data as Float32Array)[0], count, grads };
+    return grads;
+  }
+
+  /**
+   * Loss and LoRA gradients of one micro-batch, all in ONNX Runtime: forward of the whole
+   * model, causal-LM cross-entropy (position t predicts labels[t + 1]; -100 is ignored),
+   * backward through the frozen weights to every A and B.
+   */
+  async loraStep(ids: Int32Array, labels: Int32Array, batch: number, seq: number, spec: LoraSpec, params: LoraParams): Promise<LoraStepResult> {
+    checkTokens(this.config, batch, seq, 'input_ids');
+    const { feeds: targetFeeds, count } = this.targets(labels, batch, seq);
+    const lora = this.loraFeeds(spec, params, 0, this.config.numHiddenLayers);
+    const s = await this.session(`lora:${specKey(spec)}`, () => loraTrainGraph(this.config, this.weights, spec));
+    const out = await s.run({ input_ids: this.ids(ids, batch, seq), ...targetFeeds, ...this.positional(seq), ...lora.feeds });
+    return { loss: count === 0 ? 0 : (out.loss.data as Float32Array)[0], count, grads: this.gradsOf(out, lora.paths) };
+  }
+
+  /**
+   * The top of the cut in training: h [batch, seq, hidden] at block `start` → blocks
+   * [start, L), norm, head and the causal-LM loss; backward to the LoRA parameters of those
+   * blocks and, with `withDh`, to h. The loss is the sum over counted tokens, each weighted
+   * `tokenWeight` (1/count when absent, the mean).
+   */
+  async topStep(h: Float32Array, labels: Int32Array, batch: number, seq: number, start: number, spec: LoraSpec | undefined, params: LoraParams | undefined, options: { tokenWeight?: number; withDh?: boolean } = {}): Promise<TopStepResult> {
+    this.checkHidden(h, batch, seq, 'h');
+    this.checkStart(start);
+    const withDh = options.withDh ?? true;
+    const { feeds: targetFeeds, count } = this.targets(labels, batch, seq, options.tokenWeight);
+    const lora = this.loraFeeds(spec, params, start, this.config.numHiddenLayers);
+    const s = await this.session(`top:${start}:${withDh}:${specKey(spec)}`, () => topTrainGraph(this.config, this.weights, spec, { from: 'hidden', start }, withDh));
+    const out = await s.run({ h: this.f32(h, [batch, seq, this.config.hiddenSize]), ...targetFeeds, ...this.positional(seq), ...lora.feeds });
+    return { loss: (out.loss.data as Float32Array)[0], count, grads: this.gradsOf(out, lora.paths), ...(withDh ? { dh: out.dh.data as Float32Array } : {}) };
+  }
+
+  /** h [batch, seq, hidden] at block `start` → blocks [start, L) (with LoRA), norm, head → logits [batch, seq, vocab]. */
+  async topLogits(h: Float32Array, batch: number, seq: number, start: number, spec?: LoraSpec, params?: LoraParams): Promise<Float32Array> {
+    this.checkHidden(h, batch, seq, 'h');
+    this.checkStart(start);
+    const lora = this.loraFeeds(spec, params, start, this.config.numHiddenLayers);
+    const s = await this.session(`top-logits:${start}:${specKey(spec)}`, () => topLogitsGraph(this.config, this.weights, spec, start));
+    const out = await s.run({ h: this.f32(h, [batch, seq, this.config.hiddenSize]), ...this.positional(seq), ...lora.feeds });
+    return out.logits.data as Float32Array;
+  }
+
+  /**
+   * The bottom of the cut: ids [batch, seq] → embedding and blocks [0, end) (with LoRA) → h.
+   * With `keep`, `backward(dy)` then gives the gradients of the bottom's LoRA parameters.
+   */
+  async bottom(ids: Int32Array, batch: number, seq: number, end: number, spec: LoraSpec | undefined, params: LoraParams | undefined, keep: boolean): Promise<BottomForward> {
+    checkTokens(this.config, batch, seq, 'input_ids');
+    if (!Number.isInteger(end) || end < 0 || end > this.config.numHiddenLayers) {
+      throw new ModelError('TANDEM_INPUT_INVALID', `bottom blocks ${end} is outside [0, ${this.config.numHiddenLayers}]`, { field: 'end' });
+    }
+    const lora = this.loraFeeds(spec, params, 0, end);
+    const withBackward = keep && spec !== undefined && lora.paths.length > 0;
+    const fwd = await this.session(`bottom:${end}:${withBackward}:${specKey(spec)}`, () => bottomGraph(this.config, this.weights, spec, end, withBackward));
+    const pos = this.positional(seq);
+    const out = await fwd.run({ input_ids: this.ids(ids, batch, seq), ...pos, ...lora.feeds });
+    if (!withBackward) return { output: out.out.data as Float32Array };
+    let saved: Record<string, Ort.Tensor> | undefined = {};
+    for (const [name, t] of Object.entries(out)) if (name !== 'out') saved[name] = t;
+    const d = this.config.hiddenSize;
+    return {
+      output: out.out.data as Float32Array,
+      backward: async (dy: Float32Array): Promise<LoraParams> => {
+        if (!saved) throw new ModelError('TANDEM_INPUT_INVALID', 'this forward pass was already used or freed', { field: 'backward' });
+        checkLength(dy, batch * seq * d, 'dy');
+        const kept = saved;
+        saved = undefined;
+        const bwd = await this.session(`bottom-backward:${end}:${specKey(spec)}`, () => bottomBackwardGraph(this.config, this.weights, spec as LoraSpec, end));
+        const r = await bwd.run({ dy: this.f32(dy, [batch, seq, d]), cos: pos.cos, sin: pos.sin, ...kept, ...lora.feeds });
+        return this.gradsOf(r, lora.paths);
+      },
+    };
+  }
+
+  private checkStart(start: number): void {
+    if (!Number.isInteger(start) || start < 0 || start > this.config.numHiddenLayers) {
+      throw new ModelError('TANDEM_INPUT_INVALID', `top start ${start} is outside [0, ${this.config.numHiddenLayers}]`, { field: 'start' });
+    }
   }
 
   /**

@@ -17,6 +17,10 @@ import { gradientsOf, variablesReached } from './gradients.ts';
 import { LocalMiddle, randomStateOf } from './middle.ts';
 import type { Middle, MicrobatchKey, RandomState } from './middle.ts';
 import type { Optimizer } from './optimizer.ts';
+import type { BottomForward, LoraParams, OrtLlama } from '../engine/ort-llama.ts';
+import { OrtMiddle } from '../engine/middle.ts';
+import { loraParamsOf, ortLoraPlan, planTouches } from './ort-plan.ts';
+import type { OrtLoraPlan } from './ort-plan.ts';
 import { learningRate } from './schedule.ts';
 import type { ScheduleOptions } from './schedule.ts';
 
@@ -44,6 +48,12 @@ export interface TrainerOptions {
    * for a local one, where it gains nothing and would change the order of dropout draws.
    */
   pipeline?: boolean;
+  /**
+   * The frozen model on ONNX Runtime (its weights those of `model`). Plain LoRA then trains
+   * there: the bottom, the top with the loss and, for a local middle without LoRA, the middle.
+   * Any other adapter stays on tfjs; `engineNote` says which and why.
+   */
+  engine?: OrtLlama;
 }
 
 export interface StepResult {
@@ -67,6 +77,22 @@ function accumulate(into: Map<string, tf.Tensor>, name: string, g: tf.Tensor): v
   into.set(name, tf.tidy(() => tf.add(prev, g)));
   prev.dispose();
   g.dispose();
+}
+
+interface OrtInFlight {
+  labels: Int32Array;
+  shape: [number, number];
+  bottom: BottomForward;
+  hM: Promise<tf.Tensor3D>;
+}
+
+function addLoraGrads(into: Map<string, tf.Tensor>, plan: OrtLoraPlan, grads: LoraParams): void {
+  for (const [path, g] of grads) {
+    const m = plan.modules.get(path);
+    if (!m) continue;
+    accumulate(into, m.a.key, tf.tensor(g.a, m.a.variable.shape));
+    accumulate(into, m.b.key, tf.tensor(g.b, m.b.variable.shape));
+  }
 }
 
 interface InFlight {
@@ -94,6 +120,9 @@ export class Trainer implements Scorer {
   private readonly trainable: Map<string, tf.Variable>;
   private readonly bottomVars: string[];
   private readonly topVars: string[];
+  private readonly ort: { engine: OrtLlama; plan: OrtLoraPlan } | undefined;
+  /** Where the adapter trains: "ort-cpu: LoRA" or "tfjs: <why not ONNX Runtime>"; undefined without an engine. */
+  readonly engineNote: string | undefined;
 
   constructor(options: TrainerOptions) {
     const { model, adapter } = options;
@@ -112,8 +141,17 @@ export class Trainer implements Scorer {
     this.trainable = adapter.trainableVariables();
     this.random = randomStateOf(adapter);
     this.ownsMiddle = options.middle === undefined;
-    this.middle = options.middle ?? new LocalMiddle(model, cut.bottom, L - cut.top, { hooks: adapter.hooks, trainable: this.trainable, random: this.random });
-    this.pipeline = options.pipeline ?? !(this.middle instanceof LocalMiddle);
+    const planned = options.engine ? ortLoraPlan(adapter, model.config) : undefined;
+    const reason = planned?.reason ?? (this.noPeek > 0 ? "NoPeek's gradient is computed on tfjs" : undefined);
+    this.ort = options.engine && planned?.plan && reason === undefined ? { engine: options.engine, plan: planned.plan } : undefined;
+    const where = options.engine ? `${options.engine.provider === 'cuda' ? 'ort-cuda' : 'ort-cpu'}` : '';
+    this.engineNote = options.engine ? (this.ort ? `${where}: LoRA r${this.ort.plan.spec.r} on ${this.ort.plan.spec.modules.join(',')}` : `tfjs: ${reason}`) : undefined;
+    // A local middle without LoRA runs on the engine too; with LoRA it stays on tfjs's tape.
+    const ortMiddle = this.ort && !planTouches(this.ort.plan, cut.bottom, L - cut.top);
+    this.middle = options.middle ?? (ortMiddle && this.ort
+      ? new OrtMiddle(this.ort.engine, cut.bottom, L - cut.top)
+      : new LocalMiddle(model, cut.bottom, L - cut.top, { hooks: adapter.hooks, trainable: this.trainable, random: this.random }));
+    this.pipeline = options.pipeline ?? !(this.middle instanceof LocalMiddle || this.middle instanceof OrtMiddle);
     // Which parameters each edge part reaches, from one tiny probe through each part.
     const probeIds = tf.tensor2d([[0, 0]], [1, 2], 'int32');
     const bottom = variablesReached(() => this.bottom(probeIds, false), this.trainable);
@@ -176,6 +214,7 @@ export class Trainer implements Scorer {
   async trainStep(microbatches: readonly Batch[]): Promise<StepResult> {
     if (microbatches.length === 0) throw new ModelError('TANDEM_INPUT_INVALID', 'a step needs at least one micro-batch', { field: 'microbatches' });
     microbatches.forEach(checkBatch);
+    if (this.ort) return this.trainStepOrt(microbatches, this.ort);
     const step = this.step;
     const tokens = labelTokens(microbatches.flatMap((b) => b.labels));
     const scale = 1 / Math.max(tokens, 1);
@@ -214,6 +253,68 @@ export class Trainer implements Scorer {
         tf.dispose([hM, ids, labels]);
       }
     }
+    return this.finishStep(step, grads, loss, tokens);
+  }
+
+  /** The bottom on the engine, then the middle's forward (started, not awaited). */
+  private async startForwardOrt(batch: Batch, key: MicrobatchKey, training: boolean, ort: { engine: OrtLlama; plan: OrtLoraPlan }, params: LoraParams): Promise<OrtInFlight> {
+    const b = batch.ids.length;
+    const s = batch.ids[0].length;
+    const ids = Int32Array.from(batch.ids.flat());
+    const labels = Int32Array.from(batch.labels.flat());
+    const backward = training && this.needsMiddleBackward;
+    const bottom = await ort.engine.bottom(ids, b, s, this.cut.bottom, ort.plan.spec, params, backward);
+    const hB = tf.tensor3d(bottom.output, [b, s, this.model.config.hiddenSize]);
+    if (this.middleEmpty) return { labels, shape: [b, s], bottom, hM: Promise.resolve(hB) };
+    const hM = this.middle.forward(hB, key, backward).finally(() => hB.dispose());
+    hM.catch(() => undefined); // awaited later
+    return { labels, shape: [b, s], bottom, hM };
+  }
+
+  /** trainStep with the frozen work on ONNX Runtime: the same losses and gradients, the same optimizer step. */
+  private async trainStepOrt(microbatches: readonly Batch[], ort: { engine: OrtLlama; plan: OrtLoraPlan }): Promise<StepResult> {
+    const step = this.step;
+    const tokens = labelTokens(microbatches.flatMap((b) => b.labels));
+    const scale = 1 / Math.max(tokens, 1);
+    const params = loraParamsOf(ort.plan);
+    const grads = new Map<string, tf.Tensor>();
+    const L = this.model.numLayers;
+    const backward = this.needsMiddleBackward;
+    let loss = 0;
+    let next: Promise<OrtInFlight> | undefined;
+    for (let i = 0; i < microbatches.length; i++) {
+      const key = { step, microbatch: i };
+      const current = await (next ?? this.startForwardOrt(microbatches[i], key, true, ort, params));
+      next = undefined;
+      const hM = await current.hM;
+      if (this.pipeline && i + 1 < microbatches.length) {
+        next = this.startForwardOrt(microbatches[i + 1], { step, microbatch: i + 1 }, true, ort, params);
+        next.catch(() => undefined);
+      }
+      try {
+        const [b, s] = current.shape;
+        const h = (await hM.data()) as Float32Array;
+        const top = await ort.engine.topStep(h, current.labels, b, s, L - this.cut.top, ort.plan.spec, params, { tokenWeight: scale, withDh: backward });
+        loss += top.loss;
+        addLoraGrads(grads, ort.plan, top.grads);
+        if (backward && top.dh) {
+          const gM = tf.tensor3d(top.dh, hM.shape);
+          const gB = this.middleEmpty ? gM : await this.middle.backward(gM, key);
+          try {
+            if (current.bottom.backward) addLoraGrads(grads, ort.plan, await current.bottom.backward((await gB.data()) as Float32Array));
+          } finally {
+            tf.dispose(gB === gM ? [gM] : [gM, gB]);
+          }
+        }
+      } finally {
+        hM.dispose();
+      }
+    }
+    return this.finishStep(step, grads, loss, tokens);
+  }
+
+  /** The middle's own gradients, clipping and the optimizer step. */
+  private finishStep(step: number, grads: Map<string, tf.Tensor>, loss: number, tokens: number): StepResult {
     for (const [name, g] of this.middle.takeGradients?.() ?? []) accumulate(grads, name, g);
     const gradNorm = this.maxGradNorm > 0 ? clipGradNorm(grads, this.maxGradNorm) : globalNorm(grads);
     const lr = learningRate(this.schedule, step);
@@ -226,6 +327,7 @@ export class Trainer implements Scorer {
   /** Forward only, through the middle: summed loss and per-row log-likelihoods of the label tokens. */
   async score(batch: Batch, microbatch = 0): Promise<BatchScore> {
     checkBatch(batch);
+    if (this.ort) return this.scoreOrt(batch, microbatch, this.ort);
     const { ids, labels, hM } = this.startForward(batch, { step: this.step, microbatch, eval: true }, false);
     const h = await hM;
     try {
@@ -237,6 +339,25 @@ export class Trainer implements Scorer {
       }
     } finally {
       tf.dispose([h, ids, labels]);
+    }
+  }
+
+  private async scoreOrt(batch: Batch, microbatch: number, ort: { engine: OrtLlama; plan: OrtLoraPlan }): Promise<BatchScore> {
+    const params = loraParamsOf(ort.plan);
+    const current = await this.startForwardOrt(batch, { step: this.step, microbatch, eval: true }, false, ort, params);
+    const hM = await current.hM;
+    let data: Float32Array;
+    try {
+      data = await ort.engine.topLogits((await hM.data()) as Float32Array, current.shape[0], current.shape[1], this.model.numLayers - this.cut.top, ort.plan.spec, params);
+    } finally {
+      hM.dispose();
+    }
+    const logits = tf.tensor3d(data, [current.shape[0], current.shape[1], this.model.config.vocabSize]);
+    const labels = tf.tensor2d(current.labels, current.shape, 'int32');
+    try {
+      return scoreLogits(logits, labels, batch.labels);
+    } finally {
+      tf.dispose([logits, labels]);
     }
   }
 
