@@ -1,6 +1,6 @@
 import { Command } from 'commander';
 import { evaluateLocal } from '../model/index.ts';
-import { numberFlag, requiredFlag } from './flags.ts';
+import { ENGINE_FLAG_HELP, engineFlag, numberFlag, requiredFlag } from './flags.ts';
 import { processIo } from './io.ts';
 import type { CommandIo } from './io.ts';
 
@@ -12,6 +12,7 @@ interface EvalFlags {
   batchSize?: string;
   json?: boolean;
   backend?: string;
+  engine?: string;
 }
 
 export function evalCommand(io: CommandIo = processIo): Command {
@@ -24,6 +25,7 @@ export function evalCommand(io: CommandIo = processIo): Command {
     .option('--batch-size <n>', 'rows per batch', '8')
     .option('--json', 'print one JSON object')
     .option('--backend <name>', 'compute backend: auto, tensorflow-gpu, tensorflow, wasm, cpu')
+    .option('--engine <name>', ENGINE_FLAG_HELP)
     .action(async (flags: EvalFlags) => {
       const report = await evaluateLocal({
         modelDir: requiredFlag('--model', flags.model),
@@ -31,6 +33,8 @@ export function evalCommand(io: CommandIo = processIo): Command {
         seqLen: numberFlag('--seq-len', flags.seqLen, { min: 2, integer: true }),
         batchSize: numberFlag('--batch-size', flags.batchSize, { min: 1, integer: true }),
         backend: flags.backend,
+        engine: engineFlag(flags),
+        ...(flags.json ? {} : { log: io.log }),
         ...(flags.adapter ? { adapterDir: flags.adapter } : {}),
       });
       if (flags.json) {

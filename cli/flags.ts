@@ -1,5 +1,22 @@
 import { readFile, stat } from 'node:fs/promises';
+import { ENGINES, parseEngineName } from '../model/index.ts';
 import { CliError } from './errors.ts';
+
+/** The help line of --engine, shared by train, eval and generate. */
+export const ENGINE_FLAG_HELP = `engine of the frozen work: auto (best first: ${ENGINES.join(', ')}) or one of them; default auto, or TANDEM_ENGINE; with only --backend, tfjs on that backend`;
+
+/**
+ * The engine a command asks for, checked before any work: --engine, else TANDEM_ENGINE (left to
+ * the run), else 'auto' unless --backend alone asks for tfjs.
+ */
+export function engineFlag(flags: { engine?: string; backend?: string }): string | undefined {
+  if (flags.engine !== undefined) {
+    parseEngineName(flags.engine, '--engine');
+    return flags.engine;
+  }
+  if (process.env.TANDEM_ENGINE) return undefined;
+  return flags.backend === undefined ? 'auto' : undefined;
+}
 
 /** Parses a number flag, checking that it is finite and within [min, max]; integers when asked. */
 export function numberFlag(flag: string, value: string | undefined, options: { min?: number; max?: number; integer?: boolean; fallback?: number } = {}): number {

@@ -1,7 +1,7 @@
 import { Command } from 'commander';
-import { generate, generateOrt, initBackend, LlamaModel, loadAdapter, loadModelFolder, loadTokenizer, ModelError, OrtLlama, parseEngineName, selectEngine } from '../model/index.ts';
-import type { GenerateResult, LoadedModel, WeightArrays } from '../model/index.ts';
-import { numberFlag, requiredFlag } from './flags.ts';
+import { generate, generateOrt, initBackend, LlamaModel, loadAdapter, loadModelFolder, loadTokenizer, mergedWeightArrays, openEngine } from '../model/index.ts';
+import type { GenerateResult, OpenedEngine, WeightArrays } from '../model/index.ts';
+import { ENGINE_FLAG_HELP, engineFlag, numberFlag, requiredFlag } from './flags.ts';
 import type { CommandIo } from './io.ts';
 
 interface GenerateFlags {
@@ -17,27 +17,6 @@ interface GenerateFlags {
   engine?: string;
 }
 
-/** The base weights with the adapter merged in, or undefined when a method of it cannot merge. */
-async function mergedWeights(loaded: LoadedModel, adapterDir: string): Promise<WeightArrays | undefined> {
-  const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
-  try {
-    const adapter = await loadAdapter(model, adapterDir);
-    try {
-      adapter.merge();
-      const out = new Map<string, { shape: number[]; data: Float32Array }>();
-      for (const [name, w] of loaded.weights) out.set(name, { shape: w.shape, data: Float32Array.from(model.weight(name).dataSync() as Float32Array) });
-      return out;
-    } catch (err) {
-      if (err instanceof ModelError && err.code === 'TANDEM_MERGE_UNSUPPORTED') return undefined;
-      throw err;
-    } finally {
-      adapter.dispose();
-    }
-  } finally {
-    model.dispose();
-  }
-}
-
 export function generateCommand(io: CommandIo): Command {
   return new Command('generate')
     .description('generate text from a Hugging Face model folder')
@@ -50,42 +29,43 @@ export function generateCommand(io: CommandIo): Command {
     .option('--seed <s>', 'sampling seed', '0')
     .option('--json', 'print one JSON object: input_ids, generated_ids, text, top_logits')
     .option('--backend <name>', 'compute backend: auto, tensorflow-gpu, tensorflow, wasm, cpu')
-    .option('--engine <name>', 'ort-cpu or ort-cuda: run the model on ONNX Runtime (an adapter is merged into the weights; one that cannot merge runs on tfjs); default TANDEM_ENGINE unless --backend is given')
+    .option('--engine <name>', `${ENGINE_FLAG_HELP}; on ONNX Runtime an adapter is merged into the weights, and one that cannot merge runs on tfjs`)
     .action(async (flags: GenerateFlags) => {
       const dir = requiredFlag('--model', flags.model);
       const maxNewTokens = numberFlag('--max-new-tokens', flags.maxNewTokens, { min: 0, integer: true });
       const temperature = numberFlag('--temperature', flags.temperature, { min: 0 });
       const topP = numberFlag('--top-p', flags.topP, { min: Number.MIN_VALUE, max: 1 });
       const seed = numberFlag('--seed', flags.seed, { min: 0, max: 2 ** 32 - 1, integer: true });
-      const engineName = parseEngineName(flags.engine ?? (flags.backend === undefined ? process.env.TANDEM_ENGINE : undefined), flags.engine !== undefined ? '--engine' : 'TANDEM_ENGINE');
+      const request = engineFlag(flags);
       const log = flags.json ? undefined : io.log;
-      const chosen = engineName !== undefined ? await selectEngine({ engine: engineName, log }) : undefined;
-      const ort = chosen?.ortProvider !== undefined ? chosen : undefined;
-      if (chosen === undefined) await initBackend({ backend: flags.backend, log });
+      await initBackend({ backend: flags.backend, log });
       const [loaded, tokenizer] = await Promise.all([loadModelFolder(dir), loadTokenizer(dir)]);
       const inputIds = tokenizer.encode(flags.prompt ?? '');
       const options = { maxNewTokens, temperature, topP, seed };
-      let result: GenerateResult | undefined;
-      if (ort !== undefined) {
-        const weights = flags.adapter ? await mergedWeights(loaded, flags.adapter) : loaded.weights;
-        if (weights === undefined) log?.('the adapter cannot be merged into the weights: generating on tfjs');
-        else {
-          const engine = await OrtLlama.create(loaded.config, weights, { threads: ort.threads, provider: ort.ortProvider });
-          try {
-            result = await generateOrt(engine, inputIds, options);
-          } finally {
-            await engine.dispose();
-          }
-        }
-      }
-      if (result === undefined) {
-        const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
+      const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
+      let opened: OpenedEngine | undefined;
+      let result: GenerateResult;
+      try {
+        const adapter = flags.adapter ? await loadAdapter(model, flags.adapter) : undefined;
         try {
-          const adapter = flags.adapter ? await loadAdapter(model, flags.adapter) : undefined;
-          result = generate(model, inputIds, { ...options, hooks: adapter?.hooks });
+          // The adapter is merged only once ONNX Runtime is chosen; tfjs runs it through its hooks.
+          let unmergeable: string | undefined;
+          const weights = (): WeightArrays => {
+            const merged = adapter ? mergedWeightArrays(model, adapter) : { weights: loaded.weights };
+            unmergeable = merged.reason;
+            return merged.weights ?? loaded.weights;
+          };
+          opened = await openEngine(loaded.config, weights, request, log);
+          if (opened.engine && unmergeable !== undefined) log?.(`generating on tfjs: the adapter cannot merge into the weights (${unmergeable})`);
+          result = opened.engine && unmergeable === undefined
+            ? await generateOrt(opened.engine, inputIds, options)
+            : generate(model, inputIds, { ...options, hooks: adapter?.hooks });
         } finally {
-          model.dispose();
+          adapter?.dispose();
         }
+      } finally {
+        await opened?.close();
+        model.dispose();
       }
       const text = tokenizer.decode([...inputIds, ...result.generatedIds], { skipSpecialTokens: true });
       if (flags.json) {

@@ -2,7 +2,7 @@ import { Command } from 'commander';
 import { trainLocal } from '../model/index.ts';
 import type { MethodSpec, TrainEvent } from '../model/index.ts';
 import { CliError } from './errors.ts';
-import { numberFlag, requiredFlag } from './flags.ts';
+import { ENGINE_FLAG_HELP, engineFlag, numberFlag, requiredFlag } from './flags.ts';
 import { processIo } from './io.ts';
 import type { CommandIo } from './io.ts';
 import { addRecipeOptions, recipeFromFlags } from './recipe.ts';
@@ -20,6 +20,7 @@ interface TrainFlags extends RecipeFlags {
   numVirtualTokens?: string;
   out?: string;
   cut?: string;
+  engine?: string;
 }
 
 export function intList(flag: string, value: string): number[] {
@@ -56,7 +57,7 @@ function duration(seconds: number): string {
 export function describe(e: TrainEvent): string {
   switch (e.type) {
     case 'start':
-      return `${e.resumed ? 'resuming at' : 'training from'} step ${e.step}/${e.totalSteps} on ${e.backend}: ${e.trainRows} train rows, ${e.validationRows} validation rows, ${e.trainableParameters} trainable parameters`;
+      return `${e.resumed ? 'resuming at' : 'training from'} step ${e.step}/${e.totalSteps} on ${e.engine ?? e.backend}: ${e.trainRows} train rows, ${e.validationRows} validation rows, ${e.trainableParameters} trainable parameters`;
     case 'step':
       return `step ${e.step}/${e.totalSteps}  loss ${e.loss.toFixed(4)}  lr ${e.lr.toExponential(2)}  ${Math.round(e.tokensPerSecond)} tok/s  eta ${duration(e.etaSeconds)}`;
     case 'eval':
@@ -81,7 +82,8 @@ export function trainCommand(io: CommandIo = processIo): Command {
     .option('--layers <list>', 'comma-separated layer indices to adapt')
     .option('--num-virtual-tokens <n>', 'prompt tuning: virtual tokens')
     .option('--out <dir>', 'output folder: checkpoint/ and, when done, adapter/')
-    .option('--cut <B,T>', 'train as the split cut does: B bottom and T top blocks (default: the whole model)');
+    .option('--cut <B,T>', 'train as the split cut does: B bottom and T top blocks (default: the whole model)')
+    .option('--engine <name>', ENGINE_FLAG_HELP);
   return addRecipeOptions(command).action(async (flags: TrainFlags) => {
       let cut: { bottom: number; top: number } | undefined;
       if (flags.cut !== undefined) {
@@ -96,6 +98,8 @@ export function trainCommand(io: CommandIo = processIo): Command {
         methods: [methodSpec(flags)],
         ...recipeFromFlags(flags),
         ...(cut ? { cut } : {}),
+        engine: engineFlag(flags),
+        log: flags.json ? undefined : io.log,
       };
       // On a terminal the step line rewrites itself; elsewhere each report is a plain line.
       const live = !flags.json && io === processIo && process.stdout.isTTY;

@@ -86,6 +86,12 @@ async function probeOrt(provider: OrtProvider): Promise<void> {
 
 let active: EngineChoice | undefined;
 
+/** The line that logs a choice, the same for the first pick and every later caller. */
+function choiceLine(choice: EngineChoice): string {
+  const tail = choice.skipped.length ? ` (skipped ${choice.skipped.map((s) => s.name).join(', ')})` : '';
+  return `engine: ${choice.name}${choice.ortProvider ? ` (tfjs ${choice.tfjsBackend} for the trainable parts)` : ''}, ${choice.threads} threads${tail}`;
+}
+
 /**
  * Picks the engine: the one asked for (options.engine, then TANDEM_ENGINE), or the best that
  * starts, once per process. Asking for one that does not start is a typed error.
@@ -93,7 +99,10 @@ let active: EngineChoice | undefined;
 export async function selectEngine(options: { engine?: string; threads?: number | string; log?: (line: string) => void } = {}): Promise<EngineChoice> {
   const wanted = parseEngineName(options.engine ?? process.env.TANDEM_ENGINE, options.engine ? '--engine' : 'TANDEM_ENGINE');
   const threads = parseThreads(options.threads ?? process.env.TANDEM_THREADS, options.threads !== undefined ? '--threads' : 'TANDEM_THREADS');
-  if (active && (wanted === undefined || wanted === active.name) && active.threads === threads) return active;
+  if (active && (wanted === undefined || wanted === active.name) && active.threads === threads) {
+    options.log?.(choiceLine(active));
+    return active;
+  }
   const order = wanted ? [wanted] : [...ENGINES];
   const skipped: EngineChoice['skipped'] = [];
   for (const name of order) {
@@ -110,8 +119,7 @@ export async function selectEngine(options: { engine?: string; threads?: number 
         choice = { name, tfjsBackend: tf.name, threads, skipped };
       }
       active = choice;
-      const tail = skipped.length ? ` (skipped ${skipped.map((s) => s.name).join(', ')})` : '';
-      options.log?.(`engine: ${name}${choice.ortProvider ? ` (tfjs ${choice.tfjsBackend} for the trainable parts)` : ''}, ${threads} threads${tail}`);
+      options.log?.(choiceLine(choice));
       return choice;
     } catch (err) {
       skipped.push({ name, reason: err instanceof Error ? err.message.split('\n')[0] : String(err) });

@@ -1,6 +1,7 @@
 // Evaluation: loss and perplexity over rows, and classification accuracy by scoring each
 // candidate label word and taking the most likely one.
 import { tf } from '../backend.ts';
+import type { OrtLlama } from '../engine/ort-llama.ts';
 import type { LlamaModel } from '../llama/llama.ts';
 import { IGNORE_INDEX } from '../loss.ts';
 import type { Adapter } from '../peft/adapter.ts';
@@ -52,6 +53,24 @@ export function localScorer(model: LlamaModel, adapter?: Adapter): Scorer {
         return scoreLogits(logits, labels, batch.labels);
       } finally {
         tf.dispose([ids, labels, logits]);
+      }
+    },
+  };
+}
+
+/** The whole model on ONNX Runtime (an adapter merged into its weights beforehand). */
+export function ortScorer(engine: OrtLlama): Scorer {
+  return {
+    async score(batch) {
+      const b = batch.ids.length;
+      const s = batch.ids[0]?.length ?? 0;
+      const data = await engine.logits(Int32Array.from(batch.ids.flat()), b, s);
+      const logits = tf.tensor3d(data, [b, s, engine.config.vocabSize]);
+      const labels = tf.tensor2d(Int32Array.from(batch.labels.flat()), [b, s], 'int32');
+      try {
+        return scoreLogits(logits, labels, batch.labels);
+      } finally {
+        tf.dispose([logits, labels]);
       }
     },
   };

@@ -5,7 +5,12 @@ export { CHECKPOINT_ADAPTER_DIR, CHECKPOINT_VERSION, OPTIMIZER_FILE, TRAINER_STA
 export type { TrainerState, TrainingCheckpoint } from './checkpoint.ts';
 export { BatchStream, exampleRows, labelRow, packRows, padRow, parseDataset, prepareData, readDataset, splitExamples } from './data.ts';
 export type { BatchStreamState, DataFormat, Dataset, Example, PrepareOptions, PreparedData, Row, TextTokenizer } from './data.ts';
-export { evaluateClassification, evaluateRows, labelTokens, localScorer, scoreLogits } from './evaluate.ts';
+export { evaluateClassification, evaluateRows, labelTokens, localScorer, ortScorer, scoreLogits } from './evaluate.ts';
+export { openEngine, weightArraysOf } from './engine-choice.ts';
+export type { EngineRequest, OpenedEngine } from './engine-choice.ts';
+export { mergedWeightArrays } from './merged-weights.ts';
+export { loraParamsOf, ortLoraPlan } from './ort-plan.ts';
+export type { OrtLoraPlan, OrtPlanResult } from './ort-plan.ts';
 export type { ClassificationEvaluation, LmEvaluation, Scorer } from './evaluate.ts';
 export { Trainer } from './loop.ts';
 export type { Cut, StepResult, TrainerOptions } from './loop.ts';

@@ -12,7 +12,11 @@ import { TOKENIZER_CONFIG_FILE, loadTokenizer } from '../tokenizer.ts';
 import type { Tokenizer } from '../tokenizer.ts';
 import { readTrainingCheckpoint } from './checkpoint.ts';
 import { prepareData, readDataset } from './data.ts';
-import { evaluateClassification, evaluateRows, localScorer } from './evaluate.ts';
+import type { WeightArrays } from '../engine/llama-graphs.ts';
+import { openEngine } from './engine-choice.ts';
+import type { OpenedEngine } from './engine-choice.ts';
+import { evaluateClassification, evaluateRows, localScorer, ortScorer } from './evaluate.ts';
+import { mergedWeightArrays } from './merged-weights.ts';
 import type { Cut } from './loop.ts';
 import { checkInteger } from './recipe.ts';
 import type { TrainRecipe } from './recipe.ts';
@@ -34,15 +38,19 @@ export interface TrainLocalOptions extends TrainRecipe, Omit<RunSettings, 'adapt
   /** Continue from `outDir/checkpoint`. */
   resume?: boolean;
   backend?: string;
+  /** The engine (see TrainingSpec.engine): a name or 'auto'; absent: TANDEM_ENGINE when set, else tfjs. */
+  engine?: string;
+  /** Receives the backend and engine choice lines. */
+  log?: (line: string) => void;
 }
 
 export type TrainSummary = TrainingResult & { checkpointDir: string };
 
-async function loadModel(modelDir: string): Promise<{ model: LlamaModel; tokenizer: Tokenizer; contentHash: string }> {
+async function loadModel(modelDir: string): Promise<{ model: LlamaModel; tokenizer: Tokenizer; contentHash: string; weights: WeightArrays }> {
   const loaded = await loadModelFolder(modelDir);
   const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
   const tokenizer = await loadTokenizer(modelDir);
-  return { model, tokenizer, contentHash: loaded.contentHash };
+  return { model, tokenizer, contentHash: loaded.contentHash, weights: loaded.weights };
 }
 
 async function exists(path: string): Promise<boolean> {
@@ -59,18 +67,21 @@ async function exists(path: string): Promise<boolean> {
  * the checkpoint exactly: the result is bit for bit that of an uninterrupted run.
  */
 export async function trainLocal(options: TrainLocalOptions, onEvent?: TrainEventHandler): Promise<TrainSummary> {
-  const { modelDir, dataFile, outDir, methods, cut, resume, backend, evalEvery, evaluate, saveEvery, stopAfter, ...recipe } = options;
+  const { modelDir, dataFile, outDir, methods, cut, resume, backend, engine: engineName, log, evalEvery, evaluate, saveEvery, stopAfter, ...recipe } = options;
   checkRun(recipe, options);
-  await initBackend({ backend });
-  const { model, tokenizer, contentHash } = await loadModel(modelDir);
+  await initBackend({ backend, log });
+  const { model, tokenizer, contentHash, weights } = await loadModel(modelDir);
   const checkpointDir = join(outDir, CHECKPOINT_DIR);
+  let opened: OpenedEngine | undefined;
   try {
+    opened = await openEngine(model.config, () => weights, engineName, log);
     const result = await runTraining({
       model, tokenizer, modelHash: contentHash, dataFile, recipe, cut, methods, store: checkpointFolder(checkpointDir), resume: resume ?? false, baseModel: modelDir,
-      evalEvery, evaluate, saveEvery, stopAfter, onEvent, adapterOut: join(outDir, ADAPTER_DIR),
+      evalEvery, evaluate, saveEvery, stopAfter, onEvent, adapterOut: join(outDir, ADAPTER_DIR), engine: opened.engine ?? false,
     });
     return { ...result, checkpointDir };
   } finally {
+    await opened?.close();
     model.dispose();
   }
 }
@@ -82,6 +93,9 @@ export interface EvaluateLocalOptions {
   seqLen: number;
   batchSize: number;
   backend?: string;
+  /** As TrainLocalOptions.engine. On ONNX Runtime an adapter is merged into the weights; one that cannot merge is scored on tfjs. */
+  engine?: string;
+  log?: (line: string) => void;
 }
 
 export interface EvaluationReport {
@@ -97,20 +111,31 @@ export interface EvaluationReport {
 export async function evaluateLocal(options: EvaluateLocalOptions): Promise<EvaluationReport> {
   checkInteger(options.seqLen, 'seqLen', 2);
   checkInteger(options.batchSize, 'batchSize');
-  await initBackend({ backend: options.backend });
-  const { model, tokenizer } = await loadModel(options.modelDir);
+  await initBackend({ backend: options.backend, log: options.log });
+  const { model, tokenizer, weights } = await loadModel(options.modelDir);
   let adapter: PeftAdapter | undefined;
+  let opened: OpenedEngine | undefined;
   try {
     adapter = options.adapterDir ? await loadAdapter(model, options.adapterDir) : undefined;
     const dataset = await readDataset(options.dataFile);
     const data = prepareData(dataset, tokenizer, { seqLen: options.seqLen, valFraction: 0, seed: 0, pack: false });
-    const scorer = localScorer(model, adapter);
+    // Merged only once ONNX Runtime is chosen: tfjs scores through the adapter's hooks, unmerged.
+    let unmergeable: string | undefined;
+    const engineWeights = (): WeightArrays => {
+      const merged = adapter ? mergedWeightArrays(model, adapter) : { weights };
+      unmergeable = merged.reason;
+      return merged.weights ?? weights;
+    };
+    opened = await openEngine(model.config, engineWeights, options.engine, options.log);
+    if (opened.engine && unmergeable !== undefined) options.log?.(`eval on tfjs: the adapter cannot merge into the weights (${unmergeable})`);
+    const scorer = opened.engine && unmergeable === undefined ? ortScorer(opened.engine) : localScorer(model, adapter);
     const lm = await evaluateRows(scorer, data.train, options.batchSize);
     const records = dataset.examples.flatMap((e) => (e.kind === 'label' ? [{ text: e.text, label: e.label }] : []));
     const labels = data.classification?.labels;
     const accuracy = labels ? (await evaluateClassification(scorer, tokenizer, records, labels, options.seqLen)).accuracy : undefined;
     return { ...lm, examples: dataset.examples.length, ...(accuracy === undefined ? {} : { accuracy }) };
   } finally {
+    await opened?.close();
     adapter?.dispose();
     model.dispose();
   }

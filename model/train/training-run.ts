@@ -18,6 +18,8 @@ import { BatchStream, prepareData, readDataset } from './data.ts';
 import type { PreparedData, TextTokenizer } from './data.ts';
 import { evaluateClassification, evaluateRows } from './evaluate.ts';
 import type { Scorer } from './evaluate.ts';
+import { openEngine, weightArraysOf } from './engine-choice.ts';
+import type { EngineRequest } from './engine-choice.ts';
 import { Trainer } from './loop.ts';
 import type { Cut } from './loop.ts';
 import type { Middle } from './middle.ts';
@@ -56,7 +58,7 @@ export interface WireProgress {
 
 /** What a run reports as it goes, for every kind of run. */
 export type TrainEvent =
-  | { type: 'start'; backend: string; step: number; totalSteps: number; cut?: Cut; trainRows: number; validationRows: number; trainableParameters: number; resumed: boolean; remote?: RemoteStart }
+  | { type: 'start'; backend: string; engine?: string; step: number; totalSteps: number; cut?: Cut; trainRows: number; validationRows: number; trainableParameters: number; resumed: boolean; remote?: RemoteStart }
   | { type: 'step'; step: number; totalSteps: number; loss: number; lr: number; gradNorm: number; tokens: number; tokensPerSecond: number; stepMs: number; elapsedSeconds: number; etaSeconds: number; wire?: WireProgress }
   | ({ type: 'eval'; phase: 'before' | 'during' | 'after'; step: number } & Evaluation)
   | { type: 'checkpoint'; step: number; dir: string }
@@ -129,6 +131,14 @@ export interface TrainingSpec extends RunSettings {
   baseModel: string;
   /** NoPeek weight α of dCor(token embeddings, h_B) in the edge's loss (a privacy defense); off when absent. */
   noPeek?: number;
+  /**
+   * The engine of the frozen work: an OrtLlama over the model's weights, an engine name
+   * ('auto' for the best that starts), or absent for TANDEM_ENGINE when set, else tfjs alone.
+   * Plain LoRA trains on ONNX Runtime; other methods stay on tfjs (the start event says which).
+   */
+  engine?: EngineRequest;
+  /** Receives the engine choice line when this run picks the engine. */
+  log?: (line: string) => void;
 }
 
 /** A run's state between steps: "N more steps from here" is runSteps on it. */
@@ -232,12 +242,19 @@ export async function runSteps(state: RunState, spec: TrainingSpec): Promise<Tra
   };
   const { adapter, optimizer, stream, data } = state;
   const schedule = { kind: recipe.schedule, lr: recipe.lr, warmupSteps: recipe.warmupSteps, totalSteps: recipe.steps };
-  const trainer = new Trainer({ model: spec.model, adapter, optimizer, schedule, cut: spec.cut, middle: spec.middle, maxGradNorm: recipe.maxGradNorm, noPeek: spec.noPeek });
+  const opened = await openEngine(spec.model.config, () => weightArraysOf(spec.model), spec.engine, spec.log);
+  let trainer: Trainer;
+  try {
+    trainer = new Trainer({ model: spec.model, adapter, optimizer, schedule, cut: spec.cut, middle: spec.middle, maxGradNorm: recipe.maxGradNorm, noPeek: spec.noPeek, engine: opened.engine });
+  } catch (err) {
+    await opened.close();
+    throw err;
+  }
   try {
     const startStep = trainer.step;
     const trainableParameters = [...adapter.trainableVariables().values()].reduce((n, v) => n + v.size, 0);
     await emit({
-      type: 'start', backend: tf.getBackend(), step: startStep, totalSteps: recipe.steps, ...(spec.cut ? { cut: { ...spec.cut } } : {}),
+      type: 'start', backend: tf.getBackend(), engine: trainer.engineNote ?? `tfjs ${tf.getBackend()}`, step: startStep, totalSteps: recipe.steps, ...(spec.cut ? { cut: { ...spec.cut } } : {}),
       trainRows: data.train.length, validationRows: data.validation.length, trainableParameters, resumed: state.resumed,
     });
     const evaluate = async (phase: 'before' | 'during' | 'after'): Promise<Evaluation | undefined> => {
@@ -283,6 +300,7 @@ export async function runSteps(state: RunState, spec: TrainingSpec): Promise<Tra
     return { startStep, step: trainer.step, finished, losses, before, after, methods: state.methods, trainableParameters, adapter: snapshot(adapter), ...where };
   } finally {
     trainer.dispose();
+    await opened.close();
   }
 }
 

@@ -54,6 +54,13 @@ describe('tandem generate', () => {
     });
   });
 
+  it('generates on the selected engine by default, logging the choice', async () => {
+    const { code, out, log } = await run(['generate', '--model', fixture, '--prompt', 'Once upon a time', '--max-new-tokens', '32', '--temperature', '0']);
+    assert.equal(code, 0);
+    assert.equal(out.join('\n'), reference.full_text);
+    if (!process.env.TANDEM_ENGINE) assert.match(log.join('\n'), /^engine: ort-(cpu|cuda)/m);
+  });
+
   it('samples on ONNX Runtime the tokens tfjs samples with the same seed', async () => {
     const args = ['generate', '--model', fixture, '--prompt', 'One day', '--max-new-tokens', '24', '--temperature', '1', '--top-p', '0.95', '--seed', '1', '--json'];
     const tfjs = JSON.parse((await run([...args, '--backend', 'wasm'])).out[0]) as { generated_ids: number[] };

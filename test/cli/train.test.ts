@@ -78,6 +78,24 @@ describe('tandem train, eval, export', () => {
     await assert.rejects(run(evalCommand, ['--model', fixture, '--data', bad, '--backend', 'wasm']), (e: unknown) => e instanceof ModelError && e.code === 'TANDEM_DATA_INVALID' && e.message.includes('line 2') && e.message.includes(bad));
   });
 
+  it('trains and evaluates on ONNX Runtime (the default engine) to the losses tfjs gives, and says so at start', async () => {
+    const data = join(work, 'stories.jsonl');
+    const texts = ['Once upon a time there was a little girl.', 'The sun was warm and the dog ran fast.', 'Tom liked his red ball very much.', 'She went to the park with her mom.'];
+    await writeFile(data, `${Array.from({ length: 16 }, (_, i) => JSON.stringify({ text: texts[i % 4] })).join('\n')}\n`);
+    const common = ['--model', fixture, '--data', data, '--method', 'lora', '--r', '2', '--target-modules', 'q_proj,v_proj,down_proj', '--batch-size', '4', '--seq-len', '16', '--lr', '0.01', '--steps', '3', '--json'];
+    const steps = (lines: string[]) => lines.map((l) => JSON.parse(l) as { type: string; loss?: number; engine?: string });
+    const tfjs = steps(await run(trainCommand, [...common, '--out', join(work, 'tfjs'), '--backend', 'wasm']));
+    const ort = steps(await run(trainCommand, [...common, '--out', join(work, 'ort')]));
+    assert.match(ort[0].engine ?? '', /^ort-(cpu|cuda): LoRA r2/);
+    assert.match(tfjs[0].engine ?? '', /^tfjs wasm/);
+    const losses = (events: typeof ort) => events.filter((e) => e.type === 'step' || e.type === 'eval').map((e) => e.loss as number);
+    losses(tfjs).forEach((l, i) => assert.ok(Math.abs(l - losses(ort)[i]) < 1e-4, `loss ${i}: ${l} vs ${losses(ort)[i]}`));
+    const evalArgs = ['--model', fixture, '--adapter', join(work, 'ort', 'adapter'), '--data', data, '--seq-len', '16', '--json'];
+    const onTfjs = JSON.parse((await run(evalCommand, [...evalArgs, '--backend', 'wasm']))[0]) as { loss: number };
+    const onOrt = JSON.parse((await run(evalCommand, [...evalArgs, '--engine', 'ort-cpu']))[0]) as { loss: number };
+    assert.ok(Math.abs(onTfjs.loss - onOrt.loss) < 1e-4, `${onTfjs.loss} vs ${onOrt.loss}`);
+  });
+
   it('prints help for each command', async () => {
     for (const make of [trainCommand, evalCommand, exportCommand]) {
       const out: string[] = [];
