@@ -1,7 +1,7 @@
 import { Command } from 'commander';
 import {
-  DEFAULT_ACTIVATION_TTL_MS, DEFAULT_CLOSED_RETENTION_MS, DEFAULT_EMULATOR_MAX_BUNDLES, DEFAULT_EMULATOR_MAX_BYTES, DEFAULT_MEMORY_BUDGET_BYTES, DEFAULT_QUOTAS,
-  DEFAULT_SESSION_IDLE_MS, startCloudNode,
+  DEFAULT_ACTIVATION_TTL_MS, DEFAULT_BATCH_WINDOW_MS, DEFAULT_CLOSED_RETENTION_MS, DEFAULT_EMULATOR_MAX_BUNDLES, DEFAULT_EMULATOR_MAX_BYTES, DEFAULT_MEMORY_BUDGET_BYTES, DEFAULT_QUOTAS,
+  DEFAULT_MAX_BATCH_TOKENS, DEFAULT_SESSION_IDLE_MS, startCloudNode,
 } from '../cloud-node/index.ts';
 import { CliError } from './errors.ts';
 import { numberFlag, pemFlag, requiredFlag } from './flags.ts';
@@ -31,6 +31,8 @@ interface CloudFlags {
   closedRetention: string;
   emulatorsMaxBundles: string;
   emulatorsMaxMb: string;
+  batchWindowMs: string;
+  maxBatchTokens: string;
 }
 
 
@@ -74,6 +76,8 @@ export function cloudCommand(io: CommandIo, until: () => Promise<void> = untilSi
     .option('--session-idle <s>', 'seconds without a request after which an open session expires', String(DEFAULT_SESSION_IDLE_MS / 1000))
     .option('--closed-retention <s>', 'seconds a closed session stays listed before it is pruned', String(DEFAULT_CLOSED_RETENTION_MS / 1000))
     .option('--emulators-max-bundles <n>', 'emulator bundles on disk, all tenants together (least recently used evicted)', String(DEFAULT_EMULATOR_MAX_BUNDLES))
+    .option('--batch-window-ms <ms>', 'milliseconds a batch of the middle waits for more sessions\' requests (0: only those already queued)', String(DEFAULT_BATCH_WINDOW_MS))
+    .option('--max-batch-tokens <n>', 'tokens (batch x sequence) of one batched middle call at most', String(DEFAULT_MAX_BATCH_TOKENS))
     .option('--emulators-max-mb <mb>', 'MiB of emulator bundles on disk, all tenants together', String(DEFAULT_EMULATOR_MAX_BYTES / 2 ** 20))
     .action(async (flags: CloudFlags) => {
       const modelDir = requiredFlag('--model', flags.model);
@@ -97,6 +101,10 @@ export function cloudCommand(io: CommandIo, until: () => Promise<void> = untilSi
         maxBundles: count('--emulators-max-bundles', flags.emulatorsMaxBundles),
         maxBytes: Math.round(numberFlag('--emulators-max-mb', flags.emulatorsMaxMb, { min: 1, max: 2 ** 32 }) * 2 ** 20),
       };
+      const batching = {
+        windowMs: numberFlag('--batch-window-ms', flags.batchWindowMs, { min: 0, max: 10_000 }),
+        maxTokens: count('--max-batch-tokens', flags.maxBatchTokens),
+      };
       if ((flags.tlsCert === undefined) !== (flags.tlsKey === undefined)) {
         const missing = flags.tlsCert === undefined ? '--tls-cert' : '--tls-key';
         throw new CliError('TANDEM_CLI_FLAG_MISSING', missing, '--tls-cert and --tls-key go together');
@@ -118,6 +126,7 @@ export function cloudCommand(io: CommandIo, until: () => Promise<void> = untilSi
         quotas,
         sessions,
         emulatorStorage,
+        batching,
         tls,
       });
       io.out(`tandem cloud listening on ${node.url}`);

@@ -9,6 +9,8 @@ export { DEFAULT_CLOSED_RETENTION_MS, DEFAULT_CLOSED_SESSIONS_PER_TENANT, DEFAUL
 export type { SessionLifetimes } from './session-service.ts';
 export { DEFAULT_QUOTAS, QuotaLedger } from './quotas.ts';
 export type { QuotaName, TenantQuotas } from './quotas.ts';
+export { DEFAULT_BATCH_WINDOW_MS, DEFAULT_MAX_BATCH_TOKENS } from './middle-executor.ts';
+export type { BatchInfo } from './middle-executor.ts';
 export { DEFAULT_EMULATOR_MAX_BUNDLES, DEFAULT_EMULATOR_MAX_BYTES } from './emulator-registry.ts';
 export type { EmulatorStorageLimits } from './emulator-registry.ts';
 export { ADMIN_TENANT, KEYS_FILE, KeyStore, RESERVED_TENANTS } from './state/key-store.ts';

@@ -1,6 +1,7 @@
 // Prometheus metrics of one node, in a registry of its own (several nodes may share a process).
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import type { EvictionReason } from './activation-cache.ts';
+import type { BatchInfo } from './middle-executor.ts';
 
 export type StepKind = 'forward' | 'backward';
 export type Direction = 'in' | 'out';
@@ -24,6 +25,10 @@ export class CloudMetrics {
   readonly connections: Gauge;
   readonly computeRestarts: Counter;
   readonly computeReady: Gauge;
+  readonly batchRequests: Histogram;
+  readonly batchTokens: Histogram;
+  readonly queueWait: Histogram;
+  readonly tenantTokens: Counter;
 
   constructor(options: { defaultMetrics?: boolean } = {}) {
     const registers = [this.registry];
@@ -42,12 +47,24 @@ export class CloudMetrics {
     this.connections = new Gauge({ name: 'tandem_socket_connections', help: 'socket.io connections open', registers });
     this.computeRestarts = new Counter({ name: 'tandem_compute_restarts_total', help: 'Compute workers restarted after they died or their backend failed', registers });
     this.computeReady = new Gauge({ name: 'tandem_compute_ready', help: '1 while every compute worker has the model loaded, 0 while one restarts', registers });
+    this.batchRequests = new Histogram({ name: 'tandem_batch_requests', help: 'Requests coalesced into one backbone call, by kind (forward, backwardFromTape, backward)', labelNames: ['kind'], buckets: [1, 2, 4, 8, 16, 32, 64], registers });
+    this.batchTokens = new Histogram({ name: 'tandem_batch_tokens', help: 'Tokens (batch x sequence) of one backbone call, by kind', labelNames: ['kind'], buckets: [64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384], registers });
+    this.queueWait = new Histogram({ name: 'tandem_queue_wait_seconds', help: 'Time a Forward or Backward waited in its queue before its batch went to a worker', labelNames: ['kind'], buckets: LATENCY_BUCKETS, registers });
+    this.tenantTokens = new Counter({ name: 'tandem_tenant_tokens_total', help: 'Tokens of the middle computed, by tenant', labelNames: ['tenant'], registers });
     for (const kind of ['forward', 'backward']) {
       this.steps.inc({ kind }, 0);
       this.replays.inc({ kind }, 0);
     }
     for (const reason of ['budget', 'ttl', 'closed', 'reply'] satisfies EvictionReason[]) this.evictions.inc({ reason }, 0);
     if (options.defaultMetrics) collectDefaultMetrics({ register: this.registry, prefix: 'tandem_process_' });
+  }
+
+  /** A batch the executor handed a worker. */
+  batch(info: BatchInfo): void {
+    this.batchRequests.observe({ kind: info.kind }, info.requests);
+    this.batchTokens.observe({ kind: info.kind }, info.tokens);
+    for (const wait of info.waitSeconds) this.queueWait.observe({ kind: info.kind }, wait);
+    for (const [tenant, tokens] of info.tenantTokens) this.tenantTokens.inc({ tenant }, tokens);
   }
 
   frame(direction: Direction, codec: string, bytes: number): void {

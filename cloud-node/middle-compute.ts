@@ -3,7 +3,7 @@
 // kept or by recomputing the forward from h_B (after an eviction or a restart). The node
 // runs it inside its compute workers (middle-worker.ts), never on its event loop. Two
 // implementations of one interface: tfjs (MiddleCompute) and ONNX Runtime (OrtMiddleCompute).
-import { OrtMiddleExecutor, gradients, tapedForward, tf } from '../model/index.ts';
+import { OrtMiddleExecutor, PackedBlocks, gradients, tapedForward, tf } from '../model/index.ts';
 import type { KeptForward, LlamaModel, OrtLlama, TapedForward } from '../model/index.ts';
 
 export type Shape3 = [number, number, number];
@@ -19,12 +19,36 @@ export interface Kept {
   dispose(): void;
 }
 
+/** One request of a packed batch: h_B (and g_M for a backward) of one session. */
+export interface BatchItem {
+  range: BlockRange;
+  h: Float32Array;
+  shape: Shape3;
+  g?: Float32Array;
+}
+
 /** The middle's computations, whatever runs them. */
 export interface Compute<K extends Kept = Kept> {
   forward(range: BlockRange, h: Float32Array, shape: Shape3): Promise<Float32Array>;
   forwardKeepingTape(range: BlockRange, h: Float32Array, shape: Shape3): Promise<{ output: Float32Array; tape: K }>;
   backwardFromTape(tape: K, g: Float32Array, shape: Shape3): Promise<Float32Array>;
   backward(range: BlockRange, h: Float32Array, g: Float32Array, shape: Shape3): Promise<Float32Array>;
+  /**
+   * Packed batches (optional: without them the worker runs a batch's requests one by one):
+   * one backbone pass for many requests, their tokens concatenated, attention within each
+   * sequence. The tape of a packed forward is one for all its requests; its backward takes
+   * every request's g_M at once (undefined: zeros, that request's g_B is then not wanted).
+   */
+  forwardPacked?(items: readonly BatchItem[], keepTape: boolean): Promise<{ outputs: Float32Array[]; tape?: K }>;
+  backwardPackedFromTape?(tape: K, gs: readonly (Float32Array | undefined)[]): Promise<Float32Array[]>;
+  backwardPacked?(items: readonly BatchItem[]): Promise<Float32Array[]>;
+}
+
+/** A packed forward's tape: the rows of each request, in order. */
+interface PackedTape extends Kept {
+  readonly taped: TapedForward;
+  readonly rows: readonly number[];
+  readonly hidden: number;
 }
 
 /** The middle on ONNX Runtime: the same four operations, the saved tensors kept in place of a tape. */
@@ -53,11 +77,92 @@ export class OrtMiddleCompute implements Compute<KeptForward> {
   }
 }
 
-export class MiddleCompute implements Compute<TapedForward> {
+export class MiddleCompute implements Compute<TapedForward | PackedTape> {
   readonly #model: LlamaModel;
+  readonly #packed: PackedBlocks;
 
   constructor(model: LlamaModel) {
     this.#model = model;
+    this.#packed = new PackedBlocks(model);
+  }
+
+  /** Packs the items' rows and runs their blocks in one pass; the output is every item's rows, concatenated. */
+  #packedRun(items: readonly BatchItem[], inputs: tf.Tensor2D[]): tf.Tensor2D {
+    const segments = items.map((it) => ({ start: it.range.start, end: it.range.end, batch: it.shape[0], seq: it.shape[1] }));
+    const outs = this.#packed.run(inputs, segments);
+    return (outs.length === 1 ? outs[0] : tf.concat(outs, 0)) as tf.Tensor2D;
+  }
+
+  #inputs(items: readonly BatchItem[]): tf.Tensor2D[] {
+    return items.map((it) => tf.tensor2d(it.h, [it.shape[0] * it.shape[1], it.shape[2]]));
+  }
+
+  async forwardPacked(items: readonly BatchItem[], keepTape: boolean): Promise<{ outputs: Float32Array[]; tape?: PackedTape }> {
+    const rows = items.map((it) => it.shape[0] * it.shape[1]);
+    const hidden = items[0].shape[2];
+    const split = (all: Float32Array): Float32Array[] => {
+      const parts: Float32Array[] = [];
+      let at = 0;
+      for (const r of rows) {
+        parts.push(all.slice(at, at + r * hidden));
+        at += r * hidden;
+      }
+      return parts;
+    };
+    if (!keepTape) {
+      const out = tf.tidy(() => this.#packedRun(items, this.#inputs(items)));
+      try {
+        return { outputs: split((await out.data()) as Float32Array) };
+      } finally {
+        out.dispose();
+      }
+    }
+    const inputs = this.#inputs(items);
+    let taped: TapedForward;
+    try {
+      taped = tapedForward(() => this.#packedRun(items, inputs), inputs);
+    } finally {
+      tf.dispose(inputs);
+    }
+    try {
+      const outputs = split((await taped.output.data()) as Float32Array);
+      const tape: PackedTape = { taped, rows, hidden, savedBytes: taped.savedBytes, dispose: () => taped.dispose() };
+      return { outputs, tape };
+    } catch (err) {
+      taped.dispose();
+      throw err;
+    }
+  }
+
+  async backwardPackedFromTape(tape: TapedForward | PackedTape, gs: readonly (Float32Array | undefined)[]): Promise<Float32Array[]> {
+    if (!('rows' in tape)) throw new Error('not a packed tape');
+    const { rows, hidden } = tape;
+    const dy = tf.tidy(() => tf.concat(rows.map((r, k) => (gs[k] === undefined ? tf.zeros([r, hidden]) : tf.tensor2d(gs[k], [r, hidden]))), 0));
+    let grads: tf.Tensor[];
+    try {
+      grads = tape.taped.vjp(dy);
+    } finally {
+      dy.dispose();
+    }
+    try {
+      return await Promise.all(grads.map(async (g) => (await g.data()) as Float32Array));
+    } finally {
+      tf.dispose(grads);
+    }
+  }
+
+  async backwardPacked(items: readonly BatchItem[]): Promise<Float32Array[]> {
+    const grads = tf.tidy(() => {
+      const inputs = this.#inputs(items);
+      const dy = tf.concat(items.map((it) => tf.tensor2d(it.g ?? new Float32Array(it.h.length), [it.shape[0] * it.shape[1], it.shape[2]])), 0);
+      const { grads } = gradients(() => this.#packedRun(items, inputs), inputs, dy);
+      return grads.map((g, k) => g ?? tf.zerosLike(inputs[k]));
+    });
+    try {
+      return await Promise.all(grads.map(async (g) => (await g.data()) as Float32Array));
+    } finally {
+      tf.dispose(grads);
+    }
   }
 
   /** h_B [batch, seq, hidden] → h_M. */
@@ -88,7 +193,8 @@ export class MiddleCompute implements Compute<TapedForward> {
   }
 
   /** g_M → g_B from a kept tape (which this frees). */
-  async backwardFromTape(tape: TapedForward, g: Float32Array, shape: Shape3): Promise<Float32Array> {
+  async backwardFromTape(tape: TapedForward | PackedTape, g: Float32Array, shape: Shape3): Promise<Float32Array> {
+    if ('rows' in tape) return (await this.backwardPackedFromTape(tape, [g]))[0];
     const dy = tf.tensor3d(g, shape);
     let out: tf.Tensor;
     try {

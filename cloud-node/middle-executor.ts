@@ -3,6 +3,14 @@
 // queues served round-robin, so that one tenant's many or large requests do not hold back
 // another's, and the event loop (REST, heartbeats, validation) never computes.
 //
+// The scheduler coalesces requests of one kind (forwards; backwards from one packed tape;
+// backwards recomputing from h_B) that arrive within `batchWindowMs` into one backbone call
+// of at most `maxBatchTokens` tokens, packed along the token axis (model/engine's
+// PackedBlocks). A batch is filled tenant by tenant in weighted rounds (`tenantWeights`), a
+// tenant's tokens in flight capped at `tenantTokensInFlight`. A batch leaves when it is full,
+// when every member of its tape is there, or when its oldest request waited the window: a
+// lone session never waits longer than that.
+//
 // A worker that dies or whose backend fails is restarted; meanwhile `ready` is false (the
 // node's /v1/ready says 503) and requests wait in their queues. A request that was running
 // when its worker died without answering is run once more on the fresh worker; the tapes
@@ -11,7 +19,7 @@ import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import type { Logger } from 'pino';
 import { CloudError, resourceErrorOf } from './errors.ts';
-import type { BlockRange, Shape3 } from './middle-compute.ts';
+import type { BatchItem, BlockRange, Shape3 } from './middle-compute.ts';
 import type { WorkerMessage, WorkerRequest, WorkerStart } from './middle-worker.ts';
 
 export type { BlockRange, Shape3 } from './middle-compute.ts';
@@ -36,17 +44,50 @@ export interface MiddleExecutorOptions {
   threads?: number;
   /** Compute workers (1). */
   workers?: number;
+  /** How long the oldest request of a batch may wait for others, ms (0: a batch is what is queued when a worker frees). */
+  batchWindowMs?: number;
+  /** Tokens (batch x seq) of one batch at most (512); a larger request runs alone. */
+  maxBatchTokens?: number;
+  /** A tenant's requests taken per round when a batch is filled (1). */
+  tenantWeights?: Readonly<Record<string, number>>;
+  /** Tokens of one tenant computing at once at most (unbounded); a tenant with nothing running may always run one request. */
+  tenantTokensInFlight?: number;
   log?: Logger;
   /** Called whenever a worker fails and is restarted (for metrics). */
   onRestart?: (index: number, reason: string) => void;
   onReady?: (ready: boolean) => void;
+  /** Called for each batch handed to a worker (for metrics). */
+  onBatch?: (batch: BatchInfo) => void;
 }
 
-type JobRequest = Exclude<WorkerRequest, { op: 'dropTape' }>;
-type Payload = JobRequest extends infer R ? (R extends { id: number } ? Omit<R, 'id'> : never) : never;
+/** What the scheduler handed a worker. */
+export interface BatchInfo {
+  kind: JobKind;
+  requests: number;
+  tokens: number;
+  /** Each request's wait in its queue, seconds. */
+  waitSeconds: number[];
+  /** Tokens per tenant in this batch. */
+  tenantTokens: Map<string, number>;
+}
+
+export const DEFAULT_BATCH_WINDOW_MS = 0;
+export const DEFAULT_MAX_BATCH_TOKENS = 512;
+
+export type JobKind = 'forward' | 'backwardFromTape' | 'backward';
+
+/** What one request asks of the worker; a batch is a list of these, of one kind. */
+type Payload =
+  | { op: 'forward'; item: BatchItem; keepTape: boolean }
+  | { op: 'backwardFromTape'; tape: WorkerTape; g: Float32Array; shape: Shape3 }
+  | { op: 'backward'; item: BatchItem };
 
 interface Done {
-  reply: Extract<WorkerMessage, { type: 'result' }>;
+  output: Float32Array;
+  /** A forward's kept tape (as the worker answered). */
+  tape?: { tapeId: number; member: number; group: TapeGroup };
+  /** This member's share of the tape's bytes. */
+  savedBytes: number;
   slot: number;
   generation: number;
 }
@@ -54,6 +95,8 @@ interface Done {
 interface Job {
   tenant: string;
   payload: Payload;
+  tokens: number;
+  queuedAt: number;
   /** Only this worker can run it (a backward from its tape). */
   slot?: number;
   generation?: number;
@@ -68,24 +111,42 @@ interface Slot {
   /** Bumped at every (re)start: tapes of older generations are gone. */
   generation: number;
   loaded: boolean;
-  running?: { id: number; job: Job };
+  running?: { id: number; jobs: Job[] };
   restarts: number;
+}
+
+/** The members of one kept tape; a packed tape serves a single backward for them all. */
+interface TapeGroup {
+  readonly slot: number;
+  readonly generation: number;
+  readonly tapeId: number;
+  readonly perMember: boolean;
+  /** Members whose backward is not yet asked for and that are not dropped. */
+  readonly outstanding: Set<number>;
+  /** A packed tape's backward ran (or was handed to the worker): later members recompute. */
+  consumed: boolean;
 }
 
 class WorkerTape implements KeptTape {
   readonly savedBytes: number;
-  readonly slot: number;
-  readonly generation: number;
-  readonly tapeId: number;
+  readonly group: TapeGroup;
+  readonly member: number;
   used = false;
   readonly #drop: (tape: WorkerTape) => void;
 
-  constructor(savedBytes: number, slot: number, generation: number, tapeId: number, drop: (tape: WorkerTape) => void) {
+  constructor(savedBytes: number, group: TapeGroup, member: number, drop: (tape: WorkerTape) => void) {
     this.savedBytes = savedBytes;
-    this.slot = slot;
-    this.generation = generation;
-    this.tapeId = tapeId;
+    this.group = group;
+    this.member = member;
     this.#drop = drop;
+  }
+
+  get slot(): number {
+    return this.group.slot;
+  }
+
+  get generation(): number {
+    return this.group.generation;
   }
 
   dispose(): void {
@@ -103,19 +164,44 @@ function bootstrap(): string {
   return `import(${JSON.stringify(api)}).then((m) => { m.register(); return import(${JSON.stringify(entry)}); })`;
 }
 
+const tokensOf = (shape: Shape3): number => shape[0] * shape[1];
+
+/** Requests that may share a batch have one key. */
+function keyOf(job: Job): string {
+  const p = job.payload;
+  return p.op === 'backwardFromTape' ? `tape:${p.tape.slot}:${p.tape.generation}:${p.tape.group.tapeId}` : p.op;
+}
+
 export class MiddleExecutor {
   readonly #options: MiddleExecutorOptions;
   readonly #slots: Slot[];
   /** Per-tenant FIFO queues; `#order` is the round-robin order of tenants with work. */
   readonly #queues = new Map<string, Job[]>();
   #order: string[] = [];
+  /** The batch that last served each tenant: rounds start with the tenant served longest ago. */
+  readonly #lastServed = new Map<string, number>();
+  /** Tokens computing now, per tenant. */
+  readonly #running = new Map<string, number>();
   #nextId = 1;
   #closed = false;
   #backend = '';
+  #timer?: NodeJS.Timeout;
+  #timerAt = Infinity;
+  readonly #window: number;
+  readonly #maxTokens: number;
 
   private constructor(options: MiddleExecutorOptions) {
     this.#options = options;
     this.#slots = Array.from({ length: Math.max(1, options.workers ?? 1) }, (_, index) => ({ index, generation: 0, loaded: false, restarts: 0 }));
+    this.#window = options.batchWindowMs ?? DEFAULT_BATCH_WINDOW_MS;
+    this.#maxTokens = options.maxBatchTokens ?? DEFAULT_MAX_BATCH_TOKENS;
+    const check = (option: string, value: number | undefined, ok: boolean, reason: string): void => {
+      if (value !== undefined && !ok) throw new CloudError('TANDEM_OPTION_INVALID', { option, value: String(value), reason });
+    };
+    check('batchWindowMs', options.batchWindowMs, Number.isFinite(options.batchWindowMs) && (options.batchWindowMs ?? 0) >= 0, 'a number of milliseconds >= 0');
+    check('maxBatchTokens', options.maxBatchTokens, Number.isInteger(options.maxBatchTokens) && (options.maxBatchTokens ?? 0) >= 1, 'an integer >= 1');
+    check('tenantTokensInFlight', options.tenantTokensInFlight, Number.isInteger(options.tenantTokensInFlight) && (options.tenantTokensInFlight ?? 0) >= 1, 'an integer >= 1');
+    for (const [tenant, w] of Object.entries(options.tenantWeights ?? {})) check(`tenantWeights.${tenant}`, w, Number.isInteger(w) && w >= 1 && w <= 1000, 'an integer from 1 to 1000');
   }
 
   /** Starts the workers and resolves once each has loaded the model. */
@@ -158,26 +244,27 @@ export class MiddleExecutor {
 
   /** h_B [batch, seq, hidden] → h_M. */
   async forward(range: BlockRange, h: Float32Array, shape: Shape3, tenant = ''): Promise<Float32Array> {
-    return (await this.#submit(tenant, { op: 'forward', range, h, shape, keepTape: false })).reply.output;
+    return (await this.#submit(tenant, { op: 'forward', item: { range, h, shape }, keepTape: false }, tokensOf(shape))).output;
   }
 
   /** h_B → h_M, the worker keeping the forward's tape so that backwardFromTape needs no recomputation. */
   async forwardKeepingTape(range: BlockRange, h: Float32Array, shape: Shape3, tenant = ''): Promise<{ output: Float32Array; tape: KeptTape }> {
-    const { reply, slot, generation } = await this.#submit(tenant, { op: 'forward', range, h, shape, keepTape: true });
-    const tape = new WorkerTape(reply.savedBytes ?? 0, slot, generation, reply.tapeId ?? 0, (t) => this.#dropTape(t));
-    return { output: reply.output, tape };
+    const done = await this.#submit(tenant, { op: 'forward', item: { range, h, shape }, keepTape: true }, tokensOf(shape));
+    if (done.tape === undefined) throw new TapeLost('the worker kept no tape');
+    return { output: done.output, tape: new WorkerTape(done.savedBytes, done.tape.group, done.tape.member, (t) => this.#dropTape(t)) };
   }
 
-  /** g_M → g_B from a kept tape (which this frees); TapeLost when its worker restarted since. */
+  /** g_M → g_B from a kept tape (which this frees); TapeLost when its worker restarted since, or its packed tape served another member's backward. */
   async backwardFromTape(tape: KeptTape, g: Float32Array, shape: Shape3, tenant = ''): Promise<Float32Array> {
-    if (!(tape instanceof WorkerTape) || tape.used || this.#slots[tape.slot]?.generation !== tape.generation) throw new TapeLost('the tape is gone');
+    if (!(tape instanceof WorkerTape) || tape.used || tape.group.consumed || this.#slots[tape.slot]?.generation !== tape.generation) throw new TapeLost('the tape is gone');
     tape.used = true;
-    return (await this.#submit(tenant, { op: 'backwardFromTape', tapeId: tape.tapeId, g, shape }, { slot: tape.slot, generation: tape.generation })).reply.output;
+    tape.group.outstanding.delete(tape.member);
+    return (await this.#submit(tenant, { op: 'backwardFromTape', tape, g, shape }, tokensOf(shape), { slot: tape.slot, generation: tape.generation })).output;
   }
 
   /** g_M (same shape as h_B) → g_B, recomputing the forward from h_B. */
   async backward(range: BlockRange, h: Float32Array, g: Float32Array, shape: Shape3, tenant = ''): Promise<Float32Array> {
-    return (await this.#submit(tenant, { op: 'backward', range, h, g, shape })).reply.output;
+    return (await this.#submit(tenant, { op: 'backward', item: { range, h, g, shape } }, tokensOf(shape))).output;
   }
 
   /** Ends a worker as a crash would (operations and tests); it is restarted like any failed worker. */
@@ -192,6 +279,7 @@ export class MiddleExecutor {
 
   async close(): Promise<void> {
     this.#closed = true;
+    clearTimeout(this.#timer);
     for (const queue of this.#queues.values()) for (const job of queue) job.reject(new CloudError('TANDEM_MODEL_NOT_READY'));
     this.#queues.clear();
     this.#order = [];
@@ -199,16 +287,16 @@ export class MiddleExecutor {
       const worker = slot.worker;
       slot.worker = undefined;
       slot.loaded = false;
-      slot.running?.job.reject(new CloudError('TANDEM_MODEL_NOT_READY'));
+      for (const job of slot.running?.jobs ?? []) job.reject(new CloudError('TANDEM_MODEL_NOT_READY'));
       slot.running = undefined;
       if (worker !== undefined) await worker.terminate();
     }));
   }
 
-  #submit(tenant: string, payload: Payload, affinity?: { slot: number; generation: number }): Promise<Done> {
+  #submit(tenant: string, payload: Payload, tokens: number, affinity?: { slot: number; generation: number }): Promise<Done> {
     if (this.#closed) return Promise.reject(new CloudError('TANDEM_MODEL_NOT_READY'));
     return new Promise((resolve, reject) => {
-      const job: Job = { tenant, payload, slot: affinity?.slot, generation: affinity?.generation, attempts: 0, reject, resolve };
+      const job: Job = { tenant, payload, tokens, queuedAt: performance.now(), slot: affinity?.slot, generation: affinity?.generation, attempts: 0, reject, resolve };
       let queue = this.#queues.get(tenant);
       if (queue === undefined) {
         queue = [];
@@ -220,43 +308,143 @@ export class MiddleExecutor {
     });
   }
 
-  /** Hands each idle worker the next job, tenants taken in turn. */
+  /** Hands each idle worker the next batch that is ready; when one is still filling, comes back at its deadline. */
   #dispatch(): void {
+    if (this.#closed) return;
+    let next = Infinity;
     for (const slot of this.#slots) {
       if (!slot.loaded || slot.running !== undefined || slot.worker === undefined) continue;
-      const job = this.#take(slot);
-      if (job === undefined) continue;
-      const id = this.#nextId++;
-      slot.running = { id, job };
-      const request = { ...job.payload, id } as JobRequest;
-      slot.worker.postMessage(request);
+      const choice = this.#form(slot);
+      if (choice === undefined) continue;
+      if ('deadline' in choice) {
+        next = Math.min(next, choice.deadline);
+        continue;
+      }
+      this.#post(slot, choice.jobs);
+    }
+    if (next < Infinity && next < this.#timerAt) {
+      clearTimeout(this.#timer);
+      this.#timerAt = next;
+      this.#timer = setTimeout(() => {
+        this.#timerAt = Infinity;
+        this.#dispatch();
+      }, Math.max(0, next - performance.now()));
     }
   }
 
-  #take(slot: Slot): Job | undefined {
-    for (let turn = 0; turn < this.#order.length; turn++) {
-      const tenant = this.#order[turn];
-      const queue = this.#queues.get(tenant) ?? [];
-      const at = queue.findIndex((job) => job.slot === undefined || job.slot === slot.index);
-      if (at < 0) continue;
-      const [job] = queue.splice(at, 1);
-      // This tenant goes to the back of the round.
-      this.#order.splice(turn, 1);
-      if (queue.length > 0) this.#order.push(tenant);
-      else this.#queues.delete(tenant);
-      if (job.slot !== undefined && job.generation !== slot.generation) {
-        job.reject(new TapeLost('the worker that kept the tape restarted'));
-        return this.#take(slot);
+  #post(slot: Slot, jobs: Job[]): void {
+    for (const job of jobs) {
+      const queue = this.#queues.get(job.tenant) ?? [];
+      queue.splice(queue.indexOf(job), 1);
+      if (queue.length === 0) {
+        this.#queues.delete(job.tenant);
+        this.#order = this.#order.filter((t) => t !== job.tenant);
       }
-      return job;
+      this.#running.set(job.tenant, (this.#running.get(job.tenant) ?? 0) + job.tokens);
     }
-    return undefined;
+    const id = this.#nextId++;
+    // The tenants served go to the back of the round (a tenant new to the queues is at its front).
+    for (const job of jobs) this.#lastServed.set(job.tenant, id);
+    slot.running = { id, jobs };
+    const now = performance.now();
+    const tenantTokens = new Map<string, number>();
+    for (const j of jobs) tenantTokens.set(j.tenant, (tenantTokens.get(j.tenant) ?? 0) + j.tokens);
+    const first = jobs[0].payload;
+    this.#options.onBatch?.({ kind: first.op, requests: jobs.length, tokens: jobs.reduce((n, j) => n + j.tokens, 0), waitSeconds: jobs.map((j) => (now - j.queuedAt) / 1000), tenantTokens });
+    let request: WorkerRequest;
+    if (first.op === 'backwardFromTape') {
+      first.tape.group.consumed = !first.tape.group.perMember;
+      const payloads = jobs.map((j) => j.payload as Extract<Payload, { op: 'backwardFromTape' }>);
+      request = { id, op: 'backwardFromTape', tapeId: first.tape.group.tapeId, members: payloads.map((p) => p.tape.member), gs: payloads.map((p) => p.g), shapes: payloads.map((p) => p.shape) };
+    } else if (first.op === 'forward') {
+      const payloads = jobs.map((j) => j.payload as Extract<Payload, { op: 'forward' }>);
+      request = { id, op: 'forward', items: payloads.map((p) => p.item), keepTape: payloads.some((p) => p.keepTape) };
+    } else {
+      request = { id, op: 'backward', items: jobs.map((j) => (j.payload as Extract<Payload, { op: 'backward' }>).item) };
+    }
+    slot.worker?.postMessage(request);
+  }
+
+  /** The jobs a worker may take now, or the time at which the batch that fills is due. */
+  #form(slot: Slot): { jobs: Job[] } | { deadline: number } | undefined {
+    const now = performance.now();
+    const cap = this.#options.tenantTokensInFlight ?? Infinity;
+    const heads = new Map<string, Job>();
+    const order = [...this.#order].sort((a, b) => (this.#lastServed.get(a) ?? 0) - (this.#lastServed.get(b) ?? 0));
+    // Each key's candidate head, tenants in round-robin order.
+    for (const tenant of order) {
+      for (const job of this.#queues.get(tenant) ?? []) {
+        if (job.slot !== undefined && job.slot !== slot.index) continue;
+        if (job.slot !== undefined && job.generation !== slot.generation) {
+          this.#drop(job);
+          job.reject(new TapeLost('the worker that kept the tape restarted'));
+          return this.#form(slot);
+        }
+        const key = keyOf(job);
+        if (!heads.has(key)) heads.set(key, job);
+      }
+    }
+    let deadline = Infinity;
+    for (const [key, head] of heads) {
+      const jobs: Job[] = [];
+      const taken = new Map<string, number>();
+      let tokens = 0;
+      let full = false;
+      // Weighted rounds over the tenants, starting with the head's.
+      const at = order.indexOf(head.tenant);
+      const tenants = order.slice(at).concat(order.slice(0, at));
+      const pending = new Map(tenants.map((t) => [t, (this.#queues.get(t) ?? []).filter((j) => keyOf(j) === key && (j.slot === undefined || j.slot === slot.index))]));
+      for (let progress = true; progress && !full;) {
+        progress = false;
+        for (const tenant of tenants) {
+          const list = pending.get(tenant) ?? [];
+          const weight = this.#options.tenantWeights?.[tenant] ?? 1;
+          for (let w = 0; w < weight && list.length > 0; w++) {
+            const job = list[0];
+            const inFlight = (this.#running.get(tenant) ?? 0) + (taken.get(tenant) ?? 0);
+            if (inFlight + job.tokens > cap && inFlight > 0) break;
+            if (jobs.length > 0 && tokens + job.tokens > this.#maxTokens) {
+              full = true;
+              break;
+            }
+            list.shift();
+            jobs.push(job);
+            tokens += job.tokens;
+            taken.set(tenant, (taken.get(tenant) ?? 0) + job.tokens);
+            progress = true;
+          }
+          if (full) break;
+        }
+      }
+      if (jobs.length === 0) continue;
+      const oldest = Math.min(...jobs.map((j) => j.queuedAt));
+      const first = jobs[0].payload;
+      const complete = first.op === 'backwardFromTape' && first.tape.group.outstanding.size === 0;
+      if (full || complete || tokens >= this.#maxTokens || now - oldest >= this.#window) return { jobs };
+      deadline = Math.min(deadline, oldest + this.#window);
+    }
+    return deadline < Infinity ? { deadline } : undefined;
+  }
+
+  /** Takes a job out of its queue without running it. */
+  #drop(job: Job): void {
+    const queue = this.#queues.get(job.tenant);
+    if (queue === undefined) return;
+    queue.splice(queue.indexOf(job), 1);
+    if (queue.length === 0) {
+      this.#queues.delete(job.tenant);
+      this.#order = this.#order.filter((t) => t !== job.tenant);
+    }
   }
 
   #dropTape(tape: WorkerTape): void {
+    tape.group.outstanding.delete(tape.member);
     const slot = this.#slots[tape.slot];
-    if (slot?.worker === undefined || slot.generation !== tape.generation) return;
-    slot.worker.postMessage({ id: 0, op: 'dropTape', tapeId: tape.tapeId } satisfies WorkerRequest);
+    if (slot?.worker !== undefined && slot.generation === tape.generation) {
+      slot.worker.postMessage({ id: 0, op: 'dropTape', tapeId: tape.group.tapeId, member: tape.member } satisfies WorkerRequest);
+    }
+    // A backward waiting for this member may now go.
+    this.#dispatch();
   }
 
   #threads(): number | undefined {
@@ -264,6 +452,33 @@ export class MiddleExecutor {
     if (this.#options.threads !== undefined) return this.#options.threads;
     if (process.env.TANDEM_THREADS !== undefined && process.env.TANDEM_THREADS !== '') return undefined;
     return Math.max(1, Math.floor(availableParallelism() / this.#slots.length));
+  }
+
+  /** The jobs' tokens no longer run. */
+  #finish(jobs: Job[]): void {
+    for (const job of jobs) {
+      const left = (this.#running.get(job.tenant) ?? 0) - job.tokens;
+      if (left > 0) this.#running.set(job.tenant, left);
+      else this.#running.delete(job.tenant);
+    }
+  }
+
+  #resolve(slot: Slot, jobs: Job[], reply: Extract<WorkerMessage, { type: 'result' }>): void {
+    const group: TapeGroup | undefined = reply.tapeId === undefined ? undefined : {
+      slot: slot.index, generation: slot.generation, tapeId: reply.tapeId, perMember: reply.perMember ?? true,
+      outstanding: new Set(jobs.map((_, k) => k)), consumed: false,
+    };
+    const share = jobs.length > 0 ? Math.ceil((reply.savedBytes ?? 0) / jobs.length) : 0;
+    jobs.forEach((job, member) => {
+      const output = reply.outputs[member];
+      const keeps = job.payload.op === 'forward' && job.payload.keepTape;
+      if (group !== undefined && !keeps) {
+        // A member that wanted no tape lets its part go at once.
+        group.outstanding.delete(member);
+        slot.worker?.postMessage({ id: 0, op: 'dropTape', tapeId: group.tapeId, member } satisfies WorkerRequest);
+      }
+      job.resolve({ output, tape: group !== undefined && keeps ? { tapeId: group.tapeId, member, group } : undefined, slot: slot.index, generation: slot.generation, savedBytes: share });
+    });
   }
 
   #spawn(slot: Slot): Promise<void> {
@@ -288,12 +503,15 @@ export class MiddleExecutor {
         const running = slot.running;
         if (running === undefined || running.id !== message.id) return;
         slot.running = undefined;
-        if (message.type === 'result') running.job.resolve({ reply: message, slot: slot.index, generation: slot.generation });
+        this.#finish(running.jobs);
+        if (message.type === 'result') this.#resolve(slot, running.jobs, message);
         else {
           const error = new Error(message.message);
           error.name = message.name;
-          if (!message.fatal) running.job.reject(new TapeLost(message.message));
-          else running.job.reject(resourceErrorOf(error, 'memory') ?? new CloudError('TANDEM_COMPUTE_FAILED', { reason: message.message.slice(0, 200) }, { cause: error }));
+          for (const job of running.jobs) {
+            if (!message.fatal) job.reject(new TapeLost(message.message));
+            else job.reject(resourceErrorOf(error, 'memory') ?? new CloudError('TANDEM_COMPUTE_FAILED', { reason: message.message.slice(0, 200) }, { cause: error }));
+          }
         }
         this.#dispatch();
       });
@@ -314,11 +532,14 @@ export class MiddleExecutor {
         const running = slot.running;
         slot.running = undefined;
         if (running !== undefined) {
-          // Its worker died without answering: run it once more, unless it already killed one.
-          running.job.attempts++;
-          if (running.job.slot !== undefined) running.job.reject(new TapeLost('the worker that kept the tape ended'));
-          else if (running.job.attempts > 1) running.job.reject(new CloudError('TANDEM_COMPUTE_FAILED', { reason: 'the compute worker ended twice while running this request' }));
-          else this.#requeue(running.job);
+          this.#finish(running.jobs);
+          // Its worker died without answering: run each once more, unless it already killed one.
+          for (const job of [...running.jobs].reverse()) {
+            job.attempts++;
+            if (job.slot !== undefined) job.reject(new TapeLost('the worker that kept the tape ended'));
+            else if (job.attempts > 1) job.reject(new CloudError('TANDEM_COMPUTE_FAILED', { reason: 'the compute worker ended twice while running this request' }));
+            else this.#requeue(job);
+          }
         }
         slot.restarts++;
         const reason = `exit code ${code}`;
@@ -340,5 +561,7 @@ export class MiddleExecutor {
       this.#order.unshift(job.tenant);
     }
     queue.unshift(job);
+    // A request its worker's death interrupted runs before anything else.
+    this.#lastServed.set(job.tenant, -this.#nextId);
   }
 }

@@ -114,6 +114,13 @@ export interface CloudNodeOptions {
   chunkStreamTimeoutMs?: number;
   /** Compute workers (threads), each with the model loaded once (1). */
   computeWorkers?: number;
+  /**
+   * The middle's batching across sessions (middle-executor.ts): how long a batch's oldest
+   * request waits for others (`windowMs`, 0: what is queued when a worker frees), tokens per batch (`maxTokens`, 512), requests a
+   * tenant puts in per round (`tenantWeights`, 1 each), a tenant's tokens computing at once
+   * (`tenantTokensInFlight`, unbounded; requests beyond wait, unlike quotas.tokensInFlight's 429).
+   */
+  batching?: { windowMs?: number; maxTokens?: number; tenantWeights?: Record<string, number>; tenantTokensInFlight?: number };
 }
 
 /** The node's compute workers, for operations (and the tests and the soak bench). */
@@ -312,6 +319,9 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
           modelDir: served.dir, backend: name, engine: ort, workers: options.computeWorkers, log: computeLog,
           onRestart: () => metrics.computeRestarts.inc(),
           onReady: (ready) => metrics.computeReady.set(ready ? 1 : 0),
+          batchWindowMs: options.batching?.windowMs, maxBatchTokens: options.batching?.maxTokens,
+          tenantWeights: options.batching?.tenantWeights, tenantTokensInFlight: options.batching?.tenantTokensInFlight,
+          onBatch: (batch) => metrics.batch(batch),
         });
         break;
       } catch (error) {

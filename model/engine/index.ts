@@ -12,3 +12,5 @@ export { createOrtMatMul } from './ort-matmul.ts';
 export type { OrtMatMul } from './ort-matmul.ts';
 export { OrtMiddle, OrtMiddleExecutor } from './middle.ts';
 export type { BlockRange, Shape3 } from './middle.ts';
+export { PackedBlocks } from './packed-blocks.ts';
+export type { ActiveSegment, PackedLinearDelta, PackedSegment } from './packed-blocks.ts';
