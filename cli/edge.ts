@@ -84,7 +84,7 @@ function trainCommand(io: CommandIo): Command {
     .option('--out <dir>', 'write the final adapter here as a PEFT folder')
     .option('--cache <dir>', 'cache of edge parts (default ~/.cache/tandem)')
     .option('--progress <mode>', 'tty, plain or json (default: tty on a terminal)')
-    .option('--defense <list>', 'privacy defenses applied before anything leaves: none, auto, or noise[:SIGMA[:CLIP]], deeper-bottom[:K], max-norm, gradient-noise[:RHO] (see tandem audit)');
+    .option('--defense <list>', 'privacy defenses applied before anything leaves: none, auto, or noise[:SIGMA[:CLIP]], deeper-bottom[:K], max-norm, gradient-noise[:RHO], nopeek[:ALPHA], marvell[:S] (see tandem audit)');
   return addRecipeOptions(addCodecOptions(command, CODEC_DEFAULTS)).action(async (flags: TrainFlags) => {
     // Every flag is checked before the backend starts, the edge part downloads or a session opens.
     const cloud = requiredFlag('--cloud', flags.cloud);

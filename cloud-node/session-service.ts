@@ -244,6 +244,7 @@ export class SessionService {
       training: { ...hello.training, methods: [...hello.training.methods] },
       // The middle does not compute on NaN or infinities, whatever the edge allows itself.
       allowNonFinite: false,
+      ...(hello.defenses ? { defenses: hello.defenses.map((d) => ({ ...d })) } : {}),
       clientBuild: hello.clientBuild,
       state: 'open',
       lastStep: -1,
@@ -487,5 +488,6 @@ export function welcomeOf(s: SessionRecord): Welcome {
     cut: s.cut,
     training: s.training,
     allowNonFinite: s.allowNonFinite,
+    ...(s.defenses && s.defenses.length > 0 ? { defenses: s.defenses.map((d) => ({ ...d })) } : {}),
   };
 }

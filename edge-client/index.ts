@@ -6,6 +6,7 @@ export type { EdgePart, LoadedEdgePart } from './download.ts';
 export { CloudConnection } from './connection.ts';
 export type { ConnectionOptions, ConnectionStats } from './connection.ts';
 export { CLIENT_BUILD, CloudClient, EdgeSession, connectCloud } from './session.ts';
+export { checkDefenseEcho } from './defense-echo.ts';
 export type { ConnectCloudOptions, SessionSpec } from './session.ts';
 export { RemoteMiddle } from './remote-middle.ts';
 export type { MiddleChannel, MiddleTraffic, RemoteMiddleOptions } from './remote-middle.ts';

@@ -1,6 +1,7 @@
 // A training session with the cloud: Hello → Welcome opens it, SessionOpen reattaches it
 // after a reconnect (the cloud restarted, or the network dropped), SessionClose ends it.
 import { DEFAULT_LIMITS, PROTOCOL_VERSION, SUPPORTED_VERSIONS, envelope, intersectLimits } from '../protocol/index.ts';
+import { checkDefenseEcho } from './defense-echo.ts';
 import type { Body, CloseReason, CodecSpec, Defense, Envelope, Limits, ModelDescription, TrainingSpec, Welcome } from '../protocol/index.ts';
 import type { Cut } from '../model/index.ts';
 import { CloudConnection } from './connection.ts';
@@ -154,6 +155,7 @@ export class EdgeSession implements MiddleChannel {
     if (!offered(this.spec.codecs.forward, w.codecs.forward) || !offered(this.spec.codecs.backward, w.codecs.backward)) {
       throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the cloud chose codecs ${w.codecs.forward.codec}/${w.codecs.backward.codec}, which the edge did not offer`, { field: 'welcome.codecs' });
     }
+    checkDefenseEcho(this.spec.defenses ?? [], w);
     this.welcomeMessage = w;
     this.connection.maxMessageBytes = w.limits.maxMessageBytes || DEFAULT_LIMITS.maxMessageBytes;
     return w;

@@ -47,6 +47,7 @@ export function defensesToWire(d: Defenses, hidden: number): Defense[] {
   if (d.maxNorm) out.push({ name: 'max-norm', scale: 0, clip: 0, noiseStd: 0 });
   if (d.gradientNoise) out.push({ name: 'gradient-noise', scale: d.gradientNoise.rho, clip: 0, noiseStd: 0 });
   if (d.nopeek) out.push({ name: 'nopeek', scale: d.nopeek.weight, clip: 0, noiseStd: 0 });
+  if (d.marvell) out.push({ name: 'marvell', scale: d.marvell.scale, clip: 0, noiseStd: 0 });
   return out;
 }
 

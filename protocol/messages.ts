@@ -91,7 +91,7 @@ export interface Defense {
 }
 
 /** The defense names this build knows; a Hello naming another is refused. */
-export const DEFENSE_NAMES = ['noise', 'deeper-bottom', 'max-norm', 'gradient-noise', 'nopeek'] as const;
+export const DEFENSE_NAMES = ['noise', 'deeper-bottom', 'max-norm', 'gradient-noise', 'nopeek', 'marvell'] as const;
 
 export interface Hello {
   versions: VersionRange;

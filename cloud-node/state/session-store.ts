@@ -6,7 +6,7 @@
 // memory only. A `sessions.json` of earlier builds is read once and split into records.
 import { readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import type { CloseReason, CodecChoice, Cut, Limits, ProtocolVersion, TrainingSpec } from '../../protocol/index.ts';
+import type { CloseReason, CodecChoice, Cut, Defense, Limits, ProtocolVersion, TrainingSpec } from '../../protocol/index.ts';
 import { CloudError } from '../errors.ts';
 import type { Caller } from './key-store.ts';
 import { ensureStateDir, readJsonState, syncDir, tidyStateDir, WriteQueue, writeJsonState } from './json-file.ts';
@@ -29,6 +29,8 @@ export interface SessionRecord {
   limits: Limits;
   training: TrainingSpec;
   allowNonFinite: boolean;
+  /** v1.1: the defenses the edge offered and the node accepted; Welcome echoes them. */
+  defenses?: Defense[];
   clientBuild: string;
   state: SessionState;
   /** The highest step a Forward or Backward completed for; -1 before the first. */

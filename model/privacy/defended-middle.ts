@@ -4,7 +4,8 @@
 import type { tf } from '../backend.ts';
 import { Rng } from '../random.ts';
 import type { Middle, MicrobatchKey } from '../train/middle.ts';
-import { checkDefenses, medianTokenNorm, noiseHidden, perturbGradient } from './defenses.ts';
+import { checkDefenses, medianTokenNorm, noiseHidden, perturbGradient, perturbsGradient } from './defenses.ts';
+import { labelClasses } from './marvell.ts';
 import type { Defenses } from './defenses.ts';
 
 export class DefendedMiddle implements Middle {
@@ -41,9 +42,10 @@ export class DefendedMiddle implements Middle {
     }
   }
 
-  async backward(g: tf.Tensor3D, key: MicrobatchKey): Promise<tf.Tensor3D> {
-    if (!this.defenses.maxNorm && !this.defenses.gradientNoise) return this.inner.backward(g, key);
-    const perturbed = perturbGradient(g, this.defenses, this.rng);
+  /** `labels` (the micro-batch's label rows, kept here) give Marvell each example's class; they are not passed on. */
+  async backward(g: tf.Tensor3D, key: MicrobatchKey, labels?: readonly (readonly number[])[]): Promise<tf.Tensor3D> {
+    if (!perturbsGradient(this.defenses)) return this.inner.backward(g, key);
+    const perturbed = perturbGradient(g, this.defenses, this.rng, labels ? labelClasses(labels) : undefined);
     try {
       return await this.inner.backward(perturbed, key);
     } finally {

@@ -6,13 +6,16 @@
 //                  brings its expected squared norm to the largest in the micro-batch;
 //   gradient-noise isotropic noise on each example's g_M of norm ≈ rho·(largest example norm),
 //                  which hides its direction;
-//   nopeek         NoPeek: alpha·dCor(token embeddings, h_B) added to the edge's loss (training only).
+//   nopeek         NoPeek: alpha·dCor(token embeddings, h_B) added to the edge's loss (training only);
+//   marvell        Li et al.'s optimized label noise on g_M (marvell.ts) under a power budget of
+//                  s·‖difference of the class means‖² (needs the micro-batch's labels, which the edge has).
 // A list of these is what the edge offers in Hello; an unknown name is refused.
 import { tf } from '../backend.ts';
 import type { Rng } from '../random.ts';
 import { PrivacyError } from './errors.ts';
+import { marvellInPlace } from './marvell.ts';
 
-export const DEFENSE_NAMES = ['noise', 'deeper-bottom', 'max-norm', 'gradient-noise', 'nopeek'] as const;
+export const DEFENSE_NAMES = ['noise', 'deeper-bottom', 'max-norm', 'gradient-noise', 'nopeek', 'marvell'] as const;
 export type DefenseName = (typeof DEFENSE_NAMES)[number];
 
 export interface Defenses {
@@ -25,12 +28,14 @@ export interface Defenses {
   gradientNoise?: { rho: number };
   /** NoPeek: the weight of the distance-correlation term in the edge's loss. */
   nopeek?: { weight: number };
+  /** Marvell: the noise power relative to the squared distance of the class means of g_M. */
+  marvell?: { scale: number };
 }
 
 /** The defaults `auto` falls back to when no measurement picked them (bench/privacy.ts measured these on stories260K). */
 export const AUTO_DEFENSES: Readonly<Defenses> = { noise: { sigma: 0.2, clip: 0 }, maxNorm: true, gradientNoise: { rho: 2 } };
 
-export const DEFENSE_LIMITS = { sigma: 100, clip: 1e6, deeperBottom: 64, rho: 100, nopeek: 100 } as const;
+export const DEFENSE_LIMITS = { sigma: 100, clip: 1e6, deeperBottom: 64, rho: 100, nopeek: 100, marvell: 100 } as const;
 
 function positive(value: number, field: string, max: number): number {
   if (!Number.isFinite(value) || value <= 0 || value > max) {
@@ -58,12 +63,13 @@ export function checkDefenses(d: Defenses): Defenses {
   }
   if (d.gradientNoise) positive(d.gradientNoise.rho, 'defense.gradient-noise.rho', DEFENSE_LIMITS.rho);
   if (d.nopeek) positive(d.nopeek.weight, 'defense.nopeek', DEFENSE_LIMITS.nopeek);
+  if (d.marvell) positive(d.marvell.scale, 'defense.marvell', DEFENSE_LIMITS.marvell);
   return d;
 }
 
 /**
  * Parses `--defense` text: `none`, `auto`, or a comma list of `noise[:SIGMA[:CLIP]]`,
- * `deeper-bottom[:K]`, `max-norm`, `gradient-noise[:RHO]`, `nopeek[:ALPHA]`. Unknown names are a typed error.
+ * `deeper-bottom[:K]`, `max-norm`, `gradient-noise[:RHO]`, `nopeek[:ALPHA]`, `marvell[:S]`. Unknown names are a typed error.
  */
 export function parseDefenses(text: string): Defenses | 'auto' {
   const items = text.split(',').map((s) => s.trim()).filter((s) => s !== '');
@@ -92,6 +98,9 @@ export function parseDefenses(text: string): Defenses | 'auto' {
       case 'nopeek':
         out.nopeek = { weight: param(a, 'defense.nopeek', DEFENSE_LIMITS.nopeek, 0.1) };
         break;
+      case 'marvell':
+        out.marvell = { scale: param(a, 'defense.marvell', DEFENSE_LIMITS.marvell, 1) };
+        break;
       default:
         throw new PrivacyError('TANDEM_DEFENSE_UNKNOWN', `unknown defense "${name.slice(0, 40)}"; known: none, auto, ${DEFENSE_NAMES.join(', ')}`, { field: 'defense', details: { known: DEFENSE_NAMES } });
     }
@@ -107,6 +116,7 @@ export function defenseNames(d: Defenses): DefenseName[] {
   if (d.maxNorm) names.push('max-norm');
   if (d.gradientNoise) names.push('gradient-noise');
   if (d.nopeek) names.push('nopeek');
+  if (d.marvell) names.push('marvell');
   return names;
 }
 
@@ -118,6 +128,7 @@ export function describeDefenses(d: Defenses): string {
   if (d.maxNorm) parts.push('max-norm');
   if (d.gradientNoise) parts.push(`gradient-noise:${d.gradientNoise.rho}`);
   if (d.nopeek) parts.push(`nopeek:${d.nopeek.weight}`);
+  if (d.marvell) parts.push(`marvell:${d.marvell.scale}`);
   return parts.length === 0 ? 'none' : parts.join(',');
 }
 
@@ -151,11 +162,18 @@ export function noiseHiddenInPlace(h: Float32Array, hidden: number, noise: { sig
   }
 }
 
+/** True when the defenses perturb g_M. */
+export function perturbsGradient(d: Defenses): boolean {
+  return Boolean(d.maxNorm || d.gradientNoise || d.marvell);
+}
+
 /**
- * The label defenses on g_M [batch, …] flat, `rowSize` elements per example, in place:
- * max-norm then gradient-noise, both against the largest example norm of this micro-batch.
+ * The label defenses on g_M [batch, …] flat, `rowSize` elements per example, in place: Marvell
+ * (with each example's class; without classes it adds nothing), then max-norm, then
+ * gradient-noise, both against the largest example norm of this micro-batch.
  */
-export function perturbGradientInPlace(g: Float32Array, rowSize: number, d: Defenses, rng: Rng): void {
+export function perturbGradientInPlace(g: Float32Array, rowSize: number, d: Defenses, rng: Rng, classes?: readonly string[]): void {
+  if (d.marvell && classes) marvellInPlace(g, rowSize, classes, d.marvell.scale, rng);
   if (!d.maxNorm && !d.gradientNoise) return;
   const rows = g.length / rowSize;
   const sq = new Float64Array(rows);
@@ -183,8 +201,8 @@ export function noiseHidden(h: tf.Tensor3D, noise: { sigma: number; clip: number
 }
 
 /** g with the label defenses, one example per batch row, as a new tensor. */
-export function perturbGradient(g: tf.Tensor3D, d: Defenses, rng: Rng): tf.Tensor3D {
+export function perturbGradient(g: tf.Tensor3D, d: Defenses, rng: Rng, classes?: readonly string[]): tf.Tensor3D {
   const data = Float32Array.from(g.dataSync());
-  perturbGradientInPlace(data, g.shape[1] * g.shape[2], d, rng);
+  perturbGradientInPlace(data, g.shape[1] * g.shape[2], d, rng, classes);
   return tf.tensor3d(data, g.shape);
 }

@@ -19,7 +19,10 @@ export {
   parseDefenses,
   perturbGradient,
   perturbGradientInPlace,
+  perturbsGradient,
 } from './defenses.ts';
+export { labelClasses, marvellInPlace, solveMarvellSplit } from './marvell.ts';
+export type { MarvellSplit, SplitStatistics } from './marvell.ts';
 export type { DefenseName, Defenses } from './defenses.ts';
 export { PRIVACY_ERRORS, PrivacyError } from './errors.ts';
 export type { PrivacyErrorCode } from './errors.ts';

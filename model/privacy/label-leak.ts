@@ -11,6 +11,7 @@ import { rowLogLikelihood } from '../train/evaluate.ts';
 import { gradientsOf } from '../train/gradients.ts';
 import { leakAuc } from './auc.ts';
 import { noiseHiddenInPlace, perturbGradientInPlace } from './defenses.ts';
+import { labelClasses } from './marvell.ts';
 import type { Defenses } from './defenses.ts';
 
 export interface LabelLeakResult {
@@ -50,7 +51,7 @@ export function middleGradients(model: LlamaModel, batch: Batch, cut: { bottom: 
     }, [hM]);
     const g = Float32Array.from((grads[0] as tf.Tensor).dataSync());
     tf.dispose([value, ...grads.filter((x): x is tf.Tensor => x !== undefined), hM, ids, labels]);
-    perturbGradientInPlace(g, seq * d, defenses, rng);
+    perturbGradientInPlace(g, seq * d, defenses, rng, labelClasses(part.labels));
     for (let r = 0; r < rows; r++) out.push(g.slice(r * seq * d, (r + 1) * seq * d));
   }
   return out;

@@ -20,8 +20,12 @@ export interface Middle {
    * middle keeps (or can recompute) what it needs; without, nothing is kept.
    */
   forward(h: tf.Tensor3D, key: MicrobatchKey, backward: boolean): Promise<tf.Tensor3D>;
-  /** g_M = dL/dh_M → g_B = dL/dh_B for the micro-batch `key` went forward with. */
-  backward(g: tf.Tensor3D, key: MicrobatchKey): Promise<tf.Tensor3D>;
+  /**
+   * g_M = dL/dh_M → g_B = dL/dh_B for the micro-batch `key` went forward with. `labels` are the
+   * micro-batch's private label rows, for an edge-side defense that needs them (Marvell); a
+   * middle that sends anything anywhere ignores them.
+   */
+  backward(g: tf.Tensor3D, key: MicrobatchKey, labels?: readonly (readonly number[])[]): Promise<tf.Tensor3D>;
   /** True when the middle holds trainable parameters whose gradients need backward. */
   readonly trainsParameters: boolean;
   /** Gradients of the middle's own parameters accumulated by backward since the last call (local middles). */

@@ -16,6 +16,7 @@ import {
   hiddenNoiseStd,
   initBackend,
   labelBatch,
+  labelClasses,
   labelLeakage,
   learnedInversion,
   loadModelFolder,
@@ -28,6 +29,7 @@ import {
   perturbGradientInPlace,
   readDataset,
   rocAuc,
+  solveMarvellSplit,
   streamRows,
   tf,
   tokenStream,
@@ -68,7 +70,8 @@ describe('rocAuc', () => {
 
 describe('defense parsing', () => {
   it('reads the known defenses with their parameters', () => {
-    assert.deepEqual(parseDefenses('noise:0.5:3,max-norm,gradient-noise:2,deeper-bottom:1,nopeek:0.5'), { noise: { sigma: 0.5, clip: 3 }, maxNorm: true, gradientNoise: { rho: 2 }, deeperBottom: 1, nopeek: { weight: 0.5 } });
+    assert.deepEqual(parseDefenses('noise:0.5:3,max-norm,gradient-noise:2,deeper-bottom:1,nopeek:0.5,marvell:4'), { noise: { sigma: 0.5, clip: 3 }, maxNorm: true, gradientNoise: { rho: 2 }, deeperBottom: 1, nopeek: { weight: 0.5 }, marvell: { scale: 4 } });
+    assert.deepEqual(parseDefenses('marvell'), { marvell: { scale: 1 } });
     assert.deepEqual(parseDefenses('none'), {});
     assert.equal(parseDefenses('auto'), 'auto');
   });
@@ -76,6 +79,7 @@ describe('defense parsing', () => {
     assert.throws(() => parseDefenses('noise,shuffle'), (e: Error & { code?: string }) => e.code === 'TANDEM_DEFENSE_UNKNOWN' && /shuffle/.test(e.message));
     assert.throws(() => parseDefenses('noise:-1'), (e: Error & { code?: string }) => e.code === 'TANDEM_DEFENSE_INVALID' && /sigma/.test(e.message));
     assert.throws(() => parseDefenses('deeper-bottom:1.5'), (e: Error & { code?: string }) => e.code === 'TANDEM_DEFENSE_INVALID');
+    assert.throws(() => parseDefenses('marvell:0'), (e: Error & { code?: string }) => e.code === 'TANDEM_DEFENSE_INVALID' && /marvell/.test(e.message));
     assert.throws(() => parseDefenses('gradient-noise:1000'), (e: Error & { code?: string }) => e.code === 'TANDEM_DEFENSE_INVALID' && /100/.test(e.message));
   });
 });
@@ -238,5 +242,73 @@ describe('NoPeek', () => {
     const plain = await dcorAfter(0);
     const nopeek = await dcorAfter(5);
     assert.ok(nopeek < plain - 0.01, `dCor after NoPeek training ${nopeek}, without ${plain}`);
+  });
+});
+
+function meanPower(gradients: readonly Float32Array[]): number {
+  let p = 0;
+  for (const g of gradients) for (const x of g) p += x * x;
+  return p / gradients.length;
+}
+
+describe('Marvell', () => {
+  it('the reduced problem keeps to the power budget and lowers the divergence of the classes', () => {
+    const st = { delta2: 4, dim: 256, p: 0.3, sIn: 0.01, sOut: 0.012, power: 4 };
+    const split = solveMarvellSplit(st);
+    const used = st.p * (split.uIn + (st.dim - 1) * split.vIn) + (1 - st.p) * (split.uOut + (st.dim - 1) * split.vOut);
+    assert.ok(used <= st.power * (1 + 1e-9), `used ${used} of ${st.power}`);
+    assert.ok(split.klAfter < split.klBefore / 2, `KL ${split.klBefore} → ${split.klAfter}`);
+    assert.equal(solveMarvellSplit({ ...st, power: 0 }).klAfter, split.klBefore, 'no budget, no noise');
+  });
+
+  it('the class of a label row is its label tokens', () => {
+    assert.deepEqual(labelClasses([[-100, -100, 7, 2], [-100, 7, 2, -100], [-100, -100, 9, 2]]), ['7,2', '7,2', '9,2']);
+  });
+
+  it('hides the labels of a real label task from both attacks, with far less noise than isotropic gradient noise', () => {
+    const labels = labelBatch(dataset, tokenizer, 96, 64);
+    assert.ok(labels);
+    const cut = { bottom: 1, top: 1 };
+    const clean = middleGradients(model, labels.batch, cut, {}, 8, new Rng(0));
+    const open = labelLeakage(clean, labels.classes);
+    const marvell = middleGradients(model, labels.batch, cut, { marvell: { scale: 1 } }, 8, new Rng(0));
+    const hidden = labelLeakage(marvell, labels.classes);
+    assert.ok(open.aucNorm > 0.65 && open.aucDirection > 0.7, `undefended AUC ${open.aucNorm} / ${open.aucDirection}`);
+    assert.ok(hidden.aucNorm <= 0.6 && hidden.aucDirection <= 0.6, `Marvell AUC ${hidden.aucNorm} / ${hidden.aucDirection}`);
+    const isotropic = middleGradients(model, labels.batch, cut, { maxNorm: true, gradientNoise: { rho: 4 } }, 8, new Rng(0));
+    assert.ok(meanPower(marvell) < meanPower(isotropic) / 4, `power ${meanPower(marvell)} against ${meanPower(isotropic)}`);
+  });
+
+  it('a Trainer hands DefendedMiddle the labels, which Marvell uses and the inner middle never sees', async () => {
+    const labels = labelBatch(dataset, tokenizer, 8, 32);
+    assert.ok(labels && new Set(labels.classes).size > 1);
+    const seen: tf.Tensor3D[] = [];
+    let labelsSeen = 0;
+    const inner = new LocalMiddle(model, 1, 4);
+    const recording: Middle = {
+      trainsParameters: false,
+      forward: (h, key, backward) => inner.forward(h, key, backward),
+      backward: async (g: tf.Tensor3D, key: MicrobatchKey, rows?: readonly (readonly number[])[]) => {
+        if (rows) labelsSeen++;
+        seen.push(tf.clone(g));
+        return inner.backward(g, key);
+      },
+    };
+    const gradientsFor = async (defenses: { marvell?: { scale: number } }): Promise<Float32Array> => {
+      const adapter = createAdapter(model, [{ method: 'lora', r: 2, loraAlpha: 4, targetModules: ['q_proj'], layersToTransform: [0] }], { seed: 1 });
+      const trainer = new Trainer({ model, adapter, optimizer: new AdamW(), schedule: { kind: 'constant', lr: 0, warmupSteps: 0, totalSteps: 1 }, cut: { bottom: 1, top: 1 }, middle: new DefendedMiddle(recording, defenses, 3) });
+      await trainer.trainStep([labels.batch]);
+      trainer.dispose();
+      adapter.dispose();
+      const g = seen.pop() as tf.Tensor3D;
+      const data = Float32Array.from(g.dataSync());
+      g.dispose();
+      return data;
+    };
+    const plain = await gradientsFor({});
+    const defended = await gradientsFor({ marvell: { scale: 1 } });
+    assert.equal(labelsSeen, 0, 'the labels stop at the edge');
+    assert.equal(plain.length, defended.length);
+    assert.ok(defended.some((x, i) => Math.abs(x - plain[i]) > 1e-6), 'Marvell perturbed g_M');
   });
 });
