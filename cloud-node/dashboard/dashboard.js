@@ -78,10 +78,10 @@
     return charts[id];
   }
 
-  function setSeries(id, yTitle, labels, series) {
+  function setSeries(id, yTitle, labels, series, pointRadius = 0) {
     const chart = lineChart(id, yTitle);
     chart.data.labels = labels;
-    chart.data.datasets = series.map((s, i) => ({ label: s.label, data: s.data, borderColor: COLORS[i % COLORS.length], backgroundColor: COLORS[i % COLORS.length], spanGaps: true }));
+    chart.data.datasets = series.map((s, i) => ({ label: s.label, data: s.data, borderColor: COLORS[i % COLORS.length], backgroundColor: COLORS[i % COLORS.length], spanGaps: true, pointRadius }));
     chart.update('none');
     $(id).dataset.points = String(labels.length);
   }
@@ -110,7 +110,7 @@
     setSeries('chart-loss', 'loss', steps.map(String), curves.map((c) => {
       const byStep = new Map(c.points.map((p) => [p.step, p.loss]));
       return { label: `${c.tenant} ${c.sessionId.slice(0, 8)}`, data: steps.map((s) => (byStep.has(s) ? byStep.get(s) : null)) };
-    }));
+    }), 3);
     $('chart-loss').dataset.curves = JSON.stringify(Object.fromEntries(curves.map((c) => [c.sessionId, c.points.length])));
   }
 

@@ -14,7 +14,8 @@ import type { BrowserContext, Page } from 'playwright-core';
 import { trainEdge } from '../../edge-client/index.ts';
 import type { EdgeTrainResult } from '../../edge-client/index.ts';
 import { initBackend } from '../../model/index.ts';
-import { DEFAULT_LIMITS } from '../../protocol/index.ts';
+import { DEFAULT_LIMITS, encodeFloat32 } from '../../protocol/index.ts';
+import type { FederationCreate } from '../../protocol/index.ts';
 import type { LossPoint, WorkerStatus } from '../../cloud-node/index.ts';
 import { TestClient, api, createTenantKey, startTestNode } from './helpers.ts';
 import type { TestNode } from './helpers.ts';
@@ -28,6 +29,7 @@ interface ClusterView {
   workers: WorkerStatus[];
   tenants: { tenant: string; sessions: number; open: number; closed: number; trainedTokens: number }[];
   sessions: { id: string; tenant: string; state: string; lastStep: number; trainedTokens: number; lossPoints: number }[];
+  federations: { id: string; state: string; round: number; rounds: number; history: { loss: number | null }[] }[];
   totals: { trainedTokens: number; steps: { forward: number; backward: number } };
 }
 
@@ -38,6 +40,7 @@ interface PageFigures {
   workers: { id: string; range: string; queued: string; running: string }[];
   tenants: { tenant: string; sessions: string; open: string; closed: string; tokens: string }[];
   sessions: { id: string; tenant: string; state: string; step: string; tokens: string; lossPoints: string }[];
+  federations: { id: string; state: string; round: string; done: string; loss: string }[];
   totalTokens: string;
   forwardSteps: string;
   backwardSteps: string;
@@ -74,6 +77,7 @@ const READ_FIGURES = `(() => {
     sessions: rows('session-row').map((r) => ({
       id: text(r, 'session-id'), tenant: text(r, 'session-tenant'), state: text(r, 'session-state'), step: text(r, 'session-step'), tokens: text(r, 'session-tokens'), lossPoints: text(r, 'session-loss-points'),
     })),
+    federations: rows('federation-row').map((r) => ({ id: text(r, 'federation-id'), state: text(r, 'federation-state'), round: text(r, 'federation-round'), done: text(r, 'federation-rounds-done'), loss: text(r, 'federation-loss') })),
     totalTokens: text(document, 'total-trained-tokens'),
     forwardSteps: text(document, 'total-forward-steps'),
     backwardSteps: text(document, 'total-backward-steps'),
@@ -126,6 +130,17 @@ describe('the operator dashboard in headless Chromium', { skip: existsSync(CHROM
     const bob = await TestClient.connect(node, bobKey);
     await bob.hello();
     bob.close();
+    // A federation of both tenants with its first round done.
+    const adapter = { config: '{"peft_type":"LORA"}', tensors: { 'x.lora_A.weight': { shape: [2], data: encodeFloat32(Float32Array.from([1, 2])) } } };
+    const federation: FederationCreate = {
+      id: 'feelings', model: 'stories260K', mode: 'offsite', rounds: 4, owners: ['alice', 'bob'], sampleSize: 2, minOwners: 2, localSteps: 1,
+      roundDeadlineSeconds: 60, aggregation: 'fedavg', secureAggregation: false, adapter,
+    };
+    assert.equal((await api(node, 'POST', '/v1/federations', node.adminKey, federation)).status, 201);
+    for (const [key, loss] of [[aliceKey, 2.5], [bobKey, 1.5]] as const) {
+      const r = await api(node, 'POST', '/v1/federations/feelings/rounds/1/updates', key, { attempt: 0, examples: 1, loss, values: encodeFloat32(Float32Array.from([0.5, 0.5])) });
+      assert.equal(r.status, 200, JSON.stringify(r.json));
+    }
     profile = await mkdtemp(join(tmpdir(), 'tandem-chromium-'));
     context = await chromium.launchPersistentContext(profile, {
       executablePath: CHROMIUM, headless: true, viewport: { width: 1280, height: 1400 },
@@ -181,6 +196,8 @@ describe('the operator dashboard in headless Chromium', { skip: existsSync(CHROM
     assert.equal(figures.totalTokens, String(view.totals.trainedTokens));
     assert.ok(view.totals.trainedTokens > 0);
     assert.equal(figures.forwardSteps, String(view.totals.steps.forward));
+    assert.deepEqual(figures.federations, view.federations.map((f) => ({ id: f.id, state: f.state, round: `${f.round} / ${f.rounds}`, done: String(f.history.length), loss: (f.history.at(-1)?.loss ?? 0).toFixed(2) })));
+    assert.deepEqual(figures.federations, [{ id: 'feelings', state: 'open', round: '2 / 4', done: '1', loss: '2.00' }]);
     assert.equal(figures.backwardSteps, String(view.totals.steps.backward));
 
     for (const [id, n] of Object.entries(figures.painted)) assert.ok(n > 500, `${id} is drawn (${n} painted pixels)`);
