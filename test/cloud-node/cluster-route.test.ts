@@ -3,11 +3,10 @@
 // series from the node's counters, and each session's loss curve from the edge's reported loss.
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
-import { encodeFloat32 } from '../../protocol/index.ts';
-import type { FederationCreate } from '../../protocol/index.ts';
 import type { LossPoint, SeriesPoint, WorkerStatus } from '../../cloud-node/index.ts';
 import { HIDDEN, TestClient, api, createTenantKey, frameOf, randomTensor, startTestNode } from './helpers.ts';
 import type { TestNode } from './helpers.ts';
+import { federationWithOneRound } from './dashboard-fixtures.ts';
 
 interface ClusterView {
   model: string | null;
@@ -54,16 +53,7 @@ describe('GET /v1/cluster and loss curves', () => {
     await bob.hello();
     await bob.request({ case: 'sessionClose', value: { sessionId: bob.sessionId, reason: 'completed', message: '' } });
     bob.close();
-    const adapter = { config: '{"peft_type":"LORA"}', tensors: { 'x.lora_A.weight': { shape: [2], data: encodeFloat32(Float32Array.from([1, 2])) } } };
-    const federation: FederationCreate = {
-      id: 'fed', model: 'stories260K', mode: 'offsite', rounds: 3, owners: ['alice', 'bob'], sampleSize: 2, minOwners: 2, localSteps: 1,
-      roundDeadlineSeconds: 60, aggregation: 'fedavg', secureAggregation: false, adapter,
-    };
-    assert.equal((await api(node, 'POST', '/v1/federations', node.adminKey, federation)).status, 201);
-    for (const [key, loss] of [[aliceKey, 3], [bobKey, 1]] as const) {
-      const r = await api(node, 'POST', '/v1/federations/fed/rounds/1/updates', key, { attempt: 0, examples: 1, loss, values: encodeFloat32(Float32Array.from([0.5, 0.5])) });
-      assert.equal(r.status, 200, JSON.stringify(r.json));
-    }
+    await federationWithOneRound(node, 'fed', 3, { alice: { key: aliceKey, loss: 3 }, bob: { key: bobKey, loss: 1 } });
   });
   after(() => alice.close());
 

@@ -14,11 +14,11 @@ import type { BrowserContext, Page } from 'playwright-core';
 import { trainEdge } from '../../edge-client/index.ts';
 import type { EdgeTrainResult } from '../../edge-client/index.ts';
 import { initBackend } from '../../model/index.ts';
-import { DEFAULT_LIMITS, encodeFloat32 } from '../../protocol/index.ts';
-import type { FederationCreate } from '../../protocol/index.ts';
+import { DEFAULT_LIMITS } from '../../protocol/index.ts';
 import type { LossPoint, WorkerStatus } from '../../cloud-node/index.ts';
 import { TestClient, api, createTenantKey, startTestNode } from './helpers.ts';
 import type { TestNode } from './helpers.ts';
+import { federationWithOneRound } from './dashboard-fixtures.ts';
 
 const CHROMIUM = '/usr/bin/chromium';
 const ARTIFACTS = join(import.meta.dirname, '..', '..', 'test-artifacts');
@@ -131,16 +131,7 @@ describe('the operator dashboard in headless Chromium', { skip: existsSync(CHROM
     await bob.hello();
     bob.close();
     // A federation of both tenants with its first round done.
-    const adapter = { config: '{"peft_type":"LORA"}', tensors: { 'x.lora_A.weight': { shape: [2], data: encodeFloat32(Float32Array.from([1, 2])) } } };
-    const federation: FederationCreate = {
-      id: 'feelings', model: 'stories260K', mode: 'offsite', rounds: 4, owners: ['alice', 'bob'], sampleSize: 2, minOwners: 2, localSteps: 1,
-      roundDeadlineSeconds: 60, aggregation: 'fedavg', secureAggregation: false, adapter,
-    };
-    assert.equal((await api(node, 'POST', '/v1/federations', node.adminKey, federation)).status, 201);
-    for (const [key, loss] of [[aliceKey, 2.5], [bobKey, 1.5]] as const) {
-      const r = await api(node, 'POST', '/v1/federations/feelings/rounds/1/updates', key, { attempt: 0, examples: 1, loss, values: encodeFloat32(Float32Array.from([0.5, 0.5])) });
-      assert.equal(r.status, 200, JSON.stringify(r.json));
-    }
+    await federationWithOneRound(node, 'feelings', 4, { alice: { key: aliceKey, loss: 2.5 }, bob: { key: bobKey, loss: 1.5 } });
     profile = await mkdtemp(join(tmpdir(), 'tandem-chromium-'));
     context = await chromium.launchPersistentContext(profile, {
       executablePath: CHROMIUM, headless: true, viewport: { width: 1280, height: 1400 },
