@@ -1,6 +1,7 @@
 // The node's recent history for the operator's view: one point per interval (a second by
 // default) in a bounded ring, each the rate or mean over the interval before it, read from the
 // node's Prometheus counters (metrics.ts), the trained-token count and the process's memory.
+import { CloudError } from './errors.ts';
 import type { CloudMetrics } from './metrics.ts';
 
 /** One interval of the node's work. */
@@ -42,6 +43,11 @@ interface Reading {
 
 const KINDS = ['forward', 'backward'] as const;
 
+function checkedOption(option: string, value: number, min: number, max: number): number {
+  if (!Number.isInteger(value) || value < min || value > max) throw new CloudError('TANDEM_OPTION_INVALID', { option, value: JSON.stringify(value), reason: `must be an integer in ${min}..${max}` });
+  return value;
+}
+
 export class TimeSeries {
   readonly intervalMs: number;
   readonly capacity: number;
@@ -54,8 +60,8 @@ export class TimeSeries {
 
   constructor(options: TimeSeriesOptions) {
     this.#options = options;
-    this.intervalMs = options.intervalMs ?? 1000;
-    this.capacity = options.points ?? 300;
+    this.intervalMs = checkedOption('series.intervalMs', options.intervalMs ?? 1000, 10, 3_600_000);
+    this.capacity = checkedOption('series.points', options.points ?? 300, 1, 100_000);
     // The node's counters start at zero with it.
     this.#previous = { t: Date.now(), totals: { trainedTokens: 0, steps: { forward: 0, backward: 0 }, frameBytes: {} }, latency: { forward: { sum: 0, count: 0 }, backward: { sum: 0, count: 0 } } };
   }

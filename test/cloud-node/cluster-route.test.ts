@@ -3,7 +3,7 @@
 // series from the node's counters, and each session's loss curve from the edge's reported loss.
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
-import type { LossPoint, SeriesPoint, WorkerStatus } from '../../cloud-node/index.ts';
+import type { CloudError, LossPoint, SeriesPoint, WorkerStatus } from '../../cloud-node/index.ts';
 import { HIDDEN, TestClient, api, createTenantKey, frameOf, randomTensor, startTestNode } from './helpers.ts';
 import type { TestNode } from './helpers.ts';
 import { federationWithOneRound } from './dashboard-fixtures.ts';
@@ -129,6 +129,11 @@ describe('GET /v1/cluster and loss curves', () => {
     assert.equal(later.length, 4);
     assert.ok(later[0].t > before[0].t && later.slice(0, -1).every((p, i) => p.t < later[i + 1].t));
     await small.close();
+  });
+
+  it('refuses a series option out of range at start, naming it', async () => {
+    await assert.rejects(startTestNode({ series: { intervalMs: 0 } }), (e: CloudError) => e.code === 'TANDEM_OPTION_INVALID' && /series\.intervalMs/.test(e.message));
+    await assert.rejects(startTestNode({ series: { points: 1.5 } }), (e: CloudError) => e.code === 'TANDEM_OPTION_INVALID' && /series\.points/.test(e.message));
   });
 
   it("gives a tenant its own session's loss curve, one point per step adding up the micro-batches' shares", async () => {
