@@ -1,6 +1,9 @@
 // The public surface of cloud-node/. Other folders (cli/, tests) import from here only.
 export { DEFAULT_ACTIVATION_TTL_MS, DEFAULT_MEMORY_BUDGET_BYTES, DISCONNECT_REASON_EVENT, startCloudNode } from './node.ts';
 export type { CloudNode, CloudNodeOptions, ComputeControl } from './node.ts';
+export type { ClusterStatusSource, WorkerStatus } from './cluster-status.ts';
+export type { LossPoint } from './loss-history.ts';
+export type { SeriesPoint, SeriesTotals } from './time-series.ts';
 export { CLOUD_ERRORS, CloudError, isCloudErrorCode } from './errors.ts';
 export type { CloudErrorCode, CloudErrorDetails } from './errors.ts';
 export { ENVELOPE_EVENT } from './data-plane.ts';

@@ -242,6 +242,11 @@ export class MiddleExecutor {
     return n;
   }
 
+  /** Requests computing on a worker now. */
+  get running(): number {
+    return this.#slots.filter((s) => s.running !== undefined).length;
+  }
+
   /** h_B [batch, seq, hidden] → h_M. */
   async forward(range: BlockRange, h: Float32Array, shape: Shape3, tenant = ''): Promise<Float32Array> {
     return (await this.#submit(tenant, { op: 'forward', item: { range, h, shape }, keepTape: false }, tokensOf(shape))).output;

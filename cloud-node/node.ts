@@ -22,9 +22,14 @@ import { attachDataPlane, errorBodyOf } from './data-plane.ts';
 import { CloudError, resourceErrorOf } from './errors.ts';
 import { EmulatorRegistry } from './emulator-registry.ts';
 import type { EmulatorBuildSettings, EmulatorStorageLimits } from './emulator-registry.ts';
+import type { ClusterStatusSource } from './cluster-status.ts';
+import { LocalClusterStatus } from './local-cluster-status.ts';
 import { CloudMetrics } from './metrics.ts';
 import { MiddleExecutor } from './middle-executor.ts';
 import { authPlugin } from './plugins/auth.ts';
+import { clusterPlugin } from './plugins/cluster.ts';
+import { dashboardPlugin } from './plugins/dashboard.ts';
+import { lossesPlugin } from './plugins/losses.ts';
 import { healthPlugin } from './plugins/health.ts';
 import { keysPlugin } from './plugins/keys.ts';
 import { metricsPlugin } from './plugins/metrics.ts';
@@ -42,6 +47,8 @@ import { ensureStateDir, tidyStateDir } from './state/json-file.ts';
 import { ADMIN_TENANT, KEYS_FILE, KeyStore } from './state/key-store.ts';
 import type { KeyRecord } from './state/key-store.ts';
 import { SessionStore } from './state/session-store.ts';
+import { TimeSeries } from './time-series.ts';
+import { TrainingActivity } from './training-activity.ts';
 
 /** The event a socket gets, with `{code, message}`, just before the node disconnects it (a revoked key). */
 export const DISCONNECT_REASON_EVENT = 'tandem:disconnect';
@@ -121,6 +128,10 @@ export interface CloudNodeOptions {
    * (`tenantTokensInFlight`, unbounded; requests beyond wait, unlike quotas.tokensInFlight's 429).
    */
   batching?: { windowMs?: number; maxTokens?: number; tenantWeights?: Record<string, number>; tenantTokensInFlight?: number };
+  /** Where GET /v1/cluster and /dashboard read the workers from: this process by default (a NATS gateway gives the cluster's). */
+  clusterStatus?: ClusterStatusSource;
+  /** The operator view's time series: a point every `intervalMs` (1000), the last `points` (300) kept. */
+  series?: { intervalMs?: number; points?: number };
 }
 
 /** The node's compute workers, for operations (and the tests and the soak bench). */
@@ -226,7 +237,12 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     maxRepliesPerSession: options.maxRepliesPerSession,
   });
   const model = new ModelSlot();
+  // The operator's view: trained tokens and loss curves per session, the node's series, the workers.
+  const activity = new TrainingActivity();
+  const series = new TimeSeries({ metrics, trainedTokens: () => activity.trainedTokens, ...options.series });
+  const workers = options.clusterStatus ?? new LocalClusterStatus({ model, tokensPerSecond: () => series.recentTokensPerSecond() });
   const service = new SessionService({ store: sessions, metrics, cache, model: () => model.get(), limits, codecs: options.codecs, quotas, lifetimes: options.sessions,
+    onComputed: (computed) => activity.record(computed),
     shapeLimits: { maxMicrobatchTokens: options.maxMicrobatchTokens, maxSequenceLength: options.maxSequenceLength },
   });
   const emulators = new EmulatorRegistry(
@@ -247,6 +263,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   sendError(app, log);
   await app.register(healthPlugin, { prefix: '/v1', model });
   await app.register(metricsPlugin, { metrics });
+  await app.register(dashboardPlugin);
   const coordinator = await Coordinator.open({ stateDir });
   // Everything else needs a key: one scope, the auth plugin once, then the per-tenant rate limit.
   await app.register(async (scope) => {
@@ -264,6 +281,8 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     await scope.register(sessionsPlugin, { sessions, service });
     await scope.register(keysPlugin, { keys });
     await scope.register(federationsPlugin, { coordinator });
+    await scope.register(clusterPlugin, { model, workers, sessions, activity, series, coordinator });
+    await scope.register(lossesPlugin, { sessions, activity });
     scope.get('/openapi.json', {
       schema: { summary: 'this OpenAPI document', tags: ['operations'], security: [{ bearer: [] }], response: { 200: { type: 'object', additionalProperties: true } } },
     }, async () => app.swagger());
@@ -280,18 +299,24 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     if (sweeping) return;
     sweeping = true;
     service.sweep().then(
-      ({ expired, pruned }) => { if (expired + pruned > 0) log.info({ expired, pruned }, 'expired idle sessions and pruned closed ones'); },
+      ({ expired, pruned }) => {
+        if (expired + pruned > 0) log.info({ expired, pruned }, 'expired idle sessions and pruned closed ones');
+        const known = new Set([...sessions.all()].map((s) => s.id));
+        activity.retain((id) => known.has(id));
+      },
       (err: unknown) => log.error({ err }, 'the session sweep failed'),
     ).finally(() => { sweeping = false; });
     // A key revoked by another process (`tandem keys revoke`) reaches open sockets here.
     keys.reloadIfChanged().catch((err: unknown) => log.error({ err }, 'reading the keys file failed'));
   }, options.sweepIntervalMs ?? Math.max(1000, Math.min(60_000, service.lifetimes.idleMs / 4)));
   sessionSweep.unref();
+  series.start();
 
   let executor: MiddleExecutor | undefined;
   const close = async (): Promise<void> => {
     clearInterval(sweep);
     clearInterval(sessionSweep);
+    series.stop();
     coordinator.close();
     io.disconnectSockets(true);
     io.engine.close();

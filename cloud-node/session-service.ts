@@ -80,6 +80,16 @@ export interface SessionServiceOptions {
   quotas: QuotaLedger;
   lifetimes?: Partial<SessionLifetimes>;
   shapeLimits?: Partial<ShapeLimits>;
+  /** Told of every Forward and Backward the middle computed (not of retries answered from kept replies): the operator's view. */
+  onComputed?: (computed: ComputedStep) => void;
+}
+
+/** A Forward or Backward the middle computed, with the tokens (batch x sequence) its first frame declares. */
+export interface ComputedStep {
+  session: SessionRecord;
+  kind: StepKind;
+  message: Forward | Backward;
+  tokens: number;
 }
 
 const ALL_CODECS: CodecPreferences = { forward: CODEC_NAMES, backward: CODEC_NAMES };
@@ -333,6 +343,7 @@ export class SessionService {
     }
     const reply: ComputedReply = { requestId, bytes: encodeEnvelope(envelope(requestId, body)) };
     this.#options.metrics.steps.inc({ kind });
+    this.#options.onComputed?.({ session, kind, message, tokens: tokensOf(message.frames[0]) });
     if (this.#runtimes.get(session.id) !== runtime) return reply; // closed meanwhile
     this.#options.cache.putReply({ sessionId: session.id, key: replyKey(kind, message.step, message.microbatch), step: message.step, requestId, bytes: reply.bytes });
     if (message.step > session.lastStep) {

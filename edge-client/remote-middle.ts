@@ -105,7 +105,7 @@ export class RemoteMiddle implements Middle {
     const send = (frames: TensorFrame[]) => {
       this.traffic.backwards += 1;
       this.traffic.backwardUpBytes += frames.reduce((n, f) => n + frameBytes(f), 0);
-      return this.session.request({ case: 'backward', value: { sessionId: this.session.id, step: key.step, microbatch: key.microbatch, frames } });
+      return this.session.request({ case: 'backward', value: { sessionId: this.session.id, step: key.step, microbatch: key.microbatch, frames, loss: key.loss } });
     };
     let reply: Envelope;
     try {

@@ -152,7 +152,10 @@ export interface Forward extends StepMessage {
 
 export type ForwardResult = StepMessage;
 
-export type Backward = StepMessage;
+export interface Backward extends StepMessage {
+  /** v1.2: this micro-batch's share of the step's training loss, for the tenant's dashboard; absent when not reported (0 on the wire). */
+  loss?: number;
+}
 
 export interface BackwardResult extends StepMessage {
   recomputed: boolean;

@@ -195,7 +195,7 @@ function bodyFromWire(m: Wire): Body {
     case 'forwardResult':
       return { case: 'forwardResult', value: stepFromWire(b, 'forwardResult') };
     case 'backward':
-      return { case: 'backward', value: stepFromWire(b, 'backward') };
+      return { case: 'backward', value: { ...stepFromWire(b, 'backward'), ...(num(b, 'loss') !== 0 ? { loss: num(b, 'loss') } : {}) } };
     case 'backwardResult':
       return { case: 'backwardResult', value: { ...stepFromWire(b, 'backwardResult'), recomputed: bool(b, 'recomputed') } };
     case 'heartbeat':

@@ -518,6 +518,11 @@ export class Coordinator {
     return { round, attempt: -1, phase: 'reveal', threshold: sa.threshold, label: '', sampled: [], advertised: [], shares: [], survivors: [...sa.survivors] };
   }
 
+  /** The federations' ids, sorted. */
+  ids(): string[] {
+    return [...this.#federations.keys()].sort();
+  }
+
   status(id: string): FederationStatus {
     const r = this.#get(id);
     const dp = r.config.dp;

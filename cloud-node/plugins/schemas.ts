@@ -58,3 +58,102 @@ export const sessionSchema = {
     closeReason: { type: 'string' },
   },
 } as const;
+
+const count = { type: 'integer', minimum: 0 } as const;
+const nullableNumber = { type: 'number', nullable: true } as const;
+
+/** cluster-status.ts's WorkerStatus. */
+export const workerStatusSchema = {
+  type: 'object',
+  required: ['id', 'model', 'blocks', 'load', 'lastSeenMs'],
+  properties: {
+    id: { type: 'string' },
+    model: { type: 'string' },
+    blocks: { type: 'object', required: ['start', 'end'], properties: { start: { type: 'integer' }, end: { type: 'integer' } }, description: 'blocks [start, end) of the model that the worker runs' },
+    load: { type: 'object', required: ['queued', 'running', 'tokensPerSecond'], properties: { queued: count, running: count, tokensPerSecond: { type: 'number' } } },
+    lastSeenMs: { type: 'number', description: 'Unix milliseconds of its last report' },
+  },
+} as const;
+
+/** One step of a session's loss curve. */
+export const lossPointSchema = {
+  type: 'object',
+  required: ['step', 'loss', 'microbatches'],
+  properties: { step: count, loss: { type: 'number' }, microbatches: count },
+} as const;
+
+export const sessionLossesSchema = {
+  type: 'object',
+  required: ['sessionId', 'tenant', 'state', 'trainedTokens', 'points'],
+  properties: {
+    sessionId: { type: 'string' },
+    tenant: { type: 'string' },
+    state: { type: 'string', enum: ['open', 'closed'] },
+    trainedTokens: count,
+    points: { type: 'array', items: lossPointSchema, description: 'one point per step, by step: the edge-reported loss (protocol v1.2 Backward.loss)' },
+  },
+} as const;
+
+const seriesPointSchema = {
+  type: 'object',
+  required: ['t', 'trainedTokens', 'trainedTokensPerSecond', 'frameBytesPerSecond', 'stepLatencyMs', 'memory'],
+  properties: {
+    t: { type: 'number', description: 'Unix milliseconds at the end of the interval' },
+    trainedTokens: { ...count, description: 'since the node started, at t' },
+    trainedTokensPerSecond: { type: 'number' },
+    frameBytesPerSecond: { type: 'object', additionalProperties: { type: 'number' }, description: 'by codec, received and sent together' },
+    stepLatencyMs: { type: 'object', required: ['forward', 'backward'], properties: { forward: nullableNumber, backward: nullableNumber }, description: 'mean compute time in the interval; null when none ran' },
+    memory: { type: 'object', required: ['rssBytes', 'heapUsedBytes', 'heapTotalBytes'], properties: { rssBytes: count, heapUsedBytes: count, heapTotalBytes: count } },
+  },
+} as const;
+
+/** GET /v1/cluster. */
+export const clusterSchema = {
+  type: 'object',
+  required: ['model', 'workers', 'tenants', 'sessions', 'federations', 'totals', 'series'],
+  properties: {
+    model: { type: 'string', nullable: true, description: 'the served model id; null while loading' },
+    workers: { type: 'array', items: workerStatusSchema },
+    tenants: {
+      type: 'array',
+      items: { type: 'object', required: ['tenant', 'sessions', 'open', 'closed', 'trainedTokens'], properties: { tenant: { type: 'string' }, sessions: count, open: count, closed: count, trainedTokens: count } },
+    },
+    sessions: {
+      type: 'array',
+      items: {
+        type: 'object',
+        required: ['id', 'tenant', 'state', 'lastStep', 'createdAt', 'trainedTokens', 'lossPoints'],
+        properties: { id: { type: 'string' }, tenant: { type: 'string' }, state: { type: 'string', enum: ['open', 'closed'] }, lastStep: { type: 'integer' }, createdAt: { type: 'string' }, trainedTokens: count, lossPoints: count },
+      },
+    },
+    federations: {
+      type: 'array',
+      items: {
+        type: 'object',
+        required: ['id', 'model', 'mode', 'state', 'round', 'rounds', 'owners', 'history'],
+        properties: {
+          id: { type: 'string' }, model: { type: 'string' }, mode: { type: 'string' }, state: { type: 'string' }, round: count, rounds: count, owners: count,
+          history: {
+            type: 'array',
+            description: 'the last rounds completed, oldest first',
+            items: { type: 'object', required: ['round', 'participants', 'examples', 'loss', 'completedAt'], properties: { round: count, participants: count, examples: count, loss: nullableNumber, completedAt: { type: 'string' } } },
+          },
+        },
+      },
+    },
+    totals: {
+      type: 'object',
+      required: ['trainedTokens', 'steps', 'frameBytes'],
+      properties: {
+        trainedTokens: count,
+        steps: { type: 'object', required: ['forward', 'backward'], properties: { forward: count, backward: count } },
+        frameBytes: { type: 'object', additionalProperties: { type: 'object', required: ['in', 'out'], properties: { in: count, out: count } }, description: 'by codec' },
+      },
+    },
+    series: {
+      type: 'object',
+      required: ['intervalMs', 'points'],
+      properties: { intervalMs: count, points: { type: 'array', items: seriesPointSchema } },
+    },
+  },
+} as const;

@@ -235,12 +235,13 @@ export class Trainer implements Scorer {
           const logits = this.topLogits(hM, true);
           return tf.tidy(() => tf.mul(lossSum(logits, labels), scale)) as tf.Scalar;
         }, [hM, ...topVars]);
-        loss += top.value.dataSync()[0];
+        const share = top.value.dataSync()[0];
+        loss += share;
         top.value.dispose();
         const gM = (top.grads[0] ?? tf.zerosLike(hM)) as tf.Tensor3D;
         top.grads.slice(1).forEach((g, j) => g && accumulate(grads, this.topVars[j], g));
         if (this.needsMiddleBackward) {
-          const gRemote = this.middleEmpty ? gM : await this.middle.backward(gM, key, microbatches[i].labels);
+          const gRemote = this.middleEmpty ? gM : await this.middle.backward(gM, { ...key, loss: share }, microbatches[i].labels);
           const gB = current.noPeekGrad ? (tf.add(gRemote, current.noPeekGrad) as tf.Tensor3D) : gRemote;
           if (current.bottomTape) current.bottomTape.vjp(gB).forEach((g: tf.Tensor, j: number) => accumulate(grads, this.bottomVars[j], g));
           if (gB !== gRemote) gB.dispose();

@@ -12,6 +12,8 @@ export interface MicrobatchKey {
   microbatch: number;
   /** Evaluation passes are forward-only and never followed by backward. */
   eval?: boolean;
+  /** With a backward: this micro-batch's share of the step's loss, which the remote middle reports to the cloud (protocol v1.2). */
+  loss?: number;
 }
 
 export interface Middle {

@@ -1,0 +1,81 @@
+// Each session's training loss curve as the edge reports it (protocol v1.2's Backward.loss),
+// one point per step: the sum of its micro-batches' shares, each micro-batch counted once
+// (a recomputed or retried backward replaces its share). Memory only, bounded per session
+// and in sessions: a tenant's dashboard, not a record.
+
+/** One step of a session's curve. */
+export interface LossPoint {
+  step: number;
+  /** The step's loss: its reported micro-batches' shares added up. */
+  loss: number;
+  /** Micro-batches that reported a share. */
+  microbatches: number;
+}
+
+export interface LossHistoryLimits {
+  /** Steps kept per session, the earliest recorded leaving first (2000). */
+  pointsPerSession: number;
+  /** Sessions with a curve, the least recently reporting leaving first (1024). */
+  sessions: number;
+  /** Micro-batches counted per step (1024); shares of further ones are ignored. */
+  microbatchesPerStep: number;
+}
+
+export const DEFAULT_LOSS_HISTORY_LIMITS: LossHistoryLimits = { pointsPerSession: 2000, sessions: 1024, microbatchesPerStep: 1024 };
+
+type Curve = Map<number, Map<number, number>>;
+
+export class LossHistory {
+  readonly limits: LossHistoryLimits;
+  /** Session id → step → micro-batch → share; both maps in insertion order, for eviction. */
+  readonly #curves = new Map<string, Curve>();
+
+  constructor(limits: Partial<LossHistoryLimits> = {}) {
+    this.limits = { ...DEFAULT_LOSS_HISTORY_LIMITS, ...limits };
+  }
+
+  /** Records one micro-batch's share; false when it is not a finite non-zero number (not reported) or over a bound. */
+  record(sessionId: string, step: number, microbatch: number, loss: number | undefined): boolean {
+    if (typeof loss !== 'number' || !Number.isFinite(loss) || loss === 0) return false;
+    let curve = this.#curves.get(sessionId);
+    if (curve === undefined) {
+      curve = new Map();
+      if (this.#curves.size >= this.limits.sessions) this.#curves.delete(this.#curves.keys().next().value as string);
+    } else {
+      this.#curves.delete(sessionId);
+    }
+    this.#curves.set(sessionId, curve);
+    let shares = curve.get(step);
+    if (shares === undefined) {
+      shares = new Map();
+      curve.set(step, shares);
+      if (curve.size > this.limits.pointsPerSession) curve.delete(curve.keys().next().value as number);
+    }
+    if (!shares.has(microbatch) && shares.size >= this.limits.microbatchesPerStep) return false;
+    shares.set(microbatch, loss);
+    return true;
+  }
+
+  /** The session's curve, by step. */
+  points(sessionId: string): LossPoint[] {
+    const curve = this.#curves.get(sessionId);
+    if (curve === undefined) return [];
+    const points: LossPoint[] = [];
+    for (const [step, shares] of curve) {
+      // In micro-batch order, as the edge adds them up.
+      const loss = [...shares.keys()].sort((a, b) => a - b).reduce((sum, m) => sum + (shares.get(m) ?? 0), 0);
+      points.push({ step, loss, microbatches: shares.size });
+    }
+    return points.sort((a, b) => a.step - b.step);
+  }
+
+  /** Steps on the session's curve. */
+  count(sessionId: string): number {
+    return this.#curves.get(sessionId)?.size ?? 0;
+  }
+
+  /** Forgets the curves of sessions `keep` says no to (sessions the node forgot). */
+  retain(keep: (sessionId: string) => boolean): void {
+    for (const id of [...this.#curves.keys()]) if (!keep(id)) this.#curves.delete(id);
+  }
+}

@@ -1,0 +1,41 @@
+// The loss curves behind the tenant's dashboard: one point per step adding up its micro-batches'
+// shares, each counted once; unreported and non-finite values ignored; bounded per session, in
+// sessions and in micro-batches per step.
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+import { LossHistory } from '../../cloud-node/loss-history.ts';
+
+describe('LossHistory', () => {
+  it('adds up a step\'s shares in micro-batch order, a repeated micro-batch replacing its share', () => {
+    const h = new LossHistory();
+    h.record('s', 1, 1, 0.25);
+    h.record('s', 1, 0, 0.5);
+    h.record('s', 0, 0, 3);
+    h.record('s', 1, 1, 0.125);
+    assert.deepEqual(h.points('s'), [{ step: 0, loss: 3, microbatches: 1 }, { step: 1, loss: 0.625, microbatches: 2 }]);
+    assert.equal(h.count('s'), 2);
+    assert.deepEqual(h.points('other'), []);
+  });
+
+  it('ignores a loss not reported (0 or absent) and NaN or an infinity', () => {
+    const h = new LossHistory();
+    for (const loss of [0, undefined, Number.NaN, Infinity, -Infinity]) assert.equal(h.record('s', 0, 0, loss), false);
+    assert.equal(h.count('s'), 0);
+    assert.equal(h.record('s', 0, 0, -0.5), true);
+  });
+
+  it('keeps the latest steps of a session, the latest sessions, and a bounded number of micro-batches per step', () => {
+    const h = new LossHistory({ pointsPerSession: 3, sessions: 2, microbatchesPerStep: 2 });
+    for (let step = 0; step < 5; step++) h.record('a', step, 0, 1);
+    assert.deepEqual(h.points('a').map((p) => p.step), [2, 3, 4]);
+    assert.equal(h.record('a', 4, 1, 1), true);
+    assert.equal(h.record('a', 4, 2, 1), false, 'a third micro-batch is over the bound');
+    assert.equal(h.record('a', 4, 1, 2), true, 'a known micro-batch may still be replaced');
+    h.record('b', 0, 0, 1);
+    h.record('a', 5, 0, 1); // a reported last: b is now the least recent
+    h.record('c', 0, 0, 1);
+    assert.deepEqual([h.count('a'), h.count('b'), h.count('c')], [3, 0, 1]);
+    h.retain((id) => id !== 'a');
+    assert.equal(h.count('a'), 0);
+  });
+});
