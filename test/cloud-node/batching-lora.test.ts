@@ -42,60 +42,79 @@ function maxDiff(a: Float32Array, b: Float32Array): number {
 describe('different middle LoRAs in one packed batch', () => {
   it('each segment gets its own LoRA\'s output and gradients, a segment without one the base model\'s', async () => {
     const rng = new Rng(3);
-    const d = model.config.hiddenSize;
-    const segments: PackedSegment[] = [
+    await check([
       { start: 1, end: 4, batch: 1, seq: 9 },
       { start: 1, end: 4, batch: 2, seq: 6 },
       { start: 2, end: 4, batch: 1, seq: 9 },
-    ];
-    const loras = [lora(rng), undefined, lora(rng)];
-    const inputs = segments.map((s) => normal([s.batch * s.seq, d], rng, 1));
-    const dys = segments.map((s) => normal([s.batch * s.seq, d], rng, 1));
-    const factors = (l: SegmentLora | undefined): tf.Tensor[] => (l === undefined ? [] : [...l.values()].flatMap((f) => [f.a, f.b]));
-    const packed = new PackedBlocks(model);
-    const all = [...inputs, ...loras.flatMap(factors)];
-    const together = gradients(() => tf.concat(packed.run(inputs, segments, segmentLoraDelta(loras)), 0), all, tf.concat(dys, 0));
-    const gotOut = (await together.value.data()) as Float32Array;
-    const gotGrads = await Promise.all(together.grads.map(async (g) => (g === undefined ? undefined : ((await g.data()) as Float32Array))));
-    let row = 0;
-    let factor = inputs.length;
-    for (const [k, s] of segments.entries()) {
-      const l = loras[k];
-      // The reference: the model alone, the LoRA as a linear hook.
-      const hooks = {
-        linear: (module: { path: string }, x: tf.Tensor2D, base: (x: tf.Tensor2D) => tf.Tensor2D): tf.Tensor2D => {
-          const f = l?.get(module.path);
-          const y = base(x);
-          return f === undefined ? y : (tf.add(y, tf.mul(tf.matMul(tf.matMul(x, f.a, false, true), f.b, false, true), f.scale)) as tf.Tensor2D);
-        },
-      };
-      const x = inputs[k];
-      const alone = gradients(
-        () => tf.reshape(model.blocks(tf.reshape(x, [s.batch, s.seq, d]) as tf.Tensor3D, s.start, s.end, { hooks }), [s.batch * s.seq, d]),
-        [x, ...factors(l)], dys[k],
-      );
-      const wantOut = (await alone.value.data()) as Float32Array;
-      const n = s.batch * s.seq * d;
-      const out = gotOut.slice(row, row + n);
-      assert.ok(maxDiff(out, wantOut) <= 1e-5, `segment ${k}'s output differs by ${maxDiff(out, wantOut)}`);
-      assert.ok(maxDiff((gotGrads[k] as Float32Array), (await alone.grads[0]!.data()) as Float32Array) <= 1e-5, `segment ${k}'s g_B differs`);
-      for (let j = 1; j < alone.grads.length; j++) {
-        const wanted = alone.grads[j];
-        const got = gotGrads[factor++];
-        // A factor of a block outside the segment's range gets no gradient, alone or packed.
-        if (wanted === undefined) {
-          assert.ok(got === undefined || got.every((v) => v === 0), `segment ${k}'s LoRA factor ${j} has a gradient`);
-          continue;
-        }
-        const want = (await wanted.data()) as Float32Array;
-        assert.ok(got !== undefined && maxDiff(got, want) <= 1e-5, `segment ${k}'s LoRA factor ${j} gradient differs`);
-      }
-      row += n;
-    }
-    // The LoRA changes the outputs: the comparisons above could fail.
-    const base = tf.tidy(() => tf.concat(packed.run(inputs, segments), 0));
-    assert.ok(maxDiff(((await base.data()) as Float32Array).slice(0, 9 * d), gotOut.slice(0, 9 * d)) > 1e-3);
-    assert.ok(maxDiff(((await base.data()) as Float32Array).slice(9 * d, 21 * d), gotOut.slice(9 * d, 21 * d)) <= 1e-6, 'the segment without a LoRA gets the base model');
-    packed.dispose();
+    ], [lora(rng), undefined, lora(rng)]);
+  });
+
+  it('segments of one shape, each with a LoRA, take the stacked path (two batched matmuls) with the same results', async () => {
+    const rng = new Rng(4);
+    await check([
+      { start: 1, end: 4, batch: 1, seq: 7 },
+      { start: 1, end: 4, batch: 1, seq: 7 },
+      { start: 1, end: 4, batch: 1, seq: 7 },
+    ], [lora(rng), lora(rng), lora(rng)]);
   });
 });
+
+/** Runs the segments packed with their LoRAs and compares each with the model alone. */
+async function check(segments: PackedSegment[], loras: (SegmentLora | undefined)[]): Promise<void> {
+  const rng = new Rng(5);
+  const d = model.config.hiddenSize;
+  const inputs = segments.map((s) => normal([s.batch * s.seq, d], rng, 1));
+  const dys = segments.map((s) => normal([s.batch * s.seq, d], rng, 1));
+  const factors = (l: SegmentLora | undefined): tf.Tensor[] => (l === undefined ? [] : [...l.values()].flatMap((f) => [f.a, f.b]));
+  const packed = new PackedBlocks(model);
+  const all = [...inputs, ...loras.flatMap(factors)];
+  const together = gradients(() => tf.concat(packed.run(inputs, segments, segmentLoraDelta(loras)), 0), all, tf.concat(dys, 0));
+  const gotOut = (await together.value.data()) as Float32Array;
+  const gotGrads = await Promise.all(together.grads.map(async (g) => (g === undefined ? undefined : ((await g.data()) as Float32Array))));
+  let row = 0;
+  let factor = inputs.length;
+  for (const [k, s] of segments.entries()) {
+    const l = loras[k];
+    // The reference: the model alone, the LoRA as a linear hook.
+    const hooks = {
+      linear: (module: { path: string }, x: tf.Tensor2D, base: (x: tf.Tensor2D) => tf.Tensor2D): tf.Tensor2D => {
+        const f = l?.get(module.path);
+        const y = base(x);
+        return f === undefined ? y : (tf.add(y, tf.mul(tf.matMul(tf.matMul(x, f.a, false, true), f.b, false, true), f.scale)) as tf.Tensor2D);
+      },
+    };
+    const x = inputs[k];
+    const alone = gradients(
+      () => tf.reshape(model.blocks(tf.reshape(x, [s.batch, s.seq, d]) as tf.Tensor3D, s.start, s.end, { hooks }), [s.batch * s.seq, d]),
+      [x, ...factors(l)], dys[k],
+    );
+    const wantOut = (await alone.value.data()) as Float32Array;
+    const n = s.batch * s.seq * d;
+    const out = gotOut.slice(row, row + n);
+    assert.ok(maxDiff(out, wantOut) <= 1e-5, `segment ${k}'s output differs by ${maxDiff(out, wantOut)}`);
+    assert.ok(maxDiff((gotGrads[k] as Float32Array), (await alone.grads[0]!.data()) as Float32Array) <= 1e-5, `segment ${k}'s g_B differs`);
+    for (let j = 1; j < alone.grads.length; j++) {
+      const wanted = alone.grads[j];
+      const got = gotGrads[factor++];
+      // A factor of a block outside the segment's range gets no gradient, alone or packed.
+      if (wanted === undefined) {
+        assert.ok(got === undefined || got.every((v) => v === 0), `segment ${k}'s LoRA factor ${j} has a gradient`);
+        continue;
+      }
+      const want = (await wanted.data()) as Float32Array;
+      assert.ok(got !== undefined && maxDiff(got, want) <= 1e-5, `segment ${k}'s LoRA factor ${j} gradient differs`);
+    }
+    row += n;
+  }
+  // The LoRA changes the outputs: the comparisons above could fail.
+  const base = (await tf.tidy(() => tf.concat(packed.run(inputs, segments), 0)).data()) as Float32Array;
+  row = 0;
+  for (const [k, s] of segments.entries()) {
+    const n = s.batch * s.seq * d;
+    const diff = maxDiff(base.slice(row, row + n), gotOut.slice(row, row + n));
+    if (loras[k] === undefined) assert.ok(diff <= 1e-6, `segment ${k} without a LoRA gets the base model`);
+    else assert.ok(diff > 1e-3, `segment ${k}'s LoRA changes its output`);
+    row += n;
+  }
+  packed.dispose();
+}
