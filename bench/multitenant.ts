@@ -1,4 +1,4 @@
-// Many sessions on one backbone (issue 13): `npm run bench -- multitenant [--quick] [--steps N]`.
+// Many sessions on one backbone (issue 13): `npm run bench -- multitenant [--quick] [--steps N] [--engine ort-cpu|ort-cuda]`.
 //
 // 1. The cloud's middle executor (one compute worker) serving 1, 4, 8 and 16 concurrent
 //    sessions, each a loop of 64-token micro-batches (Forward keeping its tape, then its
@@ -130,6 +130,10 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
   const steps = stepsAt >= 0 ? Number(args[stepsAt + 1]) : quick ? 2 : 5;
   const counts = quick ? [1, 4, 8] : [1, 4, 8, 16];
   const windowMs = 5;
+  const engineAt = args.indexOf('--engine');
+  const engineName = engineAt >= 0 ? args[engineAt + 1] : undefined;
+  if (engineName !== undefined && engineName !== 'ort-cpu' && engineName !== 'ort-cuda') throw new Error(`--engine is ort-cpu or ort-cuda (the executor's ORT engines); got ${engineName}`);
+  const engine = engineName as 'ort-cpu' | 'ort-cuda' | undefined;
   const backend = await initBackend();
   const work = await mkdtemp(join(tmpdir(), 'tandem-bench-multitenant-'));
   const rows: Row[] = [];
@@ -139,7 +143,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
     const { hiddenSize: hidden, numHiddenLayers: layers } = loaded.config;
     for (const batched of [false, true]) {
       const executor = await MiddleExecutor.start({
-        modelDir: dir, batchWindowMs: batched ? windowMs : 0, maxBatchTokens: batched ? Math.max(...counts) * SEQ : 1,
+        modelDir: dir, engine, batchWindowMs: batched ? windowMs : 0, maxBatchTokens: batched ? Math.max(...counts) * SEQ : 1,
       });
       try {
         for (const sessions of counts) {
@@ -172,9 +176,9 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
       loraOverNoneAt8: at('packed', 8, true, true).p50StepSeconds / at('packed', 8, true).p50StepSeconds,
       batchedP99At8OverOneSession: at('executor', 8, true).p99StepSeconds / at('executor', 1, true).p99StepSeconds,
     };
-    process.stdout.write(`backend ${backend.name}; targets: 8 batched / 8 unbatched ${targets.batchedOverUnbatchedAt8.toFixed(2)}x (>= 3), `
+    process.stdout.write(`executor ${engine ?? `tfjs ${backend.name}`}, in-thread ${backend.name}; targets: 8 batched / 8 unbatched ${targets.batchedOverUnbatchedAt8.toFixed(2)}x (>= 3), `
       + `8 LoRAs / none ${targets.loraOverNoneAt8.toFixed(2)}x (<= 1.2), batched p99 at 8 / 1 session ${targets.batchedP99At8OverOneSession.toFixed(2)}x (<= 2)\n`);
-    return { backend: backend.name, steps, seq: SEQ, cut: CUT, windowMs, parameters: [...loaded.weights.values()].reduce((n, w) => n + w.data.length, 0), rows, targets };
+    return { backend: backend.name, executorEngine: engine ?? `tfjs ${backend.name}`, steps, seq: SEQ, cut: CUT, windowMs, parameters: [...loaded.weights.values()].reduce((n, w) => n + w.data.length, 0), rows, targets };
   } finally {
     await rm(work, { recursive: true, force: true });
   }
