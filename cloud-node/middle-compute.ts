@@ -39,6 +39,8 @@ export interface Compute<K extends Kept = Kept> {
    * sequence. The tape of a packed forward is one for all its requests; its backward takes
    * every request's g_M at once (undefined: zeros, that request's g_B is then not wanted).
    */
+  /** Whether these items can share one packed call (all of them, when absent). */
+  canPack?(items: readonly BatchItem[]): boolean;
   forwardPacked?(items: readonly BatchItem[], keepTape: boolean): Promise<{ outputs: Float32Array[]; tape?: K }>;
   backwardPackedFromTape?(tape: K, gs: readonly (Float32Array | undefined)[]): Promise<Float32Array[]>;
   backwardPacked?(items: readonly BatchItem[]): Promise<Float32Array[]>;
@@ -51,8 +53,40 @@ interface PackedTape extends Kept {
   readonly hidden: number;
 }
 
-/** The middle on ONNX Runtime: the same four operations, the saved tensors kept in place of a tape. */
-export class OrtMiddleCompute implements Compute<KeptForward> {
+/** Concatenates arrays (one request's rows after another's). */
+function concat(parts: readonly Float32Array[]): Float32Array {
+  const out = new Float32Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}
+
+/** Splits an array into parts of the given lengths. */
+function splitInto(all: Float32Array, lengths: readonly number[]): Float32Array[] {
+  const parts: Float32Array[] = [];
+  let at = 0;
+  for (const n of lengths) {
+    parts.push(all.slice(at, at + n));
+    at += n;
+  }
+  return parts;
+}
+
+/** An ORT forward of several requests stacked along the batch axis: one set of saved tensors. */
+interface StackedKept extends Kept {
+  readonly kept: KeptForward;
+  readonly lengths: readonly number[];
+}
+
+/**
+ * The middle on ONNX Runtime: the same four operations, the saved tensors kept in place of a
+ * tape. Requests of one block range and one sequence length are batched by stacking them
+ * along the batch axis (the graphs take any batch), one ORT run for them all.
+ */
+export class OrtMiddleCompute implements Compute<KeptForward | StackedKept> {
   readonly #exec: OrtMiddleExecutor;
 
   constructor(engine: OrtLlama) {
@@ -68,12 +102,42 @@ export class OrtMiddleCompute implements Compute<KeptForward> {
     return { output, tape: kept };
   }
 
-  backwardFromTape(tape: KeptForward, g: Float32Array): Promise<Float32Array> {
-    return this.#exec.backwardFromKept(tape, g);
+  backwardFromTape(tape: KeptForward | StackedKept, g: Float32Array): Promise<Float32Array> {
+    return 'lengths' in tape ? tape.kept.vjp(g) : this.#exec.backwardFromKept(tape, g);
   }
 
   backward(range: BlockRange, h: Float32Array, g: Float32Array, shape: Shape3): Promise<Float32Array> {
     return this.#exec.backward(range, h, g, shape);
+  }
+
+  canPack(items: readonly BatchItem[]): boolean {
+    const [first] = items;
+    return items.every((it) => it.range.start === first.range.start && it.range.end === first.range.end && it.shape[1] === first.shape[1]);
+  }
+
+  #stacked(items: readonly BatchItem[]): Shape3 {
+    const [first] = items;
+    return [items.reduce((n, it) => n + it.shape[0], 0), first.shape[1], first.shape[2]];
+  }
+
+  async forwardPacked(items: readonly BatchItem[], keepTape: boolean): Promise<{ outputs: Float32Array[]; tape?: StackedKept }> {
+    const lengths = items.map((it) => it.h.length);
+    const h = concat(items.map((it) => it.h));
+    if (!keepTape) return { outputs: splitInto(await this.#exec.forward(items[0].range, h, this.#stacked(items)), lengths) };
+    const { output, kept } = await this.#exec.forwardKeeping(items[0].range, h, this.#stacked(items));
+    return { outputs: splitInto(output, lengths), tape: { kept, lengths, savedBytes: kept.savedBytes, dispose: () => kept.dispose() } };
+  }
+
+  async backwardPackedFromTape(tape: KeptForward | StackedKept, gs: readonly (Float32Array | undefined)[]): Promise<Float32Array[]> {
+    if (!('lengths' in tape)) throw new Error('not a stacked tape');
+    const g = concat(tape.lengths.map((n, k) => gs[k] ?? new Float32Array(n)));
+    return splitInto(await tape.kept.vjp(g), tape.lengths);
+  }
+
+  async backwardPacked(items: readonly BatchItem[]): Promise<Float32Array[]> {
+    const h = concat(items.map((it) => it.h));
+    const g = concat(items.map((it) => it.g ?? new Float32Array(it.h.length)));
+    return splitInto(await this.#exec.backward(items[0].range, h, g, this.#stacked(items)), items.map((it) => it.h.length));
   }
 }
 
@@ -100,15 +164,7 @@ export class MiddleCompute implements Compute<TapedForward | PackedTape> {
   async forwardPacked(items: readonly BatchItem[], keepTape: boolean): Promise<{ outputs: Float32Array[]; tape?: PackedTape }> {
     const rows = items.map((it) => it.shape[0] * it.shape[1]);
     const hidden = items[0].shape[2];
-    const split = (all: Float32Array): Float32Array[] => {
-      const parts: Float32Array[] = [];
-      let at = 0;
-      for (const r of rows) {
-        parts.push(all.slice(at, at + r * hidden));
-        at += r * hidden;
-      }
-      return parts;
-    };
+    const split = (all: Float32Array): Float32Array[] => splitInto(all, rows.map((r) => r * hidden));
     if (!keepTape) {
       const out = tf.tidy(() => this.#packedRun(items, this.#inputs(items)));
       try {

@@ -74,7 +74,7 @@ let nextTape = 1;
 
 async function forward(request: Extract<WorkerRequest, { op: 'forward' }>): Promise<WorkerMessage> {
   const { id, items, keepTape } = request;
-  if (items.length > 1 && compute.forwardPacked !== undefined) {
+  if (items.length > 1 && compute.forwardPacked !== undefined && (compute.canPack?.(items) ?? true)) {
     const { outputs, tape } = await compute.forwardPacked(items, keepTape);
     if (tape === undefined) return { type: 'result', id, outputs };
     const tapeId = nextTape++;
@@ -126,7 +126,7 @@ async function backwardFromTape(request: Extract<WorkerRequest, { op: 'backwardF
 
 async function backward(request: Extract<WorkerRequest, { op: 'backward' }>): Promise<WorkerMessage> {
   const { id, items } = request;
-  if (items.length > 1 && compute.backwardPacked !== undefined) return { type: 'result', id, outputs: await compute.backwardPacked(items) };
+  if (items.length > 1 && compute.backwardPacked !== undefined && (compute.canPack?.(items) ?? true)) return { type: 'result', id, outputs: await compute.backwardPacked(items) };
   const outputs: Float32Array[] = [];
   for (const it of items) outputs.push(await compute.backward(it.range, it.h, it.g ?? new Float32Array(it.h.length), it.shape));
   return { type: 'result', id, outputs };

@@ -14,3 +14,5 @@ export { OrtMiddle, OrtMiddleExecutor } from './middle.ts';
 export type { BlockRange, Shape3 } from './middle.ts';
 export { PackedBlocks } from './packed-blocks.ts';
 export type { ActiveSegment, PackedLinearDelta, PackedSegment } from './packed-blocks.ts';
+export { segmentLoraDelta } from './segment-lora.ts';
+export type { LoraFactors, SegmentLora } from './segment-lora.ts';
