@@ -42,6 +42,12 @@ import { ensureStateDir, tidyStateDir } from './state/json-file.ts';
 import { ADMIN_TENANT, KEYS_FILE, KeyStore } from './state/key-store.ts';
 import type { KeyRecord } from './state/key-store.ts';
 import { SessionStore } from './state/session-store.ts';
+import { adaptersPlugin } from './plugins/adapters.ts';
+import { modelsFor, openAiPlugin } from './plugins/openai.ts';
+import { AdapterRegistry } from './serving/adapter-registry.ts';
+import { Serving } from './serving/serving.ts';
+import type { ServingLimits } from './serving/serving.ts';
+import { ServingMetrics } from './serving/serving-metrics.ts';
 
 /** The event a socket gets, with `{code, message}`, just before the node disconnects it (a revoked key). */
 export const DISCONNECT_REASON_EVENT = 'tandem:disconnect';
@@ -114,6 +120,8 @@ export interface CloudNodeOptions {
   chunkStreamTimeoutMs?: number;
   /** Compute workers (threads), each with the model loaded once (1). */
   computeWorkers?: number;
+  /** Adapter serving (/v1/completions, /v1/chat/completions, /v1/adapters): KV budget, batch, resident adapters, upload size. */
+  serving?: Partial<ServingLimits>;
 }
 
 /** The node's compute workers, for operations (and the tests and the soak bench). */
@@ -228,6 +236,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     { ...options.emulatorStorage, perTenant: (tenant) => quotas.of(tenant).storedBundles },
   );
   await emulators.open();
+  const serving = new Serving(await AdapterRegistry.open(stateDir), new ServingMetrics(metrics.registry), options.serving);
 
   const app = Fastify({ loggerInstance: log as FastifyBaseLogger, bodyLimit: 1024 * 1024, serverFactory: createServer });
   await app.register(swagger, {
@@ -252,7 +261,9 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
       allowList: (request) => request.caller.admin,
       errorResponseBuilder: (request, context) => quotaExceeded(request.caller.tenant, 'requestsPerMinute', Number(context.max), `retry in ${context.after}`),
     });
-    await scope.register(modelsPlugin, { model });
+    await scope.register(modelsPlugin, { model, generationModels: (tenant) => modelsFor(serving, tenant) });
+    await scope.register(adaptersPlugin, { serving, quotas });
+    await scope.register(openAiPlugin, { serving });
     await scope.register(emulatorsPlugin, { model, emulators, quotas, maxAdapterRequestBytes: options.maxAdapterRequestBytes });
     await scope.register(sessionsPlugin, { sessions, service });
     await scope.register(keysPlugin, { keys });
@@ -290,6 +301,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     io.engine.close();
     await app.close();
     cache.clear();
+    serving.close();
     await executor?.close();
     if (model.loaded) model.served().dispose();
   };
@@ -321,6 +333,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     }
     if (executor === undefined) throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: 'no compute worker could start' });
     metrics.computeReady.set(1);
+    await serving.start(served);
     model.set(served, executor);
     log.info({ model: served.id, contentHash: served.contentHash, layers: served.numLayers, backend: backend.name, computeWorkers: executor.workers, computeBackend: executor.backend, tls: options.tls !== undefined }, 'model loaded; ready');
   } catch (error) {
