@@ -107,7 +107,7 @@ async function generateRoute(serving: Serving, request: FastifyRequest, reply: F
   const text = new CompletionText(tokenizer, p.promptIds, stop);
   const submit = (onToken?: () => void): Promise<GenerationOutcome> => scheduler.submit({
     adapter: p.adapter, promptIds: p.promptIds, maxTokens: p.maxTokens, temperature: req.temperature, topP: req.topP, seed: req.seed,
-    deadline: req.deadlineMs === undefined ? undefined : arrived + req.deadlineMs,
+    deadline: req.deadlineMs === undefined ? undefined : arrived + req.deadlineMs, ignoreEos: req.ignoreEos,
     onToken: (tokenId) => {
       const stopped = text.push(tokenId);
       onToken?.();
@@ -163,6 +163,7 @@ const samplingProperties = {
   stream: { type: ['boolean', 'null'] },
   n: { type: ['integer', 'null'], description: 'only 1' },
   deadline_ms: { type: ['integer', 'null'], description: 'Tandem extension: finish within this many milliseconds of arrival; earlier deadlines are admitted first' },
+  ignore_eos: { type: ['boolean', 'null'], description: 'extension (vLLM\'s): generate max_tokens tokens, past eos' },
 } as const;
 
 const openAiErrorSchema = {

@@ -21,6 +21,8 @@ export interface SamplingRequest {
   stream: boolean;
   /** Extension: milliseconds from arrival the request should finish within. */
   deadlineMs?: number;
+  /** Extension (vLLM's name): generate max_tokens tokens, past eos. */
+  ignoreEos: boolean;
 }
 
 export interface ChatMessage {
@@ -55,7 +57,7 @@ function sampling(b: Record<string, unknown>): SamplingRequest {
   else if (b.stop !== undefined && b.stop !== null) throw invalid('stop', 'must be a string or a list of strings');
   if (stop.length > MAX_STOP_SEQUENCES) throw invalid('stop', `holds ${stop.length} sequences; at most ${MAX_STOP_SEQUENCES}`);
   if (stop.some((s) => typeof s !== 'string' || s.length === 0 || s.length > MAX_STOP_LENGTH)) throw invalid('stop', `sequences must be non-empty strings of at most ${MAX_STOP_LENGTH} characters`);
-  if (b.stream !== undefined && b.stream !== null && typeof b.stream !== 'boolean') throw invalid('stream', 'must be a boolean');
+  for (const flag of ['stream', 'ignore_eos']) if (b[flag] !== undefined && b[flag] !== null && typeof b[flag] !== 'boolean') throw invalid(flag, 'must be a boolean');
   const maxTokens = b.max_tokens ?? b.max_completion_tokens;
   const field = b.max_tokens !== undefined ? 'max_tokens' : 'max_completion_tokens';
   if (maxTokens !== undefined && maxTokens !== null && (typeof maxTokens !== 'number' || !Number.isSafeInteger(maxTokens) || maxTokens < 1)) throw invalid(field, 'must be an integer >= 1');
@@ -69,6 +71,7 @@ function sampling(b: Record<string, unknown>): SamplingRequest {
     stop,
     stream: b.stream === true,
     deadlineMs,
+    ignoreEos: b.ignore_eos === true,
   };
 }
 

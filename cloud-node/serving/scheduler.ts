@@ -22,6 +22,8 @@ export interface GenerationRequest {
   seed: number;
   /** Absolute time (ms since the epoch) the request should finish by; orders admission. */
   deadline?: number;
+  /** Generate maxTokens tokens, past the model's eos. */
+  ignoreEos?: boolean;
   /** Each new token as it is chosen; returning true ends the request (a stop sequence matched). */
   onToken?: (id: number) => boolean | void;
 }
@@ -128,7 +130,7 @@ export class ServingScheduler {
       try {
         const held = p.request.adapter !== undefined ? await this.#o.adapters.acquire(p.request.adapter) : undefined;
         const { promptIds, maxTokens, temperature, topP, seed } = p.request;
-        const loop = new GenerationLoop(this.#o.model.config, promptIds, { maxNewTokens: maxTokens, temperature, topP, seed });
+        const loop = new GenerationLoop(this.#o.model.config, promptIds, { maxNewTokens: maxTokens, temperature, topP, seed, ...(p.request.ignoreEos === true ? { stopTokenIds: [] } : {}) });
         this.#active.push({
           ...p, loop, cache: new KvCache(), hooks: held?.adapter.hooks, release: held?.release ?? (() => {}),
           adapterKey: p.request.adapter === undefined ? '' : `${p.request.adapter.tenant}/${p.request.adapter.name}`, next: loop.first(), stopped: false,
