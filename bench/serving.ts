@@ -3,7 +3,7 @@
 // ("sequential"). Tokens/s, time to first token p50/p99 and deadline miss rate, every request
 // arriving at the scenario's start (so a sequential request's TTFT includes its wait).
 // `npm run bench -- serving [--quick] [--tokens N] [--deadline-ms D]`: the ~25M random Llama of
-// bench/split.ts (8 blocks, hidden 512) by default; --quick: stories260K and fewer tokens.
+// bench/split.ts (8 blocks, hidden 512) by default; --quick: stories260K. 16 tokens per request.
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -58,7 +58,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
     const at = args.indexOf(name);
     return at >= 0 ? Number(args[at + 1]) : fallback;
   };
-  const maxTokens = flag('--tokens', quick ? 16 : 32);
+  const maxTokens = flag('--tokens', 16);
   const deadlineMs = flag('--deadline-ms', quick ? 5000 : 30000);
   const backend = await initBackend({ log: (line) => process.stdout.write(`${line}\n`) });
   const work = await mkdtemp(join(tmpdir(), 'tandem-bench-serving-'));

@@ -48,6 +48,8 @@ import { AdapterRegistry } from './serving/adapter-registry.ts';
 import { Serving } from './serving/serving.ts';
 import type { ServingLimits } from './serving/serving.ts';
 import { ServingMetrics } from './serving/serving-metrics.ts';
+import { SplitInference } from './serving/split-inference.ts';
+import type { SplitInferenceLimits } from './serving/split-inference.ts';
 
 /** The event a socket gets, with `{code, message}`, just before the node disconnects it (a revoked key). */
 export const DISCONNECT_REASON_EVENT = 'tandem:disconnect';
@@ -122,6 +124,8 @@ export interface CloudNodeOptions {
   computeWorkers?: number;
   /** Adapter serving (/v1/completions, /v1/chat/completions, /v1/adapters): KV budget, batch, resident adapters, upload size. */
   serving?: Partial<ServingLimits>;
+  /** Split inference: the middle KV cache bytes per session and all sessions together. */
+  splitInference?: Partial<SplitInferenceLimits>;
 }
 
 /** The node's compute workers, for operations (and the tests and the soak bench). */
@@ -227,7 +231,9 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     maxRepliesPerSession: options.maxRepliesPerSession,
   });
   const model = new ModelSlot();
-  const service = new SessionService({ store: sessions, metrics, cache, model: () => model.get(), limits, codecs: options.codecs, quotas, lifetimes: options.sessions,
+  const servingMetrics = new ServingMetrics(metrics.registry);
+  const inference = new SplitInference(options.splitInference, (bytes) => servingMetrics.splitKvCacheBytes.set(bytes));
+  const service = new SessionService({ store: sessions, metrics, cache, model: () => model.get(), limits, codecs: options.codecs, quotas, lifetimes: options.sessions, inference,
     shapeLimits: { maxMicrobatchTokens: options.maxMicrobatchTokens, maxSequenceLength: options.maxSequenceLength },
   });
   const emulators = new EmulatorRegistry(
@@ -236,7 +242,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     { ...options.emulatorStorage, perTenant: (tenant) => quotas.of(tenant).storedBundles },
   );
   await emulators.open();
-  const serving = new Serving(await AdapterRegistry.open(stateDir), new ServingMetrics(metrics.registry), options.serving);
+  const serving = new Serving(await AdapterRegistry.open(stateDir), servingMetrics, options.serving);
 
   const app = Fastify({ loggerInstance: log as FastifyBaseLogger, bodyLimit: 1024 * 1024, serverFactory: createServer });
   await app.register(swagger, {
@@ -302,6 +308,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     await app.close();
     cache.clear();
     serving.close();
+    inference.clear();
     await executor?.close();
     if (model.loaded) model.served().dispose();
   };

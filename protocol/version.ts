@@ -3,9 +3,9 @@ import { ProtocolError } from './errors.ts';
 import type { ProtocolVersion, VersionRange } from './messages.ts';
 
 /** The version this build writes. */
-export const PROTOCOL_VERSION: ProtocolVersion = Object.freeze({ major: 1, minor: 1 });
+export const PROTOCOL_VERSION: ProtocolVersion = Object.freeze({ major: 1, minor: 2 });
 
-/** Every version this build reads and writes: 1.1 adds the session's privacy defenses to Hello and Welcome. */
+/** Every version this build reads and writes: 1.1 adds the session's privacy defenses to Hello and Welcome; 1.2 adds split inference (InferStep, InferStepResult, InferEnd). */
 export const SUPPORTED_VERSIONS: VersionRange = Object.freeze({ min: Object.freeze({ major: 1, minor: 0 }), max: PROTOCOL_VERSION });
 
 export function compareVersions(a: ProtocolVersion, b: ProtocolVersion): number {
