@@ -2,6 +2,8 @@
 // the cloud the middle with its KV cache; the greedy tokens equal local generation.
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
+import { main } from '../../cli/main.ts';
+import type { CommandIo } from '../../cli/io.ts';
 import { connectCloud, splitGenerate } from '../../edge-client/index.ts';
 import type { CloudClient, EdgeSession } from '../../edge-client/index.ts';
 import { createAdapter, generate, initBackend, LlamaModel, loadAdapter, loadModelFolder, loadTokenizer, onEdge, saveAdapter } from '../../model/index.ts';
@@ -18,11 +20,19 @@ let loaded: LoadedModel;
 let full: LlamaModel;
 let edge: LlamaModel;
 let adapterDir: string;
+let key: string;
+
+async function cli(argv: string[]): Promise<{ code: number; json: { input_ids: number[]; generated_ids: number[]; text: string } }> {
+  const out: string[] = [];
+  const io: CommandIo = { out: (l) => out.push(l), log: () => {} };
+  const code = await main(argv, io);
+  return { code, json: JSON.parse(out.join('\n') || '{}') as { input_ids: number[]; generated_ids: number[]; text: string } };
+}
 
 before(async () => {
   await initBackend({ backend: 'cpu' });
   node = await startTestNode();
-  const key = await createTenantKey(node, 'owner');
+  key = await createTenantKey(node, 'owner');
   loaded = await loadModelFolder(STORIES_DIR);
   full = LlamaModel.fromArrays(loaded.config, loaded.weights);
   edge = LlamaModel.fromArrays(loaded.config, loaded.weights, (name) => onEdge(name, CUT, loaded.config.numHiddenLayers));
@@ -59,6 +69,16 @@ describe('split inference', () => {
     }
     const metrics = Buffer.from((await api(node, 'GET', '/metrics')).bytes).toString('utf8');
     assert.match(metrics, /^tandem_split_inference_kv_cache_bytes 0$/m);
+  });
+
+  it('`tandem edge generate --adapter` prints what `tandem generate --adapter` prints', async () => {
+    const common = ['--adapter', adapterDir, '--prompt', 'Once upon a time', '--max-new-tokens', '12', '--temperature', '0', '--json', '--backend', 'cpu'];
+    const local = await cli(['generate', '--model', STORIES_DIR, ...common]);
+    const split = await cli(['edge', 'generate', '--cloud', node.url, '--key', key, '--cache', await tempDir(), ...common]);
+    assert.equal(local.code, 0);
+    assert.equal(split.code, 0);
+    const { input_ids, generated_ids, text } = local.json;
+    assert.deepEqual(split.json, { input_ids, generated_ids, text });
   });
 
   it('refuses a position that does not continue the sequence (4030); position 0 starts again, InferEnd frees', async () => {
