@@ -105,13 +105,13 @@ async function generateRoute(serving: Serving, request: FastifyRequest, reply: F
   const id = `${chat ? 'chatcmpl' : 'cmpl'}-${randomUUID().replaceAll('-', '')}`;
   const created = Math.floor(arrived / 1000);
   const text = new CompletionText(tokenizer, p.promptIds, stop);
-  const submit = (onToken?: () => void): Promise<GenerationOutcome> => scheduler.submit({
+  // onToken returning true ends the request (the streaming client went away).
+  const submit = (onToken?: () => boolean): Promise<GenerationOutcome> => scheduler.submit({
     adapter: p.adapter, promptIds: p.promptIds, maxTokens: p.maxTokens, temperature: req.temperature, topP: req.topP, seed: req.seed,
     deadline: req.deadlineMs === undefined ? undefined : arrived + req.deadlineMs, ignoreEos: req.ignoreEos,
     onToken: (tokenId) => {
       const stopped = text.push(tokenId);
-      onToken?.();
-      return stopped;
+      return onToken?.() === true || stopped;
     },
   });
   const usage = (o: GenerationOutcome) => ({ prompt_tokens: p.promptIds.length, completion_tokens: o.generatedIds.length, total_tokens: p.promptIds.length + o.generatedIds.length });
@@ -139,9 +139,12 @@ async function generateRoute(serving: Serving, request: FastifyRequest, reply: F
   if (chat) raw.write(chunk('', null, { first: true }));
   try {
     const o = await submit(() => {
+      if (raw.destroyed) return true;
       const piece = text.take();
-      if (piece.length > 0 && !raw.destroyed) raw.write(chunk(piece, null));
+      if (piece.length > 0) raw.write(chunk(piece, null));
+      return false;
     });
+    if (raw.destroyed) return reply;
     const rest = text.take(true);
     if (rest.length > 0) raw.write(chunk(rest, null));
     raw.write(chunk(chat ? undefined : '', text.stopped ? 'stop' : o.finishReason, { usage: usage(o), ...extension(o) }));
