@@ -1,5 +1,5 @@
 import { Command } from 'commander';
-import { DEFAULT_METHODS, progressPrinter, trainEdge } from '../edge-client/index.ts';
+import { DEFAULT_METHODS, edgeGenerate, progressPrinter, trainEdge } from '../edge-client/index.ts';
 import type { EdgeTrainResult, ProgressMode } from '../edge-client/index.ts';
 import { AUTO_DEFENSES, exportAdapter, initBackend, parseDefenses } from '../model/index.ts';
 import type { MethodSpec } from '../model/index.ts';
@@ -127,6 +127,59 @@ function exportCommand(io: CommandIo): Command {
     });
 }
 
+interface GenerateFlags {
+  cloud?: string;
+  key?: string;
+  ca?: string;
+  model?: string;
+  adapter?: string;
+  prompt?: string;
+  bottom?: string;
+  top?: string;
+  maxNewTokens?: string;
+  temperature?: string;
+  topP?: string;
+  seed?: string;
+  cache?: string;
+  backend?: string;
+  json?: boolean;
+}
+
+/** Split inference: the private adapter and the text stay here; the cloud runs the middle. */
+function generateCommand(io: CommandIo): Command {
+  return new Command('generate')
+    .description('generate with a private adapter: bottom and top blocks here, the middle on the cloud; only hidden states cross')
+    .option('--cloud <url>', 'cloud node URL')
+    .option('--key <key>', 'API key (or TANDEM_KEY)')
+    .option('--ca <file>', 'PEM CA certificate an https:// cloud\'s certificate must chain to')
+    .option('--model <id>', 'model id the cloud serves (default: its first)')
+    .option('--adapter <dir>', 'PEFT adapter folder, applied on the edge (it must not change the middle blocks)')
+    .option('--prompt <text>', 'the prompt', '')
+    .option('--bottom <n>', 'blocks kept at the bottom (default: the model\'s default cut)')
+    .option('--top <n>', 'blocks kept at the top')
+    .option('--max-new-tokens <n>', 'tokens to generate', '64')
+    .option('--temperature <t>', 'sampling temperature; 0 is greedy', '1')
+    .option('--top-p <p>', 'nucleus sampling mass', '1')
+    .option('--seed <s>', 'sampling seed', '0')
+    .option('--cache <dir>', 'cache of edge parts (default ~/.cache/tandem)')
+    .option('--backend <name>', 'compute backend: auto, tensorflow-gpu, tensorflow, wasm, cpu')
+    .option('--json', 'print one JSON object: input_ids, generated_ids, text')
+    .action(async (flags: GenerateFlags) => {
+      const cloud = requiredFlag('--cloud', flags.cloud);
+      const key = requiredFlag('--key', flags.key ?? process.env.TANDEM_KEY);
+      const ca = flags.ca === undefined ? undefined : (await pemFlag('--ca', flags.ca)).toString('utf8');
+      const int = (flag: string, v: string | undefined) => numberFlag(flag, v, { min: 0, integer: true });
+      const cut = flags.bottom !== undefined || flags.top !== undefined ? { bottom: int('--bottom', flags.bottom), top: int('--top', flags.top) } : undefined;
+      const maxNewTokens = int('--max-new-tokens', flags.maxNewTokens);
+      const temperature = numberFlag('--temperature', flags.temperature, { min: 0 });
+      const topP = numberFlag('--top-p', flags.topP, { min: Number.MIN_VALUE, max: 1 });
+      const seed = numberFlag('--seed', flags.seed, { min: 0, max: 2 ** 32 - 1, integer: true });
+      await initBackend({ backend: flags.backend, log: flags.json ? undefined : io.log });
+      const r = await edgeGenerate({ cloud, key, ca, model: flags.model, adapterDir: flags.adapter, prompt: flags.prompt ?? '', cut, maxNewTokens, temperature, topP, seed, cacheDir: flags.cache });
+      io.out(flags.json ? JSON.stringify({ input_ids: r.inputIds, generated_ids: r.generatedIds, text: r.text }) : r.text);
+    });
+}
+
 export function edgeCommand(io: CommandIo): Command {
   const edge = new Command('edge').description('the data owner\'s side of split fine-tuning');
   edge.addCommand(trainCommand(io));
@@ -134,5 +187,6 @@ export function edgeCommand(io: CommandIo): Command {
   edge.addCommand(offsiteCommand(io));
   edge.addCommand(uploadCommand(io));
   edge.addCommand(federateCommand(io));
+  edge.addCommand(generateCommand(io));
   return edge;
 }

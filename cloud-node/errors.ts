@@ -43,6 +43,11 @@ export const CLOUD_ERRORS = {
   TANDEM_RESOURCE_EXHAUSTED: { status: 400, template: 'the request needs more {resource} than this node allows: {reason}' },
   TANDEM_COMPUTE_FAILED: { status: 500, template: 'the compute backend failed and was restarted: {reason}' },
   TANDEM_ADAPTER_TOO_LARGE: { status: 400, template: 'the adapter states {field} = {actual}, over the limit of {limit}' },
+  TANDEM_SERVE_MODEL_UNKNOWN: { status: 404, template: 'no model {model}; GET /v1/models lists the base and the adapters this key may use as base:adapter' },
+  TANDEM_SERVE_ADAPTER_EXISTS: { status: 409, template: 'tenant {tenant} already serves an adapter {name}; delete it first' },
+  TANDEM_SERVE_ADAPTER_UNSUPPORTED: { status: 400, template: 'the adapter cannot be served: {reason}' },
+  TANDEM_SERVE_PROMPT_TOO_LONG: { status: 400, template: 'the prompt has {actual} tokens; the context holds {limit}' },
+  TANDEM_SERVE_MAX_TOKENS_TOO_LARGE: { status: 400, template: 'max_tokens {actual} is too large: {reason}' },
 } as const satisfies Record<string, { status: number; template: string }>;
 
 export type CloudErrorCode = keyof typeof CLOUD_ERRORS;

@@ -49,6 +49,14 @@ import type { KeyRecord } from './state/key-store.ts';
 import { SessionStore } from './state/session-store.ts';
 import { TimeSeries } from './time-series.ts';
 import { TrainingActivity } from './training-activity.ts';
+import { adaptersPlugin } from './plugins/adapters.ts';
+import { modelsFor, openAiPlugin } from './plugins/openai.ts';
+import { AdapterRegistry } from './serving/adapter-registry.ts';
+import { Serving } from './serving/serving.ts';
+import type { ServingLimits } from './serving/serving.ts';
+import { ServingMetrics } from './serving/serving-metrics.ts';
+import { SplitInference } from './serving/split-inference.ts';
+import type { SplitInferenceLimits } from './serving/split-inference.ts';
 
 /** The event a socket gets, with `{code, message}`, just before the node disconnects it (a revoked key). */
 export const DISCONNECT_REASON_EVENT = 'tandem:disconnect';
@@ -132,6 +140,10 @@ export interface CloudNodeOptions {
   clusterStatus?: ClusterStatusSource;
   /** The operator view's time series: a point every `intervalMs` (1000), the last `points` (300) kept. */
   series?: { intervalMs?: number; points?: number };
+  /** Adapter serving (/v1/completions, /v1/chat/completions, /v1/adapters): KV budget, batch, resident adapters, upload size. */
+  serving?: Partial<ServingLimits>;
+  /** Split inference: the middle KV cache bytes per session and all sessions together. */
+  splitInference?: Partial<SplitInferenceLimits>;
 }
 
 /** The node's compute workers, for operations (and the tests and the soak bench). */
@@ -237,11 +249,13 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     maxRepliesPerSession: options.maxRepliesPerSession,
   });
   const model = new ModelSlot();
+  const servingMetrics = new ServingMetrics(metrics.registry);
+  const inference = new SplitInference(options.splitInference, (bytes) => servingMetrics.splitKvCacheBytes.set(bytes));
   // The operator's view: trained tokens and loss curves per session, the node's series, the workers.
   const activity = new TrainingActivity();
   const series = new TimeSeries({ metrics, trainedTokens: () => activity.trainedTokens, ...options.series });
   const workers = options.clusterStatus ?? new LocalClusterStatus({ model, tokensPerSecond: () => series.recentTokensPerSecond() });
-  const service = new SessionService({ store: sessions, metrics, cache, model: () => model.get(), limits, codecs: options.codecs, quotas, lifetimes: options.sessions,
+  const service = new SessionService({ store: sessions, metrics, cache, model: () => model.get(), limits, codecs: options.codecs, quotas, lifetimes: options.sessions, inference,
     onComputed: (computed) => activity.record(computed),
     shapeLimits: { maxMicrobatchTokens: options.maxMicrobatchTokens, maxSequenceLength: options.maxSequenceLength },
   });
@@ -251,6 +265,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     { ...options.emulatorStorage, perTenant: (tenant) => quotas.of(tenant).storedBundles },
   );
   await emulators.open();
+  const serving = new Serving(await AdapterRegistry.open(stateDir), servingMetrics, options.serving);
 
   const app = Fastify({ loggerInstance: log as FastifyBaseLogger, bodyLimit: 1024 * 1024, serverFactory: createServer });
   await app.register(swagger, {
@@ -276,7 +291,9 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
       allowList: (request) => request.caller.admin,
       errorResponseBuilder: (request, context) => quotaExceeded(request.caller.tenant, 'requestsPerMinute', Number(context.max), `retry in ${context.after}`),
     });
-    await scope.register(modelsPlugin, { model });
+    await scope.register(modelsPlugin, { model, generationModels: (tenant) => modelsFor(serving, tenant) });
+    await scope.register(adaptersPlugin, { serving, quotas });
+    await scope.register(openAiPlugin, { serving });
     await scope.register(emulatorsPlugin, { model, emulators, quotas, maxAdapterRequestBytes: options.maxAdapterRequestBytes });
     await scope.register(sessionsPlugin, { sessions, service });
     await scope.register(keysPlugin, { keys });
@@ -322,6 +339,8 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     io.engine.close();
     await app.close();
     cache.clear();
+    serving.close();
+    inference.clear();
     await executor?.close();
     if (model.loaded) model.served().dispose();
   };
@@ -356,6 +375,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     }
     if (executor === undefined) throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: 'no compute worker could start' });
     metrics.computeReady.set(1);
+    await serving.start(served);
     model.set(served, executor);
     log.info({ model: served.id, contentHash: served.contentHash, layers: served.numLayers, backend: backend.name, computeWorkers: executor.workers, computeBackend: executor.backend, tls: options.tls !== undefined }, 'model loaded; ready');
   } catch (error) {

@@ -16,6 +16,10 @@ export interface TenantQuotas {
   storedAdapters: number;
   /** REST requests per minute (@fastify/rate-limit). */
   requestsPerMinute: number;
+  /** Adapters the tenant keeps uploaded for serving (POST /v1/adapters). */
+  servedAdapters: number;
+  /** Bytes of adapter weights the tenant keeps uploaded for serving, all its adapters together. */
+  servedAdapterBytes: number;
 }
 
 export type QuotaName = keyof TenantQuotas;
@@ -27,6 +31,8 @@ export const DEFAULT_QUOTAS: Readonly<TenantQuotas> = {
   storedBundles: 4,
   storedAdapters: 2,
   requestsPerMinute: 1200,
+  servedAdapters: 16,
+  servedAdapterBytes: 256 * 1024 * 1024,
 };
 
 const WINDOW_MS = 60_000;
@@ -122,6 +128,12 @@ export class QuotaLedger {
     u.adapters += 1;
     return once(() => { u.adapters -= 1; });
   }
+}
+
+/** Refuses an upload that would take the tenant over its served-adapter count or bytes. */
+export function checkServedAdapters(quotas: TenantQuotas, tenant: string, held: { count: number; bytes: number }, adding: number): void {
+  if (held.count + 1 > quotas.servedAdapters) throw quotaExceeded(tenant, 'servedAdapters', quotas.servedAdapters, `${held.count} adapters are uploaded; delete one (DELETE /v1/adapters/:name)`);
+  if (held.bytes + adding > quotas.servedAdapterBytes) throw quotaExceeded(tenant, 'servedAdapterBytes', quotas.servedAdapterBytes, `${held.bytes} bytes are uploaded and this adapter adds ${adding}`);
 }
 
 function once(f: () => void): () => void {

@@ -10,7 +10,7 @@ import {
   intersectLimits, negotiateCodecs, negotiateVersion, validateFrame,
 } from '../protocol/index.ts';
 import type {
-  Backward, Body, CloseReason, CodecChoice, CodecName, CodecOffer, CodecPreferences, CodecSpec, Envelope, Forward, Heartbeat, Hello, Limits,
+  Backward, Body, CloseReason, CodecChoice, CodecName, CodecOffer, CodecPreferences, CodecSpec, Envelope, Forward, Heartbeat, Hello, InferStep, Limits,
   SessionClose, SessionOpen, TensorFrame, Welcome,
 } from '../protocol/index.ts';
 import type { ActivationCache } from './activation-cache.ts';
@@ -22,6 +22,7 @@ import type { QuotaLedger } from './quotas.ts';
 import type { ServedModel } from './served-model.ts';
 import type { Caller } from './state/key-store.ts';
 import type { SessionRecord, SessionStore } from './state/session-store.ts';
+import type { SplitInference } from './serving/split-inference.ts';
 
 export const SERVER_BUILD = 'tandem-cloud/0.1.0';
 
@@ -80,6 +81,8 @@ export interface SessionServiceOptions {
   quotas: QuotaLedger;
   lifetimes?: Partial<SessionLifetimes>;
   shapeLimits?: Partial<ShapeLimits>;
+  /** The middle's KV caches of split inference (InferStep, InferEnd); refused without. */
+  inference?: SplitInference;
   /** Told of every Forward and Backward the middle computed (not of retries answered from kept replies): the operator's view. */
   onComputed?: (computed: ComputedStep) => void;
 }
@@ -176,6 +179,7 @@ export class SessionService {
       s.closeReason = reason;
     });
     this.#options.cache.dropSession(session.id);
+    this.#options.inference?.end(session.id);
     this.#runtimes.get(session.id)?.feedback?.clear();
     this.#runtimes.delete(session.id);
     this.#activity.delete(session.id);
@@ -207,6 +211,13 @@ export class SessionService {
         return this.#plain(request, this.#heartbeat(caller, body.value));
       case 'sessionClose':
         return this.#plain(request, await this.close(caller, body.value.sessionId, body.value));
+      case 'inferStep':
+        return this.#inferStep(caller, request, body.value);
+      case 'inferEnd': {
+        this.#options.store.getOpen(caller, body.value.sessionId);
+        this.#options.inference?.end(body.value.sessionId);
+        return this.#plain(request, { case: 'inferEnd', value: { sessionId: body.value.sessionId } });
+      }
       default:
         throw new CloudError('TANDEM_MESSAGE_UNEXPECTED', { kind: body.case });
     }
@@ -441,6 +452,28 @@ export class SessionService {
   }
 
   /** Validates a received hidden-state frame against the session and the model, and decodes it. */
+  /** Split inference: the middle on the new tokens' h_B, with the session's middle KV cache. */
+  async #inferStep(caller: Caller, request: Envelope, step: InferStep): Promise<Reply> {
+    const inference = this.#options.inference;
+    if (inference === undefined) throw new CloudError('TANDEM_FEATURE_UNSUPPORTED', { feature: 'split inference (InferStep)' });
+    const session = this.#options.store.getOpen(caller, step.sessionId);
+    this.#touch(session.id);
+    if (step.frames.length !== 1) throw new CloudError('TANDEM_FRAME_COUNT_INVALID', { kind: 'InferStep', actual: step.frames.length, expected: '1 (h_B)' });
+    const { served } = this.#options.model();
+    const [h, shape] = this.#readFrame(session, step.frames[0], 'infer_step.frames[0] (h_B)');
+    const release = this.#options.quotas.reserveTokens(session.tenant, shape[0] * shape[1]);
+    let out: Float32Array;
+    try {
+      out = inference.step(served, served.middleOf(session.cut), session.id, step.position, h, shape);
+    } finally {
+      release();
+    }
+    this.#checkFinite(session, out, 'h_M', 0);
+    const frame = encodeTensor(out, shape, session.codecs.forward, { name: 'h_M', allowNonFinite: session.allowNonFinite });
+    this.#options.metrics.frame('out', frame.codec, frameBytes(frame));
+    return this.#plain(request, { case: 'inferStepResult', value: { sessionId: session.id, position: step.position, frames: [frame] } }, session.limits);
+  }
+
   #readFrame(session: SessionRecord, frame: TensorFrame, field: string): [Float32Array, Shape3] {
     const s = this.#checkDeclaredShape(frame, field);
     const expectation = { limits: session.limits, allowNonFinite: session.allowNonFinite, field };

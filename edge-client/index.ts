@@ -21,3 +21,5 @@ export type { CloudTarget } from './cloud-call.ts';
 export type { DownloadBundleOptions, UploadOptions } from './upload.ts';
 export { FederationAdmin, federate, readAdapterFolder, writeAdapterFolder } from './federate.ts';
 export type { FederateOptions, FederateResult, FederateRoundEvent } from './federate.ts';
+export { edgeGenerate, splitGenerate } from './generate.ts';
+export type { EdgeGenerateOptions, SplitGenerateOptions } from './generate.ts';

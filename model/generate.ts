@@ -70,7 +70,7 @@ export async function generateOrt(engine: OrtLlama, inputIds: number[], options:
 }
 
 /** Checks the options, then picks each token from the last position's logits. */
-class GenerationLoop {
+export class GenerationLoop {
   readonly #options: Omit<GenerateOptions, 'hooks'>;
   readonly #stop: Set<number>;
   readonly #rng: Rng;

@@ -44,7 +44,7 @@ export type { ForwardHooks, HookContext, LinearModule, LinearModuleName, Sublaye
 export { KvCache, LlamaModel } from './llama/llama.ts';
 export type { ForwardOptions } from './llama/llama.ts';
 export { IGNORE_INDEX, causalLmLoss } from './loss.ts';
-export { generate, generateOrt } from './generate.ts';
+export { GenerationLoop, generate, generateOrt } from './generate.ts';
 export type { GenerateOptions, GenerateResult } from './generate.ts';
 export { Rng } from './random.ts';
 export type { Adapter } from './peft/adapter.ts';
@@ -57,3 +57,4 @@ export * from './train/index.ts';
 export * from './engine/index.ts';
 export * from './federation/index.ts';
 export * from './privacy/index.ts';
+export * from './serving/index.ts';

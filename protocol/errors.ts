@@ -28,6 +28,9 @@ export const PROTOCOL_ERRORS = {
   TANDEM_PROTO_INPUT_INVALID: { number: 4023, template: 'argument {field} is invalid: {reason}' },
   TANDEM_PROTO_CHUNK_TIMEOUT: { number: 4024, template: 'stream {streamId} received no chunk for {timeoutMs} ms and was dropped' },
   TANDEM_PROTO_DEFENSE_UNKNOWN: { number: 4025, template: 'defense {name} in {field} is not known; known: {known}' },
+  TANDEM_PROTO_INFER_POSITION_INVALID: { number: 4030, template: 'InferStep position {actual} does not continue session {session}, whose middle cache holds {expected} positions (send 0 to start a new sequence)' },
+  TANDEM_PROTO_INFER_CONTEXT_EXCEEDED: { number: 4031, template: 'InferStep reaches position {actual}, over the context of {limit}' },
+  TANDEM_PROTO_INFER_KV_BUDGET_EXCEEDED: { number: 4032, template: 'the middle KV cache of session {session} would take {actual} bytes, over the limit of {limit}' },
 } as const satisfies Record<string, { number: number; template: string }>;
 
 export type ProtocolErrorCode = keyof typeof PROTOCOL_ERRORS;

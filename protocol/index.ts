@@ -3,7 +3,7 @@ export { PROTOCOL_ERRORS, ProtocolError, isProtocolErrorCode } from './errors.ts
 export type { ProtocolErrorCode, ProtocolErrorDetails } from './errors.ts';
 export type {
   Backward, BackwardResult, Body, BodyCase, Chunk, CloseReason, CodecChoice, CodecName, CodecOffer, CodecParams, CodecSpec, Cut,
-  Defense, DTypeName, Envelope, ErrorBody, Forward, ForwardResult, Heartbeat, Hello, Limits, ModelRef, ProtocolVersion, SessionClose,
+  Defense, DTypeName, Envelope, ErrorBody, Forward, ForwardResult, Heartbeat, Hello, InferEnd, InferStep, InferStepResult, Limits, ModelRef, ProtocolVersion, SessionClose,
   SessionOpen, TensorFrame, TopkValuesCodec, TrainingSpec, VersionRange, Welcome,
 } from './messages.ts';
 export { DEFENSE_NAMES } from './messages.ts';

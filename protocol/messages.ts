@@ -177,6 +177,21 @@ export interface Chunk {
   data: Uint8Array;
 }
 
+/** Split inference (1.2): h_B of new tokens at `position`; 0 starts a new sequence. */
+export interface InferStep {
+  sessionId: string;
+  position: number;
+  frames: TensorFrame[];
+}
+
+/** h_M of the new tokens of an InferStep. */
+export type InferStepResult = InferStep;
+
+/** Frees the middle's KV cache of the session. */
+export interface InferEnd {
+  sessionId: string;
+}
+
 export type Body =
   | { case: 'hello'; value: Hello }
   | { case: 'welcome'; value: Welcome }
@@ -188,7 +203,10 @@ export type Body =
   | { case: 'backwardResult'; value: BackwardResult }
   | { case: 'heartbeat'; value: Heartbeat }
   | { case: 'error'; value: ErrorBody }
-  | { case: 'chunk'; value: Chunk };
+  | { case: 'chunk'; value: Chunk }
+  | { case: 'inferStep'; value: InferStep }
+  | { case: 'inferStepResult'; value: InferStepResult }
+  | { case: 'inferEnd'; value: InferEnd };
 
 export type BodyCase = Body['case'];
 

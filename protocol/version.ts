@@ -5,7 +5,7 @@ import type { ProtocolVersion, VersionRange } from './messages.ts';
 /** The version this build writes. */
 export const PROTOCOL_VERSION: ProtocolVersion = Object.freeze({ major: 1, minor: 2 });
 
-/** Every version this build reads and writes: 1.1 adds the session's privacy defenses to Hello and Welcome; 1.2 adds the marvell defense and the edge's loss in Backward (and what protocol/README.md lists under 1.2). */
+/** Every version this build reads and writes: 1.1 adds the session's privacy defenses to Hello and Welcome; 1.2 adds the marvell defense, the edge's loss in Backward and split inference (InferStep, InferStepResult, InferEnd); protocol/README.md lists them. */
 export const SUPPORTED_VERSIONS: VersionRange = Object.freeze({ min: Object.freeze({ major: 1, minor: 0 }), max: PROTOCOL_VERSION });
 
 export function compareVersions(a: ProtocolVersion, b: ProtocolVersion): number {

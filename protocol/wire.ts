@@ -218,6 +218,14 @@ function bodyFromWire(m: Wire): Body {
           data: bytes(b, 'data'),
         },
       };
+    case 'inferStep':
+    case 'inferStepResult':
+      return {
+        case: which,
+        value: { sessionId: str(b, 'sessionId'), position: num(b, 'position'), frames: list(b, 'frames').map((frame, i) => frameFromWire(frame, `${which}.frames[${i}]`)) },
+      };
+    case 'inferEnd':
+      return { case: 'inferEnd', value: { sessionId: str(b, 'sessionId') } };
     default:
       throw new ProtocolError('TANDEM_PROTO_FIELD_INVALID', { field: 'envelope.body', reason: 'no body, or a body this version does not know' });
   }
@@ -268,11 +276,14 @@ function bodyToWire(body: Body): Wire {
     case 'forwardResult':
     case 'backward':
     case 'backwardResult':
+    case 'inferStep':
+    case 'inferStepResult':
       return { ...body.value, frames: body.value.frames.map(frameToWire) };
     case 'error':
     case 'sessionOpen':
     case 'heartbeat':
     case 'chunk':
+    case 'inferEnd':
       return { ...body.value };
   }
 }

@@ -8,7 +8,14 @@ import { authErrors, cutSchema, security } from './schemas.ts';
 
 export interface ModelsPluginOptions {
   model: ModelSlot;
+  /** OpenAI's list (`object`, `data`) of what the caller may generate with: the base and its "base:adapter" names. */
+  generationModels?: (tenant: string) => unknown[];
 }
+
+const openAiModelSchema = {
+  type: 'object',
+  properties: { id: { type: 'string' }, object: { type: 'string' }, created: { type: 'integer' }, owned_by: { type: 'string' }, root: { type: 'string' }, parent: { type: ['string', 'null'] } },
+} as const;
 
 const modelSchema = {
   type: 'object',
@@ -59,9 +66,19 @@ export async function modelsPlugin(app: FastifyInstance, ctx: ModelsPluginOption
   app.get('/models', {
     schema: {
       summary: 'the models this node serves', tags: ['models'], security,
-      response: { 200: { type: 'object', required: ['models'], properties: { models: { type: 'array', items: modelSchema } } }, ...authErrors },
+      response: {
+        200: {
+          type: 'object', required: ['models'],
+          properties: {
+            models: { type: 'array', items: modelSchema },
+            object: { type: 'string', enum: ['list'], description: 'OpenAI\'s list of models (GET /v1/models of the OpenAI API)' },
+            data: { type: 'array', items: openAiModelSchema, description: 'the base and the adapters this key may use, as "base:adapter"' },
+          },
+        },
+        ...authErrors,
+      },
     },
-  }, async () => ({ models: [describe(ctx.model.served())] }));
+  }, async (request) => ({ models: [describe(ctx.model.served())], ...(ctx.generationModels === undefined ? {} : { object: 'list', data: ctx.generationModels(request.caller.tenant) }) }));
 
   app.get<{ Params: { id: string }; Querystring: CutQuery }>('/models/:id/edge', {
     schema: {

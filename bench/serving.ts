@@ -1,0 +1,127 @@
+// Adapter serving through a real node's OpenAI API on loopback: 32 requests over 8 adapters
+// at once ("mixed"), 32 on one adapter at once ("single"), and the same 32 one after another
+// ("sequential"). Tokens/s, time to first token p50/p99 and deadline miss rate, every request
+// arriving at the scenario's start (so a sequential request's TTFT includes its wait).
+// `npm run bench -- serving [--quick] [--tokens N] [--deadline-ms D]`: the ~25M random Llama of
+// bench/split.ts (8 blocks, hidden 512) by default; --quick: stories260K. 16 tokens per request.
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { startCloudNode } from '../cloud-node/index.ts';
+import type { CloudNode } from '../cloud-node/index.ts';
+import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, createAdapter, initBackend, LlamaModel, loadModelFolder, parseModelConfig, saveAdapter, saveModelFolder } from '../model/index.ts';
+import { randomWeights } from '../model/testing.ts';
+
+const FIXTURE = join(import.meta.dirname, '..', 'test', 'fixtures', 'stories260K');
+const REQUESTS = 32;
+const ADAPTERS = 8;
+const PROMPTS = ['Once upon a time', 'The little dog ran to the park and', 'Lily', 'One day, a girl named Sue went to the park with her mom and saw', 'Tom had a red ball', 'The sun was hot'];
+
+interface Row {
+  scenario: 'mixed' | 'single' | 'sequential';
+  requests: number;
+  adapters: number;
+  tokensPerSecond: number;
+  ttftP50Seconds: number;
+  ttftP99Seconds: number;
+  deadlineMissRate: number;
+  seconds: number;
+  tokens: number;
+}
+
+async function randomModelDir(work: string): Promise<string> {
+  const rawConfig = {
+    architectures: ['LlamaForCausalLM'], model_type: 'llama', hidden_size: 512, intermediate_size: 1536, num_hidden_layers: 8,
+    num_attention_heads: 8, num_key_value_heads: 4, vocab_size: 512, max_position_embeddings: 1024, rms_norm_eps: 1e-5, rope_theta: 10000,
+    hidden_act: 'silu', tie_word_embeddings: true, bos_token_id: 1, eos_token_id: 2, torch_dtype: 'float32',
+  };
+  const dir = join(work, 'random-llama');
+  await saveModelFolder(dir, rawConfig, randomWeights(parseModelConfig(rawConfig), 11), { copyFiles: [join(FIXTURE, 'tokenizer.json'), join(FIXTURE, 'tokenizer_config.json')] });
+  return dir;
+}
+
+function quantile(values: number[], q: number): number {
+  const s = [...values].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.max(0, Math.ceil(q * s.length) - 1))];
+}
+
+async function post(node: CloudNode, key: string, path: string, body: unknown): Promise<Record<string, unknown>> {
+  const r = await fetch(`${node.url}${path}`, { method: 'POST', headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' }, body: JSON.stringify(body) });
+  const json = (await r.json()) as Record<string, unknown>;
+  if (r.status >= 300) throw new Error(`${path}: ${r.status} ${JSON.stringify(json)}`);
+  return json;
+}
+
+export async function run(args: string[]): Promise<Record<string, unknown>> {
+  const quick = args.includes('--quick');
+  const flag = (name: string, fallback: number): number => {
+    const at = args.indexOf(name);
+    return at >= 0 ? Number(args[at + 1]) : fallback;
+  };
+  const maxTokens = flag('--tokens', 16);
+  const deadlineMs = flag('--deadline-ms', quick ? 5000 : 30000);
+  const backend = await initBackend({ log: (line) => process.stdout.write(`${line}\n`) });
+  const work = await mkdtemp(join(tmpdir(), 'tandem-bench-serving-'));
+  try {
+    const modelDir = quick ? FIXTURE : await randomModelDir(work);
+    const modelName = quick ? 'stories260K' : 'random Llama ~25M (8 blocks, hidden 512)';
+    const loaded = await loadModelFolder(modelDir);
+    const base = LlamaModel.fromArrays(loaded.config, loaded.weights);
+    const adapterDirs: string[] = [];
+    for (let i = 0; i < ADAPTERS; i++) {
+      const adapter = createAdapter(base, [{ method: 'lora', r: 8, loraAlpha: 16, initLoraWeights: false, targetModules: ['q_proj', 'v_proj', 'o_proj'] }], { seed: 100 + i });
+      const dir = join(work, `adapter-${i}`);
+      await saveAdapter(adapter, dir);
+      adapter.dispose();
+      adapterDirs.push(dir);
+    }
+    base.dispose();
+    const node = await startCloudNode({ modelDir, modelId: 'base', stateDir: join(work, 'state'), logLevel: 'error', backend: backend.name, serving: { maxBatch: REQUESTS, residentAdapters: ADAPTERS } });
+    const rows: Row[] = [];
+    try {
+      const key = node.adminKey as string;
+      const contentHash = ((await (await fetch(`${node.url}/v1/models`, { headers: { authorization: `Bearer ${key}` } })).json()) as { models: { contentHash: string }[] }).models[0].contentHash;
+      for (const [i, dir] of adapterDirs.entries()) {
+        await post(node, key, '/v1/adapters', { name: `a${i}`, baseContentHash: contentHash, adapter: { config: await readFile(join(dir, ADAPTER_CONFIG_FILE), 'utf8'), weights: (await readFile(join(dir, ADAPTER_WEIGHTS_FILE))).toString('base64') } });
+      }
+      const body = (i: number, adapter: number) => ({ model: `base:a${adapter}`, prompt: PROMPTS[i % PROMPTS.length], max_tokens: maxTokens, temperature: 0, ignore_eos: true, deadline_ms: deadlineMs });
+      // Warm-up: every adapter resident, the kernels compiled.
+      await Promise.all(adapterDirs.map((_, a) => post(node, key, '/v1/completions', { ...body(a, a), max_tokens: 2 })));
+      const scenario = async (name: Row['scenario'], adapterOf: (i: number) => number, sequential: boolean): Promise<void> => {
+        const t0 = performance.now();
+        const one = async (i: number): Promise<{ ttft: number; finished: number; tokens: number }> => {
+          const sent = performance.now();
+          const json = await post(node, key, '/v1/completions', body(i, adapterOf(i)));
+          const choice = (json.choices as { token_ids: number[]; time_to_first_token_seconds: number }[])[0];
+          return { ttft: (sent - t0) / 1000 + choice.time_to_first_token_seconds, finished: (performance.now() - t0) / 1000, tokens: choice.token_ids.length };
+        };
+        const results: { ttft: number; finished: number; tokens: number }[] = [];
+        if (sequential) for (let i = 0; i < REQUESTS; i++) results.push(await one(i));
+        else results.push(...(await Promise.all(Array.from({ length: REQUESTS }, (_, i) => one(i)))));
+        const seconds = (performance.now() - t0) / 1000;
+        const tokens = results.reduce((n, r) => n + r.tokens, 0);
+        const ttfts = results.map((r) => r.ttft);
+        const row: Row = {
+          scenario: name, requests: REQUESTS, adapters: new Set(Array.from({ length: REQUESTS }, (_, i) => adapterOf(i))).size,
+          tokensPerSecond: tokens / seconds, ttftP50Seconds: quantile(ttfts, 0.5), ttftP99Seconds: quantile(ttfts, 0.99),
+          deadlineMissRate: results.filter((r) => r.finished * 1000 > deadlineMs).length / REQUESTS, seconds, tokens,
+        };
+        rows.push(row);
+        process.stdout.write(`${name.padEnd(10)} ${row.adapters} adapters  ${row.tokensPerSecond.toFixed(1).padStart(8)} tokens/s  TTFT p50 ${row.ttftP50Seconds.toFixed(3)} s  p99 ${row.ttftP99Seconds.toFixed(3)} s  deadline misses ${(100 * row.deadlineMissRate).toFixed(0)}%  (${tokens} tokens in ${seconds.toFixed(2)} s)\n`);
+      };
+      process.stdout.write(`model: ${modelName}; backend ${backend.name}; ${REQUESTS} requests of ${maxTokens} tokens; deadline ${deadlineMs} ms from the scenario's start\n`);
+      await scenario('mixed', (i) => i % ADAPTERS, false);
+      await scenario('single', () => 0, false);
+      await scenario('sequential', (i) => i % ADAPTERS, true);
+    } finally {
+      await node.close();
+    }
+    const of = (s: Row['scenario']) => rows.find((r) => r.scenario === s)?.tokensPerSecond ?? NaN;
+    const mixedOverSingle = of('mixed') / of('single');
+    const mixedOverSequential = of('mixed') / of('sequential');
+    process.stdout.write(`mixed / single ${mixedOverSingle.toFixed(2)}x (target >= 0.8x); mixed / sequential ${mixedOverSequential.toFixed(2)}x (target >= 4x)\n`);
+    return { model: modelName, backend: backend.name, maxTokens, deadlineMs, rows, mixedOverSingle, mixedOverSequential };
+  } finally {
+    await rm(work, { recursive: true, force: true });
+  }
+}

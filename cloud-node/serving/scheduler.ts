@@ -1,0 +1,224 @@
+// Continuous batching of generation requests over many adapters. Each loop step runs one
+// batched forward (model/serving) for every request in flight: new requests join with their
+// whole prompt (prefill), running ones with their last token, and a finished one leaves at
+// once, freeing its KV slot for the next. Waiting requests are admitted earliest deadline
+// first (those without one after, in arrival order) while their KV cache (prompt plus
+// max_tokens, reserved whole on admission) fits the budget. Between steps the loop yields
+// to the event loop, so the node answers other routes during generation.
+import { batchedLastLogits, GenerationLoop, KvCache, kvBytesPerToken } from '../../model/index.ts';
+import type { BatchRow, ForwardHooks, LlamaModel } from '../../model/index.ts';
+import { CloudError } from '../errors.ts';
+import type { ServedAdapterRecord } from './adapter-registry.ts';
+import type { ResidentAdapters } from './resident-adapters.ts';
+import type { ServingMetrics } from './serving-metrics.ts';
+
+export interface GenerationRequest {
+  /** undefined: the base model. */
+  adapter?: ServedAdapterRecord;
+  promptIds: number[];
+  maxTokens: number;
+  temperature: number;
+  topP: number;
+  seed: number;
+  /** Absolute time (ms since the epoch) the request should finish by; orders admission. */
+  deadline?: number;
+  /** Generate maxTokens tokens, past the model's eos. */
+  ignoreEos?: boolean;
+  /** Each new token as it is chosen; returning true ends the request (a stop sequence matched). */
+  onToken?: (id: number) => boolean | void;
+}
+
+export interface GenerationOutcome {
+  generatedIds: number[];
+  finishReason: 'stop' | 'length';
+  /** Seconds from submission to the first token. */
+  timeToFirstToken: number;
+  deadlineMissed: boolean;
+}
+
+export interface SchedulerOptions {
+  model: LlamaModel;
+  adapters: ResidentAdapters;
+  metrics?: ServingMetrics;
+  /** Bytes of KV cache all requests in flight may reserve together. */
+  kvBudgetBytes: number;
+  /** Requests in one batched step. */
+  maxBatch: number;
+  /** Requests waiting for a slot; more are refused. */
+  maxQueue: number;
+}
+
+interface Pending {
+  request: GenerationRequest;
+  order: number;
+  submitted: number;
+  kvBytes: number;
+  resolve: (o: GenerationOutcome) => void;
+  reject: (e: unknown) => void;
+}
+
+interface Active extends Pending {
+  loop: GenerationLoop;
+  cache: KvCache;
+  hooks?: ForwardHooks;
+  release: () => void;
+  adapterKey: string;
+  next: number[] | undefined;
+  firstTokenAt?: number;
+  lastTokenAt?: number;
+  stopped: boolean;
+}
+
+export class ServingScheduler {
+  readonly #o: SchedulerOptions;
+  readonly #bytesPerToken: number;
+  #queue: Pending[] = [];
+  #active: Active[] = [];
+  #reserved = 0;
+  #order = 0;
+  #running = false;
+  #closed = false;
+  /** Rows of each step run so far (for tests and benches). */
+  readonly stepRows: number[] = [];
+
+  constructor(options: SchedulerOptions) {
+    this.#o = options;
+    this.#bytesPerToken = kvBytesPerToken(options.model);
+  }
+
+  get kvBytesReserved(): number {
+    return this.#reserved;
+  }
+
+  /** KV bytes a request reserves: its prompt plus max_tokens positions. */
+  kvBytesOf(promptTokens: number, maxTokens: number): number {
+    return (promptTokens + maxTokens) * this.#bytesPerToken;
+  }
+
+  submit(request: GenerationRequest): Promise<GenerationOutcome> {
+    if (this.#closed) return Promise.reject(new CloudError('TANDEM_MODEL_NOT_READY'));
+    const kvBytes = this.kvBytesOf(request.promptIds.length, request.maxTokens);
+    if (kvBytes > this.#o.kvBudgetBytes) {
+      return Promise.reject(new CloudError('TANDEM_RESOURCE_EXHAUSTED', { resource: 'KV cache', reason: `the prompt and max_tokens need ${kvBytes} bytes; the KV budget is ${this.#o.kvBudgetBytes}` }));
+    }
+    if (this.#queue.length >= this.#o.maxQueue) {
+      return Promise.reject(new CloudError('TANDEM_RESOURCE_EXHAUSTED', { resource: 'generation queue', reason: `${this.#queue.length} requests are waiting, the limit` }));
+    }
+    return new Promise((resolve, reject) => {
+      this.#queue.push({ request, order: this.#order++, submitted: performance.now(), kvBytes, resolve, reject });
+      this.#kick();
+    });
+  }
+
+  #kick(): void {
+    if (this.#running) return;
+    this.#running = true;
+    void this.#run().finally(() => {
+      this.#running = false;
+      if (!this.#closed && this.#queue.length > 0) this.#kick();
+    });
+  }
+
+  async #admit(): Promise<void> {
+    this.#queue.sort((a, b) => (a.request.deadline ?? Infinity) - (b.request.deadline ?? Infinity) || a.order - b.order);
+    while (this.#queue.length > 0 && this.#active.length < this.#o.maxBatch) {
+      const p = this.#queue[0];
+      // Strict order: a request that does not fit yet waits, and so do those behind it.
+      if (this.#reserved + p.kvBytes > this.#o.kvBudgetBytes) break;
+      this.#queue.shift();
+      this.#reserved += p.kvBytes;
+      try {
+        const held = p.request.adapter !== undefined ? await this.#o.adapters.acquire(p.request.adapter) : undefined;
+        const { promptIds, maxTokens, temperature, topP, seed } = p.request;
+        const loop = new GenerationLoop(this.#o.model.config, promptIds, { maxNewTokens: maxTokens, temperature, topP, seed, ...(p.request.ignoreEos === true ? { stopTokenIds: [] } : {}) });
+        this.#active.push({
+          ...p, loop, cache: new KvCache(), hooks: held?.adapter.hooks, release: held?.release ?? (() => {}),
+          adapterKey: p.request.adapter === undefined ? '' : `${p.request.adapter.tenant}/${p.request.adapter.name}`, next: loop.first(), stopped: false,
+        });
+      } catch (err) {
+        this.#reserved -= p.kvBytes;
+        p.reject(err);
+      }
+    }
+    this.#o.metrics?.kvCacheBytes.set(this.#reserved);
+  }
+
+  #finish(a: Active, error?: unknown): void {
+    a.cache.dispose();
+    a.release();
+    this.#reserved -= a.kvBytes;
+    if (error !== undefined) {
+      this.#o.metrics?.requests.inc({ outcome: 'error' });
+      a.reject(error);
+      return;
+    }
+    const result = a.loop.result();
+    const deadlineMissed = a.request.deadline !== undefined && Date.now() > a.request.deadline;
+    if (deadlineMissed) this.#o.metrics?.deadlineMisses.inc();
+    this.#o.metrics?.requests.inc({ outcome: 'ok' });
+    a.resolve({
+      generatedIds: result.generatedIds,
+      finishReason: a.stopped || result.stoppedBy === 'stop-token' ? 'stop' : 'length',
+      timeToFirstToken: ((a.firstTokenAt ?? performance.now()) - a.submitted) / 1000,
+      deadlineMissed,
+    });
+  }
+
+  async #run(): Promise<void> {
+    while (!this.#closed && (this.#queue.length > 0 || this.#active.length > 0)) {
+      await this.#admit();
+      // Rows of one adapter side by side: each adapter's LoRA then runs once on its group.
+      const active = [...this.#active].sort((a, b) => (a.adapterKey < b.adapterKey ? -1 : a.adapterKey > b.adapterKey ? 1 : a.order - b.order));
+      const rows: BatchRow[] = active.map((a) => ({ ids: a.next as number[], cache: a.cache, hooks: a.hooks }));
+      if (rows.length > 0) {
+        const started = performance.now();
+        let logits: Float32Array[];
+        try {
+          logits = batchedLastLogits(this.#o.model, rows);
+        } catch (err) {
+          for (const a of active) this.#finish(a, err);
+          this.#active = [];
+          continue;
+        }
+        const now = performance.now();
+        this.stepRows.push(rows.length);
+        this.#o.metrics?.batchRows.observe(rows.length);
+        this.#o.metrics?.tokens.inc(rows.length);
+        this.#o.metrics?.tokensPerSecond.set(rows.length / Math.max(1e-9, (now - started) / 1000));
+        const done = new Set<Active>();
+        active.forEach((a, i) => {
+          const before = a.loop.result().generatedIds.length;
+          a.next = a.loop.take(logits[i]);
+          const ids = a.loop.result().generatedIds;
+          if (ids.length > before) {
+            if (a.firstTokenAt === undefined) {
+              a.firstTokenAt = now;
+              this.#o.metrics?.timeToFirstToken.observe((now - a.submitted) / 1000);
+            } else if (a.lastTokenAt !== undefined) {
+              this.#o.metrics?.interTokenLatency.observe((now - a.lastTokenAt) / 1000);
+            }
+            a.lastTokenAt = now;
+            if (a.request.onToken?.(ids[ids.length - 1]) === true) {
+              a.stopped = true;
+              a.next = undefined;
+            }
+          }
+          if (a.next === undefined) done.add(a);
+        });
+        for (const a of done) this.#finish(a);
+        this.#active = this.#active.filter((a) => !done.has(a));
+      }
+      await new Promise((r) => setImmediate(r));
+    }
+  }
+
+  /** Ends every request (TANDEM_MODEL_NOT_READY) and frees their caches. */
+  close(): void {
+    this.#closed = true;
+    const error = new CloudError('TANDEM_MODEL_NOT_READY');
+    for (const a of this.#active) this.#finish(a, error);
+    for (const p of this.#queue) p.reject(error);
+    this.#active = [];
+    this.#queue = [];
+  }
+}

@@ -1,0 +1,73 @@
+// Adapter serving of one node: the registry (from start), and once the model is loaded its
+// tokenizer, the resident adapters and the scheduler. Routes answer TANDEM_MODEL_NOT_READY before.
+import { loadTokenizer } from '../../model/index.ts';
+import type { Tokenizer } from '../../model/index.ts';
+import { CloudError } from '../errors.ts';
+import type { ServedModel } from '../served-model.ts';
+import type { AdapterRegistry } from './adapter-registry.ts';
+import { ResidentAdapters } from './resident-adapters.ts';
+import { ServingScheduler } from './scheduler.ts';
+import type { ServingMetrics } from './serving-metrics.ts';
+
+export interface ServingLimits {
+  /** Bytes of KV cache all requests in flight reserve together (64 MiB). */
+  kvBudgetBytes: number;
+  /** Requests in one batched step (32). */
+  maxBatch: number;
+  /** Requests waiting for a KV slot (256). */
+  maxQueue: number;
+  /** Adapters kept loaded (8); more are loaded on demand, the least recently used unloaded. */
+  residentAdapters: number;
+  /** Largest POST /v1/adapters body (64 MiB; base64 weights and config together). */
+  maxUploadBytes: number;
+}
+
+export const DEFAULT_SERVING_LIMITS: Readonly<ServingLimits> = {
+  kvBudgetBytes: 64 * 1024 * 1024,
+  maxBatch: 32,
+  maxQueue: 256,
+  residentAdapters: 8,
+  maxUploadBytes: 64 * 1024 * 1024,
+};
+
+export interface ServingRuntime {
+  served: ServedModel;
+  tokenizer: Tokenizer;
+  resident: ResidentAdapters;
+  scheduler: ServingScheduler;
+}
+
+export class Serving {
+  readonly registry: AdapterRegistry;
+  readonly limits: ServingLimits;
+  readonly metrics: ServingMetrics;
+  #runtime: ServingRuntime | undefined;
+
+  constructor(registry: AdapterRegistry, metrics: ServingMetrics, limits: Partial<ServingLimits> = {}) {
+    this.registry = registry;
+    this.metrics = metrics;
+    this.limits = { ...DEFAULT_SERVING_LIMITS, ...limits };
+    for (const [name, value] of Object.entries(this.limits)) {
+      if (!Number.isSafeInteger(value) || value < 1) throw new CloudError('TANDEM_OPTION_INVALID', { option: `serving.${name}`, value: String(value), reason: 'must be an integer >= 1' });
+    }
+  }
+
+  /** Starts serving the loaded model. */
+  async start(served: ServedModel): Promise<void> {
+    const tokenizer = await loadTokenizer(served.dir);
+    const resident = new ResidentAdapters(served.model, (r) => this.registry.dirOf(r), this.limits.residentAdapters, (n) => this.metrics.residentAdapters.set(n));
+    this.registry.onRemoved((record) => resident.drop(record));
+    const scheduler = new ServingScheduler({ model: served.model, adapters: resident, metrics: this.metrics, kvBudgetBytes: this.limits.kvBudgetBytes, maxBatch: this.limits.maxBatch, maxQueue: this.limits.maxQueue });
+    this.#runtime = { served, tokenizer, resident, scheduler };
+  }
+
+  runtime(): ServingRuntime {
+    if (this.#runtime === undefined) throw new CloudError('TANDEM_MODEL_NOT_READY');
+    return this.#runtime;
+  }
+
+  close(): void {
+    this.#runtime?.scheduler.close();
+    this.#runtime?.resident.dispose();
+  }
+}

@@ -1,0 +1,79 @@
+// The serving scheduler on stories260K: earliest deadline admitted first, requests waiting
+// while the KV budget is reserved, an LRU of resident adapters that never unloads one in use.
+import assert from 'node:assert/strict';
+import { mkdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { AdapterRegistry } from '../../cloud-node/serving/adapter-registry.ts';
+import type { ServedAdapterRecord } from '../../cloud-node/serving/adapter-registry.ts';
+import { ResidentAdapters } from '../../cloud-node/serving/resident-adapters.ts';
+import { ServingScheduler } from '../../cloud-node/serving/scheduler.ts';
+import { generate, initBackend, LlamaModel, loadModelFolder, tf } from '../../model/index.ts';
+import { STORIES_DIR, tempDir } from './helpers.ts';
+import { writeTestAdapters } from './serving-fixtures.ts';
+
+let model: LlamaModel;
+let dirs: string[];
+const record = (i: number): ServedAdapterRecord => ({ name: `a${i}`, tenant: 't', shared: false, peftType: 'LORA', bytes: 0, sha256: String(i), baseContentHash: '', createdAt: '' });
+
+before(async () => {
+  await initBackend({ backend: 'cpu' });
+  dirs = await writeTestAdapters(await tempDir(), 3);
+  model = LlamaModel.fromArrays((await loadModelFolder(STORIES_DIR)).config, (await loadModelFolder(STORIES_DIR)).weights);
+});
+after(() => model.dispose());
+
+describe('serving scheduler', () => {
+  it('admits the earliest deadline first and keeps the KV budget', async () => {
+    const resident = new ResidentAdapters(model, (r) => dirs[Number(r.name.slice(1))], 2);
+    const probe = new ServingScheduler({ model, adapters: resident, kvBudgetBytes: 1, maxBatch: 8, maxQueue: 8 });
+    const one = probe.kvBytesOf(4, 4);
+    // Room for exactly one request at a time: the order of admission is the order of finishing.
+    const scheduler = new ServingScheduler({ model, adapters: resident, kvBudgetBytes: one, maxBatch: 8, maxQueue: 8 });
+    const finished: string[] = [];
+    const now = Date.now();
+    const submit = (name: string, deadline: number | undefined) => scheduler.submit({ promptIds: [1, 400, 50, 7], maxTokens: 4, temperature: 0, topP: 1, seed: 0, deadline, ignoreEos: true })
+      .then((o) => { finished.push(name); assert.ok(scheduler.kvBytesReserved <= one); return o; });
+    const all = [submit('none', undefined), submit('late', now + 60_000), submit('soon', now + 1_000), submit('past', now - 1)];
+    const outcomes = await Promise.all(all);
+    // The first was admitted before the others arrived; the rest by deadline, none last.
+    assert.deepEqual(finished, ['none', 'past', 'soon', 'late']);
+    assert.equal(outcomes[3].deadlineMissed, true);
+    assert.equal(outcomes[1].deadlineMissed, false);
+    assert.equal(scheduler.kvBytesReserved, 0);
+    assert.deepEqual(outcomes[0].generatedIds, generate(model, [1, 400, 50, 7], { maxNewTokens: 4, temperature: 0, stopTokenIds: [] }).generatedIds);
+    await assert.rejects(scheduler.submit({ promptIds: [1, 2, 3, 4, 5], maxTokens: 4, temperature: 0, topP: 1, seed: 0 }), { code: 'TANDEM_RESOURCE_EXHAUSTED' });
+    resident.dispose();
+  });
+
+  it('loads adapters on demand and unloads the least recently used one not in use', async () => {
+    const counts: number[] = [];
+    const resident = new ResidentAdapters(model, (r) => dirs[Number(r.name.slice(1))], 2, (n) => counts.push(n));
+    const before = tf.memory().numTensors;
+    const x = await resident.acquire(record(0));
+    const y = await resident.acquire(record(1));
+    const z = await resident.acquire(record(2));
+    assert.equal(resident.count, 3, 'all three are in use: none is unloaded');
+    x.release();
+    assert.equal(resident.count, 2, 'a0 was the least recently used');
+    const y2 = await resident.acquire(record(1));
+    assert.equal(resident.loads, 3, 'a1 was still resident');
+    y.release();
+    y2.release();
+    z.release();
+    await (await resident.acquire(record(0))).release();
+    assert.equal(resident.loads, 4, 'a0 was loaded again');
+    assert.equal(resident.count, 2);
+    resident.drop(record(0));
+    resident.dispose();
+    assert.equal(tf.memory().numTensors, before, 'unloaded adapters free their tensors');
+    assert.ok(counts.includes(3));
+  });
+
+  it('the registry drops an interrupted upload at open', async () => {
+    const state = await tempDir();
+    await mkdir(join(state, 'serving', 'adapters', 't', 'half'), { recursive: true });
+    const registry = await AdapterRegistry.open(state);
+    assert.deepEqual(registry.visibleTo('t'), []);
+  });
+});

@@ -1,0 +1,98 @@
+// Split inference against a real node: the edge runs bottom and top with its private adapter,
+// the cloud the middle with its KV cache; the greedy tokens equal local generation.
+import assert from 'node:assert/strict';
+import { after, before, describe, it } from 'node:test';
+import { main } from '../../cli/main.ts';
+import type { CommandIo } from '../../cli/io.ts';
+import { connectCloud, splitGenerate } from '../../edge-client/index.ts';
+import type { CloudClient, EdgeSession } from '../../edge-client/index.ts';
+import { createAdapter, generate, initBackend, LlamaModel, loadAdapter, loadModelFolder, loadTokenizer, onEdge, saveAdapter } from '../../model/index.ts';
+import type { LoadedModel } from '../../model/index.ts';
+import { encodeTensor } from '../../protocol/index.ts';
+import { api, createTenantKey, startTestNode, STORIES_DIR, tempDir } from '../cloud-node/helpers.ts';
+import type { TestNode } from '../cloud-node/helpers.ts';
+
+const CUT = { bottom: 2, top: 2 };
+let node: TestNode;
+let client: CloudClient;
+let session: EdgeSession;
+let loaded: LoadedModel;
+let full: LlamaModel;
+let edge: LlamaModel;
+let adapterDir: string;
+let key: string;
+
+async function cli(argv: string[]): Promise<{ code: number; json: { input_ids: number[]; generated_ids: number[]; text: string } }> {
+  const out: string[] = [];
+  const io: CommandIo = { out: (l) => out.push(l), log: () => {} };
+  const code = await main(argv, io);
+  return { code, json: JSON.parse(out.join('\n') || '{}') as { input_ids: number[]; generated_ids: number[]; text: string } };
+}
+
+before(async () => {
+  await initBackend({ backend: 'cpu' });
+  node = await startTestNode();
+  key = await createTenantKey(node, 'owner');
+  loaded = await loadModelFolder(STORIES_DIR);
+  full = LlamaModel.fromArrays(loaded.config, loaded.weights);
+  edge = LlamaModel.fromArrays(loaded.config, loaded.weights, (name) => onEdge(name, CUT, loaded.config.numHiddenLayers));
+  // A private adapter on the edge's blocks only: the cloud never sees it.
+  const adapter = createAdapter(full, [{ method: 'lora', r: 4, loraAlpha: 64, initLoraWeights: false, targetModules: ['q_proj', 'v_proj', 'down_proj'], layersToTransform: [0, 1, 3, 4] }], { seed: 21 });
+  adapterDir = await tempDir();
+  await saveAdapter(adapter, adapterDir);
+  adapter.dispose();
+  client = await connectCloud(node.url, { key });
+  const contentHash = ((await api(node, 'GET', '/v1/models', key)).json.models as { contentHash: string }[])[0].contentHash;
+  session = await client.openSession({ model: { id: 'stories260K', contentHash }, cut: CUT, codecs: { forward: [{ codec: 'f32' }], backward: [{ codec: 'f32' }] } });
+});
+
+after(() => {
+  client?.close();
+  full?.dispose();
+  edge?.dispose();
+});
+
+describe('split inference', () => {
+  it('gives the greedy tokens of local generation with the same adapter, and frees the middle cache after', async () => {
+    const tokenizer = await loadTokenizer(STORIES_DIR);
+    for (const prompt of ['Once upon a time', 'Lily and her mom went to the park']) {
+      const ids = tokenizer.encode(prompt);
+      const local = await loadAdapter(full, adapterDir);
+      const want = generate(full, ids, { maxNewTokens: 16, temperature: 0, hooks: local.hooks }).generatedIds;
+      const plain = generate(full, ids, { maxNewTokens: 16, temperature: 0 }).generatedIds;
+      local.dispose();
+      const onEdgeAdapter = await loadAdapter(edge, adapterDir);
+      const got = await splitGenerate(session, edge, ids, { maxNewTokens: 16, temperature: 0 }, onEdgeAdapter);
+      onEdgeAdapter.dispose();
+      assert.deepEqual(got.generatedIds, want, prompt);
+      assert.notDeepEqual(want, plain, 'the adapter changes the tokens');
+    }
+    const metrics = Buffer.from((await api(node, 'GET', '/metrics')).bytes).toString('utf8');
+    assert.match(metrics, /^tandem_split_inference_kv_cache_bytes 0$/m);
+  });
+
+  it('`tandem edge generate --adapter` prints what `tandem generate --adapter` prints', async () => {
+    const common = ['--adapter', adapterDir, '--prompt', 'Once upon a time', '--max-new-tokens', '12', '--temperature', '0', '--json', '--backend', 'cpu'];
+    const local = await cli(['generate', '--model', STORIES_DIR, ...common]);
+    const split = await cli(['edge', 'generate', '--cloud', node.url, '--key', key, '--cache', await tempDir(), ...common]);
+    assert.equal(local.code, 0);
+    assert.equal(split.code, 0);
+    const { input_ids, generated_ids, text } = local.json;
+    assert.deepEqual(split.json, { input_ids, generated_ids, text });
+  });
+
+  it('refuses a position that does not continue the sequence (4030); position 0 starts again, InferEnd frees', async () => {
+    const frame = encodeTensor(new Float32Array(64), [1, 1, 64], { codec: 'f32' }, { name: 'h_B' });
+    await assert.rejects(session.request({ case: 'inferStep', value: { sessionId: session.id, position: 5, frames: [frame] } }), (err: { remoteCode?: string }) => err.remoteCode === 'TANDEM_PROTO_INFER_POSITION_INVALID');
+    const reply = await session.request({ case: 'inferStep', value: { sessionId: session.id, position: 0, frames: [frame] } });
+    assert.equal(reply.body.case, 'inferStepResult');
+    const end = await session.request({ case: 'inferEnd', value: { sessionId: session.id } });
+    assert.equal(end.body.case, 'inferEnd');
+  });
+
+  it('refuses an adapter that changes the middle blocks before anything is sent', async () => {
+    const fullAdapter = createAdapter(full, [{ method: 'lora', r: 2, initLoraWeights: false, targetModules: ['q_proj'], layersToTransform: [2] }], { seed: 1 });
+    await assert.rejects(splitGenerate(session, edge, [1, 2, 3], { maxNewTokens: 2, temperature: 0 }, fullAdapter), { code: 'TANDEM_EDGE_OPTION_INVALID' });
+    fullAdapter.dispose();
+  });
+});
