@@ -16,3 +16,7 @@ export type { Caller, KeyRecord, KeyView } from './state/key-store.ts';
 export { ensureStateDir } from './state/json-file.ts';
 export { SESSIONS_DIR, SESSIONS_FILE } from './state/session-store.ts';
 export type { SessionRecord } from './state/session-store.ts';
+export type { MiddleRunner } from './middle-runner.ts';
+export type { ClusterStatusSource, WorkerStatus } from './cluster-status.ts';
+export { ANNOUNCE_INTERVAL_MS, CLUSTER_ERRORS, ClusterError, ClusterExecutor, WorkerDirectory, parseBlockRange, parseBlockRanges, startMiddleWorkerNode } from './cluster/index.ts';
+export type { ClusterErrorCode, HopStats, MiddleWorkerNode, MiddleWorkerNodeOptions } from './cluster/index.ts';

@@ -24,6 +24,10 @@ import { EmulatorRegistry } from './emulator-registry.ts';
 import type { EmulatorBuildSettings, EmulatorStorageLimits } from './emulator-registry.ts';
 import { CloudMetrics } from './metrics.ts';
 import { MiddleExecutor } from './middle-executor.ts';
+import type { MiddleRunner } from './middle-runner.ts';
+import { ClusterExecutor } from './cluster/index.ts';
+import type { HopStats } from './cluster/index.ts';
+import type { ClusterStatusSource } from './cluster-status.ts';
 import { authPlugin } from './plugins/auth.ts';
 import { healthPlugin } from './plugins/health.ts';
 import { keysPlugin } from './plugins/keys.ts';
@@ -114,6 +118,8 @@ export interface CloudNodeOptions {
   chunkStreamTimeoutMs?: number;
   /** Compute workers (threads), each with the model loaded once (1). */
   computeWorkers?: number;
+  /** A gateway of a NATS cluster: the middle runs on the cluster's workers (cluster/), not here. */
+  cluster?: { natsUrl: string; attemptTimeoutMs?: number; requestTimeoutMs?: number };
 }
 
 /** The node's compute workers, for operations (and the tests and the soak bench). */
@@ -137,6 +143,8 @@ export interface CloudNode {
   /** The limits this node offers sessions. */
   limits: Limits;
   compute: ComputeControl;
+  /** A gateway's cluster: the workers that announce themselves, and the NATS hop's cost. */
+  cluster?: { status: ClusterStatusSource; hop(): HopStats };
   close(): Promise<void>;
 }
 
@@ -281,7 +289,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   }, options.sweepIntervalMs ?? Math.max(1000, Math.min(60_000, service.lifetimes.idleMs / 4)));
   sessionSweep.unref();
 
-  let executor: MiddleExecutor | undefined;
+  let executor: MiddleRunner | undefined;
   const close = async (): Promise<void> => {
     clearInterval(sweep);
     clearInterval(sessionSweep);
@@ -306,7 +314,10 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     const computeLog = log.child({ plane: 'compute' });
     // On ORT the engine asked for must start (no fallback): a typed error otherwise.
     const candidates = ort !== undefined ? [backend.name] : [...new Set([backend.name, 'wasm', 'cpu'])];
-    for (const name of candidates) {
+    if (options.cluster !== undefined) {
+      executor = await ClusterExecutor.connect({ ...options.cluster, contentHash: served.contentHash, log: computeLog });
+    }
+    for (const name of options.cluster === undefined ? candidates : []) {
       try {
         executor = await MiddleExecutor.start({
           modelDir: served.dir, backend: name, engine: ort, workers: options.computeWorkers, log: computeLog,
@@ -330,7 +341,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   const address = app.server.address();
   const port = typeof address === 'object' && address !== null ? address.port : (options.port ?? 0);
   const host = options.host ?? '127.0.0.1';
-  const running = executor as MiddleExecutor;
+  const running = executor as MiddleRunner;
   const compute: ComputeControl = {
     get workers() { return running.workers; },
     get backend() { return running.backend; },
@@ -339,5 +350,6 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     terminateWorker: (index) => running.terminateWorker(index),
   };
   const scheme = options.tls === undefined ? 'http' : 'https';
-  return { url: `${scheme}://${host.includes(':') ? `[${host}]` : host}:${port}`, port, adminKey, limits, compute, close };
+  const cluster = running instanceof ClusterExecutor ? { status: running.directory, hop: () => running.hop } : undefined;
+  return { url: `${scheme}://${host.includes(':') ? `[${host}]` : host}:${port}`, port, adminKey, limits, compute, cluster, close };
 }

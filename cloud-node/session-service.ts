@@ -17,7 +17,8 @@ import type { ActivationCache } from './activation-cache.ts';
 import { CloudError } from './errors.ts';
 import type { CloudMetrics, StepKind } from './metrics.ts';
 import { TapeLost } from './middle-executor.ts';
-import type { MiddleExecutor, Shape3 } from './middle-executor.ts';
+import type { Shape3 } from './middle-executor.ts';
+import type { MiddleRunner } from './middle-runner.ts';
 import type { QuotaLedger } from './quotas.ts';
 import type { ServedModel } from './served-model.ts';
 import type { Caller } from './state/key-store.ts';
@@ -73,7 +74,7 @@ export interface SessionServiceOptions {
   metrics: CloudMetrics;
   cache: ActivationCache;
   /** The served model and its executor; undefined until loaded. */
-  model: () => { served: ServedModel; executor: MiddleExecutor };
+  model: () => { served: ServedModel; executor: MiddleRunner };
   limits: Limits;
   /** Codecs the node accepts per direction; the edge's order of preference decides among them. */
   codecs?: CodecPreferences;
