@@ -25,7 +25,7 @@ import type { EmulatorBuildSettings, EmulatorStorageLimits } from './emulator-re
 import { CloudMetrics } from './metrics.ts';
 import { MiddleExecutor } from './middle-executor.ts';
 import type { MiddleRunner } from './middle-runner.ts';
-import { ClusterExecutor } from './cluster/index.ts';
+import { ClusterExecutor, connectNats } from './cluster/index.ts';
 import type { HopStats } from './cluster/index.ts';
 import type { ClusterStatusSource } from './cluster-status.ts';
 import { authPlugin } from './plugins/auth.ts';
@@ -46,6 +46,10 @@ import { ensureStateDir, tidyStateDir } from './state/json-file.ts';
 import { ADMIN_TENANT, KEYS_FILE, KeyStore } from './state/key-store.ts';
 import type { KeyRecord } from './state/key-store.ts';
 import { SessionStore } from './state/session-store.ts';
+import type { SessionRecords } from './state/session-records.ts';
+import type { KeyRecords } from './state/key-records.ts';
+import { JetStreamKeyStore } from './state/jetstream-key-store.ts';
+import { JetStreamSessionStore } from './state/jetstream-session-store.ts';
 
 /** The event a socket gets, with `{code, message}`, just before the node disconnects it (a revoked key). */
 export const DISCONNECT_REASON_EVENT = 'tandem:disconnect';
@@ -119,7 +123,7 @@ export interface CloudNodeOptions {
   /** Compute workers (threads), each with the model loaded once (1). */
   computeWorkers?: number;
   /** A gateway of a NATS cluster: the middle runs on the cluster's workers (cluster/), not here. */
-  cluster?: { natsUrl: string; attemptTimeoutMs?: number; requestTimeoutMs?: number };
+  cluster?: { natsUrl: string; attemptTimeoutMs?: number; requestTimeoutMs?: number; replicas?: number };
 }
 
 /** The node's compute workers, for operations (and the tests and the soak bench). */
@@ -206,13 +210,16 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   await ensureStateDir(stateDir);
   const stale = await tidyStateDir(stateDir, [KEYS_FILE]);
   if (stale.length > 0) log.warn({ removed: stale.length }, 'removed temporary files left by an earlier process');
-  const keys = await KeyStore.open(stateDir);
+  // A gateway's keys and sessions are in JetStream, shared with the other gateways.
+  const nc = options.cluster === undefined ? undefined : await connectNats(options.cluster.natsUrl, `tandem-gateway-${process.pid}`);
+  const onInvalid = (key: string): void => log.warn({ key }, 'a JetStream state entry is malformed; skipped');
+  const keys: KeyRecords = nc === undefined ? await KeyStore.open(stateDir) : await JetStreamKeyStore.open(nc, { replicas: options.cluster?.replicas, onInvalid });
   let adminKey: string | undefined;
   if (!keys.hasAdmin) {
     adminKey = (await keys.create(ADMIN_TENANT, { admin: true })).key;
     log.info({ stateDir }, 'created the admin key (printed once by `tandem cloud`)');
   }
-  const sessions = await SessionStore.open(stateDir);
+  const sessions: SessionRecords = nc === undefined ? await SessionStore.open(stateDir) : await JetStreamSessionStore.open(nc, { replicas: options.cluster?.replicas, onInvalid });
   const limits = intersectLimits(options.limits ?? DEFAULT_LIMITS);
   const metrics = new CloudMetrics();
   metrics.sessionsOpen.set(sessions.openCount);
@@ -299,6 +306,9 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     await app.close();
     cache.clear();
     await executor?.close();
+    if (keys instanceof JetStreamKeyStore) keys.close();
+    if (sessions instanceof JetStreamSessionStore) sessions.close();
+    await nc?.drain().catch(() => undefined);
     if (model.loaded) model.served().dispose();
   };
 
@@ -315,7 +325,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     // On ORT the engine asked for must start (no fallback): a typed error otherwise.
     const candidates = ort !== undefined ? [backend.name] : [...new Set([backend.name, 'wasm', 'cpu'])];
     if (options.cluster !== undefined) {
-      executor = await ClusterExecutor.connect({ ...options.cluster, contentHash: served.contentHash, log: computeLog });
+      executor = await ClusterExecutor.connect({ ...options.cluster, contentHash: served.contentHash, log: computeLog }, nc);
     }
     for (const name of options.cluster === undefined ? candidates : []) {
       try {

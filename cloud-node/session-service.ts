@@ -22,7 +22,8 @@ import type { MiddleRunner } from './middle-runner.ts';
 import type { QuotaLedger } from './quotas.ts';
 import type { ServedModel } from './served-model.ts';
 import type { Caller } from './state/key-store.ts';
-import type { SessionRecord, SessionStore } from './state/session-store.ts';
+import type { SessionRecords } from './state/session-records.ts';
+import type { SessionRecord } from './state/session-store.ts';
 
 export const SERVER_BUILD = 'tandem-cloud/0.1.0';
 
@@ -70,7 +71,7 @@ export interface ShapeLimits {
 export const DEFAULT_MAX_MICROBATCH_TOKENS = 16 * 1024;
 
 export interface SessionServiceOptions {
-  store: SessionStore;
+  store: SessionRecords;
   metrics: CloudMetrics;
   cache: ActivationCache;
   /** The served model and its executor; undefined until loaded. */

@@ -6,7 +6,7 @@
 // recomputed from its input by any worker of the range. A request to a range that is not
 // answered in time, or finds no worker, goes again to the range (another worker) until the
 // deadline: the middle is frozen, so computing a forward twice changes nothing.
-import { connect, nuid } from '@nats-io/transport-node';
+import { nuid } from '@nats-io/transport-node';
 import type { NatsConnection } from '@nats-io/transport-node';
 import type { Logger } from 'pino';
 import { CloudError } from '../errors.ts';
@@ -14,7 +14,7 @@ import { TapeLost } from '../middle-executor.ts';
 import type { BlockRange, KeptTape, MiddleRunner, Shape3 } from '../middle-runner.ts';
 import { coverRange } from './block-ranges.ts';
 import type { PipelineSegment } from './block-ranges.ts';
-import { ClusterError } from './errors.ts';
+import { connectNats } from './nats-connection.ts';
 import { WorkerDirectory } from './worker-directory.ts';
 import { decodeReply, encodeRequest, rangeSubject, traceHeaders, workerSubject } from './wire.ts';
 import type { MiddleReply, MiddleRequest } from './wire.ts';
@@ -88,6 +88,7 @@ export class ClusterExecutor implements MiddleRunner {
   #inFlight = 0;
   #retries = 0;
   #closed = false;
+  #ownsConnection = true;
 
   private constructor(nc: NatsConnection, options: ClusterExecutorOptions) {
     this.#nc = nc;
@@ -95,14 +96,11 @@ export class ClusterExecutor implements MiddleRunner {
     this.#directory = new WorkerDirectory(nc, options.contentHash);
   }
 
-  static async connect(options: ClusterExecutorOptions): Promise<ClusterExecutor> {
-    let nc: NatsConnection;
-    try {
-      nc = await connect({ servers: options.natsUrl.split(','), name: `tandem-gateway-${process.pid}`, maxReconnectAttempts: -1 });
-    } catch (cause) {
-      throw new ClusterError('TANDEM_CLUSTER_NATS_UNREACHABLE', { url: options.natsUrl, reason: (cause as Error).message }, { cause });
-    }
-    return new ClusterExecutor(nc, options);
+  /** Over `connection` (which the caller closes), or a connection of its own to `natsUrl`. */
+  static async connect(options: ClusterExecutorOptions, connection?: NatsConnection): Promise<ClusterExecutor> {
+    const executor = new ClusterExecutor(connection ?? (await connectNats(options.natsUrl, `tandem-gateway-${process.pid}`)), options);
+    executor.#ownsConnection = connection === undefined;
+    return executor;
   }
 
   /** The workers' announcements: the cluster's ClusterStatusSource. */
@@ -203,7 +201,7 @@ export class ClusterExecutor implements MiddleRunner {
     if (this.#closed) return;
     this.#closed = true;
     this.#directory.close();
-    await this.#nc.drain().catch(() => undefined);
+    if (this.#ownsConnection) await this.#nc.drain().catch(() => undefined);
   }
 
   /** The ranges that compute `range`, waiting (up to the deadline) for workers to announce them. */

@@ -9,3 +9,4 @@ export type { ClusterErrorCode } from './errors.ts';
 export { ANNOUNCE_INTERVAL_MS, startMiddleWorkerNode } from './middle-worker-node.ts';
 export type { MiddleWorkerNode, MiddleWorkerNodeOptions } from './middle-worker-node.ts';
 export { WORKER_SILENCE_MS, WorkerDirectory } from './worker-directory.ts';
+export { connectNats } from './nats-connection.ts';

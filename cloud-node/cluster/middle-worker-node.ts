@@ -4,7 +4,6 @@
 // take a request, and its own subject for the backwards from the tapes it keeps. It announces
 // itself (id, model, blocks, load) about every second, and says goodbye when it stops.
 import { hostname } from 'node:os';
-import { connect } from '@nats-io/transport-node';
 import type { Msg, NatsConnection, Subscription } from '@nats-io/transport-node';
 import type { Logger } from 'pino';
 import { pino } from 'pino';
@@ -14,6 +13,7 @@ import { MiddleExecutor, TapeLost } from '../middle-executor.ts';
 import type { BlockRange, KeptTape } from '../middle-runner.ts';
 import { parseBlockRange, rangeName } from './block-ranges.ts';
 import { ClusterError } from './errors.ts';
+import { connectNats } from './nats-connection.ts';
 import {
   ANNOUNCE_SUBJECT, decodeRequest, encodeReply, rangeSubject, safeWorkerId, traceOf, workerSubject,
 } from './wire.ts';
@@ -86,10 +86,10 @@ export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): P
   const executor = await MiddleExecutor.start({ modelDir: options.modelDir, backend: options.backend, engine: options.engine, workers: options.computeWorkers, log: log.child({ plane: 'compute' }) });
   let nc: NatsConnection;
   try {
-    nc = await connect({ servers: options.natsUrl.split(','), name: `tandem-worker-${id}`, maxReconnectAttempts: -1 });
-  } catch (cause) {
+    nc = await connectNats(options.natsUrl, `tandem-worker-${id}`);
+  } catch (error) {
     await executor.close();
-    throw new ClusterError('TANDEM_CLUSTER_NATS_UNREACHABLE', { url: options.natsUrl, reason: (cause as Error).message }, { cause });
+    throw error;
   }
 
   const tapes = new Map<number, Held>();

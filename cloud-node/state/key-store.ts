@@ -9,6 +9,7 @@ import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { CloudError } from '../errors.ts';
 import { readJsonState, WriteQueue, writeJsonState } from './json-file.ts';
+import type { KeyRecords } from './key-records.ts';
 
 export const KEYS_FILE = 'keys.json';
 export const ADMIN_TENANT = 'admin';
@@ -73,7 +74,8 @@ export function viewOf(r: KeyRecord): KeyView {
   return { id: r.id, tenant: r.tenant, admin: r.admin, prefix: r.prefix ?? '', createdAt: r.createdAt, ...(r.revokedAt === undefined ? {} : { revokedAt: r.revokedAt }) };
 }
 
-function parseRecord(raw: unknown, file: string): KeyRecord {
+/** A key record as stored (keys.json, a JetStream entry), checked. */
+export function parseRecord(raw: unknown, file: string): KeyRecord {
   const r = raw as Partial<KeyRecord> | null;
   if (
     typeof r !== 'object' || r === null || typeof r.id !== 'string' || typeof r.tenant !== 'string' || typeof r.admin !== 'boolean'
@@ -90,7 +92,7 @@ function parseRecord(raw: unknown, file: string): KeyRecord {
   };
 }
 
-export class KeyStore {
+export class KeyStore implements KeyRecords {
   readonly path: string;
   #byHash = new Map<string, KeyRecord>();
   /** Identity of the file last read: inode, size and mtime (the CLI replaces it by rename). */

@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import type { CloseReason, CodecChoice, Cut, Limits, ProtocolVersion, TrainingSpec } from '../../protocol/index.ts';
 import { CloudError } from '../errors.ts';
 import type { Caller } from './key-store.ts';
+import type { SessionRecords } from './session-records.ts';
 import { ensureStateDir, readJsonState, syncDir, tidyStateDir, WriteQueue, writeJsonState } from './json-file.ts';
 
 /** The single file of earlier builds, migrated into SESSIONS_DIR at start. */
@@ -39,14 +40,15 @@ export interface SessionRecord {
   closeReason?: CloseReason;
 }
 
-function isRecord(v: unknown): v is SessionRecord {
+/** A record as stored (a file, a JetStream entry): checked before it is believed. */
+export function isSessionRecord(v: unknown): v is SessionRecord {
   const r = v as Partial<SessionRecord> | null;
   return typeof r === 'object' && r !== null && typeof r.id === 'string' && RECORD_PATTERN.test(`${r.id}.json`) && typeof r.tenant === 'string'
     && typeof r.modelId === 'string' && typeof r.lastStep === 'number' && (r.state === 'open' || r.state === 'closed') && typeof r.cut === 'object'
     && typeof r.codecs === 'object' && typeof r.limits === 'object' && typeof r.updatedAt === 'string';
 }
 
-export class SessionStore {
+export class SessionStore implements SessionRecords {
   /** The folder of record files. */
   readonly dir: string;
   readonly #sessions = new Map<string, SessionRecord>();
@@ -73,7 +75,7 @@ export class SessionStore {
       if (match === null) continue;
       const path = join(store.dir, name);
       const item = await readJsonState(path);
-      if (!isRecord(item) || item.id !== match[1]) throw new CloudError('TANDEM_STATE_INVALID', { file: path, reason: 'the session record is malformed' });
+      if (!isSessionRecord(item) || item.id !== match[1]) throw new CloudError('TANDEM_STATE_INVALID', { file: path, reason: 'the session record is malformed' });
       store.#remember(item);
     }
     await store.#migrate(join(stateDir, SESSIONS_FILE));
@@ -86,7 +88,7 @@ export class SessionStore {
     if (raw === undefined) return;
     if (!Array.isArray(raw.sessions)) throw new CloudError('TANDEM_STATE_INVALID', { file: legacy, reason: 'sessions must be an array' });
     for (const item of raw.sessions) {
-      if (!isRecord(item)) throw new CloudError('TANDEM_STATE_INVALID', { file: legacy, reason: `a session record is malformed: ${JSON.stringify(item).slice(0, 200)}` });
+      if (!isSessionRecord(item)) throw new CloudError('TANDEM_STATE_INVALID', { file: legacy, reason: `a session record is malformed: ${JSON.stringify(item).slice(0, 200)}` });
     }
     for (const item of raw.sessions as SessionRecord[]) {
       if (this.#sessions.has(item.id)) continue; // written by an interrupted migration

@@ -86,3 +86,28 @@ export async function trainThrough(cloud: string, key: string, options: Partial<
     await cache.remove();
   }
 }
+
+/** `tandem cloud --role gateway` as a child process on a free port; resolves with its URL (and the admin key when it made one). */
+export async function spawnGateway(natsUrl: string, stateDir: string, port: number): Promise<{ child: ChildProcess; url: string; adminKey?: string }> {
+  const args = [BIN, 'cloud', '--role', 'gateway', '--nats', natsUrl, '--model', FIXTURE, '--backend', 'cpu', '--port', String(port), '--state', stateDir, '--worker-timeout', '3', '--log-level', 'warn'];
+  const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  await new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`the gateway did not start:\n${out}`)), 60_000);
+    child.stdout?.on('data', (c: Buffer) => {
+      out += c.toString();
+      if (out.includes('listening on') && (out.includes('admin key') || /listening on \S+\n/.test(out))) {
+        clearTimeout(timer);
+        // The admin key line, when there is one, follows the first in the same write.
+        setTimeout(resolve, 100);
+      }
+    });
+    child.stderr?.on('data', (c: Buffer) => { out += c.toString(); });
+    child.once('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`the gateway exited with ${code}:\n${out}`));
+    });
+  });
+  const url = /listening on (\S+)/.exec(out)?.[1] ?? '';
+  return { child, url, adminKey: /admin key[^:]*: (\S+)/.exec(out)?.[1] };
+}
