@@ -35,6 +35,7 @@ interface CloudFlags {
   nats?: string;
   blocks?: string;
   workerTimeout: string;
+  natsReplicas: string;
 }
 
 
@@ -57,7 +58,7 @@ export function natsFlag(value: string): string[] {
 }
 
 /** Resolves when the process is asked to stop (SIGINT, SIGTERM). */
-function untilSignal(): Promise<void> {
+export function untilSignal(): Promise<void> {
   return new Promise((resolve) => {
     const stop = (): void => {
       process.off('SIGINT', stop);
@@ -98,6 +99,7 @@ export function cloudCommand(io: CommandIo, until: () => Promise<void> = untilSi
     .option('--nats <urls>', 'NATS server URL(s), comma-separated (with --role gateway or worker)')
     .option('--blocks <a-b>', 'blocks [A, B) a worker owns (default: the whole model)')
     .option('--worker-timeout <s>', "a gateway's wait for a worker's answer before asking another worker of the range", '10')
+    .option('--nats-replicas <n>', "replicas of a gateway's JetStream buckets (3 on a three-node NATS cluster)", '1')
     .option('--emulators-max-mb <mb>', 'MiB of emulator bundles on disk, all tenants together', String(DEFAULT_EMULATOR_MAX_BYTES / 2 ** 20))
     .action(async (flags: CloudFlags) => {
       const modelDir = requiredFlag('--model', flags.model);
@@ -171,7 +173,7 @@ export function cloudCommand(io: CommandIo, until: () => Promise<void> = untilSi
         sessions,
         emulatorStorage,
         tls,
-        cluster: role === 'gateway' ? { natsUrl: natsUrls.join(','), attemptTimeoutMs: workerTimeoutMs } : undefined,
+        cluster: role === 'gateway' ? { natsUrl: natsUrls.join(','), attemptTimeoutMs: workerTimeoutMs, replicas: numberFlag('--nats-replicas', flags.natsReplicas, { min: 1, max: 5, integer: true }) } : undefined,
       });
       io.out(`tandem cloud listening on ${node.url}`);
       if (node.adminKey !== undefined) io.out(`admin key (shown once, keep it): ${node.adminKey}`);

@@ -20,3 +20,5 @@ export type { MiddleRunner } from './middle-runner.ts';
 export type { ClusterStatusSource, WorkerStatus } from './cluster-status.ts';
 export { ANNOUNCE_INTERVAL_MS, CLUSTER_ERRORS, ClusterError, ClusterExecutor, WorkerDirectory, parseBlockRange, parseBlockRanges, startMiddleWorkerNode } from './cluster/index.ts';
 export type { ClusterErrorCode, HopStats, MiddleWorkerNode, MiddleWorkerNodeOptions } from './cluster/index.ts';
+export { DEFAULT_NATS_SERVER, launchCluster } from './cluster/index.ts';
+export type { ClusterLaunchOptions, LaunchedCluster } from './cluster/index.ts';

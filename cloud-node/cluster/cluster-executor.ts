@@ -218,7 +218,12 @@ export class ClusterExecutor implements MiddleRunner {
 
   async #send(subject: string, request: MiddleRequest, elements: number, tenant: string, timeout: number): Promise<MiddleReply> {
     const started = performance.now();
-    const msg = await this.#nc.request(subject, encodeRequest(request), { timeout, headers: traceHeaders({ requestId: nuid.next(), tenant }) });
+    const bytes = encodeRequest(request);
+    const maxPayload = this.#nc.info?.max_payload ?? Number.POSITIVE_INFINITY;
+    if (bytes.byteLength > maxPayload) {
+      throw new CloudError('TANDEM_RESOURCE_EXHAUSTED', { resource: 'NATS payload', reason: `a ${request.op} of ${bytes.byteLength} bytes is over the NATS server's max_payload of ${maxPayload}; raise max_payload or send smaller micro-batches` });
+    }
+    const msg = await this.#nc.request(subject, bytes, { timeout, headers: traceHeaders({ requestId: nuid.next(), tenant }) });
     const reply = decodeReply(msg.data, elements);
     if (reply.ok) {
       this.#hop.requests++;

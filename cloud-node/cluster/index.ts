@@ -10,3 +10,5 @@ export { ANNOUNCE_INTERVAL_MS, startMiddleWorkerNode } from './middle-worker-nod
 export type { MiddleWorkerNode, MiddleWorkerNodeOptions } from './middle-worker-node.ts';
 export { WORKER_SILENCE_MS, WorkerDirectory } from './worker-directory.ts';
 export { connectNats } from './nats-connection.ts';
+export { DEFAULT_NATS_SERVER, launchCluster } from './launcher.ts';
+export type { ClusterLaunchOptions, LaunchedCluster } from './launcher.ts';
