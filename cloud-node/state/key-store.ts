@@ -9,7 +9,6 @@ import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { CloudError } from '../errors.ts';
 import { readJsonState, WriteQueue, writeJsonState } from './json-file.ts';
-import type { KeyRecords } from './key-records.ts';
 
 export const KEYS_FILE = 'keys.json';
 export const ADMIN_TENANT = 'admin';
@@ -92,7 +91,7 @@ export function parseRecord(raw: unknown, file: string): KeyRecord {
   };
 }
 
-export class KeyStore implements KeyRecords {
+export class KeyStore {
   readonly path: string;
   #byHash = new Map<string, KeyRecord>();
   /** Identity of the file last read: inode, size and mtime (the CLI replaces it by rename). */

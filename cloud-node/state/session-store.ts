@@ -9,7 +9,6 @@ import { join } from 'node:path';
 import type { CloseReason, CodecChoice, Cut, Limits, ProtocolVersion, TrainingSpec } from '../../protocol/index.ts';
 import { CloudError } from '../errors.ts';
 import type { Caller } from './key-store.ts';
-import type { SessionRecords } from './session-records.ts';
 import { ensureStateDir, readJsonState, syncDir, tidyStateDir, WriteQueue, writeJsonState } from './json-file.ts';
 
 /** The single file of earlier builds, migrated into SESSIONS_DIR at start. */
@@ -48,7 +47,7 @@ export function isSessionRecord(v: unknown): v is SessionRecord {
     && typeof r.codecs === 'object' && typeof r.limits === 'object' && typeof r.updatedAt === 'string';
 }
 
-export class SessionStore implements SessionRecords {
+export class SessionStore {
   /** The folder of record files. */
   readonly dir: string;
   readonly #sessions = new Map<string, SessionRecord>();
