@@ -14,26 +14,11 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ClusterExecutor } from '../cloud-node/index.ts';
-import { Rng, loadModelFolder, saveModelFolder } from '../model/index.ts';
-import { randomWeights } from '../model/testing.ts';
+import { Rng, loadModelFolder } from '../model/index.ts';
 import { startNatsServer } from '../test/cluster/nats-server.ts';
+import { randomModelDir } from './split.ts';
 
-const FIXTURE = join(import.meta.dirname, '..', 'test', 'fixtures', 'stories260K');
 const BIN = join(import.meta.dirname, '..', 'bin', 'tandem.js');
-
-async function randomModelDir(work: string, quick: boolean): Promise<string> {
-  const rawConfig = {
-    architectures: ['LlamaForCausalLM'], model_type: 'llama', hidden_size: quick ? 256 : 512, intermediate_size: quick ? 768 : 1536, num_hidden_layers: 6,
-    num_attention_heads: 8, num_key_value_heads: 4, vocab_size: 512, max_position_embeddings: 1024, rms_norm_eps: 1e-5, rope_theta: 10000,
-    hidden_act: 'silu', tie_word_embeddings: true, bos_token_id: 1, eos_token_id: 2, torch_dtype: 'float32',
-  };
-  const dir = join(work, 'random-llama');
-  const { parseModelConfig } = await import('../model/index.ts');
-  await saveModelFolder(dir, rawConfig, randomWeights(parseModelConfig(rawConfig), 11), {
-    copyFiles: [join(FIXTURE, 'tokenizer.json'), join(FIXTURE, 'tokenizer_config.json')],
-  });
-  return dir;
-}
 
 function spawnWorker(natsUrl: string, modelDir: string): Promise<ChildProcess> {
   const child = spawn(process.execPath, [BIN, 'cloud', '--role', 'worker', '--nats', natsUrl, '--model', modelDir, '--log-level', 'warn'], { stdio: ['ignore', 'pipe', 'pipe'] });

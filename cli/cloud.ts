@@ -98,7 +98,7 @@ export function cloudCommand(io: CommandIo, until: () => Promise<void> = untilSi
     .option('--role <role>', 'all: one process (default); gateway: REST and socket.io, the middle on the NATS workers; worker: the middle blocks only, for the gateways', 'all')
     .option('--nats <urls>', 'NATS server URL(s), comma-separated (with --role gateway or worker)')
     .option('--blocks <a-b>', 'blocks [A, B) a worker owns (default: the whole model)')
-    .option('--worker-timeout <s>', "a gateway's wait for a worker's answer before asking another worker of the range", '10')
+    .option('--worker-timeout <s>', "a gateway's wait for a worker to claim a request before asking the range again", '10')
     .option('--nats-replicas <n>', "replicas of a gateway's JetStream buckets (3 on a three-node NATS cluster)", '1')
     .option('--emulators-max-mb <mb>', 'MiB of emulator bundles on disk, all tenants together', String(DEFAULT_EMULATOR_MAX_BYTES / 2 ** 20))
     .action(async (flags: CloudFlags) => {

@@ -16,14 +16,18 @@ import { coverRange } from './block-ranges.ts';
 import type { PipelineSegment } from './block-ranges.ts';
 import { connectNats } from './nats-connection.ts';
 import { WorkerDirectory } from './worker-directory.ts';
-import { decodeReply, encodeRequest, rangeSubject, traceHeaders, workerSubject } from './wire.ts';
+import { CLAIMS_PREFIX, CLAIM_ID_HEADER, CLAIM_TO_HEADER, decodeReply, encodeRequest, rangeSubject, traceHeaders, workerSubject } from './wire.ts';
 import type { MiddleReply, MiddleRequest } from './wire.ts';
 
 export interface ClusterExecutorOptions {
   natsUrl: string;
   /** The served model's content hash: workers of other models are not used. */
   contentHash: string;
-  /** One attempt's wait for a worker's answer before another worker is asked (10 s). */
+  /**
+   * How long a request may wait for a worker to claim it (workers claim on receipt) before the
+   * range is asked again (10 s). A claimed request is waited for while its worker keeps
+   * announcing itself, however long the compute takes, up to requestTimeoutMs.
+   */
   attemptTimeoutMs?: number;
   /** All attempts of one request together (25 s: below the edge's 30 s request timeout). */
   requestTimeoutMs?: number;
@@ -78,6 +82,11 @@ function causeNames(error: unknown): string[] {
 
 const isNoResponders = (error: unknown): boolean => causeNames(error).some((n) => /NoResponders/i.test(n)) || /no responders/i.test(String((error as Error).message));
 const isTimeout = (error: unknown): boolean => causeNames(error).some((n) => /Timeout/i.test(n));
+/** No worker claimed the request in time, or the worker that claimed it went silent. */
+class AttemptAbandoned extends Error {
+  override readonly name = 'AttemptAbandoned';
+}
+
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 export class ClusterExecutor implements MiddleRunner {
@@ -89,11 +98,25 @@ export class ClusterExecutor implements MiddleRunner {
   #retries = 0;
   #closed = false;
   #ownsConnection = true;
+  /** Claims of requests in flight: claim id → the worker that took it. */
+  readonly #claims = new Map<string, string>();
+  readonly #claimSubject = `${CLAIMS_PREFIX}${nuid.next()}`;
 
   private constructor(nc: NatsConnection, options: ClusterExecutorOptions) {
     this.#nc = nc;
     this.#options = options;
     this.#directory = new WorkerDirectory(nc, options.contentHash);
+    nc.subscribe(this.#claimSubject, {
+      callback: (err, msg) => {
+        if (err !== null || msg.data.byteLength > 512) return;
+        try {
+          const claim = JSON.parse(Buffer.from(msg.data).toString('utf8')) as { id?: unknown; worker?: unknown };
+          if (typeof claim.id === 'string' && typeof claim.worker === 'string' && this.#claims.has(claim.id)) this.#claims.set(claim.id, claim.worker);
+        } catch {
+          // not a claim
+        }
+      },
+    });
   }
 
   /** Over `connection` (which the caller closes), or a connection of its own to `natsUrl`. */
@@ -216,21 +239,42 @@ export class ClusterExecutor implements MiddleRunner {
     }
   }
 
-  async #send(subject: string, request: MiddleRequest, elements: number, tenant: string, timeout: number): Promise<MiddleReply> {
+  async #send(subject: string, request: MiddleRequest, elements: number, tenant: string, patienceMs: number, deadline: number): Promise<MiddleReply> {
     const started = performance.now();
     const bytes = encodeRequest(request);
     const maxPayload = this.#nc.info?.max_payload ?? Number.POSITIVE_INFINITY;
     if (bytes.byteLength > maxPayload) {
       throw new CloudError('TANDEM_RESOURCE_EXHAUSTED', { resource: 'NATS payload', reason: `a ${request.op} of ${bytes.byteLength} bytes is over the NATS server's max_payload of ${maxPayload}; raise max_payload or send smaller micro-batches` });
     }
-    const msg = await this.#nc.request(subject, bytes, { timeout, headers: traceHeaders({ requestId: nuid.next(), tenant }) });
-    const reply = decodeReply(msg.data, elements);
-    if (reply.ok) {
-      this.#hop.requests++;
-      this.#hop.roundTripMs += performance.now() - started;
-      this.#hop.computeMs += reply.computeMs;
+    const claimId = nuid.next();
+    const headers = traceHeaders({ requestId: claimId, tenant });
+    headers.set(CLAIM_TO_HEADER, this.#claimSubject);
+    headers.set(CLAIM_ID_HEADER, claimId);
+    this.#claims.set(claimId, '');
+    const sentAt = Date.now();
+    let timer: ReturnType<typeof setInterval> | undefined;
+    try {
+      const pending = this.#nc.request(subject, bytes, { timeout: Math.max(1, deadline - sentAt), headers });
+      pending.catch(() => undefined);
+      const abandoned = new Promise<never>((_resolve, reject) => {
+        timer = setInterval(() => {
+          const worker = this.#claims.get(claimId) ?? '';
+          if (worker === '' ? Date.now() - sentAt > patienceMs : !this.#directory.isLive(worker)) reject(new AttemptAbandoned(worker === '' ? `no worker claimed it within ${patienceMs} ms` : `worker ${worker} went silent`));
+        }, 100);
+      });
+      abandoned.catch(() => undefined);
+      const msg = await Promise.race([pending, abandoned]);
+      const reply = decodeReply(msg.data, elements);
+      if (reply.ok) {
+        this.#hop.requests++;
+        this.#hop.roundTripMs += performance.now() - started;
+        this.#hop.computeMs += reply.computeMs;
+      }
+      return reply;
+    } finally {
+      clearInterval(timer);
+      this.#claims.delete(claimId);
     }
-    return reply;
   }
 
   #failed(reply: Extract<MiddleReply, { ok: false }>): Error {
@@ -252,7 +296,7 @@ export class ClusterExecutor implements MiddleRunner {
         if (left <= 0) throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: `no worker of blocks [${segment.owner.start}, ${segment.owner.end}) answered within ${this.#options.requestTimeoutMs ?? 25_000} ms (${tries} tries)` });
         if (tries > 0) this.#retries++;
         try {
-          const reply = await this.#send(subject, request, elements, tenant, Math.max(1, Math.min(attempt, left)));
+          const reply = await this.#send(subject, request, elements, tenant, Math.max(1, Math.min(attempt, left)), deadline);
           if (reply.ok) return reply;
           throw this.#failed(reply);
         } catch (error) {
@@ -261,8 +305,8 @@ export class ClusterExecutor implements MiddleRunner {
             await sleep(Math.min(200, Math.max(1, deadline - Date.now())));
             continue;
           }
-          if (isTimeout(error)) {
-            this.#options.log?.warn({ subject, timeoutMs: attempt }, 'a worker did not answer in time; asking the range again');
+          if (isTimeout(error) || error instanceof AttemptAbandoned) {
+            this.#options.log?.warn({ subject, reason: (error as Error).message }, 'the request was not answered; asking the range again');
             continue;
           }
           throw error;
@@ -278,12 +322,12 @@ export class ClusterExecutor implements MiddleRunner {
     const elements = shape[0] * shape[1] * shape[2];
     this.#inFlight++;
     try {
-      const reply = await this.#send(workerSubject(link.worker), { op: 'backwardFromTape', tapeId: link.tapeId, shape, g }, elements, tenant, this.#options.attemptTimeoutMs ?? 10_000);
+      const reply = await this.#send(workerSubject(link.worker), { op: 'backwardFromTape', tapeId: link.tapeId, shape, g }, elements, tenant, this.#options.attemptTimeoutMs ?? 10_000, Date.now() + (this.#options.requestTimeoutMs ?? 25_000));
       if (reply.ok) return reply;
       throw this.#failed(reply);
     } catch (error) {
       if (error instanceof CloudError) throw error;
-      if (error instanceof TapeLost || isNoResponders(error) || isTimeout(error)) throw new TapeLost(`the worker ${link.worker} that kept the tape: ${(error as Error).message}`);
+      if (error instanceof TapeLost || error instanceof AttemptAbandoned || isNoResponders(error) || isTimeout(error)) throw new TapeLost(`the worker ${link.worker} that kept the tape: ${(error as Error).message}`);
       throw error;
     } finally {
       this.#inFlight--;

@@ -15,7 +15,7 @@ import { parseBlockRange, rangeName } from './block-ranges.ts';
 import { ClusterError } from './errors.ts';
 import { connectNats } from './nats-connection.ts';
 import {
-  ANNOUNCE_SUBJECT, decodeRequest, encodeReply, rangeSubject, safeWorkerId, traceOf, workerSubject,
+  ANNOUNCE_SUBJECT, claimOf, decodeRequest, encodeReply, rangeSubject, safeWorkerId, traceOf, workerSubject,
 } from './wire.ts';
 import type { MiddleReply, MiddleRequest } from './wire.ts';
 
@@ -166,6 +166,8 @@ export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): P
       drop(request.tapeId);
       return;
     }
+    const claim = claimOf(msg.headers);
+    if (claim !== undefined) nc.publish(claim.to, JSON.stringify({ id: claim.id, worker: id }));
     running++;
     serve(request, trace.tenant ?? '').then(
       (reply) => reply,

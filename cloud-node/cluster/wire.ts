@@ -24,6 +24,24 @@ export function workerSubject(workerId: string): string {
   return `tandem.middle.worker.${workerId}`;
 }
 
+/**
+ * A worker claims a request on receipt, publishing `{id, worker}` to the subject in
+ * CLAIM_TO_HEADER: the gateway then waits for that worker as long as it keeps announcing
+ * itself, and asks the range again as soon as it goes silent.
+ */
+export const CLAIMS_PREFIX = 'tandem.claims.';
+export const CLAIM_TO_HEADER = 'tandem-claim-to';
+export const CLAIM_ID_HEADER = 'tandem-claim-id';
+const CLAIM_SUBJECT = /^tandem\.claims\.[A-Za-z0-9]{1,64}$/;
+
+/** The claim subject and id a request asks for, when both are well formed. */
+export function claimOf(h: MsgHdrs | undefined): { to: string; id: string } | undefined {
+  if (h === undefined || !h.has(CLAIM_TO_HEADER) || !h.has(CLAIM_ID_HEADER)) return undefined;
+  const to = h.get(CLAIM_TO_HEADER);
+  const id = h.get(CLAIM_ID_HEADER);
+  return CLAIM_SUBJECT.test(to) && /^[A-Za-z0-9]{1,64}$/.test(id) ? { to, id } : undefined;
+}
+
 /** Where workers announce themselves (WorkerStatus, about every second). */
 export const ANNOUNCE_SUBJECT = 'tandem.cluster.workers';
 

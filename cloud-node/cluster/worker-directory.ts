@@ -81,6 +81,12 @@ export class WorkerDirectory implements ClusterStatusSource {
     return this.#live().map((k) => structuredClone(k.status)).sort((a, b) => a.blocks.start - b.blocks.start || a.id.localeCompare(b.id));
   }
 
+  /** The worker announced itself within WORKER_SILENCE_MS. */
+  isLive(id: string): boolean {
+    const k = this.#known.get(id);
+    return k !== undefined && k.status.lastSeenMs >= Date.now() - WORKER_SILENCE_MS;
+  }
+
   /** Live workers of the served model. */
   servingWorkers(): WorkerStatus[] {
     return this.#live().filter((k) => k.contentHash === this.#contentHash).map((k) => k.status);

@@ -6,6 +6,7 @@ import type { NatsConnection } from '@nats-io/transport-node';
 import { CloudError } from '../errors.ts';
 import { JetStreamBucket } from './jetstream-bucket.ts';
 import type { Caller } from './key-store.ts';
+import { OpenSessionCounts, sessionFor, visibleTo } from './session-access.ts';
 import type { SessionRecords } from './session-records.ts';
 import { isSessionRecord } from './session-store.ts';
 import type { SessionRecord } from './session-store.ts';
@@ -14,20 +15,16 @@ export const SESSIONS_BUCKET = 'tandem-sessions';
 
 export class JetStreamSessionStore implements SessionRecords {
   readonly #bucket: JetStreamBucket<SessionRecord>;
-  readonly #openByTenant: Map<string, number>;
+  readonly #open: OpenSessionCounts;
 
-  private constructor(bucket: JetStreamBucket<SessionRecord>, openByTenant: Map<string, number>) {
+  private constructor(bucket: JetStreamBucket<SessionRecord>, open: OpenSessionCounts) {
     this.#bucket = bucket;
-    this.#openByTenant = openByTenant;
+    this.#open = open;
   }
 
   static async open(nc: NatsConnection, options: { replicas?: number; onInvalid?: (key: string) => void } = {}): Promise<JetStreamSessionStore> {
-    const openByTenant = new Map<string, number>();
-    const count = (tenant: string, delta: number): void => {
-      const n = (openByTenant.get(tenant) ?? 0) + delta;
-      if (n <= 0) openByTenant.delete(tenant);
-      else openByTenant.set(tenant, n);
-    };
+    const open = new OpenSessionCounts();
+    const count = (tenant: string, delta: number): void => open.add(tenant, delta);
     // Snapshots of what was counted, since records are changed in place before a put.
     const counted = new Map<string, string>();
     const bucket = await JetStreamBucket.open<SessionRecord>(nc, SESSIONS_BUCKET, {
@@ -44,11 +41,11 @@ export class JetStreamSessionStore implements SessionRecords {
         }
       },
     });
-    return new JetStreamSessionStore(bucket, openByTenant);
+    return new JetStreamSessionStore(bucket, open);
   }
 
   list(caller: Caller): SessionRecord[] {
-    return [...this.#bucket.values()].filter((s) => caller.admin || s.tenant === caller.tenant);
+    return [...this.#bucket.values()].filter((s) => visibleTo(caller, s));
   }
 
   all(): IterableIterator<SessionRecord> {
@@ -60,25 +57,19 @@ export class JetStreamSessionStore implements SessionRecords {
   }
 
   get openCount(): number {
-    let n = 0;
-    for (const c of this.#openByTenant.values()) n += c;
-    return n;
+    return this.#open.total;
   }
 
   openCountOf(tenant: string): number {
-    return this.#openByTenant.get(tenant) ?? 0;
+    return this.#open.of(tenant);
   }
 
   get(caller: Caller, id: string): SessionRecord {
-    const s = this.#bucket.get(id);
-    if (s === undefined || (!caller.admin && s.tenant !== caller.tenant)) throw new CloudError('TANDEM_SESSION_UNKNOWN', { session: id });
-    return s;
+    return sessionFor(caller, id, this.#bucket.get(id));
   }
 
   getOpen(caller: Caller, id: string): SessionRecord {
-    const s = this.get(caller, id);
-    if (s.state !== 'open') throw new CloudError('TANDEM_SESSION_CLOSED', { session: id });
-    return s;
+    return sessionFor(caller, id, this.#bucket.get(id), true);
   }
 
   async add(record: SessionRecord): Promise<void> {

@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import type { CloseReason, CodecChoice, Cut, Limits, ProtocolVersion, TrainingSpec } from '../../protocol/index.ts';
 import { CloudError } from '../errors.ts';
 import type { Caller } from './key-store.ts';
+import { OpenSessionCounts, sessionFor, visibleTo } from './session-access.ts';
 import { ensureStateDir, readJsonState, syncDir, tidyStateDir, WriteQueue, writeJsonState } from './json-file.ts';
 
 /** The single file of earlier builds, migrated into SESSIONS_DIR at start. */
@@ -51,7 +52,7 @@ export class SessionStore {
   /** The folder of record files. */
   readonly dir: string;
   readonly #sessions = new Map<string, SessionRecord>();
-  readonly #openByTenant = new Map<string, number>();
+  readonly #open = new OpenSessionCounts();
   readonly #writes = new Map<string, WriteQueue>();
   #dirReady = false;
 
@@ -105,14 +106,12 @@ export class SessionStore {
   }
 
   #countOpen(tenant: string, delta: number): void {
-    const n = (this.#openByTenant.get(tenant) ?? 0) + delta;
-    if (n <= 0) this.#openByTenant.delete(tenant);
-    else this.#openByTenant.set(tenant, n);
+    this.#open.add(tenant, delta);
   }
 
   /** Every session the caller may see: its tenant's, or all for the admin. */
   list(caller: Caller): SessionRecord[] {
-    return [...this.#sessions.values()].filter((s) => caller.admin || s.tenant === caller.tenant);
+    return [...this.#sessions.values()].filter((s) => visibleTo(caller, s));
   }
 
   /** Every session, for the node's sweeps. */
@@ -125,13 +124,11 @@ export class SessionStore {
   }
 
   get openCount(): number {
-    let n = 0;
-    for (const count of this.#openByTenant.values()) n += count;
-    return n;
+    return this.#open.total;
   }
 
   openCountOf(tenant: string): number {
-    return this.#openByTenant.get(tenant) ?? 0;
+    return this.#open.of(tenant);
   }
 
   /**
@@ -139,16 +136,12 @@ export class SessionStore {
    * like a missing one (TANDEM_SESSION_UNKNOWN), so its existence does not leak.
    */
   get(caller: Caller, id: string): SessionRecord {
-    const s = this.#sessions.get(id);
-    if (s === undefined || (!caller.admin && s.tenant !== caller.tenant)) throw new CloudError('TANDEM_SESSION_UNKNOWN', { session: id });
-    return s;
+    return sessionFor(caller, id, this.#sessions.get(id));
   }
 
   /** As get, and the session must be open. */
   getOpen(caller: Caller, id: string): SessionRecord {
-    const s = this.get(caller, id);
-    if (s.state !== 'open') throw new CloudError('TANDEM_SESSION_CLOSED', { session: id });
-    return s;
+    return sessionFor(caller, id, this.#sessions.get(id), true);
   }
 
   async add(record: SessionRecord): Promise<void> {

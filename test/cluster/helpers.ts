@@ -21,6 +21,8 @@ export async function startWorker(natsUrl: string, blocks?: string): Promise<Mid
   return startMiddleWorkerNode({ modelDir: FIXTURE, natsUrl, blocks, backend: 'cpu', logLevel: 'silent' });
 }
 
+const adminKeys = new Map<string, string>();
+
 /** A gateway on 127.0.0.1:0; short attempt timeouts so that a dead worker is noticed quickly. */
 export async function startGateway(natsUrl: string, options: Partial<CloudNodeOptions> = {}): Promise<CloudNode & { stateDir: string; remove(): Promise<void> }> {
   const state = options.stateDir === undefined ? await tempDir('gateway') : undefined;
@@ -29,7 +31,9 @@ export async function startGateway(natsUrl: string, options: Partial<CloudNodeOp
     modelDir: FIXTURE, stateDir, logLevel: 'silent', backend: 'cpu',
     cluster: { natsUrl, attemptTimeoutMs: 3000, requestTimeoutMs: 25_000 }, ...options,
   });
-  return { ...node, stateDir, remove: async () => { await node.close(); await state?.remove(); } };
+  // The first gateway of a cluster makes the admin key; later ones find it in JetStream.
+  if (node.adminKey !== undefined) adminKeys.set(natsUrl, node.adminKey);
+  return { ...node, adminKey: node.adminKey ?? adminKeys.get(natsUrl), stateDir, remove: async () => { await node.close(); await state?.remove(); } };
 }
 
 /** `tandem cloud --role worker` as a child process; resolves once it says it is ready. */
