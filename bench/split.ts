@@ -136,7 +136,8 @@ async function runCase(c: Case, steps: number, work: string): Promise<Record<str
   return { model: c.name, parameters, layers: L, cut: c.cut, batch: c.batch, seq: c.seq, localWholeStepSeconds: localWhole, localCutStepSeconds: localCut, split };
 }
 
-async function randomModelDir(work: string, quick: boolean): Promise<string> {
+/** A random Llama of ~25M parameters (4 blocks with `quick`, else 8), saved as a Hugging Face folder. */
+export async function randomModelDir(work: string, quick: boolean): Promise<string> {
   const rawConfig = {
     architectures: ['LlamaForCausalLM'], model_type: 'llama', hidden_size: 512, intermediate_size: 1536, num_hidden_layers: quick ? 4 : 8,
     num_attention_heads: 8, num_key_value_heads: 4, vocab_size: 512, max_position_embeddings: 1024, rms_norm_eps: 1e-5, rope_theta: 10000,

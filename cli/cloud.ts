@@ -1,7 +1,7 @@
 import { Command } from 'commander';
 import {
   DEFAULT_ACTIVATION_TTL_MS, DEFAULT_BATCH_WINDOW_MS, DEFAULT_CLOSED_RETENTION_MS, DEFAULT_EMULATOR_MAX_BUNDLES, DEFAULT_EMULATOR_MAX_BYTES, DEFAULT_MEMORY_BUDGET_BYTES, DEFAULT_QUOTAS,
-  DEFAULT_MAX_BATCH_TOKENS, DEFAULT_SESSION_IDLE_MS, startCloudNode,
+  DEFAULT_MAX_BATCH_TOKENS, DEFAULT_SESSION_IDLE_MS, parseBlockRange, startCloudNode, startMiddleWorkerNode,
 } from '../cloud-node/index.ts';
 import { CliError } from './errors.ts';
 import { numberFlag, pemFlag, requiredFlag } from './flags.ts';
@@ -33,13 +33,34 @@ interface CloudFlags {
   emulatorsMaxMb: string;
   batchWindowMs: string;
   maxBatchTokens: string;
+  role: string;
+  nats?: string;
+  blocks?: string;
+  workerTimeout: string;
+  natsReplicas: string;
 }
 
 
 export const DEFAULT_CLOUD_PORT = 7470;
 
+/** `--nats nats://a:4222,nats://b:4222` → the URLs, each checked. */
+export function natsFlag(value: string): string[] {
+  const urls = value.split(',').map((u) => u.trim());
+  if (urls.length > 16) throw new CliError('TANDEM_CLI_FLAG_INVALID', '--nats', `lists ${urls.length} servers; at most 16`);
+  for (const u of urls) {
+    let url: URL;
+    try {
+      url = new URL(u);
+    } catch {
+      throw new CliError('TANDEM_CLI_FLAG_INVALID', '--nats', `${JSON.stringify(u.slice(0, 80))} is not a URL (nats://host:4222)`);
+    }
+    if (!['nats:', 'tls:', 'ws:', 'wss:'].includes(url.protocol)) throw new CliError('TANDEM_CLI_FLAG_INVALID', '--nats', `${JSON.stringify(u.slice(0, 80))}: the scheme must be nats, tls, ws or wss`);
+  }
+  return urls;
+}
+
 /** Resolves when the process is asked to stop (SIGINT, SIGTERM). */
-function untilSignal(): Promise<void> {
+export function untilSignal(): Promise<void> {
   return new Promise((resolve) => {
     const stop = (): void => {
       process.off('SIGINT', stop);
@@ -78,9 +99,42 @@ export function cloudCommand(io: CommandIo, until: () => Promise<void> = untilSi
     .option('--emulators-max-bundles <n>', 'emulator bundles on disk, all tenants together (least recently used evicted)', String(DEFAULT_EMULATOR_MAX_BUNDLES))
     .option('--batch-window-ms <ms>', 'milliseconds a batch of the middle waits for more sessions\' requests (0: only those already queued)', String(DEFAULT_BATCH_WINDOW_MS))
     .option('--max-batch-tokens <n>', 'tokens (batch x sequence) of one batched middle call at most', String(DEFAULT_MAX_BATCH_TOKENS))
+    .option('--role <role>', 'all: one process (default); gateway: REST and socket.io, the middle on the NATS workers; worker: the middle blocks only, for the gateways', 'all')
+    .option('--nats <urls>', 'NATS server URL(s), comma-separated (with --role gateway or worker)')
+    .option('--blocks <a-b>', 'blocks [A, B) a worker owns (default: the whole model)')
+    .option('--worker-timeout <s>', "a gateway's wait for a worker to claim a request before asking the range again", '10')
+    .option('--nats-replicas <n>', "replicas of a gateway's JetStream buckets (3 on a three-node NATS cluster)", '1')
     .option('--emulators-max-mb <mb>', 'MiB of emulator bundles on disk, all tenants together', String(DEFAULT_EMULATOR_MAX_BYTES / 2 ** 20))
     .action(async (flags: CloudFlags) => {
       const modelDir = requiredFlag('--model', flags.model);
+      const role = flags.role;
+      if (role !== 'all' && role !== 'gateway' && role !== 'worker') throw new CliError('TANDEM_CLI_FLAG_INVALID', '--role', `must be all, gateway or worker, got ${JSON.stringify(role.slice(0, 40))}`);
+      if (role !== 'all' && (flags.nats === undefined || flags.nats === '')) throw new CliError('TANDEM_CLI_FLAG_MISSING', '--nats', `--role ${role} needs the NATS server's URL`);
+      if (role === 'all' && flags.nats !== undefined) throw new CliError('TANDEM_CLI_FLAG_INVALID', '--nats', 'needs --role gateway or worker (--role all is one process, without NATS)');
+      if (flags.blocks !== undefined && role !== 'worker') throw new CliError('TANDEM_CLI_FLAG_INVALID', '--blocks', 'is for --role worker');
+      const natsUrls = role === 'all' ? [] : natsFlag(flags.nats as string);
+      if (role === 'worker') {
+        if (flags.blocks !== undefined) {
+          try {
+            parseBlockRange(flags.blocks);
+          } catch (cause) {
+            throw new CliError('TANDEM_CLI_FLAG_INVALID', '--blocks', (cause as Error).message);
+          }
+        }
+        const worker = await startMiddleWorkerNode({
+          modelDir, modelId: flags.modelId, natsUrl: natsUrls.join(','), blocks: flags.blocks, backend: flags.backend,
+          memoryBudgetBytes: Math.round(numberFlag('--memory-budget', flags.memoryBudget, { min: 0 }) * 2 ** 20),
+          tapeTtlMs: Math.round(numberFlag('--activation-ttl', flags.activationTtl, { min: 0 }) * 1000), logLevel: flags.logLevel,
+        });
+        io.out(`tandem worker ${worker.id} serving blocks ${worker.blocks.start}-${worker.blocks.end} on ${natsUrls.join(',')}`);
+        try {
+          await until();
+        } finally {
+          await worker.close();
+        }
+        return;
+      }
+      const workerTimeoutMs = Math.round(numberFlag('--worker-timeout', flags.workerTimeout, { min: 0.1, max: 3600 }) * 1000);
       const port = numberFlag('--port', flags.port, { min: 0, max: 65535, integer: true });
       const memoryBudget = numberFlag('--memory-budget', flags.memoryBudget, { min: 0 });
       const ttl = numberFlag('--activation-ttl', flags.activationTtl, { min: 0 });
@@ -128,6 +182,7 @@ export function cloudCommand(io: CommandIo, until: () => Promise<void> = untilSi
         emulatorStorage,
         batching,
         tls,
+        cluster: role === 'gateway' ? { natsUrl: natsUrls.join(','), attemptTimeoutMs: workerTimeoutMs, replicas: numberFlag('--nats-replicas', flags.natsReplicas, { min: 1, max: 5, integer: true }) } : undefined,
       });
       io.out(`tandem cloud listening on ${node.url}`);
       if (node.adminKey !== undefined) io.out(`admin key (shown once, keep it): ${node.adminKey}`);

@@ -72,7 +72,7 @@ function summary(r: EdgeTrainResult): Record<string, unknown> {
 function trainCommand(io: CommandIo): Command {
   const command = new Command('train')
     .description('fine-tune an adapter on local data with the cloud running the middle of the model')
-    .option('--cloud <url>', 'cloud node URL, e.g. http://127.0.0.1:8080')
+    .option('--cloud <urls>', 'cloud node URL, e.g. http://127.0.0.1:8080; several gateways of one cluster comma-separated (the next is tried when one is gone)')
     .option('--key <key>', 'API key (or TANDEM_KEY)')
     .option('--ca <file>', 'PEM CA certificate an https:// cloud\'s certificate must chain to (a private CA)')
     .option('--model <id>', 'model id the cloud serves')

@@ -1,6 +1,7 @@
 import { Command, CommanderError } from 'commander';
 import { auditCommand } from './audit.ts';
 import { cloudCommand } from './cloud.ts';
+import { clusterCommand } from './cluster.ts';
 import { demoCommand } from './demo.ts';
 import { edgeCommand } from './edge.ts';
 import { emulateCommand } from './emulate.ts';
@@ -19,7 +20,7 @@ function program(io: CommandIo): Command {
     .description('Split and offsite fine-tuning of LLMs across a cloud and the machines that own the data')
     .showHelpAfterError()
     .configureOutput({ writeOut: (s) => io.out(s.trimEnd()), writeErr: (s) => io.log(s.trimEnd()) });
-  for (const command of [generateCommand(io), trainCommand(io), evalCommand(io), exportCommand(io), cloudCommand(io), keysCommand(io), federationCommand(io), emulateCommand(io), edgeCommand(io), auditCommand(io), demoCommand(io)]) root.addCommand(command);
+  for (const command of [generateCommand(io), trainCommand(io), evalCommand(io), exportCommand(io), cloudCommand(io), clusterCommand(io), keysCommand(io), federationCommand(io), emulateCommand(io), edgeCommand(io), auditCommand(io), demoCommand(io)]) root.addCommand(command);
   const configure = (c: Command): void => {
     c.configureOutput({ writeOut: (s) => io.out(s.trimEnd()), writeErr: (s) => io.log(s.trimEnd()) });
     c.commands.forEach(configure);

@@ -1,12 +1,12 @@
 // The served model, shared by the plugins and the data plane; each plugin gets it (and only
 // what else it needs) as its options.
 import { CloudError } from './errors.ts';
-import type { MiddleExecutor } from './middle-executor.ts';
+import type { MiddleRunner } from './middle-runner.ts';
 import type { ServedModel } from './served-model.ts';
 
 /** The served model once loaded; routes and the data plane answer TANDEM_MODEL_NOT_READY before. */
 export class ModelSlot {
-  #value: { served: ServedModel; executor: MiddleExecutor } | undefined;
+  #value: { served: ServedModel; executor: MiddleRunner } | undefined;
 
   /** Loaded, and every compute worker is up (not while one restarts). */
   get ready(): boolean {
@@ -17,11 +17,11 @@ export class ModelSlot {
     return this.#value !== undefined;
   }
 
-  set(served: ServedModel, executor: MiddleExecutor): void {
+  set(served: ServedModel, executor: MiddleRunner): void {
     this.#value = { served, executor };
   }
 
-  get(): { served: ServedModel; executor: MiddleExecutor } {
+  get(): { served: ServedModel; executor: MiddleRunner } {
     if (this.#value === undefined) throw new CloudError('TANDEM_MODEL_NOT_READY');
     return this.#value;
   }

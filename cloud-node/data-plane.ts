@@ -18,7 +18,8 @@ import { CloudError, resourceErrorOf } from './errors.ts';
 import type { CloudMetrics } from './metrics.ts';
 import type { QuotaLedger } from './quotas.ts';
 import type { SessionService } from './session-service.ts';
-import type { Caller, KeyStore } from './state/key-store.ts';
+import type { KeyRecords } from './state/key-records.ts';
+import type { Caller } from './state/key-store.ts';
 
 export const ENVELOPE_EVENT = 'envelope';
 /** Room for socket.io's own framing above the largest envelope. */
@@ -34,7 +35,7 @@ export type EnvelopeAck = (reply: Uint8Array | Uint8Array[] | null) => void;
 
 export interface DataPlaneOptions {
   server: HttpServer;
-  keys: KeyStore;
+  keys: KeyRecords;
   service: SessionService;
   metrics: CloudMetrics;
   limits: Limits;

@@ -21,3 +21,8 @@ export type { Caller, KeyRecord, KeyView } from './state/key-store.ts';
 export { ensureStateDir } from './state/json-file.ts';
 export { SESSIONS_DIR, SESSIONS_FILE } from './state/session-store.ts';
 export type { SessionRecord } from './state/session-store.ts';
+export type { MiddleRunner } from './middle-runner.ts';
+export { ANNOUNCE_INTERVAL_MS, CLUSTER_ERRORS, ClusterError, ClusterExecutor, WorkerDirectory, parseBlockRange, parseBlockRanges, startMiddleWorkerNode } from './cluster/index.ts';
+export type { ClusterErrorCode, HopStats, MiddleWorkerNode, MiddleWorkerNodeOptions } from './cluster/index.ts';
+export { DEFAULT_NATS_SERVER, launchCluster } from './cluster/index.ts';
+export type { ClusterLaunchOptions, LaunchedCluster } from './cluster/index.ts';

@@ -26,6 +26,9 @@ import type { ClusterStatusSource } from './cluster-status.ts';
 import { LocalClusterStatus } from './local-cluster-status.ts';
 import { CloudMetrics } from './metrics.ts';
 import { MiddleExecutor } from './middle-executor.ts';
+import type { MiddleRunner } from './middle-runner.ts';
+import { ClusterExecutor, connectNats } from './cluster/index.ts';
+import type { HopStats } from './cluster/index.ts';
 import { authPlugin } from './plugins/auth.ts';
 import { clusterPlugin } from './plugins/cluster.ts';
 import { dashboardPlugin } from './plugins/dashboard.ts';
@@ -57,6 +60,10 @@ import type { ServingLimits } from './serving/serving.ts';
 import { ServingMetrics } from './serving/serving-metrics.ts';
 import { SplitInference } from './serving/split-inference.ts';
 import type { SplitInferenceLimits } from './serving/split-inference.ts';
+import type { SessionRecords } from './state/session-records.ts';
+import type { KeyRecords } from './state/key-records.ts';
+import { JetStreamKeyStore } from './state/jetstream-key-store.ts';
+import { JetStreamSessionStore } from './state/jetstream-session-store.ts';
 
 /** The event a socket gets, with `{code, message}`, just before the node disconnects it (a revoked key). */
 export const DISCONNECT_REASON_EVENT = 'tandem:disconnect';
@@ -144,6 +151,8 @@ export interface CloudNodeOptions {
   serving?: Partial<ServingLimits>;
   /** Split inference: the middle KV cache bytes per session and all sessions together. */
   splitInference?: Partial<SplitInferenceLimits>;
+  /** A gateway of a NATS cluster: the middle runs on the cluster's workers (cluster/), not here. */
+  cluster?: { natsUrl: string; attemptTimeoutMs?: number; requestTimeoutMs?: number; replicas?: number };
 }
 
 /** The node's compute workers, for operations (and the tests and the soak bench). */
@@ -167,6 +176,8 @@ export interface CloudNode {
   /** The limits this node offers sessions. */
   limits: Limits;
   compute: ComputeControl;
+  /** A gateway's cluster: the workers that announce themselves, and the NATS hop's cost. */
+  cluster?: { status: ClusterStatusSource; hop(): HopStats };
   close(): Promise<void>;
 }
 
@@ -228,13 +239,16 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   await ensureStateDir(stateDir);
   const stale = await tidyStateDir(stateDir, [KEYS_FILE]);
   if (stale.length > 0) log.warn({ removed: stale.length }, 'removed temporary files left by an earlier process');
-  const keys = await KeyStore.open(stateDir);
+  // A gateway's keys and sessions are in JetStream, shared with the other gateways.
+  const nc = options.cluster === undefined ? undefined : await connectNats(options.cluster.natsUrl, `tandem-gateway-${process.pid}`);
+  const onInvalid = (key: string): void => log.warn({ key }, 'a JetStream state entry is malformed; skipped');
+  const keys: KeyRecords = nc === undefined ? await KeyStore.open(stateDir) : await JetStreamKeyStore.open(nc, { replicas: options.cluster?.replicas, onInvalid });
   let adminKey: string | undefined;
   if (!keys.hasAdmin) {
     adminKey = (await keys.create(ADMIN_TENANT, { admin: true })).key;
     log.info({ stateDir }, 'created the admin key (printed once by `tandem cloud`)');
   }
-  const sessions = await SessionStore.open(stateDir);
+  const sessions: SessionRecords = nc === undefined ? await SessionStore.open(stateDir) : await JetStreamSessionStore.open(nc, { replicas: options.cluster?.replicas, onInvalid });
   const limits = intersectLimits(options.limits ?? DEFAULT_LIMITS);
   const metrics = new CloudMetrics();
   metrics.sessionsOpen.set(sessions.openCount);
@@ -254,7 +268,9 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   // The operator's view: trained tokens and loss curves per session, the node's series, the workers.
   const activity = new TrainingActivity();
   const series = new TimeSeries({ metrics, trainedTokens: () => activity.trainedTokens, ...options.series });
-  const workers = options.clusterStatus ?? new LocalClusterStatus({ model, tokensPerSecond: () => series.recentTokensPerSecond() });
+  // A gateway reports the workers that announce themselves on NATS; one process, itself.
+  const local = new LocalClusterStatus({ model, tokensPerSecond: () => series.recentTokensPerSecond() });
+  const workers: ClusterStatusSource = options.clusterStatus ?? { workers: () => (executor instanceof ClusterExecutor ? executor.directory : local).workers() };
   const service = new SessionService({ store: sessions, metrics, cache, model: () => model.get(), limits, codecs: options.codecs, quotas, lifetimes: options.sessions, inference,
     onComputed: (computed) => activity.record(computed),
     shapeLimits: { maxMicrobatchTokens: options.maxMicrobatchTokens, maxSequenceLength: options.maxSequenceLength },
@@ -329,7 +345,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   sessionSweep.unref();
   series.start();
 
-  let executor: MiddleExecutor | undefined;
+  let executor: MiddleRunner | undefined;
   const close = async (): Promise<void> => {
     clearInterval(sweep);
     clearInterval(sessionSweep);
@@ -342,6 +358,9 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     serving.close();
     inference.clear();
     await executor?.close();
+    if (keys instanceof JetStreamKeyStore) keys.close();
+    if (sessions instanceof JetStreamSessionStore) sessions.close();
+    await nc?.drain().catch(() => undefined);
     if (model.loaded) model.served().dispose();
   };
 
@@ -357,7 +376,10 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     const computeLog = log.child({ plane: 'compute' });
     // On ORT the engine asked for must start (no fallback): a typed error otherwise.
     const candidates = ort !== undefined ? [backend.name] : [...new Set([backend.name, 'wasm', 'cpu'])];
-    for (const name of candidates) {
+    if (options.cluster !== undefined) {
+      executor = await ClusterExecutor.connect({ ...options.cluster, contentHash: served.contentHash, log: computeLog }, nc);
+    }
+    for (const name of options.cluster === undefined ? candidates : []) {
       try {
         executor = await MiddleExecutor.start({
           modelDir: served.dir, backend: name, engine: ort, workers: options.computeWorkers, log: computeLog,
@@ -385,7 +407,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   const address = app.server.address();
   const port = typeof address === 'object' && address !== null ? address.port : (options.port ?? 0);
   const host = options.host ?? '127.0.0.1';
-  const running = executor as MiddleExecutor;
+  const running = executor as MiddleRunner;
   const compute: ComputeControl = {
     get workers() { return running.workers; },
     get backend() { return running.backend; },
@@ -394,5 +416,6 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     terminateWorker: (index) => running.terminateWorker(index),
   };
   const scheme = options.tls === undefined ? 'http' : 'https';
-  return { url: `${scheme}://${host.includes(':') ? `[${host}]` : host}:${port}`, port, adminKey, limits, compute, close };
+  const cluster = running instanceof ClusterExecutor ? { status: running.directory, hop: () => running.hop } : undefined;
+  return { url: `${scheme}://${host.includes(':') ? `[${host}]` : host}:${port}`, port, adminKey, limits, compute, cluster, close };
 }

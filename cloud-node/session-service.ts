@@ -17,11 +17,13 @@ import type { ActivationCache } from './activation-cache.ts';
 import { CloudError } from './errors.ts';
 import type { CloudMetrics, StepKind } from './metrics.ts';
 import { TapeLost } from './middle-executor.ts';
-import type { MiddleExecutor, Shape3 } from './middle-executor.ts';
+import type { Shape3 } from './middle-executor.ts';
+import type { MiddleRunner } from './middle-runner.ts';
 import type { QuotaLedger } from './quotas.ts';
 import type { ServedModel } from './served-model.ts';
 import type { Caller } from './state/key-store.ts';
-import type { SessionRecord, SessionStore } from './state/session-store.ts';
+import type { SessionRecords } from './state/session-records.ts';
+import type { SessionRecord } from './state/session-store.ts';
 import type { SplitInference } from './serving/split-inference.ts';
 
 export const SERVER_BUILD = 'tandem-cloud/0.1.0';
@@ -70,11 +72,11 @@ export interface ShapeLimits {
 export const DEFAULT_MAX_MICROBATCH_TOKENS = 16 * 1024;
 
 export interface SessionServiceOptions {
-  store: SessionStore;
+  store: SessionRecords;
   metrics: CloudMetrics;
   cache: ActivationCache;
   /** The served model and its executor; undefined until loaded. */
-  model: () => { served: ServedModel; executor: MiddleExecutor };
+  model: () => { served: ServedModel; executor: MiddleRunner };
   limits: Limits;
   /** Codecs the node accepts per direction; the edge's order of preference decides among them. */
   codecs?: CodecPreferences;

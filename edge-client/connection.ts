@@ -58,8 +58,12 @@ export interface RequestOptions {
   retries?: number;
 }
 
+/** Reconnects to one gateway before the next of several is tried. */
+const ATTEMPTS_PER_URL = 2;
+
 export class CloudConnection {
-  readonly socket: Socket;
+  /** The socket to the current URL (replaced when several URLs are given and one is gone). */
+  socket: Socket;
   readonly stats: ConnectionStats = { bytesSent: 0, bytesReceived: 0, requests: 0, retries: 0, reconnects: 0, meanRttMs: 0, lastRttMs: 0 };
   /** The negotiated limit; larger envelopes go as chunks. */
   maxMessageBytes: number = DEFAULT_LIMITS.maxMessageBytes;
@@ -73,8 +77,13 @@ export class CloudConnection {
   private connectedOnce = false;
   private rttCount = 0;
   private streamCounter = 0;
+  private readonly urls: string[];
+  private urlIndex = 0;
+  /** Told when the socket is replaced by one to the next URL. */
+  private swapListeners: (() => void)[] = [];
 
-  private constructor(url: string, options: ConnectionOptions) {
+  private constructor(urls: string[], options: ConnectionOptions) {
+    this.urls = urls;
     this.options = {
       key: options.key,
       requestTimeoutMs: options.requestTimeoutMs ?? 30_000,
@@ -83,7 +92,13 @@ export class CloudConnection {
       maxBackoffMs: options.maxBackoffMs ?? 3_000,
       connectTimeoutMs: options.connectTimeoutMs ?? 60_000,
     };
-    this.socket = io(url, {
+    this.socket = this.makeSocket(urls[0], options);
+  }
+
+  /** A socket to `url` with every handler; with several URLs it gives up after a few reconnects and the next URL is tried. */
+  private makeSocket(url: string, options: ConnectionOptions): Socket {
+    const several = this.urls.length > 1;
+    const socket = io(url, {
       transports: ['websocket'],
       auth: { key: options.key },
       autoConnect: false,
@@ -91,29 +106,47 @@ export class CloudConnection {
       reconnectionDelay: 100,
       reconnectionDelayMax: 2_000,
       randomizationFactor: 0.2,
+      ...(several ? { reconnectionAttempts: ATTEMPTS_PER_URL } : {}),
       ...(options.ca === undefined ? {} : { ca: options.ca }),
     });
-    this.socket.on(DISCONNECT_REASON_EVENT, (reason: { code?: unknown; message?: unknown } | undefined) => {
+    socket.on(DISCONNECT_REASON_EVENT, (reason: { code?: unknown; message?: unknown } | undefined) => {
       const code = typeof reason?.code === 'string' ? reason.code : 'TANDEM_AUTH_KEY_REVOKED';
       const message = typeof reason?.message === 'string' ? reason.message : code;
       this.refusal = new EdgeError('TANDEM_EDGE_AUTH_FAILED', `the cloud disconnected this client: ${message}`, { where: url, remoteCode: code });
     });
-    this.socket.on('connect', () => {
+    socket.on('connect', () => {
       if (this.connectedOnce) this.onReconnect();
       this.connectedOnce = true;
     });
     // Reply chunks that do not fit one packet arrive as `envelope` events before the ack.
-    this.socket.on('envelope', (bytes: unknown) => this.acceptPushed(bytes));
-    this.socket.on('disconnect', (reason) => {
+    socket.on('envelope', (bytes: unknown) => this.acceptPushed(bytes));
+    socket.on('disconnect', (reason) => {
       // A server that shuts down disconnects its sockets itself, and socket.io does not
       // reconnect after that on its own; a restarted node is worth waiting for.
-      if (reason === 'io server disconnect' && !this.closed && this.refusal === undefined) this.socket.connect();
+      if (reason === 'io server disconnect' && !this.closed && this.refusal === undefined) socket.connect();
     });
+    if (several) socket.io.on('reconnect_failed', () => this.nextUrl(options));
+    return socket;
+  }
+
+  /** This gateway stays unreachable: the next URL (the sessions are in the cluster's state, SessionOpen reattaches). */
+  private nextUrl(options: ConnectionOptions): void {
+    if (this.closed || this.refusal !== undefined) return;
+    const old = this.socket;
+    old.removeAllListeners();
+    old.disconnect();
+    old.io.removeAllListeners();
+    this.urlIndex = (this.urlIndex + 1) % this.urls.length;
+    this.socket = this.makeSocket(this.urls[this.urlIndex], options);
+    const listeners = this.swapListeners;
+    this.swapListeners = [];
+    for (const l of listeners) l();
+    this.socket.connect();
   }
 
   /** Opens the connection; fails with TANDEM_EDGE_AUTH_FAILED or TANDEM_EDGE_CONNECT_FAILED. */
-  static async open(url: string, options: ConnectionOptions): Promise<CloudConnection> {
-    const c = new CloudConnection(url, options);
+  static async open(url: string | string[], options: ConnectionOptions): Promise<CloudConnection> {
+    const c = new CloudConnection(typeof url === 'string' ? [url] : url, options);
     c.socket.connect();
     try {
       await c.waitConnected();
@@ -141,18 +174,32 @@ export class CloudConnection {
     this.ready.catch(() => undefined);
   }
 
-  private waitConnected(): Promise<void> {
+  private async waitConnected(): Promise<void> {
+    const deadline = Date.now() + this.options.connectTimeoutMs;
+    for (;;) {
+      const socket = this.socket;
+      const swapped = await this.waitConnectedOnce(Math.max(1, deadline - Date.now()));
+      if (!swapped || this.socket === socket) return;
+    }
+  }
+
+  /** true when the socket was replaced (the next URL) before it connected. */
+  private waitConnectedOnce(timeoutMs: number): Promise<boolean> {
     if (this.refusal !== undefined) return Promise.reject(this.refusal);
     if (this.closed) return Promise.reject(new EdgeError('TANDEM_EDGE_CLOSED', 'the connection is closed'));
-    if (this.socket.connected) return Promise.resolve();
+    if (this.socket.connected) return Promise.resolve(false);
+    const socket = this.socket;
     return new Promise((resolve, reject) => {
-      const done = (err?: Error): void => {
+      const done = (err?: Error, swapped = false): void => {
         clearTimeout(timer);
-        this.socket.off('connect', onConnect);
-        this.socket.off('connect_error', onError);
+        socket.off('connect', onConnect);
+        socket.off('connect_error', onError);
+        this.swapListeners = this.swapListeners.filter((l) => l !== onSwap);
         if (err) reject(err);
-        else resolve();
+        else resolve(swapped);
       };
+      const onSwap = (): void => done(undefined, true);
+      this.swapListeners.push(onSwap);
       const onConnect = (): void => done();
       const onError = (err: Error & { data?: unknown }): void => {
         // A certificate that does not verify will not verify on a retry either.
@@ -162,19 +209,26 @@ export class CloudConnection {
           return;
         }
         // A refusal by the server's middleware is final: socket.io does not retry it.
-        if (this.socket.active) return;
+        if (socket.active) return;
         const data = err.data as { code?: unknown } | undefined;
         const remoteCode = typeof data?.code === 'string' ? data.code : undefined;
         const auth = (AUTH_ERROR_CODES as readonly unknown[]).includes(remoteCode) || /auth|key/i.test(err.message);
+        // Out of reconnects to this URL: the next one is tried (nextUrl), unless the key was refused.
+        if (!auth && this.urls.length > 1) return;
         done(new EdgeError(auth ? 'TANDEM_EDGE_AUTH_FAILED' : 'TANDEM_EDGE_CONNECT_FAILED', `the cloud refused the connection: ${err.message}`, { where: this.url, cause: err, remoteCode }));
       };
       const timer = setTimeout(
-        () => done(new EdgeError('TANDEM_EDGE_CONNECT_FAILED', `no connection within ${this.options.connectTimeoutMs} ms`, { where: this.url })),
-        this.options.connectTimeoutMs,
+        () => done(new EdgeError('TANDEM_EDGE_CONNECT_FAILED', `no connection within ${this.options.connectTimeoutMs} ms`, { where: this.urls.join(',') })),
+        timeoutMs,
       );
-      this.socket.on('connect', onConnect);
-      this.socket.on('connect_error', onError);
+      socket.on('connect', onConnect);
+      socket.on('connect_error', onError);
     });
+  }
+
+  /** The URL of the gateway the socket is (or is being) connected to. */
+  get currentUrl(): string {
+    return this.urls[this.urlIndex];
   }
 
   private get url(): string {

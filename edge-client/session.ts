@@ -69,15 +69,20 @@ export class CloudClient {
 /** Connects to a cloud node (REST at `url`, socket.io at the same origin). */
 export async function connectCloud(url: string, options: ConnectCloudOptions): Promise<CloudClient> {
   if (typeof options?.key !== 'string' || options.key === '') throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', 'a key is required', { field: 'key' });
-  let parsed: URL;
-  try {
-    parsed = new URL(url);
-  } catch (cause) {
-    throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', `${JSON.stringify(url)} is not a URL`, { field: 'cloud', cause });
+  // Several gateways of one cluster: `http://a:7470,http://b:7470`; the next is tried when one is gone.
+  const urls = url.split(',').map((u) => u.trim());
+  if (urls.length > 16) throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', `${urls.length} cloud URLs; at most 16`, { field: 'cloud' });
+  for (const u of urls) {
+    let parsed: URL;
+    try {
+      parsed = new URL(u);
+    } catch (cause) {
+      throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', `${JSON.stringify(u.slice(0, 200))} is not a URL`, { field: 'cloud', cause });
+    }
+    if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', `the cloud URL must be http(s), got ${parsed.protocol}`, { field: 'cloud' });
   }
-  if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', `the cloud URL must be http(s), got ${parsed.protocol}`, { field: 'cloud' });
-  const connection = await CloudConnection.open(url, options);
-  return new CloudClient(url, connection, options.key, options.ca);
+  const connection = await CloudConnection.open(urls, options);
+  return new CloudClient(connection.currentUrl, connection, options.key, options.ca);
 }
 
 export class EdgeSession implements MiddleChannel {

@@ -4,7 +4,8 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import fp from 'fastify-plugin';
 import { CloudError } from '../errors.ts';
-import type { Caller, KeyStore } from '../state/key-store.ts';
+import type { KeyRecords } from '../state/key-records.ts';
+import type { Caller } from '../state/key-store.ts';
 
 declare module 'fastify' {
   interface FastifyRequest {
@@ -14,7 +15,7 @@ declare module 'fastify' {
 }
 
 export interface AuthPluginOptions {
-  keys: KeyStore;
+  keys: KeyRecords;
 }
 
 export function bearerKey(header: string | undefined): string | undefined {

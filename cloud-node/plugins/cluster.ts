@@ -5,7 +5,7 @@ import type { FastifyInstance } from 'fastify';
 import type { ClusterStatusSource } from '../cluster-status.ts';
 import type { ModelSlot } from '../context.ts';
 import type { Coordinator } from '../federation/index.ts';
-import type { SessionStore } from '../state/session-store.ts';
+import type { SessionRecords } from '../state/session-records.ts';
 import type { TimeSeries } from '../time-series.ts';
 import type { TrainingActivity } from '../training-activity.ts';
 import { requireAdmin } from './auth.ts';
@@ -17,7 +17,7 @@ export const CLUSTER_ROUNDS_SHOWN = 50;
 export interface ClusterPluginOptions {
   model: ModelSlot;
   workers: ClusterStatusSource;
-  sessions: SessionStore;
+  sessions: SessionRecords;
   activity: TrainingActivity;
   series: TimeSeries;
   coordinator: Coordinator;

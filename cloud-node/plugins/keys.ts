@@ -1,12 +1,12 @@
 // API keys: the admin creates one per data owner (tenant), lists them (prefixes only) and
 // revokes them. A key is shown once, at creation.
 import type { FastifyInstance } from 'fastify';
-import type { KeyStore } from '../state/key-store.ts';
+import type { KeyRecords } from '../state/key-records.ts';
 import { requireAdmin } from './auth.ts';
 import { authErrors, security } from './schemas.ts';
 
 export interface KeysPluginOptions {
-  keys: KeyStore;
+  keys: KeyRecords;
 }
 
 const keyViewSchema = {

@@ -1,12 +1,12 @@
 // GET /v1/sessions/:id/losses: a session's training loss curve as its edge reported it, for the
 // tenant's dashboard. Another tenant's session answers 404 TANDEM_SESSION_UNKNOWN, like a missing one.
 import type { FastifyInstance } from 'fastify';
-import type { SessionStore } from '../state/session-store.ts';
+import type { SessionRecords } from '../state/session-records.ts';
 import type { TrainingActivity } from '../training-activity.ts';
 import { authErrors, security, sessionLossesSchema } from './schemas.ts';
 
 export interface LossesPluginOptions {
-  sessions: SessionStore;
+  sessions: SessionRecords;
   activity: TrainingActivity;
 }
 

@@ -2,11 +2,12 @@
 // Another tenant's session answers 404 TANDEM_SESSION_UNKNOWN, exactly like a missing one.
 import type { FastifyInstance } from 'fastify';
 import type { SessionService } from '../session-service.ts';
-import type { SessionRecord, SessionStore } from '../state/session-store.ts';
+import type { SessionRecords } from '../state/session-records.ts';
+import type { SessionRecord } from '../state/session-store.ts';
 import { authErrors, security, sessionSchema } from './schemas.ts';
 
 export interface SessionsPluginOptions {
-  sessions: SessionStore;
+  sessions: SessionRecords;
   service: SessionService;
 }
 

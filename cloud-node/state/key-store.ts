@@ -73,7 +73,8 @@ export function viewOf(r: KeyRecord): KeyView {
   return { id: r.id, tenant: r.tenant, admin: r.admin, prefix: r.prefix ?? '', createdAt: r.createdAt, ...(r.revokedAt === undefined ? {} : { revokedAt: r.revokedAt }) };
 }
 
-function parseRecord(raw: unknown, file: string): KeyRecord {
+/** A key record as stored (keys.json, a JetStream entry), checked. */
+export function parseRecord(raw: unknown, file: string): KeyRecord {
   const r = raw as Partial<KeyRecord> | null;
   if (
     typeof r !== 'object' || r === null || typeof r.id !== 'string' || typeof r.tenant !== 'string' || typeof r.admin !== 'boolean'

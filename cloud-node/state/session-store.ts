@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import type { CloseReason, CodecChoice, Cut, Defense, Limits, ProtocolVersion, TrainingSpec } from '../../protocol/index.ts';
 import { CloudError } from '../errors.ts';
 import type { Caller } from './key-store.ts';
+import { OpenSessionCounts, sessionFor, visibleTo } from './session-access.ts';
 import { ensureStateDir, readJsonState, syncDir, tidyStateDir, WriteQueue, writeJsonState } from './json-file.ts';
 
 /** The single file of earlier builds, migrated into SESSIONS_DIR at start. */
@@ -41,7 +42,8 @@ export interface SessionRecord {
   closeReason?: CloseReason;
 }
 
-function isRecord(v: unknown): v is SessionRecord {
+/** A record as stored (a file, a JetStream entry): checked before it is believed. */
+export function isSessionRecord(v: unknown): v is SessionRecord {
   const r = v as Partial<SessionRecord> | null;
   return typeof r === 'object' && r !== null && typeof r.id === 'string' && RECORD_PATTERN.test(`${r.id}.json`) && typeof r.tenant === 'string'
     && typeof r.modelId === 'string' && typeof r.lastStep === 'number' && (r.state === 'open' || r.state === 'closed') && typeof r.cut === 'object'
@@ -52,7 +54,7 @@ export class SessionStore {
   /** The folder of record files. */
   readonly dir: string;
   readonly #sessions = new Map<string, SessionRecord>();
-  readonly #openByTenant = new Map<string, number>();
+  readonly #open = new OpenSessionCounts();
   readonly #writes = new Map<string, WriteQueue>();
   #dirReady = false;
 
@@ -75,7 +77,7 @@ export class SessionStore {
       if (match === null) continue;
       const path = join(store.dir, name);
       const item = await readJsonState(path);
-      if (!isRecord(item) || item.id !== match[1]) throw new CloudError('TANDEM_STATE_INVALID', { file: path, reason: 'the session record is malformed' });
+      if (!isSessionRecord(item) || item.id !== match[1]) throw new CloudError('TANDEM_STATE_INVALID', { file: path, reason: 'the session record is malformed' });
       store.#remember(item);
     }
     await store.#migrate(join(stateDir, SESSIONS_FILE));
@@ -88,7 +90,7 @@ export class SessionStore {
     if (raw === undefined) return;
     if (!Array.isArray(raw.sessions)) throw new CloudError('TANDEM_STATE_INVALID', { file: legacy, reason: 'sessions must be an array' });
     for (const item of raw.sessions) {
-      if (!isRecord(item)) throw new CloudError('TANDEM_STATE_INVALID', { file: legacy, reason: `a session record is malformed: ${JSON.stringify(item).slice(0, 200)}` });
+      if (!isSessionRecord(item)) throw new CloudError('TANDEM_STATE_INVALID', { file: legacy, reason: `a session record is malformed: ${JSON.stringify(item).slice(0, 200)}` });
     }
     for (const item of raw.sessions as SessionRecord[]) {
       if (this.#sessions.has(item.id)) continue; // written by an interrupted migration
@@ -106,14 +108,12 @@ export class SessionStore {
   }
 
   #countOpen(tenant: string, delta: number): void {
-    const n = (this.#openByTenant.get(tenant) ?? 0) + delta;
-    if (n <= 0) this.#openByTenant.delete(tenant);
-    else this.#openByTenant.set(tenant, n);
+    this.#open.add(tenant, delta);
   }
 
   /** Every session the caller may see: its tenant's, or all for the admin. */
   list(caller: Caller): SessionRecord[] {
-    return [...this.#sessions.values()].filter((s) => caller.admin || s.tenant === caller.tenant);
+    return [...this.#sessions.values()].filter((s) => visibleTo(caller, s));
   }
 
   /** Every session, for the node's sweeps. */
@@ -126,13 +126,11 @@ export class SessionStore {
   }
 
   get openCount(): number {
-    let n = 0;
-    for (const count of this.#openByTenant.values()) n += count;
-    return n;
+    return this.#open.total;
   }
 
   openCountOf(tenant: string): number {
-    return this.#openByTenant.get(tenant) ?? 0;
+    return this.#open.of(tenant);
   }
 
   /**
@@ -140,16 +138,12 @@ export class SessionStore {
    * like a missing one (TANDEM_SESSION_UNKNOWN), so its existence does not leak.
    */
   get(caller: Caller, id: string): SessionRecord {
-    const s = this.#sessions.get(id);
-    if (s === undefined || (!caller.admin && s.tenant !== caller.tenant)) throw new CloudError('TANDEM_SESSION_UNKNOWN', { session: id });
-    return s;
+    return sessionFor(caller, id, this.#sessions.get(id));
   }
 
   /** As get, and the session must be open. */
   getOpen(caller: Caller, id: string): SessionRecord {
-    const s = this.get(caller, id);
-    if (s.state !== 'open') throw new CloudError('TANDEM_SESSION_CLOSED', { session: id });
-    return s;
+    return sessionFor(caller, id, this.#sessions.get(id), true);
   }
 
   async add(record: SessionRecord): Promise<void> {

@@ -1,0 +1,348 @@
+// The gateway's MiddleRunner: the middle runs on the cluster's workers, reached over NATS
+// request/reply. A session's middle is computed by the chain of owned ranges that covers it
+// (one range, or a pipeline: forward through the ranges in order, backward in reverse). A
+// forward's tape stays on the worker that ran it and its backward goes to that worker's own
+// subject; if the worker is gone (no responders, no answer, it lost the tape) the segment is
+// recomputed from its input by any worker of the range. A request to a range that is not
+// answered in time, or finds no worker, goes again to the range (another worker) until the
+// deadline: the middle is frozen, so computing a forward twice changes nothing.
+import { nuid } from '@nats-io/transport-node';
+import type { NatsConnection } from '@nats-io/transport-node';
+import type { Logger } from 'pino';
+import { CloudError } from '../errors.ts';
+import { TapeLost } from '../middle-executor.ts';
+import type { BlockRange, KeptTape, MiddleRunner, Shape3 } from '../middle-runner.ts';
+import { coverRange } from './block-ranges.ts';
+import type { PipelineSegment } from './block-ranges.ts';
+import { connectNats } from './nats-connection.ts';
+import { WorkerDirectory } from './worker-directory.ts';
+import { CLAIMS_PREFIX, CLAIM_ID_HEADER, CLAIM_TO_HEADER, decodeReply, encodeRequest, rangeSubject, traceHeaders, workerSubject } from './wire.ts';
+import type { MiddleReply, MiddleRequest } from './wire.ts';
+
+export interface ClusterExecutorOptions {
+  natsUrl: string;
+  /** The served model's content hash: workers of other models are not used. */
+  contentHash: string;
+  /**
+   * How long a request may wait for a worker to claim it (workers claim on receipt) before the
+   * range is asked again (10 s). A claimed request is waited for while its worker keeps
+   * announcing itself, however long the compute takes, up to requestTimeoutMs.
+   */
+  attemptTimeoutMs?: number;
+  /** All attempts of one request together (25 s: below the edge's 30 s request timeout). */
+  requestTimeoutMs?: number;
+  log?: Logger;
+}
+
+/** The NATS hop, measured: round trips against the workers' own compute time. */
+export interface HopStats {
+  requests: number;
+  roundTripMs: number;
+  computeMs: number;
+}
+
+interface Link {
+  segment: PipelineSegment;
+  /** The segment's input (h_B for the first): what a recompute needs. */
+  input: Float32Array;
+  worker: string;
+  tapeId: number;
+  used: boolean;
+}
+
+class ClusterTape implements KeptTape {
+  readonly savedBytes: number;
+  readonly links: Link[];
+  used = false;
+  readonly #drop: (link: Link) => void;
+
+  constructor(links: Link[], drop: (link: Link) => void) {
+    this.links = links;
+    // The gateway holds the inputs of the later segments (the first is the cache's h_B).
+    this.savedBytes = links.slice(1).reduce((n, l) => n + l.input.byteLength, 0);
+    this.#drop = drop;
+  }
+
+  dispose(): void {
+    if (this.used) return;
+    this.used = true;
+    for (const link of this.links) if (!link.used) this.#drop(link);
+  }
+}
+
+function causeNames(error: unknown): string[] {
+  const names: string[] = [];
+  let e: unknown = error;
+  for (let i = 0; i < 4 && e instanceof Error; i++) {
+    names.push(e.name, e.constructor.name);
+    e = e.cause;
+  }
+  return names;
+}
+
+const isNoResponders = (error: unknown): boolean => causeNames(error).some((n) => /NoResponders/i.test(n)) || /no responders/i.test(String((error as Error).message));
+const isTimeout = (error: unknown): boolean => causeNames(error).some((n) => /Timeout/i.test(n));
+/** No worker claimed the request in time, or the worker that claimed it went silent. */
+class AttemptAbandoned extends Error {
+  override readonly name = 'AttemptAbandoned';
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+export class ClusterExecutor implements MiddleRunner {
+  readonly #nc: NatsConnection;
+  readonly #directory: WorkerDirectory;
+  readonly #options: ClusterExecutorOptions;
+  readonly #hop: HopStats = { requests: 0, roundTripMs: 0, computeMs: 0 };
+  #inFlight = 0;
+  #retries = 0;
+  #closed = false;
+  #ownsConnection = true;
+  /** Claims of requests in flight: claim id → the worker that took it. */
+  readonly #claims = new Map<string, string>();
+  readonly #claimSubject = `${CLAIMS_PREFIX}${nuid.next()}`;
+
+  private constructor(nc: NatsConnection, options: ClusterExecutorOptions) {
+    this.#nc = nc;
+    this.#options = options;
+    this.#directory = new WorkerDirectory(nc, options.contentHash);
+    nc.subscribe(this.#claimSubject, {
+      callback: (err, msg) => {
+        if (err !== null || msg.data.byteLength > 512) return;
+        try {
+          const claim = JSON.parse(Buffer.from(msg.data).toString('utf8')) as { id?: unknown; worker?: unknown };
+          if (typeof claim.id === 'string' && typeof claim.worker === 'string' && this.#claims.has(claim.id)) this.#claims.set(claim.id, claim.worker);
+        } catch {
+          // not a claim
+        }
+      },
+    });
+  }
+
+  /** Over `connection` (which the caller closes), or a connection of its own to `natsUrl`. */
+  static async connect(options: ClusterExecutorOptions, connection?: NatsConnection): Promise<ClusterExecutor> {
+    const executor = new ClusterExecutor(connection ?? (await connectNats(options.natsUrl, `tandem-gateway-${process.pid}`)), options);
+    executor.#ownsConnection = connection === undefined;
+    return executor;
+  }
+
+  /** The workers' announcements: the cluster's ClusterStatusSource. */
+  get directory(): WorkerDirectory {
+    return this.#directory;
+  }
+
+  /** The NATS connection (the JetStream state uses the same one). */
+  get connection(): NatsConnection {
+    return this.#nc;
+  }
+
+  get ready(): boolean {
+    return !this.#closed && this.#directory.servingWorkers().length > 0;
+  }
+
+  get workers(): number {
+    return this.#directory.servingWorkers().length;
+  }
+
+  /** Requests sent again to a range (a worker gone or silent). */
+  get restarts(): number {
+    return this.#retries;
+  }
+
+  get backend(): string {
+    return 'nats';
+  }
+
+  /** The gateway does not see the workers' queues: its requests in flight count as queued (each worker reports its own load). */
+  get queued(): number {
+    return this.#inFlight;
+  }
+
+  /** What the workers compute is reported by them (WorkerStatus.load); the gateway computes nothing. */
+  get running(): number {
+    return 0;
+  }
+
+  get hop(): HopStats {
+    return { ...this.#hop };
+  }
+
+  async forward(range: BlockRange, h: Float32Array, shape: Shape3, tenant = ''): Promise<Float32Array> {
+    let x = h;
+    for (const segment of await this.#plan(range)) {
+      x = (await this.#toRange(segment, { op: 'forward', blocks: segment.blocks, shape, h: x, keepTape: false }, tenant)).output;
+    }
+    return x;
+  }
+
+  async forwardKeepingTape(range: BlockRange, h: Float32Array, shape: Shape3, tenant = ''): Promise<{ output: Float32Array; tape: KeptTape }> {
+    const links: Link[] = [];
+    let x = h;
+    try {
+      for (const segment of await this.#plan(range)) {
+        const reply = await this.#toRange(segment, { op: 'forward', blocks: segment.blocks, shape, h: x, keepTape: true }, tenant);
+        links.push({ segment, input: x, worker: reply.worker, tapeId: reply.tapeId ?? 0, used: false });
+        x = reply.output;
+      }
+    } catch (error) {
+      for (const link of links) this.#dropTape(link);
+      throw error;
+    }
+    return { output: x, tape: new ClusterTape(links, (link) => this.#dropTape(link)) };
+  }
+
+  async backwardFromTape(tape: KeptTape, g: Float32Array, shape: Shape3, tenant = ''): Promise<Float32Array> {
+    if (!(tape instanceof ClusterTape) || tape.used) throw new TapeLost('the tape is gone');
+    tape.used = true;
+    let grad = g;
+    for (const link of [...tape.links].reverse()) {
+      link.used = true;
+      try {
+        grad = (await this.#toWorker(link, grad, shape, tenant)).output;
+      } catch (error) {
+        if (!(error instanceof TapeLost)) throw error;
+        // The worker is gone or dropped the tape: any worker of the range recomputes.
+        grad = (await this.#toRange(link.segment, { op: 'backward', blocks: link.segment.blocks, shape, h: link.input, g: grad }, tenant)).output;
+      }
+    }
+    return grad;
+  }
+
+  async backward(range: BlockRange, h: Float32Array, g: Float32Array, shape: Shape3, tenant = ''): Promise<Float32Array> {
+    const segments = await this.#plan(range);
+    // A pipeline needs each segment's input: the forward again, without tapes.
+    const inputs: Float32Array[] = [h];
+    for (const segment of segments.slice(0, -1)) {
+      inputs.push((await this.#toRange(segment, { op: 'forward', blocks: segment.blocks, shape, h: inputs.at(-1) as Float32Array, keepTape: false }, tenant)).output);
+    }
+    let grad = g;
+    for (let i = segments.length - 1; i >= 0; i--) {
+      grad = (await this.#toRange(segments[i], { op: 'backward', blocks: segments[i].blocks, shape, h: inputs[i], g: grad }, tenant)).output;
+    }
+    return grad;
+  }
+
+  async terminateWorker(index: number): Promise<void> {
+    throw new CloudError('TANDEM_REQUEST_INVALID', { reason: `worker ${index} is a process of the cluster: stop it there (a gateway cannot end it)` });
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#directory.close();
+    if (this.#ownsConnection) await this.#nc.drain().catch(() => undefined);
+  }
+
+  /** The ranges that compute `range`, waiting (up to the deadline) for workers to announce them. */
+  async #plan(range: BlockRange): Promise<PipelineSegment[]> {
+    const deadline = Date.now() + (this.#options.requestTimeoutMs ?? 25_000);
+    for (;;) {
+      if (this.#closed) throw new CloudError('TANDEM_MODEL_NOT_READY');
+      const plan = coverRange(range, this.#directory.ranges());
+      if (plan !== undefined) return plan;
+      if (Date.now() >= deadline) throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: `no live worker owns every block of [${range.start}, ${range.end}); workers own ${this.#directory.ranges().map((r) => `[${r.start}, ${r.end})`).join(' ') || 'nothing'}` });
+      await this.#directory.changed(Math.min(500, deadline - Date.now()));
+    }
+  }
+
+  async #send(subject: string, request: MiddleRequest, elements: number, tenant: string, patienceMs: number, deadline: number): Promise<MiddleReply> {
+    const started = performance.now();
+    const bytes = encodeRequest(request);
+    const maxPayload = this.#nc.info?.max_payload ?? Number.POSITIVE_INFINITY;
+    if (bytes.byteLength > maxPayload) {
+      throw new CloudError('TANDEM_RESOURCE_EXHAUSTED', { resource: 'NATS payload', reason: `a ${request.op} of ${bytes.byteLength} bytes is over the NATS server's max_payload of ${maxPayload}; raise max_payload or send smaller micro-batches` });
+    }
+    const claimId = nuid.next();
+    const headers = traceHeaders({ requestId: claimId, tenant });
+    headers.set(CLAIM_TO_HEADER, this.#claimSubject);
+    headers.set(CLAIM_ID_HEADER, claimId);
+    this.#claims.set(claimId, '');
+    const sentAt = Date.now();
+    let timer: ReturnType<typeof setInterval> | undefined;
+    try {
+      const pending = this.#nc.request(subject, bytes, { timeout: Math.max(1, deadline - sentAt), headers });
+      pending.catch(() => undefined);
+      const abandoned = new Promise<never>((_resolve, reject) => {
+        timer = setInterval(() => {
+          const worker = this.#claims.get(claimId) ?? '';
+          if (worker === '' ? Date.now() - sentAt > patienceMs : !this.#directory.isLive(worker)) reject(new AttemptAbandoned(worker === '' ? `no worker claimed it within ${patienceMs} ms` : `worker ${worker} went silent`));
+        }, 100);
+      });
+      abandoned.catch(() => undefined);
+      const msg = await Promise.race([pending, abandoned]);
+      const reply = decodeReply(msg.data, elements);
+      if (reply.ok) {
+        this.#hop.requests++;
+        this.#hop.roundTripMs += performance.now() - started;
+        this.#hop.computeMs += reply.computeMs;
+      }
+      return reply;
+    } finally {
+      clearInterval(timer);
+      this.#claims.delete(claimId);
+    }
+  }
+
+  #failed(reply: Extract<MiddleReply, { ok: false }>): Error {
+    if (reply.kind === 'tapeLost') return new TapeLost(reply.message);
+    return new CloudError('TANDEM_COMPUTE_FAILED', { reason: `worker ${reply.worker}: ${reply.code ?? ''} ${reply.message}`.slice(0, 300) });
+  }
+
+  /** To any worker of the segment's range, again (another worker) on no answer, until the deadline. */
+  async #toRange(segment: PipelineSegment, request: Exclude<MiddleRequest, { op: 'dropTape' | 'backwardFromTape' }>, tenant: string): Promise<Extract<MiddleReply, { ok: true }>> {
+    const elements = request.shape[0] * request.shape[1] * request.shape[2];
+    const deadline = Date.now() + (this.#options.requestTimeoutMs ?? 25_000);
+    const attempt = this.#options.attemptTimeoutMs ?? 10_000;
+    const subject = rangeSubject(this.#options.contentHash, segment.owner);
+    this.#inFlight++;
+    try {
+      for (let tries = 0; ; tries++) {
+        if (this.#closed) throw new CloudError('TANDEM_MODEL_NOT_READY');
+        const left = deadline - Date.now();
+        if (left <= 0) throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: `no worker of blocks [${segment.owner.start}, ${segment.owner.end}) answered within ${this.#options.requestTimeoutMs ?? 25_000} ms (${tries} tries)` });
+        if (tries > 0) this.#retries++;
+        try {
+          const reply = await this.#send(subject, request, elements, tenant, Math.max(1, Math.min(attempt, left)), deadline);
+          if (reply.ok) return reply;
+          throw this.#failed(reply);
+        } catch (error) {
+          if (isNoResponders(error)) {
+            this.#options.log?.warn({ subject }, 'no worker of the range; waiting for one');
+            await sleep(Math.min(200, Math.max(1, deadline - Date.now())));
+            continue;
+          }
+          if (isTimeout(error) || error instanceof AttemptAbandoned) {
+            this.#options.log?.warn({ subject, reason: (error as Error).message }, 'the request was not answered; asking the range again');
+            continue;
+          }
+          throw error;
+        }
+      }
+    } finally {
+      this.#inFlight--;
+    }
+  }
+
+  /** To the worker that kept the tape; TapeLost when it is gone, silent or lost the tape. */
+  async #toWorker(link: Link, g: Float32Array, shape: Shape3, tenant: string): Promise<Extract<MiddleReply, { ok: true }>> {
+    const elements = shape[0] * shape[1] * shape[2];
+    this.#inFlight++;
+    try {
+      const reply = await this.#send(workerSubject(link.worker), { op: 'backwardFromTape', tapeId: link.tapeId, shape, g }, elements, tenant, this.#options.attemptTimeoutMs ?? 10_000, Date.now() + (this.#options.requestTimeoutMs ?? 25_000));
+      if (reply.ok) return reply;
+      throw this.#failed(reply);
+    } catch (error) {
+      if (error instanceof CloudError) throw error;
+      if (error instanceof TapeLost || error instanceof AttemptAbandoned || isNoResponders(error) || isTimeout(error)) throw new TapeLost(`the worker ${link.worker} that kept the tape: ${(error as Error).message}`);
+      throw error;
+    } finally {
+      this.#inFlight--;
+    }
+  }
+
+  #dropTape(link: Link): void {
+    if (this.#closed || this.#nc.isClosed() || link.tapeId === 0) return;
+    link.used = true;
+    this.#nc.publish(workerSubject(link.worker), encodeRequest({ op: 'dropTape', tapeId: link.tapeId }));
+  }
+}

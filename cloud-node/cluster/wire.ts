@@ -1,0 +1,184 @@
+// What gateways and workers say to each other over NATS: subjects, msgpackr bodies, tracing
+// headers. Every body is checked when it arrives (a NATS subject is a network input like any
+// other), before a tensor is copied or computed on.
+import { headers as natsHeaders } from '@nats-io/transport-node';
+import type { MsgHdrs } from '@nats-io/transport-node';
+import { Packr } from 'msgpackr';
+import type { BlockRange, Shape3 } from '../middle-runner.ts';
+import { ClusterError } from './errors.ts';
+
+const packr = new Packr({ useRecords: false });
+
+/** A model's token in subjects: the first 16 hex digits of its content hash. */
+export function modelToken(contentHash: string): string {
+  return contentHash.replace(/^sha256:/, '').slice(0, 16);
+}
+
+/** The queue group subject of the workers owning `owner` of a model: any of them answers. */
+export function rangeSubject(contentHash: string, owner: BlockRange): string {
+  return `tandem.middle.${modelToken(contentHash)}.${owner.start}-${owner.end}`;
+}
+
+/** One worker's own subject: the backwards from the tapes it keeps. */
+export function workerSubject(workerId: string): string {
+  return `tandem.middle.worker.${workerId}`;
+}
+
+/**
+ * A worker claims a request on receipt, publishing `{id, worker}` to the subject in
+ * CLAIM_TO_HEADER: the gateway then waits for that worker as long as it keeps announcing
+ * itself, and asks the range again as soon as it goes silent.
+ */
+export const CLAIMS_PREFIX = 'tandem.claims.';
+export const CLAIM_TO_HEADER = 'tandem-claim-to';
+export const CLAIM_ID_HEADER = 'tandem-claim-id';
+const CLAIM_SUBJECT = /^tandem\.claims\.[A-Za-z0-9]{1,64}$/;
+
+/** The claim subject and id a request asks for, when both are well formed. */
+export function claimOf(h: MsgHdrs | undefined): { to: string; id: string } | undefined {
+  if (h === undefined || !h.has(CLAIM_TO_HEADER) || !h.has(CLAIM_ID_HEADER)) return undefined;
+  const to = h.get(CLAIM_TO_HEADER);
+  const id = h.get(CLAIM_ID_HEADER);
+  return CLAIM_SUBJECT.test(to) && /^[A-Za-z0-9]{1,64}$/.test(id) ? { to, id } : undefined;
+}
+
+/** Where workers announce themselves (WorkerStatus, about every second). */
+export const ANNOUNCE_SUBJECT = 'tandem.cluster.workers';
+
+/** A worker id usable as a subject token. */
+export function safeWorkerId(text: string): string {
+  return text.replace(/[^A-Za-z0-9_-]/g, '_').slice(0, 96);
+}
+
+export type MiddleRequest =
+  | { op: 'forward'; blocks: BlockRange; shape: Shape3; h: Float32Array; keepTape: boolean }
+  | { op: 'backward'; blocks: BlockRange; shape: Shape3; h: Float32Array; g: Float32Array }
+  | { op: 'backwardFromTape'; tapeId: number; shape: Shape3; g: Float32Array }
+  | { op: 'dropTape'; tapeId: number };
+
+export type MiddleReply =
+  | { ok: true; worker: string; output: Float32Array; tapeId?: number; savedBytes?: number; computeMs: number }
+  /** tapeLost: this worker does not keep that tape (recompute); failed: the computation failed. */
+  | { ok: false; worker: string; kind: 'tapeLost' | 'failed' | 'invalid'; message: string; code?: string };
+
+/** Tracing: the request, the session and the tenant travel as NATS headers. */
+export interface Trace {
+  requestId?: string;
+  session?: string;
+  tenant?: string;
+}
+
+export function traceHeaders(trace: Trace): MsgHdrs {
+  const h = natsHeaders();
+  if (trace.requestId !== undefined) h.set('tandem-request-id', trace.requestId.slice(0, 256));
+  if (trace.session !== undefined) h.set('tandem-session', trace.session.slice(0, 128));
+  if (trace.tenant !== undefined && trace.tenant !== '') h.set('tandem-tenant', trace.tenant.slice(0, 128));
+  return h;
+}
+
+export function traceOf(h: MsgHdrs | undefined): Trace {
+  if (h === undefined) return {};
+  const get = (k: string): string | undefined => (h.has(k) ? h.get(k) : undefined);
+  return { requestId: get('tandem-request-id'), session: get('tandem-session'), tenant: get('tandem-tenant') };
+}
+
+function bytesOf(f: Float32Array): Uint8Array {
+  return new Uint8Array(f.buffer, f.byteOffset, f.byteLength);
+}
+
+function packTensors<T extends object>(value: T): Uint8Array {
+  const out: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(value)) out[k] = v instanceof Float32Array ? bytesOf(v) : v;
+  return packr.pack(out);
+}
+
+export function encodeRequest(request: MiddleRequest): Uint8Array {
+  return packTensors(request);
+}
+
+export function encodeReply(reply: MiddleReply): Uint8Array {
+  return packTensors(reply);
+}
+
+function invalid(field: string, reason: string): ClusterError {
+  return new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field, reason });
+}
+
+function record(bytes: Uint8Array, what: string): Record<string, unknown> {
+  let value: unknown;
+  try {
+    value = packr.unpack(bytes);
+  } catch (cause) {
+    throw new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: what, reason: `not msgpack: ${(cause as Error).message.slice(0, 80)}` });
+  }
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) throw invalid(what, 'not a map');
+  return value as Record<string, unknown>;
+}
+
+function int(value: unknown, field: string, min: number, max: number): number {
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < min || value > max) throw invalid(field, `must be an integer in [${min}, ${max}]`);
+  return value;
+}
+
+function blocksOf(value: unknown): BlockRange {
+  if (typeof value !== 'object' || value === null) throw invalid('blocks', 'not a {start, end} map');
+  const { start, end } = value as Record<string, unknown>;
+  const s = int(start, 'blocks.start', 0, 65535);
+  const e = int(end, 'blocks.end', s + 1, 65536);
+  return { start: s, end: e };
+}
+
+function shapeOf(value: unknown, maxElements: number): Shape3 {
+  if (!Array.isArray(value) || value.length !== 3) throw invalid('shape', 'must be [batch, seq, hidden]');
+  const shape = value.map((d, i) => int(d, `shape[${i}]`, 1, maxElements)) as Shape3;
+  if (shape[0] * shape[1] * shape[2] > maxElements) throw invalid('shape', `holds ${shape[0] * shape[1] * shape[2]} elements; the limit is ${maxElements}`);
+  return shape;
+}
+
+/** A float32 tensor of exactly `elements` values, copied into its own aligned buffer. */
+function tensorOf(value: unknown, field: string, elements: number): Float32Array {
+  if (!(value instanceof Uint8Array)) throw invalid(field, 'not bytes');
+  if (value.byteLength !== elements * 4) throw invalid(field, `holds ${value.byteLength} bytes; the shape needs ${elements * 4}`);
+  const out = new Float32Array(elements);
+  new Uint8Array(out.buffer).set(value);
+  return out;
+}
+
+/** A request a worker received; `maxElements` bounds every tensor before it is copied. */
+export function decodeRequest(bytes: Uint8Array, maxElements: number): MiddleRequest {
+  const r = record(bytes, 'request');
+  const elements = (shape: Shape3): number => shape[0] * shape[1] * shape[2];
+  switch (r.op) {
+    case 'forward': {
+      const shape = shapeOf(r.shape, maxElements);
+      return { op: 'forward', blocks: blocksOf(r.blocks), shape, h: tensorOf(r.h, 'h', elements(shape)), keepTape: r.keepTape === true };
+    }
+    case 'backward': {
+      const shape = shapeOf(r.shape, maxElements);
+      return { op: 'backward', blocks: blocksOf(r.blocks), shape, h: tensorOf(r.h, 'h', elements(shape)), g: tensorOf(r.g, 'g', elements(shape)) };
+    }
+    case 'backwardFromTape': {
+      const shape = shapeOf(r.shape, maxElements);
+      return { op: 'backwardFromTape', tapeId: int(r.tapeId, 'tapeId', 1, Number.MAX_SAFE_INTEGER), shape, g: tensorOf(r.g, 'g', elements(shape)) };
+    }
+    case 'dropTape':
+      return { op: 'dropTape', tapeId: int(r.tapeId, 'tapeId', 1, Number.MAX_SAFE_INTEGER) };
+    default:
+      throw invalid('op', `unknown op ${JSON.stringify(String(r.op).slice(0, 32))}`);
+  }
+}
+
+/** A reply the gateway received; the output must hold `elements` values. */
+export function decodeReply(bytes: Uint8Array, elements: number): MiddleReply {
+  const r = record(bytes, 'reply');
+  const worker = typeof r.worker === 'string' ? r.worker.slice(0, 128) : '';
+  if (r.ok === true) {
+    return {
+      ok: true, worker, output: tensorOf(r.output, 'output', elements), computeMs: typeof r.computeMs === 'number' ? r.computeMs : 0,
+      tapeId: r.tapeId === undefined ? undefined : int(r.tapeId, 'tapeId', 1, Number.MAX_SAFE_INTEGER),
+      savedBytes: r.savedBytes === undefined ? undefined : int(r.savedBytes, 'savedBytes', 0, Number.MAX_SAFE_INTEGER),
+    };
+  }
+  const kind = r.kind === 'tapeLost' || r.kind === 'invalid' ? r.kind : 'failed';
+  return { ok: false, worker, kind, message: typeof r.message === 'string' ? r.message.slice(0, 500) : '', code: typeof r.code === 'string' ? r.code.slice(0, 64) : undefined };
+}

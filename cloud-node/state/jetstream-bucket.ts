@@ -1,0 +1,110 @@
+// One JetStream key-value bucket of JSON records, mirrored in memory: read whole when opened,
+// then kept current by a watch, so that every gateway of a cluster sees what any other wrote
+// (a session opened on one gateway reattaches on another). Values are checked by `parse`
+// before they are believed; a malformed one is skipped and reported.
+import { Kvm } from '@nats-io/kv';
+import type { KV } from '@nats-io/kv';
+import type { NatsConnection } from '@nats-io/transport-node';
+
+export interface BucketOptions<T> {
+  /** File storage (survives a nats-server restart), this many replicas in a JetStream cluster (1). */
+  replicas?: number;
+  parse: (value: unknown, key: string) => T | undefined;
+  /** A record changed or appeared (`after`), or left (undefined), by any writer. */
+  onChange?: (key: string, before: T | undefined, after: T | undefined) => void;
+  onInvalid?: (key: string) => void;
+}
+
+/** A key a JetStream bucket accepts: ids are UUIDs and the like. */
+const KEY_PATTERN = /^[A-Za-z0-9_-]{1,128}$/;
+
+export class JetStreamBucket<T> {
+  readonly #kv: KV;
+  readonly #options: BucketOptions<T>;
+  readonly #values = new Map<string, T>();
+  #stop: (() => void) | undefined;
+
+  private constructor(kv: KV, options: BucketOptions<T>) {
+    this.#kv = kv;
+    this.#options = options;
+  }
+
+  static async open<T>(nc: NatsConnection, name: string, options: BucketOptions<T>): Promise<JetStreamBucket<T>> {
+    const kv = await new Kvm(nc).create(name, { history: 1, replicas: options.replicas ?? 1, storage: 'file' });
+    const bucket = new JetStreamBucket<T>(kv, options);
+    // The watch first, then the load: an update in between is applied twice, harmlessly.
+    const watch = await kv.watch({ include: 'updates' });
+    bucket.#stop = () => watch.stop();
+    void (async () => {
+      for await (const e of watch) bucket.#apply(e.key, e.operation === 'PUT' ? e.value : undefined);
+    })().catch(() => undefined);
+    for await (const key of await kv.keys()) {
+      const entry = await kv.get(key);
+      if (entry !== null && entry.operation === 'PUT') bucket.#apply(key, entry.value);
+    }
+    return bucket;
+  }
+
+  #apply(key: string, bytes: Uint8Array | undefined): void {
+    if (bytes === undefined || bytes.byteLength === 0) {
+      const before = this.#values.get(key);
+      if (!this.#values.delete(key)) return;
+      this.#options.onChange?.(key, before, undefined);
+      return;
+    }
+    let value: T | undefined;
+    try {
+      value = this.#options.parse(JSON.parse(Buffer.from(bytes).toString('utf8')), key);
+    } catch {
+      value = undefined;
+    }
+    if (value === undefined) {
+      this.#options.onInvalid?.(key);
+      return;
+    }
+    this.#set(key, value);
+  }
+
+  /** A record keeps its identity: holders of it see later changes, whoever made them. */
+  #set(key: string, value: T): void {
+    const existing = this.#values.get(key);
+    if (existing === undefined || typeof existing !== 'object' || existing === null) {
+      this.#values.set(key, value);
+      this.#options.onChange?.(key, undefined, value);
+      return;
+    }
+    const before = structuredClone(existing);
+    const target = existing as Record<string, unknown>;
+    for (const k of Object.keys(target)) if (!(k in (value as object))) delete target[k];
+    Object.assign(target, value);
+    this.#options.onChange?.(key, before, existing);
+  }
+
+  get(key: string): T | undefined {
+    return this.#values.get(key);
+  }
+
+  values(): IterableIterator<T> {
+    return this.#values.values();
+  }
+
+  get size(): number {
+    return this.#values.size;
+  }
+
+  /** Writes the record to JetStream (acknowledged by the server) and here. */
+  async put(key: string, value: T): Promise<void> {
+    if (!KEY_PATTERN.test(key)) throw new Error(`a bucket key must match ${KEY_PATTERN}, got ${JSON.stringify(key.slice(0, 40))}`);
+    await this.#kv.put(key, JSON.stringify(value));
+    this.#set(key, value);
+  }
+
+  async delete(key: string): Promise<void> {
+    await this.#kv.delete(key);
+    this.#apply(key, undefined);
+  }
+
+  close(): void {
+    this.#stop?.();
+  }
+}

@@ -1,0 +1,69 @@
+// Split training through a gateway and NATS workers computes what one process computes:
+// the same losses and the same adapter (f32 codecs), with two workers of one range and with
+// a two-range pipeline.
+import assert from 'node:assert/strict';
+import { after, before, describe, it } from 'node:test';
+import { startCloudNode } from '../../cloud-node/index.ts';
+import type { CloudNode, MiddleWorkerNode } from '../../cloud-node/index.ts';
+import { initBackend } from '../../model/index.ts';
+import { startNatsServer } from './nats-server.ts';
+import type { TestNatsServer } from './nats-server.ts';
+import { FIXTURE, maxAdapterDiff, startGateway, startWorker, tempDir, trainThrough, until } from './helpers.ts';
+
+describe('split training through a NATS cluster (stories260K, cut (1, 1): middle blocks [1, 4))', () => {
+  let nats: TestNatsServer;
+  let single: { losses: number[]; adapter: Map<string, Float32Array> };
+  before(async () => {
+    await initBackend({ backend: 'cpu' });
+    nats = await startNatsServer();
+    const state = await tempDir('single');
+    const node: CloudNode = await startCloudNode({ modelDir: FIXTURE, stateDir: state.dir, logLevel: 'silent', backend: 'cpu' });
+    try {
+      single = await trainThrough(node.url, node.adminKey as string);
+    } finally {
+      await node.close();
+      await state.remove();
+    }
+  });
+  after(() => nats.close());
+
+  const same = (run: { losses: number[]; adapter: Map<string, Float32Array> }): void => {
+    assert.equal(run.losses.length, single.losses.length);
+    run.losses.forEach((loss, i) => assert.ok(Math.abs(loss - single.losses[i]) <= 1e-5, `step ${i + 1}: cluster ${loss} vs one process ${single.losses[i]}`));
+    const diff = maxAdapterDiff(single.adapter, run.adapter);
+    assert.ok(diff <= 1e-5, `adapters differ by ${diff}`);
+  };
+
+  it('a gateway and two workers of the whole model train as one process does, and both workers compute', async () => {
+    const workers: MiddleWorkerNode[] = [await startWorker(nats.url), await startWorker(nats.url)];
+    const gateway = await startGateway(nats.url);
+    try {
+      const cluster = gateway.cluster;
+      assert.ok(cluster !== undefined, 'a gateway reports its cluster');
+      await until(async () => (await cluster.status.workers()).length === 2, 10_000, 'both workers announced');
+      const listed = await cluster.status.workers();
+      assert.deepEqual(listed.map((w) => w.blocks).sort((a, b) => a.start - b.start), [{ start: 0, end: 5 }, { start: 0, end: 5 }]);
+      assert.deepEqual(new Set(listed.map((w) => w.id)), new Set(workers.map((w) => w.id)));
+      same(await trainThrough(gateway.url, gateway.adminKey as string));
+      assert.ok(cluster.hop().requests >= 4 * 2, `the middle ran on the workers (${cluster.hop().requests} requests)`);
+      assert.equal(gateway.compute.backend, 'nats');
+    } finally {
+      await gateway.remove();
+      for (const w of workers) await w.close();
+    }
+  });
+
+  it('a two-range pipeline (blocks 1-2 and 2-4, one worker each) trains as one worker does', async () => {
+    const workers = [await startWorker(nats.url, '1-2'), await startWorker(nats.url, '2-4')];
+    const gateway = await startGateway(nats.url);
+    try {
+      await until(async () => (await gateway.cluster?.status.workers())?.length === 2, 10_000, 'both workers announced');
+      same(await trainThrough(gateway.url, gateway.adminKey as string));
+      const owned = (await gateway.cluster?.status.workers())?.map((w) => `${w.blocks.start}-${w.blocks.end}`).sort();
+      assert.deepEqual(owned, ['1-2', '2-4']);
+    } finally {
+      await gateway.remove();
+      for (const w of workers) await w.close();
+    }
+  });
+});
