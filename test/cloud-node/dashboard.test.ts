@@ -99,7 +99,13 @@ async function signIn(context: BrowserContext, node: TestNode, key: string, sinc
   await page.goto(`${node.url}/dashboard`);
   await page.fill('[data-testid="key"]', key);
   await page.click('[data-testid="sign-in"]');
-  await page.waitForFunction(`Number(document.body.dataset.fetchedAt ?? 0) > ${since + 1}`, undefined, { timeout: 30_000 });
+  // Polled from here, not with page.waitForFunction: a predicate that is not true at once is
+  // evaluated inside the page, where the page's CSP (no 'unsafe-eval') refuses it.
+  const until = Date.now() + 30_000;
+  while (!(await page.evaluate(`Number(document.body.dataset.fetchedAt ?? 0) > ${since + 1}`))) {
+    if (Date.now() > until) throw new Error('the dashboard did not refresh within 30 s of signing in');
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
   return page;
 }
 
