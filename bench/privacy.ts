@@ -1,16 +1,20 @@
-// What an honest-but-curious cloud learns, measured on stories260K (5 blocks, T = 1): token
-// recovery from h_B (best of nearest-neighbour and the learned linear inversion) and label
-// leakage from g_M (norm and direction attacks, AUC) for B = 1, 2, 3, each defense off and on,
-// on the demo's label data (cli/demo-data/feelings.jsonl) and on tinyshakespeare (no labels).
-// `validationLossCost` is the relative rise of the base model's validation loss when h_B
-// carries the defense's noise (forward only, no training; the label defenses change no forward,
-// so their cost there is 0 and their training cost is not measured here).
+// What an honest-but-curious cloud learns, measured on stories260K (5 blocks, T = 1), and what
+// each defense costs: for B = 1, 2, 3 and each defense off and on, the edge trains its adapters
+// (LoRA on its bottom and top blocks, `--steps` steps) through a middle that applies the
+// defense, and then
+//   tokenRecovery          best of nearest-neighbour and learned inversion of what the trained
+//                          bottom sends (h_B, the noise on), by a cloud that knows only the base;
+//   labelLeakAuc*          Li et al.'s norm and direction attacks on g_M (label data only);
+//   validationLossCost     the trained model's validation loss (split mode, the defense on, as
+//                          a user runs it) over that of the undefended run of the same length, − 1.
+// Data: the demo's label data (cli/demo-data/feelings.jsonl, label-token loss) and
+// tinyshakespeare (next-token loss; ../shared/fixtures by default, --data PATH).
 //
-//   npm run bench -- privacy [--quick] [--data PATH]
+//   npm run bench -- privacy [--quick] [--steps N] [--data PATH]
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { LlamaModel, chooseDefenses, describeDefenses, initBackend, labelBatch, loadModelFolder, loadTokenizer, measureAttacks, parseDataset, streamRows, tokenStream } from '../model/index.ts';
-import type { AttackFigures, Defenses, MeasureInput } from '../model/index.ts';
+import { AUTO_DEFENSES, LlamaModel, describeDefenses, initBackend, labelBatch, loadModelFolder, loadTokenizer, measureAttacks, parseDataset, streamRows, tokenStream, trainUnderDefenses } from '../model/index.ts';
+import type { Batch, Dataset, Defenses, MeasureInput, Tokenizer } from '../model/index.ts';
 
 const root = join(import.meta.dirname, '..');
 const fixture = join(root, 'test', 'fixtures', 'stories260K');
@@ -29,32 +33,33 @@ interface Row {
   learnedRecovery: number;
   labelLeakAucNorm: number | null;
   labelLeakAucDirection: number | null;
+  validationLoss: number;
   validationLossCost: number;
 }
 
-function row(data: string, cutBottom: number, name: string, f: AttackFigures): Row {
-  return {
-    data,
-    bottom: cutBottom,
-    defense: name === f.defenses ? name : `${name} (${f.defenses})`,
-    tokenRecovery: f.tokenRecovery,
-    nearestNeighbourRecovery: f.nearestNeighbourRecovery,
-    learnedRecovery: f.learnedRecovery,
-    labelLeakAucNorm: f.labelLeakAucNorm ?? null,
-    labelLeakAucDirection: f.labelLeakAucDirection ?? null,
-    validationLossCost: f.forwardLossCost,
-  };
+function batches(batch: Batch, size: number): Batch[] {
+  const out: Batch[] = [];
+  for (let i = 0; i + size <= batch.ids.length; i += size) out.push({ ids: batch.ids.slice(i, i + size), labels: batch.labels.slice(i, i + size) });
+  return out;
+}
+
+/** Training and validation batches of 8: label rows for label data, next-token rows of 32 for text. */
+function trainingData(dataset: Dataset, tokenizer: Tokenizer, stream: number[], skip: number, validationBatches: number): { train: Batch[]; validation: Batch[] } {
+  const labels = labelBatch(dataset, tokenizer, 2048, 64);
+  const all = labels ? batches(labels.batch, 8) : batches({ ids: streamRows(stream.slice(skip), 32, 4096), labels: streamRows(stream.slice(skip), 32, 4096) }, 8);
+  return { validation: all.slice(0, validationBatches), train: all.slice(validationBatches) };
 }
 
 export async function run(args: string[]): Promise<Record<string, unknown>> {
   const quick = args.includes('--quick');
+  const steps = Number(flag(args, '--steps', quick ? '10' : '40'));
   const shakespeare = flag(args, '--data', join(root, '..', 'shared', 'fixtures', 'data', 'tinyshakespeare', 'input.txt'));
   await initBackend({});
   const loaded = await loadModelFolder(fixture);
   const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
   const tokenizer = await loadTokenizer(fixture);
   const seqLen = 16;
-  const rowsAttacked = quick ? 1 : 4;
+  const rowsAttacked = quick ? 1 : 2;
   const sets = [
     { name: 'feelings', dataset: parseDataset(readFileSync(join(root, 'cli', 'demo-data', 'feelings.jsonl'), 'utf8'), 'feelings.jsonl') },
     { name: 'tinyshakespeare', dataset: parseDataset(readFileSync(shakespeare, 'utf8').slice(0, quick ? 20_000 : 60_000), 'input.txt') },
@@ -66,33 +71,48 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
     const attacked = streamRows(stream, seqLen, rowsAttacked);
     const publicRows = streamRows(stream.slice(rowsAttacked * seqLen), seqLen, quick ? 64 : 256);
     const labels = labelBatch(set.dataset, tokenizer, quick ? 48 : 160, 64);
+    const data = trainingData(set.dataset, tokenizer, stream, rowsAttacked * seqLen, quick ? 2 : 4);
     for (const bottom of [1, 2, 3]) {
       const input: MeasureInput = { model, rows: attacked, publicRows, labels, cut: { bottom, top: 1 }, microbatch: 8, seed: 0 };
       const defenses: [string, Defenses][] = [
         ['none', {}],
         ['noise', { noise: { sigma: 1, clip: 0 } }],
-        ['max-norm', { maxNorm: true }],
-        ['gradient-noise', { maxNorm: true, gradientNoise: { rho: 4 } }],
+        ['nopeek', { nopeek: { weight: 1 } }],
       ];
       if (bottom + 2 <= model.numLayers - 1) defenses.push(['deeper-bottom', { deeperBottom: 1 }]);
-      let undefended: AttackFigures | undefined;
+      if (labels) defenses.push(['max-norm', { maxNorm: true }], ['gradient-noise', { maxNorm: true, gradientNoise: { rho: 4 } }], ['marvell', { marvell: { scale: 1 } }]);
+      defenses.push(['auto', AUTO_DEFENSES]);
       const first = rows.length;
+      let baseline = Number.NaN;
       for (const [name, d] of defenses) {
-        if (!labels && (name === 'max-norm' || name === 'gradient-noise')) continue;
-        const f = measureAttacks(input, d);
-        undefended ??= f;
-        rows.push(row(set.name, bottom, name, f));
+        const trained = await trainUnderDefenses({ model, cut: input.cut, defenses: d, train: data.train, validation: data.validation, steps, seed: 0 });
+        try {
+          if (name === 'none') baseline = trained.validationLoss;
+          const f = measureAttacks({ ...input, edge: trained }, d);
+          const described = describeDefenses(d);
+          rows.push({
+            data: set.name,
+            bottom,
+            defense: name === described ? name : `${name} (${described})`,
+            tokenRecovery: f.tokenRecovery,
+            nearestNeighbourRecovery: f.nearestNeighbourRecovery,
+            learnedRecovery: f.learnedRecovery,
+            labelLeakAucNorm: f.labelLeakAucNorm ?? null,
+            labelLeakAucDirection: f.labelLeakAucDirection ?? null,
+            validationLoss: trained.validationLoss,
+            validationLossCost: trained.validationLoss / baseline - 1,
+          });
+        } finally {
+          trained.dispose();
+        }
       }
-      const auto = chooseDefenses(input, undefended as AttackFigures);
-      rows.push(row(set.name, bottom, 'auto', auto.figures));
       for (const r of rows.slice(first)) {
         const pct = (x: number) => `${(100 * x).toFixed(1)}%`.padStart(6);
         const auc = (x: number | null) => (x === null ? '   -  ' : x.toFixed(3).padStart(6));
-        process.stdout.write(`${r.data.padEnd(16)} B=${r.bottom}  ${r.defense.padEnd(52)} recovery ${pct(r.tokenRecovery)}  AUC norm ${auc(r.labelLeakAucNorm)} direction ${auc(r.labelLeakAucDirection)}  loss cost ${pct(r.validationLossCost)}\n`);
+        process.stdout.write(`${r.data.padEnd(16)} B=${r.bottom}  ${r.defense.padEnd(48)} recovery ${pct(r.tokenRecovery)}  AUC norm ${auc(r.labelLeakAucNorm)} direction ${auc(r.labelLeakAucDirection)}  val loss ${r.validationLoss.toFixed(3)} cost ${pct(r.validationLossCost)}\n`);
       }
-      process.stdout.write(`  (auto chose ${describeDefenses(auto.defenses)})\n`);
     }
   }
   model.dispose();
-  return { model: 'stories260K', top: 1, seqLen, rowsAttacked, quick, seconds: (performance.now() - started) / 1000, rows };
+  return { model: 'stories260K', top: 1, seqLen, rowsAttacked, steps, quick, seconds: (performance.now() - started) / 1000, rows };
 }

@@ -125,6 +125,8 @@ export interface MeasureInput {
   cut: { bottom: number; top: number };
   microbatch: number;
   seed: number;
+  /** The edge after training (training-cost.ts): the attacks face what its trained bottom sends, not the base's h_B. */
+  edge?: { sent(rows: readonly (readonly number[])[], rng: Rng): Float32Array; applied: Defenses };
 }
 
 /** All attacks at one cut under one set of defenses (a deeper bottom moves the cut here). */
@@ -135,9 +137,9 @@ export function measureAttacks(input: MeasureInput, defenses: Defenses): AttackF
   if (bottom + cut.top > model.numLayers) {
     throw new PrivacyError('TANDEM_AUDIT_INPUT_INVALID', `cut (${bottom}, ${cut.top}) with the deeper bottom leaves no middle in ${model.numLayers} blocks`, { field: 'cut' });
   }
-  const d = resolveClip(model, rows, bottom, defenses);
+  const d = input.edge ? input.edge.applied : resolveClip(model, rows, bottom, defenses);
   const rng = new Rng(seed);
-  const observed = observedBottom(model, rows, bottom, d, rng);
+  const observed = input.edge ? input.edge.sent(rows, rng) : observedBottom(model, rows, bottom, d, rng);
   const nn = nearestNeighbourInversion(model, rows, observed, bottom);
   const learned = learnedInversion(model, rows, observed, bottom, d, { publicRows, seed: seed + 1 });
   const lossBatch: Batch = { ids: rows, labels: rows };
@@ -162,15 +164,15 @@ export function measureAttacks(input: MeasureInput, defenses: Defenses): AttackF
 
 /** Candidates `auto` tries, weakest first. */
 const AUTO_SIGMAS = [0.05, 0.1, 0.2, 0.5, 1, 2];
-const AUTO_RHOS = [1, 2, 4, 8];
+const AUTO_MARVELL_SCALES = [0.25, 0.5, 1, 2, 4];
 /** The utility guard of `auto`: the largest forward loss cost it accepts. */
 export const AUTO_MAX_LOSS_COST = 0.05;
 
 /**
  * `--defense auto`: the weakest h_B noise that halves token recovery within a forward loss
  * cost of 5% (where none does, the strongest within that cost, and no noise when even the
- * weakest costs more), and the weakest label noise (with max-norm) that brings both label
- * AUCs to ≤ 0.6 (the strongest candidate where none does).
+ * weakest costs more), and the weakest Marvell power that brings both label AUCs to ≤ 0.6
+ * (the strongest candidate where none does).
  */
 export function chooseDefenses(input: MeasureInput, undefended: AttackFigures): { defenses: Defenses; figures: AttackFigures } {
   let noise: Defenses['noise'];
@@ -180,15 +182,15 @@ export function chooseDefenses(input: MeasureInput, undefended: AttackFigures): 
     noise = { sigma, clip: 0 };
     if (f.tokenRecovery <= undefended.tokenRecovery / 2) break;
   }
-  let rho = AUTO_RHOS[AUTO_RHOS.length - 1];
+  let scale = AUTO_MARVELL_SCALES[AUTO_MARVELL_SCALES.length - 1];
   if (input.labels) {
-    for (const r of AUTO_RHOS) {
-      const leak = labelLeakage(middleGradients(input.model, input.labels.batch, input.cut, { maxNorm: true, gradientNoise: { rho: r } }, input.microbatch, new Rng(input.seed)), input.labels.classes);
-      rho = r;
+    for (const m of AUTO_MARVELL_SCALES) {
+      const leak = labelLeakage(middleGradients(input.model, input.labels.batch, input.cut, { marvell: { scale: m } }, input.microbatch, new Rng(input.seed)), input.labels.classes);
+      scale = m;
       if (leak.aucNorm <= 0.6 && leak.aucDirection <= 0.6) break;
     }
   }
-  const defenses: Defenses = { ...(noise ? { noise } : {}), maxNorm: true, gradientNoise: { rho } };
+  const defenses: Defenses = { ...(noise ? { noise } : {}), marvell: { scale } };
   return { defenses, figures: measureAttacks(input, defenses) };
 }
 

@@ -21,6 +21,8 @@ export {
   perturbGradientInPlace,
   perturbsGradient,
 } from './defenses.ts';
+export { TRAINED_RUN_LIMITS, trainUnderDefenses } from './training-cost.ts';
+export type { TrainedRun, TrainedRunOptions } from './training-cost.ts';
 export { labelClasses, marvellInPlace, solveMarvellSplit } from './marvell.ts';
 export type { MarvellSplit, SplitStatistics } from './marvell.ts';
 export type { DefenseName, Defenses } from './defenses.ts';

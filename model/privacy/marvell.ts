@@ -82,7 +82,9 @@ export function labelClasses(labels: readonly (readonly number[])[]): string[] {
 export function marvellInPlace(g: Float32Array, rowSize: number, classes: readonly string[], scale: number, rng: Rng): void {
   const rows = g.length / rowSize;
   const names = [...new Set(classes)];
-  if (names.length < 2 || classes.length !== rows) return;
+  // Rows that share no label with another (plain text: every row its own label tokens) have no
+  // class structure in this micro-batch to hide; noising them would only cost utility.
+  if (names.length < 2 || names.length === rows || classes.length !== rows) return;
   // Every split is estimated on the gradients as they came; the noise goes into g.
   const src = Float32Array.from(g);
   const mean = (members: number[]): Float64Array => {

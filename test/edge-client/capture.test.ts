@@ -100,14 +100,14 @@ describe('the data plane carries no text, token ids or labels', () => {
       const result = await trainEdge({
         cloud: capture.url, key: cloud.key, model: MODEL_ID, data: DEMO_DATA, cut: { bottom: 1, top: 1 }, steps: 2, batchSize: 4, seqLen: 32, lr: 1e-2, seed: 3, valFraction: 0.05,
         methods: [{ method: 'lora', r: 2, loraAlpha: 4, targetModules: ['q_proj', 'v_proj'] }], cacheDir: cache.dir,
-        defenses: { noise: { sigma: 0.1, clip: 0 }, maxNorm: true, gradientNoise: { rho: 1 } },
+        defenses: { noise: { sigma: 0.1, clip: 0 }, maxNorm: true, gradientNoise: { rho: 1 }, marvell: { scale: 1 } },
       });
       assert.equal(result.steps, 2);
       assert.ok(result.after && Number.isFinite(result.after.loss), 'the run evaluated through the cloud');
       const envelopes = envelopesOf(capture);
       const hello = envelopes.find((e) => e.body.case === 'hello');
       assert.ok(hello && hello.body.case === 'hello');
-      assert.deepEqual(hello.body.value.defenses?.map((d) => d.name), ['noise', 'max-norm', 'gradient-noise']);
+      assert.deepEqual(hello.body.value.defenses?.map((d) => d.name), ['noise', 'max-norm', 'gradient-noise', 'marvell']);
       const { forwards, backwards } = assertOnlyTensorFrames(envelopes, 64);
       assert.ok(forwards > 2 && backwards >= 2, `${forwards} forwards, ${backwards} backwards`);
       assertClean(capture, await secrets(DEMO_DATA), cloud.key);

@@ -17,6 +17,7 @@ import {
   initBackend,
   labelBatch,
   labelClasses,
+  marvellInPlace,
   labelLeakage,
   learnedInversion,
   loadModelFolder,
@@ -263,6 +264,17 @@ describe('Marvell', () => {
 
   it('the class of a label row is its label tokens', () => {
     assert.deepEqual(labelClasses([[-100, -100, 7, 2], [-100, 7, 2, -100], [-100, -100, 9, 2]]), ['7,2', '7,2', '9,2']);
+  });
+
+  it('adds noise only where rows share a class: plain text rows are left as they are', () => {
+    const rng = new Rng(4);
+    const g = new Float32Array(4 * 32).map(() => rng.normal());
+    const text = Float32Array.from(g);
+    marvellInPlace(text, 32, ['a', 'b', 'c', 'd'], 1, new Rng(5));
+    assert.deepEqual(text, g);
+    const labelled = Float32Array.from(g);
+    marvellInPlace(labelled, 32, ['a', 'b', 'a', 'b'], 1, new Rng(5));
+    assert.ok(labelled.some((x, i) => x !== g[i]));
   });
 
   it('hides the labels of a real label task from both attacks, with far less noise than isotropic gradient noise', () => {
