@@ -1,6 +1,9 @@
 // Split step time against local step time, per codec pair, on stories260K and on a random
 // Llama of ~25M parameters, with bytes per trained token each way and raw TCP loopback
-// throughput for scale. `npm run bench -- split [--quick] [--steps N]`.
+// throughput for scale. `npm run bench -- split [--quick] [--steps N] [--engine NAME]`.
+//
+// --engine (default auto, the best that starts) runs both sides on it: the cloud's middle
+// and, for the LoRA both sides train, the edge's bottom and top and the local baselines.
 //
 // Two local baselines: the whole model in one tape (cut (0, L)), and the same cut with a
 // LocalMiddle, which, like the cloud, runs the middle's forward without a tape and
@@ -14,8 +17,9 @@ import { join } from 'node:path';
 import { startCloudNode } from '../cloud-node/index.ts';
 import { connectCloud, loadEdgePart } from '../edge-client/index.ts';
 import {
-  LlamaModel, Rng, Trainer, createAdapter, createOptimizer, initBackend, loadModelFolder, saveModelFolder,
+  LlamaModel, OrtLlama, Rng, Trainer, createAdapter, createOptimizer, initBackend, loadModelFolder, saveModelFolder, selectEngine, weightArraysOf,
 } from '../model/index.ts';
+import type { EngineChoice, WeightArrays } from '../model/index.ts';
 import type { Batch, Cut, MethodSpec, Middle } from '../model/index.ts';
 import { randomWeights } from '../model/testing.ts';
 import type { CodecName } from '../protocol/index.ts';
@@ -51,10 +55,10 @@ function methodsFor(layers: number, cut: Cut): MethodSpec[] {
 }
 
 /** Median seconds per step after one warm-up step. */
-async function timeSteps(model: LlamaModel, cut: Cut | undefined, middle: Middle | undefined, methods: MethodSpec[], data: Batch[]): Promise<number> {
+async function timeSteps(model: LlamaModel, cut: Cut | undefined, middle: Middle | undefined, methods: MethodSpec[], data: Batch[], engine: OrtLlama | undefined): Promise<number> {
   const adapter = createAdapter(model, methods, { seed: 1 });
   const optimizer = createOptimizer('adamw');
-  const trainer = new Trainer({ model, adapter, optimizer, schedule: { kind: 'constant', lr: 1e-3, warmupSteps: 0, totalSteps: data.length }, cut, middle });
+  const trainer = new Trainer({ model, adapter, optimizer, schedule: { kind: 'constant', lr: 1e-3, warmupSteps: 0, totalSteps: data.length }, cut, middle, engine });
   try {
     const times: number[] = [];
     for (const [i, b] of data.entries()) {
@@ -98,27 +102,34 @@ async function tcpLoopbackBytesPerSecond(totalBytes: number): Promise<number> {
   return rate;
 }
 
-async function runCase(c: Case, steps: number, work: string): Promise<Record<string, unknown>> {
+async function openOrt(choice: EngineChoice, config: LlamaModel['config'], weights: WeightArrays): Promise<OrtLlama | undefined> {
+  return choice.ortProvider ? OrtLlama.create(config, weights, { threads: choice.threads, provider: choice.ortProvider }) : undefined;
+}
+
+async function runCase(c: Case, steps: number, work: string, choice: EngineChoice): Promise<Record<string, unknown>> {
   const loaded = await loadModelFolder(c.dir);
   const L = loaded.config.numHiddenLayers;
   const methods = methodsFor(L, c.cut);
   const data = batches(loaded.config.vocabSize, c.batch, c.seq, steps + 1, 3);
   const full = LlamaModel.fromArrays(loaded.config, loaded.weights);
   const parameters = [...loaded.weights.values()].reduce((n, w) => n + w.data.length, 0);
-  const localWhole = await timeSteps(full, undefined, undefined, methods, data);
-  const localCut = await timeSteps(full, c.cut, undefined, methods, data);
+  const localEngine = await openOrt(choice, loaded.config, loaded.weights);
+  const localWhole = await timeSteps(full, undefined, undefined, methods, data, localEngine);
+  const localCut = await timeSteps(full, c.cut, undefined, methods, data, localEngine);
+  await localEngine?.dispose();
   full.dispose();
-  const node = await startCloudNode({ modelDir: c.dir, stateDir: join(work, `${c.name}-state`), port: 0, logLevel: 'silent' });
+  const node = await startCloudNode({ modelDir: c.dir, stateDir: join(work, `${c.name}-state`), port: 0, logLevel: 'silent', engine: choice.name });
   const client = await connectCloud(node.url, { key: node.adminKey as string });
   const tokens = c.batch * c.seq;
   const split: Record<string, unknown>[] = [];
   try {
     const id = (await client.models())[0].id;
     const edge = await loadEdgePart(await client.downloadEdge(id, c.cut, join(work, 'cache')));
+    const edgeEngine = await openOrt(choice, edge.model.config, weightArraysOf(edge.model));
     for (const [fwd, bwd] of PAIRS) {
       const session = await client.openSession({ model: { id, contentHash: edge.contentHash }, cut: c.cut, codecs: { forward: [{ codec: fwd }], backward: [{ codec: bwd }] } });
       const middle = session.middle();
-      const seconds = await timeSteps(edge.model, c.cut, middle, methods, data);
+      const seconds = await timeSteps(edge.model, c.cut, middle, methods, data, edgeEngine);
       const f = middle.traffic;
       const trained = tokens * (steps + 1);
       split.push({
@@ -128,6 +139,7 @@ async function runCase(c: Case, steps: number, work: string): Promise<Record<str
       });
       await session.close();
     }
+    await edgeEngine?.dispose();
     edge.model.dispose();
   } finally {
     client.close();
@@ -156,6 +168,8 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
   const stepsAt = args.indexOf('--steps');
   const steps = stepsAt >= 0 ? Number(args[stepsAt + 1]) : quick ? 2 : 7;
   const backend = await initBackend();
+  const engineAt = args.indexOf('--engine');
+  const choice = await selectEngine({ engine: engineAt >= 0 ? args[engineAt + 1] : undefined });
   const work = await mkdtemp(join(tmpdir(), 'tandem-bench-split-'));
   try {
     const tcp = await tcpLoopbackBytesPerSecond(quick ? 64 << 20 : 256 << 20);
@@ -164,8 +178,8 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
       { name: quick ? 'random-llama (4 layers, --quick)' : 'random-llama', dir: await randomModelDir(work, quick), cut: quick ? { bottom: 1, top: 1 } : { bottom: 2, top: 2 }, batch: 4, seq: 128 },
     ];
     const results = [];
-    for (const c of cases) results.push(await runCase(c, steps, work));
-    const lines = [`backend ${backend.name}; raw TCP loopback ${(tcp / 2 ** 20).toFixed(0)} MiB/s; median of ${steps} steps after one warm-up`, ''];
+    for (const c of cases) results.push(await runCase(c, steps, work, choice));
+    const lines = [`engine ${choice.name} (both sides), backend ${backend.name}; raw TCP loopback ${(tcp / 2 ** 20).toFixed(0)} MiB/s; median of ${steps} steps after one warm-up`, ''];
     const header = ['model', 'params', 'cut', 'fwd/bwd codec', 'step s', 'split/local whole', 'split/local cut', 'B/token up', 'B/token down'];
     const rows: string[][] = [header];
     for (const r of results) {
@@ -179,7 +193,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
     const widths = header.map((_, i) => Math.max(...rows.map((r) => r[i].length)));
     for (const r of rows) lines.push(r.map((c, i) => c.padEnd(widths[i])).join('  '));
     process.stdout.write(`${lines.join('\n')}\n`);
-    return { backend: backend.name, tcpLoopbackBytesPerSecond: tcp, steps, cases: results };
+    return { engine: choice.name, backend: backend.name, tcpLoopbackBytesPerSecond: tcp, steps, cases: results };
   } finally {
     await rm(work, { recursive: true, force: true });
   }

@@ -4,7 +4,7 @@ import type { EdgeTrainResult, ProgressMode } from '../edge-client/index.ts';
 import { AUTO_DEFENSES, exportAdapter, initBackend, parseDefenses } from '../model/index.ts';
 import type { MethodSpec } from '../model/index.ts';
 import { CliError } from './errors.ts';
-import { numberFlag, pemFlag, requiredFlag } from './flags.ts';
+import { ENGINE_FLAG_HELP, engineFlag, numberFlag, pemFlag, requiredFlag } from './flags.ts';
 import type { CommandIo } from './io.ts';
 import { federateCommand } from './federation.ts';
 import { offsiteCommand, uploadCommand } from './offsite.ts';
@@ -13,6 +13,7 @@ import type { CodecFlags, RecipeFlags } from './recipe.ts';
 
 interface TrainFlags extends RecipeFlags, CodecFlags {
   defense?: string;
+  engine?: string;
   cloud?: string;
   key?: string;
   ca?: string;
@@ -84,7 +85,8 @@ function trainCommand(io: CommandIo): Command {
     .option('--out <dir>', 'write the final adapter here as a PEFT folder')
     .option('--cache <dir>', 'cache of edge parts (default ~/.cache/tandem)')
     .option('--progress <mode>', 'tty, plain or json (default: tty on a terminal)')
-    .option('--defense <list>', 'privacy defenses applied before anything leaves: none, auto, or noise[:SIGMA[:CLIP]], deeper-bottom[:K], max-norm, gradient-noise[:RHO], nopeek[:ALPHA], marvell[:S] (see tandem audit)');
+    .option('--defense <list>', 'privacy defenses applied before anything leaves: none, auto, or noise[:SIGMA[:CLIP]], deeper-bottom[:K], max-norm, gradient-noise[:RHO], nopeek[:ALPHA], marvell[:S] (see tandem audit)')
+    .option('--engine <name>', ENGINE_FLAG_HELP);
   return addRecipeOptions(addCodecOptions(command, CODEC_DEFAULTS)).action(async (flags: TrainFlags) => {
     // Every flag is checked before the backend starts, the edge part downloads or a session opens.
     const cloud = requiredFlag('--cloud', flags.cloud);
@@ -103,7 +105,7 @@ function trainCommand(io: CommandIo): Command {
     const mode = progressMode(flags);
     await initBackend({ backend, log: mode === 'json' ? undefined : io.log });
     const result = await trainEdge({
-      cloud, key, ca, model, data, cut, methods, ...codecs, ...recipe,
+      cloud, key, ca, model, data, cut, methods, ...codecs, ...recipe, engine: engineFlag(flags), ...(mode === 'json' ? {} : { log: io.log }),
       ...(defenses === undefined ? {} : { defenses }),
       resume: resume ? true : 'auto',
       checkpointDir: flags.checkpoint,

@@ -2,7 +2,7 @@ import { Command } from 'commander';
 import { DEFAULT_DISTILL_LAMBDA, DEFAULT_EMULATOR_CUT, QUANTIZATIONS, buildEmulator, describeFidelity } from '../emulator/index.ts';
 import type { EmulateEvent, Quantization } from '../emulator/index.ts';
 import { CliError } from './errors.ts';
-import { numberFlag, requiredFlag } from './flags.ts';
+import { ENGINE_FLAG_HELP, engineFlag, numberFlag, requiredFlag } from './flags.ts';
 import { processIo } from './io.ts';
 import type { CommandIo } from './io.ts';
 import { choice } from './recipe.ts';
@@ -26,6 +26,7 @@ interface EmulateFlags {
   out?: string;
   json?: boolean;
   backend?: string;
+  engine?: string;
 }
 
 export function emulateCommand(io: CommandIo = processIo): Command {
@@ -48,6 +49,7 @@ export function emulateCommand(io: CommandIo = processIo): Command {
     .option('--out <dir>', 'the bundle folder')
     .option('--json', 'print the manifest as JSON')
     .option('--backend <name>', 'compute backend: auto, tensorflow-gpu, tensorflow, wasm, cpu')
+    .option('--engine <name>', `${ENGINE_FLAG_HELP}; the kept blocks distill on tfjs`)
     .action(async (flags: EmulateFlags) => {
       const int = (flag: string, value: string | undefined, min: number) => numberFlag(flag, value, { min, integer: true });
       const cut = intList('--cut', flags.cut);
@@ -70,6 +72,8 @@ export function emulateCommand(io: CommandIo = processIo): Command {
         evalRows: int('--eval-rows', flags.evalRows, 1),
         seqLen,
         backend: flags.backend,
+        engine: engineFlag(flags),
+        ...(flags.json ? {} : { log: io.log }),
         ...(flags.eval ? { evalFile: flags.eval } : {}),
         ...(flags.distill
           ? {

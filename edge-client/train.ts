@@ -146,6 +146,7 @@ export async function trainEdge(options: EdgeTrainOptions): Promise<EdgeTrainRes
         model: edge.model, tokenizer: edge.tokenizer, modelHash: edge.contentHash, dataFile: options.data, recipe, cut, methods, middle,
         store: options.checkpointDir === undefined ? undefined : checkpointFolder(options.checkpointDir), resume: options.resume ?? 'auto', baseModel: info.id,
         evalEvery: options.evalEvery, evaluate: options.evaluate, ...(defenses?.nopeek ? { noPeek: defenses.nopeek.weight } : {}), saveEvery: options.saveEvery, adapterOut: options.out, onEvent,
+        engine: options.engine, log: options.log,
       });
     } catch (cause) {
       // A checkpoint of another run names the setting that differs.

@@ -5,7 +5,7 @@ import { createHash } from 'node:crypto';
 import { readFile, stat } from 'node:fs/promises';
 import { basename, join, resolve } from 'node:path';
 import {
-  CONFIG_FILE, LlamaModel, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, initBackend, layerOf, loadModelFolder, loadTokenizer, onEdge, parseModelConfig, renameLayer, prepareData, readDataset,
+  CONFIG_FILE, LlamaModel, OrtLlama, TOKENIZER_CONFIG_FILE, openEngine, TOKENIZER_FILE, initBackend, layerOf, loadModelFolder, loadTokenizer, onEdge, parseModelConfig, renameLayer, prepareData, readDataset,
 } from '../model/index.ts';
 import type { LoadedModel, Row, Weights } from '../model/index.ts';
 import { MANIFEST_FILE, emulatedRawConfig, emulatedWeights, encodeBundle, encodeEmulatorWeights, writeBundleFiles } from './bundle.ts';
@@ -47,6 +47,10 @@ export interface BuildEmulatorOptions {
   quantize?: Quantization | null;
   outDir: string;
   backend?: string;
+  /** The engine of the frozen work (teacher, bottom, fidelity): a name or 'auto'; absent: TANDEM_ENGINE when set, else tfjs. The kept blocks distill on tfjs. */
+  engine?: string;
+  /** Receives the backend and engine choice lines. */
+  log?: (line: string) => void;
   onEvent?: (e: EmulateEvent) => void;
 }
 
@@ -109,7 +113,7 @@ export async function buildEmulator(options: BuildEmulatorOptions): Promise<Bund
     if (!(Number.isFinite(d.lambda) && d.lambda >= 0)) throw new EmulatorError('TANDEM_EMULATOR_OPTION_INVALID', `lambda must be a number ≥ 0, got ${d.lambda}`, { field: 'lambda' });
     if (!(Number.isFinite(d.lr) && d.lr > 0)) throw new EmulatorError('TANDEM_EMULATOR_OPTION_INVALID', `lr must be a number > 0, got ${d.lr}`, { field: 'lr' });
   }
-  await initBackend({ backend: options.backend });
+  await initBackend({ backend: options.backend, log: options.log });
   const loaded = await loadModelFolder(options.modelDir);
   const layout = emulatorLayout(loaded.config.numHiddenLayers, cut, options.keep);
   const modelId = options.modelId ?? basename(resolve(options.modelDir));
@@ -126,15 +130,16 @@ export async function buildEmulator(options: BuildEmulatorOptions): Promise<Bund
   const full = LlamaModel.fromArrays(loaded.config, loaded.weights);
   const emuConfig = parseModelConfig(emulatedRawConfig(rawConfig, layout));
   let distillation: Distillation | null = null;
-  let fidelityFigures: ReturnType<typeof measureFidelity> | undefined;
+  let fidelityFigures: Awaited<ReturnType<typeof measureFidelity>> | undefined;
+  const opened = await openEngine(loaded.config, () => loaded.weights, options.engine, options.log);
   let emulatorFile: Uint8Array;
   let finalKept: Weights;
   try {
     if (d && distillRows) {
       const emulated = LlamaModel.fromArrays(emuConfig, emulatedWeights(layout, edge, kept));
       try {
-        const r = distillEmulator(full, emulated, layout, distillRows.train, {
-          steps: d.steps, lambda: d.lambda, lr: d.lr, batchSize: d.batchSize, seed: d.seed,
+        const r = await distillEmulator(full, emulated, layout, distillRows.train, {
+          steps: d.steps, lambda: d.lambda, lr: d.lr, batchSize: d.batchSize, seed: d.seed, engine: opened.engine,
           onStep: (e) => options.onEvent?.({ type: 'distill', ...e }),
         });
         distillation = { data: basename(d.dataFile), dataSha256: await fileSha256(d.dataFile), steps: d.steps, lambda: d.lambda, lr: d.lr, batchSize: d.batchSize, seqLen: d.seqLen, seed: d.seed, finalLoss: r.finalLoss, finalLmLoss: r.finalLmLoss, finalKdLoss: r.finalKdLoss };
@@ -152,14 +157,18 @@ export async function buildEmulator(options: BuildEmulatorOptions): Promise<Bund
     finalKept = roundTrip(kept, quantize);
     emulatorFile = encodeEmulatorWeights(kept, quantize, `sha256:${loaded.contentHash}`);
     if (evalRowsOf && evalRowsOf.length > 0) {
-      const emulated = LlamaModel.fromArrays(emuConfig, emulatedWeights(layout, edge, finalKept));
+      const emuWeights = emulatedWeights(layout, edge, finalKept);
+      const emulated = LlamaModel.fromArrays(emuConfig, emuWeights);
+      const emuEngine = opened.engine ? await OrtLlama.create(emuConfig, emuWeights, { threads: opened.engine.threads, provider: opened.engine.provider }) : undefined;
       try {
-        fidelityFigures = measureFidelity(full, emulated, layout, evalRowsOf.slice(0, evalRows), 8);
+        fidelityFigures = await measureFidelity(full, emulated, layout, evalRowsOf.slice(0, evalRows), 8, opened.engine && emuEngine ? { full: opened.engine, emulated: emuEngine } : undefined);
       } finally {
+        await emuEngine?.dispose();
         emulated.dispose();
       }
     }
   } finally {
+    await opened.close();
     full.dispose();
   }
   const fidelity: Fidelity = {

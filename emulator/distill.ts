@@ -3,7 +3,7 @@
 //   LM cross-entropy of the emulated model + λ · mean((h_teacher − h_emulator)²) / mean(h_teacher²)
 // (the hidden-state MSE normalized by the teacher's mean square, as the reference code does).
 import { AdamW, BatchStream, causalLmLoss, clipGradNorm, gradients, layerOf, learningRate, tf } from '../model/index.ts';
-import type { LlamaModel, Row } from '../model/index.ts';
+import type { LlamaModel, OrtLlama, Row } from '../model/index.ts';
 import type { EmulatorLayout } from './layer-drop.ts';
 
 /** λ of the paper's recipe. */
@@ -18,6 +18,8 @@ export interface DistillOptions {
   /** Global gradient-norm limit; 0 turns clipping off. */
   clip?: number;
   onStep?: (e: { step: number; steps: number; loss: number; lmLoss: number; kdLoss: number }) => void;
+  /** The full model on ONNX Runtime: the frozen bottom and the teacher run there; the kept blocks still train on tfjs. */
+  engine?: OrtLlama;
 }
 
 export interface DistillResult {
@@ -27,12 +29,23 @@ export interface DistillResult {
   finalKdLoss: number;
 }
 
+/** h_B and the full middle's output on the engine, as tensors. */
+async function teacherOnEngine(engine: OrtLlama, ids: readonly (readonly number[])[], bottom: number, middleEnd: number): Promise<{ hB: tf.Tensor3D; hTeacher: tf.Tensor3D; teacherMs: tf.Scalar }> {
+  const b = ids.length;
+  const s = ids[0].length;
+  const shape: [number, number, number] = [b, s, engine.config.hiddenSize];
+  const h = (await engine.bottom(Int32Array.from(ids.flat()), b, s, bottom, undefined, undefined, false)).output;
+  const t = await engine.blocks(h, b, s, bottom, middleEnd);
+  const hTeacher = tf.tensor3d(t, shape);
+  return { hB: tf.tensor3d(h, shape), hTeacher, teacherMs: tf.tidy(() => tf.mean(tf.square(hTeacher))) as tf.Scalar };
+}
+
 /**
  * Trains every weight of the emulated model's kept blocks [B, B+K) in place. `full` is the
  * teacher (all L blocks, frozen); `emulated` holds the same bottom and top and the kept blocks
  * renumbered (emulatedWeights).
  */
-export function distillEmulator(full: LlamaModel, emulated: LlamaModel, layout: EmulatorLayout, rows: readonly Row[], options: DistillOptions): DistillResult {
+export async function distillEmulator(full: LlamaModel, emulated: LlamaModel, layout: EmulatorLayout, rows: readonly Row[], options: DistillOptions): Promise<DistillResult> {
   const B = layout.cut.bottom;
   const K = layout.kept.length;
   const L = layout.numLayers;
@@ -54,7 +67,7 @@ export function distillEmulator(full: LlamaModel, emulated: LlamaModel, layout: 
       const ids = tf.tensor2d(batch.ids.flat(), [rowsN, seq], 'int32');
       const labels = tf.tensor2d(batch.labels.flat(), [rowsN, seq], 'int32');
       // The teacher and the frozen bottom run without a tape.
-      const { hB, hTeacher, teacherMs } = tf.tidy(() => {
+      const { hB, hTeacher, teacherMs } = options.engine ? await teacherOnEngine(options.engine, batch.ids, B, L - T) : tf.tidy(() => {
         const h = full.blocks(full.embed(ids), 0, B);
         const t = full.blocks(h, B, L - T);
         return { hB: h, hTeacher: t, teacherMs: tf.mean(tf.square(t)) };

@@ -253,6 +253,32 @@ class LlamaGraph {
     return g.add(dh, this.rmsNormBackward(dNorm1, w1, s.n1, s.r1));
   }
 
+  /** Blocks [start, end) on rows x; with `keep`, each block's saved tensors become outputs. */
+  blocksOutputtingSaved(x: string, start: number, end: number, ctx: Ctx, keep: boolean): string {
+    for (let i = start; i < end; i++) {
+      const { y, saved } = this.block(i, x, ctx);
+      if (keep) {
+        for (const f of SAVED_FIELDS) {
+          this.g.alias(saved[f], savedName(i, f));
+          this.g.output(savedName(i, f), ONNX_FLOAT);
+        }
+      }
+      x = y;
+    }
+    return x;
+  }
+
+  /** The VJP of blocks [start, end) for dy (rows), from the saved tensors given as inputs. */
+  blocksBackwardFromSaved(dy: string, start: number, end: number, ctx: Ctx): string {
+    let d = dy;
+    for (let i = end - 1; i >= start; i--) {
+      const saved = {} as BlockSaved;
+      for (const f of SAVED_FIELDS) saved[f] = this.g.input(savedName(i, f), ONNX_FLOAT);
+      d = this.blockBackward(i, d, saved, ctx);
+    }
+    return d;
+  }
+
   headWeight(): string {
     return this.w(this.config.tieWordEmbeddings ? 'model.embed_tokens.weight' : 'lm_head.weight');
   }
@@ -301,18 +327,7 @@ export function blockRangeGraph(config: ModelConfig, weights: WeightArrays, star
   const { cos, sin, mask } = m.ropeAndMask(true);
   const { rows, bs } = m.hiddenInput('h');
   const ctx: Ctx = { cos, sin, mask, bs };
-  let x = rows;
-  for (let i = start; i < end; i++) {
-    const { y, saved } = m.block(i, x, ctx);
-    if (keep) {
-      for (const f of SAVED_FIELDS) {
-        m.g.alias(saved[f], savedName(i, f));
-        m.g.output(savedName(i, f), ONNX_FLOAT);
-      }
-    }
-    x = y;
-  }
-  m.outputHidden(x, ctx, 'out');
+  m.outputHidden(m.blocksOutputtingSaved(rows, start, end, ctx, keep), ctx, 'out');
   return m.g.build();
 }
 
@@ -323,13 +338,7 @@ export function blockRangeBackwardGraph(config: ModelConfig, weights: WeightArra
   const { cos, sin } = m.ropeAndMask(false);
   const { rows, bs } = m.hiddenInput('dy');
   const ctx: Ctx = { cos, sin, bs };
-  let d = rows;
-  for (let i = end - 1; i >= start; i--) {
-    const saved = {} as BlockSaved;
-    for (const f of SAVED_FIELDS) saved[f] = m.g.input(savedName(i, f), ONNX_FLOAT);
-    d = m.blockBackward(i, d, saved, ctx);
-  }
-  m.outputHidden(d, ctx, 'dx');
+  m.outputHidden(m.blocksBackwardFromSaved(rows, start, end, ctx), ctx, 'dx');
   return m.g.build();
 }
 
@@ -458,18 +467,7 @@ export function bottomGraph(config: ModelConfig, weights: WeightArrays, spec: Lo
   const { rows, bs } = m.embed(m.g.input('input_ids', ONNX_INT32, ['batch', 'seq']));
   const lora = loraIo(m, weights, spec, segmentPaths(config, spec, 0, end), false);
   const ctx: Ctx = { cos, sin, mask, bs, lora };
-  let x = rows;
-  for (let i = 0; i < end; i++) {
-    const { y, saved } = m.block(i, x, ctx);
-    if (keep) {
-      for (const f of SAVED_FIELDS) {
-        m.g.alias(saved[f], savedName(i, f));
-        m.g.output(savedName(i, f), ONNX_FLOAT);
-      }
-    }
-    x = y;
-  }
-  m.outputHidden(x, ctx, 'out');
+  m.outputHidden(m.blocksOutputtingSaved(rows, 0, end, ctx, keep), ctx, 'out');
   return m.g.build();
 }
 
@@ -481,12 +479,7 @@ export function bottomBackwardGraph(config: ModelConfig, weights: WeightArrays, 
   const { rows, bs } = m.hiddenInput('dy');
   const lora = loraIo(m, weights, spec, segmentPaths(config, spec, 0, end), true);
   const ctx: Ctx = { cos, sin, bs, lora };
-  let d = rows;
-  for (let i = end - 1; i >= 0; i--) {
-    const saved = {} as BlockSaved;
-    for (const f of SAVED_FIELDS) saved[f] = m.g.input(savedName(i, f), ONNX_FLOAT);
-    d = m.blockBackward(i, d, saved, ctx);
-  }
+  m.blocksBackwardFromSaved(rows, 0, end, ctx);
   return m.g.build();
 }
 

@@ -300,7 +300,7 @@ export class Trainer implements Scorer {
         addLoraGrads(grads, ort.plan, top.grads);
         if (backward && top.dh) {
           const gM = tf.tensor3d(top.dh, hM.shape);
-          const gB = this.middleEmpty ? gM : await this.middle.backward(gM, key);
+          const gB = this.middleEmpty ? gM : await this.middle.backward(gM, { ...key, loss: top.loss }, microbatches[i].labels);
           try {
             if (current.bottom.backward) addLoraGrads(grads, ort.plan, await current.bottom.backward((await gB.data()) as Float32Array));
           } finally {

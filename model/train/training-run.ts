@@ -104,6 +104,14 @@ export interface RunSettings {
   /** Write the adapter as a PEFT folder here once every step is done. */
   adapterOut?: string;
   onEvent?: TrainEventHandler;
+  /**
+   * The engine of the frozen work: an OrtLlama over the model's weights, an engine name
+   * ('auto' for the best that starts), or absent for TANDEM_ENGINE when set, else tfjs alone.
+   * Plain LoRA trains on ONNX Runtime; other methods stay on tfjs (the start event says which).
+   */
+  engine?: EngineRequest;
+  /** Receives the engine choice line when this run picks the engine. */
+  log?: (line: string) => void;
 }
 
 export interface TrainingSpec extends RunSettings {
@@ -131,14 +139,6 @@ export interface TrainingSpec extends RunSettings {
   baseModel: string;
   /** NoPeek weight α of dCor(token embeddings, h_B) in the edge's loss (a privacy defense); off when absent. */
   noPeek?: number;
-  /**
-   * The engine of the frozen work: an OrtLlama over the model's weights, an engine name
-   * ('auto' for the best that starts), or absent for TANDEM_ENGINE when set, else tfjs alone.
-   * Plain LoRA trains on ONNX Runtime; other methods stay on tfjs (the start event says which).
-   */
-  engine?: EngineRequest;
-  /** Receives the engine choice line when this run picks the engine. */
-  log?: (line: string) => void;
 }
 
 /** A run's state between steps: "N more steps from here" is runSteps on it. */

@@ -10,6 +10,15 @@ import type { TestCloud } from './helpers.ts';
 
 const common = { steps: 4, batchSize: 4, seqLen: 32, lr: 5e-3, seed: 3 };
 
+/**
+ * With TANDEM_ENGINE=ort-* the cloud's middle runs on ONNX Runtime, and so do the edge parts
+ * of plain LoRA, on both sides alike: 1e-5 holds. Other methods train their edge parts on
+ * tfjs, so local training is tfjs throughout while the split run's middle is ORT: the two
+ * engines' float sums differ (~1e-6 in h_M), and AdamW's normalized steps carry that into the
+ * whole trained blocks' weights at ~1e-4 after four steps.
+ */
+const tolerance = (methods: MethodSpec[]): number => (/^ort/.test(process.env.TANDEM_ENGINE ?? '') && !methods.every((m) => m.method === 'lora' && !m.loraDropout) ? 2e-4 : 1e-5);
+
 async function compare(cloud: TestCloud, methods: MethodSpec[], cut: { bottom: number; top: number }, gradientAccumulationSteps = 1): Promise<void> {
   const cache = await tempDir('cache');
   try {
@@ -19,9 +28,10 @@ async function compare(cloud: TestCloud, methods: MethodSpec[], cut: { bottom: n
     });
     const local = await trainReference({ methods, ...common, gradientAccumulationSteps });
     assert.equal(split.losses.length, common.steps);
-    split.losses.forEach((loss, i) => assert.ok(Math.abs(loss - local.losses[i]) <= 1e-5, `step ${i + 1}: split ${loss} vs local ${local.losses[i]}`));
+    const tol = tolerance(methods);
+    split.losses.forEach((loss, i) => assert.ok(Math.abs(loss - local.losses[i]) <= tol, `step ${i + 1}: split ${loss} vs local ${local.losses[i]}`));
     const diff = maxAdapterDiff(local.adapter, split.adapter);
-    assert.ok(diff <= 1e-5, `adapters differ by ${diff}`);
+    assert.ok(diff <= tol, `adapters differ by ${diff}`);
   } finally {
     await cache.remove();
   }

@@ -1,10 +1,10 @@
 import assert from 'node:assert/strict';
 import { before, describe, it } from 'node:test';
-import { OrtLlama, OrtMiddle, OrtMiddleExecutor } from '../../../model/engine/index.ts';
-import { AdamW, LlamaModel, Rng, Trainer, createAdapter, loadModelFolder, tf } from '../../../model/index.ts';
-import { useBackend } from '../../../model/testing.ts';
+import { OrtMiddle, OrtMiddleExecutor } from '../../../model/engine/index.ts';
+import type { OrtLlama } from '../../../model/engine/index.ts';
+import { AdamW, LlamaModel, Rng, Trainer, createAdapter, tf } from '../../../model/index.ts';
 import type { Batch, LoadedModel, Middle } from '../../../model/index.ts';
-import { STORIES_DIR } from '../helpers.ts';
+import { storiesOnOrt } from './stories-on-ort.ts';
 
 function batch(seed: number, rows: number, seq: number): Batch {
   const rng = new Rng(seed);
@@ -17,9 +17,7 @@ describe('the middle on ONNX Runtime', () => {
   let engine: OrtLlama;
 
   before(async () => {
-    await useBackend('cpu');
-    loaded = await loadModelFolder(STORIES_DIR);
-    engine = await OrtLlama.create(loaded.config, loaded.weights, { threads: 1 });
+    ({ loaded, engine } = await storiesOnOrt());
   });
 
   it('trains the edge parts of the cut (1, 1) to the same losses and adapter as the tfjs middle', async () => {

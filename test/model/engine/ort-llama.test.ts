@@ -2,12 +2,12 @@ import assert from 'node:assert/strict';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { before, describe, it } from 'node:test';
-import { OrtKvCache, OrtLlama } from '../../../model/engine/index.ts';
-import type { LoraParams, LoraSpec } from '../../../model/engine/index.ts';
-import { LlamaModel, Rng, causalLmLoss, createAdapter, gradients, loadModelFolder, tapedForward, tf } from '../../../model/index.ts';
-import { useBackend } from '../../../model/testing.ts';
+import { OrtKvCache } from '../../../model/engine/index.ts';
+import type { LoraParams, LoraSpec, OrtLlama } from '../../../model/engine/index.ts';
+import { LlamaModel, Rng, causalLmLoss, createAdapter, gradients, tapedForward, tf } from '../../../model/index.ts';
 import type { LoadedModel } from '../../../model/index.ts';
 import { STORIES_DIR, rejectsModelError } from '../helpers.ts';
+import { storiesOnOrt } from './stories-on-ort.ts';
 
 /** max |a - b| / max |b|. */
 function relativeError(a: ArrayLike<number>, b: ArrayLike<number>): number {
@@ -39,9 +39,7 @@ describe('the ONNX Runtime engine on stories260K', () => {
   let model: LlamaModel;
 
   before(async () => {
-    await useBackend('cpu');
-    loaded = await loadModelFolder(STORIES_DIR);
-    engine = await OrtLlama.create(loaded.config, loaded.weights, { threads: 1 });
+    ({ loaded, engine } = await storiesOnOrt());
     model = LlamaModel.fromArrays(loaded.config, loaded.weights);
   });
 

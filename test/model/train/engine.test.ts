@@ -1,10 +1,9 @@
 import assert from 'node:assert/strict';
 import { before, describe, it } from 'node:test';
-import { OrtLlama } from '../../../model/engine/index.ts';
-import { AdamW, LlamaModel, Rng, Trainer, createAdapter, evaluateRows, loadModelFolder } from '../../../model/index.ts';
-import { useBackend } from '../../../model/testing.ts';
+import type { OrtLlama } from '../../../model/engine/index.ts';
+import { AdamW, LlamaModel, Rng, Trainer, createAdapter, evaluateRows } from '../../../model/index.ts';
 import type { Batch, Cut, LoadedModel, MethodSpec } from '../../../model/index.ts';
-import { STORIES_DIR } from '../helpers.ts';
+import { storiesOnOrt } from '../engine/stories-on-ort.ts';
 
 function batch(seed: number, rows: number, seq: number): Batch {
   const rng = new Rng(seed);
@@ -25,9 +24,7 @@ describe('training on the ONNX Runtime engine', () => {
   let engine: OrtLlama;
 
   before(async () => {
-    await useBackend('cpu');
-    loaded = await loadModelFolder(STORIES_DIR);
-    engine = await OrtLlama.create(loaded.config, loaded.weights, { threads: 1 });
+    ({ loaded, engine } = await storiesOnOrt());
   });
 
   const run = async (methods: MethodSpec[], cut: Cut | undefined, onEngine: boolean): Promise<Run> => {
