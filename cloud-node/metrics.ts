@@ -28,7 +28,6 @@ export class CloudMetrics {
   readonly batchRequests: Histogram;
   readonly batchTokens: Histogram;
   readonly queueWait: Histogram;
-  readonly tenantTokens: Counter;
 
   constructor(options: { defaultMetrics?: boolean } = {}) {
     const registers = [this.registry];
@@ -50,7 +49,6 @@ export class CloudMetrics {
     this.batchRequests = new Histogram({ name: 'tandem_batch_requests', help: 'Requests coalesced into one backbone call, by kind (forward, backwardFromTape, backward)', labelNames: ['kind'], buckets: [1, 2, 4, 8, 16, 32, 64], registers });
     this.batchTokens = new Histogram({ name: 'tandem_batch_tokens', help: 'Tokens (batch x sequence) of one backbone call, by kind', labelNames: ['kind'], buckets: [64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384], registers });
     this.queueWait = new Histogram({ name: 'tandem_queue_wait_seconds', help: 'Time a Forward or Backward waited in its queue before its batch went to a worker', labelNames: ['kind'], buckets: LATENCY_BUCKETS, registers });
-    this.tenantTokens = new Counter({ name: 'tandem_tenant_tokens_total', help: 'Tokens of the middle computed, by tenant', labelNames: ['tenant'], registers });
     for (const kind of ['forward', 'backward']) {
       this.steps.inc({ kind }, 0);
       this.replays.inc({ kind }, 0);
@@ -64,7 +62,6 @@ export class CloudMetrics {
     this.batchRequests.observe({ kind: info.kind }, info.requests);
     this.batchTokens.observe({ kind: info.kind }, info.tokens);
     for (const wait of info.waitSeconds) this.queueWait.observe({ kind: info.kind }, wait);
-    for (const [tenant, tokens] of info.tenantTokens) this.tenantTokens.inc({ tenant }, tokens);
   }
 
   frame(direction: Direction, codec: string, bytes: number): void {
