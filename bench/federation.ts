@@ -8,7 +8,7 @@
 // time and SecAgg's share of it. Also how the LoRA-aware aggregations differ on the owners'
 // real updates: ‖ΔW_avg − ΔW_exact‖ / ‖ΔW_exact‖ of naive A/B averaging and of FFA-LoRA.
 //
-//   npm run bench -- federation [--rounds N] [--local-steps N] [--records N] [--data DIR] [--quick]
+//   npm run bench -- federation [--rounds N] [--local-steps N] [--records N] [--test-per-class N] [--lr LR] [--dp-clip C] [--data DIR] [--quick]
 //
 // The rounds run in this process with the federation math of model/federation (the REST path
 // is covered by test/cloud-node/federation*.test.ts); owners train one after another, so a
@@ -98,7 +98,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
   const testPerClass = flag(args, '--test-per-class', quick ? 40 : 100);
   const di = args.indexOf('--data');
   const sources = di >= 0 && di + 1 < args.length ? args[di + 1] : DEFAULT_SOURCES;
-  const recipe = { batchSize: 16, lr: flag(args, '--lr', 3e-3), maxGradNorm: 1, weightDecay: 0 };
+  const recipe = { batchSize: 16, lr: flag(args, '--lr', 5e-3), maxGradNorm: 1, weightDecay: 0 };
   const seqLen = 40;
   await initBackend({});
   const data = await splits(sources, limit, testPerClass);

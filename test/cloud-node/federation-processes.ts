@@ -7,6 +7,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { after } from 'node:test';
+import { flatten } from '../../model/index.ts';
 import { decodeFloat32 } from '../../protocol/index.ts';
 import type { FederationStatus, WireAdapter } from '../../protocol/index.ts';
 
@@ -118,14 +119,8 @@ export async function until<T>(f: () => Promise<T | undefined>, what: string, ti
   }
 }
 
+/** A wire adapter's values, flat in sorted-key order (the federation's layout). */
 export function flatOf(adapter: WireAdapter): Float32Array {
-  const parts = Object.keys(adapter.tensors).sort().map((k) => decodeFloat32(adapter.tensors[k].data)!);
-  const out = new Float32Array(parts.reduce((s, p) => s + p.length, 0));
-  let o = 0;
-  for (const p of parts) {
-    out.set(p, o);
-    o += p.length;
-  }
-  return out;
+  return flatten(Object.fromEntries(Object.entries(adapter.tensors).map(([k, t]) => [k, { shape: t.shape, data: decodeFloat32(t.data)! }])));
 }
 

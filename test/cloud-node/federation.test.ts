@@ -78,11 +78,11 @@ describe('federation with real processes', { timeout: 600_000 }, () => {
     // The owners join before the federation exists (they wait for it), so round 1's deadline is only training time.
     const owners = Object.fromEntries((['alice', 'bob', 'carol'] as const).map((o) => [o, owner(cloud, keys[o], 'fedavg', data[o], join(dir, `work-${o}`))]));
     await Promise.all(Object.values(owners).map((p) => p.waitFor(/"event":"ready"/)));
-    await create(cloud, { id: 'fedavg', rounds: 3, roundDeadlineSeconds: 30 });
+    await create(cloud, { id: 'fedavg', rounds: 3, roundDeadlineSeconds: 60 });
     const before = flatOf((await api(cloud, 'GET', '/v1/federations/fedavg/adapter', cloud.adminKey)).json as unknown as WireAdapter);
 
     // Round 1: every owner; the new global adapter is the examples-weighted mean of their deltas.
-    const r1 = await until(async () => ((await status(cloud, 'fedavg')).history.length >= 1 ? (await status(cloud, 'fedavg')) : undefined), 'round 1');
+    const r1 = await until(async () => ((await status(cloud, 'fedavg')).history.length >= 1 ? (await status(cloud, 'fedavg')) : undefined), 'round 1', 300_000);
     const after1 = flatOf((await api(cloud, 'GET', '/v1/federations/fedavg/adapter', cloud.adminKey)).json as unknown as WireAdapter);
     // carol is killed as soon as she starts training round 2 (alice and bob may already be done with it).
     await owners.carol.waitFor(/"event":"training","round":2/);
@@ -107,7 +107,7 @@ describe('federation with real processes', { timeout: 600_000 }, () => {
     const r2 = await until(async () => {
       const s = await status(cloud, 'fedavg');
       return s.history.length >= 2 ? s : undefined;
-    }, 'round 2');
+    }, 'round 2', 300_000);
     assert.deepEqual(r2.history[1].participants, ['alice', 'bob']);
     assert.deepEqual(r2.history[1].sampled, ['alice', 'bob', 'carol']);
     // carol rejoins and takes part in round 3.
