@@ -93,7 +93,7 @@ function loraGaps(global: Float32Array, trained: Float32Array[], weights: number
 export async function run(args: string[]): Promise<Record<string, unknown>> {
   const quick = args.includes('--quick');
   const rounds = flag(args, '--rounds', quick ? 3 : 5);
-  const localSteps = flag(args, '--local-steps', quick ? 8 : 20);
+  const localSteps = flag(args, '--local-steps', quick ? 6 : 12);
   const limit = flag(args, '--records', quick ? 400 : 1000);
   const testPerClass = flag(args, '--test-per-class', quick ? 40 : 100);
   const di = args.indexOf('--data');
