@@ -1,12 +1,13 @@
 // `tandem federation create|status|export` (the admin) and `tandem edge federate` (an owner).
 import { Command } from 'commander';
 import { FederationAdmin, federate, readAdapterFolder, writeAdapterFolder } from '../edge-client/index.ts';
-import { FEDERATION_AGGREGATIONS, FEDERATION_MODES, encodeFloat32 } from '../protocol/index.ts';
-import type { FederationAggregation, FederationCreate, FederationMode, FederationStatus } from '../protocol/index.ts';
+import { CODEC_NAMES, FEDERATION_AGGREGATIONS, FEDERATION_MODES, encodeFloat32 } from '../protocol/index.ts';
+import type { CodecName, FederationAggregation, FederationCreate, FederationMode, FederationStatus } from '../protocol/index.ts';
 import { CliError } from './errors.ts';
 import { numberFlag, pemFlag, requiredFlag } from './flags.ts';
 import type { CommandIo } from './io.ts';
 import { choice } from './recipe.ts';
+import { intList } from './train.ts';
 
 interface CommonFlags {
   cloud?: string;
@@ -20,6 +21,8 @@ interface CreateFlags extends CommonFlags {
   model?: string;
   adapter?: string;
   mode?: string;
+  cut?: string;
+  fedproxMu?: string;
   owners?: string;
   rounds?: string;
   sample?: string;
@@ -50,7 +53,8 @@ function printStatus(io: CommandIo, s: FederationStatus, json?: boolean): void {
   if (s.epsilon !== null) io.out(`privacy: ε = ${s.epsilon.toFixed(3)} at δ = ${s.delta}`);
   for (const h of s.history) {
     const val = Object.entries(h.validation).map(([o, v]) => `${o} ${v.loss.toFixed(3)}${v.accuracy === undefined ? '' : `/${(v.accuracy * 100).toFixed(1)}%`}`).join(', ');
-    io.out(`round ${h.round}.${h.attempt}: ${h.participants.length}/${h.sampled.length} owners, loss ${h.loss?.toFixed(4) ?? '-'}, bytes in ${h.bytesReceived} out ${h.bytesSent}${h.epsilon === null ? '' : `, ε ${h.epsilon.toFixed(3)}`}${val ? `, validation ${val}` : ''}`);
+    const lora = h.lora ? `, rank-r refactoring error ${h.lora.refactorError.toExponential(2)} (naive A/B averaging ${h.lora.naiveError.toExponential(2)})` : '';
+    io.out(`round ${h.round}.${h.attempt}: ${h.participants.length}/${h.sampled.length} owners, loss ${h.loss?.toFixed(4) ?? '-'}, bytes in ${h.bytesReceived} out ${h.bytesSent}${h.epsilon === null ? '' : `, ε ${h.epsilon.toFixed(3)}`}${val ? `, validation ${val}` : ''}${lora}`);
   }
   const rejected = Object.entries(s.rejected);
   if (rejected.length) io.out(`rejected updates: ${rejected.map(([c, n]) => `${c} ×${n}`).join(', ')}`);
@@ -64,13 +68,15 @@ export function federationCommand(io: CommandIo): Command {
     .option('--id <id>', 'federation id').option('--model <id>', 'model id the cloud serves')
     .option('--adapter <dir>', 'PEFT folder of the initial global adapter')
     .option('--mode <mode>', `owners' local training: ${FEDERATION_MODES.join(' or ')}`, 'offsite')
+    .option('--cut <B,T>', "split mode: bottom and top blocks on the owners' side (the model's default cut when absent)")
+    .option('--fedprox-mu <mu>', 'FedProx: μ of the proximal term μ/2·‖w − w_global‖² in every owner\'s loss (0: FedAvg)')
     .option('--owners <a,b,c>', 'invited tenants, comma-separated')
     .option('--rounds <n>', 'rounds', '5').option('--sample <n>', 'owners sampled per round (default all)')
     .option('--min-owners <n>', 'fewest updates a round completes with (default: the sample)')
     .option('--local-steps <n>', 'local steps per round', '10').option('--deadline <s>', 'round deadline in seconds', '600')
     .option('--aggregation <name>', FEDERATION_AGGREGATIONS.join(', '), 'fedavg').option('--trim-fraction <f>', 'trimmed mean: fraction cut at each end')
     .option('--server-lr <lr>', 'server learning rate (FedAvg 1, FedAdam 0.01 by default)')
-    .option('--secagg', 'secure aggregation (not served over REST yet: refused by the node)')
+    .option('--secagg', 'secure aggregation (SecAgg: the cloud learns only the sum of the updates)')
     .option('--dp-clip <C>', 'client-level DP: clip norm').option('--dp-noise <sigma>', 'noise multiplier').option('--dp-delta <d>', 'δ', '1e-5').option('--dp-epsilon <e>', 'ε budget')
     .option('--json', 'print the status as JSON')
     .action(async (flags: CreateFlags) => {
@@ -87,6 +93,12 @@ export function federationCommand(io: CommandIo): Command {
         aggregation: choice<FederationAggregation>('--aggregation', flags.aggregation, FEDERATION_AGGREGATIONS, 'fedavg'),
         secureAggregation: flags.secagg === true,
       };
+      if (flags.cut !== undefined) {
+        const cut = intList('--cut', flags.cut);
+        if (cut.length !== 2) throw new CliError('TANDEM_CLI_FLAG_INVALID', '--cut', `must be two integers B,T, got ${JSON.stringify(flags.cut)}`);
+        body.cut = { bottom: cut[0], top: cut[1] };
+      }
+      if (flags.fedproxMu !== undefined) body.fedproxMu = numberFlag('--fedprox-mu', flags.fedproxMu, { min: 0 });
       if (flags.trimFraction !== undefined) body.trimFraction = numberFlag('--trim-fraction', flags.trimFraction, { min: 0, max: 0.49 });
       if (flags.serverLr !== undefined) body.serverLearningRate = numberFlag('--server-lr', flags.serverLr, { min: 0 });
       if (flags.dpClip !== undefined || flags.dpNoise !== undefined || flags.dpEpsilon !== undefined) {
@@ -117,6 +129,7 @@ interface FederateFlags extends CommonFlags {
   data?: string;
   model?: string;
   work?: string;
+  codec?: string;
   poll?: string;
   batchSize?: string;
   seqLen?: string;
@@ -131,7 +144,8 @@ export function federateCommand(io: CommandIo): Command {
     .description('join a federation: for each round sampled, train the global adapter locally and send the update')
     .option('--cloud <url>', 'cloud node URL').option('--key <key>', "this owner's API key (or TANDEM_KEY)").option('--federation <id>', 'federation id')
     .option('--ca <file>', "PEM CA certificate an https:// cloud's certificate must chain to (a private CA)")
-    .option('--data <file>', "this owner's data file").option('--model <dir>', 'model folder for local training (the emulated model of a bundle in offsite mode)')
+    .option('--data <file>', "this owner's data file").option('--model <dir>', 'offsite mode: the model folder local training runs on (the emulated model of a bundle); split mode downloads the edge part')
+    .option('--codec <codec>', `split mode: codec of activations and gradients (${CODEC_NAMES.join(', ')})`, 'f32')
     .option('--work <dir>', 'scratch folder', '.tandem/federate').option('--poll <ms>', 'how often to ask for the next round', '500')
     .option('--batch-size <n>', 'rows per micro-batch', '8').option('--seq-len <n>', 'tokens per row', '64').option('--lr <lr>', 'local learning rate', '0.001').option('--seed <n>', 'seed', '0')
     .option('--backend <name>', 'compute backend')
@@ -140,7 +154,7 @@ export function federateCommand(io: CommandIo): Command {
       const ca = flags.ca === undefined ? undefined : (await pemFlag('--ca', flags.ca)).toString('utf8');
       const result = await federate({
         cloud: requiredFlag('--cloud', flags.cloud), key: requiredFlag('--key', flags.key ?? process.env.TANDEM_KEY), ca, federation: requiredFlag('--federation', flags.federation),
-        data: requiredFlag('--data', flags.data), modelDir: requiredFlag('--model', flags.model), workDir: flags.work ?? '.tandem/federate',
+        data: requiredFlag('--data', flags.data), modelDir: flags.model, codec: choice<CodecName>('--codec', flags.codec, CODEC_NAMES, 'f32'), workDir: flags.work ?? '.tandem/federate',
         pollMs: numberFlag('--poll', flags.poll, { min: 10, integer: true }), backend: flags.backend,
         recipe: {
           batchSize: numberFlag('--batch-size', flags.batchSize, { min: 1, integer: true }), seqLen: numberFlag('--seq-len', flags.seqLen, { min: 2, integer: true }),

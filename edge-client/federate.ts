@@ -1,17 +1,24 @@
 // Joining a federation (`tandem edge federate`): for every round this owner is sampled for,
-// take the global adapter, train it locally with the one training run, and send the delta
-// (clipped to the federation's norm under DP). Local training runs on a model folder the
-// owner holds: in offsite mode the emulated model of an emulator bundle. The owner's data
-// never leaves this process; only the update does.
+// take the global adapter, train it with the one training run, and send the delta (clipped
+// to the federation's norm under DP). The federation's mode decides where the middle runs:
+// split, through the cloud's middle blocks in a session of the round (the edge part is
+// downloaded once); offsite, on a model folder the owner holds (the emulated model of an
+// emulator bundle). FedProx's proximal term and FFA-LoRA's frozen A come with the round.
+// The owner's data never leaves this process; only the update (and, split, activations) do.
 import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, DEFAULT_RECIPE, LlamaModel, SecAggOwner, addGaussianNoise, clipUpdate, initBackend, splitNoiseStd, loadModelFolder, loadTokenizer, readSafetensorsFile, runTraining, toFloat32, writeSafetensorsFile } from '../model/index.ts';
-import type { Evaluation, TrainRecipe } from '../model/index.ts';
+import {
+  ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, DEFAULT_RECIPE, LlamaModel, SecAggOwner, addGaussianNoise, checkRun, clipUpdate, constrainLocalRound, initBackend, splitNoiseStd,
+  loadModelFolder, loadTokenizer, openRun, readSafetensorsFile, runSteps, toFloat32, writeSafetensorsFile,
+} from '../model/index.ts';
+import type { Cut, Evaluation, Middle, TextTokenizer, TrainRecipe, TrainingResult, TrainingSpec } from '../model/index.ts';
 import { decodeFloat32, encodeFloat32, encodeUint32 } from '../protocol/index.ts';
-import type { FederationCreate, FederationStatus, RoundAssignment, RoundUpdate, RoundUpdateAck, SecAggPhase, SecAggView, WireAdapter } from '../protocol/index.ts';
+import type { CodecName, FederationCreate, FederationStatus, RoundAssignment, RoundUpdate, RoundUpdateAck, SecAggPhase, SecAggView, WireAdapter } from '../protocol/index.ts';
 import { call } from './cloud-call.ts';
 import type { CloudTarget } from './cloud-call.ts';
+import { loadEdgePart } from './download.ts';
 import { EdgeError } from './errors.ts';
+import { connectCloud } from './session.ts';
 
 export interface FederateOptions {
   cloud: string;
@@ -21,8 +28,12 @@ export interface FederateOptions {
   federation: string;
   /** The owner's data file. */
   data: string;
-  /** The model folder local training runs on (the emulated model in offsite mode). */
-  modelDir: string;
+  /** The model folder local training runs on (the emulated model in offsite mode); split mode downloads the edge part instead. */
+  modelDir?: string;
+  /** Split mode: the codec of activations and gradients, each way (f32 by default). */
+  codec?: CodecName;
+  /** Split mode: where the edge part is cached (under workDir by default). */
+  cacheDir?: string;
   /** Scratch folder for the global adapter of each round. */
   workDir: string;
   recipe?: Partial<Omit<TrainRecipe, 'steps'>>;
@@ -166,15 +177,94 @@ async function startSecAgg(rest: Rest, base: string, a: RoundAssignment, length:
   return { owner, seconds: (performance.now() - t0) / 1000 };
 }
 
+/** What a round trains on: the model the edge holds and, split, the cloud's middle for the round. */
+interface RoundModel {
+  model: LlamaModel;
+  tokenizer: TextTokenizer;
+  modelHash: string;
+  baseModel: string;
+  cut?: Cut;
+  /** Split: a session of the round, whose middle is the cloud's; closed after the round. */
+  session?: () => Promise<{ middle: Middle; close: () => Promise<void> }>;
+  dispose: () => void;
+}
+
+/** The edge part of the model at the federation's cut, downloaded once; each round opens its own session. */
+async function splitModel(options: FederateOptions, a: RoundAssignment): Promise<RoundModel> {
+  const connect = () => connectCloud(options.cloud, { key: options.key, ca: options.ca });
+  const client = await connect();
+  try {
+    const info = (await client.models()).find((m) => m.id === a.model);
+    if (!info) throw new EdgeError('TANDEM_EDGE_MODEL_UNKNOWN', `the cloud serves no model ${JSON.stringify(a.model)}`, { field: 'model' });
+    const cut = a.cut ?? info.defaultCut;
+    const edge = await loadEdgePart(await client.downloadEdge(info.id, cut, options.cacheDir ?? join(options.workDir, 'cache')));
+    const codec = { codec: options.codec ?? ('f32' as const) };
+    return {
+      model: edge.model, tokenizer: edge.tokenizer, modelHash: edge.contentHash, baseModel: info.id, cut,
+      session: async () => {
+        const c = await connect();
+        try {
+          const session = await c.openSession({ model: { id: info.id, contentHash: edge.contentHash }, cut, codecs: { forward: [codec], backward: [codec] } });
+          const middle = session.middle();
+          return {
+            middle, close: async () => {
+              middle.dispose();
+              await session.close('completed').finally(() => c.close());
+            },
+          };
+        } catch (error) {
+          c.close();
+          throw error;
+        }
+      },
+      dispose: () => edge.model.dispose(),
+    };
+  } finally {
+    client.close();
+  }
+}
+
+/** One round's local training from the global adapter in `adapterDir`, under the round's FedProx μ and FFA-LoRA. */
+async function trainRound(m: RoundModel, a: RoundAssignment, options: FederateOptions, adapterDir: string, onStart: (trainRows: number) => void): Promise<TrainingResult> {
+  const spec: TrainingSpec = {
+    model: m.model, tokenizer: m.tokenizer, modelHash: m.modelHash, dataFile: options.data, baseModel: m.baseModel,
+    recipe: { ...DEFAULT_RECIPE, ...options.recipe, steps: a.localSteps, seed: (options.recipe?.seed ?? 0) + a.round * 1009 + a.attempt },
+    methods: [], adapterDir, evaluate: true, ...(m.cut ? { cut: m.cut } : {}),
+    onEvent: (e) => {
+      if (e.type === 'start') onStart(e.trainRows);
+    },
+  };
+  checkRun(spec.recipe, spec);
+  const remote = await m.session?.();
+  if (remote) spec.middle = remote.middle;
+  try {
+    const state = await openRun(spec);
+    const undo = constrainLocalRound(state.adapter, { fedproxMu: a.fedproxMu, freezeLoraA: a.aggregation === 'ffa-lora' });
+    try {
+      return await runSteps(state, spec);
+    } finally {
+      undo();
+      state.optimizer.dispose();
+      state.adapter.dispose();
+    }
+  } finally {
+    await remote?.close();
+  }
+}
+
 /** Takes part in every round this owner is sampled for, until the federation is done. */
 export async function federate(options: FederateOptions): Promise<FederateResult> {
   const rest = new Rest({ cloudUrl: options.cloud, key: options.key, ca: options.ca });
   const pollMs = options.pollMs ?? 500;
   const unreachableMs = options.unreachableMs ?? 120_000;
   await initBackend({ backend: options.backend });
-  const loaded = await loadModelFolder(options.modelDir);
-  const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
-  const tokenizer = await loadTokenizer(options.modelDir);
+  let local: RoundModel | undefined;
+  if (options.modelDir !== undefined) {
+    const loaded = await loadModelFolder(options.modelDir);
+    const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
+    local = { model, tokenizer: await loadTokenizer(options.modelDir), modelHash: loaded.contentHash, baseModel: options.modelDir, dispose: () => model.dispose?.() };
+  }
+  let split: RoundModel | undefined;
   await options.onReady?.();
   const rounds: FederateRoundEvent[] = [];
   let unreachableSince: number | undefined;
@@ -201,20 +291,14 @@ export async function federate(options: FederateOptions): Promise<FederateResult
       }
       const base = `/v1/federations/${encodeURIComponent(options.federation)}/rounds/${a.round}`;
       const event = await (async (): Promise<FederateRoundEvent> => {
+        const m = a.mode === 'split' ? (split ??= await splitModel(options, a)) : local;
+        if (!m) throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', 'the federation trains offsite: give the model folder to train on', { field: 'modelDir' });
         const secure = a.secureAggregation ? await startSecAgg(rest, base, a, global0(a), pollMs) : undefined;
         await options.onTraining?.(a.round, a.attempt);
         const dir = join(options.workDir, `round-${a.round}-${a.attempt}`);
         const global = await writeGlobal(a.adapter!, join(dir, 'global'));
         let trainRows = 0;
-        const result = await runTraining({
-          model, tokenizer, modelHash: loaded.contentHash, dataFile: options.data, baseModel: options.modelDir,
-          recipe: { ...DEFAULT_RECIPE, ...options.recipe, steps: a.localSteps, seed: (options.recipe?.seed ?? 0) + a.round * 1009 + a.attempt },
-          methods: [], adapterDir: join(dir, 'global'), evaluate: true,
-          onEvent: (e) => {
-            if (e.type === 'start') trainRows = e.trainRows;
-          },
-        });
-        await rm(dir, { recursive: true, force: true });
+        const result = await trainRound(m, a, options, join(dir, 'global'), (rows) => (trainRows = rows)).finally(() => rm(dir, { recursive: true, force: true }));
         const delta = new Float32Array(global.flat.length);
         let o = 0;
         for (const k of global.keys) {
@@ -260,6 +344,7 @@ export async function federate(options: FederateOptions): Promise<FederateResult
       if (options.maxRounds !== undefined && rounds.filter((r) => r.ack).length >= options.maxRounds) return { rounds, state: 'open' };
     }
   } finally {
-    model.dispose?.();
+    local?.dispose();
+    split?.dispose();
   }
 }

@@ -3,7 +3,12 @@
 
 export const FEDERATION_MODES = ['split', 'offsite'] as const;
 export type FederationMode = (typeof FEDERATION_MODES)[number];
-export const FEDERATION_AGGREGATIONS = ['fedavg', 'fedadam', 'median', 'trimmed-mean'] as const;
+/**
+ * fedavg, fedadam, median, trimmed-mean act on the flat delta; ffa-lora freezes every LoRA A
+ * (owners train B only, the cloud averages B); exact-product averages each ΔW = B·A and
+ * refactors the mean to rank r.
+ */
+export const FEDERATION_AGGREGATIONS = ['fedavg', 'fedadam', 'median', 'trimmed-mean', 'ffa-lora', 'exact-product'] as const;
 export type FederationAggregation = (typeof FEDERATION_AGGREGATIONS)[number];
 
 /** One adapter tensor on the wire. */
@@ -29,11 +34,19 @@ export interface FederationDp {
   epsilonBudget: number;
 }
 
+/** Blocks on the edge in split mode: B at the bottom, T at the top (the cloud runs the rest). */
+export interface FederationCut {
+  bottom: number;
+  top: number;
+}
+
 /** POST /v1/federations. */
 export interface FederationCreate {
   id: string;
   model: string;
   mode: FederationMode;
+  /** Split mode: where the model is cut (the model's default cut when absent); the adapter must live on the edge's blocks. */
+  cut?: FederationCut;
   adapter: WireAdapter;
   rounds: number;
   /** Tenants invited. */
@@ -43,6 +56,8 @@ export interface FederationCreate {
   /** Fewest updates a round completes with. */
   minOwners: number;
   localSteps: number;
+  /** FedProx: μ of the proximal term μ/2·‖w − w_global‖² in every owner's loss (0 or absent: FedAvg's local training). */
+  fedproxMu?: number;
   roundDeadlineSeconds: number;
   aggregation: FederationAggregation;
   trimFraction?: number;
@@ -64,6 +79,12 @@ export interface RoundAssignment {
   deadline: string;
   localSteps: number;
   mode: FederationMode;
+  /** Split mode: the federation's cut, when it names one. */
+  cut?: FederationCut;
+  /** FedProx's μ, when the federation sets one above 0. */
+  fedproxMu?: number;
+  /** The aggregation: under ffa-lora the owner freezes every LoRA A. */
+  aggregation: FederationAggregation;
   model: string;
   dp?: { clipNorm: number; noiseMultiplier: number };
   secureAggregation: boolean;
@@ -108,6 +129,12 @@ export interface RoundRecord {
   bytesReceived: number;
   bytesSent: number;
   epsilon: number | null;
+  /**
+   * LoRA-aware aggregation (exact-product): over the LoRA pairs, the largest relative error
+   * of the rank-r refactoring ‖mean(BA) − B'A'‖/‖mean(BA)‖, and the one naive averaging of A and
+   * B would have made, ‖mean(BA) − mean(B)·mean(A)‖/‖mean(BA)‖.
+   */
+  lora?: { refactorError: number; naiveError: number };
   completedAt: string;
 }
 

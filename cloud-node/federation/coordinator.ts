@@ -5,7 +5,7 @@
 import { createHash } from 'node:crypto';
 import { mkdir, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
-import { FederationError, RdpAccountant, addGaussianNoise, aggregate, clipUpdate, fedAdamStep, layoutOf, flatten, unmaskSum } from '../../model/index.ts';
+import { FederationError, RdpAccountant, addGaussianNoise, aggregate, clipUpdate, fedAdamStep, layoutOf, flatten, loraAwareDelta, unmaskSum, zeroLoraA } from '../../model/index.ts';
 import type { AdvertisedKeys, EncryptedShare, RevealedShares, SecAggParams } from '../../model/index.ts';
 import type { AccountantState, FedAdamState, Layout, TensorSet } from '../../model/index.ts';
 import { FEDERATION_AGGREGATIONS, FEDERATION_MODES, decodeFloat32, decodeUint32, encodeFloat32 } from '../../protocol/index.ts';
@@ -128,13 +128,21 @@ function checkCreate(body: FederationCreate): void {
   intIn(body.sampleSize, 'sampleSize', 1, body.owners.length);
   intIn(body.minOwners, 'minOwners', 1, body.sampleSize);
   intIn(body.localSteps, 'localSteps', 1, 100_000);
+  if (body.fedproxMu !== undefined) numIn(body.fedproxMu, 'fedproxMu', 0, 1e4);
+  if (body.cut !== undefined) {
+    if (body.mode !== 'split') throw invalid('cut', 'only split mode has a cut');
+    if (typeof body.cut !== 'object' || body.cut === null) throw invalid('cut', 'must be { bottom, top }');
+    intIn(body.cut.bottom, 'cut.bottom', 0, 1000);
+    intIn(body.cut.top, 'cut.top', 0, 1000);
+  }
   intIn(body.roundDeadlineSeconds, 'roundDeadlineSeconds', 1, 7 * 86_400);
   if (!FEDERATION_AGGREGATIONS.includes(body.aggregation)) throw invalid('aggregation', `must be one of ${FEDERATION_AGGREGATIONS.join(', ')}`);
   if (body.trimFraction !== undefined) numIn(body.trimFraction, 'trimFraction', 0, 0.49);
   if (body.serverLearningRate !== undefined) numIn(body.serverLearningRate, 'serverLearningRate', 0, 100, true);
   if (typeof body.secureAggregation !== 'boolean') throw invalid('secureAggregation', 'must be a boolean');
   if (body.secureAggregation && body.sampleSize < 2) throw invalid('sampleSize', 'secure aggregation needs at least 2 owners per round');
-  if (body.secureAggregation && body.aggregation !== 'fedavg' && body.aggregation !== 'fedadam') throw invalid('aggregation', 'under secure aggregation the cloud sees only the sum: fedavg or fedadam');
+  if (body.dp !== undefined && body.aggregation === 'exact-product') throw invalid('aggregation', 'DP noises the sum of flat deltas: exact-product needs each owner\'s adapter');
+  if (body.secureAggregation && !['fedavg', 'fedadam', 'ffa-lora'].includes(body.aggregation)) throw invalid('aggregation', 'under secure aggregation the cloud sees only the sum: fedavg, fedadam or ffa-lora');
   if (body.dp !== undefined) {
     if (typeof body.dp !== 'object' || body.dp === null) throw invalid('dp', 'must be an object');
     numIn(body.dp.clipNorm, 'dp.clipNorm', 0, 1e6, true);
@@ -271,7 +279,8 @@ export class Coordinator {
     const submitted = Object.hasOwn(r.received, tenant);
     const out: RoundAssignment = {
       federation: id, round: r.round, attempt: r.attempt, state: r.state, sampled, submitted, deadline: new Date(r.deadline).toISOString(),
-      localSteps: r.config.localSteps, mode: r.config.mode, model: r.config.model,
+      localSteps: r.config.localSteps, mode: r.config.mode, model: r.config.model, aggregation: r.config.aggregation,
+      ...(r.config.cut ? { cut: { ...r.config.cut } } : {}), ...(r.config.fedproxMu ? { fedproxMu: r.config.fedproxMu } : {}),
       secureAggregation: r.config.secureAggregation, owner: tenant, sampledOwners: sampled ? [...r.sampled] : [],
     };
     if (r.config.dp) out.dp = { clipNorm: r.config.dp.clipNorm, noiseMultiplier: r.config.dp.noiseMultiplier };
@@ -358,6 +367,7 @@ export class Coordinator {
     const owners = Object.keys(r.received).sort();
     const { dp, aggregation } = r.config;
     let delta: Float32Array;
+    let lora: RoundRecord['lora'];
     let epsilon: number | null = null;
     if (r.secagg) {
       // Owners sent examples·delta (1·delta under DP, noise split across them); the cloud sees only the sum.
@@ -382,10 +392,15 @@ export class Coordinator {
       const accountant = new RdpAccountant(r.accountant);
       epsilon = accountant.spendRound(dp.noiseMultiplier, r.config.sampleSize / r.config.owners.length, dp.delta, Infinity).epsilon;
       r.accountant = accountant.state();
+    } else if (aggregation === 'ffa-lora' || aggregation === 'exact-product') {
+      const updates = owners.map((o) => ({ values: decodeFloat32(r.received[o].values)!, weight: r.received[o].examples }));
+      ({ delta, lora } = loraAwareDelta(aggregation, decodeFloat32(r.global)!, updates, r.layout));
     } else {
       const updates = owners.map((o) => ({ values: decodeFloat32(r.received[o].values)!, weight: r.received[o].examples }));
       delta = aggregate(aggregation === 'fedadam' ? 'fedavg' : aggregation, updates, r.config.trimFraction ?? 0.2);
     }
+    // FFA-LoRA: A stays at its shared initialisation whatever an owner sent (under SecAgg or DP too).
+    if (aggregation === 'ffa-lora') zeroLoraA(delta, r.layout);
     const global = decodeFloat32(r.global)!;
     if (aggregation === 'fedadam') {
       const state: FedAdamState | undefined = r.fedAdam ? { m: decodeFloat32(r.fedAdam.m)!, v: decodeFloat32(r.fedAdam.v)!, round: r.fedAdam.round } : undefined;
@@ -403,7 +418,7 @@ export class Coordinator {
     const record: RoundRecord = {
       round: r.round, attempt: r.attempt, sampled: [...r.sampled], participants: owners, examples,
       loss: owners.reduce((s, o) => s + r.received[o].loss * r.received[o].examples, 0) / examples,
-      validation, bytesReceived: owners.reduce((s, o) => s + r.received[o].bytes, 0), bytesSent: r.bytesSent, epsilon, completedAt: new Date(this.#now()).toISOString(),
+      validation, bytesReceived: owners.reduce((s, o) => s + r.received[o].bytes, 0), bytesSent: r.bytesSent, epsilon, ...(lora ? { lora } : {}), completedAt: new Date(this.#now()).toISOString(),
     };
     r.history.push(record);
     this.#onRound?.(r.config.id, record);

@@ -5,8 +5,8 @@ export { checkFinite, checkSize, flatten, l2Norm, layoutOf, unflatten } from './
 export type { Layout, NamedTensor, TensorSet } from './tensors.ts';
 export { AGGREGATORS, aggregate, coordinateMedian, fedAdamStep, fedAvg, trimmedMean } from './aggregate.ts';
 export type { AggregatorName, FedAdamOptions, FedAdamState, WeightedUpdate } from './aggregate.ts';
-export { averagedProduct, exactLoraAggregate, ffaAggregates, loraPairs, truncatedFactors } from './lora.ts';
-export type { ExactLoraResult, LoraPair, WeightedAdapter } from './lora.ts';
+export { averagedProduct, exactLoraAggregate, ffaAggregates, loraAwareDelta, loraPairs, truncatedFactors, zeroLoraA } from './lora.ts';
+export type { ExactLoraResult, LoraAwareDelta, LoraPair, WeightedAdapter } from './lora.ts';
 export { SHAMIR_PRIME, combineShares, splitSecret } from './shamir.ts';
 export type { Share } from './shamir.ts';
 export {
@@ -26,3 +26,5 @@ export {
 export type { AdvertisedKeys, EncryptedShare, RevealedShares, SecAggParams } from './secagg.ts';
 export { DEFAULT_RDP_ORDERS, RdpAccountant, addGaussianNoise, clipUpdate, epsilonFromRdp, gaussian, logErfc, sampledGaussianRdp, splitNoiseStd } from './dp.ts';
 export type { AccountantState, PrivacySpent } from './dp.ts';
+export { addProximalGradients, constrainLocalRound, proximalTerm } from './fedprox.ts';
+export type { LocalRoundOptions } from './fedprox.ts';

@@ -3,8 +3,11 @@
 // then mean(B)·A is exactly mean(B·A)) and exact aggregation of ΔW = B·A, refactored to rank r
 // by a truncated SVD (subspace iteration) of the averaged product.
 import { symmetricEigen } from '../linalg.ts';
+import { fedAvg } from './aggregate.ts';
+import type { WeightedUpdate } from './aggregate.ts';
 import { FederationError } from './errors.ts';
-import type { TensorSet } from './tensors.ts';
+import { flatten, unflatten } from './tensors.ts';
+import type { Layout, TensorSet } from './tensors.ts';
 
 const A_SUFFIX = 'lora_A.weight';
 const B_SUFFIX = 'lora_B.weight';
@@ -198,4 +201,36 @@ export function exactLoraAggregate(adapters: readonly WeightedAdapter[]): ExactL
     naiveError[pair.a] = frobenius(m.map((v, i) => v - naive[i])) / norm;
   }
   return { tensors, refactorError, naiveError };
+}
+
+/** Zeroes the LoRA A entries of a flat vector in `layout` (FFA-LoRA: A stays frozen). */
+export function zeroLoraA(values: Float32Array, layout: Layout): Float32Array {
+  let o = 0;
+  layout.keys.forEach((key, i) => {
+    const n = layout.shapes[i].reduce((a, b) => a * b, 1);
+    if (!ffaAggregates(key)) values.fill(0, o, o + n);
+    o += n;
+  });
+  return values;
+}
+
+export interface LoraAwareDelta {
+  /** The new global adapter minus the old one, flat in `layout`. */
+  delta: Float32Array;
+  /** exact-product only: the largest refactoring error and naive-averaging error over the LoRA pairs. */
+  lora?: { refactorError: number; naiveError: number };
+}
+
+/**
+ * The round's aggregate of owners' deltas from `global` under a LoRA-aware aggregation:
+ * ffa-lora averages (by examples) everything but the A matrices, which stay as they are;
+ * exact-product averages every owner's B·A (global + delta) and refactors it to rank r.
+ */
+export function loraAwareDelta(kind: 'ffa-lora' | 'exact-product', global: Float32Array, updates: readonly WeightedUpdate[], layout: Layout): LoraAwareDelta {
+  if (kind === 'ffa-lora') return { delta: zeroLoraA(fedAvg(updates), layout) };
+  const adapters = updates.map((u) => ({ tensors: unflatten(u.values.map((v, i) => global[i] + v), layout), weight: u.weight }));
+  const exact = exactLoraAggregate(adapters);
+  const next = flatten(exact.tensors, layout);
+  const max = (r: Record<string, number>): number => Object.values(r).reduce((m, v) => Math.max(m, v), 0);
+  return { delta: next.map((v, i) => v - global[i]), lora: { refactorError: max(exact.refactorError), naiveError: max(exact.naiveError) } };
 }

@@ -28,3 +28,5 @@ export { ADAPTER_DIR, CHECKPOINT_DIR, evaluateLocal, exportAdapter, trainLocal }
 export type { EvaluateLocalOptions, EvaluationReport, ExportOptions, ExportResult, TrainLocalOptions, TrainSummary } from './run.ts';
 export { SCHEDULES, learningRate } from './schedule.ts';
 export type { ScheduleKind, ScheduleOptions } from './schedule.ts';
+export { SCORE_BIAS, SCORE_WEIGHT, SequenceClassifier, classifiedRows } from './sequence-classifier.ts';
+export type { ClassifiedRow, SequenceClassifierOptions } from './sequence-classifier.ts';

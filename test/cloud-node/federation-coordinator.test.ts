@@ -83,4 +83,53 @@ describe('federation coordinator', () => {
     await assert.rejects(c.create(body({ adapter: { config: '{}', tensors: { k: { shape: [3], data: encodeFloat32(new Float32Array(2)) } } } })), (e: CoordinatorError) => e.details.field === 'adapter.tensors.k.data');
     c.close();
   });
+
+  it('LoRA-aware aggregations: ffa-lora keeps every A, exact-product averages B·A and reports how far naive averaging is', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'tandem-coord-'));
+    dirs.push(dir);
+    const c = await Coordinator.open({ stateDir: dir, tickMs: 1e9 });
+    // One LoRA pair: A [1, 2], B [2, 1] (r = 1), so B·A is a 2×2 matrix.
+    const adapter = {
+      config: '{"peft_type":"LORA"}',
+      tensors: { 'm.lora_A.weight': { shape: [1, 2], data: encodeFloat32(Float32Array.from([1, 0])) }, 'm.lora_B.weight': { shape: [2, 1], data: encodeFloat32(Float32Array.from([0, 0])) } },
+    };
+    // Flat order is sorted keys: A (2 values), then B (2 values).
+    await c.create(body({ id: 'ffa', aggregation: 'ffa-lora', owners: ['a', 'b'], sampleSize: 2, adapter, fedproxMu: 0.1 }));
+    const assigned = c.assignment('ffa', 'a');
+    assert.equal(assigned.aggregation, 'ffa-lora');
+    assert.equal(assigned.fedproxMu, 0.1);
+    await c.submit('ffa', 'a', 1, update(0, [5, 5, 1, 2], 1));
+    await c.submit('ffa', 'b', 1, update(0, [-5, 5, 3, 4], 3));
+    const ffa = c.globalAdapter('ffa').tensors;
+    assert.equal(ffa['m.lora_A.weight'].data, encodeFloat32(Float32Array.from([1, 0])), 'A stays frozen whatever the owners sent');
+    assert.equal(ffa['m.lora_B.weight'].data, encodeFloat32(Float32Array.from([(1 + 9) / 4, (2 + 12) / 4])));
+
+    await c.create(body({ id: 'exact', aggregation: 'exact-product', owners: ['a', 'b'], sampleSize: 2, adapter }));
+    // a ends at A (1, 0), B (1, 0)ᵀ; b at A (0, 1), B (0, 1)ᵀ: mean(B·A) = diag(½, ½) (rank 2), mean(B)·mean(A) = ¼·[[1,1],[1,1]].
+    await c.submit('exact', 'a', 1, update(0, [0, 0, 1, 0], 1));
+    await c.submit('exact', 'b', 1, update(0, [-1, 1, 0, 1], 1));
+    const h = c.status('exact').history[0];
+    assert.ok(h.lora, 'the round records the LoRA figures');
+    // Rank 1 keeps one of the two equal singular values: error 1/√2; naive averaging: ‖diag(½,½) − ¼·J‖/‖diag(½,½)‖ = 1/√2 too, but a different matrix.
+    assert.ok(Math.abs(h.lora!.refactorError - Math.SQRT1_2) < 1e-3, JSON.stringify(h.lora));
+    assert.ok(Math.abs(h.lora!.naiveError - Math.SQRT1_2) < 1e-3, JSON.stringify(h.lora));
+    c.close();
+  });
+
+  it('refuses a cut outside split mode, a bad cut or μ, and exact-product under secure aggregation or DP', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'tandem-coord-'));
+    dirs.push(dir);
+    const c = await Coordinator.open({ stateDir: dir, tickMs: 1e9 });
+    const field = (f: string) => (e: CoordinatorError) => e.code === 'TANDEM_FED_CONFIG_INVALID' && e.details.field === f;
+    await assert.rejects(c.create(body({ cut: { bottom: 1, top: 1 } })), field('cut'));
+    await assert.rejects(c.create(body({ mode: 'split', cut: { bottom: -1, top: 1 } })), field('cut.bottom'));
+    await assert.rejects(c.create(body({ fedproxMu: -1 })), field('fedproxMu'));
+    await assert.rejects(c.create(body({ fedproxMu: Number.NaN })), field('fedproxMu'));
+    await assert.rejects(c.create(body({ aggregation: 'exact-product', secureAggregation: true })), field('aggregation'));
+    await assert.rejects(c.create(body({ aggregation: 'exact-product', dp: { clipNorm: 1, noiseMultiplier: 1, delta: 1e-5, epsilonBudget: 10 } })), field('aggregation'));
+    const s = await c.create(body({ id: 'sp', mode: 'split', cut: { bottom: 1, top: 2 } }));
+    assert.equal(s.mode, 'split');
+    assert.deepEqual(c.assignment('sp', 'a').cut, { bottom: 1, top: 2 });
+    c.close();
+  });
 });

@@ -4,108 +4,15 @@
 // the round and rejoins; the cloud killed mid-round resumes it with every acknowledged update;
 // each bad update gets its typed error and the round goes on.
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import type { ChildProcess } from 'node:child_process';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
-import { after, describe, it } from 'node:test';
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { describe, it } from 'node:test';
 import { readAdapterFolder } from '../../edge-client/index.ts';
 import { LlamaModel, createAdapter, initBackend, loadModelFolder, saveAdapter } from '../../model/index.ts';
 import { decodeFloat32, decodeUint32, encodeFloat32 } from '../../protocol/index.ts';
-import type { FederationCreate, FederationStatus, WireAdapter } from '../../protocol/index.ts';
-
-const ROOT = resolve(import.meta.dirname, '..', '..');
-const STORIES = join(ROOT, 'test', 'fixtures', 'stories260K');
-const BIN = join(ROOT, 'bin', 'tandem.js');
-const children = new Set<ChildProcess>();
-const dirs: string[] = [];
-after(async () => {
-  for (const c of children) c.kill('SIGKILL');
-  for (const d of dirs) await rm(d, { recursive: true, force: true });
-});
-
-interface Proc {
-  child: ChildProcess;
-  lines: string[];
-  /** Resolves with the first stdout line matching. */
-  waitFor(re: RegExp, timeoutMs?: number): Promise<string>;
-  exited: Promise<number | null>;
-}
-
-function run(args: string[]): Proc {
-  const child = spawn(process.execPath, [BIN, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
-  children.add(child);
-  const lines: string[] = [];
-  const waiters: { re: RegExp; resolve: (l: string) => void }[] = [];
-  let buf = '';
-  let err = '';
-  child.stdout!.on('data', (d: Buffer) => {
-    buf += d.toString();
-    let i;
-    while ((i = buf.indexOf('\n')) >= 0) {
-      const line = buf.slice(0, i);
-      buf = buf.slice(i + 1);
-      lines.push(line);
-      for (const w of [...waiters]) if (w.re.test(line)) {
-        waiters.splice(waiters.indexOf(w), 1);
-        w.resolve(line);
-      }
-    }
-  });
-  child.stderr!.on('data', (d: Buffer) => (err = (err + d.toString()).slice(-4000)));
-  const exited = new Promise<number | null>((r) => child.on('exit', (code) => {
-    children.delete(child);
-    r(code);
-  }));
-  return {
-    child, lines, exited,
-    waitFor: (re, timeoutMs = 120_000) => {
-      const hit = lines.find((l) => re.test(l));
-      if (hit) return Promise.resolve(hit);
-      return new Promise((res, rej) => {
-        const t = setTimeout(() => rej(new Error(`timed out waiting for ${re} from ${args.slice(0, 2).join(' ')}; stderr: ${err}`)), timeoutMs);
-        waiters.push({ re, resolve: (l) => {
-          clearTimeout(t);
-          res(l);
-        } });
-        void exited.then((code) => rej(new Error(`process ${args.slice(0, 2).join(' ')} exited ${code} before ${re}; stderr: ${err}`)));
-      });
-    },
-  };
-}
-
-async function tempDir(): Promise<string> {
-  const d = await mkdtemp(join(tmpdir(), 'tandem-fed-test-'));
-  dirs.push(d);
-  return d;
-}
-
-interface Cloud {
-  url: string;
-  port: number;
-  adminKey: string;
-  proc: Proc;
-}
-
-async function startCloud(stateDir: string, port = 0, adminKey = ''): Promise<Cloud> {
-  const proc = run(['cloud', '--model', STORIES, '--state', stateDir, '--port', String(port), '--backend', 'cpu', '--log-level', 'silent']);
-  const line = await proc.waitFor(/listening on/);
-  const url = line.split('listening on ')[1].trim();
-  if (!adminKey) adminKey = (await proc.waitFor(/admin key/)).split(': ').at(-1)!.trim();
-  return { url, port: Number(new URL(url).port), adminKey, proc };
-}
-
-async function api(cloud: Cloud, method: string, path: string, key: string, body?: unknown): Promise<{ status: number; json: Record<string, unknown> }> {
-  const res = await fetch(`${cloud.url}${path}`, { method, headers: { authorization: `Bearer ${key}`, ...(body === undefined ? {} : { 'content-type': 'application/json' }) }, body: body === undefined ? undefined : JSON.stringify(body) });
-  return { status: res.status, json: (await res.json()) as Record<string, unknown> };
-}
-
-async function tenantKey(cloud: Cloud, tenant: string): Promise<string> {
-  const { status, json } = await api(cloud, 'POST', '/v1/keys', cloud.adminKey, { tenant });
-  assert.equal(status, 201, JSON.stringify(json));
-  return json.key as string;
-}
+import type { FederationCreate, WireAdapter } from '../../protocol/index.ts';
+import { STORIES, api, flatOf, run, startCloud, status, tempDir, tenantKey, until } from './federation-processes.ts';
+import type { Cloud, Proc } from './federation-processes.ts';
 
 let initial: WireAdapter | undefined;
 /** LoRA r=2 on q_proj and v_proj of stories260K, B set to small values so every tensor moves. */
@@ -152,33 +59,6 @@ async function create(cloud: Cloud, body: Partial<FederationCreate>): Promise<vo
   assert.equal(status, 201, JSON.stringify(json));
 }
 
-async function status(cloud: Cloud, id: string): Promise<FederationStatus> {
-  const { status: code, json } = await api(cloud, 'GET', `/v1/federations/${id}`, cloud.adminKey);
-  assert.equal(code, 200, JSON.stringify(json));
-  return json as unknown as FederationStatus;
-}
-
-async function until<T>(f: () => Promise<T | undefined>, what: string, timeoutMs = 120_000): Promise<T> {
-  const end = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await f();
-    if (v !== undefined) return v;
-    if (Date.now() > end) throw new Error(`timed out: ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
-
-function flatOf(adapter: WireAdapter): Float32Array {
-  const parts = Object.keys(adapter.tensors).sort().map((k) => decodeFloat32(adapter.tensors[k].data)!);
-  const out = new Float32Array(parts.reduce((s, p) => s + p.length, 0));
-  let o = 0;
-  for (const p of parts) {
-    out.set(p, o);
-    o += p.length;
-  }
-  return out;
-}
-
 interface RoundLine {
   event: string;
   round: number;
@@ -198,11 +78,11 @@ describe('federation with real processes', { timeout: 600_000 }, () => {
     // The owners join before the federation exists (they wait for it), so round 1's deadline is only training time.
     const owners = Object.fromEntries((['alice', 'bob', 'carol'] as const).map((o) => [o, owner(cloud, keys[o], 'fedavg', data[o], join(dir, `work-${o}`))]));
     await Promise.all(Object.values(owners).map((p) => p.waitFor(/"event":"ready"/)));
-    await create(cloud, { id: 'fedavg', rounds: 3, roundDeadlineSeconds: 30 });
+    await create(cloud, { id: 'fedavg', rounds: 3, roundDeadlineSeconds: 60 });
     const before = flatOf((await api(cloud, 'GET', '/v1/federations/fedavg/adapter', cloud.adminKey)).json as unknown as WireAdapter);
 
     // Round 1: every owner; the new global adapter is the examples-weighted mean of their deltas.
-    const r1 = await until(async () => ((await status(cloud, 'fedavg')).history.length >= 1 ? (await status(cloud, 'fedavg')) : undefined), 'round 1');
+    const r1 = await until(async () => ((await status(cloud, 'fedavg')).history.length >= 1 ? (await status(cloud, 'fedavg')) : undefined), 'round 1', 300_000);
     const after1 = flatOf((await api(cloud, 'GET', '/v1/federations/fedavg/adapter', cloud.adminKey)).json as unknown as WireAdapter);
     // carol is killed as soon as she starts training round 2 (alice and bob may already be done with it).
     await owners.carol.waitFor(/"event":"training","round":2/);
@@ -227,7 +107,7 @@ describe('federation with real processes', { timeout: 600_000 }, () => {
     const r2 = await until(async () => {
       const s = await status(cloud, 'fedavg');
       return s.history.length >= 2 ? s : undefined;
-    }, 'round 2');
+    }, 'round 2', 300_000);
     assert.deepEqual(r2.history[1].participants, ['alice', 'bob']);
     assert.deepEqual(r2.history[1].sampled, ['alice', 'bob', 'carol']);
     // carol rejoins and takes part in round 3.
