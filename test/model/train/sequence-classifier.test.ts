@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { LlamaModel, SequenceClassifier, classifiedRows, createAdapter, initBackend, loadModelFolder, loadTokenizer } from '../../../model/index.ts';
-import type { PeftAdapter , ModelError} from '../../../model/index.ts';
+import type { ModelError, PeftAdapter } from '../../../model/index.ts';
 
 const STORIES = join(import.meta.dirname, '..', '..', 'fixtures', 'stories260K');
 let model: LlamaModel;
