@@ -167,6 +167,38 @@ export function unwritten<T>(field: Field<T>): Field<T> {
   return { ...field, written: false };
 }
 
+/** The longest regex target_modules may be, and how many quantifiers it may hold. */
+export const TARGET_REGEX_LIMITS = { chars: 256, quantifiers: 6 } as const;
+
+/**
+ * A target_modules regex runs on JavaScript's backtracking engine against every module path,
+ * so one from a file or the network could take exponential time ("(.*.*)*X"). PEFT's own
+ * regexes are of the kind "model.layers.(0|1).self_attn.(q_proj|v_proj)": this admits them and
+ * refuses a group repeated by *, + or {n,m} and more than a few quantifiers, which bounds the
+ * backtracking (an optional group, as in the regex IA3's layers fold into, stays).
+ */
+function checkTargetRegex(v: string, at: FieldAt): void {
+  if (v.length > TARGET_REGEX_LIMITS.chars) throw configError(at, `is a regex of ${v.length} characters, over the limit of ${TARGET_REGEX_LIMITS.chars}`);
+  try {
+    new RegExp(v);
+  } catch (cause) {
+    throw configError(at, `is not a valid regular expression: ${(cause as Error).message}`);
+  }
+  let quantifiers = 0;
+  for (let i = 0; i < v.length; i++) {
+    const c = v[i];
+    if (c === '\\') {
+      i++;
+    } else if (c === '[') {
+      for (i++; i < v.length && v[i] !== ']'; i++) if (v[i] === '\\') i++;
+    } else if (c === '*' || c === '+' || c === '{' || (c === '?' && v[i - 1] !== '(')) {
+      if (v[i - 1] === ')' && c !== '?') throw configError(at, `quantifies a group at character ${i} (${show(v)}): list the alternatives instead, e.g. "(q_proj|v_proj)" without a repeat, or give a list of names`);
+      quantifiers++;
+      if (quantifiers > TARGET_REGEX_LIMITS.quantifiers) throw configError(at, `holds more than ${TARGET_REGEX_LIMITS.quantifiers} quantifiers (${show(v)}); give a list of module names instead`);
+    }
+  }
+}
+
 /** PEFT's target_modules: a list of module-name suffixes, a regex matched against the full module path, or "all-linear". */
 export type TargetModules = readonly string[] | string;
 
@@ -177,13 +209,7 @@ export function targetModules(json: string, fallback: readonly string[]): Field<
       if (v === undefined || v === null) return fallback;
       if (typeof v === 'string') {
         if (v === '') throw configError(at, 'must not be empty: give module names such as ["q_proj", "v_proj"], a regex, or "all-linear"');
-        if (v !== 'all-linear') {
-          try {
-            new RegExp(v);
-          } catch (cause) {
-            throw configError(at, `is not a valid regular expression: ${(cause as Error).message}`);
-          }
-        }
+        if (v !== 'all-linear') checkTargetRegex(v, at);
         return v;
       }
       if (!Array.isArray(v) || v.length === 0 || v.some((s) => typeof s !== 'string' || s === '')) {
