@@ -168,7 +168,7 @@ export function unwritten<T>(field: Field<T>): Field<T> {
 }
 
 /** The longest regex target_modules may be, and how many quantifiers it may hold. */
-export const TARGET_REGEX_LIMITS = { chars: 256, quantifiers: 6 } as const;
+export const TARGET_REGEX_LIMITS = { chars: 256, quantifiers: 4 } as const;
 
 /**
  * A target_modules regex runs on JavaScript's backtracking engine against every module path,
