@@ -19,11 +19,17 @@ export interface LossHistoryLimits {
   sessions: number;
   /** Micro-batches counted per step (1024); shares of further ones are ignored. */
   microbatchesPerStep: number;
+  /** Shares kept per session over all its steps (16384), the earliest steps leaving first: the bound on a session's memory. */
+  sharesPerSession: number;
 }
 
-export const DEFAULT_LOSS_HISTORY_LIMITS: LossHistoryLimits = { pointsPerSession: 2000, sessions: 1024, microbatchesPerStep: 1024 };
+export const DEFAULT_LOSS_HISTORY_LIMITS: LossHistoryLimits = { pointsPerSession: 2000, sessions: 1024, microbatchesPerStep: 1024, sharesPerSession: 16384 };
 
-type Curve = Map<number, Map<number, number>>;
+/** Step → micro-batch → share, in insertion order (for eviction), with the shares counted. */
+interface Curve {
+  steps: Map<number, Map<number, number>>;
+  shares: number;
+}
 
 export class LossHistory {
   readonly limits: LossHistoryLimits;
@@ -39,21 +45,32 @@ export class LossHistory {
     if (typeof loss !== 'number' || !Number.isFinite(loss) || loss === 0) return false;
     let curve = this.#curves.get(sessionId);
     if (curve === undefined) {
-      curve = new Map();
+      curve = { steps: new Map(), shares: 0 };
       if (this.#curves.size >= this.limits.sessions) this.#curves.delete(this.#curves.keys().next().value as string);
     } else {
       this.#curves.delete(sessionId);
     }
     this.#curves.set(sessionId, curve);
-    let shares = curve.get(step);
+    let shares = curve.steps.get(step);
     if (shares === undefined) {
       shares = new Map();
-      curve.set(step, shares);
-      if (curve.size > this.limits.pointsPerSession) curve.delete(curve.keys().next().value as number);
+      curve.steps.set(step, shares);
+      if (curve.steps.size > this.limits.pointsPerSession) this.#dropEarliest(curve);
     }
-    if (!shares.has(microbatch) && shares.size >= this.limits.microbatchesPerStep) return false;
+    if (!shares.has(microbatch)) {
+      if (shares.size >= this.limits.microbatchesPerStep) return false;
+      while (curve.shares >= this.limits.sharesPerSession && curve.steps.keys().next().value !== step) this.#dropEarliest(curve);
+      if (curve.shares >= this.limits.sharesPerSession) return false;
+      curve.shares += 1;
+    }
     shares.set(microbatch, loss);
     return true;
+  }
+
+  #dropEarliest(curve: Curve): void {
+    const first = curve.steps.keys().next().value as number;
+    curve.shares -= curve.steps.get(first)?.size ?? 0;
+    curve.steps.delete(first);
   }
 
   /** The session's curve, by step. */
@@ -61,7 +78,7 @@ export class LossHistory {
     const curve = this.#curves.get(sessionId);
     if (curve === undefined) return [];
     const points: LossPoint[] = [];
-    for (const [step, shares] of curve) {
+    for (const [step, shares] of curve.steps) {
       // In micro-batch order, as the edge adds them up.
       const loss = [...shares.keys()].sort((a, b) => a - b).reduce((sum, m) => sum + (shares.get(m) ?? 0), 0);
       points.push({ step, loss, microbatches: shares.size });
@@ -71,7 +88,7 @@ export class LossHistory {
 
   /** Steps on the session's curve. */
   count(sessionId: string): number {
-    return this.#curves.get(sessionId)?.size ?? 0;
+    return this.#curves.get(sessionId)?.steps.size ?? 0;
   }
 
   /** Forgets the curves of sessions `keep` says no to (sessions the node forgot). */

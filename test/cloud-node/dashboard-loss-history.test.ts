@@ -38,4 +38,18 @@ describe('LossHistory', () => {
     h.retain((id) => id !== 'a');
     assert.equal(h.count('a'), 0);
   });
+
+  it('bounds a session\'s shares over all its steps, the earliest steps leaving first', () => {
+    const h = new LossHistory({ pointsPerSession: 100, microbatchesPerStep: 4, sharesPerSession: 6 });
+    for (let step = 0; step < 3; step++) for (let m = 0; m < 3; m++) h.record('a', step, m, 1);
+    // 9 shares over a bound of 6: step 0 went when step 2's first share came.
+    assert.deepEqual(h.points('a').map((p) => [p.step, p.microbatches]), [[1, 3], [2, 3]]);
+    assert.equal(h.record('a', 1, 0, 5), true, 'a known share is replaced without counting again');
+    assert.deepEqual(h.points('a').map((p) => p.step), [1, 2]);
+    const one = new LossHistory({ microbatchesPerStep: 8, sharesPerSession: 2 });
+    assert.equal(one.record('b', 0, 0, 1), true);
+    assert.equal(one.record('b', 0, 1, 1), true);
+    assert.equal(one.record('b', 0, 2, 1), false, 'a lone step over the bound keeps what it has');
+    assert.deepEqual(one.points('b'), [{ step: 0, loss: 2, microbatches: 2 }]);
+  });
 });
