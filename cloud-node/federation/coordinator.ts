@@ -5,7 +5,7 @@
 import { createHash } from 'node:crypto';
 import { mkdir, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
-import { FederationError, RdpAccountant, addGaussianNoise, aggregate, clipUpdate, fedAdamStep, layoutOf, flatten, loraAwareDelta, unmaskSum, zeroLoraA } from '../../model/index.ts';
+import { FederationError, RdpAccountant, addGaussianNoise, aggregate, clipUpdate, fedAdamStep, layoutOf, flatten, loraAwareDelta, loraPairs, unmaskSum, zeroLoraA } from '../../model/index.ts';
 import type { AdvertisedKeys, EncryptedShare, RevealedShares, SecAggParams } from '../../model/index.ts';
 import type { AccountantState, FedAdamState, Layout, TensorSet } from '../../model/index.ts';
 import { FEDERATION_AGGREGATIONS, FEDERATION_MODES, decodeFloat32, decodeUint32, encodeFloat32 } from '../../protocol/index.ts';
@@ -16,6 +16,12 @@ import { CoordinatorError } from './errors.ts';
 export const FEDERATIONS_DIR = 'federations';
 const ID_RE = /^[a-z0-9][a-z0-9_-]{0,63}$/;
 const MAX_ADAPTER_VALUES = 16 * 1024 * 1024;
+/**
+ * exact-product forms every sampled owner's dense B·A per LoRA pair (float64) when a round
+ * closes, on the event loop: Σ out·in over the pairs times the sample size is bounded
+ * (2^27 multiply-adds, a few hundred ms here) so one federation cannot stall the node.
+ */
+const MAX_EXACT_PRODUCT_WORK = 2 ** 27;
 const MAX_TENSORS = 4096;
 
 interface PendingUpdate {
@@ -211,6 +217,12 @@ export class Coordinator {
     if (this.#federations.has(body.id)) throw new CoordinatorError('TANDEM_FED_EXISTS', { federation: body.id });
     const tensors = adapterFromWire(body.adapter);
     const layout = layoutOf(tensors);
+    if (body.aggregation === 'exact-product') {
+      const perOwner = loraPairs(Object.keys(tensors)).reduce((sum, p) => sum + tensors[p.b].shape[0] * tensors[p.a].shape[1], 0);
+      if (perOwner * body.sampleSize > MAX_EXACT_PRODUCT_WORK) {
+        throw invalid('aggregation', `exact-product would form ${perOwner} product values per owner for ${body.sampleSize} owners a round, over the limit of ${MAX_EXACT_PRODUCT_WORK}: use fedavg or ffa-lora, or fewer owners a round`);
+      }
+    }
     const { adapter, ...config } = body;
     const record: FederationRecord = {
       config, adapterConfig: adapter.config, layout, global: encodeFloat32(flatten(tensors, layout)),

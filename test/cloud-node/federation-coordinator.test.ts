@@ -116,7 +116,7 @@ describe('federation coordinator', () => {
     c.close();
   });
 
-  it('refuses a cut outside split mode, a bad cut or μ, and exact-product under secure aggregation or DP', async () => {
+  it('refuses a cut outside split mode, a bad cut or μ, and exact-product under secure aggregation, DP or over its work bound', async () => {
     const dir = await mkdtemp(join(tmpdir(), 'tandem-coord-'));
     dirs.push(dir);
     const c = await Coordinator.open({ stateDir: dir, tickMs: 1e9 });
@@ -127,6 +127,13 @@ describe('federation coordinator', () => {
     await assert.rejects(c.create(body({ fedproxMu: Number.NaN })), field('fedproxMu'));
     await assert.rejects(c.create(body({ aggregation: 'exact-product', secureAggregation: true })), field('aggregation'));
     await assert.rejects(c.create(body({ aggregation: 'exact-product', dp: { clipNorm: 1, noiseMultiplier: 1, delta: 1e-5, epsilonBudget: 10 } })), field('aggregation'));
+    // exact-product's dense B·A per owner (here 16384 × 16384) is bounded before any round runs.
+    const wide = {
+      config: '{"peft_type":"LORA"}',
+      tensors: { 'm.lora_A.weight': { shape: [1, 16384], data: encodeFloat32(new Float32Array(16384)) }, 'm.lora_B.weight': { shape: [16384, 1], data: encodeFloat32(new Float32Array(16384)) } },
+    };
+    await assert.rejects(c.create(body({ id: 'wide', aggregation: 'exact-product', adapter: wide })), (e: CoordinatorError) => field('aggregation')(e) && /over the limit of 134217728/.test(e.message));
+    await c.create(body({ id: 'wide-ffa', aggregation: 'ffa-lora', adapter: wide }));
     const s = await c.create(body({ id: 'sp', mode: 'split', cut: { bottom: 1, top: 2 } }));
     assert.equal(s.mode, 'split');
     assert.deepEqual(c.assignment('sp', 'a').cut, { bottom: 1, top: 2 });
