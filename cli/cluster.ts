@@ -32,7 +32,7 @@ export function clusterCommand(io: CommandIo, until: () => Promise<void> = until
     .option('--state <dir>', "the cluster's folder: the JetStream store and the gateway's", '.tandem/cluster')
     .option('--port <p>', "the gateway's port", '7470')
     .option('--nats-port <p>', "nats-server's client port", '4222')
-    .option('--host <h>', 'address the gateway and nats-server listen on', '127.0.0.1')
+    .option('--host <h>', 'address the gateway listens on (nats-server stays on 127.0.0.1, with a password per role made for this launch)', '127.0.0.1')
     .option('--nats-server <path>', 'the nats-server binary', DEFAULT_NATS_SERVER)
     .option('--backend <name>', 'compute backend of the workers and the gateway')
     .action(async (flags: UpFlags) => {

@@ -240,15 +240,23 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   const stale = await tidyStateDir(stateDir, [KEYS_FILE]);
   if (stale.length > 0) log.warn({ removed: stale.length }, 'removed temporary files left by an earlier process');
   // A gateway's keys and sessions are in JetStream, shared with the other gateways.
-  const nc = options.cluster === undefined ? undefined : await connectNats(options.cluster.natsUrl, `tandem-gateway-${process.pid}`);
+  const nc = options.cluster === undefined ? undefined : await connectNats(options.cluster.natsUrl, `tandem-gateway-${process.pid}`, 'gateway');
   const onInvalid = (key: string): void => log.warn({ key }, 'a JetStream state entry is malformed; skipped');
-  const keys: KeyRecords = nc === undefined ? await KeyStore.open(stateDir) : await JetStreamKeyStore.open(nc, { replicas: options.cluster?.replicas, onInvalid });
+  let keys: KeyRecords;
+  let sessions: SessionRecords;
   let adminKey: string | undefined;
-  if (!keys.hasAdmin) {
-    adminKey = (await keys.create(ADMIN_TENANT, { admin: true })).key;
-    log.info({ stateDir }, 'created the admin key (printed once by `tandem cloud`)');
+  try {
+    keys = nc === undefined ? await KeyStore.open(stateDir) : await JetStreamKeyStore.open(nc, { replicas: options.cluster?.replicas, onInvalid });
+    if (!keys.hasAdmin) {
+      adminKey = (await keys.create(ADMIN_TENANT, { admin: true })).key;
+      log.info({ stateDir }, 'created the admin key (printed once by `tandem cloud`)');
+    }
+    sessions = nc === undefined ? await SessionStore.open(stateDir) : await JetStreamSessionStore.open(nc, { replicas: options.cluster?.replicas, onInvalid });
+  } catch (error) {
+    // A half-started gateway must not keep the process alive through its NATS connection.
+    await nc?.close();
+    throw error;
   }
-  const sessions: SessionRecords = nc === undefined ? await SessionStore.open(stateDir) : await JetStreamSessionStore.open(nc, { replicas: options.cluster?.replicas, onInvalid });
   const limits = intersectLimits(options.limits ?? DEFAULT_LIMITS);
   const metrics = new CloudMetrics();
   metrics.sessionsOpen.set(sessions.openCount);

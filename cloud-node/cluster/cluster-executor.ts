@@ -121,7 +121,7 @@ export class ClusterExecutor implements MiddleRunner {
 
   /** Over `connection` (which the caller closes), or a connection of its own to `natsUrl`. */
   static async connect(options: ClusterExecutorOptions, connection?: NatsConnection): Promise<ClusterExecutor> {
-    const executor = new ClusterExecutor(connection ?? (await connectNats(options.natsUrl, `tandem-gateway-${process.pid}`)), options);
+    const executor = new ClusterExecutor(connection ?? (await connectNats(options.natsUrl, `tandem-gateway-${process.pid}`, 'gateway')), options);
     executor.#ownsConnection = connection === undefined;
     return executor;
   }

@@ -86,7 +86,7 @@ export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): P
   const executor = await MiddleExecutor.start({ modelDir: options.modelDir, backend: options.backend, engine: options.engine, workers: options.computeWorkers, log: log.child({ plane: 'compute' }) });
   let nc: NatsConnection;
   try {
-    nc = await connectNats(options.natsUrl, `tandem-worker-${id}`);
+    nc = await connectNats(options.natsUrl, `tandem-worker-${id}`, 'worker');
   } catch (error) {
     await executor.close();
     throw error;

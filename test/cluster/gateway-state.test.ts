@@ -87,8 +87,8 @@ describe('cluster state in JetStream', () => {
 /** A tenant key written straight into the cluster's key bucket. */
 async function tenantKey(nats: TestNatsServer): Promise<string> {
   const { JetStreamKeyStore } = await import('../../cloud-node/state/jetstream-key-store.ts');
-  const { connect } = await import('@nats-io/transport-node');
-  const nc = await connect({ servers: nats.url });
+  const { connectNats } = await import('../../cloud-node/cluster/nats-connection.ts');
+  const nc = await connectNats(nats.url, 'test-keys', 'gateway');
   try {
     const keys = await JetStreamKeyStore.open(nc);
     const { key } = await keys.create('bob');

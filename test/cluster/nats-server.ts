@@ -1,12 +1,17 @@
 // A real nats-server (Debian's) on a free loopback port with JetStream in a temporary store
 // directory, for the cluster tests: started, stopped, and started again on the same port and
-// store (a restart).
+// store (a restart). It runs with the users and permissions of infra/nats/auth.conf, and the
+// passwords are put in this process's environment, where gateways and workers (and the child
+// processes the tests start) read them: every cluster test runs as a deployment would.
 import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import type { ChildProcess } from 'node:child_process';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { natsAuthInclude } from '../../cloud-node/cluster/launcher.ts';
+import { natsPasswordVariable } from '../../cloud-node/cluster/nats-connection.ts';
 
 export const NATS_SERVER = process.env.TANDEM_NATS_SERVER ?? (process.platform === 'linux' ? '/usr/sbin/nats-server' : 'nats-server');
 
@@ -54,6 +59,12 @@ async function waitReady(child: ChildProcess, port: number): Promise<void> {
   });
 }
 
+/** The passwords of the two NATS users, set in process.env once (children inherit them). */
+export function natsPasswords(): { gateway: string; worker: string } {
+  for (const role of ['gateway', 'worker'] as const) process.env[natsPasswordVariable(role)] ??= randomBytes(18).toString('base64url');
+  return { gateway: process.env[natsPasswordVariable('gateway')]!, worker: process.env[natsPasswordVariable('worker')]! };
+}
+
 /** `maxPayload` lowers the server's max_payload (bytes) to exercise large tensors. */
 export async function startNatsServer(options: { maxPayload?: number } = {}): Promise<TestNatsServer> {
   const storeDir = await mkdtemp(join(tmpdir(), 'tandem-nats-'));
@@ -63,6 +74,7 @@ export async function startNatsServer(options: { maxPayload?: number } = {}): Pr
     `listen: 127.0.0.1:${port}`,
     `jetstream { store_dir: ${JSON.stringify(join(storeDir, 'js'))}, max_memory_store: 64MB, max_file_store: 512MB }`,
     options.maxPayload === undefined ? '' : `max_payload: ${options.maxPayload}`,
+    natsAuthInclude(config),
   ].join('\n'));
   let child: ChildProcess | undefined;
   const server: TestNatsServer = {
@@ -71,6 +83,7 @@ export async function startNatsServer(options: { maxPayload?: number } = {}): Pr
     storeDir,
     async start() {
       if (child !== undefined) return;
+      natsPasswords();
       const c = spawn(NATS_SERVER, ['-c', config], { stdio: ['ignore', 'ignore', 'pipe'] });
       child = c;
       c.once('exit', () => { if (child === c) child = undefined; });

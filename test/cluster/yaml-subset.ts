@@ -1,7 +1,7 @@
 // A tiny reader for the YAML our Kubernetes manifests use: documents (---), block maps and
-// sequences by indentation, `- key: value` items, `|` block text, quoted or plain scalars, and
-// the empty flow forms {} and []. Anything else throws, so a manifest cannot drift into a
-// form this test would misread.
+// sequences by indentation, `- key: value` items, `|` block text (blank and # lines kept), quoted
+// or plain scalars, and the empty flow forms {} and []. Anything else throws, so a manifest
+// cannot drift into a form this test would misread.
 
 type Value = string | number | boolean | null | Value[] | { [k: string]: Value };
 
@@ -54,7 +54,11 @@ function block(lines: Line[], at: { i: number }, indent: number): Value {
     at.i++;
     if (value === '|') {
       const text: string[] = [];
-      while (at.i < lines.length && lines[at.i].indent > indent) text.push(`${' '.repeat(lines[at.i].indent - indent - 2)}${lines[at.i++].text}`);
+      while (at.i < lines.length && lines[at.i].indent > indent) {
+        const l = lines[at.i++];
+        text.push(l.text === '' ? '' : `${' '.repeat(l.indent - indent - 2)}${l.text}`);
+      }
+      while (text.at(-1) === '') text.pop();
       out[key] = `${text.join('\n')}\n`;
     } else if (value === undefined || value.trim() === '') {
       out[key] = at.i < lines.length && lines[at.i].indent >= indent && (lines[at.i].indent > indent || lines[at.i].text.startsWith('- ')) ? block(lines, at, lines[at.i].indent) : null;
@@ -69,10 +73,21 @@ function block(lines: Line[], at: { i: number }, indent: number): Value {
 export function readYamlDocuments(text: string): Value[] {
   return text.split(/^---\s*$/m).map((doc) => {
     const lines: Line[] = [];
+    // Inside `|` block text, blank and # lines are text; elsewhere they are skipped.
+    let textUnder: number | undefined;
     doc.split('\n').forEach((raw, i) => {
-      if (/^\s*(#.*)?$/.test(raw)) return;
       const indent = raw.length - raw.trimStart().length;
+      const blank = raw.trim() === '';
+      if (textUnder !== undefined) {
+        if (blank || indent > textUnder) {
+          lines.push({ indent: blank ? textUnder + 1 : indent, text: raw.trim(), no: i + 1 });
+          return;
+        }
+        textUnder = undefined;
+      }
+      if (/^\s*(#.*)?$/.test(raw)) return;
       lines.push({ indent, text: raw.trim(), no: i + 1 });
+      if (/:\s+\|$/.test(raw)) textUnder = indent;
     });
     if (lines.length === 0) return null;
     const at = { i: 0 };
