@@ -15,6 +15,7 @@ import type { BlockRange, KeptTape, MiddleRunner, Shape3 } from '../middle-runne
 import { coverRange } from './block-ranges.ts';
 import type { PipelineSegment } from './block-ranges.ts';
 import { connectNats } from './nats-connection.ts';
+import { WireSpill } from './wire-spill.ts';
 import { WorkerDirectory } from './worker-directory.ts';
 import { CLAIMS_PREFIX, CLAIM_ID_HEADER, CLAIM_TO_HEADER, decodeReply, encodeRequest, rangeSubject, traceHeaders, workerSubject } from './wire.ts';
 import type { MiddleReply, MiddleRequest } from './wire.ts';
@@ -39,6 +40,8 @@ export interface HopStats {
   requests: number;
   roundTripMs: number;
   computeMs: number;
+  /** Requests whose body was over max_payload and went through the object store. */
+  spilled: number;
 }
 
 interface Link {
@@ -87,13 +90,16 @@ class AttemptAbandoned extends Error {
   override readonly name = 'AttemptAbandoned';
 }
 
+/** A reply's msgpack framing and small fields, beyond its output tensor. */
+const REPLY_OVERHEAD_BYTES = 4096;
+
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 export class ClusterExecutor implements MiddleRunner {
   readonly #nc: NatsConnection;
   readonly #directory: WorkerDirectory;
   readonly #options: ClusterExecutorOptions;
-  readonly #hop: HopStats = { requests: 0, roundTripMs: 0, computeMs: 0 };
+  readonly #hop: Omit<HopStats, 'spilled'> = { requests: 0, roundTripMs: 0, computeMs: 0 };
   #inFlight = 0;
   #retries = 0;
   #closed = false;
@@ -101,11 +107,13 @@ export class ClusterExecutor implements MiddleRunner {
   /** Claims of requests in flight: claim id → the worker that took it. */
   readonly #claims = new Map<string, string>();
   readonly #claimSubject = `${CLAIMS_PREFIX}${nuid.next()}`;
+  readonly #spill: WireSpill;
 
   private constructor(nc: NatsConnection, options: ClusterExecutorOptions) {
     this.#nc = nc;
     this.#options = options;
     this.#directory = new WorkerDirectory(nc, options.contentHash);
+    this.#spill = new WireSpill(nc);
     nc.subscribe(this.#claimSubject, {
       callback: (err, msg) => {
         if (err !== null || msg.data.byteLength > 512) return;
@@ -164,7 +172,7 @@ export class ClusterExecutor implements MiddleRunner {
   }
 
   get hop(): HopStats {
-    return { ...this.#hop };
+    return { ...this.#hop, spilled: this.#spill.stats.spilled };
   }
 
   async forward(range: BlockRange, h: Float32Array, shape: Shape3, tenant = ''): Promise<Float32Array> {
@@ -247,20 +255,17 @@ export class ClusterExecutor implements MiddleRunner {
 
   async #send(subject: string, request: MiddleRequest, elements: number, tenant: string, patienceMs: number, deadline: number): Promise<MiddleReply> {
     const started = performance.now();
-    const bytes = encodeRequest(request);
-    const maxPayload = this.#nc.info?.max_payload ?? Number.POSITIVE_INFINITY;
-    if (bytes.byteLength > maxPayload) {
-      throw new CloudError('TANDEM_RESOURCE_EXHAUSTED', { resource: 'NATS payload', reason: `a ${request.op} of ${bytes.byteLength} bytes is over the NATS server's max_payload of ${maxPayload}; raise max_payload or send smaller micro-batches` });
-    }
     const claimId = nuid.next();
     const headers = traceHeaders({ requestId: claimId, tenant });
     headers.set(CLAIM_TO_HEADER, this.#claimSubject);
     headers.set(CLAIM_ID_HEADER, claimId);
+    // Over max_payload, the body goes through the object store (chunked), once for all tries.
+    const body = await this.#spill.outgoing(encodeRequest(request), headers);
     this.#claims.set(claimId, '');
     const sentAt = Date.now();
     let timer: ReturnType<typeof setInterval> | undefined;
     try {
-      const pending = this.#nc.request(subject, bytes, { timeout: Math.max(1, deadline - sentAt), headers });
+      const pending = this.#nc.request(subject, body.data, { timeout: Math.max(1, deadline - sentAt), headers: body.headers });
       pending.catch(() => undefined);
       const abandoned = new Promise<never>((_resolve, reject) => {
         timer = setInterval(() => {
@@ -270,7 +275,7 @@ export class ClusterExecutor implements MiddleRunner {
       });
       abandoned.catch(() => undefined);
       const msg = await Promise.race([pending, abandoned]);
-      const reply = decodeReply(msg.data, elements);
+      const reply = decodeReply(await this.#spill.incoming(msg, elements * 4 + REPLY_OVERHEAD_BYTES), elements);
       if (reply.ok) {
         this.#hop.requests++;
         this.#hop.roundTripMs += performance.now() - started;
