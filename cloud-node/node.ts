@@ -38,7 +38,7 @@ import { keysPlugin } from './plugins/keys.ts';
 import { metricsPlugin } from './plugins/metrics.ts';
 import { emulatorsPlugin } from './plugins/emulators.ts';
 import { federationsPlugin } from './plugins/federations.ts';
-import { Coordinator } from './federation/index.ts';
+import { Coordinator, JetStreamFederationStore } from './federation/index.ts';
 import { modelsPlugin } from './plugins/models.ts';
 import { sessionsPlugin } from './plugins/sessions.ts';
 import { QuotaLedger, quotaExceeded } from './quotas.ts';
@@ -295,7 +295,8 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   await app.register(healthPlugin, { prefix: '/v1', model });
   await app.register(metricsPlugin, { metrics });
   await app.register(dashboardPlugin);
-  const coordinator = await Coordinator.open({ stateDir });
+  // A gateway's federations and rounds are in JetStream too, shared with the other gateways.
+  const coordinator = await Coordinator.open(nc === undefined ? { stateDir } : { store: await JetStreamFederationStore.open(nc, { replicas: options.cluster?.replicas, onInvalid }) });
   // Everything else needs a key: one scope, the auth plugin once, then the per-tenant rate limit.
   await app.register(async (scope) => {
     await scope.register(authPlugin, { keys });
