@@ -1,12 +1,14 @@
 // Federations and rounds in JetStream (bucket tandem-federations) against a real nats-server:
 // the open round with its acknowledged updates and the finished rounds survive a nats-server
 // restart; two coordinators (two gateways) on one bucket see each other's rounds, and a save
-// from a stale record is refused (TANDEM_FED_STATE_CONFLICT) instead of overwriting a round.
+// from a stale record is refused (TANDEM_FED_STATE_CONFLICT) instead of overwriting a round. A
+// record over max_payload goes through the object store, and only its latest copy is kept.
 import assert from 'node:assert/strict';
 import { connect } from '@nats-io/transport-node';
 import type { NatsConnection } from '@nats-io/transport-node';
 import { after, before, describe, it } from 'node:test';
-import { Coordinator, JetStreamFederationStore } from '../../cloud-node/federation/index.ts';
+import { Objm } from '@nats-io/obj';
+import { Coordinator, JetStreamFederationStore, LARGE_FEDERATIONS_BUCKET } from '../../cloud-node/federation/index.ts';
 import type { CoordinatorError } from '../../cloud-node/federation/index.ts';
 import { encodeFloat32 } from '../../protocol/index.ts';
 import type { FederationCreate } from '../../protocol/index.ts';
@@ -14,11 +16,11 @@ import { startNatsServer } from './nats-server.ts';
 import type { TestNatsServer } from './nats-server.ts';
 import { until } from './helpers.ts';
 
-function body(id: string): FederationCreate {
+function body(id: string, values = [1, 2]): FederationCreate {
   return {
     id, model: 'm', mode: 'offsite', rounds: 3, owners: ['a', 'b', 'c'], sampleSize: 3, minOwners: 2, localSteps: 1, roundDeadlineSeconds: 10,
     aggregation: 'fedavg', secureAggregation: false,
-    adapter: { config: '{"peft_type":"LORA"}', tensors: { 'x.lora_A.weight': { shape: [2], data: encodeFloat32(Float32Array.from([1, 2])) } } },
+    adapter: { config: '{"peft_type":"LORA"}', tensors: { 'x.lora_A.weight': { shape: [values.length], data: encodeFloat32(Float32Array.from(values)) } } },
   };
 }
 
@@ -99,6 +101,50 @@ describe('federations and rounds in JetStream', () => {
     } finally {
       first.close();
       second.close();
+    }
+  });
+});
+
+describe('federations larger than max_payload (nats-server with max_payload 16 KiB)', () => {
+  let nats: TestNatsServer;
+  const connections: NatsConnection[] = [];
+  before(async () => {
+    nats = await startNatsServer({ maxPayload: 16 * 1024 });
+  });
+  after(async () => {
+    for (const nc of connections) await nc.close().catch(() => undefined);
+    await nats.close();
+  });
+
+  it('a federation whose adapter alone is over max_payload is stored, seen by another gateway, and survives a restart', async () => {
+    const now = (): number => 9_000_000;
+    const open = async (): Promise<{ nc: NatsConnection; c: Coordinator }> => {
+      const nc = await connect({ servers: nats.url, maxReconnectAttempts: -1, reconnectTimeWait: 100 });
+      connections.push(nc);
+      return { nc, c: await Coordinator.open({ store: await JetStreamFederationStore.open(nc), now, tickMs: 1e9 }) };
+    };
+    const size = 8192; // 32 KiB of float32, about 44 KB of base64
+    const first = await open();
+    const second = await open();
+    await first.c.create(body('big', Array.from({ length: size }, (_, i) => i / size)));
+    await first.c.submit('big', 'a', 1, update(0, Array.from({ length: size }, () => 0.5)));
+    await until(() => second.c.ids().includes('big') && second.c.status('big').current.received.length === 1, 10_000, 'the second gateway saw the large record');
+    assert.deepEqual(second.c.globalAdapter('big'), first.c.globalAdapter('big'));
+    const before = first.c.status('big');
+    const objects = await new Objm(first.nc).open(LARGE_FEDERATIONS_BUCKET);
+    assert.deepEqual((await objects.list()).filter((o) => !o.deleted).length, 1, 'two saves, one stored copy: the superseded one is deleted');
+    first.c.close();
+    second.c.close();
+
+    await nats.stop();
+    await nats.start();
+
+    const reopened = await open();
+    try {
+      assert.deepEqual(reopened.c.status('big'), before);
+      assert.equal(reopened.c.globalAdapter('big').tensors['x.lora_A.weight'].shape[0], size);
+    } finally {
+      reopened.c.close();
     }
   });
 });
