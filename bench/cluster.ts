@@ -104,7 +104,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
         const requests = Math.max(1, after.requests - before.requests);
         const overhead = roundTrip > 0 ? Math.max(0, roundTrip - compute) / roundTrip : 0;
         rows.push({ workers, threadsPerWorker: threads, sessions, tokensPerSecond, stepSeconds: seconds / steps, natsOverheadFraction: overhead, loadAverage: load() });
-        process.stdout.write(`${workers} worker(s) × ${threads} thread(s), ${sessions} sessions, [${shape.join(', ')}] over blocks [${range.start}, ${range.end}): ${tokensPerSecond.toFixed(0)} tokens/s; NATS hop ${((roundTrip - compute) / requests).toFixed(1)} ms per request of ${(roundTrip / requests).toFixed(1)} ms (${(overhead * 100).toFixed(1)}%); load ${load()}\n`);
+        process.stdout.write(`${workers} worker(s) × ${threads} thread(s), ${sessions} sessions, [${shape.join(', ')}] over blocks [${range.start}, ${range.end}): ${tokensPerSecond.toFixed(0)} tokens/s; worker compute ${(compute / requests).toFixed(1)} ms and NATS hop ${((roundTrip - compute) / requests).toFixed(1)} ms per request of ${(roundTrip / requests).toFixed(1)} ms (${(overhead * 100).toFixed(1)}%); load ${load()}\n`);
       } finally {
         await executor.close();
       }
