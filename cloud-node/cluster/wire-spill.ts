@@ -57,11 +57,18 @@ export class WireSpill {
    */
   async outgoing(body: Uint8Array, headers: MsgHdrs = natsHeaders()): Promise<{ data: Uint8Array; headers: MsgHdrs }> {
     if (body.byteLength <= this.inlineLimit) return { data: body, headers };
-    const store = await this.#open();
     const name = nuid.next();
+    const put = async (): Promise<void> => {
+      await (await this.#open()).putBlob({ name, options: { max_chunk_size: Math.max(1024, this.inlineLimit) } }, body);
+    };
     try {
-      await store.putBlob({ name, options: { max_chunk_size: Math.max(1024, this.inlineLimit) } }, body);
+      await put().catch(async () => {
+        // A restarted nats-server has lost the memory bucket: create it again, once.
+        this.#store = undefined;
+        await put();
+      });
     } catch (cause) {
+      this.#store = undefined;
       throw new ClusterError('TANDEM_CLUSTER_BODY_TOO_LARGE', { bytes: body.byteLength, limit: this.inlineLimit, reason: `storing it in the object store failed: ${(cause as Error).message}` }, { cause });
     }
     this.#stats.spilled++;
@@ -81,7 +88,10 @@ export class WireSpill {
     if (!NAME_PATTERN.test(name)) throw new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: SPILL_HEADER, reason: 'not an object name (1 to 64 letters and digits)' });
     const store = await this.#open();
     try {
-      const info = await store.info(name);
+      const info = await store.info(name).catch((cause: unknown) => {
+        this.#store = undefined;
+        throw new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: SPILL_HEADER, reason: `the object store ${SPILL_BUCKET} cannot be read: ${(cause as Error).message}` });
+      });
       if (info === null || info.deleted) throw new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: SPILL_HEADER, reason: `object ${name} is not in ${SPILL_BUCKET} (expired or already read)` });
       if (info.size > maxBytes) throw new ClusterError('TANDEM_CLUSTER_BODY_TOO_LARGE', { bytes: info.size, limit: maxBytes, reason: 'the body is larger than this receiver accepts' });
       const body = await store.getBlob(name);
