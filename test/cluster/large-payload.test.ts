@@ -57,7 +57,7 @@ describe('cluster messages over max_payload (nats-server with max_payload 16 KiB
       await until(jetStreamAnswers(nats.url), 20_000, 'JetStream answered after the restart');
       const again = await trainThrough(gateway.url, gateway.adminKey as string);
       again.losses.forEach((loss, i) => assert.ok(Math.abs(loss - single.losses[i]) <= 1e-5, `after the restart, step ${i + 1}: ${loss} vs ${single.losses[i]}`));
-      assert.ok(gateway.cluster?.hop().spilled ?? 0 > hop.spilled, 'and went through the object store again');
+      assert.ok((gateway.cluster?.hop().spilled ?? 0) > hop.spilled, 'and went through the object store again');
     } finally {
       await gateway.remove();
       await worker.close();
