@@ -1,13 +1,17 @@
 // Aggregate middle throughput of a NATS cluster: 4 concurrent sessions' steps (forward kept
-// on its worker, backward from that tape) sent by a gateway's ClusterExecutor to 1, then 2,
-// worker processes (`tandem cloud --role worker`, one compute thread each), on a random
-// Llama whose middle does real work; and the NATS hop's share of a request's time (round
-// trip at the gateway minus the worker's compute, over the round trip).
-// `npm run bench -- cluster [--quick] [--steps N] [--sessions S]`.
+// on its worker, backward from that tape) sent by a gateway's ClusterExecutor to worker
+// processes (`tandem cloud --role worker --engine ort-cpu`, one compute thread each) on a
+// random Llama whose middle does real work; and the NATS hop's share of a request's time
+// (round trip at the gateway minus the worker's compute, over the round trip).
+// `npm run bench -- cluster [--quick] [--steps N] [--sessions S] [--engine ort-cpu|tfjs]`.
 //
-// Only the middle is timed: the edges' own compute is left out, so tokens/s is what the
-// cluster's workers deliver. On a 2-core machine shared with others the second worker
-// competes for the same cores: read the scaling against the machine's load.
+// Each worker gets a fixed number of intra-op threads (TANDEM_THREADS for ONNX Runtime,
+// TF_NUM_INTRAOP_THREADS for tfjs): left to itself each takes every core, and two workers on a
+// 2-core machine then fight over them. Rows: 1 worker × 1 thread, 2 workers × 1 thread (the
+// scale-out), and 1 worker × 2 threads (the same cores in one process: the honest comparison).
+// Only the middle is timed: the edges' own compute is left out. On a machine shared with
+// others, read the figures against the load averages printed with each row.
+import { loadavg } from 'node:os';
 import { spawn } from 'node:child_process';
 import type { ChildProcess } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -20,8 +24,11 @@ import { randomModelDir } from './split.ts';
 
 const BIN = join(import.meta.dirname, '..', 'bin', 'tandem.js');
 
-function spawnWorker(natsUrl: string, modelDir: string): Promise<ChildProcess> {
-  const child = spawn(process.execPath, [BIN, 'cloud', '--role', 'worker', '--nats', natsUrl, '--model', modelDir, '--log-level', 'warn'], { stdio: ['ignore', 'pipe', 'pipe'] });
+function spawnWorker(natsUrl: string, modelDir: string, engine: string, threads: number): Promise<ChildProcess> {
+  const args = [BIN, 'cloud', '--role', 'worker', '--nats', natsUrl, '--model', modelDir, '--log-level', 'warn'];
+  if (engine !== 'tfjs') args.push('--engine', engine);
+  const env = { ...process.env, TANDEM_THREADS: String(threads), TF_NUM_INTRAOP_THREADS: String(threads), TF_NUM_INTEROP_THREADS: '1', OMP_NUM_THREADS: String(threads) };
+  const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'], env });
   return new Promise((resolve, reject) => {
     let out = '';
     child.stdout?.on('data', (c: Buffer) => {
@@ -32,6 +39,8 @@ function spawnWorker(natsUrl: string, modelDir: string): Promise<ChildProcess> {
     child.once('exit', (code) => reject(new Error(`a worker exited with ${code}:\n${out}`)));
   });
 }
+
+const load = (): string => loadavg().map((l) => l.toFixed(2)).join(' ');
 
 async function stop(child: ChildProcess): Promise<void> {
   if (child.exitCode !== null || child.signalCode !== null) return;
@@ -48,10 +57,13 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
   };
   const steps = flag('--steps', quick ? 2 : 4);
   const sessions = flag('--sessions', 4);
+  const engineAt = args.indexOf('--engine');
+  const engine = engineAt >= 0 ? (args[engineAt + 1] ?? '') : 'ort-cpu';
+  if (!['ort-cpu', 'tfjs'].includes(engine)) throw new Error(`--engine must be ort-cpu or tfjs, got ${JSON.stringify(engine)}`);
   const [batch, seq] = [2, 64];
   const work = await mkdtemp(join(tmpdir(), 'tandem-bench-cluster-'));
   const nats = await startNatsServer();
-  const children: ChildProcess[] = [];
+  let children: ChildProcess[] = [];
   try {
     // split's random Llama of 4 blocks (hidden 512): the middle does real work, a run stays in minutes.
     const modelDir = await randomModelDir(work, true);
@@ -62,10 +74,13 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
     const shape: [number, number, number] = [batch, seq, hidden];
     const rng = new Rng(5);
     const tensor = (): Float32Array => Float32Array.from({ length: batch * seq * hidden }, () => rng.normal() * 0.5);
-    const rows: { workers: number; sessions: number; tokensPerSecond: number; stepSeconds: number }[] = [];
-    let overhead = 0;
-    for (const workers of [1, 2]) {
-      while (children.length < workers) children.push(await spawnWorker(nats.url, modelDir));
+    const rows: { workers: number; threadsPerWorker: number; sessions: number; tokensPerSecond: number; stepSeconds: number; natsOverheadFraction: number; loadAverage: string }[] = [];
+    const loadAtStart = load();
+    process.stdout.write(`load average at start: ${loadAtStart}; engine ${engine}\n`);
+    for (const { workers, threads } of [{ workers: 1, threads: 1 }, { workers: 2, threads: 1 }, { workers: 1, threads: 2 }]) {
+      for (const c of children) await stop(c);
+      children = [];
+      for (let i = 0; i < workers; i++) children.push(await spawnWorker(nats.url, modelDir, engine, threads));
       const executor = await ClusterExecutor.connect({ natsUrl: nats.url, contentHash: `sha256:${loaded.contentHash}` });
       try {
         while (executor.workers < workers) await executor.directory.changed(1000);
@@ -84,18 +99,25 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
         const seconds = (performance.now() - t0) / 1000;
         const after = executor.hop;
         const tokensPerSecond = (sessions * steps * batch * seq) / seconds;
-        rows.push({ workers, sessions, tokensPerSecond, stepSeconds: seconds / steps });
         const roundTrip = after.roundTripMs - before.roundTripMs;
         const compute = after.computeMs - before.computeMs;
-        if (workers === 1) overhead = roundTrip > 0 ? Math.max(0, roundTrip - compute) / roundTrip : 0;
-        process.stdout.write(`${workers} worker(s), ${sessions} sessions, [${shape.join(', ')}] over blocks [${range.start}, ${range.end}): ${tokensPerSecond.toFixed(0)} tokens/s; NATS hop ${((roundTrip - compute) / Math.max(1, after.requests - before.requests)).toFixed(1)} ms per request of ${(roundTrip / Math.max(1, after.requests - before.requests)).toFixed(1)} ms\n`);
+        const requests = Math.max(1, after.requests - before.requests);
+        const overhead = roundTrip > 0 ? Math.max(0, roundTrip - compute) / roundTrip : 0;
+        rows.push({ workers, threadsPerWorker: threads, sessions, tokensPerSecond, stepSeconds: seconds / steps, natsOverheadFraction: overhead, loadAverage: load() });
+        process.stdout.write(`${workers} worker(s) × ${threads} thread(s), ${sessions} sessions, [${shape.join(', ')}] over blocks [${range.start}, ${range.end}): ${tokensPerSecond.toFixed(0)} tokens/s; worker compute ${(compute / requests).toFixed(1)} ms and NATS hop ${((roundTrip - compute) / requests).toFixed(1)} ms per request of ${(roundTrip / requests).toFixed(1)} ms (${(overhead * 100).toFixed(1)}%); load ${load()}\n`);
       } finally {
         await executor.close();
       }
     }
-    const speedup = rows[1].tokensPerSecond / rows[0].tokensPerSecond;
-    process.stdout.write(`2 workers / 1 worker: ${speedup.toFixed(2)}x (target 1.7x); NATS overhead ${(overhead * 100).toFixed(1)}% of the request time with one worker (target <= 10%)\n`);
-    return { model: { hidden, layers: L, middle: range }, batch, seq, steps, rows, speedup, natsOverheadFraction: overhead, note: 'middle only (edge compute excluded); overhead = (gateway round trip - worker compute) / round trip, one worker' };
+    const [one, two, oneWide] = rows;
+    const speedup = two.tokensPerSecond / one.tokensPerSecond;
+    const versusOneWide = two.tokensPerSecond / oneWide.tokensPerSecond;
+    process.stdout.write(`2 workers × 1 thread / 1 worker × 1 thread: ${speedup.toFixed(2)}x (target 1.7x); 2 workers × 1 thread / 1 worker × 2 threads: ${versusOneWide.toFixed(2)}x; NATS overhead ${(one.natsOverheadFraction * 100).toFixed(1)}% of the request time with one worker (target <= 10%)\n`);
+    return {
+      model: { hidden, layers: L, middle: range }, engine, batch, seq, steps, rows, speedup, speedupOverOneWorkerTwoThreads: versusOneWide,
+      natsOverheadFraction: one.natsOverheadFraction, loadAverage: { start: loadAtStart, end: load() },
+      note: 'middle only (edge compute excluded); overhead = (gateway round trip - worker compute) / round trip, 1 worker × 1 thread; speedup = 2 workers × 1 thread over 1 worker × 1 thread',
+    };
   } finally {
     for (const c of children) await stop(c);
     await nats.close();

@@ -121,8 +121,12 @@ export function cloudCommand(io: CommandIo, until: () => Promise<void> = untilSi
             throw new CliError('TANDEM_CLI_FLAG_INVALID', '--blocks', (cause as Error).message);
           }
         }
+        // A worker's middle runs on ONNX Runtime (--engine ort-cpu|ort-cuda; TANDEM_THREADS intra-op threads) or on tfjs (--backend).
+        if (flags.engine !== undefined && flags.engine !== 'ort-cpu' && flags.engine !== 'ort-cuda') {
+          throw new CliError('TANDEM_CLI_FLAG_INVALID', '--engine', `a worker runs ort-cpu or ort-cuda (or tfjs on --backend without --engine), got ${JSON.stringify(flags.engine.slice(0, 40))}`);
+        }
         const worker = await startMiddleWorkerNode({
-          modelDir, modelId: flags.modelId, natsUrl: natsUrls.join(','), blocks: flags.blocks, backend: flags.backend,
+          modelDir, modelId: flags.modelId, natsUrl: natsUrls.join(','), blocks: flags.blocks, backend: flags.backend, engine: flags.engine,
           memoryBudgetBytes: Math.round(numberFlag('--memory-budget', flags.memoryBudget, { min: 0 }) * 2 ** 20),
           tapeTtlMs: Math.round(numberFlag('--activation-ttl', flags.activationTtl, { min: 0 }) * 1000), logLevel: flags.logLevel,
         });

@@ -93,6 +93,7 @@ export class EmulatorRegistry {
   readonly #stored = new Map<string, StoredBundle>();
   /** Builds in progress per tenant: they count against its quota. */
   readonly #buildingBy = new Map<string, number>();
+  readonly #listeners: { stored: ((key: string, dir: string) => Promise<void>)[]; evicted: ((key: string, dir: string) => Promise<void>)[] } = { stored: [], evicted: [] };
 
   constructor(stateDir: string, settings: EmulatorBuildSettings = {}, onDamaged?: (key: string, err: EmulatorError) => void, limits: Partial<EmulatorStorageLimits> = {}) {
     this.dir = join(stateDir, EMULATORS_DIR);
@@ -135,6 +136,16 @@ export class EmulatorRegistry {
     await this.#evictOverTotal();
   }
 
+  /** Awaited after a bundle is built into its folder (a cluster's object store keeps it). */
+  onStored(listener: (key: string, dir: string) => Promise<void>): void {
+    this.#listeners.stored.push(listener);
+  }
+
+  /** Awaited after a bundle's folder is evicted. */
+  onEvicted(listener: (key: string, dir: string) => Promise<void>): void {
+    this.#listeners.evicted.push(listener);
+  }
+
   /** Keys of the bundles on disk, least recently used first. */
   get storedKeys(): string[] {
     return [...this.#stored.keys()];
@@ -167,6 +178,7 @@ export class EmulatorRegistry {
     this.#memory.delete(key);
     // A response being sent holds the bundle's bytes in memory: removing the folder does not cut it.
     await rm(join(this.dir, key), { recursive: true, force: true });
+    for (const l of this.#listeners.evicted) await l(key, join(this.dir, key));
   }
 
   /** Evicts the least recently used bundles (never `keep`) until the totals hold. */
@@ -242,6 +254,7 @@ export class EmulatorRegistry {
       else this.#buildingBy.set(tenant, n);
     }
     this.#stored.set(key, { key, owner: tenant, bytes: await folderBytes(dir), lastUsed: Date.now() });
+    for (const l of this.#listeners.stored) await l(key, dir);
     await this.#evictOverTotal(key);
     return this.#read(dir, key);
   }

@@ -38,7 +38,7 @@ import { keysPlugin } from './plugins/keys.ts';
 import { metricsPlugin } from './plugins/metrics.ts';
 import { emulatorsPlugin } from './plugins/emulators.ts';
 import { federationsPlugin } from './plugins/federations.ts';
-import { Coordinator } from './federation/index.ts';
+import { Coordinator, JetStreamFederationStore } from './federation/index.ts';
 import { modelsPlugin } from './plugins/models.ts';
 import { sessionsPlugin } from './plugins/sessions.ts';
 import { QuotaLedger, quotaExceeded } from './quotas.ts';
@@ -64,12 +64,15 @@ import type { SessionRecords } from './state/session-records.ts';
 import type { KeyRecords } from './state/key-records.ts';
 import { JetStreamKeyStore } from './state/jetstream-key-store.ts';
 import { JetStreamSessionStore } from './state/jetstream-session-store.ts';
+import { JetStreamFileMirror } from './state/jetstream-file-mirror.ts';
 
 /** The event a socket gets, with `{code, message}`, just before the node disconnects it (a revoked key). */
 export const DISCONNECT_REASON_EVENT = 'tandem:disconnect';
 
 export const DEFAULT_MEMORY_BUDGET_BYTES = 512 * 1024 * 1024;
 export const DEFAULT_ACTIVATION_TTL_MS = 10 * 60 * 1000;
+/** The state directory's folders a gateway shares through the object store: emulator bundles, served adapters. */
+const MIRRORED_FOLDERS = ['emulators', 'serving/adapters'] as const;
 
 /** The tfjs backend behind each tfjs engine name. */
 const TFJS_BACKEND_OF: Partial<Record<string, string>> = {
@@ -283,13 +286,26 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     onComputed: (computed) => activity.record(computed),
     shapeLimits: { maxMicrobatchTokens: options.maxMicrobatchTokens, maxSequenceLength: options.maxSequenceLength },
   });
+  // A gateway's adapters and emulator bundles are in the cluster's object store; its state
+  // directory is the copy its registries read, restored from there first.
+  const files = nc === undefined ? undefined : await JetStreamFileMirror.open(nc, stateDir, { replicas: options.cluster?.replicas });
+  if (files !== undefined) {
+    for (const folder of MIRRORED_FOLDERS) await files.restore(folder, (name, reason) => log.warn({ name, reason }, 'a stored file in the object store is skipped'));
+  }
   const emulators = new EmulatorRegistry(
     stateDir, options.emulators,
     (key, err) => log.warn({ bundle: key, err: err.message }, 'a stored emulator bundle does not verify; building it again'),
     { ...options.emulatorStorage, perTenant: (tenant) => quotas.of(tenant).storedBundles },
   );
   await emulators.open();
-  const serving = new Serving(await AdapterRegistry.open(stateDir), servingMetrics, options.serving);
+  const adapters = await AdapterRegistry.open(stateDir);
+  if (files !== undefined) {
+    emulators.onStored((_key, dir) => files.publish(dir));
+    emulators.onEvicted((_key, dir) => files.remove(dir));
+    adapters.onAdded((_record, dir) => files.publish(dir));
+    adapters.onRemoved((record) => files.remove(adapters.dirOf(record)));
+  }
+  const serving = new Serving(adapters, servingMetrics, options.serving);
 
   const app = Fastify({ loggerInstance: log as FastifyBaseLogger, bodyLimit: 1024 * 1024, serverFactory: createServer });
   await app.register(swagger, {
@@ -303,7 +319,8 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   await app.register(healthPlugin, { prefix: '/v1', model });
   await app.register(metricsPlugin, { metrics });
   await app.register(dashboardPlugin);
-  const coordinator = await Coordinator.open({ stateDir });
+  // A gateway's federations and rounds are in JetStream too, shared with the other gateways.
+  const coordinator = await Coordinator.open(nc === undefined ? { stateDir } : { store: await JetStreamFederationStore.open(nc, { replicas: options.cluster?.replicas, onInvalid }) });
   // Everything else needs a key: one scope, the auth plugin once, then the per-tenant rate limit.
   await app.register(async (scope) => {
     await scope.register(authPlugin, { keys });

@@ -5,7 +5,8 @@
 // subject; if the worker is gone (no responders, no answer, it lost the tape) the segment is
 // recomputed from its input by any worker of the range. A request to a range that is not
 // answered in time, or finds no worker, goes again to the range (another worker) until the
-// deadline: the middle is frozen, so computing a forward twice changes nothing.
+// deadline: the middle is frozen, so computing a forward twice changes nothing. A request to a
+// range goes first to the live worker of it that this gateway keeps least busy.
 import { nuid } from '@nats-io/transport-node';
 import type { NatsConnection } from '@nats-io/transport-node';
 import type { Logger } from 'pino';
@@ -15,6 +16,7 @@ import type { BlockRange, KeptTape, MiddleRunner, Shape3 } from '../middle-runne
 import { coverRange } from './block-ranges.ts';
 import type { PipelineSegment } from './block-ranges.ts';
 import { connectNats } from './nats-connection.ts';
+import { WireSpill } from './wire-spill.ts';
 import { WorkerDirectory } from './worker-directory.ts';
 import { CLAIMS_PREFIX, CLAIM_ID_HEADER, CLAIM_TO_HEADER, decodeReply, encodeRequest, rangeSubject, traceHeaders, workerSubject } from './wire.ts';
 import type { MiddleReply, MiddleRequest } from './wire.ts';
@@ -39,6 +41,8 @@ export interface HopStats {
   requests: number;
   roundTripMs: number;
   computeMs: number;
+  /** Requests whose body was over max_payload and went through the object store. */
+  spilled: number;
 }
 
 interface Link {
@@ -87,13 +91,16 @@ class AttemptAbandoned extends Error {
   override readonly name = 'AttemptAbandoned';
 }
 
+/** A reply's msgpack framing and small fields, beyond its output tensor. */
+const REPLY_OVERHEAD_BYTES = 4096;
+
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 export class ClusterExecutor implements MiddleRunner {
   readonly #nc: NatsConnection;
   readonly #directory: WorkerDirectory;
   readonly #options: ClusterExecutorOptions;
-  readonly #hop: HopStats = { requests: 0, roundTripMs: 0, computeMs: 0 };
+  readonly #hop: Omit<HopStats, 'spilled'> = { requests: 0, roundTripMs: 0, computeMs: 0 };
   #inFlight = 0;
   #retries = 0;
   #closed = false;
@@ -101,11 +108,15 @@ export class ClusterExecutor implements MiddleRunner {
   /** Claims of requests in flight: claim id → the worker that took it. */
   readonly #claims = new Map<string, string>();
   readonly #claimSubject = `${CLAIMS_PREFIX}${nuid.next()}`;
+  readonly #spill: WireSpill;
+  /** This gateway's requests in flight to each worker (sent to its own subject). */
+  readonly #perWorker = new Map<string, number>();
 
   private constructor(nc: NatsConnection, options: ClusterExecutorOptions) {
     this.#nc = nc;
     this.#options = options;
     this.#directory = new WorkerDirectory(nc, options.contentHash);
+    this.#spill = new WireSpill(nc);
     nc.subscribe(this.#claimSubject, {
       callback: (err, msg) => {
         if (err !== null || msg.data.byteLength > 512) return;
@@ -164,7 +175,7 @@ export class ClusterExecutor implements MiddleRunner {
   }
 
   get hop(): HopStats {
-    return { ...this.#hop };
+    return { ...this.#hop, spilled: this.#spill.stats.spilled };
   }
 
   async forward(range: BlockRange, h: Float32Array, shape: Shape3, tenant = ''): Promise<Float32Array> {
@@ -247,20 +258,17 @@ export class ClusterExecutor implements MiddleRunner {
 
   async #send(subject: string, request: MiddleRequest, elements: number, tenant: string, patienceMs: number, deadline: number): Promise<MiddleReply> {
     const started = performance.now();
-    const bytes = encodeRequest(request);
-    const maxPayload = this.#nc.info?.max_payload ?? Number.POSITIVE_INFINITY;
-    if (bytes.byteLength > maxPayload) {
-      throw new CloudError('TANDEM_RESOURCE_EXHAUSTED', { resource: 'NATS payload', reason: `a ${request.op} of ${bytes.byteLength} bytes is over the NATS server's max_payload of ${maxPayload}; raise max_payload or send smaller micro-batches` });
-    }
     const claimId = nuid.next();
     const headers = traceHeaders({ requestId: claimId, tenant });
     headers.set(CLAIM_TO_HEADER, this.#claimSubject);
     headers.set(CLAIM_ID_HEADER, claimId);
+    // Over max_payload, the body goes through the object store (chunked), once for all tries.
+    const body = await this.#spill.outgoing(encodeRequest(request), headers);
     this.#claims.set(claimId, '');
     const sentAt = Date.now();
     let timer: ReturnType<typeof setInterval> | undefined;
     try {
-      const pending = this.#nc.request(subject, bytes, { timeout: Math.max(1, deadline - sentAt), headers });
+      const pending = this.#nc.request(subject, body.data, { timeout: Math.max(1, deadline - sentAt), headers: body.headers });
       pending.catch(() => undefined);
       const abandoned = new Promise<never>((_resolve, reject) => {
         timer = setInterval(() => {
@@ -270,7 +278,7 @@ export class ClusterExecutor implements MiddleRunner {
       });
       abandoned.catch(() => undefined);
       const msg = await Promise.race([pending, abandoned]);
-      const reply = decodeReply(msg.data, elements);
+      const reply = decodeReply(await this.#spill.incoming(msg, elements * 4 + REPLY_OVERHEAD_BYTES), elements);
       if (reply.ok) {
         this.#hop.requests++;
         this.#hop.roundTripMs += performance.now() - started;
@@ -293,16 +301,20 @@ export class ClusterExecutor implements MiddleRunner {
     const elements = request.shape[0] * request.shape[1] * request.shape[2];
     const deadline = Date.now() + (this.#options.requestTimeoutMs ?? 25_000);
     const attempt = this.#options.attemptTimeoutMs ?? 10_000;
-    const subject = rangeSubject(this.#options.contentHash, segment.owner);
+    const rangeWide = rangeSubject(this.#options.contentHash, segment.owner);
     this.#inFlight++;
     try {
       for (let tries = 0; ; tries++) {
+        // First to the live worker of the range this gateway keeps least busy (a queue group picks
+        // at random: 4 sessions on 2 workers often land 3 and 1); again, to any worker of the range.
+        const chosen = tries === 0 ? this.#leastBusy(segment.owner) : undefined;
+        const subject = chosen === undefined ? rangeWide : workerSubject(chosen);
         if (this.#closed) throw new CloudError('TANDEM_MODEL_NOT_READY');
         const left = deadline - Date.now();
         if (left <= 0) throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: `no worker of blocks [${segment.owner.start}, ${segment.owner.end}) answered within ${this.#options.requestTimeoutMs ?? 25_000} ms (${tries} tries)` });
         if (tries > 0) this.#retries++;
         try {
-          const reply = await this.#send(subject, request, elements, tenant, Math.max(1, Math.min(attempt, left)), deadline);
+          const reply = await this.#counted(chosen, () => this.#send(subject, request, elements, tenant, Math.max(1, Math.min(attempt, left)), deadline));
           if (reply.ok) return reply;
           throw this.#failed(reply);
         } catch (error) {
@@ -328,7 +340,7 @@ export class ClusterExecutor implements MiddleRunner {
     const elements = shape[0] * shape[1] * shape[2];
     this.#inFlight++;
     try {
-      const reply = await this.#send(workerSubject(link.worker), { op: 'backwardFromTape', tapeId: link.tapeId, shape, g }, elements, tenant, this.#options.attemptTimeoutMs ?? 10_000, Date.now() + (this.#options.requestTimeoutMs ?? 25_000));
+      const reply = await this.#counted(link.worker, () => this.#send(workerSubject(link.worker), { op: 'backwardFromTape', tapeId: link.tapeId, shape, g }, elements, tenant, this.#options.attemptTimeoutMs ?? 10_000, Date.now() + (this.#options.requestTimeoutMs ?? 25_000)));
       if (reply.ok) return reply;
       throw this.#failed(reply);
     } catch (error) {
@@ -337,6 +349,34 @@ export class ClusterExecutor implements MiddleRunner {
       throw error;
     } finally {
       this.#inFlight--;
+    }
+  }
+
+  /**
+   * The live worker owning exactly `owner` with the fewest of this gateway's requests in flight,
+   * then the least announced load; among equals one at random (other gateways choose too).
+   */
+  #leastBusy(owner: BlockRange): string | undefined {
+    let best: { id: string; busy: number; load: number }[] = [];
+    for (const w of this.#directory.servingWorkers()) {
+      if (w.blocks.start !== owner.start || w.blocks.end !== owner.end) continue;
+      const c = { id: w.id, busy: this.#perWorker.get(w.id) ?? 0, load: w.load.queued + w.load.running };
+      const b = best[0];
+      if (b === undefined || c.busy < b.busy || (c.busy === b.busy && c.load < b.load)) best = [c];
+      else if (c.busy === b.busy && c.load === b.load) best.push(c);
+    }
+    return best.length === 0 ? undefined : best[Math.floor(Math.random() * best.length)].id;
+  }
+
+  async #counted<T>(worker: string | undefined, send: () => Promise<T>): Promise<T> {
+    if (worker === undefined) return send();
+    this.#perWorker.set(worker, (this.#perWorker.get(worker) ?? 0) + 1);
+    try {
+      return await send();
+    } finally {
+      const left = (this.#perWorker.get(worker) ?? 1) - 1;
+      if (left <= 0) this.#perWorker.delete(worker);
+      else this.#perWorker.set(worker, left);
     }
   }
 

@@ -4,7 +4,7 @@
 // take a request, and its own subject for the backwards from the tapes it keeps. It announces
 // itself (id, model, blocks, load) about every second, and says goodbye when it stops.
 import { hostname } from 'node:os';
-import type { Msg, NatsConnection, Subscription } from '@nats-io/transport-node';
+import type { Msg, MsgHdrs, NatsConnection, Subscription } from '@nats-io/transport-node';
 import type { Logger } from 'pino';
 import { pino } from 'pino';
 import { loadModelFolder } from '../../model/index.ts';
@@ -18,10 +18,13 @@ import {
   ANNOUNCE_SUBJECT, claimOf, decodeRequest, encodeReply, rangeSubject, safeWorkerId, traceOf, workerSubject,
 } from './wire.ts';
 import type { MiddleReply, MiddleRequest } from './wire.ts';
+import { WireSpill } from './wire-spill.ts';
 
 export const ANNOUNCE_INTERVAL_MS = 1000;
 /** Largest tensor a request may carry (elements), unless the worker is told otherwise. */
 export const DEFAULT_MAX_ELEMENTS = 16384 * 8192;
+/** A request's msgpack framing and small fields, beyond its two tensors. */
+const REQUEST_OVERHEAD_BYTES = 4096;
 
 export interface MiddleWorkerNodeOptions {
   modelDir: string;
@@ -152,14 +155,28 @@ export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): P
     }
   };
 
-  const handle = (msg: Msg): void => {
+  const spill = new WireSpill(nc);
+  // Bodies over max_payload come and go through the object store.
+  const respond = async (msg: Msg, reply: MiddleReply): Promise<void> => {
+    if (msg.reply === undefined || nc.isClosed()) return;
+    let body: { data: Uint8Array; headers?: MsgHdrs };
+    try {
+      body = await spill.outgoing(encodeReply(reply));
+    } catch (error) {
+      const e = error as ClusterError;
+      body = { data: encodeReply({ ok: false, worker: id, kind: 'failed', message: e.message.slice(0, 500), code: e.code }) };
+    }
+    if (!nc.isClosed()) msg.respond(body.data, { headers: body.headers });
+  };
+
+  const handle = async (msg: Msg): Promise<void> => {
     const trace = traceOf(msg.headers);
     let request: MiddleRequest;
     try {
-      request = decodeRequest(msg.data, maxElements);
+      request = decodeRequest(await spill.incoming(msg, maxElements * 4 * 2 + REQUEST_OVERHEAD_BYTES), maxElements);
     } catch (error) {
       const e = error as ClusterError;
-      if (msg.reply !== undefined) msg.respond(encodeReply({ ok: false, worker: id, kind: 'invalid', message: e.message, code: e.code }));
+      await respond(msg, { ok: false, worker: id, kind: 'invalid', message: e.message.slice(0, 500), code: e.code });
       return;
     }
     if (request.op === 'dropTape') {
@@ -178,13 +195,16 @@ export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): P
       },
     ).then((reply) => {
       running--;
-      if (msg.reply !== undefined && !nc.isClosed()) msg.respond(encodeReply(reply));
+      return respond(msg, reply);
     }).catch((error: unknown) => log.error({ err: error }, 'answering a middle request failed'));
+  };
+  const onMessage = (msg: Msg): void => {
+    handle(msg).catch((error: unknown) => log.error({ err: error }, 'handling a middle request failed'));
   };
 
   const subs: Subscription[] = [
-    nc.subscribe(rangeSubject(contentHash, blocks), { queue: `tandem-middle-${rangeName(blocks)}`, callback: (err, msg) => { if (err === null) handle(msg); } }),
-    nc.subscribe(workerSubject(id), { callback: (err, msg) => { if (err === null) handle(msg); } }),
+    nc.subscribe(rangeSubject(contentHash, blocks), { queue: `tandem-middle-${rangeName(blocks)}`, callback: (err, msg) => { if (err === null) onMessage(msg); } }),
+    nc.subscribe(workerSubject(id), { callback: (err, msg) => { if (err === null) onMessage(msg); } }),
   ];
   const status = (): WorkerStatus => ({
     id, model: modelId, blocks: { ...blocks },

@@ -1,19 +1,17 @@
 // The federation coordinator: rounds, sampling, deadlines, minimum owners, aggregation and
-// DP accounting, with every federation's state in <state>/federations/<id>.json, rewritten
-// atomically before an update is acknowledged, so a restarted node resumes the open round
-// with every acknowledged update in it.
+// DP accounting, with every federation's state in a federation store (<state>/federations/
+// <id>.json, or a cluster's JetStream bucket), written whole before an update is acknowledged,
+// so a restarted node resumes the open round with every acknowledged update in it.
 import { createHash } from 'node:crypto';
-import { mkdir, readdir } from 'node:fs/promises';
-import { join } from 'node:path';
 import { FederationError, RdpAccountant, addGaussianNoise, aggregate, clipUpdate, fedAdamStep, layoutOf, flatten, loraAwareDelta, loraPairs, unmaskSum, zeroLoraA } from '../../model/index.ts';
-import type { AdvertisedKeys, EncryptedShare, RevealedShares, SecAggParams } from '../../model/index.ts';
-import type { AccountantState, FedAdamState, Layout, TensorSet } from '../../model/index.ts';
+import type { SecAggParams } from '../../model/index.ts';
+import type { FedAdamState, TensorSet } from '../../model/index.ts';
 import { FEDERATION_AGGREGATIONS, FEDERATION_MODES, decodeFloat32, decodeUint32, encodeFloat32 } from '../../protocol/index.ts';
 import type { FederationCreate, FederationStatus, RoundAssignment, RoundRecord, RoundUpdate, RoundUpdateAck, SecAggKeys, SecAggPhase, SecAggReveal, SecAggShares, SecAggView, WireAdapter, WireShare } from '../../protocol/index.ts';
-import { readJsonState, WriteQueue, writeJsonState } from '../state/json-file.ts';
+import { DirectoryFederationStore } from './directory-federation-store.ts';
 import { CoordinatorError } from './errors.ts';
-
-export const FEDERATIONS_DIR = 'federations';
+import type { FederationRecord, SecAggRound } from './federation-record.ts';
+import type { FederationStore } from './federation-store.ts';
 const ID_RE = /^[a-z0-9][a-z0-9_-]{0,63}$/;
 const MAX_ADAPTER_VALUES = 16 * 1024 * 1024;
 /**
@@ -23,48 +21,6 @@ const MAX_ADAPTER_VALUES = 16 * 1024 * 1024;
  */
 const MAX_EXACT_PRODUCT_WORK = 2 ** 27;
 const MAX_TENSORS = 4096;
-
-interface PendingUpdate {
-  examples: number;
-  values: string;
-  loss: number;
-  validation?: { loss: number; accuracy?: number };
-  bytes: number;
-}
-
-interface FederationRecord {
-  config: Omit<FederationCreate, 'adapter'>;
-  adapterConfig: string;
-  layout: Layout;
-  /** The global adapter, flat, base64 float32. */
-  global: string;
-  state: 'open' | 'done' | 'stopped';
-  round: number;
-  attempt: number;
-  sampled: string[];
-  deadline: number;
-  received: Record<string, PendingUpdate>;
-  bytesSent: number;
-  history: RoundRecord[];
-  accountant: AccountantState;
-  fedAdam?: { m: string; v: string; round: number };
-  rejected: Record<string, number>;
-  stopReason?: string;
-  secagg?: SecAggRound;
-}
-
-/** The secure aggregation of the open round attempt (SecAgg: keys, shares, masked inputs, reveal). */
-interface SecAggRound {
-  phase: SecAggPhase;
-  threshold: number;
-  advertised: Record<string, AdvertisedKeys>;
-  /** Encrypted shares by sender. */
-  shares: Record<string, EncryptedShare[]>;
-  /** Masked inputs, base64 uint32. */
-  masked: Record<string, string>;
-  survivors: string[];
-  reveals: Record<string, RevealedShares>;
-}
 
 /** Shamir threshold of a round of n owners: a majority, and never below the minimum owners. */
 export function secAggThreshold(n: number, minOwners: number): number {
@@ -165,7 +121,10 @@ export function sampleOwners(id: string, owners: readonly string[], round: numbe
 }
 
 export interface CoordinatorOptions {
-  stateDir: string;
+  /** The embedded store's state directory, when no `store` is given. */
+  stateDir?: string;
+  /** Where the federations are kept (a cluster's JetStream bucket); the state directory's folder by default. */
+  store?: FederationStore;
   /** Clock, for tests of deadlines; Date.now by default. */
   now?: () => number;
   /** How often deadlines are checked. */
@@ -174,42 +133,33 @@ export interface CoordinatorOptions {
 }
 
 export class Coordinator {
-  readonly #dir: string;
+  readonly #store: FederationStore;
   readonly #now: () => number;
   readonly #federations = new Map<string, FederationRecord>();
-  readonly #writes = new Map<string, WriteQueue>();
   readonly #timer: NodeJS.Timeout;
   readonly #onRound?: CoordinatorOptions['onRound'];
 
-  private constructor(options: CoordinatorOptions) {
-    this.#dir = join(options.stateDir, FEDERATIONS_DIR);
+  private constructor(options: CoordinatorOptions, store: FederationStore) {
+    this.#store = store;
     this.#now = options.now ?? Date.now;
     this.#onRound = options.onRound;
-    this.#timer = setInterval(() => void this.tick(), options.tickMs ?? 250);
+    this.#timer = setInterval(() => void this.tick().catch(() => undefined), options.tickMs ?? 250);
     this.#timer.unref();
   }
 
   static async open(options: CoordinatorOptions): Promise<Coordinator> {
-    const c = new Coordinator(options);
-    // The folder is made on the first save: a node with no federations leaves no trace in its state directory.
-    const names = await readdir(c.#dir).catch((error: NodeJS.ErrnoException) => {
-      if (error.code === 'ENOENT') return [] as string[];
-      throw error;
-    });
-    for (const name of names) {
-      if (!name.endsWith('.json')) continue;
-      const file = join(c.#dir, name);
-      const raw = (await readJsonState(file)) as unknown as FederationRecord | undefined;
-      if (!raw || typeof raw.config?.id !== 'string' || typeof raw.global !== 'string' || typeof raw.round !== 'number' || typeof raw.received !== 'object') {
-        throw new CoordinatorError('TANDEM_FED_STATE_INVALID', { file, reason: 'not a federation record' });
-      }
-      c.#federations.set(raw.config.id, raw);
-    }
+    if (options.store === undefined && options.stateDir === undefined) throw new CoordinatorError('TANDEM_FED_CONFIG_INVALID', { field: 'stateDir', reason: 'a coordinator needs a state directory or a store' });
+    const store: FederationStore = options.store ?? new DirectoryFederationStore(options.stateDir as string);
+    const c = new Coordinator(options, store);
+    // Another gateway's save replaces the record here (a store with one writer never calls this).
+    store.onRemoteChange = (record) => c.#federations.set(record.config.id, record);
+    for (const record of await store.load()) c.#federations.set(record.config.id, record);
     return c;
   }
 
   close(): void {
     clearInterval(this.#timer);
+    this.#store.close();
   }
 
   async create(body: FederationCreate): Promise<FederationStatus> {
@@ -268,14 +218,7 @@ export class Coordinator {
   }
 
   #save(r: FederationRecord): Promise<void> {
-    const id = r.config.id;
-    let q = this.#writes.get(id);
-    if (!q) this.#writes.set(id, (q = new WriteQueue()));
-    const snapshot = JSON.parse(JSON.stringify(r)) as FederationRecord;
-    return q.run(async () => {
-      await mkdir(this.#dir, { recursive: true });
-      await writeJsonState(join(this.#dir, `${id}.json`), snapshot);
-    });
+    return this.#store.save(JSON.parse(JSON.stringify(r)) as FederationRecord);
   }
 
   #reject(r: FederationRecord, error: CoordinatorError): CoordinatorError {
@@ -371,7 +314,12 @@ export class Coordinator {
       }
       else if (!r.secagg && enough) this.#closeRound(r);
       else this.#openRound(r, r.round, r.attempt + 1);
-      await this.#save(r);
+      try {
+        await this.#save(r);
+      } catch (error) {
+        // Another gateway of the cluster moved the round first: its record arrives by the watch.
+        if (!(error instanceof CoordinatorError && error.code === 'TANDEM_FED_STATE_CONFLICT')) throw error;
+      }
     }
   }
 

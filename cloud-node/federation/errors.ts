@@ -11,6 +11,8 @@ export const COORDINATOR_ERRORS = {
   TANDEM_FED_UPDATE_REPLAY: { status: 409, template: 'tenant {tenant} already sent its update for round {round} attempt {attempt}' },
   TANDEM_FED_UPDATE_SHAPE: { status: 400, template: 'update field {field} is invalid: {reason}' },
   TANDEM_FED_UPDATE_NON_FINITE: { status: 400, template: 'update value {index} is {value}' },
+  TANDEM_FED_STATE_CONFLICT: { status: 409, template: 'federation {federation} was changed by another gateway since revision {revision}; nothing was stored: retry' },
+  TANDEM_FED_STATE_TOO_LARGE: { status: 507, template: 'federation {federation} state is {bytes} bytes; a JetStream entry holds at most the NATS max_payload of {limit}' },
   TANDEM_FED_STATE_INVALID: { status: 500, template: 'federation state file {file} is invalid: {reason}' },
 } as const satisfies Record<string, { status: number; template: string }>;
 

@@ -49,7 +49,8 @@ export class AdapterRegistry {
   readonly #root: string;
   /** tenant → name → record */
   readonly #records = new Map<string, Map<string, ServedAdapterRecord>>();
-  readonly #removed: ((record: ServedAdapterRecord) => void)[] = [];
+  readonly #removed: ((record: ServedAdapterRecord) => void | Promise<void>)[] = [];
+  readonly #added: ((record: ServedAdapterRecord, dir: string) => Promise<void>)[] = [];
 
   private constructor(root: string) {
     this.#root = root;
@@ -83,8 +84,13 @@ export class AdapterRegistry {
     return m;
   }
 
-  /** Called after an adapter is deleted (the resident copy is dropped). */
-  onRemoved(listener: (record: ServedAdapterRecord) => void): void {
+  /** Awaited after an adapter is stored, before the upload is answered (a cluster's object store). */
+  onAdded(listener: (record: ServedAdapterRecord, dir: string) => Promise<void>): void {
+    this.#added.push(listener);
+  }
+
+  /** Called, and awaited, after an adapter is deleted (the resident copy is dropped; a cluster's object store forgets it). */
+  onRemoved(listener: (record: ServedAdapterRecord) => void | Promise<void>): void {
     this.#removed.push(listener);
   }
 
@@ -173,6 +179,7 @@ export class AdapterRegistry {
       await rename(staging, dir);
       await syncDir(join(this.#root, tenant));
       mine.set(name, record);
+      for (const l of this.#added) await l(record, dir);
       return record;
     } finally {
       await rm(staging, { recursive: true, force: true });
@@ -186,7 +193,7 @@ export class AdapterRegistry {
     if (mine === undefined || record === undefined) throw new CloudError('TANDEM_SERVE_MODEL_UNKNOWN', { model: JSON.stringify(name) });
     mine.delete(name);
     await rm(this.dirOf(record), { recursive: true, force: true });
-    for (const l of this.#removed) l(record);
+    for (const l of this.#removed) await l(record);
     return record;
   }
 }

@@ -15,6 +15,9 @@ export interface BucketOptions<T> {
   onInvalid?: (key: string) => void;
 }
 
+/** How many times a put is sent when JetStream does not answer it in time. */
+const PUT_TRIES = 3;
+
 /** A key a JetStream bucket accepts: ids are UUIDs and the like. */
 const KEY_PATTERN = /^[A-Za-z0-9_-]{1,128}$/;
 
@@ -92,10 +95,22 @@ export class JetStreamBucket<T> {
     return this.#values.size;
   }
 
-  /** Writes the record to JetStream (acknowledged by the server) and here. */
+  /**
+   * Writes the record to JetStream (acknowledged by the server) and here. A put unanswered in
+   * time (a nats-server restarting, JetStream recovering its streams) is sent again, up to
+   * PUT_TRIES times: writing the whole record twice is the same as once.
+   */
   async put(key: string, value: T): Promise<void> {
     if (!KEY_PATTERN.test(key)) throw new Error(`a bucket key must match ${KEY_PATTERN}, got ${JSON.stringify(key.slice(0, 40))}`);
-    await this.#kv.put(key, JSON.stringify(value));
+    const data = JSON.stringify(value);
+    for (let tries = 1; ; tries++) {
+      try {
+        await this.#kv.put(key, data);
+        break;
+      } catch (error) {
+        if (tries >= PUT_TRIES || !/timeout|no responders|jetstream not (enabled|available)|503/i.test(`${(error as Error).name} ${(error as Error).message}`)) throw error;
+      }
+    }
     this.#set(key, value);
   }
 

@@ -73,4 +73,10 @@ describe('tandem cloud', () => {
     assert.equal(await main(['cloud', '--model', fixture, '--port', 'eighty'], io), 2);
     assert.match(log.join('\n'), /TANDEM_CLI_FLAG_INVALID.*--port/);
   });
+
+  it('refuses a worker engine other than ONNX Runtime\'s, before connecting to NATS', async () => {
+    const { io, log } = capture();
+    assert.equal(await main(['cloud', '--role', 'worker', '--nats', 'nats://127.0.0.1:1', '--model', fixture, '--engine', 'wasm'], io), 2);
+    assert.match(log.join('\n'), /TANDEM_CLI_FLAG_INVALID.*--engine.*ort-cpu or ort-cuda/);
+  });
 });

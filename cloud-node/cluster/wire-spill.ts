@@ -1,0 +1,104 @@
+// Bodies larger than the NATS server's max_payload (an activation tensor of a long sequence)
+// go through a JetStream object store, which chunks them below max_payload: the message
+// itself then carries only the object's name in a header, and whoever receives it reads the
+// object and deletes it. The bucket is in memory with a short TTL, so a body whose reader died
+// does not outlive it. It is opened only when a first body needs it: a cluster whose tensors
+// fit in max_payload needs no JetStream for its messages.
+import { Objm, StorageType } from '@nats-io/obj';
+import type { ObjectStore } from '@nats-io/obj';
+import { headers as natsHeaders, nanos, nuid } from '@nats-io/transport-node';
+import type { Msg, MsgHdrs, NatsConnection } from '@nats-io/transport-node';
+import { ClusterError } from './errors.ts';
+
+export const SPILL_BUCKET = 'tandem-wire';
+export const SPILL_HEADER = 'tandem-body-object';
+/** Room left in a message for its headers (trace, claim, spill) and the protocol's framing. */
+const HEADROOM_BYTES = 2048;
+/** A spilled body not read within this long is dropped by the server. */
+const SPILL_TTL_MS = 10 * 60 * 1000;
+const NAME_PATTERN = /^[A-Za-z0-9]{1,64}$/;
+
+export interface SpillStats {
+  /** Bodies written to the object store, and their bytes. */
+  spilled: number;
+  spilledBytes: number;
+}
+
+export class WireSpill {
+  readonly #nc: NatsConnection;
+  #store: Promise<ObjectStore> | undefined;
+  readonly #stats: SpillStats = { spilled: 0, spilledBytes: 0 };
+
+  constructor(nc: NatsConnection) {
+    this.#nc = nc;
+  }
+
+  get stats(): SpillStats {
+    return { ...this.#stats };
+  }
+
+  /** The largest body sent inline: the server's max_payload less room for headers. */
+  get inlineLimit(): number {
+    const max = this.#nc.info?.max_payload ?? 1024 * 1024;
+    return Math.max(0, max - HEADROOM_BYTES);
+  }
+
+  #open(): Promise<ObjectStore> {
+    this.#store ??= new Objm(this.#nc).create(SPILL_BUCKET, { storage: StorageType.Memory, ttl: nanos(SPILL_TTL_MS), replicas: 1 }).catch((cause: unknown) => {
+      this.#store = undefined;
+      throw new ClusterError('TANDEM_CLUSTER_BODY_TOO_LARGE', { bytes: 0, limit: this.inlineLimit, reason: `the object store for large bodies is unavailable (is JetStream enabled?): ${(cause as Error).message}` }, { cause });
+    });
+    return this.#store;
+  }
+
+  /**
+   * What to send for `body`: itself when it fits, else an empty payload and, in `headers`, the
+   * name of the object that holds it.
+   */
+  async outgoing(body: Uint8Array, headers: MsgHdrs = natsHeaders()): Promise<{ data: Uint8Array; headers: MsgHdrs }> {
+    if (body.byteLength <= this.inlineLimit) return { data: body, headers };
+    const name = nuid.next();
+    const put = async (): Promise<void> => {
+      await (await this.#open()).putBlob({ name, options: { max_chunk_size: Math.max(1024, this.inlineLimit) } }, body);
+    };
+    try {
+      await put().catch(async () => {
+        // A restarted nats-server has lost the memory bucket: create it again, once.
+        this.#store = undefined;
+        await put();
+      });
+    } catch (cause) {
+      this.#store = undefined;
+      throw new ClusterError('TANDEM_CLUSTER_BODY_TOO_LARGE', { bytes: body.byteLength, limit: this.inlineLimit, reason: `storing it in the object store failed: ${(cause as Error).message}` }, { cause });
+    }
+    this.#stats.spilled++;
+    this.#stats.spilledBytes += body.byteLength;
+    headers.set(SPILL_HEADER, name);
+    return { data: new Uint8Array(0), headers };
+  }
+
+  /**
+   * A received message's body: its payload, or the object its header names (read, then deleted),
+   * refused before it is read when the object is larger than `maxBytes`.
+   */
+  async incoming(msg: Msg, maxBytes: number): Promise<Uint8Array> {
+    const h = msg.headers;
+    if (h === undefined || !h.has(SPILL_HEADER)) return msg.data;
+    const name = h.get(SPILL_HEADER);
+    if (!NAME_PATTERN.test(name)) throw new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: SPILL_HEADER, reason: 'not an object name (1 to 64 letters and digits)' });
+    const store = await this.#open();
+    try {
+      const info = await store.info(name).catch((cause: unknown) => {
+        this.#store = undefined;
+        throw new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: SPILL_HEADER, reason: `the object store ${SPILL_BUCKET} cannot be read: ${(cause as Error).message}` });
+      });
+      if (info === null || info.deleted) throw new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: SPILL_HEADER, reason: `object ${name} is not in ${SPILL_BUCKET} (expired or already read)` });
+      if (info.size > maxBytes) throw new ClusterError('TANDEM_CLUSTER_BODY_TOO_LARGE', { bytes: info.size, limit: maxBytes, reason: 'the body is larger than this receiver accepts' });
+      const body = await store.getBlob(name);
+      if (body === null || body.byteLength !== info.size) throw new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: SPILL_HEADER, reason: `object ${name} could not be read whole` });
+      return body;
+    } finally {
+      store.delete(name).catch(() => undefined);
+    }
+  }
+}

@@ -1,0 +1,60 @@
+// Activation tensors larger than the NATS server's max_payload still cross: with max_payload at
+// 16 KiB, every forward (h: 4 × 32 × 64 float32 = 32 KiB) and backward goes through the
+// JetStream object store in chunks, and split training still equals one process, also after
+// a nats-server restart (the in-memory spill bucket is made again).
+import assert from 'node:assert/strict';
+import { after, before, describe, it } from 'node:test';
+import { startCloudNode } from '../../cloud-node/index.ts';
+import { initBackend } from '../../model/index.ts';
+import { startNatsServer } from './nats-server.ts';
+import type { TestNatsServer } from './nats-server.ts';
+import { FIXTURE, RUN, maxAdapterDiff, startGateway, startWorker, tempDir, trainThrough, until } from './helpers.ts';
+
+const MAX_PAYLOAD = 16 * 1024;
+
+describe('cluster messages over max_payload (nats-server with max_payload 16 KiB)', () => {
+  let nats: TestNatsServer;
+  before(async () => {
+    await initBackend({ backend: 'cpu' });
+    nats = await startNatsServer({ maxPayload: MAX_PAYLOAD });
+  });
+  after(() => nats.close());
+
+  it('a step whose tensors exceed max_payload crosses through the object store and trains as one process does', async () => {
+    assert.ok(RUN.batchSize * RUN.seqLen * 64 * 4 > MAX_PAYLOAD, 'the recipe\'s activations are larger than max_payload');
+    const state = await tempDir('single');
+    const node = await startCloudNode({ modelDir: FIXTURE, stateDir: state.dir, logLevel: 'silent', backend: 'cpu' });
+    let single: Awaited<ReturnType<typeof trainThrough>>;
+    try {
+      single = await trainThrough(node.url, node.adminKey as string);
+    } finally {
+      await node.close();
+      await state.remove();
+    }
+
+    const worker = await startWorker(nats.url);
+    const gateway = await startGateway(nats.url);
+    try {
+      await until(async () => (await gateway.cluster?.status.workers())?.length === 1, 10_000, 'the worker announced');
+      const run = await trainThrough(gateway.url, gateway.adminKey as string);
+      assert.equal(run.losses.length, single.losses.length);
+      run.losses.forEach((loss, i) => assert.ok(Math.abs(loss - single.losses[i]) <= 1e-5, `step ${i + 1}: cluster ${loss} vs one process ${single.losses[i]}`));
+      const diff = maxAdapterDiff(single.adapter, run.adapter);
+      assert.ok(diff <= 1e-5, `adapters differ by ${diff}`);
+      const hop = gateway.cluster?.hop();
+      assert.ok(hop !== undefined && hop.requests >= RUN.steps * 2, 'the middle ran on the worker');
+      assert.ok(hop.spilled >= RUN.steps * 2, `every forward and backward went through the object store (${hop.spilled} of ${hop.requests})`);
+
+      // The spill bucket is in memory: a restarted nats-server has none, and it is made again;
+      // the session's first write, sent while the gateway reconnects, is sent again.
+      await nats.stop();
+      await nats.start();
+      const again = await trainThrough(gateway.url, gateway.adminKey as string);
+      again.losses.forEach((loss, i) => assert.ok(Math.abs(loss - single.losses[i]) <= 1e-5, `after the restart, step ${i + 1}: ${loss} vs ${single.losses[i]}`));
+      assert.ok((gateway.cluster?.hop().spilled ?? 0) > hop.spilled, 'and went through the object store again');
+    } finally {
+      await gateway.remove();
+      await worker.close();
+    }
+  });
+});
