@@ -11,6 +11,9 @@ import { ClusterError } from './errors.ts';
 
 export type NatsRole = 'gateway' | 'worker';
 
+/** The inbox prefix of workers' connections (auth.conf lets the worker user subscribe to it only). */
+export const WORKER_INBOX_PREFIX = '_INBOX_worker';
+
 /** The environment variable holding a role's NATS password. */
 export function natsPasswordVariable(role: NatsRole): string {
   return `TANDEM_NATS_${role.toUpperCase()}_PASSWORD`;
@@ -35,7 +38,9 @@ export function natsCredentials(role: NatsRole, env: NodeJS.ProcessEnv = process
 export async function connectNats(urls: string, name: string, role: NatsRole): Promise<NatsConnection> {
   const credentials = natsCredentials(role);
   try {
-    return await connect({ servers: urls.split(',').map((u) => u.trim()), name, maxReconnectAttempts: -1, reconnectTimeWait: 250, ...credentials });
+    // A worker's replies come to an inbox prefix of its own: it may not listen on the gateways' inboxes.
+    const inboxPrefix = role === 'worker' ? WORKER_INBOX_PREFIX : undefined;
+    return await connect({ servers: urls.split(',').map((u) => u.trim()), name, maxReconnectAttempts: -1, reconnectTimeWait: 250, ...credentials, ...(inboxPrefix === undefined ? {} : { inboxPrefix }) });
   } catch (cause) {
     throw new ClusterError('TANDEM_CLUSTER_NATS_UNREACHABLE', { url: urls.slice(0, 200), reason: (cause as Error).message }, { cause });
   }

@@ -4,7 +4,7 @@
 // from a stale record is refused (TANDEM_FED_STATE_CONFLICT) instead of overwriting a round. A
 // record over max_payload goes through the object store, and only its latest copy is kept.
 import assert from 'node:assert/strict';
-import { connect } from '@nats-io/transport-node';
+import { connectNats } from '../../cloud-node/cluster/nats-connection.ts';
 import type { NatsConnection } from '@nats-io/transport-node';
 import { after, before, describe, it } from 'node:test';
 import { Objm } from '@nats-io/obj';
@@ -30,7 +30,7 @@ describe('federations and rounds in JetStream', () => {
   let nats: TestNatsServer;
   const connections: NatsConnection[] = [];
   const open = async (now: () => number): Promise<Coordinator> => {
-    const nc = await connect({ servers: nats.url, maxReconnectAttempts: -1, reconnectTimeWait: 100 });
+    const nc = await connectNats(nats.url, 'test-federations', 'gateway');
     connections.push(nc);
     return Coordinator.open({ store: await JetStreamFederationStore.open(nc), now, tickMs: 1e9 });
   };
@@ -119,7 +119,7 @@ describe('federations larger than max_payload (nats-server with max_payload 16 K
   it('a federation whose adapter alone is over max_payload is stored, seen by another gateway, and survives a restart', async () => {
     const now = (): number => 9_000_000;
     const open = async (): Promise<{ nc: NatsConnection; c: Coordinator }> => {
-      const nc = await connect({ servers: nats.url, maxReconnectAttempts: -1, reconnectTimeWait: 100 });
+      const nc = await connectNats(nats.url, 'test-federations', 'gateway');
       connections.push(nc);
       return { nc, c: await Coordinator.open({ store: await JetStreamFederationStore.open(nc), now, tickMs: 1e9 }) };
     };

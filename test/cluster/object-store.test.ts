@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { readFile, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { connect } from '@nats-io/transport-node';
+import { connectNats } from '../../cloud-node/cluster/nats-connection.ts';
 import { JetStreamFileMirror } from '../../cloud-node/state/jetstream-file-mirror.ts';
 import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, initBackend } from '../../model/index.ts';
 import { api } from '../cloud-node/helpers.ts';
@@ -30,7 +30,7 @@ describe('adapters and emulator bundles in the JetStream object store', () => {
   });
 
   const stored = async (folder = 'serving/adapters'): Promise<string[]> => {
-    const nc = await connect({ servers: nats.url });
+    const nc = await connectNats(nats.url, 'test-objects', 'gateway');
     try {
       return await (await JetStreamFileMirror.open(nc, '/nonexistent')).names(folder);
     } finally {
