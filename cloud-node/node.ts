@@ -245,16 +245,20 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   // A gateway's keys and sessions are in JetStream, shared with the other gateways.
   const nc = options.cluster === undefined ? undefined : await connectNats(options.cluster.natsUrl, `tandem-gateway-${process.pid}`, 'gateway');
   const onInvalid = (key: string): void => log.warn({ key }, 'a JetStream state entry is malformed; skipped');
+  const onWatch = (bucket: string, state: 'lost' | 'restored', reason?: string): void => {
+    if (state === 'lost') log.error({ bucket, reason }, 'the watch of a JetStream state bucket ended: other gateways\' changes are not seen until it is restored');
+    else log.info({ bucket }, 'the watch of a JetStream state bucket is restored (bucket reloaded)');
+  };
   let keys: KeyRecords;
   let sessions: SessionRecords;
   let adminKey: string | undefined;
   try {
-    keys = nc === undefined ? await KeyStore.open(stateDir) : await JetStreamKeyStore.open(nc, { replicas: options.cluster?.replicas, onInvalid });
+    keys = nc === undefined ? await KeyStore.open(stateDir) : await JetStreamKeyStore.open(nc, { replicas: options.cluster?.replicas, onInvalid, onWatch });
     if (!keys.hasAdmin) {
       adminKey = (await keys.create(ADMIN_TENANT, { admin: true })).key;
       log.info({ stateDir }, 'created the admin key (printed once by `tandem cloud`)');
     }
-    sessions = nc === undefined ? await SessionStore.open(stateDir) : await JetStreamSessionStore.open(nc, { replicas: options.cluster?.replicas, onInvalid });
+    sessions = nc === undefined ? await SessionStore.open(stateDir) : await JetStreamSessionStore.open(nc, { replicas: options.cluster?.replicas, onInvalid, onWatch });
   } catch (error) {
     // A half-started gateway must not keep the process alive through its NATS connection.
     await nc?.close();

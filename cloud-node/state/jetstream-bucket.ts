@@ -13,7 +13,20 @@ export interface BucketOptions<T> {
   /** A record changed or appeared (`after`), or left (undefined), by any writer. */
   onChange?: (key: string, before: T | undefined, after: T | undefined) => void;
   onInvalid?: (key: string) => void;
+  /** The watch that keeps the mirror current ended (`lost`: other gateways' writes are not seen) or was set up again (`restored`, after a reload). */
+  onWatch?: (state: 'lost' | 'restored', reason?: string) => void;
 }
+
+/** What the JetStream stores of a gateway take: replicas, and where to report malformed entries and the watch. */
+export interface JetStreamStateOptions {
+  replicas?: number;
+  onInvalid?: (key: string) => void;
+  onWatch?: (bucket: string, state: 'lost' | 'restored', reason?: string) => void;
+}
+
+/** The first wait before a lost watch is set up again; it doubles up to WATCH_RETRY_MAX_MS. */
+const WATCH_RETRY_MS = 250;
+const WATCH_RETRY_MAX_MS = 5_000;
 
 /** How many times a put is sent when JetStream does not answer it in time. */
 const PUT_TRIES = 3;
@@ -26,6 +39,7 @@ export class JetStreamBucket<T> {
   readonly #options: BucketOptions<T>;
   readonly #values = new Map<string, T>();
   #stop: (() => void) | undefined;
+  #closed = false;
 
   private constructor(kv: KV, options: BucketOptions<T>) {
     this.#kv = kv;
@@ -35,17 +49,46 @@ export class JetStreamBucket<T> {
   static async open<T>(nc: NatsConnection, name: string, options: BucketOptions<T>): Promise<JetStreamBucket<T>> {
     const kv = await new Kvm(nc).create(name, { history: 1, replicas: options.replicas ?? 1, storage: 'file' });
     const bucket = new JetStreamBucket<T>(kv, options);
-    // The watch first, then the load: an update in between is applied twice, harmlessly.
-    const watch = await kv.watch({ include: 'updates' });
-    bucket.#stop = () => watch.stop();
-    void (async () => {
-      for await (const e of watch) bucket.#apply(e.key, e.operation === 'PUT' ? e.value : undefined);
-    })().catch(() => undefined);
-    for await (const key of await kv.keys()) {
-      const entry = await kv.get(key);
-      if (entry !== null && entry.operation === 'PUT') bucket.#apply(key, entry.value);
-    }
+    await bucket.#watch();
     return bucket;
+  }
+
+  /**
+   * The watch first, then the load (an update in between is applied twice, harmlessly). When
+   * the watch ends while the bucket is open, it is reported and set up again with a reload,
+   * so that a revoked key elsewhere does not stay valid here.
+   */
+  async #watch(): Promise<void> {
+    const watch = await this.#kv.watch({ include: 'updates' });
+    this.#stop = () => watch.stop();
+    void (async () => {
+      for await (const e of watch) this.#apply(e.key, e.operation === 'PUT' ? e.value : undefined);
+    })().then(() => 'the watch ended', (error: unknown) => (error as Error).message).then((reason) => this.#rewatch(reason));
+    await this.#load();
+  }
+
+  #rewatch(reason: string): void {
+    if (this.#closed) return;
+    this.#options.onWatch?.('lost', reason);
+    const retry = (delayMs: number): void => {
+      const timer = setTimeout(() => {
+        if (this.#closed) return;
+        this.#watch().then(() => this.#options.onWatch?.('restored'), () => retry(Math.min(WATCH_RETRY_MAX_MS, delayMs * 2)));
+      }, delayMs);
+      timer.unref();
+    };
+    retry(WATCH_RETRY_MS);
+  }
+
+  /** Reads the whole bucket: every live entry applied, and a record gone from it forgotten. */
+  async #load(): Promise<void> {
+    const seen = new Set<string>();
+    for await (const key of await this.#kv.keys()) {
+      seen.add(key);
+      const entry = await this.#kv.get(key);
+      if (entry !== null && entry.operation === 'PUT') this.#apply(key, entry.value);
+    }
+    for (const key of [...this.#values.keys()]) if (!seen.has(key)) this.#apply(key, undefined);
   }
 
   #apply(key: string, bytes: Uint8Array | undefined): void {
@@ -120,6 +163,7 @@ export class JetStreamBucket<T> {
   }
 
   close(): void {
+    this.#closed = true;
     this.#stop?.();
   }
 }

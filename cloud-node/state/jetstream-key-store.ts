@@ -6,6 +6,7 @@ import { randomBytes, randomUUID } from 'node:crypto';
 import type { NatsConnection } from '@nats-io/transport-node';
 import { CloudError } from '../errors.ts';
 import { JetStreamBucket } from './jetstream-bucket.ts';
+import type { JetStreamStateOptions } from './jetstream-bucket.ts';
 import type { KeyRecords } from './key-records.ts';
 import { KEY_PREFIX_LENGTH, checkTenantName, hashKey, parseRecord, viewOf } from './key-store.ts';
 import type { Caller, KeyRecord, KeyView } from './key-store.ts';
@@ -21,7 +22,7 @@ export class JetStreamKeyStore implements KeyRecords {
     this.#listeners = listeners;
   }
 
-  static async open(nc: NatsConnection, options: { replicas?: number; onInvalid?: (key: string) => void } = {}): Promise<JetStreamKeyStore> {
+  static async open(nc: NatsConnection, options: JetStreamStateOptions = {}): Promise<JetStreamKeyStore> {
     const listeners: ((record: KeyRecord) => void)[] = [];
     const bucket = await JetStreamBucket.open<KeyRecord>(nc, KEYS_BUCKET, {
       replicas: options.replicas,
@@ -34,6 +35,7 @@ export class JetStreamKeyStore implements KeyRecords {
         }
       },
       onInvalid: options.onInvalid,
+      onWatch: (state, reason) => options.onWatch?.(KEYS_BUCKET, state, reason),
       onChange: (_key, before, after) => {
         if (after?.revokedAt !== undefined && before?.revokedAt === undefined && before !== undefined) for (const l of listeners) l(after);
       },

@@ -4,7 +4,9 @@
 // by JetStream before the reply goes out, as the directory store fsyncs.
 import type { NatsConnection } from '@nats-io/transport-node';
 import { CloudError } from '../errors.ts';
+import { WriteQueue } from './json-file.ts';
 import { JetStreamBucket } from './jetstream-bucket.ts';
+import type { JetStreamStateOptions } from './jetstream-bucket.ts';
 import type { Caller } from './key-store.ts';
 import { OpenSessionCounts, sessionFor, visibleTo } from './session-access.ts';
 import type { SessionRecords } from './session-records.ts';
@@ -15,6 +17,8 @@ export const SESSIONS_BUCKET = 'tandem-sessions';
 
 export class JetStreamSessionStore implements SessionRecords {
   readonly #bucket: JetStreamBucket<SessionRecord>;
+  /** Updates in flight, per session: run in order. */
+  readonly #updates = new Map<string, WriteQueue>();
   readonly #open: OpenSessionCounts;
 
   private constructor(bucket: JetStreamBucket<SessionRecord>, open: OpenSessionCounts) {
@@ -22,7 +26,7 @@ export class JetStreamSessionStore implements SessionRecords {
     this.#open = open;
   }
 
-  static async open(nc: NatsConnection, options: { replicas?: number; onInvalid?: (key: string) => void } = {}): Promise<JetStreamSessionStore> {
+  static async open(nc: NatsConnection, options: JetStreamStateOptions = {}): Promise<JetStreamSessionStore> {
     const open = new OpenSessionCounts();
     const count = (tenant: string, delta: number): void => open.add(tenant, delta);
     // Snapshots of what was counted, since records are changed in place before a put.
@@ -31,6 +35,7 @@ export class JetStreamSessionStore implements SessionRecords {
       replicas: options.replicas,
       parse: (value, key) => (isSessionRecord(value) && value.id === key ? value : undefined),
       onInvalid: options.onInvalid,
+      onWatch: (state, reason) => options.onWatch?.(SESSIONS_BUCKET, state, reason),
       onChange: (key, _before, after) => {
         const was = counted.get(key);
         if (was !== undefined) count(was, -1);
@@ -76,15 +81,33 @@ export class JetStreamSessionStore implements SessionRecords {
     await this.#bucket.put(record.id, record);
   }
 
+  /**
+   * Updates of one session run one after another, each on the record as the one before left
+   * it: a step's update behind a close must not write back the session as open, nor a lower
+   * step over a higher one.
+   */
   async update(id: string, change: (s: SessionRecord) => void): Promise<SessionRecord> {
-    const s = this.#bucket.get(id);
-    if (s === undefined) throw new CloudError('TANDEM_SESSION_UNKNOWN', { session: id });
-    const next = structuredClone(s);
-    change(next);
-    next.updatedAt = new Date().toISOString();
-    // The bucket changes `s` in place once JetStream has the record: its holders see it.
-    await this.#bucket.put(id, next);
-    return s;
+    let queue = this.#updates.get(id);
+    if (queue === undefined) {
+      queue = new WriteQueue();
+      this.#updates.set(id, queue);
+    }
+    let updated: SessionRecord | undefined;
+    try {
+      await queue.run(async () => {
+        const s = this.#bucket.get(id);
+        if (s === undefined) throw new CloudError('TANDEM_SESSION_UNKNOWN', { session: id });
+        const next = structuredClone(s);
+        change(next);
+        next.updatedAt = new Date().toISOString();
+        // The bucket changes `s` in place once JetStream has the record: its holders see it.
+        await this.#bucket.put(id, next);
+        updated = s;
+      });
+    } finally {
+      if (queue.idle) this.#updates.delete(id);
+    }
+    return updated!;
   }
 
   async remove(id: string): Promise<void> {
