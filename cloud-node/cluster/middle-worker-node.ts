@@ -56,6 +56,8 @@ export interface MiddleWorkerNode {
 interface Held {
   tape: KeptTape;
   storedAt: number;
+  /** The forward's [batch, seq, hidden]: its backward's g must have it. */
+  shape: readonly number[];
 }
 
 /** Tokens computed over the last few seconds, for the announcements' load. */
@@ -107,9 +109,9 @@ export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): P
     tapeBytes -= held.tape.savedBytes;
     held.tape.dispose();
   };
-  const keep = (tape: KeptTape): number => {
+  const keep = (tape: KeptTape, shape: readonly number[]): number => {
     const tapeId = nextTape++;
-    tapes.set(tapeId, { tape, storedAt: Date.now() });
+    tapes.set(tapeId, { tape, storedAt: Date.now(), shape: [...shape] });
     tapeBytes += tape.savedBytes;
     // The oldest leave first; their backwards recompute from h_B on whichever worker gets them.
     for (const old of tapes.keys()) {
@@ -124,8 +126,17 @@ export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): P
     }
   };
 
+  // Checked before anything computes: the wire checked sizes against the shape, this the shape against the model.
+  const hidden = loaded.config.hiddenSize;
+  const context = loaded.config.maxPositionEmbeddings;
+  const fits = (shape: readonly number[]): void => {
+    if (shape[2] !== hidden) throw new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: 'shape', reason: `hidden size ${shape[2]} is not the model's ${hidden}` });
+    if (shape[1] > context) throw new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: 'shape', reason: `a sequence of ${shape[1]} is over the model's context of ${context}` });
+  };
+
   const serve = async (request: Exclude<MiddleRequest, { op: 'dropTape' }>, tenant: string): Promise<MiddleReply> => {
     const started = performance.now();
+    fits(request.shape);
     const tokens = request.shape[0] * request.shape[1];
     switch (request.op) {
       case 'forward': {
@@ -133,7 +144,7 @@ export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): P
         rate.add(tokens);
         if (!request.keepTape) return { ok: true, worker: id, output: await executor.forward(request.blocks, request.h, request.shape, tenant), computeMs: performance.now() - started };
         const { output, tape } = await executor.forwardKeepingTape(request.blocks, request.h, request.shape, tenant);
-        return { ok: true, worker: id, output, tapeId: keep(tape), savedBytes: tape.savedBytes, computeMs: performance.now() - started };
+        return { ok: true, worker: id, output, tapeId: keep(tape, request.shape), savedBytes: tape.savedBytes, computeMs: performance.now() - started };
       }
       case 'backward':
         inside(request.blocks);
@@ -142,6 +153,9 @@ export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): P
       case 'backwardFromTape': {
         const held = tapes.get(request.tapeId);
         if (held === undefined) return { ok: false, worker: id, kind: 'tapeLost', message: `tape ${request.tapeId} is not kept by worker ${id}` };
+        if (held.shape.some((d, i) => d !== request.shape[i])) {
+          throw new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: 'shape', reason: `[${request.shape.join(', ')}] is not the shape of tape ${request.tapeId}'s forward, [${held.shape.join(', ')}]` });
+        }
         tapes.delete(request.tapeId);
         tapeBytes -= held.tape.savedBytes;
         rate.add(tokens);
