@@ -144,6 +144,8 @@ export async function trainEdge(options: EdgeTrainOptions): Promise<EdgeTrainRes
   const defenses = options.defenses === undefined ? undefined : checkDefenses(options.defenses);
   const middleAdapter = options.middleLora === undefined ? undefined : middleAdapterSpec(options.middleLora, recipe, methods.length);
   if (middleAdapter !== undefined && defenses !== undefined) throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', 'a middle LoRA held by the cloud does not combine with privacy defenses yet', { field: 'middleLora' });
+  // An edge checkpoint does not hold the cloud's part: resuming one would pair it with a fresh middle adapter.
+  if (middleAdapter !== undefined && options.checkpointDir !== undefined) throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', 'a middle LoRA held by the cloud does not combine with edge checkpoints yet (the cloud checkpoints its part itself)', { field: 'checkpointDir' });
 
   const client = await connectCloud(options.cloud, { key: options.key, requestTimeoutMs: options.requestTimeoutMs, retries: options.retries, ca: options.ca });
   let edge: Awaited<ReturnType<typeof loadEdgePart>> | undefined;

@@ -26,7 +26,9 @@ export async function heldGauge(cloud: TestCloud): Promise<number> {
   return Number(line.split(' ')[1]);
 }
 
-describe('split training with a cloud-held middle LoRA equals local training of the whole adapter (f32, stories260K)', () => {
+const HELD_SKIP = /^ort/.test(process.env.TANDEM_ENGINE ?? '') ? 'held middle adapters run on the tfjs middle only' : false;
+
+describe('split training with a cloud-held middle LoRA equals local training of the whole adapter (f32, stories260K)', { skip: HELD_SKIP }, () => {
   let cloud: TestCloud;
   before(async () => {
     await initBackend();
