@@ -289,7 +289,12 @@ export class SessionService {
     const spec = hello.training.middleAdapter;
     const held = spec === undefined ? undefined : this.#createHeld(caller.tenant, record, spec);
     if (held !== undefined) await this.#options.held?.add(held);
-    await this.#options.store.add(record);
+    try {
+      await this.#options.store.add(record);
+    } catch (err) {
+      if (held !== undefined) await this.#options.held?.drop(record.id);
+      throw err;
+    }
     this.#touch(record.id);
     this.#options.metrics.sessionsCreated.inc();
     this.#options.metrics.sessionsOpen.set(this.#options.store.openCount);
@@ -320,7 +325,7 @@ export class SessionService {
   async #stepCommit(caller: Caller, request: Envelope, commit: StepCommit): Promise<Reply> {
     const session = this.#options.store.getOpen(caller, commit.sessionId);
     this.#touch(session.id);
-    const held = this.#options.held?.get(session.id);
+    const held = this.#heldOf(session);
     if (held === undefined) throw new CloudError('TANDEM_FEATURE_UNSUPPORTED', { feature: 'StepCommit for a session without a middle adapter held by the cloud' });
     const runtime = this.#runtime(session.id);
     const run = async (): Promise<Body> => {
@@ -333,6 +338,15 @@ export class SessionService {
     const pending = (runtime.commits ?? Promise.resolve()).then(run, run);
     runtime.commits = pending.catch(() => undefined);
     return this.#plain(request, await pending, session.limits);
+  }
+
+  /** The session's held adapter; a session that asked for one never computes without it. */
+  #heldOf(session: SessionRecord): HeldAdapter | undefined {
+    const held = this.#options.held?.get(session.id);
+    if (held === undefined && session.training.middleAdapter !== undefined) {
+      throw new CloudError('TANDEM_STATE_INVALID', { file: `held/${session.id}.json`, reason: 'the session holds a middle adapter and its checkpoint is missing' });
+    }
+    return held;
   }
 
   get #maxTokens(): number {
@@ -431,7 +445,7 @@ export class SessionService {
     const started = performance.now();
     const range = served.middleOf(session.cut);
     let out: Float32Array;
-    const held = this.#options.held?.get(session.id);
+    const held = this.#heldOf(session);
     if (held !== undefined && executor.forwardHeld !== undefined) {
       out = await executor.forwardHeld(range, h, shape, session.tenant, held.lora());
       if (forward.needsBackward) this.#options.cache.put({ sessionId: session.id, step: forward.step, microbatch: forward.microbatch, data: h, shape });
@@ -472,7 +486,7 @@ export class SessionService {
     }
     const started = performance.now();
     let out: Float32Array | undefined;
-    const held = this.#options.held?.get(session.id);
+    const held = this.#heldOf(session);
     if (held !== undefined && executor.backwardHeld !== undefined) {
       // The held adapter's gradients are checkpointed before g_B goes out: an acknowledged backward is never lost.
       const result = await executor.backwardHeld(served.middleOf(session.cut), h, g, shape, session.tenant, held.lora());
