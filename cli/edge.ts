@@ -55,10 +55,11 @@ export function parseMethodFlag(spec: string): MethodSpec {
   return out;
 }
 
-/** `r=8`, `r=8,alpha=16,targets=q_proj,v_proj` (a bare name continues the list of targets). */
+/** `r=8`, `r=8,alpha=16,targets=q_proj,v_proj`, `method=ia3` (a bare name continues the list of targets). */
 export function parseMiddleLoraFlag(spec: string): MiddleLoraOptions {
   const bad = (reason: string): CliError => new CliError('TANDEM_CLI_FLAG_INVALID', '--middle-lora', reason);
   let r: number | undefined;
+  let method: 'lora' | 'ia3' | undefined;
   let alpha: number | undefined;
   let targets: string[] | undefined;
   let last = '';
@@ -75,10 +76,13 @@ export function parseMiddleLoraFlag(spec: string): MiddleLoraOptions {
     if (key === 'r') r = numberFlag('--middle-lora r', value, { min: 1, integer: true });
     else if (key === 'alpha') alpha = numberFlag('--middle-lora alpha', value, { min: Number.MIN_VALUE });
     else if (key === 'targets') targets = value.split('+').filter((t) => t !== '');
-    else throw bad(`unknown key ${JSON.stringify(key.slice(0, 40))}; known: r, alpha, targets`);
+    else if (key === 'method') {
+      if (value !== 'lora' && value !== 'ia3') throw bad(`method is lora or ia3, got ${JSON.stringify(value.slice(0, 40))}`);
+      method = value;
+    } else throw bad(`unknown key ${JSON.stringify(key.slice(0, 40))}; known: method, r, alpha, targets`);
   }
-  if (r === undefined) throw bad('needs r=<rank>');
-  return { r, ...(alpha === undefined ? {} : { alpha }), ...(targets === undefined ? {} : { targets }) };
+  if (r === undefined && method !== 'ia3') throw bad('needs r=<rank>');
+  return { ...(method === undefined ? {} : { method }), ...(r === undefined ? {} : { r }), ...(alpha === undefined ? {} : { alpha }), ...(targets === undefined ? {} : { targets }) };
 }
 
 function collect(value: string, previous: string[]): string[] {
@@ -113,7 +117,7 @@ function trainCommand(io: CommandIo): Command {
     .option('--cache <dir>', 'cache of edge parts (default ~/.cache/tandem)')
     .option('--progress <mode>', 'tty, plain or json (default: tty on a terminal)')
     .option('--defense <list>', 'privacy defenses applied before anything leaves: none, auto, or noise[:SIGMA[:CLIP]], deeper-bottom[:K], max-norm, gradient-noise[:RHO], nopeek[:ALPHA], marvell[:S] (see tandem audit)')
-    .option('--middle-lora <spec>', 'LoRA on the middle blocks, held and trained by the cloud: r=8[,alpha=16][,targets=q_proj,v_proj]; written with the edge\'s parts as one PEFT folder')
+    .option('--middle-lora <spec>', 'an adapter on the middle blocks, held and trained by the cloud: r=8[,alpha=16][,targets=q_proj,v_proj] (LoRA) or method=ia3[,targets=k_proj,v_proj,down_proj]; written with the edge\'s parts as one PEFT folder')
     .option('--engine <name>', ENGINE_FLAG_HELP);
   return addRecipeOptions(addCodecOptions(command, CODEC_DEFAULTS)).action(async (flags: TrainFlags) => {
     // Every flag is checked before the backend starts, the edge part downloads or a session opens.

@@ -9,11 +9,14 @@ import type { LlamaModel } from '../model/index.ts';
 import { ProtocolError } from '../protocol/index.ts';
 import type { MiddleAdapterSpec, StepCommit } from '../protocol/index.ts';
 import { CloudError } from './errors.ts';
-import type { HeldLora, HeldModule } from './middle-compute.ts';
+import type { HeldIa3Module, HeldLora, HeldModule } from './middle-compute.ts';
 import type { HeldAdapterSnapshot, HeldAdapterStore } from './state/held-adapter-store.ts';
 
 const A_SUFFIX = '.lora_A.weight';
 const B_SUFFIX = '.lora_B.weight';
+const IA3_SUFFIX = '.ia3_l';
+/** The modules whose input (IA)^3 scales, as PEFT's default for LLaMA-family models. */
+const IA3_FEEDFORWARD = ['down_proj'];
 
 /** One module's tensors by PEFT key, with AdamW's buffers. */
 interface Param {
@@ -50,7 +53,7 @@ export class HeldAdapter {
     this.tenant = tenant;
     this.spec = spec;
     this.layers = layers;
-    this.#scale = spec.alpha / spec.rank;
+    this.#scale = spec.method === 'lora' ? spec.alpha / spec.rank : 1;
     this.#params = params;
     this.#optimizerSteps = optimizerSteps;
     this.#last = last;
@@ -58,10 +61,9 @@ export class HeldAdapter {
 
   /** A new adapter on `layers` of the served model, initialised as model/peft's createAdapter does for method `methodIndex` of `seed`. */
   static create(model: LlamaModel, sessionId: string, tenant: string, spec: MiddleAdapterSpec, layers: readonly number[]): HeldAdapter {
-    if (spec.method !== 'lora') throw new CloudError('TANDEM_FEATURE_UNSUPPORTED', { feature: `a held middle adapter of method ${spec.method} (only lora is held)` });
     let adapter;
     try {
-      adapter = createAdapter(model, [{ method: 'lora', r: spec.rank, loraAlpha: spec.alpha, targetModules: spec.targets, layersToTransform: [...layers] }], { seed: spec.seed, methodOffset: spec.methodIndex });
+      adapter = createAdapter(model, [methodSpecOf(spec, layers)], { seed: spec.seed, methodOffset: spec.methodIndex });
     } catch (cause) {
       throw new ProtocolError('TANDEM_PROTO_MIDDLE_ADAPTER_INVALID', { field: 'hello.training.middle_adapter', reason: (cause as Error).message.slice(0, 300) }, { cause });
     }
@@ -72,7 +74,7 @@ export class HeldAdapter {
         const value = Float32Array.from(t.variable.dataSync() as Float32Array);
         params.push({ key, shape, value, expAvg: new Float32Array(value.length), expAvgSq: new Float32Array(value.length) });
       }
-      return new HeldAdapter(sessionId, tenant, spec, layers, orderParams(params), 0, undefined);
+      return new HeldAdapter(sessionId, tenant, spec, layers, orderParams(params, spec.method), 0, undefined);
     } finally {
       adapter.dispose();
     }
@@ -81,7 +83,7 @@ export class HeldAdapter {
   /** The adapter as checkpointed (restart). */
   static fromSnapshot(s: HeldAdapterSnapshot): HeldAdapter {
     const params = s.params.map((p) => ({ key: p.key, shape: p.shape, value: p.value, expAvg: p.expAvg, expAvgSq: p.expAvgSq }));
-    const held = new HeldAdapter(s.sessionId, s.tenant, s.spec, s.layers, orderParams(params), s.optimizerSteps, s.last);
+    const held = new HeldAdapter(s.sessionId, s.tenant, s.spec, s.layers, orderParams(params, s.spec.method), s.optimizerSteps, s.last);
     if (s.pending !== undefined) {
       held.#pendingStep = s.pending.step;
       for (const [mb, grads] of s.pending.microbatches) held.#grads.set(mb, grads);
@@ -109,6 +111,13 @@ export class HeldAdapter {
 
   /** The factors as the compute workers take them (copies: a step in flight never sees them change). */
   lora(): HeldLora {
+    if (this.spec.method === 'ia3') {
+      const ia3: HeldIa3Module[] = this.#params.map((p) => {
+        const path = p.key.slice(PEFT_MODULE_PREFIX.length, -IA3_SUFFIX.length);
+        return { path, feedforward: IA3_FEEDFORWARD.some((f) => path.endsWith(`.${f}`)), scale: p.value.slice() };
+      });
+      return { scale: 1, modules: [], ia3 };
+    }
     const modules: HeldModule[] = [];
     for (let i = 0; i < this.#params.length; i += 2) {
       const a = this.#params[i];
@@ -195,8 +204,20 @@ export class HeldAdapter {
   }
 }
 
-/** A then B of each module, modules in the order PEFT's state lists them. */
-function orderParams(params: Param[]): Param[] {
+/** The one-method spec model/peft creates the held adapter from. */
+export function methodSpecOf(spec: MiddleAdapterSpec, layers: readonly number[]): { method: string; [field: string]: unknown } {
+  if (spec.method === 'ia3') {
+    return { method: 'ia3', targetModules: [...spec.targets], feedforwardModules: spec.targets.filter((t) => IA3_FEEDFORWARD.includes(t)), layersToTransform: [...layers] };
+  }
+  return { method: 'lora', r: spec.rank, loraAlpha: spec.alpha, targetModules: [...spec.targets], layersToTransform: [...layers] };
+}
+
+/** LoRA: A then B of each module; (IA)^3: the scales; modules in the order PEFT's state lists them. */
+function orderParams(params: Param[], method: MiddleAdapterSpec['method']): Param[] {
+  if (method === 'ia3') {
+    if (params.some((p) => !p.key.endsWith(IA3_SUFFIX))) throw new CloudError('TANDEM_INTERNAL', { reason: 'held (IA)^3 adapter has tensors other than ia3_l' });
+    return params;
+  }
   const out: Param[] = [];
   for (const a of params.filter((p) => p.key.endsWith(A_SUFFIX))) {
     const b = params.find((p) => p.key === a.key.slice(0, -A_SUFFIX.length) + B_SUFFIX);

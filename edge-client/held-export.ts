@@ -38,9 +38,11 @@ export function splitAdapterConfig(p: SplitAdapterParts): Record<string, unknown
   const middleLayers = layersOf([...p.tensors.keys()].filter((k) => !p.edgeKeys.has(k)));
   const edgeLayers = layersOf(p.edgeKeys);
   const lora = registry.get('lora');
-  const middleSpec: MethodSpec = { method: 'lora', r: p.middle.rank, loraAlpha: p.middle.alpha, targetModules: [...p.middle.targets], layersToTransform: middleLayers };
+  const middleSpec: MethodSpec = p.middle.method === 'ia3'
+    ? { method: 'ia3', targetModules: [...p.middle.targets], feedforwardModules: p.middle.targets.filter((t) => t === 'down_proj'), layersToTransform: middleLayers }
+    : { method: 'lora', r: p.middle.rank, loraAlpha: p.middle.alpha, targetModules: [...p.middle.targets], layersToTransform: middleLayers };
   const [only] = p.edgeMethods;
-  const plain = p.edgeMethods.length === 1 && only.method === 'lora' && (only.r ?? 8) === p.middle.rank && (only.loraAlpha ?? 8) === p.middle.alpha
+  const plain = p.middle.method === 'lora' && p.edgeMethods.length === 1 && only.method === 'lora' && (only.r ?? 8) === p.middle.rank && (only.loraAlpha ?? 8) === p.middle.alpha
     && sameTargets(only.targetModules ?? ['q_proj', 'v_proj'], p.middle.targets) && !only.useDora && !only.useRslora;
   if (plain) {
     const layers = [...new Set([...edgeLayers, ...middleLayers])].sort((a, b) => a - b);
@@ -51,7 +53,8 @@ export function splitAdapterConfig(p: SplitAdapterParts): Record<string, unknown
     const spec = m.method === 'lora' && m.layersToTransform === undefined ? { ...m, layersToTransform: edgeLayers } : m;
     return { tandem_method: method.name, ...method.toJson(method.fromSpec(spec)) };
   });
-  return { peft_type: COMPOSITE_PEFT_TYPE, ...common, methods: [...edge, { tandem_method: 'lora', ...lora.toJson(lora.fromSpec(middleSpec)) }] };
+  const middle = registry.get(middleSpec.method);
+  return { peft_type: COMPOSITE_PEFT_TYPE, ...common, methods: [...edge, { tandem_method: middle.name, ...middle.toJson(middle.fromSpec(middleSpec)) }] };
 }
 
 export async function writeSplitAdapter(dir: string, p: SplitAdapterParts): Promise<void> {

@@ -48,22 +48,31 @@ export interface EdgeTrainOptions extends Partial<TrainRecipe>, Omit<RunSettings
 }
 
 export interface MiddleLoraOptions {
-  r: number;
+  /** lora (default) or ia3. */
+  method?: 'lora' | 'ia3';
+  /** LoRA's rank (unused by ia3). */
+  r?: number;
   /** lora_alpha; 2·r by default. */
   alpha?: number;
-  /** target_modules; q_proj and v_proj by default. */
+  /** target_modules; q_proj and v_proj by default (ia3: k_proj, v_proj, down_proj; down_proj's input is scaled). */
   targets?: string[];
 }
 
 /** The middle adapter as Hello asks for it: the seed chain and AdamW of this run. */
 export function middleAdapterSpec(o: MiddleLoraOptions, recipe: TrainRecipe, edgeMethods: number): MiddleAdapterSpec {
-  if (!Number.isInteger(o.r) || o.r < 1 || o.r > MIDDLE_ADAPTER_LIMITS.rank) throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', `middle LoRA rank must be an integer from 1 to ${MIDDLE_ADAPTER_LIMITS.rank}, got ${o.r}`, { field: 'middleLora.r' });
-  const alpha = o.alpha ?? 2 * o.r;
-  if (!Number.isFinite(alpha) || alpha <= 0) throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', `middle LoRA alpha must be a number > 0, got ${alpha}`, { field: 'middleLora.alpha' });
-  const targets = o.targets ?? ['q_proj', 'v_proj'];
-  if (targets.length === 0 || targets.length > MIDDLE_ADAPTER_LIMITS.targets) throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', `middle LoRA needs 1 to ${MIDDLE_ADAPTER_LIMITS.targets} target modules`, { field: 'middleLora.targets' });
-  if (recipe.optimizer !== 'adamw') throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', `the cloud steps a middle LoRA with AdamW; this run uses ${recipe.optimizer}`, { field: 'optimizer' });
-  return { method: 'lora', rank: o.r, alpha, targets: [...targets], seed: seedsOf(recipe.seed).adapter, methodIndex: edgeMethods, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: recipe.weightDecay };
+  const method = o.method ?? 'lora';
+  if (method !== 'lora' && method !== 'ia3') throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', `middle adapter method must be lora or ia3, got ${JSON.stringify(method)}`, { field: 'middleLora.method' });
+  const r = method === 'lora' ? o.r : 0;
+  if (method === 'lora' && (r === undefined || !Number.isInteger(r) || r < 1 || r > MIDDLE_ADAPTER_LIMITS.rank)) {
+    throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', `middle LoRA rank must be an integer from 1 to ${MIDDLE_ADAPTER_LIMITS.rank}, got ${o.r}`, { field: 'middleLora.r' });
+  }
+  const rank = r ?? 0;
+  const alpha = method === 'lora' ? (o.alpha ?? 2 * rank) : 0;
+  if (method === 'lora' && (!Number.isFinite(alpha) || alpha <= 0)) throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', `middle LoRA alpha must be a number > 0, got ${alpha}`, { field: 'middleLora.alpha' });
+  const targets = o.targets ?? (method === 'ia3' ? ['k_proj', 'v_proj', 'down_proj'] : ['q_proj', 'v_proj']);
+  if (targets.length === 0 || targets.length > MIDDLE_ADAPTER_LIMITS.targets) throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', `the middle adapter needs 1 to ${MIDDLE_ADAPTER_LIMITS.targets} target modules`, { field: 'middleLora.targets' });
+  if (recipe.optimizer !== 'adamw') throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', `the cloud steps a middle adapter with AdamW; this run uses ${recipe.optimizer}`, { field: 'optimizer' });
+  return { method, rank, alpha, targets: [...targets], seed: seedsOf(recipe.seed).adapter, methodIndex: edgeMethods, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: recipe.weightDecay };
 }
 
 /** The defenses as Hello offers them; a noise clip of 0 is fixed later from the first h_B, so its std is not stated yet. */

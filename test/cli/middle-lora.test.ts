@@ -26,7 +26,8 @@ describe('tandem edge train --middle-lora', { skip: HELD_SKIP }, () => {
     assert.deepEqual(parseMiddleLoraFlag('r=8'), { r: 8 });
     assert.deepEqual(parseMiddleLoraFlag('r=8,targets=q_proj,v_proj'), { r: 8, targets: ['q_proj', 'v_proj'] });
     assert.deepEqual(parseMiddleLoraFlag('r=4,alpha=8,targets=q_proj+down_proj'), { r: 4, alpha: 8, targets: ['q_proj', 'down_proj'] });
-    for (const bad of ['alpha=8', 'r=0', 'r=8,dropout=0.1', 'q_proj,r=8']) {
+    assert.deepEqual(parseMiddleLoraFlag('method=ia3'), { method: 'ia3' });
+    for (const bad of ['alpha=8', 'r=0', 'r=8,dropout=0.1', 'q_proj,r=8', 'method=vera,r=8']) {
       const r = await tandem(['edge', 'train', '--cloud', 'http://127.0.0.1:9', '--key', 'k', '--model', 'stories260K', '--data', DATA, '--steps', '1', '--middle-lora', bad]);
       assert.equal(r.code, 2, bad);
       assert.match(r.log, /TANDEM_CLI_FLAG_INVALID: --middle-lora/, bad);

@@ -48,17 +48,17 @@ describe('middle adapters held by the node', { skip: HELD_SKIP }, () => {
     assert.ok(frames.every((f) => /^base_model\.model\.model\.layers\.[123]\.self_attn\.[qv]_proj\.lora_[AB]\.weight$/.test(f.name)));
   });
 
-  it('refuses what it cannot hold: ia3, a rank over the tenant quota, a target the model lacks, the 1.0 flag alone', async () => {
+  it('refuses what it cannot hold: a rank over the tenant quota, a target the model lacks, the 1.0 flag alone; holds ia3', async () => {
     const node = await startTestNode({ quotas: { heldAdapterRank: 8 } });
     const key = await createTenantKey(node, 'bob');
     const client = await TestClient.connect(node, key);
     const hello = (t: ReturnType<typeof training> | { methods: string[]; cloudMiddleLora: boolean; middleLoraRank: number }) =>
       client.request({ case: 'hello', value: { ...(helloValue()), cut: CUT, training: t } } as Body);
-    assertError(await hello(training({ method: 'ia3' })), 'TANDEM_FEATURE_UNSUPPORTED');
+    assert.equal((await hello(training({ method: 'ia3', rank: 0, alpha: 0, targets: ['k_proj', 'down_proj'] }))).body.case, 'welcome');
     assertError(await hello(training({ rank: 16 })), 'TANDEM_QUOTA_EXCEEDED');
     assertError(await hello(training({ targets: ['nope_proj'] })), 'TANDEM_PROTO_MIDDLE_ADAPTER_INVALID');
     assertError(await hello({ methods: [], cloudMiddleLora: true, middleLoraRank: 8 }), 'TANDEM_FEATURE_UNSUPPORTED');
-    assert.equal(await metric(node, 'tandem_held_adapters'), 0);
+    assert.equal(await metric(node, 'tandem_held_adapters'), 1, 'only the ia3 session holds an adapter');
   });
 
   it('a session whose edge vanished frees its adapter, and its checkpoint, when it expires', async () => {

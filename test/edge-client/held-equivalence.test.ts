@@ -65,4 +65,28 @@ describe('split training with a cloud-held middle LoRA equals local training of 
       await out.remove();
     }
   });
+
+  it('(IA)^3 held on the middle blocks (k_proj, v_proj, down_proj) with LoRA on the edge: same losses and adapter, one composite folder', async () => {
+    const cache = await tempDir('cache');
+    const out = await tempDir('out');
+    const ia3: MethodSpec = { method: 'ia3', targetModules: ['k_proj', 'v_proj', 'down_proj'], feedforwardModules: ['down_proj'], layersToTransform: [1, 2, 3] };
+    try {
+      const split = await trainEdge({
+        cloud: cloud.url, key: cloud.key, model: MODEL_ID, data: DEMO_DATA, cut: { bottom: 1, top: 1 }, methods: [EDGE], ...common,
+        middleLora: { method: 'ia3' }, codecForward: 'f32', codecBackward: 'f32', evaluate: false, cacheDir: cache.dir, out: out.dir,
+      });
+      const local = await trainReference({ methods: [EDGE, ia3], ...common });
+      split.losses.forEach((loss, i) => assert.ok(Math.abs(loss - local.losses[i]) <= 1e-5, `step ${i + 1}: split ${loss} vs local ${local.losses[i]}`));
+      const diff = maxAdapterDiff(local.adapter, split.adapter);
+      assert.ok(diff <= 1e-5, `adapters differ by ${diff}`);
+      const scale = split.adapter.get('base_model.model.model.layers.2.mlp.down_proj.ia3_l');
+      assert.ok(scale !== undefined && scale.shape[0] === 1 && scale.data.some((v) => v !== 1), 'the middle (IA)^3 trained (an input scale of down_proj)');
+      const config = JSON.parse(await readFile(join(out.dir, 'adapter_config.json'), 'utf8')) as { peft_type: string; methods: { tandem_method: string }[] };
+      assert.equal(config.peft_type, 'TANDEM');
+      assert.deepEqual(config.methods.map((m) => m.tandem_method), ['lora', 'ia3']);
+    } finally {
+      await cache.remove();
+      await out.remove();
+    }
+  });
 });
