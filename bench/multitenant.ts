@@ -9,9 +9,15 @@
 //    of h_B and of the LoRA factors) with each its own LoRA (r 8 on q_proj, v_proj of every
 //    middle block; Punica's grouping: the base matmul once for all tokens, the low-rank
 //    parts per session) against the same 8 sessions with none, in this thread.
+// 3. The real path of cloud-held middle adapters (protocol 1.3): 8 concurrent sessions through
+//    the executor, each holding its own LoRA (cloud-node/held-adapters.ts: created from its seed,
+//    forwards batched with segment-lora, the backward recomputing from h_B and returning the
+//    factors' gradients, then the AdamW commit), against 8 sessions with none on the same
+//    recompute path (Forward without a tape, Backward from h_B).
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { HeldAdapter } from '../cloud-node/held-adapters.ts';
 import { MiddleExecutor } from '../cloud-node/middle-executor.ts';
 import { LlamaModel, PackedBlocks, Rng, gradients, initBackend, loadModelFolder, parseModelConfig, saveModelFolder, segmentLoraDelta, tf } from '../model/index.ts';
 import type { LoraFactors, SegmentLora } from '../model/index.ts';
@@ -28,8 +34,12 @@ interface Row {
   tokensPerSecond: number;
   p50StepSeconds: number;
   p99StepSeconds: number;
-  /** executor: through the cloud's executor (a worker thread); packed: one packed middle training step in this thread. */
-  measured: 'executor' | 'packed';
+  /**
+   * executor: through the cloud's executor (a worker thread), tapes kept; packed: one packed
+   * middle training step in this thread; held: the executor's recompute path, with a held
+   * middle LoRA per session (middleLora true) or none (false).
+   */
+  measured: 'executor' | 'packed' | 'held';
 }
 
 function quantile(sorted: number[], q: number): number {
@@ -124,6 +134,46 @@ async function packedLoraSteps(model: LlamaModel, sessions: number, steps: numbe
   return times.sort((a, b) => a - b);
 }
 
+/** `sessions` concurrent loops through the executor's recompute path, each with its own held LoRA or none. */
+async function heldSessionsOn(executor: MiddleExecutor, model: LlamaModel, sessions: number, steps: number, withLora: boolean): Promise<{ tokensPerSecond: number; p50: number; p99: number }> {
+  const { hiddenSize: hidden, numHiddenLayers: layers } = model.config;
+  const range = { start: CUT.bottom, end: layers - CUT.top };
+  const middle = Array.from({ length: range.end - range.start }, (_, i) => range.start + i);
+  const shape: [number, number, number] = [1, SEQ, hidden];
+  const rng = new Rng(100 + sessions);
+  const spec = { method: 'lora' as const, rank: 8, alpha: 16, targets: ['q_proj', 'v_proj'], methodIndex: 1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0.01 };
+  const inputs = Array.from({ length: sessions }, (_, i) => ({
+    h: random(SEQ * hidden, rng), g: random(SEQ * hidden, rng, 1e-3),
+    held: withLora ? HeldAdapter.create(model, `bench-${i}`, `tenant${i}`, { ...spec, seed: i }, middle) : undefined,
+  }));
+  const stepOf = new Array<number>(sessions).fill(0);
+  const step = async (i: number): Promise<number> => {
+    const t0 = performance.now();
+    const { h, g, held } = inputs[i];
+    const tenant = `tenant${i}`;
+    if (held === undefined) {
+      await executor.forward(range, h, shape, tenant);
+      await executor.backward(range, h, g, shape, tenant);
+    } else {
+      await executor.forwardHeld(range, h, shape, tenant, held.lora());
+      const { loraGrads } = await executor.backwardHeld(range, h, g, shape, tenant, held.lora());
+      const s = ++stepOf[i];
+      held.accumulate(s, 0, loraGrads);
+      held.commit({ sessionId: held.sessionId, step: s, lr: 1e-4, maxGradNorm: 1, edgeGradSquareSum: 0, microbatches: 1, exportAdapter: false });
+    }
+    return (performance.now() - t0) / 1000;
+  };
+  await Promise.all(inputs.map((_, i) => step(i)));
+  const latencies: number[] = [];
+  const t0 = performance.now();
+  await Promise.all(inputs.map(async (_, i) => {
+    for (let s = 0; s < steps; s++) latencies.push(await step(i));
+  }));
+  const wall = (performance.now() - t0) / 1000;
+  latencies.sort((a, b) => a - b);
+  return { tokensPerSecond: (sessions * steps * SEQ) / wall, p50: quantile(latencies, 0.5), p99: quantile(latencies, 0.99) };
+}
+
 export async function run(args: string[]): Promise<Record<string, unknown>> {
   const quick = args.includes('--quick');
   const stepsAt = args.indexOf('--steps');
@@ -163,6 +213,19 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
         rows.push({ sessions: 8, batched: true, middleLora, tokensPerSecond: (8 * SEQ) / p50, p50StepSeconds: p50, p99StepSeconds: quantile(times, 0.99), measured: 'packed' });
         process.stdout.write(`8 sessions packed in-thread, ${middleLora ? 'each its own middle LoRA' : 'no middle LoRA'}: p50 ${p50.toFixed(3)} s a training step of the middle\n`);
       }
+      if (engine === undefined) {
+        // Held adapters run on the tfjs compute only (ONNX Runtime's graphs take no LoRA).
+        const executor = await MiddleExecutor.start({ modelDir: dir, batchWindowMs: windowMs, maxBatchTokens: 8 * SEQ });
+        try {
+          for (const middleLora of [false, true]) {
+            const r = await heldSessionsOn(executor, model, 8, steps, middleLora);
+            rows.push({ sessions: 8, batched: true, middleLora, tokensPerSecond: r.tokensPerSecond, p50StepSeconds: r.p50, p99StepSeconds: r.p99, measured: 'held' });
+            process.stdout.write(`8 sessions through the executor's recompute path, ${middleLora ? 'each its own held middle LoRA (forward, backward, AdamW commit)' : 'no middle LoRA'}: ${r.tokensPerSecond.toFixed(0)} tokens/s, p50 ${r.p50.toFixed(3)} s, p99 ${r.p99.toFixed(3)} s\n`);
+          }
+        } finally {
+          await executor.close();
+        }
+      }
     } finally {
       model.dispose();
     }
@@ -175,9 +238,11 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
       batchedOverUnbatchedAt8: at('executor', 8, true).tokensPerSecond / at('executor', 8, false).tokensPerSecond,
       loraOverNoneAt8: at('packed', 8, true, true).p50StepSeconds / at('packed', 8, true).p50StepSeconds,
       batchedP99At8OverOneSession: at('executor', 8, true).p99StepSeconds / at('executor', 1, true).p99StepSeconds,
+      ...(engine === undefined ? { heldLoraOverNoneAt8: at('held', 8, true, true).p50StepSeconds / at('held', 8, true).p50StepSeconds } : {}),
     };
     process.stdout.write(`executor ${engine ?? `tfjs ${backend.name}`}, in-thread ${backend.name}; targets: 8 batched / 8 unbatched ${targets.batchedOverUnbatchedAt8.toFixed(2)}x (>= 3), `
-      + `8 LoRAs / none ${targets.loraOverNoneAt8.toFixed(2)}x (<= 1.2), batched p99 at 8 / 1 session ${targets.batchedP99At8OverOneSession.toFixed(2)}x (<= 2)\n`);
+      + `8 LoRAs / none ${targets.loraOverNoneAt8.toFixed(2)}x (<= 1.2), batched p99 at 8 / 1 session ${targets.batchedP99At8OverOneSession.toFixed(2)}x (<= 2)`
+      + `${targets.heldLoraOverNoneAt8 === undefined ? '' : `, 8 held LoRAs / none through the executor ${targets.heldLoraOverNoneAt8.toFixed(2)}x (<= 1.2)`}\n`);
     return { backend: backend.name, executorEngine: engine ?? `tfjs ${backend.name}`, steps, seq: SEQ, cut: CUT, windowMs, parameters: [...loaded.weights.values()].reduce((n, w) => n + w.data.length, 0), rows, targets };
   } finally {
     await rm(work, { recursive: true, force: true });

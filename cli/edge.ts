@@ -1,6 +1,6 @@
 import { Command } from 'commander';
 import { DEFAULT_METHODS, edgeGenerate, progressPrinter, trainEdge } from '../edge-client/index.ts';
-import type { EdgeTrainResult, ProgressMode } from '../edge-client/index.ts';
+import type { EdgeTrainResult, MiddleLoraOptions, ProgressMode } from '../edge-client/index.ts';
 import { AUTO_DEFENSES, exportAdapter, initBackend, parseDefenses } from '../model/index.ts';
 import type { MethodSpec } from '../model/index.ts';
 import { CliError } from './errors.ts';
@@ -26,6 +26,7 @@ interface TrainFlags extends RecipeFlags, CodecFlags {
   out?: string;
   cache?: string;
   progress?: string;
+  middleLora?: string;
 }
 
 const CODEC_DEFAULTS = { forward: 'f32', backward: 'f32' } as const;
@@ -52,6 +53,36 @@ export function parseMethodFlag(spec: string): MethodSpec {
     }
   }
   return out;
+}
+
+/** `r=8`, `r=8,alpha=16,targets=q_proj,v_proj`, `method=ia3` (a bare name continues the list of targets). */
+export function parseMiddleLoraFlag(spec: string): MiddleLoraOptions {
+  const bad = (reason: string): CliError => new CliError('TANDEM_CLI_FLAG_INVALID', '--middle-lora', reason);
+  let r: number | undefined;
+  let method: 'lora' | 'ia3' | undefined;
+  let alpha: number | undefined;
+  let targets: string[] | undefined;
+  let last = '';
+  for (const part of spec.split(',').map((p) => p.trim()).filter((p) => p !== '')) {
+    const eq = part.indexOf('=');
+    if (eq < 0) {
+      if (last !== 'targets' || targets === undefined) throw bad(`expected key=value (r, alpha, targets), got ${JSON.stringify(part.slice(0, 40))}`);
+      targets.push(part);
+      continue;
+    }
+    const key = part.slice(0, eq);
+    const value = part.slice(eq + 1);
+    last = key;
+    if (key === 'r') r = numberFlag('--middle-lora r', value, { min: 1, integer: true });
+    else if (key === 'alpha') alpha = numberFlag('--middle-lora alpha', value, { min: Number.MIN_VALUE });
+    else if (key === 'targets') targets = value.split('+').filter((t) => t !== '');
+    else if (key === 'method') {
+      if (value !== 'lora' && value !== 'ia3') throw bad(`method is lora or ia3, got ${JSON.stringify(value.slice(0, 40))}`);
+      method = value;
+    } else throw bad(`unknown key ${JSON.stringify(key.slice(0, 40))}; known: method, r, alpha, targets`);
+  }
+  if (r === undefined && method !== 'ia3') throw bad('needs r=<rank>');
+  return { ...(method === undefined ? {} : { method }), ...(r === undefined ? {} : { r }), ...(alpha === undefined ? {} : { alpha }), ...(targets === undefined ? {} : { targets }) };
 }
 
 function collect(value: string, previous: string[]): string[] {
@@ -86,6 +117,7 @@ function trainCommand(io: CommandIo): Command {
     .option('--cache <dir>', 'cache of edge parts (default ~/.cache/tandem)')
     .option('--progress <mode>', 'tty, plain or json (default: tty on a terminal)')
     .option('--defense <list>', 'privacy defenses applied before anything leaves: none, auto, or noise[:SIGMA[:CLIP]], deeper-bottom[:K], max-norm, gradient-noise[:RHO], nopeek[:ALPHA], marvell[:S] (see tandem audit)')
+    .option('--middle-lora <spec>', 'an adapter on the middle blocks, held and trained by the cloud: r=8[,alpha=16][,targets=q_proj,v_proj] (LoRA) or method=ia3[,targets=k_proj,v_proj,down_proj]; written with the edge\'s parts as one PEFT folder')
     .option('--engine <name>', ENGINE_FLAG_HELP);
   return addRecipeOptions(addCodecOptions(command, CODEC_DEFAULTS)).action(async (flags: TrainFlags) => {
     // Every flag is checked before the backend starts, the edge part downloads or a session opens.
@@ -107,6 +139,7 @@ function trainCommand(io: CommandIo): Command {
     const result = await trainEdge({
       cloud, key, ca, model, data, cut, methods, ...codecs, ...recipe, engine: engineFlag(flags), ...(mode === 'json' ? {} : { log: io.log }),
       ...(defenses === undefined ? {} : { defenses }),
+      ...(flags.middleLora === undefined ? {} : { middleLora: parseMiddleLoraFlag(flags.middleLora) }),
       resume: resume ? true : 'auto',
       checkpointDir: flags.checkpoint,
       out: flags.out,

@@ -28,6 +28,9 @@ export class CloudMetrics {
   readonly batchRequests: Histogram;
   readonly batchTokens: Histogram;
   readonly queueWait: Histogram;
+  readonly heldAdapters: Gauge;
+  readonly heldAdapterBytes: Gauge;
+  readonly heldCommits: Counter;
 
   constructor(options: { defaultMetrics?: boolean } = {}) {
     const registers = [this.registry];
@@ -49,6 +52,9 @@ export class CloudMetrics {
     this.batchRequests = new Histogram({ name: 'tandem_batch_requests', help: 'Requests coalesced into one backbone call, by kind (forward, backwardFromTape, backward)', labelNames: ['kind'], buckets: [1, 2, 4, 8, 16, 32, 64], registers });
     this.batchTokens = new Histogram({ name: 'tandem_batch_tokens', help: 'Tokens (batch x sequence) of one backbone call, by kind', labelNames: ['kind'], buckets: [64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384], registers });
     this.queueWait = new Histogram({ name: 'tandem_queue_wait_seconds', help: 'Time a Forward or Backward waited in its queue before its batch went to a worker', labelNames: ['kind'], buckets: LATENCY_BUCKETS, registers });
+    this.heldAdapters = new Gauge({ name: 'tandem_held_adapters', help: 'Middle adapters the node holds for sessions (protocol 1.3)', registers });
+    this.heldAdapterBytes = new Gauge({ name: 'tandem_held_adapter_bytes', help: 'Bytes of the held middle adapters, weights and AdamW state', registers });
+    this.heldCommits = new Counter({ name: 'tandem_held_commits_total', help: 'StepCommits answered, by outcome (applied, repeat)', labelNames: ['outcome'], registers });
     for (const kind of ['forward', 'backward']) {
       this.steps.inc({ kind }, 0);
       this.replays.inc({ kind }, 0);
@@ -62,6 +68,12 @@ export class CloudMetrics {
     this.batchRequests.observe({ kind: info.kind }, info.requests);
     this.batchTokens.observe({ kind: info.kind }, info.tokens);
     for (const wait of info.waitSeconds) this.queueWait.observe({ kind: info.kind }, wait);
+  }
+
+  /** The held adapters resident now (held-adapters.ts reports every change). */
+  resident(count: number, bytes: number): void {
+    this.heldAdapters.set(count);
+    this.heldAdapterBytes.set(bytes);
   }
 
   frame(direction: Direction, codec: string, bytes: number): void {

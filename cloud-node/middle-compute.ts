@@ -3,8 +3,8 @@
 // kept or by recomputing the forward from h_B (after an eviction or a restart). The node
 // runs it inside its compute workers (middle-worker.ts), never on its event loop. Two
 // implementations of one interface: tfjs (MiddleCompute) and ONNX Runtime (OrtMiddleCompute).
-import { OrtMiddleExecutor, PackedBlocks, gradients, tapedForward, tf } from '../model/index.ts';
-import type { KeptForward, LlamaModel, OrtLlama, TapedForward } from '../model/index.ts';
+import { OrtMiddleExecutor, PackedBlocks, gradients, segmentIa3Delta, segmentLoraDelta, sumDeltas, tapedForward, tf } from '../model/index.ts';
+import type { Ia3Scale, KeptForward, LlamaModel, LoraFactors, OrtLlama, PackedLinearDelta, SegmentIa3, SegmentLora, TapedForward } from '../model/index.ts';
 
 export type Shape3 = [number, number, number];
 
@@ -19,12 +19,52 @@ export interface Kept {
   dispose(): void;
 }
 
+/** One module's LoRA factors of a held adapter, as plain arrays that cross to a worker. */
+export interface HeldModule {
+  /** `model.layers.{i}.{self_attn|mlp}.{name}`. */
+  path: string;
+  /** A [r, in], row-major. */
+  a: Float32Array;
+  /** B [out, r], row-major. */
+  b: Float32Array;
+  r: number;
+  inFeatures: number;
+  outFeatures: number;
+}
+
+/** One module's (IA)^3 scale of a held adapter: [out] scaling the output, or [in] scaling the input (feedforward). */
+export interface HeldIa3Module {
+  path: string;
+  feedforward: boolean;
+  scale: Float32Array;
+}
+
+/**
+ * The middle adapter the cloud holds for a session (held-adapters.ts): LoRA factors or (IA)^3
+ * scales, applied in its forward, their gradients returned by its backward (in the order of
+ * `modules`, A then B each, then of `ia3`).
+ */
+export interface HeldLora {
+  /** lora_alpha / r. */
+  scale: number;
+  modules: HeldModule[];
+  ia3?: HeldIa3Module[];
+}
+
 /** One request of a packed batch: h_B (and g_M for a backward) of one session. */
 export interface BatchItem {
   range: BlockRange;
   h: Float32Array;
   shape: Shape3;
   g?: Float32Array;
+  /** The session's held middle LoRA, when it has one. */
+  lora?: HeldLora;
+}
+
+/** A packed backward's results: g_B per item, and for an item with a held LoRA the gradients of its factors (A then B of each module, in its order). */
+export interface PackedBackward {
+  gs: Float32Array[];
+  loraGrads: (Float32Array[] | undefined)[];
 }
 
 /** The middle's computations, whatever runs them. */
@@ -44,6 +84,40 @@ export interface Compute<K extends Kept = Kept> {
   forwardPacked?(items: readonly BatchItem[], keepTape: boolean): Promise<{ outputs: Float32Array[]; tape?: K }>;
   backwardPackedFromTape?(tape: K, gs: readonly (Float32Array | undefined)[]): Promise<Float32Array[]>;
   backwardPacked?(items: readonly BatchItem[]): Promise<Float32Array[]>;
+  /** Packed forward and backward of items with held LoRAs (tfjs only): no tape, the backward recomputes. */
+  forwardHeld?(items: readonly BatchItem[]): Promise<Float32Array[]>;
+  backwardHeld?(items: readonly BatchItem[]): Promise<PackedBackward>;
+}
+
+/** Each item's held adapter as tensors (undefined for an item without), and all its trainable tensors in order. */
+function loraTensors(items: readonly BatchItem[]): { loras: (SegmentLora | undefined)[]; ia3s: (SegmentIa3 | undefined)[]; factors: tf.Tensor2D[] } {
+  const factors: tf.Tensor2D[] = [];
+  const loras: (SegmentLora | undefined)[] = [];
+  const ia3s: (SegmentIa3 | undefined)[] = [];
+  for (const it of items) {
+    if (it.lora === undefined || it.lora.modules.length === 0) loras.push(undefined);
+    else {
+      const map = new Map<string, LoraFactors>();
+      for (const m of it.lora.modules) {
+        const a = tf.tensor2d(m.a, [m.r, m.inFeatures]);
+        const b = tf.tensor2d(m.b, [m.outFeatures, m.r]);
+        factors.push(a, b);
+        map.set(m.path, { a, b, scale: it.lora.scale });
+      }
+      loras.push(map);
+    }
+    if (it.lora?.ia3 === undefined || it.lora.ia3.length === 0) ia3s.push(undefined);
+    else {
+      const map = new Map<string, Ia3Scale>();
+      for (const m of it.lora.ia3) {
+        const scale = tf.tensor2d(m.scale, [1, m.scale.length]);
+        factors.push(scale);
+        map.set(m.path, { scale, feedforward: m.feedforward });
+      }
+      ia3s.push(map);
+    }
+  }
+  return { loras, ia3s, factors };
 }
 
 /** A packed forward's tape: the rows of each request, in order. */
@@ -151,9 +225,9 @@ export class MiddleCompute implements Compute<TapedForward | PackedTape> {
   }
 
   /** Packs the items' rows and runs their blocks in one pass; the output is every item's rows, concatenated. */
-  #packedRun(items: readonly BatchItem[], inputs: tf.Tensor2D[]): tf.Tensor2D {
+  #packedRun(items: readonly BatchItem[], inputs: tf.Tensor2D[], delta?: PackedLinearDelta): tf.Tensor2D {
     const segments = items.map((it) => ({ start: it.range.start, end: it.range.end, batch: it.shape[0], seq: it.shape[1] }));
-    const outs = this.#packed.run(inputs, segments);
+    const outs = this.#packed.run(inputs, segments, delta);
     return (outs.length === 1 ? outs[0] : tf.concat(outs, 0)) as tf.Tensor2D;
   }
 
@@ -202,6 +276,62 @@ export class MiddleCompute implements Compute<TapedForward | PackedTape> {
     }
     try {
       return await Promise.all(grads.map(async (g) => (await g.data()) as Float32Array));
+    } finally {
+      tf.dispose(grads);
+    }
+  }
+
+  /** The held adapters' addition to the base: LoRAs (segment-lora) and (IA)^3 scales (segment-ia3). */
+  #heldDelta(loras: (SegmentLora | undefined)[], ia3s: (SegmentIa3 | undefined)[]): PackedLinearDelta {
+    const lora = segmentLoraDelta(loras);
+    if (ia3s.every((x) => x === undefined)) return lora;
+    // Called inside the forward's tidy: the reshapes are views freed with it.
+    const weightOf = (path: string) => {
+      const w = this.#model.weight(`${path}.weight`);
+      return {
+        weight: tf.reshape(w, [w.shape[0], w.shape[1] ?? 1]) as tf.Tensor2D,
+        ...(this.#model.weights.has(`${path}.bias`) ? { bias: tf.reshape(this.#model.weight(`${path}.bias`), [-1]) as tf.Tensor1D } : {}),
+      };
+    };
+    return sumDeltas([lora, segmentIa3Delta(ia3s, weightOf)]);
+  }
+
+  /** The shared base matmuls once for all items' tokens, each item's held LoRA on its own rows (segment-lora). */
+  async forwardHeld(items: readonly BatchItem[]): Promise<Float32Array[]> {
+    const out = tf.tidy(() => {
+      const { loras, ia3s } = loraTensors(items);
+      return this.#packedRun(items, this.#inputs(items), this.#heldDelta(loras, ia3s));
+    });
+    const hidden = items[0].shape[2];
+    try {
+      return splitInto((await out.data()) as Float32Array, items.map((it) => it.shape[0] * it.shape[1] * hidden));
+    } finally {
+      out.dispose();
+    }
+  }
+
+  /** g_B of every item and the gradients of the held LoRA factors, recomputing the packed forward from h_B. */
+  async backwardHeld(items: readonly BatchItem[]): Promise<PackedBackward> {
+    const grads = tf.tidy(() => {
+      const inputs = this.#inputs(items);
+      const { loras, ia3s, factors } = loraTensors(items);
+      const dy = tf.concat(items.map((it) => tf.tensor2d(it.g ?? new Float32Array(it.h.length), [it.shape[0] * it.shape[1], it.shape[2]])), 0);
+      const xs = [...inputs, ...factors];
+      const { grads } = gradients(() => this.#packedRun(items, inputs, this.#heldDelta(loras, ia3s)), xs, dy);
+      return grads.map((g, k) => g ?? tf.zerosLike(xs[k]));
+    });
+    try {
+      const data = await Promise.all(grads.map(async (g) => (await g.data()) as Float32Array));
+      const gs = data.slice(0, items.length);
+      let at = items.length;
+      const loraGrads = items.map((it) => {
+        if (it.lora === undefined) return undefined;
+        const n = it.lora.modules.length * 2 + (it.lora.ia3?.length ?? 0);
+        const part = data.slice(at, at + n);
+        at += n;
+        return part;
+      });
+      return { gs, loraGrads };
     } finally {
       tf.dispose(grads);
     }

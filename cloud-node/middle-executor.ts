@@ -19,10 +19,10 @@ import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import type { Logger } from 'pino';
 import { CloudError, resourceErrorOf } from './errors.ts';
-import type { BatchItem, BlockRange, Shape3 } from './middle-compute.ts';
+import type { BatchItem, BlockRange, HeldLora, Shape3 } from './middle-compute.ts';
 import type { WorkerMessage, WorkerRequest, WorkerStart } from './middle-worker.ts';
 
-export type { BlockRange, Shape3 } from './middle-compute.ts';
+export type { BlockRange, HeldLora, HeldModule, Shape3 } from './middle-compute.ts';
 
 /** A forward's tape, kept by one worker; what the activation cache holds. */
 export interface KeptTape {
@@ -88,6 +88,8 @@ interface Done {
   tape?: { tapeId: number; member: number; group: TapeGroup };
   /** This member's share of the tape's bytes. */
   savedBytes: number;
+  /** A backward with a held LoRA: the gradients of its factors. */
+  loraGrads?: Float32Array[];
   slot: number;
   generation: number;
 }
@@ -169,7 +171,9 @@ const tokensOf = (shape: Shape3): number => shape[0] * shape[1];
 /** Requests that may share a batch have one key. */
 function keyOf(job: Job): string {
   const p = job.payload;
-  return p.op === 'backwardFromTape' ? `tape:${p.tape.slot}:${p.tape.generation}:${p.tape.group.tapeId}` : p.op;
+  if (p.op === 'backwardFromTape') return `tape:${p.tape.slot}:${p.tape.generation}:${p.tape.group.tapeId}`;
+  // Forwards with held LoRAs batch with each other (no tape kept): the base matmuls once, each LoRA on its rows.
+  return p.op === 'forward' && p.item.lora !== undefined ? 'forward:held' : p.op;
 }
 
 export class MiddleExecutor {
@@ -270,6 +274,23 @@ export class MiddleExecutor {
   /** g_M (same shape as h_B) → g_B, recomputing the forward from h_B. */
   async backward(range: BlockRange, h: Float32Array, g: Float32Array, shape: Shape3, tenant = ''): Promise<Float32Array> {
     return (await this.#submit(tenant, { op: 'backward', item: { range, h, g, shape } }, tokensOf(shape))).output;
+  }
+
+  /** Whether held middle adapters can run here (the tfjs compute; ONNX Runtime's graphs take none). */
+  get holdsAdapters(): boolean {
+    return this.#options.engine === undefined;
+  }
+
+  /** h_B → h_M with the session's held LoRA; no tape is kept (its backward recomputes). */
+  async forwardHeld(range: BlockRange, h: Float32Array, shape: Shape3, tenant: string, lora: HeldLora): Promise<Float32Array> {
+    return (await this.#submit(tenant, { op: 'forward', item: { range, h, shape, lora }, keepTape: false }, tokensOf(shape))).output;
+  }
+
+  /** g_M → g_B with the session's held LoRA, recomputing from h_B; also the gradients of its factors (A then B per module). */
+  async backwardHeld(range: BlockRange, h: Float32Array, g: Float32Array, shape: Shape3, tenant: string, lora: HeldLora): Promise<{ output: Float32Array; loraGrads: Float32Array[] }> {
+    const done = await this.#submit(tenant, { op: 'backward', item: { range, h, g, shape, lora } }, tokensOf(shape));
+    if (done.loraGrads === undefined) throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: 'the worker returned no gradients for the held adapter' });
+    return { output: done.output, loraGrads: done.loraGrads };
   }
 
   /** Ends a worker as a crash would (operations and tests); it is restarted like any failed worker. */
@@ -482,7 +503,10 @@ export class MiddleExecutor {
         group.outstanding.delete(member);
         slot.worker?.postMessage({ id: 0, op: 'dropTape', tapeId: group.tapeId, member } satisfies WorkerRequest);
       }
-      job.resolve({ output, tape: group !== undefined && keeps ? { tapeId: group.tapeId, member, group } : undefined, slot: slot.index, generation: slot.generation, savedBytes: share });
+      job.resolve({
+        output, tape: group !== undefined && keeps ? { tapeId: group.tapeId, member, group } : undefined, slot: slot.index, generation: slot.generation, savedBytes: share,
+        ...(reply.loraGrads?.[member] !== undefined ? { loraGrads: reply.loraGrads[member] } : {}),
+      });
     });
   }
 

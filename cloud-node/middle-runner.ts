@@ -2,7 +2,7 @@
 // this process (MiddleExecutor) or the workers of a NATS cluster reached through a gateway
 // (cluster/cluster-executor.ts). Both keep a forward's tape where it ran and free it on
 // dispose; a backward whose tape is gone throws TapeLost, and the caller recomputes from h_B.
-import type { BlockRange, KeptTape, Shape3 } from './middle-executor.ts';
+import type { BlockRange, HeldLora, KeptTape, Shape3 } from './middle-executor.ts';
 
 export type { BlockRange, KeptTape, Shape3 } from './middle-executor.ts';
 
@@ -27,6 +27,12 @@ export interface MiddleRunner {
   backwardFromTape(tape: KeptTape, g: Float32Array, shape: Shape3, tenant?: string): Promise<Float32Array>;
   /** g_M → g_B, recomputing the forward from h_B. */
   backward(range: BlockRange, h: Float32Array, g: Float32Array, shape: Shape3, tenant?: string): Promise<Float32Array>;
+  /** Whether forwardHeld and backwardHeld run (absent: no held middle adapters on this runner, e.g. a cluster). */
+  readonly holdsAdapters?: boolean;
+  /** h_B → h_M with a session's held middle LoRA. */
+  forwardHeld?(range: BlockRange, h: Float32Array, shape: Shape3, tenant: string, lora: HeldLora): Promise<Float32Array>;
+  /** g_M → g_B with a session's held middle LoRA, and the gradients of its factors. */
+  backwardHeld?(range: BlockRange, h: Float32Array, g: Float32Array, shape: Shape3, tenant: string, lora: HeldLora): Promise<{ output: Float32Array; loraGrads: Float32Array[] }>;
   /** Ends a worker as a crash would (operations and tests). */
   terminateWorker(index: number): Promise<void>;
   close(): Promise<void>;

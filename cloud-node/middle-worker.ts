@@ -35,7 +35,7 @@ export type WorkerMessage =
    * and `perMember` when each member has a tape of its own (one backward each); a packed
    * tape serves one backward for all its members.
    */
-  | { type: 'result'; id: number; outputs: Float32Array[]; tapeId?: number; savedBytes?: number; perMember?: boolean }
+  | { type: 'result'; id: number; outputs: Float32Array[]; tapeId?: number; savedBytes?: number; perMember?: boolean; loraGrads?: (Float32Array[] | undefined)[] }
   /** fatal: the backend failed and this worker ends; otherwise a request the worker could not serve (a tape it does not keep). */
   | { type: 'failed'; id: number; message: string; name: string; fatal: boolean };
 
@@ -74,6 +74,11 @@ let nextTape = 1;
 
 async function forward(request: Extract<WorkerRequest, { op: 'forward' }>): Promise<WorkerMessage> {
   const { id, items, keepTape } = request;
+  if (items.some((it) => it.lora !== undefined)) {
+    // Held LoRAs never keep a tape: their backward recomputes from h_B with the factors it is given.
+    if (compute.forwardHeld === undefined) throw new TapeUnknown('this compute runs no held adapters');
+    return { type: 'result', id, outputs: await compute.forwardHeld(items) };
+  }
   if (items.length > 1 && compute.forwardPacked !== undefined && (compute.canPack?.(items) ?? true)) {
     const { outputs, tape } = await compute.forwardPacked(items, keepTape);
     if (tape === undefined) return { type: 'result', id, outputs };
@@ -126,6 +131,11 @@ async function backwardFromTape(request: Extract<WorkerRequest, { op: 'backwardF
 
 async function backward(request: Extract<WorkerRequest, { op: 'backward' }>): Promise<WorkerMessage> {
   const { id, items } = request;
+  if (items.some((it) => it.lora !== undefined)) {
+    if (compute.backwardHeld === undefined) throw new TapeUnknown('this compute runs no held adapters');
+    const { gs, loraGrads } = await compute.backwardHeld(items);
+    return { type: 'result', id, outputs: gs, loraGrads };
+  }
   if (items.length > 1 && compute.backwardPacked !== undefined && (compute.canPack?.(items) ?? true)) return { type: 'result', id, outputs: await compute.backwardPacked(items) };
   const outputs: Float32Array[] = [];
   for (const it of items) outputs.push(await compute.backward(it.range, it.h, it.g ?? new Float32Array(it.h.length), it.shape));

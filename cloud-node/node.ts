@@ -26,6 +26,8 @@ import type { ClusterStatusSource } from './cluster-status.ts';
 import { LocalClusterStatus } from './local-cluster-status.ts';
 import { CloudMetrics } from './metrics.ts';
 import { MiddleExecutor } from './middle-executor.ts';
+import { HeldAdapters } from './held-adapters.ts';
+import { HeldAdapterStore } from './state/held-adapter-store.ts';
 import type { MiddleRunner } from './middle-runner.ts';
 import { ClusterExecutor, connectNats } from './cluster/index.ts';
 import type { HopStats } from './cluster/index.ts';
@@ -286,7 +288,9 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   // A gateway reports the workers that announce themselves on NATS; one process, itself.
   const local = new LocalClusterStatus({ model, tokensPerSecond: () => series.recentTokensPerSecond() });
   const workers: ClusterStatusSource = options.clusterStatus ?? { workers: () => (executor instanceof ClusterExecutor ? executor.directory : local).workers() };
-  const service = new SessionService({ store: sessions, metrics, cache, model: () => model.get(), limits, codecs: options.codecs, quotas, lifetimes: options.sessions, inference,
+  // Held middle adapters are checkpointed in the embedded state folder (a cluster's gateways hold none).
+  const held = nc === undefined ? await HeldAdapters.open(await HeldAdapterStore.open(stateDir), metrics) : undefined;
+  const service = new SessionService({ store: sessions, metrics, cache, model: () => model.get(), limits, codecs: options.codecs, quotas, lifetimes: options.sessions, inference, held,
     onComputed: (computed) => activity.record(computed),
     shapeLimits: { maxMicrobatchTokens: options.maxMicrobatchTokens, maxSequenceLength: options.maxSequenceLength },
   });

@@ -20,6 +20,10 @@ export interface TenantQuotas {
   servedAdapters: number;
   /** Bytes of adapter weights the tenant keeps uploaded for serving, all its adapters together. */
   servedAdapterBytes: number;
+  /** Rank of a middle adapter the cloud holds for one of the tenant's sessions (protocol 1.3). */
+  heldAdapterRank: number;
+  /** Bytes of the middle adapters (weights and AdamW state) the cloud holds for the tenant, all its sessions together. */
+  heldAdapterBytes: number;
 }
 
 export type QuotaName = keyof TenantQuotas;
@@ -33,6 +37,8 @@ export const DEFAULT_QUOTAS: Readonly<TenantQuotas> = {
   requestsPerMinute: 1200,
   servedAdapters: 16,
   servedAdapterBytes: 256 * 1024 * 1024,
+  heldAdapterRank: 64,
+  heldAdapterBytes: 256 * 1024 * 1024,
 };
 
 const WINDOW_MS = 60_000;

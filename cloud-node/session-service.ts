@@ -11,12 +11,15 @@ import {
 } from '../protocol/index.ts';
 import type {
   Backward, Body, CloseReason, CodecChoice, CodecName, CodecOffer, CodecPreferences, CodecSpec, Envelope, Forward, Heartbeat, Hello, InferStep, Limits,
-  SessionClose, SessionOpen, TensorFrame, Welcome,
+  SessionClose, SessionOpen, StepCommit, TensorFrame, Welcome,
 } from '../protocol/index.ts';
 import type { ActivationCache } from './activation-cache.ts';
+import { HeldAdapter } from './held-adapters.ts';
+import type { HeldAdapters } from './held-adapters.ts';
 import { CloudError } from './errors.ts';
 import type { CloudMetrics, StepKind } from './metrics.ts';
 import { TapeLost } from './middle-executor.ts';
+import { quotaExceeded } from './quotas.ts';
 import type { Shape3 } from './middle-executor.ts';
 import type { MiddleRunner } from './middle-runner.ts';
 import type { QuotaLedger } from './quotas.ts';
@@ -58,6 +61,8 @@ interface ComputedReply {
 /** What a session holds in memory only: requests being computed, and the gradient codec's error feedback (kept replies live in the cache). */
 interface SessionRuntime {
   inFlight: Map<string, Promise<ComputedReply>>;
+  /** StepCommits of the session, one after another. */
+  commits?: Promise<unknown>;
   feedback?: ErrorFeedback;
 }
 
@@ -83,6 +88,8 @@ export interface SessionServiceOptions {
   quotas: QuotaLedger;
   lifetimes?: Partial<SessionLifetimes>;
   shapeLimits?: Partial<ShapeLimits>;
+  /** Middle adapters the node holds for sessions (protocol 1.3); a Hello asking for one is refused without. */
+  held?: HeldAdapters;
   /** The middle's KV caches of split inference (InferStep, InferEnd); refused without. */
   inference?: SplitInference;
   /** Told of every Forward and Backward the middle computed (not of retries answered from kept replies): the operator's view. */
@@ -182,6 +189,7 @@ export class SessionService {
     });
     this.#options.cache.dropSession(session.id);
     this.#options.inference?.end(session.id);
+    await this.#options.held?.drop(session.id);
     this.#runtimes.get(session.id)?.feedback?.clear();
     this.#runtimes.delete(session.id);
     this.#activity.delete(session.id);
@@ -215,6 +223,8 @@ export class SessionService {
         return this.#plain(request, await this.close(caller, body.value.sessionId, body.value));
       case 'inferStep':
         return this.#inferStep(caller, request, body.value);
+      case 'stepCommit':
+        return this.#stepCommit(caller, request, body.value);
       case 'inferEnd': {
         this.#options.store.getOpen(caller, body.value.sessionId);
         this.#options.inference?.end(body.value.sessionId);
@@ -247,7 +257,9 @@ export class SessionService {
     // A Hello without a cut (proto3 zeros: top 0 is never valid) asks for the default.
     const cut = hello.cut.bottom === 0 && hello.cut.top === 0 ? served.defaultCut : { ...hello.cut };
     served.checkCut(cut);
-    if (hello.training.cloudMiddleLora) throw new CloudError('TANDEM_FEATURE_UNSUPPORTED', { feature: 'LoRA held by the cloud on the middle blocks (training.cloud_middle_lora)' });
+    if (hello.training.cloudMiddleLora && hello.training.middleAdapter === undefined) {
+      throw new CloudError('TANDEM_FEATURE_UNSUPPORTED', { feature: 'LoRA held by the cloud on the middle blocks by the 1.0 flag (training.cloud_middle_lora); ask with training.middle_adapter (protocol 1.3)' });
+    }
     const offer = withDefaultOffer(hello.codecs);
     const codecs = negotiateCodecs(offer, this.#preferencesFor(offer));
     checkCodecParameters(codecs);
@@ -264,7 +276,7 @@ export class SessionService {
       cut,
       codecs,
       limits,
-      training: { ...hello.training, methods: [...hello.training.methods] },
+      training: { ...hello.training, methods: [...hello.training.methods], ...(hello.training.middleAdapter ? { middleAdapter: { ...hello.training.middleAdapter, targets: [...hello.training.middleAdapter.targets] } } : {}) },
       // The middle does not compute on NaN or infinities, whatever the edge allows itself.
       allowNonFinite: false,
       ...(hello.defenses ? { defenses: hello.defenses.map((d) => ({ ...d })) } : {}),
@@ -274,11 +286,67 @@ export class SessionService {
       createdAt: now,
       updatedAt: now,
     };
-    await this.#options.store.add(record);
+    const spec = hello.training.middleAdapter;
+    const held = spec === undefined ? undefined : this.#createHeld(caller.tenant, record, spec);
+    if (held !== undefined) await this.#options.held?.add(held);
+    try {
+      await this.#options.store.add(record);
+    } catch (err) {
+      if (held !== undefined) await this.#options.held?.drop(record.id);
+      throw err;
+    }
     this.#touch(record.id);
     this.#options.metrics.sessionsCreated.inc();
     this.#options.metrics.sessionsOpen.set(this.#options.store.openCount);
     return { case: 'welcome', value: welcomeOf(record) };
+  }
+
+  /** The session's middle adapter, created from its seed; the node must run held adapters and the tenant's quotas must allow it. */
+  #createHeld(tenant: string, record: SessionRecord, spec: NonNullable<Hello['training']['middleAdapter']>): HeldAdapter {
+    const { served, executor } = this.#options.model();
+    const held = this.#options.held;
+    if (held === undefined || executor.holdsAdapters !== true || executor.forwardHeld === undefined) {
+      throw new CloudError('TANDEM_FEATURE_UNSUPPORTED', { feature: `a middle adapter held by the cloud (training.middle_adapter) on a ${executor.backend} middle` });
+    }
+    const quotas = this.#options.quotas.of(tenant);
+    if (spec.rank > quotas.heldAdapterRank) throw quotaExceeded(tenant, 'heldAdapterRank', quotas.heldAdapterRank, `the middle adapter asks for rank ${spec.rank}`);
+    const range = served.middleOf(record.cut);
+    if (range.end <= range.start) throw new CloudError('TANDEM_CUT_INVALID', { bottom: record.cut.bottom, top: record.cut.top, reason: 'the cut leaves no middle block for a middle adapter' });
+    const layers = Array.from({ length: range.end - range.start }, (_, i) => range.start + i);
+    const adapter = HeldAdapter.create(served.model, record.id, tenant, spec, layers);
+    const resident = held.bytesOf(tenant);
+    if (resident + adapter.bytes > quotas.heldAdapterBytes) {
+      throw quotaExceeded(tenant, 'heldAdapterBytes', quotas.heldAdapterBytes, `the tenant's held adapters take ${resident} bytes and this one ${adapter.bytes}`);
+    }
+    return adapter;
+  }
+
+  /** StepCommit: the middle adapter's optimizer step, one commit of a session at a time; a repeat answers the same. */
+  async #stepCommit(caller: Caller, request: Envelope, commit: StepCommit): Promise<Reply> {
+    const session = this.#options.store.getOpen(caller, commit.sessionId);
+    this.#touch(session.id);
+    const held = this.#heldOf(session);
+    if (held === undefined) throw new CloudError('TANDEM_FEATURE_UNSUPPORTED', { feature: 'StepCommit for a session without a middle adapter held by the cloud' });
+    const runtime = this.#runtime(session.id);
+    const run = async (): Promise<Body> => {
+      const { answer, applied } = held.commit(commit);
+      if (applied) await this.#options.held?.save(held);
+      this.#options.metrics.heldCommits.inc({ outcome: applied ? 'applied' : 'repeat' });
+      const frames = commit.exportAdapter ? held.tensors().map((t) => encodeTensor(t.data, t.shape, { codec: 'f32' }, { name: t.key })) : [];
+      return { case: 'stepCommitted', value: { sessionId: session.id, step: answer.step, middleGradSquareSum: answer.middleGradSquareSum, frames } };
+    };
+    const pending = (runtime.commits ?? Promise.resolve()).then(run, run);
+    runtime.commits = pending.catch(() => undefined);
+    return this.#plain(request, await pending, session.limits);
+  }
+
+  /** The session's held adapter; a session that asked for one never computes without it. */
+  #heldOf(session: SessionRecord): HeldAdapter | undefined {
+    const held = this.#options.held?.get(session.id);
+    if (held === undefined && session.training.middleAdapter !== undefined) {
+      throw new CloudError('TANDEM_STATE_INVALID', { file: `held/${session.id}.json`, reason: 'the session holds a middle adapter and its checkpoint is missing' });
+    }
+    return held;
   }
 
   get #maxTokens(): number {
@@ -377,7 +445,11 @@ export class SessionService {
     const started = performance.now();
     const range = served.middleOf(session.cut);
     let out: Float32Array;
-    if (forward.needsBackward) {
+    const held = this.#heldOf(session);
+    if (held !== undefined && executor.forwardHeld !== undefined) {
+      out = await executor.forwardHeld(range, h, shape, session.tenant, held.lora());
+      if (forward.needsBackward) this.#options.cache.put({ sessionId: session.id, step: forward.step, microbatch: forward.microbatch, data: h, shape });
+    } else if (forward.needsBackward) {
       const taped = await executor.forwardKeepingTape(range, h, shape, session.tenant);
       out = taped.output;
       this.#options.cache.put({ sessionId: session.id, step: forward.step, microbatch: forward.microbatch, data: h, shape, tape: taped.tape });
@@ -414,7 +486,15 @@ export class SessionService {
     }
     const started = performance.now();
     let out: Float32Array | undefined;
-    if (cached?.tape) {
+    const held = this.#heldOf(session);
+    if (held !== undefined && executor.backwardHeld !== undefined) {
+      // The held adapter's gradients are checkpointed before g_B goes out: an acknowledged backward is never lost.
+      const result = await executor.backwardHeld(served.middleOf(session.cut), h, g, shape, session.tenant, held.lora());
+      held.accumulate(backward.step, backward.microbatch, result.loraGrads);
+      await this.#options.held?.save(held);
+      out = result.output;
+    }
+    if (out === undefined && cached?.tape) {
       try {
         out = await executor.backwardFromTape(cached.tape, g, shape, session.tenant);
       } catch (err) {

@@ -11,7 +11,7 @@ export type { ConnectCloudOptions, SessionSpec } from './session.ts';
 export { RemoteMiddle } from './remote-middle.ts';
 export type { MiddleChannel, MiddleTraffic, RemoteMiddleOptions } from './remote-middle.ts';
 export { DEFAULT_METHODS, defensesToWire, edgeRecipe, trainEdge } from './train.ts';
-export type { EdgeTrainOptions, EdgeTrainResult, WireSummary } from './train.ts';
+export type { EdgeTrainOptions, EdgeTrainResult, MiddleLoraOptions, WireSummary } from './train.ts';
 export { formatBytes, progressPrinter } from './progress.ts';
 export type { ProgressMode, ProgressSink } from './progress.ts';
 export { OFFSITE_ADAPTER_DIR, OFFSITE_MODEL_DIR, OFFSITE_RUN_DIR, trainOffsite } from './offsite.ts';

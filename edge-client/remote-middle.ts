@@ -5,7 +5,7 @@
 import { ErrorFeedback, WIRE_ERRORS, decodeTensor, encodeTensor, frameBytes } from '../protocol/index.ts';
 import type { Body, CodecSpec, Envelope, TensorFrame, Welcome } from '../protocol/index.ts';
 import { keyString, tf } from '../model/index.ts';
-import type { Middle, MicrobatchKey } from '../model/index.ts';
+import type { Middle, MicrobatchKey, StepCommitRequest } from '../model/index.ts';
 import { EdgeError } from './errors.ts';
 
 /** What the remote middle needs of a session: its id, what was negotiated, and requests. */
@@ -21,6 +21,8 @@ export interface MiddleChannel {
 export interface RemoteMiddleOptions {
   /** Error feedback on the gradient codec; on by default when it is lossy. */
   errorFeedback?: boolean;
+  /** The cloud holds a middle adapter for the session (protocol 1.3): every step ends with a StepCommit. */
+  heldAdapter?: boolean;
 }
 
 /** Bytes of tensor frames per direction and message kind (payload and codec parameters). */
@@ -38,7 +40,10 @@ export interface MiddleTraffic {
 const LOSSLESS = new Set(['f32']);
 
 export class RemoteMiddle implements Middle {
-  readonly trainsParameters = false;
+  readonly trainsParameters: boolean;
+  readonly commitStep?: (commit: StepCommitRequest) => Promise<{ middleGradSquareSum: number }>;
+  /** The last step the cloud committed for the held adapter. */
+  private lastCommitted?: number;
   readonly traffic: MiddleTraffic = { forwardUpBytes: 0, forwardDownBytes: 0, backwardUpBytes: 0, backwardDownBytes: 0, forwards: 0, backwards: 0, recomputes: 0 };
   private readonly kept = new Map<string, TensorFrame>();
   private readonly feedback?: ErrorFeedback;
@@ -48,6 +53,8 @@ export class RemoteMiddle implements Middle {
     private readonly session: MiddleChannel,
     options: RemoteMiddleOptions = {},
   ) {
+    this.trainsParameters = options.heldAdapter ?? false;
+    if (options.heldAdapter) this.commitStep = async (c) => ({ middleGradSquareSum: (await this.commit(c, false)).middleGradSquareSum });
     const backward = this.backwardCodec;
     if (options.errorFeedback ?? !LOSSLESS.has(backward.codec)) this.feedback = new ErrorFeedback(backward);
   }
@@ -119,6 +126,34 @@ export class RemoteMiddle implements Middle {
     this.traffic.backwardDownBytes += out.bytes;
     this.kept.delete(k);
     return tf.tensor3d(out.data, shape as [number, number, number]);
+  }
+
+  /** StepCommit → StepCommitted; retried like any request, which the cloud answers the same. */
+  private async commit(c: StepCommitRequest, exportAdapter: boolean): Promise<{ middleGradSquareSum: number; frames: TensorFrame[] }> {
+    const reply = await this.session.request({
+      case: 'stepCommit',
+      value: { sessionId: this.session.id, step: c.step, lr: c.lr, maxGradNorm: c.maxGradNorm, edgeGradSquareSum: c.edgeGradSquareSum, microbatches: c.microbatches, exportAdapter },
+    });
+    if (reply.body.case !== 'stepCommitted' || reply.body.value.step !== c.step) {
+      throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `StepCommit of step ${c.step} was answered by ${reply.body.case}`, { field: 'stepCommitted' });
+    }
+    const sq = reply.body.value.middleGradSquareSum;
+    if (!Number.isFinite(sq) || sq < 0) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', 'the middle\'s squared gradient norm is not a finite number >= 0', { field: 'stepCommitted.middle_grad_square_sum' });
+    this.lastCommitted = c.step;
+    return { middleGradSquareSum: sq, frames: reply.body.value.frames };
+  }
+
+  /** The held middle adapter's tensors by PEFT key, as the cloud holds them after the last committed step. */
+  async exportAdapter(): Promise<Map<string, { shape: number[]; data: Float32Array }>> {
+    if (!this.trainsParameters || this.lastCommitted === undefined) throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', 'no middle adapter held by the cloud has been trained in this session', { field: 'middleLora' });
+    const { frames } = await this.commit({ step: this.lastCommitted, lr: 0, maxGradNorm: 0, edgeGradSquareSum: 0, microbatches: 0 }, true);
+    const w = this.session.welcome;
+    const out = new Map<string, { shape: number[]; data: Float32Array }>();
+    for (const [i, f] of frames.entries()) {
+      if (!f.name.startsWith('base_model.model.') || out.has(f.name)) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `middle adapter tensor ${JSON.stringify(f.name.slice(0, 120))} is not a new PEFT key`, { field: `stepCommitted.frames[${i}]` });
+      out.set(f.name, { shape: [...f.shape], data: decodeTensor(f, { limits: w.limits, allowNonFinite: false, field: `stepCommitted.frames[${i}]` }).slice() });
+    }
+    return out;
   }
 
   dispose(): void {

@@ -2,7 +2,7 @@
 // after a reconnect (the cloud restarted, or the network dropped), SessionClose ends it.
 import { DEFAULT_LIMITS, PROTOCOL_VERSION, SUPPORTED_VERSIONS, envelope, intersectLimits } from '../protocol/index.ts';
 import { checkDefenseEcho } from './defense-echo.ts';
-import type { Body, CloseReason, CodecSpec, Defense, Envelope, Limits, ModelDescription, TrainingSpec, Welcome } from '../protocol/index.ts';
+import type { Body, CloseReason, CodecSpec, Defense, Envelope, Limits, MiddleAdapterSpec, ModelDescription, TrainingSpec, Welcome } from '../protocol/index.ts';
 import type { Cut } from '../model/index.ts';
 import { CloudConnection } from './connection.ts';
 import type { ConnectionOptions, ConnectionStats } from './connection.ts';
@@ -25,6 +25,8 @@ export interface SessionSpec {
   allowNonFinite?: boolean;
   /** v1.1: the privacy defenses the edge applies, offered in Hello (refused there when unknown). */
   defenses?: Defense[];
+  /** v1.3: the adapter the cloud creates and trains on the middle blocks for this session. */
+  middleAdapter?: MiddleAdapterSpec;
 }
 
 export type ConnectCloudOptions = ConnectionOptions;
@@ -129,7 +131,7 @@ export class EdgeSession implements MiddleChannel {
 
   private helloBody(): Body {
     const { spec } = this;
-    const training: TrainingSpec = { methods: spec.methods ?? [], cloudMiddleLora: false, middleLoraRank: 0 };
+    const training: TrainingSpec = { methods: spec.methods ?? [], cloudMiddleLora: false, middleLoraRank: 0, ...(spec.middleAdapter ? { middleAdapter: spec.middleAdapter } : {}) };
     return {
       case: 'hello',
       value: {
@@ -161,6 +163,9 @@ export class EdgeSession implements MiddleChannel {
       throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the cloud chose codecs ${w.codecs.forward.codec}/${w.codecs.backward.codec}, which the edge did not offer`, { field: 'welcome.codecs' });
     }
     checkDefenseEcho(this.spec.defenses ?? [], w);
+    if (this.spec.middleAdapter !== undefined && w.training.middleAdapter === undefined) {
+      throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the cloud (protocol ${w.version.major}.${w.version.minor}) welcomed the session without the middle adapter it was asked to hold`, { field: 'welcome.training.middle_adapter' });
+    }
     this.welcomeMessage = w;
     this.connection.maxMessageBytes = w.limits.maxMessageBytes || DEFAULT_LIMITS.maxMessageBytes;
     return w;
@@ -184,6 +189,8 @@ export class EdgeSession implements MiddleChannel {
       this.reattached += 1;
     } catch (err) {
       if (!(err instanceof EdgeError) || err.code !== 'TANDEM_EDGE_REMOTE_ERROR') throw err;
+      // A new session would start the cloud's middle adapter afresh: its training is lost.
+      if (this.spec.middleAdapter !== undefined) throw new EdgeError('TANDEM_EDGE_SESSION_LOST', `the cloud no longer knows the session that holds the middle adapter (${err.message})`, { cause: err });
       try {
         await this.hello({ beforeReattach: true });
         this.reopened += 1;

@@ -1,10 +1,12 @@
 // Split training on the edge: what is remote about it and nothing else. Download the edge
 // part, open a session, and hand model/train's one training run the cloud as its middle.
 // The run holds the data, the adapter, the optimizer, checkpoints and exact resume.
-import { DEFAULT_RECIPE, DefendedMiddle, ModelError, checkDefenses, checkRun, checkpointFolder, hiddenNoiseStd, runTraining } from '../model/index.ts';
+import { DEFAULT_RECIPE, DefendedMiddle, ModelError, checkDefenses, checkRun, checkpointFolder, hiddenNoiseStd, runTraining, seedsOf } from '../model/index.ts';
 import type { Cut, Defenses, Evaluation, MethodSpec, RunSettings, TrainEvent, TrainEventHandler, TrainRecipe } from '../model/index.ts';
 import { CODEC_NAMES } from '../protocol/index.ts';
-import type { CodecName, CodecSpec, Defense } from '../protocol/index.ts';
+import { MIDDLE_ADAPTER_LIMITS } from '../protocol/index.ts';
+import type { CodecName, CodecSpec, Defense, MiddleAdapterSpec } from '../protocol/index.ts';
+import { writeSplitAdapter } from './held-export.ts';
 import { loadEdgePart } from './download.ts';
 import { EdgeError } from './errors.ts';
 import type { MiddleTraffic } from './remote-middle.ts';
@@ -37,6 +39,40 @@ export interface EdgeTrainOptions extends Partial<TrainRecipe>, Omit<RunSettings
   retries?: number;
   /** Privacy defenses applied here to h_B and g_M before they leave (a deeper bottom moves the cut); offered in Hello. */
   defenses?: Defenses;
+  /**
+   * LoRA on the middle blocks, held and trained by the cloud (protocol 1.3): initialised from
+   * this run's seed as the next method after `methods`, stepped with this run's AdamW at every
+   * step, handed over at the end and written with the edge's parts as one PEFT folder.
+   */
+  middleLora?: MiddleLoraOptions;
+}
+
+export interface MiddleLoraOptions {
+  /** lora (default) or ia3. */
+  method?: 'lora' | 'ia3';
+  /** LoRA's rank (unused by ia3). */
+  r?: number;
+  /** lora_alpha; 2·r by default. */
+  alpha?: number;
+  /** target_modules; q_proj and v_proj by default (ia3: k_proj, v_proj, down_proj; down_proj's input is scaled). */
+  targets?: string[];
+}
+
+/** The middle adapter as Hello asks for it: the seed chain and AdamW of this run. */
+export function middleAdapterSpec(o: MiddleLoraOptions, recipe: TrainRecipe, edgeMethods: number): MiddleAdapterSpec {
+  const method = o.method ?? 'lora';
+  if (method !== 'lora' && method !== 'ia3') throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', `middle adapter method must be lora or ia3, got ${JSON.stringify(method)}`, { field: 'middleLora.method' });
+  const r = method === 'lora' ? o.r : 0;
+  if (method === 'lora' && (r === undefined || !Number.isInteger(r) || r < 1 || r > MIDDLE_ADAPTER_LIMITS.rank)) {
+    throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', `middle LoRA rank must be an integer from 1 to ${MIDDLE_ADAPTER_LIMITS.rank}, got ${o.r}`, { field: 'middleLora.r' });
+  }
+  const rank = r ?? 0;
+  const alpha = method === 'lora' ? (o.alpha ?? 2 * rank) : 0;
+  if (method === 'lora' && (!Number.isFinite(alpha) || alpha <= 0)) throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', `middle LoRA alpha must be a number > 0, got ${alpha}`, { field: 'middleLora.alpha' });
+  const targets = o.targets ?? (method === 'ia3' ? ['k_proj', 'v_proj', 'down_proj'] : ['q_proj', 'v_proj']);
+  if (targets.length === 0 || targets.length > MIDDLE_ADAPTER_LIMITS.targets) throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', `the middle adapter needs 1 to ${MIDDLE_ADAPTER_LIMITS.targets} target modules`, { field: 'middleLora.targets' });
+  if (recipe.optimizer !== 'adamw') throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', `the cloud steps a middle adapter with AdamW; this run uses ${recipe.optimizer}`, { field: 'optimizer' });
+  return { method, rank, alpha, targets: [...targets], seed: seedsOf(recipe.seed).adapter, methodIndex: edgeMethods, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: recipe.weightDecay };
 }
 
 /** The defenses as Hello offers them; a noise clip of 0 is fixed later from the first h_B, so its std is not stated yet. */
@@ -115,6 +151,10 @@ export async function trainEdge(options: EdgeTrainOptions): Promise<EdgeTrainRes
   const backward = codecSpec(options.codecBackward, 'codecBackward');
   const methods = options.methods ?? DEFAULT_METHODS;
   const defenses = options.defenses === undefined ? undefined : checkDefenses(options.defenses);
+  const middleAdapter = options.middleLora === undefined ? undefined : middleAdapterSpec(options.middleLora, recipe, methods.length);
+  if (middleAdapter !== undefined && defenses !== undefined) throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', 'a middle LoRA held by the cloud does not combine with privacy defenses yet', { field: 'middleLora' });
+  // An edge checkpoint does not hold the cloud's part: resuming one would pair it with a fresh middle adapter.
+  if (middleAdapter !== undefined && options.checkpointDir !== undefined) throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', 'a middle LoRA held by the cloud does not combine with edge checkpoints yet (the cloud checkpoints its part itself)', { field: 'checkpointDir' });
 
   const client = await connectCloud(options.cloud, { key: options.key, requestTimeoutMs: options.requestTimeoutMs, retries: options.retries, ca: options.ca });
   let edge: Awaited<ReturnType<typeof loadEdgePart>> | undefined;
@@ -125,8 +165,8 @@ export async function trainEdge(options: EdgeTrainOptions): Promise<EdgeTrainRes
     const cut = defenses?.deeperBottom ? { bottom: asked.bottom + defenses.deeperBottom, top: asked.top } : asked;
     const part = await client.downloadEdge(info.id, cut, options.cacheDir);
     edge = await loadEdgePart(part);
-    const session = await client.openSession({ model: { id: info.id, contentHash: edge.contentHash }, cut, codecs: { forward: [forward], backward: [backward] }, methods: methods.map((m) => m.method), ...(defenses ? { defenses: defensesToWire(defenses, edge.config.hiddenSize) } : {}) });
-    const remoteMiddle = session.middle();
+    const session = await client.openSession({ model: { id: info.id, contentHash: edge.contentHash }, cut, codecs: { forward: [forward], backward: [backward] }, methods: methods.map((m) => m.method), ...(defenses ? { defenses: defensesToWire(defenses, edge.config.hiddenSize) } : {}), ...(middleAdapter ? { middleAdapter } : {}) });
+    const remoteMiddle = session.middle({ heldAdapter: middleAdapter !== undefined });
     const middle = defenses ? new DefendedMiddle(remoteMiddle, defenses, options.seed ?? 0) : remoteMiddle;
     const remote = { model: info.id, contentHash: edge.contentHash, codecs: { forward: forward.codec, backward: backward.codec }, downloadedBytes: part.downloadedBytes, cached: part.cached };
     let trainedTokens = 0;
@@ -145,9 +185,20 @@ export async function trainEdge(options: EdgeTrainOptions): Promise<EdgeTrainRes
       result = await runTraining({
         model: edge.model, tokenizer: edge.tokenizer, modelHash: edge.contentHash, dataFile: options.data, recipe, cut, methods, middle,
         store: options.checkpointDir === undefined ? undefined : checkpointFolder(options.checkpointDir), resume: options.resume ?? 'auto', baseModel: info.id,
-        evalEvery: options.evalEvery, evaluate: options.evaluate, ...(defenses?.nopeek ? { noPeek: defenses.nopeek.weight } : {}), saveEvery: options.saveEvery, adapterOut: options.out, onEvent,
+        evalEvery: options.evalEvery, evaluate: options.evaluate, ...(defenses?.nopeek ? { noPeek: defenses.nopeek.weight } : {}), saveEvery: options.saveEvery,
+        // With a held middle adapter the folder is written below, once the cloud has handed its part over.
+        adapterOut: middleAdapter === undefined ? options.out : undefined, onEvent,
         engine: options.engine, log: options.log,
       });
+      if (middleAdapter !== undefined && result.step > result.startStep) {
+        const middleTensors = await remoteMiddle.exportAdapter();
+        const edgeKeys = new Set(result.adapter.keys());
+        for (const [k, t] of middleTensors) {
+          if (edgeKeys.has(k)) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the middle adapter's tensor ${k} is also an edge tensor`, { field: 'stepCommitted.frames' });
+          result.adapter.set(k, t);
+        }
+        if (options.out !== undefined) await writeSplitAdapter(options.out, { edgeMethods: methods, middle: middleAdapter, tensors: result.adapter, edgeKeys, baseModel: info.id });
+      }
     } catch (cause) {
       // A checkpoint of another run names the setting that differs.
       if (cause instanceof ModelError && cause.code === 'TANDEM_CHECKPOINT_INVALID' && cause.field !== undefined) {

@@ -51,7 +51,7 @@ export type { Adapter } from './peft/adapter.ts';
 export { CUT_PARTS, cutPartOf, cutPartOfLayer, layerOf, onEdge, renameLayer } from './cut.ts';
 export type { CutPart, CutSpec } from './cut.ts';
 export { PEFT_MODULE_PREFIX, baseNameOfKey } from './peft/index.ts';
-export { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, BUILTIN_METHODS, MethodRegistry, createAdapter, defaultRegistry, loadAdapter, saveAdapter } from './peft/index.ts';
+export { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, BUILTIN_METHODS, COMPOSITE_PEFT_TYPE, MethodRegistry, createAdapter, defaultRegistry, loadAdapter, saveAdapter } from './peft/index.ts';
 export type { CreateAdapterOptions, LoadAdapterOptions, MethodSpec, PeftAdapter, SaveAdapterOptions } from './peft/index.ts';
 export * from './train/index.ts';
 export * from './engine/index.ts';

@@ -4,10 +4,10 @@ export type { ProtocolErrorCode, ProtocolErrorDetails } from './errors.ts';
 export type {
   Backward, BackwardResult, Body, BodyCase, Chunk, CloseReason, CodecChoice, CodecName, CodecOffer, CodecParams, CodecSpec, Cut,
   Defense, DTypeName, Envelope, ErrorBody, Forward, ForwardResult, Heartbeat, Hello, InferEnd, InferStep, InferStepResult, Limits, ModelRef, ProtocolVersion, SessionClose,
-  SessionOpen, TensorFrame, TopkValuesCodec, TrainingSpec, VersionRange, Welcome,
+  SessionOpen, TensorFrame, TopkValuesCodec, TrainingSpec, VersionRange, Welcome, MiddleAdapterMethod, MiddleAdapterSpec, StepCommit, StepCommitted,
 } from './messages.ts';
-export { DEFENSE_NAMES } from './messages.ts';
-export { MAX_DEFENSES } from './wire.ts';
+export { DEFENSE_NAMES, MIDDLE_ADAPTER_METHODS } from './messages.ts';
+export { MAX_DEFENSES, MIDDLE_ADAPTER_LIMITS } from './wire.ts';
 export {
   PROTOCOL_VERSION, SUPPORTED_VERSIONS, compareVersions, formatRange, formatVersion, isReadableVersion, negotiateVersion,
 } from './version.ts';

@@ -70,6 +70,28 @@ export interface TrainingSpec {
   methods: string[];
   cloudMiddleLora: boolean;
   middleLoraRank: number;
+  /** v1.3: the adapter the cloud holds on the middle blocks; absent when none. */
+  middleAdapter?: MiddleAdapterSpec;
+}
+
+/** The middle adapter methods a Hello may ask for (v1.3). */
+export const MIDDLE_ADAPTER_METHODS = ['lora', 'ia3'] as const;
+export type MiddleAdapterMethod = (typeof MIDDLE_ADAPTER_METHODS)[number];
+
+/** v1.3: the adapter the cloud creates on the middle blocks (see proto/handshake.proto). */
+export interface MiddleAdapterSpec {
+  method: MiddleAdapterMethod;
+  rank: number;
+  alpha: number;
+  /** target_modules as PEFT writes them, e.g. ["q_proj", "v_proj"]. */
+  targets: string[];
+  seed: number;
+  /** Its index among the methods of an adapter created with `seed` (the edge's methods first). */
+  methodIndex: number;
+  beta1: number;
+  beta2: number;
+  eps: number;
+  weightDecay: number;
 }
 
 export interface CodecOffer {
@@ -161,6 +183,26 @@ export interface BackwardResult extends StepMessage {
   recomputed: boolean;
 }
 
+/** v1.3: the edge's optimizer step for the middle adapter the cloud holds. */
+export interface StepCommit {
+  sessionId: string;
+  step: number;
+  lr: number;
+  /** 0: no clipping. */
+  maxGradNorm: number;
+  edgeGradSquareSum: number;
+  microbatches: number;
+  exportAdapter: boolean;
+}
+
+export interface StepCommitted {
+  sessionId: string;
+  step: number;
+  middleGradSquareSum: number;
+  /** With exportAdapter: the middle adapter's tensors, named by PEFT key. */
+  frames: TensorFrame[];
+}
+
 /** The Error body: a code from some errors.ts catalogue, a message, details as strings. */
 export interface ErrorBody {
   code: string;
@@ -204,6 +246,8 @@ export type Body =
   | { case: 'heartbeat'; value: Heartbeat }
   | { case: 'error'; value: ErrorBody }
   | { case: 'chunk'; value: Chunk }
+  | { case: 'stepCommit'; value: StepCommit }
+  | { case: 'stepCommitted'; value: StepCommitted }
   | { case: 'inferStep'; value: InferStep }
   | { case: 'inferStepResult'; value: InferStepResult }
   | { case: 'inferEnd'; value: InferEnd };

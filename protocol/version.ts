@@ -3,9 +3,9 @@ import { ProtocolError } from './errors.ts';
 import type { ProtocolVersion, VersionRange } from './messages.ts';
 
 /** The version this build writes. */
-export const PROTOCOL_VERSION: ProtocolVersion = Object.freeze({ major: 1, minor: 2 });
+export const PROTOCOL_VERSION: ProtocolVersion = Object.freeze({ major: 1, minor: 3 });
 
-/** Every version this build reads and writes: 1.1 adds the session's privacy defenses to Hello and Welcome; 1.2 adds the marvell defense, the edge's loss in Backward and split inference (InferStep, InferStepResult, InferEnd); protocol/README.md lists them. */
+/** Every version this build reads and writes: 1.1 adds the session's privacy defenses to Hello and Welcome; 1.2 adds the marvell defense, the edge's loss in Backward and split inference (InferStep, InferStepResult, InferEnd); 1.3 adds the middle adapter the cloud holds (TrainingSpec.middle_adapter, StepCommit, StepCommitted); protocol/README.md lists them. */
 export const SUPPORTED_VERSIONS: VersionRange = Object.freeze({ min: Object.freeze({ major: 1, minor: 0 }), max: PROTOCOL_VERSION });
 
 export function compareVersions(a: ProtocolVersion, b: ProtocolVersion): number {

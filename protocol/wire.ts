@@ -1,9 +1,9 @@
 // Converts between the TypeScript messages and the plain objects protobufjs encodes and
 // decodes. Decoded bytes stay views into the received buffer: nothing is copied here.
 import { ProtocolError } from './errors.ts';
-import { DEFENSE_NAMES } from './messages.ts';
+import { DEFENSE_NAMES, MIDDLE_ADAPTER_METHODS } from './messages.ts';
 import type {
-  Body, CloseReason, CodecName, CodecParams, CodecSpec, Cut, Defense, DTypeName, Envelope, Limits, ModelRef,
+  Body, CloseReason, MiddleAdapterMethod, MiddleAdapterSpec, CodecName, CodecParams, CodecSpec, Cut, Defense, DTypeName, Envelope, Limits, ModelRef,
   ProtocolVersion, TensorFrame, TopkValuesCodec, TrainingSpec, VersionRange,
 } from './messages.ts';
 
@@ -78,10 +78,45 @@ function defensesFromWire(items: Wire[], field: string): { defenses?: Defense[] 
   return { defenses };
 }
 
-const trainingFromWire = (m: Wire): TrainingSpec => ({
+/** Bounds of a v1.3 middle adapter that any build refuses past (a node's quotas may be lower). */
+export const MIDDLE_ADAPTER_LIMITS = { rank: 256, targets: 16, targetLength: 64 } as const;
+
+function middleAdapterFromWire(m: Wire, field: string): MiddleAdapterSpec {
+  const method = str(m, 'method');
+  if (!(MIDDLE_ADAPTER_METHODS as readonly string[]).includes(method)) {
+    throw new ProtocolError('TANDEM_PROTO_MIDDLE_ADAPTER_METHOD_UNKNOWN', { method: JSON.stringify(method.slice(0, 40)), field: `${field}.method`, known: MIDDLE_ADAPTER_METHODS.join(', ') });
+  }
+  const targets = (Array.isArray(m.targets) ? m.targets : []).filter((x): x is string => typeof x === 'string');
+  const spec: MiddleAdapterSpec = {
+    method: method as MiddleAdapterMethod, rank: num(m, 'rank'), alpha: num(m, 'alpha'), targets, seed: num(m, 'seed'), methodIndex: num(m, 'methodIndex'),
+    beta1: num(m, 'beta1'), beta2: num(m, 'beta2'), eps: num(m, 'eps'), weightDecay: num(m, 'weightDecay'),
+  };
+  if (targets.length > MIDDLE_ADAPTER_LIMITS.targets) throw new ProtocolError('TANDEM_PROTO_MIDDLE_ADAPTER_LIMIT_EXCEEDED', { field: `${field}.targets`, actual: `${targets.length} entries`, limit: `${MIDDLE_ADAPTER_LIMITS.targets} entries` });
+  if (targets.length === 0) throw new ProtocolError('TANDEM_PROTO_MIDDLE_ADAPTER_INVALID', { field: `${field}.targets`, reason: 'names no module' });
+  targets.forEach((t, i) => {
+    if (t.length === 0 || t.length > MIDDLE_ADAPTER_LIMITS.targetLength || !/^[A-Za-z0-9_.]+$/.test(t)) {
+      throw new ProtocolError('TANDEM_PROTO_MIDDLE_ADAPTER_INVALID', { field: `${field}.targets[${i}]`, reason: `a module name of 1 to ${MIDDLE_ADAPTER_LIMITS.targetLength} letters, digits, _ or .` });
+    }
+  });
+  if (spec.method === 'lora') {
+    if (spec.rank < 1) throw new ProtocolError('TANDEM_PROTO_MIDDLE_ADAPTER_INVALID', { field: `${field}.rank`, reason: 'LoRA needs a rank >= 1' });
+    if (spec.rank > MIDDLE_ADAPTER_LIMITS.rank) throw new ProtocolError('TANDEM_PROTO_MIDDLE_ADAPTER_LIMIT_EXCEEDED', { field: `${field}.rank`, actual: spec.rank, limit: MIDDLE_ADAPTER_LIMITS.rank });
+    if (!(spec.alpha > 0) || !Number.isFinite(spec.alpha)) throw new ProtocolError('TANDEM_PROTO_MIDDLE_ADAPTER_INVALID', { field: `${field}.alpha`, reason: 'must be a finite number > 0' });
+  }
+  for (const k of ['beta1', 'beta2'] as const) {
+    if (!(spec[k] >= 0 && spec[k] < 1)) throw new ProtocolError('TANDEM_PROTO_MIDDLE_ADAPTER_INVALID', { field: `${field}.${k}`, reason: 'must be in [0, 1)' });
+  }
+  for (const k of ['eps', 'weightDecay'] as const) {
+    if (!(spec[k] >= 0) || !Number.isFinite(spec[k])) throw new ProtocolError('TANDEM_PROTO_MIDDLE_ADAPTER_INVALID', { field: `${field}.${k}`, reason: 'must be a finite number >= 0' });
+  }
+  return spec;
+}
+
+const trainingFromWire = (m: Wire, field: string): TrainingSpec => ({
   methods: (Array.isArray(m.methods) ? m.methods : []).filter((x): x is string => typeof x === 'string'),
   cloudMiddleLora: bool(m, 'cloudMiddleLora'),
   middleLoraRank: num(m, 'middleLoraRank'),
+  ...(m.middleAdapter !== null && typeof m.middleAdapter === 'object' ? { middleAdapter: middleAdapterFromWire(sub(m, 'middleAdapter'), `${field}.middle_adapter`) } : {}),
 });
 
 /** Null when the peer offers a codec this build does not know: newer peers may offer more. */
@@ -155,7 +190,7 @@ function bodyFromWire(m: Wire): Body {
           codecs: { forward: codecSpecsFromWire(list(codecs, 'forward')), backward: codecSpecsFromWire(list(codecs, 'backward')) },
           limits: limitsFromWire(sub(b, 'limits')),
           cut: cutFromWire(sub(b, 'cut')),
-          training: trainingFromWire(sub(b, 'training')),
+          training: trainingFromWire(sub(b, 'training'), 'hello.training'),
           allowNonFinite: bool(b, 'allowNonFinite'),
           ...defensesFromWire(list(b, 'defenses'), 'hello.defenses'),
         },
@@ -176,7 +211,7 @@ function bodyFromWire(m: Wire): Body {
           },
           limits: limitsFromWire(sub(b, 'limits')),
           cut: cutFromWire(sub(b, 'cut')),
-          training: trainingFromWire(sub(b, 'training')),
+          training: trainingFromWire(sub(b, 'training'), 'welcome.training'),
           allowNonFinite: bool(b, 'allowNonFinite'),
           ...defensesFromWire(list(b, 'defenses'), 'welcome.defenses'),
         },
@@ -226,6 +261,22 @@ function bodyFromWire(m: Wire): Body {
       };
     case 'inferEnd':
       return { case: 'inferEnd', value: { sessionId: str(b, 'sessionId') } };
+    case 'stepCommit':
+      return {
+        case: 'stepCommit',
+        value: {
+          sessionId: str(b, 'sessionId'), step: num(b, 'step'), lr: num(b, 'lr'), maxGradNorm: num(b, 'maxGradNorm'),
+          edgeGradSquareSum: num(b, 'edgeGradSquareSum'), microbatches: num(b, 'microbatches'), exportAdapter: bool(b, 'exportAdapter'),
+        },
+      };
+    case 'stepCommitted':
+      return {
+        case: 'stepCommitted',
+        value: {
+          sessionId: str(b, 'sessionId'), step: num(b, 'step'), middleGradSquareSum: num(b, 'middleGradSquareSum'),
+          frames: list(b, 'frames').map((frame, i) => frameFromWire(frame, `stepCommitted.frames[${i}]`)),
+        },
+      };
     default:
       throw new ProtocolError('TANDEM_PROTO_FIELD_INVALID', { field: 'envelope.body', reason: 'no body, or a body this version does not know' });
   }
@@ -278,12 +329,14 @@ function bodyToWire(body: Body): Wire {
     case 'backwardResult':
     case 'inferStep':
     case 'inferStepResult':
+    case 'stepCommitted':
       return { ...body.value, frames: body.value.frames.map(frameToWire) };
     case 'error':
     case 'sessionOpen':
     case 'heartbeat':
     case 'chunk':
     case 'inferEnd':
+    case 'stepCommit':
       return { ...body.value };
   }
 }

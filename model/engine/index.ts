@@ -15,4 +15,6 @@ export type { BlockRange, Shape3 } from './middle.ts';
 export { PackedBlocks } from './packed-blocks.ts';
 export type { ActiveSegment, PackedLinearDelta, PackedSegment } from './packed-blocks.ts';
 export { segmentLoraDelta } from './segment-lora.ts';
+export { segmentIa3Delta, sumDeltas } from './segment-ia3.ts';
+export type { Ia3Scale, SegmentIa3 } from './segment-ia3.ts';
 export type { LoraFactors, SegmentLora } from './segment-lora.ts';

@@ -19,6 +19,12 @@ export interface MethodSpec {
 export interface CreateAdapterOptions {
   /** Seeds initialization and dropout; the same seed gives the same adapter and the same masks. */
   seed?: number;
+  /**
+   * The methods given are those from this index on of an adapter created with `seed`: each
+   * gets the generator it would get there. The cloud creates the middle part of an adapter
+   * whose first methods the edge holds, initialised as one createAdapter of them all would.
+   */
+  methodOffset?: number;
   registry?: MethodRegistry;
 }
 
@@ -51,13 +57,16 @@ export function createAdapter(model: LlamaModel, specs: readonly MethodSpec[], o
     const method = registry.get(spec.method);
     return { method, config: method.fromSpec(spec) };
   });
-  return instantiate(model, configs, { seed: options.seed ?? 0, fromFile: false });
+  const methodOffset = options.methodOffset ?? 0;
+  if (!Number.isInteger(methodOffset) || methodOffset < 0 || methodOffset > 1024) throw new ModelError('TANDEM_PEFT_CONFIG_INVALID', `methodOffset must be an integer from 0 to 1024, got ${methodOffset}`, { field: 'methodOffset' });
+  return instantiate(model, configs, { seed: options.seed ?? 0, fromFile: false, methodOffset });
 }
 
 /** Builds the adapter from validated configurations (createAdapter and loadAdapter share it). */
-export function instantiate(model: LlamaModel, configs: readonly { method: PeftMethod; config: unknown }[], options: { seed: number; fromFile: boolean }): PeftAdapter {
+export function instantiate(model: LlamaModel, configs: readonly { method: PeftMethod; config: unknown }[], options: { seed: number; fromFile: boolean; methodOffset?: number }): PeftAdapter {
   if (configs.length === 0) throw new ModelError('TANDEM_PEFT_CONFIG_INVALID', 'an adapter needs at least one method', { field: 'specs' });
   const seeds = new Rng(options.seed);
+  for (let i = 0; i < (options.methodOffset ?? 0); i++) seeds.nextU32();
   const methods: AdapterMethod[] = [];
   try {
     for (const { method, config } of configs) {

@@ -254,7 +254,7 @@ export class Trainer implements Scorer {
         tf.dispose([hM, ids, labels]);
       }
     }
-    return this.finishStep(step, grads, loss, tokens);
+    return this.finishStep(step, grads, loss, tokens, microbatches.length);
   }
 
   /** The bottom on the engine, then the middle's forward (started, not awaited). */
@@ -311,14 +311,24 @@ export class Trainer implements Scorer {
         hM.dispose();
       }
     }
-    return this.finishStep(step, grads, loss, tokens);
+    return this.finishStep(step, grads, loss, tokens, microbatches.length);
   }
 
   /** The middle's own gradients, clipping and the optimizer step. */
-  private finishStep(step: number, grads: Map<string, tf.Tensor>, loss: number, tokens: number): StepResult {
+  private async finishStep(step: number, grads: Map<string, tf.Tensor>, loss: number, tokens: number, microbatches: number): Promise<StepResult> {
     for (const [name, g] of this.middle.takeGradients?.() ?? []) accumulate(grads, name, g);
-    const gradNorm = this.maxGradNorm > 0 ? clipGradNorm(grads, this.maxGradNorm) : globalNorm(grads);
     const lr = learningRate(this.schedule, step);
+    let gradNorm: number;
+    if (this.middle.commitStep !== undefined) {
+      // The middle's parameters live elsewhere (the cloud's held adapter): it steps them now,
+      // and clipping spans its gradients and these together, as it would in one process.
+      const edgeGradSquareSum = globalNorm(grads) ** 2;
+      const { middleGradSquareSum } = await this.middle.commitStep({ step, lr, maxGradNorm: this.maxGradNorm, edgeGradSquareSum, microbatches });
+      gradNorm = Math.sqrt(edgeGradSquareSum + middleGradSquareSum);
+      if (this.maxGradNorm > 0) scaleGradients(grads, this.maxGradNorm / (gradNorm + 1e-6));
+    } else {
+      gradNorm = this.maxGradNorm > 0 ? clipGradNorm(grads, this.maxGradNorm) : globalNorm(grads);
+    }
     this.adapter.projectGradients?.(grads);
     this.optimizer.step(this.trainable, grads, lr);
     tf.dispose([...grads.values()]);
@@ -364,6 +374,15 @@ export class Trainer implements Scorer {
 
   dispose(): void {
     if (this.ownsMiddle) this.middle.dispose?.();
+  }
+}
+
+/** clip_grad_norm_'s scaling by a coefficient found elsewhere: applied when it is below 1. */
+function scaleGradients(grads: Map<string, tf.Tensor>, coef: number): void {
+  if (coef >= 1) return;
+  for (const [name, g] of grads) {
+    grads.set(name, tf.tidy(() => tf.mul(g, coef)));
+    g.dispose();
   }
 }
 

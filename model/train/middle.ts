@@ -16,6 +16,16 @@ export interface MicrobatchKey {
   loss?: number;
 }
 
+/** What the trainer hands a middle that holds parameters elsewhere at the end of a step. */
+export interface StepCommitRequest {
+  step: number;
+  lr: number;
+  /** 0: no clipping. */
+  maxGradNorm: number;
+  edgeGradSquareSum: number;
+  microbatches: number;
+}
+
 export interface Middle {
   /**
    * h_B [batch, seq, hidden] → h_M. With `backward`, a backward for `key` follows and the
@@ -30,6 +40,12 @@ export interface Middle {
   backward(g: tf.Tensor3D, key: MicrobatchKey, labels?: readonly (readonly number[])[]): Promise<tf.Tensor3D>;
   /** True when the middle holds trainable parameters whose gradients need backward. */
   readonly trainsParameters: boolean;
+  /**
+   * A middle whose parameters are held elsewhere (an adapter the cloud holds) applies the
+   * step's optimizer update to them here, with the learning rate and the edge's squared
+   * gradient norm (clipping spans both sides); it answers its own squared gradient norm.
+   */
+  commitStep?(commit: StepCommitRequest): Promise<{ middleGradSquareSum: number }>;
   /** Gradients of the middle's own parameters accumulated by backward since the last call (local middles). */
   takeGradients?(): Map<string, tf.Tensor>;
   dispose?(): void;

@@ -172,8 +172,8 @@ export interface TrainingResult {
   checkpointDir?: string;
 }
 
-/** Seeds of the data split, the batch order and the adapter, drawn from the recipe's seed. */
-function seedsOf(seed: number): { split: number; stream: number; adapter: number } {
+/** Seeds of the data split, the batch order and the adapter, drawn from the recipe's seed (the cloud's held middle adapter is initialised from the adapter's). */
+export function seedsOf(seed: number): { split: number; stream: number; adapter: number } {
   const rng = new Rng(seed);
   return { split: rng.nextU32(), stream: rng.nextU32(), adapter: rng.nextU32() };
 }

@@ -44,14 +44,14 @@ test('a major-version-2 Hello is refused, naming both ranges', () => {
     body: { case: 'hello', value: { ...(decodeEnvelope(helloBytes).body.value as Hello), versions: { min: v(2, 0), max: v(2, 1) } } },
   });
   const error = throwsCode(() => decodeEnvelope(bytes), 'TANDEM_PROTO_VERSION_UNSUPPORTED');
-  assert.deepEqual(error.details, { ours: '[1.0, 1.2]', theirs: '[2.0, 2.1]' });
+  assert.deepEqual(error.details, { ours: '[1.0, 1.3]', theirs: '[2.0, 2.1]' });
 });
 
 test('a major-version-2 message whose body no longer parses as v1 is still refused by version', () => {
   // Version 2.0, then field 14 (forward) as a fixed64: wire type 1 where v1 has a message.
   const bytes = new Uint8Array([0x0a, 0x02, 0x08, 0x02, 0x71, 1, 2, 3, 4, 5, 6, 7, 8]);
   const error = throwsCode(() => decodeEnvelope(bytes), 'TANDEM_PROTO_VERSION_UNSUPPORTED');
-  assert.deepEqual(error.details, { ours: '[1.0, 1.2]', theirs: '2.0' });
+  assert.deepEqual(error.details, { ours: '[1.0, 1.3]', theirs: '2.0' });
 });
 
 test('a message without a version is refused', () => {

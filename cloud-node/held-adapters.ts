@@ -1,0 +1,304 @@
+// Middle adapters the cloud holds for sessions (protocol 1.3): created at Hello from the
+// session's seed with model/peft's own init (so the adapter is the one the edge's local
+// training would create), trained by the backward's gradients, stepped by the edge's
+// StepCommit with AdamW (torch's rule, as model/train's), and checkpointed in the state
+// folder at every backward and commit, so that a node killed mid-training resumes with no
+// step lost or applied twice. Freed when the session closes or expires.
+import { PEFT_MODULE_PREFIX, createAdapter } from '../model/index.ts';
+import type { LlamaModel } from '../model/index.ts';
+import { ProtocolError } from '../protocol/index.ts';
+import type { MiddleAdapterSpec, StepCommit } from '../protocol/index.ts';
+import { CloudError } from './errors.ts';
+import type { HeldIa3Module, HeldLora, HeldModule } from './middle-compute.ts';
+import type { HeldAdapterSnapshot, HeldAdapterStore } from './state/held-adapter-store.ts';
+
+const A_SUFFIX = '.lora_A.weight';
+const B_SUFFIX = '.lora_B.weight';
+const IA3_SUFFIX = '.ia3_l';
+/** The modules whose input (IA)^3 scales, as PEFT's default for LLaMA-family models. */
+const IA3_FEEDFORWARD = ['down_proj'];
+
+/** One module's tensors by PEFT key, with AdamW's buffers. */
+interface Param {
+  key: string;
+  shape: [number, number];
+  value: Float32Array;
+  expAvg: Float32Array;
+  expAvgSq: Float32Array;
+}
+
+/** What a commit answered, kept so that its repeat answers the same. */
+export interface CommitAnswer {
+  step: number;
+  middleGradSquareSum: number;
+}
+
+/** The session's middle LoRA, its AdamW state and the gradients of the step in progress. */
+export class HeldAdapter {
+  readonly sessionId: string;
+  readonly tenant: string;
+  readonly spec: MiddleAdapterSpec;
+  readonly layers: readonly number[];
+  readonly #scale: number;
+  /** A then B of each module, in model order. */
+  readonly #params: Param[];
+  #optimizerSteps: number;
+  #last: CommitAnswer | undefined;
+  /** The step whose backwards `#grads` holds, and each micro-batch's gradients (one per param). */
+  #pendingStep: number | undefined;
+  readonly #grads = new Map<number, Float32Array[]>();
+
+  private constructor(sessionId: string, tenant: string, spec: MiddleAdapterSpec, layers: readonly number[], params: Param[], optimizerSteps: number, last: CommitAnswer | undefined) {
+    this.sessionId = sessionId;
+    this.tenant = tenant;
+    this.spec = spec;
+    this.layers = layers;
+    this.#scale = spec.method === 'lora' ? spec.alpha / spec.rank : 1;
+    this.#params = params;
+    this.#optimizerSteps = optimizerSteps;
+    this.#last = last;
+  }
+
+  /** A new adapter on `layers` of the served model, initialised as model/peft's createAdapter does for method `methodIndex` of `seed`. */
+  static create(model: LlamaModel, sessionId: string, tenant: string, spec: MiddleAdapterSpec, layers: readonly number[]): HeldAdapter {
+    let adapter;
+    try {
+      adapter = createAdapter(model, [methodSpecOf(spec, layers)], { seed: spec.seed, methodOffset: spec.methodIndex });
+    } catch (cause) {
+      throw new ProtocolError('TANDEM_PROTO_MIDDLE_ADAPTER_INVALID', { field: 'hello.training.middle_adapter', reason: (cause as Error).message.slice(0, 300) }, { cause });
+    }
+    try {
+      const params: Param[] = [];
+      for (const [key, t] of adapter.state()) {
+        const shape = t.variable.shape as [number, number];
+        const value = Float32Array.from(t.variable.dataSync() as Float32Array);
+        params.push({ key, shape, value, expAvg: new Float32Array(value.length), expAvgSq: new Float32Array(value.length) });
+      }
+      return new HeldAdapter(sessionId, tenant, spec, layers, orderParams(params, spec.method), 0, undefined);
+    } finally {
+      adapter.dispose();
+    }
+  }
+
+  /** The adapter as checkpointed (restart). */
+  static fromSnapshot(s: HeldAdapterSnapshot): HeldAdapter {
+    const params = s.params.map((p) => ({ key: p.key, shape: p.shape, value: p.value, expAvg: p.expAvg, expAvgSq: p.expAvgSq }));
+    const held = new HeldAdapter(s.sessionId, s.tenant, s.spec, s.layers, orderParams(params, s.spec.method), s.optimizerSteps, s.last);
+    if (s.pending !== undefined) {
+      held.#pendingStep = s.pending.step;
+      for (const [mb, grads] of s.pending.microbatches) held.#grads.set(mb, grads);
+    }
+    return held;
+  }
+
+  snapshot(): HeldAdapterSnapshot {
+    return {
+      sessionId: this.sessionId, tenant: this.tenant, spec: this.spec, layers: [...this.layers], optimizerSteps: this.#optimizerSteps, last: this.#last,
+      params: this.#params.map((p) => ({ key: p.key, shape: p.shape, value: p.value, expAvg: p.expAvg, expAvgSq: p.expAvgSq })),
+      ...(this.#pendingStep !== undefined ? { pending: { step: this.#pendingStep, microbatches: [...this.#grads].sort((a, b) => a[0] - b[0]) } } : {}),
+    };
+  }
+
+  /** Weights and AdamW buffers, bytes. */
+  get bytes(): number {
+    return this.#params.reduce((n, p) => n + p.value.length * 12, 0);
+  }
+
+  /** The last step committed; undefined before the first. */
+  get lastCommitted(): number | undefined {
+    return this.#last?.step;
+  }
+
+  /** The factors as the compute workers take them (copies: a step in flight never sees them change). */
+  lora(): HeldLora {
+    if (this.spec.method === 'ia3') {
+      const ia3: HeldIa3Module[] = this.#params.map((p) => {
+        const path = p.key.slice(PEFT_MODULE_PREFIX.length, -IA3_SUFFIX.length);
+        return { path, feedforward: IA3_FEEDFORWARD.some((f) => path.endsWith(`.${f}`)), scale: p.value.slice() };
+      });
+      return { scale: 1, modules: [], ia3 };
+    }
+    const modules: HeldModule[] = [];
+    for (let i = 0; i < this.#params.length; i += 2) {
+      const a = this.#params[i];
+      const b = this.#params[i + 1];
+      modules.push({ path: a.key.slice(PEFT_MODULE_PREFIX.length, -A_SUFFIX.length), a: a.value.slice(), b: b.value.slice(), r: a.shape[0], inFeatures: a.shape[1], outFeatures: b.shape[0] });
+    }
+    return { scale: this.#scale, modules };
+  }
+
+  /** A backward's factor gradients for (step, microbatch); a retry of the same micro-batch replaces, never adds. */
+  accumulate(step: number, microbatch: number, grads: readonly Float32Array[]): void {
+    if (grads.length !== this.#params.length || grads.some((g, i) => g.length !== this.#params[i].value.length)) {
+      throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: 'the held adapter\'s gradients do not match its tensors' });
+    }
+    if (this.#last !== undefined && step <= this.#last.step) return; // a step already applied: nothing to add
+    if (this.#pendingStep !== step) {
+      this.#grads.clear();
+      this.#pendingStep = step;
+    }
+    this.#grads.set(microbatch, grads.map((g) => g.slice()));
+  }
+
+  /**
+   * Applies the step: the micro-batches' gradients summed, clipped with the edge's (one norm
+   * over both sides), AdamW. A repeat of the last committed step answers the same and
+   * changes nothing; any other step but the next is TANDEM_PROTO_STEP_COMMIT_OUT_OF_ORDER.
+   */
+  commit(c: StepCommit): { answer: CommitAnswer; applied: boolean } {
+    if (this.#last !== undefined && c.step === this.#last.step) return { answer: this.#last, applied: false };
+    const expected = this.#last === undefined ? undefined : this.#last.step + 1;
+    if ((expected !== undefined && c.step !== expected) || (expected === undefined && this.#pendingStep !== undefined && c.step !== this.#pendingStep)) {
+      throw new ProtocolError('TANDEM_PROTO_STEP_COMMIT_OUT_OF_ORDER', { actual: c.step, session: this.sessionId, expected: expected ?? this.#pendingStep ?? 'the first step trained', last: this.#last?.step ?? 'none' });
+    }
+    for (const [field, v] of [['lr', c.lr], ['max_grad_norm', c.maxGradNorm], ['edge_grad_square_sum', c.edgeGradSquareSum]] as const) {
+      if (!Number.isFinite(v) || v < 0) throw new ProtocolError('TANDEM_PROTO_FIELD_INVALID', { field: `step_commit.${field}`, reason: 'must be a finite number >= 0' });
+    }
+    const have = this.#pendingStep === c.step ? this.#grads.size : 0;
+    if (have < c.microbatches) {
+      throw new CloudError('TANDEM_HELD_GRADIENTS_MISSING', { session: this.sessionId, step: c.step, actual: have, expected: c.microbatches });
+    }
+    const sums = this.#params.map((p) => new Float32Array(p.value.length));
+    for (const mb of [...this.#grads.keys()].sort((a, b) => a - b)) {
+      const grads = this.#grads.get(mb) as Float32Array[];
+      sums.forEach((s, i) => { for (let j = 0; j < s.length; j++) s[j] += grads[i][j]; });
+    }
+    let square = 0;
+    for (const s of sums) {
+      let part = 0;
+      for (let j = 0; j < s.length; j++) part += s[j] * s[j];
+      square += part;
+    }
+    if (c.maxGradNorm > 0) {
+      const coef = c.maxGradNorm / (Math.sqrt(c.edgeGradSquareSum + square) + 1e-6);
+      if (coef < 1) for (const s of sums) for (let j = 0; j < s.length; j++) s[j] *= coef;
+    }
+    this.#adamw(sums, c.lr);
+    this.#last = { step: c.step, middleGradSquareSum: square };
+    this.#grads.clear();
+    this.#pendingStep = undefined;
+    return { answer: this.#last, applied: true };
+  }
+
+  /** torch.optim.AdamW: p ← p(1 − lr·λ) − (lr / (1 − β1^t)) · m / (√v / √(1 − β2^t) + ε), in float32 buffers. */
+  #adamw(grads: readonly Float32Array[], lr: number): void {
+    this.#optimizerSteps += 1;
+    const { beta1: b1, beta2: b2, eps, weightDecay: wd } = this.spec;
+    const bc1 = 1 - b1 ** this.#optimizerSteps;
+    const bc2Sqrt = Math.sqrt(1 - b2 ** this.#optimizerSteps);
+    this.#params.forEach((p, i) => {
+      const g = grads[i];
+      const { value, expAvg: m, expAvgSq: v } = p;
+      for (let j = 0; j < value.length; j++) {
+        m[j] = m[j] * b1 + g[j] * (1 - b1);
+        v[j] = v[j] * b2 + g[j] * g[j] * (1 - b2);
+        const decayed = wd === 0 ? value[j] : value[j] * (1 - lr * wd);
+        value[j] = decayed - (m[j] / (Math.sqrt(v[j]) / bc2Sqrt + eps)) * (lr / bc1);
+      }
+    });
+  }
+
+  /** The adapter's tensors by PEFT key (export). */
+  tensors(): { key: string; shape: number[]; data: Float32Array }[] {
+    return this.#params.map((p) => ({ key: p.key, shape: [...p.shape], data: p.value.slice() }));
+  }
+}
+
+/** The one-method spec model/peft creates the held adapter from. */
+export function methodSpecOf(spec: MiddleAdapterSpec, layers: readonly number[]): { method: string; [field: string]: unknown } {
+  if (spec.method === 'ia3') {
+    return { method: 'ia3', targetModules: [...spec.targets], feedforwardModules: spec.targets.filter((t) => IA3_FEEDFORWARD.includes(t)), layersToTransform: [...layers] };
+  }
+  return { method: 'lora', r: spec.rank, loraAlpha: spec.alpha, targetModules: [...spec.targets], layersToTransform: [...layers] };
+}
+
+/** LoRA: A then B of each module; (IA)^3: the scales; modules in the order PEFT's state lists them. */
+function orderParams(params: Param[], method: MiddleAdapterSpec['method']): Param[] {
+  if (method === 'ia3') {
+    if (params.some((p) => !p.key.endsWith(IA3_SUFFIX))) throw new CloudError('TANDEM_INTERNAL', { reason: 'held (IA)^3 adapter has tensors other than ia3_l' });
+    return params;
+  }
+  const out: Param[] = [];
+  for (const a of params.filter((p) => p.key.endsWith(A_SUFFIX))) {
+    const b = params.find((p) => p.key === a.key.slice(0, -A_SUFFIX.length) + B_SUFFIX);
+    if (b === undefined) throw new CloudError('TANDEM_INTERNAL', { reason: `held adapter has ${a.key} without its lora_B` });
+    out.push(a, b);
+  }
+  if (out.length !== params.length) throw new CloudError('TANDEM_INTERNAL', { reason: 'held adapter has tensors other than lora_A and lora_B' });
+  return out;
+}
+
+export interface HeldAdapterMetrics {
+  resident(count: number, bytes: number): void;
+}
+
+/** The node's held adapters, by session: quotas per tenant, checkpoints in the store. */
+export class HeldAdapters {
+  readonly #store: HeldAdapterStore;
+  readonly #byId = new Map<string, HeldAdapter>();
+  readonly #metrics?: HeldAdapterMetrics;
+  /** Writes of one session, one after another. */
+  readonly #writes = new Map<string, Promise<void>>();
+
+  private constructor(store: HeldAdapterStore, metrics?: HeldAdapterMetrics) {
+    this.#store = store;
+    this.#metrics = metrics;
+  }
+
+  /** Loads every checkpointed adapter of the store. */
+  static async open(store: HeldAdapterStore, metrics?: HeldAdapterMetrics): Promise<HeldAdapters> {
+    const held = new HeldAdapters(store, metrics);
+    for (const s of await store.loadAll()) held.#byId.set(s.sessionId, HeldAdapter.fromSnapshot(s));
+    held.#report();
+    return held;
+  }
+
+  get count(): number {
+    return this.#byId.size;
+  }
+
+  get bytes(): number {
+    let n = 0;
+    for (const h of this.#byId.values()) n += h.bytes;
+    return n;
+  }
+
+  bytesOf(tenant: string): number {
+    let n = 0;
+    for (const h of this.#byId.values()) if (h.tenant === tenant) n += h.bytes;
+    return n;
+  }
+
+  get(sessionId: string): HeldAdapter | undefined {
+    return this.#byId.get(sessionId);
+  }
+
+  /** Keeps a new adapter and checkpoints it before the Welcome goes out. */
+  async add(held: HeldAdapter): Promise<void> {
+    this.#byId.set(held.sessionId, held);
+    this.#report();
+    await this.save(held);
+  }
+
+  /** Checkpoints the adapter (after a backward's gradients or a commit); durable once it resolves. */
+  save(held: HeldAdapter): Promise<void> {
+    const snapshot = held.snapshot();
+    const prev = this.#writes.get(held.sessionId) ?? Promise.resolve();
+    const next = prev.then(() => (this.#byId.get(held.sessionId) === held ? this.#store.save(snapshot) : undefined));
+    this.#writes.set(held.sessionId, next.catch(() => undefined));
+    return next;
+  }
+
+  /** Frees the session's adapter and its checkpoint (close, expiry). */
+  async drop(sessionId: string): Promise<void> {
+    if (!this.#byId.delete(sessionId)) return;
+    this.#report();
+    await (this.#writes.get(sessionId) ?? Promise.resolve());
+    this.#writes.delete(sessionId);
+    await this.#store.remove(sessionId);
+  }
+
+  #report(): void {
+    this.#metrics?.resident(this.count, this.bytes);
+  }
+}
