@@ -103,6 +103,8 @@ interface Job {
   slot?: number;
   generation?: number;
   attempts: number;
+  /** Runs in a batch of its own: its batch failed, and it must not fail again for another's sake. */
+  alone?: boolean;
   resolve: (done: Done) => void;
   reject: (error: unknown) => void;
 }
@@ -429,7 +431,7 @@ export class MiddleExecutor {
             const job = list[0];
             const inFlight = (this.#running.get(tenant) ?? 0) + (taken.get(tenant) ?? 0);
             if (inFlight + job.tokens > cap && inFlight > 0) break;
-            if (jobs.length > 0 && tokens + job.tokens > this.#maxTokens) {
+            if (jobs.length > 0 && (tokens + job.tokens > this.#maxTokens || job.alone === true || jobs[0].alone === true)) {
               full = true;
               break;
             }
@@ -438,6 +440,10 @@ export class MiddleExecutor {
             tokens += job.tokens;
             taken.set(tenant, (taken.get(tenant) ?? 0) + job.tokens);
             progress = true;
+            if (job.alone === true) {
+              full = true;
+              break;
+            }
           }
           if (full) break;
         }
@@ -537,8 +543,15 @@ export class MiddleExecutor {
         else {
           const error = new Error(message.message);
           error.name = message.name;
-          for (const job of running.jobs) {
+          const batched = running.jobs.length > 1;
+          for (const job of [...running.jobs].reverse()) {
             if (!message.fatal) job.reject(new TapeLost(message.message));
+            // One session's poison micro-batch must not fail the others batched with it: each runs
+            // once more alone (a backward from a tape recomputes, the tape's worker is ending).
+            else if (batched && job.slot === undefined && job.alone !== true) {
+              job.alone = true;
+              this.#requeue(job);
+            } else if (batched && job.slot !== undefined) job.reject(new TapeLost('the worker that kept the tape failed on another request of its batch'));
             else job.reject(resourceErrorOf(error, 'memory') ?? new CloudError('TANDEM_COMPUTE_FAILED', { reason: message.message.slice(0, 200) }, { cause: error }));
           }
         }

@@ -104,6 +104,18 @@ describe('batched middle across sessions', () => {
     assert.deepEqual(batches.map((b) => [b.kind, b.requests]), [['backward', CASES.length]]);
     assertClose(got, want, 'g_B');
   });
+
+  it('one request that breaks the compute does not fail the others of its batch: they run again alone and answer exactly', async () => {
+    const want = await reference((e, c) => e.forward(c.range, c.h, c.shape, c.tenant));
+    batches.length = 0;
+    // A hidden size the model does not have: the compute throws, and its worker ends.
+    const poison = batched.forward({ start: 1, end: 4 }, new Float32Array(8 * 7), [1, 8, 7], 'mallory');
+    const got = Promise.all(CASES.map((c) => batched.forward(c.range, c.h, c.shape, c.tenant)));
+    await assert.rejects(poison, { code: 'TANDEM_COMPUTE_FAILED' });
+    assertClose(await got, want, 'h_M');
+    assert.equal(batches[0].requests, CASES.length + 1, 'the poison was batched with the others');
+    assert.ok(batches.slice(1).every((b) => b.requests === 1), `then each ran alone: ${batches.map((b) => b.requests).join(', ')}`);
+  });
 });
 
 describe('filling a batch: tenant weights and tokens in flight', () => {
