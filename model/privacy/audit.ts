@@ -147,7 +147,7 @@ export function measureAttacks(input: MeasureInput, defenses: Defenses): AttackF
   const d = input.edge ? input.edge.applied : resolveClip(model, rows, bottom, defenses);
   const rng = new Rng(seed);
   const observed = input.edge ? input.edge.sent(rows, rng) : observedBottom(model, rows, bottom, d, rng);
-  const nn = nearestNeighbourInversion(model, rows, observed, bottom);
+  const nn = nearestNeighbourInversion(model, rows, observed, bottom, 64, d.noise);
   const learned = learnedInversion(model, rows, observed, bottom, d, { publicRows, seed: seed + 1 });
   const lossBatch: Batch = { ids: rows, labels: rows };
   const clean = forwardLoss(model, lossBatch, bottom, cut.top, {}, new Rng(seed + 2));
