@@ -12,7 +12,7 @@
 // Data: the demo's label data (cli/demo-data/feelings.jsonl, label-token loss) and
 // tinyshakespeare (next-token loss; ../shared/fixtures by default, --data PATH).
 //
-//   npm run bench -- privacy [--quick] [--steps N] [--data PATH]
+//   npm run bench -- privacy [--quick] [--steps N] [--data PATH]   (default 150 steps; --quick 10)
 import { readFileSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
@@ -55,7 +55,7 @@ function trainingData(dataset: Dataset, tokenizer: Tokenizer, stream: number[], 
 
 export async function run(args: string[]): Promise<Record<string, unknown>> {
   const quick = args.includes('--quick');
-  const steps = Number(flag(args, '--steps', quick ? '10' : '40'));
+  const steps = Number(flag(args, '--steps', quick ? '10' : '150'));
   const shakespeare = flag(args, '--data', join(root, '..', 'shared', 'fixtures', 'data', 'tinyshakespeare', 'input.txt'));
   await initBackend({});
   const loaded = await loadModelFolder(fixture);
@@ -83,6 +83,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
         ['noise', { noise: { sigma: 0.6, clip: 0, restore: false } }],
         ['noise', { noise: { sigma: 0.6, clip: 0 } }],
         ['noise-spread', { noise: { sigma: 0.6, clip: 0, spread: true } }],
+        ['noise', { noise: { sigma: 0.7, clip: 0 } }],
         ['noise', { noise: { sigma: 1, clip: 0 } }],
         ['nopeek', { nopeek: { weight: 1 } }],
       ];

@@ -50,11 +50,11 @@ export interface Defenses {
 }
 
 /**
- * The defaults of `auto` where the model is not known yet: noise on h_B at σ = 0.6 (taken back
+ * The defaults of `auto` where the model is not known yet: noise on h_B at σ = 0.7 (taken back
  * out of h_M by the edge) and Marvell at power 2 (model/privacy/README.md has the measurements).
  * `autoDefenses` adds the deeper bottom a model with enough blocks affords.
  */
-export const AUTO_DEFENSES: Readonly<Defenses> = { noise: { sigma: 0.6, clip: 0 }, marvell: { scale: 2 } };
+export const AUTO_DEFENSES: Readonly<Defenses> = { noise: { sigma: 0.7, clip: 0 }, marvell: { scale: 2 } };
 
 /** The bottom `auto` moves the cut to when the model has the blocks: deeper bottoms cost edge compute, not loss. */
 export const AUTO_BOTTOM = 3;
