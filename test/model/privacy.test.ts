@@ -21,6 +21,7 @@ import {
   labelBatch,
   labelClasses,
   marvellInPlace,
+  medianTokenNorm,
   labelLeakage,
   learnedInversion,
   loadModelFolder,
@@ -275,6 +276,18 @@ describe('attacks on stories260K', () => {
     const learnedNoisy = learnedInversion(model, rows, noisy, 1, noise, { publicRows });
     assert.ok(nnNoisy.recovery <= nn.recovery / 2, `noisy nearest neighbour ${nnNoisy.recovery}`);
     assert.ok(learnedNoisy.recovery <= learned.recovery / 2, `noisy learned ${learnedNoisy.recovery}`);
+  });
+
+  it('the nearest-neighbour attack that knows the noise defense clips its candidates as the edge does', () => {
+    const rows = streamRows(tokenStream(dataset, tokenizer), 16, 2);
+    const clean = baseBottom(model, rows, 3);
+    // A clip well under the median norm and little noise: the clip, not the noise, is what hides the tokens from a naive search.
+    const noise = { sigma: 0.05, clip: 0.5 * medianTokenNorm(clean, 64) };
+    const observed = observedBottom(model, rows, 3, { noise }, new Rng(4));
+    const naive = nearestNeighbourInversion(model, rows, observed, 3);
+    const informed = nearestNeighbourInversion(model, rows, observed, 3, 64, noise);
+    assert.ok(informed.recovery >= 0.9, `informed ${informed.recovery}`);
+    assert.ok(informed.recovery > naive.recovery, `informed ${informed.recovery}, naive ${naive.recovery}`);
   });
 
   it('the direction attack reads the labels from g_M, and max-norm with gradient noise hides them', () => {
