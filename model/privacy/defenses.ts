@@ -49,23 +49,26 @@ export interface Defenses {
   marvell?: { scale: number };
 }
 
-/**
- * The defaults of `auto` where the model is not known yet: noise on h_B at σ = 0.7 (taken back
- * out of h_M by the edge) and Marvell at power 2 (model/privacy/README.md has the measurements).
- * `autoDefenses` adds the deeper bottom a model with enough blocks affords.
- */
-export const AUTO_DEFENSES: Readonly<Defenses> = { noise: { sigma: 0.7, clip: 0 }, marvell: { scale: 2 } };
-
 /** The bottom `auto` moves the cut to when the model has the blocks: deeper bottoms cost edge compute, not loss. */
 export const AUTO_BOTTOM = 3;
 
 /**
- * `--defense auto` for a model of `layers` blocks and an asked cut: AUTO_DEFENSES, with the
- * bottom moved to AUTO_BOTTOM blocks where that leaves the middle at least one block.
+ * The defaults of `auto` where the model and cut are not known yet (`tandem edge train`): the
+ * bottom two blocks deeper (the default cut B = 1 to AUTO_BOTTOM), noise on h_B at σ = 0.7
+ * (taken back out of h_M by the edge) and Marvell at power 2; model/privacy/README.md has the
+ * measurements. Where the cut is known, `autoDefenses` fits the deeper bottom to the model.
+ */
+export const AUTO_DEFENSES: Readonly<Defenses> = { deeperBottom: AUTO_BOTTOM - 1, noise: { sigma: 0.7, clip: 0 }, marvell: { scale: 2 } };
+
+/**
+ * `--defense auto` for a model of `layers` blocks and an asked cut: AUTO_DEFENSES with the
+ * bottom moved to AUTO_BOTTOM blocks where that leaves the middle at least one block (no
+ * deeper bottom where the asked one is as deep already or the model has no block to spare).
  */
 export function autoDefenses(layers: number, cut: { bottom: number; top: number }): Defenses {
+  const { deeperBottom: _, ...rest } = structuredClone(AUTO_DEFENSES) as Defenses;
   const deeper = Math.min(AUTO_BOTTOM, layers - cut.top - 1) - cut.bottom;
-  return { ...structuredClone(AUTO_DEFENSES), ...(deeper > 0 ? { deeperBottom: deeper } : {}) };
+  return { ...rest, ...(deeper > 0 ? { deeperBottom: deeper } : {}) };
 }
 
 export const DEFENSE_LIMITS = { sigma: 100, clip: 1e6, deeperBottom: 64, rho: 100, nopeek: 100, marvell: 100, hidden: 65_536 } as const;

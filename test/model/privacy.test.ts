@@ -249,12 +249,14 @@ describe('noise taken back and shaped', () => {
   });
 
   it('auto moves the bottom to three blocks where the model has them and leaves a middle', () => {
-    assert.deepEqual(autoDefenses(5, { bottom: 1, top: 1 }), { ...AUTO_DEFENSES, deeperBottom: 2 });
-    assert.deepEqual(autoDefenses(5, { bottom: 2, top: 1 }), { ...AUTO_DEFENSES, deeperBottom: 1 });
-    assert.deepEqual(autoDefenses(5, { bottom: 3, top: 1 }), { ...AUTO_DEFENSES });
-    assert.deepEqual(autoDefenses(5, { bottom: 1, top: 2 }), { ...AUTO_DEFENSES, deeperBottom: 1 });
-    assert.deepEqual(autoDefenses(32, { bottom: 1, top: 1 }), { ...AUTO_DEFENSES, deeperBottom: 2 });
-    assert.deepEqual(autoDefenses(32, { bottom: 4, top: 1 }), { ...AUTO_DEFENSES });
+    const rest = { noise: AUTO_DEFENSES.noise, marvell: AUTO_DEFENSES.marvell };
+    assert.equal(AUTO_DEFENSES.deeperBottom, 2, 'without a model, the default cut B = 1 moves to 3');
+    assert.deepEqual(autoDefenses(5, { bottom: 1, top: 1 }), { ...rest, deeperBottom: 2 });
+    assert.deepEqual(autoDefenses(5, { bottom: 2, top: 1 }), { ...rest, deeperBottom: 1 });
+    assert.deepEqual(autoDefenses(5, { bottom: 3, top: 1 }), rest);
+    assert.deepEqual(autoDefenses(5, { bottom: 1, top: 2 }), { ...rest, deeperBottom: 1 });
+    assert.deepEqual(autoDefenses(32, { bottom: 1, top: 1 }), { ...rest, deeperBottom: 2 });
+    assert.deepEqual(autoDefenses(32, { bottom: 4, top: 1 }), rest);
   });
 });
 
