@@ -193,8 +193,11 @@ export function chooseDefenses(input: MeasureInput, undefended: AttackFigures): 
   }
   let scale = AUTO_MARVELL_SCALES[AUTO_MARVELL_SCALES.length - 1];
   if (input.labels) {
+    // With the chosen noise and bottom: the noise on h_B changes g_M and what its norm tells.
+    const cut = { bottom: input.cut.bottom + (deeper ?? 0), top: input.cut.top };
+    const withNoise = resolveClip(input.model, input.rows, cut.bottom, { ...(noise ? { noise } : {}) });
     for (const m of AUTO_MARVELL_SCALES) {
-      const leak = labelLeakage(middleGradients(input.model, input.labels.batch, input.cut, { marvell: { scale: m } }, input.microbatch, new Rng(input.seed)), input.labels.classes);
+      const leak = labelLeakage(middleGradients(input.model, input.labels.batch, cut, { ...withNoise, marvell: { scale: m } }, input.microbatch, new Rng(input.seed + 3)), input.labels.classes);
       scale = m;
       if (leak.aucNorm <= 0.6 && leak.aucDirection <= 0.6) break;
     }
