@@ -12,11 +12,11 @@
 // Data: the demo's label data (cli/demo-data/feelings.jsonl, label-token loss) and
 // tinyshakespeare (next-token loss; ../shared/fixtures by default, --data PATH).
 //
-//   npm run bench -- privacy [--quick] [--steps N] [--data PATH]   (default 150 steps; --quick 10)
+//   npm run bench -- privacy [--quick] [--steps N] [--data PATH] [--only feelings|tinyshakespeare]   (default 150 steps; --quick 10)
 import { readFileSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
-import { LlamaModel, autoDefenses, describeDefenses, initBackend, labelBatch, loadModelFolder, loadTokenizer, measureAttacks, parseDataset, streamRows, tokenStream, trainUnderDefenses } from '../model/index.ts';
+import { LlamaModel, PrivacyError, autoDefenses, describeDefenses, initBackend, labelBatch, loadModelFolder, loadTokenizer, measureAttacks, parseDataset, streamRows, tokenStream, trainUnderDefenses } from '../model/index.ts';
 import type { Batch, Dataset, Defenses, MeasureInput, Tokenizer } from '../model/index.ts';
 
 const root = join(import.meta.dirname, '..');
@@ -63,13 +63,16 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
   const tokenizer = await loadTokenizer(fixture);
   const seqLen = 16;
   const rowsAttacked = quick ? 2 : 6;
+  const only = flag(args, '--only', '');
+  if (only !== '' && only !== 'feelings' && only !== 'tinyshakespeare') throw new PrivacyError('TANDEM_AUDIT_INPUT_INVALID', `--only takes feelings or tinyshakespeare, got "${only.slice(0, 40)}"`, { field: 'only' });
   const sets = [
-    { name: 'feelings', dataset: parseDataset(readFileSync(join(root, 'cli', 'demo-data', 'feelings.jsonl'), 'utf8'), 'feelings.jsonl') },
-    { name: 'tinyshakespeare', dataset: parseDataset(readFileSync(shakespeare, 'utf8').slice(0, quick ? 20_000 : 60_000), 'input.txt') },
-  ];
+    { name: 'feelings', dataset: () => parseDataset(readFileSync(join(root, 'cli', 'demo-data', 'feelings.jsonl'), 'utf8'), 'feelings.jsonl') },
+    { name: 'tinyshakespeare', dataset: () => parseDataset(readFileSync(shakespeare, 'utf8').slice(0, quick ? 20_000 : 60_000), 'input.txt') },
+  ].filter((s) => only === '' || s.name === only);
   const rows: Row[] = [];
   const started = performance.now();
-  for (const set of sets) {
+  for (const entry of sets) {
+    const set = { name: entry.name, dataset: entry.dataset() };
     const stream = tokenStream(set.dataset, tokenizer);
     const attacked = streamRows(stream, seqLen, rowsAttacked);
     const publicRows = streamRows(stream.slice(rowsAttacked * seqLen), seqLen, quick ? 128 : 1024);
