@@ -1,5 +1,7 @@
 // What an honest-but-curious cloud learns, measured on stories260K (5 blocks, T = 1), and what
-// each defense costs: for B = 1, 2, 3 and each defense off and on, the edge trains its adapters
+// each defense costs: for B = 1, 2, 3 and each defense off and on (noise on h_B at σ = 0.6 as
+// received and taken back out of h_M by the edge, shaped to the spread, at σ = 1; NoPeek; the
+// deepest bottom; the label defenses; `auto`), the edge trains its adapters
 // (LoRA on its bottom and top blocks, `--steps` steps) through a middle that applies the
 // defense, and then
 //   tokenRecovery          best of nearest-neighbour and learned inversion of what the trained
@@ -10,10 +12,11 @@
 // Data: the demo's label data (cli/demo-data/feelings.jsonl, label-token loss) and
 // tinyshakespeare (next-token loss; ../shared/fixtures by default, --data PATH).
 //
-//   npm run bench -- privacy [--quick] [--steps N] [--data PATH]
+//   npm run bench -- privacy [--quick] [--steps N] [--data PATH] [--only feelings|tinyshakespeare]   (default 150 steps; --quick 10)
 import { readFileSync } from 'node:fs';
+import { loadavg } from 'node:os';
 import { join } from 'node:path';
-import { AUTO_DEFENSES, LlamaModel, describeDefenses, initBackend, labelBatch, loadModelFolder, loadTokenizer, measureAttacks, parseDataset, streamRows, tokenStream, trainUnderDefenses } from '../model/index.ts';
+import { LlamaModel, PrivacyError, autoDefenses, describeDefenses, initBackend, labelBatch, loadModelFolder, loadTokenizer, measureAttacks, parseDataset, streamRows, tokenStream, trainUnderDefenses } from '../model/index.ts';
 import type { Batch, Dataset, Defenses, MeasureInput, Tokenizer } from '../model/index.ts';
 
 const root = join(import.meta.dirname, '..');
@@ -52,36 +55,44 @@ function trainingData(dataset: Dataset, tokenizer: Tokenizer, stream: number[], 
 
 export async function run(args: string[]): Promise<Record<string, unknown>> {
   const quick = args.includes('--quick');
-  const steps = Number(flag(args, '--steps', quick ? '10' : '40'));
+  const steps = Number(flag(args, '--steps', quick ? '10' : '150'));
   const shakespeare = flag(args, '--data', join(root, '..', 'shared', 'fixtures', 'data', 'tinyshakespeare', 'input.txt'));
   await initBackend({});
   const loaded = await loadModelFolder(fixture);
   const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
   const tokenizer = await loadTokenizer(fixture);
   const seqLen = 16;
-  const rowsAttacked = quick ? 1 : 2;
+  const rowsAttacked = quick ? 2 : 6;
+  const only = flag(args, '--only', '');
+  if (only !== '' && only !== 'feelings' && only !== 'tinyshakespeare') throw new PrivacyError('TANDEM_AUDIT_INPUT_INVALID', `--only takes feelings or tinyshakespeare, got "${only.slice(0, 40)}"`, { field: 'only' });
   const sets = [
-    { name: 'feelings', dataset: parseDataset(readFileSync(join(root, 'cli', 'demo-data', 'feelings.jsonl'), 'utf8'), 'feelings.jsonl') },
-    { name: 'tinyshakespeare', dataset: parseDataset(readFileSync(shakespeare, 'utf8').slice(0, quick ? 20_000 : 60_000), 'input.txt') },
-  ];
+    { name: 'feelings', dataset: () => parseDataset(readFileSync(join(root, 'cli', 'demo-data', 'feelings.jsonl'), 'utf8'), 'feelings.jsonl') },
+    { name: 'tinyshakespeare', dataset: () => parseDataset(readFileSync(shakespeare, 'utf8').slice(0, quick ? 20_000 : 60_000), 'input.txt') },
+  ].filter((s) => only === '' || s.name === only);
   const rows: Row[] = [];
   const started = performance.now();
-  for (const set of sets) {
+  for (const entry of sets) {
+    const set = { name: entry.name, dataset: entry.dataset() };
     const stream = tokenStream(set.dataset, tokenizer);
     const attacked = streamRows(stream, seqLen, rowsAttacked);
-    const publicRows = streamRows(stream.slice(rowsAttacked * seqLen), seqLen, quick ? 64 : 256);
+    const publicRows = streamRows(stream.slice(rowsAttacked * seqLen), seqLen, quick ? 128 : 1024);
     const labels = labelBatch(set.dataset, tokenizer, quick ? 48 : 160, 64);
     const data = trainingData(set.dataset, tokenizer, stream, rowsAttacked * seqLen, quick ? 2 : 4);
     for (const bottom of [1, 2, 3]) {
       const input: MeasureInput = { model, rows: attacked, publicRows, labels, cut: { bottom, top: 1 }, microbatch: 8, seed: 0 };
+      const deepest = model.numLayers - 1 - input.cut.top - bottom;
       const defenses: [string, Defenses][] = [
         ['none', {}],
+        ['noise', { noise: { sigma: 0.6, clip: 0, restore: false } }],
+        ['noise', { noise: { sigma: 0.6, clip: 0 } }],
+        ['noise-spread', { noise: { sigma: 0.6, clip: 0, spread: true } }],
+        ['noise', { noise: { sigma: 0.7, clip: 0 } }],
         ['noise', { noise: { sigma: 1, clip: 0 } }],
         ['nopeek', { nopeek: { weight: 1 } }],
       ];
-      if (bottom + 2 <= model.numLayers - 1) defenses.push(['deeper-bottom', { deeperBottom: 1 }]);
-      if (labels) defenses.push(['max-norm', { maxNorm: true }], ['gradient-noise', { maxNorm: true, gradientNoise: { rho: 4 } }], ['marvell', { marvell: { scale: 1 } }]);
-      defenses.push(['auto', AUTO_DEFENSES]);
+      if (deepest > 0) defenses.push(['deeper-bottom', { deeperBottom: deepest }]);
+      if (labels) defenses.push(['max-norm', { maxNorm: true }], ['gradient-noise', { maxNorm: true, gradientNoise: { rho: 4 } }], ['marvell', { marvell: { scale: 1 } }], ['marvell', { marvell: { scale: 2 } }]);
+      defenses.push(['auto', autoDefenses(model.numLayers, input.cut)]);
       const first = rows.length;
       let baseline = Number.NaN;
       for (const [name, d] of defenses) {
@@ -109,10 +120,10 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
       for (const r of rows.slice(first)) {
         const pct = (x: number) => `${(100 * x).toFixed(1)}%`.padStart(6);
         const auc = (x: number | null) => (x === null ? '   -  ' : x.toFixed(3).padStart(6));
-        process.stdout.write(`${r.data.padEnd(16)} B=${r.bottom}  ${r.defense.padEnd(48)} recovery ${pct(r.tokenRecovery)}  AUC norm ${auc(r.labelLeakAucNorm)} direction ${auc(r.labelLeakAucDirection)}  val loss ${r.validationLoss.toFixed(3)} cost ${pct(r.validationLossCost)}\n`);
+        process.stdout.write(`${r.data.padEnd(16)} B=${r.bottom}  ${r.defense.padEnd(56)} recovery ${pct(r.tokenRecovery)}  AUC norm ${auc(r.labelLeakAucNorm)} direction ${auc(r.labelLeakAucDirection)}  val loss ${r.validationLoss.toFixed(3)} cost ${pct(r.validationLossCost)}\n`);
       }
     }
   }
   model.dispose();
-  return { model: 'stories260K', top: 1, seqLen, rowsAttacked, steps, quick, seconds: (performance.now() - started) / 1000, rows };
+  return { model: 'stories260K', top: 1, seqLen, rowsAttacked, publicRows: quick ? 128 : 1024, steps, quick, load: loadavg(), seconds: (performance.now() - started) / 1000, rows };
 }

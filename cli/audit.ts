@@ -61,7 +61,7 @@ export function auditCommand(io: CommandIo = processIo): Command {
     .option('--data <file>', 'the private data: .jsonl or .txt; {"text","label"} data adds the label-leak attacks')
     .option('--public <file>', 'public text the attacker trains its inversion on (default: the rest of --data, a stronger attacker)')
     .option('--cut <B,T>', 'bottom and top blocks on the edge', `${DEFAULT_CUT.bottom},${DEFAULT_CUT.top}`)
-    .option('--defense <list>', 'none, auto, or a comma list of noise[:SIGMA[:CLIP]], deeper-bottom[:K], max-norm, gradient-noise[:RHO], nopeek[:ALPHA], marvell[:S]')
+    .option('--defense <list>', 'none, auto, or a comma list of noise[:SIGMA[:CLIP]], noise-spread[:SIGMA[:CLIP]], deeper-bottom[:K], max-norm, gradient-noise[:RHO], nopeek[:ALPHA], marvell[:S]')
     .option('--rows <n>', 'rows attacked by inversion', '8')
     .option('--seq-len <n>', 'tokens per inverted row', '16')
     .option('--label-examples <n>', 'classification examples whose gradients are attacked', '128')

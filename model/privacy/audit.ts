@@ -10,7 +10,7 @@ import type { Batch } from '../train/batch.ts';
 import { labelRow, padId, padRow, readDataset } from '../train/data.ts';
 import type { Dataset, TextTokenizer } from '../train/data.ts';
 import { rowLogLikelihood } from '../train/evaluate.ts';
-import { checkDefenses, describeDefenses, medianTokenNorm } from './defenses.ts';
+import { autoDefenses, checkDefenses, describeDefenses, medianTokenNorm, spreadScales } from './defenses.ts';
 import type { Defenses } from './defenses.ts';
 import { PrivacyError } from './errors.ts';
 import { baseBottom, learnedInversion, nearestNeighbourInversion, observedBottom } from './inversion.ts';
@@ -94,21 +94,28 @@ export function labelBatch(dataset: Dataset, tokenizer: TextTokenizer, max: numb
   return { batch: { ids: padded.map((r) => r.ids), labels: padded.map((r) => r.labels) }, classes: records.map((e) => e.label) };
 }
 
-/** The noise defense with its clip fixed from the data when it was left to be measured (clip 0). */
+/** The noise defense with its clip (and spread shape) fixed from the data when left to be measured (clip 0). */
 export function resolveClip(model: LlamaModel, rows: readonly (readonly number[])[], bottom: number, defenses: Defenses): Defenses {
-  if (!defenses.noise || defenses.noise.clip > 0) return defenses;
-  const clip = medianTokenNorm(baseBottom(model, rows, bottom), model.config.hiddenSize) || 1;
-  return { ...defenses, noise: { ...defenses.noise, clip } };
+  const noise = defenses.noise;
+  if (!noise || (noise.clip > 0 && (!noise.spread || noise.scales))) return defenses;
+  const h = baseBottom(model, rows, bottom);
+  const clip = noise.clip > 0 ? noise.clip : medianTokenNorm(h, model.config.hiddenSize) || 1;
+  return { ...defenses, noise: { ...noise, clip, ...(noise.spread && !noise.scales ? { scales: spreadScales(h, model.config.hiddenSize) } : {}) } };
 }
 
 /** Mean label-token loss of the base over rows, h_B noised by the defense when it has one. */
-export function forwardLoss(model: LlamaModel, batch: Batch, bottom: number, defenses: Defenses, rng: Rng): number {
+export function forwardLoss(model: LlamaModel, batch: Batch, bottom: number, topBlocks: number, defenses: Defenses, rng: Rng): number {
   const seq = batch.ids[0].length;
   const d = model.config.hiddenSize;
   const h = observedBottom(model, batch.ids, bottom, defenses, rng);
   return tf.tidy(() => {
-    const hB = tf.tensor3d(h, [batch.ids.length, seq, d]);
-    const logits = model.head(model.blocks(hB, bottom, model.numLayers, { positionOffset: 0 }));
+    const shape: [number, number, number] = [batch.ids.length, seq, d];
+    const hB = tf.tensor3d(h, shape);
+    const top = model.numLayers - topBlocks;
+    let hM = model.blocks(hB, bottom, top, { positionOffset: 0 });
+    // As DefendedMiddle: the edge takes its perturbation back out of h_M before its top.
+    if (defenses.noise && defenses.noise.restore !== false) hM = tf.add(hM, tf.sub(tf.tensor3d(baseBottom(model, batch.ids, bottom), shape), hB));
+    const logits = model.head(model.blocks(hM, top, model.numLayers, { positionOffset: 0 }));
     const labels = tf.tensor2d(batch.labels.flat(), [batch.ids.length, seq], 'int32');
     const ll = tf.sum(rowLogLikelihood(logits, labels)).dataSync()[0];
     let tokens = 0;
@@ -140,11 +147,11 @@ export function measureAttacks(input: MeasureInput, defenses: Defenses): AttackF
   const d = input.edge ? input.edge.applied : resolveClip(model, rows, bottom, defenses);
   const rng = new Rng(seed);
   const observed = input.edge ? input.edge.sent(rows, rng) : observedBottom(model, rows, bottom, d, rng);
-  const nn = nearestNeighbourInversion(model, rows, observed, bottom);
+  const nn = nearestNeighbourInversion(model, rows, observed, bottom, 64, d.noise);
   const learned = learnedInversion(model, rows, observed, bottom, d, { publicRows, seed: seed + 1 });
   const lossBatch: Batch = { ids: rows, labels: rows };
-  const clean = forwardLoss(model, lossBatch, bottom, {}, new Rng(seed + 2));
-  const noisy = d.noise ? forwardLoss(model, lossBatch, bottom, { noise: d.noise }, new Rng(seed + 2)) : clean;
+  const clean = forwardLoss(model, lossBatch, bottom, cut.top, {}, new Rng(seed + 2));
+  const noisy = d.noise ? forwardLoss(model, lossBatch, bottom, cut.top, { noise: d.noise }, new Rng(seed + 2)) : clean;
   const figures: AttackFigures = {
     defenses: describeDefenses(defenses),
     bottom,
@@ -163,34 +170,39 @@ export function measureAttacks(input: MeasureInput, defenses: Defenses): AttackF
 }
 
 /** Candidates `auto` tries, weakest first. */
-const AUTO_SIGMAS = [0.05, 0.1, 0.2, 0.5, 1, 2];
-const AUTO_MARVELL_SCALES = [0.25, 0.5, 1, 2, 4];
+const AUTO_SIGMAS = [0.1, 0.2, 0.4, 0.6, 0.8, 1, 1.5, 2];
+const AUTO_MARVELL_SCALES = [0.5, 1, 2, 4, 8];
 /** The utility guard of `auto`: the largest forward loss cost it accepts. */
 export const AUTO_MAX_LOSS_COST = 0.05;
 
 /**
- * `--defense auto`: the weakest h_B noise that halves token recovery within a forward loss
- * cost of 5% (where none does, the strongest within that cost, and no noise when even the
- * weakest costs more), and the weakest Marvell power that brings both label AUCs to ≤ 0.6
- * (the strongest candidate where none does).
+ * `--defense auto`: the deeper bottom of `autoDefenses` (where the model has the blocks), then
+ * the weakest h_B noise that halves token recovery within a forward loss cost of 5% (where none
+ * does, the strongest within that cost, and no noise when even the weakest costs more), and the
+ * weakest Marvell power that brings both label AUCs to ≤ 0.6 (the strongest candidate where none does).
  */
 export function chooseDefenses(input: MeasureInput, undefended: AttackFigures): { defenses: Defenses; figures: AttackFigures } {
+  const deeper = autoDefenses(input.model.numLayers, input.cut).deeperBottom;
+  const moved: Defenses = deeper ? { deeperBottom: deeper } : {};
   let noise: Defenses['noise'];
   for (const sigma of AUTO_SIGMAS) {
-    const f = measureAttacks({ ...input, labels: undefined }, { noise: { sigma, clip: 0 } });
+    const f = measureAttacks({ ...input, labels: undefined }, { ...moved, noise: { sigma, clip: 0 } });
     if (f.forwardLossCost > AUTO_MAX_LOSS_COST) break;
     noise = { sigma, clip: 0 };
     if (f.tokenRecovery <= undefended.tokenRecovery / 2) break;
   }
   let scale = AUTO_MARVELL_SCALES[AUTO_MARVELL_SCALES.length - 1];
   if (input.labels) {
+    // With the chosen noise and bottom: the noise on h_B changes g_M and what its norm tells.
+    const cut = { bottom: input.cut.bottom + (deeper ?? 0), top: input.cut.top };
+    const withNoise = resolveClip(input.model, input.rows, cut.bottom, { ...(noise ? { noise } : {}) });
     for (const m of AUTO_MARVELL_SCALES) {
-      const leak = labelLeakage(middleGradients(input.model, input.labels.batch, input.cut, { marvell: { scale: m } }, input.microbatch, new Rng(input.seed)), input.labels.classes);
+      const leak = labelLeakage(middleGradients(input.model, input.labels.batch, cut, { ...withNoise, marvell: { scale: m } }, input.microbatch, new Rng(input.seed + 3)), input.labels.classes);
       scale = m;
       if (leak.aucNorm <= 0.6 && leak.aucDirection <= 0.6) break;
     }
   }
-  const defenses: Defenses = { ...(noise ? { noise } : {}), marvell: { scale } };
+  const defenses: Defenses = { ...moved, ...(noise ? { noise } : {}), marvell: { scale } };
   return { defenses, figures: measureAttacks(input, defenses) };
 }
 

@@ -1,10 +1,10 @@
 // The edge's defenses applied where tensors leave it: a Middle that wraps the real one (the
 // remote middle in split mode, a LocalMiddle in simulations) and perturbs h_B before forward
 // and g_M before backward. What the inner middle receives is exactly what the cloud sees.
-import type { tf } from '../backend.ts';
+import { tf } from '../backend.ts';
 import { Rng } from '../random.ts';
 import type { Middle, MicrobatchKey } from '../train/middle.ts';
-import { checkDefenses, medianTokenNorm, noiseHidden, perturbGradient, perturbsGradient } from './defenses.ts';
+import { checkDefenses, medianTokenNorm, spreadScales, noiseHidden, perturbGradient, perturbsGradient } from './defenses.ts';
 import { labelClasses } from './marvell.ts';
 import type { Defenses } from './defenses.ts';
 
@@ -34,9 +34,18 @@ export class DefendedMiddle implements Middle {
     const noise = this.defenses.noise;
     if (!noise) return this.inner.forward(h, key, backward);
     if (!(noise.clip > 0)) noise.clip = medianTokenNorm(h.dataSync() as Float32Array, h.shape[2]) || 1;
+    if (noise.spread && !noise.scales) noise.scales = spreadScales(h.dataSync() as Float32Array, h.shape[2]);
     const noised = noiseHidden(h, noise, this.rng);
     try {
-      return await this.inner.forward(noised, key, backward);
+      const out = await this.inner.forward(noised, key, backward);
+      if (noise.restore === false) return out;
+      // The middle is residual (h_M = h̃_B + Σ block outputs), so the perturbation the edge
+      // drew, h̃_B − h_B, reaches h_M unchanged: the edge, which alone knows it, takes it back.
+      try {
+        return tf.tidy(() => tf.add(out, tf.sub(h, noised)));
+      } finally {
+        out.dispose();
+      }
     } finally {
       noised.dispose();
     }

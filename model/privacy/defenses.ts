@@ -1,6 +1,9 @@
 // Defenses an edge applies before anything leaves it, chosen per session:
 //   noise          DP-Forward style: each token's h_B clipped to L2 norm C, then Gaussian noise
 //                  with a stated per-element standard deviation sigma·C/√d (noise norm ≈ sigma·C);
+//                  `noise-spread` shapes it per dimension to h_B's spread at the same RMS std.
+//                  The middle is residual, so the edge takes its own perturbation back out of
+//                  the h_M it receives (DefendedMiddle): only the middle's blocks see the noise;
 //   deeper-bottom  K more blocks on the edge (the cut moves; nothing is added to the tensors);
 //   max-norm       Li et al.'s label defense: each example's g_M gets isotropic noise that
 //                  brings its expected squared norm to the largest in the micro-batch;
@@ -18,9 +21,23 @@ import { marvellInPlace } from './marvell.ts';
 export const DEFENSE_NAMES = ['noise', 'deeper-bottom', 'max-norm', 'gradient-noise', 'nopeek', 'marvell'] as const;
 export type DefenseName = (typeof DEFENSE_NAMES)[number];
 
+/**
+ * Noise on h_B. `clip` 0 and `spread` without `scales` are fixed by the edge from its first h_B.
+ * `restore` (default on) takes the edge's own perturbation back out of the h_M it receives.
+ */
+export interface HiddenNoise {
+  sigma: number;
+  clip: number;
+  /** Shape the noise per dimension to the spread of h_B (its standard deviation over tokens), at the same total power. */
+  spread?: boolean;
+  /** The per-dimension multipliers of the stated std (RMS 1), fixed from the first h_B when `spread`. */
+  scales?: number[];
+  restore?: boolean;
+}
+
 export interface Defenses {
   /** Noise on h_B: per-token clip norm and the noise multiplier. */
-  noise?: { sigma: number; clip: number };
+  noise?: HiddenNoise;
   /** Extra blocks moved from the middle to the edge's bottom. */
   deeperBottom?: number;
   maxNorm?: boolean;
@@ -32,15 +49,29 @@ export interface Defenses {
   marvell?: { scale: number };
 }
 
-/**
- * The defaults `auto` falls back to when no measurement picked them, from training runs on
- * stories260K (model/privacy/README.md): Marvell at power 1 brings both label AUCs to ≤ 0.6;
- * noise on h_B as strong as a trained model affords within 5% validation loss (σ = 0.1) does not
- * lower token recovery, and nothing stronger stays within 5%, so it is a stated floor only.
- */
-export const AUTO_DEFENSES: Readonly<Defenses> = { noise: { sigma: 0.1, clip: 0 }, marvell: { scale: 1 } };
+/** The bottom `auto` moves the cut to when the model has the blocks: deeper bottoms cost edge compute, not loss. */
+export const AUTO_BOTTOM = 3;
 
-export const DEFENSE_LIMITS = { sigma: 100, clip: 1e6, deeperBottom: 64, rho: 100, nopeek: 100, marvell: 100 } as const;
+/**
+ * The defaults of `auto` where the model and cut are not known yet (`tandem edge train`): the
+ * bottom two blocks deeper (the default cut B = 1 to AUTO_BOTTOM), noise on h_B at σ = 0.7
+ * (taken back out of h_M by the edge) and Marvell at power 2; model/privacy/README.md has the
+ * measurements. Where the cut is known, `autoDefenses` fits the deeper bottom to the model.
+ */
+export const AUTO_DEFENSES: Readonly<Defenses> = { deeperBottom: AUTO_BOTTOM - 1, noise: { sigma: 0.7, clip: 0 }, marvell: { scale: 2 } };
+
+/**
+ * `--defense auto` for a model of `layers` blocks and an asked cut: AUTO_DEFENSES with the
+ * bottom moved to AUTO_BOTTOM blocks where that leaves the middle at least one block (no
+ * deeper bottom where the asked one is as deep already or the model has no block to spare).
+ */
+export function autoDefenses(layers: number, cut: { bottom: number; top: number }): Defenses {
+  const { deeperBottom: _, ...rest } = structuredClone(AUTO_DEFENSES) as Defenses;
+  const deeper = Math.min(AUTO_BOTTOM, layers - cut.top - 1) - cut.bottom;
+  return { ...rest, ...(deeper > 0 ? { deeperBottom: deeper } : {}) };
+}
+
+export const DEFENSE_LIMITS = { sigma: 100, clip: 1e6, deeperBottom: 64, rho: 100, nopeek: 100, marvell: 100, hidden: 65_536 } as const;
 
 function positive(value: number, field: string, max: number): number {
   if (!Number.isFinite(value) || value <= 0 || value > max) {
@@ -62,6 +93,10 @@ export function checkDefenses(d: Defenses): Defenses {
     if (!(Number.isFinite(d.noise.clip) && d.noise.clip >= 0 && d.noise.clip <= DEFENSE_LIMITS.clip)) {
       throw new PrivacyError('TANDEM_DEFENSE_INVALID', `defense.noise.clip must be in [0, ${DEFENSE_LIMITS.clip}] (0: measured from the data), got ${d.noise.clip}`, { field: 'defense.noise.clip' });
     }
+    const scales = d.noise.scales;
+    if (scales !== undefined && (!Array.isArray(scales) || scales.length > DEFENSE_LIMITS.hidden || scales.some((x) => !Number.isFinite(x) || x < 0 || x > DEFENSE_LIMITS.sigma))) {
+      throw new PrivacyError('TANDEM_DEFENSE_INVALID', `defense.noise.scales must be at most ${DEFENSE_LIMITS.hidden} numbers in [0, ${DEFENSE_LIMITS.sigma}]`, { field: 'defense.noise.scales', details: { limit: DEFENSE_LIMITS.hidden } });
+    }
   }
   if (d.deeperBottom !== undefined && (!Number.isInteger(d.deeperBottom) || d.deeperBottom < 1 || d.deeperBottom > DEFENSE_LIMITS.deeperBottom)) {
     throw new PrivacyError('TANDEM_DEFENSE_INVALID', `defense.deeper-bottom must be an integer in [1, ${DEFENSE_LIMITS.deeperBottom}], got ${d.deeperBottom}`, { field: 'defense.deeper-bottom' });
@@ -74,6 +109,7 @@ export function checkDefenses(d: Defenses): Defenses {
 
 /**
  * Parses `--defense` text: `none`, `auto`, or a comma list of `noise[:SIGMA[:CLIP]]`,
+ * `noise-spread[:SIGMA[:CLIP]]` (the noise shaped to h_B's spread per dimension; offered as `noise`),
  * `deeper-bottom[:K]`, `max-norm`, `gradient-noise[:RHO]`, `nopeek[:ALPHA]`, `marvell[:S]`. Unknown names are a typed error.
  */
 export function parseDefenses(text: string): Defenses | 'auto' {
@@ -86,7 +122,8 @@ export function parseDefenses(text: string): Defenses | 'auto' {
     if (rest.length > 0) throw new PrivacyError('TANDEM_DEFENSE_INVALID', `too many parameters in "${item.slice(0, 40)}"`, { field: 'defense' });
     switch (name) {
       case 'noise':
-        out.noise = { sigma: param(a, 'defense.noise.sigma', DEFENSE_LIMITS.sigma, 1), clip: b === undefined ? 0 : param(b, 'defense.noise.clip', DEFENSE_LIMITS.clip, 0) };
+      case 'noise-spread':
+        out.noise = { sigma: param(a, 'defense.noise.sigma', DEFENSE_LIMITS.sigma, 1), clip: b === undefined ? 0 : param(b, 'defense.noise.clip', DEFENSE_LIMITS.clip, 0), ...(name === 'noise-spread' ? { spread: true } : {}) };
         break;
       case 'deeper-bottom': {
         const k = param(a, 'defense.deeper-bottom', DEFENSE_LIMITS.deeperBottom, 1);
@@ -107,7 +144,7 @@ export function parseDefenses(text: string): Defenses | 'auto' {
         out.marvell = { scale: param(a, 'defense.marvell', DEFENSE_LIMITS.marvell, 1) };
         break;
       default:
-        throw new PrivacyError('TANDEM_DEFENSE_UNKNOWN', `unknown defense "${name.slice(0, 40)}"; known: none, auto, ${DEFENSE_NAMES.join(', ')}`, { field: 'defense', details: { known: DEFENSE_NAMES } });
+        throw new PrivacyError('TANDEM_DEFENSE_UNKNOWN', `unknown defense "${name.slice(0, 40)}"; known: none, auto, noise-spread, ${DEFENSE_NAMES.join(', ')}`, { field: 'defense', details: { known: DEFENSE_NAMES } });
     }
   }
   return checkDefenses(out);
@@ -128,7 +165,7 @@ export function defenseNames(d: Defenses): DefenseName[] {
 /** One line per defense, for reports. */
 export function describeDefenses(d: Defenses): string {
   const parts: string[] = [];
-  if (d.noise) parts.push(`noise:${d.noise.sigma}${d.noise.clip > 0 ? `:${d.noise.clip}` : ''}`);
+  if (d.noise) parts.push(`${d.noise.spread ? 'noise-spread' : 'noise'}:${d.noise.sigma}${d.noise.clip > 0 ? `:${Number(d.noise.clip.toPrecision(4))}` : ''}${d.noise.restore === false ? ' (not restored)' : ''}`);
   if (d.deeperBottom) parts.push(`deeper-bottom:${d.deeperBottom}`);
   if (d.maxNorm) parts.push('max-norm');
   if (d.gradientNoise) parts.push(`gradient-noise:${d.gradientNoise.rho}`);
@@ -138,7 +175,7 @@ export function describeDefenses(d: Defenses): string {
 }
 
 /** The per-element standard deviation the noise defense adds for hidden size d. */
-export function hiddenNoiseStd(noise: { sigma: number; clip: number }, hidden: number): number {
+export function hiddenNoiseStd(noise: HiddenNoise, hidden: number): number {
   return (noise.sigma * noise.clip) / Math.sqrt(hidden);
 }
 
@@ -155,15 +192,34 @@ export function medianTokenNorm(h: Float32Array, hidden: number): number {
   return n === 0 ? 0 : norms[Math.floor(n / 2)];
 }
 
+/** Per-dimension multipliers proportional to the standard deviation over tokens of h [.., d], scaled to RMS 1. */
+export function spreadScales(h: Float32Array, hidden: number): number[] {
+  const n = h.length / hidden;
+  const mean = new Float64Array(hidden);
+  const sq = new Float64Array(hidden);
+  for (let t = 0; t < n; t++) {
+    for (let j = 0; j < hidden; j++) {
+      const x = h[t * hidden + j];
+      mean[j] += x / n;
+      sq[j] += (x * x) / n;
+    }
+  }
+  const std = Array.from(mean, (m, j) => Math.sqrt(Math.max(sq[j] - m * m, 0)));
+  const rms = Math.sqrt(std.reduce((a, x) => a + x * x, 0) / hidden);
+  return rms > 0 ? std.map((x) => x / rms) : std.map(() => 1);
+}
+
 /** Clips each token vector of h (flat, hidden-size rows) to `clip` and adds N(0, std²) per element, in place. */
-export function noiseHiddenInPlace(h: Float32Array, hidden: number, noise: { sigma: number; clip: number }, rng: Rng): void {
+export function noiseHiddenInPlace(h: Float32Array, hidden: number, noise: HiddenNoise, rng: Rng): void {
   if (!(noise.clip > 0)) throw new PrivacyError('TANDEM_DEFENSE_INVALID', 'the noise defense needs a clip norm > 0 before it is applied', { field: 'defense.noise.clip' });
   const std = hiddenNoiseStd(noise, hidden);
+  const scales = noise.scales;
+  if (scales && scales.length !== hidden) throw new PrivacyError('TANDEM_DEFENSE_INVALID', `the noise defense has ${scales.length} per-dimension scales for a hidden size of ${hidden}`, { field: 'defense.noise.scales' });
   for (let t = 0; t < h.length; t += hidden) {
     let s = 0;
     for (let j = 0; j < hidden; j++) s += h[t + j] ** 2;
     const scale = Math.min(1, noise.clip / Math.max(Math.sqrt(s), 1e-30));
-    for (let j = 0; j < hidden; j++) h[t + j] = h[t + j] * scale + std * rng.normal();
+    for (let j = 0; j < hidden; j++) h[t + j] = h[t + j] * scale + std * (scales ? scales[j] : 1) * rng.normal();
   }
 }
 
@@ -199,7 +255,7 @@ export function perturbGradientInPlace(g: Float32Array, rowSize: number, d: Defe
 }
 
 /** h with the noise defense, as a new tensor (the caller owns both). */
-export function noiseHidden(h: tf.Tensor3D, noise: { sigma: number; clip: number }, rng: Rng): tf.Tensor3D {
+export function noiseHidden(h: tf.Tensor3D, noise: HiddenNoise, rng: Rng): tf.Tensor3D {
   const data = Float32Array.from(h.dataSync());
   noiseHiddenInPlace(data, h.shape[2], noise, rng);
   return tf.tensor3d(data, h.shape);

@@ -6,7 +6,9 @@ export type { AttackFigures, AuditOptions, AuditReport, MeasureInput } from './a
 export { DefendedMiddle } from './defended-middle.ts';
 export { distanceCorrelation, noPeekGradient } from './distance-correlation.ts';
 export {
+  AUTO_BOTTOM,
   AUTO_DEFENSES,
+  autoDefenses,
   DEFENSE_LIMITS,
   DEFENSE_NAMES,
   checkDefenses,
@@ -20,12 +22,13 @@ export {
   perturbGradient,
   perturbGradientInPlace,
   perturbsGradient,
+  spreadScales,
 } from './defenses.ts';
 export { TRAINED_RUN_LIMITS, trainUnderDefenses } from './training-cost.ts';
 export type { TrainedRun, TrainedRunOptions } from './training-cost.ts';
 export { labelClasses, marvellInPlace, solveMarvellSplit } from './marvell.ts';
 export type { MarvellSplit, SplitStatistics } from './marvell.ts';
-export type { DefenseName, Defenses } from './defenses.ts';
+export type { DefenseName, Defenses, HiddenNoise } from './defenses.ts';
 export { PRIVACY_ERRORS, PrivacyError } from './errors.ts';
 export type { PrivacyErrorCode } from './errors.ts';
 export { baseBottom, learnedInversion, nearestNeighbourInversion, observedBottom } from './inversion.ts';

@@ -5,7 +5,7 @@ import { tf } from '../backend.ts';
 import type { LlamaModel } from '../llama/llama.ts';
 import { Rng } from '../random.ts';
 import { noiseHiddenInPlace } from './defenses.ts';
-import type { Defenses } from './defenses.ts';
+import type { Defenses, HiddenNoise } from './defenses.ts';
 
 /** h_B of the base for rows of equal length: embedding, then blocks [0, bottom). Flat [rows, seq, hidden]. */
 export function baseBottom(model: LlamaModel, rows: readonly (readonly number[])[], bottom: number): Float32Array {
@@ -36,6 +36,9 @@ export interface InversionResult {
  * context-free h_B (the token alone at position t) is closest to what was observed are run
  * through the base bottom after the prefix recovered so far (greedy), and the one whose h_B at
  * t is closest (L2) is taken. `candidates` = vocabulary size makes the search exhaustive.
+ * Under the noise defense (whose σ, clip and shape the cloud knows from Hello) the candidates
+ * are clipped as the edge clips, and the distance is the Gaussian likelihood's: each dimension
+ * weighted by the inverse of its noise variance.
  */
 export function nearestNeighbourInversion(
   model: LlamaModel,
@@ -43,6 +46,7 @@ export function nearestNeighbourInversion(
   observed: Float32Array,
   bottom: number,
   candidates = 64,
+  noise?: HiddenNoise,
 ): InversionResult {
   const d = model.config.hiddenSize;
   const V = model.config.vocabSize;
@@ -54,8 +58,16 @@ export function nearestNeighbourInversion(
     const h0 = model.embed(ids);
     return bottom > 0 ? model.blocks(h0, 0, bottom, { positionOffset: 0 }) : h0;
   };
+  const clip = noise && noise.clip > 0 ? noise.clip : 0;
+  /** Rows of x [n, d] clipped to the defense's norm, as the edge sends them. */
+  const clipped = (x: tf.Tensor2D): tf.Tensor2D => (clip > 0 ? tf.mul(x, tf.minimum(1, tf.div(clip, tf.maximum(tf.norm(x, 'euclidean', 1, true), 1e-30)))) : x);
+  const weights = noise?.scales ? tf.tensor1d(noise.scales.map((x) => 1 / Math.max(x * x, 1e-12))) : undefined;
+  const distance = (x: tf.Tensor2D, goal: tf.Tensor1D): tf.Tensor1D => {
+    const sq = tf.square(tf.sub(x, goal));
+    return tf.sum(weights ? tf.mul(sq, weights) : sq, 1);
+  };
   // A token alone attends only to itself, so its h_B does not depend on its position.
-  const alone = tf.tidy(() => tf.reshape(run(tf.tensor2d(Array.from({ length: V }, (_, v) => v), [V, 1], 'int32')), [V, d]));
+  const alone = tf.tidy(() => clipped(tf.reshape(run(tf.tensor2d(Array.from({ length: V }, (_, v) => v), [V, 1], 'int32')), [V, d])));
   try {
     for (let r = 0; r < rows.length; r++) {
       const recovered: number[] = [];
@@ -63,11 +75,11 @@ export function nearestNeighbourInversion(
         const target = observed.subarray((r * seq + t) * d, (r * seq + t + 1) * d);
         const best = tf.tidy(() => {
           const goal = tf.tensor1d(target);
-          const shortlist = Array.from(tf.topk(tf.neg(tf.sum(tf.square(tf.sub(alone, goal)), 1)), k).indices.dataSync());
+          const shortlist = Array.from(tf.topk(tf.neg(distance(alone, goal)), k).indices.dataSync());
           if (t === 0 || k === 1) return shortlist[0];
           const ids = tf.tensor2d(shortlist.flatMap((v) => [...recovered, v]), [k, t + 1], 'int32');
-          const last = tf.reshape(tf.slice(run(ids), [0, t, 0], [k, 1, d]), [k, d]);
-          return shortlist[tf.argMin(tf.sum(tf.square(tf.sub(last, goal)), 1)).dataSync()[0]];
+          const last = clipped(tf.reshape(tf.slice(run(ids), [0, t, 0], [k, 1, d]), [k, d]));
+          return shortlist[tf.argMin(distance(last, goal)).dataSync()[0]];
         });
         recovered.push(best);
         if (best === rows[r][t]) hits++;
@@ -76,6 +88,7 @@ export function nearestNeighbourInversion(
     }
   } finally {
     alone.dispose();
+    weights?.dispose();
   }
   return { recovery: tokens === 0 ? 0 : hits / tokens, tokens };
 }

@@ -41,10 +41,16 @@ export function middleGradients(model: LlamaModel, batch: Batch, cut: { bottom: 
       const h0 = model.embed(ids);
       return cut.bottom > 0 ? model.blocks(h0, 0, cut.bottom, { positionOffset: 0 }) : h0;
     });
-    const hBData = Float32Array.from(hB.dataSync());
+    const clean = Float32Array.from(hB.dataSync());
     hB.dispose();
+    const hBData = Float32Array.from(clean);
     if (defenses.noise) noiseHiddenInPlace(hBData, d, defenses.noise, rng);
-    const hM = tf.tidy(() => model.blocks(tf.tensor3d(hBData, [rows, seq, d]), cut.bottom, L - cut.top, { positionOffset: 0 }));
+    const hM = tf.tidy((): tf.Tensor3D => {
+      const out = model.blocks(tf.tensor3d(hBData, [rows, seq, d]), cut.bottom, L - cut.top, { positionOffset: 0 });
+      // The edge takes its own perturbation back out of h_M (DefendedMiddle), so its top, and the g_M it sends, see that.
+      if (!defenses.noise || defenses.noise.restore === false) return out;
+      return tf.add(out, tf.sub(tf.tensor3d(clean, [rows, seq, d]), tf.tensor3d(hBData, [rows, seq, d]))) as tf.Tensor3D;
+    });
     const { value, grads } = gradientsOf(() => {
       const h = cut.top > 0 ? model.blocks(hM, L - cut.top, L, { positionOffset: 0 }) : hM;
       return tf.neg(tf.sum(rowLogLikelihood(model.head(h), labels))) as tf.Scalar;

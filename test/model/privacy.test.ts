@@ -5,7 +5,10 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import {
   AdamW,
+  AUTO_DEFENSES,
   DefendedMiddle,
+  autoDefenses,
+  defenseNames,
   Trainer,
   createAdapter,
   distanceCorrelation,
@@ -18,6 +21,7 @@ import {
   labelBatch,
   labelClasses,
   marvellInPlace,
+  medianTokenNorm,
   labelLeakage,
   learnedInversion,
   loadModelFolder,
@@ -31,6 +35,7 @@ import {
   readDataset,
   rocAuc,
   solveMarvellSplit,
+  spreadScales,
   streamRows,
   tf,
   tokenStream,
@@ -177,6 +182,84 @@ describe('calibrated noise on h_B', () => {
   });
 });
 
+describe('noise taken back and shaped', () => {
+  it('DefendedMiddle takes its own perturbation back out of the h_M it receives', async () => {
+    let sent: Float32Array | undefined;
+    const inner = new LocalMiddle(model, 3, 4);
+    const recording: Middle = {
+      trainsParameters: false,
+      forward: async (h: tf.Tensor3D, key: MicrobatchKey, backward: boolean) => {
+        sent = Float32Array.from(h.dataSync());
+        return inner.forward(h, key, backward);
+      },
+      backward: async (g: tf.Tensor3D, key: MicrobatchKey) => inner.backward(g, key),
+    };
+    const rows = streamRows(tokenStream(dataset, tokenizer), 16, 4);
+    const shape: [number, number, number] = [rows.length, 16, 64];
+    const clean = baseBottom(model, rows, 3);
+    const hB = tf.tensor3d(clean, shape);
+    const key = { step: 0, microbatch: 0, eval: true };
+    const restored = new DefendedMiddle(recording, { noise: { sigma: 0.5, clip: 0 } }, 5);
+    const out = Float32Array.from((await restored.forward(hB, key, false)).dataSync());
+    assert.ok(sent);
+    const sentRestored = sent;
+    // What the cloud computed on what it received, plus the edge's own h_B − what it sent.
+    const cloudOut = await inner.forward(tf.tensor3d(sentRestored, shape), key, false);
+    const expected = cloudOut.dataSync();
+    let worst = 0;
+    for (let i = 0; i < out.length; i++) worst = Math.max(worst, Math.abs(out[i] - (expected[i] + clean[i] - sentRestored[i])));
+    assert.ok(worst < 1e-4, `restored h_M is off by ${worst}`);
+    // Against the undefended h_M, the restored one is much closer than the one left as received.
+    const truth = (await inner.forward(hB, key, false)).dataSync();
+    const plain = new DefendedMiddle(recording, { noise: { sigma: 0.5, clip: 0, restore: false } }, 5);
+    const unrestored = (await plain.forward(hB, key, false)).dataSync();
+    let errRestored = 0;
+    let errPlain = 0;
+    for (let i = 0; i < out.length; i++) {
+      errRestored += (out[i] - truth[i]) ** 2;
+      errPlain += (unrestored[i] - truth[i]) ** 2;
+    }
+    assert.ok(errRestored < 0.75 * errPlain, `restored error ${errRestored}, left as received ${errPlain}`);
+    tf.dispose([hB, cloudOut]);
+  });
+
+  it('noise-spread has per-dimension standard deviations in proportion to the spread of h_B, at the stated RMS', () => {
+    const hidden = 8;
+    const tokens = 4000;
+    const rng = new Rng(11);
+    const spread = [0.5, 1, 1, 2, 2, 3, 4, 0.25];
+    const h = new Float32Array(hidden * tokens).map((_, i) => 7 + spread[i % hidden] * rng.normal());
+    const scales = spreadScales(h, hidden);
+    const rms = Math.sqrt(spread.reduce((a, x) => a + x * x, 0) / hidden);
+    scales.forEach((x, j) => assert.ok(Math.abs(x - spread[j] / rms) < 0.05 * (spread[j] / rms) + 0.01, `scale ${j}: ${x} against ${spread[j] / rms}`));
+    assert.ok(Math.abs(Math.sqrt(scales.reduce((a, x) => a + x * x, 0) / hidden) - 1) < 1e-9, 'the scales have RMS 1');
+    const parsed = parseDefenses('noise-spread:0.5:1000');
+    assert.ok(parsed !== 'auto' && parsed.noise?.spread === true);
+    assert.deepEqual(defenseNames(parsed), ['noise'], 'offered as the noise defense');
+    const noise = { ...parsed.noise, scales };
+    const noised = Float32Array.from(h);
+    noiseHiddenInPlace(noised, hidden, noise, new Rng(12));
+    const stated = hiddenNoiseStd(noise, hidden);
+    for (let j = 0; j < hidden; j++) {
+      const r = new Float64Array(tokens);
+      for (let t = 0; t < tokens; t++) r[t] = noised[t * hidden + j] - h[t * hidden + j];
+      const want = stated * scales[j];
+      assert.ok(Math.abs(sampleStd(r) - want) < (5 * want) / Math.sqrt(2 * tokens), `dimension ${j}: std ${sampleStd(r)}, stated ${want}`);
+    }
+  });
+
+  it('auto moves the bottom to three blocks where the model has them and leaves a middle', () => {
+    const rest = { noise: AUTO_DEFENSES.noise, marvell: AUTO_DEFENSES.marvell };
+    assert.equal(AUTO_DEFENSES.deeperBottom, 2, 'without a model, the default cut B = 1 moves to 3');
+    assert.deepEqual(autoDefenses(5, { bottom: 1, top: 1 }), { ...rest, deeperBottom: 2 });
+    assert.deepEqual(autoDefenses(5, { bottom: 2, top: 1 }), { ...rest, deeperBottom: 1 });
+    assert.deepEqual(autoDefenses(5, { bottom: 3, top: 1 }), rest);
+    assert.deepEqual(autoDefenses(5, { bottom: 1, top: 2 }), { ...rest, deeperBottom: 1 });
+    assert.deepEqual(autoDefenses(32, { bottom: 1, top: 1 }), { ...rest, deeperBottom: 2 });
+    assert.deepEqual(autoDefenses(32, { bottom: 4, top: 1 }), rest);
+  });
+});
+
 describe('attacks on stories260K', () => {
   it('inverts h_B at B = 1 almost exactly, and strong noise cuts recovery by more than half', () => {
     const stream = tokenStream(dataset, tokenizer);
@@ -195,6 +278,18 @@ describe('attacks on stories260K', () => {
     const learnedNoisy = learnedInversion(model, rows, noisy, 1, noise, { publicRows });
     assert.ok(nnNoisy.recovery <= nn.recovery / 2, `noisy nearest neighbour ${nnNoisy.recovery}`);
     assert.ok(learnedNoisy.recovery <= learned.recovery / 2, `noisy learned ${learnedNoisy.recovery}`);
+  });
+
+  it('the nearest-neighbour attack that knows the noise defense clips its candidates as the edge does', () => {
+    const rows = streamRows(tokenStream(dataset, tokenizer), 16, 2);
+    const clean = baseBottom(model, rows, 3);
+    // A clip well under the median norm and little noise: the clip, not the noise, is what hides the tokens from a naive search.
+    const noise = { sigma: 0.05, clip: 0.5 * medianTokenNorm(clean, 64) };
+    const observed = observedBottom(model, rows, 3, { noise }, new Rng(4));
+    const naive = nearestNeighbourInversion(model, rows, observed, 3);
+    const informed = nearestNeighbourInversion(model, rows, observed, 3, 64, noise);
+    assert.ok(informed.recovery >= 0.9, `informed ${informed.recovery}`);
+    assert.ok(informed.recovery > naive.recovery, `informed ${informed.recovery}, naive ${naive.recovery}`);
   });
 
   it('the direction attack reads the labels from g_M, and max-norm with gradient noise hides them', () => {
