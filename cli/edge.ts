@@ -1,7 +1,7 @@
 import { Command } from 'commander';
 import { DEFAULT_METHODS, edgeGenerate, progressPrinter, trainEdge } from '../edge-client/index.ts';
 import type { EdgeTrainResult, MiddleLoraOptions, ProgressMode } from '../edge-client/index.ts';
-import { AUTO_DEFENSES, exportAdapter, initBackend, parseDefenses } from '../model/index.ts';
+import { exportAdapter, initBackend, parseDefenses } from '../model/index.ts';
 import type { MethodSpec } from '../model/index.ts';
 import { CliError } from './errors.ts';
 import { ENGINE_FLAG_HELP, engineFlag, numberFlag, pemFlag, requiredFlag } from './flags.ts';
@@ -132,7 +132,8 @@ function trainCommand(io: CommandIo): Command {
     const codecs = codecsFromFlags(flags, CODEC_DEFAULTS);
     const methods = flags.method.length > 0 ? flags.method.map(parseMethodFlag) : DEFAULT_METHODS;
     const parsedDefenses = flags.defense === undefined ? undefined : parseDefenses(flags.defense);
-    const defenses = parsedDefenses === 'auto' ? { ...AUTO_DEFENSES } : parsedDefenses;
+    // auto is fitted to the model's blocks and the cut by trainEdge, once the cloud has said them.
+    const defenses = parsedDefenses;
     if (resume && flags.checkpoint === undefined) throw new CliError('TANDEM_CLI_FLAG_MISSING', '--checkpoint', 'is required with --resume');
     const mode = progressMode(flags);
     await initBackend({ backend, log: mode === 'json' ? undefined : io.log });

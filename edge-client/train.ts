@@ -1,7 +1,7 @@
 // Split training on the edge: what is remote about it and nothing else. Download the edge
 // part, open a session, and hand model/train's one training run the cloud as its middle.
 // The run holds the data, the adapter, the optimizer, checkpoints and exact resume.
-import { DEFAULT_RECIPE, DefendedMiddle, ModelError, checkDefenses, checkRun, checkpointFolder, hiddenNoiseStd, runTraining, seedsOf } from '../model/index.ts';
+import { DEFAULT_RECIPE, DefendedMiddle, ModelError, autoDefenses, checkDefenses, checkRun, checkpointFolder, hiddenNoiseStd, runTraining, seedsOf } from '../model/index.ts';
 import type { Cut, Defenses, Evaluation, MethodSpec, RunSettings, TrainEvent, TrainEventHandler, TrainRecipe } from '../model/index.ts';
 import { CODEC_NAMES } from '../protocol/index.ts';
 import { MIDDLE_ADAPTER_LIMITS } from '../protocol/index.ts';
@@ -37,8 +37,11 @@ export interface EdgeTrainOptions extends Partial<TrainRecipe>, Omit<RunSettings
   cacheDir?: string;
   requestTimeoutMs?: number;
   retries?: number;
-  /** Privacy defenses applied here to h_B and g_M before they leave (a deeper bottom moves the cut); offered in Hello. */
-  defenses?: Defenses;
+  /**
+   * Privacy defenses applied here to h_B and g_M before they leave (a deeper bottom moves the cut); offered in Hello.
+   * 'auto': the measured defaults fitted to the model and cut (`autoDefenses`), once the cloud has said its model's blocks.
+   */
+  defenses?: Defenses | 'auto';
   /**
    * LoRA on the middle blocks, held and trained by the cloud (protocol 1.3): initialised from
    * this run's seed as the next method after `methods`, stepped with this run's AdamW at every
@@ -150,9 +153,9 @@ export async function trainEdge(options: EdgeTrainOptions): Promise<EdgeTrainRes
   const forward = codecSpec(options.codecForward, 'codecForward');
   const backward = codecSpec(options.codecBackward, 'codecBackward');
   const methods = options.methods ?? DEFAULT_METHODS;
-  const defenses = options.defenses === undefined ? undefined : checkDefenses(options.defenses);
+  const given = options.defenses === undefined || options.defenses === 'auto' ? options.defenses : checkDefenses(options.defenses);
   const middleAdapter = options.middleLora === undefined ? undefined : middleAdapterSpec(options.middleLora, recipe, methods.length);
-  if (middleAdapter !== undefined && defenses !== undefined) throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', 'a middle LoRA held by the cloud does not combine with privacy defenses yet', { field: 'middleLora' });
+  if (middleAdapter !== undefined && given !== undefined) throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', 'a middle LoRA held by the cloud does not combine with privacy defenses yet', { field: 'middleLora' });
   // An edge checkpoint does not hold the cloud's part: resuming one would pair it with a fresh middle adapter.
   if (middleAdapter !== undefined && options.checkpointDir !== undefined) throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', 'a middle LoRA held by the cloud does not combine with edge checkpoints yet (the cloud checkpoints its part itself)', { field: 'checkpointDir' });
 
@@ -162,6 +165,7 @@ export async function trainEdge(options: EdgeTrainOptions): Promise<EdgeTrainRes
     const info = (await client.models()).find((m) => m.id === options.model);
     if (!info) throw new EdgeError('TANDEM_EDGE_MODEL_UNKNOWN', `the cloud serves no model ${JSON.stringify(options.model)}`, { field: 'model' });
     const asked = options.cut ?? info.defaultCut;
+    const defenses = given === 'auto' ? checkDefenses(autoDefenses(info.numLayers, asked)) : given;
     const cut = defenses?.deeperBottom ? { bottom: asked.bottom + defenses.deeperBottom, top: asked.top } : asked;
     const part = await client.downloadEdge(info.id, cut, options.cacheDir);
     edge = await loadEdgePart(part);

@@ -116,6 +116,25 @@ describe('the data plane carries no text, token ids or labels', () => {
     }
   });
 
+  it('defenses auto are fitted to the model and the cut: the bottom moves to 3 blocks where a middle block is left, and not past it', async () => {
+    for (const [asked, bottom, names] of [[1, 3, ['noise', 'deeper-bottom', 'marvell']], [3, 3, ['noise', 'marvell']]] as const) {
+      const capture = await startCaptureProxy(cloud.url);
+      try {
+        const result = await trainEdge({
+          cloud: capture.url, key: cloud.key, model: MODEL_ID, data: DEMO_DATA, cut: { bottom: asked, top: 1 }, steps: 1, batchSize: 2, seqLen: 16, lr: 1e-2, seed: 3, evaluate: false,
+          methods: [{ method: 'lora', r: 2, loraAlpha: 4, targetModules: ['q_proj', 'v_proj'] }], cacheDir: cache.dir, defenses: 'auto',
+        });
+        assert.equal(result.steps, 1);
+        const hello = envelopesOf(capture).find((e) => e.body.case === 'hello');
+        assert.ok(hello && hello.body.case === 'hello');
+        assert.equal(hello.body.value.cut?.bottom, bottom, `asked B = ${asked}`);
+        assert.deepEqual(hello.body.value.defenses?.map((d) => d.name), names);
+      } finally {
+        await capture.close();
+      }
+    }
+  });
+
   it('the plug-in evaluation of an offsite adapter sends no text and no adapter, only hidden states', async () => {
     const work = await tempDir('offsite');
     try {
