@@ -281,6 +281,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   // A gateway's adapters and emulator bundles are in the cluster's object store; its state
   // directory is the copy its registries read, restored from there first.
   const files = nc === undefined ? undefined : await JetStreamFileMirror.open(nc, stateDir, { replicas: options.cluster?.replicas });
+  let stopWatchingFiles = (): void => undefined;
   if (files !== undefined) {
     for (const folder of MIRRORED_FOLDERS) await files.restore(folder, (name, reason) => log.warn({ name, reason }, 'a stored file in the object store is skipped'));
   }
@@ -296,6 +297,18 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     emulators.onEvicted((_key, dir) => files.remove(dir));
     adapters.onAdded((_record, dir) => files.publish(dir));
     adapters.onRemoved((record) => files.remove(adapters.dirOf(record)));
+    // What other gateways upload or delete while this one runs: serving/adapters/<tenant>/<name>/record.json is stored last.
+    stopWatchingFiles = await files.watch('serving/adapters', {
+      onFile: async (name) => {
+        const [, , tenant, adapter, file] = name.split('/');
+        if (file === 'record.json') await adapters.adopt(tenant, adapter);
+      },
+      onDeleted: async (name) => {
+        const [, , tenant, adapter, file] = name.split('/');
+        if (file === 'record.json') await adapters.forget(tenant, adapter);
+      },
+      onError: (err) => log.warn({ err: err.message }, 'following the object store failed for one file'),
+    });
   }
   const serving = new Serving(adapters, servingMetrics, options.serving);
 
@@ -377,6 +390,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     await executor?.close();
     if (keys instanceof JetStreamKeyStore) keys.close();
     if (sessions instanceof JetStreamSessionStore) sessions.close();
+    stopWatchingFiles();
     await nc?.drain().catch(() => undefined);
     if (model.loaded) model.served().dispose();
   };
