@@ -73,6 +73,8 @@ export const DEFAULT_MEMORY_BUDGET_BYTES = 512 * 1024 * 1024;
 export const DEFAULT_ACTIVATION_TTL_MS = 10 * 60 * 1000;
 /** The state directory's folders a gateway shares through the object store: emulator bundles, served adapters. */
 const MIRRORED_FOLDERS = ['emulators', 'serving/adapters'] as const;
+/** How long a closing gateway waits for its NATS connection to drain before closing it. */
+const DRAIN_TIMEOUT_MS = 5000;
 
 /** The tfjs backend behind each tfjs engine name. */
 const TFJS_BACKEND_OF: Partial<Record<string, string>> = {
@@ -391,7 +393,13 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     if (keys instanceof JetStreamKeyStore) keys.close();
     if (sessions instanceof JetStreamSessionStore) sessions.close();
     stopWatchingFiles();
-    await nc?.drain().catch(() => undefined);
+    if (nc !== undefined) {
+      // A drain waits for every subscription, JetStream consumers included: a stuck one must not hold the node open.
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([nc.drain().catch(() => undefined), new Promise((resolve) => { timer = setTimeout(resolve, DRAIN_TIMEOUT_MS); })]);
+      clearTimeout(timer);
+      if (!nc.isClosed()) await nc.close().catch(() => undefined);
+    }
     if (model.loaded) model.served().dispose();
   };
 
