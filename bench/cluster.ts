@@ -10,7 +10,9 @@
 // 2-core machine then fight over them. Rows: 1 worker × 1 thread, 2 workers × 1 thread (the
 // scale-out), and 1 worker × 2 threads (the same cores in one process: the honest comparison).
 // Only the middle is timed: the edges' own compute is left out. On a machine shared with
-// others, read the figures against the load averages printed with each row.
+// others, read the figures against the load averages printed with each row, and against
+// cpuParallelism: what a plain CPU loop gets in 2 processes at once over 1 (the ceiling of any
+// 2-worker speedup on this machine at that moment).
 import { loadavg } from 'node:os';
 import { spawn } from 'node:child_process';
 import type { ChildProcess } from 'node:child_process';
@@ -41,6 +43,17 @@ function spawnWorker(natsUrl: string, modelDir: string, engine: string, threads:
 }
 
 const load = (): string => loadavg().map((l) => l.toFixed(2)).join(' ');
+
+/** A plain CPU loop in `n` processes at once: the seconds of the slowest (how much two processes really get of the machine). */
+async function spin(n: number): Promise<number> {
+  const code = 'let x = 0; for (let i = 0; i < 8e8; i++) x += i % 7; if (x < 0) console.log(x);';
+  const t0 = performance.now();
+  await Promise.all(Array.from({ length: n }, () => new Promise<void>((resolve, reject) => {
+    const child = spawn(process.execPath, ['-e', code], { stdio: 'ignore' });
+    child.once('exit', (c) => (c === 0 ? resolve() : reject(new Error(`the CPU loop exited with ${c}`))));
+  })));
+  return (performance.now() - t0) / 1000;
+}
 
 async function stop(child: ChildProcess): Promise<void> {
   if (child.exitCode !== null || child.signalCode !== null) return;
@@ -77,6 +90,10 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
     const rows: { workers: number; threadsPerWorker: number; sessions: number; tokensPerSecond: number; stepSeconds: number; natsOverheadFraction: number; loadAverage: string }[] = [];
     const loadAtStart = load();
     process.stdout.write(`load average at start: ${loadAtStart}; engine ${engine}\n`);
+    // What 2 processes get of this machine: 2 cores busy at once may not be twice one.
+    const [spinOne, spinTwo] = [await spin(1), await spin(2)];
+    const cpuParallelism = (2 * spinOne) / spinTwo;
+    process.stdout.write(`a plain CPU loop: ${spinOne.toFixed(2)} s in 1 process, ${spinTwo.toFixed(2)} s in 2 at once: the machine gives 2 processes ${cpuParallelism.toFixed(2)}x of one\n`);
     for (const { workers, threads } of [{ workers: 1, threads: 1 }, { workers: 2, threads: 1 }, { workers: 1, threads: 2 }]) {
       for (const c of children) await stop(c);
       children = [];
@@ -115,7 +132,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
     process.stdout.write(`2 workers × 1 thread / 1 worker × 1 thread: ${speedup.toFixed(2)}x (target 1.7x); 2 workers × 1 thread / 1 worker × 2 threads: ${versusOneWide.toFixed(2)}x; NATS overhead ${(one.natsOverheadFraction * 100).toFixed(1)}% of the request time with one worker (target <= 10%)\n`);
     return {
       model: { hidden, layers: L, middle: range }, engine, batch, seq, steps, rows, speedup, speedupOverOneWorkerTwoThreads: versusOneWide,
-      natsOverheadFraction: one.natsOverheadFraction, loadAverage: { start: loadAtStart, end: load() },
+      natsOverheadFraction: one.natsOverheadFraction, loadAverage: { start: loadAtStart, end: load() }, cpuParallelism,
       note: 'middle only (edge compute excluded); overhead = (gateway round trip - worker compute) / round trip, 1 worker × 1 thread; speedup = 2 workers × 1 thread over 1 worker × 1 thread',
     };
   } finally {

@@ -75,6 +75,8 @@ export const DEFAULT_MEMORY_BUDGET_BYTES = 512 * 1024 * 1024;
 export const DEFAULT_ACTIVATION_TTL_MS = 10 * 60 * 1000;
 /** The state directory's folders a gateway shares through the object store: emulator bundles, served adapters. */
 const MIRRORED_FOLDERS = ['emulators', 'serving/adapters'] as const;
+/** How long a closing gateway waits for its NATS connection to drain before closing it. */
+const DRAIN_TIMEOUT_MS = 5000;
 
 /** The tfjs backend behind each tfjs engine name. */
 const TFJS_BACKEND_OF: Partial<Record<string, string>> = {
@@ -297,6 +299,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   // A gateway's adapters and emulator bundles are in the cluster's object store; its state
   // directory is the copy its registries read, restored from there first.
   const files = nc === undefined ? undefined : await JetStreamFileMirror.open(nc, stateDir, { replicas: options.cluster?.replicas });
+  let stopWatchingFiles = (): void => undefined;
   if (files !== undefined) {
     for (const folder of MIRRORED_FOLDERS) await files.restore(folder, (name, reason) => log.warn({ name, reason }, 'a stored file in the object store is skipped'));
   }
@@ -312,6 +315,18 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     emulators.onEvicted((_key, dir) => files.remove(dir));
     adapters.onAdded((_record, dir) => files.publish(dir));
     adapters.onRemoved((record) => files.remove(adapters.dirOf(record)));
+    // What other gateways upload or delete while this one runs: serving/adapters/<tenant>/<name>/record.json is stored last.
+    stopWatchingFiles = await files.watch('serving/adapters', {
+      onFile: async (name) => {
+        const [, , tenant, adapter, file] = name.split('/');
+        if (file === 'record.json') await adapters.adopt(tenant, adapter);
+      },
+      onDeleted: async (name) => {
+        const [, , tenant, adapter, file] = name.split('/');
+        if (file === 'record.json') await adapters.forget(tenant, adapter);
+      },
+      onError: (err) => log.warn({ err: err.message }, 'following the object store failed for one file'),
+    });
   }
   const serving = new Serving(adapters, servingMetrics, options.serving);
 
@@ -393,7 +408,14 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     await executor?.close();
     if (keys instanceof JetStreamKeyStore) keys.close();
     if (sessions instanceof JetStreamSessionStore) sessions.close();
-    await nc?.drain().catch(() => undefined);
+    stopWatchingFiles();
+    if (nc !== undefined) {
+      // A drain waits for every subscription, JetStream consumers included: a stuck one must not hold the node open.
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([nc.drain().catch(() => undefined), new Promise((resolve) => { timer = setTimeout(resolve, DRAIN_TIMEOUT_MS); })]);
+      clearTimeout(timer);
+      if (!nc.isClosed()) await nc.close().catch(() => undefined);
+    }
     if (model.loaded) model.served().dispose();
   };
 

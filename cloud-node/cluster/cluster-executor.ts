@@ -263,7 +263,9 @@ export class ClusterExecutor implements MiddleRunner {
     headers.set(CLAIM_TO_HEADER, this.#claimSubject);
     headers.set(CLAIM_ID_HEADER, claimId);
     // Over max_payload, the body goes through the object store (chunked), once for all tries.
-    const body = await this.#spill.outgoing(encodeRequest(request), headers);
+    const body = await this.#spill.outgoing(encodeRequest(request), headers).catch((error: unknown) => {
+      throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: `a ${request.op} cannot reach the workers: ${(error as Error).message}`.slice(0, 300) });
+    });
     this.#claims.set(claimId, '');
     const sentAt = Date.now();
     let timer: ReturnType<typeof setInterval> | undefined;
@@ -278,7 +280,9 @@ export class ClusterExecutor implements MiddleRunner {
       });
       abandoned.catch(() => undefined);
       const msg = await Promise.race([pending, abandoned]);
-      const reply = decodeReply(await this.#spill.incoming(msg, elements * 4 + REPLY_OVERHEAD_BYTES), elements);
+      const reply = decodeReply(await this.#spill.incoming(msg, elements * 4 + REPLY_OVERHEAD_BYTES).catch((error: unknown) => {
+        throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: `the reply to a ${request.op} cannot be read: ${(error as Error).message}`.slice(0, 300) });
+      }), elements);
       if (reply.ok) {
         this.#hop.requests++;
         this.#hop.roundTripMs += performance.now() - started;

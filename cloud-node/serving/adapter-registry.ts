@@ -75,6 +75,27 @@ export class AdapterRegistry {
     return registry;
   }
 
+  /**
+   * Takes in an adapter another gateway of the cluster stored, once its folder is in this state
+   * directory; a folder without a valid record is left unknown. True when it was new here.
+   */
+  async adopt(tenant: string, name: string): Promise<boolean> {
+    if (!ADAPTER_NAME_PATTERN.test(tenant) || !ADAPTER_NAME_PATTERN.test(name) || this.#records.get(tenant)?.has(name)) return false;
+    const record = await readJsonState(join(this.#root, tenant, name, RECORD_FILE)).catch(() => undefined);
+    if (!isRecord(record) || record.tenant !== tenant || record.name !== name) return false;
+    this.#tenant(tenant).set(name, record);
+    return true;
+  }
+
+  /** Drops an adapter another gateway of the cluster deleted: its folder here, and its resident copy (the onRemoved listeners). */
+  async forget(tenant: string, name: string): Promise<void> {
+    const record = this.#records.get(tenant)?.get(name);
+    if (record === undefined) return;
+    this.#records.get(tenant)?.delete(name);
+    await rm(this.dirOf(record), { recursive: true, force: true });
+    for (const l of this.#removed) await l(record);
+  }
+
   #tenant(tenant: string): Map<string, ServedAdapterRecord> {
     let m = this.#records.get(tenant);
     if (m === undefined) {

@@ -4,7 +4,7 @@
 // restores them into its own state directory before its registries read it. The registries
 // keep working on their folders (the embedded store of one process); the object store is what
 // the gateways share and what outlives any of them.
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, readFile, readdir, rename, stat, writeFile } from 'node:fs/promises';
 import { dirname, join, relative, sep } from 'node:path';
 import { Objm, StorageType } from '@nats-io/obj';
@@ -24,6 +24,11 @@ export const MAX_MIRRORED_FILE_BYTES = 2 * 1024 * 1024 * 1024;
 export function mirroredName(path: string): string | undefined {
   const parts = path.split('/');
   return parts.length >= 2 && parts.length <= MAX_DEPTH && parts.every((p) => SEGMENT.test(p)) ? parts.join('/') : undefined;
+}
+
+/** A file's digest as the object store writes it ("SHA-256=" and base64url), without padding. */
+async function digestOf(path: string): Promise<string> {
+  return `SHA-256=${createHash('sha256').update(await readFile(path)).digest('base64url')}`;
 }
 
 export class JetStreamFileMirror {
@@ -60,8 +65,9 @@ export class JetStreamFileMirror {
         continue;
       }
       const path = join(this.#stateDir, ...name.split('/'));
+      // A file of the same size is the same file only if its digest matches (a name deleted and stored again).
       const held = await stat(path).then((s) => s.size, () => -1);
-      if (held === info.size) continue;
+      if (held === info.size && (await digestOf(path)) === info.digest.replace(/=+$/, '')) continue;
       const data = await this.#store.getBlob(name);
       if (data === null || data.byteLength !== info.size) {
         onInvalid?.(name, 'could not be read whole');
@@ -79,7 +85,9 @@ export class JetStreamFileMirror {
   /** Stores every file of `dir` (a folder inside the state directory), replacing what was stored under it. */
   async publish(dir: string): Promise<void> {
     const folder = this.#nameOf(dir);
-    const files = await this.#filesOf(dir);
+    // Sorted, so that a folder's record.json (after adapter_*) is stored last: a watcher that
+    // takes the folder in on its record finds every other file already there.
+    const files = (await this.#filesOf(dir)).sort();
     const names = new Set<string>();
     for (const file of files) {
       const name = this.#nameOf(file);
@@ -114,6 +122,32 @@ export class JetStreamFileMirror {
       else if (entry.isFile()) out.push(path);
     }
     return out;
+  }
+
+  /**
+   * Follows what other writers store or delete under `folder` while this one runs: `onFile`
+   * with each stored file's name once it is restored here, `onDeleted` with each deleted name.
+   * Returns the function that stops following.
+   */
+  async watch(folder: string, on: { onFile: (name: string) => Promise<void>; onDeleted: (name: string) => Promise<void>; onError?: (error: Error) => void }): Promise<() => void> {
+    const updates = await this.#store.watch({ includeHistory: false });
+    void (async () => {
+      for await (const info of updates) {
+        if (!info.name.startsWith(`${folder}/`)) continue;
+        const name = mirroredName(info.name);
+        if (name === undefined) continue;
+        try {
+          if (info.deleted) await on.onDeleted(name);
+          else {
+            await this.restore(name.split('/').slice(0, -1).join('/'));
+            await on.onFile(name);
+          }
+        } catch (error) {
+          on.onError?.(error as Error);
+        }
+      }
+    })().catch(() => undefined);
+    return () => updates.stop();
   }
 
   /** Names of the stored files under `folder`, sorted. */

@@ -2,7 +2,8 @@
 // (tandem-files): an adapter uploaded through one gateway is there, file by file; after a
 // nats-server restart a gateway on an empty state directory serves it with the same bytes, and
 // deleting it there removes it from the object store. A bundle built by one gateway is in the
-// state directory of another, started on an empty one, before any request for it.
+// state directory of another, started on an empty one, before any request for it. Gateways
+// running side by side take in and drop each other's adapters as they are uploaded and deleted.
 import assert from 'node:assert/strict';
 import { readFile, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -14,7 +15,7 @@ import { api } from '../cloud-node/helpers.ts';
 import { writeTestAdapters } from '../cloud-node/serving-fixtures.ts';
 import { startNatsServer } from './nats-server.ts';
 import type { TestNatsServer } from './nats-server.ts';
-import { startGateway, tempDir } from './helpers.ts';
+import { startGateway, tempDir, until } from './helpers.ts';
 
 describe('adapters and emulator bundles in the JetStream object store', () => {
   let nats: TestNatsServer;
@@ -98,6 +99,32 @@ describe('adapters and emulator bundles in the JetStream object store', () => {
       assert.deepEqual(again.json.files, built.json.files, 'the same files, with the same hashes');
     } finally {
       await second.remove();
+    }
+  });
+
+  it('a running gateway takes in an adapter another one uploads, and drops it when that one deletes it', async () => {
+    const [, dir] = await writeTestAdapters(fixtures.dir, 2);
+    const a = await startGateway(nats.url);
+    const b = await startGateway(nats.url);
+    try {
+      const created = await api(a, 'POST', '/v1/keys', a.adminKey, { tenant: 'carol' });
+      assert.equal(created.status, 201);
+      const carol = created.json.key as string;
+      const contentHash = (((await api(a, 'GET', '/v1/models', carol)).json.models as Record<string, unknown>[])[0]).contentHash as string;
+      const listed = async (node: typeof a): Promise<string[]> => ((await api(node, 'GET', '/v1/adapters', carol)).json.adapters as { name: string }[]).map((x) => x.name);
+      assert.deepEqual(await listed(b), []);
+      const up = await api(a, 'POST', '/v1/adapters', carol, {
+        name: 'live', baseContentHash: contentHash,
+        adapter: { config: await readFile(join(dir, ADAPTER_CONFIG_FILE), 'utf8'), weights: (await readFile(join(dir, ADAPTER_WEIGHTS_FILE))).toString('base64') },
+      });
+      assert.equal(up.status, 201, JSON.stringify(up.json));
+      await until(async () => (await listed(b)).includes('live'), 10_000, 'the other gateway took the adapter in');
+      assert.ok((await readFile(join(b.stateDir, 'serving', 'adapters', 'carol', 'live', ADAPTER_WEIGHTS_FILE))).equals(await readFile(join(dir, ADAPTER_WEIGHTS_FILE))));
+      assert.equal((await api(b, 'DELETE', '/v1/adapters/live', carol)).status, 200);
+      await until(async () => !(await listed(a)).includes('live'), 10_000, 'the first gateway dropped it');
+    } finally {
+      await a.remove();
+      await b.remove();
     }
   });
 });

@@ -1,0 +1,58 @@
+// Bodies over max_payload through the object store, checked as network input: a body within the
+// limit crosses whole; a receiver refuses, before reading it, an object larger than it accepts,
+// and a header that names no object or not a plain name.
+import assert from 'node:assert/strict';
+import { after, before, describe, it } from 'node:test';
+import { connect, headers } from '@nats-io/transport-node';
+import type { Msg, NatsConnection } from '@nats-io/transport-node';
+import { WireSpill, SPILL_HEADER } from '../../cloud-node/cluster/wire-spill.ts';
+import type { ClusterError } from '../../cloud-node/cluster/errors.ts';
+import { startNatsServer } from './nats-server.ts';
+import type { TestNatsServer } from './nats-server.ts';
+
+describe('bodies over max_payload (nats-server with max_payload 8 KiB)', () => {
+  let nats: TestNatsServer;
+  let nc: NatsConnection;
+  before(async () => {
+    nats = await startNatsServer({ maxPayload: 8192 });
+    nc = await connect({ servers: nats.url });
+  });
+  after(async () => {
+    await nc.close();
+    await nats.close();
+  });
+
+  /** What a subscriber receives for `data` and `h`. */
+  const received = async (data: Uint8Array, h = headers()): Promise<Msg> => {
+    const subject = `spill.test.${Math.random().toString(36).slice(2)}`;
+    const sub = nc.subscribe(subject, { max: 1 });
+    nc.publish(subject, data, { headers: h });
+    for await (const msg of sub) return msg;
+    throw new Error('no message');
+  };
+
+  it('a 100 KB body crosses whole, once; a small one stays inline', async () => {
+    const spill = new WireSpill(nc);
+    const body = Uint8Array.from({ length: 100_000 }, (_, i) => (i * 7) % 251);
+    const out = await spill.outgoing(body);
+    assert.equal(out.data.byteLength, 0, 'the message carries no body');
+    const msg = await received(out.data, out.headers);
+    assert.deepEqual(await spill.incoming(msg, 200_000), body);
+    await assert.rejects(spill.incoming(msg, 200_000), (e: ClusterError) => e.code === 'TANDEM_CLUSTER_MESSAGE_INVALID', 'the object was deleted once read');
+    const small = await spill.outgoing(Uint8Array.of(1, 2, 3));
+    assert.deepEqual(small.data, Uint8Array.of(1, 2, 3));
+    assert.equal(small.headers.has(SPILL_HEADER), false);
+    assert.equal(spill.stats.spilled, 1);
+  });
+
+  it('refuses an object over the receiver\'s limit, and a header naming no plain object', async () => {
+    const spill = new WireSpill(nc);
+    const out = await spill.outgoing(new Uint8Array(50_000));
+    await assert.rejects(spill.incoming(await received(out.data, out.headers), 10_000), (e: ClusterError) => e.code === 'TANDEM_CLUSTER_BODY_TOO_LARGE' && /50000 bytes/.test(e.message));
+    for (const name of ['../etc/passwd', 'nosuchobject123']) {
+      const h = headers();
+      h.set(SPILL_HEADER, name);
+      await assert.rejects(spill.incoming(await received(new Uint8Array(0), h), 10_000), (e: ClusterError) => e.code === 'TANDEM_CLUSTER_MESSAGE_INVALID', name);
+    }
+  });
+});
