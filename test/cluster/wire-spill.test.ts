@@ -3,7 +3,8 @@
 // and a header that names no object or not a plain name.
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
-import { connect, headers } from '@nats-io/transport-node';
+import { headers } from '@nats-io/transport-node';
+import { connectNats } from '../../cloud-node/cluster/nats-connection.ts';
 import type { Msg, NatsConnection } from '@nats-io/transport-node';
 import { WireSpill, SPILL_HEADER } from '../../cloud-node/cluster/wire-spill.ts';
 import type { ClusterError } from '../../cloud-node/cluster/errors.ts';
@@ -15,7 +16,7 @@ describe('bodies over max_payload (nats-server with max_payload 8 KiB)', () => {
   let nc: NatsConnection;
   before(async () => {
     nats = await startNatsServer({ maxPayload: 8192 });
-    nc = await connect({ servers: nats.url });
+    nc = await connectNats(nats.url, 'test-spill', 'gateway');
   });
   after(async () => {
     await nc.close();
