@@ -2,8 +2,9 @@
 // at once ("mixed"), 32 on one adapter at once ("single"), and the same 32 one after another
 // ("sequential"). Tokens/s, time to first token p50/p99 and deadline miss rate, every request
 // arriving at the scenario's start (so a sequential request's TTFT includes its wait).
-// `npm run bench -- serving [--quick] [--tokens N] [--deadline-ms D]`: the ~25M random Llama of
-// bench/split.ts (8 blocks, hidden 512) by default; --quick: stories260K. 16 tokens per request.
+// `npm run bench -- serving [--quick] [--tokens N] [--deadline-ms D] [--engine E]`: the ~25M random
+// Llama of bench/split.ts (8 blocks, hidden 512) by default; --quick: stories260K. 16 tokens per
+// request. --engine: ort-cpu (default; the node's batched steps on ONNX Runtime) or tfjs.
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -60,6 +61,9 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
   };
   const maxTokens = flag('--tokens', 16);
   const deadlineMs = flag('--deadline-ms', quick ? 5000 : 30000);
+  const engineAt = args.indexOf('--engine');
+  const engine = engineAt >= 0 ? args[engineAt + 1] : 'ort-cpu';
+  if (engine !== 'ort-cpu' && engine !== 'ort-cuda' && engine !== 'tfjs') throw new Error(`--engine must be ort-cpu, ort-cuda or tfjs, got ${engine}`);
   const backend = await initBackend({ log: (line) => process.stdout.write(`${line}\n`) });
   const work = await mkdtemp(join(tmpdir(), 'tandem-bench-serving-'));
   try {
@@ -76,7 +80,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
       adapterDirs.push(dir);
     }
     base.dispose();
-    const node = await startCloudNode({ modelDir, modelId: 'base', stateDir: join(work, 'state'), logLevel: 'error', backend: backend.name, serving: { maxBatch: REQUESTS, residentAdapters: ADAPTERS } });
+    const node = await startCloudNode({ modelDir, modelId: 'base', stateDir: join(work, 'state'), logLevel: 'error', backend: backend.name, ...(engine === 'tfjs' ? {} : { engine }), serving: { maxBatch: REQUESTS, residentAdapters: ADAPTERS } });
     const rows: Row[] = [];
     try {
       const key = node.adminKey as string;
@@ -109,7 +113,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
         rows.push(row);
         process.stdout.write(`${name.padEnd(10)} ${row.adapters} adapters  ${row.tokensPerSecond.toFixed(1).padStart(8)} tokens/s  TTFT p50 ${row.ttftP50Seconds.toFixed(3)} s  p99 ${row.ttftP99Seconds.toFixed(3)} s  deadline misses ${(100 * row.deadlineMissRate).toFixed(0)}%  (${tokens} tokens in ${seconds.toFixed(2)} s)\n`);
       };
-      process.stdout.write(`model: ${modelName}; backend ${backend.name}; ${REQUESTS} requests of ${maxTokens} tokens; deadline ${deadlineMs} ms from the scenario's start\n`);
+      process.stdout.write(`model: ${modelName}; engine ${engine} (tfjs backend ${backend.name}); ${REQUESTS} requests of ${maxTokens} tokens; deadline ${deadlineMs} ms from the scenario's start\n`);
       await scenario('mixed', (i) => i % ADAPTERS, false);
       await scenario('single', () => 0, false);
       await scenario('sequential', (i) => i % ADAPTERS, true);
@@ -120,7 +124,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
     const mixedOverSingle = of('mixed') / of('single');
     const mixedOverSequential = of('mixed') / of('sequential');
     process.stdout.write(`mixed / single ${mixedOverSingle.toFixed(2)}x (target >= 0.8x); mixed / sequential ${mixedOverSequential.toFixed(2)}x (target >= 4x)\n`);
-    return { model: modelName, backend: backend.name, maxTokens, deadlineMs, rows, mixedOverSingle, mixedOverSequential };
+    return { model: modelName, engine, backend: backend.name, maxTokens, deadlineMs, rows, mixedOverSingle, mixedOverSequential };
   } finally {
     await rm(work, { recursive: true, force: true });
   }

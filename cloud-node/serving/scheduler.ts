@@ -5,8 +5,8 @@
 // first (those without one after, in arrival order) while their KV cache (prompt plus
 // max_tokens, reserved whole on admission) fits the budget. Between steps the loop yields
 // to the event loop, so the node answers other routes during generation.
-import { batchedLastLogits, GenerationLoop, KvCache, kvBytesPerToken } from '../../model/index.ts';
-import type { BatchRow, ForwardHooks, LlamaModel } from '../../model/index.ts';
+import { GenerationLoop, kvBytesPerToken, tfjsStepper } from '../../model/index.ts';
+import type { LlamaModel, ServingStepper, StepperSequence } from '../../model/index.ts';
 import { CloudError } from '../errors.ts';
 import type { ServedAdapterRecord } from './adapter-registry.ts';
 import type { ResidentAdapters } from './resident-adapters.ts';
@@ -38,6 +38,8 @@ export interface GenerationOutcome {
 
 export interface SchedulerOptions {
   model: LlamaModel;
+  /** The engine steps run on; tfjs over `model` when absent. */
+  stepper?: ServingStepper;
   adapters: ResidentAdapters;
   metrics?: ServingMetrics;
   /** Bytes of KV cache all requests in flight may reserve together. */
@@ -59,8 +61,7 @@ interface Pending {
 
 interface Active extends Pending {
   loop: GenerationLoop;
-  cache: KvCache;
-  hooks?: ForwardHooks;
+  sequence: StepperSequence;
   release: () => void;
   adapterKey: string;
   next: number[] | undefined;
@@ -72,11 +73,13 @@ interface Active extends Pending {
 export class ServingScheduler {
   readonly #o: SchedulerOptions;
   readonly #bytesPerToken: number;
+  readonly #stepper: ServingStepper;
   #queue: Pending[] = [];
   #active: Active[] = [];
   #reserved = 0;
   #order = 0;
   #running = false;
+  #loop: Promise<void> = Promise.resolve();
   #closed = false;
   /** Rows of each step run so far (for tests and benches). */
   readonly stepRows: number[] = [];
@@ -84,6 +87,7 @@ export class ServingScheduler {
   constructor(options: SchedulerOptions) {
     this.#o = options;
     this.#bytesPerToken = kvBytesPerToken(options.model);
+    this.#stepper = options.stepper ?? tfjsStepper(options.model);
   }
 
   get kvBytesReserved(): number {
@@ -113,7 +117,7 @@ export class ServingScheduler {
   #kick(): void {
     if (this.#running) return;
     this.#running = true;
-    void this.#run().finally(() => {
+    this.#loop = this.#run().finally(() => {
       this.#running = false;
       if (!this.#closed && this.#queue.length > 0) this.#kick();
     });
@@ -127,15 +131,19 @@ export class ServingScheduler {
       if (this.#reserved + p.kvBytes > this.#o.kvBudgetBytes) break;
       this.#queue.shift();
       this.#reserved += p.kvBytes;
+      let held: { release: () => void } | undefined;
       try {
-        const held = p.request.adapter !== undefined ? await this.#o.adapters.acquire(p.request.adapter) : undefined;
+        const acquired = p.request.adapter !== undefined ? await this.#o.adapters.acquire(p.request.adapter) : undefined;
+        held = acquired;
         const { promptIds, maxTokens, temperature, topP, seed } = p.request;
         const loop = new GenerationLoop(this.#o.model.config, promptIds, { maxNewTokens: maxTokens, temperature, topP, seed, ...(p.request.ignoreEos === true ? { stopTokenIds: [] } : {}) });
+        const sequence = this.#stepper.open(acquired?.adapter, promptIds.length + maxTokens);
         this.#active.push({
-          ...p, loop, cache: new KvCache(), hooks: held?.adapter.hooks, release: held?.release ?? (() => {}),
+          ...p, loop, sequence, release: acquired?.release ?? (() => {}),
           adapterKey: p.request.adapter === undefined ? '' : `${p.request.adapter.tenant}/${p.request.adapter.name}`, next: loop.first(), stopped: false,
         });
       } catch (err) {
+        held?.release();
         this.#reserved -= p.kvBytes;
         p.reject(err);
       }
@@ -144,7 +152,7 @@ export class ServingScheduler {
   }
 
   #finish(a: Active, error?: unknown): void {
-    a.cache.dispose();
+    a.sequence.free();
     a.release();
     this.#reserved -= a.kvBytes;
     if (error !== undefined) {
@@ -169,17 +177,19 @@ export class ServingScheduler {
       await this.#admit();
       // Rows of one adapter side by side: each adapter's LoRA then runs once on its group.
       const active = [...this.#active].sort((a, b) => (a.adapterKey < b.adapterKey ? -1 : a.adapterKey > b.adapterKey ? 1 : a.order - b.order));
-      const rows: BatchRow[] = active.map((a) => ({ ids: a.next as number[], cache: a.cache, hooks: a.hooks }));
+      const rows = active.map((a) => ({ ids: a.next as number[], sequence: a.sequence }));
       if (rows.length > 0) {
         const started = performance.now();
         let logits: Float32Array[];
         try {
-          logits = batchedLastLogits(this.#o.model, rows);
+          logits = await this.#stepper.step(rows);
         } catch (err) {
+          if (this.#closed) break;
           for (const a of active) this.#finish(a, err);
           this.#active = [];
           continue;
         }
+        if (this.#closed) break;
         const now = performance.now();
         this.stepRows.push(rows.length);
         this.#o.metrics?.batchRows.observe(rows.length);
@@ -210,6 +220,11 @@ export class ServingScheduler {
       }
       await new Promise((r) => setImmediate(r));
     }
+  }
+
+  /** Resolves once no step is running (after close(), for good). */
+  async drained(): Promise<void> {
+    await this.#loop.catch(() => undefined);
   }
 
   /** Ends every request (TANDEM_MODEL_NOT_READY) and frees their caches. */

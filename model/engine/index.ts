@@ -16,3 +16,5 @@ export { PackedBlocks } from './packed-blocks.ts';
 export type { ActiveSegment, PackedLinearDelta, PackedSegment } from './packed-blocks.ts';
 export { segmentLoraDelta } from './segment-lora.ts';
 export type { LoraFactors, SegmentLora } from './segment-lora.ts';
+export { OrtServingEngine, ServingLora, ServingSequence } from './serving-engine.ts';
+export type { ServingRow } from './serving-engine.ts';
