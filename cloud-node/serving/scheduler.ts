@@ -1,7 +1,9 @@
 // Continuous batching of generation requests over many adapters. Each loop step runs one
 // batched forward (model/serving) for every request in flight: new requests join with their
-// whole prompt (prefill), running ones with their last token, and a finished one leaves at
-// once, freeing its KV slot for the next. Waiting requests are admitted earliest deadline
+// prompt (prefill, at most `prefillTokensPerStep` prompt tokens a step over all newcomers, in
+// admission order, so a long prompt is run in chunks and never stalls the others' decoding
+// for long), running ones with their last token, and a finished one leaves at once, freeing
+// its KV slot for the next. Waiting requests are admitted earliest deadline
 // first (those without one after, in arrival order) while their KV cache (prompt plus
 // max_tokens, reserved whole on admission) fits the budget. Between steps the loop yields
 // to the event loop, so the node answers other routes during generation.
@@ -46,6 +48,8 @@ export interface SchedulerOptions {
   kvBudgetBytes: number;
   /** Requests in one batched step. */
   maxBatch: number;
+  /** Prompt tokens all newcomers run in one step together (512). */
+  prefillTokensPerStep?: number;
   /** Requests waiting for a slot; more are refused. */
   maxQueue: number;
 }
@@ -65,6 +69,8 @@ interface Active extends Pending {
   release: () => void;
   adapterKey: string;
   next: number[] | undefined;
+  /** Tokens of `next` (a prompt) already run in earlier steps. */
+  prefilled: number;
   firstTokenAt?: number;
   lastTokenAt?: number;
   stopped: boolean;
@@ -140,7 +146,7 @@ export class ServingScheduler {
         const sequence = this.#stepper.open(acquired?.adapter, promptIds.length + maxTokens);
         this.#active.push({
           ...p, loop, sequence, release: acquired?.release ?? (() => {}),
-          adapterKey: p.request.adapter === undefined ? '' : `${p.request.adapter.tenant}/${p.request.adapter.name}`, next: loop.first(), stopped: false,
+          adapterKey: p.request.adapter === undefined ? '' : `${p.request.adapter.tenant}/${p.request.adapter.name}`, next: loop.first(), prefilled: 0, stopped: false,
         });
       } catch (err) {
         held?.release();
@@ -175,9 +181,22 @@ export class ServingScheduler {
   async #run(): Promise<void> {
     while (!this.#closed && (this.#queue.length > 0 || this.#active.length > 0)) {
       await this.#admit();
+      // The prefill budget goes to newcomers in admission order; the others wait a step.
+      let budget = this.#o.prefillTokensPerStep ?? 512;
+      const chunk = new Map<Active, number[]>();
+      for (const a of this.#active) {
+        const next = a.next as number[];
+        if (next.length === 1) {
+          chunk.set(a, next);
+        } else if (budget > 0) {
+          const take = Math.min(next.length - a.prefilled, budget);
+          budget -= take;
+          chunk.set(a, next.slice(a.prefilled, a.prefilled + take));
+        }
+      }
       // Rows of one adapter side by side: each adapter's LoRA then runs once on its group.
-      const active = [...this.#active].sort((a, b) => (a.adapterKey < b.adapterKey ? -1 : a.adapterKey > b.adapterKey ? 1 : a.order - b.order));
-      const rows = active.map((a) => ({ ids: a.next as number[], sequence: a.sequence }));
+      const active = this.#active.filter((a) => chunk.has(a)).sort((a, b) => (a.adapterKey < b.adapterKey ? -1 : a.adapterKey > b.adapterKey ? 1 : a.order - b.order));
+      const rows = active.map((a) => ({ ids: chunk.get(a) as number[], sequence: a.sequence }));
       if (rows.length > 0) {
         const started = performance.now();
         let logits: Float32Array[];
@@ -197,6 +216,12 @@ export class ServingScheduler {
         this.#o.metrics?.tokensPerSecond.set(rows.length / Math.max(1e-9, (now - started) / 1000));
         const done = new Set<Active>();
         active.forEach((a, i) => {
+          const ran = (chunk.get(a) as number[]).length;
+          if (a.prefilled + ran < (a.next as number[]).length) {
+            a.prefilled += ran;
+            return;
+          }
+          a.prefilled = 0;
           const before = a.loop.result().generatedIds.length;
           a.next = a.loop.take(logits[i]);
           const ids = a.loop.result().generatedIds;

@@ -14,6 +14,8 @@ export interface ServingLimits {
   kvBudgetBytes: number;
   /** Requests in one batched step (32). */
   maxBatch: number;
+  /** Prompt tokens the newcomers of one step run together (512); a longer prompt runs in chunks over several steps. */
+  prefillTokensPerStep: number;
   /** Requests waiting for a KV slot (256). */
   maxQueue: number;
   /** Adapters kept loaded (8); more are loaded on demand, the least recently used unloaded. */
@@ -25,6 +27,7 @@ export interface ServingLimits {
 export const DEFAULT_SERVING_LIMITS: Readonly<ServingLimits> = {
   kvBudgetBytes: 64 * 1024 * 1024,
   maxBatch: 32,
+  prefillTokensPerStep: 512,
   maxQueue: 256,
   residentAdapters: 8,
   maxUploadBytes: 64 * 1024 * 1024,
@@ -68,7 +71,7 @@ export class Serving {
     }
     const resident = new ResidentAdapters(served.model, (r) => this.registry.dirOf(r), this.limits.residentAdapters, (n) => this.metrics.residentAdapters.set(n));
     this.registry.onRemoved((record) => resident.drop(record));
-    const scheduler = new ServingScheduler({ model: served.model, stepper, adapters: resident, metrics: this.metrics, kvBudgetBytes: this.limits.kvBudgetBytes, maxBatch: this.limits.maxBatch, maxQueue: this.limits.maxQueue });
+    const scheduler = new ServingScheduler({ model: served.model, stepper, adapters: resident, metrics: this.metrics, kvBudgetBytes: this.limits.kvBudgetBytes, maxBatch: this.limits.maxBatch, prefillTokensPerStep: this.limits.prefillTokensPerStep, maxQueue: this.limits.maxQueue });
     this.#runtime = { served, tokenizer, resident, scheduler, stepper };
   }
 

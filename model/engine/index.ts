@@ -17,4 +17,4 @@ export type { ActiveSegment, PackedLinearDelta, PackedSegment } from './packed-b
 export { segmentLoraDelta } from './segment-lora.ts';
 export type { LoraFactors, SegmentLora } from './segment-lora.ts';
 export { OrtServingEngine, ServingLora, ServingSequence } from './serving-engine.ts';
-export type { ServingRow } from './serving-engine.ts';
+export type { ServingRow, ServingTimings } from './serving-engine.ts';

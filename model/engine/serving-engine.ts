@@ -18,6 +18,36 @@ import { servingLoraNames, servingNewName, servingPastName, servingSelName, serv
 
 const MASKED = -1e9;
 
+/** What one more graph run costs, in padded token positions (a pass over the weights). */
+const RUN_COST_TOKENS = 16;
+
+/**
+ * Rows adding several tokens, split into runs of similar lengths so that padding to the
+ * longest of a run wastes little: the split of the rows sorted by length that minimises
+ * Σ runs (RUN_COST_TOKENS + rows · longest) (a dynamic program over the sorted rows).
+ */
+export function prefillGroups<T extends { r: { ids: readonly number[] } }>(rows: readonly T[]): T[][] {
+  if (rows.length <= 1) return rows.length === 0 ? [] : [[...rows]];
+  const sorted = [...rows].sort((a, b) => a.r.ids.length - b.r.ids.length);
+  const n = sorted.length;
+  const best = new Float64Array(n + 1).fill(Infinity);
+  const cut = new Int32Array(n + 1);
+  best[0] = 0;
+  for (let end = 1; end <= n; end++) {
+    const longest = sorted[end - 1].r.ids.length;
+    for (let start = 0; start < end; start++) {
+      const cost = best[start] + RUN_COST_TOKENS + (end - start) * longest;
+      if (cost < best[end]) {
+        best[end] = cost;
+        cut[end] = start;
+      }
+    }
+  }
+  const groups: T[][] = [];
+  for (let end = n; end > 0; end = cut[end]) groups.unshift(sorted.slice(cut[end], end));
+  return groups;
+}
+
 /** One adapter's plain LoRA as the serving graph takes it. */
 export class ServingLora {
   readonly spec: LoraSpec;
@@ -71,8 +101,17 @@ interface LoraFeeds {
   columns: Map<string, { starts: Map<ServingLora, number>; k: number }>;
 }
 
+/** Milliseconds spent so far: packing the feeds (caches, masks, LoRA stacks), in the graph, writing caches back. */
+export interface ServingTimings {
+  runs: number;
+  packMs: number;
+  graphMs: number;
+  unpackMs: number;
+}
+
 export class OrtServingEngine {
   readonly config: ModelConfig;
+  readonly timings: ServingTimings = { runs: 0, packMs: 0, graphMs: 0, unpackMs: 0 };
   readonly #ort: typeof Ort;
   readonly #session: Ort.InferenceSession;
   readonly #invFreq: Float64Array;
@@ -121,7 +160,7 @@ export class OrtServingEngine {
     const out = new Array<Float32Array>(rows.length);
     const decode = rows.map((r, i) => ({ r, i })).filter((x) => x.r.ids.length === 1);
     const prefill = rows.map((r, i) => ({ r, i })).filter((x) => x.r.ids.length > 1);
-    for (const group of [prefill, decode]) {
+    for (const group of [...prefillGroups(prefill), decode]) {
       if (group.length === 0) continue;
       const logits = await this.#run(group.map((x) => x.r));
       group.forEach((x, j) => { out[x.i] = logits[j]; });
@@ -189,6 +228,7 @@ export class OrtServingEngine {
   async #run(rows: readonly ServingRow[]): Promise<Float32Array[]> {
     const { numAttentionHeads: nH, numKeyValueHeads: nKv, headDim: hd, numHiddenLayers: L, vocabSize } = this.config;
     const grp = nH / nKv;
+    const t0 = performance.now();
     const B = rows.length;
     const S = Math.max(...rows.map((r) => r.ids.length));
     const P = Math.max(...rows.map((r) => r.sequence.length));
@@ -248,7 +288,9 @@ export class OrtServingEngine {
       });
       feeds[servingSelName(name as (typeof LINEAR_MODULES)[number])] = new this.#ort.Tensor('float32', sel, [B * S, k]);
     }
+    const t1 = performance.now();
     const out = await this.#session.run(feeds);
+    const t2 = performance.now();
     for (let layer = 0; layer < L; layer++) {
       for (const kv of ['k', 'v'] as const) {
         const fresh = out[servingNewName(layer, kv)].data as Float32Array;
@@ -262,7 +304,12 @@ export class OrtServingEngine {
     }
     for (const row of rows) row.sequence.length += row.ids.length;
     const logits = out.logits.data as Float32Array;
-    return rows.map((_, b) => logits.slice(b * vocabSize, (b + 1) * vocabSize));
+    const result = rows.map((_, b) => logits.slice(b * vocabSize, (b + 1) * vocabSize));
+    this.timings.runs += 1;
+    this.timings.packMs += t1 - t0;
+    this.timings.graphMs += t2 - t1;
+    this.timings.unpackMs += performance.now() - t2;
+    return result;
   }
 
   async dispose(): Promise<void> {
