@@ -212,6 +212,7 @@ export class ServingScheduler {
         const now = performance.now();
         this.stepRows.push(rows.length);
         this.#o.metrics?.batchRows.observe(rows.length);
+        this.#o.metrics?.stepSeconds.observe((now - started) / 1000);
         this.#o.metrics?.tokens.inc(rows.length);
         this.#o.metrics?.tokensPerSecond.set(rows.length / Math.max(1e-9, (now - started) / 1000));
         const done = new Set<Active>();

@@ -17,6 +17,8 @@ import { loadOrt } from './ort-llama.ts';
 import { servingLoraNames, servingNewName, servingPastName, servingSelName, servingStepGraph } from './serving-graph.ts';
 
 const MASKED = -1e9;
+/** Stacked LoRA feeds kept, by the batch's adapter list. */
+const LORA_FEEDS_KEPT = 8;
 
 /** What one more graph run costs, in padded token positions (a pass over the weights). */
 const RUN_COST_TOKENS = 16;
@@ -115,7 +117,10 @@ export class OrtServingEngine {
   readonly #ort: typeof Ort;
   readonly #session: Ort.InferenceSession;
   readonly #invFreq: Float64Array;
-  #loraCache: LoraFeeds | undefined;
+  /** Stacked factors by the batch's adapter list, the most recently used last (a step's prefill and decode runs differ). */
+  readonly #loraCache = new Map<string, LoraFeeds>();
+  /** Reused feed buffers by name (a run's inputs are read before run() returns). */
+  readonly #buffers = new Map<string, Float32Array>();
   readonly #ids = new WeakMap<ServingLora, number>();
   #nextId = 1;
 
@@ -180,7 +185,12 @@ export class OrtServingEngine {
   /** The stacked factors of the batch's adapters (in first-appearance order), kept while the list is the same. */
   #loraFeeds(loras: readonly ServingLora[]): LoraFeeds {
     const key = loras.map((l) => this.#idOf(l)).join(',');
-    if (this.#loraCache?.key === key) return this.#loraCache;
+    const cached = this.#loraCache.get(key);
+    if (cached !== undefined) {
+      this.#loraCache.delete(key);
+      this.#loraCache.set(key, cached);
+      return cached;
+    }
     const feeds: Record<string, Ort.Tensor> = {};
     const columns: LoraFeeds['columns'] = new Map();
     for (const name of LINEAR_MODULES) {
@@ -210,8 +220,13 @@ export class OrtServingEngine {
         feeds[names.b] = new this.#ort.Tensor('float32', b, [out, width]);
       }
     }
-    this.#loraCache = { key, feeds, columns };
-    return this.#loraCache;
+    const made = { key, feeds, columns };
+    this.#loraCache.set(key, made);
+    for (const old of this.#loraCache.keys()) {
+      if (this.#loraCache.size <= LORA_FEEDS_KEPT) break;
+      this.#loraCache.delete(old);
+    }
+    return made;
   }
 
   #shapeOf(name: (typeof LINEAR_MODULES)[number]): [number, number] {
@@ -223,6 +238,16 @@ export class OrtServingEngine {
       case 'gate_proj': case 'up_proj': return [f, d];
       case 'down_proj': return [d, f];
     }
+  }
+
+  /** A view of `size` floats of a buffer kept for this feed; the caller overwrites every value. */
+  #buffer(name: string, size: number): Float32Array {
+    let b = this.#buffers.get(name);
+    if (b === undefined || b.length < size) {
+      b = new Float32Array(Math.max(size, Math.ceil((b?.length ?? 0) * 1.5)));
+      this.#buffers.set(name, b);
+    }
+    return b.subarray(0, size);
   }
 
   async #run(rows: readonly ServingRow[]): Promise<Float32Array[]> {
@@ -263,7 +288,7 @@ export class OrtServingEngine {
     };
     for (let layer = 0; layer < L; layer++) {
       for (const kv of ['k', 'v'] as const) {
-        const packed = new Float32Array(B * nKv * P * hd);
+        const packed = this.#buffer(servingPastName(layer, kv), B * nKv * P * hd);
         if (P > 0) {
           rows.forEach((row, b) => {
             const s = row.sequence;
