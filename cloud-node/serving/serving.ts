@@ -1,6 +1,6 @@
 // Adapter serving of one node: the registry (from start), and once the model is loaded its
 // tokenizer, the resident adapters and the scheduler. Routes answer TANDEM_MODEL_NOT_READY before.
-import { loadTokenizer, OrtServingEngine, ortStepper, tfjsStepper } from '../../model/index.ts';
+import { loadTokenizer, ortStepper, ServingThread, tfjsStepper } from '../../model/index.ts';
 import type { ServingStepper, Tokenizer } from '../../model/index.ts';
 import { CloudError } from '../errors.ts';
 import type { ServedModel } from '../served-model.ts';
@@ -58,14 +58,15 @@ export class Serving {
 
   /**
    * Starts serving the loaded model: batched steps on ONNX Runtime when `engine` names it
-   * (the base in one graph per step, each adapter's LoRA unmerged), on tfjs otherwise.
+   * (the base in one graph per step, each adapter's LoRA unmerged; in a worker thread, so that
+   * the node's event loop runs while a step does), on tfjs otherwise.
    */
   async start(served: ServedModel, engine?: 'ort-cpu' | 'ort-cuda'): Promise<void> {
     const tokenizer = await loadTokenizer(served.dir);
     let stepper: ServingStepper;
     if (engine !== undefined) {
       const weights = new Map([...served.model.weights].map(([name, v]) => [name, { shape: [...v.shape], data: v.dataSync() as Float32Array }]));
-      stepper = ortStepper(await OrtServingEngine.create(served.config, weights, { provider: engine === 'ort-cuda' ? 'cuda' : 'cpu' }), engine);
+      stepper = ortStepper(await ServingThread.create(served.config, weights, { provider: engine === 'ort-cuda' ? 'cuda' : 'cpu' }), engine);
     } else {
       stepper = tfjsStepper(served.model);
     }

@@ -18,3 +18,4 @@ export { segmentLoraDelta } from './segment-lora.ts';
 export type { LoraFactors, SegmentLora } from './segment-lora.ts';
 export { OrtServingEngine, ServingLora, ServingSequence } from './serving-engine.ts';
 export type { ServingRow, ServingTimings } from './serving-engine.ts';
+export { ServingThread, ThreadSequence } from './serving-thread.ts';

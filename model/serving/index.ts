@@ -3,4 +3,4 @@
 export { batchedLastLogits, checkServableHooks, kvBytesPerToken } from './batched-forward.ts';
 export type { BatchRow } from './batched-forward.ts';
 export { ortStepper, tfjsStepper } from './steppers.ts';
-export type { ServingStepper, StepperSequence } from './steppers.ts';
+export type { OrtServing, ServingStepper, StepperSequence } from './steppers.ts';

@@ -6,7 +6,7 @@ import type { Adapter } from '../peft/adapter.ts';
 import { ModelError } from '../errors.ts';
 import { KvCache } from '../llama/llama.ts';
 import type { LlamaModel } from '../llama/llama.ts';
-import type { OrtServingEngine, ServingSequence } from '../engine/serving-engine.ts';
+import type { ModelConfig } from '../config.ts';
 import { ServingLora } from '../engine/serving-engine.ts';
 import { loraParamsOf, ortLoraPlan } from '../train/ort-plan.ts';
 import { batchedLastLogits, checkServableHooks } from './batched-forward.ts';
@@ -52,13 +52,27 @@ export function tfjsStepper(model: LlamaModel): ServingStepper {
   };
 }
 
-class OrtSequence implements StepperSequence {
-  constructor(readonly sequence: ServingSequence) {}
-  free(): void {}
+/** OrtServingEngine, or ServingThread (the same engine in a worker thread). */
+export interface OrtServing<S> {
+  readonly config: ModelConfig;
+  sequence(capacity: number, lora?: ServingLora): S;
+  step(rows: readonly { ids: readonly number[]; sequence: S }[]): Promise<Float32Array[]>;
+  free?(sequence: S): void;
+  dispose(): Promise<void>;
+}
+
+class OrtSequence<S> implements StepperSequence {
+  constructor(
+    readonly sequence: S,
+    private readonly release: () => void,
+  ) {}
+  free(): void {
+    this.release();
+  }
 }
 
 /** Steps on ONNX Runtime; an adapter must be plain LoRA (ortLoraPlan), its factors read once per adapter. */
-export function ortStepper(engine: OrtServingEngine, name: string): ServingStepper {
+export function ortStepper<S>(engine: OrtServing<S>, name: string): ServingStepper {
   const loras = new WeakMap<Adapter, ServingLora>();
   return {
     engine: name,
@@ -73,10 +87,11 @@ export function ortStepper(engine: OrtServingEngine, name: string): ServingStepp
           loras.set(adapter, lora);
         }
       }
-      return new OrtSequence(engine.sequence(capacity, lora));
+      const sequence = engine.sequence(capacity, lora);
+      return new OrtSequence(sequence, () => engine.free?.(sequence));
     },
     step(rows) {
-      return engine.step(rows.map((r) => ({ ids: r.ids, sequence: (r.sequence as OrtSequence).sequence })));
+      return engine.step(rows.map((r) => ({ ids: r.ids, sequence: (r.sequence as OrtSequence<S>).sequence })));
     },
     dispose: () => engine.dispose(),
   };

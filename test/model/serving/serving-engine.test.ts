@@ -3,7 +3,8 @@
 // --engine ort-cpu` computes for each alone (the adapter merged into the weights, generateOrt).
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { generateOrt, GenerationLoop, initBackend, LlamaModel, loadAdapter, loadModelFolder, loadTokenizer, loraParamsOf, mergedWeightArrays, ModelError, ortLoraPlan, OrtLlama, OrtServingEngine, ServingLora } from '../../../model/index.ts';
+import { generateOrt, GenerationLoop, initBackend, LlamaModel, loadAdapter, loadModelFolder, loadTokenizer, loraParamsOf, mergedWeightArrays, ModelError, ortLoraPlan, OrtLlama, OrtServingEngine, ServingLora, ServingThread } from '../../../model/index.ts';
+import type { OrtServing } from '../../../model/index.ts';
 import { STORIES_DIR, tempDir } from '../../cloud-node/helpers.ts';
 import { writeTestAdapters } from '../../cloud-node/serving-fixtures.ts';
 
@@ -32,18 +33,31 @@ test('batched ORT serving over 4 adapters equals generateOrt with each adapter m
     await engine.dispose();
   }
   assert.notDeepEqual(expected[0], expected[1], 'the adapters change the tokens');
-  // Rows join at different steps (continuous batching): row r joins at step r % 3.
-  const live = requests.map((r) => ({
-    loop: new GenerationLoop(loaded.config, r.ids, { maxNewTokens, temperature: 0 }),
-    sequence: serving.sequence(r.ids.length + maxNewTokens, r.a === undefined ? undefined : loras[r.a]),
-    next: r.ids as number[] | undefined,
-  }));
-  for (let step = 0; live.some((l) => l.next !== undefined); step++) {
-    const rows = live.filter((l, r) => l.next !== undefined && r % 3 <= step);
-    const logits = await serving.step(rows.map((l) => ({ ids: l.next as number[], sequence: l.sequence })));
-    rows.forEach((l, i) => { l.next = l.loop.take(logits[i]); });
-  }
-  assert.deepEqual(live.map((l) => l.loop.result().generatedIds), expected);
+  // Rows join at different steps (continuous batching): row r joins at step r % 3. The same
+  // engine in a worker thread (what a node runs) gives the same tokens.
+  const thread = await ServingThread.create(loaded.config, loaded.weights, { threads: 1 });
+  const decodeAll = async <S>(engine: OrtServing<S>): Promise<number[][]> => {
+    const live = requests.map((r) => ({
+      loop: new GenerationLoop(loaded.config, r.ids, { maxNewTokens, temperature: 0 }),
+      sequence: engine.sequence(r.ids.length + maxNewTokens, r.a === undefined ? undefined : loras[r.a]),
+      next: r.ids as number[] | undefined,
+    }));
+    for (let step = 0; live.some((l) => l.next !== undefined); step++) {
+      const rows = live.filter((l, r) => l.next !== undefined && r % 3 <= step);
+      const logits = await engine.step(rows.map((l) => ({ ids: l.next as number[], sequence: l.sequence })));
+      rows.forEach((l, i) => { l.next = l.loop.take(logits[i]); });
+    }
+    for (const l of live) engine.free?.(l.sequence);
+    return live.map((l) => l.loop.result().generatedIds);
+  };
+  assert.deepEqual(await decodeAll(serving), expected);
+  assert.deepEqual(await decodeAll(thread), expected);
+  // A freed sequence cannot step; the worker reports its errors typed.
+  const freed = thread.sequence(4, loras[0]);
+  thread.free(freed);
+  await assert.rejects(thread.step([{ ids: [1], sequence: freed }]), (e: unknown) => e instanceof ModelError && e.code === 'TANDEM_INPUT_INVALID');
+  await assert.rejects(thread.step([{ ids: [loaded.config.vocabSize], sequence: thread.sequence(4) }]), (e: unknown) => e instanceof ModelError && e.code === 'TANDEM_INPUT_INVALID');
+  await thread.dispose();
   // A row past its capacity is refused, typed.
   const full = serving.sequence(2);
   await assert.rejects(serving.step([{ ids: [1, 2, 3], sequence: full }]), (e: unknown) => e instanceof ModelError && e.code === 'TANDEM_INPUT_INVALID');
