@@ -7,8 +7,8 @@
 // first (those without one after, in arrival order) while their KV cache (prompt plus
 // max_tokens, reserved whole on admission) fits the budget. Between steps the loop yields
 // to the event loop, so the node answers other routes during generation.
-import { GenerationLoop, kvBytesPerToken, tfjsStepper } from '../../model/index.ts';
-import type { LlamaModel, ServingStepper, StepperSequence } from '../../model/index.ts';
+import { GenerationLoop, kvBytesPerToken, ModelError, tfjsStepper } from '../../model/index.ts';
+import type { LlamaModel, PeftAdapter, ServingStepper, StepperSequence } from '../../model/index.ts';
 import { CloudError } from '../errors.ts';
 import type { ServedAdapterRecord } from './adapter-registry.ts';
 import type { ResidentAdapters } from './resident-adapters.ts';
@@ -143,7 +143,7 @@ export class ServingScheduler {
         held = acquired;
         const { promptIds, maxTokens, temperature, topP, seed } = p.request;
         const loop = new GenerationLoop(this.#o.model.config, promptIds, { maxNewTokens: maxTokens, temperature, topP, seed, ...(p.request.ignoreEos === true ? { stopTokenIds: [] } : {}) });
-        const sequence = this.#stepper.open(acquired?.adapter, promptIds.length + maxTokens);
+        const sequence = this.#open(acquired?.adapter, promptIds.length + maxTokens);
         this.#active.push({
           ...p, loop, sequence, release: acquired?.release ?? (() => {}),
           adapterKey: p.request.adapter === undefined ? '' : `${p.request.adapter.tenant}/${p.request.adapter.name}`, next: loop.first(), prefilled: 0, stopped: false,
@@ -155,6 +155,16 @@ export class ServingScheduler {
       }
     }
     this.#o.metrics?.kvCacheBytes.set(this.#reserved);
+  }
+
+  /** The request's sequence on the engine; an adapter the engine cannot run is the caller's 400. */
+  #open(adapter: PeftAdapter | undefined, capacity: number): StepperSequence {
+    try {
+      return this.#stepper.open(adapter, capacity);
+    } catch (err) {
+      if (err instanceof ModelError && err.code === 'TANDEM_INPUT_INVALID') throw new CloudError('TANDEM_SERVE_ADAPTER_UNSUPPORTED', { reason: err.message, field: 'model' });
+      throw err;
+    }
   }
 
   #finish(a: Active, error?: unknown): void {

@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, generateOrt, initBackend, LlamaModel, loadAdapter, loadModelFolder, loadTokenizer, mergedWeightArrays, OrtLlama } from '../../model/index.ts';
+import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, createAdapter, generateOrt, saveAdapter, initBackend, LlamaModel, loadAdapter, loadModelFolder, loadTokenizer, mergedWeightArrays, OrtLlama } from '../../model/index.ts';
 import type { LoadedModel, Tokenizer } from '../../model/index.ts';
 import { api, createTenantKey, startTestNode, STORIES_DIR, tempDir } from './helpers.ts';
 import type { TestNode } from './helpers.ts';
@@ -74,6 +74,27 @@ describe('adapter serving on ONNX Runtime', () => {
     const sum = Number(/^tandem_serve_batch_rows_sum (\S+)$/m.exec(metrics)?.[1]);
     const count = Number(/^tandem_serve_batch_rows_count (\S+)$/m.exec(metrics)?.[1]);
     assert.ok(sum > count, `batched steps held several requests (rows ${sum} over ${count} steps)`);
+  });
+
+  it('refuses an adapter the ORT graph cannot run (DoRA) with a typed 400, and keeps serving', async () => {
+    const dir = join(await tempDir(), 'dora');
+    const dora = createAdapter(model, [{ method: 'lora', r: 2, loraAlpha: 16, initLoraWeights: false, useDora: true, targetModules: ['q_proj'] }], { seed: 3 });
+    await saveAdapter(dora, dir, { baseModel: 'stories260K' });
+    dora.dispose();
+    const models = await api(node, 'GET', '/v1/models', alice);
+    const up = await api(node, 'POST', '/v1/adapters', alice, {
+      name: 'dora', baseContentHash: ((models.json.models as Record<string, unknown>[])[0]).contentHash,
+      adapter: { config: await readFile(join(dir, ADAPTER_CONFIG_FILE), 'utf8'), weights: (await readFile(join(dir, ADAPTER_WEIGHTS_FILE))).toString('base64') },
+    });
+    assert.equal(up.status, 201, JSON.stringify(up.json));
+    const r = await api(node, 'POST', '/v1/completions', alice, { model: 'stories260K:dora', prompt: 'Once', max_tokens: 4, temperature: 0 });
+    assert.equal(r.status, 400, JSON.stringify(r.json));
+    const error = r.json.error as { code: string; message: string; param: string };
+    assert.equal(error.code, 'TANDEM_SERVE_ADAPTER_UNSUPPORTED');
+    assert.match(error.message, /DoRA/);
+    assert.equal(error.param, 'model');
+    const ok = await api(node, 'POST', '/v1/completions', alice, { model: 'stories260K:a0', prompt: 'Once', max_tokens: 4, temperature: 0 });
+    assert.equal(ok.status, 200);
   });
 
   it('streams the same text as it answers without streaming', async () => {
