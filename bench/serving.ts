@@ -2,8 +2,11 @@
 // at once ("mixed"), 32 on one adapter at once ("single"), and the same 32 one after another
 // ("sequential"). Tokens/s, time to first token p50/p99 and deadline miss rate, every request
 // arriving at the scenario's start (so a sequential request's TTFT includes its wait).
-// `npm run bench -- serving [--quick] [--tokens N] [--deadline-ms D]`: the ~25M random Llama of
-// bench/split.ts (8 blocks, hidden 512) by default; --quick: stories260K. 16 tokens per request.
+// `npm run bench -- serving [--quick] [--tokens N] [--deadline-ms D] [--engine E]`: the ~25M random
+// Llama of bench/split.ts (8 blocks, hidden 512) by default; --quick: stories260K. 16 tokens per
+// request. --engine: ort-cpu (default; the node's batched steps on ONNX Runtime) or tfjs.
+// --repeat R (3): the three scenarios run R times, interleaved, and each row is the run of
+// median tokens/s, so that a burst of load from other processes skews one run, not a ratio.
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -59,7 +62,12 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
     return at >= 0 ? Number(args[at + 1]) : fallback;
   };
   const maxTokens = flag('--tokens', 16);
+  const repeat = flag('--repeat', 3);
+  if (!Number.isInteger(repeat) || repeat < 1 || repeat > 20) throw new Error(`--repeat must be an integer in [1, 20], got ${repeat}`);
   const deadlineMs = flag('--deadline-ms', quick ? 5000 : 30000);
+  const engineAt = args.indexOf('--engine');
+  const engine = engineAt >= 0 ? args[engineAt + 1] : 'ort-cpu';
+  if (engine !== 'ort-cpu' && engine !== 'ort-cuda' && engine !== 'tfjs') throw new Error(`--engine must be ort-cpu, ort-cuda or tfjs, got ${engine}`);
   const backend = await initBackend({ log: (line) => process.stdout.write(`${line}\n`) });
   const work = await mkdtemp(join(tmpdir(), 'tandem-bench-serving-'));
   try {
@@ -76,8 +84,8 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
       adapterDirs.push(dir);
     }
     base.dispose();
-    const node = await startCloudNode({ modelDir, modelId: 'base', stateDir: join(work, 'state'), logLevel: 'error', backend: backend.name, serving: { maxBatch: REQUESTS, residentAdapters: ADAPTERS } });
-    const rows: Row[] = [];
+    const node = await startCloudNode({ modelDir, modelId: 'base', stateDir: join(work, 'state'), logLevel: 'error', backend: backend.name, ...(engine === 'tfjs' ? {} : { engine }), serving: { maxBatch: REQUESTS, residentAdapters: ADAPTERS } });
+    const runs: Row[] = [];
     try {
       const key = node.adminKey as string;
       const contentHash = ((await (await fetch(`${node.url}/v1/models`, { headers: { authorization: `Bearer ${key}` } })).json()) as { models: { contentHash: string }[] }).models[0].contentHash;
@@ -85,9 +93,21 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
         await post(node, key, '/v1/adapters', { name: `a${i}`, baseContentHash: contentHash, adapter: { config: await readFile(join(dir, ADAPTER_CONFIG_FILE), 'utf8'), weights: (await readFile(join(dir, ADAPTER_WEIGHTS_FILE))).toString('base64') } });
       }
       const body = (i: number, adapter: number) => ({ model: `base:a${adapter}`, prompt: PROMPTS[i % PROMPTS.length], max_tokens: maxTokens, temperature: 0, ignore_eos: true, deadline_ms: deadlineMs });
-      // Warm-up: every adapter resident, the kernels compiled.
-      await Promise.all(adapterDirs.map((_, a) => post(node, key, '/v1/completions', { ...body(a, a), max_tokens: 2 })));
+      // Warm-up, also before each scenario: every adapter resident, the kernels compiled, and
+      // REQUESTS connections open in the client's pool. Otherwise a scenario that follows the
+      // sequential one (whose idle connections the server closed after its keep-alive timeout)
+      // pays for reconnecting, which the node's event loop serves only between steps.
+      const warmUp = () => Promise.all(Array.from({ length: REQUESTS }, (_, i) => post(node, key, '/v1/completions', { ...body(i, i % ADAPTERS), max_tokens: 2 })));
+      await warmUp();
+      // Steps so far on the node's engine: their count, rows and seconds (GET /metrics).
+      const steps = async (): Promise<{ count: number; rows: number; seconds: number }> => {
+        const text = await (await fetch(`${node.url}/metrics`)).text();
+        const value = (name: string): number => Number(new RegExp(`^${name} (\\S+)$`, 'm').exec(text)?.[1] ?? NaN);
+        return { count: value('tandem_serve_step_seconds_count'), rows: value('tandem_serve_batch_rows_sum'), seconds: value('tandem_serve_step_seconds_sum') };
+      };
       const scenario = async (name: Row['scenario'], adapterOf: (i: number) => number, sequential: boolean): Promise<void> => {
+        await warmUp();
+        const before = await steps();
         const t0 = performance.now();
         const one = async (i: number): Promise<{ ttft: number; finished: number; tokens: number }> => {
           const sent = performance.now();
@@ -99,6 +119,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
         if (sequential) for (let i = 0; i < REQUESTS; i++) results.push(await one(i));
         else results.push(...(await Promise.all(Array.from({ length: REQUESTS }, (_, i) => one(i)))));
         const seconds = (performance.now() - t0) / 1000;
+        const after = await steps();
         const tokens = results.reduce((n, r) => n + r.tokens, 0);
         const ttfts = results.map((r) => r.ttft);
         const row: Row = {
@@ -106,21 +127,28 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
           tokensPerSecond: tokens / seconds, ttftP50Seconds: quantile(ttfts, 0.5), ttftP99Seconds: quantile(ttfts, 0.99),
           deadlineMissRate: results.filter((r) => r.finished * 1000 > deadlineMs).length / REQUESTS, seconds, tokens,
         };
-        rows.push(row);
-        process.stdout.write(`${name.padEnd(10)} ${row.adapters} adapters  ${row.tokensPerSecond.toFixed(1).padStart(8)} tokens/s  TTFT p50 ${row.ttftP50Seconds.toFixed(3)} s  p99 ${row.ttftP99Seconds.toFixed(3)} s  deadline misses ${(100 * row.deadlineMissRate).toFixed(0)}%  (${tokens} tokens in ${seconds.toFixed(2)} s)\n`);
+        runs.push(row);
+        process.stdout.write(`${name.padEnd(10)} ${row.adapters} adapters  ${row.tokensPerSecond.toFixed(1).padStart(8)} tokens/s  TTFT p50 ${row.ttftP50Seconds.toFixed(3)} s  p99 ${row.ttftP99Seconds.toFixed(3)} s  deadline misses ${(100 * row.deadlineMissRate).toFixed(0)}%  (${tokens} tokens in ${seconds.toFixed(2)} s; ${after.count - before.count} steps of ${((after.rows - before.rows) / (after.count - before.count)).toFixed(1)} rows, ${(after.seconds - before.seconds).toFixed(2)} s in them)\n`);
       };
-      process.stdout.write(`model: ${modelName}; backend ${backend.name}; ${REQUESTS} requests of ${maxTokens} tokens; deadline ${deadlineMs} ms from the scenario's start\n`);
-      await scenario('mixed', (i) => i % ADAPTERS, false);
-      await scenario('single', () => 0, false);
-      await scenario('sequential', (i) => i % ADAPTERS, true);
+      process.stdout.write(`model: ${modelName}; engine ${engine} (tfjs backend ${backend.name}); ${REQUESTS} requests of ${maxTokens} tokens; deadline ${deadlineMs} ms from the scenario's start\n`);
+      for (let r = 0; r < repeat; r++) {
+        await scenario('mixed', (i) => i % ADAPTERS, false);
+        await scenario('single', () => 0, false);
+        await scenario('sequential', (i) => i % ADAPTERS, true);
+      }
     } finally {
       await node.close();
     }
+    const rows = (['mixed', 'single', 'sequential'] as const).map((name) => {
+      const of = runs.filter((r) => r.scenario === name).sort((a, b) => a.tokensPerSecond - b.tokensPerSecond);
+      return of[Math.floor((of.length - 1) / 2)];
+    });
+    if (repeat > 1) process.stdout.write(`medians of ${repeat} runs:\n${rows.map((r) => `${r.scenario.padEnd(10)} ${r.tokensPerSecond.toFixed(1).padStart(8)} tokens/s  TTFT p50 ${r.ttftP50Seconds.toFixed(3)} s  p99 ${r.ttftP99Seconds.toFixed(3)} s`).join('\n')}\n`);
     const of = (s: Row['scenario']) => rows.find((r) => r.scenario === s)?.tokensPerSecond ?? NaN;
     const mixedOverSingle = of('mixed') / of('single');
     const mixedOverSequential = of('mixed') / of('sequential');
     process.stdout.write(`mixed / single ${mixedOverSingle.toFixed(2)}x (target >= 0.8x); mixed / sequential ${mixedOverSequential.toFixed(2)}x (target >= 4x)\n`);
-    return { model: modelName, backend: backend.name, maxTokens, deadlineMs, rows, mixedOverSingle, mixedOverSequential };
+    return { model: modelName, engine, backend: backend.name, repeat, maxTokens, deadlineMs, rows, mixedOverSingle, mixedOverSequential };
   } finally {
     await rm(work, { recursive: true, force: true });
   }

@@ -452,7 +452,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     }
     if (executor === undefined) throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: 'no compute worker could start' });
     metrics.computeReady.set(1);
-    await serving.start(served);
+    await serving.start(served, ort);
     model.set(served, executor);
     log.info({ model: served.id, contentHash: served.contentHash, layers: served.numLayers, backend: backend.name, computeWorkers: executor.workers, computeBackend: executor.backend, tls: options.tls !== undefined }, 'model loaded; ready');
   } catch (error) {

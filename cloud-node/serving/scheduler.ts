@@ -1,12 +1,14 @@
 // Continuous batching of generation requests over many adapters. Each loop step runs one
 // batched forward (model/serving) for every request in flight: new requests join with their
-// whole prompt (prefill), running ones with their last token, and a finished one leaves at
-// once, freeing its KV slot for the next. Waiting requests are admitted earliest deadline
+// prompt (prefill, at most `prefillTokensPerStep` prompt tokens a step over all newcomers, in
+// admission order, so a long prompt is run in chunks and never stalls the others' decoding
+// for long), running ones with their last token, and a finished one leaves at once, freeing
+// its KV slot for the next. Waiting requests are admitted earliest deadline
 // first (those without one after, in arrival order) while their KV cache (prompt plus
 // max_tokens, reserved whole on admission) fits the budget. Between steps the loop yields
 // to the event loop, so the node answers other routes during generation.
-import { batchedLastLogits, GenerationLoop, KvCache, kvBytesPerToken } from '../../model/index.ts';
-import type { BatchRow, ForwardHooks, LlamaModel } from '../../model/index.ts';
+import { GenerationLoop, kvBytesPerToken, ModelError, tfjsStepper } from '../../model/index.ts';
+import type { LlamaModel, PeftAdapter, ServingStepper, StepperSequence } from '../../model/index.ts';
 import { CloudError } from '../errors.ts';
 import type { ServedAdapterRecord } from './adapter-registry.ts';
 import type { ResidentAdapters } from './resident-adapters.ts';
@@ -38,12 +40,16 @@ export interface GenerationOutcome {
 
 export interface SchedulerOptions {
   model: LlamaModel;
+  /** The engine steps run on; tfjs over `model` when absent. */
+  stepper?: ServingStepper;
   adapters: ResidentAdapters;
   metrics?: ServingMetrics;
   /** Bytes of KV cache all requests in flight may reserve together. */
   kvBudgetBytes: number;
   /** Requests in one batched step. */
   maxBatch: number;
+  /** Prompt tokens all newcomers run in one step together (512). */
+  prefillTokensPerStep?: number;
   /** Requests waiting for a slot; more are refused. */
   maxQueue: number;
 }
@@ -59,11 +65,12 @@ interface Pending {
 
 interface Active extends Pending {
   loop: GenerationLoop;
-  cache: KvCache;
-  hooks?: ForwardHooks;
+  sequence: StepperSequence;
   release: () => void;
   adapterKey: string;
   next: number[] | undefined;
+  /** Tokens of `next` (a prompt) already run in earlier steps. */
+  prefilled: number;
   firstTokenAt?: number;
   lastTokenAt?: number;
   stopped: boolean;
@@ -72,11 +79,13 @@ interface Active extends Pending {
 export class ServingScheduler {
   readonly #o: SchedulerOptions;
   readonly #bytesPerToken: number;
+  readonly #stepper: ServingStepper;
   #queue: Pending[] = [];
   #active: Active[] = [];
   #reserved = 0;
   #order = 0;
   #running = false;
+  #loop: Promise<void> = Promise.resolve();
   #closed = false;
   /** Rows of each step run so far (for tests and benches). */
   readonly stepRows: number[] = [];
@@ -84,6 +93,7 @@ export class ServingScheduler {
   constructor(options: SchedulerOptions) {
     this.#o = options;
     this.#bytesPerToken = kvBytesPerToken(options.model);
+    this.#stepper = options.stepper ?? tfjsStepper(options.model);
   }
 
   get kvBytesReserved(): number {
@@ -113,7 +123,7 @@ export class ServingScheduler {
   #kick(): void {
     if (this.#running) return;
     this.#running = true;
-    void this.#run().finally(() => {
+    this.#loop = this.#run().finally(() => {
       this.#running = false;
       if (!this.#closed && this.#queue.length > 0) this.#kick();
     });
@@ -127,15 +137,19 @@ export class ServingScheduler {
       if (this.#reserved + p.kvBytes > this.#o.kvBudgetBytes) break;
       this.#queue.shift();
       this.#reserved += p.kvBytes;
+      let held: { release: () => void } | undefined;
       try {
-        const held = p.request.adapter !== undefined ? await this.#o.adapters.acquire(p.request.adapter) : undefined;
+        const acquired = p.request.adapter !== undefined ? await this.#o.adapters.acquire(p.request.adapter) : undefined;
+        held = acquired;
         const { promptIds, maxTokens, temperature, topP, seed } = p.request;
         const loop = new GenerationLoop(this.#o.model.config, promptIds, { maxNewTokens: maxTokens, temperature, topP, seed, ...(p.request.ignoreEos === true ? { stopTokenIds: [] } : {}) });
+        const sequence = this.#open(acquired?.adapter, promptIds.length + maxTokens);
         this.#active.push({
-          ...p, loop, cache: new KvCache(), hooks: held?.adapter.hooks, release: held?.release ?? (() => {}),
-          adapterKey: p.request.adapter === undefined ? '' : `${p.request.adapter.tenant}/${p.request.adapter.name}`, next: loop.first(), stopped: false,
+          ...p, loop, sequence, release: acquired?.release ?? (() => {}),
+          adapterKey: p.request.adapter === undefined ? '' : `${p.request.adapter.tenant}/${p.request.adapter.name}`, next: loop.first(), prefilled: 0, stopped: false,
         });
       } catch (err) {
+        held?.release();
         this.#reserved -= p.kvBytes;
         p.reject(err);
       }
@@ -143,8 +157,18 @@ export class ServingScheduler {
     this.#o.metrics?.kvCacheBytes.set(this.#reserved);
   }
 
+  /** The request's sequence on the engine; an adapter the engine cannot run is the caller's 400. */
+  #open(adapter: PeftAdapter | undefined, capacity: number): StepperSequence {
+    try {
+      return this.#stepper.open(adapter, capacity);
+    } catch (err) {
+      if (err instanceof ModelError && err.code === 'TANDEM_INPUT_INVALID') throw new CloudError('TANDEM_SERVE_ADAPTER_UNSUPPORTED', { reason: err.message, field: 'model' });
+      throw err;
+    }
+  }
+
   #finish(a: Active, error?: unknown): void {
-    a.cache.dispose();
+    a.sequence.free();
     a.release();
     this.#reserved -= a.kvBytes;
     if (error !== undefined) {
@@ -167,26 +191,48 @@ export class ServingScheduler {
   async #run(): Promise<void> {
     while (!this.#closed && (this.#queue.length > 0 || this.#active.length > 0)) {
       await this.#admit();
+      // The prefill budget goes to newcomers in admission order; the others wait a step.
+      let budget = this.#o.prefillTokensPerStep ?? 512;
+      const chunk = new Map<Active, number[]>();
+      for (const a of this.#active) {
+        const next = a.next as number[];
+        if (next.length === 1) {
+          chunk.set(a, next);
+        } else if (budget > 0) {
+          const take = Math.min(next.length - a.prefilled, budget);
+          budget -= take;
+          chunk.set(a, next.slice(a.prefilled, a.prefilled + take));
+        }
+      }
       // Rows of one adapter side by side: each adapter's LoRA then runs once on its group.
-      const active = [...this.#active].sort((a, b) => (a.adapterKey < b.adapterKey ? -1 : a.adapterKey > b.adapterKey ? 1 : a.order - b.order));
-      const rows: BatchRow[] = active.map((a) => ({ ids: a.next as number[], cache: a.cache, hooks: a.hooks }));
+      const active = this.#active.filter((a) => chunk.has(a)).sort((a, b) => (a.adapterKey < b.adapterKey ? -1 : a.adapterKey > b.adapterKey ? 1 : a.order - b.order));
+      const rows = active.map((a) => ({ ids: chunk.get(a) as number[], sequence: a.sequence }));
       if (rows.length > 0) {
         const started = performance.now();
         let logits: Float32Array[];
         try {
-          logits = batchedLastLogits(this.#o.model, rows);
+          logits = await this.#stepper.step(rows);
         } catch (err) {
+          if (this.#closed) break;
           for (const a of active) this.#finish(a, err);
           this.#active = [];
           continue;
         }
+        if (this.#closed) break;
         const now = performance.now();
         this.stepRows.push(rows.length);
         this.#o.metrics?.batchRows.observe(rows.length);
+        this.#o.metrics?.stepSeconds.observe((now - started) / 1000);
         this.#o.metrics?.tokens.inc(rows.length);
         this.#o.metrics?.tokensPerSecond.set(rows.length / Math.max(1e-9, (now - started) / 1000));
         const done = new Set<Active>();
         active.forEach((a, i) => {
+          const ran = (chunk.get(a) as number[]).length;
+          if (a.prefilled + ran < (a.next as number[]).length) {
+            a.prefilled += ran;
+            return;
+          }
+          a.prefilled = 0;
           const before = a.loop.result().generatedIds.length;
           a.next = a.loop.take(logits[i]);
           const ids = a.loop.result().generatedIds;
@@ -210,6 +256,11 @@ export class ServingScheduler {
       }
       await new Promise((r) => setImmediate(r));
     }
+  }
+
+  /** Resolves once no step is running (after close(), for good). */
+  async drained(): Promise<void> {
+    await this.#loop.catch(() => undefined);
   }
 
   /** Ends every request (TANDEM_MODEL_NOT_READY) and frees their caches. */

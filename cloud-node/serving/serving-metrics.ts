@@ -14,6 +14,7 @@ export class ServingMetrics {
   readonly deadlineMisses: Counter;
   readonly requests: Counter;
   readonly batchRows: Histogram;
+  readonly stepSeconds: Histogram;
   readonly splitKvCacheBytes: Gauge;
 
   constructor(registry: Registry) {
@@ -27,6 +28,7 @@ export class ServingMetrics {
     this.deadlineMisses = new Counter({ name: 'tandem_serve_deadline_misses_total', help: 'Requests that carried deadline_ms and finished after it', registers });
     this.requests = new Counter({ name: 'tandem_serve_requests_total', help: 'Generation requests finished, by outcome', labelNames: ['outcome'], registers });
     this.batchRows = new Histogram({ name: 'tandem_serve_batch_rows', help: 'Requests in one batched step', buckets: [1, 2, 4, 8, 16, 32, 64], registers });
+    this.stepSeconds = new Histogram({ name: 'tandem_serve_step_seconds', help: 'One batched step on the engine (every request in flight, prefill and decode)', buckets: SECONDS_BUCKETS, registers });
     this.splitKvCacheBytes = new Gauge({ name: 'tandem_split_inference_kv_cache_bytes', help: 'Bytes of the middle KV caches split-inference sessions hold', registers });
     for (const outcome of ['ok', 'error']) this.requests.inc({ outcome }, 0);
     this.deadlineMisses.inc(0);

@@ -1,7 +1,7 @@
 // Adapter serving of one node: the registry (from start), and once the model is loaded its
 // tokenizer, the resident adapters and the scheduler. Routes answer TANDEM_MODEL_NOT_READY before.
-import { loadTokenizer } from '../../model/index.ts';
-import type { Tokenizer } from '../../model/index.ts';
+import { loadTokenizer, ortStepper, ServingThread, tfjsStepper } from '../../model/index.ts';
+import type { ServingStepper, Tokenizer } from '../../model/index.ts';
 import { CloudError } from '../errors.ts';
 import type { ServedModel } from '../served-model.ts';
 import type { AdapterRegistry } from './adapter-registry.ts';
@@ -14,6 +14,8 @@ export interface ServingLimits {
   kvBudgetBytes: number;
   /** Requests in one batched step (32). */
   maxBatch: number;
+  /** Prompt tokens the newcomers of one step run together (512); a longer prompt runs in chunks over several steps. */
+  prefillTokensPerStep: number;
   /** Requests waiting for a KV slot (256). */
   maxQueue: number;
   /** Adapters kept loaded (8); more are loaded on demand, the least recently used unloaded. */
@@ -25,6 +27,7 @@ export interface ServingLimits {
 export const DEFAULT_SERVING_LIMITS: Readonly<ServingLimits> = {
   kvBudgetBytes: 64 * 1024 * 1024,
   maxBatch: 32,
+  prefillTokensPerStep: 512,
   maxQueue: 256,
   residentAdapters: 8,
   maxUploadBytes: 64 * 1024 * 1024,
@@ -35,6 +38,7 @@ export interface ServingRuntime {
   tokenizer: Tokenizer;
   resident: ResidentAdapters;
   scheduler: ServingScheduler;
+  stepper: ServingStepper;
 }
 
 export class Serving {
@@ -52,13 +56,24 @@ export class Serving {
     }
   }
 
-  /** Starts serving the loaded model. */
-  async start(served: ServedModel): Promise<void> {
+  /**
+   * Starts serving the loaded model: batched steps on ONNX Runtime when `engine` names it
+   * (the base in one graph per step, each adapter's LoRA unmerged; in a worker thread, so that
+   * the node's event loop runs while a step does), on tfjs otherwise.
+   */
+  async start(served: ServedModel, engine?: 'ort-cpu' | 'ort-cuda'): Promise<void> {
     const tokenizer = await loadTokenizer(served.dir);
+    let stepper: ServingStepper;
+    if (engine !== undefined) {
+      const weights = new Map([...served.model.weights].map(([name, v]) => [name, { shape: [...v.shape], data: v.dataSync() as Float32Array }]));
+      stepper = ortStepper(await ServingThread.create(served.config, weights, { provider: engine === 'ort-cuda' ? 'cuda' : 'cpu' }), engine);
+    } else {
+      stepper = tfjsStepper(served.model);
+    }
     const resident = new ResidentAdapters(served.model, (r) => this.registry.dirOf(r), this.limits.residentAdapters, (n) => this.metrics.residentAdapters.set(n));
     this.registry.onRemoved((record) => resident.drop(record));
-    const scheduler = new ServingScheduler({ model: served.model, adapters: resident, metrics: this.metrics, kvBudgetBytes: this.limits.kvBudgetBytes, maxBatch: this.limits.maxBatch, maxQueue: this.limits.maxQueue });
-    this.#runtime = { served, tokenizer, resident, scheduler };
+    const scheduler = new ServingScheduler({ model: served.model, stepper, adapters: resident, metrics: this.metrics, kvBudgetBytes: this.limits.kvBudgetBytes, maxBatch: this.limits.maxBatch, prefillTokensPerStep: this.limits.prefillTokensPerStep, maxQueue: this.limits.maxQueue });
+    this.#runtime = { served, tokenizer, resident, scheduler, stepper };
   }
 
   runtime(): ServingRuntime {
@@ -67,7 +82,10 @@ export class Serving {
   }
 
   close(): void {
-    this.#runtime?.scheduler.close();
-    this.#runtime?.resident.dispose();
+    const runtime = this.#runtime;
+    runtime?.scheduler.close();
+    runtime?.resident.dispose();
+    // The engine's session goes once no step runs on it.
+    if (runtime !== undefined) void runtime.scheduler.drained().then(() => runtime.stepper.dispose()).catch(() => undefined);
   }
 }

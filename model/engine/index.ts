@@ -18,3 +18,6 @@ export { segmentLoraDelta } from './segment-lora.ts';
 export { segmentIa3Delta, sumDeltas } from './segment-ia3.ts';
 export type { Ia3Scale, SegmentIa3 } from './segment-ia3.ts';
 export type { LoraFactors, SegmentLora } from './segment-lora.ts';
+export { OrtServingEngine, ServingLora, ServingSequence } from './serving-engine.ts';
+export type { ServingRow, ServingTimings } from './serving-engine.ts';
+export { ServingThread, ThreadSequence } from './serving-thread.ts';

@@ -70,6 +70,30 @@ describe('serving scheduler', () => {
     assert.ok(counts.includes(3));
   });
 
+  it('runs a newcomer\'s long prompt in chunks while the running request keeps decoding', async () => {
+    const resident = new ResidentAdapters(model, (r) => dirs[Number(r.name.slice(1))], 2);
+    const scheduler = new ServingScheduler({ model, adapters: resident, kvBudgetBytes: 1 << 24, maxBatch: 8, maxQueue: 8, prefillTokensPerStep: 4 });
+    const events: string[] = [];
+    const longPrompt = [1, 400, 50, 7, 9, 120, 33, 200, 5, 61, 88, 17];
+    let second: Promise<{ generatedIds: number[] }> | undefined;
+    const first = scheduler.submit({
+      promptIds: [1, 400], maxTokens: 8, temperature: 0, topP: 1, seed: 0, ignoreEos: true,
+      onToken: () => {
+        events.push('A');
+        second ??= scheduler.submit({ promptIds: longPrompt, maxTokens: 3, temperature: 0, topP: 1, seed: 0, ignoreEos: true, onToken: () => { events.push('B'); } });
+      },
+    });
+    const a = await first;
+    const b = await (second as Promise<{ generatedIds: number[] }>);
+    // A's prompt (2 tokens) fits one step; B's 12 take three steps of 4, A decoding meanwhile.
+    assert.equal(events.indexOf('B'), 4, events.join(''));
+    assert.ok(scheduler.stepRows.slice(1, 4).every((n) => n === 2), `steps ${scheduler.stepRows.join(',')}`);
+    assert.deepEqual(a.generatedIds, generate(model, [1, 400], { maxNewTokens: 8, temperature: 0, stopTokenIds: [] }).generatedIds);
+    assert.deepEqual(b.generatedIds, generate(model, longPrompt, { maxNewTokens: 3, temperature: 0, stopTokenIds: [] }).generatedIds);
+    assert.equal(scheduler.kvBytesReserved, 0);
+    resident.dispose();
+  });
+
   it('the registry drops an interrupted upload at open', async () => {
     const state = await tempDir();
     await mkdir(join(state, 'serving', 'adapters', 't', 'half'), { recursive: true });
