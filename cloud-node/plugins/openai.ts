@@ -107,7 +107,7 @@ async function generateRoute(serving: Serving, request: FastifyRequest, reply: F
   const text = new CompletionText(tokenizer, p.promptIds, stop);
   // onToken returning true ends the request (the streaming client went away).
   const submit = (onToken?: () => boolean): Promise<GenerationOutcome> => scheduler.submit({
-    adapter: p.adapter, promptIds: p.promptIds, maxTokens: p.maxTokens, temperature: req.temperature, topP: req.topP, seed: req.seed,
+    tenant: request.caller.tenant, adapter: p.adapter, promptIds: p.promptIds, maxTokens: p.maxTokens, temperature: req.temperature, topP: req.topP, seed: req.seed,
     deadline: req.deadlineMs === undefined ? undefined : arrived + req.deadlineMs, ignoreEos: req.ignoreEos,
     onToken: (tokenId) => {
       const stopped = text.push(tokenId);

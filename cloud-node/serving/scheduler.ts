@@ -3,9 +3,12 @@
 // prompt (prefill, at most `prefillTokensPerStep` prompt tokens a step over all newcomers, in
 // admission order, so a long prompt is run in chunks and never stalls the others' decoding
 // for long), running ones with their last token, and a finished one leaves at once, freeing
-// its KV slot for the next. Waiting requests are admitted earliest deadline
-// first (those without one after, in arrival order) while their KV cache (prompt plus
-// max_tokens, reserved whole on admission) fits the budget. Between steps the loop yields
+// its KV slot for the next. Waiting requests are admitted tenant by tenant (the tenant with
+// the fewest requests in flight first, then the one admitted longest ago, so one tenant's
+// flood does not take every slot), and
+// within a tenant earliest deadline first (those without one after, in arrival order), while
+// their KV cache (prompt plus max_tokens, reserved whole on admission) fits the budget. A
+// tenant may have at most `maxQueuePerTenant` requests waiting. Between steps the loop yields
 // to the event loop, so the node answers other routes during generation.
 import { GenerationLoop, kvBytesPerToken, ModelError, tfjsStepper } from '../../model/index.ts';
 import type { LlamaModel, PeftAdapter, ServingStepper, StepperSequence } from '../../model/index.ts';
@@ -15,6 +18,8 @@ import type { ResidentAdapters } from './resident-adapters.ts';
 import type { ServingMetrics } from './serving-metrics.ts';
 
 export interface GenerationRequest {
+  /** Whose request: admission is fair between tenants, and each has its own queue bound ('' when none is named). */
+  tenant?: string;
   /** undefined: the base model. */
   adapter?: ServedAdapterRecord;
   promptIds: number[];
@@ -52,10 +57,13 @@ export interface SchedulerOptions {
   prefillTokensPerStep?: number;
   /** Requests waiting for a slot; more are refused. */
   maxQueue: number;
+  /** Requests one tenant may have waiting (maxQueue by default); more are its 429. */
+  maxQueuePerTenant?: number;
 }
 
 interface Pending {
   request: GenerationRequest;
+  tenant: string;
   order: number;
   submitted: number;
   kvBytes: number;
@@ -84,6 +92,9 @@ export class ServingScheduler {
   #active: Active[] = [];
   #reserved = 0;
   #order = 0;
+  /** Each tenant's last admission (a sequence number): the tie-break of fairness. */
+  readonly #admittedAt = new Map<string, number>();
+  #admissions = 0;
   #running = false;
   #loop: Promise<void> = Promise.resolve();
   #closed = false;
@@ -111,11 +122,17 @@ export class ServingScheduler {
     if (kvBytes > this.#o.kvBudgetBytes) {
       return Promise.reject(new CloudError('TANDEM_RESOURCE_EXHAUSTED', { resource: 'KV cache', reason: `the prompt and max_tokens need ${kvBytes} bytes; the KV budget is ${this.#o.kvBudgetBytes}` }));
     }
+    const tenant = request.tenant ?? '';
+    const perTenant = this.#o.maxQueuePerTenant ?? this.#o.maxQueue;
+    const waiting = this.#queue.reduce((n, p) => n + (p.tenant === tenant ? 1 : 0), 0);
+    if (waiting >= perTenant) {
+      return Promise.reject(new CloudError('TANDEM_QUOTA_EXCEEDED', { tenant, quota: 'waiting generations', limit: perTenant, reason: `${waiting} of its requests are waiting for a slot` }));
+    }
     if (this.#queue.length >= this.#o.maxQueue) {
-      return Promise.reject(new CloudError('TANDEM_RESOURCE_EXHAUSTED', { resource: 'generation queue', reason: `${this.#queue.length} requests are waiting, the limit` }));
+      return Promise.reject(new CloudError('TANDEM_MODEL_BUSY', { waiting: this.#queue.length, limit: this.#o.maxQueue }));
     }
     return new Promise((resolve, reject) => {
-      this.#queue.push({ request, order: this.#order++, submitted: performance.now(), kvBytes, resolve, reject });
+      this.#queue.push({ request, tenant, order: this.#order++, submitted: performance.now(), kvBytes, resolve, reject });
       this.#kick();
     });
   }
@@ -132,10 +149,11 @@ export class ServingScheduler {
   async #admit(): Promise<void> {
     this.#queue.sort((a, b) => (a.request.deadline ?? Infinity) - (b.request.deadline ?? Infinity) || a.order - b.order);
     while (this.#queue.length > 0 && this.#active.length < this.#o.maxBatch) {
-      const p = this.#queue[0];
+      const p = this.#next();
       // Strict order: a request that does not fit yet waits, and so do those behind it.
       if (this.#reserved + p.kvBytes > this.#o.kvBudgetBytes) break;
-      this.#queue.shift();
+      this.#queue.splice(this.#queue.indexOf(p), 1);
+      this.#noteAdmitted(p.tenant);
       this.#reserved += p.kvBytes;
       let held: { release: () => void } | undefined;
       try {
@@ -155,6 +173,38 @@ export class ServingScheduler {
       }
     }
     this.#o.metrics?.kvCacheBytes.set(this.#reserved);
+  }
+
+  /**
+   * The next request to admit: the head (by deadline, then arrival) of the waiting tenant with
+   * the fewest requests in flight, ties to the tenant whose head came first. The queue is sorted.
+   */
+  #next(): Pending {
+    const inFlight = new Map<string, number>();
+    for (const a of this.#active) inFlight.set(a.tenant, (inFlight.get(a.tenant) ?? 0) + 1);
+    const rank = (p: Pending): [number, number] => [inFlight.get(p.tenant) ?? 0, this.#admittedAt.get(p.tenant) ?? -1];
+    let best: Pending | undefined;
+    const seen = new Set<string>();
+    for (const p of this.#queue) {
+      if (seen.has(p.tenant)) continue;
+      seen.add(p.tenant);
+      if (best === undefined) {
+        best = p;
+        continue;
+      }
+      const [n, at] = rank(p);
+      const [bn, bat] = rank(best);
+      if (n < bn || (n === bn && at < bat)) best = p;
+    }
+    return best!;
+  }
+
+  /** Notes that `tenant` was just admitted; forgets tenants with nothing waiting or running once many are known. */
+  #noteAdmitted(tenant: string): void {
+    this.#admittedAt.set(tenant, this.#admissions++);
+    if (this.#admittedAt.size <= 1024) return;
+    const live = new Set([...this.#queue, ...this.#active].map((p) => p.tenant));
+    for (const t of [...this.#admittedAt.keys()]) if (!live.has(t)) this.#admittedAt.delete(t);
   }
 
   /** The request's sequence on the engine; an adapter the engine cannot run is the caller's 400. */

@@ -18,6 +18,8 @@ export interface ServingLimits {
   prefillTokensPerStep: number;
   /** Requests waiting for a KV slot (256). */
   maxQueue: number;
+  /** Of those, one tenant's (64); more are its 429, so one tenant cannot fill the queue. */
+  maxQueuePerTenant: number;
   /** Adapters kept loaded (8); more are loaded on demand, the least recently used unloaded. */
   residentAdapters: number;
   /** Largest POST /v1/adapters body (64 MiB; base64 weights and config together). */
@@ -29,6 +31,7 @@ export const DEFAULT_SERVING_LIMITS: Readonly<ServingLimits> = {
   maxBatch: 32,
   prefillTokensPerStep: 512,
   maxQueue: 256,
+  maxQueuePerTenant: 64,
   residentAdapters: 8,
   maxUploadBytes: 64 * 1024 * 1024,
 };
@@ -72,7 +75,7 @@ export class Serving {
     }
     const resident = new ResidentAdapters(served.model, (r) => this.registry.dirOf(r), this.limits.residentAdapters, (n) => this.metrics.residentAdapters.set(n));
     this.registry.onRemoved((record) => resident.drop(record));
-    const scheduler = new ServingScheduler({ model: served.model, stepper, adapters: resident, metrics: this.metrics, kvBudgetBytes: this.limits.kvBudgetBytes, maxBatch: this.limits.maxBatch, prefillTokensPerStep: this.limits.prefillTokensPerStep, maxQueue: this.limits.maxQueue });
+    const scheduler = new ServingScheduler({ model: served.model, stepper, adapters: resident, metrics: this.metrics, kvBudgetBytes: this.limits.kvBudgetBytes, maxBatch: this.limits.maxBatch, prefillTokensPerStep: this.limits.prefillTokensPerStep, maxQueue: this.limits.maxQueue, maxQueuePerTenant: this.limits.maxQueuePerTenant });
     this.#runtime = { served, tokenizer, resident, scheduler, stepper };
   }
 

@@ -1,4 +1,5 @@
-// The serving scheduler on stories260K: earliest deadline admitted first, requests waiting
+// The serving scheduler on stories260K: earliest deadline admitted first (within a tenant; tenants
+// take turns), requests waiting
 // while the KV budget is reserved, an LRU of resident adapters that never unloads one in use.
 import assert from 'node:assert/strict';
 import { mkdir } from 'node:fs/promises';
@@ -43,6 +44,38 @@ describe('serving scheduler', () => {
     assert.equal(scheduler.kvBytesReserved, 0);
     assert.deepEqual(outcomes[0].generatedIds, generate(model, [1, 400, 50, 7], { maxNewTokens: 4, temperature: 0, stopTokenIds: [] }).generatedIds);
     await assert.rejects(scheduler.submit({ promptIds: [1, 2, 3, 4, 5], maxTokens: 4, temperature: 0, topP: 1, seed: 0 }), { code: 'TANDEM_RESOURCE_EXHAUSTED' });
+    resident.dispose();
+  });
+
+  it('admits tenant by tenant: a flood of one tenant, even with earlier deadlines, does not keep another waiting; each tenant\'s queue is bounded', async () => {
+    const resident = new ResidentAdapters(model, (r) => dirs[Number(r.name.slice(1))], 2);
+    const probe = new ServingScheduler({ model, adapters: resident, kvBudgetBytes: 1, maxBatch: 8, maxQueue: 8 });
+    const one = probe.kvBytesOf(4, 2);
+    // One request at a time, so the order of finishing is the order of admission.
+    const scheduler = new ServingScheduler({ model, adapters: resident, kvBudgetBytes: one, maxBatch: 8, maxQueue: 16, maxQueuePerTenant: 6 });
+    const finished: string[] = [];
+    const now = Date.now();
+    const submit = (tenant: string, name: string, deadline?: number) => scheduler.submit({ tenant, promptIds: [1, 400, 50, 7], maxTokens: 2, temperature: 0, topP: 1, seed: 0, deadline, ignoreEos: true })
+      .then(() => { finished.push(name); });
+    // mallory sends seven with a deadline already passed (the first is admitted at once, six
+    // wait: her bound), alice two without one, after them.
+    const all = [0, 1, 2, 3, 4, 5, 6].map((i) => submit('mallory', `m${i}`, now - 1));
+    await assert.rejects(submit('mallory', 'm7', now - 1), { code: 'TANDEM_QUOTA_EXCEEDED' }, 'mallory is over her waiting bound');
+    all.push(submit('alice', 'a0'), submit('alice', 'a1'));
+    await Promise.all(all);
+    // m0 was admitted at once; then the tenants take turns, whatever mallory's deadlines say.
+    assert.deepEqual(finished, ['m0', 'a0', 'm1', 'a1', 'm2', 'm3', 'm4', 'm5', 'm6']);
+    resident.dispose();
+  });
+
+  it('refuses beyond the node\'s queue with a retryable 503', async () => {
+    const resident = new ResidentAdapters(model, (r) => dirs[Number(r.name.slice(1))], 2);
+    const probe = new ServingScheduler({ model, adapters: resident, kvBudgetBytes: 1, maxBatch: 8, maxQueue: 8 });
+    const scheduler = new ServingScheduler({ model, adapters: resident, kvBudgetBytes: probe.kvBytesOf(4, 2), maxBatch: 8, maxQueue: 2, maxQueuePerTenant: 2 });
+    const submit = (tenant: string) => scheduler.submit({ tenant, promptIds: [1, 400, 50, 7], maxTokens: 2, temperature: 0, topP: 1, seed: 0, ignoreEos: true });
+    const running = [submit('a'), submit('b'), submit('c')];
+    await assert.rejects(submit('d'), (e: { code: string; status?: number }) => e.code === 'TANDEM_MODEL_BUSY');
+    await Promise.all(running);
     resident.dispose();
   });
 
