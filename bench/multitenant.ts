@@ -66,6 +66,20 @@ async function modelDir(work: string): Promise<string> {
 }
 
 /** `sessions` concurrent loops of `steps` steps (after one warm-up step each). */
+/** One warm-up step per session, then `steps` each, all sessions at once: aggregate tokens/s and step latency quantiles. */
+async function concurrentSteps(sessions: number, steps: number, step: (i: number) => Promise<number>): Promise<{ tokensPerSecond: number; p50: number; p99: number }> {
+  const all = [...Array(sessions).keys()];
+  await Promise.all(all.map((i) => step(i)));
+  const latencies: number[] = [];
+  const t0 = performance.now();
+  await Promise.all(all.map(async (i) => {
+    for (let s = 0; s < steps; s++) latencies.push(await step(i));
+  }));
+  const wall = (performance.now() - t0) / 1000;
+  latencies.sort((a, b) => a - b);
+  return { tokensPerSecond: (sessions * steps * SEQ) / wall, p50: quantile(latencies, 0.5), p99: quantile(latencies, 0.99) };
+}
+
 async function sessionsOn(executor: MiddleExecutor, sessions: number, steps: number, hidden: number, layers: number): Promise<{ tokensPerSecond: number; p50: number; p99: number }> {
   const range = { start: CUT.bottom, end: layers - CUT.top };
   const shape: [number, number, number] = [1, SEQ, hidden];
@@ -77,15 +91,7 @@ async function sessionsOn(executor: MiddleExecutor, sessions: number, steps: num
     await executor.backwardFromTape(tape, inputs[i].g, shape, `tenant${i}`);
     return (performance.now() - t0) / 1000;
   };
-  await Promise.all(inputs.map((_, i) => step(i)));
-  const latencies: number[] = [];
-  const t0 = performance.now();
-  await Promise.all(inputs.map(async (_, i) => {
-    for (let s = 0; s < steps; s++) latencies.push(await step(i));
-  }));
-  const wall = (performance.now() - t0) / 1000;
-  latencies.sort((a, b) => a - b);
-  return { tokensPerSecond: (sessions * steps * SEQ) / wall, p50: quantile(latencies, 0.5), p99: quantile(latencies, 0.99) };
+  return concurrentSteps(sessions, steps, step);
 }
 
 /** Seconds of packed training steps of the middle for `sessions` segments, each with its LoRA or none. */
@@ -163,15 +169,7 @@ async function heldSessionsOn(executor: MiddleExecutor, model: LlamaModel, sessi
     }
     return (performance.now() - t0) / 1000;
   };
-  await Promise.all(inputs.map((_, i) => step(i)));
-  const latencies: number[] = [];
-  const t0 = performance.now();
-  await Promise.all(inputs.map(async (_, i) => {
-    for (let s = 0; s < steps; s++) latencies.push(await step(i));
-  }));
-  const wall = (performance.now() - t0) / 1000;
-  latencies.sort((a, b) => a - b);
-  return { tokensPerSecond: (sessions * steps * SEQ) / wall, p50: quantile(latencies, 0.5), p99: quantile(latencies, 0.99) };
+  return concurrentSteps(sessions, steps, step);
 }
 
 export async function run(args: string[]): Promise<Record<string, unknown>> {
