@@ -19,6 +19,8 @@ import { servingLoraNames, servingNewName, servingPastName, servingSelName, serv
 const MASKED = -1e9;
 /** Stacked LoRA feeds kept, by the batch's adapter list. */
 const LORA_FEEDS_KEPT = 8;
+/** Positions a kept decode layout leaves free for the steps to come. */
+const LAYOUT_SLACK = 32;
 
 /** What one more graph run costs, in padded token positions (a pass over the weights). */
 const RUN_COST_TOKENS = 16;
@@ -69,7 +71,10 @@ export class ServingLora {
 }
 
 /** One sequence's state: its KV cache, positions used, and its adapter (none: the base). */
+let sequenceIds = 0;
+
 export class ServingSequence {
+  readonly id = ++sequenceIds;
   /** Positions held. */
   length = 0;
   /** Per layer, [kvHeads, capacity, headDim]. */
@@ -119,6 +124,12 @@ export class OrtServingEngine {
   readonly #invFreq: Float64Array;
   /** Stacked factors by the batch's adapter list, the most recently used last (a step's prefill and decode runs differ). */
   readonly #loraCache = new Map<string, LoraFeeds>();
+  /**
+   * The decode rows' caches packed as the graph takes them ([B, kvHeads, P, headDim] per layer),
+   * kept from step to step while the rows are the same: a step then only writes its new
+   * positions, instead of packing every cache again (which grows with the context).
+   */
+  #layout: { key: string; P: number; k: Float32Array[]; v: Float32Array[] } | undefined;
   /** Reused feed buffers by name (a run's inputs are read before run() returns). */
   readonly #buffers = new Map<string, Float32Array>();
   readonly #ids = new WeakMap<ServingLora, number>();
@@ -240,6 +251,27 @@ export class OrtServingEngine {
     }
   }
 
+  /** The kept layout of these decode rows, packed again when the rows changed or one outgrew it. */
+  #decodeLayout(rows: readonly ServingRow[], longest: number): { P: number; k: Float32Array[]; v: Float32Array[] } {
+    const key = rows.map((r) => r.sequence.id).join(',');
+    const kept = this.#layout;
+    if (kept !== undefined && kept.key === key && rows.every((r) => r.sequence.length <= kept.P)) return kept;
+    const { numKeyValueHeads: nKv, headDim: hd, numHiddenLayers: L } = this.config;
+    // Room for LAYOUT_SLACK more positions (within the rows' capacity) before packing again.
+    const P = Math.max(longest, Math.min(Math.max(...rows.map((r) => r.sequence.capacity)) - 1, longest + LAYOUT_SLACK));
+    const B = rows.length;
+    const pack = (kv: 'k' | 'v', layer: number): Float32Array => {
+      const packed = new Float32Array(B * nKv * P * hd);
+      rows.forEach((row, b) => {
+        const s = row.sequence;
+        for (let h = 0; h < nKv; h++) packed.set(s[kv][layer].subarray(h * s.capacity * hd, (h * s.capacity + s.length) * hd), (b * nKv + h) * P * hd);
+      });
+      return packed;
+    };
+    this.#layout = { key, P, k: Array.from({ length: L }, (_, i) => pack('k', i)), v: Array.from({ length: L }, (_, i) => pack('v', i)) };
+    return this.#layout;
+  }
+
   /** A view of `size` floats of a buffer kept for this feed; the caller overwrites every value. */
   #buffer(name: string, size: number): Float32Array {
     let b = this.#buffers.get(name);
@@ -256,7 +288,9 @@ export class OrtServingEngine {
     const t0 = performance.now();
     const B = rows.length;
     const S = Math.max(...rows.map((r) => r.ids.length));
-    const P = Math.max(...rows.map((r) => r.sequence.length));
+    const longest = Math.max(...rows.map((r) => r.sequence.length));
+    const layout = S === 1 ? this.#decodeLayout(rows, longest) : undefined;
+    const P = layout?.P ?? longest;
     const T = P + S;
     const ids = new Int32Array(B * S);
     const cos = new Float32Array(B * S * hd);
@@ -288,6 +322,10 @@ export class OrtServingEngine {
     };
     for (let layer = 0; layer < L; layer++) {
       for (const kv of ['k', 'v'] as const) {
+        if (layout !== undefined) {
+          feeds[servingPastName(layer, kv)] = new this.#ort.Tensor('float32', layout[kv][layer], [B, nKv, P, hd]);
+          continue;
+        }
         const packed = this.#buffer(servingPastName(layer, kv), B * nKv * P * hd);
         if (P > 0) {
           rows.forEach((row, b) => {
@@ -324,6 +362,11 @@ export class OrtServingEngine {
           const dst = s[kv][layer];
           const n = row.ids.length;
           for (let h = 0; h < nKv; h++) dst.set(fresh.subarray(((b * nKv + h) * S) * hd, ((b * nKv + h) * S + n) * hd), (h * s.capacity + s.length) * hd);
+          // The kept layout gets the new position too, while it has room for it.
+          if (layout !== undefined && s.length < P) {
+            const packed = layout[kv][layer];
+            for (let h = 0; h < nKv; h++) packed.set(fresh.subarray((b * nKv + h) * hd, (b * nKv + h + 1) * hd), ((b * nKv + h) * P + s.length) * hd);
+          }
         });
       }
     }

@@ -45,6 +45,8 @@ export class ServingThread {
       if (m.op !== 'stepped' && m.op !== 'failed') return;
       const p = this.#pending.get(m.req);
       this.#pending.delete(m.req);
+      // An idle worker does not keep the process alive.
+      if (this.#pending.size === 0) worker.unref();
       if (m.op === 'stepped') {
         this.timings = m.timings;
         p?.resolve(m.logits);
@@ -79,6 +81,7 @@ export class ServingThread {
       await worker.terminate();
       throw err;
     });
+    worker.unref();
     return new ServingThread(config, worker);
   }
 
@@ -131,6 +134,7 @@ export class ServingThread {
     const req = this.#next++;
     const logits = await new Promise<Float32Array[]>((resolve, reject) => {
       this.#pending.set(req, { resolve, reject });
+      this.#worker.ref();
       this.#post({ op: 'step', req, rows: rows.map((r) => ({ seq: r.sequence.id, ids: [...r.ids] })) });
     });
     for (const { ids, sequence } of rows) sequence.length += ids.length;

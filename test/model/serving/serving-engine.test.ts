@@ -8,7 +8,7 @@ import type { OrtServing } from '../../../model/index.ts';
 import { STORIES_DIR, tempDir } from '../../cloud-node/helpers.ts';
 import { writeTestAdapters } from '../../cloud-node/serving-fixtures.ts';
 
-test('batched ORT serving over 4 adapters equals generateOrt with each adapter merged, token for token', async () => {
+test('batched ORT serving over 4 adapters equals generateOrt with each adapter merged, token for token', async (t) => {
   await initBackend({ backend: 'cpu' });
   const dirs = await writeTestAdapters(await tempDir(), 4);
   const loaded = await loadModelFolder(STORIES_DIR);
@@ -16,6 +16,7 @@ test('batched ORT serving over 4 adapters equals generateOrt with each adapter m
   const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
   const adapters = await Promise.all(dirs.map((d) => loadAdapter(model, d)));
   const serving = await OrtServingEngine.create(loaded.config, loaded.weights, { threads: 1 });
+  t.after(() => serving.dispose());
   const loras = adapters.map((a) => {
     const planned = ortLoraPlan(a, loaded.config);
     assert.ok(planned.plan, planned.reason);
@@ -36,6 +37,7 @@ test('batched ORT serving over 4 adapters equals generateOrt with each adapter m
   // Rows join at different steps (continuous batching): row r joins at step r % 3. The same
   // engine in a worker thread (what a node runs) gives the same tokens.
   const thread = await ServingThread.create(loaded.config, loaded.weights, { threads: 1 });
+  t.after(() => thread.dispose());
   const decodeAll = async <S>(engine: OrtServing<S>): Promise<number[][]> => {
     const live = requests.map((r) => ({
       loop: new GenerationLoop(loaded.config, r.ids, { maxNewTokens, temperature: 0 }),
@@ -57,12 +59,10 @@ test('batched ORT serving over 4 adapters equals generateOrt with each adapter m
   thread.free(freed);
   await assert.rejects(thread.step([{ ids: [1], sequence: freed }]), (e: unknown) => e instanceof ModelError && e.code === 'TANDEM_INPUT_INVALID');
   await assert.rejects(thread.step([{ ids: [loaded.config.vocabSize], sequence: thread.sequence(4) }]), (e: unknown) => e instanceof ModelError && e.code === 'TANDEM_INPUT_INVALID');
-  await thread.dispose();
   // A row past its capacity is refused, typed.
   const full = serving.sequence(2);
   await assert.rejects(serving.step([{ ids: [1, 2, 3], sequence: full }]), (e: unknown) => e instanceof ModelError && e.code === 'TANDEM_INPUT_INVALID');
   await assert.rejects(serving.step([{ ids: [loaded.config.vocabSize], sequence: serving.sequence(4) }]), (e: unknown) => e instanceof ModelError && e.code === 'TANDEM_INPUT_INVALID');
-  await serving.dispose();
   for (const a of adapters) a.dispose();
   model.dispose();
 });
