@@ -17,6 +17,9 @@ import type { ServedAdapterRecord } from './adapter-registry.ts';
 import type { ResidentAdapters } from './resident-adapters.ts';
 import type { ServingMetrics } from './serving-metrics.ts';
 
+/** Steps whose row counts `stepRows` keeps. */
+const STEP_ROWS_KEPT = 4096;
+
 export interface GenerationRequest {
   /** Whose request: admission is fair between tenants, and each has its own queue bound ('' when none is named). */
   tenant?: string;
@@ -98,7 +101,7 @@ export class ServingScheduler {
   #running = false;
   #loop: Promise<void> = Promise.resolve();
   #closed = false;
-  /** Rows of each step run so far (for tests and benches). */
+  /** Rows of each of the last STEP_ROWS_KEPT steps (for tests and benches). */
   readonly stepRows: number[] = [];
 
   constructor(options: SchedulerOptions) {
@@ -159,6 +162,8 @@ export class ServingScheduler {
       try {
         const acquired = p.request.adapter !== undefined ? await this.#o.adapters.acquire(p.request.adapter) : undefined;
         held = acquired;
+        // close() may have come while the adapter loaded: this request ends with the others.
+        if (this.#closed) throw new CloudError('TANDEM_MODEL_NOT_READY');
         const { promptIds, maxTokens, temperature, topP, seed } = p.request;
         const loop = new GenerationLoop(this.#o.model.config, promptIds, { maxNewTokens: maxTokens, temperature, topP, seed, ...(p.request.ignoreEos === true ? { stopTokenIds: [] } : {}) });
         const sequence = this.#open(acquired?.adapter, promptIds.length + maxTokens);
@@ -271,6 +276,7 @@ export class ServingScheduler {
         if (this.#closed) break;
         const now = performance.now();
         this.stepRows.push(rows.length);
+        if (this.stepRows.length > STEP_ROWS_KEPT) this.stepRows.shift();
         this.#o.metrics?.batchRows.observe(rows.length);
         this.#o.metrics?.stepSeconds.observe((now - started) / 1000);
         this.#o.metrics?.tokens.inc(rows.length);

@@ -68,6 +68,21 @@ describe('serving scheduler', () => {
     resident.dispose();
   });
 
+  it('close() while a request\'s adapter is loading ends that request too, and releases the adapter', async () => {
+    const resident = new ResidentAdapters(model, (r) => dirs[Number(r.name.slice(1))], 2);
+    const scheduler = new ServingScheduler({ model, adapters: resident, kvBudgetBytes: 1 << 30, maxBatch: 8, maxQueue: 8 });
+    const pending = scheduler.submit({ tenant: 't', adapter: record(1), promptIds: [1, 400, 50, 7], maxTokens: 2, temperature: 0, topP: 1, seed: 0 });
+    scheduler.close();
+    const hung = new Promise((_, reject) => setTimeout(() => reject(new Error('the request never settled')), 10_000).unref());
+    await assert.rejects(Promise.race([pending, hung]), { code: 'TANDEM_MODEL_NOT_READY' });
+    await scheduler.drained();
+    assert.equal(scheduler.kvBytesReserved, 0);
+    // a1 is not in use any more: two other adapters at capacity 2 unload it.
+    for (const i of [0, 2]) (await resident.acquire(record(i))).release();
+    assert.equal(resident.count, 2, 'the adapter was released');
+    resident.dispose();
+  });
+
   it('refuses beyond the node\'s queue with a retryable 503', async () => {
     const resident = new ResidentAdapters(model, (r) => dirs[Number(r.name.slice(1))], 2);
     const probe = new ServingScheduler({ model, adapters: resident, kvBudgetBytes: 1, maxBatch: 8, maxQueue: 8 });
