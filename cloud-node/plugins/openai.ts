@@ -133,6 +133,8 @@ async function generateRoute(serving: Serving, request: FastifyRequest, reply: F
     const { first: _first, ...rest } = extra;
     return `data: ${JSON.stringify({ id, object, created, model: req.model, choices: [choice], ...rest })}\n\n`;
   };
+  // A refusal known now is an HTTP error, not a 200 followed by an error event.
+  scheduler.check({ tenant: request.caller.tenant, promptIds: p.promptIds, maxTokens: p.maxTokens });
   reply.hijack();
   const raw = reply.raw;
   raw.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8', 'cache-control': 'no-cache', connection: 'keep-alive' });

@@ -119,21 +119,33 @@ export class ServingScheduler {
     return (promptTokens + maxTokens) * this.#bytesPerToken;
   }
 
-  submit(request: GenerationRequest): Promise<GenerationOutcome> {
-    if (this.#closed) return Promise.reject(new CloudError('TANDEM_MODEL_NOT_READY'));
+  /**
+   * Throws the refusal `submit` would give this request now (closed, KV over the budget, the
+   * tenant's or the node's queue full): a streaming route asks before it sends its 200.
+   */
+  check(request: Pick<GenerationRequest, 'tenant' | 'promptIds' | 'maxTokens'>): void {
+    if (this.#closed) throw new CloudError('TANDEM_MODEL_NOT_READY');
     const kvBytes = this.kvBytesOf(request.promptIds.length, request.maxTokens);
     if (kvBytes > this.#o.kvBudgetBytes) {
-      return Promise.reject(new CloudError('TANDEM_RESOURCE_EXHAUSTED', { resource: 'KV cache', reason: `the prompt and max_tokens need ${kvBytes} bytes; the KV budget is ${this.#o.kvBudgetBytes}` }));
+      throw new CloudError('TANDEM_RESOURCE_EXHAUSTED', { resource: 'KV cache', reason: `the prompt and max_tokens need ${kvBytes} bytes; the KV budget is ${this.#o.kvBudgetBytes}` });
     }
     const tenant = request.tenant ?? '';
     const perTenant = this.#o.maxQueuePerTenant ?? this.#o.maxQueue;
     const waiting = this.#queue.reduce((n, p) => n + (p.tenant === tenant ? 1 : 0), 0);
     if (waiting >= perTenant) {
-      return Promise.reject(new CloudError('TANDEM_QUOTA_EXCEEDED', { tenant, quota: 'waiting generations', limit: perTenant, reason: `${waiting} of its requests are waiting for a slot` }));
+      throw new CloudError('TANDEM_QUOTA_EXCEEDED', { tenant, quota: 'waiting generations', limit: perTenant, reason: `${waiting} of its requests are waiting for a slot` });
     }
-    if (this.#queue.length >= this.#o.maxQueue) {
-      return Promise.reject(new CloudError('TANDEM_MODEL_BUSY', { waiting: this.#queue.length, limit: this.#o.maxQueue }));
+    if (this.#queue.length >= this.#o.maxQueue) throw new CloudError('TANDEM_MODEL_BUSY', { waiting: this.#queue.length, limit: this.#o.maxQueue });
+  }
+
+  submit(request: GenerationRequest): Promise<GenerationOutcome> {
+    try {
+      this.check(request);
+    } catch (error) {
+      return Promise.reject(error);
     }
+    const tenant = request.tenant ?? '';
+    const kvBytes = this.kvBytesOf(request.promptIds.length, request.maxTokens);
     return new Promise((resolve, reject) => {
       this.#queue.push({ request, tenant, order: this.#order++, submitted: performance.now(), kvBytes, resolve, reject });
       this.#kick();

@@ -195,6 +195,20 @@ describe('adapter serving through the OpenAI API', () => {
     assert.equal((await complete(alice, { model: 'stories260K:a0', prompt: 'Once', max_tokens: 3 })).status, 200);
   });
 
+  it('a refusal the scheduler knows at once is an HTTP error with streaming too, not a 200 and an error event', async () => {
+    const tight = await startTestNode({ serving: { kvBudgetBytes: 1024 } });
+    try {
+      const key = await createTenantKey(tight, 'carol');
+      for (const stream of [false, true]) {
+        const r = await fetch(`${tight.url}/v1/completions`, { method: 'POST', headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' }, body: JSON.stringify({ model: 'stories260K', prompt: 'Once upon a time', max_tokens: 8, stream }) });
+        assert.equal(r.status, 400, `stream ${stream}`);
+        assert.equal(((await r.json()) as { error: { code: string } }).error.code, 'TANDEM_RESOURCE_EXHAUSTED', `stream ${stream}`);
+      }
+    } finally {
+      await tight.close();
+    }
+  });
+
   it('uploads are validated: base content hash, name clash, another tenant\'s name space, quotas; delete makes the name unknown', async () => {
     const wrongBase = await upload(bob, 'x', dirs[0], { baseContentHash: 'sha256:' + '0'.repeat(64) });
     assert.equal(wrongBase.status, 409);
