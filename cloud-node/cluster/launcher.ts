@@ -103,7 +103,8 @@ export async function launchCluster(options: ClusterLaunchOptions): Promise<Laun
     `listen: 127.0.0.1:${options.natsPort}`, 'server_name: tandem-local', 'max_payload: 8MB', natsAuthInclude(config),
     `jetstream { store_dir: ${JSON.stringify(join(stateDir, 'nats'))} }`, '',
   ].join('\n'), { mode: 0o600 });
-  const password = (): string => randomBytes(24).toString('base64url');
+  // nats-server reads an environment value as a config token: one starting with a digit is taken for a number.
+  const password = (): string => `tandem-${randomBytes(24).toString('hex')}`;
   const gatewayEnv = { [natsPasswordVariable('gateway')]: password() };
   const workerEnv = { [natsPasswordVariable('worker')]: password() };
   const { [natsPasswordVariable('gateway')]: _g, [natsPasswordVariable('worker')]: _w, ...inherited } = process.env;

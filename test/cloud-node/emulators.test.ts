@@ -71,7 +71,8 @@ describe('emulators and adapter evaluation on the node', () => {
     assert.ok(Math.abs(first.plugIn.loss - local2.loss) < 1e-5, `plug-in ${first.plugIn.loss} vs local ${local2.loss}`);
     // Nothing of the tenant's is left behind but the closed record of the evaluation's split session.
     assert.deepEqual((await readdir(tmpdir())).filter((n) => n.startsWith('tandem-adapter-eval-') && !before.has(n)), []);
-    assert.deepEqual((await readdir(node.stateDir)).filter((n) => !['emulators', 'keys.json', 'sessions.json', 'sessions', 'serving'].includes(n)), []);
+    assert.deepEqual((await readdir(node.stateDir)).filter((n) => !['emulators', 'keys.json', 'sessions.json', 'sessions', 'serving', 'held'].includes(n)), []);
+    assert.deepEqual(await readdir(join(node.stateDir, 'held')).catch(() => []), [], 'no held adapter kept');
     assert.deepEqual(await readdir(join(node.stateDir, 'serving', 'adapters')).catch(() => []), [], 'no served adapter kept');
     assert.equal((await readdir(join(node.stateDir, 'emulators'))).length, 1, 'one bundle, nothing else');
   });

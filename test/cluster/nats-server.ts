@@ -61,7 +61,7 @@ async function waitReady(child: ChildProcess, port: number): Promise<void> {
 
 /** The passwords of the two NATS users, set in process.env once (children inherit them). */
 export function natsPasswords(): { gateway: string; worker: string } {
-  for (const role of ['gateway', 'worker'] as const) process.env[natsPasswordVariable(role)] ??= randomBytes(18).toString('base64url');
+  for (const role of ['gateway', 'worker'] as const) process.env[natsPasswordVariable(role)] ??= `tandem-${randomBytes(18).toString('hex')}`;
   return { gateway: process.env[natsPasswordVariable('gateway')]!, worker: process.env[natsPasswordVariable('worker')]! };
 }
 
