@@ -3,7 +3,7 @@
 // a node with no federations leaves no trace in its state directory.
 import { mkdir, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
-import { readJsonState, WriteQueue, writeJsonState } from '../state/json-file.ts';
+import { KeyedWriteQueue, readJsonState, writeJsonState } from '../state/json-file.ts';
 import { CoordinatorError } from './errors.ts';
 import { isFederationRecord } from './federation-record.ts';
 import type { FederationRecord } from './federation-record.ts';
@@ -13,7 +13,7 @@ export const FEDERATIONS_DIR = 'federations';
 
 export class DirectoryFederationStore implements FederationStore {
   readonly #dir: string;
-  readonly #writes = new Map<string, WriteQueue>();
+  readonly #writes = new KeyedWriteQueue();
 
   constructor(stateDir: string) {
     this.#dir = join(stateDir, FEDERATIONS_DIR);
@@ -37,9 +37,7 @@ export class DirectoryFederationStore implements FederationStore {
 
   save(record: FederationRecord): Promise<void> {
     const id = record.config.id;
-    let q = this.#writes.get(id);
-    if (!q) this.#writes.set(id, (q = new WriteQueue()));
-    return q.run(async () => {
+    return this.#writes.run(id, async () => {
       await mkdir(this.#dir, { recursive: true });
       await writeJsonState(join(this.#dir, `${id}.json`), record);
     });

@@ -12,7 +12,7 @@ import { Objm, StorageType } from '@nats-io/obj';
 import type { ObjectStore } from '@nats-io/obj';
 import type { KV, KvEntry } from '@nats-io/kv';
 import type { NatsConnection } from '@nats-io/transport-node';
-import { WriteQueue } from '../state/json-file.ts';
+import { KeyedWriteQueue } from '../state/json-file.ts';
 import { CoordinatorError } from './errors.ts';
 import { isFederationRecord } from './federation-record.ts';
 import type { FederationRecord } from './federation-record.ts';
@@ -44,7 +44,7 @@ export class JetStreamFederationStore implements FederationStore {
   readonly #writer = randomUUID();
   /** The revision of each federation's entry as this gateway last wrote or saw it. */
   readonly #revisions = new Map<string, number>();
-  readonly #writes = new Map<string, WriteQueue>();
+  readonly #writes = new KeyedWriteQueue();
   readonly #onInvalid?: (key: string) => void;
   readonly #replicas: number;
   #large: Promise<ObjectStore> | undefined;
@@ -126,9 +126,7 @@ export class JetStreamFederationStore implements FederationStore {
 
   save(record: FederationRecord): Promise<void> {
     const id = record.config.id;
-    let q = this.#writes.get(id);
-    if (!q) this.#writes.set(id, (q = new WriteQueue()));
-    return q.run(async () => {
+    return this.#writes.run(id, async () => {
       const limit = this.#nc.info?.max_payload ?? Number.POSITIVE_INFINITY;
       let data = JSON.stringify({ writer: this.#writer, record } satisfies StoredEntry);
       let object: string | undefined;

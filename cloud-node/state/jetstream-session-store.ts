@@ -4,7 +4,7 @@
 // by JetStream before the reply goes out, as the directory store fsyncs.
 import type { NatsConnection } from '@nats-io/transport-node';
 import { CloudError } from '../errors.ts';
-import { WriteQueue } from './json-file.ts';
+import { KeyedWriteQueue } from './json-file.ts';
 import { JetStreamBucket } from './jetstream-bucket.ts';
 import type { JetStreamStateOptions } from './jetstream-bucket.ts';
 import type { Caller } from './key-store.ts';
@@ -18,7 +18,7 @@ export const SESSIONS_BUCKET = 'tandem-sessions';
 export class JetStreamSessionStore implements SessionRecords {
   readonly #bucket: JetStreamBucket<SessionRecord>;
   /** Updates in flight, per session: run in order. */
-  readonly #updates = new Map<string, WriteQueue>();
+  readonly #updates = new KeyedWriteQueue();
   readonly #open: OpenSessionCounts;
 
   private constructor(bucket: JetStreamBucket<SessionRecord>, open: OpenSessionCounts) {
@@ -87,26 +87,17 @@ export class JetStreamSessionStore implements SessionRecords {
    * step over a higher one.
    */
   async update(id: string, change: (s: SessionRecord) => void): Promise<SessionRecord> {
-    let queue = this.#updates.get(id);
-    if (queue === undefined) {
-      queue = new WriteQueue();
-      this.#updates.set(id, queue);
-    }
     let updated: SessionRecord | undefined;
-    try {
-      await queue.run(async () => {
-        const s = this.#bucket.get(id);
-        if (s === undefined) throw new CloudError('TANDEM_SESSION_UNKNOWN', { session: id });
-        const next = structuredClone(s);
-        change(next);
-        next.updatedAt = new Date().toISOString();
-        // The bucket changes `s` in place once JetStream has the record: its holders see it.
-        await this.#bucket.put(id, next);
-        updated = s;
-      });
-    } finally {
-      if (queue.idle) this.#updates.delete(id);
-    }
+    await this.#updates.run(id, async () => {
+      const s = this.#bucket.get(id);
+      if (s === undefined) throw new CloudError('TANDEM_SESSION_UNKNOWN', { session: id });
+      const next = structuredClone(s);
+      change(next);
+      next.updatedAt = new Date().toISOString();
+      // The bucket changes `s` in place once JetStream has the record: its holders see it.
+      await this.#bucket.put(id, next);
+      updated = s;
+    });
     return updated!;
   }
 

@@ -111,3 +111,21 @@ export class WriteQueue {
     return this.#pending === 0;
   }
 }
+
+/** A WriteQueue per key (a session, a federation): writes of one key in order, a key's queue gone once idle. */
+export class KeyedWriteQueue {
+  readonly #queues = new Map<string, WriteQueue>();
+
+  async run(key: string, write: () => Promise<void>): Promise<void> {
+    let queue = this.#queues.get(key);
+    if (queue === undefined) {
+      queue = new WriteQueue();
+      this.#queues.set(key, queue);
+    }
+    try {
+      await queue.run(write);
+    } finally {
+      if (queue.idle && this.#queues.get(key) === queue) this.#queues.delete(key);
+    }
+  }
+}

@@ -10,7 +10,7 @@ import type { CloseReason, CodecChoice, Cut, Defense, Limits, ProtocolVersion, T
 import { CloudError } from '../errors.ts';
 import type { Caller } from './key-store.ts';
 import { OpenSessionCounts, sessionFor, visibleTo } from './session-access.ts';
-import { ensureStateDir, readJsonState, syncDir, tidyStateDir, WriteQueue, writeJsonState } from './json-file.ts';
+import { ensureStateDir, readJsonState, syncDir, tidyStateDir, KeyedWriteQueue, writeJsonState } from './json-file.ts';
 
 /** The single file of earlier builds, migrated into SESSIONS_DIR at start. */
 export const SESSIONS_FILE = 'sessions.json';
@@ -55,7 +55,7 @@ export class SessionStore {
   readonly dir: string;
   readonly #sessions = new Map<string, SessionRecord>();
   readonly #open = new OpenSessionCounts();
-  readonly #writes = new Map<string, WriteQueue>();
+  readonly #writes = new KeyedWriteQueue();
   #dirReady = false;
 
   private constructor(dir: string) {
@@ -169,28 +169,14 @@ export class SessionStore {
     if (s === undefined) return;
     if (s.state === 'open') throw new CloudError('TANDEM_INTERNAL', { reason: `session ${id} is open; close it before removing it` });
     this.#sessions.delete(id);
-    await this.#queue(id).run(async () => {
+    await this.#writes.run(id, async () => {
       await rm(this.#path(id), { force: true });
       await syncDir(this.dir);
     });
-    this.#dropQueueIfIdle(id);
   }
 
   #path(id: string): string {
     return join(this.dir, `${id}.json`);
-  }
-
-  #queue(id: string): WriteQueue {
-    let q = this.#writes.get(id);
-    if (q === undefined) {
-      q = new WriteQueue();
-      this.#writes.set(id, q);
-    }
-    return q;
-  }
-
-  #dropQueueIfIdle(id: string): void {
-    if (this.#writes.get(id)?.idle) this.#writes.delete(id);
   }
 
   async #persist(record: SessionRecord): Promise<void> {
@@ -199,7 +185,6 @@ export class SessionStore {
       this.#dirReady = true;
     }
     // The write takes the record as it is when its turn comes: the latest state wins.
-    await this.#queue(record.id).run(() => (this.#sessions.has(record.id) ? writeJsonState(this.#path(record.id), record) : Promise.resolve()));
-    this.#dropQueueIfIdle(record.id);
+    await this.#writes.run(record.id, () => (this.#sessions.has(record.id) ? writeJsonState(this.#path(record.id), record) : Promise.resolve()));
   }
 }
