@@ -239,6 +239,19 @@ function disconnectRevoked(io: SocketServer, record: KeyRecord, log: Logger): vo
 
 /** Starts a node: listens first (health answers, readiness says loading), then loads the model. */
 export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNode> {
+  // What a start that fails has opened, closed newest first: a half-started gateway must not
+  // keep the process alive through its NATS connection or a JetStream watch. Once the node is
+  // whole, its own close is the one step.
+  const undo: Array<() => unknown> = [];
+  try {
+    return await assembleCloudNode(options, undo);
+  } catch (error) {
+    for (const step of undo.reverse()) await Promise.resolve().then(step).catch(() => undefined);
+    throw error;
+  }
+}
+
+async function assembleCloudNode(options: CloudNodeOptions, undo: Array<() => unknown>): Promise<CloudNode> {
   const log = options.logger ?? pino({ name: 'tandem-cloud', level: options.logLevel ?? 'info' }, pino.destination(2));
   const quotas = new QuotaLedger(options.quotas, options.tenantQuotas);
   const createServer = serverFactory(options.tls);
@@ -248,26 +261,21 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   if (stale.length > 0) log.warn({ removed: stale.length }, 'removed temporary files left by an earlier process');
   // A gateway's keys and sessions are in JetStream, shared with the other gateways.
   const nc = options.cluster === undefined ? undefined : await connectNats(options.cluster.natsUrl, `tandem-gateway-${process.pid}`, 'gateway');
+  if (nc !== undefined) undo.push(() => (nc.isClosed() ? undefined : nc.close()));
   const onInvalid = (key: string): void => log.warn({ key }, 'a JetStream state entry is malformed; skipped');
   const onWatch = (bucket: string, state: 'lost' | 'restored', reason?: string): void => {
     if (state === 'lost') log.error({ bucket, reason }, 'the watch of a JetStream state bucket ended: other gateways\' changes are not seen until it is restored');
     else log.info({ bucket }, 'the watch of a JetStream state bucket is restored (bucket reloaded)');
   };
-  let keys: KeyRecords;
-  let sessions: SessionRecords;
+  const keys: KeyRecords = nc === undefined ? await KeyStore.open(stateDir) : await JetStreamKeyStore.open(nc, { replicas: options.cluster?.replicas, onInvalid, onWatch });
+  if (keys instanceof JetStreamKeyStore) undo.push(() => keys.close());
   let adminKey: string | undefined;
-  try {
-    keys = nc === undefined ? await KeyStore.open(stateDir) : await JetStreamKeyStore.open(nc, { replicas: options.cluster?.replicas, onInvalid, onWatch });
-    if (!keys.hasAdmin) {
-      adminKey = (await keys.create(ADMIN_TENANT, { admin: true })).key;
-      log.info({ stateDir }, 'created the admin key (printed once by `tandem cloud`)');
-    }
-    sessions = nc === undefined ? await SessionStore.open(stateDir) : await JetStreamSessionStore.open(nc, { replicas: options.cluster?.replicas, onInvalid, onWatch });
-  } catch (error) {
-    // A half-started gateway must not keep the process alive through its NATS connection.
-    await nc?.close();
-    throw error;
+  if (!keys.hasAdmin) {
+    adminKey = (await keys.create(ADMIN_TENANT, { admin: true })).key;
+    log.info({ stateDir }, 'created the admin key (printed once by `tandem cloud`)');
   }
+  const sessions: SessionRecords = nc === undefined ? await SessionStore.open(stateDir) : await JetStreamSessionStore.open(nc, { replicas: options.cluster?.replicas, onInvalid, onWatch });
+  if (sessions instanceof JetStreamSessionStore) undo.push(() => sessions.close());
   const limits = intersectLimits(options.limits ?? DEFAULT_LIMITS);
   const metrics = new CloudMetrics();
   metrics.sessionsOpen.set(sessions.openCount);
@@ -300,6 +308,7 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   // directory is the copy its registries read, restored from there first.
   const files = nc === undefined ? undefined : await JetStreamFileMirror.open(nc, stateDir, { replicas: options.cluster?.replicas });
   let stopWatchingFiles = (): void => undefined;
+  undo.push(() => stopWatchingFiles());
   if (files !== undefined) {
     for (const folder of MIRRORED_FOLDERS) await files.restore(folder, (name, reason) => log.warn({ name, reason }, 'a stored file in the object store is skipped'));
   }
@@ -343,7 +352,9 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
   await app.register(metricsPlugin, { metrics });
   await app.register(dashboardPlugin);
   // A gateway's federations and rounds are in JetStream too, shared with the other gateways.
-  const coordinator = await Coordinator.open(nc === undefined ? { stateDir } : { store: await JetStreamFederationStore.open(nc, { replicas: options.cluster?.replicas, onInvalid }) });
+  const federations = nc === undefined ? undefined : await JetStreamFederationStore.open(nc, { replicas: options.cluster?.replicas, onInvalid });
+  if (federations !== undefined) undo.push(() => federations.close());
+  const coordinator = await Coordinator.open(federations === undefined ? { stateDir } : { store: federations });
   // Everything else needs a key: one scope, the auth plugin once, then the per-tenant rate limit.
   await app.register(async (scope) => {
     await scope.register(authPlugin, { keys });
@@ -418,47 +429,44 @@ export async function startCloudNode(options: CloudNodeOptions): Promise<CloudNo
     }
     if (model.loaded) model.served().dispose();
   };
+  undo.splice(0, undo.length, close);
 
-  try {
-    const engine = parseEngineName(options.engine ?? process.env.TANDEM_ENGINE, options.engine !== undefined ? '--engine' : 'TANDEM_ENGINE');
-    const ort = engine === 'ort-cpu' || engine === 'ort-cuda' ? engine : undefined;
-    const tfjsBackend = engine === undefined || ort !== undefined ? options.backend : TFJS_BACKEND_OF[engine];
-    await app.listen({ host: options.host ?? '127.0.0.1', port: options.port ?? 0 });
-    const backend = await initBackend({ backend: tfjsBackend, log: (line) => log.info(line) });
-    const served = await ServedModel.load(options.modelDir, options.modelId);
-    // The workers use the backend this thread picked, so that every thread computes alike;
-    // a native backend that cannot load in a worker thread falls back to wasm, then cpu.
-    const computeLog = log.child({ plane: 'compute' });
-    // On ORT the engine asked for must start (no fallback): a typed error otherwise.
-    const candidates = ort !== undefined ? [backend.name] : [...new Set([backend.name, 'wasm', 'cpu'])];
-    if (options.cluster !== undefined) {
-      executor = await ClusterExecutor.connect({ ...options.cluster, contentHash: served.contentHash, log: computeLog }, nc);
-    }
-    for (const name of options.cluster === undefined ? candidates : []) {
-      try {
-        executor = await MiddleExecutor.start({
-          modelDir: served.dir, backend: name, engine: ort, workers: options.computeWorkers, log: computeLog,
-          onRestart: () => metrics.computeRestarts.inc(),
-          onReady: (ready) => metrics.computeReady.set(ready ? 1 : 0),
-          batchWindowMs: options.batching?.windowMs, maxBatchTokens: options.batching?.maxTokens,
-          tenantWeights: options.batching?.tenantWeights, tenantTokensInFlight: options.batching?.tenantTokensInFlight,
-          onBatch: (batch) => metrics.batch(batch),
-        });
-        break;
-      } catch (error) {
-        if (name === candidates.at(-1)) throw error;
-        computeLog.warn({ backend: name, err: error instanceof Error ? error.message : String(error) }, 'compute workers could not start on this backend; trying the next');
-      }
-    }
-    if (executor === undefined) throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: 'no compute worker could start' });
-    metrics.computeReady.set(1);
-    await serving.start(served, ort);
-    model.set(served, executor);
-    log.info({ model: served.id, contentHash: served.contentHash, layers: served.numLayers, backend: backend.name, computeWorkers: executor.workers, computeBackend: executor.backend, tls: options.tls !== undefined }, 'model loaded; ready');
-  } catch (error) {
-    await close();
-    throw error;
+  // The node listens before the model loads: health answers, readiness says loading.
+  const engine = parseEngineName(options.engine ?? process.env.TANDEM_ENGINE, options.engine !== undefined ? '--engine' : 'TANDEM_ENGINE');
+  const ort = engine === 'ort-cpu' || engine === 'ort-cuda' ? engine : undefined;
+  const tfjsBackend = engine === undefined || ort !== undefined ? options.backend : TFJS_BACKEND_OF[engine];
+  await app.listen({ host: options.host ?? '127.0.0.1', port: options.port ?? 0 });
+  const backend = await initBackend({ backend: tfjsBackend, log: (line) => log.info(line) });
+  const served = await ServedModel.load(options.modelDir, options.modelId);
+  // The workers use the backend this thread picked, so that every thread computes alike;
+  // a native backend that cannot load in a worker thread falls back to wasm, then cpu.
+  const computeLog = log.child({ plane: 'compute' });
+  // On ORT the engine asked for must start (no fallback): a typed error otherwise.
+  const candidates = ort !== undefined ? [backend.name] : [...new Set([backend.name, 'wasm', 'cpu'])];
+  if (options.cluster !== undefined) {
+    executor = await ClusterExecutor.connect({ ...options.cluster, contentHash: served.contentHash, log: computeLog }, nc);
   }
+  for (const name of options.cluster === undefined ? candidates : []) {
+    try {
+      executor = await MiddleExecutor.start({
+        modelDir: served.dir, backend: name, engine: ort, workers: options.computeWorkers, log: computeLog,
+        onRestart: () => metrics.computeRestarts.inc(),
+        onReady: (ready) => metrics.computeReady.set(ready ? 1 : 0),
+        batchWindowMs: options.batching?.windowMs, maxBatchTokens: options.batching?.maxTokens,
+        tenantWeights: options.batching?.tenantWeights, tenantTokensInFlight: options.batching?.tenantTokensInFlight,
+        onBatch: (batch) => metrics.batch(batch),
+      });
+      break;
+    } catch (error) {
+      if (name === candidates.at(-1)) throw error;
+      computeLog.warn({ backend: name, err: error instanceof Error ? error.message : String(error) }, 'compute workers could not start on this backend; trying the next');
+    }
+  }
+  if (executor === undefined) throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: 'no compute worker could start' });
+  metrics.computeReady.set(1);
+  await serving.start(served, ort);
+  model.set(served, executor);
+  log.info({ model: served.id, contentHash: served.contentHash, layers: served.numLayers, backend: backend.name, computeWorkers: executor.workers, computeBackend: executor.backend, tls: options.tls !== undefined }, 'model loaded; ready');
   const address = app.server.address();
   const port = typeof address === 'object' && address !== null ? address.port : (options.port ?? 0);
   const host = options.host ?? '127.0.0.1';

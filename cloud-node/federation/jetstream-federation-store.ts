@@ -51,6 +51,7 @@ export class JetStreamFederationStore implements FederationStore {
   /** The object each federation's entry names, when its record is in the object store. */
   readonly #objects = new Map<string, string>();
   #stop: (() => void) | undefined;
+  #closed = false;
   onRemoteChange?: (record: FederationRecord) => void;
 
   private constructor(nc: NatsConnection, kv: KV, replicas: number, onInvalid?: (key: string) => void) {
@@ -71,7 +72,10 @@ export class JetStreamFederationStore implements FederationStore {
   /** File storage (survives a nats-server restart), `replicas` copies in a JetStream cluster (1). */
   static async open(nc: NatsConnection, options: { replicas?: number; onInvalid?: (key: string) => void } = {}): Promise<JetStreamFederationStore> {
     const kv = await new Kvm(nc).create(FEDERATIONS_BUCKET, { history: 1, replicas: options.replicas ?? 1, storage: 'file' });
-    return new JetStreamFederationStore(nc, kv, options.replicas ?? 1, options.onInvalid);
+    const store = new JetStreamFederationStore(nc, kv, options.replicas ?? 1, options.onInvalid);
+    // A closed connection ends the watch (its heartbeat monitor would retry on a closed connection).
+    void nc.closed().then(() => store.close());
+    return store;
   }
 
   async #parse(entry: KvEntry): Promise<Entry | undefined> {
@@ -99,6 +103,7 @@ export class JetStreamFederationStore implements FederationStore {
     // The watch first, then the load: a save in between is seen by both, and applied once (revisions).
     const watch = await this.#kv.watch({ include: 'updates' });
     this.#stop = () => watch.stop();
+    if (this.#closed) watch.stop();
     void (async () => {
       for await (const e of watch) {
         if (e.operation !== 'PUT' || e.revision <= (this.#revisions.get(e.key) ?? 0)) continue;
@@ -110,16 +115,22 @@ export class JetStreamFederationStore implements FederationStore {
       }
     })().catch(() => undefined);
     const records: FederationRecord[] = [];
-    for await (const key of await this.#kv.keys()) {
-      const e = await this.#kv.get(key);
-      if (e === null || e.operation !== 'PUT') continue;
-      const entry = await this.#parse(e);
-      if (entry === undefined) continue;
-      if (e.revision > (this.#revisions.get(key) ?? 0)) {
-        this.#revisions.set(key, e.revision);
-        this.#named(key, entry.object);
+    try {
+      for await (const key of await this.#kv.keys()) {
+        const e = await this.#kv.get(key);
+        if (e === null || e.operation !== 'PUT') continue;
+        const entry = await this.#parse(e);
+        if (entry === undefined) continue;
+        if (e.revision > (this.#revisions.get(key) ?? 0)) {
+          this.#revisions.set(key, e.revision);
+          this.#named(key, entry.object);
+        }
+        records.push(entry.record);
       }
-      records.push(entry.record);
+    } catch (error) {
+      // A load that fails leaves no watch behind.
+      watch.stop();
+      throw error;
     }
     return records;
   }
@@ -163,6 +174,7 @@ export class JetStreamFederationStore implements FederationStore {
   }
 
   close(): void {
+    this.#closed = true;
     this.#stop?.();
   }
 }

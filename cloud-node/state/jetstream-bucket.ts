@@ -49,6 +49,9 @@ export class JetStreamBucket<T> {
   static async open<T>(nc: NatsConnection, name: string, options: BucketOptions<T>): Promise<JetStreamBucket<T>> {
     const kv = await new Kvm(nc).create(name, { history: 1, replicas: options.replicas ?? 1, storage: 'file' });
     const bucket = new JetStreamBucket<T>(kv, options);
+    // A connection that closes (drained, or out of reconnects) ends the watch with it: its
+    // heartbeat monitor would otherwise try to re-create the consumer on a closed connection.
+    void nc.closed().then(() => bucket.close());
     await bucket.#watch();
     return bucket;
   }
@@ -61,10 +64,20 @@ export class JetStreamBucket<T> {
   async #watch(): Promise<void> {
     const watch = await this.#kv.watch({ include: 'updates' });
     this.#stop = () => watch.stop();
+    // Closed while the watch was being set up: nothing else would stop it.
+    if (this.#closed) watch.stop();
+    let abandoned = false;
     void (async () => {
       for await (const e of watch) this.#apply(e.key, e.operation === 'PUT' ? e.value : undefined);
-    })().then(() => 'the watch ended', (error: unknown) => (error as Error).message).then((reason) => this.#rewatch(reason));
-    await this.#load();
+    })().then(() => 'the watch ended', (error: unknown) => (error as Error).message).then((reason) => { if (!abandoned) this.#rewatch(reason); });
+    try {
+      await this.#load();
+    } catch (error) {
+      // The caller sees the failure (an open that throws, or the next retry): this watch is not left behind.
+      abandoned = true;
+      watch.stop();
+      throw error;
+    }
   }
 
   #rewatch(reason: string): void {

@@ -34,8 +34,10 @@ async function digestOf(path: string): Promise<string> {
 export class JetStreamFileMirror {
   readonly #store: ObjectStore;
   readonly #stateDir: string;
+  readonly #nc: NatsConnection;
 
-  private constructor(store: ObjectStore, stateDir: string) {
+  private constructor(nc: NatsConnection, store: ObjectStore, stateDir: string) {
+    this.#nc = nc;
     this.#store = store;
     this.#stateDir = stateDir;
   }
@@ -43,7 +45,7 @@ export class JetStreamFileMirror {
   /** File storage (survives a nats-server restart), `replicas` copies in a JetStream cluster (1). */
   static async open(nc: NatsConnection, stateDir: string, options: { replicas?: number } = {}): Promise<JetStreamFileMirror> {
     const store = await new Objm(nc).create(FILES_BUCKET, { storage: StorageType.File, replicas: options.replicas ?? 1 });
-    return new JetStreamFileMirror(store, stateDir);
+    return new JetStreamFileMirror(nc, store, stateDir);
   }
 
   /**
@@ -127,7 +129,8 @@ export class JetStreamFileMirror {
   /**
    * Follows what other writers store or delete under `folder` while this one runs: `onFile`
    * with each stored file's name once it is restored here, `onDeleted` with each deleted name.
-   * Returns the function that stops following.
+   * Returns the function that stops following; a closed connection stops it too (the watch's
+   * heartbeat monitor would otherwise try to re-create its consumer on a closed connection).
    */
   async watch(folder: string, on: { onFile: (name: string) => Promise<void>; onDeleted: (name: string) => Promise<void>; onError?: (error: Error) => void }): Promise<() => void> {
     const updates = await this.#store.watch({ includeHistory: false });
@@ -147,6 +150,7 @@ export class JetStreamFileMirror {
         }
       }
     })().catch(() => undefined);
+    void this.#nc.closed().then(() => updates.stop());
     return () => updates.stop();
   }
 
