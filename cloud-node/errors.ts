@@ -47,7 +47,7 @@ export const CLOUD_ERRORS = {
   TANDEM_SERVE_MODEL_UNKNOWN: { status: 404, template: 'no model {model}; GET /v1/models lists the base and the adapters this key may use as base:adapter' },
   TANDEM_SERVE_ADAPTER_EXISTS: { status: 409, template: 'tenant {tenant} already serves an adapter {name}; delete it first' },
   TANDEM_SERVE_ADAPTER_UNSUPPORTED: { status: 400, template: 'the adapter cannot be served: {reason}' },
-  TANDEM_SERVE_PROMPT_TOO_LONG: { status: 400, template: 'the prompt has {actual} tokens; the context holds {limit}' },
+  TANDEM_SERVE_PROMPT_TOO_LONG: { status: 400, template: 'the prompt holds {actual}; at most {limit}' },
   TANDEM_SERVE_MAX_TOKENS_TOO_LARGE: { status: 400, template: 'max_tokens {actual} is too large: {reason}' },
   TANDEM_HELD_GRADIENTS_MISSING: { status: 409, template: 'StepCommit of step {step} for session {session} states {expected} micro-batches; the cloud holds the middle adapter\'s gradients of {actual}: send their Backwards again' },
 } as const satisfies Record<string, { status: number; template: string }>;

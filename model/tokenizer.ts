@@ -24,6 +24,12 @@ export interface Tokenizer {
   readonly vocabSize: number;
   readonly bosTokenId?: number;
   readonly eosTokenId?: number;
+  /**
+   * The longest token's spelling in the vocabulary, in UTF-16 units: a token covers at most
+   * this many characters of normalized text (a byte-level token's spelling has a character
+   * per byte), so a text longer than context × this has more tokens than the context holds.
+   */
+  readonly maxTokenChars: number;
   encode(text: string, options?: EncodeOptions): number[];
   /** Ids outside [0, vocabSize) are TANDEM_INPUT_INVALID. */
   decode(ids: readonly number[], options?: DecodeOptions): string;
@@ -79,6 +85,8 @@ export async function loadTokenizer(dir: string): Promise<Tokenizer> {
   }
   const vocab = hf.get_vocab(true);
   const vocabSize = Math.max(-1, ...vocab.values()) + 1;
+  let maxTokenChars = 1;
+  for (const spelling of vocab.keys()) maxTokenChars = Math.max(maxTokenChars, spelling.length);
   const idOf = (key: string, fallback: string): number | undefined => {
     const content = tokenContent(config[key]) ?? (hasConfig ? undefined : fallback);
     return content === undefined ? undefined : hf.token_to_id(content);
@@ -91,6 +99,7 @@ export async function loadTokenizer(dir: string): Promise<Tokenizer> {
     vocabSize,
     bosTokenId,
     eosTokenId,
+    maxTokenChars,
     encode(text: string, options: EncodeOptions = {}): number[] {
       if (typeof text !== 'string') throw new ModelError('TANDEM_INPUT_INVALID', 'text to encode must be a string', { file: path });
       return hf.encode(text, { add_special_tokens: options.addSpecialTokens ?? true }).ids;

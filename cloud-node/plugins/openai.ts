@@ -9,6 +9,7 @@ import type { ServedAdapterRecord } from '../serving/adapter-registry.ts';
 import { CompletionText } from '../serving/completion-text.ts';
 import { chatPrompt, chatRequest, completionRequest, DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETION_MAX_TOKENS } from '../serving/openai-request.ts';
 import type { SamplingRequest } from '../serving/openai-request.ts';
+import { promptIds as promptIdsOf } from '../serving/prompt-ids.ts';
 import type { GenerationOutcome } from '../serving/scheduler.ts';
 import type { Serving } from '../serving/serving.ts';
 
@@ -81,9 +82,7 @@ function prepare(serving: Serving, tenant: string, req: SamplingRequest, prompt:
   const { served, tokenizer } = serving.runtime();
   const adapter = adapterOf(serving, tenant, req.model);
   const context = served.config.maxPositionEmbeddings;
-  const promptIds = tokenizer.encode(prompt);
-  if (promptIds.length === 0) throw new CloudError('TANDEM_REQUEST_INVALID', { reason: 'the prompt has no tokens', field: 'prompt' });
-  if (promptIds.length >= context) throw new CloudError('TANDEM_SERVE_PROMPT_TOO_LONG', { actual: promptIds.length, limit: `${context} tokens, the prompt and at least one new token`, field: 'prompt' });
+  const promptIds = promptIdsOf(tokenizer, prompt, context);
   const maxTokens = req.maxTokens ?? Math.min(defaultMaxTokens, context - promptIds.length);
   if (promptIds.length + maxTokens > context) {
     throw new CloudError('TANDEM_SERVE_MAX_TOKENS_TOO_LARGE', { actual: maxTokens, reason: `the prompt has ${promptIds.length} tokens and the context holds ${context}: at most ${context - promptIds.length}`, field: 'max_tokens' });

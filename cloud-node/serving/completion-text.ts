@@ -1,24 +1,33 @@
-// The text of a completion as its tokens arrive: decoded with the prompt before it (so that a
-// tokenizer that strips a leading space decodes the new text as it reads after the prompt),
-// cut at the first stop sequence, and released for streaming only up to what can no longer
-// change (no half-decoded character, no possible start of a stop sequence).
+// The text of a completion as its tokens arrive, decoded incrementally (vLLM's scheme): each
+// new token is decoded with the few tokens before it (so that a tokenizer that strips a leading
+// space, or joins bytes into a character, decodes it as it reads after them), and text is
+// committed once it ends in a whole character. A token costs a decode of a handful of ids, not
+// of the prompt and everything generated so far (which made a request O(n²) on the event loop).
+// The text is cut at the first stop sequence and released for streaming only up to what can no
+// longer change (no half-decoded character, no possible start of a stop sequence).
 import type { Tokenizer } from '../../model/index.ts';
+
+/** Tokens of context kept before the text not yet committed (vLLM's initial offset). */
+export const DECODE_CONTEXT_TOKENS = 5;
 
 export class CompletionText {
   readonly #tokenizer: Tokenizer;
-  readonly #promptIds: number[];
-  readonly #promptText: string;
   readonly #stop: readonly string[];
-  readonly #ids: number[] = [];
+  readonly #maxStop: number;
+  /** The tokens before the committed text's end (context), then those not committed yet (from #read). */
+  #window: number[];
+  #read: number;
+  #committed = '';
   #text = '';
   #sent = 0;
   #stopped = false;
 
-  constructor(tokenizer: Tokenizer, promptIds: number[], stop: readonly string[]) {
+  constructor(tokenizer: Tokenizer, promptIds: readonly number[], stop: readonly string[]) {
     this.#tokenizer = tokenizer;
-    this.#promptIds = promptIds;
-    this.#promptText = tokenizer.decode(promptIds, { skipSpecialTokens: true });
+    this.#window = promptIds.slice(-DECODE_CONTEXT_TOKENS);
+    this.#read = this.#window.length;
     this.#stop = stop;
+    this.#maxStop = stop.reduce((n, s) => Math.max(n, s.length), 0);
   }
 
   get stopped(): boolean {
@@ -33,12 +42,23 @@ export class CompletionText {
   /** Adds a token; true when a stop sequence now ends the text. */
   push(id: number): boolean {
     if (this.#stopped) return true;
-    this.#ids.push(id);
-    const full = this.#tokenizer.decode([...this.#promptIds, ...this.#ids], { skipSpecialTokens: true });
-    let text = full.startsWith(this.#promptText) ? full.slice(this.#promptText.length) : this.#tokenizer.decode(this.#ids, { skipSpecialTokens: true });
+    this.#window.push(id);
+    const decode = (ids: number[]): string => this.#tokenizer.decode(ids, { skipSpecialTokens: true });
+    const before = decode(this.#window.slice(0, this.#read));
+    const after = decode(this.#window);
+    let pending = after.length > before.length ? after.slice(before.length) : '';
+    // Text before the last committed end did not change: a stop sequence is searched from where it could begin.
+    const searchFrom = Math.max(0, this.#committed.length - this.#maxStop + 1);
+    if (pending.length > 0 && !pending.endsWith('\uFFFD')) {
+      this.#committed += pending;
+      pending = '';
+      this.#window = this.#window.slice(this.#read);
+      this.#read = this.#window.length;
+    }
+    let text = this.#committed + pending;
     let cut = -1;
     for (const s of this.#stop) {
-      const at = text.indexOf(s);
+      const at = text.indexOf(s, searchFrom);
       if (at >= 0 && (cut < 0 || at < cut)) cut = at;
     }
     if (cut >= 0) {

@@ -172,6 +172,7 @@ describe('adapter serving through the OpenAI API', () => {
       ['another tenant\'s private adapter by owner', bob, { model: 'stories260K:alice/a0', prompt: 'x' }, 404, 'TANDEM_SERVE_MODEL_UNKNOWN', 'model'],
       ['unknown base', alice, { model: 'gpt-4', prompt: 'x' }, 404, 'TANDEM_SERVE_MODEL_UNKNOWN', 'model'],
       ['prompt longer than the context', alice, { model: 'stories260K', prompt: 'Once upon a time '.repeat(200) }, 400, 'TANDEM_SERVE_PROMPT_TOO_LONG', 'prompt'],
+      ['prompt of 900 KB, refused before it is tokenized', alice, { model: 'stories260K', prompt: 'Once upon a time '.repeat(53_000) }, 400, 'TANDEM_SERVE_PROMPT_TOO_LONG', 'prompt'],
       ['max_tokens past the context', alice, { model: 'stories260K', prompt: 'Once', max_tokens: 600 }, 400, 'TANDEM_SERVE_MAX_TOKENS_TOO_LARGE', 'max_tokens'],
       ['temperature out of range', alice, { model: 'stories260K', prompt: 'Once', temperature: 5 }, 400, 'TANDEM_REQUEST_INVALID', 'temperature'],
       ['too many stop sequences', alice, { model: 'stories260K', prompt: 'Once', stop: ['a', 'b', 'c', 'd', 'e'] }, 400, 'TANDEM_REQUEST_INVALID', 'stop'],
@@ -184,6 +185,7 @@ describe('adapter serving through the OpenAI API', () => {
       assert.equal(error.param, param, what);
       assert.equal(typeof error.message, 'string');
       assert.equal(typeof error.type, 'string');
+      if (what.startsWith('prompt of 900 KB')) assert.match(error.message as string, /the prompt holds 901000 characters; at most \d+ characters/);
     }
     const malformed = await fetch(`${node.url}/v1/chat/completions`, { method: 'POST', headers: { authorization: `Bearer ${alice}`, 'content-type': 'application/json' }, body: '{"model": "stories260K", "messages": [' });
     assert.equal(malformed.status, 400);
