@@ -2,6 +2,9 @@
 // sequence. Each InferStep runs the middle on the new tokens' h_B at the next position and
 // returns their h_M; what the cache holds is counted against a per-session and a node-wide
 // budget before it grows, and an InferEnd, a SessionClose or the session's expiry frees it.
+// The last step's h_B and h_M are kept with the cache: the edge's connection resends a request
+// whose reply it did not get, and that resend is answered with the same h_M, not run again
+// (which would append its keys and values to the cache a second time).
 import { KvCache, kvBytesPerToken, tf } from '../../model/index.ts';
 import { ProtocolError } from '../../protocol/index.ts';
 import type { ServedModel } from '../served-model.ts';
@@ -18,7 +21,13 @@ export const DEFAULT_SPLIT_INFERENCE_LIMITS: Readonly<SplitInferenceLimits> = { 
 interface Sequence {
   cache: KvCache;
   positions: number;
+  /** The cache's bytes and the last step's. */
   bytes: number;
+  last?: { position: number; input: Float32Array; output: Float32Array };
+}
+
+function sameValues(a: Float32Array, b: Float32Array): boolean {
+  return a.length === b.length && Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength));
 }
 
 export class SplitInference {
@@ -38,6 +47,8 @@ export class SplitInference {
 
   /** Middle blocks [start, end) on h_B [1, tokens, hidden] at `position`; returns h_M. */
   step(served: ServedModel, range: { start: number; end: number }, sessionId: string, position: number, h: Float32Array, shape: readonly [number, number, number]): Float32Array {
+    const held = this.#sequences.get(sessionId)?.last;
+    if (held !== undefined && held.position === position && sameValues(held.input, h)) return held.output.slice();
     if (position === 0) this.end(sessionId);
     const seq = this.#sequences.get(sessionId) ?? { cache: new KvCache(), positions: 0, bytes: 0 };
     if (position !== seq.positions) throw new ProtocolError('TANDEM_PROTO_INFER_POSITION_INVALID', { session: sessionId, actual: position, expected: seq.positions });
@@ -46,13 +57,14 @@ export class SplitInference {
     const context = served.config.maxPositionEmbeddings;
     if (reach > context) throw new ProtocolError('TANDEM_PROTO_INFER_CONTEXT_EXCEEDED', { actual: reach, limit: context });
     const blocks = range.end - range.start;
-    const bytes = reach * (kvBytesPerToken(served.model) / served.numLayers) * blocks;
+    const bytes = reach * (kvBytesPerToken(served.model) / served.numLayers) * blocks + 2 * h.byteLength;
     if (bytes > this.#limits.perSessionBytes) throw new ProtocolError('TANDEM_PROTO_INFER_KV_BUDGET_EXCEEDED', { session: sessionId, actual: bytes, limit: this.#limits.perSessionBytes });
     if (this.#bytes - seq.bytes + bytes > this.#limits.totalBytes) throw new ProtocolError('TANDEM_PROTO_INFER_KV_BUDGET_EXCEEDED', { session: sessionId, actual: this.#bytes - seq.bytes + bytes, limit: `${this.#limits.totalBytes} (all sessions)` });
     const out = tf.tidy(() => served.model.blocks(tf.tensor3d(h, [1, shape[1], shape[2]]), range.start, range.end, { cache: seq.cache, positionOffset: position }));
     const data = out.dataSync() as Float32Array;
     out.dispose();
     seq.positions = reach;
+    seq.last = { position, input: h.slice(), output: data.slice() };
     this.#bytes += bytes - seq.bytes;
     seq.bytes = bytes;
     this.#sequences.set(sessionId, seq);

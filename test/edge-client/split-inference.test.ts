@@ -90,6 +90,38 @@ describe('split inference', () => {
     assert.equal(end.body.case, 'inferEnd');
   });
 
+  it('a resent InferStep (its reply lost) gets the same h_M, and the cache is not grown twice', async () => {
+    const hidden = loaded.config.hiddenSize;
+    const frameOf = (tokens: number, seed: number) => {
+      const data = new Float32Array(tokens * hidden).map((_, i) => Math.sin(seed * 7.1 + i * 0.37));
+      return encodeTensor(data, [1, tokens, hidden], { codec: 'f32' }, { name: 'h_B' });
+    };
+    const steps = [{ position: 0, frame: frameOf(3, 1) }, { position: 3, frame: frameOf(1, 2) }, { position: 4, frame: frameOf(1, 3) }];
+    const run = async (resend: boolean): Promise<Uint8Array[]> => {
+      const out: Uint8Array[] = [];
+      for (const { position, frame } of steps) {
+        const send = async () => {
+          const reply = await session.request({ case: 'inferStep', value: { sessionId: session.id, position, frames: [frame] } });
+          assert.equal(reply.body.case, 'inferStepResult');
+          return reply.body.case === 'inferStepResult' ? reply.body.value.frames[0].payload : new Uint8Array();
+        };
+        const first = await send();
+        if (resend) assert.deepEqual(await send(), first, `position ${position}: the resend's h_M is the first's`);
+        out.push(first);
+      }
+      await session.request({ case: 'inferEnd', value: { sessionId: session.id } });
+      return out;
+    };
+    const plain = await run(false);
+    const resent = await run(true);
+    assert.deepEqual(resent, plain, 'every step, the last one too, equals a run without resends: no step ran twice');
+    // The same position with other values is not a resend.
+    await session.request({ case: 'inferStep', value: { sessionId: session.id, position: 0, frames: [steps[0].frame] } });
+    await session.request({ case: 'inferStep', value: { sessionId: session.id, position: 3, frames: [steps[1].frame] } });
+    await assert.rejects(session.request({ case: 'inferStep', value: { sessionId: session.id, position: 3, frames: [frameOf(1, 9)] } }), (err: { remoteCode?: string }) => err.remoteCode === 'TANDEM_PROTO_INFER_POSITION_INVALID');
+    await session.request({ case: 'inferEnd', value: { sessionId: session.id } });
+  });
+
   it('refuses an adapter that changes the middle blocks before anything is sent', async () => {
     const fullAdapter = createAdapter(full, [{ method: 'lora', r: 2, initLoraWeights: false, targetModules: ['q_proj'], layersToTransform: [2] }], { seed: 1 });
     await assert.rejects(splitGenerate(session, edge, [1, 2, 3], { maxNewTokens: 2, temperature: 0 }, fullAdapter), { code: 'TANDEM_EDGE_OPTION_INVALID' });
