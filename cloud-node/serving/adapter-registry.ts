@@ -49,6 +49,11 @@ export class AdapterRegistry {
   readonly #root: string;
   /** tenant → name → record */
   readonly #records = new Map<string, Map<string, ServedAdapterRecord>>();
+  /**
+   * tenant → name → bytes of the uploads being checked and written: counted against the quota
+   * with the records (concurrent uploads each saw only the records, and together went over).
+   */
+  readonly #uploading = new Map<string, Map<string, number>>();
   readonly #removed: ((record: ServedAdapterRecord) => void | Promise<void>)[] = [];
   readonly #added: ((record: ServedAdapterRecord, dir: string) => Promise<void>)[] = [];
 
@@ -139,9 +144,27 @@ export class AdapterRegistry {
     const { name } = upload;
     if (!ADAPTER_NAME_PATTERN.test(name)) throw new CloudError('TANDEM_REQUEST_INVALID', { reason: `name must match ${ADAPTER_NAME_PATTERN.source}` });
     const mine = this.#tenant(tenant);
-    if (mine.has(name)) throw new CloudError('TANDEM_SERVE_ADAPTER_EXISTS', { tenant, name });
-    const held = { count: mine.size, bytes: [...mine.values()].reduce((n, r) => n + r.bytes, 0) };
+    let uploading = this.#uploading.get(tenant);
+    if (mine.has(name) || uploading?.has(name) === true) throw new CloudError('TANDEM_SERVE_ADAPTER_EXISTS', { tenant, name });
+    const pending = [...(uploading?.values() ?? [])];
+    const held = { count: mine.size + pending.length, bytes: [...mine.values()].reduce((n, r) => n + r.bytes, 0) + pending.reduce((n, b) => n + b, 0) };
     checkServedAdapters(quotas, tenant, held, upload.weights.byteLength);
+    // Reserved before the first await; released when the upload is kept or refused.
+    if (uploading === undefined) {
+      uploading = new Map();
+      this.#uploading.set(tenant, uploading);
+    }
+    uploading.set(name, upload.weights.byteLength);
+    try {
+      return await this.#validateAndKeep(tenant, upload, served, mine);
+    } finally {
+      uploading.delete(name);
+      if (uploading.size === 0) this.#uploading.delete(tenant);
+    }
+  }
+
+  async #validateAndKeep(tenant: string, upload: AdapterUpload, served: ServedModel, mine: Map<string, ServedAdapterRecord>): Promise<ServedAdapterRecord> {
+    const { name } = upload;
     const bare = (h: string): string => h.replace(/^sha256:/, '').toLowerCase();
     if (bare(upload.baseContentHash) !== bare(served.contentHash)) {
       throw new CloudError('TANDEM_ADAPTER_BASE_MISMATCH', { actual: upload.baseContentHash, model: served.id, expected: served.contentHash });
@@ -195,7 +218,7 @@ export class AdapterRegistry {
         sha256: createHash('sha256').update(upload.weights).digest('hex'), baseContentHash: served.contentHash, createdAt: new Date().toISOString(),
       };
       await writeJsonState(join(staging, RECORD_FILE), record);
-      // Another upload of the same name may have finished meanwhile.
+      // Another gateway of the cluster may have stored this name meanwhile (adopt).
       if (mine.has(name)) throw new CloudError('TANDEM_SERVE_ADAPTER_EXISTS', { tenant, name });
       await rename(staging, dir);
       await syncDir(join(this.#root, tenant));

@@ -56,7 +56,7 @@ async function streamEvents(path: string, key: string, body: Record<string, unkn
 before(async () => {
   await initBackend({ backend: 'cpu' });
   dirs = await writeTestAdapters(await tempDir(), 4);
-  node = await startTestNode({ serving: { maxBatch: 16 }, tenantQuotas: { bob: { servedAdapters: 1 } } });
+  node = await startTestNode({ serving: { maxBatch: 16 }, tenantQuotas: { bob: { servedAdapters: 1 }, carol: { servedAdapters: 2 } } });
   alice = await createTenantKey(node, 'alice');
   bob = await createTenantKey(node, 'bob');
   const models = await api(node, 'GET', '/v1/models', alice);
@@ -231,6 +231,24 @@ describe('adapter serving through the OpenAI API', () => {
     assert.equal(gone.status, 200);
     assert.equal((await complete(bob, { model: 'stories260K:a0', prompt: 'Once', max_tokens: 2 })).status, 404);
     assert.equal((await api(node, 'DELETE', '/v1/adapters/a1', bob)).status, 404, 'bob cannot delete alice\'s adapter');
+  });
+
+  it('concurrent uploads are counted against the quota together, and one name is taken once', async () => {
+    const carol = await createTenantKey(node, 'carol');
+    const names = ['c0', 'c1', 'c2', 'c3', 'c1'];
+    const replies = await Promise.all(names.map((name, i) => upload(carol, name, dirs[i % 4])));
+    const kept = replies.filter((r) => r.status === 201).map((r) => r.json.name as string);
+    const refusals = replies.filter((r) => r.status !== 201).map((r) => r.json.code as string);
+    assert.equal(kept.length, 2, `2 kept under a quota of 2: ${JSON.stringify(replies.map((r) => r.json))}`);
+    assert.equal(new Set(kept).size, 2);
+    assert.ok(refusals.every((c) => c === 'TANDEM_QUOTA_EXCEEDED' || c === 'TANDEM_SERVE_ADAPTER_EXISTS'), refusals.join());
+    const own = ((await api(node, 'GET', '/v1/adapters', carol)).json.adapters as { model: string }[]).map((a) => a.model).filter((m) => !m.includes('/'));
+    assert.deepEqual(own.sort(), kept.map((n) => `stories260K:${n}`).sort());
+    // The same name at once, under the quota: one is kept, the other is told it exists.
+    for (const name of kept) assert.equal((await api(node, 'DELETE', `/v1/adapters/${name}`, carol)).status, 200);
+    const same = await Promise.all([upload(carol, 'twice', dirs[0]), upload(carol, 'twice', dirs[1])]);
+    assert.deepEqual(same.map((r) => r.status).sort(), [201, 409], JSON.stringify(same.map((r) => r.json)));
+    assert.equal(same.find((r) => r.status === 409)?.json.code, 'TANDEM_SERVE_ADAPTER_EXISTS');
   });
 
   it('answers /v1/health while it generates', async () => {
