@@ -19,6 +19,8 @@ export class ResidentAdapters {
   /** Least recently used first. */
   readonly #resident = new Map<string, Resident>();
   readonly #loading = new Map<string, Promise<Resident>>();
+  /** Deleted while loading: the load ends dropped (the requests waiting for it use it, then it is unloaded). */
+  readonly #droppedWhileLoading = new Set<string>();
   loads = 0;
 
   constructor(model: LlamaModel, dirOf: (record: ServedAdapterRecord) => string, capacity: number, onCount: (count: number) => void = () => {}) {
@@ -45,16 +47,21 @@ export class ResidentAdapters {
       if (loading === undefined) {
         loading = loadAdapter(this.#model, this.#dirOf(record)).then((adapter) => {
           this.loads += 1;
-          const r: Resident = { adapter, users: 0, dropped: false };
-          this.#resident.set(key, r);
+          const r: Resident = { adapter, users: 0, dropped: this.#droppedWhileLoading.delete(key) };
+          if (!r.dropped) this.#resident.set(key, r);
           return r;
-        }).finally(() => this.#loading.delete(key));
+        }).finally(() => {
+          this.#loading.delete(key);
+          this.#droppedWhileLoading.delete(key);
+        });
         this.#loading.set(key, loading);
       }
       resident = await loading;
     }
-    this.#resident.delete(key);
-    this.#resident.set(key, resident);
+    if (!resident.dropped) {
+      this.#resident.delete(key);
+      this.#resident.set(key, resident);
+    }
     resident.users += 1;
     this.#evict();
     let released = false;
@@ -74,6 +81,7 @@ export class ResidentAdapters {
   /** A deleted adapter leaves memory (at once, or when its last request ends). */
   drop(record: ServedAdapterRecord): void {
     const key = ResidentAdapters.keyOf(record);
+    if (this.#loading.has(key)) this.#droppedWhileLoading.add(key);
     const resident = this.#resident.get(key);
     if (resident === undefined) return;
     this.#resident.delete(key);

@@ -118,6 +118,28 @@ describe('serving scheduler', () => {
     assert.ok(counts.includes(3));
   });
 
+  it('an adapter deleted while it loads serves the requests that waited for it, then leaves memory', async () => {
+    const resident = new ResidentAdapters(model, (r) => dirs[Number(r.name.slice(1))], 2);
+    const before = tf.memory().numTensors;
+    const first = resident.acquire(record(1));
+    const second = resident.acquire(record(1));
+    resident.drop(record(1));
+    const [a, b] = await Promise.all([first, second]);
+    assert.equal(a.adapter, b.adapter, 'one load for both');
+    assert.equal(resident.count, 0, 'the deleted adapter is not resident');
+    assert.ok(tf.memory().numTensors > before, 'its tensors live while it is in use');
+    a.release();
+    assert.ok(tf.memory().numTensors > before, 'one request still uses it');
+    b.release();
+    assert.equal(tf.memory().numTensors, before, 'unloaded when the last request ended');
+    // A request after the delete loads it afresh (were it uploaded again under the same hash).
+    const c = await resident.acquire(record(1));
+    assert.equal(resident.loads, 2);
+    assert.equal(resident.count, 1);
+    c.release();
+    resident.dispose();
+  });
+
   it('runs a newcomer\'s long prompt in chunks while the running request keeps decoding', async () => {
     const resident = new ResidentAdapters(model, (r) => dirs[Number(r.name.slice(1))], 2);
     const scheduler = new ServingScheduler({ model, adapters: resident, kvBudgetBytes: 1 << 24, maxBatch: 8, maxQueue: 8, prefillTokensPerStep: 4 });
