@@ -5,9 +5,11 @@ import { spawnSync } from 'node:child_process';
 import { mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { describe, it } from 'node:test';
+import { after, before, describe, it } from 'node:test';
 import { cloudCommand } from '../../cli/cloud.ts';
 import { NATS_SERVER } from './nats-server.ts';
+import { makeRouteCertificates, withRouteCertificates } from './route-certs.ts';
+import type { RouteCertificates } from './route-certs.ts';
 import { readYamlDocuments } from './yaml-subset.ts';
 
 const INFRA = join(import.meta.dirname, '..', '..', 'infra');
@@ -34,6 +36,15 @@ function natsConfigCheck(file: string): { status: number | null; output: string 
 }
 
 describe('infra/', () => {
+  // nats-server's check reads the route certificates that route-tls.conf names.
+  let certs: RouteCertificates;
+  before(async () => {
+    certs = await makeRouteCertificates(await mkdtemp(join(tmpdir(), 'tandem-route-certs-')));
+  });
+  after(async () => {
+    await rm(certs.dir, { recursive: true, force: true });
+  });
+
   it('the Kubernetes manifests parse: NATS with JetStream, gateways and workers', async () => {
     const kinds: string[] = [];
     for (const name of (await readdir(join(INFRA, 'k8s'))).filter((n) => n.endsWith('.yaml'))) {
@@ -48,10 +59,17 @@ describe('infra/', () => {
     const nats = readYamlDocuments(await readFile(join(INFRA, 'k8s', 'nats.yaml'), 'utf8'))[0] as { data: Record<string, string> };
     assert.match(nats.data['nats.conf'], /jetstream \{/);
     assert.equal(nats.data['auth.conf'], await readFile(join(INFRA, 'nats', 'auth.conf'), 'utf8'), 'the ConfigMap carries infra/nats/auth.conf as it is');
+    assert.equal(nats.data['route-tls.conf'], await readFile(join(INFRA, 'nats', 'route-tls.conf'), 'utf8'), 'the ConfigMap carries infra/nats/route-tls.conf as it is');
+    assert.match(nats.data['nats.conf'], /cluster \{[^}]*include \.\/route-tls\.conf/, 'the routes are mutual TLS');
+    const set = readYamlDocuments(await readFile(join(INFRA, 'k8s', 'nats.yaml'), 'utf8')).find((d) => (d as { kind?: string }).kind === 'StatefulSet');
+    const pod = (set as { spec: { template: { spec: { volumes: { name: string; secret?: { secretName: string } }[]; containers: { volumeMounts: { name: string; mountPath: string }[] }[] } } } }).spec.template.spec;
+    const volume = pod.volumes.find((v) => v.secret?.secretName === 'tandem-nats-route-tls');
+    assert.ok(volume !== undefined, 'the route certificates come from a Secret');
+    assert.equal(pod.containers[0].volumeMounts.find((m) => m.name === volume.name)?.mountPath, '/etc/tandem/nats', 'mounted where route-tls.conf reads them');
     // nats-server itself accepts the ConfigMap's configuration.
     const dir = await mkdtemp(join(tmpdir(), 'tandem-k8s-nats-'));
     try {
-      for (const [name, text] of Object.entries(nats.data)) await writeFile(join(dir, name), text);
+      for (const [name, text] of Object.entries(nats.data)) await writeFile(join(dir, name), text.replaceAll('/etc/tandem/nats/', `${certs.dir}/`));
       const check = natsConfigCheck(join(dir, 'nats.conf'));
       assert.equal(check.status, 0, check.output);
     } finally {
@@ -105,12 +123,19 @@ describe('infra/', () => {
       assert.match(conf, /jetstream \{/);
       assert.match(conf, new RegExp(`server_name: tandem-nats-${i}`));
       assert.equal((conf.match(/nats-route:\/\//g) ?? []).length, 3);
+      assert.match(conf, /cluster \{[^}]*include \.\/route-tls\.conf/, `cluster-${i}.conf: the routes are mutual TLS`);
     }
-    for (const name of ['single.conf', 'cluster-0.conf', 'cluster-1.conf', 'cluster-2.conf']) {
-      const file = join(INFRA, 'nats', name);
-      assert.match(await readFile(file, 'utf8'), /^include \.\/auth\.conf$/m, `${name} includes the users`);
-      const check = natsConfigCheck(file);
-      assert.equal(check.status, 0, `${name}: ${check.output}`);
+    // Checked where the route certificates are: the files of infra/nats, with their folder moved.
+    const dir = await mkdtemp(join(tmpdir(), 'tandem-infra-nats-'));
+    try {
+      for (const name of (await readdir(join(INFRA, 'nats'))).filter((n) => n.endsWith('.conf'))) await writeFile(join(dir, name), await withRouteCertificates(join(INFRA, 'nats', name), certs));
+      for (const name of ['single.conf', 'cluster-0.conf', 'cluster-1.conf', 'cluster-2.conf']) {
+        assert.match(await readFile(join(dir, name), 'utf8'), /^include \.\/auth\.conf$/m, `${name} includes the users`);
+        const check = natsConfigCheck(join(dir, name));
+        assert.equal(check.status, 0, `${name}: ${check.output}`);
+      }
+    } finally {
+      await rm(dir, { recursive: true, force: true });
     }
   });
 });

@@ -39,7 +39,7 @@ export function freePort(): Promise<number> {
   });
 }
 
-async function waitReady(child: ChildProcess, port: number): Promise<void> {
+export async function waitReady(child: ChildProcess, port: number): Promise<void> {
   await new Promise<void>((resolve, reject) => {
     let log = '';
     const timer = setTimeout(() => reject(new Error(`nats-server did not start on ${port}:\n${log}`)), 15_000);
