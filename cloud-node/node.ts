@@ -415,7 +415,7 @@ async function assembleCloudNode(options: CloudNodeOptions, undo: Array<() => un
     await app.close();
     cache.clear();
     serving.close();
-    inference.clear();
+    await inference.clear();
     await executor?.close();
     if (keys instanceof JetStreamKeyStore) keys.close();
     if (sessions instanceof JetStreamSessionStore) sessions.close();
@@ -438,6 +438,8 @@ async function assembleCloudNode(options: CloudNodeOptions, undo: Array<() => un
   await app.listen({ host: options.host ?? '127.0.0.1', port: options.port ?? 0 });
   const backend = await initBackend({ backend: tfjsBackend, log: (line) => log.info(line) });
   const served = await ServedModel.load(options.modelDir, options.modelId);
+  // Split inference computes in a worker thread of its own, on this thread's backend where it loads there.
+  inference.useBackends([backend.name, 'wasm', 'cpu']);
   // The workers use the backend this thread picked, so that every thread computes alike;
   // a native backend that cannot load in a worker thread falls back to wasm, then cpu.
   const computeLog = log.child({ plane: 'compute' });

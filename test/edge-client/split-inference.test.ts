@@ -122,6 +122,33 @@ describe('split inference', () => {
     await session.request({ case: 'inferEnd', value: { sessionId: session.id } });
   });
 
+  it('a long InferStep computes off the event loop: /v1/ready and a heartbeat are answered while it runs', async () => {
+    const contentHash = ((await api(node, 'GET', '/v1/models', key)).json.models as { contentHash: string }[])[0].contentHash;
+    // Three middle blocks on 255 tokens (64 KiB of h_B, the test limit per frame): about half a second on the cpu backend.
+    const wide = await client.openSession({ model: { id: 'stories260K', contentHash }, cut: { bottom: 1, top: 1 }, codecs: { forward: [{ codec: 'f32' }], backward: [{ codec: 'f32' }] } });
+    const tokens = 255;
+    const frame = encodeTensor(new Float32Array(tokens * loaded.config.hiddenSize).map((_, i) => Math.sin(i * 0.01)), [1, tokens, loaded.config.hiddenSize], { codec: 'f32' }, { name: 'h_B' });
+    const order: string[] = [];
+    const step = wide.request({ case: 'inferStep', value: { sessionId: wide.id, position: 0, frames: [frame] } }).then((r) => {
+      order.push('inferStep');
+      return r;
+    });
+    await new Promise((r) => setTimeout(r, 30)); // the step is on its way (and decoded) before the small requests leave
+    const ready = api(node, 'GET', '/v1/ready').then((r) => {
+      order.push('ready');
+      return r;
+    });
+    const beat = session.request({ case: 'heartbeat', value: { sessionId: session.id, sequence: 1, sentAtMs: Date.now() } }).then((r) => {
+      order.push('heartbeat');
+      return r;
+    });
+    assert.equal((await ready).status, 200);
+    assert.equal((await beat).body.case, 'heartbeat');
+    assert.equal((await step).body.case, 'inferStepResult');
+    assert.equal(order.at(-1), 'inferStep', `the small requests came back first: ${order.join(', ')}`);
+    await wide.request({ case: 'inferEnd', value: { sessionId: wide.id } });
+  });
+
   it('refuses an adapter that changes the middle blocks before anything is sent', async () => {
     const fullAdapter = createAdapter(full, [{ method: 'lora', r: 2, initLoraWeights: false, targetModules: ['q_proj'], layersToTransform: [2] }], { seed: 1 });
     await assert.rejects(splitGenerate(session, edge, [1, 2, 3], { maxNewTokens: 2, temperature: 0 }, fullAdapter), { code: 'TANDEM_EDGE_OPTION_INVALID' });
