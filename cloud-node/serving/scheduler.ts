@@ -93,6 +93,8 @@ export class ServingScheduler {
   readonly #stepper: ServingStepper;
   #queue: Pending[] = [];
   #active: Active[] = [];
+  /** Admitted, their adapter loading: they join the batch once it is loaded, the others step meanwhile. */
+  readonly #loading = new Map<Pending, Promise<void>>();
   #reserved = 0;
   #order = 0;
   /** Each tenant's last admission (a sequence number): the tie-break of fairness. */
@@ -161,35 +163,58 @@ export class ServingScheduler {
     });
   }
 
-  async #admit(): Promise<void> {
+  #admit(): void {
     this.#queue.sort((a, b) => (a.request.deadline ?? Infinity) - (b.request.deadline ?? Infinity) || a.order - b.order);
-    while (this.#queue.length > 0 && this.#active.length < this.#o.maxBatch) {
+    while (this.#queue.length > 0 && this.#active.length + this.#loading.size < this.#o.maxBatch) {
       const p = this.#next();
       // Strict order: a request that does not fit yet waits, and so do those behind it.
       if (this.#reserved + p.kvBytes > this.#o.kvBudgetBytes) break;
       this.#queue.splice(this.#queue.indexOf(p), 1);
       this.#noteAdmitted(p.tenant);
       this.#reserved += p.kvBytes;
-      let held: { release: () => void } | undefined;
-      try {
-        const acquired = p.request.adapter !== undefined ? await this.#o.adapters.acquire(p.request.adapter) : undefined;
-        held = acquired;
-        // close() may have come while the adapter loaded: this request ends with the others.
-        if (this.#closed) throw new CloudError('TANDEM_MODEL_NOT_READY');
-        const { promptIds, maxTokens, temperature, topP, seed } = p.request;
-        const loop = new GenerationLoop(this.#o.model.config, promptIds, { maxNewTokens: maxTokens, temperature, topP, seed, ...(p.request.ignoreEos === true ? { stopTokenIds: [] } : {}) });
-        const sequence = this.#open(acquired?.adapter, promptIds.length + maxTokens);
-        this.#active.push({
-          ...p, loop, sequence, release: acquired?.release ?? (() => {}),
-          adapterKey: p.request.adapter === undefined ? '' : `${p.request.adapter.tenant}/${p.request.adapter.name}`, next: loop.first(), prefilled: 0, stopped: false,
-        });
-      } catch (err) {
-        held?.release();
-        this.#reserved -= p.kvBytes;
-        p.reject(err);
+      if (p.request.adapter === undefined) {
+        this.#activate(p, undefined);
+        continue;
       }
+      // Loading an adapter (files, tensors) is not awaited here: the requests running go on stepping.
+      const load = this.#o.adapters.acquire(p.request.adapter).then(
+        (acquired) => {
+          this.#loading.delete(p);
+          // close() may have come while the adapter loaded: this request ends with the others.
+          if (this.#closed) {
+            acquired.release();
+            this.#reserved -= p.kvBytes;
+            p.reject(new CloudError('TANDEM_MODEL_NOT_READY'));
+            return;
+          }
+          this.#activate(p, acquired);
+        },
+        (err: unknown) => {
+          this.#loading.delete(p);
+          this.#reserved -= p.kvBytes;
+          p.reject(err);
+        },
+      );
+      this.#loading.set(p, load);
     }
     this.#o.metrics?.kvCacheBytes.set(this.#reserved);
+  }
+
+  /** An admitted request joins the batch (its adapter, if any, loaded and held). */
+  #activate(p: Pending, acquired: { adapter: PeftAdapter; release: () => void } | undefined): void {
+    try {
+      const { promptIds, maxTokens, temperature, topP, seed } = p.request;
+      const loop = new GenerationLoop(this.#o.model.config, promptIds, { maxNewTokens: maxTokens, temperature, topP, seed, ...(p.request.ignoreEos === true ? { stopTokenIds: [] } : {}) });
+      const sequence = this.#open(acquired?.adapter, promptIds.length + maxTokens);
+      this.#active.push({
+        ...p, loop, sequence, release: acquired?.release ?? (() => {}),
+        adapterKey: p.request.adapter === undefined ? '' : `${p.request.adapter.tenant}/${p.request.adapter.name}`, next: loop.first(), prefilled: 0, stopped: false,
+      });
+    } catch (err) {
+      acquired?.release();
+      this.#reserved -= p.kvBytes;
+      p.reject(err);
+    }
   }
 
   /**
@@ -198,7 +223,7 @@ export class ServingScheduler {
    */
   #next(): Pending {
     const inFlight = new Map<string, number>();
-    for (const a of this.#active) inFlight.set(a.tenant, (inFlight.get(a.tenant) ?? 0) + 1);
+    for (const a of [...this.#active, ...this.#loading.keys()]) inFlight.set(a.tenant, (inFlight.get(a.tenant) ?? 0) + 1);
     const rank = (p: Pending): [number, number] => [inFlight.get(p.tenant) ?? 0, this.#admittedAt.get(p.tenant) ?? -1];
     let best: Pending | undefined;
     const seen = new Set<string>();
@@ -220,7 +245,7 @@ export class ServingScheduler {
   #noteAdmitted(tenant: string): void {
     this.#admittedAt.set(tenant, this.#admissions++);
     if (this.#admittedAt.size <= 1024) return;
-    const live = new Set([...this.#queue, ...this.#active].map((p) => p.tenant));
+    const live = new Set([...this.#queue, ...this.#active, ...this.#loading.keys()].map((p) => p.tenant));
     for (const t of [...this.#admittedAt.keys()]) if (!live.has(t)) this.#admittedAt.delete(t);
   }
 
@@ -256,8 +281,14 @@ export class ServingScheduler {
   }
 
   async #run(): Promise<void> {
-    while (!this.#closed && (this.#queue.length > 0 || this.#active.length > 0)) {
-      await this.#admit();
+    while (!this.#closed && (this.#queue.length > 0 || this.#active.length > 0 || this.#loading.size > 0)) {
+      this.#admit();
+      if (this.#active.length === 0) {
+        // Only adapters loading (or requests waiting for KV they hold): wait for a load, not in a busy loop.
+        if (this.#loading.size > 0) await Promise.race(this.#loading.values());
+        else if (this.#queue.length > 0) await new Promise((r) => setImmediate(r));
+        continue;
+      }
       // The prefill budget goes to newcomers in admission order; the others wait a step.
       let budget = this.#o.prefillTokensPerStep ?? 512;
       const chunk = new Map<Active, number[]>();

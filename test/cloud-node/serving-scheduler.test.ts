@@ -9,7 +9,8 @@ import { AdapterRegistry } from '../../cloud-node/serving/adapter-registry.ts';
 import type { ServedAdapterRecord } from '../../cloud-node/serving/adapter-registry.ts';
 import { ResidentAdapters } from '../../cloud-node/serving/resident-adapters.ts';
 import { ServingScheduler } from '../../cloud-node/serving/scheduler.ts';
-import { generate, initBackend, LlamaModel, loadModelFolder, tf } from '../../model/index.ts';
+import { generate, initBackend, LlamaModel, loadAdapter, loadModelFolder, tf } from '../../model/index.ts';
+import type { PeftAdapter } from '../../model/index.ts';
 import { STORIES_DIR, tempDir } from './helpers.ts';
 import { writeTestAdapters } from './serving-fixtures.ts';
 
@@ -80,6 +81,49 @@ describe('serving scheduler', () => {
     // a1 is not in use any more: two other adapters at capacity 2 unload it.
     for (const i of [0, 2]) (await resident.acquire(record(i))).release();
     assert.equal(resident.count, 2, 'the adapter was released');
+    resident.dispose();
+  });
+
+  it('the running requests keep decoding while a newcomer\'s adapter loads', async () => {
+    let opened = false;
+    let openGate!: () => void;
+    const gate = new Promise<void>((r) => { openGate = r; });
+    const open = (): void => {
+      opened = true;
+      openGate();
+    };
+    let loadsStarted = 0;
+    // Loading a1 takes as long as the test says (a large adapter read from a slow disk).
+    class SlowLoads extends ResidentAdapters {
+      override async acquire(r: ServedAdapterRecord): Promise<{ adapter: PeftAdapter; release: () => void }> {
+        loadsStarted++;
+        await gate;
+        return super.acquire(r);
+      }
+    }
+    const resident = new SlowLoads(model, (r) => dirs[Number(r.name.slice(1))], 2);
+    const scheduler = new ServingScheduler({ model, adapters: resident, kvBudgetBytes: 1 << 24, maxBatch: 8, maxQueue: 8 });
+    let tokensWhileLoading = 0;
+    let second: Promise<{ generatedIds: number[] }> | undefined;
+    const first = scheduler.submit({
+      promptIds: [1, 400, 50], maxTokens: 40, temperature: 0, topP: 1, seed: 0, ignoreEos: true,
+      onToken: () => {
+        second ??= scheduler.submit({ tenant: 't', adapter: record(1), promptIds: [1, 400, 50, 7], maxTokens: 4, temperature: 0, topP: 1, seed: 0, ignoreEos: true });
+        if (loadsStarted > 0 && !opened) tokensWhileLoading++;
+        if (tokensWhileLoading === 8) open();
+      },
+    });
+    // Without the loads off the step loop, nothing would step while a1 loads: open the gate after a while anyway.
+    const timer = setTimeout(() => open(), 5_000);
+    const a = await first;
+    const b = await (second as Promise<{ generatedIds: number[] }>);
+    clearTimeout(timer);
+    assert.ok(tokensWhileLoading >= 8, `the running request decoded ${tokensWhileLoading} tokens while the adapter loaded`);
+    assert.deepEqual(a.generatedIds, generate(model, [1, 400, 50], { maxNewTokens: 40, temperature: 0, stopTokenIds: [] }).generatedIds);
+    const adapter = await loadAdapter(model, dirs[1]);
+    assert.deepEqual(b.generatedIds, generate(model, [1, 400, 50, 7], { maxNewTokens: 4, temperature: 0, stopTokenIds: [], hooks: adapter.hooks }).generatedIds, 'the late request with its adapter is exact');
+    adapter.dispose();
+    assert.equal(scheduler.kvBytesReserved, 0);
     resident.dispose();
   });
 
