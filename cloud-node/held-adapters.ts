@@ -2,8 +2,9 @@
 // session's seed with model/peft's own init (so the adapter is the one the edge's local
 // training would create), trained by the backward's gradients, stepped by the edge's
 // StepCommit with AdamW (torch's rule, as model/train's), and checkpointed in the state
-// folder at every backward and commit, so that a node killed mid-training resumes with no
-// step lost or applied twice. Freed when the session closes or expires.
+// folder (the whole adapter at each commit, each backward's gradients on their own), so that
+// a node killed mid-training resumes with no step lost or applied twice. Freed when the
+// session closes or expires.
 import { PEFT_MODULE_PREFIX, createAdapter } from '../model/index.ts';
 import type { LlamaModel } from '../model/index.ts';
 import { ProtocolError } from '../protocol/index.ts';
@@ -138,6 +139,11 @@ export class HeldAdapter {
       this.#pendingStep = step;
     }
     this.#grads.set(microbatch, grads.map((g) => g.slice()));
+  }
+
+  /** The gradients kept for (step, microbatch); undefined when that step is not the one in progress. */
+  gradientsOf(step: number, microbatch: number): readonly Float32Array[] | undefined {
+    return this.#pendingStep === step ? this.#grads.get(microbatch) : undefined;
   }
 
   /**
@@ -280,11 +286,28 @@ export class HeldAdapters {
     await this.save(held);
   }
 
-  /** Checkpoints the adapter (after a backward's gradients or a commit); durable once it resolves. */
+  /** Checkpoints the whole adapter (created, or a commit applied) and drops the gradient files it has applied; durable once it resolves. */
   save(held: HeldAdapter): Promise<void> {
     const snapshot = held.snapshot();
+    const committed = held.lastCommitted ?? 0;
+    return this.#write(held, async () => {
+      await this.#store.save(snapshot);
+      await this.#store.removeGradients(held.sessionId, committed);
+    });
+  }
+
+  /** Checkpoints one backward's gradients of the step in progress (not the whole adapter again); durable once it resolves. */
+  saveGradients(held: HeldAdapter, step: number, microbatch: number): Promise<void> {
+    const grads = held.gradientsOf(step, microbatch)?.map((g) => g.slice());
+    // A backward of a step already applied added nothing.
+    if (grads === undefined) return Promise.resolve();
+    return this.#write(held, () => this.#store.saveGradients(held.sessionId, step, microbatch, grads));
+  }
+
+  /** Writes of one session, one after another, while it is still held. */
+  #write(held: HeldAdapter, write: () => Promise<void>): Promise<void> {
     const prev = this.#writes.get(held.sessionId) ?? Promise.resolve();
-    const next = prev.then(() => (this.#byId.get(held.sessionId) === held ? this.#store.save(snapshot) : undefined));
+    const next = prev.then(() => (this.#byId.get(held.sessionId) === held ? write() : undefined));
     this.#writes.set(held.sessionId, next.catch(() => undefined));
     return next;
   }

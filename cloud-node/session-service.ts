@@ -491,7 +491,7 @@ export class SessionService {
       // The held adapter's gradients are checkpointed before g_B goes out: an acknowledged backward is never lost.
       const result = await executor.backwardHeld(served.middleOf(session.cut), h, g, shape, session.tenant, held.lora());
       held.accumulate(backward.step, backward.microbatch, result.loraGrads);
-      await this.#options.held?.save(held);
+      await this.#options.held?.saveGradients(held, backward.step, backward.microbatch);
       out = result.output;
     }
     if (out === undefined && cached?.tape) {

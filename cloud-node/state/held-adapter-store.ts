@@ -1,11 +1,16 @@
-// The held middle adapters' checkpoints in the embedded state folder: one JSON file per
-// session under `held/`, tensors as base64 float32 (little-endian), written atomically
-// (json-file.ts), so that a hard kill leaves the last acknowledged state whole.
-import { readdir, rm } from 'node:fs/promises';
+// The held middle adapters' checkpoints in the embedded state folder, under `held/`: per
+// session a JSON file with the weights, AdamW's buffers and the last commit (tensors as base64
+// float32, little-endian), written when the adapter is created and at each commit; and per
+// backward of the step in progress one file of its gradients, `<session>.step-<s>.mb-<m>.f32`
+// (raw float32, the tensors one after another), so that a backward writes only what it adds,
+// not the whole adapter again. Every file is written atomically (json-file.ts), so a hard kill
+// leaves the last acknowledged state whole; gradient files of a step already committed (a kill
+// between the commit's checkpoint and their removal) are dropped when the folder is read.
+import { readFile, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { MiddleAdapterSpec } from '../../protocol/index.ts';
 import { CloudError } from '../errors.ts';
-import { ensureStateDir, readJsonState, syncDir, tidyStateDir, writeJsonState } from './json-file.ts';
+import { ensureStateDir, readJsonState, syncDir, tidyStateDir, writeJsonState, writeStateFile } from './json-file.ts';
 
 export const HELD_DIR = 'held';
 
@@ -31,6 +36,8 @@ export interface HeldAdapterSnapshot {
 }
 
 const SESSION_ID = /^[0-9a-f-]{1,64}$/;
+/** A gradient file's name: session, step, micro-batch. */
+const GRADIENTS_FILE = /^([0-9a-f-]{1,64})\.step-(\d{1,15})\.mb-(\d{1,15})\.f32$/;
 
 const b64 = (a: Float32Array): string => Buffer.from(a.buffer, a.byteOffset, a.byteLength).toString('base64');
 
@@ -70,21 +77,88 @@ export class HeldAdapterStore {
     });
   }
 
+  /** One backward's gradients of the step in progress (a retry of the micro-batch replaces them); durable once it resolves. */
+  async saveGradients(sessionId: string, step: number, microbatch: number, grads: readonly Float32Array[]): Promise<void> {
+    this.#file(sessionId);
+    const bytes = new Uint8Array(grads.reduce((n, g) => n + g.byteLength, 0));
+    let at = 0;
+    for (const g of grads) {
+      bytes.set(new Uint8Array(g.buffer, g.byteOffset, g.byteLength), at);
+      at += g.byteLength;
+    }
+    await writeStateFile(join(this.#dir, `${sessionId}.step-${step}.mb-${microbatch}.f32`), bytes);
+  }
+
+  /** Removes the session's gradient files of steps up to `step` (committed: the checkpoint holds them applied). */
+  async removeGradients(sessionId: string, step = Number.MAX_SAFE_INTEGER): Promise<void> {
+    let removed = false;
+    for (const f of await this.#gradientFiles()) {
+      if (f.sessionId !== sessionId || f.step > step) continue;
+      await rm(join(this.#dir, f.name), { force: true });
+      removed = true;
+    }
+    if (removed) await syncDir(this.#dir);
+  }
+
   async remove(sessionId: string): Promise<void> {
     await rm(this.#file(sessionId), { force: true });
+    await this.removeGradients(sessionId);
     await syncDir(this.#dir);
+  }
+
+  async #gradientFiles(): Promise<{ name: string; sessionId: string; step: number; microbatch: number }[]> {
+    const out: { name: string; sessionId: string; step: number; microbatch: number }[] = [];
+    for (const name of await readdir(this.#dir)) {
+      const m = GRADIENTS_FILE.exec(name);
+      if (m !== null) out.push({ name, sessionId: m[1], step: Number(m[2]), microbatch: Number(m[3]) });
+    }
+    return out;
   }
 
   async loadAll(): Promise<HeldAdapterSnapshot[]> {
     const out: HeldAdapterSnapshot[] = [];
+    const gradients = await this.#gradientFiles();
+    const stale: string[] = [];
     for (const name of (await readdir(this.#dir)).filter((n) => n.endsWith('.json')).sort()) {
       const file = join(this.#dir, name);
       const raw = await readJsonState(file);
       if (raw === undefined) continue;
-      out.push(parseSnapshot(raw, file));
+      const snapshot = parseSnapshot(raw, file);
+      // The step in progress: the latest after the last commit (a later step's first backward started it anew).
+      const mine = gradients.filter((f) => f.sessionId === snapshot.sessionId);
+      const committed = snapshot.last?.step ?? 0;
+      const step = Math.max(-1, ...mine.filter((f) => f.step > committed).map((f) => f.step));
+      for (const f of mine) if (f.step !== step) stale.push(f.name);
+      const files = mine.filter((f) => f.step === step).sort((a, b) => a.microbatch - b.microbatch);
+      if (files.length > 0) {
+        const lengths = snapshot.params.map((p) => p.value.length);
+        const microbatches = new Map(snapshot.pending?.step === step ? snapshot.pending.microbatches : []);
+        for (const f of files) microbatches.set(f.microbatch, splitGradients(await readFile(join(this.#dir, f.name)), lengths, join(this.#dir, f.name)));
+        snapshot.pending = { step, microbatches: [...microbatches].sort((a, b) => a[0] - b[0]) };
+      }
+      out.push(snapshot);
     }
+    // Gradient files of no checkpoint (its session was removed midway) or of a step already applied.
+    const known = new Set(out.map((s) => s.sessionId));
+    for (const f of gradients) if (!known.has(f.sessionId)) stale.push(f.name);
+    for (const name of stale) await rm(join(this.#dir, name), { force: true });
+    if (stale.length > 0) await syncDir(this.#dir);
     return out;
   }
+}
+
+function splitGradients(bytes: Uint8Array, lengths: readonly number[], file: string): Float32Array[] {
+  const total = lengths.reduce((n, l) => n + l, 0);
+  if (bytes.length !== total * 4) throw new CloudError('TANDEM_STATE_INVALID', { file, reason: `the gradients have ${bytes.length} bytes; the adapter's tensors need ${total * 4}` });
+  const all = new Float32Array(total);
+  new Uint8Array(all.buffer).set(bytes);
+  const out: Float32Array[] = [];
+  let at = 0;
+  for (const l of lengths) {
+    out.push(all.slice(at, at + l));
+    at += l;
+  }
+  return out;
 }
 
 function parseSnapshot(raw: Record<string, unknown>, file: string): HeldAdapterSnapshot {

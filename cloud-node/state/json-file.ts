@@ -33,11 +33,16 @@ export async function readJsonState(path: string): Promise<Record<string, unknow
 
 /** Writes `value` as JSON to `path` atomically with mode 0600; durable once it resolves. */
 export async function writeJsonState(path: string, value: unknown): Promise<void> {
+  await writeStateFile(path, `${JSON.stringify(value, null, 2)}\n`);
+}
+
+/** Writes a state file atomically and durably (a temporary file, fsync, rename, the folder fsynced). */
+export async function writeStateFile(path: string, data: string | Uint8Array): Promise<void> {
   const tmp = `${path}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
   try {
     const fh = await open(tmp, 'w', STATE_FILE_MODE);
     try {
-      await fh.writeFile(`${JSON.stringify(value, null, 2)}\n`);
+      await fh.writeFile(data);
       await fh.sync();
     } finally {
       await fh.close();

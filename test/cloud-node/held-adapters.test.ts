@@ -67,13 +67,13 @@ describe('middle adapters held by the node', { skip: HELD_SKIP }, () => {
     await client.hello({ cut: CUT, training: training() });
     await client.step(1);
     const held = join(node.stateDir, 'held');
-    assert.deepEqual(await readdir(held), [`${client.sessionId}.json`]);
+    assert.deepEqual((await readdir(held)).sort(), [`${client.sessionId}.json`, `${client.sessionId}.step-1.mb-0.f32`], 'the adapter, and the gradients of the step in progress');
     assert.equal(await metric(node, 'tandem_held_adapters'), 1);
     // The edge goes away without a SessionClose.
     for (let i = 0; i < 100 && (await metric(node, 'tandem_held_adapters')) > 0; i++) await new Promise((r) => setTimeout(r, 100));
     assert.equal(await metric(node, 'tandem_held_adapters'), 0, 'freed at expiry');
     assert.equal(await metric(node, 'tandem_held_adapter_bytes'), 0);
-    assert.deepEqual(await readdir(held), []);
+    assert.deepEqual(await readdir(held), [], 'the checkpoint and the gradient files are removed');
     assertError(await client.request(commit(client.sessionId, 1)), 'TANDEM_SESSION_CLOSED');
   });
 });

@@ -1,9 +1,10 @@
 // A cloud process holding a session's middle LoRA is killed with SIGKILL mid-training and
 // started again on the same state folder: the edge reattaches, and the run ends with the
 // adapter of an uninterrupted run — no step lost, none applied twice (the held adapter, its
-// AdamW state and the gradients of the step in progress are checkpointed before each reply).
+// AdamW state at each commit, and each backward's gradients of the step in progress, are
+// checkpointed before the reply).
 import assert from 'node:assert/strict';
-import { readFile, readdir } from 'node:fs/promises';
+import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { trainEdge } from '../../edge-client/index.ts';
@@ -40,12 +41,11 @@ describe('a cloud holding a middle LoRA, killed with SIGKILL mid-training', { sk
           const old = cloud;
           restarted = (async () => {
             const held = join(state, 'held');
+            // A backward's gradients are checkpointed in a file of their own: <session>.step-3.mb-M.f32.
             for (let i = 0; i < 5000 && pendingAtKill === undefined; i++) {
-              for (const name of (await readdir(held)).filter((n) => n.endsWith('.json'))) {
-                const raw = JSON.parse(await readFile(join(held, name), 'utf8').catch(() => '{}')) as { pending?: { step: number; microbatches: unknown[] } | null };
-                if (raw.pending) pendingAtKill = raw.pending.microbatches.length;
-              }
-              if (pendingAtKill === undefined) await new Promise((r) => setTimeout(r, 1));
+              const step3 = (await readdir(held)).filter((n) => /\.step-3\.mb-\d+\.f32$/.test(n));
+              if (step3.length > 0) pendingAtKill = step3.length;
+              else await new Promise((r) => setTimeout(r, 1));
             }
             // A moment more, so that the reply of that backward has reached the edge (its next backward computes).
             await new Promise((r) => setTimeout(r, 20));
