@@ -5,6 +5,7 @@
 // implementations of one interface: tfjs (MiddleCompute) and ONNX Runtime (OrtMiddleCompute).
 import { OrtMiddleExecutor, PackedBlocks, gradients, segmentIa3Delta, segmentLoraDelta, sumDeltas, tapedForward, tf } from '../model/index.ts';
 import type { Ia3Scale, KeptForward, LlamaModel, LoraFactors, OrtLlama, PackedLinearDelta, SegmentIa3, SegmentLora, TapedForward } from '../model/index.ts';
+import { splitFloat32 } from '../common/split-float32.ts';
 
 export type Shape3 = [number, number, number];
 
@@ -138,17 +139,6 @@ function concat(parts: readonly Float32Array[]): Float32Array {
   return out;
 }
 
-/** Splits an array into parts of the given lengths. */
-function splitInto(all: Float32Array, lengths: readonly number[]): Float32Array[] {
-  const parts: Float32Array[] = [];
-  let at = 0;
-  for (const n of lengths) {
-    parts.push(all.slice(at, at + n));
-    at += n;
-  }
-  return parts;
-}
-
 /** An ORT forward of several requests stacked along the batch axis: one set of saved tensors. */
 interface StackedKept extends Kept {
   readonly kept: KeptForward;
@@ -197,21 +187,21 @@ export class OrtMiddleCompute implements Compute<KeptForward | StackedKept> {
   async forwardPacked(items: readonly BatchItem[], keepTape: boolean): Promise<{ outputs: Float32Array[]; tape?: StackedKept }> {
     const lengths = items.map((it) => it.h.length);
     const h = concat(items.map((it) => it.h));
-    if (!keepTape) return { outputs: splitInto(await this.#exec.forward(items[0].range, h, this.#stacked(items)), lengths) };
+    if (!keepTape) return { outputs: splitFloat32(await this.#exec.forward(items[0].range, h, this.#stacked(items)), lengths) };
     const { output, kept } = await this.#exec.forwardKeeping(items[0].range, h, this.#stacked(items));
-    return { outputs: splitInto(output, lengths), tape: { kept, lengths, savedBytes: kept.savedBytes, dispose: () => kept.dispose() } };
+    return { outputs: splitFloat32(output, lengths), tape: { kept, lengths, savedBytes: kept.savedBytes, dispose: () => kept.dispose() } };
   }
 
   async backwardPackedFromTape(tape: KeptForward | StackedKept, gs: readonly (Float32Array | undefined)[]): Promise<Float32Array[]> {
     if (!('lengths' in tape)) throw new Error('not a stacked tape');
     const g = concat(tape.lengths.map((n, k) => gs[k] ?? new Float32Array(n)));
-    return splitInto(await tape.kept.vjp(g), tape.lengths);
+    return splitFloat32(await tape.kept.vjp(g), tape.lengths);
   }
 
   async backwardPacked(items: readonly BatchItem[]): Promise<Float32Array[]> {
     const h = concat(items.map((it) => it.h));
     const g = concat(items.map((it) => it.g ?? new Float32Array(it.h.length)));
-    return splitInto(await this.#exec.backward(items[0].range, h, g, this.#stacked(items)), items.map((it) => it.h.length));
+    return splitFloat32(await this.#exec.backward(items[0].range, h, g, this.#stacked(items)), items.map((it) => it.h.length));
   }
 }
 
@@ -238,7 +228,7 @@ export class MiddleCompute implements Compute<TapedForward | PackedTape> {
   async forwardPacked(items: readonly BatchItem[], keepTape: boolean): Promise<{ outputs: Float32Array[]; tape?: PackedTape }> {
     const rows = items.map((it) => it.shape[0] * it.shape[1]);
     const hidden = items[0].shape[2];
-    const split = (all: Float32Array): Float32Array[] => splitInto(all, rows.map((r) => r * hidden));
+    const split = (all: Float32Array): Float32Array[] => splitFloat32(all, rows.map((r) => r * hidden));
     if (!keepTape) {
       const out = tf.tidy(() => this.#packedRun(items, this.#inputs(items)));
       try {
@@ -304,7 +294,7 @@ export class MiddleCompute implements Compute<TapedForward | PackedTape> {
     });
     const hidden = items[0].shape[2];
     try {
-      return splitInto((await out.data()) as Float32Array, items.map((it) => it.shape[0] * it.shape[1] * hidden));
+      return splitFloat32((await out.data()) as Float32Array, items.map((it) => it.shape[0] * it.shape[1] * hidden));
     } finally {
       out.dispose();
     }

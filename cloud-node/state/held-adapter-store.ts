@@ -8,6 +8,7 @@
 // between the commit's checkpoint and their removal) are dropped when the folder is read.
 import { readFile, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
+import { splitFloat32 } from '../../common/split-float32.ts';
 import type { MiddleAdapterSpec } from '../../protocol/index.ts';
 import { CloudError } from '../errors.ts';
 import { ensureStateDir, readJsonState, syncDir, tidyStateDir, writeJsonState, writeStateFile } from './json-file.ts';
@@ -152,13 +153,7 @@ function splitGradients(bytes: Uint8Array, lengths: readonly number[], file: str
   if (bytes.length !== total * 4) throw new CloudError('TANDEM_STATE_INVALID', { file, reason: `the gradients have ${bytes.length} bytes; the adapter's tensors need ${total * 4}` });
   const all = new Float32Array(total);
   new Uint8Array(all.buffer).set(bytes);
-  const out: Float32Array[] = [];
-  let at = 0;
-  for (const l of lengths) {
-    out.push(all.slice(at, at + l));
-    at += l;
-  }
-  return out;
+  return splitFloat32(all, lengths);
 }
 
 function parseSnapshot(raw: Record<string, unknown>, file: string): HeldAdapterSnapshot {
