@@ -439,7 +439,7 @@ async function assembleCloudNode(options: CloudNodeOptions, undo: Array<() => un
   const backend = await initBackend({ backend: tfjsBackend, log: (line) => log.info(line) });
   const served = await ServedModel.load(options.modelDir, options.modelId);
   // Split inference computes in a worker thread of its own, on this thread's backend where it loads there.
-  inference.useBackends([backend.name, 'wasm', 'cpu']);
+  inference.useBackends([...new Set([backend.name, 'wasm', 'cpu'])]);
   // The workers use the backend this thread picked, so that every thread computes alike;
   // a native backend that cannot load in a worker thread falls back to wasm, then cpu.
   const computeLog = log.child({ plane: 'compute' });

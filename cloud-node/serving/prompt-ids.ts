@@ -10,6 +10,15 @@ import { CloudError } from '../errors.ts';
  */
 export const PROMPT_CHARS_SLACK = 2;
 
+/**
+ * A prompt longer than context × this many characters has its head tokenized first: text runs
+ * about 4 characters a token, so a head that already overflows the context (with a margin for
+ * the token its cut splits) ends the request after context × 8 characters of work, not after
+ * the whole prompt's (context × the longest token × 2).
+ */
+export const PROMPT_HEAD_CHARS_PER_TOKEN = 8;
+const HEAD_MARGIN_TOKENS = 64;
+
 /** The most characters of prompt that are tokenized for a context of `context` tokens. */
 export function maxPromptChars(tokenizer: Tokenizer, context: number): number {
   return context * tokenizer.maxTokenChars * PROMPT_CHARS_SLACK;
@@ -27,6 +36,13 @@ export function promptIds(tokenizer: Tokenizer, prompt: string, context: number)
       limit: `${maxChars} characters (the context holds ${context} tokens of at most ${tokenizer.maxTokenChars} characters)`,
       field: 'prompt',
     });
+  }
+  const headChars = context * PROMPT_HEAD_CHARS_PER_TOKEN;
+  if (prompt.length > headChars) {
+    const head = tokenizer.encode(prompt.slice(0, headChars)).length;
+    if (head >= context + HEAD_MARGIN_TOKENS) {
+      throw new CloudError('TANDEM_SERVE_PROMPT_TOO_LONG', { actual: `${head} tokens in its first ${headChars} characters`, limit: `${context - 1} tokens (the context holds ${context}, with at least one new token)`, field: 'prompt' });
+    }
   }
   const ids = tokenizer.encode(prompt);
   if (ids.length === 0) throw new CloudError('TANDEM_REQUEST_INVALID', { reason: 'the prompt has no tokens', field: 'prompt' });

@@ -5,7 +5,7 @@ import { describe, it } from 'node:test';
 import { loadTokenizer } from '../../model/index.ts';
 import type { Tokenizer } from '../../model/index.ts';
 import { CompletionText } from '../../cloud-node/serving/completion-text.ts';
-import { maxPromptChars, promptIds } from '../../cloud-node/serving/prompt-ids.ts';
+import { maxPromptChars, PROMPT_HEAD_CHARS_PER_TOKEN, promptIds } from '../../cloud-node/serving/prompt-ids.ts';
 import { CloudError } from '../../cloud-node/errors.ts';
 import { STORIES_DIR as FIXTURE } from './helpers.ts';
 
@@ -74,6 +74,14 @@ describe('a served prompt is checked before it is tokenized', () => {
     assert.throws(() => promptIds(tok, prompt, 512), (e: unknown) => e instanceof CloudError && e.code === 'TANDEM_SERVE_PROMPT_TOO_LONG' && /tokens/.test(e.message));
     assert.equal(tok.encoded, prompt.length);
     assert.deepEqual(promptIds(tok, 'Once upon a time', 512), tok.encode('Once upon a time'));
+  });
+
+  it('a long prompt whose head already overflows the context is refused after its head is tokenized', async () => {
+    const tok = await countingTokenizer();
+    const prompt = 'Once upon a time there was a little girl. '.repeat(150);
+    assert.ok(prompt.length > 512 * PROMPT_HEAD_CHARS_PER_TOKEN && prompt.length <= maxPromptChars(tok, 512));
+    assert.throws(() => promptIds(tok, prompt, 512), (e: unknown) => e instanceof CloudError && e.code === 'TANDEM_SERVE_PROMPT_TOO_LONG' && /in its first 4096 characters/.test(e.message));
+    assert.equal(tok.encoded, 512 * PROMPT_HEAD_CHARS_PER_TOKEN, 'only the head was tokenized');
   });
 
   it('every vocabulary entry decodes to at most maxTokenChars characters', async () => {
