@@ -95,6 +95,8 @@ export class ServingScheduler {
   #active: Active[] = [];
   /** Admitted, their adapter loading: they join the batch once it is loaded, the others step meanwhile. */
   readonly #loading = new Map<Pending, Promise<void>>();
+  /** Ends the step loop's wait for a load when a request arrives. */
+  #wake: (() => void) | undefined;
   #reserved = 0;
   #order = 0;
   /** Each tenant's last admission (a sequence number): the tie-break of fairness. */
@@ -150,6 +152,7 @@ export class ServingScheduler {
     const kvBytes = this.kvBytesOf(request.promptIds.length, request.maxTokens);
     return new Promise((resolve, reject) => {
       this.#queue.push({ request, tenant, order: this.#order++, submitted: performance.now(), kvBytes, resolve, reject });
+      this.#wake?.();
       this.#kick();
     });
   }
@@ -284,8 +287,11 @@ export class ServingScheduler {
     while (!this.#closed && (this.#queue.length > 0 || this.#active.length > 0 || this.#loading.size > 0)) {
       this.#admit();
       if (this.#active.length === 0) {
-        // Only adapters loading (or requests waiting for KV they hold): wait for a load, not in a busy loop.
-        if (this.#loading.size > 0) await Promise.race(this.#loading.values());
+        // Only adapters loading (or requests waiting for KV they hold): wait for a load or a newcomer, not in a busy loop.
+        if (this.#loading.size > 0) {
+          await Promise.race([...this.#loading.values(), new Promise<void>((r) => { this.#wake = r; })]);
+          this.#wake = undefined;
+        }
         else if (this.#queue.length > 0) await new Promise((r) => setImmediate(r));
         continue;
       }

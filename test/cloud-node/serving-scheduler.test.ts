@@ -119,6 +119,26 @@ describe('serving scheduler', () => {
     const b = await (second as Promise<{ generatedIds: number[] }>);
     clearTimeout(timer);
     assert.ok(tokensWhileLoading >= 8, `the running request decoded ${tokensWhileLoading} tokens while the adapter loaded`);
+    // With nothing else running, a request for the base does not wait for another's adapter to load either.
+    let reopen!: () => void;
+    const slow = new Promise<void>((r) => { reopen = r; });
+    const loadingOnly = new (class extends ResidentAdapters {
+      override async acquire(r: ServedAdapterRecord): Promise<{ adapter: PeftAdapter; release: () => void }> {
+        await slow;
+        return super.acquire(r);
+      }
+    })(model, (r) => dirs[Number(r.name.slice(1))], 2);
+    const lone = new ServingScheduler({ model, adapters: loadingOnly, kvBudgetBytes: 1 << 24, maxBatch: 8, maxQueue: 8 });
+    const waiting = lone.submit({ tenant: 't', adapter: record(2), promptIds: [1, 400], maxTokens: 2, temperature: 0, topP: 1, seed: 0, ignoreEos: true });
+    await new Promise((r) => setTimeout(r, 20));
+    const base = await Promise.race([
+      lone.submit({ promptIds: [1, 400], maxTokens: 2, temperature: 0, topP: 1, seed: 0, ignoreEos: true }),
+      new Promise<undefined>((r) => setTimeout(() => r(undefined), 5_000)),
+    ]);
+    assert.ok(base !== undefined, 'the base request finished while the adapter was still loading');
+    reopen();
+    await waiting;
+    loadingOnly.dispose();
     assert.deepEqual(a.generatedIds, generate(model, [1, 400, 50], { maxNewTokens: 40, temperature: 0, stopTokenIds: [] }).generatedIds);
     const adapter = await loadAdapter(model, dirs[1]);
     assert.deepEqual(b.generatedIds, generate(model, [1, 400, 50, 7], { maxNewTokens: 4, temperature: 0, stopTokenIds: [], hooks: adapter.hooks }).generatedIds, 'the late request with its adapter is exact');
