@@ -156,7 +156,7 @@ export interface CloudNodeOptions {
   series?: { intervalMs?: number; points?: number };
   /** Adapter serving (/v1/completions, /v1/chat/completions, /v1/adapters): KV budget, batch, resident adapters, upload size. */
   serving?: Partial<ServingLimits>;
-  /** Split inference: the middle KV cache bytes per session and all sessions together. */
+  /** Split inference: the middle KV cache bytes per session, per tenant and all sessions together. */
   splitInference?: Partial<SplitInferenceLimits>;
   /** A gateway of a NATS cluster: the middle runs on the cluster's workers (cluster/), not here. */
   cluster?: { natsUrl: string; attemptTimeoutMs?: number; requestTimeoutMs?: number; replicas?: number };

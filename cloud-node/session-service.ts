@@ -546,7 +546,7 @@ export class SessionService {
     const release = this.#options.quotas.reserveTokens(session.tenant, shape[0] * shape[1]);
     let out: Float32Array;
     try {
-      out = await inference.step(served, served.middleOf(session.cut), session.id, step.position, h, shape);
+      out = await inference.step(served, served.middleOf(session.cut), session, step.position, h, shape);
     } finally {
       release();
     }

@@ -18,13 +18,16 @@ import type { InferenceWorkerReply, InferenceWorkerRequest, InferenceWorkerStart
 export interface SplitInferenceLimits {
   /** Bytes of middle KV cache one session may hold (32 MiB). */
   perSessionBytes: number;
+  /** Bytes one tenant's sessions may hold together (64 MiB): one tenant cannot take the node's budget. */
+  perTenantBytes: number;
   /** Bytes all sessions may hold together (256 MiB). */
   totalBytes: number;
 }
 
-export const DEFAULT_SPLIT_INFERENCE_LIMITS: Readonly<SplitInferenceLimits> = { perSessionBytes: 32 * 1024 * 1024, totalBytes: 256 * 1024 * 1024 };
+export const DEFAULT_SPLIT_INFERENCE_LIMITS: Readonly<SplitInferenceLimits> = { perSessionBytes: 32 * 1024 * 1024, perTenantBytes: 64 * 1024 * 1024, totalBytes: 256 * 1024 * 1024 };
 
 interface Sequence {
+  tenant: string;
   positions: number;
   /** The cache's bytes and the last step's. */
   bytes: number;
@@ -117,6 +120,7 @@ export class SplitInference {
   /** Each session's latest step: the next waits for it. */
   readonly #chains = new Map<string, Promise<unknown>>();
   #bytes = 0;
+  readonly #tenantBytes = new Map<string, number>();
   readonly #onBytes: (bytes: number) => void;
   #backends: string[] = [];
   #thread: InferenceThread | undefined;
@@ -136,8 +140,9 @@ export class SplitInference {
   }
 
   /** Middle blocks [start, end) on h_B [1, tokens, hidden] at `position`; returns h_M. */
-  step(served: ServedModel, range: { start: number; end: number }, sessionId: string, position: number, h: Float32Array, shape: readonly [number, number, number]): Promise<Float32Array> {
-    const run = (this.#chains.get(sessionId) ?? Promise.resolve()).catch(() => undefined).then(() => this.#step(served, range, sessionId, position, h, shape));
+  step(served: ServedModel, range: { start: number; end: number }, session: { id: string; tenant: string }, position: number, h: Float32Array, shape: readonly [number, number, number]): Promise<Float32Array> {
+    const sessionId = session.id;
+    const run = (this.#chains.get(sessionId) ?? Promise.resolve()).catch(() => undefined).then(() => this.#step(served, range, session, position, h, shape));
     this.#chains.set(sessionId, run);
     void run.catch(() => undefined).finally(() => {
       if (this.#chains.get(sessionId) === run) this.#chains.delete(sessionId);
@@ -145,7 +150,8 @@ export class SplitInference {
     return run;
   }
 
-  async #step(served: ServedModel, range: { start: number; end: number }, sessionId: string, position: number, h: Float32Array, shape: readonly [number, number, number]): Promise<Float32Array> {
+  async #step(served: ServedModel, range: { start: number; end: number }, session: { id: string; tenant: string }, position: number, h: Float32Array, shape: readonly [number, number, number]): Promise<Float32Array> {
+    const { id: sessionId, tenant } = session;
     const held = this.#sequences.get(sessionId)?.last;
     if (held !== undefined && held.position === position && sameValues(held.input, h)) return held.output.slice();
     if (position === 0) this.end(sessionId);
@@ -160,10 +166,12 @@ export class SplitInference {
     const bytes = reach * (kvBytesPerToken(served.model) / served.numLayers) * blocks + 2 * h.byteLength;
     const before = found?.bytes ?? 0;
     if (bytes > this.#limits.perSessionBytes) throw new ProtocolError('TANDEM_PROTO_INFER_KV_BUDGET_EXCEEDED', { session: sessionId, actual: bytes, limit: this.#limits.perSessionBytes });
+    const tenantBytes = (this.#tenantBytes.get(tenant) ?? 0) - before + bytes;
+    if (tenantBytes > this.#limits.perTenantBytes) throw new ProtocolError('TANDEM_PROTO_INFER_KV_BUDGET_EXCEEDED', { session: sessionId, actual: tenantBytes, limit: `${this.#limits.perTenantBytes} (tenant ${tenant}'s sessions)` });
     if (this.#bytes - before + bytes > this.#limits.totalBytes) throw new ProtocolError('TANDEM_PROTO_INFER_KV_BUDGET_EXCEEDED', { session: sessionId, actual: this.#bytes - before + bytes, limit: `${this.#limits.totalBytes} (all sessions)` });
     const worker = found?.worker ?? this.#worker(served);
     // Counted before the compute: concurrent sessions cannot overrun the budget together.
-    const seq: Sequence = found ?? { positions: 0, bytes: 0, worker };
+    const seq: Sequence = found ?? { tenant, positions: 0, bytes: 0, worker };
     this.#sequences.set(sessionId, seq);
     this.#resize(seq, bytes);
     let out: Float32Array;
@@ -181,6 +189,9 @@ export class SplitInference {
 
   #resize(seq: Sequence, bytes: number): void {
     this.#bytes += bytes - seq.bytes;
+    const tenantBytes = (this.#tenantBytes.get(seq.tenant) ?? 0) + bytes - seq.bytes;
+    if (tenantBytes > 0) this.#tenantBytes.set(seq.tenant, tenantBytes);
+    else this.#tenantBytes.delete(seq.tenant);
     seq.bytes = bytes;
     this.#onBytes(this.#bytes);
   }
@@ -204,9 +215,8 @@ export class SplitInference {
     const seq = this.#sequences.get(sessionId);
     if (seq === undefined) return;
     seq.worker.end(sessionId);
-    this.#bytes -= seq.bytes;
+    this.#resize(seq, 0);
     this.#sequences.delete(sessionId);
-    this.#onBytes(this.#bytes);
   }
 
   /** Frees every cache and stops the worker. */

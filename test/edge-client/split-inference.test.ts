@@ -149,6 +149,32 @@ describe('split inference', () => {
     await wide.request({ case: 'inferEnd', value: { sessionId: wide.id } });
   });
 
+  it('one tenant\'s sessions share a KV budget of their own: over it they are refused, other tenants are served', async () => {
+    // stories260K, cut (2, 2): one middle block, 256 bytes of KV a token; a 32-token step keeps 8 KiB of KV and 16 KiB of h_B and h_M.
+    const small = await startTestNode({ splitInference: { perTenantBytes: 40_000 } });
+    const clients: CloudClient[] = [];
+    try {
+      const open = async (tenant: string): Promise<EdgeSession> => {
+        const tenantKey = await createTenantKey(small, tenant);
+        const c = await connectCloud(small.url, { key: tenantKey });
+        clients.push(c);
+        const contentHash = ((await api(small, 'GET', '/v1/models', tenantKey)).json.models as { contentHash: string }[])[0].contentHash;
+        return c.openSession({ model: { id: 'stories260K', contentHash }, cut: CUT, codecs: { forward: [{ codec: 'f32' }], backward: [{ codec: 'f32' }] } });
+      };
+      const frame = encodeTensor(new Float32Array(32 * loaded.config.hiddenSize).map((_, i) => Math.cos(i)), [1, 32, loaded.config.hiddenSize], { codec: 'f32' }, { name: 'h_B' });
+      const step = (s: EdgeSession) => s.request({ case: 'inferStep', value: { sessionId: s.id, position: 0, frames: [frame] } });
+      const [a1, a2, b1] = [await open('ann'), await open('ann'), await open('ben')];
+      assert.equal((await step(a1)).body.case, 'inferStepResult');
+      await assert.rejects(step(a2), (err: { remoteCode?: string; message: string }) => err.remoteCode === 'TANDEM_PROTO_INFER_KV_BUDGET_EXCEEDED' && /tenant ann's sessions/.test(err.message));
+      assert.equal((await step(b1)).body.case, 'inferStepResult', 'another tenant is served');
+      await a1.request({ case: 'inferEnd', value: { sessionId: a1.id } });
+      assert.equal((await step(a2)).body.case, 'inferStepResult', 'freed by InferEnd');
+    } finally {
+      for (const c of clients) c.close();
+      await small.close();
+    }
+  });
+
   it('refuses an adapter that changes the middle blocks before anything is sent', async () => {
     const fullAdapter = createAdapter(full, [{ method: 'lora', r: 2, initLoraWeights: false, targetModules: ['q_proj'], layersToTransform: [2] }], { seed: 1 });
     await assert.rejects(splitGenerate(session, edge, [1, 2, 3], { maxNewTokens: 2, temperature: 0 }, fullAdapter), { code: 'TANDEM_EDGE_OPTION_INVALID' });
