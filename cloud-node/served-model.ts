@@ -42,7 +42,6 @@ export class ServedModel {
   readonly contentHash: string;
   /** The whole model as tfjs variables; the executor runs its middle blocks. */
   readonly model: LlamaModel;
-  readonly #loaded: LoadedModel;
   readonly #sideFiles: Map<string, Uint8Array>;
   readonly #bundles = new Map<string, EdgeBundle>();
 
@@ -52,7 +51,6 @@ export class ServedModel {
     this.config = loaded.config;
     this.rawConfig = rawConfig;
     this.contentHash = `sha256:${loaded.contentHash}`;
-    this.#loaded = loaded;
     this.#sideFiles = sideFiles;
     this.model = LlamaModel.fromArrays(loaded.config, loaded.weights);
   }
@@ -128,10 +126,14 @@ export class ServedModel {
     return bundle;
   }
 
+  /**
+   * The edge's weights, read from the model's tensors: the arrays the folder was read into are
+   * not kept beside them (on the wasm backend, a second copy of the whole model).
+   */
   #edgeWeights(cut: Cut): Uint8Array {
     const tensors = new Map<string, SafetensorsTensorInput>();
-    for (const [name, w] of this.#loaded.weights) {
-      if (onEdge(name, cut, this.numLayers)) tensors.set(name, { dtype: 'F32', shape: w.shape, data: w.data });
+    for (const [name, w] of this.model.weights) {
+      if (onEdge(name, cut, this.numLayers)) tensors.set(name, { dtype: 'F32', shape: w.shape, data: w.dataSync() as Float32Array });
     }
     return serializeSafetensors(tensors, { format: 'pt', contentHash: this.contentHash, bottom: String(cut.bottom), top: String(cut.top) });
   }

@@ -3,7 +3,7 @@ import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { before, describe, it } from 'node:test';
-import { parseSafetensors } from '../../model/index.ts';
+import { loadModelFolder, parseSafetensors } from '../../model/index.ts';
 import { STORIES_DIR, TestClient, api, createTenantKey, startTestNode } from './helpers.ts';
 import type { TestNode } from './helpers.ts';
 
@@ -61,6 +61,14 @@ describe('REST: health, models and the edge download', () => {
     assert.equal(contents.metadata.contentHash, manifest.json.contentHash);
     assert.equal(contents.metadata.bottom, '1');
     assert.equal(contents.metadata.top, '2');
+    // The values are the model folder's, bit for bit (the node reads them back from its tensors).
+    const folder = await loadModelFolder(STORIES_DIR);
+    for (const [name, t] of contents.tensors) {
+      const want = folder.weights.get(name);
+      assert.ok(want !== undefined, name);
+      assert.deepEqual(t.shape, want.shape, name);
+      assert.deepEqual(new Float32Array(t.data.buffer.slice(t.data.byteOffset, t.data.byteOffset + t.data.byteLength)), want.data, name);
+    }
   });
 
   it('refuses a cut without a middle block, an unknown model and an unknown file with typed errors', async () => {
