@@ -53,22 +53,25 @@ function own(data: Float32Array): Float32Array {
   return data.byteOffset === 0 && data.byteLength === data.buffer.byteLength ? data : data.slice();
 }
 
-const loaded = await loadModelFolder(start.modelDir);
-let backendName: string;
-let compute: Compute;
-if (start.engine !== undefined) {
-  // The tfjs backend the node's thread picked first (a native one may not load in a worker);
-  // selectEngine then probes the ORT provider (CUDA is checked here, not at the first request).
-  await initBackend({ backend: start.backend });
-  const choice = await selectEngine({ engine: start.engine, threads: start.threads });
-  const engine = await OrtLlama.create(loaded.config, loaded.weights, { threads: choice.threads, provider: choice.ortProvider });
-  compute = new OrtMiddleCompute(engine) as Compute;
-  backendName = choice.name;
-} else {
+/**
+ * The compute over the served model. The arrays the folder is read into are not kept at module
+ * scope: on tfjs the model's tensors are its copy (the arrays go), on ORT the engine keeps them
+ * for the graphs it builds on demand.
+ */
+async function startCompute(): Promise<{ compute: Compute; backendName: string }> {
+  const loaded = await loadModelFolder(start.modelDir);
+  if (start.engine !== undefined) {
+    // The tfjs backend the node's thread picked first (a native one may not load in a worker);
+    // selectEngine then probes the ORT provider (CUDA is checked here, not at the first request).
+    await initBackend({ backend: start.backend });
+    const choice = await selectEngine({ engine: start.engine, threads: start.threads });
+    const engine = await OrtLlama.create(loaded.config, loaded.weights, { threads: choice.threads, provider: choice.ortProvider });
+    return { compute: new OrtMiddleCompute(engine) as Compute, backendName: choice.name };
+  }
   const backend = await initBackend({ backend: start.backend });
-  compute = new MiddleCompute(LlamaModel.fromArrays(loaded.config, loaded.weights)) as Compute;
-  backendName = backend.name;
+  return { compute: new MiddleCompute(LlamaModel.fromArrays(loaded.config, loaded.weights)) as Compute, backendName: backend.name };
 }
+const { compute, backendName } = await startCompute();
 const tapes = new Map<number, KeptEntry>();
 let nextTape = 1;
 

@@ -39,8 +39,12 @@ for (const name of start.backends) {
   }
 }
 if (backend === undefined) throw lastError instanceof Error ? lastError : new Error('no tfjs backend started');
-const loaded = await loadModelFolder(start.modelDir);
-const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
+/** The blocks only (no embedding, norm or head: the edge runs those), the folder's arrays not kept beside the tensors. */
+async function loadBlocks(): Promise<LlamaModel> {
+  const loaded = await loadModelFolder(start.modelDir);
+  return LlamaModel.fromArrays(loaded.config, loaded.weights, (name) => name.startsWith('model.layers.'));
+}
+const model = await loadBlocks();
 const caches = new Map<string, KvCache>();
 
 function end(seq: string): void {
@@ -65,7 +69,7 @@ port.on('message', (m: InferenceWorkerRequest) => {
   }
   try {
     const kept = cache;
-    const out = tf.tidy(() => model.blocks(tf.tensor3d(m.h, [1, m.tokens, loaded.config.hiddenSize]), m.start, m.end, { cache: kept, positionOffset: m.position }));
+    const out = tf.tidy(() => model.blocks(tf.tensor3d(m.h, [1, m.tokens, model.config.hiddenSize]), m.start, m.end, { cache: kept, positionOffset: m.position }));
     const data = out.dataSync() as Float32Array;
     out.dispose();
     // A buffer of its own, so that it can be transferred.
