@@ -3,10 +3,12 @@
 // ("sequential"). Tokens/s, time to first token p50/p99 and deadline miss rate, every request
 // arriving at the scenario's start (so a sequential request's TTFT includes its wait).
 // `npm run bench -- serving [--quick] [--tokens N] [--deadline-ms D] [--engine E]`: the ~25M random
-// Llama of bench/split.ts (8 blocks, hidden 512) by default; --quick: stories260K. 16 tokens per
-// request. --engine: ort-cpu (default; the node's batched steps on ONNX Runtime) or tfjs.
-// --repeat R (3): the three scenarios run R times, interleaved, and each row is the run of
-// median tokens/s, so that a burst of load from other processes skews one run, not a ratio.
+// Llama of bench/split.ts (8 blocks, hidden 512) by default; --quick: stories260K. 48 tokens per
+// request (with 16 a scenario lasted 0.3 s and mixed/single read 0.70, 0.80 and 0.95 in three
+// runs on a quiet machine; with 48, 0.95 and 0.87). --engine: ort-cpu (default; the node's
+// batched steps on ONNX Runtime) or tfjs. --repeat R (5): the three scenarios run R times,
+// interleaved, and each row is the run of median tokens/s, so that a burst of load from other
+// processes skews one run, not a ratio.
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -61,8 +63,8 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
     const at = args.indexOf(name);
     return at >= 0 ? Number(args[at + 1]) : fallback;
   };
-  const maxTokens = flag('--tokens', 16);
-  const repeat = flag('--repeat', 3);
+  const maxTokens = flag('--tokens', 48);
+  const repeat = flag('--repeat', 5);
   if (!Number.isInteger(repeat) || repeat < 1 || repeat > 20) throw new Error(`--repeat must be an integer in [1, 20], got ${repeat}`);
   const deadlineMs = flag('--deadline-ms', quick ? 5000 : 30000);
   const engineAt = args.indexOf('--engine');
