@@ -77,9 +77,12 @@ class TokenRate {
 
 export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): Promise<MiddleWorkerNode> {
   const log = options.logger ?? pino({ name: 'tandem-worker', level: options.logLevel ?? 'info' }, pino.destination(2));
-  const loaded = await loadModelFolder(options.modelDir);
-  const numLayers = loaded.config.numHiddenLayers;
-  const contentHash = `sha256:${loaded.contentHash}`;
+  // The model's config and content hash; its weights are the compute thread's to hold, not this thread's.
+  const { config, contentHash } = await (async () => {
+    const loaded = await loadModelFolder(options.modelDir);
+    return { config: loaded.config, contentHash: `sha256:${loaded.contentHash}` };
+  })();
+  const numLayers = config.numHiddenLayers;
   const modelId = options.modelId ?? options.modelDir.replace(/\/+$/, '').split('/').at(-1) ?? 'model';
   const blocks = options.blocks === undefined ? { start: 0, end: numLayers }
     : typeof options.blocks === 'string' ? parseBlockRange(options.blocks, numLayers) : parseBlockRange(rangeName(options.blocks), numLayers);
@@ -127,8 +130,8 @@ export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): P
   };
 
   // Checked before anything computes: the wire checked sizes against the shape, this the shape against the model.
-  const hidden = loaded.config.hiddenSize;
-  const context = loaded.config.maxPositionEmbeddings;
+  const hidden = config.hiddenSize;
+  const context = config.maxPositionEmbeddings;
   const fits = (shape: readonly number[]): void => {
     if (shape[2] !== hidden) throw new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: 'shape', reason: `hidden size ${shape[2]} is not the model's ${hidden}` });
     if (shape[1] > context) throw new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: 'shape', reason: `a sequence of ${shape[1]} is over the model's context of ${context}` });
