@@ -87,7 +87,7 @@ describe('the NATS cluster of infra/nats', () => {
         kv = await new Kvm(first).create('route-test', { replicas: 3, history: 1 });
         break;
       } catch (error) {
-        if (attempt >= 40) throw error;
+        if (attempt >= 120) throw error; // 30 s for the meta leader on a slow machine
         await new Promise((r) => setTimeout(r, 250));
       }
     }
