@@ -172,6 +172,8 @@ export interface ComputeControl {
   readonly backend: string;
   /** Ends a worker as a crash would; it is restarted, /v1/ready saying 503 meanwhile. */
   terminateWorker(index: number): Promise<void>;
+  /** Ends split inference's worker as a crash would (false when none runs); the next InferStep starts one. */
+  terminateSplitInference(): Promise<boolean>;
 }
 
 export interface CloudNode {
@@ -479,6 +481,7 @@ async function assembleCloudNode(options: CloudNodeOptions, undo: Array<() => un
     get restarts() { return running.restarts; },
     get ready() { return running.ready; },
     terminateWorker: (index) => running.terminateWorker(index),
+    terminateSplitInference: () => inference.terminateWorker(),
   };
   const scheme = options.tls === undefined ? 'http' : 'https';
   const cluster = running instanceof ClusterExecutor ? { status: running.directory, hop: () => running.hop } : undefined;

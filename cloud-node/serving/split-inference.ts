@@ -219,6 +219,14 @@ export class SplitInference {
     this.#sequences.delete(sessionId);
   }
 
+  /** Ends the worker as a crash would (operations, tests): its sequences start again at position 0. False when none runs. */
+  async terminateWorker(): Promise<boolean> {
+    const thread = this.#thread;
+    if (thread === undefined || thread.dead !== undefined) return false;
+    await thread.terminate();
+    return true;
+  }
+
   /** Frees every cache and stops the worker. */
   async clear(): Promise<void> {
     for (const id of [...this.#sequences.keys()]) this.end(id);

@@ -149,6 +149,23 @@ describe('split inference', () => {
     await wide.request({ case: 'inferEnd', value: { sessionId: wide.id } });
   });
 
+  it('a split-inference worker that dies loses its caches: the sequence starts again at position 0, on a fresh worker, alike', async () => {
+    const hidden = loaded.config.hiddenSize;
+    const frame = (tokens: number, seed: number) => encodeTensor(new Float32Array(tokens * hidden).map((_, i) => Math.sin(seed + i * 0.05)), [1, tokens, hidden], { codec: 'f32' }, { name: 'h_B' });
+    const step = async (position: number, f: ReturnType<typeof frame>): Promise<Uint8Array> => {
+      const reply = await session.request({ case: 'inferStep', value: { sessionId: session.id, position, frames: [f] } });
+      return reply.body.case === 'inferStepResult' ? reply.body.value.frames[0].payload : new Uint8Array();
+    };
+    const first = await step(0, frame(3, 1));
+    await step(3, frame(1, 2));
+    assert.equal(await node.compute.terminateSplitInference(), true);
+    await assert.rejects(step(4, frame(1, 3)), (err: { remoteCode?: string; message: string }) => err.remoteCode === 'TANDEM_PROTO_INFER_POSITION_INVALID' && /holds 0 positions/.test(err.message));
+    assert.deepEqual(await step(0, frame(3, 1)), first, 'a fresh worker computes the same h_M');
+    await session.request({ case: 'inferEnd', value: { sessionId: session.id } });
+    const metrics = Buffer.from((await api(node, 'GET', '/metrics')).bytes).toString('utf8');
+    assert.match(metrics, /^tandem_split_inference_kv_cache_bytes 0$/m);
+  });
+
   it('one tenant\'s sessions share a KV budget of their own: over it they are refused, other tenants are served', async () => {
     // stories260K, cut (2, 2): one middle block, 256 bytes of KV a token; a 32-token step keeps 8 KiB of KV and 16 KiB of h_B and h_M.
     const small = await startTestNode({ splitInference: { perTenantBytes: 40_000 } });
