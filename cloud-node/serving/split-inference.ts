@@ -53,6 +53,8 @@ class InferenceThread {
   readonly ready: Promise<void>;
   #next = 1;
   dead: Error | undefined;
+  /** Marks the thread dead once: its pending steps fail, its owner forgets its sequences. */
+  readonly #die: (error: Error) => void;
 
   constructor(start: InferenceWorkerStart, onDeath: (thread: InferenceThread) => void) {
     this.#worker = new Worker(bootstrap(), { eval: true, execArgv: [], workerData: start });
@@ -76,7 +78,7 @@ class InferenceThread {
       if (m.op === 'stepped') p?.resolve(m.h);
       else p?.reject(new CloudError('TANDEM_COMPUTE_FAILED', { reason: `split inference: ${m.message}` }));
     });
-    const die = (error: Error): void => {
+    this.#die = (error: Error): void => {
       if (this.dead !== undefined) return;
       this.dead = error;
       failed?.(error);
@@ -84,8 +86,8 @@ class InferenceThread {
       this.#pending.clear();
       onDeath(this);
     };
-    this.#worker.on('error', die);
-    this.#worker.on('exit', (code) => die(new Error(`exit code ${code}`)));
+    this.#worker.on('error', this.#die);
+    this.#worker.on('exit', (code) => this.#die(new Error(`exit code ${code}`)));
   }
 
   /** An idle worker does not keep the process alive. */
@@ -109,8 +111,10 @@ class InferenceThread {
     if (this.dead === undefined) this.#worker.postMessage({ op: 'end', seq } satisfies InferenceWorkerRequest);
   }
 
+  /** Ends the worker; dead once this resolves, whichever of its exit event and this comes first. */
   async terminate(): Promise<void> {
     await this.#worker.terminate();
+    this.#die(new Error('terminated'));
   }
 }
 
