@@ -2,6 +2,10 @@
 // with the owner's adapter; the cloud runs the middle and keeps the middle's KV cache for the
 // session (InferStep, protocol 1.2). Only hidden states cross: the prompt, the tokens and the
 // adapter never leave the edge. Tokens are chosen exactly as generate() chooses them.
+// The cloud's cache can vanish under a sequence (its split-inference worker died, the node
+// restarted: the next step is refused with 4030, or the step in flight fails): the edge then
+// sends the bottom's h_B of every position so far at position 0, which rebuilds the middle's
+// cache, and sends the step again; its own caches are untouched.
 import { GenerationLoop, KvCache, layerOf, loadAdapter, tf } from '../model/index.ts';
 import type { GenerateOptions, GenerateResult, LlamaModel, PeftAdapter } from '../model/index.ts';
 import { decodeTensor, encodeTensor } from '../protocol/index.ts';
@@ -36,15 +40,43 @@ export async function splitGenerate(session: EdgeSession, edge: LlamaModel, inpu
   const cache = new KvCache();
   const codec = session.welcome.codecs.forward;
   let position = 0;
+  /** Every token run so far, for rebuilding the cloud's cache. */
+  const fed: number[] = [];
+  const bottomOf = (ids: number[], kv: KvCache, offset: number): tf.Tensor3D => tf.tidy(() => edge.blocks(edge.embed(tf.tensor2d(ids, [1, ids.length], 'int32'), { hooks }), 0, bottom, { cache: kv, positionOffset: offset, hooks }));
+  const inferStep = (at: number, frame: ReturnType<typeof encodeTensor>) => session.request({ case: 'inferStep', value: { sessionId: session.id, position: at, frames: [frame] } });
+  /** The middle's cache again, from position 0 to `position` (the h_M it answers is already in the top's cache). */
+  const rebuild = async (): Promise<void> => {
+    const scratch = new KvCache();
+    try {
+      const hAll = bottomOf(fed, scratch, 0);
+      const frame = encodeTensor(hAll.dataSync() as Float32Array, hAll.shape, codec, { name: 'h_B' });
+      hAll.dispose();
+      await inferStep(0, frame);
+    } finally {
+      scratch.dispose();
+    }
+  };
+  const lostCache = (error: unknown): boolean => {
+    const code = (error as EdgeError).remoteCode;
+    return code === 'TANDEM_PROTO_INFER_POSITION_INVALID' || code === 'TANDEM_COMPUTE_FAILED';
+  };
   try {
     let next: number[] | undefined = loop.first();
     while (next !== undefined) {
       const run = next;
-      const hB = tf.tidy(() => edge.blocks(edge.embed(tf.tensor2d(run, [1, run.length], 'int32'), { hooks }), 0, bottom, { cache, positionOffset: position, hooks }));
+      const hB = bottomOf(run, cache, position);
       const shape = hB.shape;
       const frame = encodeTensor(hB.dataSync() as Float32Array, shape, codec, { name: 'h_B' });
       hB.dispose();
-      const reply = await session.request({ case: 'inferStep', value: { sessionId: session.id, position, frames: [frame] } });
+      let reply;
+      try {
+        reply = await inferStep(position, frame);
+      } catch (error) {
+        // Once a step: a cloud that loses the cache again fails the generation.
+        if (!lostCache(error)) throw error;
+        if (position > 0) await rebuild();
+        reply = await inferStep(position, frame);
+      }
       if (reply.body.case !== 'inferStepResult' || reply.body.value.position !== position || reply.body.value.frames.length !== 1) {
         throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `InferStep at ${position} was answered by ${reply.body.case}`, { field: 'infer_step_result' });
       }
@@ -61,6 +93,7 @@ export async function splitGenerate(session: EdgeSession, edge: LlamaModel, inpu
       const values = last.dataSync() as Float32Array;
       last.dispose();
       position += run.length;
+      fed.push(...run);
       next = loop.take(values);
     }
   } finally {

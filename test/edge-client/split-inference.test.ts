@@ -149,6 +149,37 @@ describe('split inference', () => {
     await wide.request({ case: 'inferEnd', value: { sessionId: wide.id } });
   });
 
+  it('a generation whose middle cache is lost midway (the worker dies) rebuilds it and gives the same tokens', async () => {
+    const tokenizer = await loadTokenizer(STORIES_DIR);
+    const ids = tokenizer.encode('Once upon a time');
+    const local = await loadAdapter(full, adapterDir);
+    const want = generate(full, ids, { maxNewTokens: 12, temperature: 0, hooks: local.hooks }).generatedIds;
+    local.dispose();
+    for (const when of ['between steps', 'during a step']) {
+      let steps = 0;
+      // The session as splitGenerate sees it; the worker is ended before the 5th step is sent, or while it computes.
+      const proxy = {
+        id: session.id, welcome: session.welcome,
+        request: async (body: Parameters<EdgeSession['request']>[0]) => {
+          if (body.case === 'inferStep' && ++steps === 5) {
+            if (when === 'between steps') await node.compute.terminateSplitInference();
+            else {
+              const sent = session.request(body);
+              await node.compute.terminateSplitInference();
+              return sent;
+            }
+          }
+          return session.request(body);
+        },
+      } as unknown as EdgeSession;
+      const onEdgeAdapter = await loadAdapter(edge, adapterDir);
+      const got = await splitGenerate(proxy, edge, ids, { maxNewTokens: 12, temperature: 0 }, onEdgeAdapter);
+      onEdgeAdapter.dispose();
+      assert.ok(steps > 6, `${when}: the generation went on past the lost cache (${steps} steps sent)`);
+      assert.deepEqual(got.generatedIds, want, when);
+    }
+  });
+
   it('a split-inference worker that dies loses its caches: the sequence starts again at position 0, on a fresh worker, alike', async () => {
     const hidden = loaded.config.hiddenSize;
     const frame = (tokens: number, seed: number) => encodeTensor(new Float32Array(tokens * hidden).map((_, i) => Math.sin(seed + i * 0.05)), [1, tokens, hidden], { codec: 'f32' }, { name: 'h_B' });
