@@ -440,8 +440,8 @@ async function assembleCloudNode(options: CloudNodeOptions, undo: Array<() => un
   await app.listen({ host: options.host ?? '127.0.0.1', port: options.port ?? 0 });
   const backend = await initBackend({ backend: tfjsBackend, log: (line) => log.info(line) });
   const served = await ServedModel.load(options.modelDir, options.modelId);
-  // Split inference computes in a worker thread of its own, on this thread's backend where it loads there.
-  inference.useBackends([...new Set([backend.name, 'wasm', 'cpu'])]);
+  // Split inference computes in a worker thread of its own: on ONNX Runtime with the middle, else on this thread's backend where it loads there.
+  inference.useCompute({ backends: [...new Set([backend.name, 'wasm', 'cpu'])], engine: ort });
   // The workers use the backend this thread picked, so that every thread computes alike;
   // a native backend that cannot load in a worker thread falls back to wasm, then cpu.
   const computeLog = log.child({ plane: 'compute' });

@@ -2,8 +2,8 @@
 // sequence. Each InferStep runs the middle on the new tokens' h_B at the next position and
 // returns their h_M; what the cache holds is counted against a per-session and a node-wide
 // budget before it grows, and an InferEnd, a SessionClose or the session's expiry frees it.
-// The compute and the caches are in a worker thread (split-inference-worker.ts), started at
-// the first InferStep: a long prompt's middle is seconds of compute that would otherwise stop
+// The compute and the caches are in a worker thread (split-inference-worker.ts, on ONNX
+// Runtime when the node's middle runs on it, else tfjs), started at the first InferStep: a long prompt's middle is seconds of compute that would otherwise stop
 // the node's event loop. The steps of one session run one at a time, in arrival order.
 // The last step's h_B and h_M are kept: the edge's connection resends a request whose reply it
 // did not get, and that resend is answered with the same h_M, not run again (which would
@@ -127,6 +127,7 @@ export class SplitInference {
   readonly #tenantBytes = new Map<string, number>();
   readonly #onBytes: (bytes: number) => void;
   #backends: string[] = [];
+  #engine: 'ort-cpu' | 'ort-cuda' | undefined;
   #thread: InferenceThread | undefined;
 
   constructor(limits: Partial<SplitInferenceLimits> = {}, onBytes: (bytes: number) => void = () => {}) {
@@ -134,9 +135,10 @@ export class SplitInference {
     this.#onBytes = onBytes;
   }
 
-  /** The tfjs backends the worker tries in turn (the node's thread's first). */
-  useBackends(backends: readonly string[]): void {
-    this.#backends = [...backends];
+  /** What the worker computes with: ONNX Runtime when the node's middle runs on it, else the tfjs backends in turn (the node's thread's first). */
+  useCompute(compute: { backends: readonly string[]; engine?: 'ort-cpu' | 'ort-cuda' }): void {
+    this.#backends = [...compute.backends];
+    this.#engine = compute.engine;
   }
 
   get bytes(): number {
@@ -203,7 +205,7 @@ export class SplitInference {
   #worker(served: ServedModel): InferenceThread {
     if (this.#thread === undefined || this.#thread.dead !== undefined) {
       const backends = this.#backends.length > 0 ? this.#backends : ['cpu'];
-      this.#thread = new InferenceThread({ modelDir: served.dir, backends }, (dead) => this.#died(dead));
+      this.#thread = new InferenceThread({ modelDir: served.dir, backends, engine: this.#engine }, (dead) => this.#died(dead));
     }
     return this.#thread;
   }

@@ -491,32 +491,51 @@ export const presentName = (layer: number, kv: 'k' | 'v'): string => `present.${
  * rope tables and mask given for those), every block's past.i.k and past.i.v [batch, kvHeads,
  * past, headDim] → logits of the last position [batch, vocab] and present.i.k, present.i.v.
  */
-export function cachedLogitsGraph(config: ModelConfig, weights: WeightArrays): OnnxGraph {
-  const m = new LlamaGraph(config, weights, 'logits_cached');
+/** The past keys and values of blocks [start, end) as inputs, the present ones (past and new) as outputs. */
+function cacheInputs(m: LlamaGraph, start: number, end: number): NonNullable<Ctx['cache']> {
   const g = m.g;
-  const { cos, sin, mask } = m.ropeAndMask(true);
-  const ids = g.input('input_ids', ONNX_INT32, ['batch', 'seq']);
-  const { numKeyValueHeads: nKv, headDim: hd, hiddenSize: d } = config;
-  for (let i = 0; i < config.numHiddenLayers; i++) {
+  const { numKeyValueHeads: nKv, headDim: hd } = m.config;
+  for (let i = start; i < end; i++) {
     for (const kv of ['k', 'v'] as const) {
       g.input(pastName(i, kv), ONNX_FLOAT, ['batch', nKv, 'past', hd]);
       g.output(presentName(i, kv), ONNX_FLOAT, ['batch', nKv, 'total', hd]);
     }
   }
-  const { rows, bs } = m.embed(ids);
-  const ctx: Ctx = {
-    cos,
-    sin,
-    mask,
-    bs,
-    cache: {
-      past: (i) => ({ k: pastName(i, 'k'), v: pastName(i, 'v') }),
-      present: (i, k, v) => {
-        g.alias(k, presentName(i, 'k'));
-        g.alias(v, presentName(i, 'v'));
-      },
+  return {
+    past: (i) => ({ k: pastName(i, 'k'), v: pastName(i, 'v') }),
+    present: (i, k, v) => {
+      g.alias(k, presentName(i, 'k'));
+      g.alias(v, presentName(i, 'v'));
     },
   };
+}
+
+/**
+ * Blocks [start, end) on h [batch, seq, hidden] after the positions their cache holds: inputs h,
+ * cos, sin, mask and each block's past keys and values; outputs `out` and the present ones
+ * (split inference's middle).
+ */
+export function cachedBlockRangeGraph(config: ModelConfig, weights: WeightArrays, start: number, end: number): OnnxGraph {
+  checkRange(config, start, end);
+  const m = new LlamaGraph(config, weights, `blocks_${start}_${end}_cached`);
+  const { cos, sin, mask } = m.ropeAndMask(true);
+  const { rows, bs } = m.hiddenInput('h');
+  const ctx: Ctx = { cos, sin, mask, bs, cache: cacheInputs(m, start, end) };
+  let x = rows;
+  for (let i = start; i < end; i++) x = m.block(i, x, ctx).y;
+  m.outputHidden(x, ctx, 'out');
+  return m.g.build();
+}
+
+export function cachedLogitsGraph(config: ModelConfig, weights: WeightArrays): OnnxGraph {
+  const m = new LlamaGraph(config, weights, 'logits_cached');
+  const g = m.g;
+  const { cos, sin, mask } = m.ropeAndMask(true);
+  const ids = g.input('input_ids', ONNX_INT32, ['batch', 'seq']);
+  const { hiddenSize: d } = config;
+  const cache = cacheInputs(m, 0, config.numHiddenLayers);
+  const { rows, bs } = m.embed(ids);
+  const ctx: Ctx = { cos, sin, mask, bs, cache };
   let x = rows;
   for (let i = 0; i < config.numHiddenLayers; i++) x = m.block(i, x, ctx).y;
   // Only the last position's logits: [batch, seq, hidden] → [batch, hidden].

@@ -8,7 +8,7 @@ import { ModelError } from '../errors.ts';
 import { LINEAR_MODULES } from '../hooks.ts';
 import { ropeInverseFrequencies, ropeTables } from '../llama/rope.ts';
 import type { LoraSpec, WeightArrays } from './llama-graphs.ts';
-import { SAVED_PER_BLOCK, blockRangeBackwardGraph, bottomBackwardGraph, bottomGraph, cachedLogitsGraph, pastName, presentName, blockRangeGraph, logitsGraph, loraGradNames, loraInputNames, loraPaths, loraTrainGraph, topLogitsGraph, topTrainGraph } from './llama-graphs.ts';
+import { SAVED_PER_BLOCK, blockRangeBackwardGraph, bottomBackwardGraph, bottomGraph, cachedBlockRangeGraph, cachedLogitsGraph, pastName, presentName, blockRangeGraph, logitsGraph, loraGradNames, loraInputNames, loraPaths, loraTrainGraph, topLogitsGraph, topTrainGraph } from './llama-graphs.ts';
 import type { OnnxGraph } from './onnx-proto.ts';
 import { encodeModel } from './onnx-proto.ts';
 
@@ -403,25 +403,54 @@ export class OrtLlama {
   async logitsCached(ids: Int32Array, batch: number, seq: number, cache: OrtKvCache): Promise<Float32Array> {
     checkTokens(this.config, batch, cache.length + seq, 'input_ids');
     const s = await this.session('logits-cached', () => cachedLogitsGraph(this.config, this.weights), false);
+    const past = this.pastOf(cache, batch, 0, this.config.numHiddenLayers, 'input_ids');
+    const out = await s.run({ input_ids: this.ids(ids, batch, seq), ...this.positional(seq, cache.length), ...past });
+    this.grow(cache, out, seq, 0, this.config.numHiddenLayers);
+    return out.logits.data as Float32Array;
+  }
+
+  /**
+   * Blocks [start, end) on the next positions' h [batch, seq, hidden] of sequences whose earlier
+   * positions are in `cache` (which must have been grown by this range only) → h [batch, seq,
+   * hidden]; the cache grows by seq. Split inference's middle.
+   */
+  async blocksCached(h: Float32Array, batch: number, seq: number, start: number, end: number, cache: OrtKvCache): Promise<Float32Array> {
+    checkTokens(this.config, batch, cache.length + seq, 'h');
+    checkLength(h, batch * seq * this.config.hiddenSize, 'h');
+    const s = await this.session(`blocks-cached:${start}:${end}`, () => cachedBlockRangeGraph(this.config, this.weights, start, end));
+    const past = this.pastOf(cache, batch, start, end, 'h');
+    const out = await s.run({ h: this.f32(h, [batch, seq, this.config.hiddenSize]), ...this.positional(seq, cache.length), ...past });
+    this.grow(cache, out, seq, start, end);
+    return out.out.data as Float32Array;
+  }
+
+  /** The cache's keys and values of blocks [start, end) as the cached graphs' inputs (empty ones at first). */
+  private pastOf(cache: OrtKvCache, batch: number, start: number, end: number, field: string): Record<string, Ort.Tensor> {
     const { numKeyValueHeads: nKv, headDim: hd } = this.config;
-    const past = cache.tensors ?? {};
-    if (!cache.tensors) {
+    if (cache.tensors === undefined) {
       const empty = this.f32(new Float32Array(0), [batch, nKv, 0, hd]);
-      for (let i = 0; i < this.config.numHiddenLayers; i++) {
+      const past: Record<string, Ort.Tensor> = {};
+      for (let i = start; i < end; i++) {
         past[pastName(i, 'k')] = empty;
         past[pastName(i, 'v')] = empty;
       }
-    } else if (past[pastName(0, 'k')].dims[0] !== batch) {
-      throw new ModelError('TANDEM_INPUT_INVALID', `the cache holds batch ${past[pastName(0, 'k')].dims[0]}, got ${batch}`, { field: 'input_ids' });
+      return past;
     }
-    const out = await s.run({ input_ids: this.ids(ids, batch, seq), ...this.positional(seq, cache.length), ...past });
+    const first = cache.tensors[pastName(start, 'k')];
+    if (first === undefined || Object.keys(cache.tensors).length !== 2 * (end - start)) {
+      throw new ModelError('TANDEM_INPUT_INVALID', `the cache holds other blocks than [${start}, ${end})`, { field });
+    }
+    if (first.dims[0] !== batch) throw new ModelError('TANDEM_INPUT_INVALID', `the cache holds batch ${first.dims[0]}, got ${batch}`, { field });
+    return cache.tensors;
+  }
+
+  private grow(cache: OrtKvCache, out: Ort.InferenceSession.OnnxValueMapType, seq: number, start: number, end: number): void {
     const next: Record<string, Ort.Tensor> = {};
-    for (let i = 0; i < this.config.numHiddenLayers; i++) {
-      for (const kv of ['k', 'v'] as const) next[pastName(i, kv)] = out[presentName(i, kv)];
+    for (let i = start; i < end; i++) {
+      for (const kv of ['k', 'v'] as const) next[pastName(i, kv)] = out[presentName(i, kv)] as Ort.Tensor;
     }
     cache.tensors = next;
     cache.length += seq;
-    return out.logits.data as Float32Array;
   }
 
   /** Greedy continuation of one prompt with the KV cache: the new ids, stopping at an EOS id when given. */

@@ -197,6 +197,29 @@ describe('split inference', () => {
     assert.match(metrics, /^tandem_split_inference_kv_cache_bytes 0$/m);
   });
 
+  it('on a node whose middle runs on ONNX Runtime, the middle\'s cache is kept there too, and the tokens are the same', async () => {
+    const ortNode = await startTestNode({ engine: 'ort-cpu' });
+    const ortKey = await createTenantKey(ortNode, 'owner');
+    const ortClient = await connectCloud(ortNode.url, { key: ortKey });
+    try {
+      const contentHash = ((await api(ortNode, 'GET', '/v1/models', ortKey)).json.models as { contentHash: string }[])[0].contentHash;
+      const s = await ortClient.openSession({ model: { id: 'stories260K', contentHash }, cut: CUT, codecs: { forward: [{ codec: 'f32' }], backward: [{ codec: 'f32' }] } });
+      const tokenizer = await loadTokenizer(STORIES_DIR);
+      const ids = tokenizer.encode('Lily and her mom went to the park');
+      const local = await loadAdapter(full, adapterDir);
+      const want = generate(full, ids, { maxNewTokens: 16, temperature: 0, hooks: local.hooks }).generatedIds;
+      local.dispose();
+      const onEdgeAdapter = await loadAdapter(edge, adapterDir);
+      const got = await splitGenerate(s, edge, ids, { maxNewTokens: 16, temperature: 0 }, onEdgeAdapter);
+      onEdgeAdapter.dispose();
+      assert.deepEqual(got.generatedIds, want);
+      assert.equal(ortNode.compute.backend, 'ort-cpu');
+    } finally {
+      ortClient.close();
+      await ortNode.close();
+    }
+  });
+
   it('one tenant\'s sessions share a KV budget of their own: over it they are refused, other tenants are served', async () => {
     // stories260K, cut (2, 2): one middle block, 256 bytes of KV a token; a 32-token step keeps 8 KiB of KV and 16 KiB of h_B and h_M.
     const small = await startTestNode({ splitInference: { perTenantBytes: 40_000 } });

@@ -88,6 +88,21 @@ describe('the ONNX Runtime engine on stories260K', () => {
     await rejectsModelError(engine.logitsCached(Int32Array.from([5]), 1, 1, cache), 'TANDEM_INPUT_INVALID', 'batch');
   });
 
+  it('runs a block range with a KV cache, a few positions at a time, as the whole range runs at once (split inference)', async () => {
+    const d = loaded.config.hiddenSize;
+    const h = randomArray(9 * d, 17);
+    const whole = await engine.blocks(h, 1, 9, 1, 4);
+    const cache = new OrtKvCache();
+    let at = 0;
+    for (const n of [4, 1, 3, 1]) {
+      const part = await engine.blocksCached(h.subarray(at * d, (at + n) * d), 1, n, 1, 4, cache);
+      assert.ok(maxAbsDiff(part, whole.subarray(at * d, (at + n) * d)) < 1e-4, `positions [${at}, ${at + n})`);
+      at += n;
+    }
+    assert.equal(cache.length, 9);
+    await rejectsModelError(engine.blocksCached(h.subarray(0, d), 1, 1, 0, 4, cache), 'TANDEM_INPUT_INVALID', 'other blocks');
+  });
+
   it('runs a block range and its vector-Jacobian product within 1e-4 (relative) of tfjs', async () => {
     const [b, s, d] = [2, 9, loaded.config.hiddenSize];
     const h = randomArray(b * s * d, 1);
