@@ -1,7 +1,7 @@
 // The worker thread of split inference (node:worker_threads): loads the served model's blocks
 // once (on ONNX Runtime when the node's middle runs on it, else tfjs) and keeps the middle's KV
-// cache of each sequence, so that an InferStep's compute (a long prompt
-// is seconds of it) never stops the node's event loop: heartbeats, REST and other tenants go on.
+// cache of each sequence, so that an InferStep's compute (a long prompt is seconds of it)
+// never stops the node's event loop: heartbeats, REST and other tenants go on.
 // The node's thread checks every step (position, context, budget) before it is sent here. A
 // failure of the backend is reported and ends this worker; the node starts a fresh one, and
 // the sequences it held start again at position 0.
