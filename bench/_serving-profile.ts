@@ -5,9 +5,9 @@
 import { join } from 'node:path';
 import { tmpdir } from 'node:os';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { batchedLastLogits, createAdapter, initBackend, KvCache, LlamaModel, loadModelFolder, loraParamsOf, ortLoraPlan, OrtServingEngine, parseModelConfig, saveModelFolder, ServingLora } from '../model/index.ts';
+import { batchedLastLogits, createAdapter, initBackend, KvCache, LlamaModel, loadModelFolder, loraParamsOf, ortLoraPlan, OrtServingEngine, ServingLora } from '../model/index.ts';
 import type { PeftAdapter } from '../model/index.ts';
-import { randomWeights } from '../model/testing.ts';
+import { randomModelDir } from './_random-model.ts';
 
 const FIXTURE = join(import.meta.dirname, '..', 'test', 'fixtures', 'stories260K');
 const args = process.argv.slice(2);
@@ -20,12 +20,7 @@ await initBackend({ log: (l) => process.stdout.write(`${l}\n`) });
 const work = await mkdtemp(join(tmpdir(), 'tandem-serving-profile-'));
 let dir = FIXTURE;
 if (!quick) {
-  const raw = {
-    architectures: ['LlamaForCausalLM'], model_type: 'llama', hidden_size: 512, intermediate_size: 1536, num_hidden_layers: 8, num_attention_heads: 8, num_key_value_heads: 4,
-    vocab_size: 512, max_position_embeddings: 1024, rms_norm_eps: 1e-5, rope_theta: 10000, hidden_act: 'silu', tie_word_embeddings: true, bos_token_id: 1, eos_token_id: 2, torch_dtype: 'float32',
-  };
-  dir = join(work, 'm');
-  await saveModelFolder(dir, raw, randomWeights(parseModelConfig(raw), 11), { copyFiles: [join(FIXTURE, 'tokenizer.json'), join(FIXTURE, 'tokenizer_config.json')] });
+  dir = await randomModelDir(work);
 }
 const loaded = await loadModelFolder(dir);
 const model = LlamaModel.fromArrays(loaded.config, loaded.weights);

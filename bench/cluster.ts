@@ -22,7 +22,7 @@ import { join } from 'node:path';
 import { ClusterExecutor } from '../cloud-node/index.ts';
 import { Rng, loadModelFolder } from '../model/index.ts';
 import { startNatsServer } from '../test/cluster/nats-server.ts';
-import { randomModelDir } from './split.ts';
+import { randomModelDir } from './_random-model.ts';
 
 const BIN = join(import.meta.dirname, '..', 'bin', 'tandem.js');
 
@@ -79,7 +79,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
   let children: ChildProcess[] = [];
   try {
     // split's random Llama of 4 blocks (hidden 512): the middle does real work, a run stays in minutes.
-    const modelDir = await randomModelDir(work, true);
+    const modelDir = await randomModelDir(work, 4);
     const loaded = await loadModelFolder(modelDir);
     const hidden = loaded.config.hiddenSize;
     const L = loaded.config.numHiddenLayers;

@@ -19,11 +19,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { HeldAdapter } from '../cloud-node/held-adapters.ts';
 import { MiddleExecutor, TapeLost } from '../cloud-node/middle-executor.ts';
-import { LlamaModel, PackedBlocks, Rng, gradients, initBackend, loadModelFolder, parseModelConfig, saveModelFolder, segmentLoraDelta, tf } from '../model/index.ts';
+import { LlamaModel, PackedBlocks, Rng, gradients, initBackend, loadModelFolder, segmentLoraDelta, tf } from '../model/index.ts';
 import type { LoraFactors, SegmentLora } from '../model/index.ts';
-import { randomWeights } from '../model/testing.ts';
+import { randomModelDir } from './_random-model.ts';
 
-const FIXTURE = join(import.meta.dirname, '..', 'test', 'fixtures', 'stories260K');
 const SEQ = 64;
 const CUT = { bottom: 2, top: 2 };
 
@@ -54,18 +53,6 @@ function random(n: number, rng: Rng, scale = 1): Float32Array {
   return out;
 }
 
-async function modelDir(work: string): Promise<string> {
-  const rawConfig = {
-    architectures: ['LlamaForCausalLM'], model_type: 'llama', hidden_size: 512, intermediate_size: 1536, num_hidden_layers: 8,
-    num_attention_heads: 8, num_key_value_heads: 4, vocab_size: 512, max_position_embeddings: 1024, rms_norm_eps: 1e-5, rope_theta: 10000,
-    hidden_act: 'silu', tie_word_embeddings: true, bos_token_id: 1, eos_token_id: 2, torch_dtype: 'float32',
-  };
-  const dir = join(work, 'random-llama');
-  await saveModelFolder(dir, rawConfig, randomWeights(parseModelConfig(rawConfig), 11), {
-    copyFiles: [join(FIXTURE, 'tokenizer.json'), join(FIXTURE, 'tokenizer_config.json')],
-  });
-  return dir;
-}
 
 /** `sessions` concurrent loops of `steps` steps (after one warm-up step each). */
 /** One warm-up step per session, then `steps` each, all sessions at once: aggregate tokens/s and step latency quantiles. */
@@ -197,7 +184,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
   const work = await mkdtemp(join(tmpdir(), 'tandem-bench-multitenant-'));
   const rows: Row[] = [];
   try {
-    const dir = await modelDir(work);
+    const dir = await randomModelDir(work);
     const loaded = await loadModelFolder(dir);
     const { hiddenSize: hidden, numHiddenLayers: layers } = loaded.config;
     for (const batched of [false, true]) {

@@ -14,8 +14,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startCloudNode } from '../cloud-node/index.ts';
 import type { CloudNode } from '../cloud-node/index.ts';
-import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, createAdapter, initBackend, LlamaModel, loadModelFolder, parseModelConfig, saveAdapter, saveModelFolder } from '../model/index.ts';
-import { randomWeights } from '../model/testing.ts';
+import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, createAdapter, initBackend, LlamaModel, loadModelFolder, saveAdapter } from '../model/index.ts';
+import { randomModelDir } from './_random-model.ts';
 
 const FIXTURE = join(import.meta.dirname, '..', 'test', 'fixtures', 'stories260K');
 const REQUESTS = 32;
@@ -34,16 +34,6 @@ interface Row {
   tokens: number;
 }
 
-async function randomModelDir(work: string): Promise<string> {
-  const rawConfig = {
-    architectures: ['LlamaForCausalLM'], model_type: 'llama', hidden_size: 512, intermediate_size: 1536, num_hidden_layers: 8,
-    num_attention_heads: 8, num_key_value_heads: 4, vocab_size: 512, max_position_embeddings: 1024, rms_norm_eps: 1e-5, rope_theta: 10000,
-    hidden_act: 'silu', tie_word_embeddings: true, bos_token_id: 1, eos_token_id: 2, torch_dtype: 'float32',
-  };
-  const dir = join(work, 'random-llama');
-  await saveModelFolder(dir, rawConfig, randomWeights(parseModelConfig(rawConfig), 11), { copyFiles: [join(FIXTURE, 'tokenizer.json'), join(FIXTURE, 'tokenizer_config.json')] });
-  return dir;
-}
 
 function quantile(values: number[], q: number): number {
   const s = [...values].sort((a, b) => a - b);

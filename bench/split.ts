@@ -17,11 +17,11 @@ import { join } from 'node:path';
 import { startCloudNode } from '../cloud-node/index.ts';
 import { connectCloud, loadEdgePart } from '../edge-client/index.ts';
 import {
-  LlamaModel, OrtLlama, Rng, Trainer, createAdapter, createOptimizer, initBackend, loadModelFolder, saveModelFolder, selectEngine, weightArraysOf,
+  LlamaModel, OrtLlama, Rng, Trainer, createAdapter, createOptimizer, initBackend, loadModelFolder, selectEngine, weightArraysOf,
 } from '../model/index.ts';
 import type { EngineChoice, WeightArrays } from '../model/index.ts';
 import type { Batch, Cut, MethodSpec, Middle } from '../model/index.ts';
-import { randomWeights } from '../model/testing.ts';
+import { randomModelDir } from './_random-model.ts';
 import type { CodecName } from '../protocol/index.ts';
 
 const FIXTURE = join(import.meta.dirname, '..', 'test', 'fixtures', 'stories260K');
@@ -148,20 +148,6 @@ async function runCase(c: Case, steps: number, work: string, choice: EngineChoic
   return { model: c.name, parameters, layers: L, cut: c.cut, batch: c.batch, seq: c.seq, localWholeStepSeconds: localWhole, localCutStepSeconds: localCut, split };
 }
 
-/** A random Llama of ~25M parameters (4 blocks with `quick`, else 8), saved as a Hugging Face folder. */
-export async function randomModelDir(work: string, quick: boolean): Promise<string> {
-  const rawConfig = {
-    architectures: ['LlamaForCausalLM'], model_type: 'llama', hidden_size: 512, intermediate_size: 1536, num_hidden_layers: quick ? 4 : 8,
-    num_attention_heads: 8, num_key_value_heads: 4, vocab_size: 512, max_position_embeddings: 1024, rms_norm_eps: 1e-5, rope_theta: 10000,
-    hidden_act: 'silu', tie_word_embeddings: true, bos_token_id: 1, eos_token_id: 2, torch_dtype: 'float32',
-  };
-  const dir = join(work, 'random-llama');
-  const { parseModelConfig } = await import('../model/index.ts');
-  await saveModelFolder(dir, rawConfig, randomWeights(parseModelConfig(rawConfig), 11), {
-    copyFiles: [join(FIXTURE, 'tokenizer.json'), join(FIXTURE, 'tokenizer_config.json')],
-  });
-  return dir;
-}
 
 export async function run(args: string[]): Promise<Record<string, unknown>> {
   const quick = args.includes('--quick');
@@ -175,7 +161,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
     const tcp = await tcpLoopbackBytesPerSecond(quick ? 64 << 20 : 256 << 20);
     const cases: Case[] = [
       { name: 'stories260K', dir: FIXTURE, cut: { bottom: 1, top: 1 }, batch: 8, seq: 64 },
-      { name: quick ? 'random-llama (4 layers, --quick)' : 'random-llama', dir: await randomModelDir(work, quick), cut: quick ? { bottom: 1, top: 1 } : { bottom: 2, top: 2 }, batch: 4, seq: 128 },
+      { name: quick ? 'random-llama (4 layers, --quick)' : 'random-llama', dir: await randomModelDir(work, quick ? 4 : 8), cut: quick ? { bottom: 1, top: 1 } : { bottom: 2, top: 2 }, batch: 4, seq: 128 },
     ];
     const results = [];
     for (const c of cases) results.push(await runCase(c, steps, work, choice));
