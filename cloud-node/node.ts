@@ -293,7 +293,11 @@ async function assembleCloudNode(options: CloudNodeOptions, undo: Array<() => un
   });
   const model = new ModelSlot();
   const servingMetrics = new ServingMetrics(metrics.registry);
-  const inference = new SplitInference(options.splitInference, (bytes) => servingMetrics.splitKvCacheBytes.set(bytes));
+  const inference = new SplitInference(options.splitInference, {
+    onBytes: (bytes) => servingMetrics.splitKvCacheBytes.set(bytes),
+    onStep: (outcome) => servingMetrics.splitSteps.inc({ outcome }),
+    onWorkerStopped: () => servingMetrics.splitWorkerRestarts.inc(),
+  });
   // The operator's view: trained tokens and loss curves per session, the node's series, the workers.
   const activity = new TrainingActivity();
   const series = new TimeSeries({ metrics, trainedTokens: () => activity.trainedTokens, ...options.series });

@@ -16,6 +16,8 @@ export class ServingMetrics {
   readonly batchRows: Histogram;
   readonly stepSeconds: Histogram;
   readonly splitKvCacheBytes: Gauge;
+  readonly splitSteps: Counter;
+  readonly splitWorkerRestarts: Counter;
 
   constructor(registry: Registry) {
     const registers = [registry];
@@ -30,6 +32,10 @@ export class ServingMetrics {
     this.batchRows = new Histogram({ name: 'tandem_serve_batch_rows', help: 'Requests in one batched step', buckets: [1, 2, 4, 8, 16, 32, 64], registers });
     this.stepSeconds = new Histogram({ name: 'tandem_serve_step_seconds', help: 'One batched step on the engine (every request in flight, prefill and decode)', buckets: SECONDS_BUCKETS, registers });
     this.splitKvCacheBytes = new Gauge({ name: 'tandem_split_inference_kv_cache_bytes', help: 'Bytes of the middle KV caches split-inference sessions hold', registers });
+    this.splitSteps = new Counter({ name: 'tandem_split_inference_steps_total', help: 'InferSteps answered: computed on the middle, or replayed (a resend of the last step)', labelNames: ['outcome'], registers });
+    this.splitWorkerRestarts = new Counter({ name: 'tandem_split_inference_worker_restarts_total', help: 'Split-inference worker threads that stopped (their sequences start again at position 0)', registers });
+    for (const outcome of ['computed', 'replayed']) this.splitSteps.inc({ outcome }, 0);
+    this.splitWorkerRestarts.inc(0);
     for (const outcome of ['ok', 'error']) this.requests.inc({ outcome }, 0);
     this.deadlineMisses.inc(0);
   }

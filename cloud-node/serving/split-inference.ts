@@ -24,6 +24,16 @@ export interface SplitInferenceLimits {
   totalBytes: number;
 }
 
+/** What an operator counts (metrics). */
+export interface SplitInferenceEvents {
+  /** The caches' bytes, all sessions together, after each change. */
+  onBytes?: (bytes: number) => void;
+  /** A step answered: computed on the middle, or replayed (a resend of the last step). */
+  onStep?: (outcome: 'computed' | 'replayed') => void;
+  /** The worker thread stopped (crash, or terminated); not on close. */
+  onWorkerStopped?: () => void;
+}
+
 export const DEFAULT_SPLIT_INFERENCE_LIMITS: Readonly<SplitInferenceLimits> = { perSessionBytes: 32 * 1024 * 1024, perTenantBytes: 64 * 1024 * 1024, totalBytes: 256 * 1024 * 1024 };
 
 interface Sequence {
@@ -129,10 +139,14 @@ export class SplitInference {
   #backends: string[] = [];
   #engine: 'ort-cpu' | 'ort-cuda' | undefined;
   #thread: InferenceThread | undefined;
+  #closing = false;
 
-  constructor(limits: Partial<SplitInferenceLimits> = {}, onBytes: (bytes: number) => void = () => {}) {
+  readonly #events: SplitInferenceEvents;
+
+  constructor(limits: Partial<SplitInferenceLimits> = {}, events: SplitInferenceEvents = {}) {
     this.#limits = { ...DEFAULT_SPLIT_INFERENCE_LIMITS, ...limits };
-    this.#onBytes = onBytes;
+    this.#events = events;
+    this.#onBytes = events.onBytes ?? (() => {});
   }
 
   /** What the worker computes with: ONNX Runtime when the node's middle runs on it, else the tfjs backends in turn (the node's thread's first). */
@@ -159,7 +173,10 @@ export class SplitInference {
   async #step(served: ServedModel, range: { start: number; end: number }, session: { id: string; tenant: string }, position: number, h: Float32Array, shape: readonly [number, number, number]): Promise<Float32Array> {
     const { id: sessionId, tenant } = session;
     const held = this.#sequences.get(sessionId)?.last;
-    if (held !== undefined && held.position === position && sameValues(held.input, h)) return held.output.slice();
+    if (held !== undefined && held.position === position && sameValues(held.input, h)) {
+      this.#events.onStep?.('replayed');
+      return held.output.slice();
+    }
     if (position === 0) this.end(sessionId);
     const found = this.#sequences.get(sessionId);
     const positions = found?.positions ?? 0;
@@ -190,6 +207,7 @@ export class SplitInference {
     }
     seq.positions = reach;
     seq.last = { position, input: h.slice(), output: out.slice() };
+    this.#events.onStep?.('computed');
     return out;
   }
 
@@ -214,6 +232,7 @@ export class SplitInference {
   #died(thread: InferenceThread): void {
     for (const [id, seq] of this.#sequences) if (seq.worker === thread) this.end(id);
     if (this.#thread === thread) this.#thread = undefined;
+    if (!this.#closing) this.#events.onWorkerStopped?.();
   }
 
   /** Frees the session's cache (nothing when it has none). */
@@ -235,6 +254,7 @@ export class SplitInference {
 
   /** Frees every cache and stops the worker. */
   async clear(): Promise<void> {
+    this.#closing = true;
     for (const id of [...this.#sequences.keys()]) this.end(id);
     const thread = this.#thread;
     this.#thread = undefined;

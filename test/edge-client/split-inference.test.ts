@@ -9,7 +9,7 @@ import type { CloudClient, EdgeSession } from '../../edge-client/index.ts';
 import { createAdapter, generate, initBackend, LlamaModel, loadAdapter, loadModelFolder, loadTokenizer, onEdge, saveAdapter } from '../../model/index.ts';
 import type { LoadedModel } from '../../model/index.ts';
 import { encodeTensor } from '../../protocol/index.ts';
-import { api, createTenantKey, startTestNode, STORIES_DIR, tempDir } from '../cloud-node/helpers.ts';
+import { api, createTenantKey, metric, startTestNode, STORIES_DIR, tempDir } from '../cloud-node/helpers.ts';
 import type { TestNode } from '../cloud-node/helpers.ts';
 
 const CUT = { bottom: 2, top: 2 };
@@ -113,8 +113,12 @@ describe('split inference', () => {
       return out;
     };
     const plain = await run(false);
+    const replayed = await metric(node, 'tandem_split_inference_steps_total{outcome="replayed"}');
+    const computed = await metric(node, 'tandem_split_inference_steps_total{outcome="computed"}');
     const resent = await run(true);
     assert.deepEqual(resent, plain, 'every step, the last one too, equals a run without resends: no step ran twice');
+    assert.equal(await metric(node, 'tandem_split_inference_steps_total{outcome="replayed"}'), replayed + steps.length, 'each resend was answered from what was kept');
+    assert.equal(await metric(node, 'tandem_split_inference_steps_total{outcome="computed"}'), computed + steps.length);
     // The same position with other values is not a resend.
     await session.request({ case: 'inferStep', value: { sessionId: session.id, position: 0, frames: [steps[0].frame] } });
     await session.request({ case: 'inferStep', value: { sessionId: session.id, position: 3, frames: [steps[1].frame] } });
@@ -189,7 +193,9 @@ describe('split inference', () => {
     };
     const first = await step(0, frame(3, 1));
     await step(3, frame(1, 2));
+    const restarts = await metric(node, 'tandem_split_inference_worker_restarts_total');
     assert.equal(await node.compute.terminateSplitInference(), true);
+    assert.equal(await metric(node, 'tandem_split_inference_worker_restarts_total'), restarts + 1);
     await assert.rejects(step(4, frame(1, 3)), (err: { remoteCode?: string; message: string }) => err.remoteCode === 'TANDEM_PROTO_INFER_POSITION_INVALID' && /holds 0 positions/.test(err.message));
     assert.deepEqual(await step(0, frame(3, 1)), first, 'a fresh worker computes the same h_M');
     await session.request({ case: 'inferEnd', value: { sessionId: session.id } });
