@@ -16,7 +16,8 @@
 // when its worker died without answering is run once more on the fresh worker; the tapes
 // the worker held are lost, and their backwards are recomputed from h_B (TapeLost).
 import { availableParallelism } from 'node:os';
-import { Worker } from 'node:worker_threads';
+import type { Worker } from 'node:worker_threads';
+import { startTsWorker } from '../model/index.ts';
 import type { Logger } from 'pino';
 import { CloudError, resourceErrorOf } from './errors.ts';
 import type { BatchItem, BlockRange, HeldLora, Shape3 } from './middle-compute.ts';
@@ -161,12 +162,6 @@ class WorkerTape implements KeptTape {
 }
 
 const RESTART_DELAY_MS = 100;
-/** The worker bootstrap: tsx's loader, then the TypeScript entry (a worker does not inherit --import hooks). */
-function bootstrap(): string {
-  const api = import.meta.resolve('tsx/esm/api');
-  const entry = new URL('./middle-worker.ts', import.meta.url).href;
-  return `import(${JSON.stringify(api)}).then((m) => { m.register(); return import(${JSON.stringify(entry)}); })`;
-}
 
 const tokensOf = (shape: Shape3): number => shape[0] * shape[1];
 
@@ -520,7 +515,7 @@ export class MiddleExecutor {
     slot.generation++;
     slot.loaded = false;
     const start: WorkerStart = { modelDir: this.#options.modelDir, backend: this.#options.backend, engine: this.#options.engine, threads: this.#threads() };
-    const worker = new Worker(bootstrap(), { eval: true, execArgv: [], workerData: start });
+    const worker = startTsWorker(new URL('./middle-worker.ts', import.meta.url), start);
     slot.worker = worker;
     return new Promise((resolve, reject) => {
       let started = false;

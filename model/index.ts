@@ -36,6 +36,7 @@ export {
 } from './checkpoint.ts';
 export type { LoadedModel, SaveModelOptions, ShardedWriteOptions, Weight, Weights, WeightsInput } from './checkpoint.ts';
 export { TOKENIZER_CONFIG_FILE, loadTokenizer } from './tokenizer.ts';
+export { startTsWorker } from './worker-thread.ts';
 export type { DecodeOptions, EncodeOptions, Tokenizer } from './tokenizer.ts';
 export { BACKENDS, activeBackend, gradients, initBackend, parseBackendName, tapedForward, tf } from './backend.ts';
 export type { BackendChoice, BackendName, TapedForward } from './backend.ts';

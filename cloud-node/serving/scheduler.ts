@@ -184,18 +184,12 @@ export class ServingScheduler {
         (acquired) => {
           this.#loading.delete(p);
           // close() may have come while the adapter loaded: this request ends with the others.
-          if (this.#closed) {
-            acquired.release();
-            this.#reserved -= p.kvBytes;
-            p.reject(new CloudError('TANDEM_MODEL_NOT_READY'));
-            return;
-          }
-          this.#activate(p, acquired);
+          if (this.#closed) this.#refuse(p, new CloudError('TANDEM_MODEL_NOT_READY'), acquired);
+          else this.#activate(p, acquired);
         },
         (err: unknown) => {
           this.#loading.delete(p);
-          this.#reserved -= p.kvBytes;
-          p.reject(err);
+          this.#refuse(p, err);
         },
       );
       this.#loading.set(p, load);
@@ -214,10 +208,15 @@ export class ServingScheduler {
         adapterKey: p.request.adapter === undefined ? '' : `${p.request.adapter.tenant}/${p.request.adapter.name}`, next: loop.first(), prefilled: 0, stopped: false,
       });
     } catch (err) {
-      acquired?.release();
-      this.#reserved -= p.kvBytes;
-      p.reject(err);
+      this.#refuse(p, err, acquired);
     }
+  }
+
+  /** An admitted request that will not run: its adapter and KV reservation go back. */
+  #refuse(p: Pending, err: unknown, acquired?: { release: () => void }): void {
+    acquired?.release();
+    this.#reserved -= p.kvBytes;
+    p.reject(err);
   }
 
   /**

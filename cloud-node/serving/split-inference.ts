@@ -1,15 +1,16 @@
 // The cloud's half of split inference: per session, the middle blocks' KV cache of one
 // sequence. Each InferStep runs the middle on the new tokens' h_B at the next position and
-// returns their h_M; what the cache holds is counted against a per-session and a node-wide
-// budget before it grows, and an InferEnd, a SessionClose or the session's expiry frees it.
-// The compute and the caches are in a worker thread (split-inference-worker.ts, on ONNX
-// Runtime when the node's middle runs on it, else tfjs), started at the first InferStep: a long prompt's middle is seconds of compute that would otherwise stop
-// the node's event loop. The steps of one session run one at a time, in arrival order.
+// returns their h_M; what the cache holds is counted against per-session, per-tenant and
+// node-wide budgets before it grows, and an InferEnd, a SessionClose or the session's expiry
+// frees it. The compute and the caches are in a worker thread (split-inference-worker.ts, on
+// ONNX Runtime when the node's middle runs on it, else tfjs), started at the first InferStep:
+// a long prompt's middle is seconds of compute that would otherwise stop the node's event
+// loop. The steps of one session run one at a time, in arrival order.
 // The last step's h_B and h_M are kept: the edge's connection resends a request whose reply it
 // did not get, and that resend is answered with the same h_M, not run again (which would
 // append its keys and values to the cache a second time).
-import { Worker } from 'node:worker_threads';
-import { kvBytesPerToken } from '../../model/index.ts';
+import type { Worker } from 'node:worker_threads';
+import { kvBytesPerToken, startTsWorker } from '../../model/index.ts';
 import { ProtocolError } from '../../protocol/index.ts';
 import { CloudError } from '../errors.ts';
 import type { ServedModel } from '../served-model.ts';
@@ -50,11 +51,6 @@ function sameValues(a: Float32Array, b: Float32Array): boolean {
   return a.length === b.length && Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength));
 }
 
-function bootstrap(): string {
-  const api = import.meta.resolve('tsx/esm/api');
-  const entry = new URL('./split-inference-worker.ts', import.meta.url).href;
-  return `import(${JSON.stringify(api)}).then((m) => { m.register(); return import(${JSON.stringify(entry)}); })`;
-}
 
 /** One worker thread and the steps it is computing. */
 class InferenceThread {
@@ -67,7 +63,7 @@ class InferenceThread {
   readonly #die: (error: Error) => void;
 
   constructor(start: InferenceWorkerStart, onDeath: (thread: InferenceThread) => void) {
-    this.#worker = new Worker(bootstrap(), { eval: true, execArgv: [], workerData: start });
+    this.#worker = startTsWorker(new URL('./split-inference-worker.ts', import.meta.url), start);
     let started: (() => void) | undefined;
     let failed: ((e: Error) => void) | undefined;
     this.ready = new Promise<void>((resolve, reject) => {

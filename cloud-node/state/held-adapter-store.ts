@@ -53,6 +53,8 @@ function f32(text: unknown, file: string, length: number): Float32Array {
 
 export class HeldAdapterStore {
   readonly #dir: string;
+  /** session → gradient file name → its step. */
+  readonly #gradients = new Map<string, Map<string, number>>();
 
   private constructor(dir: string) {
     this.#dir = dir;
@@ -87,23 +89,42 @@ export class HeldAdapterStore {
       bytes.set(new Uint8Array(g.buffer, g.byteOffset, g.byteLength), at);
       at += g.byteLength;
     }
-    await writeStateFile(join(this.#dir, `${sessionId}.step-${step}.mb-${microbatch}.f32`), bytes);
+    const name = `${sessionId}.step-${step}.mb-${microbatch}.f32`;
+    await writeStateFile(join(this.#dir, name), bytes);
+    this.#track(sessionId, name, step);
+  }
+
+  #track(sessionId: string, name: string, step: number): void {
+    let files = this.#gradients.get(sessionId);
+    if (files === undefined) {
+      files = new Map();
+      this.#gradients.set(sessionId, files);
+    }
+    files.set(name, step);
   }
 
   /** Removes the session's gradient files of steps up to `step` (committed: the checkpoint holds them applied). */
   async removeGradients(sessionId: string, step = Number.MAX_SAFE_INTEGER): Promise<void> {
+    if (await this.#removeGradientFiles(sessionId, step)) await syncDir(this.#dir);
+  }
+
+  /** The files this store wrote or found at load: no directory scan on a step's path. */
+  async #removeGradientFiles(sessionId: string, step: number): Promise<boolean> {
+    const files = this.#gradients.get(sessionId);
     let removed = false;
-    for (const f of await this.#gradientFiles()) {
-      if (f.sessionId !== sessionId || f.step > step) continue;
-      await rm(join(this.#dir, f.name), { force: true });
+    for (const [name, s] of files ?? []) {
+      if (s > step) continue;
+      await rm(join(this.#dir, name), { force: true });
+      files?.delete(name);
       removed = true;
     }
-    if (removed) await syncDir(this.#dir);
+    if (files?.size === 0) this.#gradients.delete(sessionId);
+    return removed;
   }
 
   async remove(sessionId: string): Promise<void> {
     await rm(this.#file(sessionId), { force: true });
-    await this.removeGradients(sessionId);
+    await this.#removeGradientFiles(sessionId, Number.MAX_SAFE_INTEGER);
     await syncDir(this.#dir);
   }
 
@@ -134,7 +155,10 @@ export class HeldAdapterStore {
       if (files.length > 0) {
         const lengths = snapshot.params.map((p) => p.value.length);
         const microbatches = new Map(snapshot.pending?.step === step ? snapshot.pending.microbatches : []);
-        for (const f of files) microbatches.set(f.microbatch, splitGradients(await readFile(join(this.#dir, f.name)), lengths, join(this.#dir, f.name)));
+        for (const f of files) {
+          microbatches.set(f.microbatch, splitGradients(await readFile(join(this.#dir, f.name)), lengths, join(this.#dir, f.name)));
+          this.#track(f.sessionId, f.name, f.step);
+        }
         snapshot.pending = { step, microbatches: [...microbatches].sort((a, b) => a[0] - b[0]) };
       }
       out.push(snapshot);

@@ -3,7 +3,8 @@
 // only arrive, parse and queue between steps). Here a step is a message: the rows' sequence
 // ids and new tokens go out, each row's logits come back. An adapter's stacked factors are
 // sent once, while some open sequence uses them, and dropped with its last one.
-import { Worker } from 'node:worker_threads';
+import type { Worker } from 'node:worker_threads';
+import { startTsWorker } from '../worker-thread.ts';
 import type { ModelConfig } from '../config.ts';
 import { MODEL_ERRORS, ModelError } from '../errors.ts';
 import type { ModelErrorCode } from '../errors.ts';
@@ -23,11 +24,6 @@ export class ThreadSequence {
   ) {}
 }
 
-function bootstrap(): string {
-  const api = import.meta.resolve('tsx/esm/api');
-  const entry = new URL('./serving-worker.ts', import.meta.url).href;
-  return `import(${JSON.stringify(api)}).then((m) => { m.register(); return import(${JSON.stringify(entry)}); })`;
-}
 
 export class ServingThread {
   readonly config: ModelConfig;
@@ -67,7 +63,7 @@ export class ServingThread {
   /** Starts the worker and its engine over a copy of these weights. */
   static async create(config: ModelConfig, weights: WeightArrays, options: { threads?: number; provider?: OrtProvider } = {}): Promise<ServingThread> {
     const start: ServingWorkerStart = { config, weights: [...weights].map(([name, w]) => [name, w.shape, w.data]), threads: options.threads, provider: options.provider };
-    const worker = new Worker(bootstrap(), { eval: true, execArgv: [], workerData: start });
+    const worker = startTsWorker(new URL('./serving-worker.ts', import.meta.url), start);
     await new Promise<void>((resolve, reject) => {
       const onMessage = (m: ServingWorkerReply): void => {
         if (m.op === 'ready') resolve();
