@@ -24,6 +24,8 @@ export interface TrainedRunOptions {
   defenses: Defenses;
   train: readonly Batch[];
   validation: readonly Batch[];
+  /** More validation sets, scored the same way after the same training (e.g. unseen events of label data). */
+  extraValidation?: Readonly<Record<string, readonly Batch[]>>;
   steps: number;
   lr?: number;
   rank?: number;
@@ -33,6 +35,8 @@ export interface TrainedRunOptions {
 export interface TrainedRun {
   /** Mean validation loss per label token, the defenses on. */
   validationLoss: number;
+  /** The same loss on each of `extraValidation`'s sets. */
+  extraValidationLoss: Record<string, number>;
   /** The bottom the run trained (the cut after a deeper bottom). */
   bottom: number;
   /** The defenses in force (the noise clip fixed from the first h_B). */
@@ -51,6 +55,8 @@ export async function trainUnderDefenses(options: TrainedRunOptions): Promise<Tr
   if (!Number.isInteger(options.steps) || options.steps < 0 || options.steps > TRAINED_RUN_LIMITS.steps) {
     throw new PrivacyError('TANDEM_AUDIT_INPUT_INVALID', `steps must be an integer in [0, ${TRAINED_RUN_LIMITS.steps}], got ${options.steps}`, { field: 'steps' });
   }
+  const extra = Object.entries(options.extraValidation ?? {});
+  if (extra.some(([, batches]) => batches.length === 0)) throw new PrivacyError('TANDEM_AUDIT_INPUT_INVALID', 'an extra validation set holds no batch', { field: 'extraValidation' });
   if (train.length === 0 || validation.length === 0) throw new PrivacyError('TANDEM_AUDIT_INPUT_INVALID', 'training needs training and validation batches', { field: 'data' });
   const L = model.numLayers;
   const bottom = options.cut.bottom + (defenses.deeperBottom ?? 0);
@@ -70,16 +76,25 @@ export async function trainUnderDefenses(options: TrainedRunOptions): Promise<Tr
   });
   try {
     for (let s = 0; s < options.steps; s++) await trainer.trainStep([train[s % train.length]]);
-    let nll = 0;
-    let tokens = 0;
-    for (let i = 0; i < validation.length; i++) {
-      const score = await trainer.score(validation[i], i);
-      nll += score.lossSum;
-      tokens += score.tokens;
-    }
+    // Every validation batch, over all the sets, its own micro-batch key: a middle may answer a repeated key from what it kept.
+    let index = 0;
+    const score = async (batches: readonly Batch[]): Promise<number> => {
+      let nll = 0;
+      let tokens = 0;
+      for (const batch of batches) {
+        const result = await trainer.score(batch, index++);
+        nll += result.lossSum;
+        tokens += result.tokens;
+      }
+      return nll / Math.max(tokens, 1);
+    };
+    const validationLoss = await score(validation);
+    const extraValidationLoss: Record<string, number> = {};
+    for (const [name, batches] of extra) extraValidationLoss[name] = await score(batches);
     const applied = structuredClone(middle.applied);
     return {
-      validationLoss: nll / Math.max(tokens, 1),
+      validationLoss,
+      extraValidationLoss,
       bottom,
       applied,
       sent(rows, rng) {

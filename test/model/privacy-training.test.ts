@@ -53,4 +53,19 @@ describe('training under the defenses', () => {
     trained.dispose();
     await assert.rejects(trainUnderDefenses({ model, cut: { bottom: 3, top: 1 }, defenses: { deeperBottom: 1 }, train, validation, steps: 1 }), (e: Error & { code?: string }) => e.code === 'TANDEM_AUDIT_INPUT_INVALID');
   });
+
+  it('scores extra validation sets after the same training, each as the validation set would be', async () => {
+    const other = [train[2]];
+    const run = await trainUnderDefenses({ model, cut: { bottom: 1, top: 1 }, defenses: {}, train, validation, extraValidation: { again: validation, other }, steps: 2, lr: 1e-2 });
+    const alone = await trainUnderDefenses({ model, cut: { bottom: 1, top: 1 }, defenses: {}, train, validation: other, steps: 2, lr: 1e-2 });
+    try {
+      assert.ok(Math.abs(run.extraValidationLoss.again - run.validationLoss) < 1e-6, 'the same set scores the same');
+      assert.ok(Math.abs(run.extraValidationLoss.other - alone.validationLoss) < 1e-6, `an extra set scores as its own validation: ${run.extraValidationLoss.other} vs ${alone.validationLoss}`);
+      assert.notEqual(run.extraValidationLoss.other, run.validationLoss);
+    } finally {
+      run.dispose();
+      alone.dispose();
+    }
+    await assert.rejects(trainUnderDefenses({ model, cut: { bottom: 1, top: 1 }, defenses: {}, train, validation, extraValidation: { empty: [] }, steps: 0 }), (e: Error & { code?: string }) => e.code === 'TANDEM_AUDIT_INPUT_INVALID');
+  });
 });
