@@ -4,6 +4,7 @@ import { asProtocolError, ProtocolError } from './errors.ts';
 import { DEFAULT_LIMITS } from './limits.ts';
 import type { Body, Envelope, ErrorBody, VersionRange } from './messages.ts';
 import { wireTypes } from './schema.ts';
+import { checkDecodedValues } from './wire-scan.ts';
 import { PROTOCOL_VERSION, SUPPORTED_VERSIONS, compareVersions, formatRange, formatVersion, isReadableVersion } from './version.ts';
 import { envelopeFromWire, envelopeToWire } from './wire.ts';
 
@@ -64,6 +65,9 @@ export function decodeEnvelope(bytes: Uint8Array, options: DecodeEnvelopeOptions
       : formatVersion(theirs);
     throw new ProtocolError('TANDEM_PROTO_VERSION_UNSUPPORTED', { ours: formatRange(ours), theirs: theirRange });
   }
+  // What the bytes would decode into is counted before protobufjs builds any of it (the header
+  // above reads two small fields and steps over the rest).
+  checkDecodedValues(wireTypes.Envelope, bytes);
   const decoded = envelopeFromWireSafe(decodeWire(wireTypes.Envelope, bytes));
   if (decoded.body.case === 'hello' && compareVersions(decoded.body.value.versions.min, decoded.body.value.versions.max) > 0) {
     throw new ProtocolError('TANDEM_PROTO_FIELD_INVALID', { field: 'hello.versions', reason: 'min is above max' });

@@ -35,6 +35,7 @@ export const PROTOCOL_ERRORS = {
   TANDEM_PROTO_INFER_POSITION_INVALID: { number: 4030, template: 'InferStep position {actual} does not continue session {session}, whose middle cache holds {expected} positions (send 0 to start a new sequence)' },
   TANDEM_PROTO_INFER_CONTEXT_EXCEEDED: { number: 4031, template: 'InferStep reaches position {actual}, over the context of {limit}' },
   TANDEM_PROTO_INFER_KV_BUDGET_EXCEEDED: { number: 4032, template: 'the middle KV cache of session {session} would take {actual} bytes, over the limit of {limit}' },
+  TANDEM_PROTO_MESSAGE_VALUES_EXCEEDED: { number: 4033, template: 'message would decode into more than {limit} values (fields and repeated elements); counted {actual} before stopping' },
 } as const satisfies Record<string, { number: number; template: string }>;
 
 export type ProtocolErrorCode = keyof typeof PROTOCOL_ERRORS;

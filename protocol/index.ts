@@ -13,6 +13,7 @@ export {
 } from './version.ts';
 export { DEFAULT_LIMITS, LIMIT_FLOORS, checkLimitFloors, intersectLimits } from './limits.ts';
 export { decodeEnvelope, encodeEnvelope, envelope, errorBody } from './envelope.ts';
+export { MAX_DECODED_VALUES, checkDecodedValues } from './wire-scan.ts';
 export type { DecodeEnvelopeOptions } from './envelope.ts';
 export { negotiateCodecs } from './codec-negotiation.ts';
 export type { CodecPreferences } from './codec-negotiation.ts';
@@ -24,7 +25,7 @@ export { DEFAULT_TOPK_FRACTION } from './codecs/topk.ts';
 export { ErrorFeedback } from './error-feedback.ts';
 export { CRC32_IMPLEMENTATION, crc32, crc32Js } from './crc32.ts';
 export { messagesForTransport, splitMessage } from './chunker.ts';
-export { ReassemblyBudget, Reassembler } from './reassembler.ts';
+export { MAX_STREAM_ID_CHARS, ReassemblyBudget, Reassembler } from './reassembler.ts';
 export type { ReassemblerOptions } from './reassembler.ts';
 export { AUTH_ERROR_CODES, DEFAULT_CUT, EDGE_WEIGHTS_FILE, WIRE_ERRORS } from './contract.ts';
 export type { WireErrorCode } from './contract.ts';

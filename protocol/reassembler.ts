@@ -9,30 +9,44 @@ import { ProtocolError } from './errors.ts';
 import { DEFAULT_LIMITS } from './limits.ts';
 import type { Chunk } from './messages.ts';
 
-/** Bytes held by incomplete streams, across every Reassembler that shares it. */
+/**
+ * Bytes held by incomplete streams, across every Reassembler that shares it. A budget may have
+ * a parent (a tenant's share of the node's): a take must fit both.
+ */
 export class ReassemblyBudget {
   readonly limit: number;
+  /** What the budget caps, for the refusal ("bytes being reassembled on this node"). */
+  readonly name: string;
+  readonly parent: ReassemblyBudget | undefined;
   #used = 0;
 
-  constructor(limit: number) {
+  constructor(limit: number, options: { name?: string; parent?: ReassemblyBudget } = {}) {
     this.limit = limit;
+    this.name = options.name ?? 'bytes being reassembled on this node';
+    this.parent = options.parent;
   }
 
   get used(): number {
     return this.#used;
   }
 
-  /** False (and nothing taken) when `bytes` more would pass the limit. */
-  take(bytes: number): boolean {
-    if (this.#used + bytes > this.limit) return false;
+  /** Takes `bytes` from this budget and its parents; nothing is taken and the budget that refused is returned when they would pass one's limit. */
+  take(bytes: number): ReassemblyBudget | undefined {
+    if (this.#used + bytes > this.limit) return this;
+    const refused = this.parent?.take(bytes);
+    if (refused !== undefined) return refused;
     this.#used += bytes;
-    return true;
+    return undefined;
   }
 
   give(bytes: number): void {
     this.#used = Math.max(0, this.#used - bytes);
+    this.parent?.give(bytes);
   }
 }
+
+/** Longest stream id: a request id (at most 256 characters on the data plane) and a suffix. */
+export const MAX_STREAM_ID_CHARS = 320;
 
 export interface ReassemblerOptions {
   /** Largest message one stream may assemble. */
@@ -84,6 +98,7 @@ export class Reassembler {
     const { streamId, index, count, totalBytes, data } = chunk;
     const fail = (reason: string): ProtocolError => new ProtocolError('TANDEM_PROTO_CHUNK_INVALID', { streamId, index, reason });
     this.expire();
+    if (streamId.length > MAX_STREAM_ID_CHARS) throw new ProtocolError('TANDEM_PROTO_CHUNK_INVALID', { streamId: `${streamId.slice(0, 32)}…`, index, reason: `the stream id has ${streamId.length} characters, over the limit of ${MAX_STREAM_ID_CHARS}` });
     if (count < 1 || index >= count) throw fail(`index ${index} is outside count ${count}`);
     if (crc32(data) !== chunk.crc32) throw fail('crc32 does not match its data');
     let stream = this.#streams.get(streamId);
@@ -123,12 +138,14 @@ export class Reassembler {
     }
     const last = stream.next + 1 === stream.count;
     // The last chunk is copied straight into the whole message: only incomplete streams hold budget.
-    if (!last && this.#budget !== undefined && !this.#budget.take(data.length)) {
-      const used = this.#budget.used;
+    const refused = last ? undefined : this.#budget?.take(data.length);
+    if (refused !== undefined) {
+      const used = refused.used;
       this.#drop(streamId);
-      throw new ProtocolError('TANDEM_PROTO_CHUNK_LIMIT_EXCEEDED', { field: 'bytes being reassembled on this node', actual: used + data.length, limit: this.#budget.limit });
+      throw new ProtocolError('TANDEM_PROTO_CHUNK_LIMIT_EXCEEDED', { field: refused.name, actual: used + data.length, limit: refused.limit });
     }
-    stream.parts.push(data);
+    // A copy: `data` is a view into the whole received envelope, which a small chunk would keep alive.
+    stream.parts.push(last ? data : data.slice());
     stream.filled += data.length;
     stream.next++;
     stream.lastChunkAt = this.#now();
