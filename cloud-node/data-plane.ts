@@ -15,6 +15,7 @@ import {
 } from '../protocol/index.ts';
 import type { Envelope, ErrorBody, Limits } from '../protocol/index.ts';
 import { CloudError, resourceErrorOf } from './errors.ts';
+import { quotaExceeded } from './quotas.ts';
 import type { CloudMetrics } from './metrics.ts';
 import type { QuotaLedger } from './quotas.ts';
 import type { SessionService } from './session-service.ts';
@@ -73,9 +74,32 @@ function checkedRequestId(requestId: string): string {
 
 export function attachDataPlane(options: DataPlaneOptions): Server {
   const { keys, service, metrics, limits, quotas, log } = options;
-  // Chunked requests reassemble up to one Backward with two full frames.
-  const reassemblyLimit = 2 * limits.maxFrameBytes + TRANSPORT_SLACK_BYTES;
+  // Chunked requests reassemble up to the largest a session can need (a Backward of two full
+  // micro-batch frames in f32), not two frames of the protocol's maximum (512 MiB).
+  const reassemblyLimit = (): number => {
+    try {
+      return service.maxRequestBytes + TRANSPORT_SLACK_BYTES;
+    } catch {
+      return 2 * limits.maxFrameBytes + TRANSPORT_SLACK_BYTES; // no model served yet: every request is refused later anyway
+    }
+  };
   const budget = new ReassemblyBudget(options.reassemblyBudgetBytes ?? DEFAULT_REASSEMBLY_BUDGET_BYTES);
+  // Each tenant's share of it (one tenant's incomplete streams cannot hold everyone's), and its sockets.
+  const tenants = new Map<string, { budget: ReassemblyBudget; sockets: number }>();
+  const tenantOf = (tenant: string): { budget: ReassemblyBudget; sockets: number } => {
+    let t = tenants.get(tenant);
+    if (t === undefined) {
+      // Never below one whole request: a tenant can always send its largest.
+      t = { budget: new ReassemblyBudget(Math.max(quotas.of(tenant).reassemblyBytes, reassemblyLimit()), { name: 'bytes being reassembled for this tenant (its reassemblyBytes quota)', parent: budget }), sockets: 0 };
+      tenants.set(tenant, t);
+    }
+    return t;
+  };
+  const tooManySockets = (caller: Caller): CloudError | undefined => {
+    const limit = quotas.of(caller.tenant).connections;
+    const open = tenants.get(caller.tenant)?.sockets ?? 0;
+    return open >= limit ? quotaExceeded(caller.tenant, 'connections', limit, `${open} sockets of this tenant are connected; close one`) : undefined;
+  };
   const streamTimeoutMs = options.chunkStreamTimeoutMs ?? DEFAULT_CHUNK_STREAM_TIMEOUT_MS;
   const reassemblers = new Set<Reassembler>();
   // Streams that stopped mid-way give their bytes back even when their socket stays silent.
@@ -93,7 +117,11 @@ export function attachDataPlane(options: DataPlaneOptions): Server {
 
   io.use((socket, next) => {
     const auth = socket.handshake.auth as { key?: unknown } | undefined;
-    keys.authenticate(auth?.key).then(
+    keys.authenticate(auth?.key).then((caller) => {
+      const refused = tooManySockets(caller);
+      if (refused !== undefined) throw refused;
+      return caller;
+    }).then(
       (caller) => {
         socket.data.caller = caller;
         next();
@@ -109,7 +137,18 @@ export function attachDataPlane(options: DataPlaneOptions): Server {
   io.on('connection', (socket: Socket) => {
     const caller = socket.data.caller as Caller;
     const socketLog = log.child({ socket: socket.id, tenant: caller.tenant });
-    const reassembler = new Reassembler({ maxMessageBytes: reassemblyLimit, maxTotalBytes: 2 * reassemblyLimit, budget, streamTimeoutMs });
+    // Handshakes authenticate concurrently: the count is checked again once the socket is in.
+    const over = tooManySockets(caller);
+    if (over !== undefined) {
+      metrics.errors.inc({ code: over.code });
+      socketLog.warn({ code: over.code }, over.message);
+      socket.disconnect(true);
+      return;
+    }
+    const tenant = tenantOf(caller.tenant);
+    tenant.sockets++;
+    const requestLimit = reassemblyLimit();
+    const reassembler = new Reassembler({ maxMessageBytes: requestLimit, maxTotalBytes: 2 * requestLimit, budget: tenant.budget, streamTimeoutMs });
     reassemblers.add(reassembler);
     metrics.connections.inc();
     socketLog.info('socket connected');
@@ -173,7 +212,7 @@ export function attachDataPlane(options: DataPlaneOptions): Server {
             reply(null);
             return;
           }
-          request = decodeEnvelope(whole, { maxMessageBytes: reassemblyLimit });
+          request = decodeEnvelope(whole, { maxMessageBytes: requestLimit });
           requestId = '';
           requestId = checkedRequestId(request.requestId);
         }
@@ -190,6 +229,7 @@ export function attachDataPlane(options: DataPlaneOptions): Server {
     socket.on('disconnect', (reason) => {
       metrics.connections.dec();
       reassemblers.delete(reassembler);
+      tenant.sockets--;
       for (const streamId of reassembler.openStreams) {
         try {
           reassembler.close(streamId);
@@ -200,6 +240,7 @@ export function attachDataPlane(options: DataPlaneOptions): Server {
           socketLog.warn({ code: body.code, streamId }, `client vanished mid-request: ${body.message}`);
         }
       }
+      if (tenant.sockets === 0 && tenant.budget.used === 0) tenants.delete(caller.tenant);
       socketLog.info({ reason }, 'socket disconnected');
     });
   });

@@ -5,10 +5,11 @@ import rateLimit from '@fastify/rate-limit';
 import swagger from '@fastify/swagger';
 import Fastify from 'fastify';
 import type { FastifyBaseLogger, FastifyError, FastifyInstance } from 'fastify';
-import { createServer as createHttpServer } from 'node:http';
+import { STATUS_CODES, createServer as createHttpServer } from 'node:http';
 import type { RequestListener, Server as HttpServer } from 'node:http';
 import { createServer as createHttpsServer } from 'node:https';
 import { resolve } from 'node:path';
+import type { Duplex } from 'node:stream';
 import { createSecureContext } from 'node:tls';
 import { pino } from 'pino';
 import type { Logger } from 'pino';
@@ -215,6 +216,19 @@ function sendError(app: FastifyInstance, log: Logger): void {
   });
 }
 
+/**
+ * What HTTP itself refuses before a route runs (headers or URL over Node's 16 KiB, an unknown
+ * method, a malformed chunked body) gets the same typed body as everything else.
+ */
+function answerClientError(error: Error & { code?: string }, socket: Duplex): void {
+  if (!socket.writable) return;
+  const status = error.code === 'HPE_HEADER_OVERFLOW' ? 431 : error.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400;
+  const reason = status === 431 ? 'the request line and headers are over the server\'s limit of 16 KiB' : status === 408 ? 'the request did not arrive in time' : `HTTP could not parse the request (${error.code ?? 'malformed'})`;
+  const wrapped = new CloudError('TANDEM_REQUEST_INVALID', { reason });
+  const body = JSON.stringify({ code: wrapped.code, message: wrapped.describe(), details: wrapped.details });
+  socket.end(`HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
+}
+
 /** The HTTP(S) server fastify runs on; socket.io attaches to the same one. */
 function serverFactory(tls: CloudNodeOptions['tls']): (handler: RequestListener) => HttpServer {
   if (tls === undefined) return (handler) => createHttpServer(handler);
@@ -345,7 +359,7 @@ async function assembleCloudNode(options: CloudNodeOptions, undo: Array<() => un
   }
   const serving = new Serving(adapters, servingMetrics, options.serving);
 
-  const app = Fastify({ loggerInstance: log as FastifyBaseLogger, bodyLimit: 1024 * 1024, serverFactory: createServer });
+  const app = Fastify({ loggerInstance: log as FastifyBaseLogger, bodyLimit: 1024 * 1024, serverFactory: createServer, clientErrorHandler: answerClientError });
   await app.register(swagger, {
     openapi: {
       openapi: '3.0.3',

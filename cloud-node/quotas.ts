@@ -24,6 +24,10 @@ export interface TenantQuotas {
   heldAdapterRank: number;
   /** Bytes of the middle adapters (weights and AdamW state) the cloud holds for the tenant, all its sessions together. */
   heldAdapterBytes: number;
+  /** Data-plane sockets the tenant may have connected at once. */
+  connections: number;
+  /** Bytes the tenant's incomplete chunked requests may hold at once (its share of the node's reassembly budget). */
+  reassemblyBytes: number;
 }
 
 export type QuotaName = keyof TenantQuotas;
@@ -39,6 +43,8 @@ export const DEFAULT_QUOTAS: Readonly<TenantQuotas> = {
   servedAdapterBytes: 256 * 1024 * 1024,
   heldAdapterRank: 64,
   heldAdapterBytes: 256 * 1024 * 1024,
+  connections: 64,
+  reassemblyBytes: 128 * 1024 * 1024,
 };
 
 const WINDOW_MS = 60_000;

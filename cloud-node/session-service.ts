@@ -349,6 +349,15 @@ export class SessionService {
     return held;
   }
 
+  /**
+   * The largest request a session can need to send: a Backward of two frames (g_M, and h_B
+   * again for a recompute) of a full micro-batch in f32. Chunked requests reassemble up to this.
+   */
+  get maxRequestBytes(): number {
+    const { served } = this.#options.model();
+    return 2 * Math.min(this.#options.limits.maxFrameBytes, this.#maxTokens * served.config.hiddenSize * 4);
+  }
+
   get #maxTokens(): number {
     return this.#options.shapeLimits?.maxMicrobatchTokens ?? DEFAULT_MAX_MICROBATCH_TOKENS;
   }
