@@ -40,12 +40,52 @@ export interface ModelConfig {
   raw: Record<string, unknown>;
 }
 
-function positiveInt(raw: Record<string, unknown>, key: string, file: string, fallback?: number): number {
+/**
+ * The largest sizes config.json may declare, checked before anything is sized from them (a
+ * num_hidden_layers of 1e9 once cost 36 s and 2.5 GB in expectedTensorShapes). Each is many
+ * times what real checkpoints use: Llama-3.1-405B has 126 layers, hidden 16384, intermediate
+ * 53248, 128 heads, head_dim 128, vocab 128256 and 131072 positions; Qwen2 has vocab 151936,
+ * Gemma-style models head_dim 256, and million-token-context models ~1M positions.
+ */
+export const MODEL_CONFIG_LIMITS = {
+  num_hidden_layers: 1024,
+  hidden_size: 65536,
+  intermediate_size: 262144,
+  num_attention_heads: 1024,
+  num_key_value_heads: 1024,
+  head_dim: 1024,
+  vocab_size: 2 ** 21,
+  max_position_embeddings: 2 ** 24,
+  original_max_position_embeddings: 2 ** 24,
+} as const;
+
+type LimitedField = keyof typeof MODEL_CONFIG_LIMITS;
+
+/** An integer in [1, MODEL_CONFIG_LIMITS[key]]; absent (or null) takes `fallback`. */
+function boundedInt(raw: Record<string, unknown>, key: LimitedField, file: string, fallback?: number): number {
   const v = raw[key] ?? fallback;
-  if (typeof v !== 'number' || !Number.isInteger(v) || v <= 0) {
-    throw new ModelError('TANDEM_MODEL_CONFIG_INVALID', `${key} must be a positive integer, got ${JSON.stringify(v)}`, { file, field: key });
+  const max = MODEL_CONFIG_LIMITS[key];
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < 1 || v > max) {
+    throw new ModelError('TANDEM_MODEL_CONFIG_INVALID', `${key} must be an integer in [1, ${max}], got ${JSON.stringify(v) ?? String(v)}`, {
+      file,
+      field: key,
+      details: { limit: max },
+    });
   }
   return v;
+}
+
+/** A JSON boolean; absent takes `fallback`. Anything else is refused, not coerced ("false" is not false). */
+function booleanField(raw: Record<string, unknown>, key: string, file: string, fallback: boolean): boolean {
+  const v = raw[key];
+  if (v === undefined) return fallback;
+  if (typeof v !== 'boolean') throw new ModelError('TANDEM_MODEL_CONFIG_INVALID', `${key} must be true or false, got ${JSON.stringify(v)}`, { file, field: key });
+  return v;
+}
+
+/** A token id: an integer in [0, vocab_size). */
+function isTokenId(v: unknown, vocabSize: number): v is number {
+  return typeof v === 'number' && Number.isInteger(v) && v >= 0 && v < vocabSize;
 }
 
 function positiveNumber(raw: Record<string, unknown>, key: string, file: string, fallback: number): number {
@@ -58,7 +98,7 @@ function positiveNumber(raw: Record<string, unknown>, key: string, file: string,
 
 function parseRopeScaling(v: unknown, file: string): RopeScaling | undefined {
   if (v === undefined || v === null) return undefined;
-  if (typeof v !== 'object') throw new ModelError('TANDEM_MODEL_CONFIG_INVALID', 'rope_scaling must be an object', { file, field: 'rope_scaling' });
+  if (typeof v !== 'object' || Array.isArray(v)) throw new ModelError('TANDEM_MODEL_CONFIG_INVALID', 'rope_scaling must be an object', { file, field: 'rope_scaling' });
   const r = v as Record<string, unknown>;
   const type = (r.rope_type ?? r.type) as string;
   if (type !== 'llama3' && type !== 'linear' && type !== 'default') {
@@ -71,7 +111,7 @@ function parseRopeScaling(v: unknown, file: string): RopeScaling | undefined {
     factor,
     lowFreqFactor: positiveNumber(r, 'low_freq_factor', file, 1),
     highFreqFactor: positiveNumber(r, 'high_freq_factor', file, 4),
-    originalMaxPositionEmbeddings: positiveInt(r, 'original_max_position_embeddings', file, 8192),
+    originalMaxPositionEmbeddings: boundedInt(r, 'original_max_position_embeddings', file, 8192),
   };
 }
 
@@ -83,47 +123,62 @@ export function parseModelConfig(raw: unknown, file = 'config.json'): ModelConfi
   const r = raw as Record<string, unknown>;
   const family = MODEL_FAMILIES.get(r.model_type, file);
   const modelType = family.modelType;
-  const hiddenSize = positiveInt(r, 'hidden_size', file);
-  const numAttentionHeads = positiveInt(r, 'num_attention_heads', file);
-  const numKeyValueHeads = positiveInt(r, 'num_key_value_heads', file, numAttentionHeads);
+  const hiddenSize = boundedInt(r, 'hidden_size', file);
+  const intermediateSize = boundedInt(r, 'intermediate_size', file);
+  const numHiddenLayers = boundedInt(r, 'num_hidden_layers', file);
+  const vocabSize = boundedInt(r, 'vocab_size', file);
+  const maxPositionEmbeddings = boundedInt(r, 'max_position_embeddings', file, 2048);
+  const numAttentionHeads = boundedInt(r, 'num_attention_heads', file);
+  const numKeyValueHeads = boundedInt(r, 'num_key_value_heads', file, numAttentionHeads);
   if (numAttentionHeads % numKeyValueHeads !== 0) {
     throw new ModelError('TANDEM_MODEL_CONFIG_INVALID', `num_attention_heads (${numAttentionHeads}) must be a multiple of num_key_value_heads (${numKeyValueHeads})`, {
       file,
       field: 'num_key_value_heads',
     });
   }
-  const headDim = positiveInt(r, 'head_dim', file, Math.floor(hiddenSize / numAttentionHeads));
+  const headDim = boundedInt(r, 'head_dim', file, Math.floor(hiddenSize / numAttentionHeads));
   if (headDim % 2 !== 0) throw new ModelError('TANDEM_MODEL_CONFIG_INVALID', `head_dim must be even for rotary embeddings, got ${headDim}`, { file, field: 'head_dim' });
   const act = r.hidden_act ?? 'silu';
   if (act !== 'silu') throw new ModelError('TANDEM_MODEL_CONFIG_INVALID', `hidden_act ${JSON.stringify(act)} is not supported (silu)`, { file, field: 'hidden_act' });
+  // HF writes eos_token_id as one id or a list of ids; null or absent means none.
   const eos = r.eos_token_id;
-  const eosTokenIds = eos === undefined || eos === null ? [] : Array.isArray(eos) ? eos.map(Number) : [Number(eos)];
-  if (eosTokenIds.some((e) => !Number.isInteger(e) || e < 0)) {
-    throw new ModelError('TANDEM_MODEL_CONFIG_INVALID', 'eos_token_id must be an integer or a list of integers', { file, field: 'eos_token_id' });
+  const eosTokenIds = eos === undefined || eos === null ? [] : Array.isArray(eos) ? (eos as unknown[]) : [eos];
+  if (!eosTokenIds.every((e) => isTokenId(e, vocabSize))) {
+    throw new ModelError('TANDEM_MODEL_CONFIG_INVALID', `eos_token_id must be an integer or a list of integers in [0, vocab_size ${vocabSize}), got ${JSON.stringify(eos)}`, {
+      file,
+      field: 'eos_token_id',
+      details: { limit: vocabSize },
+    });
   }
   const bos = r.bos_token_id;
-  if (bos !== undefined && bos !== null && (!Number.isInteger(bos) || (bos as number) < 0)) {
-    throw new ModelError('TANDEM_MODEL_CONFIG_INVALID', 'bos_token_id must be an integer', { file, field: 'bos_token_id' });
+  if (bos !== undefined && bos !== null && !isTokenId(bos, vocabSize)) {
+    throw new ModelError('TANDEM_MODEL_CONFIG_INVALID', `bos_token_id must be an integer in [0, vocab_size ${vocabSize}), got ${JSON.stringify(bos)}`, {
+      file,
+      field: 'bos_token_id',
+      details: { limit: vocabSize },
+    });
   }
+  // The family reads attention_bias (Qwen2 ignores it); whatever it holds must be a real boolean first.
+  booleanField(r, 'attention_bias', file, false);
   return {
     modelType,
     hiddenSize,
-    intermediateSize: positiveInt(r, 'intermediate_size', file),
-    numHiddenLayers: positiveInt(r, 'num_hidden_layers', file),
+    intermediateSize,
+    numHiddenLayers,
     numAttentionHeads,
     numKeyValueHeads,
     headDim,
-    vocabSize: positiveInt(r, 'vocab_size', file),
-    maxPositionEmbeddings: positiveInt(r, 'max_position_embeddings', file, 2048),
+    vocabSize,
+    maxPositionEmbeddings,
     rmsNormEps: positiveNumber(r, 'rms_norm_eps', file, 1e-6),
     ropeTheta: positiveNumber(r, 'rope_theta', file, 10000),
     ropeScaling: parseRopeScaling(r.rope_scaling, file),
-    tieWordEmbeddings: r.tie_word_embeddings === undefined ? false : Boolean(r.tie_word_embeddings),
+    tieWordEmbeddings: booleanField(r, 'tie_word_embeddings', file, false),
     attentionBias: family.attentionBias(r),
-    mlpBias: Boolean(r.mlp_bias),
+    mlpBias: booleanField(r, 'mlp_bias', file, false),
     hiddenAct: 'silu',
     bosTokenId: bos === undefined || bos === null ? undefined : (bos as number),
-    eosTokenIds,
+    eosTokenIds: eosTokenIds as number[],
     raw: r,
   };
 }

@@ -35,6 +35,13 @@ const DTYPE_ORDER = Object.keys(SAFETENSORS_DTYPE_SIZES) as SafetensorsDtype[];
 /** The reference refuses headers above 100 MB; so do we, before allocating anything. */
 export const SAFETENSORS_MAX_HEADER_BYTES = 100_000_000;
 
+/**
+ * How deeply the header's JSON may nest. A valid header needs 3 levels ({name: {shape: [..]}});
+ * the rest is headroom. Checked in one linear pass before JSON.parse, whose cost on a deep
+ * header (and the duplicate-key walk's) is the attack: 22M '[' in a 42 MiB header cost 15 s.
+ */
+export const SAFETENSORS_MAX_HEADER_DEPTH = 8;
+
 const METADATA_KEY = '__metadata__';
 const ENTRY_KEYS = ['data_offsets', 'dtype', 'shape'];
 
@@ -118,6 +125,31 @@ function findDuplicateKey(text: string): string | undefined {
   return undefined;
 }
 
+/**
+ * Refuses a header that nests objects or arrays deeper than SAFETENSORS_MAX_HEADER_DEPTH,
+ * counting only brackets outside strings (a backslash escapes the next character). One pass,
+ * no allocation; malformed JSON is left for JSON.parse to name.
+ */
+function checkHeaderDepth(text: string, file: string): void {
+  let depth = 0;
+  let inString = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (inString) {
+      if (c === 0x5c /* \ */) i++;
+      else if (c === 0x22 /* " */) inString = false;
+    } else if (c === 0x22) {
+      inString = true;
+    } else if (c === 0x7b /* { */ || c === 0x5b /* [ */) {
+      if (++depth > SAFETENSORS_MAX_HEADER_DEPTH) {
+        throw invalid(`header nests deeper than the limit of ${SAFETENSORS_MAX_HEADER_DEPTH} levels (at character ${i}); a valid header needs 3`, file);
+      }
+    } else if (c === 0x7d /* } */ || c === 0x5d /* ] */) {
+      depth--;
+    }
+  }
+}
+
 /** Reads and checks the u64 header length N against the limit and the file's size. */
 function headerLengthOf(prefix: Uint8Array, fileLength: number, file: string): number {
   if (fileLength < 8 || prefix.byteLength < 8) {
@@ -143,6 +175,7 @@ function parseHeaderText(headerBytes: Uint8Array, file: string): Record<string, 
     throw new ModelError('TANDEM_SAFETENSORS_INVALID', 'header is not valid UTF-8', { file, cause });
   }
   if (!text.startsWith('{')) throw invalid('header must be a JSON object starting with "{"', file);
+  checkHeaderDepth(text, file);
   let header: unknown;
   try {
     header = JSON.parse(text);
