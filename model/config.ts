@@ -106,13 +106,13 @@ function parseRopeScaling(v: unknown, file: string): RopeScaling | undefined {
   }
   const factor = type === 'default' ? 1 : positiveNumber(r, 'factor', file, NaN);
   if (type !== 'llama3') return { ropeType: type, factor };
-  return {
-    ropeType: 'llama3',
-    factor,
-    lowFreqFactor: positiveNumber(r, 'low_freq_factor', file, 1),
-    highFreqFactor: positiveNumber(r, 'high_freq_factor', file, 4),
-    originalMaxPositionEmbeddings: boundedInt(r, 'original_max_position_embeddings', file, 8192),
-  };
+  const lowFreqFactor = positiveNumber(r, 'low_freq_factor', file, 1);
+  const highFreqFactor = positiveNumber(r, 'high_freq_factor', file, 4);
+  // The smoothing between the two wavelengths divides by their difference.
+  if (!(highFreqFactor > lowFreqFactor)) {
+    throw new ModelError('TANDEM_MODEL_CONFIG_INVALID', `rope_scaling.high_freq_factor (${highFreqFactor}) must be above low_freq_factor (${lowFreqFactor})`, { file, field: 'rope_scaling' });
+  }
+  return { ropeType: 'llama3', factor, lowFreqFactor, highFreqFactor, originalMaxPositionEmbeddings: boundedInt(r, 'original_max_position_embeddings', file, 8192) };
 }
 
 /** Parses a Hugging Face config.json object. Any model_type outside the LLaMA family is a typed error naming it. */

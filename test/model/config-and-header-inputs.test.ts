@@ -91,6 +91,8 @@ describe('config.json sizes are bounded', () => {
     const rope = { rope_type: 'llama3', factor: 8, original_max_position_embeddings: 2 ** 40 };
     throwsModelError(() => parseModelConfig({ ...base, rope_scaling: rope }), 'TANDEM_MODEL_CONFIG_INVALID', 'original_max_position_embeddings', String(2 ** 24));
     throwsModelError(() => parseModelConfig({ ...base, rope_scaling: [] }), 'TANDEM_MODEL_CONFIG_INVALID', 'rope_scaling');
+    // llama3 scaling smooths between the two wavelengths by dividing by their difference.
+    throwsModelError(() => parseModelConfig({ ...base, rope_scaling: { rope_type: 'llama3', factor: 8, low_freq_factor: 2, high_freq_factor: 2 } }), 'TANDEM_MODEL_CONFIG_INVALID', 'rope_scaling');
     // The limits hold real models (Llama-3.1-405B, Qwen2-72B, SmolLM-135M) and every size at its limit.
     const llama = parseModelConfig(LLAMA_405B);
     assert.deepEqual([llama.numHiddenLayers, llama.hiddenSize, llama.headDim, llama.vocabSize], [126, 16384, 128, 128256]);
