@@ -1,5 +1,5 @@
 import { Command } from 'commander';
-import { generate, generateOrt, initBackend, LlamaModel, loadAdapter, loadModelFolder, loadTokenizer, mergedWeightArrays, openEngine } from '../model/index.ts';
+import { checkTokenizerFits, generate, generateOrt, initBackend, LlamaModel, loadAdapter, loadModelFolder, loadTokenizer, mergedWeightArrays, openEngine } from '../model/index.ts';
 import type { GenerateResult, OpenedEngine, WeightArrays } from '../model/index.ts';
 import { ENGINE_FLAG_HELP, engineFlag, numberFlag, requiredFlag } from './flags.ts';
 import type { CommandIo } from './io.ts';
@@ -40,6 +40,7 @@ export function generateCommand(io: CommandIo): Command {
       const log = flags.json ? undefined : io.log;
       await initBackend({ backend: flags.backend, log });
       const [loaded, tokenizer] = await Promise.all([loadModelFolder(dir), loadTokenizer(dir)]);
+      checkTokenizerFits(tokenizer, loaded.config.vocabSize);
       const inputIds = tokenizer.encode(flags.prompt ?? '');
       const options = { maxNewTokens, temperature, topP, seed };
       const model = LlamaModel.fromArrays(loaded.config, loaded.weights);

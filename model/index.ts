@@ -35,7 +35,7 @@ export {
   writeShardedSafetensors,
 } from './checkpoint.ts';
 export type { LoadedModel, SaveModelOptions, ShardedWriteOptions, Weight, Weights, WeightsInput } from './checkpoint.ts';
-export { TOKENIZER_CONFIG_FILE, loadTokenizer } from './tokenizer.ts';
+export { MAX_TOKENIZER_NESTING, MAX_TOKENIZER_PATTERN_CHARS, TOKENIZER_CONFIG_FILE, checkTokenizerFits, loadTokenizer } from './tokenizer.ts';
 export { startTsWorker } from './worker-thread.ts';
 export type { DecodeOptions, EncodeOptions, Tokenizer } from './tokenizer.ts';
 export { BACKENDS, activeBackend, gradients, initBackend, parseBackendName, tapedForward, tf } from './backend.ts';

@@ -1,5 +1,6 @@
 // Tokenizers of Hugging Face model folders (tokenizer.json + tokenizer_config.json), run
 // offline with @huggingface/tokenizers: nothing is fetched.
+import * as hfTokenizers from '@huggingface/tokenizers';
 import { Tokenizer as HfTokenizer } from '@huggingface/tokenizers';
 import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -7,6 +8,17 @@ import { ModelError } from './errors.ts';
 import { readModelFile } from './safetensors.ts';
 
 export const TOKENIZER_CONFIG_FILE = 'tokenizer_config.json';
+
+/** The longest `pattern.Regex` / `pattern.String` a tokenizer.json may hold, in UTF-16 units. */
+export const MAX_TOKENIZER_PATTERN_CHARS = 1024;
+/** How deeply the normalizer, pre_tokenizer and decoder trees (Sequence in Sequence) may nest. */
+export const MAX_TOKENIZER_NESTING = 64;
+
+// The package's index.d.ts re-exports its normalizers by paths without an extension, which
+// NodeNext resolution does not follow: the one used here is typed here.
+const { ReplaceNormalizer } = hfTokenizers as unknown as {
+  ReplaceNormalizer: new (config: { type: 'Replace'; pattern: { Regex: string }; content: string }) => { pattern: RegExp | null };
+};
 
 export interface EncodeOptions {
   /** Add the special tokens the tokenizer's post-processor defines (BOS for Llama). Default true. */
@@ -55,6 +67,203 @@ function tokenContent(v: unknown): string | undefined {
   return undefined;
 }
 
+function shown(pattern: string): string {
+  return JSON.stringify(pattern.length > 80 ? `${pattern.slice(0, 80)}…` : pattern);
+}
+
+/**
+ * Why a regular expression (JavaScript syntax, `u` flag: what the library compiles a
+ * tokenizer.json pattern to) can backtrack catastrophically, or undefined when it cannot in
+ * the ways refused here: a group repeated by `*`, `+`, `{n,}` or `{n,m}` (m > 1) whose body
+ * holds a quantifier or an alternation, such as `(\w+\s?)+` or `(a|a)*` (exponential), and
+ * back-references. Pre-tokenizer regexes of real models (GPT-2, Llama-3, Qwen2) have neither.
+ */
+function backtrackingHazard(source: string): string | undefined {
+  interface Group { quantified: boolean; alternation: boolean; start: number; end: number }
+  const open: Group[] = [{ quantified: false, alternation: false, start: 0, end: source.length }];
+  let previous: Group | undefined; // the group just closed, when the next token may quantify it
+  let i = 0;
+  while (i < source.length) {
+    const c = source[i];
+    const top = open[open.length - 1];
+    if (c === '\\') {
+      const n = source[i + 1] ?? '';
+      if ((n >= '1' && n <= '9') || (n === 'k' && source[i + 2] === '<')) return 'a back-reference';
+      const braced = 'pPux'.includes(n) && source[i + 2] === '{' ? source.indexOf('}', i + 3) : -1;
+      i = braced >= 0 ? braced + 1 : i + 2;
+      previous = undefined;
+      continue;
+    }
+    if (c === '[') {
+      // With the u flag classes do not nest and the first unescaped ] closes one ([] is empty).
+      for (i++; i < source.length && source[i] !== ']'; i += source[i] === '\\' ? 2 : 1);
+      i++;
+      previous = undefined;
+      continue;
+    }
+    if (c === '(') {
+      const group: Group = { quantified: false, alternation: false, start: i, end: source.length };
+      open.push(group);
+      i++;
+      if (source[i] === '?') {
+        if (source[i + 1] === '<' && source[i + 2] !== '=' && source[i + 2] !== '!') {
+          const close = source.indexOf('>', i);
+          i = close < 0 ? source.length : close + 1; // (?<name>
+        } else {
+          i += source[i + 1] === '<' ? 3 : 2; // (?: (?= (?! (?<= (?<!
+        }
+      }
+      previous = undefined;
+      continue;
+    }
+    if (c === ')') {
+      i++;
+      if (open.length === 1) return undefined; // unbalanced: the RegExp would not have compiled
+      const group = open.pop()!;
+      group.end = i;
+      const parent = open[open.length - 1];
+      parent.quantified ||= group.quantified;
+      parent.alternation ||= group.alternation;
+      previous = group;
+      continue;
+    }
+    if (c === '|') {
+      top.alternation = true;
+      i++;
+      previous = undefined;
+      continue;
+    }
+    let repeats: boolean | undefined;
+    let length = 1;
+    if (c === '*' || c === '+') repeats = true;
+    else if (c === '?') repeats = false;
+    else if (c === '{') {
+      const m = /^\{(\d+)(,(\d*))?\}/.exec(source.slice(i, i + 48));
+      if (m) {
+        length = m[0].length;
+        repeats = m[2] === undefined ? Number(m[1]) > 1 : m[3] === '' || Number(m[3]) > 1;
+      }
+    }
+    if (repeats === undefined) {
+      i++;
+      previous = undefined;
+      continue;
+    }
+    i += length;
+    if (source[i] === '?') i++; // lazy
+    if (repeats && previous !== undefined && (previous.quantified || previous.alternation)) {
+      const what = previous.quantified ? 'a quantifier' : 'an alternation';
+      return `the group ${shown(source.slice(previous.start, previous.end))} is repeated by ${JSON.stringify(source.slice(previous.end, i))} and holds ${what} (as compiled; a repeated group holding a quantifier or an alternation can backtrack exponentially)`;
+    }
+    top.quantified = true;
+    previous = undefined;
+  }
+  return undefined;
+}
+
+/** Refuses a `pattern` ({ Regex } or { String }) that is too long or can backtrack catastrophically. */
+function checkPattern(pattern: unknown, field: string, file: string): void {
+  if (!isObject(pattern)) return;
+  for (const kind of ['Regex', 'String'] as const) {
+    if (!(kind in pattern)) continue;
+    const value = pattern[kind];
+    const at = `${field}.${kind}`;
+    if (typeof value !== 'string') throw new ModelError('TANDEM_TOKENIZER_INVALID', `the pattern must be a string, not ${typeof value}`, { file, field: at });
+    if (value.length > MAX_TOKENIZER_PATTERN_CHARS) {
+      throw new ModelError('TANDEM_TOKENIZER_INVALID', `the pattern is ${value.length} characters long; at most ${MAX_TOKENIZER_PATTERN_CHARS} are allowed`, { file, field: at });
+    }
+    if (kind === 'String') continue;
+    // Checked as the library compiles it (Oniguruma rewritten to JavaScript): that is what runs.
+    let compiled: RegExp | null;
+    try {
+      compiled = new ReplaceNormalizer({ type: 'Replace', pattern: { Regex: value }, content: '' }).pattern;
+    } catch (cause) {
+      throw new ModelError('TANDEM_TOKENIZER_INVALID', `the pattern ${shown(value)} is not a valid regular expression: ${(cause as Error).message}`, { file, field: at, cause });
+    }
+    const hazard = backtrackingHazard(compiled instanceof RegExp ? compiled.source : value);
+    if (hazard !== undefined) {
+      throw new ModelError('TANDEM_TOKENIZER_INVALID', `the pattern ${shown(value)} can backtrack catastrophically: ${hazard}`, { file, field: at });
+    }
+  }
+}
+
+/**
+ * Walks the normalizer, pre_tokenizer and decoder trees of tokenizer.json (Sequence nodes
+ * included, without recursion) and checks every `pattern` in them, before the library
+ * compiles one.
+ */
+function checkPatterns(json: Record<string, unknown>, file: string): void {
+  const pending: Array<{ value: unknown; field: string; depth: number }> = [];
+  for (const root of ['normalizer', 'pre_tokenizer', 'decoder']) pending.push({ value: json[root], field: root, depth: 0 });
+  while (pending.length > 0) {
+    const { value, field, depth } = pending.pop()!;
+    if (typeof value !== 'object' || value === null) continue;
+    if (depth > MAX_TOKENIZER_NESTING) {
+      throw new ModelError('TANDEM_TOKENIZER_INVALID', `the tree is nested more than ${MAX_TOKENIZER_NESTING} levels deep`, { file, field });
+    }
+    if (Array.isArray(value)) {
+      value.forEach((v, k) => pending.push({ value: v, field: `${field}[${k}]`, depth: depth + 1 }));
+      continue;
+    }
+    for (const [key, v] of Object.entries(value)) {
+      if (key === 'pattern') checkPattern(v, `${field}.pattern`, file);
+      else pending.push({ value: v, field: `${field}.${key}`, depth: depth + 1 });
+    }
+  }
+}
+
+/**
+ * Checks the token ids of tokenizer.json before the library lays them out in an array: each
+ * id of `model.vocab` (an object of spelling → id; an array, for Unigram, is numbered by
+ * position) and of `added_tokens` is an integer >= 0, and together they number 0 to N-1
+ * without a gap (an id past the entries is one: it would also cost an array that long).
+ */
+function checkTokenIds(json: Record<string, unknown>, model: Record<string, unknown>, file: string): void {
+  const ids: number[] = [];
+  const idAt = (id: unknown, field: string): void => {
+    if (typeof id !== 'number' || !Number.isSafeInteger(id) || id < 0) {
+      throw new ModelError('TANDEM_TOKENIZER_INVALID', `token id ${JSON.stringify(id) ?? String(id)} is not an integer >= 0`, { file, field });
+    }
+    ids.push(id);
+  };
+  const vocab = model.vocab;
+  if (Array.isArray(vocab)) {
+    for (let k = 0; k < vocab.length; k++) ids.push(k);
+  } else if (isObject(vocab)) {
+    for (const [spelling, id] of Object.entries(vocab)) idAt(id, `model.vocab[${JSON.stringify(spelling)}]`);
+  }
+  const added = json.added_tokens;
+  if (added !== undefined) {
+    if (!Array.isArray(added)) throw new ModelError('TANDEM_TOKENIZER_INVALID', 'added_tokens must be an array', { file, field: 'added_tokens' });
+    added.forEach((token, k) => idAt(isObject(token) ? token.id : undefined, `added_tokens[${k}].id`));
+  }
+  if (ids.length === 0) return;
+  let max = 0;
+  for (const id of ids) if (id > max) max = id;
+  const seen = new Uint8Array(Math.min(max + 1, ids.length));
+  for (const id of ids) if (id < seen.length) seen[id] = 1;
+  // max >= ids.length leaves one of 0..ids.length-1 unseen, so the loop finds the gap.
+  for (let id = 0; id < seen.length; id++) {
+    if (seen[id] === 0) {
+      throw new ModelError('TANDEM_TOKENIZER_INVALID', `no token has id ${id} though ids run to ${max}: the vocabulary must number its tokens 0 to N-1 without gaps`, { file, field: 'model.vocab' });
+    }
+  }
+}
+
+/**
+ * Refuses a tokenizer that has ids the model has no embedding row for: every id the tokenizer
+ * can produce must be below the model's vocab_size (a model may have more rows than tokens).
+ */
+export function checkTokenizerFits(tokenizer: Pick<Tokenizer, 'path' | 'vocabSize'>, vocabSize: number): void {
+  if (tokenizer.vocabSize > vocabSize) {
+    throw new ModelError(
+      'TANDEM_TOKENIZER_INVALID',
+      `the tokenizer has ${tokenizer.vocabSize} token ids (0 to ${tokenizer.vocabSize - 1}) but the model's vocab_size is ${vocabSize}: ids from ${vocabSize} have no embedding`,
+      { file: tokenizer.path },
+    );
+  }
+}
+
 /**
  * Loads the tokenizer of a model folder. tokenizer.json is required; tokenizer_config.json
  * is optional and supplies the BOS/EOS tokens (when it is absent they come from the
@@ -67,6 +276,8 @@ export async function loadTokenizer(dir: string): Promise<Tokenizer> {
   if (!isObject(json) || !isObject(json.model)) {
     throw new ModelError('TANDEM_TOKENIZER_INVALID', 'tokenizer.json must be an object with a "model" object', { file: path });
   }
+  checkTokenIds(json, json.model, path);
+  checkPatterns(json, path);
   let config: Record<string, unknown> = {};
   const hasConfig = await stat(configPath).then(
     (s) => s.isFile(),
@@ -84,9 +295,14 @@ export async function loadTokenizer(dir: string): Promise<Tokenizer> {
     throw new ModelError('TANDEM_TOKENIZER_INVALID', `the tokenizer could not be built: ${(cause as Error).message}`, { file: path, cause });
   }
   const vocab = hf.get_vocab(true);
-  const vocabSize = Math.max(-1, ...vocab.values()) + 1;
+  // Loops, not Math.max(...spread): a spread of ~128k arguments or more overflows the stack.
+  let maxId = -1;
   let maxTokenChars = 1;
-  for (const spelling of vocab.keys()) maxTokenChars = Math.max(maxTokenChars, spelling.length);
+  for (const [spelling, id] of vocab) {
+    if (id > maxId) maxId = id;
+    if (typeof spelling === 'string' && spelling.length > maxTokenChars) maxTokenChars = spelling.length;
+  }
+  const vocabSize = maxId + 1;
   const idOf = (key: string, fallback: string): number | undefined => {
     const content = tokenContent(config[key]) ?? (hasConfig ? undefined : fallback);
     return content === undefined ? undefined : hf.token_to_id(content);

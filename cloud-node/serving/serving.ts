@@ -1,6 +1,6 @@
 // Adapter serving of one node: the registry (from start), and once the model is loaded its
 // tokenizer, the resident adapters and the scheduler. Routes answer TANDEM_MODEL_NOT_READY before.
-import { loadTokenizer, ortStepper, ServingThread, tfjsStepper } from '../../model/index.ts';
+import { checkTokenizerFits, loadTokenizer, ortStepper, ServingThread, tfjsStepper } from '../../model/index.ts';
 import type { ServingStepper, Tokenizer } from '../../model/index.ts';
 import { CloudError } from '../errors.ts';
 import type { ServedModel } from '../served-model.ts';
@@ -66,6 +66,7 @@ export class Serving {
    */
   async start(served: ServedModel, engine?: 'ort-cpu' | 'ort-cuda'): Promise<void> {
     const tokenizer = await loadTokenizer(served.dir);
+    checkTokenizerFits(tokenizer, served.config.vocabSize);
     let stepper: ServingStepper;
     if (engine !== undefined) {
       const weights = new Map([...served.model.weights].map(([name, v]) => [name, { shape: [...v.shape], data: v.dataSync() as Float32Array }]));
