@@ -7,12 +7,14 @@
 //
 // What loading allocates is bounded before anything is allocated: adapter_config.json's size,
 // and every size it states (LoRA/VeRA rank, virtual tokens, bottleneck size, token dim) is
-// capped and must be a dimension of a tensor in the weights sent.
+// capped and must be a dimension of a tensor in the weights sent; then model/peft's planAdapter
+// checks each size against the model and the bytes the adapter's tensors would take against
+// MAX_ADAPTER_ALLOCATION_BYTES, and checkAdapterWeights the tensors sent against those declared.
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
-  ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LlamaModel, baseNameOfKey, ModelError, evaluateClassification, evaluateRows, loadAdapter, localScorer, parseDataset, parseSafetensors, prepareData, tf,
+  ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LlamaModel, baseNameOfKey, checkAdapterWeights, ModelError, evaluateClassification, evaluateRows, loadAdapter, localScorer, parseDataset, parseSafetensors, planAdapter, prepareData, tf,
 } from '../model/index.ts';
 import type { PeftAdapter, Tokenizer } from '../model/index.ts';
 import type { AdapterEvaluation, LmFigures } from '../protocol/index.ts';
@@ -33,12 +35,10 @@ export interface EvaluationData {
 }
 
 export const MAX_ADAPTER_CONFIG_BYTES = 64 * 1024;
-/** Bytes an adapter's stated sizes may make loading allocate (an upper estimate). */
+/** Bytes a tenant's adapter may make loading allocate (model/peft's estimate: its tensors in float32). */
 export const MAX_ADAPTER_ALLOCATION_BYTES = 512 * 1024 * 1024;
 /** adapter_config.json fields that size what loading allocates. */
 const SIZE_FIELDS = ['r', 'num_virtual_tokens', 'bottleneck_size', 'token_dim'];
-/** Projections per block a method may attach to (q, k, v, o, gate, up, down). */
-const PROJECTIONS_PER_BLOCK = 7;
 
 /** The message without the temporary folder the adapter was written to. */
 function scrubbed(message: string, dir: string | undefined): string {
@@ -71,22 +71,44 @@ function statedSizes(json: unknown, at: string, depth = 0): StatedSize[] {
   return out;
 }
 
-/** Refuses a config whose stated sizes would make loading allocate more than the weights sent justify. */
-function checkAdapterCost(served: ServedModel, json: unknown, shapes: number[][]): void {
-  const { hiddenSize, intermediateSize, numHiddenLayers } = served.config;
+/**
+ * The cloud's answer to a ModelError of planning or loading an adapter: a size over its limit
+ * (a rank above the widest module it targets, the tensors' bytes over the allocation limit) is
+ * TANDEM_ADAPTER_TOO_LARGE naming the field, the value and the limit; anything else the model
+ * refuses is TANDEM_ADAPTER_INVALID. Other errors are returned as they are.
+ */
+export function adapterErrorOf(served: ServedModel, err: unknown, scrub: (message: string) => string = (m) => m): unknown {
+  if (!(err instanceof ModelError)) return err;
+  const { actual, limit } = err.details as { actual?: unknown; limit?: unknown };
+  if (typeof actual === 'number' && typeof limit === 'number' && (err.code === 'TANDEM_ADAPTER_TOO_LARGE' || err.code === 'TANDEM_PEFT_CONFIG_INVALID')) {
+    const field = err.code === 'TANDEM_ADAPTER_TOO_LARGE' ? 'the sizes stated together' : (err.field ?? 'a size');
+    return new CloudError('TANDEM_ADAPTER_TOO_LARGE', { field, actual: err.code === 'TANDEM_ADAPTER_TOO_LARGE' ? `about ${actual} bytes to allocate` : actual, limit }, { cause: err });
+  }
+  return new CloudError('TANDEM_ADAPTER_INVALID', { model: served.id, reason: scrub(err.message) }, { cause: err });
+}
+
+/**
+ * Refuses, before anything is written or allocated, an adapter whose stated sizes the weights
+ * sent do not justify, whose sizes exceed what the served model allows, whose tensors would
+ * take more than `maxAllocationBytes`, or whose weights lack a tensor it declares (or have
+ * another shape). `weights` is the parsed safetensors file: its header is what is compared.
+ */
+export function checkAdapterCost(served: ServedModel, json: unknown, weights: { metadata: Record<string, string>; tensors: ReadonlyMap<string, { shape: number[] }> }, maxAllocationBytes = MAX_ADAPTER_ALLOCATION_BYTES): void {
+  const { hiddenSize, intermediateSize } = served.config;
   const maxSize = 4 * Math.max(hiddenSize, intermediateSize);
-  const dims = new Set(shapes.flat());
-  let estimate = 0;
+  const dims = new Set([...weights.tensors.values()].flatMap((t) => t.shape));
   for (const { field, value } of statedSizes(json, '')) {
     if (!Number.isSafeInteger(value) || value < 1) continue; // the method's own validation names it
     if (value > maxSize) throw new CloudError('TANDEM_ADAPTER_TOO_LARGE', { field, actual: value, limit: `${maxSize} (4 x the model's largest width)` });
     if (!dims.has(value)) {
       throw new CloudError('TANDEM_ADAPTER_INVALID', { model: served.id, reason: `${ADAPTER_CONFIG_FILE} states ${field} = ${value}, which is no dimension of any tensor in ${ADAPTER_WEIGHTS_FILE}` });
     }
-    estimate += value * (hiddenSize + intermediateSize) * numHiddenLayers * PROJECTIONS_PER_BLOCK * 4;
   }
-  if (estimate > MAX_ADAPTER_ALLOCATION_BYTES) {
-    throw new CloudError('TANDEM_ADAPTER_TOO_LARGE', { field: 'the sizes stated together', actual: `about ${estimate} bytes to allocate`, limit: MAX_ADAPTER_ALLOCATION_BYTES });
+  try {
+    const { plan } = planAdapter(served.model, json, { metadata: weights.metadata, maxAllocationBytes });
+    checkAdapterWeights(plan, weights.tensors, ADAPTER_WEIGHTS_FILE);
+  } catch (err) {
+    throw adapterErrorOf(served, err);
   }
 }
 
@@ -113,15 +135,13 @@ async function lmFigures(model: LlamaModel, adapter: PeftAdapter | undefined, ro
 export async function evaluateAdapter(served: ServedModel, tokenizer: Tokenizer, files: AdapterFiles, data: EvaluationData, options: { seqLen: number; batchSize: number }): Promise<AdapterEvaluation> {
   const configBytes = Buffer.byteLength(files.config, 'utf8');
   if (configBytes > MAX_ADAPTER_CONFIG_BYTES) throw new CloudError('TANDEM_ADAPTER_TOO_LARGE', { field: `${ADAPTER_CONFIG_FILE} bytes`, actual: configBytes, limit: MAX_ADAPTER_CONFIG_BYTES });
-  let keys: string[];
-  let shapes: number[][];
+  let contents: ReturnType<typeof parseSafetensors>;
   try {
-    const tensors = parseSafetensors(files.weights, ADAPTER_WEIGHTS_FILE).tensors;
-    keys = [...tensors.keys()];
-    shapes = [...tensors.values()].map((t) => t.shape);
+    contents = parseSafetensors(files.weights, ADAPTER_WEIGHTS_FILE);
   } catch (err) {
     throw invalidAdapter(served, err);
   }
+  const keys = [...contents.tensors.keys()];
   let peftType = 'unknown';
   let json: { peft_type?: unknown };
   try {
@@ -130,7 +150,7 @@ export async function evaluateAdapter(served: ServedModel, tokenizer: Tokenizer,
     throw invalidAdapter(served, new Error(`${ADAPTER_CONFIG_FILE} is not valid JSON: ${(err as Error).message}`));
   }
   if (json !== null && typeof json.peft_type === 'string') peftType = json.peft_type;
-  checkAdapterCost(served, json, shapes);
+  checkAdapterCost(served, json, contents);
   let prepared: ReturnType<typeof prepareData>;
   let dataset: ReturnType<typeof parseDataset>;
   try {
@@ -151,10 +171,9 @@ export async function evaluateAdapter(served: ServedModel, tokenizer: Tokenizer,
     await writeFile(join(dir, ADAPTER_CONFIG_FILE), files.config);
     await writeFile(join(dir, ADAPTER_WEIGHTS_FILE), files.weights);
     try {
-      adapter = await loadAdapter(view, dir);
+      adapter = await loadAdapter(view, dir, { maxAllocationBytes: MAX_ADAPTER_ALLOCATION_BYTES });
     } catch (err) {
-      if (err instanceof ModelError) throw invalidAdapter(served, err, dir);
-      throw err;
+      throw adapterErrorOf(served, err, (m) => scrubbed(m, dir));
     }
     await rm(dir, { recursive: true, force: true });
     const plugIn = await lmFigures(view, adapter, prepared.train, options.batchSize, labels);

@@ -29,6 +29,7 @@ export const MODEL_ERRORS = {
   TANDEM_ADAPTER_INVALID: { summary: 'an adapter folder does not match its configuration' },
   TANDEM_MERGE_UNSUPPORTED: { summary: 'a PEFT method of the adapter cannot be merged into the base weights' },
   TANDEM_MODEL_FAMILY_DUPLICATE: { summary: 'a model family is already registered under that model_type' },
+  TANDEM_ADAPTER_TOO_LARGE: { summary: 'an adapter configuration would make loading or creating it allocate more than the limit' },
 } as const satisfies Record<string, { summary: string }>;
 
 export type ModelErrorCode = keyof typeof MODEL_ERRORS;

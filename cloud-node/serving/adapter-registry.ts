@@ -5,7 +5,8 @@
 import { createHash } from 'node:crypto';
 import { mkdir, readdir, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, checkServableHooks, loadAdapter, ModelError, parseSafetensors } from '../../model/index.ts';
+import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, checkServableHooks, loadAdapter, parseSafetensors } from '../../model/index.ts';
+import { adapterErrorOf, checkAdapterCost, MAX_ADAPTER_ALLOCATION_BYTES } from '../adapter-evaluation.ts';
 import { CloudError } from '../errors.ts';
 import { checkServedAdapters } from '../quotas.ts';
 import type { TenantQuotas } from '../quotas.ts';
@@ -180,9 +181,9 @@ export class AdapterRegistry {
     }
     if (json === null || typeof json !== 'object' || Array.isArray(json)) throw new CloudError('TANDEM_ADAPTER_INVALID', { model: served.id, reason: `${ADAPTER_CONFIG_FILE} must hold an object` });
     if (json.peft_type !== 'LORA') throw unsupported(`peft_type ${JSON.stringify(json.peft_type)}: batched serving applies LoRA (peft_type "LORA", DoRA and LoRA-FA included) unmerged`);
-    let shapes: number[][];
+    let contents: ReturnType<typeof parseSafetensors>;
     try {
-      shapes = [...parseSafetensors(upload.weights, ADAPTER_WEIGHTS_FILE).tensors.values()].map((t) => t.shape);
+      contents = parseSafetensors(upload.weights, ADAPTER_WEIGHTS_FILE);
     } catch (err) {
       throw new CloudError('TANDEM_ADAPTER_INVALID', { model: served.id, reason: (err as Error).message });
     }
@@ -191,8 +192,12 @@ export class AdapterRegistry {
     const maxRank = Math.max(served.config.hiddenSize, served.config.intermediateSize);
     if (typeof r === 'number' && Number.isSafeInteger(r) && r >= 1) {
       if (r > maxRank) throw new CloudError('TANDEM_ADAPTER_TOO_LARGE', { field: 'r', actual: r, limit: maxRank });
-      if (!shapes.some((s) => s.includes(r))) throw new CloudError('TANDEM_ADAPTER_INVALID', { model: served.id, reason: `r = ${r} is no dimension of any tensor in ${ADAPTER_WEIGHTS_FILE}` });
+      if (![...contents.tensors.values()].some((t) => t.shape.includes(r))) throw new CloudError('TANDEM_ADAPTER_INVALID', { model: served.id, reason: `r = ${r} is no dimension of any tensor in ${ADAPTER_WEIGHTS_FILE}` });
     }
+    // Before anything is written or allocated: each size against the served model (a rank at most
+    // the widest module it targets), the bytes its tensors would take against the limit, and
+    // the tensors sent against those the configuration declares (model/peft's planAdapter).
+    checkAdapterCost(served, json, contents, MAX_ADAPTER_ALLOCATION_BYTES);
     const dir = join(this.#root, tenant, name);
     const staging = `${dir}.upload-${process.pid}-${Date.now()}`;
     await mkdir(staging, { recursive: true, mode: 0o700 });
@@ -201,10 +206,9 @@ export class AdapterRegistry {
       await writeFile(join(staging, ADAPTER_WEIGHTS_FILE), upload.weights, { mode: 0o600 });
       let adapter;
       try {
-        adapter = await loadAdapter(served.model, staging);
+        adapter = await loadAdapter(served.model, staging, { maxAllocationBytes: MAX_ADAPTER_ALLOCATION_BYTES });
       } catch (err) {
-        if (err instanceof ModelError) throw new CloudError('TANDEM_ADAPTER_INVALID', { model: served.id, reason: err.message.split(`${staging}/`).join('') }, { cause: err });
-        throw err;
+        throw adapterErrorOf(served, err, (m) => m.split(`${staging}/`).join(''));
       }
       try {
         checkServableHooks(adapter.hooks);

@@ -8,6 +8,8 @@ import type { tf } from '../backend.ts';
 import type { Adapter } from './adapter.ts';
 import type { AdapterTensor, MethodInstance, PeftMethod } from './method.ts';
 import { defaultRegistry } from './methods.ts';
+import type { AdapterPlan } from './plan.ts';
+import { planAdapterConfigs } from './plan.ts';
 import type { MethodRegistry } from './registry.ts';
 
 /** One method of an adapter: its registry name and its fields in camelCase (see each method's config). */
@@ -26,6 +28,11 @@ export interface CreateAdapterOptions {
    */
   methodOffset?: number;
   registry?: MethodRegistry;
+  /**
+   * Refuse (TANDEM_ADAPTER_TOO_LARGE) an adapter whose tensors would take more bytes; the
+   * default is the bytes of the model's weights, at least 256 MiB (see plan.ts).
+   */
+  maxAllocationBytes?: number;
 }
 
 /** One instantiated method of a PeftAdapter, with its validated configuration. */
@@ -59,12 +66,21 @@ export function createAdapter(model: LlamaModel, specs: readonly MethodSpec[], o
   });
   const methodOffset = options.methodOffset ?? 0;
   if (!Number.isInteger(methodOffset) || methodOffset < 0 || methodOffset > 1024) throw new ModelError('TANDEM_PEFT_CONFIG_INVALID', `methodOffset must be an integer from 0 to 1024, got ${methodOffset}`, { field: 'methodOffset' });
-  return instantiate(model, configs, { seed: options.seed ?? 0, fromFile: false, methodOffset });
+  return instantiate(model, configs, { seed: options.seed ?? 0, fromFile: false, methodOffset, maxAllocationBytes: options.maxAllocationBytes });
 }
 
-/** Builds the adapter from validated configurations (createAdapter and loadAdapter share it). */
-export function instantiate(model: LlamaModel, configs: readonly { method: PeftMethod; config: unknown }[], options: { seed: number; fromFile: boolean; methodOffset?: number }): PeftAdapter {
+/**
+ * Builds the adapter from validated configurations (createAdapter and loadAdapter share it).
+ * Nothing is allocated before the adapter is planned: its sizes checked against the model and
+ * its bytes against the limit (`plan` when the caller has planned it already).
+ */
+export function instantiate(
+  model: LlamaModel,
+  configs: readonly { method: PeftMethod; config: unknown }[],
+  options: { seed: number; fromFile: boolean; methodOffset?: number; maxAllocationBytes?: number; plan?: AdapterPlan },
+): PeftAdapter {
   if (configs.length === 0) throw new ModelError('TANDEM_PEFT_CONFIG_INVALID', 'an adapter needs at least one method', { field: 'specs' });
+  if (options.plan === undefined) planAdapterConfigs(model, configs, { maxAllocationBytes: options.maxAllocationBytes });
   const seeds = new Rng(options.seed);
   for (let i = 0; i < (options.methodOffset ?? 0); i++) seeds.nextU32();
   const methods: AdapterMethod[] = [];

@@ -32,6 +32,20 @@ export function configError(at: FieldAt, message: string): ModelError {
 
 const show = (v: unknown): string => JSON.stringify(v) ?? String(v);
 
+/** The name a field goes by where it was read: PEFT's snake_case in a file, camelCase in a spec. */
+export function fieldAt(file: string | undefined, snake: string, camel: string): FieldAt {
+  return file === undefined ? { field: camel } : { field: snake, file };
+}
+
+/**
+ * A size a configuration states over what the model allows (a rank above the widest layer it
+ * targets, more virtual tokens than the context): names the field, the value and the limit.
+ */
+export function checkAtMost(at: FieldAt, actual: number, limit: number, why: string): void {
+  if (actual <= limit) return;
+  throw new ModelError('TANDEM_PEFT_CONFIG_INVALID', `${at.field} is ${actual}, over the limit of ${limit} (${why})`, { field: at.field, file: at.file, details: { actual, limit } });
+}
+
 /** Reads a camelCase spec; a key the method does not know is an error naming the keys it does. */
 export function readSpec<S extends Schema>(schema: S, spec: Readonly<Record<string, unknown>>, method: string): ConfigOf<S> {
   for (const key of Object.keys(spec)) {
@@ -86,7 +100,7 @@ export function int(json: string, options: { min: number; default?: number }): F
     json,
     read(v, at) {
       if (v === undefined && options.default !== undefined) return options.default;
-      if (typeof v !== 'number' || !Number.isInteger(v) || v < options.min) throw configError(at, `must be an integer >= ${options.min}, got ${show(v)}`);
+      if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < options.min) throw configError(at, `must be an integer >= ${options.min} (and at most 2^53 - 1), got ${show(v)}`);
       return v;
     },
   };

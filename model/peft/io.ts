@@ -11,6 +11,8 @@ import type { PeftAdapter } from './compose.ts';
 import { instantiate } from './compose.ts';
 import type { PeftMethod } from './method.ts';
 import { defaultRegistry } from './methods.ts';
+import type { AdapterPlan } from './plan.ts';
+import { planAdapterConfigs } from './plan.ts';
 import type { MethodRegistry } from './registry.ts';
 
 export const ADAPTER_CONFIG_FILE = 'adapter_config.json';
@@ -33,6 +35,26 @@ export interface LoadAdapterOptions {
   registry?: MethodRegistry;
   /** Seeds the generators of the loaded adapter (dropout masks when it is trained further). */
   seed?: number;
+  /**
+   * Refuse (TANDEM_ADAPTER_TOO_LARGE) an adapter whose tensors would take more bytes; the
+   * default is the bytes of the model's weights, at least 256 MiB (see plan.ts).
+   */
+  maxAllocationBytes?: number;
+}
+
+export interface PlanAdapterOptions {
+  registry?: MethodRegistry;
+  /** adapter_model.safetensors' metadata (it names LoRA-FA); none when absent. */
+  metadata?: Readonly<Record<string, string>>;
+  /** How errors name the config; ADAPTER_CONFIG_FILE unless given. */
+  file?: string;
+  maxAllocationBytes?: number;
+}
+
+/** A planned adapter: its validated methods and what they would allocate. */
+export interface PlannedAdapter {
+  methods: { method: PeftMethod; config: unknown }[];
+  plan: AdapterPlan;
 }
 
 function invalid(message: string, file: string, extra: { field?: string; tensor?: string } = {}): ModelError {
@@ -84,7 +106,7 @@ async function readConfig(file: string): Promise<Record<string, unknown>> {
 }
 
 /** Reads which methods a config describes, each validated by its own method. */
-function methodsOf(json: Record<string, unknown>, file: string, metadata: Record<string, string>, registry: MethodRegistry): { method: PeftMethod; config: unknown }[] {
+function methodsOf(json: Record<string, unknown>, file: string, metadata: Readonly<Record<string, string>>, registry: MethodRegistry): { method: PeftMethod; config: unknown }[] {
   const taskType = json.task_type;
   if (taskType !== undefined && taskType !== null && taskType !== 'CAUSAL_LM') {
     throw new ModelError('TANDEM_PEFT_CONFIG_INVALID', `task_type ${JSON.stringify(taskType)} is not supported; Tandem trains causal language models (CAUSAL_LM)`, { file, field: 'task_type' });
@@ -92,7 +114,7 @@ function methodsOf(json: Record<string, unknown>, file: string, metadata: Record
   const peftType = json.peft_type;
   if (typeof peftType !== 'string') throw new ModelError('TANDEM_PEFT_CONFIG_INVALID', 'peft_type must be a string such as "LORA"', { file, field: 'peft_type' });
   if (peftType !== COMPOSITE_PEFT_TYPE) {
-    const named = metadata[TANDEM_METHOD_METADATA];
+    const named = Object.hasOwn(metadata, TANDEM_METHOD_METADATA) ? metadata[TANDEM_METHOD_METADATA] : undefined;
     const method = named !== undefined ? registry.get(named) : registry.forPeftType(peftType, file);
     if (method.peftType !== peftType) throw invalid(`the weights say method ${method.name} (peft_type ${method.peftType}) but the config says ${peftType}`, file, { field: 'peft_type' });
     return [{ method, config: method.fromJson(json, file) }];
@@ -113,9 +135,41 @@ function methodsOf(json: Record<string, unknown>, file: string, metadata: Record
 }
 
 /**
- * Loads an adapter folder onto a model: the configuration is validated field by field and
- * every tensor the configuration declares must be present with its shape; a tensor it does
- * not declare is an error too. Errors name the file and the tensor.
+ * Plans an adapter_config.json (parsed) on a model without allocating anything: every field is
+ * validated by its method, every size it states is checked against the model, and the bytes its
+ * tensors would take against the limit (see planAdapterConfigs). What the cloud node checks an
+ * uploaded adapter with before keeping it, and what loadAdapter does first.
+ */
+export function planAdapter(model: LlamaModel, json: unknown, options: PlanAdapterOptions = {}): PlannedAdapter {
+  const file = options.file ?? ADAPTER_CONFIG_FILE;
+  if (typeof json !== 'object' || json === null || Array.isArray(json)) throw invalid('must hold a JSON object', file);
+  const methods = methodsOf(json as Record<string, unknown>, file, options.metadata ?? {}, options.registry ?? defaultRegistry());
+  return { methods, plan: planAdapterConfigs(model, methods, { file, maxAllocationBytes: options.maxAllocationBytes }) };
+}
+
+/**
+ * Compares a safetensors header (its tensors' names and shapes, no data needed) with a plan:
+ * a tensor the plan declares must be there with its shape (TANDEM_TENSOR_MISSING,
+ * TANDEM_TENSOR_SHAPE_MISMATCH) and a tensor it does not declare is TANDEM_ADAPTER_INVALID.
+ */
+export function checkAdapterWeights(plan: AdapterPlan, tensors: ReadonlyMap<string, { readonly shape: readonly number[] }>, file: string): void {
+  for (const [key, want] of plan.tensors) {
+    const entry = tensors.get(key);
+    if (!entry) throw new ModelError('TANDEM_TENSOR_MISSING', `the configuration declares this tensor but ${ADAPTER_WEIGHTS_FILE} lacks it`, { file, tensor: key });
+    if (entry.shape.length !== want.length || entry.shape.some((d, i) => d !== want[i])) {
+      throw new ModelError('TANDEM_TENSOR_SHAPE_MISMATCH', `expected [${want}] for this model and configuration, got [${entry.shape}]`, { file, tensor: key });
+    }
+  }
+  for (const key of tensors.keys()) {
+    if (!plan.tensors.has(key)) throw invalid('holds a tensor the configuration does not declare (a different target_modules, layers or rank?)', file, { tensor: key });
+  }
+}
+
+/**
+ * Loads an adapter folder onto a model: the configuration is validated field by field, its
+ * sizes against the model and the bytes it would allocate against the limit, and every tensor
+ * it declares must be in the weights file's header with its shape (a tensor it does not declare
+ * is an error too), all before any adapter tensor is allocated. Errors name the file and the tensor.
  */
 export async function loadAdapter(model: LlamaModel, dir: string, options: LoadAdapterOptions = {}): Promise<PeftAdapter> {
   const registry = options.registry ?? defaultRegistry();
@@ -123,8 +177,9 @@ export async function loadAdapter(model: LlamaModel, dir: string, options: LoadA
   const weightsFile = join(dir, ADAPTER_WEIGHTS_FILE);
   const json = await readConfig(configFile);
   const weights = await readSafetensorsFile(weightsFile);
-  const configs = methodsOf(json, configFile, weights.metadata, registry);
-  const adapter = instantiate(model, configs, { seed: options.seed ?? 0, fromFile: true });
+  const { methods: configs, plan } = planAdapter(model, json, { registry, metadata: weights.metadata, file: configFile, maxAllocationBytes: options.maxAllocationBytes });
+  checkAdapterWeights(plan, weights.tensors, weightsFile);
+  const adapter = instantiate(model, configs, { seed: options.seed ?? 0, fromFile: true, plan });
   try {
     const state = adapter.state();
     for (const [key, s] of state) {

@@ -18,6 +18,18 @@ export interface CreateContext {
   fromFile: boolean;
 }
 
+/** A tensor a method would create (or copy), known from its configuration and the model's shapes alone. */
+export interface DeclaredTensor {
+  /** The on-disk key, as in AdapterTensor. */
+  key: string;
+  shape: readonly number[];
+}
+
+export interface DeclareContext {
+  /** The adapter_config.json the configuration came from: errors then name fields by PEFT's names and name the file. */
+  file?: string;
+}
+
 /** One PEFT method instantiated on a model. */
 export interface MethodInstance {
   readonly hooks: ForwardHooks;
@@ -56,5 +68,14 @@ export interface PeftMethod<C = unknown> {
   fromJson(json: Readonly<Record<string, unknown>>, file: string): C;
   /** The method's fields of adapter_config.json, in PEFT's names (peft_type included). */
   toJson(config: C): Record<string, unknown>;
+  /**
+   * The tensors `create` would make for this model, in the same keys and shapes, computed from
+   * the configuration and the model's weight shapes alone: nothing is allocated. It also checks
+   * every size the configuration states against the model (a rank no larger than the widest
+   * layer it targets, ...), throwing TANDEM_PEFT_CONFIG_INVALID naming the field and the limit.
+   * Loading and creating an adapter call it first: its bytes are estimated from it and a file's
+   * header is compared with it before `create` runs.
+   */
+  declare(model: LlamaModel, config: C, ctx: DeclareContext): DeclaredTensor[];
   create(model: LlamaModel, config: C, ctx: CreateContext): MethodInstance;
 }

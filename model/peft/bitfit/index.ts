@@ -2,7 +2,7 @@
 import type { PeftMethod } from '../method.ts';
 import type { BitfitConfig } from './config.ts';
 import { bitfitConfigFromJson, bitfitConfigFromSpec, bitfitConfigToJson } from './config.ts';
-import { bitfitWeights } from './layer.ts';
+import { bitfitWeights, declareBitfit } from './layer.ts';
 
 export type { BitfitConfig } from './config.ts';
 
@@ -12,5 +12,6 @@ export const bitfit: PeftMethod<BitfitConfig> = {
   fromSpec: bitfitConfigFromSpec,
   fromJson: bitfitConfigFromJson,
   toJson: bitfitConfigToJson,
+  declare: declareBitfit,
   create: (model, config) => bitfitWeights(model, config),
 };

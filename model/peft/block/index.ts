@@ -2,7 +2,7 @@
 import type { PeftMethod } from '../method.ts';
 import type { BlockConfig } from './config.ts';
 import { blockConfigFromJson, blockConfigFromSpec, blockConfigToJson } from './config.ts';
-import { blockWeights } from './layer.ts';
+import { blockWeights, declareBlock } from './layer.ts';
 
 export type { BlockConfig } from './config.ts';
 
@@ -12,5 +12,6 @@ export const block: PeftMethod<BlockConfig> = {
   fromSpec: blockConfigFromSpec,
   fromJson: blockConfigFromJson,
   toJson: blockConfigToJson,
+  declare: declareBlock,
   create: (model, config) => blockWeights(model, config),
 };

@@ -2,7 +2,7 @@
 import type { PeftMethod } from '../method.ts';
 import type { BottleneckConfig } from './config.ts';
 import { bottleneckConfigFromJson, bottleneckConfigFromSpec, bottleneckConfigToJson } from './config.ts';
-import { BottleneckAdapters } from './layer.ts';
+import { BottleneckAdapters, declareBottleneck } from './layer.ts';
 
 export type { BottleneckConfig } from './config.ts';
 export { BOTTLENECK_FIELDS } from './config.ts';
@@ -14,5 +14,6 @@ export const bottleneck: PeftMethod<BottleneckConfig> = {
   fromSpec: bottleneckConfigFromSpec,
   fromJson: bottleneckConfigFromJson,
   toJson: bottleneckConfigToJson,
+  declare: declareBottleneck,
   create: (model, config, ctx) => new BottleneckAdapters(model, config, ctx),
 };

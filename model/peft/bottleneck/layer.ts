@@ -2,7 +2,8 @@ import { linear, tf } from '../../backend.ts';
 import type { ForwardHooks, SublayerKind } from '../../hooks.ts';
 import type { LlamaModel } from '../../llama/llama.ts';
 import { moduleStateKey } from '../keys.ts';
-import type { AdapterTensor, CreateContext, MethodInstance } from '../method.ts';
+import { checkAtMost, fieldAt } from '../fields.ts';
+import type { AdapterTensor, CreateContext, DeclareContext, DeclaredTensor, MethodInstance } from '../method.ts';
 import { filledVariable, uniformValues, variableFrom } from '../ops.ts';
 import { resolveLayers } from '../targets.ts';
 import type { BottleneckConfig } from './config.ts';
@@ -21,6 +22,34 @@ interface Bottleneck {
   downB: tf.Variable;
   upW: tf.Variable;
   upB: tf.Variable;
+}
+
+/**
+ * The adapters BottleneckAdapters creates, from the configuration and the model's shapes alone.
+ * A bottleneck is narrower than what it adapts: its size may be at most the model's widest
+ * dimension, max(hidden_size, intermediate_size) (Houlsby's and Pfeiffer's adapters use
+ * hidden / 16 to hidden / 2).
+ */
+export function declareBottleneck(model: LlamaModel, config: BottleneckConfig, ctx: DeclareContext): DeclaredTensor[] {
+  const { hiddenSize: hidden, intermediateSize } = model.config;
+  const layers = resolveLayers(model, config.layersToTransform, fieldAt(ctx.file, 'layers_to_transform', 'layersToTransform'));
+  const widest = Math.max(hidden, intermediateSize);
+  checkAtMost(fieldAt(ctx.file, 'bottleneck_size', 'bottleneckSize'), config.bottleneckSize, widest, "the model's widest dimension, max(hidden_size, intermediate_size)");
+  const size = config.bottleneckSize;
+  const [w, b] = BOTTLENECK_STATE.params;
+  const out: DeclaredTensor[] = [];
+  for (const layer of layers) {
+    for (const kind of config.sublayers) {
+      const path = `model.layers.${layer}.${MODULE_OF[kind]}`;
+      out.push(
+        { key: moduleStateKey(path, BOTTLENECK_STATE.down, w), shape: [size, hidden] },
+        { key: moduleStateKey(path, BOTTLENECK_STATE.down, b), shape: [size] },
+        { key: moduleStateKey(path, BOTTLENECK_STATE.up, w), shape: [hidden, size] },
+        { key: moduleStateKey(path, BOTTLENECK_STATE.up, b), shape: [hidden] },
+      );
+    }
+  }
+  return out;
 }
 
 function activate(x: tf.Tensor, kind: BottleneckConfig['nonLinearity']): tf.Tensor {

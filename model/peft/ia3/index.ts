@@ -2,7 +2,7 @@
 import type { PeftMethod } from '../method.ts';
 import type { Ia3Config } from './config.ts';
 import { ia3ConfigFromJson, ia3ConfigFromSpec, ia3ConfigToJson } from './config.ts';
-import { Ia3Layers } from './layer.ts';
+import { Ia3Layers, declareIa3 } from './layer.ts';
 
 export type { Ia3Config } from './config.ts';
 export { IA3_FIELDS } from './config.ts';
@@ -14,5 +14,6 @@ export const ia3: PeftMethod<Ia3Config> = {
   fromSpec: ia3ConfigFromSpec,
   fromJson: ia3ConfigFromJson,
   toJson: ia3ConfigToJson,
+  declare: declareIa3,
   create: (model, config, ctx) => new Ia3Layers(model, config, ctx),
 };

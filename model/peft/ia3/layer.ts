@@ -2,7 +2,8 @@ import { tf } from '../../backend.ts';
 import type { ForwardHooks, LinearModule } from '../../hooks.ts';
 import type { LlamaModel } from '../../llama/llama.ts';
 import { moduleStateKey } from '../keys.ts';
-import type { AdapterTensor, CreateContext, MethodInstance } from '../method.ts';
+import { fieldAt } from '../fields.ts';
+import type { AdapterTensor, CreateContext, DeclareContext, DeclaredTensor, MethodInstance } from '../method.ts';
 import { MergedWeights } from '../merged-weights.ts';
 import { filledVariable, normalValues, variableFrom } from '../ops.ts';
 import type { ModuleInfo } from '../targets.ts';
@@ -11,6 +12,18 @@ import type { Ia3Config } from './config.ts';
 
 /** (IA)^3's state per module by PEFT's name: ia3_l, [out, 1] scaling the output or [1, in] scaling the input (feedforward). */
 export const IA3_STATE = { scale: 'ia3_l' } as const;
+
+/** The tensors Ia3Layers creates (one vector per module, no size of its own to bound), from the configuration and the model's shapes alone. */
+export function declareIa3(model: LlamaModel, config: Ia3Config, ctx: DeclareContext): DeclaredTensor[] {
+  const targets = selectModules(model, config.targetModules, config.layersToTransform, {
+    targets: fieldAt(ctx.file, 'target_modules', 'targetModules'),
+    layers: fieldAt(ctx.file, 'layers_to_transform', 'layersToTransform'),
+  });
+  return targets.map((info) => ({
+    key: moduleStateKey(info.path, IA3_STATE.scale),
+    shape: matchesTarget(info.path, config.feedforwardModules) ? [1, info.inFeatures] : [info.outFeatures, 1],
+  }));
+}
 
 interface Ia3Module {
   info: ModuleInfo;

@@ -2,7 +2,7 @@
 import type { PeftMethod } from '../method.ts';
 import type { LoraConfig } from './config.ts';
 import { loraConfigFromJson, loraConfigFromSpec, loraConfigToJson } from './config.ts';
-import { LoraLayers } from './layer.ts';
+import { LoraLayers, declareLora } from './layer.ts';
 
 export type { LoraConfig } from './config.ts';
 export { LORA_FIELDS, loraScaling } from './config.ts';
@@ -16,6 +16,7 @@ function loraMethod(name: string, variant: { freezeA: boolean; dora: boolean }):
     fromSpec: (spec) => check(loraConfigFromSpec(spec, name)),
     fromJson: (json, file) => check(loraConfigFromJson(json, file)),
     toJson: loraConfigToJson,
+    declare: declareLora,
     create: (model, config, ctx) => new LoraLayers(model, config, ctx, variant),
   };
 }

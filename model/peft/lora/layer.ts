@@ -3,7 +3,8 @@ import type { ForwardHooks, HookContext, LinearModule } from '../../hooks.ts';
 import type { LlamaModel } from '../../llama/llama.ts';
 import type { Rng } from '../../random.ts';
 import { moduleStateKey } from '../keys.ts';
-import type { AdapterTensor, CreateContext, MethodInstance } from '../method.ts';
+import { checkAtMost, fieldAt } from '../fields.ts';
+import type { AdapterTensor, CreateContext, DeclareContext, DeclaredTensor, MethodInstance } from '../method.ts';
 import { MergedWeights } from '../merged-weights.ts';
 import { dropout, filledVariable, uniformValues, normalValues, variableFrom } from '../ops.ts';
 import type { ModuleInfo } from '../targets.ts';
@@ -19,6 +20,28 @@ import { projectLoraFaGradient } from './lora-fa.ts';
  * `.weight` of its DoraLinearLayer to keep the older key).
  */
 export const LORA_STATE = { A: ['lora_A', 'weight'], B: ['lora_B', 'weight'], magnitude: ['lora_magnitude_vector'] } as const;
+
+/**
+ * The tensors LoraLayers creates, from the configuration and the model's shapes alone. The rank
+ * may be at most the widest dimension (in or out features) of the modules it targets: B A has
+ * rank at most min(in, out), so a larger r adds parameters and no expressiveness, and every
+ * adapter PEFT writes for a real model is far below it.
+ */
+export function declareLora(model: LlamaModel, config: LoraConfig, ctx: DeclareContext): DeclaredTensor[] {
+  const targets = selectModules(model, config.targetModules, config.layersToTransform, {
+    targets: fieldAt(ctx.file, 'target_modules', 'targetModules'),
+    layers: fieldAt(ctx.file, 'layers_to_transform', 'layersToTransform'),
+  });
+  const widest = targets.reduce((w, t) => Math.max(w, t.inFeatures, t.outFeatures), 0);
+  checkAtMost(fieldAt(ctx.file, 'r', 'r'), config.r, widest, 'the widest in or out features of the modules it targets; B A cannot have a higher rank');
+  const { r } = config;
+  const out: DeclaredTensor[] = [];
+  for (const { path, inFeatures: n, outFeatures: m } of targets) {
+    out.push({ key: moduleStateKey(path, ...LORA_STATE.A), shape: [r, n] }, { key: moduleStateKey(path, ...LORA_STATE.B), shape: [m, r] });
+    if (config.useDora) out.push({ key: moduleStateKey(path, ...LORA_STATE.magnitude), shape: [m] });
+  }
+  return out;
+}
 
 interface LoraModule {
   info: ModuleInfo;

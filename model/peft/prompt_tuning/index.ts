@@ -2,7 +2,7 @@
 import type { PeftMethod } from '../method.ts';
 import type { PromptTuningConfig } from './config.ts';
 import { promptTuningConfigFromJson, promptTuningConfigFromSpec, promptTuningConfigToJson } from './config.ts';
-import { PromptTuning } from './layer.ts';
+import { PromptTuning, declarePromptTuning } from './layer.ts';
 
 export type { PromptTuningConfig } from './config.ts';
 export { PROMPT_TUNING_FIELDS } from './config.ts';
@@ -14,5 +14,6 @@ export const promptTuning: PeftMethod<PromptTuningConfig> = {
   fromSpec: promptTuningConfigFromSpec,
   fromJson: promptTuningConfigFromJson,
   toJson: promptTuningConfigToJson,
+  declare: declarePromptTuning,
   create: (model, config, ctx) => new PromptTuning(model, config, ctx),
 };

@@ -1,13 +1,28 @@
 import { tf } from '../../backend.ts';
 import type { ForwardHooks, HookContext } from '../../hooks.ts';
 import type { LlamaModel } from '../../llama/llama.ts';
-import { configError } from '../fields.ts';
-import type { AdapterTensor, CreateContext, MethodInstance } from '../method.ts';
+import { checkAtMost, configError, fieldAt } from '../fields.ts';
+import type { AdapterTensor, CreateContext, DeclareContext, DeclaredTensor, MethodInstance } from '../method.ts';
 import { normalValues, variableFrom } from '../ops.ts';
 import type { PromptTuningConfig } from './config.ts';
 
 /** Prompt tuning's state by PEFT's name: prompt_embeddings [num_virtual_tokens, hidden], saved without any prefix. */
 export const PROMPT_TUNING_STATE = { prompt: 'prompt_embeddings' } as const;
+
+/**
+ * The prompt PromptTuning creates, from the configuration and the model's shapes alone. The
+ * virtual tokens are positions of every sequence, so there may be at most as many as the
+ * model's context (max_position_embeddings); PEFT's adapters use tens to hundreds.
+ */
+export function declarePromptTuning(model: LlamaModel, config: PromptTuningConfig, ctx: DeclareContext): DeclaredTensor[] {
+  const embed = model.weights.get('model.embed_tokens.weight');
+  if (!embed) throw configError({ field: 'method', file: ctx.file }, 'prompt_tuning needs the token embedding: create it on the model part that holds model.embed_tokens.weight (the bottom)');
+  const hidden = embed.shape[1] as number;
+  if (config.tokenDim !== null && config.tokenDim !== hidden) throw configError(fieldAt(ctx.file, 'token_dim', 'tokenDim'), `is ${config.tokenDim} but the model's hidden size is ${hidden}`);
+  const context = model.config.maxPositionEmbeddings;
+  checkAtMost(fieldAt(ctx.file, 'num_virtual_tokens', 'numVirtualTokens'), config.numVirtualTokens, context, "the model's context, max_position_embeddings: every sequence starts with the virtual tokens");
+  return [{ key: PROMPT_TUNING_STATE.prompt, shape: [config.numVirtualTokens, hidden] }];
+}
 
 export class PromptTuning implements MethodInstance {
   readonly state: AdapterTensor[];

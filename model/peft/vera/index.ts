@@ -2,7 +2,7 @@
 import type { PeftMethod } from '../method.ts';
 import type { VeraConfig } from './config.ts';
 import { veraConfigFromJson, veraConfigFromSpec, veraConfigToJson } from './config.ts';
-import { VeraLayers } from './layer.ts';
+import { VeraLayers, declareVera } from './layer.ts';
 
 export type { VeraConfig } from './config.ts';
 export { VERA_FIELDS } from './config.ts';
@@ -14,5 +14,6 @@ export const vera: PeftMethod<VeraConfig> = {
   fromSpec: veraConfigFromSpec,
   fromJson: veraConfigFromJson,
   toJson: veraConfigToJson,
+  declare: declareVera,
   create: (model, config, ctx) => new VeraLayers(model, config, ctx),
 };

@@ -3,7 +3,8 @@ import type { ForwardHooks, HookContext, LinearModule } from '../../hooks.ts';
 import type { LlamaModel } from '../../llama/llama.ts';
 import { Rng } from '../../random.ts';
 import { moduleStateKey, sharedStateKey } from '../keys.ts';
-import type { AdapterTensor, CreateContext, MethodInstance } from '../method.ts';
+import { checkAtMost, fieldAt } from '../fields.ts';
+import type { AdapterTensor, CreateContext, DeclareContext, DeclaredTensor, MethodInstance } from '../method.ts';
 import { MergedWeights } from '../merged-weights.ts';
 import { dropout, filledVariable, uniformValues, variableFrom } from '../ops.ts';
 import type { ModuleInfo } from '../targets.ts';
@@ -20,6 +21,35 @@ export const VERA_STATE = { lambdaB: 'vera_lambda_b', lambdaD: 'vera_lambda_d', 
 /** The bound of PEFT's _kaiming_init for a matrix with `fanIn` columns: sqrt(6 / fan_in). */
 export function veraKaimingBound(fanIn: number): number {
   return Math.sqrt(3) * (Math.SQRT2 / Math.sqrt(fanIn));
+}
+
+/** PEFT's default VeRA rank: admitted on any model, however narrow (PEFT's own tests use it on tiny models). */
+export const VERA_DEFAULT_RANK = 256;
+
+/**
+ * The tensors VeraLayers creates, from the configuration and the model's shapes alone. The rank
+ * of the shared random projections may be at most the widest dimension of the modules it
+ * targets, or PEFT's default of 256 on a narrower model (VeRA's paper uses r up to the hidden
+ * size: 1024 on RoBERTa-large and LLaMA-7B).
+ */
+export function declareVera(model: LlamaModel, config: VeraConfig, ctx: DeclareContext): DeclaredTensor[] {
+  const targets = selectModules(model, config.targetModules, config.layersToTransform, {
+    targets: fieldAt(ctx.file, 'target_modules', 'targetModules'),
+    layers: fieldAt(ctx.file, 'layers_to_transform', 'layersToTransform'),
+  });
+  const maxIn = targets.reduce((w, t) => Math.max(w, t.inFeatures), 0);
+  const maxOut = targets.reduce((w, t) => Math.max(w, t.outFeatures), 0);
+  const limit = Math.max(maxIn, maxOut, VERA_DEFAULT_RANK);
+  checkAtMost(fieldAt(ctx.file, 'r', 'r'), config.r, limit, `the widest in or out features of the modules it targets, or ${VERA_DEFAULT_RANK} (PEFT's default) on a narrower model`);
+  const { r } = config;
+  const out: DeclaredTensor[] = [
+    { key: sharedStateKey(VERA_STATE.A), shape: [r, maxIn] },
+    { key: sharedStateKey(VERA_STATE.B), shape: [maxOut, r] },
+  ];
+  for (const { path, outFeatures } of targets) {
+    out.push({ key: moduleStateKey(path, VERA_STATE.lambdaB), shape: [outFeatures] }, { key: moduleStateKey(path, VERA_STATE.lambdaD), shape: [r] });
+  }
+  return out;
 }
 
 interface VeraModule {
