@@ -40,19 +40,53 @@ function parseValue(raw: string): unknown {
   }
 }
 
-/** `lora` or `lora:r=16,loraAlpha=32,targetModules=q_proj+v_proj,layersToTransform=[0,4]`. */
-export function parseMethodFlag(spec: string): MethodSpec {
-  const [name, rest] = spec.split(/:(.*)/s, 2);
-  if (!name) throw new CliError('TANDEM_CLI_FLAG_INVALID', '--method', `needs a method name, got ${JSON.stringify(spec)}`);
-  const out: MethodSpec = { method: name };
-  if (rest) {
-    for (const pair of rest.split(/,(?![^[]*\])/)) {
-      const eq = pair.indexOf('=');
-      if (eq <= 0) throw new CliError('TANDEM_CLI_FLAG_INVALID', '--method', `expected key=value, got ${JSON.stringify(pair)}`);
-      out[pair.slice(0, eq)] = parseValue(pair.slice(eq + 1));
+/** The longest --method value: a spec is a few dozen characters; a layer list of a deep model a few hundred. */
+export const METHOD_FLAG_MAX_CHARS = 4096;
+
+/** Keys that would reach an object's prototype instead of its own fields, and the name given before the colon. */
+const RESERVED_METHOD_KEYS: ReadonlySet<string> = new Set(['__proto__', 'constructor', 'prototype', 'method']);
+
+/** Splits at the commas outside [...] and {...}, in one pass. */
+function splitTopLevel(rest: string, bad: (reason: string) => CliError): string[] {
+  const parts: string[] = [];
+  let depth = 0;
+  let from = 0;
+  for (let i = 0; i < rest.length; i++) {
+    const c = rest[i];
+    if (c === '[' || c === '{') depth++;
+    else if (c === ']' || c === '}') {
+      if (depth === 0) throw bad(`unbalanced ${JSON.stringify(c)} at character ${i}`);
+      depth--;
+    } else if (c === ',' && depth === 0) {
+      parts.push(rest.slice(from, i));
+      from = i + 1;
     }
   }
-  return out;
+  if (depth !== 0) throw bad('an unclosed [ or {');
+  parts.push(rest.slice(from));
+  return parts;
+}
+
+/** `lora` or `lora:r=16,loraAlpha=32,targetModules=q_proj+v_proj,layersToTransform=[0,4]`. */
+export function parseMethodFlag(spec: string): MethodSpec {
+  const bad = (reason: string): CliError => new CliError('TANDEM_CLI_FLAG_INVALID', '--method', reason);
+  if (spec.length > METHOD_FLAG_MAX_CHARS) throw bad(`is ${spec.length} characters, over the limit of ${METHOD_FLAG_MAX_CHARS}`);
+  const colon = spec.indexOf(':');
+  const name = colon < 0 ? spec : spec.slice(0, colon);
+  const rest = colon < 0 ? '' : spec.slice(colon + 1);
+  if (!name) throw bad(`needs a method name, got ${JSON.stringify(spec.slice(0, 40))}`);
+  const fields: Record<string, unknown> = {};
+  if (rest) {
+    for (const pair of splitTopLevel(rest, bad)) {
+      const eq = pair.indexOf('=');
+      if (eq <= 0) throw bad(`expected key=value, got ${JSON.stringify(pair.slice(0, 40))}`);
+      const key = pair.slice(0, eq);
+      if (RESERVED_METHOD_KEYS.has(key)) throw bad(`${JSON.stringify(key)} is not a field name`);
+      if (Object.hasOwn(fields, key)) throw bad(`${JSON.stringify(key)} is given twice`);
+      fields[key] = parseValue(pair.slice(eq + 1));
+    }
+  }
+  return { method: name, ...fields };
 }
 
 /** `r=8`, `r=8,alpha=16,targets=q_proj,v_proj`, `method=ia3` (a bare name continues the list of targets). */

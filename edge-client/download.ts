@@ -7,7 +7,7 @@ import { mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { request as httpsRequest } from 'node:https';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
-import { CONFIG_FILE, LlamaModel, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, expectedTensorShapes, loadTokenizer, onEdge, parseModelConfig, readSafetensorsFile, toFloat32 } from '../model/index.ts';
+import { CONFIG_FILE, LlamaModel, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, expectedTensorShapes, loadTokenizer, onEdge, readModelConfig, readSafetensorsFile, toFloat32 } from '../model/index.ts';
 import type { Cut, ModelConfig, Tokenizer } from '../model/index.ts';
 import { DEFAULT_CUT, EDGE_WEIGHTS_FILE } from '../protocol/index.ts';
 import type { CutLimits, EdgeManifest, ModelDescription } from '../protocol/index.ts';
@@ -272,7 +272,8 @@ export interface LoadedEdgePart {
 /** Builds the edge LlamaModel (only the edge's tensors; the middle blocks are absent) and the tokenizer. */
 export async function loadEdgePart(part: EdgePart): Promise<LoadedEdgePart> {
   const configPath = join(part.dir, CONFIG_FILE);
-  const config = parseModelConfig(JSON.parse(await readFile(configPath, 'utf8')), configPath);
+  // The cloud decides these bytes (the manifest's sha256 only says they arrived intact): the typed reader refuses what is not a config.
+  const config = await readModelConfig(part.dir);
   const weightsPath = join(part.dir, EDGE_WEIGHTS_FILE);
   const contents = await readSafetensorsFile(weightsPath);
   const { cut } = part.manifest;

@@ -20,7 +20,7 @@ export { LocalMiddle, keyString, randomStateOf } from './middle.ts';
 export type { LocalMiddleOptions, Middle, MicrobatchKey, RandomState, StepCommitRequest } from './middle.ts';
 export { AdamW, OPTIMIZER_KINDS, Sgd, createOptimizer } from './optimizer.ts';
 export type { AdamWOptions, Optimizer, OptimizerKind, OptimizerState, SgdOptions, StateTensor } from './optimizer.ts';
-export { DEFAULT_RECIPE, checkRecipe } from './recipe.ts';
+export { DEFAULT_RECIPE, checkRecipe, checkRecipeFitsModel } from './recipe.ts';
 export type { TrainRecipe } from './recipe.ts';
 export { checkRun, checkpointFolder, fileHash, openRun, runSteps, runTraining, seedsOf } from './training-run.ts';
 export type { CheckpointStore, Evaluation, RemoteStart, RunSettings, RunState, TrainEvent, TrainEventHandler, TrainingResult, TrainingSpec, WireProgress } from './training-run.ts';

@@ -77,3 +77,18 @@ export function checkRecipe(r: TrainRecipe): void {
   if (!Number.isInteger(r.seed) || r.seed < 0 || r.seed >= 2 ** 32) throw invalid('seed', `must be an integer in [0, 2^32), got ${r.seed}`);
   if (!(Number.isFinite(r.valFraction) && r.valFraction >= 0 && r.valFraction < 1)) throw invalid('valFraction', `must be a number in [0, 1), got ${r.valFraction}`);
 }
+
+/**
+ * Throws TANDEM_TRAIN_OPTION_INVALID (field seqLen) unless a row of `seqLen` tokens, plus the
+ * virtual tokens an adapter prepends (prompt tuning), fits the model's positions. Called
+ * where the recipe first meets the model's config: before the data is read and before any
+ * tensor of seq² size is built.
+ */
+export function checkRecipeFitsModel(recipe: Pick<TrainRecipe, 'seqLen'>, config: { readonly maxPositionEmbeddings: number }, virtualTokens = 0): void {
+  const limit = config.maxPositionEmbeddings;
+  const positions = recipe.seqLen + virtualTokens;
+  if (!(positions <= limit)) {
+    const what = virtualTokens > 0 ? `${recipe.seqLen} plus the adapter's ${virtualTokens} virtual tokens` : `${recipe.seqLen}`;
+    throw new ModelError('TANDEM_TRAIN_OPTION_INVALID', `seqLen ${what} exceeds the model's max_position_embeddings ${limit}`, { field: 'seqLen', details: { seqLen: recipe.seqLen, virtualTokens, limit } });
+  }
+}

@@ -3,12 +3,12 @@
 import { cp, mkdir, readdir, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { initBackend } from '../backend.ts';
-import { CONFIG_FILE, TOKENIZER_FILE, loadModelFolder, saveModelFolder } from '../checkpoint.ts';
+import { CONFIG_FILE, TOKENIZER_FILE, loadModelFolder, readModelConfig, saveModelFolder } from '../checkpoint.ts';
 import { ModelError } from '../errors.ts';
 import { LlamaModel } from '../llama/llama.ts';
 import { loadAdapter, saveAdapter } from '../peft/index.ts';
 import type { MethodSpec, PeftAdapter } from '../peft/index.ts';
-import { TOKENIZER_CONFIG_FILE, loadTokenizer } from '../tokenizer.ts';
+import { TOKENIZER_CONFIG_FILE, checkTokenizerFits, loadTokenizer } from '../tokenizer.ts';
 import type { Tokenizer } from '../tokenizer.ts';
 import { readTrainingCheckpoint } from './checkpoint.ts';
 import { prepareData, readDataset } from './data.ts';
@@ -18,7 +18,7 @@ import type { OpenedEngine } from './engine-choice.ts';
 import { evaluateClassification, evaluateRows, localScorer, ortScorer } from './evaluate.ts';
 import { mergedWeightArrays } from './merged-weights.ts';
 import type { Cut } from './loop.ts';
-import { checkInteger } from './recipe.ts';
+import { checkInteger, checkRecipeFitsModel } from './recipe.ts';
 import type { TrainRecipe } from './recipe.ts';
 import { checkRun, checkpointFolder, runTraining } from './training-run.ts';
 import type { RunSettings, TrainEventHandler, TrainingResult } from './training-run.ts';
@@ -48,8 +48,9 @@ export type TrainSummary = TrainingResult & { checkpointDir: string };
 
 async function loadModel(modelDir: string): Promise<{ model: LlamaModel; tokenizer: Tokenizer; contentHash: string; weights: WeightArrays }> {
   const loaded = await loadModelFolder(modelDir);
-  const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
   const tokenizer = await loadTokenizer(modelDir);
+  checkTokenizerFits(tokenizer, loaded.config.vocabSize);
+  const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
   return { model, tokenizer, contentHash: loaded.contentHash, weights: loaded.weights };
 }
 
@@ -69,6 +70,8 @@ async function exists(path: string): Promise<boolean> {
 export async function trainLocal(options: TrainLocalOptions, onEvent?: TrainEventHandler): Promise<TrainSummary> {
   const { modelDir, dataFile, outDir, methods, cut, resume, backend, engine: engineName, log, evalEvery, evaluate, saveEvery, stopAfter, ...recipe } = options;
   checkRun(recipe, options);
+  // config.json alone, before the backend and the weights: the recipe must fit the model (runTraining checks again with the adapter's virtual tokens).
+  checkRecipeFitsModel(recipe, await readModelConfig(modelDir));
   await initBackend({ backend, log });
   const { model, tokenizer, contentHash, weights } = await loadModel(modelDir);
   const checkpointDir = join(outDir, CHECKPOINT_DIR);
@@ -111,12 +114,14 @@ export interface EvaluationReport {
 export async function evaluateLocal(options: EvaluateLocalOptions): Promise<EvaluationReport> {
   checkInteger(options.seqLen, 'seqLen', 2);
   checkInteger(options.batchSize, 'batchSize');
+  checkRecipeFitsModel(options, await readModelConfig(options.modelDir));
   await initBackend({ backend: options.backend, log: options.log });
   const { model, tokenizer, weights } = await loadModel(options.modelDir);
   let adapter: PeftAdapter | undefined;
   let opened: OpenedEngine | undefined;
   try {
     adapter = options.adapterDir ? await loadAdapter(model, options.adapterDir) : undefined;
+    if (adapter) checkRecipeFitsModel(options, model.config, adapter.numVirtualTokens);
     const dataset = await readDataset(options.dataFile);
     const data = prepareData(dataset, tokenizer, { seqLen: options.seqLen, valFraction: 0, seed: 0, pack: false });
     // Merged only once ONNX Runtime is chosen: tfjs scores through the adapter's hooks, unmerged.

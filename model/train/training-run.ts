@@ -25,7 +25,7 @@ import type { Cut } from './loop.ts';
 import type { Middle } from './middle.ts';
 import { createOptimizer } from './optimizer.ts';
 import type { Optimizer, OptimizerState } from './optimizer.ts';
-import { checkInteger, checkRecipe } from './recipe.ts';
+import { checkInteger, checkRecipe, checkRecipeFitsModel } from './recipe.ts';
 import type { TrainRecipe } from './recipe.ts';
 
 /** Validation figures. */
@@ -181,29 +181,39 @@ export function seedsOf(seed: number): { split: number; stream: number; adapter:
 /** The adapter, optimizer and data position a run starts from: the store's checkpoint, or new ones. */
 export async function openRun(spec: TrainingSpec): Promise<RunState> {
   const { recipe, store } = spec;
+  // The recipe meets the model here: a row must fit its positions before anything is read.
+  checkRecipeFitsModel(recipe, spec.model.config);
   const seeds = seedsOf(recipe.seed);
-  const data = prepareData(await readDataset(spec.dataFile), spec.tokenizer, { seqLen: recipe.seqLen, valFraction: recipe.valFraction, seed: seeds.split, pack: recipe.pack });
+  const dataset = await readDataset(spec.dataFile);
+  // The adapter comes before the rows, so that its virtual tokens are counted before the data is tokenized.
+  const prepare = (adapter: PeftAdapter): PreparedData => {
+    checkRecipeFitsModel(recipe, spec.model.config, adapter.numVirtualTokens);
+    return prepareData(dataset, spec.tokenizer, { seqLen: recipe.seqLen, valFraction: recipe.valFraction, seed: seeds.split, pack: recipe.pack });
+  };
   const identity: Record<string, unknown> = { model: spec.modelHash, data: await fileHash(spec.dataFile), recipe: { ...recipe, cut: spec.cut } };
   const held = store ? await store.has() : false;
   if (held && spec.resume === false) {
     throw new ModelError('TANDEM_TRAIN_OPTION_INVALID', `${store?.dir} already holds a checkpoint; resume it or write to another folder`, { field: 'resume' });
   }
   const optimizer = createOptimizer(recipe.optimizer, { weightDecay: recipe.weightDecay, momentum: recipe.momentum });
+  let adapter: PeftAdapter | undefined;
   if (!store || !(spec.resume === true || (spec.resume === 'auto' && held))) {
     try {
-      const adapter = spec.adapterDir === undefined ? createAdapter(spec.model, spec.methods, { seed: seeds.adapter }) : await loadAdapter(spec.model, spec.adapterDir, { seed: seeds.adapter });
+      adapter = spec.adapterDir === undefined ? createAdapter(spec.model, spec.methods, { seed: seeds.adapter }) : await loadAdapter(spec.model, spec.adapterDir, { seed: seeds.adapter });
+      const data = prepare(adapter);
       return { adapter, optimizer, stream: new BatchStream(data.train, recipe.batchSize, seeds.stream), data, identity, methods: spec.methods, resumed: false };
     } catch (err) {
+      adapter?.dispose();
       optimizer.dispose();
       throw err;
     }
   }
-  let adapter: PeftAdapter | undefined;
   try {
     const ckpt = await store.read();
     const { methods: saved, ...savedIdentity } = ckpt.state.run;
     checkSameRun(savedIdentity, identity, store.dir);
     adapter = await loadAdapter(spec.model, ckpt.adapterDir, { seed: seeds.adapter });
+    const data = prepare(adapter);
     if (ckpt.state.adapterRandom) adapter.setRandomState(ckpt.state.adapterRandom);
     optimizer.load(ckpt.optimizer, adapter.trainableVariables());
     const methods = Array.isArray(saved) ? (saved as MethodSpec[]) : spec.methods;
