@@ -1,9 +1,7 @@
 // `tandem edge upload`: the plug-in evaluation of an offsite adapter in split mode (the data
 // and the adapter stay on the edge; the cloud runs the full middle on hidden states); and the
 // download of emulator bundles.
-import { readFile, stat } from 'node:fs/promises';
-import { join } from 'node:path';
-import { ADAPTER_CONFIG_FILE, ModelError, batchTensors, checkRecipeFitsModel, evaluateClassification, evaluateRows, loadAdapter, prepareData, readDataset, scoreLogits, tf } from '../model/index.ts';
+import { batchTensors, checkRecipeFitsModel, evaluateClassification, evaluateRows, loadAdapter, prepareData, readAdapterConfig, readDataset, scoreLogits, tf } from '../model/index.ts';
 import type { Cut, LlamaModel, Middle, PeftAdapter, PreparedData, Scorer, Tokenizer } from '../model/index.ts';
 import { readBundle, readOffsiteRecord, writeBundleFiles } from '../emulator/index.ts';
 import type { Bundle, BundleFile, Quantization } from '../emulator/index.ts';
@@ -30,37 +28,6 @@ export interface UploadOptions extends CloudTarget {
 
 const sha = (h: string) => h.replace(/^sha256:/, '');
 
-/** adapter_config.json is a few hundred bytes; a larger one is refused before it is read. */
-export const ADAPTER_CONFIG_MAX_BYTES = 1 << 20;
-
-/**
- * adapter_config.json of the folder, checked before the cloud is contacted, with the codes
- * loadAdapter gives the same file: TANDEM_MODEL_FILE_MISSING, TANDEM_MODEL_FILE_UNREADABLE,
- * TANDEM_ADAPTER_INVALID (too large, not JSON, not an object).
- */
-export async function readAdapterConfig(dir: string): Promise<Record<string, unknown>> {
-  const file = join(dir, ADAPTER_CONFIG_FILE);
-  let text: string;
-  try {
-    const s = await stat(file);
-    if (!s.isFile()) throw new ModelError('TANDEM_ADAPTER_INVALID', 'adapter_config.json is not a file', { file });
-    if (s.size > ADAPTER_CONFIG_MAX_BYTES) throw new ModelError('TANDEM_ADAPTER_INVALID', `adapter_config.json is ${s.size} bytes, over the limit of ${ADAPTER_CONFIG_MAX_BYTES}`, { file, details: { bytes: s.size, limit: ADAPTER_CONFIG_MAX_BYTES } });
-    text = await readFile(file, 'utf8');
-  } catch (cause) {
-    if (cause instanceof ModelError) throw cause;
-    const code = (cause as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT') throw new ModelError('TANDEM_MODEL_FILE_MISSING', 'the adapter folder has no adapter_config.json', { file, cause });
-    throw new ModelError('TANDEM_MODEL_FILE_UNREADABLE', `the file could not be read (${code ?? String(cause)})`, { file, cause });
-  }
-  let json: unknown;
-  try {
-    json = JSON.parse(text);
-  } catch (cause) {
-    throw new ModelError('TANDEM_ADAPTER_INVALID', `adapter_config.json is not valid JSON: ${(cause as Error).message}`, { file, cause });
-  }
-  if (typeof json !== 'object' || json === null || Array.isArray(json)) throw new ModelError('TANDEM_ADAPTER_INVALID', 'adapter_config.json must hold a JSON object', { file });
-  return json as Record<string, unknown>;
-}
 
 /**
  * Forward-only scoring in split mode: bottom and top (with the adapter's hooks) here, the

@@ -1,6 +1,6 @@
 // Adapters on disk as Hugging Face PEFT writes them: adapter_config.json and
 // adapter_model.safetensors, with PEFT's field names and tensor keys.
-import { mkdir, readFile } from 'node:fs/promises';
+import { mkdir, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { tf } from '../backend.ts';
 import { ModelError } from '../errors.ts';
@@ -86,11 +86,27 @@ export async function saveAdapter(adapter: PeftAdapter, dir: string, options: Sa
   await writeFileAtomic(join(dir, ADAPTER_CONFIG_FILE), `${JSON.stringify(config, null, 2)}\n`);
 }
 
+/** adapter_config.json is a few hundred bytes; a larger one is refused before it is read. */
+export const ADAPTER_CONFIG_MAX_BYTES = 1 << 20;
+
+/**
+ * adapter_config.json of an adapter folder, read and checked: TANDEM_MODEL_FILE_MISSING,
+ * TANDEM_MODEL_FILE_UNREADABLE, TANDEM_ADAPTER_INVALID (not a file, over ADAPTER_CONFIG_MAX_BYTES,
+ * not JSON, not an object). loadAdapter and the edge's upload read it through this.
+ */
+export async function readAdapterConfig(dir: string): Promise<Record<string, unknown>> {
+  return readConfig(join(dir, ADAPTER_CONFIG_FILE));
+}
+
 async function readConfig(file: string): Promise<Record<string, unknown>> {
   let text: string;
   try {
+    const s = await stat(file);
+    if (!s.isFile()) throw invalid('adapter_config.json is not a file', file);
+    if (s.size > ADAPTER_CONFIG_MAX_BYTES) throw new ModelError('TANDEM_ADAPTER_INVALID', `adapter_config.json is ${s.size} bytes, over the limit of ${ADAPTER_CONFIG_MAX_BYTES}`, { file, details: { bytes: s.size, limit: ADAPTER_CONFIG_MAX_BYTES } });
     text = await readFile(file, 'utf8');
   } catch (cause) {
+    if (cause instanceof ModelError) throw cause;
     const code = (cause as NodeJS.ErrnoException).code;
     if (code === 'ENOENT') throw new ModelError('TANDEM_MODEL_FILE_MISSING', 'the adapter folder has no adapter_config.json', { file, cause });
     throw new ModelError('TANDEM_MODEL_FILE_UNREADABLE', `the file could not be read (${code ?? String(cause)})`, { file, cause });
