@@ -187,16 +187,9 @@ export class AdapterRegistry {
     } catch (err) {
       throw new CloudError('TANDEM_ADAPTER_INVALID', { model: served.id, reason: (err as Error).message });
     }
-    // The rank sizes what loading allocates: it must be a dimension of a tensor sent, within the model's width.
-    const r = json.r;
-    const maxRank = Math.max(served.config.hiddenSize, served.config.intermediateSize);
-    if (typeof r === 'number' && Number.isSafeInteger(r) && r >= 1) {
-      if (r > maxRank) throw new CloudError('TANDEM_ADAPTER_TOO_LARGE', { field: 'r', actual: r, limit: maxRank });
-      if (![...contents.tensors.values()].some((t) => t.shape.includes(r))) throw new CloudError('TANDEM_ADAPTER_INVALID', { model: served.id, reason: `r = ${r} is no dimension of any tensor in ${ADAPTER_WEIGHTS_FILE}` });
-    }
-    // Before anything is written or allocated: each size against the served model (a rank at most
-    // the widest module it targets), the bytes its tensors would take against the limit, and
-    // the tensors sent against those the configuration declares (model/peft's planAdapter).
+    // Before anything is written or allocated: each stated size a dimension of a tensor sent and
+    // within the served model (a rank at most the widest module it targets), the bytes its
+    // tensors would take against the limit, the tensors sent against those it declares.
     checkAdapterCost(served, json, contents, MAX_ADAPTER_ALLOCATION_BYTES);
     const dir = join(this.#root, tenant, name);
     const staging = `${dir}.upload-${process.pid}-${Date.now()}`;

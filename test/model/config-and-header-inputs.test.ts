@@ -100,17 +100,8 @@ describe('config.json sizes are bounded', () => {
     const qwen = parseModelConfig(QWEN2_72B);
     assert.deepEqual([qwen.vocabSize, qwen.attentionBias, qwen.bosTokenId, qwen.eosTokenIds], [151936, true, 151643, [151643]]);
     assert.equal(llamaConfig(SMOLLM_135M_SHAPE).vocabSize, 49152);
-    const atLimit = parseModelConfig({
-      ...base,
-      num_hidden_layers: 1024,
-      hidden_size: 65536,
-      intermediate_size: 262144,
-      num_attention_heads: 1024,
-      num_key_value_heads: 1024,
-      head_dim: 1024,
-      vocab_size: 2 ** 21,
-      max_position_embeddings: 2 ** 24,
-    });
+    const { original_max_position_embeddings: ropeLimit, ...sizes } = MODEL_CONFIG_LIMITS;
+    const atLimit = parseModelConfig({ ...base, ...sizes, rope_scaling: { rope_type: 'llama3', factor: 8, original_max_position_embeddings: ropeLimit } });
     assert.equal(atLimit.numHiddenLayers, 1024);
   });
 
