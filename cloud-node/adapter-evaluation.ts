@@ -1,5 +1,6 @@
 // Plugs a tenant's adapter into the served model and evaluates it on data the tenant sent.
-// The adapter is loaded onto a view of the served model that shares its weights, except
+// The node runs this in a worker thread of its own (adapter-evaluator.ts), on a copy of the
+// model loaded there; its thread only checks the files first (checkAdapterFiles). The adapter is loaded onto a view of the served model that shares its weights, except
 // those the adapter changes in place (whole blocks, biases), which the view holds as
 // copies: the served model and the sessions running on it never see the adapter. Nothing
 // is kept after the call: the adapter's files live in a temporary folder removed before
@@ -40,6 +41,9 @@ export const MAX_ADAPTER_ALLOCATION_BYTES = 512 * 1024 * 1024;
 /** adapter_config.json fields that size what loading allocates. */
 const SIZE_FIELDS = ['r', 'num_virtual_tokens', 'bottleneck_size', 'token_dim'];
 
+/** What an evaluation needs of the served model: the node's ServedModel, or the worker's copy of it. */
+export type EvaluationBase = Pick<ServedModel, 'id' | 'config' | 'model'>;
+
 /** The message without the temporary folder the adapter was written to. */
 function scrubbed(message: string, dir: string | undefined): string {
   let out = message;
@@ -47,7 +51,7 @@ function scrubbed(message: string, dir: string | undefined): string {
   return out.split(tmpdir()).join('<tmp>');
 }
 
-function invalidAdapter(served: ServedModel, err: unknown, dir?: string): CloudError {
+function invalidAdapter(served: EvaluationBase, err: unknown, dir?: string): CloudError {
   const reason = scrubbed(err instanceof Error ? err.message : String(err), dir);
   return new CloudError('TANDEM_ADAPTER_INVALID', { model: served.id, reason }, { cause: err });
 }
@@ -77,7 +81,7 @@ function statedSizes(json: unknown, at: string, depth = 0): StatedSize[] {
  * TANDEM_ADAPTER_TOO_LARGE naming the field, the value and the limit; anything else the model
  * refuses is TANDEM_ADAPTER_INVALID. Other errors are returned as they are.
  */
-export function adapterErrorOf(served: ServedModel, err: unknown, scrub: (message: string) => string = (m) => m): unknown {
+export function adapterErrorOf(served: EvaluationBase, err: unknown, scrub: (message: string) => string = (m) => m): unknown {
   if (!(err instanceof ModelError)) return err;
   const { actual, limit } = err.details as { actual?: unknown; limit?: unknown };
   if (typeof actual === 'number' && typeof limit === 'number' && (err.code === 'TANDEM_ADAPTER_TOO_LARGE' || err.code === 'TANDEM_PEFT_CONFIG_INVALID')) {
@@ -93,7 +97,7 @@ export function adapterErrorOf(served: ServedModel, err: unknown, scrub: (messag
  * take more than `maxAllocationBytes`, or whose weights lack a tensor it declares (or have
  * another shape). `weights` is the parsed safetensors file: its header is what is compared.
  */
-export function checkAdapterCost(served: ServedModel, json: unknown, weights: { metadata: Record<string, string>; tensors: ReadonlyMap<string, { shape: number[] }> }, maxAllocationBytes = MAX_ADAPTER_ALLOCATION_BYTES): void {
+export function checkAdapterCost(served: EvaluationBase, json: unknown, weights: { metadata: Record<string, string>; tensors: ReadonlyMap<string, { shape: number[] }> }, maxAllocationBytes = MAX_ADAPTER_ALLOCATION_BYTES): void {
   const { hiddenSize, intermediateSize } = served.config;
   const maxSize = 4 * Math.max(hiddenSize, intermediateSize);
   const dims = new Set([...weights.tensors.values()].flatMap((t) => t.shape));
@@ -113,14 +117,14 @@ export function checkAdapterCost(served: ServedModel, json: unknown, weights: { 
 }
 
 /** A model sharing the served weights except `copied`, which it holds as its own variables. */
-function viewOf(served: ServedModel, copied: Set<string>): LlamaModel {
+function viewOf(served: EvaluationBase, copied: Set<string>): LlamaModel {
   const weights = new Map(served.model.weights);
   for (const name of copied) weights.set(name, tf.variable(served.model.weight(name), false));
   return new LlamaModel(served.config, weights);
 }
 
 /** Frees what the view owns (its copies and tables), never the shared weights. */
-function disposeView(view: LlamaModel, served: ServedModel, copied: Set<string>): void {
+function disposeView(view: LlamaModel, served: EvaluationBase, copied: Set<string>): void {
   for (const name of [...view.weights.keys()]) if (!copied.has(name) && view.weights.get(name) === served.model.weights.get(name)) view.weights.delete(name);
   view.dispose();
 }
@@ -132,7 +136,19 @@ async function lmFigures(model: LlamaModel, adapter: PeftAdapter | undefined, ro
   return { loss: lm.loss, perplexity: lm.perplexity, tokens: lm.tokens, ...(accuracy === undefined ? {} : { accuracy }) };
 }
 
-export async function evaluateAdapter(served: ServedModel, tokenizer: Tokenizer, files: AdapterFiles, data: EvaluationData, options: { seqLen: number; batchSize: number }): Promise<AdapterEvaluation> {
+/** What checkAdapterFiles read of an adapter's two files. */
+export interface CheckedAdapter {
+  contents: ReturnType<typeof parseSafetensors>;
+  json: unknown;
+  peftType: string;
+}
+
+/**
+ * The checks of an adapter's files that cost only their header: adapter_config.json's size and
+ * syntax, the safetensors layout, and checkAdapterCost. The node runs them on its own thread
+ * before an evaluation is queued, so that a refused adapter waits for none.
+ */
+export function checkAdapterFiles(served: EvaluationBase, files: AdapterFiles): CheckedAdapter {
   const configBytes = Buffer.byteLength(files.config, 'utf8');
   if (configBytes > MAX_ADAPTER_CONFIG_BYTES) throw new CloudError('TANDEM_ADAPTER_TOO_LARGE', { field: `${ADAPTER_CONFIG_FILE} bytes`, actual: configBytes, limit: MAX_ADAPTER_CONFIG_BYTES });
   let contents: ReturnType<typeof parseSafetensors>;
@@ -141,16 +157,31 @@ export async function evaluateAdapter(served: ServedModel, tokenizer: Tokenizer,
   } catch (err) {
     throw invalidAdapter(served, err);
   }
-  const keys = [...contents.tensors.keys()];
-  let peftType = 'unknown';
-  let json: { peft_type?: unknown };
+  let json: { peft_type?: unknown } | null;
   try {
-    json = JSON.parse(files.config) as { peft_type?: unknown };
+    json = JSON.parse(files.config) as { peft_type?: unknown } | null;
   } catch (err) {
     throw invalidAdapter(served, new Error(`${ADAPTER_CONFIG_FILE} is not valid JSON: ${(err as Error).message}`));
   }
-  if (json !== null && typeof json.peft_type === 'string') peftType = json.peft_type;
   checkAdapterCost(served, json, contents);
+  const peftType = json !== null && typeof json === 'object' && typeof json.peft_type === 'string' ? json.peft_type : 'unknown';
+  return { contents, json, peftType };
+}
+
+export interface EvaluationOptions {
+  seqLen: number;
+  batchSize: number;
+  /**
+   * Tokens the evaluation may run through the model, plug-in and baseline together (rows x
+   * seqLen, and for label data records x labels x seqLen): counted after tokenizing, before
+   * any compute. Unbounded when not given.
+   */
+  maxTokens?: number;
+}
+
+export async function evaluateAdapter(served: EvaluationBase, tokenizer: Tokenizer, files: AdapterFiles, data: EvaluationData, options: EvaluationOptions): Promise<AdapterEvaluation> {
+  const { contents, peftType } = checkAdapterFiles(served, files);
+  const keys = [...contents.tensors.keys()];
   let prepared: ReturnType<typeof prepareData>;
   let dataset: ReturnType<typeof parseDataset>;
   try {
@@ -162,6 +193,10 @@ export async function evaluateAdapter(served: ServedModel, tokenizer: Tokenizer,
   }
   const records = dataset.examples.flatMap((e) => (e.kind === 'label' ? [{ text: e.text, label: e.label }] : []));
   const labels = prepared.classification ? { tokenizer, records, labels: prepared.classification.labels, seqLen: options.seqLen } : undefined;
+  const scored = 2 * options.seqLen * (prepared.train.length + (labels === undefined ? 0 : records.length * labels.labels.length));
+  if (options.maxTokens !== undefined && scored > options.maxTokens) {
+    throw new CloudError('TANDEM_EVAL_DATA_INVALID', { reason: `it makes ${scored} tokens to run through the model (plug-in and baseline, ${prepared.train.length} rows${labels === undefined ? '' : ` and ${records.length} records x ${labels.labels.length} labels`} of ${options.seqLen}); the limit is ${options.maxTokens}: send less data or a shorter seqLen` });
+  }
   // Base weights the adapter's file names (block, bitfit) are changed in place: copy them.
   const copied = new Set(keys.map(baseNameOfKey).filter((n) => served.model.weights.has(n)));
   const dir = await mkdtemp(join(tmpdir(), 'tandem-adapter-eval-'));

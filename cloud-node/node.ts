@@ -61,6 +61,8 @@ import { AdapterRegistry } from './serving/adapter-registry.ts';
 import { Serving } from './serving/serving.ts';
 import type { ServingLimits } from './serving/serving.ts';
 import { ServingMetrics } from './serving/serving-metrics.ts';
+import { AdapterEvaluator } from './adapter-evaluator.ts';
+import type { AdapterEvaluationLimits } from './adapter-evaluator.ts';
 import { SplitInference } from './serving/split-inference.ts';
 import type { SplitInferenceLimits } from './serving/split-inference.ts';
 import type { SessionRecords } from './state/session-records.ts';
@@ -120,6 +122,8 @@ export interface CloudNodeOptions {
   emulators?: EmulatorBuildSettings;
   /** Largest POST /v1/models/:id/adapters/evaluate body (64 MiB). */
   maxAdapterRequestBytes?: number;
+  /** Adapter evaluation (its worker thread): evaluations waiting, tokens and time of one, the idle worker's stop. */
+  adapterEvaluation?: Partial<AdapterEvaluationLimits>;
   /** Every tenant's quotas (DEFAULT_QUOTAS for what is not given). */
   quotas?: Partial<TenantQuotas>;
   /** Quotas of particular tenants, over `quotas`. */
@@ -312,6 +316,12 @@ async function assembleCloudNode(options: CloudNodeOptions, undo: Array<() => un
     onStep: (outcome) => servingMetrics.splitSteps.inc({ outcome }),
     onWorkerStopped: () => servingMetrics.splitWorkerRestarts.inc(),
   });
+  const evaluator = new AdapterEvaluator(options.adapterEvaluation, {
+    onWorkerStopped: (reason) => {
+      metrics.evaluationWorkerStops.inc();
+      log.warn({ reason }, 'the adapter-evaluation worker stopped');
+    },
+  });
   // The operator's view: trained tokens and loss curves per session, the node's series, the workers.
   const activity = new TrainingActivity();
   const series = new TimeSeries({ metrics, trainedTokens: () => activity.trainedTokens, ...options.series });
@@ -389,7 +399,7 @@ async function assembleCloudNode(options: CloudNodeOptions, undo: Array<() => un
     await scope.register(modelsPlugin, { model, generationModels: (tenant) => modelsFor(serving, tenant) });
     await scope.register(adaptersPlugin, { serving, quotas });
     await scope.register(openAiPlugin, { serving });
-    await scope.register(emulatorsPlugin, { model, emulators, quotas, maxAdapterRequestBytes: options.maxAdapterRequestBytes });
+    await scope.register(emulatorsPlugin, { model, emulators, quotas, evaluator, maxAdapterRequestBytes: options.maxAdapterRequestBytes });
     await scope.register(sessionsPlugin, { sessions, service });
     await scope.register(keysPlugin, { keys });
     await scope.register(federationsPlugin, { coordinator });
@@ -436,6 +446,7 @@ async function assembleCloudNode(options: CloudNodeOptions, undo: Array<() => un
     cache.clear();
     serving.close();
     await inference.clear();
+    await evaluator.close();
     await executor?.close();
     if (keys instanceof JetStreamKeyStore) keys.close();
     if (sessions instanceof JetStreamSessionStore) sessions.close();
@@ -460,6 +471,7 @@ async function assembleCloudNode(options: CloudNodeOptions, undo: Array<() => un
   const served = await ServedModel.load(options.modelDir, options.modelId);
   // Split inference computes in a worker thread of its own: on ONNX Runtime with the middle, else on this thread's backend where it loads there.
   inference.useCompute({ backends: [...new Set([backend.name, 'wasm', 'cpu'])], engine: ort });
+  evaluator.useCompute({ backends: [...new Set([backend.name, 'wasm', 'cpu'])] });
   // The workers use the backend this thread picked, so that every thread computes alike;
   // a native backend that cannot load in a worker thread falls back to wasm, then cpu.
   const computeLog = log.child({ plane: 'compute' });

@@ -3,9 +3,7 @@
 import type { FastifyInstance } from 'fastify';
 import { QUANTIZATIONS, checkAdapterBase } from '../../emulator/index.ts';
 import type { Quantization } from '../../emulator/index.ts';
-import { loadTokenizer } from '../../model/index.ts';
-import type { Tokenizer } from '../../model/index.ts';
-import { evaluateAdapter } from '../adapter-evaluation.ts';
+import type { AdapterEvaluator } from '../adapter-evaluator.ts';
 import type { ModelSlot } from '../context.ts';
 import type { EmulatorRegistry, EmulatorRequest } from '../emulator-registry.ts';
 import { CloudError } from '../errors.ts';
@@ -23,6 +21,8 @@ export interface EmulatorsPluginOptions {
   model: ModelSlot;
   emulators: EmulatorRegistry;
   quotas: QuotaLedger;
+  /** Runs POST /adapters/evaluate in its worker thread. */
+  evaluator: AdapterEvaluator;
   /** Largest POST /adapters/evaluate body, base64 adapter and data included. */
   maxAdapterRequestBytes?: number;
   /** Largest evaluation text, in UTF-8 bytes. */
@@ -67,11 +67,6 @@ export async function emulatorsPlugin(app: FastifyInstance, options: EmulatorsPl
   const ctx = options;
   const maxBody = options.maxAdapterRequestBytes ?? DEFAULT_ADAPTER_REQUEST_BYTES;
   const maxText = options.maxEvalTextBytes ?? DEFAULT_EVAL_TEXT_BYTES;
-  let tokenizer: { dir: string; value: Promise<Tokenizer> } | undefined;
-  const tokenizerOf = (served: ServedModel): Promise<Tokenizer> => {
-    if (tokenizer?.dir !== served.dir) tokenizer = { dir: served.dir, value: loadTokenizer(served.dir) };
-    return tokenizer.value;
-  };
   app.get<{ Params: { id: string }; Querystring: EmulatorQuery }>('/models/:id/emulators', {
     schema: {
       summary: 'manifest of an emulator bundle (bottom and top blocks, the emulator of the middle, tokenizer) for offsite training; built on the first request and kept',
@@ -168,7 +163,7 @@ export async function emulatorsPlugin(app: FastifyInstance, options: EmulatorsPl
     const release = options.quotas.holdAdapter(request.caller.tenant);
     try {
       const weights = new Uint8Array(Buffer.from(body.adapter.weights, 'base64'));
-      const result = await evaluateAdapter(served, await tokenizerOf(served), { config: body.adapter.config, weights }, body.data, { seqLen, batchSize: body.batchSize ?? 8 });
+      const result = await options.evaluator.evaluate(served, { config: body.adapter.config, weights }, body.data, { seqLen, batchSize: body.batchSize ?? 8 });
       return { model: served.id, contentHash: served.contentHash, ...result };
     } finally {
       release();
