@@ -82,7 +82,14 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
       const key = node.adminKey as string;
       const contentHash = ((await (await fetch(`${node.url}/v1/models`, { headers: { authorization: `Bearer ${key}` } })).json()) as { models: { contentHash: string }[] }).models[0].contentHash;
       for (const [i, dir] of adapterDirs.entries()) {
-        await post(node, key, '/v1/adapters', { name: `a${i}`, baseContentHash: contentHash, adapter: { config: await readFile(join(dir, ADAPTER_CONFIG_FILE), 'utf8'), weights: (await readFile(join(dir, ADAPTER_WEIGHTS_FILE))).toString('base64') } });
+        // As multipart/form-data: the files as they are (a JSON body is at most 4 MiB).
+        const form = new FormData();
+        form.append('name', `a${i}`);
+        form.append('baseContentHash', contentHash);
+        form.append('config', new Blob([await readFile(join(dir, ADAPTER_CONFIG_FILE))]), ADAPTER_CONFIG_FILE);
+        form.append('weights', new Blob([await readFile(join(dir, ADAPTER_WEIGHTS_FILE))]), ADAPTER_WEIGHTS_FILE);
+        const uploaded = await fetch(`${node.url}/v1/adapters`, { method: 'POST', headers: { authorization: `Bearer ${key}` }, body: form });
+        if (uploaded.status !== 201) throw new Error(`/v1/adapters: ${uploaded.status} ${await uploaded.text()}`);
       }
       const body = (i: number, adapter: number) => ({ model: `base:a${adapter}`, prompt: PROMPTS[i % PROMPTS.length], max_tokens: maxTokens, temperature: 0, ignore_eos: true, deadline_ms: deadlineMs });
       // Warm-up, also before each scenario: every adapter resident, the kernels compiled, and

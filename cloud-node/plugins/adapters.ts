@@ -1,9 +1,14 @@
-// The adapters a tenant serves: upload a PEFT folder's two files, list, delete.
+// The adapters a tenant serves: upload a PEFT folder's two files, list, delete. An upload is
+// multipart/form-data (the files as they are; any size the quota allows) or JSON with the
+// weights in base64 (at most MAX_JSON_ADAPTER_BODY_BYTES: its parse costs the node's thread).
+import multipart from '@fastify/multipart';
 import type { FastifyInstance } from 'fastify';
 import { CloudError } from '../errors.ts';
 import type { QuotaLedger } from '../quotas.ts';
+import { checkAdapterName, checkUploadBase } from '../serving/adapter-registry.ts';
 import type { ServedAdapterRecord } from '../serving/adapter-registry.ts';
 import type { Serving } from '../serving/serving.ts';
+import { MAX_FORM_FIELD_BYTES, MAX_JSON_ADAPTER_BODY_BYTES, MULTIPART_OPTIONS, booleanField, readAdapterForm, requiredField } from './adapter-form.ts';
 import { authErrors, security } from './schemas.ts';
 
 export interface AdaptersPluginOptions {
@@ -36,42 +41,80 @@ interface UploadBody {
   adapter: { config: string; weights: string };
 }
 
+const uploadBodySchema = {
+  type: 'object',
+  required: ['name', 'baseContentHash', 'adapter'],
+  additionalProperties: false,
+  properties: {
+    name: { type: 'string', maxLength: 64 },
+    shared: { type: 'boolean' },
+    baseContentHash: { type: 'string', maxLength: 80, description: 'content hash of the model it was trained against (GET /v1/models contentHash)' },
+    adapter: {
+      type: 'object', required: ['config', 'weights'], additionalProperties: false,
+      properties: { config: { type: 'string', description: 'adapter_config.json as text' }, weights: { type: 'string', description: 'adapter_model.safetensors, base64' } },
+    },
+  },
+} as const;
+
+const uploadFormSchema = {
+  // The parts are read and checked by the route (adapter-form.ts), not by a schema.
+  description: 'parts: name, baseContentHash, shared ("true"/"false", optional), config (adapter_config.json, a file or a field), weights (adapter_model.safetensors, a file)',
+} as const;
+
+function checkedField(value: string, field: string, limit: number): string {
+  if (value.length > limit) throw new CloudError('TANDEM_FIELD_TOO_LONG', { field, actual: value.length, limit });
+  return value;
+}
+
 export async function adaptersPlugin(app: FastifyInstance, ctx: AdaptersPluginOptions): Promise<void> {
+  await app.register(multipart, MULTIPART_OPTIONS);
   const view = (ref: string, record: ServedAdapterRecord) => ({ ...record, model: `${ctx.serving.runtime().served.id}:${ref}` });
 
-  app.post<{ Body: UploadBody }>('/adapters', {
-    // The body is bounded before it is read; the weights' decoded size is checked against the quota before decoding.
-    bodyLimit: ctx.serving.limits.maxUploadBytes,
+  app.post<{ Body: UploadBody | undefined }>('/adapters', {
+    // A JSON body is bounded before it is read; the weights' decoded size is checked against the quota before decoding.
+    bodyLimit: Math.min(MAX_JSON_ADAPTER_BODY_BYTES, ctx.serving.limits.maxUploadBytes),
     schema: {
-      summary: 'upload a PEFT LoRA adapter (adapter_config.json as text, adapter_model.safetensors as base64) to serve as "base:name"', tags: ['serving'], security,
-      body: {
-        type: 'object',
-        required: ['name', 'baseContentHash', 'adapter'],
-        additionalProperties: false,
-        properties: {
-          name: { type: 'string', maxLength: 64 },
-          shared: { type: 'boolean' },
-          baseContentHash: { type: 'string', maxLength: 80, description: 'content hash of the model it was trained against (GET /v1/models contentHash)' },
-          adapter: {
-            type: 'object', required: ['config', 'weights'], additionalProperties: false,
-            properties: { config: { type: 'string', description: 'adapter_config.json as text' }, weights: { type: 'string', description: 'adapter_model.safetensors, base64' } },
-          },
-        },
-      },
+      summary: 'upload a PEFT LoRA adapter to serve as "base:name": multipart/form-data with its two files, or JSON (adapter_config.json as text, adapter_model.safetensors as base64; at most 4 MiB)', tags: ['serving'], security,
+      body: { content: { 'application/json': { schema: uploadBodySchema }, 'multipart/form-data': { schema: uploadFormSchema } } },
       response: { 201: adapterSchema, ...authErrors },
     },
   }, async (request, reply) => {
     const { served } = ctx.serving.runtime();
     const { tenant } = request.caller;
     const quotas = ctx.quotas.of(tenant);
-    const encoded = request.body.adapter.weights;
-    const decodedBytes = Math.floor((encoded.length * 3) / 4);
-    if (decodedBytes > quotas.servedAdapterBytes) throw new CloudError('TANDEM_ADAPTER_TOO_LARGE', { field: 'adapter.weights bytes', actual: decodedBytes, limit: quotas.servedAdapterBytes });
-    if (!BASE64.test(encoded)) throw new CloudError('TANDEM_ADAPTER_INVALID', { model: served.id, reason: 'adapter.weights must be base64' });
-    const record = await ctx.serving.registry.add(tenant, {
-      name: request.body.name, shared: request.body.shared, baseContentHash: request.body.baseContentHash,
-      config: request.body.adapter.config, weights: new Uint8Array(Buffer.from(encoded, 'base64')),
-    }, served, quotas);
+    let upload: Parameters<typeof ctx.serving.registry.add>[1];
+    if (request.isMultipart()) {
+      // The weights are bounded by the tenant's quota and the node's upload limit as they stream in.
+      const form = await readAdapterForm(request, {
+        fields: ['name', 'baseContentHash', 'shared', 'config'],
+        files: {
+          weights: quotas.servedAdapterBytes < ctx.serving.limits.maxUploadBytes
+            ? { bytes: quotas.servedAdapterBytes, refuse: (limit) => new CloudError('TANDEM_ADAPTER_TOO_LARGE', { field: 'weights bytes', actual: `over ${limit}`, limit }) }
+            : { bytes: ctx.serving.limits.maxUploadBytes },
+          config: { bytes: MAX_FORM_FIELD_BYTES },
+        },
+        onField: (name, value) => {
+          if (name === 'name') checkAdapterName(value);
+          if (name === 'baseContentHash') checkUploadBase(value, served);
+        },
+      });
+      const weights = form.files.get('weights');
+      if (weights === undefined) throw new CloudError('TANDEM_REQUEST_INVALID', { reason: 'the form has no "weights" part (adapter_model.safetensors)' });
+      const config = form.files.get('config')?.toString('utf8') ?? requiredField(form, 'config');
+      upload = {
+        name: checkedField(requiredField(form, 'name'), 'name', 64), shared: booleanField(form, 'shared'),
+        baseContentHash: checkedField(requiredField(form, 'baseContentHash'), 'baseContentHash', 80),
+        config, weights: new Uint8Array(weights.buffer, weights.byteOffset, weights.byteLength),
+      };
+    } else {
+      const body = request.body as UploadBody;
+      const encoded = body.adapter.weights;
+      const decodedBytes = Math.floor((encoded.length * 3) / 4);
+      if (decodedBytes > quotas.servedAdapterBytes) throw new CloudError('TANDEM_ADAPTER_TOO_LARGE', { field: 'adapter.weights bytes', actual: decodedBytes, limit: quotas.servedAdapterBytes });
+      if (!BASE64.test(encoded)) throw new CloudError('TANDEM_ADAPTER_INVALID', { model: served.id, reason: 'adapter.weights must be base64' });
+      upload = { name: body.name, shared: body.shared, baseContentHash: body.baseContentHash, config: body.adapter.config, weights: new Uint8Array(Buffer.from(encoded, 'base64')) };
+    }
+    const record = await ctx.serving.registry.add(tenant, upload, served, quotas);
     return reply.code(201).send(view(record.name, record));
   });
 

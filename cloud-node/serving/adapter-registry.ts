@@ -46,6 +46,19 @@ function isRecord(r: Record<string, unknown> | undefined): r is Record<string, u
     && typeof r.bytes === 'number' && typeof r.sha256 === 'string' && typeof r.peftType === 'string' && typeof r.baseContentHash === 'string' && typeof r.createdAt === 'string';
 }
 
+/** An upload's name, as the registry keeps it: refused before its files are read. */
+export function checkAdapterName(name: string): void {
+  if (!ADAPTER_NAME_PATTERN.test(name)) throw new CloudError('TANDEM_REQUEST_INVALID', { reason: `name must match ${ADAPTER_NAME_PATTERN.source}` });
+}
+
+/** The content hash an upload was trained against must be the served model's ("sha256:" optional). */
+export function checkUploadBase(baseContentHash: string, served: Pick<ServedModel, 'id' | 'contentHash'>): void {
+  const bare = (h: string): string => h.replace(/^sha256:/, '').toLowerCase();
+  if (bare(baseContentHash) !== bare(served.contentHash)) {
+    throw new CloudError('TANDEM_ADAPTER_BASE_MISMATCH', { actual: baseContentHash, model: served.id, expected: served.contentHash });
+  }
+}
+
 export class AdapterRegistry {
   readonly #root: string;
   /** tenant → name → record */
@@ -143,7 +156,7 @@ export class AdapterRegistry {
   /** Validates an upload against the served model (base content hash, PEFT config, tensor shapes, a servable method) and keeps it. */
   async add(tenant: string, upload: AdapterUpload, served: ServedModel, quotas: TenantQuotas): Promise<ServedAdapterRecord> {
     const { name } = upload;
-    if (!ADAPTER_NAME_PATTERN.test(name)) throw new CloudError('TANDEM_REQUEST_INVALID', { reason: `name must match ${ADAPTER_NAME_PATTERN.source}` });
+    checkAdapterName(name);
     const mine = this.#tenant(tenant);
     let uploading = this.#uploading.get(tenant);
     if (mine.has(name) || uploading?.has(name) === true) throw new CloudError('TANDEM_SERVE_ADAPTER_EXISTS', { tenant, name });
@@ -166,10 +179,7 @@ export class AdapterRegistry {
 
   async #validateAndKeep(tenant: string, upload: AdapterUpload, served: ServedModel, mine: Map<string, ServedAdapterRecord>): Promise<ServedAdapterRecord> {
     const { name } = upload;
-    const bare = (h: string): string => h.replace(/^sha256:/, '').toLowerCase();
-    if (bare(upload.baseContentHash) !== bare(served.contentHash)) {
-      throw new CloudError('TANDEM_ADAPTER_BASE_MISMATCH', { actual: upload.baseContentHash, model: served.id, expected: served.contentHash });
-    }
+    checkUploadBase(upload.baseContentHash, served);
     const configBytes = Buffer.byteLength(upload.config, 'utf8');
     if (configBytes > MAX_SERVED_ADAPTER_CONFIG_BYTES) throw new CloudError('TANDEM_ADAPTER_TOO_LARGE', { field: `${ADAPTER_CONFIG_FILE} bytes`, actual: configBytes, limit: MAX_SERVED_ADAPTER_CONFIG_BYTES });
     const unsupported = (reason: string): CloudError => new CloudError('TANDEM_SERVE_ADAPTER_UNSUPPORTED', { reason });

@@ -1,0 +1,128 @@
+// The adapter routes take multipart/form-data (the files as they are, streamed) besides JSON
+// with base64 weights (now at most 4 MiB): a form uploads and evaluates exactly what the JSON
+// body does, and every part is named and bounded. A real node on loopback, real PEFT folders,
+// forms built by the platform's FormData and sent by fetch.
+import assert from 'node:assert/strict';
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { before, describe, it } from 'node:test';
+import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE } from '../../model/index.ts';
+import { api, createTenantKey, startTestNode, tempDir } from './helpers.ts';
+import type { TestNode } from './helpers.ts';
+import { writeTestAdapters } from './serving-fixtures.ts';
+
+let node: TestNode;
+let alice = '';
+let small = '';
+let contentHash = '';
+let config = '';
+let weights: Buffer;
+
+const TEXT = 'Once upon a time, a little girl named Lily went to the park with her mom. She saw a big red ball.\n'.repeat(4);
+
+before(async () => {
+  const [dir] = await writeTestAdapters(await tempDir(), 1);
+  config = await readFile(join(dir, ADAPTER_CONFIG_FILE), 'utf8');
+  weights = await readFile(join(dir, ADAPTER_WEIGHTS_FILE));
+  node = await startTestNode({ tenantQuotas: { small: { servedAdapterBytes: 1024 } }, maxAdapterRequestBytes: 8 * 1024 * 1024, serving: { maxUploadBytes: 8 * 1024 * 1024 } });
+  alice = await createTenantKey(node, 'alice');
+  small = await createTenantKey(node, 'small');
+  contentHash = ((await api(node, 'GET', '/v1/models', alice)).json.models as { contentHash: string }[])[0].contentHash;
+});
+
+type Part = [name: string, value: string | Uint8Array, fileName?: string];
+
+async function postForm(path: string, key: string, parts: Part[]): Promise<{ status: number; json: Record<string, unknown> }> {
+  const form = new FormData();
+  for (const [name, value, fileName] of parts) {
+    if (typeof value === 'string' && fileName === undefined) form.append(name, value);
+    else form.append(name, new Blob([value]), fileName ?? name);
+  }
+  const response = await fetch(`${node.url}${path}`, { method: 'POST', headers: { authorization: `Bearer ${key}` }, body: form });
+  return { status: response.status, json: (await response.json()) as Record<string, unknown> };
+}
+
+const uploadParts = (name: string): Part[] => [['name', name], ['baseContentHash', contentHash], ['config', config, 'adapter_config.json'], ['weights', weights, 'adapter_model.safetensors']];
+const evaluateParts = (): Part[] => [['baseContentHash', contentHash], ['seqLen', '16'], ['config', config, 'adapter_config.json'], ['weights', weights, 'adapter_model.safetensors'], ['data', TEXT, 'eval.txt']];
+
+describe('adapter uploads and evaluations as multipart/form-data', () => {
+  it('an adapter uploaded as a form is the one uploaded as JSON, and serves', async () => {
+    const form = await postForm('/v1/adapters', alice, uploadParts('as-form'));
+    assert.equal(form.status, 201, JSON.stringify(form.json));
+    const json = await api(node, 'POST', '/v1/adapters', alice, { name: 'as-json', baseContentHash: contentHash, adapter: { config, weights: weights.toString('base64') } });
+    assert.equal(json.status, 201, JSON.stringify(json.json));
+    assert.equal(form.json.sha256, json.json.sha256);
+    assert.equal(form.json.bytes, weights.byteLength);
+    const completions = await Promise.all(['as-form', 'as-json'].map((name) => api(node, 'POST', '/v1/completions', alice, { model: `stories260K:${name}`, prompt: 'Once upon a time', max_tokens: 8, temperature: 0 })));
+    for (const c of completions) assert.equal(c.status, 200, JSON.stringify(c.json));
+    assert.deepEqual((completions[0].json.choices as { text: string }[])[0].text, (completions[1].json.choices as { text: string }[])[0].text);
+    // config as a plain field (not a file) is taken too; shared as "true".
+    const field = await postForm('/v1/adapters', alice, [['name', 'as-field'], ['shared', 'true'], ['baseContentHash', contentHash], ['config', config], ['weights', weights, 'w.safetensors']]);
+    assert.equal(field.status, 201, JSON.stringify(field.json));
+    assert.equal(field.json.shared, true);
+  });
+
+  it('an evaluation sent as a form equals the same sent as JSON', async () => {
+    const form = await postForm('/v1/models/stories260K/adapters/evaluate', alice, evaluateParts());
+    assert.equal(form.status, 200, JSON.stringify(form.json));
+    const json = await api(node, 'POST', '/v1/models/stories260K/adapters/evaluate', alice, { baseContentHash: contentHash, seqLen: 16, adapter: { config, weights: weights.toString('base64') }, data: { name: 'eval.txt', text: TEXT } });
+    assert.equal(json.status, 200, JSON.stringify(json.json));
+    assert.deepEqual(form.json, json.json);
+  });
+
+  it('refuses unknown, repeated, missing and malformed parts with typed errors', async () => {
+    const unknown = await postForm('/v1/adapters', alice, [...uploadParts('x1'), ['extra', 'y']]);
+    assert.equal(unknown.status, 400);
+    assert.equal(unknown.json.code, 'TANDEM_REQUEST_INVALID');
+    assert.match(String(unknown.json.message), /a part "extra"; it takes name, baseContentHash, shared, config, weights/);
+    const twice = await postForm('/v1/adapters', alice, [...uploadParts('x2'), ['name', 'again']]);
+    assert.equal(twice.status, 400);
+    assert.match(String(twice.json.message), /part "name" twice/);
+    const noWeights = await postForm('/v1/adapters', alice, uploadParts('x3').filter(([n]) => n !== 'weights'));
+    assert.equal(noWeights.status, 400);
+    assert.match(String(noWeights.json.message), /no "weights" part/);
+    const badShared = await postForm('/v1/adapters', alice, [...uploadParts('x4'), ['shared', 'yes']]);
+    assert.equal(badShared.status, 400);
+    assert.match(String(badShared.json.message), /shared must be true or false/);
+    const badSeq = await postForm('/v1/models/stories260K/adapters/evaluate', alice, [...evaluateParts().filter(([n]) => n !== 'seqLen'), ['seqLen', '1e9']]);
+    assert.equal(badSeq.status, 400);
+    assert.match(String(badSeq.json.message), /seqLen must be an integer from 2/);
+    const noData = await postForm('/v1/models/stories260K/adapters/evaluate', alice, evaluateParts().filter(([n]) => n !== 'data'));
+    assert.equal(noData.status, 400);
+    assert.match(String(noData.json.message), /no "data" part/);
+    const tooMany = await postForm('/v1/adapters', alice, [...uploadParts('x5'), ...Array.from({ length: 20 }, (_, i): Part => [`f${i}`, 'v'])]);
+    assert.equal(tooMany.status, 400);
+    assert.equal(tooMany.json.code, 'TANDEM_REQUEST_INVALID');
+    // Fields are checked as they arrive, before the files after them are read.
+    const wrongBase = `sha256:${'0'.repeat(64)}`;
+    const base = await postForm('/v1/adapters', alice, uploadParts('x9').map((p): Part => (p[0] === 'baseContentHash' ? ['baseContentHash', wrongBase] : p)));
+    assert.equal(base.status, 409);
+    assert.equal(base.json.code, 'TANDEM_ADAPTER_BASE_MISMATCH');
+    const evalBase = await postForm('/v1/models/stories260K/adapters/evaluate', alice, evaluateParts().map((p): Part => (p[0] === 'baseContentHash' ? ['baseContentHash', wrongBase] : p)));
+    assert.equal(evalBase.json.code, 'TANDEM_ADAPTER_BASE_MISMATCH');
+    const badName = await postForm('/v1/adapters', alice, uploadParts('no spaces allowed'));
+    assert.equal(badName.status, 400);
+    assert.match(String(badName.json.message), /name must match/);
+    const listed = (await api(node, 'GET', '/v1/adapters', alice)).json.adapters as { name: string }[];
+    assert.deepEqual(listed.map((a) => a.name).filter((n) => n.startsWith('x')), [], 'nothing refused was stored');
+  });
+
+  it('bounds each part: weights over the tenant\'s quota, data over the text limit, a field over its limit, and JSON over 4 MiB', async () => {
+    const quota = await postForm('/v1/adapters', small, uploadParts('big'));
+    assert.equal(quota.status, 400, JSON.stringify(quota.json));
+    assert.equal(quota.json.code, 'TANDEM_ADAPTER_TOO_LARGE');
+    assert.match(String(quota.json.message), /weights bytes = over 1024, over the limit of 1024/);
+    const text = await postForm('/v1/models/stories260K/adapters/evaluate', alice, [...evaluateParts().filter(([n]) => n !== 'data'), ['data', 'x'.repeat(8 * 1024 * 1024 + 1), 'eval.txt']]);
+    assert.equal(text.json.code, 'TANDEM_EVAL_DATA_INVALID', JSON.stringify(text.json));
+    const field = await postForm('/v1/adapters', alice, [['name', 'n'.repeat(70 * 1024)], ...uploadParts('x6').slice(1)]);
+    assert.equal(field.json.code, 'TANDEM_FIELD_TOO_LONG', JSON.stringify(field.json));
+    const weightsOver = await postForm('/v1/adapters', alice, [...uploadParts('x7').filter(([n]) => n !== 'weights'), ['weights', new Uint8Array(8 * 1024 * 1024 + 1), 'w.safetensors']]);
+    assert.equal(weightsOver.status, 413, JSON.stringify(weightsOver.json));
+    assert.equal(weightsOver.json.code, 'TANDEM_REQUEST_INVALID');
+    const json = await api(node, 'POST', '/v1/adapters', alice, { name: 'x8', baseContentHash: contentHash, adapter: { config, weights: Buffer.alloc(3 * 1024 * 1024).toString('base64') } });
+    assert.equal(json.status, 413);
+    assert.equal(json.json.code, 'TANDEM_REQUEST_INVALID');
+    // The node goes on.
+    assert.equal((await postForm('/v1/models/stories260K/adapters/evaluate', alice, evaluateParts())).status, 200);
+  });
+});
