@@ -26,9 +26,27 @@ export interface AdapterEvaluationLimits {
   timeoutMs: number;
   /** A worker idle this long is stopped, freeing its copy of the model (60 s). */
   idleMs: number;
+  /**
+   * Largest served model (its weights' bytes in float32) the worker loads a copy of (4 GiB):
+   * the node holds the model twice while an evaluation runs, so over this it refuses them.
+   */
+  maxModelBytes: number;
 }
 
-export const DEFAULT_ADAPTER_EVALUATION_LIMITS: Readonly<AdapterEvaluationLimits> = { maxWaiting: 4, maxTokens: 262_144, timeoutMs: 300_000, idleMs: 60_000 };
+export const DEFAULT_ADAPTER_EVALUATION_LIMITS: Readonly<AdapterEvaluationLimits> = { maxWaiting: 4, maxTokens: 262_144, timeoutMs: 300_000, idleMs: 60_000, maxModelBytes: 4 * 1024 ** 3 };
+
+const modelBytes = new WeakMap<ServedModel, number>();
+
+/** The served model's weights in float32 bytes, as a worker's copy of them takes. */
+function bytesOf(served: ServedModel): number {
+  let bytes = modelBytes.get(served);
+  if (bytes === undefined) {
+    bytes = 0;
+    for (const t of served.model.weights.values()) bytes += t.size * 4;
+    modelBytes.set(served, bytes);
+  }
+  return bytes;
+}
 
 /** What an operator counts (metrics, tests). */
 export interface AdapterEvaluatorEvents {
@@ -168,6 +186,10 @@ export class AdapterEvaluator {
    */
   evaluate(served: ServedModel, files: AdapterFiles, data: EvaluationData, options: { seqLen: number; batchSize: number }): Promise<AdapterEvaluation> {
     if (this.#closed) return Promise.reject(new CloudError('TANDEM_MODEL_NOT_READY'));
+    const bytes = bytesOf(served);
+    if (bytes > this.#limits.maxModelBytes) {
+      return Promise.reject(new CloudError('TANDEM_FEATURE_UNSUPPORTED', { feature: `adapter evaluation on a model of ${bytes} bytes (its worker loads a copy of the model; adapterEvaluation.maxModelBytes is ${this.#limits.maxModelBytes})` }));
+    }
     try {
       checkAdapterFiles(served, files);
     } catch (error) {

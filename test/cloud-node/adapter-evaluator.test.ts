@@ -106,6 +106,15 @@ describe('adapter evaluation runs off the node\'s event loop, bounded', () => {
     assert.equal(await metric(node, 'tandem_adapter_evaluation_worker_stops_total'), 2);
   });
 
+  it('refuses evaluations on a model larger than the worker may copy, naming the limit', async () => {
+    const node = await startTestNode({ adapterEvaluation: { maxModelBytes: 1000 } });
+    const key = await createTenantKey(node, 'owner');
+    const res = await evaluate(node, key, STORY, 16);
+    assert.equal(res.status, 400, JSON.stringify(res.json));
+    assert.equal(res.json.code, 'TANDEM_FEATURE_UNSUPPORTED');
+    assert.match(String(res.json.message), /adapterEvaluation\.maxModelBytes is 1000/);
+  });
+
   it('answers 503 TANDEM_EVAL_BUSY past the evaluations that may wait, and evaluates the rest', async () => {
     const node = await startTestNode({ adapterEvaluation: { maxWaiting: 1 } });
     const key = await createTenantKey(node, 'owner');
