@@ -54,8 +54,7 @@ function batches(batch: Batch, size: number): Batch[] {
 
 /**
  * Training and validation batches of 8. Label data (feelings.jsonl tells each of its 24 events
- * about 20 times under other names and places, and repeats 42 of its lines): no validation text
- * is in training, and two sets are scored after the same training:
+ * 20 times under other names and places, no line twice): no validation text is in training, and two sets are scored after the same training:
  *   validation     records of the trained events whose text training never sees (an eighth of
  *                  their distinct texts): the task as the demo states it, the name and place new;
  *   unseenEvents   every record of a quarter of each label's events, none of them trained: what

@@ -18,6 +18,7 @@ test('every record of feelings.jsonl tells one of its label’s events, and ever
     told.add(event);
   }
   assert.equal(told.size, Object.values(EVENTS).flat().length);
+  assert.equal(new Set(records.map((r) => r.text)).size, records.length, 'no text twice: a held-out record is never a copy of a training one');
 });
 
 test('eventOf reads the event after the name, and nothing from text that is not generated', () => {
