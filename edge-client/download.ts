@@ -7,7 +7,7 @@ import { mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { request as httpsRequest } from 'node:https';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
-import { CONFIG_FILE, LlamaModel, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, expectedTensorShapes, loadTokenizer, onEdge, readModelConfig, readSafetensorsFile, toFloat32 } from '../model/index.ts';
+import { CONFIG_FILE, LlamaModel, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, checkTokenizerFits, expectedTensorShapes, loadTokenizer, onEdge, readModelConfig, readSafetensorsFile, toFloat32 } from '../model/index.ts';
 import type { Cut, ModelConfig, Tokenizer } from '../model/index.ts';
 import { DEFAULT_CUT, EDGE_WEIGHTS_FILE } from '../protocol/index.ts';
 import type { CutLimits, EdgeManifest, ModelDescription } from '../protocol/index.ts';
@@ -274,6 +274,13 @@ export async function loadEdgePart(part: EdgePart): Promise<LoadedEdgePart> {
   const configPath = join(part.dir, CONFIG_FILE);
   // The cloud decides these bytes (the manifest's sha256 only says they arrived intact): the typed reader refuses what is not a config.
   const config = await readModelConfig(part.dir);
+  const tokenizer = await loadTokenizer(part.dir);
+  // Ids past vocab_size would index no embedding row: refused before the weights are read.
+  try {
+    checkTokenizerFits(tokenizer, config.vocabSize);
+  } catch (cause) {
+    throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', (cause as Error).message, { where: tokenizer.path, cause });
+  }
   const weightsPath = join(part.dir, EDGE_WEIGHTS_FILE);
   const contents = await readSafetensorsFile(weightsPath);
   const { cut } = part.manifest;
@@ -285,6 +292,5 @@ export async function loadEdgePart(part: EdgePart): Promise<LoadedEdgePart> {
     arrays.set(name, { shape: [...entry.shape], data: toFloat32(entry, weightsPath, name) });
   }
   const model = LlamaModel.fromArrays(config, arrays);
-  const tokenizer = await loadTokenizer(part.dir);
   return { config, model, tokenizer, contentHash: part.manifest.contentHash, cut };
 }

@@ -9,7 +9,7 @@ import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import {
   ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, DEFAULT_RECIPE, LlamaModel, SecAggOwner, addGaussianNoise, checkRun, clipUpdate, constrainLocalRound, initBackend, splitNoiseStd,
-  loadModelFolder, loadTokenizer, openRun, readSafetensorsFile, runSteps, toFloat32, writeSafetensorsFile,
+  checkTokenizerFits, loadModelFolder, loadTokenizer, openRun, readSafetensorsFile, runSteps, toFloat32, writeSafetensorsFile,
 } from '../model/index.ts';
 import type { Cut, Evaluation, Middle, TextTokenizer, TrainRecipe, TrainingResult, TrainingSpec } from '../model/index.ts';
 import { decodeFloat32, encodeFloat32, encodeUint32 } from '../protocol/index.ts';
@@ -260,9 +260,10 @@ export async function federate(options: FederateOptions): Promise<FederateResult
   await initBackend({ backend: options.backend });
   let local: RoundModel | undefined;
   if (options.modelDir !== undefined) {
-    const loaded = await loadModelFolder(options.modelDir);
+    const [loaded, tokenizer] = await Promise.all([loadModelFolder(options.modelDir), loadTokenizer(options.modelDir)]);
+    checkTokenizerFits(tokenizer, loaded.config.vocabSize);
     const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
-    local = { model, tokenizer: await loadTokenizer(options.modelDir), modelHash: loaded.contentHash, baseModel: options.modelDir, dispose: () => model.dispose?.() };
+    local = { model, tokenizer, modelHash: loaded.contentHash, baseModel: options.modelDir, dispose: () => model.dispose?.() };
   }
   let split: RoundModel | undefined;
   await options.onReady?.();

@@ -5,9 +5,9 @@ import { createHash } from 'node:crypto';
 import { readFile, stat } from 'node:fs/promises';
 import { basename, join, resolve } from 'node:path';
 import {
-  CONFIG_FILE, LlamaModel, OrtLlama, TOKENIZER_CONFIG_FILE, openEngine, TOKENIZER_FILE, initBackend, layerOf, loadModelFolder, loadTokenizer, onEdge, parseModelConfig, renameLayer, prepareData, readDataset,
+  CONFIG_FILE, LlamaModel, OrtLlama, TOKENIZER_CONFIG_FILE, checkTokenizerFits, openEngine, TOKENIZER_FILE, initBackend, layerOf, loadModelFolder, loadTokenizer, onEdge, parseModelConfig, renameLayer, prepareData, readDataset,
 } from '../model/index.ts';
-import type { LoadedModel, Row, Weights } from '../model/index.ts';
+import type { LoadedModel, Row, Tokenizer, Weights } from '../model/index.ts';
 import { MANIFEST_FILE, emulatedRawConfig, emulatedWeights, encodeBundle, encodeEmulatorWeights, writeBundleFiles } from './bundle.ts';
 import type { BundleManifest, Distillation, Fidelity, ManifestBody } from './bundle.ts';
 import { DEFAULT_DISTILL_LAMBDA, distillEmulator } from './distill.ts';
@@ -92,8 +92,7 @@ function partition(loaded: LoadedModel, layout: EmulatorLayout): { edge: Weights
 }
 
 /** Rows of a data file for distillation and evaluation (plain text is chunked to seqLen). */
-async function rowsOf(file: string, modelDir: string, seqLen: number, valFraction: number, seed: number): Promise<{ train: Row[]; validation: Row[] }> {
-  const tokenizer = await loadTokenizer(modelDir);
+async function rowsOf(file: string, tokenizer: Tokenizer, seqLen: number, valFraction: number, seed: number): Promise<{ train: Row[]; validation: Row[] }> {
   const data = prepareData(await readDataset(file), tokenizer, { seqLen, valFraction, seed, pack: true });
   return { train: data.train, validation: data.validation };
 }
@@ -115,6 +114,9 @@ export async function buildEmulator(options: BuildEmulatorOptions): Promise<Bund
   }
   await initBackend({ backend: options.backend, log: options.log });
   const loaded = await loadModelFolder(options.modelDir);
+  // The tokenizer is needed only to read text: distillation or a fidelity report.
+  const tokenizer = d || options.evalFile ? await loadTokenizer(options.modelDir) : undefined;
+  if (tokenizer) checkTokenizerFits(tokenizer, loaded.config.vocabSize);
   const layout = emulatorLayout(loaded.config.numHiddenLayers, cut, options.keep);
   const modelId = options.modelId ?? basename(resolve(options.modelDir));
   options.onEvent?.({ type: 'start', model: modelId, layers: layout.numLayers, cut, kept: layout.kept });
@@ -123,8 +125,8 @@ export async function buildEmulator(options: BuildEmulatorOptions): Promise<Bund
 
   const seqLen = d?.seqLen ?? options.seqLen ?? DEFAULTS.seqLen;
   positiveInt(seqLen, 'seq_len', 2);
-  const distillRows = d ? await rowsOf(d.dataFile, options.modelDir, seqLen, options.evalFile ? 0 : 0.1, d.seed) : undefined;
-  const evalRowsOf = options.evalFile ? (await rowsOf(options.evalFile, options.modelDir, seqLen, 0, 0)).train : distillRows?.validation;
+  const distillRows = d && tokenizer ? await rowsOf(d.dataFile, tokenizer, seqLen, options.evalFile ? 0 : 0.1, d.seed) : undefined;
+  const evalRowsOf = options.evalFile && tokenizer ? (await rowsOf(options.evalFile, tokenizer, seqLen, 0, 0)).train : distillRows?.validation;
   const evalName = options.evalFile ? basename(options.evalFile) : d ? `${basename(d.dataFile)} (held-out tenth)` : null;
 
   const full = LlamaModel.fromArrays(loaded.config, loaded.weights);

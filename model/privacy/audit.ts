@@ -5,7 +5,7 @@ import { initBackend } from '../backend.ts';
 import { loadModelFolder } from '../checkpoint.ts';
 import { LlamaModel } from '../llama/llama.ts';
 import { Rng } from '../random.ts';
-import { loadTokenizer } from '../tokenizer.ts';
+import { checkTokenizerFits, loadTokenizer } from '../tokenizer.ts';
 import type { Batch } from '../train/batch.ts';
 import { labelRow, padId, padRow, readDataset } from '../train/data.ts';
 import type { Dataset, TextTokenizer } from '../train/data.ts';
@@ -213,7 +213,8 @@ export async function runAudit(options: AuditOptions): Promise<AuditReport> {
   const microbatch = checkInt(options.microbatch ?? 8, 'microbatch', 1, AUDIT_LIMITS.microbatch);
   const requested = options.defenses === undefined || options.defenses === 'auto' ? options.defenses : checkDefenses(options.defenses);
   await initBackend({ backend: options.backend });
-  const loaded = await loadModelFolder(options.modelDir);
+  const [loaded, tokenizer] = await Promise.all([loadModelFolder(options.modelDir), loadTokenizer(options.modelDir)]);
+  checkTokenizerFits(tokenizer, loaded.config.vocabSize);
   const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
   try {
     const L = model.numLayers;
@@ -221,7 +222,6 @@ export async function runAudit(options: AuditOptions): Promise<AuditReport> {
     if (!Number.isInteger(cut.bottom) || !Number.isInteger(cut.top) || cut.bottom < 0 || cut.top < 0 || cut.bottom + cut.top >= L) {
       throw new PrivacyError('TANDEM_AUDIT_INPUT_INVALID', `cut (${cut.bottom}, ${cut.top}) needs B, T ≥ 0 and B + T < ${L} (a middle of at least one block)`, { field: 'cut' });
     }
-    const tokenizer = await loadTokenizer(options.modelDir);
     const dataset = await readDataset(options.dataFile);
     const stream = tokenStream(dataset, tokenizer);
     const rows = streamRows(stream, seqLen, rowsWanted);
