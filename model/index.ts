@@ -16,12 +16,13 @@ export {
   isSafetensorsDtype,
   parseSafetensors,
   readSafetensorsFile,
+  readSafetensorsHeader,
   serializeSafetensors,
   toFloat32,
   writeFileAtomic,
   writeSafetensorsFile,
 } from './safetensors.ts';
-export type { FloatDtype, ReadSafetensorsOptions, SafetensorsContents, SafetensorsDtype, SafetensorsTensor, SafetensorsTensorInput, SafetensorsTensorsInput } from './safetensors.ts';
+export type { FloatDtype, ReadSafetensorsOptions, SafetensorsContents, SafetensorsDtype, SafetensorsHeader, SafetensorsTensor, SafetensorsTensorInput, SafetensorsTensorsInput } from './safetensors.ts';
 export {
   CONFIG_FILE,
   SAFETENSORS_FILE,

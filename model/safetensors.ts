@@ -354,14 +354,53 @@ function fsError(cause: unknown, path: string, verb: 'read' | 'written'): ModelE
   });
 }
 
-/** Reads and parses a safetensors file; a missing file is TANDEM_MODEL_FILE_MISSING naming it. */
-export async function readSafetensorsFile(path: string, options: ReadSafetensorsOptions = {}): Promise<SafetensorsContents> {
-  let fh: FileHandle;
+async function openForReading(path: string): Promise<FileHandle> {
   try {
-    fh = await open(path, 'r');
+    return await open(path, 'r');
   } catch (cause) {
     throw fsError(cause, path, 'read');
   }
+}
+
+/**
+ * Reads the length and the header of an open file of `size` bytes, and checks them as
+ * parseSafetensors does (length limit, nesting depth, layout), the data buffer being what
+ * follows the header up to `size`. Only the 8 + N header bytes are read.
+ */
+async function readHeaderOf(fh: FileHandle, size: number, path: string): Promise<{ dataStart: number; metadata: Record<string, string>; entries: Located[] }> {
+  const prefix = new Uint8Array(Math.min(8, size));
+  await readExactly(fh, prefix, 0, path);
+  const headerLength = headerLengthOf(prefix, size, path);
+  const headerBytes = new Uint8Array(headerLength);
+  await readExactly(fh, headerBytes, 8, path);
+  const dataStart = 8 + headerLength;
+  return { dataStart, ...layoutOf(parseHeaderText(headerBytes, path), size - dataStart, path) };
+}
+
+/** A safetensors file's header: its metadata and each tensor's dtype and shape, without the data. */
+export interface SafetensorsHeader {
+  metadata: Record<string, string>;
+  tensors: Map<string, { dtype: SafetensorsDtype; shape: number[] }>;
+}
+
+/**
+ * Reads only the header of a safetensors file and checks it as readSafetensorsFile would, the
+ * tensors tiling the rest of the file exactly (its size from fstat). For comparing a file with
+ * what it should hold before paying for its data.
+ */
+export async function readSafetensorsHeader(path: string): Promise<SafetensorsHeader> {
+  const fh = await openForReading(path);
+  try {
+    const { metadata, entries } = await readHeaderOf(fh, (await fh.stat()).size, path);
+    return { metadata, tensors: new Map(entries.map((t) => [t.name, { dtype: t.dtype, shape: t.shape }])) };
+  } finally {
+    await fh.close();
+  }
+}
+
+/** Reads and parses a safetensors file; a missing file is TANDEM_MODEL_FILE_MISSING naming it. */
+export async function readSafetensorsFile(path: string, options: ReadSafetensorsOptions = {}): Promise<SafetensorsContents> {
+  const fh = await openForReading(path);
   try {
     const size = (await fh.stat()).size;
     if (size <= (options.maxWholeFileBytes ?? 2 ** 30)) {
@@ -369,13 +408,7 @@ export async function readSafetensorsFile(path: string, options: ReadSafetensors
       await readExactly(fh, whole, 0, path);
       return parseSafetensors(whole, path);
     }
-    const prefix = new Uint8Array(8);
-    await readExactly(fh, prefix, 0, path);
-    const headerLength = headerLengthOf(prefix, size, path);
-    const headerBytes = new Uint8Array(headerLength);
-    await readExactly(fh, headerBytes, 8, path);
-    const dataStart = 8 + headerLength;
-    const { metadata, entries } = layoutOf(parseHeaderText(headerBytes, path), size - dataStart, path);
+    const { dataStart, metadata, entries } = await readHeaderOf(fh, size, path);
     const tensors = new Map<string, SafetensorsTensor>();
     for (const t of entries) {
       // Each tensor gets its own buffer, so every one starts aligned.

@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { tf } from '../backend.ts';
 import { ModelError } from '../errors.ts';
 import type { LlamaModel } from '../llama/llama.ts';
-import { readSafetensorsFile, toFloat32, writeFileAtomic, writeSafetensorsFile } from '../safetensors.ts';
+import { readSafetensorsFile, readSafetensorsHeader, toFloat32, writeFileAtomic, writeSafetensorsFile } from '../safetensors.ts';
 import type { SafetensorsTensorInput } from '../safetensors.ts';
 import type { PeftAdapter } from './compose.ts';
 import { instantiate } from './compose.ts';
@@ -185,16 +185,19 @@ export function checkAdapterWeights(plan: AdapterPlan, tensors: ReadonlyMap<stri
  * Loads an adapter folder onto a model: the configuration is validated field by field, its
  * sizes against the model and the bytes it would allocate against the limit, and every tensor
  * it declares must be in the weights file's header with its shape (a tensor it does not declare
- * is an error too), all before any adapter tensor is allocated. Errors name the file and the tensor.
+ * is an error too), all before any adapter tensor is allocated and before the weights' data is
+ * read. Errors name the file and the tensor.
  */
 export async function loadAdapter(model: LlamaModel, dir: string, options: LoadAdapterOptions = {}): Promise<PeftAdapter> {
   const registry = options.registry ?? defaultRegistry();
   const configFile = join(dir, ADAPTER_CONFIG_FILE);
   const weightsFile = join(dir, ADAPTER_WEIGHTS_FILE);
   const json = await readConfig(configFile);
+  // The header alone settles whether the file fits the plan: a mismatch costs no read of the data.
+  const header = await readSafetensorsHeader(weightsFile);
+  const { methods: configs, plan } = planAdapter(model, json, { registry, metadata: header.metadata, file: configFile, maxAllocationBytes: options.maxAllocationBytes });
+  checkAdapterWeights(plan, header.tensors, weightsFile);
   const weights = await readSafetensorsFile(weightsFile);
-  const { methods: configs, plan } = planAdapter(model, json, { registry, metadata: weights.metadata, file: configFile, maxAllocationBytes: options.maxAllocationBytes });
-  checkAdapterWeights(plan, weights.tensors, weightsFile);
   const adapter = instantiate(model, configs, { seed: options.seed ?? 0, fromFile: true, plan });
   try {
     const state = adapter.state();

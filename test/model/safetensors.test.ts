@@ -10,6 +10,7 @@ import {
   halfToFloat,
   parseSafetensors,
   readSafetensorsFile,
+  readSafetensorsHeader,
   serializeSafetensors,
   toFloat32,
   writeSafetensorsFile,
@@ -224,6 +225,31 @@ describe('safetensors files that break the format are refused, naming the file a
     for (const meta of ['[]', '"pt"', '{"format":1}', '{"a":{"b":"c"}}']) {
       throwsModelError(() => parseSafetensors(rawFile(`{"__metadata__":${meta}}`), FILE), 'TANDEM_SAFETENSORS_INVALID', FILE, '__metadata__');
     }
+  });
+
+  test('readSafetensorsHeader reads the header alone and checks the data length against the file size', async () => {
+    const whole = await readSafetensorsFile(join(STORIES_DIR, 'model.safetensors'));
+    const header = await readSafetensorsHeader(join(STORIES_DIR, 'model.safetensors'));
+    assert.deepEqual(header.metadata, whole.metadata);
+    assert.deepEqual([...header.tensors].map(([k, t]) => [k, t.dtype, t.shape]), [...whole.tensors].map(([k, t]) => [k, t.dtype, t.shape]));
+    const dir = await tempDir();
+    const bytes = new Uint8Array(await readFile(join(STORIES_DIR, 'model.safetensors')));
+    const cut = join(dir, 'cut.safetensors');
+    await writeFile(cut, bytes.subarray(0, bytes.byteLength - 1000));
+    await rejectsModelError(readSafetensorsHeader(cut), 'TANDEM_SAFETENSORS_TRUNCATED', cut);
+    const short = join(dir, 'short.safetensors');
+    await writeFile(short, bytes.subarray(0, 5));
+    await rejectsModelError(readSafetensorsHeader(short), 'TANDEM_SAFETENSORS_TRUNCATED', short, '8-byte');
+    const longer = join(dir, 'longer.safetensors');
+    await writeFile(longer, Buffer.concat([bytes, new Uint8Array(4)]));
+    await rejectsModelError(readSafetensorsHeader(longer), 'TANDEM_SAFETENSORS_INVALID', longer, 'trailing');
+    const deep = join(dir, 'deep.safetensors');
+    await writeFile(deep, rawFile(`{"a":${'['.repeat(20)}${']'.repeat(20)}}`));
+    await rejectsModelError(readSafetensorsHeader(deep), 'TANDEM_SAFETENSORS_INVALID', deep, 'nests deeper');
+    const huge = join(dir, 'huge.safetensors');
+    await writeFile(huge, rawFile('{}', new Uint8Array(0), 100_000_001n));
+    await rejectsModelError(readSafetensorsHeader(huge), 'TANDEM_SAFETENSORS_INVALID', huge, '100000000');
+    await rejectsModelError(readSafetensorsHeader(join(dir, 'absent.safetensors')), 'TANDEM_MODEL_FILE_MISSING');
   });
 
   test('a real file cut short', async () => {

@@ -4,7 +4,7 @@
 // before any method's `create` allocates a tensor. A rank, a prompt length or a bottleneck of
 // millions used to allocate and randomly fill gigabytes before the weights were looked at.
 import assert from 'node:assert/strict';
-import { readFile, writeFile } from 'node:fs/promises';
+import { readFile, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { ModelError, serializeSafetensors } from '../../../model/index.ts';
@@ -156,6 +156,28 @@ describe('the weights file header is compared with the declared tensors before i
     const { err } = await refusal(() => loadAdapter(model, dir, { registry: spy.registry }), spy.samples);
     assertModelError(err, 'TANDEM_TENSOR_SHAPE_MISMATCH', 'lora_A.weight', '[16,16]', '[16,0]');
     assert.equal(spy.creates(), 0);
+  });
+
+  it('a 2 GiB weights file whose header does not match is refused from its header alone: the data is never read', async () => {
+    // A valid header whose q_proj lora_A is [2, 2^28] F32 (2 GiB) where the config declares [2, 16],
+    // over a sparse file: reading the data would take 2 GiB of memory.
+    const bigBytes = 2 ** 31;
+    const header = Buffer.from(JSON.stringify({
+      'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight': { dtype: 'F32', shape: [2, 2 ** 28], data_offsets: [0, bigBytes] },
+      'base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight': { dtype: 'F32', shape: [16, 2], data_offsets: [bigBytes, bigBytes + 128] },
+    }).padEnd(8 * 64, ' '));
+    const prefix = new Uint8Array(8);
+    new DataView(prefix.buffer).setBigUint64(0, BigInt(header.byteLength), true);
+    const dir = await folder(baseConfig, Buffer.concat([prefix, header]));
+    await truncate(join(dir, 'adapter_model.safetensors'), 8 + header.byteLength + bigBytes + 128);
+    const spy = spied();
+    // Sampled while the refusal is under way too: a data read would show as a peak, freed or not.
+    const sampler = setInterval(() => spy.samples.push(process.memoryUsage()), 2);
+    const { err, heap, arrayBuffers } = await refusal(() => loadAdapter(model, dir, { registry: spy.registry }), spy.samples).finally(() => clearInterval(sampler));
+    assertModelError(err, 'TANDEM_TENSOR_SHAPE_MISMATCH', 'lora_A.weight', '[2,16]', `[2,${2 ** 28}]`, 'adapter_model.safetensors');
+    assert.equal(spy.creates(), 0);
+    assert.ok(heap < MAX_GROWTH_BYTES, `heapUsed grew ${heap} bytes`);
+    assert.ok(arrayBuffers < MAX_GROWTH_BYTES, `arrayBuffers grew ${arrayBuffers} bytes`);
   });
 
   it('the real small adapter still loads (one create), and what each of the nine methods declares is what it creates', async () => {
