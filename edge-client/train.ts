@@ -1,7 +1,9 @@
 // Split training on the edge: what is remote about it and nothing else. Download the edge
 // part, open a session, and hand model/train's one training run the cloud as its middle.
 // The run holds the data, the adapter, the optimizer, checkpoints and exact resume.
-import { DEFAULT_RECIPE, DefendedMiddle, ModelError, autoDefenses, checkDefenses, checkRun, checkpointFolder, hiddenNoiseStd, runTraining, seedsOf } from '../model/index.ts';
+import {
+  DEFAULT_RECIPE, DefendedMiddle, ModelError, autoDefenses, checkDefenses, checkRecipeFitsModel, checkRun, checkpointFolder, hiddenNoiseStd, parseModelConfig, runTraining, seedsOf, specVirtualTokens,
+} from '../model/index.ts';
 import type { Cut, Defenses, Evaluation, MethodSpec, RunSettings, TrainEvent, TrainEventHandler, TrainRecipe } from '../model/index.ts';
 import { CODEC_NAMES } from '../protocol/index.ts';
 import { MIDDLE_ADAPTER_LIMITS } from '../protocol/index.ts';
@@ -153,6 +155,7 @@ export async function trainEdge(options: EdgeTrainOptions): Promise<EdgeTrainRes
   const forward = codecSpec(options.codecForward, 'codecForward');
   const backward = codecSpec(options.codecBackward, 'codecBackward');
   const methods = options.methods ?? DEFAULT_METHODS;
+  const virtualTokens = specVirtualTokens(methods);
   const given = options.defenses === undefined || options.defenses === 'auto' ? options.defenses : checkDefenses(options.defenses);
   const middleAdapter = options.middleLora === undefined ? undefined : middleAdapterSpec(options.middleLora, recipe, methods.length);
   if (middleAdapter !== undefined && given !== undefined) throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', 'a middle LoRA held by the cloud does not combine with privacy defenses yet', { field: 'middleLora' });
@@ -164,6 +167,8 @@ export async function trainEdge(options: EdgeTrainOptions): Promise<EdgeTrainRes
   try {
     const info = (await client.models()).find((m) => m.id === options.model);
     if (!info) throw new EdgeError('TANDEM_EDGE_MODEL_UNKNOWN', `the cloud serves no model ${JSON.stringify(options.model)}`, { field: 'model' });
+    // The model's positions are known from its description: a row too long for them is refused before the download.
+    checkRecipeFitsModel(recipe, parseModelConfig(info.config, `${options.cloud} GET /v1/models ${info.id}`), virtualTokens);
     const asked = options.cut ?? info.defaultCut;
     const defenses = given === 'auto' ? checkDefenses(autoDefenses(info.numLayers, asked)) : given;
     const cut = defenses?.deeperBottom ? { bottom: asked.bottom + defenses.deeperBottom, top: asked.top } : asked;

@@ -53,7 +53,7 @@ export type { Adapter } from './peft/adapter.ts';
 export { CUT_PARTS, cutPartOf, cutPartOfLayer, layerOf, onEdge, renameLayer } from './cut.ts';
 export type { CutPart, CutSpec } from './cut.ts';
 export { PEFT_MODULE_PREFIX, baseNameOfKey } from './peft/index.ts';
-export { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, BUILTIN_METHODS, COMPOSITE_PEFT_TYPE, MethodRegistry, ADAPTER_CONFIG_MAX_BYTES, checkAdapterWeights, createAdapter, defaultRegistry, loadAdapter, planAdapter, readAdapterConfig, saveAdapter } from './peft/index.ts';
+export { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, BUILTIN_METHODS, COMPOSITE_PEFT_TYPE, MethodRegistry, ADAPTER_CONFIG_MAX_BYTES, checkAdapterWeights, createAdapter, defaultRegistry, loadAdapter, planAdapter, readAdapterConfig, saveAdapter, specVirtualTokens } from './peft/index.ts';
 export type { AdapterPlan, CreateAdapterOptions, LoadAdapterOptions, MethodSpec, PeftAdapter, PlannedAdapter, SaveAdapterOptions } from './peft/index.ts';
 export * from './train/index.ts';
 export * from './engine/index.ts';

@@ -57,13 +57,26 @@ function overlaps(a: string, b: string): boolean {
   return a === b || a.startsWith(`${b}.`) || b.startsWith(`${a}.`);
 }
 
-export function createAdapter(model: LlamaModel, specs: readonly MethodSpec[], options: CreateAdapterOptions = {}): PeftAdapter {
-  const registry = options.registry ?? defaultRegistry();
-  const configs = specs.map((spec, i) => {
+/** Each spec's method and its configuration, validated by the method. */
+function configsOf(specs: readonly MethodSpec[], registry: MethodRegistry): { method: PeftMethod; config: unknown }[] {
+  return specs.map((spec, i) => {
     if (typeof spec?.method !== 'string') throw new ModelError('TANDEM_PEFT_CONFIG_INVALID', `spec ${i} needs a method name; known methods are ${registry.names().join(', ')}`, { field: `specs[${i}].method` });
     const method = registry.get(spec.method);
     return { method, config: method.fromSpec(spec) };
   });
+}
+
+/**
+ * The positions an adapter of these specs prepends to every sequence (prompt tuning's virtual
+ * tokens), known before any model is: what a run's sequence length must leave room for.
+ */
+export function specVirtualTokens(specs: readonly MethodSpec[], registry: MethodRegistry = defaultRegistry()): number {
+  return configsOf(specs, registry).reduce((n, { method, config }) => n + (method.virtualTokens?.(config) ?? 0), 0);
+}
+
+export function createAdapter(model: LlamaModel, specs: readonly MethodSpec[], options: CreateAdapterOptions = {}): PeftAdapter {
+  const registry = options.registry ?? defaultRegistry();
+  const configs = configsOf(specs, registry);
   const methodOffset = options.methodOffset ?? 0;
   if (!Number.isInteger(methodOffset) || methodOffset < 0 || methodOffset > 1024) throw new ModelError('TANDEM_PEFT_CONFIG_INVALID', `methodOffset must be an integer from 0 to 1024, got ${methodOffset}`, { field: 'methodOffset' });
   return instantiate(model, configs, { seed: options.seed ?? 0, fromFile: false, methodOffset, maxAllocationBytes: options.maxAllocationBytes });

@@ -78,4 +78,10 @@ export interface PeftMethod<C = unknown> {
    */
   declare(model: LlamaModel, config: C, ctx: DeclareContext): DeclaredTensor[];
   create(model: LlamaModel, config: C, ctx: CreateContext): MethodInstance;
+  /**
+   * Positions the method prepends to every sequence (its instance's numVirtualTokens), from the
+   * configuration alone, so a run's sequence length is checked before any model is at hand.
+   * Absent: none.
+   */
+  virtualTokens?(config: C): number;
 }

@@ -16,4 +16,5 @@ export const promptTuning: PeftMethod<PromptTuningConfig> = {
   toJson: promptTuningConfigToJson,
   declare: declarePromptTuning,
   create: (model, config, ctx) => new PromptTuning(model, config, ctx),
+  virtualTokens: (config) => config.numVirtualTokens,
 };
