@@ -6,7 +6,7 @@
 // limits before sending it here (adapter-evaluator.ts); this thread checks them again, as
 // evaluateAdapter does, and bounds the compute by the tokens the data makes.
 import { parentPort, workerData } from 'node:worker_threads';
-import { LlamaModel, checkTokenizerFits, initBackend, loadModelFolder, loadTokenizer } from '../model/index.ts';
+import { LlamaModel, checkTokenizerFits, initFirstBackend, loadModelFolder, loadTokenizer } from '../model/index.ts';
 import type { Tokenizer } from '../model/index.ts';
 import type { AdapterEvaluation } from '../protocol/index.ts';
 import { evaluateAdapter } from './adapter-evaluation.ts';
@@ -34,17 +34,7 @@ const port = parentPort;
 if (port === null) throw new Error('adapter-evaluation-worker.ts runs as a worker thread');
 const start = workerData as EvaluationWorkerStart;
 
-let backend: string | undefined;
-let lastError: unknown;
-for (const name of start.backends) {
-  try {
-    backend = (await initBackend({ backend: name })).name;
-    break;
-  } catch (error) {
-    lastError = error;
-  }
-}
-if (backend === undefined) throw lastError instanceof Error ? lastError : new Error('no tfjs backend started');
+const backend = await initFirstBackend(start.backends);
 const loaded = await loadModelFolder(start.modelDir);
 const base = { id: start.modelId, config: loaded.config, model: LlamaModel.fromArrays(loaded.config, loaded.weights) };
 let tokenizer: Promise<Tokenizer> | undefined;

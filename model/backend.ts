@@ -8,7 +8,7 @@
 //   backend/custom-op.ts     ops with their own gradient
 //   backend/ranked.ts        rank-checked narrowing of tf.Tensor
 export { tf } from './backend/tf.ts';
-export { BACKENDS, activeBackend, initBackend, parseBackendName, useBackend } from './backend/select.ts';
+export { BACKENDS, activeBackend, initBackend, initFirstBackend, parseBackendName, useBackend } from './backend/select.ts';
 export type { BackendChoice, BackendName } from './backend/select.ts';
 export { batchMatMul, linear, transposeLast } from './backend/linear.ts';
 export { gradients, tapedForward } from './backend/tape.ts';

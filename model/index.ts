@@ -39,7 +39,7 @@ export type { LoadedModel, SaveModelOptions, ShardedWriteOptions, Weight, Weight
 export { MAX_TOKENIZER_NESTING, MAX_TOKENIZER_PATTERN_CHARS, TOKENIZER_CONFIG_FILE, checkTokenizerFits, loadTokenizer } from './tokenizer.ts';
 export { startTsWorker } from './worker-thread.ts';
 export type { DecodeOptions, EncodeOptions, Tokenizer } from './tokenizer.ts';
-export { BACKENDS, activeBackend, gradients, initBackend, parseBackendName, tapedForward, tf } from './backend.ts';
+export { BACKENDS, activeBackend, gradients, initBackend, initFirstBackend, parseBackendName, tapedForward, tf } from './backend.ts';
 export type { BackendChoice, BackendName, TapedForward } from './backend.ts';
 export { HOOK_NAMES, LINEAR_MODULES } from './hooks.ts';
 export type { ForwardHooks, HookContext, LinearModule, LinearModuleName, SublayerKind } from './hooks.ts';

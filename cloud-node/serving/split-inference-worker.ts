@@ -6,7 +6,7 @@
 // failure of the backend is reported and ends this worker; the node starts a fresh one, and
 // the sequences it held start again at position 0.
 import { parentPort, workerData } from 'node:worker_threads';
-import { KvCache, LlamaModel, OrtKvCache, OrtLlama, initBackend, loadModelFolder, selectEngine, tf } from '../../model/index.ts';
+import { KvCache, LlamaModel, OrtKvCache, OrtLlama, initFirstBackend, loadModelFolder, selectEngine, tf } from '../../model/index.ts';
 
 export interface InferenceWorkerStart {
   modelDir: string;
@@ -31,17 +31,7 @@ const port = parentPort;
 if (port === null) throw new Error('split-inference-worker.ts runs as a worker thread');
 const start = workerData as InferenceWorkerStart;
 
-let backend: string | undefined;
-let lastError: unknown;
-for (const name of start.backends) {
-  try {
-    backend = (await initBackend({ backend: name })).name;
-    break;
-  } catch (error) {
-    lastError = error;
-  }
-}
-if (backend === undefined) throw lastError instanceof Error ? lastError : new Error('no tfjs backend started');
+const backend = await initFirstBackend(start.backends);
 /** One sequence's middle: the next positions' h_B at `position` → their h_M, the cache growing. */
 interface Middle {
   step(seq: string, start: number, end: number, position: number, tokens: number, h: Float32Array): Promise<Float32Array>;

@@ -96,3 +96,19 @@ export async function useBackend(name: BackendName): Promise<void> {
   await tryBackend(name);
   active = { name, skipped: [] };
 }
+
+/**
+ * The first of `names` that starts (a worker thread gets its parent's choice first, then the
+ * fallbacks that load anywhere): its name, or the last failure when none does.
+ */
+export async function initFirstBackend(names: readonly string[]): Promise<string> {
+  let lastError: unknown = new Error('no tfjs backend was named');
+  for (const name of names) {
+    try {
+      return (await initBackend({ backend: name })).name;
+    } catch (error) {
+      lastError = error;
+    }
+  }
+  throw lastError instanceof Error ? lastError : new Error(String(lastError));
+}
