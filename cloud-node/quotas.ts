@@ -136,7 +136,7 @@ export class QuotaLedger {
   holdAdapter(tenant: string): () => void {
     const limit = this.of(tenant).storedAdapters;
     const u = this.#usageOf(tenant);
-    if (u.adapters >= limit) throw quotaExceeded(tenant, 'storedAdapters', limit, `${u.adapters} adapters of this tenant are being evaluated`);
+    if (u.adapters >= limit) throw quotaExceeded(tenant, 'storedAdapters', limit, `${u.adapters} adapters of this tenant are being evaluated or uploaded`);
     u.adapters += 1;
     return once(() => { u.adapters -= 1; });
   }

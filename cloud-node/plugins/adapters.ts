@@ -2,9 +2,10 @@
 // multipart/form-data (the files as they are; any size the quota allows) or JSON with the
 // weights in base64 (at most MAX_JSON_ADAPTER_BODY_BYTES: its parse costs the node's thread).
 import multipart from '@fastify/multipart';
-import type { FastifyInstance } from 'fastify';
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { CloudError } from '../errors.ts';
-import type { QuotaLedger } from '../quotas.ts';
+import type { QuotaLedger, TenantQuotas } from '../quotas.ts';
+import type { ServedModel } from '../served-model.ts';
 import { checkAdapterName, checkUploadBase } from '../serving/adapter-registry.ts';
 import type { ServedAdapterRecord } from '../serving/adapter-registry.ts';
 import type { Serving } from '../serving/serving.ts';
@@ -82,6 +83,17 @@ export async function adaptersPlugin(app: FastifyInstance, ctx: AdaptersPluginOp
     const { served } = ctx.serving.runtime();
     const { tenant } = request.caller;
     const quotas = ctx.quotas.of(tenant);
+    // Held before a form is read (and released with the reply): a tenant's uploads in flight
+    // are bounded, each by the upload limit, so its forms cannot make the node buffer without end.
+    const release = ctx.quotas.holdAdapter(tenant);
+    try {
+      return await receive(request, reply, tenant, quotas, served);
+    } finally {
+      release();
+    }
+  });
+
+  async function receive(request: FastifyRequest<{ Body: UploadBody | undefined }>, reply: FastifyReply, tenant: string, quotas: TenantQuotas, served: ServedModel): Promise<FastifyReply> {
     let upload: Parameters<typeof ctx.serving.registry.add>[1];
     if (request.isMultipart()) {
       // The weights are bounded by the tenant's quota and the node's upload limit as they stream in.
@@ -116,7 +128,7 @@ export async function adaptersPlugin(app: FastifyInstance, ctx: AdaptersPluginOp
     }
     const record = await ctx.serving.registry.add(tenant, upload, served, quotas);
     return reply.code(201).send(view(record.name, record));
-  });
+  }
 
   app.get('/adapters', {
     schema: {

@@ -4,6 +4,7 @@
 // forms built by the platform's FormData and sent by fetch.
 import assert from 'node:assert/strict';
 import { readFile } from 'node:fs/promises';
+import { request } from 'node:http';
 import { join } from 'node:path';
 import { before, describe, it } from 'node:test';
 import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE } from '../../model/index.ts';
@@ -105,6 +106,51 @@ describe('adapter uploads and evaluations as multipart/form-data', () => {
     assert.match(String(badName.json.message), /name must match/);
     const listed = (await api(node, 'GET', '/v1/adapters', alice)).json.adapters as { name: string }[];
     assert.deepEqual(listed.map((a) => a.name).filter((n) => n.startsWith('x')), [], 'nothing refused was stored');
+  });
+
+  it('holds a tenant\'s uploads in flight to its storedAdapters quota while their forms are read', async () => {
+    const key = await createTenantKey(node, 'uploader');
+    type Answer = { status: number; json: Record<string, unknown> };
+    // Two forms sent up to their weights and left open: the node holds them for the tenant.
+    const boundary = 'tandemTestBoundary';
+    const open = ['held-0', 'held-1'].map((name) => {
+      const req = request(`${node.url}/v1/adapters`, { method: 'POST', headers: { authorization: `Bearer ${key}`, 'content-type': `multipart/form-data; boundary=${boundary}` } });
+      const state: { answer?: Answer } = {};
+      const answered = new Promise<Answer>((resolve, reject) => {
+        req.on('response', (res) => {
+          let text = '';
+          res.setEncoding('utf8').on('data', (c: string) => { text += c; });
+          res.on('end', () => resolve((state.answer = { status: res.statusCode ?? 0, json: JSON.parse(text) as Record<string, unknown> })));
+        });
+        req.on('error', reject);
+      });
+      for (const [field, value] of [['name', name], ['baseContentHash', contentHash], ['config', config]]) req.write(`--${boundary}\r\nContent-Disposition: form-data; name="${field}"\r\n\r\n${value}\r\n`);
+      req.write(`--${boundary}\r\nContent-Disposition: form-data; name="weights"; filename="w.safetensors"\r\n\r\n`);
+      req.write(weights);
+      answered.catch(() => undefined); // destroyed in the finally below when a check fails
+      return { req, state, answered };
+    });
+    try {
+      // The open forms reach their handlers in their own time, racing the probes: the first of the
+      // tenant's uploads past two at once is refused, whichever it is (without the holds none is).
+      let refused: Answer | undefined;
+      for (let i = 0; refused === undefined && i < 12; i++) {
+        const probe = await postForm('/v1/adapters', key, uploadParts(`probe-${i}`));
+        refused = probe.status === 201 ? open.find((o) => o.state.answer !== undefined)?.state.answer : probe;
+        await new Promise((r) => setTimeout(r, 25));
+      }
+      assert.equal(refused?.status, 429, JSON.stringify(refused?.json));
+      assert.equal(refused.json.code, 'TANDEM_QUOTA_EXCEEDED');
+      assert.match(String(refused.json.message), /storedAdapters quota of 2: 2 adapters of this tenant are being evaluated or uploaded/);
+      // Another tenant is not held back; the open forms, once finished, are kept.
+      assert.equal((await postForm('/v1/adapters', small, [['name', 'tiny'], ['baseContentHash', contentHash], ['config', config], ['weights', new Uint8Array(8), 'w']])).json.code, 'TANDEM_ADAPTER_INVALID');
+      const unanswered = open.filter((o) => o.state.answer === undefined);
+      for (const { req } of unanswered) req.end(`\r\n--${boundary}--\r\n`);
+      assert.deepEqual((await Promise.all(unanswered.map((o) => o.answered))).map((a) => a.status), unanswered.map(() => 201));
+      assert.equal((await postForm('/v1/adapters', key, uploadParts('after'))).status, 201, 'the holds are released with the replies');
+    } finally {
+      for (const { req } of open) req.destroy();
+    }
   });
 
   it('bounds each part: weights over the tenant\'s quota, data over the text limit, a field over its limit, and JSON over 4 MiB', async () => {
