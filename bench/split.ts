@@ -16,12 +16,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startCloudNode } from '../cloud-node/index.ts';
 import { connectCloud, loadEdgePart } from '../edge-client/index.ts';
-import {
-  LlamaModel, OrtLlama, Rng, Trainer, createAdapter, createOptimizer, initBackend, loadModelFolder, selectEngine, weightArraysOf,
-} from '../model/index.ts';
-import type { EngineChoice, WeightArrays } from '../model/index.ts';
-import type { Batch, Cut, MethodSpec, Middle } from '../model/index.ts';
+import { LlamaModel, OrtLlama, initBackend, loadModelFolder, selectEngine, weightArraysOf } from '../model/index.ts';
+import type { Cut, EngineChoice, WeightArrays } from '../model/index.ts';
 import { randomModelDir } from './_random-model.ts';
+import { batches, methodsFor, timeSteps } from './_train-steps.ts';
 import type { CodecName } from '../protocol/index.ts';
 
 const FIXTURE = join(import.meta.dirname, '..', 'test', 'fixtures', 'stories260K');
@@ -40,40 +38,6 @@ const PAIRS: [CodecName, CodecName][] = [
   ['int8-block', 'f16'],
   ['int8-block', 'int8-block'],
 ];
-
-function batches(vocab: number, rows: number, seq: number, n: number, seed: number): Batch[] {
-  const rng = new Rng(seed);
-  return Array.from({ length: n }, () => {
-    const ids = Array.from({ length: rows }, () => Array.from({ length: seq }, () => rng.int(vocab)));
-    return { ids, labels: ids.map((r) => [...r]) };
-  });
-}
-
-function methodsFor(layers: number, cut: Cut): MethodSpec[] {
-  const edgeLayers = [...Array(layers).keys()].filter((l) => l < cut.bottom || l >= layers - cut.top);
-  return [{ method: 'lora', r: 8, loraAlpha: 16, targetModules: ['q_proj', 'v_proj'], layersToTransform: edgeLayers }];
-}
-
-/** Median seconds per step after one warm-up step. */
-async function timeSteps(model: LlamaModel, cut: Cut | undefined, middle: Middle | undefined, methods: MethodSpec[], data: Batch[], engine: OrtLlama | undefined): Promise<number> {
-  const adapter = createAdapter(model, methods, { seed: 1 });
-  const optimizer = createOptimizer('adamw');
-  const trainer = new Trainer({ model, adapter, optimizer, schedule: { kind: 'constant', lr: 1e-3, warmupSteps: 0, totalSteps: data.length }, cut, middle, engine });
-  try {
-    const times: number[] = [];
-    for (const [i, b] of data.entries()) {
-      const t0 = performance.now();
-      await trainer.trainStep([b]);
-      if (i > 0) times.push((performance.now() - t0) / 1000);
-    }
-    times.sort((a, b) => a - b);
-    return times[Math.floor(times.length / 2)];
-  } finally {
-    trainer.dispose();
-    optimizer.dispose();
-    adapter.dispose();
-  }
-}
 
 async function tcpLoopbackBytesPerSecond(totalBytes: number): Promise<number> {
   const server = createServer();
@@ -114,8 +78,8 @@ async function runCase(c: Case, steps: number, work: string, choice: EngineChoic
   const full = LlamaModel.fromArrays(loaded.config, loaded.weights);
   const parameters = [...loaded.weights.values()].reduce((n, w) => n + w.data.length, 0);
   const localEngine = await openOrt(choice, loaded.config, loaded.weights);
-  const localWhole = await timeSteps(full, undefined, undefined, methods, data, localEngine);
-  const localCut = await timeSteps(full, c.cut, undefined, methods, data, localEngine);
+  const localWhole = (await timeSteps(full, undefined, undefined, methods, data, localEngine)).median;
+  const localCut = (await timeSteps(full, c.cut, undefined, methods, data, localEngine)).median;
   await localEngine?.dispose();
   full.dispose();
   const node = await startCloudNode({ modelDir: c.dir, stateDir: join(work, `${c.name}-state`), port: 0, logLevel: 'silent', engine: choice.name });
@@ -129,7 +93,7 @@ async function runCase(c: Case, steps: number, work: string, choice: EngineChoic
     for (const [fwd, bwd] of PAIRS) {
       const session = await client.openSession({ model: { id, contentHash: edge.contentHash }, cut: c.cut, codecs: { forward: [{ codec: fwd }], backward: [{ codec: bwd }] } });
       const middle = session.middle();
-      const seconds = await timeSteps(edge.model, c.cut, middle, methods, data, edgeEngine);
+      const seconds = (await timeSteps(edge.model, c.cut, middle, methods, data, edgeEngine)).median;
       const f = middle.traffic;
       const trained = tokens * (steps + 1);
       split.push({

@@ -65,7 +65,7 @@ export function natsPasswords(): { gateway: string; worker: string } {
   return { gateway: process.env[natsPasswordVariable('gateway')]!, worker: process.env[natsPasswordVariable('worker')]! };
 }
 
-/** `maxPayload` lowers the server's max_payload (bytes) to exercise large tensors. */
+/** `maxPayload` sets the server's max_payload (bytes; its default is 1MB): lower to exercise large tensors, 8MB as infra/nats deploys it. */
 export async function startNatsServer(options: { maxPayload?: number } = {}): Promise<TestNatsServer> {
   const storeDir = await mkdtemp(join(tmpdir(), 'tandem-nats-'));
   const port = await freePort();
