@@ -21,6 +21,14 @@ import { WorkerDirectory } from './worker-directory.ts';
 import { CLAIMS_PREFIX, CLAIM_ID_HEADER, CLAIM_TO_HEADER, decodeReply, encodeRequest, rangeSubject, traceHeaders, workerSubject } from './wire.ts';
 import type { MiddleReply, MiddleRequest } from './wire.ts';
 
+/**
+ * The max_payload infra/nats deploys (8MB): a micro-batch's activations below it travel inline.
+ * Above it they go through the object store, which hashes and acknowledges every chunk: a 9 MiB
+ * body put and read back takes ~250 ms on the 2-core machine of the benches, ~27 ms per MB,
+ * where inline bodies cost ~5-10 ms per MB each way.
+ */
+export const RECOMMENDED_MAX_PAYLOAD = 8 * 1024 * 1024;
+
 export interface ClusterExecutorOptions {
   natsUrl: string;
   /** The served model's content hash: workers of other models are not used. */
@@ -134,6 +142,11 @@ export class ClusterExecutor implements MiddleRunner {
   static async connect(options: ClusterExecutorOptions, connection?: NatsConnection): Promise<ClusterExecutor> {
     const executor = new ClusterExecutor(connection ?? (await connectNats(options.natsUrl, `tandem-gateway-${process.pid}`, 'gateway')), options);
     executor.#ownsConnection = connection === undefined;
+    const maxPayload = executor.#nc.info?.max_payload;
+    if (maxPayload !== undefined && maxPayload < RECOMMENDED_MAX_PAYLOAD) {
+      options.log?.warn({ maxPayload, recommended: RECOMMENDED_MAX_PAYLOAD },
+        `the NATS server's max_payload is ${maxPayload} bytes: activations over it go through the JetStream object store, about 5x slower per byte than inline; infra/nats sets max_payload: 8MB`);
+    }
     return executor;
   }
 

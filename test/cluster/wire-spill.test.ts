@@ -1,9 +1,13 @@
 // Bodies over max_payload through the object store, checked as network input: a body within the
 // limit crosses whole; a receiver refuses, before reading it, an object larger than it accepts,
-// and a header that names no object or not a plain name.
+// and a header that names no object or not a plain name. A gateway warns when the server's
+// max_payload is under what infra/nats deploys.
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { headers } from '@nats-io/transport-node';
+import { Writable } from 'node:stream';
+import { pino } from 'pino';
+import { ClusterExecutor } from '../../cloud-node/cluster/cluster-executor.ts';
 import { connectNats } from '../../cloud-node/cluster/nats-connection.ts';
 import type { Msg, NatsConnection } from '@nats-io/transport-node';
 import { WireSpill, SPILL_HEADER } from '../../cloud-node/cluster/wire-spill.ts';
@@ -54,6 +58,25 @@ describe('bodies over max_payload (nats-server with max_payload 8 KiB)', () => {
       const h = headers();
       h.set(SPILL_HEADER, name);
       await assert.rejects(spill.incoming(await received(new Uint8Array(0), h), 10_000), (e: ClusterError) => e.code === 'TANDEM_CLUSTER_MESSAGE_INVALID', name);
+    }
+  });
+
+  it('a gateway on a server whose max_payload is under 8MB says so, and on one at 8MB does not', async () => {
+    const warnings = async (url: string): Promise<string[]> => {
+      const lines: string[] = [];
+      const log = pino({ level: 'warn' }, new Writable({ write(chunk: Buffer, _e, done) { lines.push(chunk.toString()); done(); } }));
+      const executor = await ClusterExecutor.connect({ natsUrl: url, contentHash: 'sha256:00', log });
+      await executor.close();
+      return lines.map((l) => (JSON.parse(l) as { msg: string }).msg);
+    };
+    const small = await warnings(nats.url);
+    assert.equal(small.length, 1, small.join('\n'));
+    assert.match(small[0], /max_payload is 8192 bytes: activations over it go through the JetStream object store.*max_payload: 8MB/);
+    const deployed = await startNatsServer({ maxPayload: 8 * 1024 * 1024 });
+    try {
+      assert.deepEqual(await warnings(deployed.url), []);
+    } finally {
+      await deployed.close();
     }
   });
 });
