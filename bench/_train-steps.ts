@@ -1,7 +1,46 @@
 // Timed LoRA training steps for the benches: random token batches, LoRA r8 on the edge's
-// blocks, and the median step after a warm-up one (local, or split through a Middle).
-import { Rng, Trainer, createAdapter, createOptimizer } from '../model/index.ts';
-import type { Batch, Cut, LlamaModel, MethodSpec, Middle, OrtLlama } from '../model/index.ts';
+// blocks, and the median step after a warm-up one (local, or split through a Middle); and an
+// edge of a cut opened against a node, on ONNX Runtime where the engine choice has it.
+import { join } from 'node:path';
+import { connectCloud, loadEdgePart } from '../edge-client/index.ts';
+import type { CloudClient, LoadedEdgePart } from '../edge-client/index.ts';
+import { OrtLlama, Rng, Trainer, createAdapter, createOptimizer, weightArraysOf } from '../model/index.ts';
+import type { Batch, Cut, EngineChoice, LlamaModel, MethodSpec, Middle, WeightArrays } from '../model/index.ts';
+
+/** The model on ONNX Runtime when the choice is an ORT engine (undefined: tfjs computes it). */
+export async function openOrt(choice: EngineChoice, config: LlamaModel['config'], weights: WeightArrays): Promise<OrtLlama | undefined> {
+  return choice.ortProvider ? OrtLlama.create(config, weights, { threads: choice.threads, provider: choice.ortProvider }) : undefined;
+}
+
+export interface BenchEdge {
+  client: CloudClient;
+  /** The node's model id. */
+  id: string;
+  edge: LoadedEdgePart;
+  engine: OrtLlama | undefined;
+  close(): Promise<void>;
+}
+
+/** The edge part of `cut` from the node at `url` (downloaded under `work`), connected with `key`. */
+export async function openEdge(url: string, key: string, cut: Cut, work: string, choice: EngineChoice): Promise<BenchEdge> {
+  const client = await connectCloud(url, { key });
+  try {
+    const id = (await client.models())[0].id;
+    const edge = await loadEdgePart(await client.downloadEdge(id, cut, join(work, 'cache')));
+    const engine = await openOrt(choice, edge.model.config, weightArraysOf(edge.model));
+    return {
+      client, id, edge, engine,
+      async close() {
+        await engine?.dispose();
+        edge.model.dispose();
+        client.close();
+      },
+    };
+  } catch (error) {
+    client.close();
+    throw error;
+  }
+}
 
 /** `n` batches of `rows` x `seq` random tokens, each its own labels. */
 export function batches(vocab: number, rows: number, seq: number, n: number, seed: number): Batch[] {

@@ -25,12 +25,11 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ClusterExecutor, startCloudNode } from '../cloud-node/index.ts';
-import { connectCloud, loadEdgePart } from '../edge-client/index.ts';
-import { OrtLlama, Rng, loadModelFolder, selectEngine, weightArraysOf } from '../model/index.ts';
+import { Rng, loadModelFolder, selectEngine } from '../model/index.ts';
 import type { Cut } from '../model/index.ts';
 import { startNatsServer } from '../test/cluster/nats-server.ts';
 import { randomModelDir } from './_random-model.ts';
-import { batches, methodsFor, timeSteps } from './_train-steps.ts';
+import { batches, methodsFor, openEdge, timeSteps } from './_train-steps.ts';
 
 const BIN = join(import.meta.dirname, '..', 'bin', 'tandem.js');
 
@@ -85,33 +84,28 @@ interface StepRow {
 async function stepThroughGateway(natsUrl: string, modelDir: string, engine: string, work: string, steps: number, cut: Cut, batch: number, seq: number): Promise<StepRow> {
   const worker = await spawnWorker(natsUrl, modelDir, engine, 1);
   const node = await startCloudNode({ modelDir, stateDir: join(work, 'gateway-state'), port: 0, logLevel: 'silent', cluster: { natsUrl } });
-  const client = await connectCloud(node.url, { key: node.adminKey as string });
   try {
     while ((await node.cluster?.status.workers())?.length !== 1) await new Promise((r) => setTimeout(r, 100));
-    const id = (await client.models())[0].id;
     const loaded = await loadModelFolder(modelDir);
-    const edge = await loadEdgePart(await client.downloadEdge(id, cut, join(work, 'cache')));
     const choice = await selectEngine({ engine: engine === 'ort-cpu' ? 'ort-cpu' : 'wasm' });
-    const edgeEngine = choice.ortProvider ? await OrtLlama.create(edge.model.config, weightArraysOf(edge.model), { threads: choice.threads, provider: choice.ortProvider }) : undefined;
-    const session = await client.openSession({ model: { id, contentHash: edge.contentHash }, cut, codecs: { forward: [{ codec: 'int8-block' }], backward: [{ codec: 'f16' }] } });
+    const { client, id, edge, engine: edgeEngine, close } = await openEdge(node.url, node.adminKey as string, cut, work, choice);
     try {
+      const session = await client.openSession({ model: { id, contentHash: edge.contentHash }, cut, codecs: { forward: [{ codec: 'int8-block' }], backward: [{ codec: 'f16' }] } });
       const hop = () => node.cluster?.hop() ?? { requests: 0, roundTripMs: 0, computeMs: 0 };
       let before = hop();
       const data = batches(loaded.config.vocabSize, batch, seq, steps + 1, 3);
       const timed = await timeSteps(edge.model, cut, session.middle(), methodsFor(loaded.config.numHiddenLayers, cut), data, edgeEngine, () => { before = hop(); });
       const after = hop();
+      await session.close();
       const hopMs = (after.roundTripMs - before.roundTripMs) - (after.computeMs - before.computeMs);
       return {
         workers: 1, batch, seq, stepSeconds: timed.median, natsOverheadFraction: Math.max(0, hopMs) / (timed.total * 1000),
         hopMsPerStep: hopMs / steps, middleComputeMsPerStep: (after.computeMs - before.computeMs) / steps,
       };
     } finally {
-      await session.close();
-      await edgeEngine?.dispose();
-      edge.model.dispose();
+      await close();
     }
   } finally {
-    client.close();
     await node.close();
     await stop(worker);
   }

@@ -15,11 +15,10 @@ import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startCloudNode } from '../cloud-node/index.ts';
-import { connectCloud, loadEdgePart } from '../edge-client/index.ts';
-import { LlamaModel, OrtLlama, initBackend, loadModelFolder, selectEngine, weightArraysOf } from '../model/index.ts';
-import type { Cut, EngineChoice, WeightArrays } from '../model/index.ts';
+import { LlamaModel, initBackend, loadModelFolder, selectEngine } from '../model/index.ts';
+import type { Cut, EngineChoice } from '../model/index.ts';
 import { randomModelDir } from './_random-model.ts';
-import { batches, methodsFor, timeSteps } from './_train-steps.ts';
+import { batches, methodsFor, openEdge, openOrt, timeSteps } from './_train-steps.ts';
 import type { CodecName } from '../protocol/index.ts';
 
 const FIXTURE = join(import.meta.dirname, '..', 'test', 'fixtures', 'stories260K');
@@ -66,10 +65,6 @@ async function tcpLoopbackBytesPerSecond(totalBytes: number): Promise<number> {
   return rate;
 }
 
-async function openOrt(choice: EngineChoice, config: LlamaModel['config'], weights: WeightArrays): Promise<OrtLlama | undefined> {
-  return choice.ortProvider ? OrtLlama.create(config, weights, { threads: choice.threads, provider: choice.ortProvider }) : undefined;
-}
-
 async function runCase(c: Case, steps: number, work: string, choice: EngineChoice): Promise<Record<string, unknown>> {
   const loaded = await loadModelFolder(c.dir);
   const L = loaded.config.numHiddenLayers;
@@ -83,30 +78,28 @@ async function runCase(c: Case, steps: number, work: string, choice: EngineChoic
   await localEngine?.dispose();
   full.dispose();
   const node = await startCloudNode({ modelDir: c.dir, stateDir: join(work, `${c.name}-state`), port: 0, logLevel: 'silent', engine: choice.name });
-  const client = await connectCloud(node.url, { key: node.adminKey as string });
   const tokens = c.batch * c.seq;
   const split: Record<string, unknown>[] = [];
   try {
-    const id = (await client.models())[0].id;
-    const edge = await loadEdgePart(await client.downloadEdge(id, c.cut, join(work, 'cache')));
-    const edgeEngine = await openOrt(choice, edge.model.config, weightArraysOf(edge.model));
-    for (const [fwd, bwd] of PAIRS) {
-      const session = await client.openSession({ model: { id, contentHash: edge.contentHash }, cut: c.cut, codecs: { forward: [{ codec: fwd }], backward: [{ codec: bwd }] } });
-      const middle = session.middle();
-      const seconds = (await timeSteps(edge.model, c.cut, middle, methods, data, edgeEngine)).median;
-      const f = middle.traffic;
-      const trained = tokens * (steps + 1);
-      split.push({
-        forward: fwd, backward: bwd, stepSeconds: seconds,
-        ratioToLocalWhole: seconds / localWhole, ratioToLocalCut: seconds / localCut,
-        upBytesPerToken: (f.forwardUpBytes + f.backwardUpBytes) / trained, downBytesPerToken: (f.forwardDownBytes + f.backwardDownBytes) / trained,
-      });
-      await session.close();
+    const { client, id, edge, engine: edgeEngine, close } = await openEdge(node.url, node.adminKey as string, c.cut, work, choice);
+    try {
+      for (const [fwd, bwd] of PAIRS) {
+        const session = await client.openSession({ model: { id, contentHash: edge.contentHash }, cut: c.cut, codecs: { forward: [{ codec: fwd }], backward: [{ codec: bwd }] } });
+        const middle = session.middle();
+        const seconds = (await timeSteps(edge.model, c.cut, middle, methods, data, edgeEngine)).median;
+        const f = middle.traffic;
+        const trained = tokens * (steps + 1);
+        split.push({
+          forward: fwd, backward: bwd, stepSeconds: seconds,
+          ratioToLocalWhole: seconds / localWhole, ratioToLocalCut: seconds / localCut,
+          upBytesPerToken: (f.forwardUpBytes + f.backwardUpBytes) / trained, downBytesPerToken: (f.forwardDownBytes + f.backwardDownBytes) / trained,
+        });
+        await session.close();
+      }
+    } finally {
+      await close();
     }
-    await edgeEngine?.dispose();
-    edge.model.dispose();
   } finally {
-    client.close();
     await node.close();
   }
   return { model: c.name, parameters, layers: L, cut: c.cut, batch: c.batch, seq: c.seq, localWholeStepSeconds: localWhole, localCutStepSeconds: localCut, split };
