@@ -1,10 +1,10 @@
 // Aggregate middle throughput of a NATS cluster: 4 concurrent sessions' steps (forward kept
 // on its worker, backward from that tape) sent by a gateway's ClusterExecutor to worker
 // processes (`tandem cloud --role worker --engine ort-cpu`, one compute thread each) on a
-// random Llama whose middle does real work; and the NATS hop's share of a request's time
-// (round trip at the gateway minus the worker's compute) in a whole split training step: an
-// edge (bottom and top, LoRA r8, int8-block forward and f16 backward) training through an
-// in-process gateway whose middle is one worker process.
+// random Llama whose middle does real work; and the NATS hop (round trips at the gateway minus
+// the worker's compute) as a share of whole split training steps: an edge (bottom and top,
+// LoRA r8, int8-block forward and f16 backward) training through an in-process gateway whose
+// middle is one worker process.
 // `npm run bench -- cluster [--quick] [--steps N] [--sessions S] [--engine ort-cpu|tfjs]`.
 //
 // Each worker gets a fixed number of intra-op threads (TANDEM_THREADS for ONNX Runtime,
