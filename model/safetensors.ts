@@ -195,7 +195,9 @@ function parseMetadata(v: unknown, file: string): Record<string, string> {
   const out: Record<string, string> = {};
   for (const [k, value] of Object.entries(v)) {
     if (typeof value !== 'string') throw invalid(`${METADATA_KEY}.${k} must be a string, got ${JSON.stringify(value)}`, file);
-    out[k] = value;
+    // Defined, not assigned: a key "__proto__" (any string is a key to the reference's HashMap)
+    // stays an entry, as JSON.parse made it, instead of vanishing into the prototype setter.
+    Object.defineProperty(out, k, { value, enumerable: true, writable: true, configurable: true });
   }
   return out;
 }
@@ -319,7 +321,8 @@ export function serializeSafetensors(tensors: SafetensorsTensorsInput, metadata?
   }
   let offset = 0;
   for (const [name, t] of list) {
-    header[name] = { dtype: t.dtype, shape: [...t.shape], data_offsets: [offset, offset + t.data.byteLength] };
+    // Defined, not assigned: a tensor named "__proto__" is an entry like any other.
+    Object.defineProperty(header, name, { value: { dtype: t.dtype, shape: [...t.shape], data_offsets: [offset, offset + t.data.byteLength] }, enumerable: true, writable: true, configurable: true });
     offset += t.data.byteLength;
   }
   const json = Buffer.from(JSON.stringify(header), 'utf8');

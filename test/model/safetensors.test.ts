@@ -82,6 +82,24 @@ describe('safetensors writer and reader', () => {
     assert.equal(Buffer.from(meta.subarray(8)).toString(), '{"__metadata__":{"framework":"pt"}}     ');
   });
 
+  test('a metadata key or tensor named "__proto__" is kept as an entry, read whole and from the header, and written back', async () => {
+    const text = '{"__metadata__":{"__proto__":"kept","format":"pt"}}';
+    const bytes = new Uint8Array(8 + text.length);
+    new DataView(bytes.buffer).setBigUint64(0, BigInt(text.length), true);
+    bytes.set(Buffer.from(text), 8);
+    const { metadata } = parseSafetensors(bytes, 'm.safetensors');
+    assert.deepEqual(Object.entries(metadata), [['__proto__', 'kept'], ['format', 'pt']]);
+    assert.equal(Object.getPrototypeOf(metadata), Object.prototype, 'the prototype is untouched');
+    const dir = await tempDir();
+    await writeFile(join(dir, 'm.safetensors'), bytes);
+    assert.deepEqual(Object.entries((await readSafetensorsHeader(join(dir, 'm.safetensors'))).metadata), [['__proto__', 'kept'], ['format', 'pt']]);
+    assert.deepEqual(Object.entries(parseSafetensors(serializeSafetensors({}, metadata), 'written').metadata), [['__proto__', 'kept'], ['format', 'pt']]);
+    // So is a tensor of that name.
+    const tensors = parseSafetensors(serializeSafetensors(new Map([['__proto__', { dtype: 'F32' as const, shape: [2], data: new Float32Array([1, 2]) }]])), 'written').tensors;
+    assert.deepEqual([...tensors.keys()], ['__proto__']);
+    assert.deepEqual([...toFloat32(tensors.get('__proto__') as SafetensorsTensor, 'written', '__proto__')], [1, 2]);
+  });
+
   test('tensors are laid out widest dtype first, then by name', () => {
     const bytes = serializeSafetensors({
       b: { dtype: 'F32', shape: [1], data: new Float32Array([2]) },
