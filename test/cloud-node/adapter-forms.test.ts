@@ -25,7 +25,7 @@ before(async () => {
   const [dir] = await writeTestAdapters(await tempDir(), 1);
   config = await readFile(join(dir, ADAPTER_CONFIG_FILE), 'utf8');
   weights = await readFile(join(dir, ADAPTER_WEIGHTS_FILE));
-  node = await startTestNode({ tenantQuotas: { small: { servedAdapterBytes: 1024 } }, maxAdapterRequestBytes: 8 * 1024 * 1024, serving: { maxUploadBytes: 8 * 1024 * 1024 } });
+  node = await startTestNode({ tenantQuotas: { small: { servedAdapterBytes: 1024 }, uploader: { servedAdapters: 64 } }, maxAdapterRequestBytes: 8 * 1024 * 1024, serving: { maxUploadBytes: 8 * 1024 * 1024 } });
   alice = await createTenantKey(node, 'alice');
   small = await createTenantKey(node, 'small');
   contentHash = ((await api(node, 'GET', '/v1/models', alice)).json.models as { contentHash: string }[])[0].contentHash;
@@ -134,10 +134,11 @@ describe('adapter uploads and evaluations as multipart/form-data', () => {
       // The open forms reach their handlers in their own time, racing the probes: the first of the
       // tenant's uploads past two at once is refused, whichever it is (without the holds none is).
       let refused: Answer | undefined;
-      for (let i = 0; refused === undefined && i < 12; i++) {
+      // (Up to 40 probes, each stored when let through: this tenant may serve 64.)
+      for (let i = 0; refused === undefined && i < 40; i++) {
         const probe = await postForm('/v1/adapters', key, uploadParts(`probe-${i}`));
         refused = probe.status === 201 ? open.find((o) => o.state.answer !== undefined)?.state.answer : probe;
-        await new Promise((r) => setTimeout(r, 25));
+        await new Promise((r) => setTimeout(r, 50));
       }
       assert.equal(refused?.status, 429, JSON.stringify(refused?.json));
       assert.equal(refused.json.code, 'TANDEM_QUOTA_EXCEEDED');
