@@ -25,8 +25,9 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ClusterExecutor, startCloudNode } from '../cloud-node/index.ts';
+import { RECOMMENDED_MAX_PAYLOAD } from '../cloud-node/cluster/wire-spill.ts';
 import { Rng, loadModelFolder, selectEngine } from '../model/index.ts';
-import type { Cut } from '../model/index.ts';
+import type { Cut, ModelConfig } from '../model/index.ts';
 import { startNatsServer } from '../test/cluster/nats-server.ts';
 import { randomModelDir } from './_random-model.ts';
 import { batches, methodsFor, openEdge, timeSteps } from './_train-steps.ts';
@@ -70,7 +71,6 @@ async function stop(child: ChildProcess): Promise<void> {
 }
 
 interface StepRow {
-  workers: number;
   batch: number;
   seq: number;
   stepSeconds: number;
@@ -80,26 +80,25 @@ interface StepRow {
   middleComputeMsPerStep: number;
 }
 
-/** Split training steps of one edge through a gateway in this process and one worker process. */
-async function stepThroughGateway(natsUrl: string, modelDir: string, engine: string, work: string, steps: number, cut: Cut, batch: number, seq: number): Promise<StepRow> {
+/** Split training steps of one edge through a gateway in this process and one worker process (the row's workers: 1). */
+async function stepThroughGateway(natsUrl: string, modelDir: string, config: ModelConfig, engine: string, work: string, steps: number, cut: Cut, batch: number, seq: number): Promise<StepRow> {
   const worker = await spawnWorker(natsUrl, modelDir, engine, 1);
   const node = await startCloudNode({ modelDir, stateDir: join(work, 'gateway-state'), port: 0, logLevel: 'silent', cluster: { natsUrl } });
   try {
     while ((await node.cluster?.status.workers())?.length !== 1) await new Promise((r) => setTimeout(r, 100));
-    const loaded = await loadModelFolder(modelDir);
     const choice = await selectEngine({ engine: engine === 'ort-cpu' ? 'ort-cpu' : 'wasm' });
     const { client, id, edge, engine: edgeEngine, close } = await openEdge(node.url, node.adminKey as string, cut, work, choice);
     try {
       const session = await client.openSession({ model: { id, contentHash: edge.contentHash }, cut, codecs: { forward: [{ codec: 'int8-block' }], backward: [{ codec: 'f16' }] } });
       const hop = () => node.cluster?.hop() ?? { requests: 0, roundTripMs: 0, computeMs: 0 };
       let before = hop();
-      const data = batches(loaded.config.vocabSize, batch, seq, steps + 1, 3);
-      const timed = await timeSteps(edge.model, cut, session.middle(), methodsFor(loaded.config.numHiddenLayers, cut), data, edgeEngine, () => { before = hop(); });
+      const data = batches(config.vocabSize, batch, seq, steps + 1, 3);
+      const timed = await timeSteps(edge.model, cut, session.middle(), methodsFor(config.numHiddenLayers, cut), data, edgeEngine, () => { before = hop(); });
       const after = hop();
       await session.close();
       const hopMs = (after.roundTripMs - before.roundTripMs) - (after.computeMs - before.computeMs);
       return {
-        workers: 1, batch, seq, stepSeconds: timed.median, natsOverheadFraction: Math.max(0, hopMs) / (timed.total * 1000),
+        batch, seq, stepSeconds: timed.median, natsOverheadFraction: Math.max(0, hopMs) / (timed.total * 1000),
         hopMsPerStep: hopMs / steps, middleComputeMsPerStep: (after.computeMs - before.computeMs) / steps,
       };
     } finally {
@@ -126,7 +125,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
   const work = await mkdtemp(join(tmpdir(), 'tandem-bench-cluster-'));
   // max_payload as infra/nats and `tandem cluster up` set it (8MB; the server's default is 1MB):
   // the step row's 1 MiB activations then travel inline, not through the object store.
-  const nats = await startNatsServer({ maxPayload: 8 * 1024 * 1024 });
+  const nats = await startNatsServer({ maxPayload: RECOMMENDED_MAX_PAYLOAD });
   let children: ChildProcess[] = [];
   try {
     // The split bench's 25M random Llama (8 blocks, hidden 512) and its cut (2, 2): the middle is
@@ -183,7 +182,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
     for (const c of children) await stop(c);
     children = [];
     // The split bench's step on this model: 4 x 128 tokens.
-    const step = await stepThroughGateway(nats.url, modelDir, engine, work, steps * 2, cut, 4, 128);
+    const step = await stepThroughGateway(nats.url, modelDir, loaded.config, engine, work, steps * 2, cut, 4, 128);
     process.stdout.write(`a split training step through a gateway and 1 worker (4 x 128 tokens, cut ${cut.bottom}/${cut.top}, int8-block forward, f16 backward): ${(step.stepSeconds * 1000).toFixed(1)} ms; middle compute ${step.middleComputeMsPerStep.toFixed(1)} ms and NATS hop ${step.hopMsPerStep.toFixed(1)} ms per step: the hop is ${(step.natsOverheadFraction * 100).toFixed(1)}% of the step time (target <= 10%)\n`);
     const [one, two, oneWide] = rows;
     const speedup = two.tokensPerSecond / one.tokensPerSecond;

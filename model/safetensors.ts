@@ -192,14 +192,13 @@ function parseMetadata(v: unknown, file: string): Record<string, string> {
   // The reference types it Option<HashMap<String, String>>, so null means absent.
   if (v === undefined || v === null) return {};
   if (typeof v !== 'object' || Array.isArray(v)) throw invalid(`${METADATA_KEY} must be an object mapping strings to strings`, file);
-  const out: Record<string, string> = {};
-  for (const [k, value] of Object.entries(v)) {
+  const entries = Object.entries(v);
+  for (const [k, value] of entries) {
     if (typeof value !== 'string') throw invalid(`${METADATA_KEY}.${k} must be a string, got ${JSON.stringify(value)}`, file);
-    // Defined, not assigned: a key "__proto__" (any string is a key to the reference's HashMap)
-    // stays an entry, as JSON.parse made it, instead of vanishing into the prototype setter.
-    Object.defineProperty(out, k, { value, enumerable: true, writable: true, configurable: true });
   }
-  return out;
+  // fromEntries defines, not assigns: a key "__proto__" (any string is a key to the reference's
+  // HashMap) stays an entry, as JSON.parse made it, instead of vanishing into the prototype setter.
+  return Object.fromEntries(entries) as Record<string, string>;
 }
 
 interface Located {
@@ -312,20 +311,20 @@ export function serializeSafetensors(tensors: SafetensorsTensorsInput, metadata?
     }
   }
   list.sort(([an, a], [bn, b]) => DTYPE_ORDER.indexOf(b.dtype) - DTYPE_ORDER.indexOf(a.dtype) || compareNames(an, bn));
-  const header: Record<string, unknown> = {};
+  const header: [string, unknown][] = [];
   if (metadata !== undefined) {
     for (const [k, v] of Object.entries(metadata)) {
       if (typeof v !== 'string') throw new ModelError('TANDEM_INPUT_INVALID', `metadata value ${k} must be a string`, { field: `${METADATA_KEY}.${k}` });
     }
-    header[METADATA_KEY] = metadata;
+    header.push([METADATA_KEY, metadata]);
   }
   let offset = 0;
   for (const [name, t] of list) {
-    // Defined, not assigned: a tensor named "__proto__" is an entry like any other.
-    Object.defineProperty(header, name, { value: { dtype: t.dtype, shape: [...t.shape], data_offsets: [offset, offset + t.data.byteLength] }, enumerable: true, writable: true, configurable: true });
+    header.push([name, { dtype: t.dtype, shape: [...t.shape], data_offsets: [offset, offset + t.data.byteLength] }]);
     offset += t.data.byteLength;
   }
-  const json = Buffer.from(JSON.stringify(header), 'utf8');
+  // fromEntries defines, not assigns: a tensor named "__proto__" is an entry like any other.
+  const json = Buffer.from(JSON.stringify(Object.fromEntries(header)), 'utf8');
   const headerLength = Math.ceil(json.byteLength / 8) * 8;
   if (headerLength > SAFETENSORS_MAX_HEADER_BYTES) throw new ModelError('TANDEM_INPUT_INVALID', `header of ${headerLength} bytes exceeds the safetensors limit`);
   const out = new Uint8Array(8 + headerLength + offset);

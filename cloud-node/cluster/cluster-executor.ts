@@ -16,18 +16,10 @@ import type { BlockRange, KeptTape, MiddleRunner, Shape3 } from '../middle-runne
 import { coverRange } from './block-ranges.ts';
 import type { PipelineSegment } from './block-ranges.ts';
 import { connectNats } from './nats-connection.ts';
-import { WireSpill } from './wire-spill.ts';
+import { RECOMMENDED_MAX_PAYLOAD, WireSpill } from './wire-spill.ts';
 import { WorkerDirectory } from './worker-directory.ts';
 import { CLAIMS_PREFIX, CLAIM_ID_HEADER, CLAIM_TO_HEADER, decodeReply, encodeRequest, rangeSubject, traceHeaders, workerSubject } from './wire.ts';
 import type { MiddleReply, MiddleRequest } from './wire.ts';
-
-/**
- * The max_payload infra/nats deploys (8MB): a micro-batch's activations below it travel inline.
- * Above it they go through the object store, which hashes and acknowledges every chunk: a 9 MiB
- * body put and read back takes ~250 ms on the 2-core machine of the benches, ~27 ms per MB,
- * where inline bodies cost ~5-10 ms per MB each way.
- */
-export const RECOMMENDED_MAX_PAYLOAD = 8 * 1024 * 1024;
 
 export interface ClusterExecutorOptions {
   natsUrl: string;
@@ -145,7 +137,7 @@ export class ClusterExecutor implements MiddleRunner {
     const maxPayload = executor.#nc.info?.max_payload;
     if (maxPayload !== undefined && maxPayload < RECOMMENDED_MAX_PAYLOAD) {
       options.log?.warn({ maxPayload, recommended: RECOMMENDED_MAX_PAYLOAD },
-        `the NATS server's max_payload is ${maxPayload} bytes: activations over it go through the JetStream object store, about 5x slower per byte than inline; infra/nats sets max_payload: 8MB`);
+        `the NATS server's max_payload is ${maxPayload} bytes: activations over it go through the JetStream object store, which hashes and acknowledges every chunk (several times the cost of inline); infra/nats sets max_payload: ${RECOMMENDED_MAX_PAYLOAD}`);
     }
     return executor;
   }

@@ -11,6 +11,7 @@ import { dirname, join, relative, resolve } from 'node:path';
 import type { BlockRange } from '../middle-runner.ts';
 import { rangeName } from './block-ranges.ts';
 import { natsPasswordVariable } from './nats-connection.ts';
+import { RECOMMENDED_MAX_PAYLOAD } from './wire-spill.ts';
 
 export const DEFAULT_NATS_SERVER = '/usr/sbin/nats-server';
 /** Who may do what on NATS: the file every configuration in infra/nats includes. */
@@ -100,7 +101,7 @@ export async function launchCluster(options: ClusterLaunchOptions): Promise<Laun
   await mkdir(join(stateDir, 'nats'), { recursive: true, mode: 0o700 });
   const config = join(stateDir, 'nats.conf');
   await writeFile(config, [
-    `listen: 127.0.0.1:${options.natsPort}`, 'server_name: tandem-local', 'max_payload: 8MB', natsAuthInclude(config),
+    `listen: 127.0.0.1:${options.natsPort}`, 'server_name: tandem-local', `max_payload: ${RECOMMENDED_MAX_PAYLOAD}`, natsAuthInclude(config),
     `jetstream { store_dir: ${JSON.stringify(join(stateDir, 'nats'))} }`, '',
   ].join('\n'), { mode: 0o600 });
   // nats-server reads an environment value as a config token: one starting with a digit is taken for a number.

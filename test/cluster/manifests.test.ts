@@ -7,6 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { cloudCommand } from '../../cli/cloud.ts';
+import { RECOMMENDED_MAX_PAYLOAD } from '../../cloud-node/cluster/wire-spill.ts';
 import { NATS_SERVER } from './nats-server.ts';
 import { makeRouteCertificates, withRouteCertificates } from './route-certs.ts';
 import type { RouteCertificates } from './route-certs.ts';
@@ -118,6 +119,11 @@ describe('infra/', () => {
   it('the NATS configurations: one node and three clustered nodes, all with JetStream and the users of auth.conf, valid to nats-server', async () => {
     const single = await readFile(join(INFRA, 'nats', 'single.conf'), 'utf8');
     assert.match(single, /jetstream \{/);
+    // Each sets the max_payload a gateway expects (it warns below it); nats-server's MB is 1024 * 1024 bytes.
+    for (const name of ['single.conf', 'cluster-0.conf', 'cluster-1.conf', 'cluster-2.conf']) {
+      const megabytes = /^max_payload: (\d+)MB$/m.exec(await readFile(join(INFRA, 'nats', name), 'utf8'))?.[1];
+      assert.equal(Number(megabytes) * 1024 * 1024, RECOMMENDED_MAX_PAYLOAD, `${name}: max_payload ${megabytes}MB`);
+    }
     for (const i of [0, 1, 2]) {
       const conf = await readFile(join(INFRA, 'nats', `cluster-${i}.conf`), 'utf8');
       assert.match(conf, /jetstream \{/);

@@ -10,7 +10,7 @@ import { pino } from 'pino';
 import { ClusterExecutor } from '../../cloud-node/cluster/cluster-executor.ts';
 import { connectNats } from '../../cloud-node/cluster/nats-connection.ts';
 import type { Msg, NatsConnection } from '@nats-io/transport-node';
-import { WireSpill, SPILL_HEADER } from '../../cloud-node/cluster/wire-spill.ts';
+import { RECOMMENDED_MAX_PAYLOAD, WireSpill, SPILL_HEADER } from '../../cloud-node/cluster/wire-spill.ts';
 import type { ClusterError } from '../../cloud-node/cluster/errors.ts';
 import { startNatsServer } from './nats-server.ts';
 import type { TestNatsServer } from './nats-server.ts';
@@ -71,8 +71,8 @@ describe('bodies over max_payload (nats-server with max_payload 8 KiB)', () => {
     };
     const small = await warnings(nats.url);
     assert.equal(small.length, 1, small.join('\n'));
-    assert.match(small[0], /max_payload is 8192 bytes: activations over it go through the JetStream object store.*max_payload: 8MB/);
-    const deployed = await startNatsServer({ maxPayload: 8 * 1024 * 1024 });
+    assert.match(small[0], /max_payload is 8192 bytes: activations over it go through the JetStream object store.*max_payload: 8388608/);
+    const deployed = await startNatsServer({ maxPayload: RECOMMENDED_MAX_PAYLOAD });
     try {
       assert.deepEqual(await warnings(deployed.url), []);
     } finally {
