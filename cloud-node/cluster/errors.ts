@@ -6,6 +6,7 @@ export const CLUSTER_ERRORS = {
   TANDEM_CLUSTER_MESSAGE_INVALID: { status: 400, template: 'the cluster message field {field} is invalid: {reason}' },
   TANDEM_CLUSTER_BODY_TOO_LARGE: { status: 413, template: 'a cluster message body of {bytes} bytes cannot cross (limit {limit}): {reason}' },
   TANDEM_CLUSTER_NATS_UNREACHABLE: { status: 503, template: 'cannot reach NATS at {url}: {reason}' },
+  TANDEM_CLUSTER_START_FAILED: { status: 500, template: '{process} did not start: {reason}' },
 } as const satisfies Record<string, { status: number; template: string }>;
 
 export type ClusterErrorCode = keyof typeof CLUSTER_ERRORS;

@@ -11,6 +11,7 @@ import { dirname, join, relative, resolve } from 'node:path';
 import type { BlockRange } from '../middle-runner.ts';
 import { rangeName } from './block-ranges.ts';
 import { natsPasswordVariable } from './nats-connection.ts';
+import { ClusterError } from './errors.ts';
 import { RECOMMENDED_MAX_PAYLOAD } from './wire-spill.ts';
 
 export const DEFAULT_NATS_SERVER = '/usr/sbin/nats-server';
@@ -82,12 +83,25 @@ function waitFor(child: Child, pattern: RegExp, stream: 'stdout' | 'stderr', tim
       clearTimeout(timer);
       reject(new Error(`${child.name} exited with ${code}:\n${text.slice(-2000)}`));
     });
+    // A binary that is not there (or may not run) never exits: spawn reports it here, once.
+    child.process.once('error', (error: NodeJS.ErrnoException) => {
+      clearTimeout(timer);
+      reject(spawnFailure(child.name, child.process.spawnfile, error));
+    });
   });
+}
+
+/** The typed error of a process that could not be started; a missing nats-server says how to install it. */
+export function spawnFailure(name: string, file: string, error: NodeJS.ErrnoException): ClusterError {
+  const missing = error.code === 'ENOENT';
+  const hint = missing && name === 'nats' ? ` (install Debian's: apt-get install -y nats-server, or name the binary with --nats-server)` : '';
+  return new ClusterError('TANDEM_CLUSTER_START_FAILED', { process: name, file, reason: `${missing ? `${file} not found` : error.message}${hint}` }, { cause: error });
 }
 
 async function stopChild(child: Child): Promise<void> {
   const p = child.process;
-  if (p.exitCode !== null || p.signalCode !== null) return;
+  // No pid: it never started (its spawn failed), so there is no exit to wait for.
+  if (p.pid === undefined || p.exitCode !== null || p.signalCode !== null) return;
   const exited = new Promise((r) => p.once('exit', r));
   p.kill('SIGTERM');
   const timer = setTimeout(() => p.kill('SIGKILL'), 10_000);

@@ -39,4 +39,14 @@ describe('tandem cluster up', () => {
     await assert.rejects(connect({ servers: cluster.natsUrl, maxReconnectAttempts: 0 }), 'nats-server is gone');
     await state.remove();
   });
+
+  it('a nats-server that is not there is a typed error that says how to install it, and nothing is left running', async () => {
+    const state = await tempDir('cluster-up-missing');
+    const missing = join(state.dir, 'no-such-nats-server');
+    await assert.rejects(
+      launchCluster({ modelDir: FIXTURE, workers: 1, ranges: [], stateDir: state.dir, natsPort: await freePort(), gatewayPort: await freePort(), bin: BIN, backend: 'cpu', natsServer: missing }),
+      (err: Error & { code?: string }) => err.code === 'TANDEM_CLUSTER_START_FAILED' && err.message.includes(missing) && /apt-get install -y nats-server/.test(err.message),
+    );
+    await state.remove();
+  });
 });

@@ -10,7 +10,7 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { natsAuthInclude } from '../../cloud-node/cluster/launcher.ts';
+import { natsAuthInclude, spawnFailure } from '../../cloud-node/cluster/launcher.ts';
 import { natsPasswordVariable } from '../../cloud-node/cluster/nats-connection.ts';
 
 export const NATS_SERVER = process.env.TANDEM_NATS_SERVER ?? (process.platform === 'linux' ? '/usr/sbin/nats-server' : 'nats-server');
@@ -56,6 +56,10 @@ export async function waitReady(child: ChildProcess, port: number): Promise<void
       clearTimeout(timer);
       reject(new Error(`nats-server exited with ${code}:\n${log}`));
     });
+    child.once('error', (error: NodeJS.ErrnoException) => {
+      clearTimeout(timer);
+      reject(spawnFailure('nats', child.spawnfile, error));
+    });
   });
 }
 
@@ -87,7 +91,12 @@ export async function startNatsServer(options: { maxPayload?: number } = {}): Pr
       const c = spawn(NATS_SERVER, ['-c', config], { stdio: ['ignore', 'ignore', 'pipe'] });
       child = c;
       c.once('exit', () => { if (child === c) child = undefined; });
-      await waitReady(c, port);
+      try {
+        await waitReady(c, port);
+      } catch (error) {
+        if (child === c) child = undefined;
+        throw error;
+      }
       c.stderr?.resume();
     },
     async stop() {
