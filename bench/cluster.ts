@@ -77,6 +77,8 @@ interface StepRow {
   /** The hop (round trips less the worker's compute) over the wall time of the timed steps. */
   natsOverheadFraction: number;
   hopMsPerStep: number;
+  /** Bytes of the request bodies sent to workers per step (the edge's int8-block h_B and f16 g_M travel as they came). */
+  requestBytesPerStep: number;
   middleComputeMsPerStep: number;
 }
 
@@ -90,7 +92,7 @@ async function stepThroughGateway(natsUrl: string, modelDir: string, config: Mod
     const { client, id, edge, engine: edgeEngine, close } = await openEdge(node.url, node.adminKey as string, cut, work, choice);
     try {
       const session = await client.openSession({ model: { id, contentHash: edge.contentHash }, cut, codecs: { forward: [{ codec: 'int8-block' }], backward: [{ codec: 'f16' }] } });
-      const hop = () => node.cluster?.hop() ?? { requests: 0, roundTripMs: 0, computeMs: 0 };
+      const hop = () => node.cluster?.hop() ?? { requests: 0, roundTripMs: 0, computeMs: 0, requestBytes: 0 };
       let before = hop();
       const data = batches(config.vocabSize, batch, seq, steps + 1, 3);
       const timed = await timeSteps(edge.model, cut, session.middle(), methodsFor(config.numHiddenLayers, cut), data, edgeEngine, () => { before = hop(); });
@@ -100,6 +102,7 @@ async function stepThroughGateway(natsUrl: string, modelDir: string, config: Mod
       return {
         batch, seq, stepSeconds: timed.median, natsOverheadFraction: Math.max(0, hopMs) / (timed.total * 1000),
         hopMsPerStep: hopMs / steps, middleComputeMsPerStep: (after.computeMs - before.computeMs) / steps,
+        requestBytesPerStep: (after.requestBytes - before.requestBytes) / steps,
       };
     } finally {
       await close();
@@ -183,7 +186,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
     children = [];
     // The split bench's step on this model: 4 x 128 tokens.
     const step = await stepThroughGateway(nats.url, modelDir, loaded.config, engine, work, steps * 2, cut, 4, 128);
-    process.stdout.write(`a split training step through a gateway and 1 worker (4 x 128 tokens, cut ${cut.bottom}/${cut.top}, int8-block forward, f16 backward): ${(step.stepSeconds * 1000).toFixed(1)} ms; middle compute ${step.middleComputeMsPerStep.toFixed(1)} ms and NATS hop ${step.hopMsPerStep.toFixed(1)} ms per step: the hop is ${(step.natsOverheadFraction * 100).toFixed(1)}% of the step time (target <= 10%)\n`);
+    process.stdout.write(`a split training step through a gateway and 1 worker (4 x 128 tokens, cut ${cut.bottom}/${cut.top}, int8-block forward, f16 backward): ${(step.stepSeconds * 1000).toFixed(1)} ms; middle compute ${step.middleComputeMsPerStep.toFixed(1)} ms and NATS hop ${step.hopMsPerStep.toFixed(1)} ms per step (request bodies ${(step.requestBytesPerStep / 2 ** 20).toFixed(2)} MiB): the hop is ${(step.natsOverheadFraction * 100).toFixed(1)}% of the step time (target <= 10%)\n`);
     const [one, two, oneWide] = rows;
     const speedup = two.tokensPerSecond / one.tokensPerSecond;
     const versusOneWide = two.tokensPerSecond / oneWide.tokensPerSecond;

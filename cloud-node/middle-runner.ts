@@ -2,9 +2,20 @@
 // this process (MiddleExecutor) or the workers of a NATS cluster reached through a gateway
 // (cluster/cluster-executor.ts). Both keep a forward's tape where it ran and free it on
 // dispose; a backward whose tape is gone throws TapeLost, and the caller recomputes from h_B.
+import type { TensorFrame } from '../protocol/index.ts';
 import type { BlockRange, HeldLora, KeptTape, Shape3 } from './middle-executor.ts';
 
 export type { BlockRange, KeptTape, Shape3 } from './middle-executor.ts';
+
+/**
+ * The frames an edge sent for a call's inputs, as received and validated: a runner that ships
+ * tensors to another process (a cluster) may send these in place of the float32 values they
+ * decode to; one that computes here ignores them.
+ */
+export interface InputFrames {
+  h?: TensorFrame;
+  g?: TensorFrame;
+}
 
 export interface MiddleRunner {
   /** Every compute worker this runner needs is up. */
@@ -20,13 +31,13 @@ export interface MiddleRunner {
   /** Requests computing now. */
   readonly running: number;
   /** h_B [batch, seq, hidden] → h_M. */
-  forward(range: BlockRange, h: Float32Array, shape: Shape3, tenant?: string): Promise<Float32Array>;
+  forward(range: BlockRange, h: Float32Array, shape: Shape3, tenant?: string, frames?: InputFrames): Promise<Float32Array>;
   /** h_B → h_M, the worker that ran it keeping the tape for backwardFromTape. */
-  forwardKeepingTape(range: BlockRange, h: Float32Array, shape: Shape3, tenant?: string): Promise<{ output: Float32Array; tape: KeptTape }>;
+  forwardKeepingTape(range: BlockRange, h: Float32Array, shape: Shape3, tenant?: string, frames?: InputFrames): Promise<{ output: Float32Array; tape: KeptTape }>;
   /** g_M → g_B from a kept tape (which this frees); TapeLost when it is gone. */
-  backwardFromTape(tape: KeptTape, g: Float32Array, shape: Shape3, tenant?: string): Promise<Float32Array>;
+  backwardFromTape(tape: KeptTape, g: Float32Array, shape: Shape3, tenant?: string, frames?: InputFrames): Promise<Float32Array>;
   /** g_M → g_B, recomputing the forward from h_B. */
-  backward(range: BlockRange, h: Float32Array, g: Float32Array, shape: Shape3, tenant?: string): Promise<Float32Array>;
+  backward(range: BlockRange, h: Float32Array, g: Float32Array, shape: Shape3, tenant?: string, frames?: InputFrames): Promise<Float32Array>;
   /** Whether forwardHeld and backwardHeld run (absent: no held middle adapters on this runner, e.g. a cluster). */
   readonly holdsAdapters?: boolean;
   /** h_B → h_M with a session's held middle LoRA. */

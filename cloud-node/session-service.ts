@@ -459,11 +459,11 @@ export class SessionService {
       out = await executor.forwardHeld(range, h, shape, session.tenant, held.lora());
       if (forward.needsBackward) this.#options.cache.put({ sessionId: session.id, step: forward.step, microbatch: forward.microbatch, data: h, shape });
     } else if (forward.needsBackward) {
-      const taped = await executor.forwardKeepingTape(range, h, shape, session.tenant);
+      const taped = await executor.forwardKeepingTape(range, h, shape, session.tenant, { h: forward.frames[0] });
       out = taped.output;
       this.#options.cache.put({ sessionId: session.id, step: forward.step, microbatch: forward.microbatch, data: h, shape, tape: taped.tape });
     } else {
-      out = await executor.forward(range, h, shape, session.tenant);
+      out = await executor.forward(range, h, shape, session.tenant, { h: forward.frames[0] });
     }
     this.#options.metrics.latency.observe({ kind: 'forward' }, (performance.now() - started) / 1000);
     this.#checkFinite(session, out, 'h_M', forward.step);
@@ -505,13 +505,13 @@ export class SessionService {
     }
     if (out === undefined && cached?.tape) {
       try {
-        out = await executor.backwardFromTape(cached.tape, g, shape, session.tenant);
+        out = await executor.backwardFromTape(cached.tape, g, shape, session.tenant, { g: backward.frames[0] });
       } catch (err) {
         // The worker that kept the tape restarted: recompute from the h_B kept beside it.
         if (!(err instanceof TapeLost)) throw err;
       }
     }
-    out ??= await executor.backward(served.middleOf(session.cut), h, g, shape, session.tenant);
+    out ??= await executor.backward(served.middleOf(session.cut), h, g, shape, session.tenant, { g: backward.frames[0], h: n === 2 ? backward.frames[1] : undefined });
     this.#options.metrics.latency.observe({ kind: 'backward' }, (performance.now() - started) / 1000);
     // The edge resent h_B (the cloud had nothing of this micro-batch left).
     const recomputed = cached === undefined;

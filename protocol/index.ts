@@ -18,6 +18,7 @@ export type { DecodeEnvelopeOptions } from './envelope.ts';
 export { negotiateCodecs } from './codec-negotiation.ts';
 export type { CodecPreferences } from './codec-negotiation.ts';
 export { decodeTensor, encodeTensor, frameBytes, frameChecksum, validateFrame } from './tensor-frame.ts';
+export { decodeFrame, encodeFrame } from './frame-bytes.ts';
 export type { EncodeTensorOptions, FrameExpectation } from './tensor-frame.ts';
 export { CODEC_NAMES } from './codecs/registry.ts';
 export { DEFAULT_BLOCK_SIZE } from './codecs/codec.ts';

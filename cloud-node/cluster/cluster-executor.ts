@@ -12,7 +12,8 @@ import type { NatsConnection } from '@nats-io/transport-node';
 import type { Logger } from 'pino';
 import { CloudError } from '../errors.ts';
 import { TapeLost } from '../middle-executor.ts';
-import type { BlockRange, KeptTape, MiddleRunner, Shape3 } from '../middle-runner.ts';
+import type { BlockRange, InputFrames, KeptTape, MiddleRunner, Shape3 } from '../middle-runner.ts';
+import type { TensorFrame } from '../../protocol/index.ts';
 import { coverRange } from './block-ranges.ts';
 import type { PipelineSegment } from './block-ranges.ts';
 import { connectNats } from './nats-connection.ts';
@@ -41,6 +42,8 @@ export interface HopStats {
   requests: number;
   roundTripMs: number;
   computeMs: number;
+  /** Bytes of the bodies of those requests (an edge's lossy frame travels as it came, not as float32). */
+  requestBytes: number;
   /** Requests whose body was over max_payload and went through the object store. */
   spilled: number;
 }
@@ -91,6 +94,15 @@ class AttemptAbandoned extends Error {
   override readonly name = 'AttemptAbandoned';
 }
 
+/**
+ * The edge's frame of tensor `field`, to send in place of its float32 values when it is
+ * smaller (a lossy codec's); an f32 frame is the values themselves, sent as they are.
+ */
+function sent(field: 'h' | 'g', frame: TensorFrame | undefined): { hFrame?: TensorFrame; gFrame?: TensorFrame } {
+  if (frame === undefined || frame.codec === 'f32') return {};
+  return field === 'h' ? { hFrame: frame } : { gFrame: frame };
+}
+
 /** A reply's msgpack framing and small fields, beyond its output tensor. */
 const REPLY_OVERHEAD_BYTES = 4096;
 
@@ -100,7 +112,7 @@ export class ClusterExecutor implements MiddleRunner {
   readonly #nc: NatsConnection;
   readonly #directory: WorkerDirectory;
   readonly #options: ClusterExecutorOptions;
-  readonly #hop: Omit<HopStats, 'spilled'> = { requests: 0, roundTripMs: 0, computeMs: 0 };
+  readonly #hop: Omit<HopStats, 'spilled'> = { requests: 0, roundTripMs: 0, computeMs: 0, requestBytes: 0 };
   #inFlight = 0;
   #retries = 0;
   #closed = false;
@@ -183,20 +195,20 @@ export class ClusterExecutor implements MiddleRunner {
     return { ...this.#hop, spilled: this.#spill.stats.spilled };
   }
 
-  async forward(range: BlockRange, h: Float32Array, shape: Shape3, tenant = ''): Promise<Float32Array> {
+  async forward(range: BlockRange, h: Float32Array, shape: Shape3, tenant = '', frames: InputFrames = {}): Promise<Float32Array> {
     let x = h;
-    for (const segment of await this.#plan(range)) {
-      x = (await this.#toRange(segment, { op: 'forward', blocks: segment.blocks, shape, h: x, keepTape: false }, tenant)).output;
+    for (const [i, segment] of (await this.#plan(range)).entries()) {
+      x = (await this.#toRange(segment, { op: 'forward', blocks: segment.blocks, shape, h: x, ...sent('h', i === 0 ? frames.h : undefined), keepTape: false }, tenant)).output;
     }
     return x;
   }
 
-  async forwardKeepingTape(range: BlockRange, h: Float32Array, shape: Shape3, tenant = ''): Promise<{ output: Float32Array; tape: KeptTape }> {
+  async forwardKeepingTape(range: BlockRange, h: Float32Array, shape: Shape3, tenant = '', frames: InputFrames = {}): Promise<{ output: Float32Array; tape: KeptTape }> {
     const links: Link[] = [];
     let x = h;
     try {
-      for (const segment of await this.#plan(range)) {
-        const reply = await this.#toRange(segment, { op: 'forward', blocks: segment.blocks, shape, h: x, keepTape: true }, tenant);
+      for (const [i, segment] of (await this.#plan(range)).entries()) {
+        const reply = await this.#toRange(segment, { op: 'forward', blocks: segment.blocks, shape, h: x, ...sent('h', i === 0 ? frames.h : undefined), keepTape: true }, tenant);
         links.push({ segment, input: x, worker: reply.worker, tapeId: reply.tapeId ?? 0, used: false });
         x = reply.output;
       }
@@ -207,33 +219,37 @@ export class ClusterExecutor implements MiddleRunner {
     return { output: x, tape: new ClusterTape(links, (link) => this.#dropTape(link)) };
   }
 
-  async backwardFromTape(tape: KeptTape, g: Float32Array, shape: Shape3, tenant = ''): Promise<Float32Array> {
+  async backwardFromTape(tape: KeptTape, g: Float32Array, shape: Shape3, tenant = '', frames: InputFrames = {}): Promise<Float32Array> {
     if (!(tape instanceof ClusterTape) || tape.used) throw new TapeLost('the tape is gone');
     tape.used = true;
     let grad = g;
+    // The edge's g_M frame goes to the last range, which receives g_M itself.
+    let gFrame = frames.g;
     for (const link of [...tape.links].reverse()) {
       link.used = true;
       try {
-        grad = (await this.#toWorker(link, grad, shape, tenant)).output;
+        grad = (await this.#toWorker(link, grad, gFrame, shape, tenant)).output;
       } catch (error) {
         if (!(error instanceof TapeLost)) throw error;
         // The worker is gone or dropped the tape: any worker of the range recomputes.
-        grad = (await this.#toRange(link.segment, { op: 'backward', blocks: link.segment.blocks, shape, h: link.input, g: grad }, tenant)).output;
+        grad = (await this.#toRange(link.segment, { op: 'backward', blocks: link.segment.blocks, shape, h: link.input, g: grad, ...sent('g', gFrame) }, tenant)).output;
       }
+      gFrame = undefined;
     }
     return grad;
   }
 
-  async backward(range: BlockRange, h: Float32Array, g: Float32Array, shape: Shape3, tenant = ''): Promise<Float32Array> {
+  async backward(range: BlockRange, h: Float32Array, g: Float32Array, shape: Shape3, tenant = '', frames: InputFrames = {}): Promise<Float32Array> {
     const segments = await this.#plan(range);
     // A pipeline needs each segment's input: the forward again, without tapes.
     const inputs: Float32Array[] = [h];
-    for (const segment of segments.slice(0, -1)) {
-      inputs.push((await this.#toRange(segment, { op: 'forward', blocks: segment.blocks, shape, h: inputs.at(-1) as Float32Array, keepTape: false }, tenant)).output);
+    for (const [i, segment] of segments.slice(0, -1).entries()) {
+      inputs.push((await this.#toRange(segment, { op: 'forward', blocks: segment.blocks, shape, h: inputs.at(-1) as Float32Array, ...sent('h', i === 0 ? frames.h : undefined), keepTape: false }, tenant)).output);
     }
     let grad = g;
     for (let i = segments.length - 1; i >= 0; i--) {
-      grad = (await this.#toRange(segments[i], { op: 'backward', blocks: segments[i].blocks, shape, h: inputs[i], g: grad }, tenant)).output;
+      const request = { op: 'backward' as const, blocks: segments[i].blocks, shape, h: inputs[i], g: grad, ...sent('h', i === 0 ? frames.h : undefined), ...sent('g', i === segments.length - 1 ? frames.g : undefined) };
+      grad = (await this.#toRange(segments[i], request, tenant)).output;
     }
     return grad;
   }
@@ -268,7 +284,8 @@ export class ClusterExecutor implements MiddleRunner {
     headers.set(CLAIM_TO_HEADER, this.#claimSubject);
     headers.set(CLAIM_ID_HEADER, claimId);
     // Over max_payload, the body goes through the object store (chunked), once for all tries.
-    const body = await this.#spill.outgoing(encodeRequest(request), headers).catch((error: unknown) => {
+    const encoded = encodeRequest(request);
+    const body = await this.#spill.outgoing(encoded, headers).catch((error: unknown) => {
       throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: `a ${request.op} cannot reach the workers: ${(error as Error).message}`.slice(0, 300) });
     });
     this.#claims.set(claimId, '');
@@ -292,6 +309,7 @@ export class ClusterExecutor implements MiddleRunner {
         this.#hop.requests++;
         this.#hop.roundTripMs += performance.now() - started;
         this.#hop.computeMs += reply.computeMs;
+        this.#hop.requestBytes += encoded.byteLength;
       }
       return reply;
     } finally {
@@ -345,11 +363,12 @@ export class ClusterExecutor implements MiddleRunner {
   }
 
   /** To the worker that kept the tape; TapeLost when it is gone, silent or lost the tape. */
-  async #toWorker(link: Link, g: Float32Array, shape: Shape3, tenant: string): Promise<Extract<MiddleReply, { ok: true }>> {
+  async #toWorker(link: Link, g: Float32Array, gFrame: TensorFrame | undefined, shape: Shape3, tenant: string): Promise<Extract<MiddleReply, { ok: true }>> {
     const elements = shape[0] * shape[1] * shape[2];
     this.#inFlight++;
     try {
-      const reply = await this.#counted(link.worker, () => this.#send(workerSubject(link.worker), { op: 'backwardFromTape', tapeId: link.tapeId, shape, g }, elements, tenant, this.#options.attemptTimeoutMs ?? 10_000, Date.now() + (this.#options.requestTimeoutMs ?? 25_000)));
+      const request: MiddleRequest = { op: 'backwardFromTape', tapeId: link.tapeId, shape, g, ...sent('g', gFrame) };
+      const reply = await this.#counted(link.worker, () => this.#send(workerSubject(link.worker), request, elements, tenant, this.#options.attemptTimeoutMs ?? 10_000, Date.now() + (this.#options.requestTimeoutMs ?? 25_000)));
       if (reply.ok) return reply;
       throw this.#failed(reply);
     } catch (error) {

@@ -5,6 +5,8 @@ import { headers as natsHeaders } from '@nats-io/transport-node';
 import type { MsgHdrs } from '@nats-io/transport-node';
 import { Packr } from 'msgpackr';
 import type { BlockRange, Shape3 } from '../middle-runner.ts';
+import { DEFAULT_LIMITS, decodeFrame, decodeTensor, encodeFrame } from '../../protocol/index.ts';
+import type { TensorFrame } from '../../protocol/index.ts';
 import { ClusterError } from './errors.ts';
 
 const packr = new Packr({ useRecords: false });
@@ -50,10 +52,15 @@ export function safeWorkerId(text: string): string {
   return text.replace(/[^A-Za-z0-9_-]/g, '_').slice(0, 96);
 }
 
+/**
+ * `hFrame` and `gFrame`: the frame `h` or `g` was decoded from at the gateway (an edge's
+ * int8-block h_B, its f16 g_M), sent in place of the float32 values; the worker decodes it
+ * into the same values. Absent, the float32 values travel.
+ */
 export type MiddleRequest =
-  | { op: 'forward'; blocks: BlockRange; shape: Shape3; h: Float32Array; keepTape: boolean }
-  | { op: 'backward'; blocks: BlockRange; shape: Shape3; h: Float32Array; g: Float32Array }
-  | { op: 'backwardFromTape'; tapeId: number; shape: Shape3; g: Float32Array }
+  | { op: 'forward'; blocks: BlockRange; shape: Shape3; h: Float32Array; hFrame?: TensorFrame; keepTape: boolean }
+  | { op: 'backward'; blocks: BlockRange; shape: Shape3; h: Float32Array; g: Float32Array; hFrame?: TensorFrame; gFrame?: TensorFrame }
+  | { op: 'backwardFromTape'; tapeId: number; shape: Shape3; g: Float32Array; gFrame?: TensorFrame }
   | { op: 'dropTape'; tapeId: number };
 
 export type MiddleReply =
@@ -93,7 +100,18 @@ function packTensors<T extends object>(value: T): Uint8Array {
 }
 
 export function encodeRequest(request: MiddleRequest): Uint8Array {
-  return packTensors(request);
+  const { hFrame, gFrame, ...rest } = request as MiddleRequest & { hFrame?: TensorFrame; gFrame?: TensorFrame };
+  const out: Record<string, unknown> = { ...rest };
+  // A frame travels in place of its values (encoded as the protocol encodes it).
+  if (hFrame !== undefined) {
+    delete out.h;
+    out.hFrame = encodeFrame(hFrame);
+  }
+  if (gFrame !== undefined) {
+    delete out.g;
+    out.gFrame = encodeFrame(gFrame);
+  }
+  return packTensors(out);
 }
 
 export function encodeReply(reply: MiddleReply): Uint8Array {
@@ -144,22 +162,43 @@ function tensorOf(value: unknown, field: string, elements: number): Float32Array
   return out;
 }
 
+/**
+ * The values of tensor `field`: its float32 bytes, or the frame in `${field}Frame` decoded (the
+ * frame's shape must be the request's; the limits bound it before anything is decoded; the
+ * gateway has applied the session's policy on non-finite values to these same values).
+ */
+function valuesOf(r: Record<string, unknown>, field: 'h' | 'g', shape: Shape3, maxElements: number): Float32Array {
+  const elements = shape[0] * shape[1] * shape[2];
+  const framed = r[`${field}Frame`];
+  if (framed === undefined) return tensorOf(r[field], field, elements);
+  if (!(framed instanceof Uint8Array)) throw invalid(`${field}Frame`, 'not bytes');
+  try {
+    const limits = { ...DEFAULT_LIMITS, maxElements, maxFrameBytes: elements * 4 + FRAME_OVERHEAD_BYTES };
+    return decodeTensor(decodeFrame(framed, limits.maxFrameBytes + FRAME_OVERHEAD_BYTES, `${field}Frame`), { shape, limits, allowNonFinite: true, field: `${field}Frame` });
+  } catch (cause) {
+    if (cause instanceof ClusterError) throw cause;
+    throw invalid(`${field}Frame`, (cause as Error).message.slice(0, 200));
+  }
+}
+
+/** Room in a frame for its codec's parameters (scales, indices) beyond float32 values. */
+const FRAME_OVERHEAD_BYTES = 64 * 1024;
+
 /** A request a worker received; `maxElements` bounds every tensor before it is copied. */
 export function decodeRequest(bytes: Uint8Array, maxElements: number): MiddleRequest {
   const r = record(bytes, 'request');
-  const elements = (shape: Shape3): number => shape[0] * shape[1] * shape[2];
   switch (r.op) {
     case 'forward': {
       const shape = shapeOf(r.shape, maxElements);
-      return { op: 'forward', blocks: blocksOf(r.blocks), shape, h: tensorOf(r.h, 'h', elements(shape)), keepTape: r.keepTape === true };
+      return { op: 'forward', blocks: blocksOf(r.blocks), shape, h: valuesOf(r, 'h', shape, maxElements), keepTape: r.keepTape === true };
     }
     case 'backward': {
       const shape = shapeOf(r.shape, maxElements);
-      return { op: 'backward', blocks: blocksOf(r.blocks), shape, h: tensorOf(r.h, 'h', elements(shape)), g: tensorOf(r.g, 'g', elements(shape)) };
+      return { op: 'backward', blocks: blocksOf(r.blocks), shape, h: valuesOf(r, 'h', shape, maxElements), g: valuesOf(r, 'g', shape, maxElements) };
     }
     case 'backwardFromTape': {
       const shape = shapeOf(r.shape, maxElements);
-      return { op: 'backwardFromTape', tapeId: int(r.tapeId, 'tapeId', 1, Number.MAX_SAFE_INTEGER), shape, g: tensorOf(r.g, 'g', elements(shape)) };
+      return { op: 'backwardFromTape', tapeId: int(r.tapeId, 'tapeId', 1, Number.MAX_SAFE_INTEGER), shape, g: valuesOf(r, 'g', shape, maxElements) };
     }
     case 'dropTape':
       return { op: 'dropTape', tapeId: int(r.tapeId, 'tapeId', 1, Number.MAX_SAFE_INTEGER) };

@@ -91,6 +91,18 @@ export async function trainThrough(cloud: string, key: string, options: Partial<
   }
 }
 
+/** trainThrough a single-process node of the fixture: what the cluster runs are held to. */
+export async function trainOnOneProcess(options: Partial<EdgeTrainOptions> = {}): Promise<{ losses: number[]; adapter: Map<string, Float32Array> }> {
+  const state = await tempDir('single');
+  const node = await startCloudNode({ modelDir: FIXTURE, stateDir: state.dir, logLevel: 'silent', backend: 'cpu' });
+  try {
+    return await trainThrough(node.url, node.adminKey as string, options);
+  } finally {
+    await node.close();
+    await state.remove();
+  }
+}
+
 /** `tandem cloud --role gateway` as a child process on a free port; resolves with its URL (and the admin key when it made one). */
 export async function spawnGateway(natsUrl: string, stateDir: string, port: number): Promise<{ child: ChildProcess; url: string; adminKey?: string }> {
   const args = [BIN, 'cloud', '--role', 'gateway', '--nats', natsUrl, '--model', FIXTURE, '--backend', 'cpu', '--port', String(port), '--state', stateDir, '--worker-timeout', '3', '--log-level', 'warn'];

@@ -4,11 +4,10 @@
 // a nats-server restart (the in-memory spill bucket is made again).
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
-import { startCloudNode } from '../../cloud-node/index.ts';
 import { initBackend } from '../../model/index.ts';
 import { startNatsServer } from './nats-server.ts';
 import type { TestNatsServer } from './nats-server.ts';
-import { FIXTURE, RUN, maxAdapterDiff, startGateway, startWorker, tempDir, trainThrough, until } from './helpers.ts';
+import { RUN, maxAdapterDiff, startGateway, startWorker, trainOnOneProcess, trainThrough, until } from './helpers.ts';
 
 const MAX_PAYLOAD = 16 * 1024;
 
@@ -22,15 +21,7 @@ describe('cluster messages over max_payload (nats-server with max_payload 16 KiB
 
   it('a step whose tensors exceed max_payload crosses through the object store and trains as one process does', async () => {
     assert.ok(RUN.batchSize * RUN.seqLen * 64 * 4 > MAX_PAYLOAD, 'the recipe\'s activations are larger than max_payload');
-    const state = await tempDir('single');
-    const node = await startCloudNode({ modelDir: FIXTURE, stateDir: state.dir, logLevel: 'silent', backend: 'cpu' });
-    let single: Awaited<ReturnType<typeof trainThrough>>;
-    try {
-      single = await trainThrough(node.url, node.adminKey as string);
-    } finally {
-      await node.close();
-      await state.remove();
-    }
+    const single = await trainOnOneProcess();
 
     const worker = await startWorker(nats.url);
     const gateway = await startGateway(nats.url);

@@ -3,12 +3,11 @@
 // a two-range pipeline.
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
-import { startCloudNode } from '../../cloud-node/index.ts';
-import type { CloudNode, MiddleWorkerNode } from '../../cloud-node/index.ts';
+import type { MiddleWorkerNode } from '../../cloud-node/index.ts';
 import { initBackend } from '../../model/index.ts';
 import { startNatsServer } from './nats-server.ts';
 import type { TestNatsServer } from './nats-server.ts';
-import { FIXTURE, maxAdapterDiff, startGateway, startWorker, tempDir, trainThrough, until } from './helpers.ts';
+import { maxAdapterDiff, startGateway, startWorker, trainOnOneProcess, trainThrough, until } from './helpers.ts';
 
 describe('split training through a NATS cluster (stories260K, cut (1, 1): middle blocks [1, 4))', () => {
   let nats: TestNatsServer;
@@ -16,14 +15,7 @@ describe('split training through a NATS cluster (stories260K, cut (1, 1): middle
   before(async () => {
     await initBackend({ backend: 'cpu' });
     nats = await startNatsServer();
-    const state = await tempDir('single');
-    const node: CloudNode = await startCloudNode({ modelDir: FIXTURE, stateDir: state.dir, logLevel: 'silent', backend: 'cpu' });
-    try {
-      single = await trainThrough(node.url, node.adminKey as string);
-    } finally {
-      await node.close();
-      await state.remove();
-    }
+    single = await trainOnOneProcess();
   });
   after(() => nats.close());
 
@@ -64,6 +56,30 @@ describe('split training through a NATS cluster (stories260K, cut (1, 1): middle
     } finally {
       await gateway.remove();
       for (const w of workers) await w.close();
+    }
+  });
+
+  it('with an int8-block forward and an f16 backward, the gateway sends the edge frames as they came and trains as one process does', async () => {
+    const lossy = { codecForward: 'int8-block', codecBackward: 'f16' } as const;
+    const one = await trainOnOneProcess(lossy);
+    const worker = await startWorker(nats.url);
+    const gateway = await startGateway(nats.url);
+    try {
+      const hop = () => gateway.cluster?.hop() ?? { requests: 0, requestBytes: 0 };
+      await until(async () => (await gateway.cluster?.status.workers())?.length === 1, 10_000, 'the worker announced');
+      const run = await trainThrough(gateway.url, gateway.adminKey as string, lossy);
+      run.losses.forEach((loss, i) => assert.ok(Math.abs(loss - one.losses[i]) <= 1e-5, `step ${i + 1}: cluster ${loss} vs one process ${one.losses[i]}`));
+      const diff = maxAdapterDiff(one.adapter, run.adapter);
+      assert.ok(diff <= 1e-5, `adapters differ by ${diff}`);
+      const framed = hop();
+      same(await trainThrough(gateway.url, gateway.adminKey as string));
+      const plain = { requests: hop().requests - framed.requests, requestBytes: hop().requestBytes - framed.requestBytes };
+      // h_B at a quarter and g_M at half of their float32 bytes (forwards and backwards alike).
+      const ratio = (framed.requestBytes / framed.requests) / (plain.requestBytes / plain.requests);
+      assert.ok(ratio < 0.6, `a lossy request body is ${ratio.toFixed(2)} of a float32 one`);
+    } finally {
+      await gateway.remove();
+      await worker.close();
     }
   });
 });
