@@ -86,3 +86,11 @@ export async function timeSteps(model: LlamaModel, cut: Cut | undefined, middle:
     adapter.dispose();
   }
 }
+
+/** Seconds the node's middle spent on Forwards and Backwards so far (its tandem_step_seconds), read from /metrics with the admin key. */
+export async function nodeMiddleSeconds(url: string, adminKey: string): Promise<number> {
+  const text = await (await fetch(`${url}/metrics`, { headers: { authorization: `Bearer ${adminKey}` } })).text();
+  let seconds = 0;
+  for (const line of text.split('\n')) if (line.startsWith('tandem_step_seconds_sum{')) seconds += Number(line.slice(line.lastIndexOf(' ') + 1));
+  return seconds;
+}

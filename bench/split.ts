@@ -9,6 +9,11 @@
 // LocalMiddle, which, like the cloud, runs the middle's forward without a tape and
 // recomputes it in backward (activation checkpointing at the cut) — the fair comparison
 // for the cost of the wire itself.
+//
+// Each split row also says where its step goes (means over the timed steps): the edge's own
+// work, its wait on the cloud (MiddleTraffic.waitMs), the node's middle compute in that wait
+// (tandem_step_seconds from the node's /metrics) and the rest of it (codecs, socket.io, the
+// node's handling). Edge and node share this machine's cores and take turns on them.
 import { mkdtemp, rm } from 'node:fs/promises';
 import { createServer, connect } from 'node:net';
 import type { AddressInfo } from 'node:net';
@@ -18,7 +23,7 @@ import { startCloudNode } from '../cloud-node/index.ts';
 import { LlamaModel, initBackend, loadModelFolder, selectEngine } from '../model/index.ts';
 import type { Cut, EngineChoice } from '../model/index.ts';
 import { randomModelDir } from './_random-model.ts';
-import { batches, methodsFor, openEdge, openOrt, timeSteps } from './_train-steps.ts';
+import { batches, methodsFor, nodeMiddleSeconds, openEdge, openOrt, timeSteps } from './_train-steps.ts';
 import type { CodecName } from '../protocol/index.ts';
 
 const FIXTURE = join(import.meta.dirname, '..', 'test', 'fixtures', 'stories260K');
@@ -86,13 +91,25 @@ async function runCase(c: Case, steps: number, work: string, choice: EngineChoic
       for (const [fwd, bwd] of PAIRS) {
         const session = await client.openSession({ model: { id, contentHash: edge.contentHash }, cut: c.cut, codecs: { forward: [{ codec: fwd }], backward: [{ codec: bwd }] } });
         const middle = session.middle();
-        const seconds = (await timeSteps(edge.model, c.cut, middle, methods, data, edgeEngine)).median;
+        // Where a step's time goes, over the timed steps: the edge's own work, and its wait on
+        // the cloud, which is the node's middle compute plus the wire (codecs, socket.io, the
+        // node's handling).
+        let waitedBefore = 0;
+        let nodeBefore: Promise<number> = Promise.resolve(0);
+        const timed = await timeSteps(edge.model, c.cut, middle, methods, data, edgeEngine, () => {
+          waitedBefore = middle.traffic.waitMs;
+          nodeBefore = nodeMiddleSeconds(node.url, node.adminKey as string);
+        });
+        const seconds = timed.median;
+        const waitSeconds = (middle.traffic.waitMs - waitedBefore) / 1000 / steps;
+        const nodeMiddleSecondsPerStep = ((await nodeMiddleSeconds(node.url, node.adminKey as string)) - (await nodeBefore)) / steps;
         const f = middle.traffic;
         const trained = tokens * (steps + 1);
         split.push({
           forward: fwd, backward: bwd, stepSeconds: seconds,
           ratioToLocalWhole: seconds / localWhole, ratioToLocalCut: seconds / localCut,
           upBytesPerToken: (f.forwardUpBytes + f.backwardUpBytes) / trained, downBytesPerToken: (f.forwardDownBytes + f.backwardDownBytes) / trained,
+          edgeSecondsPerStep: timed.total / steps - waitSeconds, waitSecondsPerStep: waitSeconds, nodeMiddleSecondsPerStep,
         });
         await session.close();
       }
@@ -122,15 +139,17 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
     ];
     const results = [];
     for (const c of cases) results.push(await runCase(c, steps, work, choice));
-    const lines = [`engine ${choice.name} (both sides), backend ${backend.name}; raw TCP loopback ${(tcp / 2 ** 20).toFixed(0)} MiB/s; median of ${steps} steps after one warm-up`, ''];
-    const header = ['model', 'params', 'cut', 'fwd/bwd codec', 'step s', 'split/local whole', 'split/local cut', 'B/token up', 'B/token down'];
+    const lines = [`engine ${choice.name} (both sides), backend ${backend.name}; raw TCP loopback ${(tcp / 2 ** 20).toFixed(0)} MiB/s; median of ${steps} steps after one warm-up; per step (means): the edge's own work, its wait on the cloud, of which the node's middle compute, and the rest (wire, codecs, the node's handling)`, ''];
+    const header = ['model', 'params', 'cut', 'fwd/bwd codec', 'step s', 'split/local whole', 'split/local cut', 'B/token up', 'B/token down', 'edge ms', 'wait ms', 'node middle ms', 'wire ms'];
     const rows: string[][] = [header];
     for (const r of results) {
       const cut = r.cut as Cut;
-      rows.push([String(r.model), `${((r.parameters as number) / 1e6).toFixed(2)}M`, `(${cut.bottom},${cut.top})`, 'local whole', (r.localWholeStepSeconds as number).toFixed(3), '', '', '', '']);
-      rows.push(['', '', '', 'local cut', (r.localCutStepSeconds as number).toFixed(3), '', '', '', '']);
+      rows.push([String(r.model), `${((r.parameters as number) / 1e6).toFixed(2)}M`, `(${cut.bottom},${cut.top})`, 'local whole', (r.localWholeStepSeconds as number).toFixed(3), '', '', '', '', '', '', '', '']);
+      rows.push(['', '', '', 'local cut', (r.localCutStepSeconds as number).toFixed(3), '', '', '', '', '', '', '', '']);
       for (const s of r.split as Record<string, number | string>[]) {
-        rows.push(['', '', '', `${s.forward}/${s.backward}`, (s.stepSeconds as number).toFixed(3), (s.ratioToLocalWhole as number).toFixed(3), (s.ratioToLocalCut as number).toFixed(3), (s.upBytesPerToken as number).toFixed(0), (s.downBytesPerToken as number).toFixed(0)]);
+        const ms = (x: unknown): string => ((x as number) * 1000).toFixed(0);
+        rows.push(['', '', '', `${s.forward}/${s.backward}`, (s.stepSeconds as number).toFixed(3), (s.ratioToLocalWhole as number).toFixed(3), (s.ratioToLocalCut as number).toFixed(3), (s.upBytesPerToken as number).toFixed(0), (s.downBytesPerToken as number).toFixed(0),
+          ms(s.edgeSecondsPerStep), ms(s.waitSecondsPerStep), ms(s.nodeMiddleSecondsPerStep), ms((s.waitSecondsPerStep as number) - (s.nodeMiddleSecondsPerStep as number))]);
       }
     }
     const widths = header.map((_, i) => Math.max(...rows.map((r) => r[i].length)));

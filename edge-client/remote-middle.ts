@@ -35,6 +35,8 @@ export interface MiddleTraffic {
   backwards: number;
   /** Backwards the cloud answered by recomputing from a resent h_B. */
   recomputes: number;
+  /** Milliseconds from sending each Forward and Backward to its reply, all together: what training waited on the cloud's compute and the wire. */
+  waitMs: number;
 }
 
 const LOSSLESS = new Set(['f32']);
@@ -44,7 +46,7 @@ export class RemoteMiddle implements Middle {
   readonly commitStep?: (commit: StepCommitRequest) => Promise<{ middleGradSquareSum: number }>;
   /** The last step the cloud committed for the held adapter. */
   private lastCommitted?: number;
-  readonly traffic: MiddleTraffic = { forwardUpBytes: 0, forwardDownBytes: 0, backwardUpBytes: 0, backwardDownBytes: 0, forwards: 0, backwards: 0, recomputes: 0 };
+  readonly traffic: MiddleTraffic = { forwardUpBytes: 0, forwardDownBytes: 0, backwardUpBytes: 0, backwardDownBytes: 0, forwards: 0, backwards: 0, recomputes: 0, waitMs: 0 };
   private readonly kept = new Map<string, TensorFrame>();
   private readonly feedback?: ErrorFeedback;
   private evalCounter = 0;
@@ -91,10 +93,12 @@ export class RemoteMiddle implements Middle {
     if (needsBackward) this.kept.set(keyString(key), frame);
     this.traffic.forwards += 1;
     this.traffic.forwardUpBytes += frameBytes(frame);
+    const sent = performance.now();
     const reply = await this.session.request({
       case: 'forward',
       value: { sessionId: this.session.id, step: wireKey.step, microbatch: wireKey.microbatch, frames: [frame], needsBackward },
     });
+    this.traffic.waitMs += performance.now() - sent;
     const out = this.decode(reply, 'forwardResult', wireKey, shape);
     this.traffic.forwardDownBytes += out.bytes;
     return tf.tensor3d(out.data, shape as [number, number, number]);
@@ -115,11 +119,14 @@ export class RemoteMiddle implements Middle {
       return this.session.request({ case: 'backward', value: { sessionId: this.session.id, step: key.step, microbatch: key.microbatch, frames, loss: key.loss } });
     };
     let reply: Envelope;
+    const sent = performance.now();
     try {
       reply = await send([gFrame]);
     } catch (err) {
       if (!(err instanceof EdgeError) || err.remoteCode !== WIRE_ERRORS.activationsGone) throw err;
       reply = await send([gFrame, hB]);
+    } finally {
+      this.traffic.waitMs += performance.now() - sent;
     }
     const out = this.decode(reply, 'backwardResult', key, shape);
     if (out.recomputed) this.traffic.recomputes += 1;

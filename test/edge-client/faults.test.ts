@@ -59,8 +59,12 @@ describe('split training under faults', () => {
   it('activations evicted before their backward: the cloud recomputes from the resent h_B and the result is the same', async () => {
     const tight = await startTestCloud({ memoryBudgetBytes: 1 });
     try {
+      const started = performance.now();
       const result = await trainEdge({ ...run, cloud: tight.url, key: tight.key, cacheDir: cache.dir });
+      const elapsedMs = performance.now() - started;
       assert.equal(result.wire.frames.recomputes, run.steps * run.gradientAccumulationSteps, 'every backward was recomputed');
+      // The wait on the cloud counts each Forward and Backward once, the resend of h_B included.
+      assert.ok(result.wire.frames.waitMs > 0 && result.wire.frames.waitMs < elapsedMs, `waited ${result.wire.frames.waitMs} ms of a ${elapsedMs} ms run`);
       assertSameRun(result, reference, 1e-6);
     } finally {
       await tight.close();
