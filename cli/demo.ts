@@ -50,6 +50,8 @@ function demoJson(r: EdgeTrainResult, seconds: number): Record<string, unknown> 
       gradientBytesUp: f.backwardUpBytes,
       gradientBytesDown: f.backwardDownBytes,
       meanRttMs: r.wire.meanRttMs,
+      // Time the edge waited on the cloud (its middle and the wire), training and evaluation.
+      cloudWaitSeconds: f.waitMs / 1000,
       // The split keeps these on the edge by construction: the cloud gets hidden states and gradients only.
       tokenIdsSent: 0,
       labelsSent: 0,
@@ -88,7 +90,7 @@ function report(r: EdgeTrainResult, seconds: number): string {
     '',
     wire,
     '',
-    `${r.steps} steps in ${seconds.toFixed(1)} s, ${f.forwards} forward and ${f.backwards} backward messages, mean round trip ${r.wire.meanRttMs.toFixed(1)} ms`,
+    `${r.steps} steps in ${seconds.toFixed(1)} s, ${f.forwards} forward and ${f.backwards} backward messages, mean round trip ${r.wire.meanRttMs.toFixed(1)} ms; the edge waited ${(f.waitMs / 1000).toFixed(1)} s of it on the cloud's middle and the wire`,
   ].join('\n');
 }
 

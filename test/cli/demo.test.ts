@@ -8,7 +8,7 @@ interface DemoJson {
   steps: number;
   before: { valLoss: number; accuracy: number };
   after: { valLoss: number; accuracy: number };
-  wire: { codecs: unknown; bytesSent: number; bytesReceived: number; forwardMessages: number; backwardMessages: number; tokenIdsSent: number };
+  wire: { codecs: unknown; bytesSent: number; bytesReceived: number; forwardMessages: number; backwardMessages: number; tokenIdsSent: number; cloudWaitSeconds: number };
   seconds: number;
 }
 
@@ -32,4 +32,5 @@ it('tandem demo --json --steps 2 prints the before/after figures, better after, 
   assert.ok(r.wire.forwardMessages >= 2 && r.wire.backwardMessages === 2);
   assert.equal(r.wire.tokenIdsSent, 0);
   assert.ok(r.seconds > 0);
+  assert.ok(r.wire.cloudWaitSeconds > 0 && r.wire.cloudWaitSeconds < r.seconds, `waited ${r.wire.cloudWaitSeconds} s of ${r.seconds}`);
 });
