@@ -23,6 +23,7 @@ export const CLOUD_ERRORS = {
   TANDEM_FEATURE_UNSUPPORTED: { status: 400, template: '{feature} is not supported by this node' },
   TANDEM_MESSAGE_UNEXPECTED: { status: 400, template: 'the cloud does not take {kind} messages' },
   TANDEM_REQUEST_INVALID: { status: 400, template: 'the request is invalid: {reason}' },
+  TANDEM_BODY_STALLED: { status: 408, template: 'the request body sent nothing for {seconds} s; the node closed the connection' },
   TANDEM_ROUTE_UNKNOWN: { status: 404, template: 'no route {method} {url}' },
   TANDEM_STATE_INVALID: { status: 500, template: 'state file {file} is invalid: {reason}' },
   TANDEM_INTERNAL: { status: 500, template: 'internal error: {reason}' },

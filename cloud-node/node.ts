@@ -122,6 +122,8 @@ export interface CloudNodeOptions {
   emulators?: EmulatorBuildSettings;
   /** Largest POST /v1/models/:id/adapters/evaluate body (64 MiB). */
   maxAdapterRequestBytes?: number;
+  /** A multipart upload (adapters, evaluations) that sends nothing for this long is dropped and its hold freed (FORM_IDLE_TIMEOUT_MS, 30 s). */
+  formIdleTimeoutMs?: number;
   /** Adapter evaluation (its worker thread): evaluations waiting, tokens and time of one, the idle worker's stop. */
   adapterEvaluation?: Partial<AdapterEvaluationLimits>;
   /** Every tenant's quotas (DEFAULT_QUOTAS for what is not given). */
@@ -397,9 +399,9 @@ async function assembleCloudNode(options: CloudNodeOptions, undo: Array<() => un
       errorResponseBuilder: (request, context) => quotaExceeded(request.caller.tenant, 'requestsPerMinute', Number(context.max), `retry in ${context.after}`),
     });
     await scope.register(modelsPlugin, { model, generationModels: (tenant) => modelsFor(serving, tenant) });
-    await scope.register(adaptersPlugin, { serving, quotas });
+    await scope.register(adaptersPlugin, { serving, quotas, formIdleTimeoutMs: options.formIdleTimeoutMs });
     await scope.register(openAiPlugin, { serving });
-    await scope.register(emulatorsPlugin, { model, emulators, quotas, evaluator, maxAdapterRequestBytes: options.maxAdapterRequestBytes });
+    await scope.register(emulatorsPlugin, { model, emulators, quotas, evaluator, maxAdapterRequestBytes: options.maxAdapterRequestBytes, formIdleTimeoutMs: options.formIdleTimeoutMs });
     await scope.register(sessionsPlugin, { sessions, service });
     await scope.register(keysPlugin, { keys });
     await scope.register(federationsPlugin, { coordinator });

@@ -23,6 +23,8 @@ export interface FormSpec {
    * its fields first is refused for a wrong one without its files crossing the network.
    */
   onField?: (name: string, value: string) => void;
+  /** A form that sends nothing for this long is dropped (FORM_IDLE_TIMEOUT_MS). */
+  idleTimeoutMs?: number;
 }
 
 export interface AdapterForm {
@@ -34,6 +36,13 @@ export interface AdapterForm {
 
 /** A field's largest value (adapter_config.json may come as a field too). */
 export const MAX_FORM_FIELD_BYTES = 64 * 1024;
+
+/**
+ * A form that sends nothing for this long (30 s) is dropped: the connection is closed and what
+ * its route held for the tenant (an upload's place, TenantQuotas.storedAdapters) is free again,
+ * where a stalled form would otherwise keep it until the server's request timeout (300 s).
+ */
+export const FORM_IDLE_TIMEOUT_MS = 30_000;
 
 /** JSON bodies of the adapter routes (base64 weights): larger adapters go as multipart/form-data. */
 export const MAX_JSON_ADAPTER_BODY_BYTES = 4 * 1024 * 1024;
@@ -55,8 +64,25 @@ export async function readAdapterForm(request: FastifyRequest, spec: FormSpec): 
   const files = new Map<string, Buffer>();
   const fileNames = new Map<string, string>();
   const largest = Math.max(1, ...Object.values(spec.files).map((f) => f.bytes));
-  try {
+  // Every part and every chunk of a file re-arms the timer; when it fires the request is
+  // destroyed, which ends the parts' stream, and the wait below is refused at once.
+  const idleMs = spec.idleTimeoutMs ?? FORM_IDLE_TIMEOUT_MS;
+  let timer: NodeJS.Timeout | undefined;
+  let stall: ((error: Error) => void) | undefined;
+  const stalled = new Promise<never>((_resolve, reject) => { stall = reject; });
+  stalled.catch(() => undefined);
+  const activity = (): void => {
+    clearTimeout(timer);
+    timer = setTimeout(() => {
+      request.log.warn({ url: request.url, idleMs }, 'a form sent nothing for its idle timeout: its connection is closed');
+      stall?.(new CloudError('TANDEM_BODY_STALLED', { seconds: idleMs / 1000 }));
+      request.raw.destroy();
+    }, idleMs);
+  };
+  const read = async (): Promise<void> => {
+    activity();
     for await (const part of request.parts({ limits: { ...MULTIPART_OPTIONS.limits, fileSize: largest } })) {
+      activity();
       const name = part.fieldname;
       if (fields.has(name) || files.has(name)) throw invalid(`the form has part ${JSON.stringify(name)} twice`);
       if (part.type === 'field') {
@@ -70,19 +96,26 @@ export async function readAdapterForm(request: FastifyRequest, spec: FormSpec): 
       if (limit === undefined) {
         if (!spec.fields.includes(name)) throw invalid(`the form has a part ${JSON.stringify(name.slice(0, 64))}; it takes ${[...spec.fields, ...Object.keys(spec.files)].join(', ')}`);
         // A text field sent as a file: read within the field limit.
-        const value = (await readPart(part.file, MAX_FORM_FIELD_BYTES, () => new CloudError('TANDEM_FIELD_TOO_LONG', { field: name, actual: `over ${MAX_FORM_FIELD_BYTES} bytes`, limit: MAX_FORM_FIELD_BYTES }))).toString('utf8');
+        const value = (await readPart(part.file, MAX_FORM_FIELD_BYTES, () => new CloudError('TANDEM_FIELD_TOO_LONG', { field: name, actual: `over ${MAX_FORM_FIELD_BYTES} bytes`, limit: MAX_FORM_FIELD_BYTES }), activity)).toString('utf8');
         fields.set(name, value);
         spec.onField?.(name, value);
         continue;
       }
       if (part.filename !== undefined && part.filename !== '') fileNames.set(name, part.filename);
-      files.set(name, await readPart(part.file, limit.bytes, () => (limit.refuse ?? ((bytes) => tooLarge(`part ${JSON.stringify(name)}`, bytes)))(limit.bytes)));
+      files.set(name, await readPart(part.file, limit.bytes, () => (limit.refuse ?? ((bytes) => tooLarge(`part ${JSON.stringify(name)}`, bytes)))(limit.bytes), activity));
     }
+  };
+  try {
+    const reading = read();
+    reading.catch(() => undefined); // after a stall it may still fail: the race has answered
+    await Promise.race([reading, stalled]);
   } catch (error) {
     if (error instanceof CloudError || (error as { statusCode?: unknown }).statusCode === 413) throw error;
     const code = (error as { code?: unknown }).code;
     if (code === 'FST_PARTS_LIMIT' || code === 'FST_FILES_LIMIT' || code === 'FST_FIELDS_LIMIT') throw invalid(`the form has too many parts: at most ${MULTIPART_OPTIONS.limits.parts}`);
     throw invalid(`the form is not valid multipart/form-data: ${(error as Error).message}`);
+  } finally {
+    clearTimeout(timer);
   }
   return { fields, files, fileNames };
 }
@@ -92,11 +125,12 @@ function tooLarge(part: string, limit: number): Error {
   return Object.assign(new Error(`${part} holds more than ${limit} bytes, the limit`), { statusCode: 413 });
 }
 
-/** A part's bytes, refused as soon as they pass `limit` (the rest of the stream is not kept). */
-async function readPart(stream: AsyncIterable<Buffer> & { truncated?: boolean }, limit: number, refuse: () => Error): Promise<Buffer> {
+/** A part's bytes, refused as soon as they pass `limit` (the rest of the stream is not kept); `onChunk` hears each chunk. */
+async function readPart(stream: AsyncIterable<Buffer> & { truncated?: boolean }, limit: number, refuse: () => Error, onChunk: () => void): Promise<Buffer> {
   const chunks: Buffer[] = [];
   let bytes = 0;
   for await (const chunk of stream) {
+    onChunk();
     bytes += chunk.byteLength;
     if (bytes > limit) throw refuse();
     chunks.push(chunk);

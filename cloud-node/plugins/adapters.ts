@@ -15,6 +15,8 @@ import { authErrors, security } from './schemas.ts';
 export interface AdaptersPluginOptions {
   serving: Serving;
   quotas: QuotaLedger;
+  /** A form that sends nothing for this long is dropped (FORM_IDLE_TIMEOUT_MS). */
+  formIdleTimeoutMs?: number;
 }
 
 const BASE64 = /^[A-Za-z0-9+/]*={0,2}$/;
@@ -109,6 +111,7 @@ export async function adaptersPlugin(app: FastifyInstance, ctx: AdaptersPluginOp
           if (name === 'name') checkAdapterName(value);
           if (name === 'baseContentHash') checkUploadBase(value, served);
         },
+        idleTimeoutMs: ctx.formIdleTimeoutMs,
       });
       const weights = form.files.get('weights');
       if (weights === undefined) throw new CloudError('TANDEM_REQUEST_INVALID', { reason: 'the form has no "weights" part (adapter_model.safetensors)' });

@@ -30,6 +30,8 @@ export interface EmulatorsPluginOptions {
   maxAdapterRequestBytes?: number;
   /** Largest evaluation text, in UTF-8 bytes. */
   maxEvalTextBytes?: number;
+  /** A form that sends nothing for this long is dropped (FORM_IDLE_TIMEOUT_MS). */
+  formIdleTimeoutMs?: number;
 }
 
 const emulatorQuery = {
@@ -171,7 +173,7 @@ export async function emulatorsPlugin(app: FastifyInstance, options: EmulatorsPl
           throw new CloudError('TANDEM_ADAPTER_BASE_MISMATCH', { actual: hash, model: served.id, expected: served.contentHash }, { cause });
         }
       };
-      const body = request.isMultipart() ? await evaluationOfForm(request, maxBody, maxText, checkBase) : evaluationOfJson(request.body as EvaluateBody, served.id);
+      const body = request.isMultipart() ? await evaluationOfForm(request, maxBody, maxText, checkBase, options.formIdleTimeoutMs) : evaluationOfJson(request.body as EvaluateBody, served.id);
       checkBase(body.baseContentHash);
       const textBytes = Buffer.byteLength(body.data.text, 'utf8');
       if (textBytes > maxText) throw new CloudError('TANDEM_EVAL_DATA_INVALID', { reason: `the text holds ${textBytes} bytes; the limit is ${maxText}` });
@@ -201,8 +203,9 @@ function evaluationOfJson(body: EvaluateBody, model: string): EvaluationRequest 
 }
 
 /** The form's parts: the adapter's two files and the data as files (config may be a field), the numbers as fields. */
-async function evaluationOfForm(request: FastifyRequest, maxWeights: number, maxText: number, checkBase: (hash: string) => void): Promise<EvaluationRequest> {
+async function evaluationOfForm(request: FastifyRequest, maxWeights: number, maxText: number, checkBase: (hash: string) => void, idleTimeoutMs: number | undefined): Promise<EvaluationRequest> {
   const form = await readAdapterForm(request, {
+    idleTimeoutMs,
     onField: (name, value) => {
       if (name === 'baseContentHash') checkBase(value);
     },

@@ -34,12 +34,16 @@ before(async () => {
 type Part = [name: string, value: string | Uint8Array, fileName?: string];
 
 async function postForm(path: string, key: string, parts: Part[]): Promise<{ status: number; json: Record<string, unknown> }> {
+  return postFormTo(node, path, key, parts);
+}
+
+async function postFormTo(to: TestNode, path: string, key: string, parts: Part[]): Promise<{ status: number; json: Record<string, unknown> }> {
   const form = new FormData();
   for (const [name, value, fileName] of parts) {
     if (typeof value === 'string' && fileName === undefined) form.append(name, value);
     else form.append(name, new Blob([value]), fileName ?? name);
   }
-  const response = await fetch(`${node.url}${path}`, { method: 'POST', headers: { authorization: `Bearer ${key}` }, body: form });
+  const response = await fetch(`${to.url}${path}`, { method: 'POST', headers: { authorization: `Bearer ${key}` }, body: form });
   return { status: response.status, json: (await response.json()) as Record<string, unknown> };
 }
 
@@ -151,6 +155,35 @@ describe('adapter uploads and evaluations as multipart/form-data', () => {
       assert.equal((await postForm('/v1/adapters', key, uploadParts('after'))).status, 201, 'the holds are released with the replies');
     } finally {
       for (const { req } of open) req.destroy();
+    }
+  });
+
+  it('a form that stalls is dropped after the idle timeout, and its tenant may upload again at once', async () => {
+    // One upload in flight at a time for this tenant, and a short idle timeout.
+    const stalling = await startTestNode({ tenantQuotas: { staller: { storedAdapters: 1 } }, formIdleTimeoutMs: 400, serving: { maxUploadBytes: 8 * 1024 * 1024 } });
+    const key = await createTenantKey(stalling, 'staller');
+    const boundary = 'tandemStallBoundary';
+    const req = request(`${stalling.url}/v1/adapters`, { method: 'POST', headers: { authorization: `Bearer ${key}`, 'content-type': `multipart/form-data; boundary=${boundary}` } });
+    const closed = new Promise<string>((resolve) => {
+      req.on('response', (res) => { res.resume(); res.on('close', () => resolve(`answered ${res.statusCode}`)); });
+      req.on('error', (error) => resolve((error as NodeJS.ErrnoException).code ?? error.message));
+    });
+    // Its fields and the start of its weights, then nothing: the route holds the tenant's one place.
+    req.write(`--${boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\nstalled\r\n--${boundary}\r\nContent-Disposition: form-data; name="weights"; filename="w.safetensors"\r\n\r\n`);
+    req.write(weights.subarray(0, 64));
+    try {
+      // Once its handler holds the tenant's one place, the tenant's next upload is refused (a
+      // probe that arrives first is let through and stored).
+      let busy: { status: number; json: Record<string, unknown> } | undefined;
+      for (let i = 0; i < 20 && busy?.status !== 429; i++) busy = await postFormTo(stalling, '/v1/adapters', key, uploadParts(`waiting-${i}`));
+      assert.equal(busy?.json.code, 'TANDEM_QUOTA_EXCEEDED');
+      const ended = await Promise.race([closed, new Promise<string>((r) => setTimeout(() => r('still open after 10 s'), 10_000))]);
+      assert.match(ended, /ECONNRESET|socket hang up|answered 408/, 'the node closed the stalled form');
+      const after = await postFormTo(stalling, '/v1/adapters', key, uploadParts('after-stall'));
+      assert.equal(after.status, 201, JSON.stringify(after.json));
+    } finally {
+      req.destroy();
+      await stalling.close();
     }
   });
 
