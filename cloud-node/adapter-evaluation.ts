@@ -15,7 +15,7 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
-  ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LlamaModel, baseNameOfKey, checkAdapterWeights, ModelError, evaluateClassification, evaluateRows, loadAdapter, localScorer, parseDataset, parseSafetensors, planAdapter, prepareData, tf,
+  ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MAX_ADAPTER_TENSORS, LlamaModel, baseNameOfKey, checkAdapterWeights, ModelError, evaluateClassification, evaluateRows, loadAdapter, localScorer, parseDataset, parseSafetensors, planAdapter, prepareData, tf,
 } from '../model/index.ts';
 import type { PeftAdapter, Tokenizer } from '../model/index.ts';
 import type { AdapterEvaluation, LmFigures } from '../protocol/index.ts';
@@ -153,7 +153,7 @@ export function checkAdapterFiles(served: EvaluationBase, files: AdapterFiles): 
   if (configBytes > MAX_ADAPTER_CONFIG_BYTES) throw new CloudError('TANDEM_ADAPTER_TOO_LARGE', { field: `${ADAPTER_CONFIG_FILE} bytes`, actual: configBytes, limit: MAX_ADAPTER_CONFIG_BYTES });
   let contents: ReturnType<typeof parseSafetensors>;
   try {
-    contents = parseSafetensors(files.weights, ADAPTER_WEIGHTS_FILE);
+    contents = parseSafetensors(files.weights, ADAPTER_WEIGHTS_FILE, { maxTensors: MAX_ADAPTER_TENSORS });
   } catch (err) {
     throw invalidAdapter(served, err);
   }

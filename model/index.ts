@@ -22,7 +22,7 @@ export {
   writeFileAtomic,
   writeSafetensorsFile,
 } from './safetensors.ts';
-export type { FloatDtype, ReadSafetensorsOptions, SafetensorsContents, SafetensorsDtype, SafetensorsHeader, SafetensorsTensor, SafetensorsTensorInput, SafetensorsTensorsInput } from './safetensors.ts';
+export type { FloatDtype, ParseSafetensorsOptions, ReadSafetensorsOptions, SafetensorsContents, SafetensorsDtype, SafetensorsHeader, SafetensorsTensor, SafetensorsTensorInput, SafetensorsTensorsInput } from './safetensors.ts';
 export {
   CONFIG_FILE,
   SAFETENSORS_FILE,
@@ -53,7 +53,7 @@ export type { Adapter } from './peft/adapter.ts';
 export { CUT_PARTS, cutPartOf, cutPartOfLayer, layerOf, onEdge, renameLayer } from './cut.ts';
 export type { CutPart, CutSpec } from './cut.ts';
 export { PEFT_MODULE_PREFIX, baseNameOfKey } from './peft/index.ts';
-export { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, BUILTIN_METHODS, COMPOSITE_PEFT_TYPE, MethodRegistry, ADAPTER_CONFIG_MAX_BYTES, checkAdapterWeights, createAdapter, defaultRegistry, loadAdapter, planAdapter, readAdapterConfig, saveAdapter, specVirtualTokens } from './peft/index.ts';
+export { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, BUILTIN_METHODS, COMPOSITE_PEFT_TYPE, MethodRegistry, ADAPTER_CONFIG_MAX_BYTES, MAX_ADAPTER_TENSORS, checkAdapterWeights, createAdapter, defaultRegistry, loadAdapter, planAdapter, readAdapterConfig, saveAdapter, specVirtualTokens } from './peft/index.ts';
 export type { AdapterPlan, CreateAdapterOptions, LoadAdapterOptions, MethodSpec, PeftAdapter, PlannedAdapter, SaveAdapterOptions } from './peft/index.ts';
 export * from './train/index.ts';
 export * from './engine/index.ts';

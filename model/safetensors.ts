@@ -43,6 +43,7 @@ export const SAFETENSORS_MAX_HEADER_BYTES = 100_000_000;
 export const SAFETENSORS_MAX_HEADER_DEPTH = 8;
 
 const METADATA_KEY = '__metadata__';
+const METADATA_KEY_JSON = JSON.stringify(METADATA_KEY);
 const ENTRY_KEYS = ['data_offsets', 'dtype', 'shape'];
 
 /** One tensor as read: `data` is a view into the file's bytes, not a copy. */
@@ -126,19 +127,25 @@ function findDuplicateKey(text: string): string | undefined {
 }
 
 /**
- * Refuses a header that nests objects or arrays deeper than SAFETENSORS_MAX_HEADER_DEPTH,
- * counting only brackets outside strings (a backslash escapes the next character). One pass,
- * no allocation; malformed JSON is left for JSON.parse to name.
+ * Refuses a header that nests objects or arrays deeper than SAFETENSORS_MAX_HEADER_DEPTH, or
+ * whose top-level object has more than `maxTensors` members besides `__metadata__`, counting
+ * only brackets and keys outside strings (a backslash escapes the next character).
+ * One pass, no allocation; malformed JSON is left for JSON.parse to name.
  */
-function checkHeaderDepth(text: string, file: string): void {
+function checkHeaderShape(text: string, file: string, maxTensors: number): void {
   let depth = 0;
   let inString = false;
+  let tensors = 0;
   for (let i = 0; i < text.length; i++) {
     const c = text.charCodeAt(i);
     if (inString) {
       if (c === 0x5c /* \ */) i++;
       else if (c === 0x22 /* " */) inString = false;
     } else if (c === 0x22) {
+      // A string at depth 1 is a member's key (a valid header's values there are objects).
+      if (depth === 1 && !text.startsWith(METADATA_KEY_JSON, i) && ++tensors > maxTensors) {
+        throw invalid(`header names more than ${maxTensors} tensors, the limit here`, file);
+      }
       inString = true;
     } else if (c === 0x7b /* { */ || c === 0x5b /* [ */) {
       if (++depth > SAFETENSORS_MAX_HEADER_DEPTH) {
@@ -167,7 +174,7 @@ function headerLengthOf(prefix: Uint8Array, fileLength: number, file: string): n
 }
 
 /** The header's N bytes: UTF-8, a JSON object, no key repeated. */
-function parseHeaderText(headerBytes: Uint8Array, file: string): Record<string, unknown> {
+function parseHeaderText(headerBytes: Uint8Array, file: string, maxTensors = Infinity): Record<string, unknown> {
   let text: string;
   try {
     text = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true }).decode(headerBytes);
@@ -175,7 +182,7 @@ function parseHeaderText(headerBytes: Uint8Array, file: string): Record<string, 
     throw new ModelError('TANDEM_SAFETENSORS_INVALID', 'header is not valid UTF-8', { file, cause });
   }
   if (!text.startsWith('{')) throw invalid('header must be a JSON object starting with "{"', file);
-  checkHeaderDepth(text, file);
+  checkHeaderShape(text, file, maxTensors);
   let header: unknown;
   try {
     header = JSON.parse(text);
@@ -264,14 +271,23 @@ function layoutOf(header: Record<string, unknown>, dataLength: number, file: str
   return { metadata, entries };
 }
 
+export interface ParseSafetensorsOptions {
+  /**
+   * Tensors the header may name, counted in the linear pass before JSON.parse: parsing and
+   * checking cost ~8 µs a tensor (a 38 MB header of 300,000 took 2.3 s), so a file from a
+   * tenant is bounded by what it can hold (MAX_ADAPTER_TENSORS for an adapter). Unbounded by default.
+   */
+  maxTensors?: number;
+}
+
 /**
  * Parses a whole safetensors file held in memory. Tensor data are views into `bytes`.
  * `file` is only used to name the file in errors.
  */
-export function parseSafetensors(bytes: Uint8Array, file: string): SafetensorsContents {
+export function parseSafetensors(bytes: Uint8Array, file: string, options: ParseSafetensorsOptions = {}): SafetensorsContents {
   const headerLength = headerLengthOf(bytes, bytes.byteLength, file);
   const dataStart = 8 + headerLength;
-  const header = parseHeaderText(bytes.subarray(8, dataStart), file);
+  const header = parseHeaderText(bytes.subarray(8, dataStart), file, options.maxTensors);
   const { metadata, entries } = layoutOf(header, bytes.byteLength - dataStart, file);
   const tensors = new Map<string, SafetensorsTensor>();
   for (const t of entries) {
@@ -339,7 +355,7 @@ export function serializeSafetensors(tensors: SafetensorsTensorsInput, metadata?
   return out;
 }
 
-export interface ReadSafetensorsOptions {
+export interface ReadSafetensorsOptions extends ParseSafetensorsOptions {
   /**
    * Files up to this size are read in one piece and tensors are views into it; larger ones
    * are read tensor by tensor (fs.readFile stops at 2 GiB; real shards reach 5 GB). 1 GiB by default.
@@ -369,14 +385,14 @@ async function openForReading(path: string): Promise<FileHandle> {
  * parseSafetensors does (length limit, nesting depth, layout), the data buffer being what
  * follows the header up to `size`. Only the 8 + N header bytes are read.
  */
-async function readHeaderOf(fh: FileHandle, size: number, path: string): Promise<{ dataStart: number; metadata: Record<string, string>; entries: Located[] }> {
+async function readHeaderOf(fh: FileHandle, size: number, path: string, maxTensors?: number): Promise<{ dataStart: number; metadata: Record<string, string>; entries: Located[] }> {
   const prefix = new Uint8Array(Math.min(8, size));
   await readExactly(fh, prefix, 0, path);
   const headerLength = headerLengthOf(prefix, size, path);
   const headerBytes = new Uint8Array(headerLength);
   await readExactly(fh, headerBytes, 8, path);
   const dataStart = 8 + headerLength;
-  return { dataStart, ...layoutOf(parseHeaderText(headerBytes, path), size - dataStart, path) };
+  return { dataStart, ...layoutOf(parseHeaderText(headerBytes, path, maxTensors), size - dataStart, path) };
 }
 
 /** A safetensors file's header: its metadata and each tensor's dtype and shape, without the data. */
@@ -390,10 +406,10 @@ export interface SafetensorsHeader {
  * tensors tiling the rest of the file exactly (its size from fstat). For comparing a file with
  * what it should hold before paying for its data.
  */
-export async function readSafetensorsHeader(path: string): Promise<SafetensorsHeader> {
+export async function readSafetensorsHeader(path: string, options: ParseSafetensorsOptions = {}): Promise<SafetensorsHeader> {
   const fh = await openForReading(path);
   try {
-    const { metadata, entries } = await readHeaderOf(fh, (await fh.stat()).size, path);
+    const { metadata, entries } = await readHeaderOf(fh, (await fh.stat()).size, path, options.maxTensors);
     return { metadata, tensors: new Map(entries.map((t) => [t.name, { dtype: t.dtype, shape: t.shape }])) };
   } finally {
     await fh.close();
@@ -408,9 +424,9 @@ export async function readSafetensorsFile(path: string, options: ReadSafetensors
     if (size <= (options.maxWholeFileBytes ?? 2 ** 30)) {
       const whole = new Uint8Array(size);
       await readExactly(fh, whole, 0, path);
-      return parseSafetensors(whole, path);
+      return parseSafetensors(whole, path, options);
     }
-    const { dataStart, metadata, entries } = await readHeaderOf(fh, size, path);
+    const { dataStart, metadata, entries } = await readHeaderOf(fh, size, path, options.maxTensors);
     const tensors = new Map<string, SafetensorsTensor>();
     for (const t of entries) {
       // Each tensor gets its own buffer, so every one starts aligned.

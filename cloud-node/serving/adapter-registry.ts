@@ -5,7 +5,7 @@
 import { createHash } from 'node:crypto';
 import { mkdir, readdir, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, checkServableHooks, loadAdapter, parseSafetensors } from '../../model/index.ts';
+import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MAX_ADAPTER_TENSORS, checkServableHooks, loadAdapter, parseSafetensors } from '../../model/index.ts';
 import { adapterErrorOf, checkAdapterCost, MAX_ADAPTER_ALLOCATION_BYTES } from '../adapter-evaluation.ts';
 import { CloudError } from '../errors.ts';
 import { checkServedAdapters } from '../quotas.ts';
@@ -193,7 +193,7 @@ export class AdapterRegistry {
     if (json.peft_type !== 'LORA') throw unsupported(`peft_type ${JSON.stringify(json.peft_type)}: batched serving applies LoRA (peft_type "LORA", DoRA and LoRA-FA included) unmerged`);
     let contents: ReturnType<typeof parseSafetensors>;
     try {
-      contents = parseSafetensors(upload.weights, ADAPTER_WEIGHTS_FILE);
+      contents = parseSafetensors(upload.weights, ADAPTER_WEIGHTS_FILE, { maxTensors: MAX_ADAPTER_TENSORS });
     } catch (err) {
       throw new CloudError('TANDEM_ADAPTER_INVALID', { model: served.id, reason: (err as Error).message });
     }

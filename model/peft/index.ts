@@ -3,7 +3,7 @@ export type { Adapter } from './adapter.ts';
 export { createAdapter, specVirtualTokens } from './compose.ts';
 export type { AdapterMethod, CreateAdapterOptions, MethodSpec, PeftAdapter } from './compose.ts';
 export { PEFT_MODULE_PREFIX, baseNameOfKey } from './keys.ts';
-export { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, COMPOSITE_PEFT_TYPE, TANDEM_METHOD_METADATA, ADAPTER_CONFIG_MAX_BYTES, checkAdapterWeights, loadAdapter, planAdapter, readAdapterConfig, saveAdapter } from './io.ts';
+export { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, COMPOSITE_PEFT_TYPE, TANDEM_METHOD_METADATA, ADAPTER_CONFIG_MAX_BYTES, MAX_ADAPTER_TENSORS, checkAdapterWeights, loadAdapter, planAdapter, readAdapterConfig, saveAdapter } from './io.ts';
 export type { LoadAdapterOptions, PlanAdapterOptions, PlannedAdapter, SaveAdapterOptions } from './io.ts';
 export { MIN_ADAPTER_ALLOCATION_LIMIT_BYTES, defaultAdapterAllocationLimit, planAdapterConfigs } from './plan.ts';
 export type { AdapterPlan, PlanOptions } from './plan.ts';

@@ -7,7 +7,7 @@ import { readFile } from 'node:fs/promises';
 import { request } from 'node:http';
 import { join } from 'node:path';
 import { before, describe, it } from 'node:test';
-import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE } from '../../model/index.ts';
+import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MAX_ADAPTER_TENSORS, serializeSafetensors } from '../../model/index.ts';
 import { api, createTenantKey, startTestNode, tempDir } from './helpers.ts';
 import type { TestNode } from './helpers.ts';
 import { writeTestAdapters } from './serving-fixtures.ts';
@@ -156,6 +156,18 @@ describe('adapter uploads and evaluations as multipart/form-data', () => {
     } finally {
       for (const { req } of open) req.destroy();
     }
+  });
+
+  it('a weights file naming more tensors than any adapter holds is refused before its header is parsed, for upload and evaluation', async () => {
+    const tensors = Object.fromEntries(Array.from({ length: MAX_ADAPTER_TENSORS + 1 }, (_, i) => [`base_model.model.t${i}.lora_A.weight`, { dtype: 'F32' as const, shape: [1], data: new Float32Array(1) }]));
+    const many = serializeSafetensors(tensors);
+    const upload = await postForm('/v1/adapters', alice, [['name', 'many'], ['baseContentHash', contentHash], ['config', config, 'adapter_config.json'], ['weights', many, 'adapter_model.safetensors']]);
+    assert.equal(upload.status, 400);
+    assert.equal(upload.json.code, 'TANDEM_ADAPTER_INVALID');
+    assert.match(String(upload.json.message), new RegExp(`more than ${MAX_ADAPTER_TENSORS} tensors`));
+    const evaluation = await postForm(`/v1/models/stories260K/adapters/evaluate`, alice, [['baseContentHash', contentHash], ['seqLen', '16'], ['config', config, 'adapter_config.json'], ['weights', many, 'adapter_model.safetensors'], ['data', TEXT, 'eval.txt']]);
+    assert.equal(evaluation.status, 400, JSON.stringify(evaluation.json));
+    assert.match(String(evaluation.json.message), new RegExp(`more than ${MAX_ADAPTER_TENSORS} tensors`));
   });
 
   it('a form that stalls is dropped after the idle timeout, and its tenant may upload again at once', async () => {

@@ -245,6 +245,21 @@ describe('safetensors files that break the format are refused, naming the file a
     }
   });
 
+  test('maxTensors bounds the entries a header names before it is parsed; names with quotes and braces count once', () => {
+    const tensors = Object.fromEntries(Array.from({ length: 5 }, (_, i) => [`t${i}`, { dtype: 'F32' as const, shape: [1], data: new Float32Array([i]) }]));
+    const bytes = serializeSafetensors(tensors, { format: 'pt' });
+    assert.equal(parseSafetensors(bytes, FILE, { maxTensors: 5 }).tensors.size, 5, 'five tensors and __metadata__ pass a limit of five');
+    throwsModelError(() => parseSafetensors(bytes, FILE, { maxTensors: 4 }), 'TANDEM_SAFETENSORS_INVALID', FILE, 'more than 4 tensors');
+    // A name full of quotes and braces is one key.
+    const odd = serializeSafetensors({ 'a\\"{,"b":{': { dtype: 'F32', shape: [1], data: new Float32Array([1]) } });
+    assert.equal(parseSafetensors(odd, FILE, { maxTensors: 1 }).tensors.size, 1);
+    // Counted before JSON.parse: a header past the limit is refused for its size even where its
+    // JSON would fail further on.
+    const many = `{${Array.from({ length: 20_000 }, (_, i) => `"t${i}":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}`).join(',')},"broken":}`;
+    throwsModelError(() => parseSafetensors(rawFile(many), FILE, { maxTensors: 16_384 }), 'TANDEM_SAFETENSORS_INVALID', 'more than 16384 tensors');
+    throwsModelError(() => parseSafetensors(rawFile(many), FILE), 'TANDEM_SAFETENSORS_INVALID', 'not valid JSON');
+  });
+
   test('readSafetensorsHeader reads the header alone and checks the data length against the file size', async () => {
     const whole = await readSafetensorsFile(join(STORIES_DIR, 'model.safetensors'));
     const header = await readSafetensorsHeader(join(STORIES_DIR, 'model.safetensors'));
