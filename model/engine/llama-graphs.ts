@@ -57,7 +57,14 @@ interface BlockSaved {
   gate: string;
   up: string;
 }
-const SAVED_FIELDS: (keyof BlockSaved)[] = ['n1', 'r1', 'q', 'k', 'v', 'probs', 'merged', 'n2', 'r2', 'gate', 'up'];
+/**
+ * What a kept forward exports for its VJP graph: all but the attention probabilities, which the
+ * VJP recomputes from q and k (a batched matmul and a softmax, ~2% of a block's forward FLOPs at
+ * 128 tokens). They are [heads, seq] per token: 15% of the rest's bytes at 4 x 128 on the 25M
+ * shape and ~44% at SmolLM's 512 tokens, held on the cloud for every session between its Forward
+ * and its Backward.
+ */
+const SAVED_FIELDS: Exclude<keyof BlockSaved, 'probs'>[] = ['n1', 'r1', 'q', 'k', 'v', 'merged', 'n2', 'r2', 'gate', 'up'];
 export const savedName = (layer: number, field: string): string => `saved.${layer}.${field}`;
 export const SAVED_PER_BLOCK = SAVED_FIELDS.length;
 
@@ -176,6 +183,14 @@ class LlamaGraph {
     return g.add(dx, g.matmul(du, lora.a));
   }
 
+  /** softmax(q kᵀ / √hd + mask) of rope'd q [B, nKv, g·S, hd] and k [B, nKv, T, hd]. */
+  attentionProbs(q: string, k: string, ctx: Ctx): string {
+    const g = this.g;
+    const scores = g.matmul(q, g.transpose(k, [0, 1, 3, 2]));
+    const logits = g.add(g.mul(scores, g.scalar(1 / Math.sqrt(this.config.headDim))), ctx.mask as string);
+    return g.op('Softmax', [logits], { axis: -1 });
+  }
+
   /** One block on rows x [tokens, hidden]; returns its output and what backward needs. */
   block(i: number, x: string, ctx: Ctx): { y: string; saved: BlockSaved } {
     const g = this.g;
@@ -197,9 +212,7 @@ class LlamaGraph {
       v = g.op('Concat', [past.v, v], { axis: 2 });
       ctx.cache.present(i, k, v);
     }
-    const scores = g.matmul(q, g.transpose(k, [0, 1, 3, 2]));
-    const logits = g.add(g.mul(scores, g.scalar(1 / Math.sqrt(hd))), ctx.mask as string);
-    const probs = g.op('Softmax', [logits], { axis: -1 });
+    const probs = this.attentionProbs(q, k, ctx);
     const ctx4 = g.matmul(probs, v); // [B, nKv, g·S, hd]
     const merged = g.reshape(g.transpose(g.reshape(ctx4, [0, 0, grp, -1, hd]), [0, 3, 1, 2, 4]), [-1, nH * hd]);
     const attn = this.linear(i, 'o_proj', merged, ctx);
@@ -268,12 +281,13 @@ class LlamaGraph {
     return x;
   }
 
-  /** The VJP of blocks [start, end) for dy (rows), from the saved tensors given as inputs. */
+  /** The VJP of blocks [start, end) for dy (rows), from the saved tensors given as inputs (the attention probabilities recomputed; `ctx` has the mask). */
   blocksBackwardFromSaved(dy: string, start: number, end: number, ctx: Ctx): string {
     let d = dy;
     for (let i = end - 1; i >= start; i--) {
       const saved = {} as BlockSaved;
       for (const f of SAVED_FIELDS) saved[f] = this.g.input(savedName(i, f), ONNX_FLOAT);
+      saved.probs = this.attentionProbs(saved.q, saved.k, ctx);
       d = this.blockBackward(i, d, saved, ctx);
     }
     return d;
@@ -331,13 +345,13 @@ export function blockRangeGraph(config: ModelConfig, weights: WeightArrays, star
   return m.g.build();
 }
 
-/** The VJP of blocks [start, end): inputs dy [batch, seq, hidden], cos, sin and the saved tensors; output `dx`. */
+/** The VJP of blocks [start, end): inputs dy [batch, seq, hidden], cos, sin, mask and the saved tensors; output `dx`. */
 export function blockRangeBackwardGraph(config: ModelConfig, weights: WeightArrays, start: number, end: number): OnnxGraph {
   checkRange(config, start, end);
   const m = new LlamaGraph(config, weights, `blocks_${start}_${end}_backward`);
-  const { cos, sin } = m.ropeAndMask(false);
+  const { cos, sin, mask } = m.ropeAndMask(true);
   const { rows, bs } = m.hiddenInput('dy');
-  const ctx: Ctx = { cos, sin, bs };
+  const ctx: Ctx = { cos, sin, mask, bs };
   m.outputHidden(m.blocksBackwardFromSaved(rows, start, end, ctx), ctx, 'dx');
   return m.g.build();
 }
@@ -471,14 +485,14 @@ export function bottomGraph(config: ModelConfig, weights: WeightArrays, spec: Lo
   return m.g.build();
 }
 
-/** The bottom's backward to its LoRA parameters: dy [batch, seq, hidden], cos, sin, the saved tensors and the LoRA inputs → their gradients. */
+/** The bottom's backward to its LoRA parameters: dy [batch, seq, hidden], cos, sin, mask, the saved tensors and the LoRA inputs → their gradients. */
 export function bottomBackwardGraph(config: ModelConfig, weights: WeightArrays, spec: LoraSpec, end: number): OnnxGraph {
   checkRange(config, 0, end);
   const m = new LlamaGraph(config, weights, `bottom_${end}_backward`);
-  const { cos, sin } = m.ropeAndMask(false);
+  const { cos, sin, mask } = m.ropeAndMask(true);
   const { rows, bs } = m.hiddenInput('dy');
   const lora = loraIo(m, weights, spec, segmentPaths(config, spec, 0, end), true);
-  const ctx: Ctx = { cos, sin, bs, lora };
+  const ctx: Ctx = { cos, sin, mask, bs, lora };
   m.blocksBackwardFromSaved(rows, 0, end, ctx);
   return m.g.build();
 }

@@ -248,7 +248,7 @@ export class OrtLlama {
         const kept = saved;
         saved = undefined;
         const bwd = await this.session(`blocks-backward:${start}:${end}`, () => blockRangeBackwardGraph(this.config, this.weights, start, end));
-        const r = await bwd.run({ dy: this.f32(dy, [batch, seq, d]), cos: pos.cos, sin: pos.sin, ...kept });
+        const r = await bwd.run({ dy: this.f32(dy, [batch, seq, d]), ...pos, ...kept });
         return r.dx.data as Float32Array;
       },
       dispose: () => {
@@ -384,7 +384,7 @@ export class OrtLlama {
         const kept = saved;
         saved = undefined;
         const bwd = await this.session(`bottom-backward:${end}:${specKey(spec)}`, () => bottomBackwardGraph(this.config, this.weights, spec as LoraSpec, end));
-        const r = await bwd.run({ dy: this.f32(dy, [batch, seq, d]), cos: pos.cos, sin: pos.sin, ...kept, ...lora.feeds });
+        const r = await bwd.run({ dy: this.f32(dy, [batch, seq, d]), ...pos, ...kept, ...lora.feeds });
         return this.gradsOf(r, lora.paths);
       },
     };
