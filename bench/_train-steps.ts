@@ -62,6 +62,14 @@ export interface TimedSteps {
   median: number;
   /** Seconds of the steps after the first, all together. */
   total: number;
+  /** Seconds of each step after the first, in order. */
+  times: number[];
+}
+
+/** The median of `values` (the upper one of an even count). */
+export function median(values: readonly number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.floor(sorted.length / 2)];
 }
 
 /** One step per batch; the first is a warm-up, and `afterWarmUp` runs once it is done. */
@@ -77,9 +85,7 @@ export async function timeSteps(model: LlamaModel, cut: Cut | undefined, middle:
       if (i > 0) times.push((performance.now() - t0) / 1000);
       else afterWarmUp?.();
     }
-    const total = times.reduce((a, t) => a + t, 0);
-    times.sort((a, b) => a - b);
-    return { median: times[Math.floor(times.length / 2)], total };
+    return { median: median(times), total: times.reduce((a, t) => a + t, 0), times };
   } finally {
     trainer.dispose();
     optimizer.dispose();

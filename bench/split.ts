@@ -1,6 +1,7 @@
 // Split step time against local step time, per codec pair, on stories260K and on a random
 // Llama of ~25M parameters, with bytes per trained token each way and raw TCP loopback
-// throughput for scale. `npm run bench -- split [--quick] [--steps N] [--engine NAME]`.
+// throughput for scale. `npm run bench -- split [--quick] [--steps N] [--rounds R] [--engine NAME]`
+// (12 steps in 3 rounds by default).
 //
 // --engine (default auto, the best that starts) runs both sides on it: the cloud's middle
 // and, for the LoRA both sides train, the edge's bottom and top and the local baselines.
@@ -23,7 +24,7 @@ import { startCloudNode } from '../cloud-node/index.ts';
 import { LlamaModel, initBackend, loadModelFolder, selectEngine } from '../model/index.ts';
 import type { Cut, EngineChoice } from '../model/index.ts';
 import { randomModelDir } from './_random-model.ts';
-import { batches, methodsFor, nodeMiddleSeconds, openEdge, openOrt, timeSteps } from './_train-steps.ts';
+import { batches, median, methodsFor, nodeMiddleSeconds, openEdge, openOrt, timeSteps } from './_train-steps.ts';
 import type { CodecName } from '../protocol/index.ts';
 
 const FIXTURE = join(import.meta.dirname, '..', 'test', 'fixtures', 'stories260K');
@@ -70,63 +71,87 @@ async function tcpLoopbackBytesPerSecond(totalBytes: number): Promise<number> {
   return rate;
 }
 
-async function runCase(c: Case, steps: number, work: string, choice: EngineChoice): Promise<Record<string, unknown>> {
+async function runCase(c: Case, steps: number, rounds: number, work: string, choice: EngineChoice): Promise<Record<string, unknown>> {
   const loaded = await loadModelFolder(c.dir);
   const L = loaded.config.numHiddenLayers;
   const methods = methodsFor(L, c.cut);
-  const data = batches(loaded.config.vocabSize, c.batch, c.seq, steps + 1, 3);
+  // Each round times every configuration for its share of the steps (after one warm-up step
+  // each), local and split in turn: a machine that speeds up or slows down during the run
+  // moves them alike, and each figure is the median over all its rounds.
+  const perRound = Math.max(1, Math.ceil(steps / rounds));
+  const data = batches(loaded.config.vocabSize, c.batch, c.seq, perRound + 1, 3);
   const full = LlamaModel.fromArrays(loaded.config, loaded.weights);
   const parameters = [...loaded.weights.values()].reduce((n, w) => n + w.data.length, 0);
   const localEngine = await openOrt(choice, loaded.config, loaded.weights);
-  const localWhole = (await timeSteps(full, undefined, undefined, methods, data, localEngine)).median;
-  const localCut = (await timeSteps(full, c.cut, undefined, methods, data, localEngine)).median;
-  await localEngine?.dispose();
-  full.dispose();
   const node = await startCloudNode({ modelDir: c.dir, stateDir: join(work, `${c.name}-state`), port: 0, logLevel: 'silent', engine: choice.name });
   const tokens = c.batch * c.seq;
-  const split: Record<string, unknown>[] = [];
+  const local = { whole: [] as number[], cut: [] as number[] };
+  interface PairRun { times: number[]; total: number; waitMs: number; nodeSeconds: number; up: number; down: number; trained: number }
+  const runs = new Map<string, PairRun>(PAIRS.map(([f, b]) => [`${f}/${b}`, { times: [], total: 0, waitMs: 0, nodeSeconds: 0, up: 0, down: 0, trained: 0 }]));
   try {
     const { client, id, edge, engine: edgeEngine, close } = await openEdge(node.url, node.adminKey as string, c.cut, work, choice);
     try {
-      for (const [fwd, bwd] of PAIRS) {
-        const session = await client.openSession({ model: { id, contentHash: edge.contentHash }, cut: c.cut, codecs: { forward: [{ codec: fwd }], backward: [{ codec: bwd }] } });
-        const middle = session.middle();
-        // Where a step's time goes, over the timed steps: the edge's own work, and its wait on
-        // the cloud, which is the node's middle compute plus the wire (codecs, socket.io, the
-        // node's handling).
-        let waitedBefore = 0;
-        let nodeBefore: Promise<number> = Promise.resolve(0);
-        const timed = await timeSteps(edge.model, c.cut, middle, methods, data, edgeEngine, () => {
-          waitedBefore = middle.traffic.waitMs;
-          nodeBefore = nodeMiddleSeconds(node.url, node.adminKey as string);
-        });
-        const seconds = timed.median;
-        const waitSeconds = (middle.traffic.waitMs - waitedBefore) / 1000 / steps;
-        const nodeMiddleSecondsPerStep = ((await nodeMiddleSeconds(node.url, node.adminKey as string)) - (await nodeBefore)) / steps;
-        const f = middle.traffic;
-        const trained = tokens * (steps + 1);
-        split.push({
-          forward: fwd, backward: bwd, stepSeconds: seconds,
-          ratioToLocalWhole: seconds / localWhole, ratioToLocalCut: seconds / localCut,
-          upBytesPerToken: (f.forwardUpBytes + f.backwardUpBytes) / trained, downBytesPerToken: (f.forwardDownBytes + f.backwardDownBytes) / trained,
-          edgeSecondsPerStep: timed.total / steps - waitSeconds, waitSecondsPerStep: waitSeconds, nodeMiddleSecondsPerStep,
-        });
-        await session.close();
+      for (let round = 0; round < rounds; round++) {
+        local.whole.push(...(await timeSteps(full, undefined, undefined, methods, data, localEngine)).times);
+        local.cut.push(...(await timeSteps(full, c.cut, undefined, methods, data, localEngine)).times);
+        for (const [fwd, bwd] of PAIRS) {
+          const run = runs.get(`${fwd}/${bwd}`) as PairRun;
+          // A session per round: each trainer counts its steps from 0.
+          const session = await client.openSession({ model: { id, contentHash: edge.contentHash }, cut: c.cut, codecs: { forward: [{ codec: fwd }], backward: [{ codec: bwd }] } });
+          const middle = session.middle();
+          // Where a step's time goes, over the timed steps: the edge's own work, and its wait on
+          // the cloud, which is the node's middle compute plus the wire (codecs, socket.io, the
+          // node's handling).
+          let waitedBefore = 0;
+          let nodeBefore: Promise<number> = Promise.resolve(0);
+          const timed = await timeSteps(edge.model, c.cut, middle, methods, data, edgeEngine, () => {
+            waitedBefore = middle.traffic.waitMs;
+            nodeBefore = nodeMiddleSeconds(node.url, node.adminKey as string);
+          });
+          run.times.push(...timed.times);
+          run.total += timed.total;
+          run.waitMs += middle.traffic.waitMs - waitedBefore;
+          run.nodeSeconds += (await nodeMiddleSeconds(node.url, node.adminKey as string)) - (await nodeBefore);
+          const f = middle.traffic;
+          run.up += f.forwardUpBytes + f.backwardUpBytes;
+          run.down += f.forwardDownBytes + f.backwardDownBytes;
+          run.trained += tokens * data.length;
+          await session.close();
+        }
       }
     } finally {
       await close();
     }
   } finally {
     await node.close();
+    await localEngine?.dispose();
+    full.dispose();
   }
-  return { model: c.name, parameters, layers: L, cut: c.cut, batch: c.batch, seq: c.seq, localWholeStepSeconds: localWhole, localCutStepSeconds: localCut, split };
+  const localWhole = median(local.whole);
+  const localCut = median(local.cut);
+  const split = [...runs].map(([pair, run]) => {
+    const [forward, backward] = pair.split('/');
+    const seconds = median(run.times);
+    const timedSteps = run.times.length;
+    const waitSeconds = run.waitMs / 1000 / timedSteps;
+    return {
+      forward, backward, stepSeconds: seconds,
+      ratioToLocalWhole: seconds / localWhole, ratioToLocalCut: seconds / localCut,
+      upBytesPerToken: run.up / run.trained, downBytesPerToken: run.down / run.trained,
+      edgeSecondsPerStep: run.total / timedSteps - waitSeconds, waitSecondsPerStep: waitSeconds, nodeMiddleSecondsPerStep: run.nodeSeconds / timedSteps,
+    };
+  });
+  return { model: c.name, parameters, layers: L, cut: c.cut, batch: c.batch, seq: c.seq, rounds, stepsPerRound: perRound, localWholeStepSeconds: localWhole, localCutStepSeconds: localCut, split };
 }
 
 
 export async function run(args: string[]): Promise<Record<string, unknown>> {
   const quick = args.includes('--quick');
   const stepsAt = args.indexOf('--steps');
-  const steps = stepsAt >= 0 ? Number(args[stepsAt + 1]) : quick ? 2 : 7;
+  const steps = stepsAt >= 0 ? Number(args[stepsAt + 1]) : quick ? 2 : 12;
+  const roundsAt = args.indexOf('--rounds');
+  const rounds = roundsAt >= 0 ? Number(args[roundsAt + 1]) : quick ? 1 : 3;
+  if (!Number.isInteger(steps) || steps < 1 || !Number.isInteger(rounds) || rounds < 1 || rounds > steps) throw new Error(`--steps and --rounds must be integers with 1 <= rounds <= steps, got ${steps} and ${rounds}`);
   const backend = await initBackend();
   const engineAt = args.indexOf('--engine');
   const choice = await selectEngine({ engine: engineAt >= 0 ? args[engineAt + 1] : undefined });
@@ -138,8 +163,8 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
       { name: quick ? 'random-llama (4 layers, --quick)' : 'random-llama', dir: await randomModelDir(work, quick ? 4 : 8), cut: quick ? { bottom: 1, top: 1 } : { bottom: 2, top: 2 }, batch: 4, seq: 128 },
     ];
     const results = [];
-    for (const c of cases) results.push(await runCase(c, steps, work, choice));
-    const lines = [`engine ${choice.name} (both sides), backend ${backend.name}; raw TCP loopback ${(tcp / 2 ** 20).toFixed(0)} MiB/s; median of ${steps} steps after one warm-up; per step (means): the edge's own work, its wait on the cloud, of which the node's middle compute, and the rest (wire, codecs, the node's handling)`, ''];
+    for (const c of cases) results.push(await runCase(c, steps, rounds, work, choice));
+    const lines = [`engine ${choice.name} (both sides), backend ${backend.name}; raw TCP loopback ${(tcp / 2 ** 20).toFixed(0)} MiB/s; median of ${steps} steps in ${rounds} rounds (each configuration in turn, a warm-up step before each share); per step (means): the edge's own work, its wait on the cloud, of which the node's middle compute, and the rest (wire, codecs, the node's handling)`, ''];
     const header = ['model', 'params', 'cut', 'fwd/bwd codec', 'step s', 'split/local whole', 'split/local cut', 'B/token up', 'B/token down', 'edge ms', 'wait ms', 'node middle ms', 'wire ms'];
     const rows: string[][] = [header];
     for (const r of results) {
@@ -155,7 +180,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
     const widths = header.map((_, i) => Math.max(...rows.map((r) => r[i].length)));
     for (const r of rows) lines.push(r.map((c, i) => c.padEnd(widths[i])).join('  '));
     process.stdout.write(`${lines.join('\n')}\n`);
-    return { engine: choice.name, backend: backend.name, tcpLoopbackBytesPerSecond: tcp, steps, cases: results };
+    return { engine: choice.name, backend: backend.name, tcpLoopbackBytesPerSecond: tcp, steps, rounds, cases: results };
   } finally {
     await rm(work, { recursive: true, force: true });
   }
