@@ -86,18 +86,16 @@ async function runCase(c: Case, steps: number, rounds: number, work: string, cho
   const node = await startCloudNode({ modelDir: c.dir, stateDir: join(work, `${c.name}-state`), port: 0, logLevel: 'silent', engine: choice.name });
   const tokens = c.batch * c.seq;
   const local = { whole: [] as number[], cut: [] as number[] };
-  interface PairRun { times: number[]; total: number; waitMs: number; nodeSeconds: number; up: number; down: number; trained: number }
-  const runs = new Map<string, PairRun>(PAIRS.map(([f, b]) => [`${f}/${b}`, { times: [], total: 0, waitMs: 0, nodeSeconds: 0, up: 0, down: 0, trained: 0 }]));
+  const runs = PAIRS.map(([forward, backward]) => ({ forward, backward, times: [] as number[], total: 0, waitMs: 0, nodeSeconds: 0, up: 0, down: 0, trained: 0 }));
   try {
     const { client, id, edge, engine: edgeEngine, close } = await openEdge(node.url, node.adminKey as string, c.cut, work, choice);
     try {
       for (let round = 0; round < rounds; round++) {
         local.whole.push(...(await timeSteps(full, undefined, undefined, methods, data, localEngine)).times);
         local.cut.push(...(await timeSteps(full, c.cut, undefined, methods, data, localEngine)).times);
-        for (const [fwd, bwd] of PAIRS) {
-          const run = runs.get(`${fwd}/${bwd}`) as PairRun;
+        for (const run of runs) {
           // A session per round: each trainer counts its steps from 0.
-          const session = await client.openSession({ model: { id, contentHash: edge.contentHash }, cut: c.cut, codecs: { forward: [{ codec: fwd }], backward: [{ codec: bwd }] } });
+          const session = await client.openSession({ model: { id, contentHash: edge.contentHash }, cut: c.cut, codecs: { forward: [{ codec: run.forward }], backward: [{ codec: run.backward }] } });
           const middle = session.middle();
           // Where a step's time goes, over the timed steps: the edge's own work, and its wait on
           // the cloud, which is the node's middle compute plus the wire (codecs, socket.io, the
@@ -129,13 +127,12 @@ async function runCase(c: Case, steps: number, rounds: number, work: string, cho
   }
   const localWhole = median(local.whole);
   const localCut = median(local.cut);
-  const split = [...runs].map(([pair, run]) => {
-    const [forward, backward] = pair.split('/');
+  const split = runs.map((run) => {
     const seconds = median(run.times);
     const timedSteps = run.times.length;
     const waitSeconds = run.waitMs / 1000 / timedSteps;
     return {
-      forward, backward, stepSeconds: seconds,
+      forward: run.forward, backward: run.backward, stepSeconds: seconds,
       ratioToLocalWhole: seconds / localWhole, ratioToLocalCut: seconds / localCut,
       upBytesPerToken: run.up / run.trained, downBytesPerToken: run.down / run.trained,
       edgeSecondsPerStep: run.total / timedSteps - waitSeconds, waitSecondsPerStep: waitSeconds, nodeMiddleSecondsPerStep: run.nodeSeconds / timedSteps,
@@ -164,7 +161,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
     ];
     const results = [];
     for (const c of cases) results.push(await runCase(c, steps, rounds, work, choice));
-    const lines = [`engine ${choice.name} (both sides), backend ${backend.name}; raw TCP loopback ${(tcp / 2 ** 20).toFixed(0)} MiB/s; median of ${steps} steps in ${rounds} rounds (each configuration in turn, a warm-up step before each share); per step (means): the edge's own work, its wait on the cloud, of which the node's middle compute, and the rest (wire, codecs, the node's handling)`, ''];
+    const lines = [`engine ${choice.name} (both sides), backend ${backend.name}; raw TCP loopback ${(tcp / 2 ** 20).toFixed(0)} MiB/s; median of ${rounds * Math.ceil(steps / rounds)} steps in ${rounds} rounds (each configuration in turn, a warm-up step before each share); per step (means): the edge's own work, its wait on the cloud, of which the node's middle compute, and the rest (wire, codecs, the node's handling)`, ''];
     const header = ['model', 'params', 'cut', 'fwd/bwd codec', 'step s', 'split/local whole', 'split/local cut', 'B/token up', 'B/token down', 'edge ms', 'wait ms', 'node middle ms', 'wire ms'];
     const rows: string[][] = [header];
     for (const r of results) {

@@ -13,6 +13,7 @@ import type { Logger } from 'pino';
 import { CloudError } from '../errors.ts';
 import { TapeLost } from '../middle-executor.ts';
 import type { BlockRange, InputFrames, KeptTape, MiddleRunner, Shape3 } from '../middle-runner.ts';
+import { frameBytes } from '../../protocol/index.ts';
 import type { TensorFrame } from '../../protocol/index.ts';
 import { coverRange } from './block-ranges.ts';
 import type { PipelineSegment } from './block-ranges.ts';
@@ -99,7 +100,7 @@ class AttemptAbandoned extends Error {
  * smaller (a lossy codec's); an f32 frame is the values themselves, sent as they are.
  */
 function sent(field: 'h' | 'g', frame: TensorFrame | undefined): { hFrame?: TensorFrame; gFrame?: TensorFrame } {
-  if (frame === undefined || frame.codec === 'f32') return {};
+  if (frame === undefined || frameBytes(frame) >= 4 * frame.shape.reduce((n, d) => n * d, 1)) return {};
   return field === 'h' ? { hFrame: frame } : { gFrame: frame };
 }
 

@@ -173,15 +173,17 @@ function valuesOf(r: Record<string, unknown>, field: 'h' | 'g', shape: Shape3, m
   if (framed === undefined) return tensorOf(r[field], field, elements);
   if (!(framed instanceof Uint8Array)) throw invalid(`${field}Frame`, 'not bytes');
   try {
-    const limits = { ...DEFAULT_LIMITS, maxElements, maxFrameBytes: elements * 4 + FRAME_OVERHEAD_BYTES };
-    return decodeTensor(decodeFrame(framed, limits.maxFrameBytes + FRAME_OVERHEAD_BYTES, `${field}Frame`), { shape, limits, allowNonFinite: true, field: `${field}Frame` });
+    // No codec's frame is larger than the float32 values themselves, its parameters and protobuf's framing aside.
+    const maxBytes = elements * 4 + FRAME_OVERHEAD_BYTES;
+    const limits = { ...DEFAULT_LIMITS, maxElements, maxFrameBytes: maxBytes };
+    return decodeTensor(decodeFrame(framed, maxBytes, `${field}Frame`), { shape, limits, allowNonFinite: true, field: `${field}Frame` });
   } catch (cause) {
     if (cause instanceof ClusterError) throw cause;
     throw invalid(`${field}Frame`, (cause as Error).message.slice(0, 200));
   }
 }
 
-/** Room in a frame for its codec's parameters (scales, indices) beyond float32 values. */
+/** Room in a frame for its codec's parameters (scales, indices) and protobuf's framing beyond float32 values. */
 const FRAME_OVERHEAD_BYTES = 64 * 1024;
 
 /** A request a worker received; `maxElements` bounds every tensor before it is copied. */

@@ -64,23 +64,20 @@ export async function readAdapterForm(request: FastifyRequest, spec: FormSpec): 
   const files = new Map<string, Buffer>();
   const fileNames = new Map<string, string>();
   const largest = Math.max(1, ...Object.values(spec.files).map((f) => f.bytes));
-  // Every part and every chunk of a file re-arms the timer; when it fires the request is
+  // Every part and every chunk of a file re-arms one timer; when it fires the request is
   // destroyed, which ends the parts' stream, and the wait below is refused at once.
   const idleMs = spec.idleTimeoutMs ?? FORM_IDLE_TIMEOUT_MS;
   let timer: NodeJS.Timeout | undefined;
-  let stall: ((error: Error) => void) | undefined;
-  const stalled = new Promise<never>((_resolve, reject) => { stall = reject; });
-  stalled.catch(() => undefined);
-  const activity = (): void => {
-    clearTimeout(timer);
+  const stalled = new Promise<never>((_resolve, reject) => {
     timer = setTimeout(() => {
       request.log.warn({ url: request.url, idleMs }, 'a form sent nothing for its idle timeout: its connection is closed');
-      stall?.(new CloudError('TANDEM_BODY_STALLED', { seconds: idleMs / 1000 }));
+      reject(new CloudError('TANDEM_BODY_STALLED', { seconds: idleMs / 1000 }));
       request.raw.destroy();
     }, idleMs);
-  };
+  });
+  stalled.catch(() => undefined);
+  const activity = (): void => void timer?.refresh();
   const read = async (): Promise<void> => {
-    activity();
     for await (const part of request.parts({ limits: { ...MULTIPART_OPTIONS.limits, fileSize: largest } })) {
       activity();
       const name = part.fieldname;
