@@ -53,8 +53,6 @@ function random(n: number, rng: Rng, scale = 1): Float32Array {
   return out;
 }
 
-
-/** `sessions` concurrent loops of `steps` steps (after one warm-up step each). */
 /** One warm-up step per session, then `steps` each, all sessions at once: aggregate tokens/s and step latency quantiles. */
 async function concurrentSteps(sessions: number, steps: number, step: (i: number) => Promise<number>): Promise<{ tokensPerSecond: number; p50: number; p99: number }> {
   const all = [...Array(sessions).keys()];
@@ -209,18 +207,16 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
         rows.push({ sessions: 8, batched: true, middleLora, tokensPerSecond: (8 * SEQ) / p50, p50StepSeconds: p50, p99StepSeconds: quantile(times, 0.99), measured: 'packed' });
         process.stdout.write(`8 sessions packed in-thread, ${middleLora ? 'each its own middle LoRA' : 'no middle LoRA'}: p50 ${p50.toFixed(3)} s a training step of the middle\n`);
       }
-      if (engine === undefined) {
-        // Held adapters run on the tfjs compute only (ONNX Runtime's graphs take no LoRA).
-        const executor = await MiddleExecutor.start({ modelDir: dir, batchWindowMs: windowMs, maxBatchTokens: 8 * SEQ });
-        try {
-          for (const middleLora of [false, true]) {
-            const r = await heldSessionsOn(executor, model, 8, steps, middleLora);
-            rows.push({ sessions: 8, batched: true, middleLora, tokensPerSecond: r.tokensPerSecond, p50StepSeconds: r.p50, p99StepSeconds: r.p99, measured: 'held' });
-            process.stdout.write(`8 sessions through the executor's recompute path, ${middleLora ? 'each its own held middle LoRA (forward, backward, AdamW commit)' : 'no middle LoRA'}: ${r.tokensPerSecond.toFixed(0)} tokens/s, p50 ${r.p50.toFixed(3)} s, p99 ${r.p99.toFixed(3)} s\n`);
-          }
-        } finally {
-          await executor.close();
+      // Held adapters on the executor's engine (tfjs, or ORT's stacked segment graphs).
+      const executor = await MiddleExecutor.start({ modelDir: dir, engine, batchWindowMs: windowMs, maxBatchTokens: 8 * SEQ });
+      try {
+        for (const middleLora of [false, true]) {
+          const r = await heldSessionsOn(executor, model, 8, steps, middleLora);
+          rows.push({ sessions: 8, batched: true, middleLora, tokensPerSecond: r.tokensPerSecond, p50StepSeconds: r.p50, p99StepSeconds: r.p99, measured: 'held' });
+          process.stdout.write(`8 sessions through the executor's recompute path, ${middleLora ? 'each its own held middle LoRA (forward, backward, AdamW commit)' : 'no middle LoRA'}: ${r.tokensPerSecond.toFixed(0)} tokens/s, p50 ${r.p50.toFixed(3)} s, p99 ${r.p99.toFixed(3)} s\n`);
         }
+      } finally {
+        await executor.close();
       }
     } finally {
       model.dispose();
@@ -234,11 +230,11 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
       batchedOverUnbatchedAt8: at('executor', 8, true).tokensPerSecond / at('executor', 8, false).tokensPerSecond,
       loraOverNoneAt8: at('packed', 8, true, true).p50StepSeconds / at('packed', 8, true).p50StepSeconds,
       batchedP99At8OverOneSession: at('executor', 8, true).p99StepSeconds / at('executor', 1, true).p99StepSeconds,
-      ...(engine === undefined ? { heldLoraOverNoneAt8: at('held', 8, true, true).p50StepSeconds / at('held', 8, true).p50StepSeconds } : {}),
+      heldLoraOverNoneAt8: at('held', 8, true, true).p50StepSeconds / at('held', 8, true).p50StepSeconds,
     };
     process.stdout.write(`executor ${engine ?? `tfjs ${backend.name}`}, in-thread ${backend.name}; targets: 8 batched / 8 unbatched ${targets.batchedOverUnbatchedAt8.toFixed(2)}x (>= 3), `
       + `8 LoRAs / none ${targets.loraOverNoneAt8.toFixed(2)}x (<= 1.2), batched p99 at 8 / 1 session ${targets.batchedP99At8OverOneSession.toFixed(2)}x (<= 2)`
-      + `${targets.heldLoraOverNoneAt8 === undefined ? '' : `, 8 held LoRAs / none through the executor ${targets.heldLoraOverNoneAt8.toFixed(2)}x (<= 1.2)`}\n`);
+      + `, 8 held LoRAs / none through the executor ${targets.heldLoraOverNoneAt8.toFixed(2)}x (<= 1.2)\n`);
     return { backend: backend.name, executorEngine: engine ?? `tfjs ${backend.name}`, steps, seq: SEQ, cut: CUT, windowMs, parameters: [...loaded.weights.values()].reduce((n, w) => n + w.data.length, 0), rows, targets };
   } finally {
     await rm(work, { recursive: true, force: true });

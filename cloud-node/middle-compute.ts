@@ -4,7 +4,7 @@
 // runs it inside its compute workers (middle-worker.ts), never on its event loop. Two
 // implementations of one interface: tfjs (MiddleCompute) and ONNX Runtime (OrtMiddleCompute).
 import { OrtMiddleExecutor, PackedBlocks, gradients, segmentIa3Delta, segmentLoraDelta, sumDeltas, tapedForward, tf } from '../model/index.ts';
-import type { Ia3Scale, KeptForward, LlamaModel, LoraFactors, OrtLlama, PackedLinearDelta, SegmentIa3, SegmentLora, TapedForward } from '../model/index.ts';
+import type { Ia3Scale, KeptForward, LlamaModel, LoraFactors, OrtLlama, PackedLinearDelta, SegmentAdapters, SegmentIa3, SegmentLora, TapedForward } from '../model/index.ts';
 import { splitFloat32 } from '../common/split-float32.ts';
 
 export type Shape3 = [number, number, number];
@@ -85,7 +85,7 @@ export interface Compute<K extends Kept = Kept> {
   forwardPacked?(items: readonly BatchItem[], keepTape: boolean): Promise<{ outputs: Float32Array[]; tape?: K }>;
   backwardPackedFromTape?(tape: K, gs: readonly (Float32Array | undefined)[]): Promise<Float32Array[]>;
   backwardPacked?(items: readonly BatchItem[]): Promise<Float32Array[]>;
-  /** Packed forward and backward of items with held LoRAs (tfjs only): no tape, the backward recomputes. */
+  /** Packed forward and backward of items with held adapters: no tape, the backward recomputes. */
   forwardHeld?(items: readonly BatchItem[]): Promise<Float32Array[]>;
   backwardHeld?(items: readonly BatchItem[]): Promise<PackedBackward>;
 }
@@ -145,6 +145,47 @@ interface StackedKept extends Kept {
   readonly lengths: readonly number[];
 }
 
+/** Whether an item holds an adapter with at least one module. */
+const holds = (it: BatchItem): boolean => it.lora !== undefined && (it.lora.modules.length > 0 || (it.lora.ia3?.length ?? 0) > 0);
+
+/** Held items that can share one stacked ORT run: one block range, batch and seq, one adapter layout. */
+function heldGroupKey(it: BatchItem): string {
+  const l = it.lora as HeldLora;
+  const lora = l.modules.map((m) => `${m.path}:${m.r}`).join(',');
+  const ia3 = (l.ia3 ?? []).map((m) => `${m.path}:${m.feedforward ? 'in' : 'out'}`).join(',');
+  return `${it.range.start}:${it.range.end}:${it.shape[0]}:${it.shape[1]}|${lora}|${ia3}`;
+}
+
+/** The indices of the items holding an adapter, grouped by heldGroupKey: groups and members in arrival order. */
+function heldGroups(items: readonly BatchItem[]): number[][] {
+  const groups = new Map<string, number[]>();
+  items.forEach((it, k) => {
+    if (!holds(it)) return;
+    const id = heldGroupKey(it);
+    const g = groups.get(id);
+    if (g === undefined) groups.set(id, [k]);
+    else g.push(k);
+  });
+  return [...groups.values()];
+}
+
+/** The held adapters of one group (one layout), stacked along the segment axis in the group's order. */
+function stackAdapters(group: readonly BatchItem[]): SegmentAdapters {
+  const helds = group.map((it) => it.lora as HeldLora);
+  const [first] = helds;
+  const adapters: SegmentAdapters = { segments: group.length };
+  if (first.modules.length > 0) {
+    const r = first.modules[0].r;
+    if (first.modules.some((m) => m.r !== r)) throw new Error('a held LoRA whose modules differ in rank');
+    const factors = new Map(first.modules.map((m, j) => [m.path, { a: concat(helds.map((l) => l.modules[j].a)), b: concat(helds.map((l) => l.modules[j].b)) }]));
+    adapters.lora = { r, scales: Float32Array.from(helds, (l) => l.scale), factors };
+  }
+  if (first.ia3 !== undefined && first.ia3.length > 0) {
+    adapters.ia3 = new Map(first.ia3.map((m, j) => [m.path, { feedforward: m.feedforward, scale: concat(helds.map((l) => (l.ia3 as HeldIa3Module[])[j].scale)) }]));
+  }
+  return adapters;
+}
+
 /**
  * The middle on ONNX Runtime: the same four operations, the saved tensors kept in place of a
  * tape. Requests of one block range and one sequence length are batched by stacking them
@@ -202,6 +243,66 @@ export class OrtMiddleCompute implements Compute<KeptForward | StackedKept> {
     const h = concat(items.map((it) => it.h));
     const g = concat(items.map((it) => it.g ?? new Float32Array(it.h.length)));
     return splitFloat32(await this.#exec.backward(items[0].range, h, g, this.#stacked(items)), items.map((it) => it.h.length));
+  }
+
+  /**
+   * Items with held adapters: those of one block range, shape and adapter layout stacked into
+   * one run (the base matmuls once for all their rows, each adapter's part a batched matmul
+   * over the segments), other layouts in runs of their own; an item without one runs plain.
+   */
+  async forwardHeld(items: readonly BatchItem[]): Promise<Float32Array[]> {
+    const outputs: Float32Array[] = [];
+    for (const [k, it] of items.entries()) if (!holds(it)) outputs[k] = await this.forward(it.range, it.h, it.shape);
+    for (const indices of heldGroups(items)) {
+      const group = indices.map((k) => items[k]);
+      const [b, seq, d] = group[0].shape;
+      const { start, end } = group[0].range;
+      const out = await this.#exec.engine.blocksSegments(concat(group.map((it) => it.h)), b * group.length, seq, start, end, stackAdapters(group));
+      splitFloat32(out, group.map(() => b * seq * d)).forEach((o, j) => { outputs[indices[j]] = o; });
+    }
+    return outputs;
+  }
+
+  /** g_B of every item, recomputing the forward in the backward's graph, and each held adapter's gradients (A then B per module, then the (IA)^3 scales). */
+  async backwardHeld(items: readonly BatchItem[]): Promise<PackedBackward> {
+    const gs: Float32Array[] = [];
+    const loraGrads: (Float32Array[] | undefined)[] = items.map(() => undefined);
+    const zeros = (it: BatchItem): Float32Array => it.g ?? new Float32Array(it.h.length);
+    for (const [k, it] of items.entries()) {
+      if (holds(it)) continue;
+      gs[k] = await this.backward(it.range, it.h, zeros(it), it.shape);
+      if (it.lora !== undefined) loraGrads[k] = [];
+    }
+    for (const indices of heldGroups(items)) {
+      const group = indices.map((k) => items[k]);
+      const [b, seq, d] = group[0].shape;
+      const { start, end } = group[0].range;
+      const { dx, grads } = await this.#exec.engine.blocksRecomputeBackward(concat(group.map((it) => it.h)), concat(group.map(zeros)), b * group.length, seq, start, end, stackAdapters(group));
+      const dxs = splitFloat32(dx, group.map(() => b * seq * d));
+      group.forEach((it, j) => {
+        const k = indices[j];
+        const l = it.lora as HeldLora;
+        // Segment j's part of each stacked gradient, copied (it crosses to the node's thread on its own).
+        const part = (all: Float32Array): Float32Array => {
+          const n = all.length / group.length;
+          return all.slice(j * n, (j + 1) * n);
+        };
+        const out: Float32Array[] = [];
+        for (const m of l.modules) {
+          const g = grads.lora.get(m.path);
+          if (g === undefined) throw new Error(`no gradient for ${m.path}`);
+          out.push(part(g.a), part(g.b));
+        }
+        for (const m of l.ia3 ?? []) {
+          const g = grads.ia3.get(m.path);
+          if (g === undefined) throw new Error(`no gradient for ${m.path}`);
+          out.push(part(g));
+        }
+        gs[k] = dxs[j];
+        loraGrads[k] = out;
+      });
+    }
+    return { gs, loraGrads };
   }
 }
 

@@ -273,9 +273,9 @@ export class MiddleExecutor {
     return (await this.#submit(tenant, { op: 'backward', item: { range, h, g, shape } }, tokensOf(shape))).output;
   }
 
-  /** Whether held middle adapters can run here (the tfjs compute; ONNX Runtime's graphs take none). */
+  /** Whether held middle adapters can run here (both computes run them). */
   get holdsAdapters(): boolean {
-    return this.#options.engine === undefined;
+    return true;
   }
 
   /** h_B → h_M with the session's held LoRA; no tape is kept (its backward recomputes). */

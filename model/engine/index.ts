@@ -1,9 +1,9 @@
 // The ONNX Runtime engine: the frozen backbone from graphs built in TypeScript, and the choice
 // of engine at start. Other folders reach it through model/index.ts.
 export { OrtKvCache, OrtLlama, loadOrt } from './ort-llama.ts';
-export type { BottomForward, KeptForward, LoraParams, LoraStepResult, OrtEngineOptions, OrtProvider, TopStepResult } from './ort-llama.ts';
+export type { BottomForward, KeptForward, LoraParams, LoraStepResult, OrtEngineOptions, OrtProvider, SegmentAdapters, SegmentGradients, TopStepResult } from './ort-llama.ts';
 export { loraGradNames, loraInputNames, loraPaths, modulePath } from './llama-graphs.ts';
-export type { LoraSpec, WeightArrays } from './llama-graphs.ts';
+export type { LoraSpec, SegmentAdapterSpec, WeightArrays } from './llama-graphs.ts';
 export { ENGINES, activeEngine, parseEngineName, selectEngine } from './select.ts';
 export type { EngineChoice, EngineName } from './select.ts';
 export { ArrayAdamW } from './adamw.ts';

@@ -75,14 +75,45 @@ interface Ctx {
   mask?: string;
   bs: string;
   lora?: { spec: LoraSpec; paths: Set<string> };
+  /** Adapters held per segment of a stacked batch (segmentBlocksGraph). */
+  segments?: SegmentCtx;
   /** KV cache: each block's past keys and values [batch, kvHeads, past, headDim] in, past + new out. */
   cache?: { past(layer: number): { k: string; v: string }; present(layer: number, k: string, v: string): void };
+}
+
+/**
+ * Adapters of S segments of one stacked batch, each segment its own rows (its session's
+ * batch): per LoRA path A [S, r, in] and B [S, out, r] with `lora_scale` [S, 1, 1], per
+ * (IA)^3 path its scale [S, 1, n]. The base matmul runs once on every row; the adapters are
+ * batched matmuls over the segment axis (Punica's idea).
+ */
+export interface SegmentAdapterSpec {
+  lora?: { r: number; paths: readonly string[] };
+  /** `feedforward`: the scale multiplies the module's input (PEFT's down_proj), else its output. */
+  ia3?: readonly { path: string; feedforward: boolean }[];
+}
+
+/** Graph input name of the segments' LoRA scales (lora_alpha / r each), [S, 1, 1]. */
+export const SEGMENT_LORA_SCALE = 'lora_scale';
+/** Graph input and gradient output names of one (IA)^3 path's stacked scales. */
+export const ia3InputName = (path: string): string => `${path}.ia3_l`;
+export const ia3GradName = (path: string): string => `grad.${path}.ia3_l`;
+
+interface SegmentCtx {
+  /** int64 [1]: S, the leading axis of every adapter input. */
+  count: string;
+  lora: Set<string>;
+  /** (IA)^3 path → feedforward. */
+  ia3: Map<string, boolean>;
 }
 
 class LlamaGraph {
   readonly g: GraphBuilder;
   private readonly dimsCache = new Map<string, string>();
   private readonly held = new Set<string>();
+  private readonly segmentShapes = new Map<number, string>();
+  /** An output-scaled (IA)^3 module's base output in this graph's forward, for its backward. */
+  private readonly ia3Base = new Map<string, string>();
 
   constructor(
     readonly config: ModelConfig,
@@ -153,25 +184,87 @@ class LlamaGraph {
     return loraInputNames(path);
   }
 
-  /** y = x W^T + b (+ LoRA) on rows. */
+  /** [out, in] of a module's weight. */
+  private shapeOf(path: string): [number, number] {
+    const w = this.weights.get(`${path}.weight`);
+    if (!w) throw new Error(`weight ${path}.weight is missing`);
+    return [w.shape[0], w.shape[1]];
+  }
+
+  /** Rows x [S · n', n] as [S, n', n]: each segment's rows on its own. */
+  private bySegment(x: string, n: number, seg: SegmentCtx): string {
+    let shape = this.segmentShapes.get(n);
+    if (!shape) {
+      shape = this.g.op('Concat', [seg.count, this.g.ints([-1, n])], { axis: 0 });
+      this.segmentShapes.set(n, shape);
+    }
+    return this.g.op('Reshape', [x, shape]);
+  }
+
+  /** y = x W^T + b (+ LoRA, or a segment's LoRA or (IA)^3) on rows. */
   linear(layer: number, name: LinearModuleName, x: string, ctx: Ctx): string {
     const g = this.g;
     const path = modulePath(layer, name);
     const bias = `${path}.bias`;
-    const inputs = [x, this.w(`${path}.weight`)];
+    const seg = ctx.segments;
+    const feedforward = seg?.ia3.get(path);
+    const [out, inF] = this.shapeOf(path);
+    // (IA)^3 on the input: each segment's rows times its scale, then the base.
+    const xin = seg && feedforward === true ? g.reshape(g.mul(this.bySegment(x, inF, seg), ia3InputName(path)), [-1, inF]) : x;
+    const inputs = [xin, this.w(`${path}.weight`)];
     if (this.has(bias)) inputs.push(this.w(bias));
     const y = g.op('Gemm', inputs, { transB: 1 });
+    if (seg && feedforward === false) {
+      this.ia3Base.set(path, y);
+      return g.reshape(g.mul(this.bySegment(y, out, seg), ia3InputName(path)), [-1, out]);
+    }
+    if (seg?.lora.has(path)) {
+      const names = loraInputNames(path);
+      const u = g.matmul(this.bySegment(x, inF, seg), g.transpose(names.a, [0, 2, 1])); // [S, n', r]
+      const d = g.mul(g.matmul(u, g.transpose(names.b, [0, 2, 1])), SEGMENT_LORA_SCALE); // [S, n', out]
+      return g.add(y, g.reshape(d, [-1, out]));
+    }
     const lora = this.lora(path, ctx);
     if (!lora) return y;
     const u = g.op('Gemm', [x, lora.a], { transB: 1 });
     return g.op('Gemm', [u, lora.b, y], { transB: 1, alpha: { float: ctx.lora?.spec.scaling ?? 1 } });
   }
 
-  /** d x of a linear for dy (rows); LoRA gradients become graph outputs. */
+  /** d x of a linear for dy (rows); the gradients of its LoRA or (IA)^3 become graph outputs. */
   linearBackward(layer: number, name: LinearModuleName, dy: string, x: string, ctx: Ctx): string {
     const g = this.g;
     const path = modulePath(layer, name);
-    const dx = g.matmul(dy, this.w(`${path}.weight`));
+    const weight = this.w(`${path}.weight`);
+    const seg = ctx.segments;
+    const feedforward = seg?.ia3.get(path);
+    if (seg && feedforward !== undefined) {
+      const [out, inF] = this.shapeOf(path);
+      const scale = ia3InputName(path);
+      if (feedforward) {
+        // y = (x · l) W^T: d(x · l) = dy W, dl = Σ_rows x · d(x · l), dx = d(x · l) · l.
+        const dxl = this.bySegment(g.matmul(dy, weight), inF, seg);
+        g.alias(g.sumKeep(g.mul(this.bySegment(x, inF, seg), dxl), [1]), ia3GradName(path));
+        return g.reshape(g.mul(dxl, scale), [-1, inF]);
+      }
+      // y = base · l: dl = Σ_rows dy · base, d base = dy · l.
+      const base = this.ia3Base.get(path) ?? g.op('Gemm', [x, weight, ...(this.has(`${path}.bias`) ? [this.w(`${path}.bias`)] : [])], { transB: 1 });
+      const dy3 = this.bySegment(dy, out, seg);
+      g.alias(g.sumKeep(g.mul(dy3, this.bySegment(base, out, seg)), [1]), ia3GradName(path));
+      return g.matmul(g.reshape(g.mul(dy3, scale), [-1, out]), weight);
+    }
+    const dx = g.matmul(dy, weight);
+    if (seg?.lora.has(path)) {
+      const [out, inF] = this.shapeOf(path);
+      const names = loraInputNames(path);
+      const grads = loraGradNames(path);
+      const x3 = this.bySegment(x, inF, seg);
+      const dy3 = this.bySegment(dy, out, seg);
+      const u = g.matmul(x3, g.transpose(names.a, [0, 2, 1])); // [S, n', r]
+      g.alias(g.mul(g.matmul(g.transpose(dy3, [0, 2, 1]), u), SEGMENT_LORA_SCALE), grads.b); // [S, out, r]
+      const du = g.mul(g.matmul(dy3, names.b), SEGMENT_LORA_SCALE); // [S, n', r]
+      g.alias(g.matmul(g.transpose(du, [0, 2, 1]), x3), grads.a); // [S, r, in]
+      return g.add(dx, g.reshape(g.matmul(du, names.a), [-1, inF]));
+    }
     const lora = this.lora(path, ctx);
     if (!lora) return dx;
     const s = ctx.lora?.spec.scaling ?? 1;
@@ -234,7 +327,7 @@ class LlamaGraph {
     const w1 = `${p}.input_layernorm.weight`;
     const w2 = `${p}.post_attention_layernorm.weight`;
     // The norms' outputs, needed as the inputs of LoRA'd projections.
-    const lora = ctx.lora !== undefined;
+    const lora = ctx.lora !== undefined || ctx.segments !== undefined;
     const norm1 = lora ? g.mul(s.n1, this.w(w1)) : '';
     const norm2 = lora ? g.mul(s.n2, this.w(w2)) : '';
     // MLP: y = h + down(silu(gate) · up).
@@ -353,6 +446,79 @@ export function blockRangeBackwardGraph(config: ModelConfig, weights: WeightArra
   const { rows, bs } = m.hiddenInput('dy');
   const ctx: Ctx = { cos, sin, mask, bs };
   m.outputHidden(m.blocksBackwardFromSaved(rows, start, end, ctx), ctx, 'dx');
+  return m.g.build();
+}
+
+/** Declares the segments' adapter inputs (and, with `grads`, their gradients as outputs). */
+function segmentIo(m: LlamaGraph, weights: WeightArrays, spec: SegmentAdapterSpec, grads: boolean): SegmentCtx {
+  const g = m.g;
+  const lora = spec.lora?.paths ?? [];
+  const ia3 = spec.ia3 ?? [];
+  if (lora.length + ia3.length === 0) throw new Error('a segment adapter spec names no module');
+  const shapeOf = (path: string): number[] => {
+    const w = weights.get(`${path}.weight`);
+    if (!w) throw new Error(`weight ${path}.weight is missing`);
+    return w.shape;
+  };
+  for (const path of lora) {
+    const [out, inF] = shapeOf(path);
+    const r = spec.lora?.r as number;
+    const names = loraInputNames(path);
+    g.input(names.a, ONNX_FLOAT, ['segments', r, inF]);
+    g.input(names.b, ONNX_FLOAT, ['segments', out, r]);
+    if (!grads) continue;
+    const gn = loraGradNames(path);
+    g.output(gn.a, ONNX_FLOAT, ['segments', r, inF]);
+    g.output(gn.b, ONNX_FLOAT, ['segments', out, r]);
+  }
+  if (lora.length > 0) g.input(SEGMENT_LORA_SCALE, ONNX_FLOAT, ['segments', 1, 1]);
+  for (const { path, feedforward } of ia3) {
+    if (lora.includes(path)) throw new Error(`${path} carries both LoRA and (IA)^3`);
+    const [out, inF] = shapeOf(path);
+    g.input(ia3InputName(path), ONNX_FLOAT, ['segments', 1, feedforward ? inF : out]);
+    if (grads) g.output(ia3GradName(path), ONNX_FLOAT, ['segments', 1, feedforward ? inF : out]);
+  }
+  const first = lora.length > 0 ? SEGMENT_LORA_SCALE : ia3InputName(ia3[0].path);
+  return { count: g.op('Shape', [first], { end: 1 }), lora: new Set(lora), ia3: new Map(ia3.map((x) => [x.path, x.feedforward])) };
+}
+
+/**
+ * Blocks [start, end) of a stacked batch whose segments each hold their own adapter: inputs h
+ * [S · batch', seq, hidden], cos, sin, mask and the adapters (SegmentAdapterSpec); output `out`.
+ */
+export function segmentBlocksGraph(config: ModelConfig, weights: WeightArrays, spec: SegmentAdapterSpec, start: number, end: number): OnnxGraph {
+  checkRange(config, start, end);
+  const m = new LlamaGraph(config, weights, `segment_blocks_${start}_${end}`);
+  const { cos, sin, mask } = m.ropeAndMask(true);
+  const { rows, bs } = m.hiddenInput('h');
+  const ctx: Ctx = { cos, sin, mask, bs, segments: segmentIo(m, weights, spec, false) };
+  m.outputHidden(m.blocksOutputtingSaved(rows, start, end, ctx, false), ctx, 'out');
+  return m.g.build();
+}
+
+/**
+ * The VJP of blocks [start, end) recomputed from their input, in one graph: inputs h and dy
+ * [batch, seq, hidden], cos, sin, mask (and the segments' adapters when `spec` is given);
+ * outputs `dx` (and every adapter input's gradient). What the forward keeps never leaves
+ * ONNX Runtime: the cloud's backward after an eviction or a restart, and of held adapters.
+ */
+export function blocksRecomputeBackwardGraph(config: ModelConfig, weights: WeightArrays, spec: SegmentAdapterSpec | undefined, start: number, end: number): OnnxGraph {
+  checkRange(config, start, end);
+  const m = new LlamaGraph(config, weights, `blocks_${start}_${end}_recompute_backward${spec ? '_segments' : ''}`);
+  const { cos, sin, mask } = m.ropeAndMask(true);
+  const { rows, bs } = m.hiddenInput('h');
+  const dy = m.g.reshape(m.g.input('dy', ONNX_FLOAT, ['batch', 'seq', config.hiddenSize]), [-1, config.hiddenSize]);
+  const ctx: Ctx = { cos, sin, mask, bs, ...(spec ? { segments: segmentIo(m, weights, spec, true) } : {}) };
+  const saved: BlockSaved[] = [];
+  let x = rows;
+  for (let i = start; i < end; i++) {
+    const b = m.block(i, x, ctx);
+    saved.push(b.saved);
+    x = b.y;
+  }
+  let d = dy;
+  for (let i = end - 1; i >= start; i--) d = m.blockBackward(i, d, saved[i - start], ctx);
+  m.outputHidden(d, ctx, 'dx');
   return m.g.build();
 }
 

@@ -34,10 +34,9 @@ export class OrtMiddleExecutor {
     return kept.vjp(g);
   }
 
-  /** g_M → g_B by recomputing the forward from h_B. */
+  /** g_M → g_B by recomputing the forward from h_B, in one graph. */
   async backward(range: BlockRange, h: Float32Array, g: Float32Array, shape: Shape3): Promise<Float32Array> {
-    const kept = await this.engine.blocksKeep(h, shape[0], shape[1], range.start, range.end);
-    return kept.vjp(g);
+    return (await this.engine.blocksRecomputeBackward(h, g, shape[0], shape[1], range.start, range.end)).dx;
   }
 }
 

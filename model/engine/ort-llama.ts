@@ -7,8 +7,8 @@ import type { ModelConfig } from '../config.ts';
 import { ModelError } from '../errors.ts';
 import { LINEAR_MODULES } from '../hooks.ts';
 import { ropeInverseFrequencies, ropeTables } from '../llama/rope.ts';
-import type { LoraSpec, WeightArrays } from './llama-graphs.ts';
-import { SAVED_PER_BLOCK, blockRangeBackwardGraph, bottomBackwardGraph, bottomGraph, cachedBlockRangeGraph, cachedLogitsGraph, pastName, presentName, blockRangeGraph, logitsGraph, loraGradNames, loraInputNames, loraPaths, loraTrainGraph, topLogitsGraph, topTrainGraph } from './llama-graphs.ts';
+import type { LoraSpec, SegmentAdapterSpec, WeightArrays } from './llama-graphs.ts';
+import { SAVED_PER_BLOCK, SEGMENT_LORA_SCALE, blockRangeBackwardGraph, blocksRecomputeBackwardGraph, ia3GradName, ia3InputName, segmentBlocksGraph, bottomBackwardGraph, bottomGraph, cachedBlockRangeGraph, cachedLogitsGraph, pastName, presentName, blockRangeGraph, logitsGraph, loraGradNames, loraInputNames, loraPaths, loraTrainGraph, topLogitsGraph, topTrainGraph } from './llama-graphs.ts';
 import type { OnnxGraph } from './onnx-proto.ts';
 import { encodeModel } from './onnx-proto.ts';
 
@@ -76,6 +76,29 @@ export interface BottomForward {
   readonly output: Float32Array;
   backward?(dy: Float32Array): Promise<LoraParams>;
 }
+
+/**
+ * The adapters of S segments of one stacked batch (a batch of S · batch' rows, segment k its
+ * own batch' sequences), stacked along the segment axis: per LoRA path A [S, r, in] and B
+ * [S, out, r] with each segment's lora_alpha / r; per (IA)^3 path the scales [S, n].
+ */
+export interface SegmentAdapters {
+  segments: number;
+  lora?: { r: number; scales: Float32Array; factors: ReadonlyMap<string, { a: Float32Array; b: Float32Array }> };
+  ia3?: ReadonlyMap<string, { feedforward: boolean; scale: Float32Array }>;
+}
+
+/** Gradients of segment adapters, stacked as their inputs: LoRA A and B by path, (IA)^3 scales by path. */
+export interface SegmentGradients {
+  lora: Map<string, { a: Float32Array; b: Float32Array }>;
+  ia3: Map<string, Float32Array>;
+}
+
+const segmentSpecOf = (a: SegmentAdapters): SegmentAdapterSpec => ({
+  ...(a.lora ? { lora: { r: a.lora.r, paths: [...a.lora.factors.keys()] } } : {}),
+  ...(a.ia3 ? { ia3: [...a.ia3].map(([path, x]) => ({ path, feedforward: x.feedforward })) } : {}),
+});
+const segmentKey = (s: SegmentAdapterSpec): string => `${s.lora ? `${s.lora.r}:${s.lora.paths.join(',')}` : ''}|${(s.ia3 ?? []).map((x) => `${x.path}:${x.feedforward ? 'in' : 'out'}`).join(',')}`;
 
 const specKey = (spec: LoraSpec | undefined): string => (spec ? `${spec.r}:${spec.scaling}:${spec.modules.join(',')}:${spec.layers?.join(',') ?? 'all'}` : 'none');
 
@@ -255,6 +278,75 @@ export class OrtLlama {
         saved = undefined;
       },
     };
+  }
+
+  /** The segment adapters' inputs, checked against the weights, the blocks run and the batch. */
+  private segmentFeeds(a: SegmentAdapters, batch: number, start: number, end: number): Record<string, Ort.Tensor> {
+    const S = a.segments;
+    if (!Number.isInteger(S) || S < 1 || batch % S !== 0) throw new ModelError('TANDEM_INPUT_INVALID', `segments must be a positive integer dividing the batch ${batch}, got ${S}`, { field: 'segments' });
+    const feeds: Record<string, Ort.Tensor> = {};
+    const shapeOf = (path: string): [number, number] => {
+      const layer = Number(path.split('.')[2]);
+      const w = this.weights.get(`${path}.weight`);
+      if (!w || !(layer >= start && layer < end)) throw new ModelError('TANDEM_INPUT_INVALID', `${path} is not a module of blocks [${start}, ${end})`, { field: 'adapters' });
+      return [w.shape[0], w.shape[1]];
+    };
+    if (a.lora) {
+      const { r } = a.lora;
+      if (!Number.isInteger(r) || r < 1 || r > 4096) throw new ModelError('TANDEM_INPUT_INVALID', `r must be an integer in [1, 4096], got ${r}`, { field: 'r' });
+      checkLength(a.lora.scales, S, SEGMENT_LORA_SCALE);
+      feeds[SEGMENT_LORA_SCALE] = this.f32(a.lora.scales, [S, 1, 1]);
+      for (const [path, f] of a.lora.factors) {
+        const [out, inF] = shapeOf(path);
+        const names = loraInputNames(path);
+        checkLength(f.a, S * r * inF, names.a);
+        checkLength(f.b, S * out * r, names.b);
+        feeds[names.a] = this.f32(f.a, [S, r, inF]);
+        feeds[names.b] = this.f32(f.b, [S, out, r]);
+      }
+    }
+    for (const [path, x] of a.ia3 ?? []) {
+      const [out, inF] = shapeOf(path);
+      const n = x.feedforward ? inF : out;
+      checkLength(x.scale, S * n, ia3InputName(path));
+      feeds[ia3InputName(path)] = this.f32(x.scale, [S, 1, n]);
+    }
+    if (Object.keys(feeds).length === 0) throw new ModelError('TANDEM_INPUT_INVALID', 'the segment adapters name no module', { field: 'adapters' });
+    return feeds;
+  }
+
+  /** Blocks [start, end) on a stacked batch h [S · batch', seq, hidden], segment k with its own adapters (SegmentAdapters). */
+  async blocksSegments(h: Float32Array, batch: number, seq: number, start: number, end: number, adapters: SegmentAdapters): Promise<Float32Array> {
+    this.checkHidden(h, batch, seq, 'h');
+    const feeds = this.segmentFeeds(adapters, batch, start, end);
+    const spec = segmentSpecOf(adapters);
+    const s = await this.session(`segment-blocks:${start}:${end}:${segmentKey(spec)}`, () => segmentBlocksGraph(this.config, this.weights, spec, start, end));
+    const out = await s.run({ h: this.f32(h, [batch, seq, this.config.hiddenSize]), ...this.positional(seq), ...feeds });
+    return out.out.data as Float32Array;
+  }
+
+  /**
+   * dL/dh of blocks [start, end) for dy = dL/d output, recomputing the forward from h inside one
+   * graph (nothing saved crosses into JS); with `adapters` (a stacked batch, as blocksSegments)
+   * also the gradients of every segment's adapter, stacked as given.
+   */
+  async blocksRecomputeBackward(h: Float32Array, dy: Float32Array, batch: number, seq: number, start: number, end: number, adapters?: SegmentAdapters): Promise<{ dx: Float32Array; grads: SegmentGradients }> {
+    this.checkHidden(h, batch, seq, 'h');
+    checkLength(dy, h.length, 'dy');
+    const d = this.config.hiddenSize;
+    const grads: SegmentGradients = { lora: new Map(), ia3: new Map() };
+    if (start === end) return { dx: dy, grads };
+    const feeds = adapters ? this.segmentFeeds(adapters, batch, start, end) : {};
+    const spec = adapters ? segmentSpecOf(adapters) : undefined;
+    const key = `blocks-recompute-backward:${start}:${end}:${spec ? segmentKey(spec) : 'none'}`;
+    const s = await this.session(key, () => blocksRecomputeBackwardGraph(this.config, this.weights, spec, start, end));
+    const out = await s.run({ h: this.f32(h, [batch, seq, d]), dy: this.f32(dy, [batch, seq, d]), ...this.positional(seq), ...feeds });
+    for (const path of adapters?.lora?.factors.keys() ?? []) {
+      const names = loraGradNames(path);
+      grads.lora.set(path, { a: out[names.a].data as Float32Array, b: out[names.b].data as Float32Array });
+    }
+    for (const path of adapters?.ia3?.keys() ?? []) grads.ia3.set(path, out[ia3GradName(path)].data as Float32Array);
+    return { dx: out.dx.data as Float32Array, grads };
   }
 
   /**

@@ -19,9 +19,7 @@ async function tandem(argv: string[]): Promise<{ code: number; log: string; out:
   return { code, log: log.join('\n'), out };
 }
 
-const HELD_SKIP = /^ort/.test(process.env.TANDEM_ENGINE ?? '') ? 'held middle adapters run on the tfjs middle only' : false;
-
-describe('tandem edge train --middle-lora', { skip: HELD_SKIP }, () => {
+describe('tandem edge train --middle-lora', () => {
   it('parses r, alpha and a comma-separated list of targets; refuses the rest naming the flag', async () => {
     assert.deepEqual(parseMiddleLoraFlag('r=8'), { r: 8 });
     assert.deepEqual(parseMiddleLoraFlag('r=8,targets=q_proj,v_proj'), { r: 8, targets: ['q_proj', 'v_proj'] });

@@ -19,9 +19,7 @@ const commit = (sessionId: string, step: number, microbatches = 1, exportAdapter
   case: 'stepCommit', value: { sessionId, step, lr: 1e-3, maxGradNorm: 1, edgeGradSquareSum: 0.5, microbatches, exportAdapter },
 });
 
-const HELD_SKIP = /^ort/.test(process.env.TANDEM_ENGINE ?? '') ? 'held middle adapters run on the tfjs middle only' : false;
-
-describe('middle adapters held by the node', { skip: HELD_SKIP }, () => {
+describe('middle adapters held by the node', () => {
   it('StepCommit applies once per step: a repeat answers the same, a gap or missing gradients are typed errors', async () => {
     const node = await startTestNode();
     const client = await TestClient.connect(node, await createTenantKey(node, 'alice'));

@@ -4,11 +4,11 @@
 // factors' gradients, within 1e-5.
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
-import { HeldAdapter } from '../../cloud-node/held-adapters.ts';
 import { MiddleExecutor } from '../../cloud-node/middle-executor.ts';
 import type { BatchInfo } from '../../cloud-node/middle-executor.ts';
 import { LlamaModel, Rng, initBackend, loadModelFolder } from '../../model/index.ts';
 import { STORIES_DIR } from './helpers.ts';
+import { random, trainedHeld } from './held-helpers.ts';
 
 const RANGE = { start: 1, end: 4 };
 let model: LlamaModel;
@@ -22,22 +22,6 @@ after(async () => {
   for (const e of executors) await e.close();
   model.dispose();
 });
-
-function random(n: number, rng: Rng, scale = 1): Float32Array {
-  const out = new Float32Array(n);
-  for (let i = 0; i < n; i++) out[i] = rng.normal() * scale;
-  return out;
-}
-
-/** A held adapter whose B factors were moved off zero by one committed step of random gradients. */
-function trainedHeld(seed: number, targets: string[], method: 'lora' | 'ia3' = 'lora'): HeldAdapter {
-  const held = HeldAdapter.create(model, `00000000-0000-0000-0000-00000000000${seed}`, 't', { method, rank: method === 'lora' ? 4 : 0, alpha: method === 'lora' ? 8 : 0, targets, seed, methodIndex: 1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0 }, [1, 2, 3]);
-  const rng = new Rng(seed);
-  const grads = held.tensors().map((t) => random(t.data.length, rng));
-  held.accumulate(1, 0, grads);
-  held.commit({ sessionId: held.sessionId, step: 1, lr: 0.05, maxGradNorm: 0, edgeGradSquareSum: 0, microbatches: 1, exportAdapter: false });
-  return held;
-}
 
 function maxDiff(a: Float32Array, b: Float32Array): number {
   assert.equal(a.length, b.length);
@@ -54,9 +38,9 @@ describe('held middle LoRAs batched across sessions in the executor', () => {
     const alone = await MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'cpu', batchWindowMs: 0, maxBatchTokens: 1 });
     executors.push(batched, alone);
     const sessions = [
-      { held: trainedHeld(1, ['q_proj', 'v_proj']), shape: [2, 5, hidden] as [number, number, number] },
-      { held: trainedHeld(2, ['q_proj', 'down_proj']), shape: [1, 7, hidden] as [number, number, number] },
-      { held: trainedHeld(3, ['k_proj', 'v_proj', 'down_proj'], 'ia3'), shape: [1, 6, hidden] as [number, number, number] },
+      { held: trainedHeld(model, 1, ['q_proj', 'v_proj']), shape: [2, 5, hidden] as [number, number, number] },
+      { held: trainedHeld(model, 2, ['q_proj', 'down_proj']), shape: [1, 7, hidden] as [number, number, number] },
+      { held: trainedHeld(model, 3, ['k_proj', 'v_proj', 'down_proj'], 'ia3'), shape: [1, 6, hidden] as [number, number, number] },
     ];
     const rng = new Rng(9);
     const inputs = sessions.map((s) => ({ ...s, h: random(s.shape[0] * s.shape[1] * hidden, rng), g: random(s.shape[0] * s.shape[1] * hidden, rng, 0.1) }));

@@ -1,7 +1,7 @@
 // Split training with a middle LoRA the cloud holds (protocol 1.3) takes the steps local
 // training of the same three-part adapter takes (bottom and top LoRA on the edge, middle LoRA
 // on the cloud): the same loss at every step (f32 codecs) and the same exported adapter, in
-// one PEFT folder.
+// one PEFT folder. With the node on tfjs and on ONNX Runtime.
 import assert from 'node:assert/strict';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -26,13 +26,12 @@ export async function heldGauge(cloud: TestCloud): Promise<number> {
   return Number(line.split(' ')[1]);
 }
 
-const HELD_SKIP = /^ort/.test(process.env.TANDEM_ENGINE ?? '') ? 'held middle adapters run on the tfjs middle only' : false;
-
-describe('split training with a cloud-held middle LoRA equals local training of the whole adapter (f32, stories260K)', { skip: HELD_SKIP }, () => {
+// The node's middle on tfjs (TANDEM_ENGINE when set) and on ONNX Runtime.
+for (const engine of [undefined, 'ort-cpu']) describe(`split training with a cloud-held middle LoRA equals local training of the whole adapter (f32, stories260K, middle on ${engine ?? process.env.TANDEM_ENGINE ?? 'tfjs'})`, () => {
   let cloud: TestCloud;
   before(async () => {
     await initBackend();
-    cloud = await startTestCloud();
+    cloud = await startTestCloud({ engine });
   });
   after(() => cloud.close());
 

@@ -19,9 +19,7 @@ const TARGETS = ['q_proj', 'v_proj'];
 const EDGE: MethodSpec = { method: 'lora', r: 4, loraAlpha: 8, targetModules: TARGETS, layersToTransform: [0, 4], initLoraWeights: false };
 const MIDDLE: MethodSpec = { method: 'lora', r: 4, loraAlpha: 8, targetModules: TARGETS, layersToTransform: [1, 2, 3] };
 
-const HELD_SKIP = /^ort/.test(process.env.TANDEM_ENGINE ?? '') ? 'held middle adapters run on the tfjs middle only' : false;
-
-describe('a cloud holding a middle LoRA, killed with SIGKILL mid-training', { skip: HELD_SKIP }, () => {
+describe('a cloud holding a middle LoRA, killed with SIGKILL mid-training', () => {
   it('resumes from its state folder: the run equals an uninterrupted one, step for step', async () => {
     await initBackend();
     const dir = await tempDir();

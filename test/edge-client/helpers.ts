@@ -28,9 +28,10 @@ export interface TestCloud {
   close(): Promise<void>;
 }
 
-export async function startTestCloud(options: { memoryBudgetBytes?: number } = {}): Promise<TestCloud> {
+/** `engine`: the node's middle engine (TANDEM_ENGINE when unset). */
+export async function startTestCloud(options: { memoryBudgetBytes?: number; engine?: string } = {}): Promise<TestCloud> {
   const state = await tempDir('cloud');
-  const start = (port = 0) => startCloudNode({ modelDir: FIXTURE, stateDir: state.dir, port, logLevel: 'silent', memoryBudgetBytes: options.memoryBudgetBytes });
+  const start = (port = 0) => startCloudNode({ modelDir: FIXTURE, stateDir: state.dir, port, logLevel: 'silent', memoryBudgetBytes: options.memoryBudgetBytes, engine: options.engine });
   let node = await start();
   const key = node.adminKey as string;
   const cloud: TestCloud = {

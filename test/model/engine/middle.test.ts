@@ -76,8 +76,15 @@ describe('the middle on ONNX Runtime', () => {
     const { output, kept } = await exec.forwardKeeping(range, h, shape);
     assert.deepEqual(output, plain);
     const fromKept = await exec.backwardFromKept(kept, g);
+    // The recompute is one graph of its own (forward and VJP together): equal up to float32 rounding.
     const recomputed = await exec.backward(range, h, g, shape);
-    assert.deepEqual(fromKept, recomputed);
-    assert.ok(fromKept.some((x) => x !== 0));
+    let worst = 0;
+    let scale = 0;
+    fromKept.forEach((x, i) => {
+      worst = Math.max(worst, Math.abs(x - recomputed[i]));
+      scale = Math.max(scale, Math.abs(x));
+    });
+    assert.ok(worst <= 1e-5 * scale, `recomputed differs by ${worst} (scale ${scale})`);
+    assert.ok(scale > 0);
   });
 });

@@ -1,0 +1,23 @@
+// Held middle adapters for the executor tests: random arrays and an adapter trained one step.
+import { HeldAdapter } from '../../cloud-node/held-adapters.ts';
+import { Rng } from '../../model/index.ts';
+import type { LlamaModel } from '../../model/index.ts';
+
+export function random(n: number, rng: Rng, scale = 1): Float32Array {
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) out[i] = rng.normal() * scale;
+  return out;
+}
+
+/**
+ * A held adapter on blocks 1-3 of `model`, moved off its init (LoRA's B is zero there) by one
+ * committed step of random gradients; LoRA r 4 with lora_alpha `alpha` (8 unless given).
+ */
+export function trainedHeld(model: LlamaModel, seed: number, targets: string[], method: 'lora' | 'ia3' = 'lora', alpha = 8): HeldAdapter {
+  const spec = { method, rank: method === 'lora' ? 4 : 0, alpha: method === 'lora' ? alpha : 0, targets, seed, methodIndex: 1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0 };
+  const held = HeldAdapter.create(model, `00000000-0000-0000-0000-${String(seed).padStart(12, '0')}`, 't', spec, [1, 2, 3]);
+  const rng = new Rng(seed);
+  held.accumulate(1, 0, held.tensors().map((t) => random(t.data.length, rng)));
+  held.commit({ sessionId: held.sessionId, step: 1, lr: 0.05, maxGradNorm: 0, edgeGradSquareSum: 0, microbatches: 1, exportAdapter: false });
+  return held;
+}
