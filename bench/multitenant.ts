@@ -190,6 +190,9 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
         modelDir: dir, engine, batchWindowMs: batched ? windowMs : 0, maxBatchTokens: batched ? Math.max(...counts) * SEQ : 1,
       });
       try {
+        // ORT's first runs of a graph are slower than the rest (one warm-up step per session is not
+        // enough: 1 unbatched session read 53 ms a step measured first and 30 ms measured again).
+        await sessionsOn(executor, 1, 5, hidden, layers);
         for (const sessions of counts) {
           const r = await sessionsOn(executor, sessions, steps, hidden, layers);
           rows.push({ sessions, batched, middleLora: false, tokensPerSecond: r.tokensPerSecond, p50StepSeconds: r.p50, p99StepSeconds: r.p99, measured: 'executor', recomputedBackwards: r.recomputed });
@@ -210,6 +213,7 @@ export async function run(args: string[]): Promise<Record<string, unknown>> {
       // Held adapters on the executor's engine (tfjs, or ORT's stacked segment graphs).
       const executor = await MiddleExecutor.start({ modelDir: dir, engine, batchWindowMs: windowMs, maxBatchTokens: 8 * SEQ });
       try {
+        for (const middleLora of [false, true]) await heldSessionsOn(executor, model, 8, 2, middleLora); // warm-up, as above
         for (const middleLora of [false, true]) {
           const r = await heldSessionsOn(executor, model, 8, steps, middleLora);
           rows.push({ sessions: 8, batched: true, middleLora, tokensPerSecond: r.tokensPerSecond, p50StepSeconds: r.p50, p99StepSeconds: r.p99, measured: 'held' });
