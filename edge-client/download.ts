@@ -7,7 +7,7 @@ import { mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { request as httpsRequest } from 'node:https';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
-import { CONFIG_FILE, LlamaModel, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, checkTokenizerFits, expectedTensorShapes, loadTokenizer, onEdge, readModelConfig, readSafetensorsFile, toFloat32 } from '../model/index.ts';
+import { CONFIG_FILE, LlamaModel, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, checkTokenizerFits, expectedTensorShapes, loadTokenizer, maxCheckpointTensors, onEdge, readModelConfig, readSafetensorsFile, toFloat32 } from '../model/index.ts';
 import type { Cut, ModelConfig, Tokenizer } from '../model/index.ts';
 import { DEFAULT_CUT, EDGE_WEIGHTS_FILE } from '../protocol/index.ts';
 import type { CutLimits, EdgeManifest, ModelDescription } from '../protocol/index.ts';
@@ -282,7 +282,8 @@ export async function loadEdgePart(part: EdgePart): Promise<LoadedEdgePart> {
     throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', (cause as Error).message, { where: tokenizer.path, cause });
   }
   const weightsPath = join(part.dir, EDGE_WEIGHTS_FILE);
-  const contents = await readSafetensorsFile(weightsPath);
+  // A header naming more tensors than the whole model has is refused before it is parsed.
+  const contents = await readSafetensorsFile(weightsPath, { maxTensors: maxCheckpointTensors(config) });
   const { cut } = part.manifest;
   if (cut.bottom + cut.top > config.numHiddenLayers) throw invalid(`cut (${cut.bottom}, ${cut.top}) leaves no room in ${config.numHiddenLayers} layers`, configPath);
   const arrays = new Map<string, { shape: number[]; data: Float32Array }>();

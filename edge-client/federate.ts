@@ -9,7 +9,7 @@ import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import {
   ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, DEFAULT_RECIPE, LlamaModel, SecAggOwner, addGaussianNoise, checkRun, clipUpdate, constrainLocalRound, initBackend, splitNoiseStd,
-  checkTokenizerFits, loadModelFolder, loadTokenizer, openRun, readSafetensorsFile, runSteps, toFloat32, writeSafetensorsFile,
+  MAX_ADAPTER_TENSORS, checkTokenizerFits, loadModelFolder, loadTokenizer, openRun, readSafetensorsFile, runSteps, toFloat32, writeSafetensorsFile,
 } from '../model/index.ts';
 import type { Cut, Evaluation, Middle, TextTokenizer, TrainRecipe, TrainingResult, TrainingSpec } from '../model/index.ts';
 import { decodeFloat32, encodeFloat32, encodeUint32 } from '../protocol/index.ts';
@@ -94,7 +94,7 @@ export async function readAdapterFolder(dir: string): Promise<WireAdapter> {
     throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', `cannot read ${ADAPTER_CONFIG_FILE}: ${(cause as Error).message}`, { field: 'adapter', where: dir, cause });
   });
   const file = join(dir, ADAPTER_WEIGHTS_FILE);
-  const weights = await readSafetensorsFile(file);
+  const weights = await readSafetensorsFile(file, { maxTensors: MAX_ADAPTER_TENSORS });
   const tensors: WireAdapter['tensors'] = {};
   for (const [k, t] of [...weights.tensors].sort(([a], [b]) => (a < b ? -1 : 1))) tensors[k] = { shape: [...t.shape], data: encodeFloat32(Float32Array.from(toFloat32(t, file, k))) };
   return { config, tensors };

@@ -98,13 +98,23 @@ interface FoundTensor {
   entry: SafetensorsTensor;
 }
 
+/**
+ * The most tensors a checkpoint of `config` may name: what it needs, a skipped rotary table per
+ * layer and a tied lm_head (checkTensorSet refuses any other). A header naming more is refused
+ * in its linear pass, before JSON.parse builds it: the file may have come over the network (an
+ * edge's download of its part).
+ */
+export function maxCheckpointTensors(config: ModelConfig): number {
+  return expectedTensorShapes(config).size + config.numHiddenLayers + 1;
+}
+
 /** Every tensor of the checkpoint with the file it came from; shards are checked against the index. */
-async function readCheckpointTensors(dir: string): Promise<Map<string, FoundTensor>> {
+async function readCheckpointTensors(dir: string, maxTensors: number): Promise<Map<string, FoundTensor>> {
   const found = new Map<string, FoundTensor>();
   const single = join(dir, SAFETENSORS_FILE);
   const indexPath = join(dir, SAFETENSORS_INDEX_FILE);
   if (await fileExists(single)) {
-    const { tensors } = await readSafetensorsFile(single);
+    const { tensors } = await readSafetensorsFile(single, { maxTensors });
     for (const [name, entry] of tensors) found.set(name, { file: single, entry });
     return found;
   }
@@ -112,6 +122,9 @@ async function readCheckpointTensors(dir: string): Promise<Map<string, FoundTens
     throw new ModelError('TANDEM_MODEL_FILE_MISSING', `the folder has neither ${SAFETENSORS_FILE} nor ${SAFETENSORS_INDEX_FILE}`, { file: single });
   }
   const index = await readShardIndex(dir);
+  if (index.size > maxTensors) {
+    throw new ModelError('TANDEM_SHARD_INDEX_INVALID', `the index names ${index.size} tensors; a checkpoint of this config.json has at most ${maxTensors}`, { file: indexPath });
+  }
   const shards = [...new Set(index.values())].sort();
   for (const shard of shards) {
     const path = join(dir, shard);
@@ -121,7 +134,7 @@ async function readCheckpointTensors(dir: string): Promise<Map<string, FoundTens
   }
   for (const shard of shards) {
     const path = join(dir, shard);
-    const contents: SafetensorsContents = await readSafetensorsFile(path);
+    const contents: SafetensorsContents = await readSafetensorsFile(path, { maxTensors });
     for (const [name, entry] of contents.tensors) {
       if (index.get(name) !== shard) {
         throw new ModelError('TANDEM_SHARD_INDEX_INVALID', `the shard holds a tensor that ${SAFETENSORS_INDEX_FILE} places ${index.has(name) ? `in ${index.get(name)}` : 'nowhere'}`, {
@@ -216,7 +229,7 @@ export function modelContentHash(config: ModelConfig, weights: Weights): string 
  */
 export async function loadModelFolder(dir: string): Promise<LoadedModel> {
   const config = await readModelConfig(dir);
-  const found = await readCheckpointTensors(dir);
+  const found = await readCheckpointTensors(dir, maxCheckpointTensors(config));
   checkTensorSet(
     config,
     new Map([...found].map(([name, t]) => [name, { file: t.file, shape: t.entry.shape }])),

@@ -29,6 +29,7 @@ export {
   SAFETENSORS_INDEX_FILE,
   TOKENIZER_FILE,
   loadModelFolder,
+  maxCheckpointTensors,
   modelContentHash,
   readModelConfig,
   readShardIndex,

@@ -228,6 +228,16 @@ describe('model folders that cannot be loaded are refused with a typed error nam
     await rejectsModelError(loadModelFolder(dir), 'TANDEM_TENSOR_UNEXPECTED', 'tensor model.layers.0.self_attn.q_proj.bias', join(dir, 'model.safetensors'));
   });
 
+  test('a header naming more tensors than any checkpoint of the config has: refused before it is parsed', async () => {
+    const config = await storiesConfig();
+    const tensors = await storiesTensors();
+    // What the config needs, a rotary table per layer (5) and a tied lm_head: the most allowed.
+    const allowed = expectedTensorShapes(parseModelConfig(config)).size + 5 + 1;
+    for (let i = 0; tensors.size <= allowed; i++) tensors.set(`extra.${i}`, { dtype: 'F32', shape: [1], data: new Float32Array(1) });
+    const dir = await folderWith(config, tensors);
+    await rejectsModelError(loadModelFolder(dir), 'TANDEM_SAFETENSORS_INVALID', `more than ${allowed} tensors`, join(dir, 'model.safetensors'));
+  });
+
   test('an integer dtype for a weight', async () => {
     const tensors = await storiesTensors();
     tensors.set('model.norm.weight', { dtype: 'I32', shape: [64], data: new Int32Array(64) });
@@ -269,6 +279,16 @@ describe('sharded checkpoints that cannot be loaded', () => {
       await editIndex(dir, (m) => (m['model.norm.weight'] = evil));
       await rejectsModelError(loadModelFolder(dir), 'TANDEM_SHARD_INDEX_INVALID', join(dir, 'model.safetensors.index.json'), 'tensor model.norm.weight');
     }
+  });
+
+  test('an index naming more tensors than any checkpoint of the config has', async () => {
+    const dir = await shardedFolder();
+    const shard = (await readdir(dir)).filter((f) => f.startsWith('model-')).sort()[0];
+    await editIndex(dir, (m) => {
+      for (let i = 0; i < 100; i++) m[`extra.${i}`] = shard;
+    });
+    const allowed = expectedTensorShapes(parseModelConfig(await storiesConfig())).size + 5 + 1;
+    await rejectsModelError(loadModelFolder(dir), 'TANDEM_SHARD_INDEX_INVALID', `at most ${allowed}`);
   });
 
   test('an index that is not an object with a weight_map', async () => {
