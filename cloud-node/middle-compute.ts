@@ -268,10 +268,18 @@ export class OrtMiddleCompute implements Compute<KeptForward | StackedKept> {
     const gs: Float32Array[] = [];
     const loraGrads: (Float32Array[] | undefined)[] = items.map(() => undefined);
     const zeros = (it: BatchItem): Float32Array => it.g ?? new Float32Array(it.h.length);
-    for (const [k, it] of items.entries()) {
-      if (holds(it)) continue;
-      gs[k] = await this.backward(it.range, it.h, zeros(it), it.shape);
+    // Items without an adapter (a backward batch mixes them with held ones): stacked when they can pack.
+    const plain = new Map<string, number[]>();
+    items.forEach((it, k) => {
+      if (holds(it)) return;
       if (it.lora !== undefined) loraGrads[k] = [];
+      const id = `${it.range.start}:${it.range.end}:${it.shape[1]}`;
+      plain.set(id, [...(plain.get(id) ?? []), k]);
+    });
+    for (const indices of plain.values()) {
+      const group = indices.map((k) => items[k]);
+      const outs = group.length > 1 ? await this.backwardPacked(group) : [await this.backward(group[0].range, group[0].h, zeros(group[0]), group[0].shape)];
+      outs.forEach((o, j) => { gs[indices[j]] = o; });
     }
     for (const indices of heldGroups(items)) {
       const group = indices.map((k) => items[k]);

@@ -1,7 +1,9 @@
 // ONNX graphs of the LLaMA-family backbone, built from the model configuration: the forward
 // of a block range or of the whole model, a forward that also outputs what backward needs,
-// the hand-derived backward (vector-Jacobian product with respect to the hidden states), and
-// one whole-model LoRA training graph (forward, loss, backward to every LoRA parameter).
+// the hand-derived backward (vector-Jacobian product with respect to the hidden states), the
+// training graphs with LoRA (the whole model, the top with its loss, the bottom's backward),
+// the forward recomputed inside the VJP's graph, and a block range whose segments (sessions
+// stacked along the batch) each carry their own LoRA or (IA)^3 (the cloud's held adapters).
 //
 // Hidden states travel as rows [tokens, hidden] so every projection is one Gemm against the
 // weight in PyTorch's [out, in] layout (transB), and backward is a plain MatMul with the same
@@ -88,7 +90,8 @@ interface Ctx {
  * batched matmuls over the segment axis (Punica's idea).
  */
 export interface SegmentAdapterSpec {
-  lora?: { r: number; paths: readonly string[] };
+  /** LoRA paths; the rank is a dimension of the inputs (one graph serves every rank). */
+  lora?: { paths: readonly string[] };
   /** `feedforward`: the scale multiplies the module's input (PEFT's down_proj), else its output. */
   ia3?: readonly { path: string; feedforward: boolean }[];
 }
@@ -247,7 +250,9 @@ class LlamaGraph {
         return g.reshape(g.mul(dxl, scale), [-1, inF]);
       }
       // y = base · l: dl = Σ_rows dy · base, d base = dy · l.
-      const base = this.ia3Base.get(path) ?? g.op('Gemm', [x, weight, ...(this.has(`${path}.bias`) ? [this.w(`${path}.bias`)] : [])], { transB: 1 });
+      // Its forward is in this graph (blocksRecomputeBackwardGraph): the base output it computed.
+      const base = this.ia3Base.get(path);
+      if (base === undefined) throw new Error(`the (IA)^3 backward of ${path} needs its forward in the same graph`);
       const dy3 = this.bySegment(dy, out, seg);
       g.alias(g.sumKeep(g.mul(dy3, this.bySegment(base, out, seg)), [1]), ia3GradName(path));
       return g.matmul(g.reshape(g.mul(dy3, scale), [-1, out]), weight);
@@ -327,7 +332,7 @@ class LlamaGraph {
     const w1 = `${p}.input_layernorm.weight`;
     const w2 = `${p}.post_attention_layernorm.weight`;
     // The norms' outputs, needed as the inputs of LoRA'd projections.
-    const lora = ctx.lora !== undefined || ctx.segments !== undefined;
+    const lora = ctx.lora !== undefined || (ctx.segments !== undefined && ctx.segments.lora.size > 0);
     const norm1 = lora ? g.mul(s.n1, this.w(w1)) : '';
     const norm2 = lora ? g.mul(s.n2, this.w(w2)) : '';
     // MLP: y = h + down(silu(gate) · up).
@@ -462,7 +467,7 @@ function segmentIo(m: LlamaGraph, weights: WeightArrays, spec: SegmentAdapterSpe
   };
   for (const path of lora) {
     const [out, inF] = shapeOf(path);
-    const r = spec.lora?.r as number;
+    const r = 'rank';
     const names = loraInputNames(path);
     g.input(names.a, ONNX_FLOAT, ['segments', r, inF]);
     g.input(names.b, ONNX_FLOAT, ['segments', out, r]);

@@ -8,7 +8,7 @@ import { ModelError } from '../errors.ts';
 import { LINEAR_MODULES } from '../hooks.ts';
 import { ropeInverseFrequencies, ropeTables } from '../llama/rope.ts';
 import type { LoraSpec, SegmentAdapterSpec, WeightArrays } from './llama-graphs.ts';
-import { SAVED_PER_BLOCK, SEGMENT_LORA_SCALE, blockRangeBackwardGraph, blocksRecomputeBackwardGraph, ia3GradName, ia3InputName, segmentBlocksGraph, bottomBackwardGraph, bottomGraph, cachedBlockRangeGraph, cachedLogitsGraph, pastName, presentName, blockRangeGraph, logitsGraph, loraGradNames, loraInputNames, loraPaths, loraTrainGraph, topLogitsGraph, topTrainGraph } from './llama-graphs.ts';
+import { SAVED_PER_BLOCK, SEGMENT_LORA_SCALE, modulePath, blockRangeBackwardGraph, blocksRecomputeBackwardGraph, ia3GradName, ia3InputName, segmentBlocksGraph, bottomBackwardGraph, bottomGraph, cachedBlockRangeGraph, cachedLogitsGraph, pastName, presentName, blockRangeGraph, logitsGraph, loraGradNames, loraInputNames, loraPaths, loraTrainGraph, topLogitsGraph, topTrainGraph } from './llama-graphs.ts';
 import type { OnnxGraph } from './onnx-proto.ts';
 import { encodeModel } from './onnx-proto.ts';
 
@@ -48,6 +48,9 @@ export async function loadOrt(): Promise<OrtModule> {
 export const ORT_NO_SPINNING = { session: { intra_op: { allow_spinning: '0' }, inter_op: { allow_spinning: '0' } } } as const;
 
 const MASKED = -1e9;
+
+/** Sessions of the bounded set (see OrtLlama.runBounded) kept at once. */
+export const MAX_BOUNDED_SESSIONS = 4;
 
 /** A block-range forward whose saved tensors are kept for one later vector-Jacobian product. */
 export interface KeptForward {
@@ -95,10 +98,10 @@ export interface SegmentGradients {
 }
 
 const segmentSpecOf = (a: SegmentAdapters): SegmentAdapterSpec => ({
-  ...(a.lora ? { lora: { r: a.lora.r, paths: [...a.lora.factors.keys()] } } : {}),
-  ...(a.ia3 ? { ia3: [...a.ia3].map(([path, x]) => ({ path, feedforward: x.feedforward })) } : {}),
+  ...(a.lora && a.lora.factors.size > 0 ? { lora: { paths: [...a.lora.factors.keys()] } } : {}),
+  ...(a.ia3 && a.ia3.size > 0 ? { ia3: [...a.ia3].map(([path, x]) => ({ path, feedforward: x.feedforward })) } : {}),
 });
-const segmentKey = (s: SegmentAdapterSpec): string => `${s.lora ? `${s.lora.r}:${s.lora.paths.join(',')}` : ''}|${(s.ia3 ?? []).map((x) => `${x.path}:${x.feedforward ? 'in' : 'out'}`).join(',')}`;
+const segmentKey = (s: SegmentAdapterSpec): string => `${s.lora ? s.lora.paths.join(',') : ''}|${(s.ia3 ?? []).map((x) => `${x.path}:${x.feedforward ? 'in' : 'out'}`).join(',')}`;
 
 const specKey = (spec: LoraSpec | undefined): string => (spec ? `${spec.r}:${spec.scaling}:${spec.modules.join(',')}:${spec.layers?.join(',') ?? 'all'}` : 'none');
 
@@ -149,6 +152,7 @@ export class OrtLlama {
   readonly provider: OrtProvider;
   private readonly invFreq: Float64Array;
   private readonly sessions = new Map<string, Promise<Ort.InferenceSession>>();
+  private readonly bounded = new Map<string, { session: Promise<Ort.InferenceSession>; running: number }>();
   private weights: WeightArrays;
 
   private constructor(
@@ -174,26 +178,62 @@ export class OrtLlama {
 
   /** Sessions built so far, by graph key (one per kind and block range; batch and seq are dynamic). */
   get sessionKeys(): string[] {
-    return [...this.sessions.keys()];
+    return [...this.sessions.keys(), ...this.bounded.keys()];
   }
 
   /** `alternating`: a graph of a step that runs others between its runs (no spinning: see ORT_NO_SPINNING). */
+  private createSession(build: () => OnnxGraph, alternating: boolean): Promise<Ort.InferenceSession> {
+    return this.ort.InferenceSession.create(encodeModel(build()), {
+      executionProviders: [this.provider],
+      intraOpNumThreads: this.threads,
+      interOpNumThreads: 1,
+      executionMode: 'sequential',
+      graphOptimizationLevel: 'all',
+      ...(alternating ? { extra: ORT_NO_SPINNING } : {}),
+    });
+  }
+
   private session(key: string, build: () => OnnxGraph, alternating = true): Promise<Ort.InferenceSession> {
     let s = this.sessions.get(key);
     if (!s) {
-      const bytes = encodeModel(build());
-      s = this.ort.InferenceSession.create(bytes, {
-        executionProviders: [this.provider],
-        intraOpNumThreads: this.threads,
-        interOpNumThreads: 1,
-        executionMode: 'sequential',
-        graphOptimizationLevel: 'all',
-        ...(alternating ? { extra: ORT_NO_SPINNING } : {}),
-      });
+      s = this.createSession(build, alternating);
       s.catch(() => this.sessions.delete(key));
       this.sessions.set(key, s);
     }
     return s;
+  }
+
+  /**
+   * Runs a graph of the bounded set: the held adapters' graphs (one per block range and adapter
+   * layout: their number is the tenants' to choose) and the recompute VJP. Each session holds
+   * its own copy of the range's weights, so at most MAX_BOUNDED_SESSIONS stay; the least
+   * recently used one not running is released.
+   */
+  private async runBounded(key: string, build: () => OnnxGraph, feeds: Record<string, Ort.Tensor>): Promise<Ort.InferenceSession.OnnxValueMapType> {
+    let entry = this.bounded.get(key);
+    if (entry) this.bounded.delete(key); // most recently used last
+    else {
+      const session = this.createSession(build, true);
+      entry = { session, running: 0 };
+      session.catch(() => { if (this.bounded.get(key)?.session === session) this.bounded.delete(key); });
+    }
+    this.bounded.set(key, entry);
+    entry.running++;
+    try {
+      return await (await entry.session).run(feeds);
+    } finally {
+      entry.running--;
+      this.evictBounded();
+    }
+  }
+
+  private evictBounded(): void {
+    for (const [key, entry] of this.bounded) {
+      if (this.bounded.size <= MAX_BOUNDED_SESSIONS) return;
+      if (entry.running > 0) continue;
+      this.bounded.delete(key);
+      entry.session.then((s) => s.release()).catch(() => undefined);
+    }
   }
 
   private f32(data: Float32Array, dims: number[]): Ort.Tensor {
@@ -284,20 +324,26 @@ export class OrtLlama {
   private segmentFeeds(a: SegmentAdapters, batch: number, start: number, end: number): Record<string, Ort.Tensor> {
     const S = a.segments;
     if (!Number.isInteger(S) || S < 1 || batch % S !== 0) throw new ModelError('TANDEM_INPUT_INVALID', `segments must be a positive integer dividing the batch ${batch}, got ${S}`, { field: 'segments' });
+    if ((a.lora?.factors.size ?? 0) + (a.ia3?.size ?? 0) === 0) throw new ModelError('TANDEM_INPUT_INVALID', 'the segment adapters name no module', { field: 'adapters' });
     const feeds: Record<string, Ort.Tensor> = {};
+    // A linear module (q_proj … down_proj) of a block in [start, end), whose weight is [out, in].
     const shapeOf = (path: string): [number, number] => {
       const layer = Number(path.split('.')[2]);
       const w = this.weights.get(`${path}.weight`);
-      if (!w || !(layer >= start && layer < end)) throw new ModelError('TANDEM_INPUT_INVALID', `${path} is not a module of blocks [${start}, ${end})`, { field: 'adapters' });
+      const linear = Number.isInteger(layer) && LINEAR_MODULES.some((m) => modulePath(layer, m) === path);
+      if (!linear || !w || w.shape.length !== 2 || !(layer >= start && layer < end)) {
+        throw new ModelError('TANDEM_INPUT_INVALID', `${path} is not a linear module of blocks [${start}, ${end})`, { field: 'adapters' });
+      }
       return [w.shape[0], w.shape[1]];
     };
-    if (a.lora) {
+    if (a.lora && a.lora.factors.size > 0) {
       const { r } = a.lora;
       if (!Number.isInteger(r) || r < 1 || r > 4096) throw new ModelError('TANDEM_INPUT_INVALID', `r must be an integer in [1, 4096], got ${r}`, { field: 'r' });
       checkLength(a.lora.scales, S, SEGMENT_LORA_SCALE);
       feeds[SEGMENT_LORA_SCALE] = this.f32(a.lora.scales, [S, 1, 1]);
       for (const [path, f] of a.lora.factors) {
         const [out, inF] = shapeOf(path);
+        if (a.ia3?.has(path)) throw new ModelError('TANDEM_INPUT_INVALID', `${path} carries both LoRA and (IA)^3`, { field: 'adapters' });
         const names = loraInputNames(path);
         checkLength(f.a, S * r * inF, names.a);
         checkLength(f.b, S * out * r, names.b);
@@ -311,7 +357,6 @@ export class OrtLlama {
       checkLength(x.scale, S * n, ia3InputName(path));
       feeds[ia3InputName(path)] = this.f32(x.scale, [S, 1, n]);
     }
-    if (Object.keys(feeds).length === 0) throw new ModelError('TANDEM_INPUT_INVALID', 'the segment adapters name no module', { field: 'adapters' });
     return feeds;
   }
 
@@ -320,8 +365,8 @@ export class OrtLlama {
     this.checkHidden(h, batch, seq, 'h');
     const feeds = this.segmentFeeds(adapters, batch, start, end);
     const spec = segmentSpecOf(adapters);
-    const s = await this.session(`segment-blocks:${start}:${end}:${segmentKey(spec)}`, () => segmentBlocksGraph(this.config, this.weights, spec, start, end));
-    const out = await s.run({ h: this.f32(h, [batch, seq, this.config.hiddenSize]), ...this.positional(seq), ...feeds });
+    const out = await this.runBounded(`segment-blocks:${start}:${end}:${segmentKey(spec)}`, () => segmentBlocksGraph(this.config, this.weights, spec, start, end),
+      { h: this.f32(h, [batch, seq, this.config.hiddenSize]), ...this.positional(seq), ...feeds });
     return out.out.data as Float32Array;
   }
 
@@ -335,12 +380,12 @@ export class OrtLlama {
     checkLength(dy, h.length, 'dy');
     const d = this.config.hiddenSize;
     const grads: SegmentGradients = { lora: new Map(), ia3: new Map() };
-    if (start === end) return { dx: dy, grads };
+    if (start === end && adapters === undefined) return { dx: dy, grads };
     const feeds = adapters ? this.segmentFeeds(adapters, batch, start, end) : {};
     const spec = adapters ? segmentSpecOf(adapters) : undefined;
     const key = `blocks-recompute-backward:${start}:${end}:${spec ? segmentKey(spec) : 'none'}`;
-    const s = await this.session(key, () => blocksRecomputeBackwardGraph(this.config, this.weights, spec, start, end));
-    const out = await s.run({ h: this.f32(h, [batch, seq, d]), dy: this.f32(dy, [batch, seq, d]), ...this.positional(seq), ...feeds });
+    const out = await this.runBounded(key, () => blocksRecomputeBackwardGraph(this.config, this.weights, spec, start, end),
+      { h: this.f32(h, [batch, seq, d]), dy: this.f32(dy, [batch, seq, d]), ...this.positional(seq), ...feeds });
     for (const path of adapters?.lora?.factors.keys() ?? []) {
       const names = loraGradNames(path);
       grads.lora.set(path, { a: out[names.a].data as Float32Array, b: out[names.b].data as Float32Array });
@@ -568,8 +613,9 @@ export class OrtLlama {
 
   /** Releases every session. */
   async dispose(): Promise<void> {
-    const all = [...this.sessions.values()];
+    const all = [...this.sessions.values(), ...[...this.bounded.values()].map((e) => e.session)];
     this.sessions.clear();
+    this.bounded.clear();
     for (const s of all) {
       try {
         await (await s).release();

@@ -40,7 +40,7 @@ function relDiff(a: Float32Array, b: Float32Array): number {
 }
 
 describe('held middle adapters on the ONNX Runtime middle', () => {
-  it('stacked sessions (two of one LoRA layout, one of another, an (IA)^3, another length) equal the tfjs executor and their runs alone', async () => {
+  it('stacked sessions (two of one LoRA layout, one of another, two (IA)^3s, another length) equal the tfjs executor and their runs alone', async () => {
     const batches: BatchInfo[] = [];
     const ort = await MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'cpu', engine: 'ort-cpu', batchWindowMs: 200, onBatch: (b) => batches.push(b) });
     const ortAlone = await MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'cpu', engine: 'ort-cpu', batchWindowMs: 0, maxBatchTokens: 1 });
@@ -53,11 +53,12 @@ describe('held middle adapters on the ONNX Runtime middle', () => {
       { held: trainedHeld(model, 3, ['q_proj', 'down_proj'], 'lora', 11), shape: [2, 6, hidden] },
       { held: trainedHeld(model, 4, ['k_proj', 'v_proj', 'down_proj'], 'ia3', 12), shape: [1, 6, hidden] },
       { held: trainedHeld(model, 5, ['q_proj', 'v_proj'], 'lora', 13), shape: [1, 9, hidden] },
+      { held: trainedHeld(model, 6, ['k_proj', 'v_proj', 'down_proj'], 'ia3'), shape: [1, 6, hidden] },
     ];
     const rng = new Rng(9);
     const inputs = sessions.map((s) => ({ ...s, h: random(s.shape[0] * s.shape[1] * hidden, rng), g: random(s.shape[0] * s.shape[1] * hidden, rng, 0.1) }));
     const together = await Promise.all(inputs.map((x, i) => ort.forwardHeld(RANGE, x.h, x.shape, `tenant${i}`, x.held.lora())));
-    assert.ok(batches.some((b) => b.kind === 'forward' && b.requests === 5), 'the five forwards ran as one batch');
+    assert.ok(batches.some((b) => b.kind === 'forward' && b.requests === 6), 'the six forwards ran as one batch');
     const backTogether = await Promise.all(inputs.map((x, i) => ort.backwardHeld(RANGE, x.h, x.g, x.shape, `tenant${i}`, x.held.lora())));
     for (const [i, x] of inputs.entries()) {
       const lora = x.held.lora();
