@@ -133,6 +133,12 @@ function record(bytes: Uint8Array, what: string): Record<string, unknown> {
   return value as Record<string, unknown>;
 }
 
+/** A field's value for a message: a map or an array is named, not converted (its toString may be a key of the body's). */
+function shown(value: unknown): string {
+  if (typeof value === 'object' && value !== null) return Array.isArray(value) ? '(an array)' : '(a map)';
+  return JSON.stringify(String(value).slice(0, 32));
+}
+
 function int(value: unknown, field: string, min: number, max: number): number {
   if (typeof value !== 'number' || !Number.isInteger(value) || value < min || value > max) throw invalid(field, `must be an integer in [${min}, ${max}]`);
   return value;
@@ -205,7 +211,7 @@ export function decodeRequest(bytes: Uint8Array, maxElements: number): MiddleReq
     case 'dropTape':
       return { op: 'dropTape', tapeId: int(r.tapeId, 'tapeId', 1, Number.MAX_SAFE_INTEGER) };
     default:
-      throw invalid('op', `unknown op ${JSON.stringify(String(r.op).slice(0, 32))}`);
+      throw invalid('op', `unknown op ${shown(r.op)}`);
   }
 }
 
