@@ -6,8 +6,10 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, readFile, readdir, rename, rm, stat, utimes } from 'node:fs/promises';
 import { join } from 'node:path';
-import { EmulatorError, MANIFEST_FILE, buildEmulator, verifyBundle } from '../emulator/index.ts';
+import { EmulatorError, MANIFEST_FILE, verifyBundle } from '../emulator/index.ts';
 import type { BundleFile, BundleManifest, Quantization } from '../emulator/index.ts';
+import { startEmulatorBuild } from './emulator-build-thread.ts';
+import type { EmulatorBuildThread } from './emulator-build-thread.ts';
 import { CloudError } from './errors.ts';
 import { quotaExceeded } from './quotas.ts';
 import type { ServedModel } from './served-model.ts';
@@ -94,6 +96,11 @@ export class EmulatorRegistry {
   /** Builds in progress per tenant: they count against its quota. */
   readonly #buildingBy = new Map<string, number>();
   readonly #listeners: { stored: ((key: string, dir: string) => Promise<void>)[]; evicted: ((key: string, dir: string) => Promise<void>)[] } = { stored: [], evicted: [] };
+  /** Builds running, each on a thread of its own. */
+  readonly #threads = new Set<EmulatorBuildThread>();
+  /** tfjs backends a build's thread tries in turn (the node's, then those that load anywhere). */
+  #backends: string[] = ['wasm', 'cpu'];
+  #closed = false;
 
   constructor(stateDir: string, settings: EmulatorBuildSettings = {}, onDamaged?: (key: string, err: EmulatorError) => void, limits: Partial<EmulatorStorageLimits> = {}) {
     this.dir = join(stateDir, EMULATORS_DIR);
@@ -137,6 +144,17 @@ export class EmulatorRegistry {
   }
 
   /** Awaited after a bundle is built into its folder (a cluster's object store keeps it). */
+  /** The tfjs backend the node's thread picked: a build's thread tries it first, then wasm and cpu. */
+  useBackends(backends: readonly string[]): void {
+    if (backends.length > 0) this.#backends = [...new Set([...backends, 'wasm', 'cpu'])];
+  }
+
+  /** Ends the builds running (their requests fail) and refuses new ones. */
+  async close(): Promise<void> {
+    this.#closed = true;
+    await Promise.all([...this.#threads].map((t) => t.stop()));
+  }
+
   onStored(listener: (key: string, dir: string) => Promise<void>): void {
     this.#listeners.stored.push(listener);
   }
@@ -259,13 +277,18 @@ export class EmulatorRegistry {
     return this.#read(dir, key);
   }
 
-  /** Builds into a temporary folder and renames it into place, so a bundle folder is always complete. */
+  /**
+   * Builds into a temporary folder and renames it into place, so a bundle folder is always
+   * complete; the build runs on a thread of its own (emulator-build-thread.ts).
+   */
   async #build(served: ServedModel, request: EmulatorRequest, key: string, dir: string): Promise<void> {
     await mkdir(this.dir, { recursive: true });
     const building = join(this.dir, `.${key}.${randomBytes(4).toString('hex')}`);
     const s = this.#settings;
+    if (this.#closed) throw new CloudError('TANDEM_NODE_CLOSING', { reason: 'no emulator is built' });
     try {
-      await buildEmulator({
+      await mkdir(building); // from the start: a build in progress is on disk as that folder
+      const build = startEmulatorBuild({
         modelDir: served.dir,
         modelId: served.id,
         keep: request.keep,
@@ -274,11 +297,18 @@ export class EmulatorRegistry {
         outDir: building,
         ...(s.distillData ? { distill: { dataFile: s.distillData, steps: s.distillSteps ?? 100 } } : {}),
         ...(s.evalData ? { evalFile: s.evalData } : {}),
-      });
+      }, this.#backends);
+      this.#threads.add(build);
+      try {
+        await build.done;
+      } finally {
+        this.#threads.delete(build);
+      }
       await rm(dir, { recursive: true, force: true });
       await rename(building, dir);
     } catch (err) {
       await rm(building, { recursive: true, force: true });
+      if (this.#closed) throw new CloudError('TANDEM_NODE_CLOSING', { reason: 'the emulator build was stopped' }, { cause: err });
       throw cloudErrorOf(err, request, building);
     }
   }

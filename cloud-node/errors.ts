@@ -11,6 +11,7 @@ export const CLOUD_ERRORS = {
   TANDEM_MODEL_UNKNOWN: { status: 404, template: 'this node serves no model {model}; it serves {served}' },
   TANDEM_MODEL_MISMATCH: { status: 409, template: 'model {model} has content hash {actual}; the client expects {expected}' },
   TANDEM_MODEL_NOT_READY: { status: 503, template: 'the model is not loaded yet' },
+  TANDEM_NODE_CLOSING: { status: 503, template: 'the node is shutting down: {reason}' },
   TANDEM_MODEL_BUSY: { status: 503, template: 'the node is generating at capacity: {waiting} requests are waiting, the limit of {limit}; retry later' },
   TANDEM_CUT_INVALID: { status: 400, template: 'cut bottom={bottom} top={top} is invalid: {reason}' },
   TANDEM_EDGE_FILE_UNKNOWN: { status: 404, template: 'the edge part has no file {name}; it has {files}' },

@@ -444,6 +444,8 @@ async function assembleCloudNode(options: CloudNodeOptions, undo: Array<() => un
     coordinator.close();
     io.disconnectSockets(true);
     io.engine.close();
+    // A build's request would hold app.close() until the build ends: builds end first.
+    await emulators.close();
     await app.close();
     cache.clear();
     serving.close();
@@ -474,6 +476,7 @@ async function assembleCloudNode(options: CloudNodeOptions, undo: Array<() => un
   // Split inference computes in a worker thread of its own: on ONNX Runtime with the middle, else on this thread's backend where it loads there.
   inference.useCompute({ backends: [...new Set([backend.name, 'wasm', 'cpu'])], engine: ort });
   evaluator.useCompute({ backends: [...new Set([backend.name, 'wasm', 'cpu'])] });
+  emulators.useBackends([backend.name]);
   // The workers use the backend this thread picked, so that every thread computes alike;
   // a native backend that cannot load in a worker thread falls back to wasm, then cpu.
   const computeLog = log.child({ plane: 'compute' });

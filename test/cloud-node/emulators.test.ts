@@ -120,3 +120,25 @@ describe('emulators and adapter evaluation on the node', () => {
     assert.deepEqual(await readFile(file), bytes);
   });
 });
+
+describe('an emulator build runs on a thread of its own', () => {
+  it('a node closed during a build ends it: its request is 503 TANDEM_NODE_CLOSING, no half-built folder stays, the bundle is not kept', async () => {
+    // Enough distillation to be still building when the node closes (minutes of it, were it left to finish).
+    const slow = await startTestNode({ backend: 'wasm', emulators: { distillData: join(work, 'train.txt'), distillSteps: 100_000 } });
+    const tenant = await createTenantKey(slow, 'bob');
+    const emulatorsDir = join(slow.stateDir, 'emulators');
+    const request = api(slow, 'GET', `/v1/models/stories260K/emulators${query}`, tenant).catch((error: unknown) => ({ status: 0, json: { error: String(error) } as Record<string, unknown> }));
+    // The build has started when its temporary folder (.<key>.<hex>) exists.
+    for (let i = 0; !(await readdir(emulatorsDir).catch(() => [] as string[])).some((f) => f.startsWith('.')); i++) {
+      assert.ok(i < 600, 'the build started');
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    // The node answers while it builds: its event loop is not the build's.
+    assert.equal((await api(slow, 'GET', '/v1/health')).status, 200);
+    await slow.close();
+    const answer = await request;
+    assert.equal(answer.status, 503, JSON.stringify(answer.json));
+    assert.equal(answer.json.code, 'TANDEM_NODE_CLOSING');
+    assert.deepEqual(await readdir(emulatorsDir), [], 'neither the half-built folder nor a bundle stays');
+  });
+});
