@@ -2,21 +2,47 @@
 import { createHash } from 'node:crypto';
 import { readFile, stat } from 'node:fs/promises';
 import { basename, join, resolve } from 'node:path';
+import { setImmediate as nextTurn } from 'node:timers/promises';
 import {
-  CONFIG_FILE, LlamaModel, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, loadModelFolder, onEdge, serializeSafetensors,
+  CONFIG_FILE, LlamaModel, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, loadModelFolder, onEdge, safetensorsLayout,
 } from '../model/index.ts';
-import type { LoadedModel, ModelConfig, SafetensorsTensorInput } from '../model/index.ts';
+import type { LoadedModel, ModelConfig, SafetensorsEntryInput } from '../model/index.ts';
 import { DEFAULT_CUT, EDGE_WEIGHTS_FILE } from '../protocol/index.ts';
 import type { Cut, CutLimits, FileEntry } from '../protocol/index.ts';
 import { CloudError } from './errors.ts';
 
+/** One of the model's weights (a tfjs variable). */
+type Tensor = NonNullable<ReturnType<LlamaModel['weights']['get']>>;
+
 /** Edge bundles kept built, most recently used last. */
 const EDGE_BUNDLES_KEPT = 4;
+/** Bytes read out of a tensor and hashed between two turns of the event loop while a bundle is built. */
+const BUILD_SLICE_BYTES = 4 << 20;
 
 export interface EdgeBundle {
   cut: Cut;
   files: FileEntry[];
-  contents: Map<string, Uint8Array>;
+  /** Each file as the pieces it is sent in, in order. */
+  contents: Map<string, Uint8Array[]>;
+}
+
+/** A tensor's values as float32 pieces of at most `maxBytes` (whole rows along its first axis). */
+function* pieces(w: Tensor, maxBytes: number): Generator<Float32Array> {
+  const rows = w.shape[0] ?? 1;
+  const rowBytes = (w.size / Math.max(rows, 1)) * 4;
+  if (w.rank === 0 || w.size * 4 <= maxBytes) {
+    yield w.dataSync() as Float32Array;
+    return;
+  }
+  const step = Math.max(1, Math.floor(maxBytes / rowBytes));
+  for (let r = 0; r < rows; r += step) {
+    const slice = w.slice(r, Math.min(step, rows - r));
+    try {
+      yield slice.dataSync() as Float32Array;
+    } finally {
+      slice.dispose();
+    }
+  }
 }
 
 function sha256(bytes: Uint8Array): string {
@@ -44,6 +70,10 @@ export class ServedModel {
   readonly model: LlamaModel;
   readonly #sideFiles: Map<string, Uint8Array>;
   readonly #bundles = new Map<string, EdgeBundle>();
+  /** Builds asked for and not finished, by cut: a second request for a cut waits on the first. */
+  readonly #building = new Map<string, Promise<EdgeBundle>>();
+  /** The end of the last build queued: builds run one after another, so at most one is half-made. */
+  #lastBuild: Promise<unknown> = Promise.resolve();
 
   private constructor(id: string, loaded: LoadedModel, rawConfig: Record<string, unknown>, sideFiles: Map<string, Uint8Array>) {
     this.id = id;
@@ -109,33 +139,61 @@ export class ServedModel {
     }
   }
 
-  /** The files the edge downloads for a cut, built once per cut and kept for the next download. */
-  edgeBundle(cut: Cut): EdgeBundle {
+  /**
+   * The files the edge downloads for a cut, built once per cut and kept for the next download.
+   * A build copies the edge's tensors and hashes them (~0.2 s for SmolLM-135M at cut 2/2, more
+   * for larger models): it runs a tensor or a 4 MiB hash slice per turn of the event loop, so the
+   * node's other sessions go on meanwhile; builds for different cuts run one after another, and
+   * concurrent requests for one cut share its build.
+   */
+  async edgeBundle(cut: Cut): Promise<EdgeBundle> {
     this.checkCut(cut);
     const key = `${cut.bottom}:${cut.top}`;
-    let bundle = this.#bundles.get(key);
-    if (bundle !== undefined) {
+    const built = this.#bundles.get(key);
+    if (built !== undefined) {
       this.#bundles.delete(key);
-      this.#bundles.set(key, bundle);
-      return bundle;
+      this.#bundles.set(key, built);
+      return built;
     }
-    const contents = new Map<string, Uint8Array>([[EDGE_WEIGHTS_FILE, this.#edgeWeights(cut)], ...this.#sideFiles]);
-    bundle = { cut: { ...cut }, contents, files: [...contents].map(([name, bytes]) => ({ name, bytes: bytes.length, sha256: sha256(bytes) })) };
-    this.#bundles.set(key, bundle);
-    if (this.#bundles.size > EDGE_BUNDLES_KEPT) this.#bundles.delete(this.#bundles.keys().next().value as string);
-    return bundle;
+    let building = this.#building.get(key);
+    if (building === undefined) {
+      building = this.#lastBuild.then(() => this.#buildBundle({ bottom: cut.bottom, top: cut.top }));
+      this.#lastBuild = building.catch(() => undefined);
+      this.#building.set(key, building);
+      building.then((bundle) => {
+        this.#bundles.set(key, bundle);
+        if (this.#bundles.size > EDGE_BUNDLES_KEPT) this.#bundles.delete(this.#bundles.keys().next().value as string);
+      }, () => undefined).finally(() => this.#building.delete(key));
+    }
+    return building;
   }
 
   /**
-   * The edge's weights, read from the model's tensors: the arrays the folder was read into are
-   * not kept beside them (on the wasm backend, a second copy of the whole model).
+   * The edge's weights file, read out of the model's tensors a slice at a time (the arrays the
+   * folder was read into are not kept beside them: on the wasm backend, a second copy of the
+   * whole model) and hashed as it goes, and the bundle's listing.
    */
-  #edgeWeights(cut: Cut): Uint8Array {
-    const tensors = new Map<string, SafetensorsTensorInput>();
-    for (const [name, w] of this.model.weights) {
-      if (onEdge(name, cut, this.numLayers)) tensors.set(name, { dtype: 'F32', shape: w.shape, data: w.dataSync() as Float32Array });
+  async #buildBundle(cut: Cut): Promise<EdgeBundle> {
+    const entries = new Map<string, SafetensorsEntryInput>();
+    for (const [name, w] of this.model.weights) if (onEdge(name, cut, this.numLayers)) entries.set(name, { dtype: 'F32', shape: w.shape });
+    const layout = safetensorsLayout(entries, { format: 'pt', contentHash: this.contentHash, bottom: String(cut.bottom), top: String(cut.top) });
+    const parts: Uint8Array[] = [layout.head];
+    const hash = createHash('sha256').update(layout.head);
+    for (const name of layout.order) {
+      for (const values of pieces(this.model.weights.get(name) as Tensor, BUILD_SLICE_BYTES)) {
+        const bytes = new Uint8Array(values.buffer, values.byteOffset, values.byteLength);
+        parts.push(bytes);
+        hash.update(bytes);
+        await nextTurn();
+      }
     }
-    return serializeSafetensors(tensors, { format: 'pt', contentHash: this.contentHash, bottom: String(cut.bottom), top: String(cut.top) });
+    const contents = new Map<string, Uint8Array[]>([[EDGE_WEIGHTS_FILE, parts]]);
+    const files: FileEntry[] = [{ name: EDGE_WEIGHTS_FILE, bytes: layout.byteLength, sha256: hash.digest('hex') }];
+    for (const [name, bytes] of this.#sideFiles) {
+      contents.set(name, [bytes]);
+      files.push({ name, bytes: bytes.byteLength, sha256: sha256(bytes) });
+    }
+    return { cut, contents, files };
   }
 
   dispose(): void {

@@ -17,12 +17,13 @@ export {
   parseSafetensors,
   readSafetensorsFile,
   readSafetensorsHeader,
+  safetensorsLayout,
   serializeSafetensors,
   toFloat32,
   writeFileAtomic,
   writeSafetensorsFile,
 } from './safetensors.ts';
-export type { FloatDtype, ParseSafetensorsOptions, ReadSafetensorsOptions, SafetensorsContents, SafetensorsDtype, SafetensorsHeader, SafetensorsTensor, SafetensorsTensorInput, SafetensorsTensorsInput } from './safetensors.ts';
+export type { FloatDtype, ParseSafetensorsOptions, ReadSafetensorsOptions, SafetensorsContents, SafetensorsDtype, SafetensorsEntryInput, SafetensorsHeader, SafetensorsLayout, SafetensorsTensor, SafetensorsTensorInput, SafetensorsTensorsInput } from './safetensors.ts';
 export {
   CONFIG_FILE,
   SAFETENSORS_FILE,

@@ -305,14 +305,38 @@ function compareNames(a: string, b: string): number {
   return Buffer.compare(Buffer.from(a, 'utf8'), Buffer.from(b, 'utf8'));
 }
 
+/** A tensor as a safetensors header describes it: no data yet. */
+export interface SafetensorsEntryInput {
+  dtype: SafetensorsDtype;
+  shape: readonly number[];
+}
+
+/** Where serializeSafetensors would put each tensor, and the file's first bytes. */
+export interface SafetensorsLayout {
+  /** The length prefix, the JSON header and its padding: the file's first `head.byteLength` bytes. */
+  head: Uint8Array;
+  /** Tensor names in the order their data follow the head. */
+  order: string[];
+  /** Each tensor's data, [begin, end) counted from the end of the head. */
+  offsets: Map<string, readonly [number, number]>;
+  /** The whole file's size in bytes. */
+  byteLength: number;
+}
+
 /**
- * Serializes tensors the way the reference does: tensors sorted by dtype (widest first, so
- * each is aligned to its element size) and then by name; the header padded with spaces
- * so the data starts 8-byte aligned; `__metadata__` written only when given.
+ * The layout serializeSafetensors writes, from the tensors' dtypes and shapes alone: tensors
+ * sorted by dtype (widest first, so each is aligned to its element size) and then by name; the
+ * header padded with spaces so the data starts 8-byte aligned; `__metadata__` written only when
+ * given. A caller that has the data elsewhere can write (or stream, or hash) a file tensor by
+ * tensor without holding it whole.
  */
-export function serializeSafetensors(tensors: SafetensorsTensorsInput, metadata?: Readonly<Record<string, string>>): Uint8Array {
-  const list: [string, SafetensorsTensorInput][] = tensors instanceof Map ? [...tensors.entries()] : Object.entries(tensors);
-  for (const [name, t] of list) {
+export function safetensorsLayout(
+  entries: ReadonlyMap<string, SafetensorsEntryInput> | Readonly<Record<string, SafetensorsEntryInput>>,
+  metadata?: Readonly<Record<string, string>>,
+): SafetensorsLayout {
+  const list: [string, SafetensorsEntryInput, number][] = [];
+  const named: Iterable<[string, SafetensorsEntryInput]> = entries instanceof Map ? (entries as ReadonlyMap<string, SafetensorsEntryInput>).entries() : Object.entries(entries);
+  for (const [name, t] of named) {
     if (name === METADATA_KEY) throw new ModelError('TANDEM_INPUT_INVALID', `${METADATA_KEY} is reserved and cannot name a tensor`, { tensor: name });
     if (!isSafetensorsDtype(t.dtype)) throw new ModelError('TANDEM_INPUT_INVALID', `dtype ${JSON.stringify(t.dtype)} is not a safetensors dtype`, { tensor: name });
     let count: number;
@@ -321,10 +345,7 @@ export function serializeSafetensors(tensors: SafetensorsTensorsInput, metadata?
     } catch (cause) {
       throw new ModelError('TANDEM_INPUT_INVALID', `shape ${JSON.stringify(t.shape)} is not a list of non-negative integers`, { tensor: name, cause });
     }
-    const bytes = count * SAFETENSORS_DTYPE_SIZES[t.dtype];
-    if (t.data.byteLength !== bytes) {
-      throw new ModelError('TANDEM_INPUT_INVALID', `${t.dtype} ${JSON.stringify(t.shape)} needs ${bytes} bytes, the data holds ${t.data.byteLength}`, { tensor: name });
-    }
+    list.push([name, t, count * SAFETENSORS_DTYPE_SIZES[t.dtype]]);
   }
   list.sort(([an, a], [bn, b]) => DTYPE_ORDER.indexOf(b.dtype) - DTYPE_ORDER.indexOf(a.dtype) || compareNames(an, bn));
   const header: [string, unknown][] = [];
@@ -334,24 +355,37 @@ export function serializeSafetensors(tensors: SafetensorsTensorsInput, metadata?
     }
     header.push([METADATA_KEY, metadata]);
   }
+  const offsets = new Map<string, readonly [number, number]>();
   let offset = 0;
-  for (const [name, t] of list) {
-    header.push([name, { dtype: t.dtype, shape: [...t.shape], data_offsets: [offset, offset + t.data.byteLength] }]);
-    offset += t.data.byteLength;
+  for (const [name, t, bytes] of list) {
+    header.push([name, { dtype: t.dtype, shape: [...t.shape], data_offsets: [offset, offset + bytes] }]);
+    offsets.set(name, [offset, offset + bytes]);
+    offset += bytes;
   }
   // fromEntries defines, not assigns: a tensor named "__proto__" is an entry like any other.
   const json = Buffer.from(JSON.stringify(Object.fromEntries(header)), 'utf8');
   const headerLength = Math.ceil(json.byteLength / 8) * 8;
   if (headerLength > SAFETENSORS_MAX_HEADER_BYTES) throw new ModelError('TANDEM_INPUT_INVALID', `header of ${headerLength} bytes exceeds the safetensors limit`);
-  const out = new Uint8Array(8 + headerLength + offset);
-  new DataView(out.buffer).setBigUint64(0, BigInt(headerLength), true);
-  out.set(json, 8);
-  out.fill(0x20, 8 + json.byteLength, 8 + headerLength);
-  let at = 8 + headerLength;
-  for (const [, t] of list) {
-    out.set(bytesOf(t.data), at);
-    at += t.data.byteLength;
+  const head = new Uint8Array(8 + headerLength);
+  new DataView(head.buffer).setBigUint64(0, BigInt(headerLength), true);
+  head.set(json, 8);
+  head.fill(0x20, 8 + json.byteLength);
+  return { head, order: list.map(([name]) => name), offsets, byteLength: head.byteLength + offset };
+}
+
+/** Serializes tensors the way the reference does (the layout is safetensorsLayout's). */
+export function serializeSafetensors(tensors: SafetensorsTensorsInput, metadata?: Readonly<Record<string, string>>): Uint8Array {
+  const byName = new Map<string, SafetensorsTensorInput>(tensors instanceof Map ? tensors : Object.entries(tensors));
+  const layout = safetensorsLayout(byName, metadata);
+  for (const [name, t] of byName) {
+    const [begin, end] = layout.offsets.get(name) as readonly [number, number];
+    if (t.data.byteLength !== end - begin) {
+      throw new ModelError('TANDEM_INPUT_INVALID', `${t.dtype} ${JSON.stringify(t.shape)} needs ${end - begin} bytes, the data holds ${t.data.byteLength}`, { tensor: name });
+    }
   }
+  const out = new Uint8Array(layout.byteLength);
+  out.set(layout.head);
+  for (const [name, [begin]] of layout.offsets) out.set(bytesOf((byName.get(name) as SafetensorsTensorInput).data), layout.head.byteLength + begin);
   return out;
 }
 

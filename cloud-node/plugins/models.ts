@@ -105,7 +105,7 @@ export async function modelsPlugin(app: FastifyInstance, ctx: ModelsPluginOption
     },
   }, async (request) => {
     const served = ctx.model.byId(request.params.id);
-    const bundle = served.edgeBundle(cutOf(served, request.query));
+    const bundle = await served.edgeBundle(cutOf(served, request.query));
     return { model: served.id, contentHash: served.contentHash, cut: bundle.cut, files: bundle.files };
   });
 
@@ -119,7 +119,7 @@ export async function modelsPlugin(app: FastifyInstance, ctx: ModelsPluginOption
     },
   }, async (request, reply) => {
     const served = ctx.model.byId(request.params.id);
-    const bundle = served.edgeBundle(cutOf(served, request.query));
+    const bundle = await served.edgeBundle(cutOf(served, request.query));
     return sendListedFile(reply, bundle, request.params.name, (name, files) => new CloudError('TANDEM_EDGE_FILE_UNKNOWN', { name, files }));
   });
 }

@@ -48,6 +48,7 @@ describe('REST: health, models and the edge download', () => {
       const got = await api(node, 'GET', `/v1/models/stories260K/edge/files/${file.name}?bottom=1&top=2`, aliceKey);
       assert.equal(got.status, 200);
       assert.equal(got.bytes.length, file.bytes);
+      assert.equal(got.headers.get('content-length'), String(file.bytes), 'a streamed file still says its length');
       assert.equal(createHash('sha256').update(got.bytes).digest('hex'), file.sha256);
       assert.equal(got.headers.get('x-tandem-sha256'), file.sha256);
     }
