@@ -455,6 +455,8 @@ async function assembleCloudNode(options: CloudNodeOptions, undo: Array<() => un
     if (keys instanceof JetStreamKeyStore) keys.close();
     if (sessions instanceof JetStreamSessionStore) sessions.close();
     stopWatchingFiles();
+    // Its calls in flight finish before the drain (see JetStreamFileMirror.close).
+    await files?.close();
     if (nc !== undefined) {
       // A drain waits for every subscription, JetStream consumers included: a stuck one must not hold the node open.
       let timer: NodeJS.Timeout | undefined;

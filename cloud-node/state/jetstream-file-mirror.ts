@@ -35,6 +35,10 @@ export class JetStreamFileMirror {
   readonly #store: ObjectStore;
   readonly #stateDir: string;
   readonly #nc: NatsConnection;
+  /** The object store's calls not yet finished (each list is a JetStream consumer of its own). */
+  readonly #inFlight = new Set<Promise<unknown>>();
+  readonly #watches = new Set<() => void>();
+  #closed = false;
 
   private constructor(nc: NatsConnection, store: ObjectStore, stateDir: string) {
     this.#nc = nc;
@@ -53,7 +57,11 @@ export class JetStreamFileMirror {
    * that it lacks or holds with another size; returns the names written. A name that is not a
    * plain relative path, or an object over MAX_MIRRORED_FILE_BYTES, is skipped and reported.
    */
-  async restore(folder: string, onInvalid?: (name: string, reason: string) => void): Promise<string[]> {
+  restore(folder: string, onInvalid?: (name: string, reason: string) => void): Promise<string[]> {
+    return this.#track(() => this.#restore(folder, onInvalid));
+  }
+
+  async #restore(folder: string, onInvalid?: (name: string, reason: string) => void): Promise<string[]> {
     const written: string[] = [];
     for (const info of await this.#store.list()) {
       if (info.deleted || !info.name.startsWith(`${folder}/`)) continue;
@@ -85,7 +93,11 @@ export class JetStreamFileMirror {
   }
 
   /** Stores every file of `dir` (a folder inside the state directory), replacing what was stored under it. */
-  async publish(dir: string): Promise<void> {
+  publish(dir: string): Promise<void> {
+    return this.#track(() => this.#publish(dir));
+  }
+
+  async #publish(dir: string): Promise<void> {
     const folder = this.#nameOf(dir);
     // Sorted, so that a folder's record.json (after adapter_*) is stored last: a watcher that
     // takes the folder in on its record finds every other file already there.
@@ -104,9 +116,34 @@ export class JetStreamFileMirror {
   }
 
   /** Removes what is stored under `dir` (a folder inside the state directory). */
-  async remove(dir: string): Promise<void> {
-    const folder = this.#nameOf(dir);
-    for (const info of await this.#store.list()) if (!info.deleted && info.name.startsWith(`${folder}/`)) await this.#store.delete(info.name);
+  remove(dir: string): Promise<void> {
+    return this.#track(async () => {
+      const folder = this.#nameOf(dir);
+      for (const info of await this.#store.list()) if (!info.deleted && info.name.startsWith(`${folder}/`)) await this.#store.delete(info.name);
+    });
+  }
+
+  /**
+   * Stops following and waits for the calls in flight; later calls are refused with
+   * TANDEM_NODE_CLOSING. Call it before the connection drains: @nats-io/jetstream 3.4 starts
+   * an ordered consumer's heartbeat monitor (a 30 s setInterval) before it subscribes, and a
+   * subscribe refused by a draining or closed connection leaves that interval running for ever —
+   * a list() caught by the drain held the process open and logged ClosedConnectionError every
+   * 30 s.
+   */
+  async close(): Promise<void> {
+    this.#closed = true;
+    for (const stop of this.#watches) stop();
+    this.#watches.clear();
+    await Promise.allSettled([...this.#inFlight]);
+  }
+
+  #track<T>(call: () => Promise<T>): Promise<T> {
+    if (this.#closed) return Promise.reject(new CloudError('TANDEM_NODE_CLOSING', { reason: `the object store ${FILES_BUCKET} is being closed` }));
+    const running = call();
+    this.#inFlight.add(running);
+    void running.then(() => this.#inFlight.delete(running), () => this.#inFlight.delete(running));
+    return running;
   }
 
   #nameOf(path: string): string {
@@ -133,9 +170,16 @@ export class JetStreamFileMirror {
    * heartbeat monitor would otherwise try to re-create its consumer on a closed connection).
    */
   async watch(folder: string, on: { onFile: (name: string) => Promise<void>; onDeleted: (name: string) => Promise<void>; onError?: (error: Error) => void }): Promise<() => void> {
-    const updates = await this.#store.watch({ includeHistory: false });
+    const updates = await this.#track(() => this.#store.watch({ includeHistory: false }));
+    const stop = (): void => {
+      this.#watches.delete(stop);
+      updates.stop();
+    };
+    this.#watches.add(stop);
+    if (this.#closed) stop();
     void (async () => {
       for await (const info of updates) {
+        if (this.#closed) break;
         if (!info.name.startsWith(`${folder}/`)) continue;
         const name = mirroredName(info.name);
         if (name === undefined) continue;
@@ -150,12 +194,12 @@ export class JetStreamFileMirror {
         }
       }
     })().catch(() => undefined);
-    void this.#nc.closed().then(() => updates.stop());
-    return () => updates.stop();
+    void this.#nc.closed().then(stop);
+    return stop;
   }
 
   /** Names of the stored files under `folder`, sorted. */
   async names(folder: string): Promise<string[]> {
-    return (await this.#store.list()).filter((i) => !i.deleted && i.name.startsWith(`${folder}/`)).map((i) => i.name).sort();
+    return (await this.#track(() => this.#store.list())).filter((i) => !i.deleted && i.name.startsWith(`${folder}/`)).map((i) => i.name).sort();
   }
 }

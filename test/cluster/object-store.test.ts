@@ -4,6 +4,7 @@
 // deleting it there removes it from the object store. A bundle built by one gateway is in the
 // state directory of another, started on an empty one, before any request for it. Gateways
 // running side by side take in and drop each other's adapters as they are uploaded and deleted.
+// A mirror that closes waits for its object-store calls in flight before the connection drains.
 import assert from 'node:assert/strict';
 import { readFile, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -125,6 +126,23 @@ describe('adapters and emulator bundles in the JetStream object store', () => {
     } finally {
       await a.remove();
       await b.remove();
+    }
+  });
+  it('a mirror that closes waits for its calls in flight and refuses later ones, so that no JetStream consumer outlives the drain', async () => {
+    const nc = await connectNats(nats.url, 'test-mirror-close', 'gateway');
+    const dir = await tempDir('mirror-close');
+    try {
+      const mirror = await JetStreamFileMirror.open(nc, dir.dir);
+      let settled = false;
+      const inFlight = mirror.restore('serving/adapters').finally(() => { settled = true; });
+      await mirror.close();
+      assert.ok(settled, 'the restore in flight finished before close() resolved');
+      await inFlight;
+      await assert.rejects(mirror.names('serving/adapters'), { code: 'TANDEM_NODE_CLOSING' });
+      await assert.rejects(mirror.restore('emulators'), { code: 'TANDEM_NODE_CLOSING' });
+    } finally {
+      await nc.drain();
+      await dir.remove();
     }
   });
 });
