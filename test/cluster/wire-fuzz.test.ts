@@ -12,15 +12,11 @@ import { decodeTensor, encodeFrame, encodeTensor, frameChecksum } from '../../pr
 import type { CodecName, TensorFrame } from '../../protocol/index.ts';
 import type { Shape3 } from '../../cloud-node/middle-runner.ts';
 import { activationLike, seededRandom } from '../fixtures/protocol/activations.ts';
+import { byteMutator, draws } from '../fixtures/byte-mutations.ts';
 
 const random = seededRandom(20260611);
-const int = (n: number): number => Math.floor(random() * n);
+const { int, randomBytes } = draws(random);
 const pick = <T>(items: readonly T[]): T => items[int(items.length)];
-const randomBytes = (n: number): Uint8Array => {
-  const out = new Uint8Array(n);
-  for (let i = 0; i < n; i++) out[i] = int(256);
-  return out;
-};
 const packr = new Packr({ useRecords: false });
 
 // Small limits: nothing a fuzzed body says may make a decoder allocate more than 256 KiB a tensor.
@@ -179,47 +175,19 @@ function replySeeds(): Seed<MiddleReply>[] {
 /** msgpack headers claiming huge lengths: arrays, maps, strings, bins and exts of 4 GiB. */
 const HUGE_HEADERS = [0xdd, 0xdf, 0xdb, 0xc6, 0xc9].map((t) => [t, 0xff, 0xff, 0xff, 0xff]);
 
-function mutate(seed: Uint8Array): Uint8Array {
-  const bytes = new Uint8Array(seed);
-  switch (int(8)) {
-    case 0: {
-      const flips = 1 + int(3);
-      for (let f = 0; f < flips && bytes.length > 0; f++) bytes[int(bytes.length)] ^= 1 << int(8);
-      return bytes;
-    }
-    case 1:
-      if (bytes.length > 0) bytes[int(bytes.length)] = int(256);
-      return bytes;
-    case 2:
-      return bytes.subarray(0, int(bytes.length + 1));
-    case 3: {
-      const out = new Uint8Array(bytes.length + 1 + int(32));
-      out.set(bytes);
-      out.set(randomBytes(out.length - bytes.length), bytes.length);
-      return out;
-    }
-    case 4: {
-      const at = int(bytes.length + 1);
-      return new Uint8Array([...bytes.subarray(0, at), ...randomBytes(1 + int(8)), ...bytes.subarray(at)]);
-    }
-    case 5: {
-      const from = int(bytes.length + 1);
-      const to = Math.min(bytes.length, from + 1 + int(16));
-      return new Uint8Array([...bytes.subarray(0, from), ...bytes.subarray(to)]);
-    }
-    case 6: {
-      // A type byte replaced by a huge length header.
-      const at = int(bytes.length + 1);
-      return new Uint8Array([...bytes.subarray(0, at), ...pick(HUGE_HEADERS), ...bytes.subarray(at + 1)]);
-    }
-    default: {
-      // A length field's bytes set high (the 4 bytes after a bin32 / str32 / map16 header).
-      const at = int(bytes.length + 1);
-      for (let k = at; k < Math.min(bytes.length, at + 4); k++) bytes[k] = 0xff;
-      return bytes;
-    }
-  }
-}
+const mutate = byteMutator(random, [
+  (bytes) => {
+    // A type byte replaced by a huge length header.
+    const at = int(bytes.length + 1);
+    return new Uint8Array([...bytes.subarray(0, at), ...pick(HUGE_HEADERS), ...bytes.subarray(at + 1)]);
+  },
+  (bytes) => {
+    // A length field's bytes set high (the 4 bytes after a bin32 / str32 / map16 header).
+    const at = int(bytes.length + 1);
+    for (let k = at; k < Math.min(bytes.length, at + 4); k++) bytes[k] = 0xff;
+    return bytes;
+  },
+]);
 
 // ---- Structural mutations: fields replaced by values of the wrong type or size. ----
 

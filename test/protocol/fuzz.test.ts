@@ -9,14 +9,10 @@ import {
 } from '../../protocol/index.ts';
 import type { CodecName, CodecSpec, TensorFrame } from '../../protocol/index.ts';
 import { activationLike, seededRandom } from '../fixtures/protocol/activations.ts';
+import { byteMutator, draws } from '../fixtures/byte-mutations.ts';
 
 const random = seededRandom(20261128);
-const int = (n: number): number => Math.floor(random() * n);
-const randomBytes = (n: number): Uint8Array => {
-  const out = new Uint8Array(n);
-  for (let i = 0; i < n; i++) out[i] = int(256);
-  return out;
-};
+const { int, randomBytes } = draws(random);
 
 // Small limits: a fuzzed frame can never make the decoder allocate more than 4 MiB.
 const limits = { ...DEFAULT_LIMITS, maxMessageBytes: 1 << 16, maxElements: 1 << 20, maxDim: 1 << 20, maxRank: 6 };
@@ -82,42 +78,11 @@ function seedEnvelopes(): Uint8Array[] {
   return [...golden, step, ...splitMessage(step, 'req-f', 400)];
 }
 
-function mutate(seed: Uint8Array): Uint8Array {
-  const bytes = new Uint8Array(seed);
-  switch (int(7)) {
-    case 0: {
-      const flips = 1 + int(3);
-      for (let f = 0; f < flips && bytes.length > 0; f++) bytes[int(bytes.length)] ^= 1 << int(8);
-      return bytes;
-    }
-    case 1:
-      if (bytes.length > 0) bytes[int(bytes.length)] = int(256);
-      return bytes;
-    case 2:
-      return bytes.subarray(0, int(bytes.length + 1));
-    case 3: {
-      const out = new Uint8Array(bytes.length + 1 + int(32));
-      out.set(bytes);
-      out.set(randomBytes(out.length - bytes.length), bytes.length);
-      return out;
-    }
-    case 4: {
-      const at = int(bytes.length + 1);
-      const inserted = randomBytes(1 + int(8));
-      return new Uint8Array([...bytes.subarray(0, at), ...inserted, ...bytes.subarray(at)]);
-    }
-    case 5: {
-      const from = int(bytes.length + 1);
-      const to = Math.min(bytes.length, from + 1 + int(16));
-      return new Uint8Array([...bytes.subarray(0, from), ...bytes.subarray(to)]);
-    }
-    default: {
-      // Varint-heavy garbage: long runs of continuation bits in length and tag positions.
-      const at = int(bytes.length + 1);
-      return new Uint8Array([...bytes.subarray(0, at), ...new Array<number>(1 + int(12)).fill(0xff), ...bytes.subarray(at)]);
-    }
-  }
-}
+// Varint-heavy garbage: long runs of continuation bits in length and tag positions.
+const mutate = byteMutator(random, [(bytes) => {
+  const at = int(bytes.length + 1);
+  return new Uint8Array([...bytes.subarray(0, at), ...new Array<number>(1 + int(12)).fill(0xff), ...bytes.subarray(at)]);
+}]);
 
 function mutateFrame(frame: TensorFrame): TensorFrame {
   const f: TensorFrame = { ...frame, shape: [...frame.shape], params: { ...frame.params } };
