@@ -68,7 +68,7 @@ export function generateCommand(io: CommandIo): Command {
         await opened?.close();
         model.dispose();
       }
-      const text = tokenizer.decode([...inputIds, ...result.generatedIds], { skipSpecialTokens: true });
+      const text = tokenizer.decode([...inputIds, ...result.generatedIds], { skipSpecialTokens: true, skipOutOfVocabulary: true });
       if (flags.json) {
         io.out(JSON.stringify({ input_ids: inputIds, generated_ids: result.generatedIds, text, top_logits: result.topLogits }));
       } else {

@@ -133,7 +133,7 @@ export async function edgeGenerate(options: EdgeGenerateOptions): Promise<Genera
     try {
       const inputIds = edge.tokenizer.encode(options.prompt);
       const result = await splitGenerate(session, edge.model, inputIds, options, adapter);
-      return { ...result, inputIds, text: edge.tokenizer.decode([...inputIds, ...result.generatedIds], { skipSpecialTokens: true }) };
+      return { ...result, inputIds, text: edge.tokenizer.decode([...inputIds, ...result.generatedIds], { skipSpecialTokens: true, skipOutOfVocabulary: true }) };
     } finally {
       await session.close();
     }

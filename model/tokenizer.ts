@@ -28,6 +28,12 @@ export interface EncodeOptions {
 export interface DecodeOptions {
   /** Leave out special tokens such as <s> and </s>. Default false. */
   skipSpecialTokens?: boolean;
+  /**
+   * Leave out ids at or past the tokenizer's vocabulary instead of refusing them: a model may
+   * have more embedding rows than its tokenizer has tokens (Qwen2: 151,936 and 151,665) and can
+   * generate them; they have no text (Hugging Face's decode skips them). Default false.
+   */
+  skipOutOfVocabulary?: boolean;
 }
 
 export interface Tokenizer {
@@ -43,7 +49,7 @@ export interface Tokenizer {
    */
   readonly maxTokenChars: number;
   encode(text: string, options?: EncodeOptions): number[];
-  /** Ids outside [0, vocabSize) are TANDEM_INPUT_INVALID. */
+  /** Ids outside [0, vocabSize) are TANDEM_INPUT_INVALID (unless skipOutOfVocabulary leaves out those >= vocabSize). */
   decode(ids: readonly number[], options?: DecodeOptions): string;
 }
 
@@ -321,12 +327,15 @@ export async function loadTokenizer(dir: string): Promise<Tokenizer> {
       return hf.encode(text, { add_special_tokens: options.addSpecialTokens ?? true }).ids;
     },
     decode(ids: readonly number[], options: DecodeOptions = {}): string {
+      const kept: number[] = [];
       for (const id of ids) {
+        if (options.skipOutOfVocabulary === true && Number.isInteger(id) && id >= vocabSize) continue;
         if (!Number.isInteger(id) || id < 0 || id >= vocabSize) {
           throw new ModelError('TANDEM_INPUT_INVALID', `token id ${id} is outside the vocabulary [0, ${vocabSize})`, { file: path });
         }
+        kept.push(id);
       }
-      return hf.decode([...ids], { skip_special_tokens: options.skipSpecialTokens ?? false });
+      return hf.decode(kept, { skip_special_tokens: options.skipSpecialTokens ?? false });
     },
   };
 }

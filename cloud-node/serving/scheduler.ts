@@ -160,7 +160,12 @@ export class ServingScheduler {
   #kick(): void {
     if (this.#running) return;
     this.#running = true;
-    this.#loop = this.#run().finally(() => {
+    // A step's failure ends its requests inside #run; anything else that escapes it ends every
+    // request it holds, never the process (an unhandled rejection would).
+    this.#loop = this.#run().catch((err: unknown) => {
+      for (const a of this.#active) this.#finish(a, err);
+      this.#active = [];
+    }).finally(() => {
       this.#running = false;
       if (!this.#closed && this.#queue.length > 0) this.#kick();
     });
@@ -330,36 +335,47 @@ export class ServingScheduler {
         this.#o.metrics?.tokens.inc(rows.length);
         this.#o.metrics?.tokensPerSecond.set(rows.length / Math.max(1e-9, (now - started) / 1000));
         const done = new Set<Active>();
+        const failed = new Map<Active, unknown>();
         active.forEach((a, i) => {
-          const ran = (chunk.get(a) as number[]).length;
-          if (a.prefilled + ran < (a.next as number[]).length) {
-            a.prefilled += ran;
-            return;
+          try {
+            this.#advance(a, (chunk.get(a) as number[]).length, logits[i], now, done);
+          } catch (err) {
+            // Its sampler or its caller's onToken threw: that request ends with the error, the others go on.
+            failed.set(a, err);
           }
-          a.prefilled = 0;
-          const before = a.loop.result().generatedIds.length;
-          a.next = a.loop.take(logits[i]);
-          const ids = a.loop.result().generatedIds;
-          if (ids.length > before) {
-            if (a.firstTokenAt === undefined) {
-              a.firstTokenAt = now;
-              this.#o.metrics?.timeToFirstToken.observe((now - a.submitted) / 1000);
-            } else if (a.lastTokenAt !== undefined) {
-              this.#o.metrics?.interTokenLatency.observe((now - a.lastTokenAt) / 1000);
-            }
-            a.lastTokenAt = now;
-            if (a.request.onToken?.(ids[ids.length - 1]) === true) {
-              a.stopped = true;
-              a.next = undefined;
-            }
-          }
-          if (a.next === undefined) done.add(a);
         });
         for (const a of done) this.#finish(a);
-        this.#active = this.#active.filter((a) => !done.has(a));
+        for (const [a, err] of failed) this.#finish(a, err);
+        this.#active = this.#active.filter((a) => !done.has(a) && !failed.has(a));
       }
       await new Promise((r) => setImmediate(r));
     }
+  }
+
+  /** One request's row of a step, `ran` tokens of it: its prefill advances, or its next token is taken. */
+  #advance(a: Active, ran: number, logits: Float32Array, now: number, done: Set<Active>): void {
+    if (a.prefilled + ran < (a.next as number[]).length) {
+      a.prefilled += ran;
+      return;
+    }
+    a.prefilled = 0;
+    const before = a.loop.result().generatedIds.length;
+    a.next = a.loop.take(logits);
+    const ids = a.loop.result().generatedIds;
+    if (ids.length > before) {
+      if (a.firstTokenAt === undefined) {
+        a.firstTokenAt = now;
+        this.#o.metrics?.timeToFirstToken.observe((now - a.submitted) / 1000);
+      } else if (a.lastTokenAt !== undefined) {
+        this.#o.metrics?.interTokenLatency.observe((now - a.lastTokenAt) / 1000);
+      }
+      a.lastTokenAt = now;
+      if (a.request.onToken?.(ids[ids.length - 1]) === true) {
+        a.stopped = true;
+        a.next = undefined;
+      }
+    }
+    if (a.next === undefined) done.add(a);
   }
 
   /** Resolves once no step is running (after close(), for good). */

@@ -48,6 +48,22 @@ describe('serving scheduler', () => {
     resident.dispose();
   });
 
+  it("ends only the request whose onToken throws: the others in its batch finish, and the scheduler serves the next", async () => {
+    const resident = new ResidentAdapters(model, (r) => dirs[Number(r.name.slice(1))], 2);
+    const scheduler = new ServingScheduler({ model, adapters: resident, kvBudgetBytes: 1 << 30, maxBatch: 8, maxQueue: 8 });
+    const request = { promptIds: [1, 400, 50, 7], maxTokens: 4, temperature: 0, topP: 1, seed: 0, ignoreEos: true };
+    const boom = new Error('onToken failed');
+    const failing = scheduler.submit({ ...request, onToken: () => { throw boom; } });
+    const others = [scheduler.submit(request), scheduler.submit({ ...request, promptIds: [1, 9, 8] })];
+    await assert.rejects(failing, (err) => err === boom);
+    const want = generate(model, [1, 400, 50, 7], { maxNewTokens: 4, temperature: 0, stopTokenIds: [] }).generatedIds;
+    const [a] = await Promise.all(others);
+    assert.deepEqual(a.generatedIds, want);
+    assert.deepEqual((await scheduler.submit(request)).generatedIds, want, 'served after the failure');
+    assert.equal(scheduler.kvBytesReserved, 0, 'the failed request freed its cache');
+    resident.dispose();
+  });
+
   it('admits tenant by tenant: a flood of one tenant, even with earlier deadlines, does not keep another waiting; each tenant\'s queue is bounded', async () => {
     const resident = new ResidentAdapters(model, (r) => dirs[Number(r.name.slice(1))], 2);
     const probe = new ServingScheduler({ model, adapters: resident, kvBudgetBytes: 1, maxBatch: 8, maxQueue: 8 });

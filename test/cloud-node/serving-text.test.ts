@@ -114,6 +114,18 @@ describe('CompletionText', () => {
     }
   });
 
+  it("gives no text for an id the model has and its tokenizer lacks (a padded vocabulary), as Hugging Face's decode skips it", async () => {
+    const tok = await loadTokenizer(FIXTURE);
+    const prompt = tok.encode('Once upon a time');
+    const ids = tok.encode(' there was a girl', { addSpecialTokens: false });
+    const text = new CompletionText(tok, prompt, []);
+    for (const [i, id] of ids.entries()) {
+      text.push(id);
+      if (i === 1) assert.equal(text.push(tok.vocabSize + 3), false, 'a row past the tokenizer: no text, no stop');
+    }
+    assert.equal(text.text, reference(tok, prompt, ids));
+  });
+
   it('decodes a handful of ids a token, however long the prompt and the completion', async () => {
     const tok = await countingTokenizer();
     const prompt = tok.encode('Once upon a time there was a little girl. '.repeat(30));

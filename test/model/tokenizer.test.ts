@@ -51,6 +51,13 @@ describe('stories260K tokenizer', () => {
     throwsModelError(() => tok.decode([-1]), 'TANDEM_INPUT_INVALID', '-1');
   });
 
+  test('skipOutOfVocabulary leaves out the ids past the vocabulary (a padded model), and still refuses negative ones', async () => {
+    const tok = await loadTokenizer(STORIES_DIR);
+    const ids = tok.encode('Once upon a time');
+    assert.equal(tok.decode([...ids.slice(0, 2), 512, 600, ...ids.slice(2)], { skipOutOfVocabulary: true }), tok.decode(ids));
+    throwsModelError(() => tok.decode([1, -1], { skipOutOfVocabulary: true }), 'TANDEM_INPUT_INVALID', '-1');
+  });
+
   test('without tokenizer_config.json it still loads, with <s> and </s> as BOS and EOS', async () => {
     const dir = await tempDir();
     await copyFile(join(STORIES_DIR, 'tokenizer.json'), join(dir, 'tokenizer.json'));
