@@ -25,7 +25,7 @@ export class TrainingActivity {
       this.#total += tokens;
       this.#tokens.set(session.id, (this.#tokens.get(session.id) ?? 0) + tokens);
     } else {
-      this.losses.record(session.id, message.step, message.microbatch, (message as Backward).loss);
+      this.losses.record(session.id, message.step, message.microbatch, (message as Backward).loss, session.tenant);
     }
   }
 

@@ -39,6 +39,24 @@ describe('LossHistory', () => {
     assert.equal(h.count('a'), 0);
   });
 
+  it("a tenant that churns sessions pushes out its own curves, never another tenant's", () => {
+    const h = new LossHistory({ sessions: 8, sessionsPerTenant: 3 });
+    for (let step = 0; step < 5; step++) h.record('victim', step, 0, 2 + step, 'alice');
+    h.record('bob-1', 0, 0, 1, 'bob');
+    for (let i = 0; i < 1030; i++) h.record(`m-${i}`, 0, 0, 1, 'mallory');
+    assert.equal(h.count('victim'), 5, "alice's curve stays");
+    assert.equal(h.count('bob-1'), 1);
+    assert.deepEqual([h.count('m-1026'), h.count('m-1027'), h.count('m-1028'), h.count('m-1029')], [0, 1, 1, 1], "mallory keeps her latest three");
+    // Full in all: the tenant holding the most gives way first.
+    for (let i = 0; i < 3; i++) h.record(`c-${i}`, 0, 0, 1, 'carol');
+    h.record('d-0', 0, 0, 1, 'dave');
+    assert.equal(h.count('victim'), 5);
+    assert.equal(h.count('m-1027'), 0, "the full history took mallory's oldest");
+    h.retain((id) => !id.startsWith('m-'));
+    for (let i = 0; i < 2; i++) h.record(`e-${i}`, 0, 0, 1, 'erin');
+    assert.equal(h.count('victim'), 5, 'places freed by retain are used before anything is evicted');
+  });
+
   it('bounds a session\'s shares over all its steps, the earliest steps leaving first', () => {
     const h = new LossHistory({ pointsPerSession: 100, microbatchesPerStep: 4, sharesPerSession: 6 });
     for (let step = 0; step < 3; step++) for (let m = 0; m < 3; m++) h.record('a', step, m, 1);
