@@ -14,7 +14,10 @@ export interface ServingLimits {
   kvBudgetBytes: number;
   /** Requests in one batched step (32). */
   maxBatch: number;
-  /** Prompt tokens the newcomers of one step run together (512); a longer prompt runs in chunks over several steps. */
+  /**
+   * Prompt tokens the newcomers of one step run together (512; on tfjs at most
+   * TFJS_PREFILL_TOKENS_PER_STEP); a longer prompt runs in chunks over several steps.
+   */
   prefillTokensPerStep: number;
   /** Requests waiting for a KV slot (256). */
   maxQueue: number;
@@ -25,6 +28,13 @@ export interface ServingLimits {
   /** Largest POST /v1/adapters body (64 MiB; base64 weights and config together). */
   maxUploadBytes: number;
 }
+
+/**
+ * Prompt tokens a step runs on tfjs, whose steps run on the node's event loop (ORT's run on a
+ * thread of their own): 471 prompt tokens of stories260K in one step held the loop 4.7 s on the
+ * pure-JS cpu backend and 0.5 s on wasm; a chunk of 32 bounds a step's stall to a prefix of that.
+ */
+export const TFJS_PREFILL_TOKENS_PER_STEP = 32;
 
 export const DEFAULT_SERVING_LIMITS: Readonly<ServingLimits> = {
   kvBudgetBytes: 64 * 1024 * 1024,
@@ -76,7 +86,7 @@ export class Serving {
     }
     const resident = new ResidentAdapters(served.model, (r) => this.registry.dirOf(r), this.limits.residentAdapters, (n) => this.metrics.residentAdapters.set(n));
     this.registry.onRemoved((record) => resident.drop(record));
-    const scheduler = new ServingScheduler({ model: served.model, stepper, adapters: resident, metrics: this.metrics, kvBudgetBytes: this.limits.kvBudgetBytes, maxBatch: this.limits.maxBatch, prefillTokensPerStep: this.limits.prefillTokensPerStep, maxQueue: this.limits.maxQueue, maxQueuePerTenant: this.limits.maxQueuePerTenant });
+    const scheduler = new ServingScheduler({ model: served.model, stepper, adapters: resident, metrics: this.metrics, kvBudgetBytes: this.limits.kvBudgetBytes, maxBatch: this.limits.maxBatch, prefillTokensPerStep: engine === undefined ? Math.min(this.limits.prefillTokensPerStep, TFJS_PREFILL_TOKENS_PER_STEP) : this.limits.prefillTokensPerStep, maxQueue: this.limits.maxQueue, maxQueuePerTenant: this.limits.maxQueuePerTenant });
     this.#runtime = { served, tokenizer, resident, scheduler, stepper };
   }
 

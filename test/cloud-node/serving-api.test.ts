@@ -8,9 +8,10 @@ import { after, before, describe, it } from 'node:test';
 import OpenAI from 'openai';
 import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, generate, initBackend, LlamaModel, loadAdapter, loadModelFolder, loadTokenizer } from '../../model/index.ts';
 import type { Tokenizer } from '../../model/index.ts';
-import { api, createTenantKey, startTestNode, STORIES_DIR, tempDir } from './helpers.ts';
+import { api, createTenantKey, metric, startTestNode, STORIES_DIR, tempDir } from './helpers.ts';
 import type { TestNode } from './helpers.ts';
 import { writeTestAdapters } from './serving-fixtures.ts';
+import { TFJS_PREFILL_TOKENS_PER_STEP } from '../../cloud-node/serving/serving.ts';
 
 let node: TestNode;
 let alice: string;
@@ -81,6 +82,19 @@ describe('adapter serving through the OpenAI API', () => {
     assert.deepEqual((b.json.data as { id: string }[]).map((m) => m.id), ['stories260K', 'stories260K:alice/a3']);
     const list = await api(node, 'GET', '/v1/adapters', bob);
     assert.deepEqual((list.json.adapters as { model: string; shared: boolean }[]).map((x) => [x.model, x.shared]), [['stories260K:alice/a3', true]]);
+  });
+
+  it('on tfjs, whose steps run on the event loop, a long prompt runs in steps of at most TFJS_PREFILL_TOKENS_PER_STEP tokens, with the same tokens', async () => {
+    const prompt = 'Once upon a time there was a little girl named Lily. '.repeat(8);
+    const ids = tokenizer.encode(prompt);
+    const steps = async (): Promise<number> => metric(node, 'tandem_serve_step_seconds_count');
+    const before = await steps();
+    const r = await complete(alice, { model: 'stories260K', prompt, max_tokens: 2, ignore_eos: true });
+    assert.equal(r.status, 200, JSON.stringify(r.json));
+    const taken = (await steps()) - before;
+    assert.ok(taken >= Math.ceil(ids.length / TFJS_PREFILL_TOKENS_PER_STEP) + 1, `${taken} steps for ${ids.length} prompt tokens and 2 generated`);
+    const want = generate(model, ids, { maxNewTokens: 2, temperature: 0, stopTokenIds: [] }).generatedIds;
+    assert.equal((r.json.choices as { text: string }[])[0].text, tokenizer.decode(want, { skipSpecialTokens: true }));
   });
 
   it('greedy tokens equal generate() with the same adapter, in batches mixing 4 adapters and prompt lengths', async () => {
