@@ -221,6 +221,26 @@ export class Coordinator {
     return this.#store.save(JSON.parse(JSON.stringify(r)) as FederationRecord);
   }
 
+  /** Federation `id`, when `tenant` is one of its owners (TANDEM_FED_UNKNOWN, TANDEM_FED_NOT_INVITED). */
+  #owned(id: string, tenant: string): FederationRecord {
+    const r = this.#get(id);
+    if (!r.config.owners.includes(tenant)) throw this.#reject(r, new CoordinatorError('TANDEM_FED_NOT_INVITED', { tenant, federation: id }));
+    return r;
+  }
+
+  /**
+   * Whether `tenant` may send a body for `round` of federation `id` now: an owner, the round
+   * open and current, the tenant sampled in it. Checked before a body is read (a body is up to
+   * 64 MiB of JSON); the handler checks the rest (attempt, replay, deadline).
+   */
+  admitsBody(id: string, tenant: string, round: number): void {
+    const r = this.#owned(id, tenant);
+    if (r.state !== 'open' || round !== r.round) {
+      throw this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_LATE', { round, attempt: 'any', current: r.round, currentAttempt: r.attempt, state: r.state }));
+    }
+    if (!r.sampled.includes(tenant)) throw this.#reject(r, new CoordinatorError('TANDEM_FED_NOT_SAMPLED', { tenant, round, attempt: r.attempt }));
+  }
+
   #reject(r: FederationRecord, error: CoordinatorError): CoordinatorError {
     r.rejected[error.code] = (r.rejected[error.code] ?? 0) + 1;
     return error;
@@ -228,8 +248,7 @@ export class Coordinator {
 
   /** What `tenant` does next in federation `id`. */
   assignment(id: string, tenant: string): RoundAssignment {
-    const r = this.#get(id);
-    if (!r.config.owners.includes(tenant)) throw this.#reject(r, new CoordinatorError('TANDEM_FED_NOT_INVITED', { tenant, federation: id }));
+    const r = this.#owned(id, tenant);
     const sampled = r.state === 'open' && r.sampled.includes(tenant);
     const submitted = Object.hasOwn(r.received, tenant);
     const out: RoundAssignment = {
@@ -261,8 +280,7 @@ export class Coordinator {
 
   /** Takes one owner's update; every check comes before it is stored, and it is stored before the ack. */
   async submit(id: string, tenant: string, round: number, body: RoundUpdate): Promise<RoundUpdateAck> {
-    const r = this.#get(id);
-    if (!r.config.owners.includes(tenant)) throw this.#reject(r, new CoordinatorError('TANDEM_FED_NOT_INVITED', { tenant, federation: id }));
+    const r = this.#owned(id, tenant);
     const attempt = body?.attempt;
     if (r.state !== 'open' || round !== r.round || attempt !== r.attempt) {
       throw this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_LATE', { round, attempt: String(attempt), current: r.round, currentAttempt: r.attempt, state: r.state }));
@@ -404,8 +422,7 @@ export class Coordinator {
   }
 
   #secaggRound(id: string, tenant: string, round: number, attempt: unknown): { r: FederationRecord; sa: SecAggRound } {
-    const r = this.#get(id);
-    if (!r.config.owners.includes(tenant)) throw this.#reject(r, new CoordinatorError('TANDEM_FED_NOT_INVITED', { tenant, federation: id }));
+    const r = this.#owned(id, tenant);
     if (r.state !== 'open' || round !== r.round || attempt !== r.attempt || !r.secagg) {
       throw this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_LATE', { round, attempt: String(attempt), current: r.round, currentAttempt: r.attempt, state: r.secagg ? r.state : 'no secure aggregation' }));
     }

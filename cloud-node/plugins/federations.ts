@@ -1,6 +1,6 @@
 // Federations on the node: the admin creates one and reads its status and global adapter;
 // invited owners (tenants) ask for their round and send their updates.
-import type { FastifyInstance } from 'fastify';
+import type { FastifyInstance, FastifyRequest } from 'fastify';
 import type { FederationCreate, RoundUpdate, SecAggKeys, SecAggReveal, SecAggShares } from '../../protocol/index.ts';
 import { CoordinatorError } from '../federation/index.ts';
 import type { Coordinator } from '../federation/index.ts';
@@ -26,8 +26,21 @@ export async function federationsPlugin(app: FastifyInstance, options: Federatio
     throw error;
   });
 
+  // A body is up to 64 MiB of JSON, parsed on the event loop (~1 s for 60 MB of numbers): who
+  // may send one is checked before it is read — the admin for a federation, an owner sampled in
+  // the round for an update or a secure-aggregation message.
+  const adminOnly = async (request: FastifyRequest): Promise<void> => {
+    requireAdmin(request, 'creating a federation');
+  };
+  const roundBody = async (request: FastifyRequest): Promise<void> => {
+    const { id, round } = request.params as { id: string; round: string };
+    // Params are not validated yet: a round that is not a plain integer waits for the schema's own 400.
+    if (/^\d{1,9}$/.test(round)) coordinator.admitsBody(id, request.caller.tenant, Number(round));
+  };
+
   app.post<{ Body: FederationCreate }>('/federations', {
     bodyLimit,
+    preParsing: adminOnly,
     schema: {
       summary: 'create a federation: model, adapter (initial global), mode, rounds, owners, sampling, minimum owners, local steps, deadline, aggregation, DP',
       tags: ['federations'], security, body: { type: 'object', required: ['id', 'adapter'], additionalProperties: true },
@@ -60,6 +73,7 @@ export async function federationsPlugin(app: FastifyInstance, options: Federatio
 
   app.post<{ Params: { id: string; round: number }; Body: RoundUpdate }>('/federations/:id/rounds/:round/updates', {
     bodyLimit,
+    preParsing: roundBody,
     schema: { summary: "an owner's update for a round (delta from the global adapter)", tags: ['federations'], security, params: roundParams, body: { type: 'object', required: ['attempt', 'examples', 'loss'], additionalProperties: true }, response: { 200: anyObject, ...authErrors } },
   }, async (request) => coordinator.submit(request.params.id, request.caller.tenant, request.params.round, request.body));
 
@@ -68,16 +82,19 @@ export async function federationsPlugin(app: FastifyInstance, options: Federatio
   }, async (request) => coordinator.secAggView(request.params.id, request.caller.tenant, request.params.round));
 
   app.post<{ Params: { id: string; round: number }; Body: SecAggKeys }>('/federations/:id/rounds/:round/secagg/keys', {
+    preParsing: roundBody,
     schema: { summary: 'SecAgg step 1: the owner\'s two X25519 public keys', tags: ['federations'], security, params: roundParams, body: { type: 'object', required: ['attempt', 'cipherPublic', 'maskPublic'], additionalProperties: true }, response: { 200: anyObject, ...authErrors } },
   }, async (request) => coordinator.advertise(request.params.id, request.caller.tenant, request.params.round, request.body));
 
   app.post<{ Params: { id: string; round: number }; Body: SecAggShares }>('/federations/:id/rounds/:round/secagg/shares', {
     bodyLimit,
+    preParsing: roundBody,
     schema: { summary: 'SecAgg step 2: Shamir shares of the owner\'s seeds, one encrypted box per owner', tags: ['federations'], security, params: roundParams, body: { type: 'object', required: ['attempt', 'shares'], additionalProperties: true }, response: { 200: anyObject, ...authErrors } },
   }, async (request) => coordinator.share(request.params.id, request.caller.tenant, request.params.round, request.body));
 
   app.post<{ Params: { id: string; round: number }; Body: SecAggReveal }>('/federations/:id/rounds/:round/secagg/reveal', {
     bodyLimit,
+    preParsing: roundBody,
     schema: { summary: 'SecAgg step 4: shares of survivors\' self masks and of dropped owners\' mask keys', tags: ['federations'], security, params: roundParams, body: { type: 'object', required: ['attempt', 'selfMask', 'maskKey'], additionalProperties: true }, response: { 200: anyObject, ...authErrors } },
   }, async (request) => coordinator.reveal(request.params.id, request.caller.tenant, request.params.round, request.body));
 }

@@ -1,0 +1,86 @@
+// Who may send a federation body is checked before the body is read: a tenant that is not an
+// owner sampled in the open round (or not the admin, for a new federation) is answered while
+// its 60 MB body is still on the way, with the typed error, and the node never parses it.
+import assert from 'node:assert/strict';
+import { request } from 'node:http';
+import { before, describe, it } from 'node:test';
+import { readAdapterFolder } from '../../edge-client/index.ts';
+import { LlamaModel, createAdapter, initBackend, loadModelFolder, saveAdapter } from '../../model/index.ts';
+import type { FederationCreate } from '../../protocol/index.ts';
+import { STORIES_DIR, api, createTenantKey, startTestNode, tempDir } from './helpers.ts';
+import type { TestNode } from './helpers.ts';
+
+let node: TestNode;
+let keys: Record<string, string>;
+
+/** Sends the headers and 1 KiB of a body that claims `declared` bytes; resolves with the answer that comes before the rest. */
+function partialPost(path: string, key: string, declared: number): Promise<{ status: number; json: Record<string, unknown> }> {
+  const url = new URL(path, node.url);
+  return new Promise((resolve, reject) => {
+    const req = request(url, { method: 'POST', headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json', 'content-length': String(declared) } }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (c: Buffer) => chunks.push(c));
+      res.on('end', () => {
+        req.destroy();
+        resolve({ status: res.statusCode ?? 0, json: JSON.parse(Buffer.concat(chunks).toString('utf8')) as Record<string, unknown> });
+      });
+    });
+    req.on('error', reject);
+    // Without an answer before the body, the test fails here rather than waiting for a body that never comes.
+    req.setTimeout(20_000, () => {
+      req.destroy();
+      reject(new Error(`no answer to ${path} before its body`));
+    });
+    // The body's start; the rest never comes: only an answer given before parsing can arrive.
+    req.write(`{"attempt":0,"examples":1,"loss":1,"delta":[${'0,'.repeat(500)}`);
+  });
+}
+
+before(async () => {
+  await initBackend({ backend: 'cpu' });
+  node = await startTestNode();
+  keys = { alice: await createTenantKey(node, 'alice'), bob: await createTenantKey(node, 'bob'), mallory: await createTenantKey(node, 'mallory') };
+  const loaded = await loadModelFolder(STORIES_DIR);
+  const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
+  const adapter = createAdapter(model, [{ method: 'lora', r: 2, loraAlpha: 4, targetModules: ['q_proj'] }], { seed: 1 });
+  const dir = await tempDir();
+  await saveAdapter(adapter, dir);
+  adapter.dispose();
+  model.dispose();
+  const body: FederationCreate = {
+    id: 'f', model: 'stories260K', mode: 'offsite', adapter: await readAdapterFolder(dir), rounds: 2, owners: ['alice', 'bob'], sampleSize: 1, minOwners: 1,
+    localSteps: 1, roundDeadlineSeconds: 600, aggregation: 'fedavg', secureAggregation: false,
+  };
+  const created = await api(node, 'POST', '/v1/federations', node.adminKey, body);
+  assert.equal(created.status, 201, JSON.stringify(created.json));
+});
+
+describe('federation bodies are admitted before they are read', () => {
+  it('answers a tenant that is not invited, an unknown federation, a round not open and a tenant creating a federation while their bodies are unsent', async () => {
+    const big = 60_000_000;
+    const notInvited = await partialPost('/v1/federations/f/rounds/1/updates', keys.mallory, big);
+    assert.deepEqual([notInvited.status, notInvited.json.code], [403, 'TANDEM_FED_NOT_INVITED']);
+    const unknown = await partialPost('/v1/federations/nope/rounds/1/updates', keys.mallory, big);
+    assert.deepEqual([unknown.status, unknown.json.code], [404, 'TANDEM_FED_UNKNOWN']);
+    const shares = await partialPost('/v1/federations/nope/rounds/1/secagg/shares', keys.mallory, big);
+    assert.equal(shares.json.code, 'TANDEM_FED_UNKNOWN');
+    const create = await partialPost('/v1/federations', keys.mallory, big);
+    assert.deepEqual([create.status, create.json.code], [403, 'TANDEM_AUTH_ADMIN_REQUIRED']);
+    const late = await partialPost('/v1/federations/f/rounds/2/updates', keys.alice, big);
+    assert.deepEqual([late.status, late.json.code], [409, 'TANDEM_FED_UPDATE_LATE']);
+    // Of the two owners one is sampled: the other is refused before its body too.
+    const round = await api(node, 'GET', '/v1/federations/f/round', keys.alice);
+    const notSampled = round.json.sampled === true ? 'bob' : 'alice';
+    const refused = await partialPost('/v1/federations/f/rounds/1/updates', keys[notSampled], big);
+    assert.deepEqual([refused.status, refused.json.code], [403, 'TANDEM_FED_NOT_SAMPLED']);
+  });
+
+  it('reads the body of the owner sampled in the open round, whose own checks then apply', async () => {
+    const round = await api(node, 'GET', '/v1/federations/f/round', keys.alice);
+    const sampled = round.json.sampled === true ? 'alice' : 'bob';
+    const stale = await api(node, 'POST', '/v1/federations/f/rounds/1/updates', keys[sampled], { attempt: 7, examples: 1, loss: 1 });
+    assert.equal(stale.json.code, 'TANDEM_FED_UPDATE_LATE', 'the attempt, in the body, is checked by the handler');
+    const badRound = await api(node, 'POST', '/v1/federations/f/rounds/x/updates', keys[sampled], { attempt: 0, examples: 1, loss: 1 });
+    assert.deepEqual([badRound.status, badRound.json.code], [400, 'TANDEM_REQUEST_INVALID']);
+  });
+});
