@@ -1,0 +1,63 @@
+// GenerationLoop's selection over a vocabulary of Qwen2's size: the top logits and the sampled
+// ids equal those of a whole-vocabulary sort (the reference below: every id as an object,
+// sorted, as the loop did before it selected in one pass and sorted typed arrays), ties included.
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+import { GenerationLoop, Rng } from '../../model/index.ts';
+import type { ModelConfig } from '../../model/index.ts';
+
+const VOCAB = 151_936;
+const config = { maxPositionEmbeddings: 4096, eosTokenIds: [], bosTokenId: undefined } as unknown as ModelConfig;
+
+function logits(seed: number, levels: number): Float32Array {
+  const rng = new Rng(seed);
+  // Few distinct values: many ties, at the top too.
+  return Float32Array.from({ length: VOCAB }, () => Math.floor(rng.next() * levels) / 4);
+}
+
+function referenceTop(values: Float32Array, k: number): { id: number; logit: number }[] {
+  return Array.from(values, (logit, id) => ({ id, logit })).sort((a, b) => b.logit - a.logit || a.id - b.id).slice(0, k);
+}
+
+function referenceSample(values: Float32Array, temperature: number, topP: number, rng: Rng): number {
+  let max = -Infinity;
+  for (const v of values) if (v > max) max = v;
+  const order = Array.from(values, (v, id) => ({ id, p: Math.exp((v - max) / temperature) }));
+  let total = 0;
+  for (const o of order) total += o.p;
+  order.sort((a, b) => b.p - a.p || a.id - b.id);
+  let kept = 0;
+  let mass = 0;
+  while (kept < order.length && (kept === 0 || mass < topP * total)) mass += order[kept++].p;
+  let r = rng.next() * mass;
+  for (let i = 0; i < kept; i++) {
+    r -= order[i].p;
+    if (r < 0) return order[i].id;
+  }
+  return order[kept - 1].id;
+}
+
+describe('GenerationLoop on a 152k vocabulary', () => {
+  it('reports the same top logits as a whole sort, ties by the smaller id', () => {
+    for (const [seed, levels, k] of [[1, 40, 10], [2, 3, 10], [3, 1000, 25], [4, 1, 5]] as const) {
+      const values = logits(seed, levels);
+      const loop = new GenerationLoop(config, [1], { maxNewTokens: 1, temperature: 0, topLogits: k, stopTokenIds: [] });
+      loop.take(values);
+      assert.deepEqual(loop.result().topLogits, referenceTop(values, k), `seed ${seed}`);
+    }
+  });
+
+  it('samples the same ids as a whole sort for a seed, at several temperatures and top-p', () => {
+    for (const [temperature, topP] of [[1, 1], [0.7, 0.9], [1.3, 0.5], [0.2, 1]] as const) {
+      const loop = new GenerationLoop(config, [1], { maxNewTokens: 4, temperature, topP, seed: 9, stopTokenIds: [] });
+      const rng = new Rng(9);
+      const want: number[] = [];
+      for (let step = 0; step < 4; step++) {
+        const values = logits(100 + step, 60);
+        loop.take(values);
+        want.push(referenceSample(values, temperature, topP, rng));
+      }
+      assert.deepEqual(loop.result().generatedIds, want, `temperature ${temperature}, top-p ${topP}`);
+    }
+  });
+});
