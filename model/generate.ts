@@ -156,7 +156,7 @@ function sample(values: Float32Array, temperature: number, topP: number, rng: Rn
   let max = -Infinity;
   for (const v of values) if (v > max) max = v;
   // Typed arrays, not an object per id (1.5-3x faster for a 152k vocabulary, and no garbage);
-  // the same order: probability descending, ties by the smaller id.
+  // the same order as before: probability descending, ties by the smaller id.
   const n = values.length;
   const p = new Float64Array(n);
   let total = 0;
@@ -164,12 +164,39 @@ function sample(values: Float32Array, temperature: number, topP: number, rng: Rn
     p[id] = Math.exp((values[id] - max) / temperature);
     total += p[id];
   }
-  const order = new Uint32Array(n);
-  for (let id = 0; id < n; id++) order[id] = id;
-  order.sort((a, b) => p[b] - p[a] || a - b);
-  let kept = 0;
-  let mass = 0;
-  while (kept < n && (kept === 0 || mass < topP * total)) mass += p[order[kept++]];
+  const byP = (a: number, b: number): number => p[b] - p[a] || a - b;
+  const target = topP * total;
+  const nucleus = (order: Uint32Array): { order: Uint32Array; kept: number; mass: number } => {
+    let kept = 0;
+    let mass = 0;
+    while (kept < order.length && (kept === 0 || mass < target)) mass += p[order[kept++]];
+    return { order, kept, mass };
+  };
+  let picked: { order: Uint32Array; kept: number; mass: number } | undefined;
+  if (topP < 1) {
+    // The nucleus is a prefix of the whole order. Every id outside {p >= tau} has p < tau, so
+    // those ids sorted alone are that prefix exactly, and when their mass reaches the target the
+    // nucleus ends inside them: a few ids sorted, not the vocabulary. tau is read from the mass
+    // by binary exponent of p (in (0, 1]); if the sorted candidates fall short (rounding), the
+    // whole vocabulary is sorted as before.
+    const buckets = new Float64Array(1076);
+    for (let id = 0; id < n; id++) buckets[p[id] > 0 ? Math.min(1075, Math.floor(-Math.log2(p[id]))) : 1075] += p[id];
+    let exponent = 0;
+    for (let reach = buckets[0]; exponent < 1075 && reach < target; reach += buckets[++exponent]);
+    const tau = 2 ** -(exponent + 1);
+    let count = 0;
+    for (let id = 0; id < n; id++) if (p[id] >= tau) count++;
+    const candidates = new Uint32Array(count);
+    for (let id = 0, at = 0; id < n; id++) if (p[id] >= tau) candidates[at++] = id;
+    const found = nucleus(candidates.sort(byP));
+    if (found.mass >= target || count === n) picked = found;
+  }
+  if (picked === undefined) {
+    const all = new Uint32Array(n);
+    for (let id = 0; id < n; id++) all[id] = id;
+    picked = nucleus(all.sort(byP));
+  }
+  const { order, kept, mass } = picked;
   let r = rng.next() * mass;
   for (let i = 0; i < kept; i++) {
     r -= p[order[i]];

@@ -48,16 +48,17 @@ describe('GenerationLoop on a 152k vocabulary', () => {
   });
 
   it('samples the same ids as a whole sort for a seed, at several temperatures and top-p', () => {
-    for (const [temperature, topP] of [[1, 1], [0.7, 0.9], [1.3, 0.5], [0.2, 1]] as const) {
+    // Top-p below 1 sorts only the ids above a threshold; flat (3 levels, many ties) and peaked logits.
+    for (const [temperature, topP, levels] of [[1, 1, 60], [0.7, 0.9, 60], [1.3, 0.5, 60], [0.2, 1, 60], [1, 0.99, 60], [4, 0.95, 60], [1, 0.9, 3], [0.5, 0.3, 2]] as const) {
       const loop = new GenerationLoop(config, [1], { maxNewTokens: 4, temperature, topP, seed: 9, stopTokenIds: [] });
       const rng = new Rng(9);
       const want: number[] = [];
       for (let step = 0; step < 4; step++) {
-        const values = logits(100 + step, 60);
+        const values = logits(100 + step, levels);
         loop.take(values);
         want.push(referenceSample(values, temperature, topP, rng));
       }
-      assert.deepEqual(loop.result().generatedIds, want, `temperature ${temperature}, top-p ${topP}`);
+      assert.deepEqual(loop.result().generatedIds, want, `temperature ${temperature}, top-p ${topP}, ${levels} levels`);
     }
   });
 });
