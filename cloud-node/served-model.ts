@@ -68,7 +68,9 @@ export class ServedModel {
   readonly contentHash: string;
   /** The whole model as tfjs variables; the executor runs its middle blocks. */
   readonly model: LlamaModel;
+  /** The folder's config and tokenizer files, sent with every cut's part, and their listing (hashed once). */
   readonly #sideFiles: Map<string, Uint8Array>;
+  readonly #sideEntries: FileEntry[];
   readonly #bundles = new Map<string, EdgeBundle>();
   /** Builds asked for and not finished, by cut: a second request for a cut waits on the first. */
   readonly #building = new Map<string, Promise<EdgeBundle>>();
@@ -82,6 +84,7 @@ export class ServedModel {
     this.rawConfig = rawConfig;
     this.contentHash = `sha256:${loaded.contentHash}`;
     this.#sideFiles = sideFiles;
+    this.#sideEntries = [...sideFiles].map(([name, bytes]) => ({ name, bytes: bytes.byteLength, sha256: sha256(bytes) }));
     this.model = LlamaModel.fromArrays(loaded.config, loaded.weights);
   }
 
@@ -179,7 +182,7 @@ export class ServedModel {
     const layout = safetensorsLayout(entries, { format: 'pt', contentHash: this.contentHash, bottom: String(cut.bottom), top: String(cut.top) });
     const parts: Uint8Array[] = [layout.head];
     const hash = createHash('sha256').update(layout.head);
-    for (const name of layout.order) {
+    for (const name of layout.offsets.keys()) {
       for (const values of pieces(this.model.weights.get(name) as Tensor, BUILD_SLICE_BYTES)) {
         const bytes = new Uint8Array(values.buffer, values.byteOffset, values.byteLength);
         parts.push(bytes);
@@ -187,13 +190,8 @@ export class ServedModel {
         await nextTurn();
       }
     }
-    const contents = new Map<string, Uint8Array[]>([[EDGE_WEIGHTS_FILE, parts]]);
-    const files: FileEntry[] = [{ name: EDGE_WEIGHTS_FILE, bytes: layout.byteLength, sha256: hash.digest('hex') }];
-    for (const [name, bytes] of this.#sideFiles) {
-      contents.set(name, [bytes]);
-      files.push({ name, bytes: bytes.byteLength, sha256: sha256(bytes) });
-    }
-    return { cut, contents, files };
+    const contents = new Map<string, Uint8Array[]>([[EDGE_WEIGHTS_FILE, parts], ...[...this.#sideFiles].map(([name, bytes]): [string, Uint8Array[]] => [name, [bytes]])]);
+    return { cut, contents, files: [{ name: EDGE_WEIGHTS_FILE, bytes: layout.byteLength, sha256: hash.digest('hex') }, ...this.#sideEntries] };
   }
 
   dispose(): void {

@@ -184,11 +184,10 @@ function sample(values: Float32Array, temperature: number, topP: number, rng: Rn
     let exponent = 0;
     for (let reach = buckets[0]; exponent < 1075 && reach < target; reach += buckets[++exponent]);
     const tau = 2 ** -(exponent + 1);
+    const candidates = new Uint32Array(n);
     let count = 0;
-    for (let id = 0; id < n; id++) if (p[id] >= tau) count++;
-    const candidates = new Uint32Array(count);
-    for (let id = 0, at = 0; id < n; id++) if (p[id] >= tau) candidates[at++] = id;
-    const found = nucleus(candidates.sort(byP));
+    for (let id = 0; id < n; id++) if (p[id] >= tau) candidates[count++] = id;
+    const found = nucleus(candidates.subarray(0, count).sort(byP));
     if (found.mass >= target || count === n) picked = found;
   }
   if (picked === undefined) {

@@ -315,9 +315,7 @@ export interface SafetensorsEntryInput {
 export interface SafetensorsLayout {
   /** The length prefix, the JSON header and its padding: the file's first `head.byteLength` bytes. */
   head: Uint8Array;
-  /** Tensor names in the order their data follow the head. */
-  order: string[];
-  /** Each tensor's data, [begin, end) counted from the end of the head. */
+  /** Each tensor's data, [begin, end) counted from the end of the head, in the file's order. */
   offsets: Map<string, readonly [number, number]>;
   /** The whole file's size in bytes. */
   byteLength: number;
@@ -370,7 +368,7 @@ export function safetensorsLayout(
   new DataView(head.buffer).setBigUint64(0, BigInt(headerLength), true);
   head.set(json, 8);
   head.fill(0x20, 8 + json.byteLength);
-  return { head, order: list.map(([name]) => name), offsets, byteLength: head.byteLength + offset };
+  return { head, offsets, byteLength: head.byteLength + offset };
 }
 
 /** Serializes tensors the way the reference does (the layout is safetensorsLayout's). */

@@ -42,13 +42,12 @@ export class CompletionText {
   /**
    * Adds a token; true when a stop sequence now ends the text. A model may have more rows than
    * its tokenizer has tokens (Qwen2: 151,936 and 151,665; the padding rows can still be sampled,
-   * and an adapter can make them likely): such an id has no text, as Hugging Face's decode skips it.
+   * and an adapter can make them likely): such an id has no text (decode's skipOutOfVocabulary).
    */
   push(id: number): boolean {
     if (this.#stopped) return true;
-    if (!Number.isInteger(id) || id < 0 || id >= this.#tokenizer.vocabSize) return false;
     this.#window.push(id);
-    const decode = (ids: number[]): string => this.#tokenizer.decode(ids, { skipSpecialTokens: true });
+    const decode = (ids: number[]): string => this.#tokenizer.decode(ids, { skipSpecialTokens: true, skipOutOfVocabulary: true });
     const before = decode(this.#window.slice(0, this.#read));
     const after = decode(this.#window);
     let pending = after.length > before.length ? after.slice(before.length) : '';
