@@ -151,55 +151,119 @@ function largest(values: Float32Array, k: number): { id: number; logit: number }
   return top;
 }
 
-/** Samples from softmax(values / temperature) restricted to the smallest set whose mass reaches topP. */
+/**
+ * Samples from softmax(values / temperature) restricted to the smallest set whose mass reaches
+ * topP, in the order of a whole sort (probability descending, ties by the smaller id): the ids a
+ * seed gives are those of sorting the vocabulary, but nothing is sorted beyond a few hundred ids.
+ * Sorting 152k ids took 57-76 ms a token on the serving node's event loop.
+ */
 function sample(values: Float32Array, temperature: number, topP: number, rng: Rng): number {
   let max = -Infinity;
   for (const v of values) if (v > max) max = v;
-  // Typed arrays, not an object per id (1.5-3x faster for a 152k vocabulary, and no garbage);
-  // the same order as before: probability descending, ties by the smaller id.
   const n = values.length;
+  const logP = new Float64Array(n);
   const p = new Float64Array(n);
   let total = 0;
   for (let id = 0; id < n; id++) {
-    p[id] = Math.exp((values[id] - max) / temperature);
+    // Below UNDERFLOW exp is 0 anyway; NaN (and -Infinity) logits have no mass.
+    const a = (values[id] - max) / temperature;
+    logP[id] = a > UNDERFLOW ? a : UNDERFLOW;
+    p[id] = Math.exp(logP[id]);
     total += p[id];
   }
-  const byP = (a: number, b: number): number => p[b] - p[a] || a - b;
-  const target = topP * total;
-  const nucleus = (order: Uint32Array): { order: Uint32Array; kept: number; mass: number } => {
-    let kept = 0;
-    let mass = 0;
-    while (kept < order.length && (kept === 0 || mass < target)) mass += p[order[kept++]];
-    return { order, kept, mass };
-  };
-  let picked: { order: Uint32Array; kept: number; mass: number } | undefined;
-  if (topP < 1) {
-    // The nucleus is a prefix of the whole order. Every id outside {p >= tau} has p < tau, so
-    // those ids sorted alone are that prefix exactly, and when their mass reaches the target the
-    // nucleus ends inside them: a few ids sorted, not the vocabulary. tau is read from the mass
-    // by binary exponent of p (in (0, 1]); if the sorted candidates fall short (rounding), the
-    // whole vocabulary is sorted as before.
-    const buckets = new Float64Array(1076);
-    for (let id = 0; id < n; id++) buckets[p[id] > 0 ? Math.min(1075, Math.floor(-Math.log2(p[id]))) : 1075] += p[id];
-    let exponent = 0;
-    for (let reach = buckets[0]; exponent < 1075 && reach < target; reach += buckets[++exponent]);
-    const tau = 2 ** -(exponent + 1);
-    const candidates = new Uint32Array(n);
-    let count = 0;
-    for (let id = 0; id < n; id++) if (p[id] >= tau) candidates[count++] = id;
-    const found = nucleus(candidates.subarray(0, count).sort(byP));
-    if (found.mass >= target || count === n) picked = found;
+  if (!(total > 0)) return argmax(values);
+  const mass = new OrderedMass(p, logP);
+  const end = topP < 1 ? mass.crossing(topP * total, true) : undefined;
+  const picked = mass.crossing(rng.next() * (end?.prefix ?? total), false);
+  return end !== undefined && mass.after(picked.id, end.id) ? end.id : picked.id;
+}
+
+const UNDERFLOW = -746;
+
+/**
+ * Running sums of p in the whole sort's order without that sort: ids are split into buckets by
+ * log p (each bucket wholly before the next in that order), the bucket holding the crossing is
+ * split again, and only a bucket of at most SORTED ids is sorted. Every split narrows the range
+ * of log p 1024-fold, so a 152k vocabulary takes one or two passes.
+ */
+class OrderedMass {
+  static readonly SORTED = 1024;
+  static readonly BUCKETS = 1024;
+  readonly #p: Float64Array;
+  readonly #logP: Float64Array;
+  readonly #sums = new Float64Array(OrderedMass.BUCKETS);
+
+  constructor(p: Float64Array, logP: Float64Array) {
+    this.#p = p;
+    this.#logP = logP;
   }
-  if (picked === undefined) {
-    const all = new Uint32Array(n);
-    for (let id = 0; id < n; id++) all[id] = id;
-    picked = nucleus(all.sort(byP));
+
+  /** Whether id a comes after id b in the order. */
+  after(a: number, b: number): boolean {
+    const p = this.#p;
+    return p[a] < p[b] || (p[a] === p[b] && a > b);
   }
-  const { order, kept, mass } = picked;
-  let r = rng.next() * mass;
-  for (let i = 0; i < kept; i++) {
-    r -= p[order[i]];
-    if (r < 0) return order[i];
+
+  /**
+   * The first id whose running sum (it included) reaches x (inclusive) or passes it (strict),
+   * with that sum; when rounding leaves the whole mass short, the last id with mass.
+   */
+  crossing(x: number, inclusive: boolean): { id: number; prefix: number } {
+    const p = this.#p;
+    const logP = this.#logP;
+    const sums = this.#sums;
+    const passes = (sum: number): boolean => (inclusive ? sum >= x : sum > x);
+    let ids: Uint32Array | undefined; // undefined: every id
+    let count = p.length;
+    let before = 0;
+    for (;;) {
+      let lo = Infinity;
+      let hi = -Infinity;
+      for (let i = 0; i < count; i++) {
+        const a = logP[ids === undefined ? i : ids[i]];
+        if (a < lo) lo = a;
+        if (a > hi) hi = a;
+      }
+      if (count <= OrderedMass.SORTED || lo === hi) {
+        const order = ids ?? Uint32Array.from({ length: count }, (_, i) => i);
+        // All equal: id order is the order already.
+        if (lo !== hi) order.sort((a, b) => p[b] - p[a] || a - b);
+        let last = order[0];
+        for (const id of order) {
+          if (p[id] === 0) break;
+          before += p[id];
+          last = id;
+          if (passes(before)) return { id, prefix: before };
+        }
+        return { id: last, prefix: before };
+      }
+      const scale = OrderedMass.BUCKETS / (hi - lo);
+      const bucketOf = (id: number): number => Math.min(OrderedMass.BUCKETS - 1, Math.floor((hi - logP[id]) * scale));
+      sums.fill(0);
+      for (let i = 0; i < count; i++) {
+        const id = ids === undefined ? i : ids[i];
+        sums[bucketOf(id)] += p[id];
+      }
+      let chosen = -1;
+      let ahead = 0;
+      let run = before;
+      for (let b = 0; b < OrderedMass.BUCKETS; b++) {
+        if (sums[b] === 0) continue;
+        chosen = b;
+        ahead = run;
+        run += sums[b];
+        if (passes(run)) break;
+      }
+      // Each split leaves out the ids of the largest and smallest log p, so it ends.
+      before = ahead;
+      const inside = new Uint32Array(count);
+      let kept = 0;
+      for (let i = 0; i < count; i++) {
+        const id = ids === undefined ? i : ids[i];
+        if (bucketOf(id) === chosen) inside[kept++] = id;
+      }
+      ids = inside.subarray(0, kept);
+      count = kept;
+    }
   }
-  return order[kept - 1];
 }

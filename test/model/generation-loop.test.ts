@@ -15,6 +15,12 @@ function logits(seed: number, levels: number): Float32Array {
   return Float32Array.from({ length: VOCAB }, () => Math.floor(rng.next() * levels) / 4);
 }
 
+/** No ties: roughly Gaussian logits of the given spread, a few masked to -Infinity. */
+function spread(seed: number, scale: number): Float32Array {
+  const rng = new Rng(seed);
+  return Float32Array.from({ length: VOCAB }, (_, id) => (id % 997 === 5 ? -Infinity : scale * (rng.next() + rng.next() + rng.next() - 1.5)));
+}
+
 function referenceTop(values: Float32Array, k: number): { id: number; logit: number }[] {
   return Array.from(values, (logit, id) => ({ id, logit })).sort((a, b) => b.logit - a.logit || a.id - b.id).slice(0, k);
 }
@@ -48,17 +54,24 @@ describe('GenerationLoop on a 152k vocabulary', () => {
   });
 
   it('samples the same ids as a whole sort for a seed, at several temperatures and top-p', () => {
-    // Top-p below 1 sorts only the ids above a threshold; flat (3 levels, many ties) and peaked logits.
-    for (const [temperature, topP, levels] of [[1, 1, 60], [0.7, 0.9, 60], [1.3, 0.5, 60], [0.2, 1, 60], [1, 0.99, 60], [4, 0.95, 60], [1, 0.9, 3], [0.5, 0.3, 2]] as const) {
-      const loop = new GenerationLoop(config, [1], { maxNewTokens: 4, temperature, topP, seed: 9, stopTokenIds: [] });
+    // Nothing is sorted beyond a bucket of ids: flat (3 levels, many ties), peaked, ties inside a
+    // sorted bucket (100k levels), and tie-free logits.
+    const leveled = [[1, 1, 60], [0.7, 0.9, 60], [1.3, 0.5, 60], [0.2, 1, 60], [1, 0.99, 60], [4, 0.95, 60], [1, 0.9, 3], [0.5, 0.3, 2], [1, 1, 1], [1, 0.9, 100_000], [50, 1, 100_000], [20, 0.8, 100_000]] as const;
+    const spreads = [[1, 1, 4], [1, 0.9, 4], [0.8, 1, 40], [1, 0.95, 40], [2, 0.5, 1]] as const;
+    const cases = [
+      ...leveled.map(([temperature, topP, levels]) => ({ temperature, topP, steps: 4, row: (step: number) => logits(100 + step, levels), label: `${levels} levels` })),
+      ...spreads.map(([temperature, topP, scale]) => ({ temperature, topP, steps: 8, row: (step: number) => spread(200 + step, scale), label: `spread ${scale}` })),
+    ];
+    for (const { temperature, topP, steps, row, label } of cases) {
+      const loop = new GenerationLoop(config, [1], { maxNewTokens: steps, temperature, topP, seed: 9, stopTokenIds: [] });
       const rng = new Rng(9);
       const want: number[] = [];
-      for (let step = 0; step < 4; step++) {
-        const values = logits(100 + step, levels);
+      for (let step = 0; step < steps; step++) {
+        const values = row(step);
         loop.take(values);
         want.push(referenceSample(values, temperature, topP, rng));
       }
-      assert.deepEqual(loop.result().generatedIds, want, `temperature ${temperature}, top-p ${topP}, ${levels} levels`);
+      assert.deepEqual(loop.result().generatedIds, want, `temperature ${temperature}, top-p ${topP}, ${label}`);
     }
   });
 });
