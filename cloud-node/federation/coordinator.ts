@@ -22,6 +22,12 @@ const MAX_ADAPTER_VALUES = 16 * 1024 * 1024;
 const MAX_EXACT_PRODUCT_WORK = 2 ** 27;
 const MAX_TENSORS = 4096;
 
+/** The bodies an owner sends in a round. */
+export type FederationBodyKind = 'update' | 'secagg-keys' | 'secagg-shares' | 'secagg-reveal';
+
+/** Beyond its values or shares, what a round body's other fields and JSON punctuation may take. */
+const BODY_FIELDS_BYTES = 64 * 1024;
+
 /** Shamir threshold of a round of n owners: a majority, and never below the minimum owners. */
 export function secAggThreshold(n: number, minOwners: number): number {
   return Math.min(n, Math.max(2, minOwners, Math.floor(n / 2) + 1));
@@ -229,16 +235,27 @@ export class Coordinator {
   }
 
   /**
-   * Whether `tenant` may send a body for `round` of federation `id` now: an owner, the round
-   * open and current, the tenant sampled in it. Checked before a body is read (a body is up to
-   * 64 MiB of JSON); the handler checks the rest (attempt, replay, deadline).
+   * Whether `tenant` may send a `kind` body for `round` of federation `id` now: an owner, the
+   * round open and current, the tenant sampled in it. Checked before a body is read; the handler
+   * checks the rest (attempt, replay, deadline). Returns the most bytes such a body can hold: an
+   * update is its adapter's values in base64 and a few fields, SecAgg messages a share per
+   * sampled owner, so a body is parsed only at the size the federation's own adapter sets.
    */
-  admitsBody(id: string, tenant: string, round: number): void {
+  admitsBody(id: string, tenant: string, round: number, kind: FederationBodyKind): number {
     const r = this.#owned(id, tenant);
     if (r.state !== 'open' || round !== r.round) {
       throw this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_LATE', { round, attempt: 'any', current: r.round, currentAttempt: r.attempt, state: r.state }));
     }
     if (!r.sampled.includes(tenant)) throw this.#reject(r, new CoordinatorError('TANDEM_FED_NOT_SAMPLED', { tenant, round, attempt: r.attempt }));
+    const owners = r.sampled.length;
+    switch (kind) {
+      case 'update': return 4 * Math.ceil((r.layout.size * 4) / 3) + BODY_FIELDS_BYTES;
+      case 'secagg-keys': return BODY_FIELDS_BYTES;
+      // One box (≤ 8192 characters) and two tenant names (≤ 64) an owner.
+      case 'secagg-shares': return owners * (8192 + 2 * 64 + 64) + BODY_FIELDS_BYTES;
+      // Two maps of owner → { x, y: ≤ 131 hex digits }.
+      case 'secagg-reveal': return 2 * owners * (64 + 131 + 64) + BODY_FIELDS_BYTES;
+    }
   }
 
   #reject(r: FederationRecord, error: CoordinatorError): CoordinatorError {

@@ -6,4 +6,4 @@ export { DirectoryFederationStore, FEDERATIONS_DIR } from './directory-federatio
 export { FEDERATIONS_BUCKET, JetStreamFederationStore, LARGE_FEDERATIONS_BUCKET } from './jetstream-federation-store.ts';
 export type { FederationStore } from './federation-store.ts';
 export type { FederationRecord } from './federation-record.ts';
-export type { CoordinatorOptions } from './coordinator.ts';
+export type { CoordinatorOptions, FederationBodyKind } from './coordinator.ts';

@@ -7,6 +7,7 @@
 // request is kept past it.
 import type { FastifyRequest } from 'fastify';
 import { CloudError } from '../errors.ts';
+import { tooLarge } from './bounded-body.ts';
 
 /** A file part's largest size, and the error past it (413 TANDEM_REQUEST_INVALID by default). */
 export interface FilePartLimit {
@@ -117,10 +118,6 @@ export async function readAdapterForm(request: FastifyRequest, spec: FormSpec): 
   return { fields, files, fileNames };
 }
 
-/** As fastify's own body limit answers: 413, TANDEM_REQUEST_INVALID (node.ts's error handler). */
-function tooLarge(part: string, limit: number): Error {
-  return Object.assign(new Error(`${part} holds more than ${limit} bytes, the limit`), { statusCode: 413 });
-}
 
 /** A part's bytes, refused as soon as they pass `limit` (the rest of the stream is not kept); `onChunk` hears each chunk. */
 async function readPart(stream: AsyncIterable<Buffer> & { truncated?: boolean }, limit: number, refuse: () => Error, onChunk: () => void): Promise<Buffer> {

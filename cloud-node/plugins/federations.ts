@@ -1,10 +1,11 @@
 // Federations on the node: the admin creates one and reads its status and global adapter;
 // invited owners (tenants) ask for their round and send their updates.
-import type { FastifyInstance, FastifyRequest } from 'fastify';
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { FederationCreate, RoundUpdate, SecAggKeys, SecAggReveal, SecAggShares } from '../../protocol/index.ts';
 import { CoordinatorError } from '../federation/index.ts';
-import type { Coordinator } from '../federation/index.ts';
+import type { Coordinator, FederationBodyKind } from '../federation/index.ts';
 import { requireAdmin } from './auth.ts';
+import { boundedBody } from './bounded-body.ts';
 import { authErrors, security } from './schemas.ts';
 
 export const DEFAULT_FEDERATION_BODY_BYTES = 64 * 1024 * 1024;
@@ -26,16 +27,19 @@ export async function federationsPlugin(app: FastifyInstance, options: Federatio
     throw error;
   });
 
-  // A body is up to 64 MiB of JSON, parsed on the event loop (~1 s for 60 MB of numbers): who
-  // may send one is checked before it is read — the admin for a federation, an owner sampled in
-  // the round for an update or a secure-aggregation message.
+  // A body is JSON parsed on the event loop (~1 s for 60 MB of numbers): who may send one is
+  // checked before it is read — the admin for a federation (up to 64 MiB), an owner sampled in
+  // the round for an update or a secure-aggregation message, held to the size the federation's
+  // adapter and sampled owners set.
   const adminOnly = async (request: FastifyRequest): Promise<void> => {
     requireAdmin(request, 'creating a federation');
   };
-  const roundBody = async (request: FastifyRequest): Promise<void> => {
+  const roundBody = (kind: FederationBodyKind) => async (request: FastifyRequest, _reply: FastifyReply, payload: NodeJS.ReadableStream): Promise<NodeJS.ReadableStream> => {
     const { id, round } = request.params as { id: string; round: string };
     // Params are not validated yet: a round that is not a plain integer waits for the schema's own 400.
-    if (/^\d{1,9}$/.test(round)) coordinator.admitsBody(id, request.caller.tenant, Number(round));
+    if (!/^\d{1,9}$/.test(round)) return payload;
+    const limit = coordinator.admitsBody(id, request.caller.tenant, Number(round), kind);
+    return boundedBody(request, payload, limit, `a ${kind} body for round ${round} of federation ${id}`);
   };
 
   app.post<{ Body: FederationCreate }>('/federations', {
@@ -73,7 +77,7 @@ export async function federationsPlugin(app: FastifyInstance, options: Federatio
 
   app.post<{ Params: { id: string; round: number }; Body: RoundUpdate }>('/federations/:id/rounds/:round/updates', {
     bodyLimit,
-    preParsing: roundBody,
+    preParsing: roundBody('update'),
     schema: { summary: "an owner's update for a round (delta from the global adapter)", tags: ['federations'], security, params: roundParams, body: { type: 'object', required: ['attempt', 'examples', 'loss'], additionalProperties: true }, response: { 200: anyObject, ...authErrors } },
   }, async (request) => coordinator.submit(request.params.id, request.caller.tenant, request.params.round, request.body));
 
@@ -82,19 +86,19 @@ export async function federationsPlugin(app: FastifyInstance, options: Federatio
   }, async (request) => coordinator.secAggView(request.params.id, request.caller.tenant, request.params.round));
 
   app.post<{ Params: { id: string; round: number }; Body: SecAggKeys }>('/federations/:id/rounds/:round/secagg/keys', {
-    preParsing: roundBody,
+    preParsing: roundBody('secagg-keys'),
     schema: { summary: 'SecAgg step 1: the owner\'s two X25519 public keys', tags: ['federations'], security, params: roundParams, body: { type: 'object', required: ['attempt', 'cipherPublic', 'maskPublic'], additionalProperties: true }, response: { 200: anyObject, ...authErrors } },
   }, async (request) => coordinator.advertise(request.params.id, request.caller.tenant, request.params.round, request.body));
 
   app.post<{ Params: { id: string; round: number }; Body: SecAggShares }>('/federations/:id/rounds/:round/secagg/shares', {
     bodyLimit,
-    preParsing: roundBody,
+    preParsing: roundBody('secagg-shares'),
     schema: { summary: 'SecAgg step 2: Shamir shares of the owner\'s seeds, one encrypted box per owner', tags: ['federations'], security, params: roundParams, body: { type: 'object', required: ['attempt', 'shares'], additionalProperties: true }, response: { 200: anyObject, ...authErrors } },
   }, async (request) => coordinator.share(request.params.id, request.caller.tenant, request.params.round, request.body));
 
   app.post<{ Params: { id: string; round: number }; Body: SecAggReveal }>('/federations/:id/rounds/:round/secagg/reveal', {
     bodyLimit,
-    preParsing: roundBody,
+    preParsing: roundBody('secagg-reveal'),
     schema: { summary: 'SecAgg step 4: shares of survivors\' self masks and of dropped owners\' mask keys', tags: ['federations'], security, params: roundParams, body: { type: 'object', required: ['attempt', 'selfMask', 'maskKey'], additionalProperties: true }, response: { 200: anyObject, ...authErrors } },
   }, async (request) => coordinator.reveal(request.params.id, request.caller.tenant, request.params.round, request.body));
 }

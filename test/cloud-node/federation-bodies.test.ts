@@ -1,23 +1,30 @@
 // Who may send a federation body is checked before the body is read: a tenant that is not an
 // owner sampled in the open round (or not the admin, for a new federation) is answered while
-// its 60 MB body is still on the way, with the typed error, and the node never parses it.
+// its 60 MB body is still on the way, with the typed error, and the node never parses it; the
+// sampled owner's body is held to what the federation's adapter can need.
 import assert from 'node:assert/strict';
 import { request } from 'node:http';
 import { before, describe, it } from 'node:test';
 import { readAdapterFolder } from '../../edge-client/index.ts';
 import { LlamaModel, createAdapter, initBackend, loadModelFolder, saveAdapter } from '../../model/index.ts';
-import type { FederationCreate } from '../../protocol/index.ts';
+import { encodeFloat32 } from '../../protocol/index.ts';
+import type { FederationCreate, RoundAssignment, RoundUpdate } from '../../protocol/index.ts';
 import { STORIES_DIR, api, createTenantKey, startTestNode, tempDir } from './helpers.ts';
 import type { TestNode } from './helpers.ts';
 
 let node: TestNode;
 let keys: Record<string, string>;
 
-/** Sends the headers and 1 KiB of a body that claims `declared` bytes; resolves with the answer that comes before the rest. */
-function partialPost(path: string, key: string, declared: number): Promise<{ status: number; json: Record<string, unknown> }> {
+/**
+ * Sends the headers and the start of a body that claims `declared` bytes (1 KiB, or `sent`
+ * bytes in 64 KiB chunks; chunked when nothing is declared); resolves with the answer that
+ * comes before the rest.
+ */
+function partialPost(path: string, key: string, declared: number | undefined, sent = 0): Promise<{ status: number; json: Record<string, unknown> }> {
   const url = new URL(path, node.url);
+  const length: Record<string, string> = declared === undefined ? {} : { 'content-length': String(declared) };
   return new Promise((resolve, reject) => {
-    const req = request(url, { method: 'POST', headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json', 'content-length': String(declared) } }, (res) => {
+    const req = request(url, { method: 'POST', headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json', ...length } }, (res) => {
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
       res.on('end', () => {
@@ -33,6 +40,7 @@ function partialPost(path: string, key: string, declared: number): Promise<{ sta
     });
     // The body's start; the rest never comes: only an answer given before parsing can arrive.
     req.write(`{"attempt":0,"examples":1,"loss":1,"delta":[${'0,'.repeat(500)}`);
+    for (let at = 0; at < sent; at += 65_536) req.write('0,'.repeat(32_768));
   });
 }
 
@@ -82,5 +90,25 @@ describe('federation bodies are admitted before they are read', () => {
     assert.equal(stale.json.code, 'TANDEM_FED_UPDATE_LATE', 'the attempt, in the body, is checked by the handler');
     const badRound = await api(node, 'POST', '/v1/federations/f/rounds/x/updates', keys[sampled], { attempt: 0, examples: 1, loss: 1 });
     assert.deepEqual([badRound.status, badRound.json.code], [400, 'TANDEM_REQUEST_INVALID']);
+  });
+
+  it("holds the sampled owner's update to the size of the federation's adapter, declared or not", async () => {
+    const round = await api(node, 'GET', '/v1/federations/f/round', keys.alice);
+    const sampled = round.json.sampled === true ? 'alice' : 'bob';
+    const assignment = (await api(node, 'GET', '/v1/federations/f/round', keys[sampled])).json as unknown as RoundAssignment;
+    const size = Object.values(assignment.adapter!.tensors).reduce((n, t) => n + t.shape.reduce((a, b) => a * b, 1), 0);
+    const limit = 4 * Math.ceil((size * 4) / 3) + 64 * 1024;
+    const declared = await partialPost('/v1/federations/f/rounds/1/updates', keys[sampled], 60_000_000);
+    assert.deepEqual([declared.status, declared.json.code], [413, 'TANDEM_REQUEST_INVALID']);
+    assert.match(String(declared.json.message), new RegExp(`more than ${limit} bytes`));
+    // Chunked, no length: refused once its bytes pass the limit, the rest unsent.
+    const streamed = await partialPost('/v1/federations/f/rounds/1/updates', keys[sampled], undefined, limit + 200_000);
+    assert.deepEqual([streamed.status, streamed.json.code], [413, 'TANDEM_REQUEST_INVALID']);
+    const shares = await partialPost('/v1/federations/f/rounds/1/secagg/shares', keys[sampled], 60_000_000);
+    assert.deepEqual([shares.status, shares.json.code], [413, 'TANDEM_REQUEST_INVALID'], 'a share an owner, one owner sampled');
+    // A real update of that size, with every field, is taken.
+    const update: RoundUpdate = { attempt: assignment.attempt, examples: 3, loss: 1.5, validation: { loss: 1.25, accuracy: 0.5 }, values: encodeFloat32(new Float32Array(size)) };
+    const taken = await api(node, 'POST', '/v1/federations/f/rounds/1/updates', keys[sampled], update);
+    assert.equal(taken.status, 200, JSON.stringify(taken.json));
   });
 });
