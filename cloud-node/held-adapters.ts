@@ -5,7 +5,7 @@
 // folder (the whole adapter at each commit, each backward's gradients on their own), so that
 // a node killed mid-training resumes with no step lost or applied twice. Freed when the
 // session closes or expires.
-import { PEFT_MODULE_PREFIX, createAdapter } from '../model/index.ts';
+import { HELD_IA3_FEEDFORWARD, PEFT_MODULE_PREFIX, createAdapter, heldMethodSpec } from '../model/index.ts';
 import type { LlamaModel } from '../model/index.ts';
 import { ProtocolError } from '../protocol/index.ts';
 import type { MiddleAdapterSpec, StepCommit } from '../protocol/index.ts';
@@ -16,8 +16,6 @@ import type { HeldAdapterSnapshot, HeldAdapterStore } from './state/held-adapter
 const A_SUFFIX = '.lora_A.weight';
 const B_SUFFIX = '.lora_B.weight';
 const IA3_SUFFIX = '.ia3_l';
-/** The modules whose input (IA)^3 scales, as PEFT's default for LLaMA-family models. */
-const IA3_FEEDFORWARD = ['down_proj'];
 
 /** One module's tensors by PEFT key, with AdamW's buffers. */
 interface Param {
@@ -64,7 +62,7 @@ export class HeldAdapter {
   static create(model: LlamaModel, sessionId: string, tenant: string, spec: MiddleAdapterSpec, layers: readonly number[]): HeldAdapter {
     let adapter;
     try {
-      adapter = createAdapter(model, [methodSpecOf(spec, layers)], { seed: spec.seed, methodOffset: spec.methodIndex });
+      adapter = createAdapter(model, [heldMethodSpec(spec, layers)], { seed: spec.seed, methodOffset: spec.methodIndex });
     } catch (cause) {
       throw new ProtocolError('TANDEM_PROTO_MIDDLE_ADAPTER_INVALID', { field: 'hello.training.middle_adapter', reason: (cause as Error).message.slice(0, 300) }, { cause });
     }
@@ -115,7 +113,7 @@ export class HeldAdapter {
     if (this.spec.method === 'ia3') {
       const ia3: HeldIa3Module[] = this.#params.map((p) => {
         const path = p.key.slice(PEFT_MODULE_PREFIX.length, -IA3_SUFFIX.length);
-        return { path, feedforward: IA3_FEEDFORWARD.some((f) => path.endsWith(`.${f}`)), scale: p.value.slice() };
+        return { path, feedforward: HELD_IA3_FEEDFORWARD.some((f) => path.endsWith(`.${f}`)), scale: p.value.slice() };
       });
       return { scale: 1, modules: [], ia3 };
     }
@@ -210,13 +208,6 @@ export class HeldAdapter {
   }
 }
 
-/** The one-method spec model/peft creates the held adapter from. */
-export function methodSpecOf(spec: MiddleAdapterSpec, layers: readonly number[]): { method: string; [field: string]: unknown } {
-  if (spec.method === 'ia3') {
-    return { method: 'ia3', targetModules: [...spec.targets], feedforwardModules: spec.targets.filter((t) => IA3_FEEDFORWARD.includes(t)), layersToTransform: [...layers] };
-  }
-  return { method: 'lora', r: spec.rank, loraAlpha: spec.alpha, targetModules: [...spec.targets], layersToTransform: [...layers] };
-}
 
 /** LoRA: A then B of each module; (IA)^3: the scales; modules in the order PEFT's state lists them. */
 function orderParams(params: Param[], method: MiddleAdapterSpec['method']): Param[] {

@@ -14,6 +14,7 @@ import { loadEdgePart } from './download.ts';
 import { EdgeError } from './errors.ts';
 import { connectCloud } from './session.ts';
 import type { EdgeSession } from './session.ts';
+import { chooseCut } from './proposed-cut.ts';
 
 export type SplitGenerateOptions = Omit<GenerateOptions, 'hooks' | 'topLogits'>;
 
@@ -126,7 +127,7 @@ export async function edgeGenerate(options: EdgeGenerateOptions): Promise<Genera
     const models = await client.models();
     const info = options.model === undefined ? models[0] : models.find((m) => m.id === options.model);
     if (!info) throw new EdgeError('TANDEM_EDGE_MODEL_UNKNOWN', `the cloud serves no model ${JSON.stringify(options.model)}`, { field: 'model' });
-    const cut = options.cut ?? info.defaultCut;
+    const cut = chooseCut(options.cut, info.defaultCut, 'defaultCut', `${options.cloud} GET /v1/models ${info.id}`);
     edge = await loadEdgePart(await client.downloadEdge(info.id, cut, options.cacheDir));
     adapter = options.adapterDir === undefined ? undefined : await loadAdapter(edge.model, options.adapterDir);
     const session = await client.openSession({ model: { id: info.id, contentHash: edge.contentHash }, cut, codecs: { forward: [{ codec: 'f32' }], backward: [{ codec: 'f32' }] } });

@@ -4,8 +4,8 @@
 // middle's rank, alpha and targets, the folder is a plain PEFT LoRA over all their layers
 // (layers_to_transform the union); otherwise it is the composite config saveAdapter writes.
 import { join } from 'node:path';
-import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, COMPOSITE_PEFT_TYPE, defaultRegistry, writeFileAtomic, writeSafetensorsFile } from '../model/index.ts';
-import type { MethodSpec } from '../model/index.ts';
+import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, COMPOSITE_PEFT_TYPE, defaultRegistry, heldMethodSpec, planAdapterConfigs, writeFileAtomic, writeSafetensorsFile } from '../model/index.ts';
+import type { Cut, LlamaModel, MethodSpec } from '../model/index.ts';
 import type { MiddleAdapterSpec } from '../protocol/index.ts';
 import { mkdir } from 'node:fs/promises';
 
@@ -38,9 +38,7 @@ export function splitAdapterConfig(p: SplitAdapterParts): Record<string, unknown
   const middleLayers = layersOf([...p.tensors.keys()].filter((k) => !p.edgeKeys.has(k)));
   const edgeLayers = layersOf(p.edgeKeys);
   const lora = registry.get('lora');
-  const middleSpec: MethodSpec = p.middle.method === 'ia3'
-    ? { method: 'ia3', targetModules: [...p.middle.targets], feedforwardModules: p.middle.targets.filter((t) => t === 'down_proj'), layersToTransform: middleLayers }
-    : { method: 'lora', r: p.middle.rank, loraAlpha: p.middle.alpha, targetModules: [...p.middle.targets], layersToTransform: middleLayers };
+  const middleSpec = heldMethodSpec(p.middle, middleLayers);
   const [only] = p.edgeMethods;
   const plain = p.middle.method === 'lora' && p.edgeMethods.length === 1 && only.method === 'lora' && (only.r ?? 8) === p.middle.rank && (only.loraAlpha ?? 8) === p.middle.alpha
     && sameTargets(only.targetModules ?? ['q_proj', 'v_proj'], p.middle.targets) && !only.useDora && !only.useRslora;
@@ -55,6 +53,22 @@ export function splitAdapterConfig(p: SplitAdapterParts): Record<string, unknown
   });
   const middle = registry.get(middleSpec.method);
   return { peft_type: COMPOSITE_PEFT_TYPE, ...common, methods: [...edge, { tandem_method: middle.name, ...middle.toJson(middle.fromSpec(middleSpec)) }] };
+}
+
+/**
+ * The tensors the cloud's middle adapter must hand over, by PEFT key: the spec the session
+ * asked for on every middle block, shaped as the same spec on the edge's last block (a
+ * LLaMA's blocks are alike). What the cloud sends is checked against it before it is decoded.
+ */
+export function middleAdapterLayout(model: LlamaModel, spec: MiddleAdapterSpec, cut: Cut): Map<string, readonly number[]> {
+  const template = model.numLayers - 1;
+  const method = defaultRegistry().get(spec.method);
+  const plan = planAdapterConfigs(model, [{ method, config: method.fromSpec(heldMethodSpec(spec, [template])) }]);
+  const layout = new Map<string, readonly number[]>();
+  for (let layer = cut.bottom; layer < model.numLayers - cut.top; layer++) {
+    for (const [key, shape] of plan.tensors) layout.set(key.replace(`.layers.${template}.`, `.layers.${layer}.`), shape);
+  }
+  return layout;
 }
 
 export async function writeSplitAdapter(dir: string, p: SplitAdapterParts): Promise<void> {

@@ -72,6 +72,7 @@ export class RemoteMiddle implements Middle {
   private decode(reply: Envelope, expected: 'forwardResult' | 'backwardResult', key: MicrobatchKey, shape: number[]): { data: Float32Array; bytes: number; recomputed: boolean } {
     if (reply.body.case !== expected) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `expected ${expected}, got ${reply.body.case}`, { field: expected });
     const v = reply.body.value;
+    if (v.sessionId !== this.session.id) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the reply is for session ${JSON.stringify(v.sessionId.slice(0, 80))}, not ${this.session.id}`, { field: `${expected}.session_id` });
     if (v.step !== key.step || v.microbatch !== key.microbatch) {
       throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the reply is for (${v.step}, ${v.microbatch}), the request for (${key.step}, ${key.microbatch})`, { field: `${expected}.step` });
     }
@@ -150,16 +151,22 @@ export class RemoteMiddle implements Middle {
     return { middleGradSquareSum: sq, frames: reply.body.value.frames };
   }
 
-  /** The held middle adapter's tensors by PEFT key, as the cloud holds them after the last committed step. */
-  async exportAdapter(): Promise<Map<string, { shape: number[]; data: Float32Array }>> {
+  /**
+   * The held middle adapter's tensors by PEFT key, as the cloud holds them after the last
+   * committed step: exactly the tensors of `layout` (middleAdapterLayout), each of its shape.
+   */
+  async exportAdapter(layout: ReadonlyMap<string, readonly number[]>): Promise<Map<string, { shape: number[]; data: Float32Array }>> {
     if (!this.trainsParameters || this.lastCommitted === undefined) throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', 'no middle adapter held by the cloud has been trained in this session', { field: 'middleLora' });
     const { frames } = await this.commit({ step: this.lastCommitted, lr: 0, maxGradNorm: 0, edgeGradSquareSum: 0, microbatches: 0 }, true);
     const w = this.session.welcome;
     const out = new Map<string, { shape: number[]; data: Float32Array }>();
     for (const [i, f] of frames.entries()) {
-      if (!f.name.startsWith('base_model.model.') || out.has(f.name)) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `middle adapter tensor ${JSON.stringify(f.name.slice(0, 120))} is not a new PEFT key`, { field: `stepCommitted.frames[${i}]` });
-      out.set(f.name, { shape: [...f.shape], data: decodeTensor(f, { limits: w.limits, allowNonFinite: false, field: `stepCommitted.frames[${i}]` }).slice() });
+      const shape = layout.get(f.name);
+      if (shape === undefined || out.has(f.name)) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `middle adapter tensor ${JSON.stringify(f.name.slice(0, 120))} is not ${shape === undefined ? 'one of the adapter the session asked for' : 'new'}`, { field: `stepCommitted.frames[${i}]` });
+      out.set(f.name, { shape: [...shape], data: decodeTensor(f, { shape: [...shape], limits: w.limits, allowNonFinite: false, field: `stepCommitted.frames[${i}]` }).slice() });
     }
+    const missing = [...layout.keys()].find((k) => !out.has(k));
+    if (missing !== undefined) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the cloud handed over ${out.size} of the middle adapter's ${layout.size} tensors; ${missing} is missing`, { field: 'stepCommitted.frames' });
     return out;
   }
 

@@ -129,6 +129,10 @@ export class EdgeSession implements MiddleChannel {
     return this.connection.request(envelope(this.nextRequestId(), body), options);
   }
 
+  private helloLimits(): Limits {
+    return intersectLimits(this.spec.limits ?? {}, DEFAULT_LIMITS);
+  }
+
   private helloBody(): Body {
     const { spec } = this;
     const training: TrainingSpec = { methods: spec.methods ?? [], cloudMiddleLora: false, middleLoraRank: 0, ...(spec.middleAdapter ? { middleAdapter: spec.middleAdapter } : {}) };
@@ -139,7 +143,7 @@ export class EdgeSession implements MiddleChannel {
         clientBuild: CLIENT_BUILD,
         model: spec.model,
         codecs: spec.codecs,
-        limits: intersectLimits(spec.limits ?? {}, DEFAULT_LIMITS),
+        limits: this.helloLimits(),
         cut: spec.cut,
         training,
         allowNonFinite: spec.allowNonFinite ?? false,
@@ -158,17 +162,26 @@ export class EdgeSession implements MiddleChannel {
     if (w.model.contentHash && w.model.contentHash !== this.spec.model.contentHash) {
       throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the cloud serves ${w.model.contentHash}; the edge part is ${this.spec.model.contentHash}`, { field: 'welcome.model' });
     }
-    const offered = (list: CodecSpec[], c: CodecSpec) => list.some((s) => s.codec === c.codec);
+    // A choice is one of the offers as offered: parameters too (a cloud raising top-k's fraction
+    // would get more of h_B than the user agreed to send). topk_fraction crosses as a float32.
+    const same = (a: CodecSpec, b: CodecSpec): boolean => a.codec === b.codec && (a.blockSize ?? 0) === (b.blockSize ?? 0)
+      && Math.fround(a.topkFraction ?? 0) === Math.fround(b.topkFraction ?? 0) && a.topkValues === b.topkValues;
+    const offered = (list: CodecSpec[], c: CodecSpec) => list.some((s) => same(s, c));
     if (!offered(this.spec.codecs.forward, w.codecs.forward) || !offered(this.spec.codecs.backward, w.codecs.backward)) {
-      throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the cloud chose codecs ${w.codecs.forward.codec}/${w.codecs.backward.codec}, which the edge did not offer`, { field: 'welcome.codecs' });
+      throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the cloud chose codecs ${JSON.stringify(w.codecs.forward)}/${JSON.stringify(w.codecs.backward)}, which the edge did not offer`, { field: 'welcome.codecs' });
     }
+    // Non-finite values are the edge's to allow: a cloud that turns the check off could train NaN into the adapter.
+    const allowNonFinite = this.spec.allowNonFinite ?? false;
+    if (w.allowNonFinite && !allowNonFinite) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', 'the cloud welcomed non-finite values, which the edge did not allow', { field: 'welcome.allow_non_finite' });
     checkDefenseEcho(this.spec.defenses ?? [], w);
     if (this.spec.middleAdapter !== undefined && w.training.middleAdapter === undefined) {
       throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the cloud (protocol ${w.version.major}.${w.version.minor}) welcomed the session without the middle adapter it was asked to hold`, { field: 'welcome.training.middle_adapter' });
     }
-    this.welcomeMessage = w;
-    this.connection.maxMessageBytes = w.limits.maxMessageBytes || DEFAULT_LIMITS.maxMessageBytes;
-    return w;
+    // The cloud's limits bound what the edge decodes only as far as the edge's own do.
+    const adopted: Welcome = { ...w, limits: intersectLimits(w.limits, this.helloLimits()) };
+    this.welcomeMessage = adopted;
+    this.connection.maxMessageBytes = adopted.limits.maxMessageBytes;
+    return adopted;
   }
 
   /** Hello → Welcome. */

@@ -8,11 +8,12 @@ import type { Cut, Defenses, Evaluation, MethodSpec, RunSettings, TrainEvent, Tr
 import { CODEC_NAMES } from '../protocol/index.ts';
 import { MIDDLE_ADAPTER_LIMITS } from '../protocol/index.ts';
 import type { CodecName, CodecSpec, Defense, MiddleAdapterSpec } from '../protocol/index.ts';
-import { writeSplitAdapter } from './held-export.ts';
+import { middleAdapterLayout, writeSplitAdapter } from './held-export.ts';
 import { loadEdgePart } from './download.ts';
 import { EdgeError } from './errors.ts';
 import type { MiddleTraffic } from './remote-middle.ts';
 import { connectCloud } from './session.ts';
+import { chooseCut } from './proposed-cut.ts';
 
 export interface EdgeTrainOptions extends Partial<TrainRecipe>, Omit<RunSettings, 'adapterOut' | 'stopAfter'> {
   /** The cloud node's base URL, e.g. http://127.0.0.1:8080. */
@@ -169,7 +170,7 @@ export async function trainEdge(options: EdgeTrainOptions): Promise<EdgeTrainRes
     if (!info) throw new EdgeError('TANDEM_EDGE_MODEL_UNKNOWN', `the cloud serves no model ${JSON.stringify(options.model)}`, { field: 'model' });
     // The model's positions are known from its description: a row too long for them is refused before the download.
     checkRecipeFitsModel(recipe, parseModelConfig(info.config, `${options.cloud} GET /v1/models ${info.id}`), virtualTokens);
-    const asked = options.cut ?? info.defaultCut;
+    const asked = chooseCut(options.cut, info.defaultCut, 'defaultCut', `${options.cloud} GET /v1/models ${info.id}`);
     const defenses = given === 'auto' ? checkDefenses(autoDefenses(info.numLayers, asked)) : given;
     const cut = defenses?.deeperBottom ? { bottom: asked.bottom + defenses.deeperBottom, top: asked.top } : asked;
     const part = await client.downloadEdge(info.id, cut, options.cacheDir);
@@ -200,7 +201,7 @@ export async function trainEdge(options: EdgeTrainOptions): Promise<EdgeTrainRes
         engine: options.engine, log: options.log,
       });
       if (middleAdapter !== undefined && result.step > result.startStep) {
-        const middleTensors = await remoteMiddle.exportAdapter();
+        const middleTensors = await remoteMiddle.exportAdapter(middleAdapterLayout(edge.model, middleAdapter, cut));
         const edgeKeys = new Set(result.adapter.keys());
         for (const [k, t] of middleTensors) {
           if (edgeKeys.has(k)) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the middle adapter's tensor ${k} is also an edge tensor`, { field: 'stepCommitted.frames' });

@@ -1,6 +1,8 @@
 // The public API of the PEFT methods; other folders import from here only.
 export type { Adapter } from './adapter.ts';
 export { createAdapter, specVirtualTokens } from './compose.ts';
+export { HELD_IA3_FEEDFORWARD, heldMethodSpec } from './held-method.ts';
+export type { HeldMethodFields } from './held-method.ts';
 export type { AdapterMethod, CreateAdapterOptions, MethodSpec, PeftAdapter } from './compose.ts';
 export { PEFT_MODULE_PREFIX, baseNameOfKey } from './keys.ts';
 export { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, COMPOSITE_PEFT_TYPE, TANDEM_METHOD_METADATA, ADAPTER_CONFIG_MAX_BYTES, MAX_ADAPTER_TENSORS, checkAdapterWeights, loadAdapter, planAdapter, readAdapterConfig, saveAdapter } from './io.ts';
