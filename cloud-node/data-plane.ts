@@ -11,7 +11,7 @@ import type { Logger } from 'pino';
 import { Server } from 'socket.io';
 import type { Socket } from 'socket.io';
 import {
-  ProtocolError, ReassemblyBudget, Reassembler, decodeEnvelope, encodeEnvelope, envelope, errorBody, messagesForTransport,
+  ProtocolError, ReassemblyBudget, Reassembler, decodeEnvelope, encodeEnvelope, envelope, errorBody, messagesForTransport, replyStreamId,
 } from '../protocol/index.ts';
 import type { Envelope, ErrorBody, Limits } from '../protocol/index.ts';
 import { CloudError, resourceErrorOf } from './errors.ts';
@@ -154,7 +154,7 @@ export function attachDataPlane(options: DataPlaneOptions): Server {
     socketLog.info('socket connected');
 
     const deliver = (ack: EnvelopeAck, bytes: Uint8Array, maxMessageBytes: number, requestId: string): void => {
-      const parts = messagesForTransport(bytes, `${requestId}/reply`, maxMessageBytes);
+      const parts = messagesForTransport(bytes, replyStreamId(requestId), maxMessageBytes);
       for (const part of parts) metrics.messageBytes.inc({ direction: 'out' }, part.length);
       if (parts.length === 1) ack(parts[0]);
       else if (parts.length <= MAX_ACK_CHUNKS) ack(parts);

@@ -5,7 +5,7 @@
 // the session is reattached.
 import { io } from 'socket.io-client';
 import type { Socket } from 'socket.io-client';
-import { AUTH_ERROR_CODES, DEFAULT_LIMITS, Reassembler, WIRE_ERRORS, decodeEnvelope, encodeEnvelope, messagesForTransport } from '../protocol/index.ts';
+import { AUTH_ERROR_CODES, DEFAULT_LIMITS, ProtocolError, Reassembler, WIRE_ERRORS, decodeEnvelope, encodeEnvelope, messagesForTransport, replyStreamId } from '../protocol/index.ts';
 import type { Envelope } from '../protocol/index.ts';
 import { tlsTrustFailure, tlsUntrusted } from './download.ts';
 import { EdgeError } from './errors.ts';
@@ -61,6 +61,21 @@ export interface RequestOptions {
 /** Reconnects to one gateway before the next of several is tried. */
 const ATTEMPTS_PER_URL = 2;
 
+/** Characters of a refused stream id kept in the error: the id is the peer's, of any length. */
+const REFUSED_ID_CHARS = 64;
+
+/** A request being answered: sends of the same request id, and the reply streams they opened. */
+interface InFlight {
+  requests: number;
+  streams: Set<string>;
+}
+
+/** What the reply reassembler holds: only the reply streams of requests in flight. */
+export interface ReassemblyState {
+  openStreams: number;
+  heldBytes: number;
+}
+
 export class CloudConnection {
   /** The socket to the current URL (replaced when several URLs are given and one is gone). */
   socket: Socket;
@@ -70,7 +85,11 @@ export class CloudConnection {
   private readonly options: Required<Omit<ConnectionOptions, 'ca'>>;
   /** Set when the cloud said why it disconnected us for good: every later request fails with it. */
   private refusal?: EdgeError;
-  private readonly reassembler = new Reassembler({ maxMessageBytes: DEFAULT_LIMITS.maxFrameBytes });
+  private readonly reassembler: Reassembler;
+  /** By request id; a pushed chunk must belong to the reply stream of one of these. */
+  private readonly inFlight = new Map<string, InFlight>();
+  private refusedPushCount = 0;
+  private lastRefusedPush?: ProtocolError;
   private reattach?: () => Promise<void>;
   private ready: Promise<void> = Promise.resolve();
   private closed = false;
@@ -92,6 +111,9 @@ export class CloudConnection {
       maxBackoffMs: options.maxBackoffMs ?? 3_000,
       connectTimeoutMs: options.connectTimeoutMs ?? 60_000,
     };
+    // A reply stream with no chunk for as long as a send waits for its ack belongs to a send
+    // that has timed out (the resend starts it over); the default is the cloud's 30 s.
+    this.reassembler = new Reassembler({ maxMessageBytes: DEFAULT_LIMITS.maxFrameBytes, streamTimeoutMs: this.options.requestTimeoutMs });
     this.socket = this.makeSocket(urls[0], options);
   }
 
@@ -243,6 +265,40 @@ export class CloudConnection {
     const bytes = encodeEnvelope(env);
     const retries = options.retries ?? this.options.retries;
     this.stats.requests += 1;
+    const inFlight = this.begin(env.requestId);
+    try {
+      return await this.sendWithRetries(env, bytes, retries, options, inFlight);
+    } finally {
+      this.end(env.requestId, inFlight);
+    }
+  }
+
+  /** Marks `requestId` as in flight: from now its reply stream may be pushed. */
+  private begin(requestId: string): InFlight {
+    let inFlight = this.inFlight.get(requestId);
+    if (inFlight === undefined) {
+      inFlight = { requests: 0, streams: new Set([replyStreamId(requestId)]) };
+      this.inFlight.set(requestId, inFlight);
+    }
+    inFlight.requests += 1;
+    return inFlight;
+  }
+
+  /** The request is answered, failed or out of sends: what its reply streams hold is dropped. */
+  private end(requestId: string, inFlight: InFlight): void {
+    inFlight.requests -= 1;
+    if (inFlight.requests > 0) return;
+    this.inFlight.delete(requestId);
+    for (const streamId of inFlight.streams) {
+      try {
+        this.reassembler.close(streamId);
+      } catch {
+        // incomplete: nobody waits for it any more
+      }
+    }
+  }
+
+  private async sendWithRetries(env: Envelope, bytes: Uint8Array, retries: number, options: RequestOptions, inFlight: InFlight): Promise<Envelope> {
     let lastError: unknown;
     for (let attempt = 0; attempt <= retries; attempt++) {
       if (attempt > 0) {
@@ -256,7 +312,7 @@ export class CloudConnection {
         continue;
       }
       try {
-        const reply = await this.send(bytes, env.requestId);
+        const reply = await this.send(bytes, env.requestId, inFlight);
         if (reply.body.case === 'error') {
           const { code, message, details } = reply.body.value;
           if (RETRYABLE_REMOTE.has(code)) {
@@ -275,7 +331,7 @@ export class CloudConnection {
   }
 
   /** One send of an encoded envelope (as chunks when over the limit); resolves to the decoded reply. */
-  private async send(bytes: Uint8Array, requestId: string): Promise<Envelope> {
+  private async send(bytes: Uint8Array, requestId: string, inFlight: InFlight): Promise<Envelope> {
     const messages = messagesForTransport(bytes, `${requestId}#${++this.streamCounter}`, this.maxMessageBytes);
     const t0 = performance.now();
     let ack: unknown;
@@ -287,30 +343,60 @@ export class CloudConnection {
     this.rttCount += 1;
     this.stats.lastRttMs = rtt;
     this.stats.meanRttMs += (rtt - this.stats.meanRttMs) / this.rttCount;
-    return this.decodeReply(ack);
+    return this.decodeReply(ack, inFlight);
   }
 
+  /**
+   * A pushed envelope: the cloud pushes only the leading chunks of a reply too large for one
+   * ack, on the reply stream of a request in flight. Anything else is refused before the
+   * reassembler sees it, so it holds nothing (a refusal has no caller: it is counted, see refusedPushes).
+   */
   private acceptPushed(bytes: unknown): void {
-    const b = toBytes(bytes);
-    if (b === undefined) return;
     try {
+      const b = toBytes(bytes);
+      if (b === undefined) throw new ProtocolError('TANDEM_PROTO_MESSAGE_MALFORMED', { reason: 'a pushed envelope must carry binary bytes' });
       const env = decodeEnvelope(b, { maxMessageBytes: Math.max(this.maxMessageBytes, DEFAULT_LIMITS.maxMessageBytes) });
-      if (env.body.case !== 'chunk') return;
+      if (env.body.case !== 'chunk') throw new ProtocolError('TANDEM_PROTO_FIELD_INVALID', { field: 'envelope.body', reason: `the cloud pushes only reply chunks, not ${env.body.case}` });
+      const chunk = env.body.value;
+      if (!this.isReplyStreamInFlight(chunk.streamId)) {
+        const shown = chunk.streamId.length > REFUSED_ID_CHARS ? `${chunk.streamId.slice(0, REFUSED_ID_CHARS)}…` : chunk.streamId;
+        throw new ProtocolError('TANDEM_PROTO_CHUNK_INVALID', { streamId: shown, index: chunk.index, reason: 'no request in flight is answered on this stream' });
+      }
       // A resent request's reply starts over: forget what remains of the earlier one.
-      if (env.body.value.index === 0 && this.reassembler.openStreams.includes(env.body.value.streamId)) {
+      if (chunk.index === 0 && this.reassembler.openStreams.includes(chunk.streamId)) {
         try {
-          this.reassembler.close(env.body.value.streamId);
+          this.reassembler.close(chunk.streamId);
         } catch {
           // incomplete, as expected
         }
       }
-      this.reassembler.accept(env.body.value);
-    } catch {
-      // A bad pushed chunk fails its reply when the ack arrives (the stream is incomplete).
+      if (this.reassembler.accept(chunk) !== null) {
+        throw new ProtocolError('TANDEM_PROTO_CHUNK_INVALID', { streamId: chunk.streamId, index: chunk.index, reason: 'the last chunk of a reply comes in its ack, not pushed' });
+      }
+    } catch (err) {
+      // A bad chunk of a real reply also fails that reply when the ack arrives (the stream is incomplete).
+      this.refusedPushCount += 1;
+      this.lastRefusedPush = err instanceof ProtocolError ? err : new ProtocolError('TANDEM_PROTO_MESSAGE_MALFORMED', { reason: String(err) }, { cause: err });
     }
   }
 
-  private decodeReply(ack: unknown): Envelope {
+  private isReplyStreamInFlight(streamId: string): boolean {
+    for (const inFlight of this.inFlight.values()) if (inFlight.streams.has(streamId)) return true;
+    return false;
+  }
+
+  /** Pushed envelopes refused so far, and the last refusal. */
+  get refusedPushes(): { count: number; last: ProtocolError | undefined } {
+    return { count: this.refusedPushCount, last: this.lastRefusedPush };
+  }
+
+  /** What the reply reassembler holds now. */
+  get reassembly(): ReassemblyState {
+    return { openStreams: this.reassembler.openStreams.length, heldBytes: this.reassembler.heldBytes };
+  }
+
+  /** The ack of one send; the chunk streams it names are the request's, dropped when it ends. */
+  private decodeReply(ack: unknown, inFlight: InFlight): Envelope {
     const parts = Array.isArray(ack) ? ack.map(toBytes) : [toBytes(ack)];
     if (parts.length === 0 || parts.some((p) => p === undefined)) {
       throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', 'the ack carries no envelope bytes', { field: 'ack' });
@@ -320,6 +406,7 @@ export class CloudConnection {
       this.stats.bytesReceived += p.length;
       const env = decodeEnvelope(p, { maxMessageBytes: Math.max(this.maxMessageBytes, DEFAULT_LIMITS.maxMessageBytes) });
       if (env.body.case !== 'chunk') return env;
+      inFlight.streams.add(env.body.value.streamId);
       whole = this.reassembler.accept(env.body.value);
     }
     if (whole === null) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', 'the reply chunks do not complete a message', { field: 'ack' });

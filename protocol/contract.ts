@@ -26,3 +26,11 @@ export const EDGE_WEIGHTS_FILE = 'edge.safetensors';
 
 /** The cut a session gets when its Hello names none (Offsite-Tuning's 2 and 2). */
 export const DEFAULT_CUT: Readonly<Cut> = Object.freeze({ bottom: 2, top: 2 });
+
+/**
+ * The chunk stream a reply too large for one ack goes on: its leading chunks pushed, the last
+ * in the ack. The edge takes pushed chunks only on the reply stream of a request in flight.
+ */
+export function replyStreamId(requestId: string): string {
+  return `${requestId}/reply`;
+}

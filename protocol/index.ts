@@ -28,7 +28,7 @@ export { CRC32_IMPLEMENTATION, crc32, crc32Js } from './crc32.ts';
 export { messagesForTransport, splitMessage } from './chunker.ts';
 export { MAX_STREAM_ID_CHARS, ReassemblyBudget, Reassembler } from './reassembler.ts';
 export type { ReassemblerOptions } from './reassembler.ts';
-export { AUTH_ERROR_CODES, DEFAULT_CUT, EDGE_WEIGHTS_FILE, WIRE_ERRORS } from './contract.ts';
+export { AUTH_ERROR_CODES, DEFAULT_CUT, EDGE_WEIGHTS_FILE, WIRE_ERRORS, replyStreamId } from './contract.ts';
 export type { WireErrorCode } from './contract.ts';
 export type { AdapterEvaluation, CutLimits, EdgeManifest, FileEntry, LmFigures, ModelDescription, PlugInEvaluation } from './rest.ts';
 export { FEDERATION_AGGREGATIONS, FEDERATION_MODES, SECAGG_PHASES, decodeFloat32, decodeUint32, encodeFloat32, encodeUint32 } from './federation.ts';
