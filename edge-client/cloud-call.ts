@@ -1,5 +1,6 @@
 // REST calls from the edge to the cloud's /v1 routes that upload and federate share: the key,
 // a private CA, the timeout, and the cloud's errors turned into EdgeErrors.
+import { readErrorText } from './reply-body.ts';
 import { cloudFetch } from './download.ts';
 import { EdgeError } from './errors.ts';
 
@@ -31,7 +32,7 @@ export async function call(target: CloudTarget, method: string, path: string, bo
     throw new EdgeError('TANDEM_EDGE_HTTP_FAILED', `${method} failed: ${(cause as Error).message}`, { where: url, cause });
   }
   if (response.ok) return response;
-  const text = await response.text().catch(() => '');
+  const text = await readErrorText(response, url);
   let remoteCode: string | undefined;
   let message = text.slice(0, 200);
   try {

@@ -2,21 +2,80 @@
 // embedding, the bottom and top blocks, the final norm and head, config and tokenizer.
 // Every file is checked against the manifest's sha256 and cached by content hash and cut,
 // so a second run starts without the network.
+import { constants as bufferConstants } from 'node:buffer';
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { request as httpsRequest } from 'node:https';
-import { homedir } from 'node:os';
+import { homedir, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { CONFIG_FILE, LlamaModel, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, checkTokenizerFits, expectedTensorShapes, loadTokenizer, maxCheckpointTensors, onEdge, readModelConfig, readSafetensorsFile, toFloat32 } from '../model/index.ts';
 import type { Cut, ModelConfig, Tokenizer } from '../model/index.ts';
 import { DEFAULT_CUT, EDGE_WEIGHTS_FILE } from '../protocol/index.ts';
-import type { CutLimits, EdgeManifest, ModelDescription } from '../protocol/index.ts';
+import type { CutLimits, EdgeManifest, FileEntry, ModelDescription } from '../protocol/index.ts';
+import { readBody, readErrorText, readJson } from './reply-body.ts';
 import { EdgeError } from './errors.ts';
 
 /** The files of an edge part; all but tokenizer_config.json are required. */
 export const EDGE_FILES = [EDGE_WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE] as const;
 const OPTIONAL_FILES: readonly string[] = [TOKENIZER_CONFIG_FILE];
 const MANIFEST_FILE = 'manifest.json';
+
+/**
+ * The most bytes one downloaded file (of an edge part or an emulator bundle) may declare: the
+ * download holds a file whole in one Uint8Array, and none is longer than Node's largest buffer
+ * (4 GiB on Node 20).
+ */
+export const MAX_DOWNLOAD_FILE_BYTES = bufferConstants.MAX_LENGTH;
+
+/**
+ * The most bytes the files of one download may declare together: this machine's memory. The edge
+ * holds a whole edge part (or bundle) in memory once loaded, so a bigger one could never be used,
+ * and refusing it up front keeps a cloud from filling the disk with it.
+ */
+export function maxDownloadBytes(): number {
+  return totalmem();
+}
+
+/**
+ * The files of a listing (an edge part's manifest, an emulator bundle's), checked before anything
+ * is downloaded: each a plain file name (it becomes a path) listed once, with a sha256 and a
+ * declared size that is a non-negative integer of at most MAX_DOWNLOAD_FILE_BYTES, all together
+ * at most maxDownloadBytes(). The sha256 is as the cloud wrote it.
+ */
+export function parseFileEntries(list: unknown, where: string): FileEntry[] {
+  if (!Array.isArray(list)) throw invalid('files must be a list', where);
+  const names = new Set<string>();
+  let total = 0;
+  const files = list.map((f: unknown, i) => {
+    if (!isObject(f) || typeof f.name !== 'string' || typeof f.sha256 !== 'string') throw invalid(`files[${i}] needs name, bytes and sha256`, where);
+    if (!/^[A-Za-z0-9._-]+$/.test(f.name) || f.name.startsWith('.')) throw invalid(`files[${i}].name ${JSON.stringify(f.name)} is not a plain file name`, where);
+    if (names.has(f.name)) throw invalid(`files[${i}].name ${JSON.stringify(f.name)} is listed twice`, where);
+    names.add(f.name);
+    if (typeof f.bytes !== 'number' || !Number.isSafeInteger(f.bytes) || f.bytes < 0 || f.bytes > MAX_DOWNLOAD_FILE_BYTES) {
+      throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `files[${i}].bytes must be an integer in [0, ${MAX_DOWNLOAD_FILE_BYTES}], got ${JSON.stringify(f.bytes)}`, { where, details: { limit: MAX_DOWNLOAD_FILE_BYTES } });
+    }
+    total += f.bytes;
+    return { name: f.name, bytes: f.bytes, sha256: f.sha256 };
+  });
+  const limit = maxDownloadBytes();
+  if (total > limit) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the files declare ${total} bytes together, over the limit of ${limit} (this machine's memory)`, { where, details: { bytes: total, limit } });
+  return files;
+}
+
+/**
+ * A downloaded file's bytes, never more than the `bytes` its listing declares: a content-length
+ * over it is refused before a byte is read, and a body passing it is cut off there. Fewer bytes
+ * than declared are TANDEM_EDGE_DOWNLOAD_CORRUPT too.
+ */
+export async function readDeclaredFile(res: Response, file: FileEntry, where: string): Promise<Uint8Array> {
+  const bytes = await readBody(res, {
+    limit: file.bytes,
+    where,
+    tooLarge: (n, declared) => new EdgeError('TANDEM_EDGE_DOWNLOAD_CORRUPT', `${declared ? `the reply declares ${n} bytes` : `got more than ${file.bytes} bytes (${n} had arrived)`}, the manifest says ${file.bytes}`, { where, details: { file: file.name, bytes: n, limit: file.bytes } }),
+  });
+  if (bytes.length !== file.bytes) throw new EdgeError('TANDEM_EDGE_DOWNLOAD_CORRUPT', `got ${bytes.length} bytes, the manifest says ${file.bytes}`, { where, details: { file: file.name, bytes: bytes.length, limit: file.bytes } });
+  return bytes;
+}
 
 export interface EdgePart {
   /** The cache folder holding the files of EDGE_FILES. */
@@ -85,8 +144,9 @@ export interface CloudFetchInit {
 
 /**
  * fetch() for the cloud's REST API. With a private CA the request goes through node:https
- * (Node's fetch takes no CA), and the answer is the same Response. A certificate that does not
- * verify is TANDEM_EDGE_TLS_UNTRUSTED naming the URL; other failures are thrown as they come.
+ * (Node's fetch takes no CA), and the answer is the same Response, its body streaming as it
+ * arrives (whoever reads it bounds it). A certificate that does not verify is
+ * TANDEM_EDGE_TLS_UNTRUSTED naming the URL; other failures are thrown as they come.
  */
 export async function cloudFetch(url: string, init: CloudFetchInit = {}): Promise<Response> {
   const signal = AbortSignal.timeout(init.timeoutMs ?? 60_000);
@@ -94,15 +154,33 @@ export async function cloudFetch(url: string, init: CloudFetchInit = {}): Promis
     if (init.ca === undefined || !url.startsWith('https:')) return await fetch(url, { method: init.method, headers: init.headers, body: init.body, signal });
     return await new Promise<Response>((resolve, reject) => {
       const req = httpsRequest(url, { method: init.method ?? 'GET', headers: init.headers, ca: init.ca, signal }, (res) => {
-        const chunks: Buffer[] = [];
-        res.on('data', (c: Buffer) => chunks.push(c));
-        res.on('error', reject);
-        res.on('end', () => {
-          const headers = new Headers();
-          for (const [name, value] of Object.entries(res.headers)) if (value !== undefined) headers.set(name, Array.isArray(value) ? value.join(', ') : value);
-          const status = res.statusCode ?? 500;
-          resolve(new Response(status === 204 || status === 304 ? null : Buffer.concat(chunks), { status, statusText: res.statusMessage, headers }));
+        const headers = new Headers();
+        for (const [name, value] of Object.entries(res.headers)) if (value !== undefined) headers.set(name, Array.isArray(value) ? value.join(', ') : value);
+        const status = res.statusCode ?? 500;
+        if (status === 204 || status === 304) {
+          res.resume();
+          resolve(new Response(null, { status, statusText: res.statusMessage, headers }));
+          return;
+        }
+        // One chunk at a time, as the reader pulls: nothing is read ahead of it, and cancelling ends the connection.
+        const body = new ReadableStream<Uint8Array>({
+          start(controller) {
+            res.on('data', (c: Buffer) => {
+              controller.enqueue(new Uint8Array(c.buffer, c.byteOffset, c.byteLength));
+              if ((controller.desiredSize ?? 0) <= 0) res.pause();
+            });
+            res.on('end', () => controller.close());
+            res.on('error', (err) => controller.error(err));
+            res.pause();
+          },
+          pull() {
+            res.resume();
+          },
+          cancel() {
+            res.destroy();
+          },
         });
+        resolve(new Response(body, { status, statusText: res.statusMessage, headers }));
       });
       req.on('error', reject);
       req.end(init.body);
@@ -137,7 +215,7 @@ export class CloudRest {
       throw new EdgeError('TANDEM_EDGE_HTTP_FAILED', `GET failed: ${(cause as Error).message}`, { where: url, cause });
     }
     if (res.ok) return res;
-    const body = await res.text().catch(() => '');
+    const body = await readErrorText(res, url);
     let remoteCode: string | undefined;
     try {
       const j = JSON.parse(body) as { code?: unknown };
@@ -152,12 +230,7 @@ export class CloudRest {
   }
 
   private async json(path: string): Promise<unknown> {
-    const res = await this.get(path);
-    try {
-      return await res.json();
-    } catch (cause) {
-      throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', 'the body is not JSON', { where: `${this.baseUrl}${path}`, cause });
-    }
+    return readJson(await this.get(path), `${this.baseUrl}${path}`);
   }
 
   async models(): Promise<ModelDescription[]> {
@@ -189,21 +262,17 @@ export class CloudRest {
     const where = `${this.baseUrl}${path}`;
     const body = await this.json(path);
     if (!isObject(body) || typeof body.contentHash !== 'string' || !Array.isArray(body.files)) throw invalid('expected {model, contentHash, cut, files}', where);
-    const files = body.files.map((f, i) => {
-      if (!isObject(f) || typeof f.name !== 'string' || !Number.isInteger(f.bytes) || typeof f.sha256 !== 'string') throw invalid(`files[${i}] needs name, bytes and sha256`, where);
-      // A file name from the network becomes a path here: nothing but a plain name.
-      if (!/^[A-Za-z0-9._-]+$/.test(f.name) || f.name.startsWith('.')) throw invalid(`files[${i}].name ${JSON.stringify(f.name)} is not a plain file name`, where);
-      return { name: f.name, bytes: f.bytes as number, sha256: f.sha256.replace(/^sha256:/, '').toLowerCase() };
-    });
+    const files = parseFileEntries(body.files, where).map((f) => ({ ...f, sha256: f.sha256.replace(/^sha256:/, '').toLowerCase() }));
     for (const name of EDGE_FILES) if (!OPTIONAL_FILES.includes(name) && !files.some((f) => f.name === name)) throw invalid(`the manifest lists no ${name}`, where);
     const got = parseCut(body.cut ?? cut, where, 'cut');
     if (got.bottom !== cut.bottom || got.top !== cut.top) throw invalid(`the manifest is for cut (${got.bottom}, ${got.top}), not (${cut.bottom}, ${cut.top})`, where);
     return { model: typeof body.model === 'string' ? body.model : modelId, contentHash: body.contentHash, cut: got, files };
   }
 
-  async file(modelId: string, cut: Cut, name: string): Promise<Uint8Array> {
-    const res = await this.get(this.edgePath(modelId, cut, `/files/${encodeURIComponent(name)}`));
-    return new Uint8Array(await res.arrayBuffer());
+  /** One file of the manifest, read no further than the bytes the manifest declares for it. */
+  async file(modelId: string, cut: Cut, file: FileEntry): Promise<Uint8Array> {
+    const res = await this.get(this.edgePath(modelId, cut, `/files/${encodeURIComponent(file.name)}`));
+    return readDeclaredFile(res, file, `${this.baseUrl} file ${file.name}`);
   }
 }
 
@@ -238,10 +307,9 @@ export async function downloadEdgePart(rest: CloudRest, modelId: string, cut: Cu
   try {
     await mkdir(tmp);
     for (const f of manifest.files) {
-      const bytes = await rest.file(modelId, cut, f.name);
+      const bytes = await rest.file(modelId, cut, f);
       downloadedBytes += bytes.length;
       const where = `${rest.baseUrl} file ${f.name}`;
-      if (bytes.length !== f.bytes) throw new EdgeError('TANDEM_EDGE_DOWNLOAD_CORRUPT', `got ${bytes.length} bytes, the manifest says ${f.bytes}`, { where });
       const got = sha256(bytes);
       if (got !== f.sha256) throw new EdgeError('TANDEM_EDGE_DOWNLOAD_CORRUPT', `sha256 ${got} differs from the manifest's ${f.sha256}`, { where });
       await writeFile(join(tmp, f.name), bytes);

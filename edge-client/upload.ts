@@ -4,11 +4,12 @@
 import { batchTensors, checkRecipeFitsModel, evaluateClassification, evaluateRows, loadAdapter, prepareData, readAdapterConfig, readDataset, scoreLogits, tf } from '../model/index.ts';
 import type { Cut, LlamaModel, Middle, PeftAdapter, PreparedData, Scorer, Tokenizer } from '../model/index.ts';
 import { readBundle, readOffsiteRecord, writeBundleFiles } from '../emulator/index.ts';
-import type { Bundle, BundleFile, Quantization } from '../emulator/index.ts';
+import type { Bundle, Quantization } from '../emulator/index.ts';
 import type { LmFigures, PlugInEvaluation } from '../protocol/index.ts';
+import { readJson } from './reply-body.ts';
 import { call } from './cloud-call.ts';
 import type { CloudTarget } from './cloud-call.ts';
-import { loadEdgePart } from './download.ts';
+import { loadEdgePart, parseFileEntries, readDeclaredFile } from './download.ts';
 import type { LoadedEdgePart } from './download.ts';
 import { EdgeError } from './errors.ts';
 import { connectCloud } from './session.ts';
@@ -132,19 +133,24 @@ export interface DownloadBundleOptions extends CloudTarget {
   outDir: string;
 }
 
-/** Downloads an emulator bundle into `outDir` and verifies it (every file's sha256 and the bundle checksum). */
+/**
+ * Downloads an emulator bundle into `outDir` and verifies it (every file's sha256 and the bundle
+ * checksum). No file is read past the bytes the listing declares for it.
+ */
 export async function downloadBundle(options: DownloadBundleOptions): Promise<Bundle> {
   const query = new URLSearchParams({ keep: String(options.keep) });
   if (options.bottom !== undefined) query.set('bottom', String(options.bottom));
   if (options.top !== undefined) query.set('top', String(options.top));
   if (options.quantize !== undefined) query.set('quantize', options.quantize);
   const base = `/v1/models/${encodeURIComponent(options.modelId)}/emulators`;
-  const listing = (await (await call(options, 'GET', `${base}?${query}`)).json()) as { files?: BundleFile[] };
-  if (!Array.isArray(listing.files)) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', 'the emulator manifest reply has no files', { where: options.cloudUrl });
+  const where = `${options.cloudUrl.replace(/\/+$/, '')}${base}?${query}`;
+  const body = await readJson(await call(options, 'GET', `${base}?${query}`), where);
+  if (typeof body !== 'object' || body === null || Array.isArray(body)) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', 'expected {model, contentHash, cut, manifest, files: [...]}', { where });
+  const listing = parseFileEntries((body as { files?: unknown }).files, where);
   const files = new Map<string, Uint8Array>();
-  for (const f of listing.files) {
-    if (typeof f?.name !== 'string' || !/^[A-Za-z0-9._-]+$/.test(f.name) || f.name.startsWith('.')) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `file name ${JSON.stringify(f?.name)} is not a plain file name`, { where: options.cloudUrl });
-    files.set(f.name, new Uint8Array(await (await call(options, 'GET', `${base}/files/${encodeURIComponent(f.name)}?${query}`)).arrayBuffer()));
+  for (const f of listing) {
+    const res = await call(options, 'GET', `${base}/files/${encodeURIComponent(f.name)}?${query}`);
+    files.set(f.name, await readDeclaredFile(res, f, `${options.cloudUrl} file ${f.name}`));
   }
   await writeBundleFiles(options.outDir, files);
   return readBundle(options.outDir);
