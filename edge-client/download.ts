@@ -36,6 +36,9 @@ export function maxDownloadBytes(): number {
   return totalmem();
 }
 
+/** The most files a listing may name: an edge part has four, an emulator bundle six at most. */
+const MAX_LISTED_FILES = 64;
+
 /**
  * The files of a listing (an edge part's manifest, an emulator bundle's), checked before anything
  * is downloaded: each a plain file name (it becomes a path) listed once, with a sha256 and a
@@ -44,6 +47,7 @@ export function maxDownloadBytes(): number {
  */
 export function parseFileEntries(list: unknown, where: string): FileEntry[] {
   if (!Array.isArray(list)) throw invalid('files must be a list', where);
+  if (list.length > MAX_LISTED_FILES) throw invalid(`the listing names ${list.length} files, over the limit of ${MAX_LISTED_FILES}`, where);
   const names = new Set<string>();
   let total = 0;
   const files = list.map((f: unknown, i) => {

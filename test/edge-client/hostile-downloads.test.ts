@@ -213,6 +213,8 @@ describe('a hostile cloud that sends more than it declares', () => {
       ['files not an array', (l) => JSON.stringify({ ...l, files: { 'manifest.json': 1 } }), /files must be a list/],
       ['a file without bytes', (l) => JSON.stringify({ ...l, files: (l.files as object[]).map((f) => ({ ...f, bytes: undefined })) }), /files\[0\]\.bytes must be an integer/],
       ['negative bytes', (l) => JSON.stringify({ ...l, files: (l.files as object[]).map((f, i) => (i === 1 ? { ...f, bytes: -5 } : f)) }), /files\[1\]\.bytes must be an integer in \[0, \d+\], got -5/],
+      ['a file twice', (l) => JSON.stringify({ ...l, files: [...(l.files as object[]), (l.files as object[])[0]] }), /is listed twice/],
+      ['thousands of empty files', (l) => JSON.stringify({ ...l, files: Array.from({ length: 5000 }, (_, i) => ({ name: `f${i}`, bytes: 0, sha256: '0' })) }), /names 5000 files, over the limit of 64/],
     ];
     for (const [label, change, message] of cases) {
       const p = await through((path, body) => (isBundleListing(path) ? Buffer.from(change(JSON.parse(body.toString()) as Record<string, unknown>)) : undefined));
