@@ -12,12 +12,19 @@ import {
   MAX_ADAPTER_TENSORS, checkTokenizerFits, loadModelFolder, loadTokenizer, openRun, readSafetensorsFile, runSteps, toFloat32, writeSafetensorsFile,
 } from '../model/index.ts';
 import type { Cut, Evaluation, Middle, TextTokenizer, TrainRecipe, TrainingResult, TrainingSpec } from '../model/index.ts';
-import { decodeFloat32, encodeFloat32, encodeUint32 } from '../protocol/index.ts';
+import { SECAGG_PHASES, encodeFloat32, encodeUint32 } from '../protocol/index.ts';
 import type { CodecName, FederationCreate, FederationStatus, RoundAssignment, RoundUpdate, RoundUpdateAck, SecAggPhase, SecAggView, WireAdapter } from '../protocol/index.ts';
+import { MAX_JSON_REPLY_BYTES, readJson } from './reply-body.ts';
 import { call } from './cloud-call.ts';
 import type { CloudTarget } from './cloud-call.ts';
 import { loadEdgePart } from './download.ts';
 import { EdgeError } from './errors.ts';
+import {
+  Fields, GLOBAL_METADATA, MAX_ROUND_REPLY_BYTES, MAX_STATUS_REPLY_BYTES, SECAGG_VIEW_BYTES_PER_OWNER, checkGlobalFits, decodeGlobal, parseAck, parseAssignment, parseSecAggView,
+  parseStatus, parseWireAdapter, toWire,
+} from './federation-replies.ts';
+import type { DecodedAdapter, Round } from './federation-replies.ts';
+import { chooseCut } from './proposed-cut.ts';
 import { connectCloud } from './session.ts';
 
 export interface FederateOptions {
@@ -75,14 +82,13 @@ export interface FederateResult {
 class Rest {
   constructor(private readonly target: CloudTarget) {}
 
-  async call<T>(method: 'GET' | 'POST', path: string, body?: unknown): Promise<T> {
-    const res = await call(this.target, method, path, body, 120_000);
-    const text = await res.text();
-    try {
-      return JSON.parse(text) as T;
-    } catch (cause) {
-      throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', 'the body is not JSON', { where: `${this.target.cloudUrl}${path}`, cause });
-    }
+  where(path: string): string {
+    return `${this.target.cloudUrl.replace(/\/+$/, '')}${path}`;
+  }
+
+  /** The reply's JSON, read no further than `limit` bytes; what it holds is for the caller to check. */
+  async call(method: 'GET' | 'POST', path: string, body?: unknown, limit = MAX_JSON_REPLY_BYTES): Promise<unknown> {
+    return readJson(await call(this.target, method, path, body, 120_000), this.where(path), limit);
   }
 }
 
@@ -100,9 +106,11 @@ export async function readAdapterFolder(dir: string): Promise<WireAdapter> {
   return { config, tensors };
 }
 
-/** Writes a wire adapter as a PEFT folder. */
+/** Writes a wire adapter (the cloud's global adapter, say) as a PEFT folder, its structure and values checked first. */
 export async function writeAdapterFolder(adapter: WireAdapter, dir: string): Promise<void> {
-  await writeGlobal(adapter, dir);
+  const where = 'the adapter to write';
+  const checked = parseWireAdapter(adapter, new Fields(where), 'adapter');
+  await writeGlobal(checked.config, decodeGlobal(checked, where), dir);
 }
 
 /** The admin's side of the federations REST API. */
@@ -113,67 +121,83 @@ export class FederationAdmin {
     this.#rest = new Rest({ cloudUrl: cloud, key });
   }
 
-  create(body: FederationCreate): Promise<FederationStatus> {
-    return this.#rest.call('POST', '/v1/federations', body);
+  async create(body: FederationCreate): Promise<FederationStatus> {
+    const path = '/v1/federations';
+    return parseStatus(await this.#rest.call('POST', path, body, MAX_STATUS_REPLY_BYTES), this.#rest.where(path));
   }
 
-  status(id: string): Promise<FederationStatus> {
-    return this.#rest.call('GET', `/v1/federations/${encodeURIComponent(id)}`);
+  async status(id: string): Promise<FederationStatus> {
+    const path = `/v1/federations/${encodeURIComponent(id)}`;
+    return parseStatus(await this.#rest.call('GET', path, undefined, MAX_STATUS_REPLY_BYTES), this.#rest.where(path));
   }
 
-  adapter(id: string): Promise<WireAdapter> {
-    return this.#rest.call('GET', `/v1/federations/${encodeURIComponent(id)}/adapter`);
+  async adapter(id: string): Promise<WireAdapter> {
+    const path = `/v1/federations/${encodeURIComponent(id)}/adapter`;
+    return toWire(parseWireAdapter(await this.#rest.call('GET', path, undefined, MAX_ROUND_REPLY_BYTES), new Fields(this.#rest.where(path)), 'adapter'));
   }
 }
 
-/** The global adapter as a PEFT folder; returns its tensors flat in sorted-key order. */
-async function writeGlobal(adapter: WireAdapter, dir: string): Promise<{ keys: string[]; flat: Float32Array }> {
+/** The global adapter, decoded, as a PEFT folder. */
+async function writeGlobal(config: string, decoded: DecodedAdapter, dir: string): Promise<void> {
   await rm(dir, { recursive: true, force: true });
   await mkdir(dir, { recursive: true });
-  const keys = Object.keys(adapter.tensors).sort();
-  const tensors: Record<string, { dtype: 'F32'; shape: number[]; data: Float32Array }> = {};
-  const parts: Float32Array[] = [];
-  for (const k of keys) {
-    const data = decodeFloat32(adapter.tensors[k].data);
-    if (data === null) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `global adapter tensor ${k} is not base64 float32`, { field: k });
-    tensors[k] = { dtype: 'F32', shape: adapter.tensors[k].shape, data };
-    parts.push(data);
-  }
-  await writeFile(join(dir, ADAPTER_CONFIG_FILE), adapter.config);
-  await writeSafetensorsFile(join(dir, ADAPTER_WEIGHTS_FILE), tensors, { format: 'pt' });
-  const flat = new Float32Array(parts.reduce((s, p) => s + p.length, 0));
-  let o = 0;
-  for (const p of parts) {
-    flat.set(p, o);
-    o += p.length;
-  }
-  return { keys, flat };
+  await writeFile(join(dir, ADAPTER_CONFIG_FILE), config);
+  await writeSafetensorsFile(join(dir, ADAPTER_WEIGHTS_FILE), decoded.tensors, GLOBAL_METADATA);
 }
 
-/** Values in the global adapter of an assignment. */
-function global0(a: RoundAssignment): number {
-  return Object.values(a.adapter!.tensors).reduce((s, t) => s + t.shape.reduce((x, y) => x * y, 1), 0);
+/**
+ * The round's secure aggregation as the cloud shows it. A view of another round or attempt is the
+ * round moving on: the cloud answers a later round's view with TANDEM_FED_UPDATE_LATE itself, and
+ * a retried attempt's with that attempt's view; both end this attempt as refused late.
+ */
+async function secAggView(rest: Rest, base: string, a: Round): Promise<SecAggView> {
+  const path = `${base}/secagg`;
+  const view = parseSecAggView(await rest.call('GET', path, undefined, secAggReplyBytes(a)), rest.where(path));
+  if (view.round !== a.round || view.attempt !== a.attempt) {
+    throw new EdgeError('TANDEM_EDGE_REMOTE_ERROR', `secure aggregation is at round ${view.round}.${view.attempt}, not ${a.round}.${a.attempt}: the round moved on`, { where: rest.where(path), remoteCode: 'TANDEM_FED_UPDATE_LATE' });
+  }
+  return view;
 }
 
-const PHASES: SecAggPhase[] = ['keys', 'shares', 'masked', 'reveal'];
+function secAggReplyBytes(a: Round): number {
+  return MAX_JSON_REPLY_BYTES + a.sampledOwners.length * SECAGG_VIEW_BYTES_PER_OWNER;
+}
 
-/** Polls the round's secure aggregation until it reaches `phase` (a later round or attempt answers with a typed error). */
-async function waitPhase(rest: Rest, base: string, phase: SecAggPhase, pollMs: number): Promise<SecAggView> {
+/**
+ * When a wait in the round gives up: one round's length (as this owner saw it, from the
+ * assignment's arrival) past the deadline. The cloud moves a round on only once it notices the
+ * deadline, and with an owner gone it begins the reveal only then.
+ */
+function waitLimit(a: Round): number {
+  return a.deadlineMs + Math.max(0, a.deadlineMs - a.receivedMs);
+}
+
+/**
+ * Polls the round's secure aggregation until it reaches `phase`; past waitLimit it is
+ * TANDEM_EDGE_REQUEST_FAILED (a later round or attempt is the cloud's TANDEM_FED_UPDATE_LATE).
+ */
+async function waitPhase(rest: Rest, base: string, a: Round, phase: SecAggPhase, pollMs: number): Promise<SecAggView> {
+  const until = waitLimit(a);
   for (;;) {
-    const view = await rest.call<SecAggView>('GET', `${base}/secagg`);
-    if (PHASES.indexOf(view.phase) >= PHASES.indexOf(phase)) return view;
+    const view = await secAggView(rest, base, a);
+    if (SECAGG_PHASES.indexOf(view.phase) >= SECAGG_PHASES.indexOf(phase)) return view;
+    if (Date.now() >= until) {
+      throw new EdgeError('TANDEM_EDGE_REQUEST_FAILED', `round ${a.round}.${a.attempt}: secure aggregation is still in phase ${view.phase}, not ${phase}, well past the round's deadline ${a.deadline}`, {
+        field: 'deadline', where: rest.where(`${base}/secagg`), details: { phase: view.phase, waitingFor: phase, deadline: a.deadline, gaveUpAt: new Date(until).toISOString() },
+      });
+    }
     await sleep(Math.min(pollMs, 100));
   }
 }
 
 /** SecAgg steps 1 and 2 before local training: keys, then Shamir shares of the seeds, so a later dropout is recoverable. */
-async function startSecAgg(rest: Rest, base: string, a: RoundAssignment, length: number, pollMs: number): Promise<{ owner: SecAggOwner; seconds: number }> {
+async function startSecAgg(rest: Rest, base: string, a: Round, length: number, pollMs: number): Promise<{ owner: SecAggOwner; seconds: number }> {
   const t0 = performance.now();
-  const first = await rest.call<SecAggView>('GET', `${base}/secagg`);
+  const first = await secAggView(rest, base, a);
   const owner = new SecAggOwner(a.owner, { round: first.label, length, threshold: first.threshold, owners: first.sampled.length });
-  await rest.call('POST', `${base}/secagg/keys`, { attempt: a.attempt, ...owner.advertise() });
-  const view = await waitPhase(rest, base, 'shares', pollMs);
-  await rest.call('POST', `${base}/secagg/shares`, { attempt: a.attempt, shares: owner.shareKeys(view.advertised) });
+  await rest.call('POST', `${base}/secagg/keys`, { attempt: a.attempt, ...owner.advertise() }, secAggReplyBytes(a));
+  const view = await waitPhase(rest, base, a, 'shares', pollMs);
+  await rest.call('POST', `${base}/secagg/shares`, { attempt: a.attempt, shares: owner.shareKeys(view.advertised) }, secAggReplyBytes(a));
   return { owner, seconds: (performance.now() - t0) / 1000 };
 }
 
@@ -190,13 +214,14 @@ interface RoundModel {
 }
 
 /** The edge part of the model at the federation's cut, downloaded once; each round opens its own session. */
-async function splitModel(options: FederateOptions, a: RoundAssignment): Promise<RoundModel> {
+async function splitModel(options: FederateOptions, a: Round, where: string): Promise<RoundModel> {
   const connect = () => connectCloud(options.cloud, { key: options.key, ca: options.ca });
   const client = await connect();
   try {
     const info = (await client.models()).find((m) => m.id === a.model);
     if (!info) throw new EdgeError('TANDEM_EDGE_MODEL_UNKNOWN', `the cloud serves no model ${JSON.stringify(a.model)}`, { field: 'model' });
-    const cut = a.cut ?? info.defaultCut;
+    // The federation's cut, else the model's default; either is the cloud's proposal, taken only with a block on each side.
+    const cut = a.cut === undefined ? chooseCut(undefined, info.defaultCut, 'defaultCut', `${options.cloud} /v1/models`) : chooseCut(undefined, a.cut, 'cut', where);
     const edge = await loadEdgePart(await client.downloadEdge(info.id, cut, options.cacheDir ?? join(options.workDir, 'cache')));
     const codec = { codec: options.codec ?? ('f32' as const) };
     return {
@@ -225,7 +250,7 @@ async function splitModel(options: FederateOptions, a: RoundAssignment): Promise
 }
 
 /** One round's local training from the global adapter in `adapterDir`, under the round's FedProx μ and FFA-LoRA. */
-async function trainRound(m: RoundModel, a: RoundAssignment, options: FederateOptions, adapterDir: string, onStart: (trainRows: number) => void): Promise<TrainingResult> {
+async function trainRound(m: RoundModel, a: Round, options: FederateOptions, adapterDir: string, onStart: (trainRows: number) => void): Promise<TrainingResult> {
   const spec: TrainingSpec = {
     model: m.model, tokenizer: m.tokenizer, modelHash: m.modelHash, dataFile: options.data, baseModel: m.baseModel,
     recipe: { ...DEFAULT_RECIPE, ...options.recipe, steps: a.localSteps, seed: (options.recipe?.seed ?? 0) + a.round * 1009 + a.attempt },
@@ -271,9 +296,10 @@ export async function federate(options: FederateOptions): Promise<FederateResult
   let unreachableSince: number | undefined;
   try {
     for (;;) {
-      let a: RoundAssignment;
+      const roundPath = `/v1/federations/${encodeURIComponent(options.federation)}/round`;
+      let body: unknown;
       try {
-        a = await rest.call<RoundAssignment>('GET', `/v1/federations/${encodeURIComponent(options.federation)}/round`);
+        body = await rest.call('GET', roundPath, undefined, MAX_ROUND_REPLY_BYTES);
         unreachableSince = undefined;
       } catch (error) {
         // The cloud restarting, or the federation not created yet: wait, up to unreachableMs.
@@ -285,34 +311,46 @@ export async function federate(options: FederateOptions): Promise<FederateResult
         }
         throw error;
       }
+      const where = rest.where(roundPath);
+      // Checked whole before anything is done with it: round and attempt name folders and paths below.
+      const a = parseAssignment(body, where, options.federation);
       if (a.state !== 'open') return { rounds, state: a.state };
       if (!a.sampled || a.submitted || a.adapter === undefined) {
         await sleep(pollMs);
         continue;
       }
+      const adapter = a.adapter;
       const base = `/v1/federations/${encodeURIComponent(options.federation)}/rounds/${a.round}`;
       const event = await (async (): Promise<FederateRoundEvent> => {
-        const m = a.mode === 'split' ? (split ??= await splitModel(options, a)) : local;
+        const m = a.mode === 'split' ? (split ??= await splitModel(options, a, where)) : local;
         if (!m) throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', 'the federation trains offsite: give the model folder to train on', { field: 'modelDir' });
-        const secure = a.secureAggregation ? await startSecAgg(rest, base, a, global0(a), pollMs) : undefined;
+        checkGlobalFits(adapter, m.model, where);
+        const global = decodeGlobal(adapter, where);
+        const secure = a.secureAggregation ? await startSecAgg(rest, base, a, adapter.values, pollMs) : undefined;
         await options.onTraining?.(a.round, a.attempt);
         const dir = join(options.workDir, `round-${a.round}-${a.attempt}`);
-        const global = await writeGlobal(a.adapter!, join(dir, 'global'));
         let trainRows = 0;
-        const result = await trainRound(m, a, options, join(dir, 'global'), (rows) => (trainRows = rows)).finally(() => rm(dir, { recursive: true, force: true }));
+        let result: TrainingResult;
+        try {
+          await writeGlobal(adapter.config, global, join(dir, 'global'));
+          result = await trainRound(m, a, options, join(dir, 'global'), (rows) => (trainRows = rows));
+        } finally {
+          await rm(dir, { recursive: true, force: true });
+        }
         const delta = new Float32Array(global.flat.length);
         let o = 0;
         for (const k of global.keys) {
           const t = result.adapter.get(k);
-          if (!t) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the trained adapter lacks tensor ${k} of the global adapter`, { field: k });
+          const want = global.tensors.get(k)!.data.length;
+          if (!t || t.data.length !== want) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the trained adapter ${t ? `has ${t.data.length} values` : 'lacks'} of tensor ${k}, the global adapter ${want}`, { field: `adapter.tensors.${k}`, where });
           for (let i = 0; i < t.data.length; i++) delta[o + i] = t.data[i] - global.flat[o + i];
           o += t.data.length;
         }
         if (a.dp) clipUpdate(delta, a.dp.clipNorm);
         const loss = result.losses.length ? result.losses.reduce((s, l) => s + l, 0) / result.losses.length : 0;
         const examples = Math.max(1, trainRows);
-        const body: RoundUpdate = { attempt: a.attempt, examples, loss };
-        if (result.after) body.validation = { loss: result.after.loss, ...(result.after.accuracy === undefined ? {} : { accuracy: result.after.accuracy }) };
+        const update: RoundUpdate = { attempt: a.attempt, examples, loss };
+        if (result.after) update.validation = { loss: result.after.loss, ...(result.after.accuracy === undefined ? {} : { accuracy: result.after.accuracy }) };
         const ev: FederateRoundEvent = { round: a.round, attempt: a.attempt, loss, examples, validation: result.after, updateBytes: delta.byteLength, update: delta };
         try {
           if (secure) {
@@ -320,15 +358,15 @@ export async function federate(options: FederateOptions): Promise<FederateResult
             // The sum the cloud learns is Σ examples·delta (Σ delta under DP, each owner adding its share of the noise).
             const input = Float32Array.from(delta, (v) => (a.dp ? v : v * examples));
             if (a.dp) addGaussianNoise(input, splitNoiseStd(a.dp.noiseMultiplier, a.dp.clipNorm, a.sampledOwners.length));
-            const view = await waitPhase(rest, base, 'masked', pollMs);
-            body.masked = encodeUint32(secure.owner.maskInput(input, view.shares));
-            ev.ack = await rest.call<RoundUpdateAck>('POST', `${base}/updates`, body);
-            const reveal = await waitPhase(rest, base, 'reveal', pollMs);
-            await rest.call('POST', `${base}/secagg/reveal`, { attempt: a.attempt, ...secure.owner.reveal(reveal.survivors) });
+            const view = await waitPhase(rest, base, a, 'masked', pollMs);
+            update.masked = encodeUint32(secure.owner.maskInput(input, view.shares));
+            ev.ack = parseAck(await rest.call('POST', `${base}/updates`, update), rest.where(`${base}/updates`), a);
+            const reveal = await waitPhase(rest, base, a, 'reveal', pollMs);
+            await rest.call('POST', `${base}/secagg/reveal`, { attempt: a.attempt, ...secure.owner.reveal(reveal.survivors) }, secAggReplyBytes(a));
             ev.secaggSeconds = secure.seconds + (performance.now() - t0) / 1000;
           } else {
-            body.values = encodeFloat32(delta);
-            ev.ack = await rest.call<RoundUpdateAck>('POST', `${base}/updates`, body);
+            update.values = encodeFloat32(delta);
+            ev.ack = parseAck(await rest.call('POST', `${base}/updates`, update), rest.where(`${base}/updates`), a);
           }
         } catch (error) {
           if (!(error instanceof EdgeError) || error.remoteCode === undefined) throw error;

@@ -11,7 +11,7 @@ import { EdgeError } from './errors.ts';
 export function chooseCut(given: Cut | undefined, proposed: Cut, what: string, where: string): Cut {
   if (given !== undefined) return given;
   if (proposed.bottom < 1 || proposed.top < 1) {
-    throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the cloud proposes ${what} (${proposed.bottom}, ${proposed.top}), with no block on the edge's ${proposed.bottom < 1 ? 'bottom: the edge would send the token embeddings themselves' : 'top: the cloud would see the labels\' gradient through the head alone'}; name a cut with --bottom and --top to run at it`, { field: what, where });
+    throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the cloud proposes ${what} (${proposed.bottom}, ${proposed.top}), with no block on the edge's ${proposed.bottom < 1 ? 'bottom: the edge would send the token embeddings themselves' : 'top: the cloud would see the labels\' gradient through the head alone'}; to run at such a cut, name it yourself (tandem edge train and generate: --bottom and --top)`, { field: what, where });
   }
   return proposed;
 }
