@@ -5,7 +5,7 @@
 import { constants as bufferConstants } from 'node:buffer';
 import { ADAPTER_CONFIG_MAX_BYTES, MAX_ADAPTER_TENSORS, ModelError, checkAdapterWeights, planAdapter } from '../model/index.ts';
 import type { LlamaModel } from '../model/index.ts';
-import { FEDERATION_AGGREGATIONS, FEDERATION_MODES, SECAGG_PHASES, decodeFloat32 } from '../protocol/index.ts';
+import { FEDERATION_AGGREGATIONS, FEDERATION_MODES, MAX_LOCAL_STEPS, MAX_ROUND_DEADLINE_SECONDS, SECAGG_PHASES, decodeFloat32 } from '../protocol/index.ts';
 import type { FederationStatus, RoundAssignment, RoundRecord, RoundUpdateAck, SecAggView, WireAdapter } from '../protocol/index.ts';
 import { EdgeError } from './errors.ts';
 
@@ -222,7 +222,7 @@ export function parseAssignment(body: unknown, where: string, federation: string
     deadline: f.string(o.deadline, 'deadline'),
     deadlineMs: f.date(o.deadline, 'deadline'),
     receivedMs: Date.now(),
-    localSteps: f.int(o.localSteps, 'localSteps', 1),
+    localSteps: f.int(o.localSteps, 'localSteps', 1, MAX_LOCAL_STEPS),
     mode: f.oneOf(o.mode, 'mode', FEDERATION_MODES),
     aggregation: f.oneOf(o.aggregation, 'aggregation', FEDERATION_AGGREGATIONS),
     model: f.string(o.model, 'model'),
@@ -230,6 +230,9 @@ export function parseAssignment(body: unknown, where: string, federation: string
     owner: f.string(o.owner, 'owner'),
     sampledOwners: f.strings(o.sampledOwners, 'sampledOwners'),
   };
+  // A round lasts at most a week from when it opened; an hour more for the clocks' skew. A wait ends past the deadline.
+  const longest = (MAX_ROUND_DEADLINE_SECONDS + 3600) * 1000;
+  if (a.deadlineMs - a.receivedMs > longest) throw f.invalid('deadline', `is ${a.deadline}, more than ${MAX_ROUND_DEADLINE_SECONDS} s (a federation's longest round) and an hour from now`, MAX_ROUND_DEADLINE_SECONDS);
   if (a.federation !== federation) throw f.invalid('federation', `is ${shown(a.federation)}, not the federation asked for (${JSON.stringify(federation)})`);
   if (o.cut !== undefined) {
     const cut = f.object(o.cut, 'cut');

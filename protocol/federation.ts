@@ -55,9 +55,11 @@ export interface FederationCreate {
   sampleSize: number;
   /** Fewest updates a round completes with. */
   minOwners: number;
+  /** At most MAX_LOCAL_STEPS. */
   localSteps: number;
   /** FedProx: μ of the proximal term μ/2·‖w − w_global‖² in every owner's loss (0 or absent: FedAvg's local training). */
   fedproxMu?: number;
+  /** At most MAX_ROUND_DEADLINE_SECONDS. */
   roundDeadlineSeconds: number;
   aggregation: FederationAggregation;
   trimFraction?: number;
@@ -232,3 +234,9 @@ export function decodeUint32(text: string): Uint32Array | null {
   for (let i = 0; i < out.length; i++) out[i] = bytes.readUInt32LE(i * 4);
   return out;
 }
+
+/** The longest a round may take (FederationCreate.roundDeadlineSeconds): a week. */
+export const MAX_ROUND_DEADLINE_SECONDS = 7 * 86_400;
+
+/** The most local steps an owner trains a round (FederationCreate.localSteps). */
+export const MAX_LOCAL_STEPS = 100_000;

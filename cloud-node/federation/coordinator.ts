@@ -6,7 +6,7 @@ import { createHash } from 'node:crypto';
 import { FederationError, RdpAccountant, addGaussianNoise, aggregate, clipUpdate, fedAdamStep, layoutOf, flatten, loraAwareDelta, loraPairs, unmaskSum, zeroLoraA } from '../../model/index.ts';
 import type { SecAggParams } from '../../model/index.ts';
 import type { FedAdamState, TensorSet } from '../../model/index.ts';
-import { FEDERATION_AGGREGATIONS, FEDERATION_MODES, decodeFloat32, decodeUint32, encodeFloat32 } from '../../protocol/index.ts';
+import { FEDERATION_AGGREGATIONS, FEDERATION_MODES, MAX_LOCAL_STEPS, MAX_ROUND_DEADLINE_SECONDS, decodeFloat32, decodeUint32, encodeFloat32 } from '../../protocol/index.ts';
 import type { FederationCreate, FederationStatus, RoundAssignment, RoundRecord, RoundUpdate, RoundUpdateAck, SecAggKeys, SecAggPhase, SecAggReveal, SecAggShares, SecAggView, WireAdapter, WireShare } from '../../protocol/index.ts';
 import { DirectoryFederationStore } from './directory-federation-store.ts';
 import { CoordinatorError } from './errors.ts';
@@ -95,7 +95,7 @@ function checkCreate(body: FederationCreate): void {
   if (new Set(body.owners).size !== body.owners.length) throw invalid('owners', 'holds a tenant twice');
   intIn(body.sampleSize, 'sampleSize', 1, body.owners.length);
   intIn(body.minOwners, 'minOwners', 1, body.sampleSize);
-  intIn(body.localSteps, 'localSteps', 1, 100_000);
+  intIn(body.localSteps, 'localSteps', 1, MAX_LOCAL_STEPS);
   if (body.fedproxMu !== undefined) numIn(body.fedproxMu, 'fedproxMu', 0, 1e4);
   if (body.cut !== undefined) {
     if (body.mode !== 'split') throw invalid('cut', 'only split mode has a cut');
@@ -103,7 +103,7 @@ function checkCreate(body: FederationCreate): void {
     intIn(body.cut.bottom, 'cut.bottom', 0, 1000);
     intIn(body.cut.top, 'cut.top', 0, 1000);
   }
-  intIn(body.roundDeadlineSeconds, 'roundDeadlineSeconds', 1, 7 * 86_400);
+  intIn(body.roundDeadlineSeconds, 'roundDeadlineSeconds', 1, MAX_ROUND_DEADLINE_SECONDS);
   if (!FEDERATION_AGGREGATIONS.includes(body.aggregation)) throw invalid('aggregation', `must be one of ${FEDERATION_AGGREGATIONS.join(', ')}`);
   if (body.trimFraction !== undefined) numIn(body.trimFraction, 'trimFraction', 0, 0.49);
   if (body.serverLearningRate !== undefined) numIn(body.serverLearningRate, 'serverLearningRate', 0, 100, true);

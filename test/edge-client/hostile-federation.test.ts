@@ -141,6 +141,9 @@ describe('an owner in a federation against a hostile cloud', () => {
       ['attempt', (a) => { a.attempt = -1; }],
       ['mode', (a) => { a.mode = 'anywhere'; }],
       ['deadline', (a) => { a.deadline = 'never'; }],
+      // A wait ends past the deadline: one in the year 9999 would make it wait for ever.
+      ['deadline', (a) => { a.deadline = '9999-12-31T00:00:00.000Z'; }],
+      ['localSteps', (a) => { a.localSteps = 1e12; }],
       ['sampledOwners[0]', (a) => { a.sampledOwners = [7]; }],
       ['adapter.tensors', (a) => { (a.adapter as WireAdapter).tensors = {}; }],
       ['adapter.config', (a) => { (a.adapter as WireAdapter).config = 'not json'; }],
