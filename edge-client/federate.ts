@@ -194,6 +194,10 @@ async function waitPhase(rest: Rest, base: string, a: Round, phase: SecAggPhase,
 async function startSecAgg(rest: Rest, base: string, a: Round, length: number, pollMs: number): Promise<{ owner: SecAggOwner; seconds: number }> {
   const t0 = performance.now();
   const first = await secAggView(rest, base, a);
+  // The owners masks are agreed with, and the count DP noise is split by, are one list.
+  if ([...first.sampled].sort().join('\n') !== [...a.sampledOwners].sort().join('\n')) {
+    throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `secure aggregation lists ${first.sampled.length} owners, the round ${a.sampledOwners.length}: not the same owners`, { field: 'sampled', where: rest.where(`${base}/secagg`) });
+  }
   const owner = new SecAggOwner(a.owner, { round: first.label, length, threshold: first.threshold, owners: first.sampled.length });
   await rest.call('POST', `${base}/secagg/keys`, { attempt: a.attempt, ...owner.advertise() }, secAggReplyBytes(a));
   const view = await waitPhase(rest, base, a, 'shares', pollMs);

@@ -230,6 +230,9 @@ export function parseAssignment(body: unknown, where: string, federation: string
     owner: f.string(o.owner, 'owner'),
     sampledOwners: f.strings(o.sampledOwners, 'sampledOwners'),
   };
+  if (a.sampled && (!a.sampledOwners.includes(a.owner) || new Set(a.sampledOwners).size !== a.sampledOwners.length)) {
+    throw f.invalid('sampledOwners', `must name each sampled owner once, this one (${JSON.stringify(a.owner)}) among them`);
+  }
   // A round lasts at most a week from when it opened; an hour more for the clocks' skew. A wait ends past the deadline.
   const longest = (MAX_ROUND_DEADLINE_SECONDS + 3600) * 1000;
   if (a.deadlineMs - a.receivedMs > longest) throw f.invalid('deadline', `is ${a.deadline}, more than ${MAX_ROUND_DEADLINE_SECONDS} s (a federation's longest round) and an hour from now`, MAX_ROUND_DEADLINE_SECONDS);

@@ -145,6 +145,9 @@ describe('an owner in a federation against a hostile cloud', () => {
       ['deadline', (a) => { a.deadline = '9999-12-31T00:00:00.000Z'; }],
       ['localSteps', (a) => { a.localSteps = 1e12; }],
       ['sampledOwners[0]', (a) => { a.sampledOwners = [7]; }],
+      // DP noise is split by their count: a list padded with owners the round lacks would shrink each share.
+      ['sampledOwners', (a) => { a.sampledOwners = [...(a.sampledOwners as string[]), ...(a.sampledOwners as string[])]; }],
+      ['sampledOwners', (a) => { a.sampledOwners = ['someone-else']; }],
       ['adapter.tensors', (a) => { (a.adapter as WireAdapter).tensors = {}; }],
       ['adapter.config', (a) => { (a.adapter as WireAdapter).config = 'not json'; }],
     ];
@@ -163,6 +166,12 @@ describe('an owner in a federation against a hostile cloud', () => {
     await createFederation('phase', { secureAggregation: true, minOwners: 2 });
     const { error } = await refused('phase', rewrite((p) => p.endsWith('/secagg'), (v) => { v.phase = 'bogus'; }), 'TANDEM_EDGE_RESPONSE_INVALID');
     assert.equal(error.field, 'phase');
+  });
+
+  it('refuses secure aggregation among other owners than the round names (their count splits the DP noise)', QUICK, async () => {
+    await createFederation('owners', { secureAggregation: true, minOwners: 2 });
+    const { error } = await refused('owners', rewrite((p) => p.endsWith('/secagg'), (v) => { v.sampled = [...(v.sampled as string[]), 'padding-1', 'padding-2']; }), 'TANDEM_EDGE_RESPONSE_INVALID');
+    assert.equal(error.field, 'sampled');
   });
 
   it('stops waiting for the other owners once the round is past its deadline', QUICK, async () => {
