@@ -175,6 +175,10 @@ export async function trainEdge(options: EdgeTrainOptions): Promise<EdgeTrainRes
     const cut = defenses?.deeperBottom ? { bottom: asked.bottom + defenses.deeperBottom, top: asked.top } : asked;
     const part = await client.downloadEdge(info.id, cut, options.cacheDir);
     edge = await loadEdgePart(part);
+    // `auto` defenses were chosen for the layers the model list names: the part must be of that model.
+    if (edge.config.numHiddenLayers !== info.numLayers) {
+      throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the model list says ${info.id} has ${info.numLayers} layers, its edge part's config ${edge.config.numHiddenLayers}`, { field: 'numLayers', where: `${options.cloud} GET /v1/models` });
+    }
     const session = await client.openSession({ model: { id: info.id, contentHash: edge.contentHash }, cut, codecs: { forward: [forward], backward: [backward] }, methods: methods.map((m) => m.method), ...(defenses ? { defenses: defensesToWire(defenses, edge.config.hiddenSize) } : {}), ...(middleAdapter ? { middleAdapter } : {}) });
     const remoteMiddle = session.middle({ heldAdapter: middleAdapter !== undefined });
     const middle = defenses ? new DefendedMiddle(remoteMiddle, defenses, options.seed ?? 0) : remoteMiddle;

@@ -72,6 +72,11 @@ describe('the edge against a hostile cloud', () => {
     }
   });
 
+  it('refuses a model list whose layer count is not its edge part\'s (auto defenses are chosen by it)', async () => {
+    const { error } = await refused({ rest: rewriteModels((m) => { m.numLayers = 40; }) });
+    assert.equal((error as EdgeError).field, 'numLayers');
+  });
+
   it('refuses a Welcome that allows non-finite values the edge did not allow', async () => {
     const { error } = await refused({ reply: welcome((w) => { w.allowNonFinite = true; }) });
     assert.equal((error as EdgeError).field, 'welcome.allow_non_finite');
