@@ -531,7 +531,11 @@ export class SessionService {
     }
   }
 
-  /** g_B in the backward codec; a lossy one goes through the session's error feedback, one stream per micro-batch index. */
+  /**
+   * g_B in the backward codec; a lossy one goes through the session's error feedback, one stream
+   * per micro-batch index (the edge's to name: the residuals are held to DEFAULT_FEEDBACK_BYTES a
+   * session, the least recently used given up first).
+   */
   #encodeGradient(session: SessionRecord, runtime: SessionRuntime, microbatch: number, data: Float32Array, shape: Shape3): TensorFrame {
     const spec = session.codecs.backward;
     if (spec.codec === 'f32') return encodeTensor(data, shape, spec, { name: 'g_B' });

@@ -7,12 +7,29 @@ import type { CodecSpec, TensorFrame } from './messages.ts';
 import { encodeTensor } from './tensor-frame.ts';
 import type { EncodeTensorOptions } from './tensor-frame.ts';
 
+/**
+ * The residuals one ErrorFeedback keeps by default: streams are named by the peer (a micro-batch
+ * index each), so what they hold is bounded, the least recently used given up first. A stream
+ * given up starts again with no residual: its error feedback restarts, nothing else changes.
+ * A micro-batch of 4 x 512 tokens of hidden size 2048 leaves a 16 MiB residual.
+ */
+export const DEFAULT_FEEDBACK_BYTES = 64 * 1024 * 1024;
+
+export interface ErrorFeedbackOptions {
+  /** The most bytes of residuals kept (the stream being encoded is always kept). */
+  maxBytes?: number;
+}
+
 export class ErrorFeedback {
   readonly #spec: CodecSpec;
+  /** In order of use, the least recent first. */
   readonly #residuals = new Map<string, Float32Array>();
+  readonly #maxBytes: number;
+  #bytes = 0;
 
-  constructor(spec: CodecSpec) {
+  constructor(spec: CodecSpec, options: ErrorFeedbackOptions = {}) {
     this.#spec = spec;
+    this.#maxBytes = options.maxBytes ?? DEFAULT_FEEDBACK_BYTES;
   }
 
   /** Encodes `data` plus the stream's residual, and keeps the new residual. `data` is not modified. */
@@ -31,7 +48,14 @@ export class ErrorFeedback {
     const decoded = new Float32Array(data.length);
     CODECS[frame.codec].decodeInto(frame, decoded, stream);
     for (let i = 0; i < data.length; i++) residual[i] = corrected[i] - decoded[i];
+    this.reset(stream);
     this.#residuals.set(stream, residual);
+    this.#bytes += residual.byteLength;
+    for (const [oldest, r] of this.#residuals) {
+      if (this.#bytes <= this.#maxBytes || oldest === stream) break;
+      this.#residuals.delete(oldest);
+      this.#bytes -= r.byteLength;
+    }
     return frame;
   }
 
@@ -41,15 +65,24 @@ export class ErrorFeedback {
   }
 
   reset(stream: string): void {
+    const residual = this.#residuals.get(stream);
+    if (residual === undefined) return;
     this.#residuals.delete(stream);
+    this.#bytes -= residual.byteLength;
   }
 
   /** Drop every stream, e.g. when the session closes. */
   clear(): void {
     this.#residuals.clear();
+    this.#bytes = 0;
   }
 
   get streams(): number {
     return this.#residuals.size;
+  }
+
+  /** Bytes of the residuals kept. */
+  get bytes(): number {
+    return this.#bytes;
   }
 }

@@ -199,3 +199,26 @@ test('error feedback keeps one residual per stream and refuses a stream that cha
   ef.clear();
   assert.equal(ef.streams, 0);
 });
+
+test('error feedback holds at most maxBytes of residuals: streams named by the peer give up the least recently used first', () => {
+  const n = 256; // 1 KiB a residual
+  const ef = new ErrorFeedback({ codec: 'int8-block' }, { maxBytes: 4 * 1024 });
+  const x = activationLike(n, 7, 64);
+  for (let i = 0; i < 1000; i++) ef.encode(`g_B/${i}`, x, [n]);
+  assert.equal(ef.streams, 4);
+  assert.equal(ef.bytes, 4 * 1024);
+  assert.deepEqual([996, 997, 998, 999].map((i) => ef.residual(`g_B/${i}`) !== undefined), [true, true, true, true]);
+  assert.equal(ef.residual('g_B/0'), undefined);
+  // Using a stream keeps it: the one used least recently goes instead.
+  ef.encode('g_B/996', x, [n]);
+  ef.encode('g_B/fresh', x, [n]);
+  assert.equal(ef.residual('g_B/997'), undefined);
+  assert.ok(ef.residual('g_B/996') !== undefined);
+  // A stream over the bound alone is still kept while it is the one being encoded.
+  const big = activationLike(5 * n, 8, 64);
+  ef.encode('big', big, [5 * n]);
+  assert.equal(ef.streams, 1);
+  assert.equal(ef.bytes, 5 * 4 * n);
+  ef.reset('big');
+  assert.equal(ef.bytes, 0);
+});
