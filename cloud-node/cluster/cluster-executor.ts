@@ -19,6 +19,7 @@ import { coverRange } from './block-ranges.ts';
 import type { PipelineSegment } from './block-ranges.ts';
 import { connectNats } from './nats-connection.ts';
 import { RECOMMENDED_MAX_PAYLOAD, WireSpill } from './wire-spill.ts';
+import type { HeldBody } from './wire-spill.ts';
 import { WorkerDirectory } from './worker-directory.ts';
 import { CLAIMS_PREFIX, CLAIM_ID_HEADER, CLAIM_TO_HEADER, decodeReply, encodeRequest, rangeSubject, traceHeaders, workerSubject } from './wire.ts';
 import type { MiddleReply, MiddleRequest } from './wire.ts';
@@ -35,6 +36,12 @@ export interface ClusterExecutorOptions {
   attemptTimeoutMs?: number;
   /** All attempts of one request together (25 s: below the edge's 30 s request timeout). */
   requestTimeoutMs?: number;
+  /**
+   * The bytes of one tenant's request bodies over max_payload that this gateway keeps in the
+   * object store at once (16 bodies just over max_payload): the store is the NATS server's
+   * memory, shared by every tenant. A tenant's first such body is always taken.
+   */
+  spillBytesPerTenant?: number;
   log?: Logger;
 }
 
@@ -124,6 +131,8 @@ export class ClusterExecutor implements MiddleRunner {
   readonly #spill: WireSpill;
   /** This gateway's requests in flight to each worker (sent to its own subject). */
   readonly #perWorker = new Map<string, number>();
+  /** Each tenant's request bodies in the object store now (bytes). */
+  readonly #spilledBytes = new Map<string, number>();
 
   private constructor(nc: NatsConnection, options: ClusterExecutorOptions) {
     this.#nc = nc;
@@ -278,22 +287,17 @@ export class ClusterExecutor implements MiddleRunner {
     }
   }
 
-  async #send(subject: string, request: MiddleRequest, elements: number, tenant: string, patienceMs: number, deadline: number): Promise<MiddleReply> {
+  async #send(subject: string, body: HeldBody, bytes: number, op: MiddleRequest['op'], elements: number, tenant: string, patienceMs: number, deadline: number): Promise<MiddleReply> {
     const started = performance.now();
     const claimId = nuid.next();
-    const headers = traceHeaders({ requestId: claimId, tenant });
+    const headers = body.label(traceHeaders({ requestId: claimId, tenant }));
     headers.set(CLAIM_TO_HEADER, this.#claimSubject);
     headers.set(CLAIM_ID_HEADER, claimId);
-    // Over max_payload, the body goes through the object store (chunked), once for all tries.
-    const encoded = encodeRequest(request);
-    const body = await this.#spill.outgoing(encoded, headers).catch((error: unknown) => {
-      throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: `a ${request.op} cannot reach the workers: ${(error as Error).message}`.slice(0, 300) });
-    });
     this.#claims.set(claimId, '');
     const sentAt = Date.now();
     let timer: ReturnType<typeof setInterval> | undefined;
     try {
-      const pending = this.#nc.request(subject, body.data, { timeout: Math.max(1, deadline - sentAt), headers: body.headers });
+      const pending = this.#nc.request(subject, body.data, { timeout: Math.max(1, deadline - sentAt), headers });
       pending.catch(() => undefined);
       const abandoned = new Promise<never>((_resolve, reject) => {
         timer = setInterval(() => {
@@ -304,13 +308,13 @@ export class ClusterExecutor implements MiddleRunner {
       abandoned.catch(() => undefined);
       const msg = await Promise.race([pending, abandoned]);
       const reply = decodeReply(await this.#spill.incoming(msg, elements * 4 + REPLY_OVERHEAD_BYTES).catch((error: unknown) => {
-        throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: `the reply to a ${request.op} cannot be read: ${(error as Error).message}`.slice(0, 300) });
+        throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: `the reply to a ${op} cannot be read: ${(error as Error).message}`.slice(0, 300) });
       }), elements);
       if (reply.ok) {
         this.#hop.requests++;
         this.#hop.roundTripMs += performance.now() - started;
         this.#hop.computeMs += reply.computeMs;
-        this.#hop.requestBytes += encoded.byteLength;
+        this.#hop.requestBytes += bytes;
       }
       return reply;
     } finally {
@@ -319,8 +323,44 @@ export class ClusterExecutor implements MiddleRunner {
     }
   }
 
+  /**
+   * `request`'s body for all its tries: over max_payload it is stored in the object store once,
+   * within the tenant's share, and deleted when the request ends (answered, failed, out of time).
+   */
+  async #withBody<T>(request: MiddleRequest, tenant: string, use: (body: HeldBody, bytes: number) => Promise<T>): Promise<T> {
+    const encoded = encodeRequest(request);
+    const spilling = encoded.byteLength > this.#spill.inlineLimit ? encoded.byteLength : 0;
+    const held = this.#spilledBytes.get(tenant) ?? 0;
+    const limit = this.#options.spillBytesPerTenant ?? 16 * this.#spill.inlineLimit;
+    if (spilling > 0 && held > 0 && held + spilling > limit) {
+      throw new CloudError('TANDEM_QUOTA_EXCEEDED', { tenant, quota: 'request bodies over max_payload in flight', limit: `${limit} bytes`, reason: `${held} bytes of its requests are in the object store and this ${request.op} needs ${spilling} more; retry when they end` });
+    }
+    // Counted from before the put to after the delete: what the tenant may hold in the store.
+    const unhold = (): void => {
+      if (spilling === 0) return;
+      const left = (this.#spilledBytes.get(tenant) ?? spilling) - spilling;
+      if (left <= 0) this.#spilledBytes.delete(tenant);
+      else this.#spilledBytes.set(tenant, left);
+    };
+    if (spilling > 0) this.#spilledBytes.set(tenant, held + spilling);
+    let body: HeldBody;
+    try {
+      body = await this.#spill.hold(encoded);
+    } catch (error) {
+      unhold();
+      if (error instanceof CloudError) throw error;
+      throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: `a ${request.op} cannot reach the workers: ${(error as Error).message}`.slice(0, 300) });
+    }
+    try {
+      return await use(body, encoded.byteLength);
+    } finally {
+      void body.release().finally(unhold);
+    }
+  }
+
   #failed(reply: Extract<MiddleReply, { ok: false }>): Error {
     if (reply.kind === 'tapeLost') return new TapeLost(reply.message);
+    if (reply.code === 'TANDEM_RESOURCE_EXHAUSTED') return new CloudError('TANDEM_RESOURCE_EXHAUSTED', { resource: 'room in the object store for the reply', reason: `worker ${reply.worker}: ${reply.message}`.slice(0, 300) });
     return new CloudError('TANDEM_COMPUTE_FAILED', { reason: `worker ${reply.worker}: ${reply.code ?? ''} ${reply.message}`.slice(0, 300) });
   }
 
@@ -328,48 +368,54 @@ export class ClusterExecutor implements MiddleRunner {
   async #toRange(segment: PipelineSegment, request: Exclude<MiddleRequest, { op: 'dropTape' | 'backwardFromTape' }>, tenant: string): Promise<Extract<MiddleReply, { ok: true }>> {
     const elements = request.shape[0] * request.shape[1] * request.shape[2];
     const deadline = Date.now() + (this.#options.requestTimeoutMs ?? 25_000);
-    const attempt = this.#options.attemptTimeoutMs ?? 10_000;
-    const rangeWide = rangeSubject(this.#options.contentHash, segment.owner);
     this.#inFlight++;
     try {
-      for (let tries = 0; ; tries++) {
-        // First to the live worker of the range this gateway keeps least busy (a queue group picks
-        // at random: 4 sessions on 2 workers often land 3 and 1); again, to any worker of the range.
-        const chosen = tries === 0 ? this.#leastBusy(segment.owner) : undefined;
-        const subject = chosen === undefined ? rangeWide : workerSubject(chosen);
-        if (this.#closed) throw new CloudError('TANDEM_MODEL_NOT_READY');
-        const left = deadline - Date.now();
-        if (left <= 0) throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: `no worker of blocks [${segment.owner.start}, ${segment.owner.end}) answered within ${this.#options.requestTimeoutMs ?? 25_000} ms (${tries} tries)` });
-        if (tries > 0) this.#retries++;
-        try {
-          const reply = await this.#counted(chosen, () => this.#send(subject, request, elements, tenant, Math.max(1, Math.min(attempt, left)), deadline));
-          if (reply.ok) return reply;
-          throw this.#failed(reply);
-        } catch (error) {
-          if (isNoResponders(error)) {
-            this.#options.log?.warn({ subject }, 'no worker of the range; waiting for one');
-            await sleep(Math.min(200, Math.max(1, deadline - Date.now())));
-            continue;
-          }
-          if (isTimeout(error) || error instanceof AttemptAbandoned) {
-            this.#options.log?.warn({ subject, reason: (error as Error).message }, 'the request was not answered; asking the range again');
-            continue;
-          }
-          throw error;
-        }
-      }
+      return await this.#withBody(request, tenant, (body, bytes) => this.#tries(segment, body, bytes, request.op, elements, tenant, deadline));
     } finally {
       this.#inFlight--;
+    }
+  }
+
+  /** #toRange's tries, each with the same body. */
+  async #tries(segment: PipelineSegment, body: HeldBody, bytes: number, op: MiddleRequest['op'], elements: number, tenant: string, deadline: number): Promise<Extract<MiddleReply, { ok: true }>> {
+    const attempt = this.#options.attemptTimeoutMs ?? 10_000;
+    const rangeWide = rangeSubject(this.#options.contentHash, segment.owner);
+    for (let tries = 0; ; tries++) {
+      // First to the live worker of the range this gateway keeps least busy (a queue group picks
+      // at random: 4 sessions on 2 workers often land 3 and 1); again, to any worker of the range.
+      const chosen = tries === 0 ? this.#leastBusy(segment.owner) : undefined;
+      const subject = chosen === undefined ? rangeWide : workerSubject(chosen);
+      if (this.#closed) throw new CloudError('TANDEM_MODEL_NOT_READY');
+      const left = deadline - Date.now();
+      if (left <= 0) throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: `no worker of blocks [${segment.owner.start}, ${segment.owner.end}) answered within ${this.#options.requestTimeoutMs ?? 25_000} ms (${tries} tries)` });
+      if (tries > 0) this.#retries++;
+      try {
+        const reply = await this.#counted(chosen, () => this.#send(subject, body, bytes, op, elements, tenant, Math.max(1, Math.min(attempt, left)), deadline));
+        if (reply.ok) return reply;
+        throw this.#failed(reply);
+      } catch (error) {
+        if (isNoResponders(error)) {
+          this.#options.log?.warn({ subject }, 'no worker of the range; waiting for one');
+          await sleep(Math.min(200, Math.max(1, deadline - Date.now())));
+          continue;
+        }
+        if (isTimeout(error) || error instanceof AttemptAbandoned) {
+          this.#options.log?.warn({ subject, reason: (error as Error).message }, 'the request was not answered; asking the range again');
+          continue;
+        }
+        throw error;
+      }
     }
   }
 
   /** To the worker that kept the tape; TapeLost when it is gone, silent or lost the tape. */
   async #toWorker(link: Link, g: Float32Array, gFrame: TensorFrame | undefined, shape: Shape3, tenant: string): Promise<Extract<MiddleReply, { ok: true }>> {
     const elements = shape[0] * shape[1] * shape[2];
+    const deadline = Date.now() + (this.#options.requestTimeoutMs ?? 25_000);
     this.#inFlight++;
     try {
       const request: MiddleRequest = { op: 'backwardFromTape', tapeId: link.tapeId, shape, g, ...sent('g', gFrame) };
-      const reply = await this.#counted(link.worker, () => this.#send(workerSubject(link.worker), request, elements, tenant, this.#options.attemptTimeoutMs ?? 10_000, Date.now() + (this.#options.requestTimeoutMs ?? 25_000)));
+      const reply = await this.#withBody(request, tenant, (body, bytes) => this.#counted(link.worker, () => this.#send(workerSubject(link.worker), body, bytes, request.op, elements, tenant, this.#options.attemptTimeoutMs ?? 10_000, deadline)));
       if (reply.ok) return reply;
       throw this.#failed(reply);
     } catch (error) {

@@ -1,13 +1,16 @@
 // Bodies larger than the NATS server's max_payload (an activation tensor of a long sequence)
 // go through a JetStream object store, which chunks them below max_payload: the message
-// itself then carries only the object's name in a header, and whoever receives it reads the
-// object and deletes it. The bucket is in memory with a short TTL, so a body whose reader died
-// does not outlive it. It is opened only when a first body needs it: a cluster whose tensors
-// fit in max_payload needs no JetStream for its messages.
+// itself then carries only the object's name in a header. Each object has one deleter: a
+// reply's is its receiver, which reads it and deletes it; a request's is its sender (`hold`),
+// which stores it once for all the request's tries and deletes it when the request ends, so
+// the header tells receivers to leave it. The bucket is in memory with a short TTL, so a body
+// whose deleter died does not outlive it. It is opened only when a first body needs it: a
+// cluster whose tensors fit in max_payload needs no JetStream for its messages.
 import { Objm, StorageType } from '@nats-io/obj';
 import type { ObjectStore } from '@nats-io/obj';
 import { headers as natsHeaders, nanos, nuid } from '@nats-io/transport-node';
 import type { Msg, MsgHdrs, NatsConnection } from '@nats-io/transport-node';
+import { CloudError } from '../errors.ts';
 import { ClusterError } from './errors.ts';
 
 /**
@@ -20,11 +23,27 @@ export const RECOMMENDED_MAX_PAYLOAD = 8 * 1024 * 1024;
 
 export const SPILL_BUCKET = 'tandem-wire';
 export const SPILL_HEADER = 'tandem-body-object';
+/** Set by a sender that deletes the object itself when its request ends: receivers only read it. */
+export const SPILL_KEPT_HEADER = 'tandem-body-kept';
 /** Room left in a message for its headers (trace, claim, spill) and the protocol's framing. */
 const HEADROOM_BYTES = 2048;
 /** A spilled body not read within this long is dropped by the server. */
 const SPILL_TTL_MS = 10 * 60 * 1000;
 const NAME_PATTERN = /^[A-Za-z0-9]{1,64}$/;
+/** What nats-server answers a write to a full store (server, account or stream limits). */
+const STORE_FULL = /insufficient (storage |memory )?resources|maximum bytes exceeded|resource limits exceeded|storage limit/i;
+
+/** A body stored once for all the tries of one request, until `release`. */
+export interface HeldBody {
+  /** The message's payload: the body itself, or nothing when the body is in the object store. */
+  readonly data: Uint8Array;
+  /** Its bytes in the object store (0 when it travels inline). */
+  readonly spilledBytes: number;
+  /** `headers` with the object's name, for one try. */
+  label(headers: MsgHdrs): MsgHdrs;
+  /** Deletes the object (once; a failure is left to the bucket's TTL). */
+  release(): Promise<void>;
+}
 
 export interface SpillStats {
   /** Bodies written to the object store, and their bytes. */
@@ -61,33 +80,66 @@ export class WireSpill {
 
   /**
    * What to send for `body`: itself when it fits, else an empty payload and, in `headers`, the
-   * name of the object that holds it.
+   * name of the object that holds it, which its receiver deletes once read.
    */
   async outgoing(body: Uint8Array, headers: MsgHdrs = natsHeaders()): Promise<{ data: Uint8Array; headers: MsgHdrs }> {
     if (body.byteLength <= this.inlineLimit) return { data: body, headers };
+    headers.set(SPILL_HEADER, await this.#put(body));
+    return { data: new Uint8Array(0), headers };
+  }
+
+  /**
+   * `body` for a request that may be sent several times: inline when it fits, else stored once;
+   * receivers read the object and leave it, and the caller releases it when the request ends.
+   */
+  async hold(body: Uint8Array): Promise<HeldBody> {
+    if (body.byteLength <= this.inlineLimit) return { data: body, spilledBytes: 0, label: (h) => h, release: async () => undefined };
+    const name = await this.#put(body);
+    let released: Promise<void> | undefined;
+    return {
+      data: new Uint8Array(0),
+      spilledBytes: body.byteLength,
+      label: (h) => {
+        h.set(SPILL_HEADER, name);
+        h.set(SPILL_KEPT_HEADER, '1');
+        return h;
+      },
+      release: () => {
+        released ??= this.#open().then((store) => store.delete(name)).then(() => undefined, () => undefined);
+        return released;
+      },
+    };
+  }
+
+  /** Stores `body` under a new name; a full store is TANDEM_RESOURCE_EXHAUSTED (retry later). */
+  async #put(body: Uint8Array): Promise<string> {
     const name = nuid.next();
     const put = async (): Promise<void> => {
       await (await this.#open()).putBlob({ name, options: { max_chunk_size: Math.max(1024, this.inlineLimit) } }, body);
     };
     try {
-      await put().catch(async () => {
+      await put().catch(async (cause: unknown) => {
+        if (STORE_FULL.test(String((cause as Error).message))) throw cause;
         // A restarted nats-server has lost the memory bucket: create it again, once.
         this.#store = undefined;
         await put();
       });
     } catch (cause) {
+      const message = String((cause as Error).message);
+      if (STORE_FULL.test(message)) {
+        throw new CloudError('TANDEM_RESOURCE_EXHAUSTED', { resource: `room in the object store ${SPILL_BUCKET}`, reason: `the NATS server's store for bodies over max_payload is full (${message.slice(0, 80)}); a body of ${body.byteLength} bytes does not fit now, retry later` }, { cause });
+      }
       this.#store = undefined;
-      throw new ClusterError('TANDEM_CLUSTER_BODY_TOO_LARGE', { bytes: body.byteLength, limit: this.inlineLimit, reason: `storing it in the object store failed: ${(cause as Error).message}` }, { cause });
+      throw new ClusterError('TANDEM_CLUSTER_BODY_TOO_LARGE', { bytes: body.byteLength, limit: this.inlineLimit, reason: `storing it in the object store failed: ${message}` }, { cause });
     }
     this.#stats.spilled++;
     this.#stats.spilledBytes += body.byteLength;
-    headers.set(SPILL_HEADER, name);
-    return { data: new Uint8Array(0), headers };
+    return name;
   }
 
   /**
-   * A received message's body: its payload, or the object its header names (read, then deleted),
-   * refused before it is read when the object is larger than `maxBytes`.
+   * A received message's body: its payload, or the object its header names (read, then deleted
+   * unless its sender keeps it), refused before it is read when the object is larger than `maxBytes`.
    */
   async incoming(msg: Msg, maxBytes: number): Promise<Uint8Array> {
     const h = msg.headers;
@@ -106,7 +158,7 @@ export class WireSpill {
       if (body === null || body.byteLength !== info.size) throw new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: SPILL_HEADER, reason: `object ${name} could not be read whole` });
       return body;
     } finally {
-      store.delete(name).catch(() => undefined);
+      if (!h.has(SPILL_KEPT_HEADER)) store.delete(name).catch(() => undefined);
     }
   }
 }
