@@ -25,6 +25,7 @@ import type { MiddleRunner } from './middle-runner.ts';
 import type { QuotaLedger } from './quotas.ts';
 import type { ServedModel } from './served-model.ts';
 import type { Caller } from './state/key-store.ts';
+import { OpenSessionCounts } from './state/session-access.ts';
 import type { SessionRecords } from './state/session-records.ts';
 import type { SessionRecord } from './state/session-store.ts';
 import type { SplitInference } from './serving/split-inference.ts';
@@ -139,6 +140,8 @@ export class SessionService {
   readonly #runtimes = new Map<string, SessionRuntime>();
   /** When each session last saw a request (ms); sessions loaded from disk start at their updatedAt. */
   readonly #activity = new Map<string, number>();
+  /** Hellos past the openSessions check whose held adapter is being checkpointed, the record not yet added: counted open meanwhile. */
+  readonly #opening = new OpenSessionCounts();
   readonly #lifetimes: SessionLifetimes;
 
   constructor(options: SessionServiceOptions) {
@@ -248,7 +251,7 @@ export class SessionService {
 
   async #hello(caller: Caller, hello: Hello): Promise<Body> {
     checkHelloStrings(hello);
-    this.#options.quotas.checkOpenSessions(caller.tenant, this.#options.store.openCountOf(caller.tenant));
+    this.#options.quotas.checkOpenSessions(caller.tenant, this.#options.store.openCountOf(caller.tenant) + this.#opening.of(caller.tenant));
     const { served } = this.#options.model();
     checkLimitFloors(hello.limits, 'hello.limits');
     const version = negotiateVersion(hello.versions);
@@ -288,7 +291,15 @@ export class SessionService {
     };
     const spec = hello.training.middleAdapter;
     const held = spec === undefined ? undefined : this.#createHeld(caller.tenant, record, spec);
-    if (held !== undefined) await this.#options.held?.add(held);
+    if (held !== undefined) {
+      // The one await before the record is added; from there the store counts it before its own first await.
+      this.#opening.add(caller.tenant, 1);
+      try {
+        await this.#options.held?.add(held);
+      } finally {
+        this.#opening.add(caller.tenant, -1);
+      }
+    }
     try {
       await this.#options.store.add(record);
     } catch (err) {

@@ -26,6 +26,7 @@ export class JetStreamKeyStore implements KeyRecords {
     const listeners: ((record: KeyRecord) => void)[] = [];
     const bucket = await JetStreamBucket.open<KeyRecord>(nc, KEYS_BUCKET, {
       replicas: options.replicas,
+      markerGraceMs: options.markerGraceMs,
       parse: (value, key) => {
         try {
           const r = parseRecord(value, `${KEYS_BUCKET}/${key}`);

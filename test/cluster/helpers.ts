@@ -3,11 +3,13 @@
 // split training through them compared with one process.
 import { spawn } from 'node:child_process';
 import type { ChildProcess } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
 import { join } from 'node:path';
 import { startCloudNode, startMiddleWorkerNode } from '../../cloud-node/index.ts';
 import type { CloudNode, CloudNodeOptions, MiddleWorkerNode } from '../../cloud-node/index.ts';
 import { trainEdge } from '../../edge-client/index.ts';
 import type { EdgeTrainOptions } from '../../edge-client/index.ts';
+import type { SessionRecord } from '../../cloud-node/state/session-store.ts';
 import type { MethodSpec } from '../../model/index.ts';
 import { DEMO_DATA, FIXTURE, MODEL_ID, tempDir } from '../edge-client/helpers.ts';
 
@@ -126,4 +128,13 @@ export async function spawnGateway(natsUrl: string, stateDir: string, port: numb
   });
   const url = /listening on (\S+)/.exec(out)?.[1] ?? '';
   return { child, url, adminKey: /admin key[^:]*: (\S+)/.exec(out)?.[1] };
+}
+
+/** An open session record of `tenant`, as a Hello would add it (what the store tests add and count). */
+export function openSessionRecord(tenant: string, id: string = randomUUID()): SessionRecord {
+  const now = new Date().toISOString();
+  return {
+    id, tenant, modelId: 'm', contentHash: 'h', version: { major: 1, minor: 3 }, cut: { bottom: 1, top: 1 }, codecs: {}, limits: {}, training: {},
+    allowNonFinite: false, clientBuild: 'test', state: 'open', lastStep: -1, createdAt: now, updatedAt: now,
+  } as unknown as SessionRecord;
 }

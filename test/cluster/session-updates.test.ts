@@ -9,14 +9,8 @@ import { JetStreamSessionStore } from '../../cloud-node/state/jetstream-session-
 import type { SessionRecord } from '../../cloud-node/state/session-store.ts';
 import { startNatsServer } from './nats-server.ts';
 import type { TestNatsServer } from './nats-server.ts';
+import { openSessionRecord } from './helpers.ts';
 
-function record(id: string): SessionRecord {
-  const now = new Date().toISOString();
-  return {
-    id, tenant: 'alice', modelId: 'm', contentHash: 'h', version: { major: 1, minor: 3 }, cut: { bottom: 1, top: 1 }, codecs: {}, limits: {}, training: {},
-    allowNonFinite: false, clientBuild: 'test', state: 'open', lastStep: -1, createdAt: now, updatedAt: now,
-  } as unknown as SessionRecord;
-}
 
 describe('JetStream session records under concurrent updates', () => {
   let nats: TestNatsServer;
@@ -32,7 +26,7 @@ describe('JetStream session records under concurrent updates', () => {
     try {
       const store = await JetStreamSessionStore.open(a);
       const id = '0f6c2a4e-1b7d-4c1e-9a53-2d8e6f0b7c11';
-      await store.add(record(id));
+      await store.add(openSessionRecord('alice', id));
       assert.equal(store.openCountOf('alice'), 1);
       await Promise.all([
         store.update(id, (s) => { s.lastStep = Math.max(s.lastStep, 5); }),
