@@ -46,7 +46,7 @@ describe('delete markers in the JetStream buckets', () => {
         }));
       }
       assert.equal(await store.removeMarkers(), 0, 'within the grace time the markers stay, for the watches');
-      await until(() => store.size === 2 && other.size === 2, 3_000, 'both gateways to see the removals').catch((e) => { throw new Error(`${e.message}: ${store.size} ${other.size} ${[...store.all()].map((s) => s.state)}`); });
+      await until(() => store.size === 2 && other.size === 2, 20_000, 'both gateways to see the removals').catch((e) => { throw new Error(`${e.message}: ${store.size} ${other.size} ${[...store.all()].map((s) => s.state)}`); });
       assert.equal(await store.removeMarkers(Date.now() + 60_000), 300);
       assert.equal(await messagesOf(nc, SESSIONS_BUCKET), 2);
       assert.deepEqual([store.size, other.size, store.openCountOf('alice'), other.openCountOf('alice'), other.openCountOf('mallory')], [2, 2, 2, 2, 0]);

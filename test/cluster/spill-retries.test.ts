@@ -51,12 +51,12 @@ describe('spilled request bodies across tries (nats-server with max_payload 16 K
     try {
       // A worker of the range that is announced but gone (killed): every try finds no responders.
       nc.publish(ANNOUNCE_SUBJECT, JSON.stringify({ id: 'gone', model: 'm', contentHash, blocks: range, load: { queued: 0, running: 0, tokensPerSecond: 0 } }));
-      await until(() => executor.workers === 1, 5000, 'the gone worker was announced');
+      await until(() => executor.workers === 1, 20_000, 'the gone worker was announced');
 
       const mallory = [0, 1, 2].map(() => executor.forward(range, h(), SHAPE, 'mallory'));
       const bob = executor.forward(range, h(), SHAPE, 'bob');
       for (const p of [...mallory, bob]) p.catch(() => undefined);
-      await until(() => executor.restarts >= 12, 10_000, 'the requests were tried again');
+      await until(() => executor.restarts >= 12, 20_000, 'the requests were tried again');
       assert.equal(await objects(), 4, 'one object per request in flight, not one per try');
       await assert.rejects(executor.forward(range, h(), SHAPE, 'mallory'), (e: CloudError) => e instanceof CloudError && e.code === 'TANDEM_QUOTA_EXCEEDED' && /mallory/.test(e.message), 'mallory\'s fourth body is over her share');
 
@@ -64,13 +64,13 @@ describe('spilled request bodies across tries (nats-server with max_payload 16 K
       worker = await startWorker(nats.url);
       const outputs = await Promise.all([...mallory, bob]);
       outputs.forEach((o) => assert.equal(o.length, SHAPE[0] * SHAPE[1] * SHAPE[2]));
-      await until(async () => (await objects()) === 0, 10_000, `the bucket ${SPILL_BUCKET} holds none of the ended requests' bodies`);
+      await until(async () => (await objects()) === 0, 20_000, `the bucket ${SPILL_BUCKET} holds none of the ended requests' bodies`);
 
       // Another tenant's large request then crosses, and leaves nothing behind either.
       const carol = await executor.forward(range, h(), SHAPE, 'carol');
       assert.equal(carol.length, SHAPE[0] * SHAPE[1] * SHAPE[2]);
       assert.ok(executor.hop.spilled >= 5, `the bodies went through the object store (${executor.hop.spilled})`);
-      await until(async () => (await objects()) === 0, 10_000, 'carol\'s body was deleted');
+      await until(async () => (await objects()) === 0, 20_000, 'carol\'s body was deleted');
     } finally {
       await executor.close();
       await worker?.close();
