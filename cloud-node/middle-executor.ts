@@ -106,6 +106,8 @@ interface Job {
   attempts: number;
   /** Runs in a batch of its own: its batch failed, and it must not fail again for another's sake. */
   alone?: boolean;
+  /** Dropped unrun when still queued at this time (performance.now ms): nobody waits for its answer any more. */
+  expiresAt?: number;
   resolve: (done: Done) => void;
   reject: (error: unknown) => void;
 }
@@ -248,14 +250,17 @@ export class MiddleExecutor {
     return this.#slots.filter((s) => s.running !== undefined).length;
   }
 
-  /** h_B [batch, seq, hidden] → h_M. */
-  async forward(range: BlockRange, h: Float32Array, shape: Shape3, tenant = ''): Promise<Float32Array> {
-    return (await this.#submit(tenant, { op: 'forward', item: { range, h, shape }, keepTape: false }, tokensOf(shape))).output;
+  /**
+   * h_B [batch, seq, hidden] → h_M. `_frames` (MiddleRunner's: the edge's frames, for a cluster to
+   * send) is not needed here; `waitMs`, how long the asker waits, drops the request unrun past it.
+   */
+  async forward(range: BlockRange, h: Float32Array, shape: Shape3, tenant = '', _frames?: unknown, waitMs?: number): Promise<Float32Array> {
+    return (await this.#submit(tenant, { op: 'forward', item: { range, h, shape }, keepTape: false }, tokensOf(shape), undefined, waitMs)).output;
   }
 
   /** h_B → h_M, the worker keeping the forward's tape so that backwardFromTape needs no recomputation. */
-  async forwardKeepingTape(range: BlockRange, h: Float32Array, shape: Shape3, tenant = ''): Promise<{ output: Float32Array; tape: KeptTape }> {
-    const done = await this.#submit(tenant, { op: 'forward', item: { range, h, shape }, keepTape: true }, tokensOf(shape));
+  async forwardKeepingTape(range: BlockRange, h: Float32Array, shape: Shape3, tenant = '', _frames?: unknown, waitMs?: number): Promise<{ output: Float32Array; tape: KeptTape }> {
+    const done = await this.#submit(tenant, { op: 'forward', item: { range, h, shape }, keepTape: true }, tokensOf(shape), undefined, waitMs);
     if (done.tape === undefined) throw new TapeLost('the worker kept no tape');
     return { output: done.output, tape: new WorkerTape(done.savedBytes, done.tape.group, done.tape.member, (t) => this.#dropTape(t)) };
   }
@@ -269,8 +274,8 @@ export class MiddleExecutor {
   }
 
   /** g_M (same shape as h_B) → g_B, recomputing the forward from h_B. */
-  async backward(range: BlockRange, h: Float32Array, g: Float32Array, shape: Shape3, tenant = ''): Promise<Float32Array> {
-    return (await this.#submit(tenant, { op: 'backward', item: { range, h, g, shape } }, tokensOf(shape))).output;
+  async backward(range: BlockRange, h: Float32Array, g: Float32Array, shape: Shape3, tenant = '', _frames?: unknown, waitMs?: number): Promise<Float32Array> {
+    return (await this.#submit(tenant, { op: 'backward', item: { range, h, g, shape } }, tokensOf(shape), undefined, waitMs)).output;
   }
 
   /** Whether held middle adapters can run here (both computes run them). */
@@ -316,10 +321,12 @@ export class MiddleExecutor {
     }));
   }
 
-  #submit(tenant: string, payload: Payload, tokens: number, affinity?: { slot: number; generation: number }): Promise<Done> {
+  /** `waitMs`: how long whoever asked waits for the answer; a job still queued then is dropped unrun. */
+  #submit(tenant: string, payload: Payload, tokens: number, affinity?: { slot: number; generation: number }, waitMs?: number): Promise<Done> {
     if (this.#closed) return Promise.reject(new CloudError('TANDEM_MODEL_NOT_READY'));
     return new Promise((resolve, reject) => {
-      const job: Job = { tenant, payload, tokens, queuedAt: performance.now(), slot: affinity?.slot, generation: affinity?.generation, attempts: 0, reject, resolve };
+      const queuedAt = performance.now();
+      const job: Job = { tenant, payload, tokens, queuedAt, slot: affinity?.slot, generation: affinity?.generation, attempts: 0, reject, resolve, ...(waitMs === undefined ? {} : { expiresAt: queuedAt + waitMs }) };
       let queue = this.#queues.get(tenant);
       if (queue === undefined) {
         queue = [];
@@ -397,6 +404,11 @@ export class MiddleExecutor {
     // Each key's candidate head, tenants in round-robin order.
     for (const tenant of order) {
       for (const job of this.#queues.get(tenant) ?? []) {
+        if (job.expiresAt !== undefined && now > job.expiresAt) {
+          this.#drop(job);
+          job.reject(new CloudError('TANDEM_COMPUTE_FAILED', { reason: `it was still queued ${Math.round(now - job.queuedAt)} ms after it came, when its sender had stopped waiting: not computed` }));
+          return this.#form(slot);
+        }
         if (job.slot !== undefined && job.slot !== slot.index) continue;
         if (job.slot !== undefined && job.generation !== slot.generation) {
           this.#drop(job);

@@ -21,7 +21,7 @@ import { connectNats } from './nats-connection.ts';
 import { RECOMMENDED_MAX_PAYLOAD, WireSpill } from './wire-spill.ts';
 import type { HeldBody } from './wire-spill.ts';
 import { WorkerDirectory } from './worker-directory.ts';
-import { CLAIMS_PREFIX, CLAIM_ID_HEADER, CLAIM_TO_HEADER, decodeReply, encodeRequest, rangeSubject, traceHeaders, workerSubject } from './wire.ts';
+import { CLAIMS_PREFIX, CLAIM_ID_HEADER, CLAIM_TO_HEADER, WAIT_HEADER, decodeReply, encodeRequest, rangeSubject, traceHeaders, workerSubject } from './wire.ts';
 import type { MiddleReply, MiddleRequest } from './wire.ts';
 
 export interface ClusterExecutorOptions {
@@ -295,6 +295,7 @@ export class ClusterExecutor implements MiddleRunner {
     headers.set(CLAIM_ID_HEADER, claimId);
     this.#claims.set(claimId, '');
     const sentAt = Date.now();
+    headers.set(WAIT_HEADER, String(Math.max(1, Math.ceil(deadline - sentAt))));
     let timer: ReturnType<typeof setInterval> | undefined;
     try {
       const pending = this.#nc.request(subject, body.data, { timeout: Math.max(1, deadline - sentAt), headers });

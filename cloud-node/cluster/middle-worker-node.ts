@@ -15,7 +15,7 @@ import { parseBlockRange, rangeName } from './block-ranges.ts';
 import { ClusterError } from './errors.ts';
 import { connectNats } from './nats-connection.ts';
 import {
-  ANNOUNCE_SUBJECT, claimOf, decodeRequest, encodeReply, rangeSubject, safeWorkerId, traceOf, workerSubject,
+  ANNOUNCE_SUBJECT, claimOf, decodeRequest, encodeReply, rangeSubject, safeWorkerId, traceOf, waitOf, workerSubject,
 } from './wire.ts';
 import type { MiddleReply, MiddleRequest } from './wire.ts';
 import { WireSpill } from './wire-spill.ts';
@@ -137,7 +137,7 @@ export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): P
     if (shape[1] > context) throw new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: 'shape', reason: `a sequence of ${shape[1]} is over the model's context of ${context}` });
   };
 
-  const serve = async (request: Exclude<MiddleRequest, { op: 'dropTape' }>, tenant: string): Promise<MiddleReply> => {
+  const serve = async (request: Exclude<MiddleRequest, { op: 'dropTape' }>, tenant: string, waitMs: number | undefined): Promise<MiddleReply> => {
     const started = performance.now();
     fits(request.shape);
     const tokens = request.shape[0] * request.shape[1];
@@ -145,14 +145,14 @@ export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): P
       case 'forward': {
         inside(request.blocks);
         rate.add(tokens);
-        if (!request.keepTape) return { ok: true, worker: id, output: await executor.forward(request.blocks, request.h, request.shape, tenant), computeMs: performance.now() - started };
-        const { output, tape } = await executor.forwardKeepingTape(request.blocks, request.h, request.shape, tenant);
+        if (!request.keepTape) return { ok: true, worker: id, output: await executor.forward(request.blocks, request.h, request.shape, tenant, undefined, waitMs), computeMs: performance.now() - started };
+        const { output, tape } = await executor.forwardKeepingTape(request.blocks, request.h, request.shape, tenant, undefined, waitMs);
         return { ok: true, worker: id, output, tapeId: keep(tape, request.shape), savedBytes: tape.savedBytes, computeMs: performance.now() - started };
       }
       case 'backward':
         inside(request.blocks);
         rate.add(tokens);
-        return { ok: true, worker: id, output: await executor.backward(request.blocks, request.h, request.g, request.shape, tenant), computeMs: performance.now() - started };
+        return { ok: true, worker: id, output: await executor.backward(request.blocks, request.h, request.g, request.shape, tenant, undefined, waitMs), computeMs: performance.now() - started };
       case 'backwardFromTape': {
         const held = tapes.get(request.tapeId);
         if (held === undefined) return { ok: false, worker: id, kind: 'tapeLost', message: `tape ${request.tapeId} is not kept by worker ${id}` };
@@ -203,7 +203,7 @@ export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): P
     const claim = claimOf(msg.headers);
     if (claim !== undefined) nc.publish(claim.to, JSON.stringify({ id: claim.id, worker: id }));
     running++;
-    serve(request, trace.tenant ?? '').then(
+    serve(request, trace.tenant ?? '', waitOf(msg.headers)).then(
       (reply) => reply,
       (error: unknown): MiddleReply => {
         const e = error as Error & { code?: string };

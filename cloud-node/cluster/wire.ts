@@ -36,6 +36,23 @@ export const CLAIM_TO_HEADER = 'tandem-claim-to';
 export const CLAIM_ID_HEADER = 'tandem-claim-id';
 const CLAIM_SUBJECT = /^tandem\.claims\.[A-Za-z0-9]{1,64}$/;
 
+/**
+ * How long the gateway waits for this request's reply from when it sends it (ms): a worker drops
+ * the request unrun if it is still queued then, since nobody is waiting for its answer (after a
+ * failover the new worker would otherwise compute every abandoned request before the live ones).
+ */
+export const WAIT_HEADER = 'tandem-wait-ms';
+/** The longest wait a request may state: the gateway's own request deadline is 25 s. */
+const MAX_WAIT_MS = 10 * 60_000;
+
+/** The wait a request states, when it is a whole number of ms in (0, 10 min]. */
+export function waitOf(h: MsgHdrs | undefined): number | undefined {
+  const text = h?.get(WAIT_HEADER) ?? '';
+  if (!/^\d{1,9}$/.test(text)) return undefined;
+  const ms = Number(text);
+  return ms > 0 && ms <= MAX_WAIT_MS ? ms : undefined;
+}
+
 /** The claim subject and id a request asks for, when both are well formed. */
 export function claimOf(h: MsgHdrs | undefined): { to: string; id: string } | undefined {
   if (h === undefined || !h.has(CLAIM_TO_HEADER) || !h.has(CLAIM_ID_HEADER)) return undefined;

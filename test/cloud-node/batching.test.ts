@@ -2,9 +2,11 @@
 // packed backbone call, and each request gets exactly what it gets alone (within 1e-5 in f32),
 // for sequences of different lengths, batch sizes and cuts; forwards, backwards from a packed
 // tape (also when only some members' backwards come) and backwards recomputing from h_B.
-// Batches are filled by weighted rounds over tenants, a tenant's tokens in flight capped.
+// Batches are filled by weighted rounds over tenants, a tenant's tokens in flight capped; a
+// request whose sender stopped waiting before it left the queue is dropped unrun.
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
+import type { CloudError } from '../../cloud-node/errors.ts';
 import { MiddleExecutor, TapeLost } from '../../cloud-node/middle-executor.ts';
 import type { BatchInfo, BlockRange, Shape3 } from '../../cloud-node/middle-executor.ts';
 import { HIDDEN, STORIES_DIR, randomTensor } from './helpers.ts';
@@ -149,6 +151,22 @@ describe('filling a batch: tenant weights and tokens in flight', () => {
     assert.deepEqual([...even[0].tenantTokens], [['b', 16], ['a', 16]]);
     assert.deepEqual([...weighted[0].tenantTokens], [['b', 8], ['a', 24]]);
     assert.deepEqual(capped.map((b) => b.tokens), [16, 16]);
+  });
+
+  it('a request still queued when its sender has stopped waiting is dropped unrun; the others behind the busy worker run', async () => {
+    const seen: BatchInfo[] = [];
+    const executor = await MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'cpu', batchWindowMs: 0, maxBatchTokens: 32, onBatch: (b) => seen.push(b) });
+    try {
+      const busy = executor.forward(range, hBig, big, 'busy');
+      // Behind the busy forward: one whose sender waits 1 ms (a gateway that gave up), one with no wait stated.
+      const abandoned = executor.forward(range, h, shape, 'mallory', undefined, 1);
+      const live = executor.forward(range, h, shape, 'bob');
+      await assert.rejects(abandoned, (e: CloudError) => e.code === 'TANDEM_COMPUTE_FAILED' && /not computed/.test(e.message));
+      await Promise.all([busy, live]);
+      assert.deepEqual(seen.map((b) => [...b.tenantTokens.keys()]), [['busy'], ['bob']], 'mallory\'s forward was never computed');
+    } finally {
+      await executor.close();
+    }
   });
 
   it('bad options are refused at start', async () => {

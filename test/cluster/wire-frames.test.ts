@@ -4,7 +4,8 @@
 // by name before anything computes.
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { decodeRequest, encodeRequest } from '../../cloud-node/cluster/wire.ts';
+import { WAIT_HEADER, decodeRequest, encodeRequest, waitOf } from '../../cloud-node/cluster/wire.ts';
+import { headers as natsHeaders } from '@nats-io/transport-node';
 import type { MiddleRequest } from '../../cloud-node/cluster/wire.ts';
 import { decodeTensor, encodeFrame, encodeTensor } from '../../protocol/index.ts';
 import type { Shape3 } from '../../cloud-node/middle-runner.ts';
@@ -47,5 +48,18 @@ describe('cluster requests carrying the edge frames', () => {
     refused({ op: 'backwardFromTape', tapeId: 1, shape, gFrame: new Uint8Array([0xff, 0xff, 0xff]) }, /gFrame/);
     // The request's shape is bounded before its frame is looked at.
     refused({ op: 'forward', blocks, shape, hFrame: encodeFrame(frame), keepTape: false }, /shape/, 1000);
+  });
+});
+
+describe('the wait a request states', () => {
+  it('is taken as whole ms in (0, 10 min]; anything else states none', () => {
+    const wait = (text: string): number | undefined => {
+      const h = natsHeaders();
+      h.set(WAIT_HEADER, text);
+      return waitOf(h);
+    };
+    assert.equal(wait('25000'), 25_000);
+    for (const bad of ['0', '-5', '1.5', '1e3', '600001', '99999999999', 'soon', '']) assert.equal(wait(bad), undefined, bad);
+    assert.equal(waitOf(undefined), undefined);
   });
 });
