@@ -174,8 +174,10 @@ export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): P
 
   const spill = new WireSpill(nc);
   // Bodies over max_payload come and go through the object store.
-  const respond = async (msg: Msg, reply: MiddleReply): Promise<void> => {
-    if (msg.reply === undefined || nc.isClosed()) return;
+  // A reply after its gateway stopped waiting (the wait the request stated) has no reader: a
+  // spilled one would stay in the object store until its TTL.
+  const respond = async (msg: Msg, reply: MiddleReply, expiresAt?: number): Promise<void> => {
+    if (msg.reply === undefined || nc.isClosed() || (expiresAt !== undefined && Date.now() > expiresAt)) return;
     let body: { data: Uint8Array; headers?: MsgHdrs };
     try {
       body = await spill.outgoing(encodeReply(reply));
@@ -203,7 +205,9 @@ export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): P
     const claim = claimOf(msg.headers);
     if (claim !== undefined) nc.publish(claim.to, JSON.stringify({ id: claim.id, worker: id }));
     running++;
-    serve(request, trace.tenant ?? '', waitOf(msg.headers)).then(
+    const waitMs = waitOf(msg.headers);
+    const expiresAt = waitMs === undefined ? undefined : Date.now() + waitMs;
+    serve(request, trace.tenant ?? '', waitMs).then(
       (reply) => reply,
       (error: unknown): MiddleReply => {
         const e = error as Error & { code?: string };
@@ -212,7 +216,7 @@ export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): P
       },
     ).then((reply) => {
       running--;
-      return respond(msg, reply);
+      return respond(msg, reply, expiresAt);
     }).catch((error: unknown) => log.error({ err: error }, 'answering a middle request failed'));
   };
   const onMessage = (msg: Msg): void => {

@@ -1,17 +1,19 @@
 // A request whose body is over max_payload keeps one object in the spill bucket for all its
 // tries, however many times no worker answers, and the object is gone once the request ends; a
 // tenant's bodies in the bucket at once are bounded, so one tenant cannot fill the server's
-// memory store for the others (nats-server with max_payload 16 KiB, a worker announced but gone).
+// memory store for the others (nats-server with max_payload 16 KiB, a worker announced but gone);
+// a worker stores no reply for a gateway that has stopped waiting.
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { Objm } from '@nats-io/obj';
+import { headers as natsHeaders, nuid } from '@nats-io/transport-node';
 import type { NatsConnection } from '@nats-io/transport-node';
 import { ClusterExecutor } from '../../cloud-node/index.ts';
 import { CloudError } from '../../cloud-node/errors.ts';
 import type { BlockRange, Shape3 } from '../../cloud-node/middle-runner.ts';
 import { connectNats } from '../../cloud-node/cluster/nats-connection.ts';
-import { SPILL_BUCKET } from '../../cloud-node/cluster/wire-spill.ts';
-import { ANNOUNCE_SUBJECT } from '../../cloud-node/cluster/wire.ts';
+import { SPILL_BUCKET, WireSpill } from '../../cloud-node/cluster/wire-spill.ts';
+import { ANNOUNCE_SUBJECT, WAIT_HEADER, decodeReply, encodeRequest, workerSubject } from '../../cloud-node/cluster/wire.ts';
 import { Rng, initBackend } from '../../model/index.ts';
 import { startNatsServer } from './nats-server.ts';
 import type { TestNatsServer } from './nats-server.ts';
@@ -74,6 +76,29 @@ describe('spilled request bodies across tries (nats-server with max_payload 16 K
     } finally {
       await executor.close();
       await worker?.close();
+    }
+  });
+
+  it('a worker does not store a reply its gateway has stopped waiting for', async () => {
+    const worker = await startWorker(nats.url);
+    const spill = new WireSpill(nc);
+    const rng = new Rng(9);
+    const body = (): Uint8Array => encodeRequest({ op: 'forward', blocks: { ...worker.blocks }, shape: SHAPE, h: Float32Array.from({ length: SHAPE[0] * SHAPE[1] * SHAPE[2] }, () => rng.normal()), keepTape: false });
+    const objects = async (): Promise<number> => (await (await new Objm(nc).open(SPILL_BUCKET)).list()).length;
+    try {
+      // Its gateway waits 1 ms: by the time the 32 KiB reply is ready nobody listens on its inbox.
+      const late = natsHeaders();
+      late.set(WAIT_HEADER, '1');
+      const abandoned = await spill.outgoing(body(), late);
+      nc.publish(workerSubject(worker.id), abandoned.data, { reply: `_INBOX.${nuid.next()}`, headers: abandoned.headers });
+      // A second request of the same tenant, answered after the first (one compute thread, in order).
+      const live = await spill.outgoing(body());
+      const reply = decodeReply(await spill.incoming(await nc.request(workerSubject(worker.id), live.data, { headers: live.headers, timeout: 20_000 }), 1 << 20), SHAPE[0] * SHAPE[1] * SHAPE[2]);
+      assert.equal(reply.ok, true);
+      await until(async () => (await objects()) === 0, 20_000, 'the spill bucket to hold nothing');
+      assert.equal(await objects(), 0, 'no reply was left for a gateway that stopped waiting');
+    } finally {
+      await worker.close();
     }
   });
 });
