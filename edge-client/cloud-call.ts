@@ -12,12 +12,17 @@ export interface CloudTarget {
   ca?: string;
 }
 
+/** The URL of `path` on the cloud (the base URL without its trailing slashes). */
+export function cloudUrl(target: CloudTarget, path: string): string {
+  return `${target.cloudUrl.replace(/\/+$/, '')}${path}`;
+}
+
 /**
  * One REST call to the cloud with the tenant's key: JSON body in, the Response out when it is
  * ok; otherwise the typed EdgeError (auth, the cloud's stable code kept in remoteCode, or HTTP).
  */
 export async function call(target: CloudTarget, method: string, path: string, body?: unknown, timeoutMs = 30 * 60_000): Promise<Response> {
-  const url = `${target.cloudUrl.replace(/\/+$/, '')}${path}`;
+  const url = cloudUrl(target, path);
   let response: Response;
   try {
     response = await cloudFetch(url, {

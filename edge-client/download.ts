@@ -96,7 +96,8 @@ export function defaultCacheDir(): string {
   return process.env.TANDEM_CACHE || join(homedir(), '.cache', 'tandem');
 }
 
-function isObject(v: unknown): v is Record<string, unknown> {
+/** A JSON object (not null, not an array): what a reply's parsers check first. */
+export function isObject(v: unknown): v is Record<string, unknown> {
   return typeof v === 'object' && v !== null && !Array.isArray(v);
 }
 

@@ -15,7 +15,7 @@ import type { Cut, Evaluation, Middle, TextTokenizer, TrainRecipe, TrainingResul
 import { SECAGG_PHASES, encodeFloat32, encodeUint32 } from '../protocol/index.ts';
 import type { CodecName, FederationCreate, FederationStatus, RoundAssignment, RoundUpdate, RoundUpdateAck, SecAggPhase, SecAggView, WireAdapter } from '../protocol/index.ts';
 import { MAX_JSON_REPLY_BYTES, readJson } from './reply-body.ts';
-import { call } from './cloud-call.ts';
+import { call, cloudUrl } from './cloud-call.ts';
 import type { CloudTarget } from './cloud-call.ts';
 import { loadEdgePart } from './download.ts';
 import { EdgeError } from './errors.ts';
@@ -83,7 +83,7 @@ class Rest {
   constructor(private readonly target: CloudTarget) {}
 
   where(path: string): string {
-    return `${this.target.cloudUrl.replace(/\/+$/, '')}${path}`;
+    return cloudUrl(this.target, path);
   }
 
   /** The reply's JSON, read no further than `limit` bytes; what it holds is for the caller to check. */

@@ -7,6 +7,7 @@ import { ADAPTER_CONFIG_MAX_BYTES, MAX_ADAPTER_TENSORS, ModelError, checkAdapter
 import type { LlamaModel } from '../model/index.ts';
 import { FEDERATION_AGGREGATIONS, FEDERATION_MODES, MAX_LOCAL_STEPS, MAX_ROUND_DEADLINE_SECONDS, SECAGG_PHASES, decodeFloat32 } from '../protocol/index.ts';
 import type { FederationStatus, RoundAssignment, RoundRecord, RoundUpdateAck, SecAggView, WireAdapter } from '../protocol/index.ts';
+import { isObject } from './download.ts';
 import { EdgeError } from './errors.ts';
 
 /**
@@ -30,10 +31,6 @@ export const MAX_STATUS_REPLY_BYTES = 64 * 1024 * 1024;
 export const GLOBAL_METADATA = { format: 'pt' };
 
 export const ROUND_STATES = ['open', 'done', 'stopped'] as const satisfies readonly RoundAssignment['state'][];
-
-function isObject(v: unknown): v is Record<string, unknown> {
-  return typeof v === 'object' && v !== null && !Array.isArray(v);
-}
 
 /** A value for an error message: a primitive as JSON, cut to a few dozen characters. */
 function shown(v: unknown): string {

@@ -7,7 +7,7 @@ import { readBundle, readOffsiteRecord, writeBundleFiles } from '../emulator/ind
 import type { Bundle, Quantization } from '../emulator/index.ts';
 import type { LmFigures, PlugInEvaluation } from '../protocol/index.ts';
 import { readJson } from './reply-body.ts';
-import { call } from './cloud-call.ts';
+import { call, cloudUrl } from './cloud-call.ts';
 import type { CloudTarget } from './cloud-call.ts';
 import { loadEdgePart, parseFileEntries, readDeclaredFile } from './download.ts';
 import type { LoadedEdgePart } from './download.ts';
@@ -143,7 +143,7 @@ export async function downloadBundle(options: DownloadBundleOptions): Promise<Bu
   if (options.top !== undefined) query.set('top', String(options.top));
   if (options.quantize !== undefined) query.set('quantize', options.quantize);
   const base = `/v1/models/${encodeURIComponent(options.modelId)}/emulators`;
-  const where = `${options.cloudUrl.replace(/\/+$/, '')}${base}?${query}`;
+  const where = cloudUrl(options, `${base}?${query}`);
   const body = await readJson(await call(options, 'GET', `${base}?${query}`), where);
   if (typeof body !== 'object' || body === null || Array.isArray(body)) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', 'expected {model, contentHash, cut, manifest, files: [...]}', { where });
   const listing = parseFileEntries((body as { files?: unknown }).files, where);

@@ -25,6 +25,11 @@ const MAX_TENSORS = 4096;
 /** The bodies an owner sends in a round. */
 export type FederationBodyKind = 'update' | 'secagg-keys' | 'secagg-shares' | 'secagg-reveal';
 
+/** The longest SecAgg share box an owner may address to another (characters), and the longest share value (hex digits of a GF(2^521 − 1) element). */
+const MAX_SHARE_BOX_CHARS = 8192;
+const MAX_SHARE_HEX_DIGITS = 131;
+const SHARE_HEX = new RegExp(`^[0-9a-f]{1,${MAX_SHARE_HEX_DIGITS}}$`);
+
 /** Beyond its values or shares, what a round body's other fields and JSON punctuation may take. */
 const BODY_FIELDS_BYTES = 64 * 1024;
 
@@ -251,10 +256,10 @@ export class Coordinator {
     switch (kind) {
       case 'update': return 4 * Math.ceil((r.layout.size * 4) / 3) + BODY_FIELDS_BYTES;
       case 'secagg-keys': return BODY_FIELDS_BYTES;
-      // One box (≤ 8192 characters) and two tenant names (≤ 64) an owner.
-      case 'secagg-shares': return owners * (8192 + 2 * 64 + 64) + BODY_FIELDS_BYTES;
-      // Two maps of owner → { x, y: ≤ 131 hex digits }.
-      case 'secagg-reveal': return 2 * owners * (64 + 131 + 64) + BODY_FIELDS_BYTES;
+      // One box and two tenant names (≤ 64 characters) an owner.
+      case 'secagg-shares': return owners * (MAX_SHARE_BOX_CHARS + 2 * 64 + 64) + BODY_FIELDS_BYTES;
+      // Two maps of owner → { x, y }.
+      case 'secagg-reveal': return 2 * owners * (64 + MAX_SHARE_HEX_DIGITS + 64) + BODY_FIELDS_BYTES;
     }
   }
 
@@ -486,8 +491,8 @@ export class Coordinator {
     const owners = Object.keys(sa.advertised).sort();
     const list = Array.isArray(body.shares) ? body.shares : [];
     const to = list.map((s) => s?.to).sort();
-    if (list.length !== owners.length || to.some((t, i) => t !== owners[i]) || list.some((s) => s.from !== tenant || typeof s.box !== 'string' || s.box.length > 8192)) {
-      throw this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_SHAPE', { field: 'shares', reason: `must be one box (≤ 8192 characters) from ${tenant} to each of ${owners.join(', ')}` }));
+    if (list.length !== owners.length || to.some((t, i) => t !== owners[i]) || list.some((s) => s.from !== tenant || typeof s.box !== 'string' || s.box.length > MAX_SHARE_BOX_CHARS)) {
+      throw this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_SHAPE', { field: 'shares', reason: `must be one box (≤ ${MAX_SHARE_BOX_CHARS} characters) from ${tenant} to each of ${owners.join(', ')}` }));
     }
     sa.shares[tenant] = list.map((s) => ({ from: s.from, to: s.to, box: s.box }));
     if (Object.keys(sa.shares).length === owners.length) sa.phase = 'masked';
@@ -502,7 +507,7 @@ export class Coordinator {
     if (Object.hasOwn(sa.reveals, tenant)) throw this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_REPLAY', { tenant, round, attempt: r.attempt }));
     const dropped = Object.keys(sa.shares).filter((o) => !sa.survivors.includes(o));
     const check = (m: unknown, allowed: string[], field: string): Record<string, WireShare> => {
-      const ok = typeof m === 'object' && m !== null && Object.entries(m).every(([o, s]) => allowed.includes(o) && Number.isInteger((s as WireShare)?.x) && typeof (s as WireShare)?.y === 'string' && /^[0-9a-f]{1,131}$/.test((s as WireShare).y));
+      const ok = typeof m === 'object' && m !== null && Object.entries(m).every(([o, s]) => allowed.includes(o) && Number.isInteger((s as WireShare)?.x) && typeof (s as WireShare)?.y === 'string' && SHARE_HEX.test((s as WireShare).y));
       if (!ok) throw this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_SHAPE', { field, reason: `must map owners among ${allowed.join(', ') || '(none)'} to shares { x, y (hex) }` }));
       return m as Record<string, WireShare>;
     };
