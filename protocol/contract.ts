@@ -12,6 +12,8 @@ export const WIRE_ERRORS = {
   activationsGone: 'TANDEM_ACTIVATIONS_GONE',
   /** A restarted node listens before its model is loaded: retry. */
   modelNotReady: 'TANDEM_MODEL_NOT_READY',
+  /** A store the request passes through (a cluster's object store for bodies over max_payload) is full for now: retry, backing off. */
+  storeFull: 'TANDEM_STORE_FULL',
   authKeyMissing: 'TANDEM_AUTH_KEY_MISSING',
   authKeyInvalid: 'TANDEM_AUTH_KEY_INVALID',
 } as const;

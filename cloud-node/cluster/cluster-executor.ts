@@ -18,7 +18,7 @@ import type { TensorFrame } from '../../protocol/index.ts';
 import { coverRange } from './block-ranges.ts';
 import type { PipelineSegment } from './block-ranges.ts';
 import { connectNats } from './nats-connection.ts';
-import { RECOMMENDED_MAX_PAYLOAD, WireSpill } from './wire-spill.ts';
+import { RECOMMENDED_MAX_PAYLOAD, SPILL_BUCKET, WireSpill } from './wire-spill.ts';
 import type { HeldBody } from './wire-spill.ts';
 import { WorkerDirectory } from './worker-directory.ts';
 import { CLAIMS_PREFIX, CLAIM_ID_HEADER, CLAIM_TO_HEADER, WAIT_HEADER, decodeReply, encodeRequest, rangeSubject, traceHeaders, workerSubject } from './wire.ts';
@@ -361,7 +361,7 @@ export class ClusterExecutor implements MiddleRunner {
 
   #failed(reply: Extract<MiddleReply, { ok: false }>): Error {
     if (reply.kind === 'tapeLost') return new TapeLost(reply.message);
-    if (reply.code === 'TANDEM_RESOURCE_EXHAUSTED') return new CloudError('TANDEM_RESOURCE_EXHAUSTED', { resource: 'room in the object store for the reply', reason: `worker ${reply.worker}: ${reply.message}`.slice(0, 300) });
+    if (reply.code === 'TANDEM_STORE_FULL') return new CloudError('TANDEM_STORE_FULL', { store: `cluster's object store ${SPILL_BUCKET} for the reply`, reason: `worker ${reply.worker}: ${reply.message}`.slice(0, 300) });
     return new CloudError('TANDEM_COMPUTE_FAILED', { reason: `worker ${reply.worker}: ${reply.code ?? ''} ${reply.message}`.slice(0, 300) });
   }
 

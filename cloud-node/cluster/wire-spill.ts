@@ -111,7 +111,7 @@ export class WireSpill {
     };
   }
 
-  /** Stores `body` under a new name; a full store is TANDEM_RESOURCE_EXHAUSTED (retry later). */
+  /** Stores `body` under a new name; a full store is TANDEM_STORE_FULL (503: the edge retries). */
   async #put(body: Uint8Array): Promise<string> {
     const name = nuid.next();
     const put = async (): Promise<void> => {
@@ -127,7 +127,7 @@ export class WireSpill {
     } catch (cause) {
       const message = String((cause as Error).message);
       if (STORE_FULL.test(message)) {
-        throw new CloudError('TANDEM_RESOURCE_EXHAUSTED', { resource: `room in the object store ${SPILL_BUCKET}`, reason: `the NATS server's store for bodies over max_payload is full (${message.slice(0, 80)}); a body of ${body.byteLength} bytes does not fit now, retry later` }, { cause });
+        throw new CloudError('TANDEM_STORE_FULL', { store: `cluster's object store ${SPILL_BUCKET} for bodies over max_payload`, reason: `the NATS server refused a body of ${body.byteLength} bytes (${message.slice(0, 80)})` }, { cause });
       }
       this.#store = undefined;
       throw new ClusterError('TANDEM_CLUSTER_BODY_TOO_LARGE', { bytes: body.byteLength, limit: this.inlineLimit, reason: `storing it in the object store failed: ${message}` }, { cause });

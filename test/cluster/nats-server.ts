@@ -69,14 +69,17 @@ export function natsPasswords(): { gateway: string; worker: string } {
   return { gateway: process.env[natsPasswordVariable('gateway')]!, worker: process.env[natsPasswordVariable('worker')]! };
 }
 
-/** `maxPayload` sets the server's max_payload (bytes; its default is 1MB): lower to exercise large tensors, 8MB as infra/nats deploys it. */
-export async function startNatsServer(options: { maxPayload?: number } = {}): Promise<TestNatsServer> {
+/**
+ * `maxPayload` sets the server's max_payload (bytes; its default is 1MB): lower to exercise large tensors, 8MB as infra/nats deploys it.
+ * `maxMemoryStore` sets JetStream's memory store (64MB here): lower to fill it.
+ */
+export async function startNatsServer(options: { maxPayload?: number; maxMemoryStore?: string } = {}): Promise<TestNatsServer> {
   const storeDir = await mkdtemp(join(tmpdir(), 'tandem-nats-'));
   const port = await freePort();
   const config = join(storeDir, 'nats.conf');
   await writeFile(config, [
     `listen: 127.0.0.1:${port}`,
-    `jetstream { store_dir: ${JSON.stringify(join(storeDir, 'js'))}, max_memory_store: 64MB, max_file_store: 512MB }`,
+    `jetstream { store_dir: ${JSON.stringify(join(storeDir, 'js'))}, max_memory_store: ${options.maxMemoryStore ?? '64MB'}, max_file_store: 512MB }`,
     options.maxPayload === undefined ? '' : `max_payload: ${options.maxPayload}`,
     natsAuthInclude(config),
   ].join('\n'));

@@ -12,6 +12,7 @@ import { connectNats } from '../../cloud-node/cluster/nats-connection.ts';
 import type { Msg, NatsConnection } from '@nats-io/transport-node';
 import { RECOMMENDED_MAX_PAYLOAD, WireSpill, SPILL_HEADER } from '../../cloud-node/cluster/wire-spill.ts';
 import type { ClusterError } from '../../cloud-node/cluster/errors.ts';
+import { CloudError } from '../../cloud-node/errors.ts';
 import { startNatsServer } from './nats-server.ts';
 import type { TestNatsServer } from './nats-server.ts';
 
@@ -58,6 +59,22 @@ describe('bodies over max_payload (nats-server with max_payload 8 KiB)', () => {
       const h = headers();
       h.set(SPILL_HEADER, name);
       await assert.rejects(spill.incoming(await received(new Uint8Array(0), h), 10_000), (e: ClusterError) => e.code === 'TANDEM_CLUSTER_MESSAGE_INVALID', name);
+    }
+  });
+
+  it('a store full for now is 503 TANDEM_STORE_FULL (the edge retries it), and takes bodies again once others are deleted', async () => {
+    const small = await startNatsServer({ maxPayload: 8192, maxMemoryStore: '1MB' });
+    const snc = await connectNats(small.url, 'test-spill-full', 'gateway');
+    try {
+      const spill = new WireSpill(snc);
+      const first = await spill.hold(new Uint8Array(600_000));
+      await assert.rejects(spill.hold(new Uint8Array(600_000)), (e: CloudError) => e instanceof CloudError && e.code === 'TANDEM_STORE_FULL' && e.status === 503 && /600000 bytes/.test(e.message), 'the second body does not fit');
+      await first.release();
+      const again = await spill.hold(new Uint8Array(600_000));
+      await again.release();
+    } finally {
+      await snc.close();
+      await small.close();
     }
   });
 

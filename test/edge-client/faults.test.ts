@@ -1,13 +1,17 @@
 // Faults during split training: the cloud node killed and restarted mid-training, and
 // activations evicted before their backward. Either way the run ends exactly where an
 // undisturbed run ends: no step lost, none applied twice, recomputation gives the same result.
+// A node answering that a store it needs is full for now (a cluster's object store for large
+// bodies) is retried, as a node still loading its model is.
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { trainEdge } from '../../edge-client/index.ts';
 import type { EdgeTrainOptions, EdgeTrainResult } from '../../edge-client/index.ts';
 import { initBackend } from '../../model/index.ts';
+import { WIRE_ERRORS } from '../../protocol/index.ts';
 import { DEMO_DATA, MODEL_ID, startTestCloud, tempDir } from './helpers.ts';
 import type { TestCloud } from './helpers.ts';
+import { startHostileCloud } from './hostile-cloud-proxy.ts';
 
 const run = {
   model: MODEL_ID, data: DEMO_DATA, cut: { bottom: 1, top: 1 }, steps: 6, batchSize: 4, gradientAccumulationSteps: 2, seqLen: 32, lr: 5e-3, seed: 5,
@@ -68,6 +72,28 @@ describe('split training under faults', () => {
       assertSameRun(result, reference, 1e-6);
     } finally {
       await tight.close();
+    }
+  });
+
+  it('a store full for now (503 TANDEM_STORE_FULL): the edge backs off, sends the request again and finishes the same run', async () => {
+    // The first answer to each of step 2's Forward and Backward says the store is full.
+    const refused = new Set<string>();
+    const proxy = await startHostileCloud(cloud.url, {
+      reply: (request, reply) => {
+        const body = request.body;
+        if ((body.case !== 'forward' && body.case !== 'backward') || body.value.step !== 2 || body.value.microbatch !== 0 || refused.has(body.case)) return reply;
+        refused.add(body.case);
+        return { ...reply, body: { case: 'error', value: { code: WIRE_ERRORS.storeFull, message: 'TANDEM_STORE_FULL: the cluster\'s object store tandem-wire is full for now', details: {} } } };
+      },
+    });
+    try {
+      const result = await trainEdge({ ...run, cloud: proxy.url, key: cloud.key, cacheDir: cache.dir });
+      assert.deepEqual([...refused].sort(), ['backward', 'forward']);
+      assert.equal(result.wire.retries, 2, 'each refused request was sent once more');
+      assert.equal(result.losses.length, run.steps);
+      assertSameRun(result, reference, 1e-6);
+    } finally {
+      await proxy.close();
     }
   });
 });

@@ -10,6 +10,7 @@ describe('the wire contract', () => {
     for (const code of [...Object.values(WIRE_ERRORS), ...AUTH_ERROR_CODES]) assert.ok(isCloudErrorCode(code), `${code} is not in CLOUD_ERRORS`);
     assert.equal(CLOUD_ERRORS[WIRE_ERRORS.activationsGone].status, 409);
     assert.equal(CLOUD_ERRORS[WIRE_ERRORS.modelNotReady].status, 503);
+    assert.equal(CLOUD_ERRORS[WIRE_ERRORS.storeFull].status, 503);
   });
 
   it('the edge weights file and the default cut are fixed values (on-disk and on-wire names never change)', () => {
