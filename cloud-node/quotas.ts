@@ -28,6 +28,12 @@ export interface TenantQuotas {
   connections: number;
   /** Bytes the tenant's incomplete chunked requests may hold at once (its share of the node's reassembly budget). */
   reassemblyBytes: number;
+  /**
+   * Bytes of the gradient codec's error-feedback residuals the node keeps for the tenant, all its
+   * sessions together. Not a refusal: past it the least recently used residual is given up, and
+   * that stream's error feedback restarts.
+   */
+  feedbackBytes: number;
 }
 
 export type QuotaName = keyof TenantQuotas;
@@ -45,6 +51,7 @@ export const DEFAULT_QUOTAS: Readonly<TenantQuotas> = {
   heldAdapterBytes: 256 * 1024 * 1024,
   connections: 64,
   reassemblyBytes: 128 * 1024 * 1024,
+  feedbackBytes: 128 * 1024 * 1024,
 };
 
 const WINDOW_MS = 60_000;

@@ -6,7 +6,7 @@
 // DECLARED shape against the session's shape limits before it is validated or decoded.
 import { randomUUID } from 'node:crypto';
 import {
-  CODEC_NAMES, ErrorFeedback, checkLimitFloors, decodeEnvelope, decodeTensor, encodeEnvelope, encodeTensor, envelope, frameBytes,
+  CODEC_NAMES, ErrorFeedback, FeedbackLedger, checkLimitFloors, decodeEnvelope, decodeTensor, encodeEnvelope, encodeTensor, envelope, frameBytes,
   intersectLimits, negotiateCodecs, negotiateVersion, validateFrame,
 } from '../protocol/index.ts';
 import type {
@@ -138,6 +138,8 @@ function sameShape(a: readonly number[], b: readonly number[]): boolean {
 export class SessionService {
   readonly #options: SessionServiceOptions;
   readonly #runtimes = new Map<string, SessionRuntime>();
+  /** Each tenant's error-feedback residuals, all its sessions together (its feedbackBytes quota). */
+  readonly #feedbackLedgers = new Map<string, FeedbackLedger>();
   /** When each session last saw a request (ms); sessions loaded from disk start at their updatedAt. */
   readonly #activity = new Map<string, number>();
   /** Hellos past the openSessions check whose held adapter is being checkpointed, the record not yet added: counted open meanwhile. */
@@ -193,7 +195,11 @@ export class SessionService {
     this.#options.cache.dropSession(session.id);
     this.#options.inference?.end(session.id);
     await this.#options.held?.drop(session.id);
-    this.#runtimes.get(session.id)?.feedback?.clear();
+    const feedback = this.#runtimes.get(session.id)?.feedback;
+    if (feedback !== undefined) {
+      feedback.clear();
+      this.#countFeedback();
+    }
     this.#runtimes.delete(session.id);
     this.#activity.delete(session.id);
     this.#options.metrics.sessionsOpen.set(this.#options.store.openCount);
@@ -545,16 +551,34 @@ export class SessionService {
   /**
    * g_B in the backward codec; a lossy one goes through the session's error feedback, one stream
    * per micro-batch index (the edge's to name: the residuals are held to DEFAULT_FEEDBACK_BYTES a
-   * session, the least recently used given up first).
+   * session and to the tenant's feedbackBytes quota for all its sessions, the least recently used
+   * given up first).
    */
   #encodeGradient(session: SessionRecord, runtime: SessionRuntime, microbatch: number, data: Float32Array, shape: Shape3): TensorFrame {
     const spec = session.codecs.backward;
     if (spec.codec === 'f32') return encodeTensor(data, shape, spec, { name: 'g_B' });
-    runtime.feedback ??= new ErrorFeedback(spec);
+    runtime.feedback ??= new ErrorFeedback(spec, { ledger: this.#feedbackLedger(session.tenant) });
     const stream = `g_B/${microbatch}`;
     const residual = runtime.feedback.residual(stream);
     if (residual !== undefined && residual.length !== data.length) runtime.feedback.reset(stream);
-    return runtime.feedback.encode(stream, data, shape, { name: 'g_B' });
+    const frame = runtime.feedback.encode(stream, data, shape, { name: 'g_B' });
+    this.#countFeedback();
+    return frame;
+  }
+
+  #countFeedback(): void {
+    let bytes = 0;
+    for (const ledger of this.#feedbackLedgers.values()) bytes += ledger.bytes;
+    this.#options.metrics.feedbackBytes.set(bytes);
+  }
+
+  #feedbackLedger(tenant: string): FeedbackLedger {
+    let ledger = this.#feedbackLedgers.get(tenant);
+    if (ledger === undefined) {
+      ledger = new FeedbackLedger(this.#options.quotas.of(tenant).feedbackBytes);
+      this.#feedbackLedgers.set(tenant, ledger);
+    }
+    return ledger;
   }
 
   /** Validates a received hidden-state frame against the session and the model, and decodes it. */

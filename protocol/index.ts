@@ -23,7 +23,7 @@ export type { EncodeTensorOptions, FrameExpectation } from './tensor-frame.ts';
 export { CODEC_NAMES } from './codecs/registry.ts';
 export { DEFAULT_BLOCK_SIZE } from './codecs/codec.ts';
 export { DEFAULT_TOPK_FRACTION } from './codecs/topk.ts';
-export { DEFAULT_FEEDBACK_BYTES, ErrorFeedback } from './error-feedback.ts';
+export { DEFAULT_FEEDBACK_BYTES, ErrorFeedback, FeedbackLedger } from './error-feedback.ts';
 export type { ErrorFeedbackOptions } from './error-feedback.ts';
 export { CRC32_IMPLEMENTATION, crc32, crc32Js } from './crc32.ts';
 export { messagesForTransport, splitMessage } from './chunker.ts';

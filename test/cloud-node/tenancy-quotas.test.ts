@@ -3,7 +3,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { main } from '../../cli/main.ts';
-import { HIDDEN, STORIES_DIR, TestClient, api, createTenantKey, frameOf, helloBody, randomTensor, startTestNode } from './helpers.ts';
+import { HIDDEN, STORIES_DIR, TestClient, api, createTenantKey, frameOf, helloBody, metric, randomTensor, startTestNode } from './helpers.ts';
 import { assertReady, errorDetails, goodTenant } from './tenancy-helpers.ts';
 
 describe('tenant quotas', () => {
@@ -102,6 +102,37 @@ describe('tenant quotas', () => {
     assert.equal((await api(node, 'GET', '/v1/models', good.key)).status, 200);
     await good.step();
     for (let i = 0; i < 8; i++) assert.equal((await api(node, 'GET', '/v1/sessions', node.adminKey)).status, 200);
+    await assertReady(node);
+  });
+
+  it('error feedback: a tenant\'s residuals of a lossy gradient codec are held to its feedbackBytes, all its sessions together; another tenant keeps its own', async () => {
+    const shape: [number, number, number] = [1, 8, HIDDEN];
+    const residual = shape[0] * shape[1] * shape[2] * 4; // one per micro-batch index, the size of g_B
+    const node = await startTestNode({ tenantQuotas: { mallory: { feedbackBytes: 2 * residual } } });
+    const feedbackBytes = (): Promise<number> => metric(node, 'tandem_feedback_bytes');
+    const lossy = { codecs: { forward: [{ codec: 'f32' as const }], backward: [{ codec: 'int8-block' as const, blockSize: 64 }] } };
+    const good = await TestClient.connect(node, await createTenantKey(node, 'alice'));
+    await good.hello(lossy);
+    const gradient = async (client: TestClient, microbatch: number, sessionId: string): Promise<void> => {
+      const f = await client.request(client.forwardBody(0, microbatch, [frameOf(randomTensor(shape, 10 + microbatch), shape)], true, sessionId));
+      assert.equal(f.body.case, 'forwardResult');
+      const b = await client.request(client.backwardBody(0, microbatch, [frameOf(randomTensor(shape, 20 + microbatch), shape)], sessionId));
+      assert.equal(b.body.case, 'backwardResult');
+    };
+    await gradient(good, 0, good.sessionId);
+    assert.equal(await feedbackBytes(), residual);
+    const malloryKey = await createTenantKey(node, 'mallory');
+    const attacker = await TestClient.connect(node, malloryKey);
+    const sessions: string[] = [];
+    for (let i = 0; i < 3; i++) sessions.push((await attacker.hello(lossy)).sessionId);
+    // Three sessions, four micro-batch indices each: twelve residuals asked for, two kept.
+    for (const id of sessions) for (let m = 0; m < 4; m++) await gradient(attacker, m, id);
+    assert.equal(await feedbackBytes(), residual + 2 * residual, 'alice\'s one and mallory\'s quota');
+    for (let m = 1; m < 4; m++) await gradient(good, m, good.sessionId);
+    assert.equal(await feedbackBytes(), 4 * residual + 2 * residual, 'alice keeps her four (the default quota)');
+    // Closing a session gives its residuals back.
+    assert.equal((await api(node, 'DELETE', `/v1/sessions/${sessions[2]}`, malloryKey)).status, 200);
+    assert.equal(await feedbackBytes(), 4 * residual);
     await assertReady(node);
   });
 

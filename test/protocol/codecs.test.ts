@@ -1,7 +1,7 @@
 // Each codec's round trip stays within its stated error bound (protocol/README.md).
 import test from 'node:test';
 import assert from 'node:assert/strict';
-import { ErrorFeedback, ProtocolError, crc32, decodeTensor, encodeTensor } from '../../protocol/index.ts';
+import { ErrorFeedback, FeedbackLedger, ProtocolError, crc32, decodeTensor, encodeTensor } from '../../protocol/index.ts';
 import type { CodecSpec } from '../../protocol/index.ts';
 import { f16ToNumber, f32BitsToF16 } from '../../protocol/codecs/half.ts';
 import { activationLike, randomUniform } from '../fixtures/protocol/activations.ts';
@@ -221,4 +221,35 @@ test('error feedback holds at most maxBytes of residuals: streams named by the p
   assert.equal(ef.bytes, 5 * 4 * n);
   ef.reset('big');
   assert.equal(ef.bytes, 0);
+});
+
+test('error feedbacks sharing a ledger hold at most its bytes together, the least recently used stream of any given up first', () => {
+  const n = 256; // 1 KiB a residual
+  const ledger = new FeedbackLedger(3 * 1024);
+  const a = new ErrorFeedback({ codec: 'int8-block' }, { ledger });
+  const b = new ErrorFeedback({ codec: 'int8-block' }, { ledger });
+  const x = activationLike(n, 9, 64);
+  a.encode('g_B/0', x, [n]);
+  a.encode('g_B/1', x, [n]);
+  b.encode('g_B/0', x, [n]);
+  assert.equal(ledger.bytes, 3 * 1024);
+  b.encode('g_B/1', x, [n]); // over the ledger: a's g_B/0 is the least recently used
+  assert.equal(ledger.bytes, 3 * 1024);
+  assert.equal(a.residual('g_B/0'), undefined);
+  assert.equal(a.bytes + b.bytes, ledger.bytes, 'each feedback counts what the ledger counts');
+  a.encode('g_B/1', x, [n]); // used again: b's g_B/0 goes next
+  b.encode('g_B/2', x, [n]);
+  assert.equal(b.residual('g_B/0'), undefined);
+  assert.ok(a.residual('g_B/1') !== undefined);
+  // Clearing one feedback (its session closed) gives its bytes back.
+  a.clear();
+  assert.equal(ledger.bytes, b.bytes);
+  assert.equal(b.streams, 2);
+  // A feedback's own bound still holds within the ledger's.
+  const c = new ErrorFeedback({ codec: 'int8-block' }, { ledger, maxBytes: 1024 });
+  c.encode('s', x, [n]);
+  c.encode('t', x, [n]);
+  assert.equal(c.streams, 1);
+  assert.equal(ledger.bytes, b.bytes + c.bytes);
+  assert.throws(() => new FeedbackLedger(-1), (e: unknown) => e instanceof ProtocolError && e.code === 'TANDEM_PROTO_INPUT_INVALID');
 });
