@@ -557,6 +557,8 @@ export class SessionService {
   #encodeGradient(session: SessionRecord, runtime: SessionRuntime, microbatch: number, data: Float32Array, shape: Shape3): TensorFrame {
     const spec = session.codecs.backward;
     if (spec.codec === 'f32') return encodeTensor(data, shape, spec, { name: 'g_B' });
+    // Closed while it computed: its feedback was given back, and no later Backward follows.
+    if (this.#runtimes.get(session.id) !== runtime) return encodeTensor(data, shape, spec, { name: 'g_B' });
     runtime.feedback ??= new ErrorFeedback(spec, { ledger: this.#feedbackLedger(session.tenant) });
     const stream = `g_B/${microbatch}`;
     const residual = runtime.feedback.residual(stream);

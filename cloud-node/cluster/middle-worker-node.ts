@@ -175,13 +175,18 @@ export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): P
   const spill = new WireSpill(nc);
   // Bodies over max_payload come and go through the object store.
   // A reply after its gateway stopped waiting (the wait the request stated) has no reader: a
-  // spilled one would stay in the object store until its TTL.
+  // spilled one would stay in the object store until its TTL. A tape whose forward is not
+  // answered is dropped: no backward will name it (the gateway's retry keeps another).
   const respond = async (msg: Msg, reply: MiddleReply, expiresAt?: number): Promise<void> => {
-    if (msg.reply === undefined || nc.isClosed() || (expiresAt !== undefined && Date.now() > expiresAt)) return;
+    const unanswered = (): void => {
+      if (reply.ok && reply.tapeId !== undefined) drop(reply.tapeId);
+    };
+    if (msg.reply === undefined || nc.isClosed() || (expiresAt !== undefined && Date.now() > expiresAt)) return unanswered();
     let body: { data: Uint8Array; headers?: MsgHdrs };
     try {
       body = await spill.outgoing(encodeReply(reply));
     } catch (error) {
+      unanswered();
       const e = error as ClusterError;
       body = { data: encodeReply({ ok: false, worker: id, kind: 'failed', message: e.message.slice(0, 500), code: e.code }) };
     }

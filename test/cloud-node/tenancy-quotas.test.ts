@@ -3,6 +3,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { main } from '../../cli/main.ts';
+import { MiddleExecutor } from '../../cloud-node/middle-executor.ts';
 import { HIDDEN, STORIES_DIR, TestClient, api, createTenantKey, frameOf, helloBody, metric, randomTensor, startTestNode } from './helpers.ts';
 import { assertReady, errorDetails, goodTenant } from './tenancy-helpers.ts';
 
@@ -134,6 +135,37 @@ describe('tenant quotas', () => {
     assert.equal((await api(node, 'DELETE', `/v1/sessions/${sessions[2]}`, malloryKey)).status, 200);
     assert.equal(await feedbackBytes(), 4 * residual);
     await assertReady(node);
+  });
+
+  it('error feedback: a session closed while its Backward computes keeps no residual', async () => {
+    // The Backward is held in the executor until the session is closed (helper-39's reproduction).
+    let release!: () => void;
+    let entered!: () => void;
+    const gate = new Promise<void>((r) => { release = r; });
+    const reached = new Promise<void>((r) => { entered = r; });
+    const original = MiddleExecutor.prototype.backwardFromTape;
+    MiddleExecutor.prototype.backwardFromTape = async function (this: MiddleExecutor, ...args: Parameters<typeof original>) {
+      const out = await original.apply(this, args);
+      entered();
+      await gate;
+      return out;
+    };
+    try {
+      const shape: [number, number, number] = [1, 8, HIDDEN];
+      const node = await startTestNode();
+      const key = await createTenantKey(node, 'alice');
+      const c = await TestClient.connect(node, key);
+      await c.hello({ codecs: { forward: [{ codec: 'f32' }], backward: [{ codec: 'int8-block', blockSize: 64 }] } });
+      assert.equal((await c.request(c.forwardBody(0, 0, [frameOf(randomTensor(shape, 1), shape)]))).body.case, 'forwardResult');
+      const pending = c.request(c.backwardBody(0, 0, [frameOf(randomTensor(shape, 2), shape)]));
+      await reached;
+      assert.equal((await api(node, 'DELETE', `/v1/sessions/${c.sessionId}`, key)).status, 200);
+      release();
+      await pending;
+      assert.equal(await metric(node, 'tandem_feedback_bytes'), 0);
+    } finally {
+      MiddleExecutor.prototype.backwardFromTape = original;
+    }
   });
 
   it('refuses a quota that is not a positive integer before starting, from the flags too', async () => {
