@@ -68,6 +68,7 @@ import type { SplitInferenceLimits } from './serving/split-inference.ts';
 import type { SessionRecords } from './state/session-records.ts';
 import type { KeyRecords } from './state/key-records.ts';
 import { JetStreamKeyStore } from './state/jetstream-key-store.ts';
+import { JetStreamQuotaUsage } from './state/jetstream-quota-usage.ts';
 import { JetStreamSessionStore } from './state/jetstream-session-store.ts';
 import { JetStreamFileMirror } from './state/jetstream-file-mirror.ts';
 
@@ -298,6 +299,9 @@ async function assembleCloudNode(options: CloudNodeOptions, undo: Array<() => un
   }
   const sessions: SessionRecords = nc === undefined ? await SessionStore.open(stateDir) : await JetStreamSessionStore.open(nc, { replicas: options.cluster?.replicas, onInvalid, onWatch });
   if (sessions instanceof JetStreamSessionStore) undo.push(() => sessions.close());
+  // The gateways count each other's tokens in flight and bytes per minute against a tenant's quotas.
+  const quotaUsage = nc === undefined ? undefined : await JetStreamQuotaUsage.open(nc, quotas, { replicas: options.cluster?.replicas, onInvalid, onWatch });
+  if (quotaUsage !== undefined) undo.push(() => quotaUsage.close());
   const limits = intersectLimits(options.limits ?? DEFAULT_LIMITS);
   const metrics = new CloudMetrics();
   metrics.sessionsOpen.set(sessions.openCount);
@@ -454,6 +458,8 @@ async function assembleCloudNode(options: CloudNodeOptions, undo: Array<() => un
     await executor?.close();
     if (keys instanceof JetStreamKeyStore) keys.close();
     if (sessions instanceof JetStreamSessionStore) sessions.close();
+    // Its reports are deleted: the other gateways stop counting them at once (not STALE_MS later).
+    await quotaUsage?.close().catch(() => undefined);
     stopWatchingFiles();
     // Its calls in flight finish before the drain (see JetStreamFileMirror.close).
     await files?.close();

@@ -83,11 +83,30 @@ interface TenantUsage {
   windowBytes: number;
 }
 
+/** What a tenant spends now on this process: what other gateways of a cluster add to their own. */
+export interface SharedUsage {
+  tokens: number;
+  /** Bytes received in the current one-minute window, and when it ends (ms). */
+  windowBytes: number;
+  windowEndsAt: number;
+}
+
+/**
+ * What the other gateways of a cluster report a tenant spends (a gateway's QuotaLedger alone
+ * sees its own connections): tokens in flight and the bytes of their current minutes.
+ */
+export interface QuotaPeers {
+  usage(tenant: string, now?: number): { tokens: number; windowBytes: number };
+}
+
+const NO_PEERS: QuotaPeers = { usage: () => ({ tokens: 0, windowBytes: 0 }) };
+
 /** What each tenant holds and spends now, against its quotas. */
 export class QuotaLedger {
   readonly defaults: TenantQuotas;
   readonly #overrides = new Map<string, TenantQuotas>();
   readonly #usage = new Map<string, TenantUsage>();
+  #peers: QuotaPeers = NO_PEERS;
 
   constructor(defaults: Partial<TenantQuotas> = {}, perTenant: Readonly<Record<string, Partial<TenantQuotas>>> = {}) {
     this.defaults = resolveQuotas(defaults);
@@ -96,6 +115,21 @@ export class QuotaLedger {
 
   of(tenant: string): TenantQuotas {
     return this.#overrides.get(tenant) ?? this.defaults;
+  }
+
+  /** Counts what `peers` report against tokensInFlight and bytesPerMinute too (the gateways of a cluster). */
+  sharedWith(peers: QuotaPeers): void {
+    this.#peers = peers;
+  }
+
+  /** Each tenant's tokens in flight and bytes of the current minute here (what a gateway reports to the others). */
+  shared(now = Date.now()): Map<string, SharedUsage> {
+    const out = new Map<string, SharedUsage>();
+    for (const [tenant, u] of this.#usage) {
+      const windowEndsAt = u.windowStart + WINDOW_MS;
+      out.set(tenant, { tokens: u.tokens, windowBytes: now < windowEndsAt ? u.windowBytes : 0, windowEndsAt });
+    }
+    return out;
   }
 
   #usageOf(tenant: string): TenantUsage {
@@ -120,7 +154,10 @@ export class QuotaLedger {
   reserveTokens(tenant: string, tokens: number): () => void {
     const limit = this.of(tenant).tokensInFlight;
     const u = this.#usageOf(tenant);
-    if (u.tokens + tokens > limit) throw quotaExceeded(tenant, 'tokensInFlight', limit, `${u.tokens} tokens are computing and this request adds ${tokens}`);
+    const elsewhere = this.#peers.usage(tenant).tokens;
+    if (u.tokens + elsewhere + tokens > limit) {
+      throw quotaExceeded(tenant, 'tokensInFlight', limit, `${u.tokens + elsewhere} tokens are computing${elsewhere > 0 ? ` (${elsewhere} through other gateways)` : ''} and this request adds ${tokens}`);
+    }
     u.tokens += tokens;
     return once(() => { u.tokens -= tokens; });
   }
@@ -133,8 +170,9 @@ export class QuotaLedger {
       u.windowStart = now;
       u.windowBytes = 0;
     }
-    if (u.windowBytes + bytes > limit) {
-      throw quotaExceeded(tenant, 'bytesPerMinute', limit, `${u.windowBytes} bytes were received in this minute; retry in ${Math.ceil((u.windowStart + WINDOW_MS - now) / 1000)} s`);
+    const elsewhere = this.#peers.usage(tenant, now).windowBytes;
+    if (u.windowBytes + elsewhere + bytes > limit) {
+      throw quotaExceeded(tenant, 'bytesPerMinute', limit, `${u.windowBytes + elsewhere} bytes were received in this minute${elsewhere > 0 ? ` (${elsewhere} through other gateways)` : ''}; retry in ${Math.ceil((u.windowStart + WINDOW_MS - now) / 1000)} s`);
     }
     u.windowBytes += bytes;
   }
