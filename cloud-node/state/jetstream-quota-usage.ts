@@ -47,6 +47,8 @@ export interface QuotaUsageOptions extends JetStreamStateOptions {
 export class JetStreamQuotaUsage implements QuotaPeers {
   readonly gateway = nuid.next();
   readonly #bucket: JetStreamBucket<UsageRecord>;
+  /** The bucket's reports by tenant, then key: what a check reads (every data-plane message makes one). */
+  readonly #byTenant: Map<string, Map<string, UsageRecord>>;
   readonly #ledger: QuotaLedger;
   /** What this gateway last reported, by tenant (to report changes only). */
   readonly #reported = new Map<string, string>();
@@ -54,8 +56,9 @@ export class JetStreamQuotaUsage implements QuotaPeers {
   #reporting: Promise<void> = Promise.resolve();
   #closed = false;
 
-  private constructor(bucket: JetStreamBucket<UsageRecord>, ledger: QuotaLedger, reportMs: number) {
+  private constructor(bucket: JetStreamBucket<UsageRecord>, byTenant: Map<string, Map<string, UsageRecord>>, ledger: QuotaLedger, reportMs: number) {
     this.#bucket = bucket;
+    this.#byTenant = byTenant;
     this.#ledger = ledger;
     this.#timer = setInterval(() => void this.report(), reportMs);
     this.#timer.unref();
@@ -63,14 +66,27 @@ export class JetStreamQuotaUsage implements QuotaPeers {
 
   /** Opens the bucket and counts the other gateways' reports in `ledger` from now on. */
   static async open(nc: NatsConnection, ledger: QuotaLedger, options: QuotaUsageOptions = {}): Promise<JetStreamQuotaUsage> {
+    const byTenant = new Map<string, Map<string, UsageRecord>>();
     const bucket = await JetStreamBucket.open<UsageRecord>(nc, QUOTA_USAGE_BUCKET, {
       replicas: options.replicas,
       markerGraceMs: options.markerGraceMs,
       parse: (value, key) => (isUsageRecord(value) && keyOf(value.gateway, value.tenant) === key ? value : undefined),
       onInvalid: options.onInvalid,
       onWatch: (state, reason) => options.onWatch?.(QUOTA_USAGE_BUCKET, state, reason),
+      onChange: (key, before, after) => {
+        if (before !== undefined) {
+          const reports = byTenant.get(before.tenant);
+          reports?.delete(key);
+          if (reports?.size === 0) byTenant.delete(before.tenant);
+        }
+        if (after !== undefined) {
+          let reports = byTenant.get(after.tenant);
+          if (reports === undefined) byTenant.set(after.tenant, (reports = new Map()));
+          reports.set(key, after);
+        }
+      },
     });
-    const usage = new JetStreamQuotaUsage(bucket, ledger, options.reportMs ?? REPORT_MS);
+    const usage = new JetStreamQuotaUsage(bucket, byTenant, ledger, options.reportMs ?? REPORT_MS);
     ledger.sharedWith(usage);
     void nc.closed().then(() => usage.close());
     return usage;
@@ -80,8 +96,8 @@ export class JetStreamQuotaUsage implements QuotaPeers {
   usage(tenant: string, now = Date.now()): { tokens: number; windowBytes: number } {
     let tokens = 0;
     let windowBytes = 0;
-    for (const r of this.#bucket.values()) {
-      if (r.tenant !== tenant || r.gateway === this.gateway || now - r.at > STALE_MS) continue;
+    for (const r of this.#byTenant.get(tenant)?.values() ?? []) {
+      if (r.gateway === this.gateway || now - r.at > STALE_MS) continue;
       tokens += r.tokens;
       if (now < r.windowEndsAt) windowBytes += r.windowBytes;
     }
