@@ -1,10 +1,14 @@
 // Activation tensors larger than the NATS server's max_payload still cross: with max_payload at
 // 16 KiB, every forward (h: 4 × 32 × 64 float32 = 32 KiB) and backward goes through the
 // JetStream object store in chunks, and split training still equals one process, also after
-// a nats-server restart (the in-memory spill bucket is made again).
+// a nats-server restart (the in-memory spill bucket is made again). With that store full for a
+// while, the gateway answers TANDEM_STORE_FULL and the edge's retries finish the same run.
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
+import { connectNats } from '../../cloud-node/cluster/nats-connection.ts';
+import { WireSpill } from '../../cloud-node/cluster/wire-spill.ts';
 import { initBackend } from '../../model/index.ts';
+import { metric } from '../cloud-node/helpers.ts';
 import { startNatsServer } from './nats-server.ts';
 import type { TestNatsServer } from './nats-server.ts';
 import { RUN, maxAdapterDiff, startGateway, startWorker, trainOnOneProcess, trainThrough, until } from './helpers.ts';
@@ -46,6 +50,31 @@ describe('cluster messages over max_payload (nats-server with max_payload 16 KiB
     } finally {
       await gateway.remove();
       await worker.close();
+    }
+  });
+
+  it('with the object store full for a while, the edge is answered 503 TANDEM_STORE_FULL, retries, and trains as one process does', async () => {
+    const single = await trainOnOneProcess();
+    const small = await startNatsServer({ maxPayload: MAX_PAYLOAD, maxMemoryStore: '1MB' });
+    const nc = await connectNats(small.url, 'test-filler', 'gateway');
+    const worker = await startWorker(small.url);
+    const gateway = await startGateway(small.url);
+    try {
+      await until(async () => (await gateway.cluster?.status.workers())?.length === 1, 10_000, 'the worker announced');
+      // Another party's body fills the store: a 32 KiB forward no longer fits.
+      const filler = await new WireSpill(nc).hold(new Uint8Array(1_020_000));
+      const full = (): Promise<number> => metric(gateway, 'tandem_errors_total{code="TANDEM_STORE_FULL"}');
+      const training = trainThrough(gateway.url, gateway.adminKey as string);
+      await until(async () => (await full()) >= 1, 20_000, 'a request refused for the full store');
+      await filler.release();
+      const run = await training;
+      run.losses.forEach((loss, i) => assert.ok(Math.abs(loss - single.losses[i]) <= 1e-5, `step ${i + 1}: ${loss} vs one process ${single.losses[i]}`));
+      assert.ok(maxAdapterDiff(single.adapter, run.adapter) <= 1e-5);
+    } finally {
+      await gateway.remove();
+      await worker.close();
+      await nc.close();
+      await small.close();
     }
   });
 });
