@@ -315,11 +315,13 @@ export class CloudConnection {
         const reply = await this.send(bytes, env.requestId, inFlight);
         if (reply.body.case === 'error') {
           const { code, message, details } = reply.body.value;
+          // The cloud's messages begin with their code; one that does not gets it in front.
+          const text = message.startsWith(code) ? message : `${code}: ${message}`;
           if (RETRYABLE_REMOTE.has(code)) {
-            lastError = new EdgeError('TANDEM_EDGE_REMOTE_ERROR', `${code}: ${message}`, { remoteCode: code, details });
+            lastError = new EdgeError('TANDEM_EDGE_REMOTE_ERROR', text, { remoteCode: code, details });
             continue;
           }
-          throw new EdgeError('TANDEM_EDGE_REMOTE_ERROR', `${code}: ${message}`, { remoteCode: code, details, field: env.body.case });
+          throw new EdgeError('TANDEM_EDGE_REMOTE_ERROR', text, { remoteCode: code, details, field: env.body.case });
         }
         return reply;
       } catch (err) {

@@ -196,7 +196,7 @@ describe('split inference', () => {
     const restarts = await metric(node, 'tandem_split_inference_worker_restarts_total');
     assert.equal(await node.compute.terminateSplitInference(), true);
     assert.equal(await metric(node, 'tandem_split_inference_worker_restarts_total'), restarts + 1);
-    await assert.rejects(step(4, frame(1, 3)), (err: { remoteCode?: string; message: string }) => err.remoteCode === 'TANDEM_PROTO_INFER_POSITION_INVALID' && /holds 0 positions/.test(err.message));
+    await assert.rejects(step(4, frame(1, 3)), (err: { remoteCode?: string; message: string }) => err.remoteCode === 'TANDEM_PROTO_INFER_POSITION_INVALID' && /holds 0 positions/.test(err.message) && err.message.split('TANDEM_PROTO_INFER_POSITION_INVALID').length === 2);
     assert.deepEqual(await step(0, frame(3, 1)), first, 'a fresh worker computes the same h_M');
     await session.request({ case: 'inferEnd', value: { sessionId: session.id } });
     const metrics = Buffer.from((await api(node, 'GET', '/metrics')).bytes).toString('utf8');
