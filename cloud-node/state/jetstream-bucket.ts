@@ -18,6 +18,8 @@ export interface BucketOptions<T> {
   onWatch?: (state: 'lost' | 'restored', reason?: string) => void;
   /** How long a delete marker stays in the stream before it is removed (MARKER_GRACE_MS); a watch later than that misses the delete. */
   markerGraceMs?: number;
+  /** The server removes a record this long after its last put (ms; none by default). Set when the bucket is created. */
+  ttlMs?: number;
 }
 
 /** What the JetStream stores of a gateway take: replicas, and where to report malformed entries and the watch. */
@@ -71,7 +73,7 @@ export class JetStreamBucket<T> {
   }
 
   static async open<T>(nc: NatsConnection, name: string, options: BucketOptions<T>): Promise<JetStreamBucket<T>> {
-    const kv = await new Kvm(nc).create(name, { history: 1, replicas: options.replicas ?? 1, storage: 'file' });
+    const kv = await new Kvm(nc).create(name, { history: 1, replicas: options.replicas ?? 1, storage: 'file', ...(options.ttlMs === undefined ? {} : { ttl: options.ttlMs }) });
     // Removing a marker takes the stream's own API, which the bucket class has and the KV interface does not name.
     if (!(kv instanceof Bucket)) throw new Error(`the key-value bucket ${name} has no stream API`);
     const bucket = new JetStreamBucket<T>(kv, options);

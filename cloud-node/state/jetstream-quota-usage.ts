@@ -2,13 +2,14 @@
 // (one entry per gateway and tenant): every gateway reports its own tokens in flight and bytes
 // of the current minute, and counts the others' against the tenant's tokensInFlight and
 // bytesPerMinute quotas, so that G gateways do not give a tenant G times each. The counts are
-// as fresh as the last report (REPORT_MS): a tenant spending on several gateways at once may go
-// over by what one report interval lets through. A report older than STALE_MS (its gateway
-// gone without closing) no longer counts.
+// as fresh as the last report (REPORT_MS). Freshness is the reader's: a report counts for
+// STALE_MS after this gateway received it (a reporter refreshes what it holds every
+// STALE_MS / 2), so neither a gateway gone without closing nor a clock set wrong on another
+// machine keeps a tenant's usage counted; the server drops a record TTL_MS after its last put.
 import { createHash } from 'node:crypto';
 import { nuid } from '@nats-io/transport-node';
 import type { NatsConnection } from '@nats-io/transport-node';
-import type { QuotaLedger, QuotaPeers, SharedUsage } from '../quotas.ts';
+import type { QuotaLedger, QuotaPeers } from '../quotas.ts';
 import { JetStreamBucket } from './jetstream-bucket.ts';
 import type { JetStreamStateOptions } from './jetstream-bucket.ts';
 
@@ -17,27 +18,45 @@ export const QUOTA_USAGE_BUCKET = 'tandem-quota-usage';
 /** How often a gateway reports what changed. */
 export const REPORT_MS = 250;
 
-/** A report older than this is a gateway gone: it no longer counts. */
+/** A report received longer ago than this is a gateway gone: it no longer counts. */
 export const STALE_MS = 5_000;
 
-/** How long close waits for JetStream to take the deletes of this gateway's reports. */
+/** The bucket drops a record this long after its last put (set when the bucket is created). */
+const TTL_MS = 30_000;
+
+/** How long close waits for a report in flight and for JetStream to take the deletes. */
 const CLOSE_WAIT_MS = 1_000;
 
-interface UsageRecord extends SharedUsage {
+/** A window is one minute (QuotaLedger's): a report saying more is refused. */
+const WINDOW_MS = 60_000;
+
+/** Puts of one report in flight at once. */
+const PUTS_AT_ONCE = 64;
+
+interface UsageRecord {
   gateway: string;
   tenant: string;
-  /** When it was reported (ms, the reporting gateway's clock). */
-  at: number;
+  tokens: number;
+  /** Bytes of the reporter's current minute, and how much of the minute was left when it reported. */
+  windowBytes: number;
+  windowLeftMs: number;
 }
 
 function isUsageRecord(v: unknown): v is UsageRecord {
   if (typeof v !== 'object' || v === null) return false;
   const r = v as Record<string, unknown>;
   const count = (x: unknown): boolean => typeof x === 'number' && Number.isSafeInteger(x) && x >= 0;
-  return typeof r.gateway === 'string' && typeof r.tenant === 'string' && r.tenant.length <= 256 && count(r.tokens) && count(r.windowBytes) && count(r.windowEndsAt) && count(r.at);
+  return typeof r.gateway === 'string' && r.gateway.length <= 64 && typeof r.tenant === 'string' && r.tenant.length <= 256
+    && count(r.tokens) && count(r.windowBytes) && count(r.windowLeftMs) && (r.windowLeftMs as number) <= WINDOW_MS;
 }
 
 const keyOf = (gateway: string, tenant: string): string => `${gateway}-${createHash('sha256').update(tenant).digest('hex').slice(0, 32)}`;
+
+/** A report as this gateway holds it: when it arrived here, by this gateway's clock. */
+interface Received {
+  record: UsageRecord;
+  receivedAt: number;
+}
 
 export interface QuotaUsageOptions extends JetStreamStateOptions {
   /** Report interval (REPORT_MS). */
@@ -45,18 +64,20 @@ export interface QuotaUsageOptions extends JetStreamStateOptions {
 }
 
 export class JetStreamQuotaUsage implements QuotaPeers {
-  readonly gateway = nuid.next();
+  /** This gateway's id in the bucket (a fresh one each start). */
+  readonly gateway: string;
   readonly #bucket: JetStreamBucket<UsageRecord>;
-  /** The bucket's reports by tenant, then key: what a check reads (every data-plane message makes one). */
-  readonly #byTenant: Map<string, Map<string, UsageRecord>>;
+  /** The other gateways' reports by tenant, then key: what a check reads (every data-plane message makes one). */
+  readonly #byTenant: Map<string, Map<string, Received>>;
   readonly #ledger: QuotaLedger;
-  /** What this gateway last reported, by tenant (to report changes only). */
-  readonly #reported = new Map<string, string>();
+  /** What this gateway last reported, by tenant, and when (ms). */
+  readonly #reported = new Map<string, { shown: string; at: number }>();
   readonly #timer: NodeJS.Timeout;
-  #reporting: Promise<void> = Promise.resolve();
+  #reporting: Promise<void> | undefined;
   #closed = false;
 
-  private constructor(bucket: JetStreamBucket<UsageRecord>, byTenant: Map<string, Map<string, UsageRecord>>, ledger: QuotaLedger, reportMs: number) {
+  private constructor(gateway: string, bucket: JetStreamBucket<UsageRecord>, byTenant: Map<string, Map<string, Received>>, ledger: QuotaLedger, reportMs: number) {
+    this.gateway = gateway;
     this.#bucket = bucket;
     this.#byTenant = byTenant;
     this.#ledger = ledger;
@@ -66,10 +87,12 @@ export class JetStreamQuotaUsage implements QuotaPeers {
 
   /** Opens the bucket and counts the other gateways' reports in `ledger` from now on. */
   static async open(nc: NatsConnection, ledger: QuotaLedger, options: QuotaUsageOptions = {}): Promise<JetStreamQuotaUsage> {
-    const byTenant = new Map<string, Map<string, UsageRecord>>();
+    const byTenant = new Map<string, Map<string, Received>>();
+    const self = nuid.next();
     const bucket = await JetStreamBucket.open<UsageRecord>(nc, QUOTA_USAGE_BUCKET, {
       replicas: options.replicas,
       markerGraceMs: options.markerGraceMs,
+      ttlMs: TTL_MS,
       parse: (value, key) => (isUsageRecord(value) && keyOf(value.gateway, value.tenant) === key ? value : undefined),
       onInvalid: options.onInvalid,
       onWatch: (state, reason) => options.onWatch?.(QUOTA_USAGE_BUCKET, state, reason),
@@ -79,69 +102,85 @@ export class JetStreamQuotaUsage implements QuotaPeers {
           reports?.delete(key);
           if (reports?.size === 0) byTenant.delete(before.tenant);
         }
-        if (after !== undefined) {
-          let reports = byTenant.get(after.tenant);
-          if (reports === undefined) byTenant.set(after.tenant, (reports = new Map()));
-          reports.set(key, after);
-        }
+        if (after === undefined || after.gateway === self) return;
+        let reports = byTenant.get(after.tenant);
+        if (reports === undefined) byTenant.set(after.tenant, (reports = new Map()));
+        reports.set(key, { record: { ...after }, receivedAt: Date.now() });
       },
     });
-    const usage = new JetStreamQuotaUsage(bucket, byTenant, ledger, options.reportMs ?? REPORT_MS);
+    const usage = new JetStreamQuotaUsage(self, bucket, byTenant, ledger, options.reportMs ?? REPORT_MS);
     ledger.sharedWith(usage);
     void nc.closed().then(() => usage.close());
     return usage;
   }
 
-  /** The other gateways' fresh reports of `tenant`, summed. */
+  /** The other gateways' fresh reports of `tenant`, summed (stale ones are forgotten). */
   usage(tenant: string, now = Date.now()): { tokens: number; windowBytes: number } {
     let tokens = 0;
     let windowBytes = 0;
-    for (const r of this.#byTenant.get(tenant)?.values() ?? []) {
-      if (r.gateway === this.gateway || now - r.at > STALE_MS) continue;
-      tokens += r.tokens;
-      if (now < r.windowEndsAt) windowBytes += r.windowBytes;
+    const reports = this.#byTenant.get(tenant);
+    for (const [key, { record, receivedAt }] of reports ?? []) {
+      const age = now - receivedAt;
+      if (age > STALE_MS) {
+        if (age > TTL_MS) reports!.delete(key);
+        continue;
+      }
+      tokens += record.tokens;
+      if (age < record.windowLeftMs) windowBytes += record.windowBytes;
     }
     return { tokens, windowBytes };
   }
 
-  /** Reports what changed since the last report (a tenant back to nothing: its entry is deleted); a report at least every STALE_MS / 2 keeps the rest fresh. */
+  /**
+   * Reports what changed since the last report (a tenant back to nothing: its entry is deleted),
+   * and again what is held STALE_MS / 2 after it was last reported. A report still running when
+   * the next is due is not doubled: the next waits for it.
+   */
   report(now = Date.now()): Promise<void> {
-    this.#reporting = this.#reporting.then(async () => {
-      if (this.#closed) return;
-      for (const [tenant, u] of this.#ledger.shared(now)) {
-        const idle = u.tokens === 0 && u.windowBytes === 0;
-        const shown = idle ? 'idle' : `${u.tokens}/${u.windowBytes}/${u.windowEndsAt}`;
-        const last = this.#reported.get(tenant);
-        if (idle && last === undefined) {
-          this.#reported.set(tenant, shown); // never reported: nothing to delete
-          continue;
-        }
-        const fresh = this.#bucket.get(keyOf(this.gateway, tenant));
-        if (last === shown && (idle || (fresh !== undefined && now - fresh.at < STALE_MS / 2))) continue;
-        try {
-          if (idle) await this.#bucket.delete(keyOf(this.gateway, tenant));
-          else await this.#bucket.put(keyOf(this.gateway, tenant), { gateway: this.gateway, tenant, ...u, at: now });
-          this.#reported.set(tenant, shown);
-        } catch {
-          // JetStream unavailable for now: the next report tries again.
-        }
-      }
-    });
+    this.#reporting ??= this.#report(now).finally(() => { this.#reporting = undefined; });
     return this.#reporting;
   }
 
+  async #report(now: number): Promise<void> {
+    const writes: Array<() => Promise<void>> = [];
+    for (const [tenant, u] of this.#ledger.shared(now)) {
+      const idle = u.tokens === 0 && u.windowBytes === 0;
+      const last = this.#reported.get(tenant);
+      if (idle) {
+        if (last === undefined) continue; // nothing reported, nothing to delete
+        writes.push(async () => {
+          await this.#bucket.delete(keyOf(this.gateway, tenant));
+          this.#reported.delete(tenant);
+        });
+        continue;
+      }
+      const shown = `${u.tokens}/${u.windowBytes}/${u.windowEndsAt}`;
+      if (last?.shown === shown && now - last.at < STALE_MS / 2) continue;
+      const record: UsageRecord = { gateway: this.gateway, tenant, tokens: u.tokens, windowBytes: u.windowBytes, windowLeftMs: Math.max(0, Math.min(WINDOW_MS, u.windowEndsAt - now)) };
+      writes.push(async () => {
+        await this.#bucket.put(keyOf(this.gateway, tenant), record);
+        this.#reported.set(tenant, { shown, at: now });
+      });
+    }
+    for (let i = 0; i < writes.length && !this.#closed; i += PUTS_AT_ONCE) {
+      // JetStream unavailable for now: what failed is written by a later report.
+      await Promise.all(writes.slice(i, i + PUTS_AT_ONCE).map((w) => (this.#closed ? undefined : w().catch(() => undefined))));
+    }
+  }
+
   /**
-   * Stops reporting and deletes this gateway's reports, waiting at most CLOSE_WAIT_MS for
-   * JetStream (a server that is down leaves them to go stale); a report still in flight may land
-   * after, and goes stale in turn.
+   * Stops reporting, waits (at most CLOSE_WAIT_MS in all) for a report in flight, and deletes
+   * this gateway's reports; what JetStream does not take in time goes stale, then out with the TTL.
    */
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
     clearInterval(this.#timer);
-    const deletes = [...this.#reported].filter(([, shown]) => shown !== 'idle').map(([tenant]) => this.#bucket.delete(keyOf(this.gateway, tenant)).catch(() => undefined));
     let timer: NodeJS.Timeout | undefined;
-    await Promise.race([Promise.all(deletes), new Promise((resolve) => { timer = setTimeout(resolve, CLOSE_WAIT_MS); })]);
+    const waited = new Promise((resolve) => { timer = setTimeout(resolve, CLOSE_WAIT_MS); });
+    await Promise.race([this.#reporting, waited]);
+    const deletes = [...this.#reported.keys()].map((tenant) => this.#bucket.delete(keyOf(this.gateway, tenant)).catch(() => undefined));
+    await Promise.race([Promise.all(deletes), waited]);
     clearTimeout(timer);
     this.#bucket.close();
   }

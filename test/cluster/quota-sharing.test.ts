@@ -4,11 +4,13 @@
 // reports with it; one gone without closing stops counting once its report is stale.
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
+import { createHash } from 'node:crypto';
+import { Kvm } from '@nats-io/kv';
 import type { NatsConnection } from '@nats-io/transport-node';
 import { connectNats } from '../../cloud-node/cluster/nats-connection.ts';
 import { CloudError } from '../../cloud-node/errors.ts';
 import { QuotaLedger } from '../../cloud-node/quotas.ts';
-import { JetStreamQuotaUsage, STALE_MS } from '../../cloud-node/state/jetstream-quota-usage.ts';
+import { JetStreamQuotaUsage, QUOTA_USAGE_BUCKET, STALE_MS } from '../../cloud-node/state/jetstream-quota-usage.ts';
 import { HIDDEN, TestClient, createTenantKey, frameOf, randomTensor } from '../cloud-node/helpers.ts';
 import type { TestNode } from '../cloud-node/helpers.ts';
 import { startGateway } from './helpers.ts';
@@ -64,6 +66,21 @@ describe('quotas shared by the gateways of a cluster', () => {
     await b.usage.close();
   });
 
+  it('a forged report claiming more than a minute left of its window is not believed', async () => {
+    const a = await gateway('e');
+    const b = await gateway('f');
+    const nc = connections.at(-1)!;
+    const kv = await new Kvm(nc).open(QUOTA_USAGE_BUCKET);
+    const forged = { gateway: 'forger', tenant: 'victim', tokens: 2 ** 40, windowBytes: 2 ** 40, windowLeftMs: 8.64e15 };
+    await kv.put(`forger-${createHash('sha256').update('victim').digest('hex').slice(0, 32)}`, JSON.stringify(forged));
+    a.ledger.reserveTokens('mallory', 100);
+    await until(() => b.usage.usage('mallory').tokens === 100, 'b sees a\'s tokens');
+    assert.deepEqual(b.usage.usage('victim'), { tokens: 0, windowBytes: 0 }, 'the forged report is not believed');
+    b.ledger.chargeBytes('victim', 10_000);
+    await a.usage.close();
+    await b.usage.close();
+  });
+
   it('a gateway gone without closing stops counting once its report is stale', async () => {
     const a = await gateway('c');
     const b = await gateway('d');
@@ -91,8 +108,11 @@ describe('quotas shared by the gateways of a cluster', () => {
       const throughA = await TestClient.connect(a, key);
       for (let i = 0; i < 6; i++) assert.equal(await send(throughA), 'TANDEM_SESSION_UNKNOWN', 'charged, then refused for its session');
       const throughB = await TestClient.connect(b, key);
-      // b learns what a counted within a report or two.
-      await new Promise((r) => setTimeout(r, 2000));
+      // An observer's watch sees a's report; b's watch, as quick, gets a moment more.
+      const observer = await gateway('observer');
+      await until(() => observer.usage.usage('mallory').windowBytes >= 6 * 8192, 'a reported what mallory spent');
+      await observer.usage.close();
+      await new Promise((r) => setTimeout(r, 300));
       const codes: string[] = [];
       for (let i = 0; i < 6; i++) codes.push(await send(throughB));
       const passed = codes.filter((c) => c === 'TANDEM_SESSION_UNKNOWN').length;
