@@ -96,10 +96,11 @@ export interface SharedUsage {
  * sees its own connections): tokens in flight and the bytes of their current minutes.
  */
 export interface QuotaPeers {
-  usage(tenant: string, now?: number): { tokens: number; windowBytes: number };
+  /** `windowsEndAt`: when the soonest of the counted minutes with bytes in it ends (ms; Infinity for none). */
+  usage(tenant: string, now?: number): { tokens: number; windowBytes: number; windowsEndAt: number };
 }
 
-const NO_PEERS: QuotaPeers = { usage: () => ({ tokens: 0, windowBytes: 0 }) };
+const NO_PEERS: QuotaPeers = { usage: () => ({ tokens: 0, windowBytes: 0, windowsEndAt: Infinity }) };
 
 /** What each tenant holds and spends now, against its quotas. */
 export class QuotaLedger {
@@ -122,12 +123,18 @@ export class QuotaLedger {
     this.#peers = peers;
   }
 
-  /** Each tenant's tokens in flight and bytes of the current minute here (what a gateway reports to the others). */
+  /**
+   * Each tenant's tokens in flight and bytes of the current minute here (what a gateway reports to
+   * the others). A tenant holding nothing, its minute over, is in it once more (all zero, so that
+   * its report is withdrawn) and is then forgotten here.
+   */
   shared(now = Date.now()): Map<string, SharedUsage> {
     const out = new Map<string, SharedUsage>();
     for (const [tenant, u] of this.#usage) {
       const windowEndsAt = u.windowStart + WINDOW_MS;
-      out.set(tenant, { tokens: u.tokens, windowBytes: now < windowEndsAt ? u.windowBytes : 0, windowEndsAt });
+      const windowBytes = now < windowEndsAt ? u.windowBytes : 0;
+      out.set(tenant, { tokens: u.tokens, windowBytes, windowEndsAt });
+      if (u.tokens === 0 && u.adapters === 0 && windowBytes === 0) this.#usage.delete(tenant);
     }
     return out;
   }
@@ -170,9 +177,13 @@ export class QuotaLedger {
       u.windowStart = now;
       u.windowBytes = 0;
     }
-    const elsewhere = this.#peers.usage(tenant, now).windowBytes;
+    const peers = this.#peers.usage(tenant, now);
+    const elsewhere = peers.windowBytes;
     if (u.windowBytes + elsewhere + bytes > limit) {
-      throw quotaExceeded(tenant, 'bytesPerMinute', limit, `${u.windowBytes + elsewhere} bytes were received in this minute${elsewhere > 0 ? ` (${elsewhere} through other gateways)` : ''}; retry in ${Math.ceil((u.windowStart + WINDOW_MS - now) / 1000)} s`);
+      // Bytes come back when a minute that holds some ends: this gateway's, or another's.
+      const frees = Math.min(u.windowBytes > 0 ? u.windowStart + WINDOW_MS : Infinity, peers.windowsEndAt);
+      const retry = Number.isFinite(frees) ? Math.max(1, Math.ceil((frees - now) / 1000)) : Math.ceil(WINDOW_MS / 1000);
+      throw quotaExceeded(tenant, 'bytesPerMinute', limit, `${u.windowBytes + elsewhere} bytes were received in this minute${elsewhere > 0 ? ` (${elsewhere} through other gateways)` : ''}; retry in ${retry} s`);
     }
     u.windowBytes += bytes;
   }

@@ -115,9 +115,10 @@ export class JetStreamQuotaUsage implements QuotaPeers {
   }
 
   /** The other gateways' fresh reports of `tenant`, summed (stale ones are forgotten). */
-  usage(tenant: string, now = Date.now()): { tokens: number; windowBytes: number } {
+  usage(tenant: string, now = Date.now()): { tokens: number; windowBytes: number; windowsEndAt: number } {
     let tokens = 0;
     let windowBytes = 0;
+    let windowsEndAt = Infinity;
     const reports = this.#byTenant.get(tenant);
     for (const [key, { record, receivedAt }] of reports ?? []) {
       const age = now - receivedAt;
@@ -126,9 +127,12 @@ export class JetStreamQuotaUsage implements QuotaPeers {
         continue;
       }
       tokens += record.tokens;
-      if (age < record.windowLeftMs) windowBytes += record.windowBytes;
+      if (age < record.windowLeftMs && record.windowBytes > 0) {
+        windowBytes += record.windowBytes;
+        windowsEndAt = Math.min(windowsEndAt, receivedAt + record.windowLeftMs);
+      }
     }
-    return { tokens, windowBytes };
+    return { tokens, windowBytes, windowsEndAt };
   }
 
   /**

@@ -75,10 +75,22 @@ describe('quotas shared by the gateways of a cluster', () => {
     await kv.put(`forger-${createHash('sha256').update('victim').digest('hex').slice(0, 32)}`, JSON.stringify(forged));
     a.ledger.reserveTokens('mallory', 100);
     await until(() => b.usage.usage('mallory').tokens === 100, 'b sees a\'s tokens');
-    assert.deepEqual(b.usage.usage('victim'), { tokens: 0, windowBytes: 0 }, 'the forged report is not believed');
+    assert.deepEqual(b.usage.usage('victim'), { tokens: 0, windowBytes: 0, windowsEndAt: Infinity }, 'the forged report is not believed');
     b.ledger.chargeBytes('victim', 10_000);
     await a.usage.close();
     await b.usage.close();
+  });
+
+  it('a refusal for bytes spent elsewhere says when those bytes come back; a tenant holding nothing is reported once more, then forgotten', () => {
+    const ledger = new QuotaLedger({ bytesPerMinute: 10_000 });
+    const now = 1_000_000;
+    ledger.sharedWith({ usage: () => ({ tokens: 0, windowBytes: 9_000, windowsEndAt: now + 5_000 }) });
+    assert.throws(() => ledger.chargeBytes('mallory', 2_000, now), (e: unknown) => e instanceof CloudError && /retry in 5 s/.test(e.message), 'the other gateway\'s minute ends in 5 s');
+    ledger.chargeBytes('mallory', 500, now);
+    assert.equal(ledger.shared(now).get('mallory')?.windowBytes, 500);
+    const later = now + 61_000;
+    assert.deepEqual(ledger.shared(later).get('mallory'), { tokens: 0, windowBytes: 0, windowEndsAt: now + 60_000 }, 'once more, all zero');
+    assert.equal(ledger.shared(later).has('mallory'), false, 'then forgotten');
   });
 
   it('a gateway gone without closing stops counting once its report is stale', async () => {
