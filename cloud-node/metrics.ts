@@ -32,6 +32,8 @@ export class CloudMetrics {
   readonly heldAdapterBytes: Gauge;
   readonly heldCommits: Counter;
   readonly feedbackBytes: Gauge;
+  /** What tandem_feedback_bytes reads at each scrape (the session service sets it): nothing is counted per step. */
+  feedbackBytesNow: () => number = () => 0;
   readonly evaluationWorkerStops: Counter;
 
   constructor(options: { defaultMetrics?: boolean } = {}) {
@@ -57,7 +59,10 @@ export class CloudMetrics {
     this.heldAdapters = new Gauge({ name: 'tandem_held_adapters', help: 'Middle adapters the node holds for sessions (protocol 1.3)', registers });
     this.heldAdapterBytes = new Gauge({ name: 'tandem_held_adapter_bytes', help: 'Bytes of the held middle adapters, weights and AdamW state', registers });
     this.heldCommits = new Counter({ name: 'tandem_held_commits_total', help: 'StepCommits answered, by outcome (applied, repeat)', labelNames: ['outcome'], registers });
-    this.feedbackBytes = new Gauge({ name: 'tandem_feedback_bytes', help: 'Bytes of the gradient codec\'s error-feedback residuals kept, all sessions together (each tenant\'s held to its feedbackBytes quota)', registers });
+    this.feedbackBytes = new Gauge({
+      name: 'tandem_feedback_bytes', help: 'Bytes of the gradient codec\'s error-feedback residuals kept, all sessions together (each tenant\'s held to its feedbackBytes quota)', registers,
+      collect: () => { this.feedbackBytes.set(this.feedbackBytesNow()); },
+    });
     this.evaluationWorkerStops = new Counter({ name: 'tandem_adapter_evaluation_worker_stops_total', help: 'Adapter-evaluation worker threads stopped other than idle: a crash, an evaluation past its time limit, a failed backend', registers });
     this.evaluationWorkerStops.inc(0);
     for (const kind of ['forward', 'backward']) {

@@ -148,6 +148,11 @@ export class SessionService {
 
   constructor(options: SessionServiceOptions) {
     this.#options = options;
+    options.metrics.feedbackBytesNow = () => {
+      let bytes = 0;
+      for (const ledger of this.#feedbackLedgers.values()) bytes += ledger.bytes;
+      return bytes;
+    };
     this.#lifetimes = {
       idleMs: options.lifetimes?.idleMs ?? DEFAULT_SESSION_IDLE_MS,
       closedRetentionMs: options.lifetimes?.closedRetentionMs ?? DEFAULT_CLOSED_RETENTION_MS,
@@ -195,11 +200,7 @@ export class SessionService {
     this.#options.cache.dropSession(session.id);
     this.#options.inference?.end(session.id);
     await this.#options.held?.drop(session.id);
-    const feedback = this.#runtimes.get(session.id)?.feedback;
-    if (feedback !== undefined) {
-      feedback.clear();
-      this.#countFeedback();
-    }
+    this.#runtimes.get(session.id)?.feedback?.clear();
     this.#runtimes.delete(session.id);
     this.#activity.delete(session.id);
     this.#options.metrics.sessionsOpen.set(this.#options.store.openCount);
@@ -563,15 +564,7 @@ export class SessionService {
     const stream = `g_B/${microbatch}`;
     const residual = runtime.feedback.residual(stream);
     if (residual !== undefined && residual.length !== data.length) runtime.feedback.reset(stream);
-    const frame = runtime.feedback.encode(stream, data, shape, { name: 'g_B' });
-    this.#countFeedback();
-    return frame;
-  }
-
-  #countFeedback(): void {
-    let bytes = 0;
-    for (const ledger of this.#feedbackLedgers.values()) bytes += ledger.bytes;
-    this.#options.metrics.feedbackBytes.set(bytes);
+    return runtime.feedback.encode(stream, data, shape, { name: 'g_B' });
   }
 
   #feedbackLedger(tenant: string): FeedbackLedger {

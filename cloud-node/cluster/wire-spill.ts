@@ -37,8 +37,6 @@ const STORE_FULL = /insufficient (storage |memory )?resources|maximum bytes exce
 export interface HeldBody {
   /** The message's payload: the body itself, or nothing when the body is in the object store. */
   readonly data: Uint8Array;
-  /** Its bytes in the object store (0 when it travels inline). */
-  readonly spilledBytes: number;
   /** `headers` with the object's name, for one try. */
   label(headers: MsgHdrs): MsgHdrs;
   /** Deletes the object (once; a failure is left to the bucket's TTL). */
@@ -93,12 +91,11 @@ export class WireSpill {
    * receivers read the object and leave it, and the caller releases it when the request ends.
    */
   async hold(body: Uint8Array): Promise<HeldBody> {
-    if (body.byteLength <= this.inlineLimit) return { data: body, spilledBytes: 0, label: (h) => h, release: async () => undefined };
+    if (body.byteLength <= this.inlineLimit) return { data: body, label: (h) => h, release: async () => undefined };
     const name = await this.#put(body);
     let released: Promise<void> | undefined;
     return {
       data: new Uint8Array(0),
-      spilledBytes: body.byteLength,
       label: (h) => {
         h.set(SPILL_HEADER, name);
         h.set(SPILL_KEPT_HEADER, '1');

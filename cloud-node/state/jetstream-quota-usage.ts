@@ -137,8 +137,8 @@ export class JetStreamQuotaUsage implements QuotaPeers {
 
   /**
    * Reports what changed since the last report (a tenant back to nothing: its entry is deleted),
-   * and again what is held STALE_MS / 2 after it was last reported. A report still running when
-   * the next is due is not doubled: the next waits for it.
+   * and again what is held STALE_MS / 2 after it was last reported. A report due while one still
+   * runs is that one (the tick is skipped, not queued).
    */
   report(now = Date.now()): Promise<void> {
     this.#reporting ??= this.#report(now).finally(() => { this.#reporting = undefined; });
