@@ -362,7 +362,7 @@ export class ClusterExecutor implements MiddleRunner {
   #failed(reply: Extract<MiddleReply, { ok: false }>): Error {
     if (reply.kind === 'tapeLost') return new TapeLost(reply.message);
     if (reply.code === 'TANDEM_STORE_FULL') return new CloudError('TANDEM_STORE_FULL', { store: `cluster's object store ${SPILL_BUCKET} for the reply`, reason: `worker ${reply.worker}: ${reply.message}`.slice(0, 300) });
-    if (reply.code === 'TANDEM_RESOURCE_EXHAUSTED') return new CloudError('TANDEM_RESOURCE_EXHAUSTED', { resource: 'worker memory', reason: `worker ${reply.worker}: ${reply.message}`.slice(0, 300) });
+    if (reply.code === 'TANDEM_RESOURCE_EXHAUSTED') return new CloudError('TANDEM_RESOURCE_EXHAUSTED', { resource: `resources of worker ${reply.worker}`, reason: reply.message.slice(0, 300) });
     return new CloudError('TANDEM_COMPUTE_FAILED', { reason: `worker ${reply.worker}: ${reply.code ?? ''} ${reply.message}`.slice(0, 300) });
   }
 

@@ -108,7 +108,10 @@ export class WireSpill {
     };
   }
 
-  /** Stores `body` under a new name; a full store is TANDEM_STORE_FULL (503: the edge retries). */
+  /**
+   * Stores `body` under a new name. A full store is TANDEM_STORE_FULL (503: the edge retries), or
+   * TANDEM_RESOURCE_EXHAUSTED (400) when it holds no other body to wait for.
+   */
   async #put(body: Uint8Array): Promise<string> {
     const name = nuid.next();
     const put = async (): Promise<void> => {
@@ -124,6 +127,15 @@ export class WireSpill {
     } catch (cause) {
       const message = String((cause as Error).message);
       if (STORE_FULL.test(message)) {
+        // Every body held here is over inlineLimit: a store holding less holds none (what is left
+        // are deleted objects' markers), so this body will not fit however long the edge waits.
+        const held = await this.#open().then((store) => store.status()).then((s) => s.size, () => undefined);
+        if (held !== undefined && held < this.inlineLimit) {
+          throw new CloudError('TANDEM_RESOURCE_EXHAUSTED', {
+            resource: `space in the cluster's object store ${SPILL_BUCKET}`,
+            reason: `a body of ${body.byteLength} bytes does not fit even with the store holding no other body (the NATS server's JetStream memory is smaller); send smaller micro-batches`,
+          }, { cause });
+        }
         throw new CloudError('TANDEM_STORE_FULL', { store: `cluster's object store ${SPILL_BUCKET} for bodies over max_payload`, reason: `the NATS server refused a body of ${body.byteLength} bytes (${message.slice(0, 80)})` }, { cause });
       }
       this.#store = undefined;

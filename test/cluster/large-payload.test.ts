@@ -2,7 +2,8 @@
 // 16 KiB, every forward (h: 4 × 32 × 64 float32 = 32 KiB) and backward goes through the
 // JetStream object store in chunks, and split training still equals one process, also after
 // a nats-server restart (the in-memory spill bucket is made again). With that store full for a
-// while, the gateway answers TANDEM_STORE_FULL and the edge's retries finish the same run.
+// while, the gateway answers TANDEM_STORE_FULL and the edge's retries finish the same run; a
+// body larger than the whole store is refused for good, at once.
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { connectNats } from '../../cloud-node/cluster/nats-connection.ts';
@@ -75,6 +76,23 @@ describe('cluster messages over max_payload (nats-server with max_payload 16 KiB
       await worker.close();
       await nc.close();
       await small.close();
+    }
+  });
+
+  it('a body larger than the whole object store is refused once with 400 TANDEM_RESOURCE_EXHAUSTED, not retried', async () => {
+    // 24 KiB of JetStream memory: less than one 32 KiB forward, with nothing else held.
+    const tiny = await startNatsServer({ maxPayload: MAX_PAYLOAD, maxMemoryStore: '24KB' });
+    const worker = await startWorker(tiny.url);
+    const gateway = await startGateway(tiny.url);
+    try {
+      await until(async () => (await gateway.cluster?.status.workers())?.length === 1, 10_000, 'the worker announced');
+      await assert.rejects(trainThrough(gateway.url, gateway.adminKey as string), (e: Error & { code?: string }) => /TANDEM_RESOURCE_EXHAUSTED/.test(`${e.code} ${e.message}`) && /does not fit even with the store holding no other body/.test(e.message));
+      assert.equal(await metric(gateway, 'tandem_errors_total{code="TANDEM_RESOURCE_EXHAUSTED"}'), 1, 'refused once: the edge did not send it again');
+      assert.equal(await metric(gateway, 'tandem_errors_total{code="TANDEM_STORE_FULL"}'), 0);
+    } finally {
+      await gateway.remove();
+      await worker.close();
+      await tiny.close();
     }
   });
 });

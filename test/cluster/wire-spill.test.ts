@@ -72,6 +72,11 @@ describe('bodies over max_payload (nats-server with max_payload 8 KiB)', () => {
       await first.release();
       const again = await spill.hold(new Uint8Array(600_000));
       await again.release();
+      // Larger than the whole store: waiting frees nothing, so it is not retried.
+      await assert.rejects(spill.hold(new Uint8Array(1_500_000)), (e: CloudError) => e instanceof CloudError && e.code === 'TANDEM_RESOURCE_EXHAUSTED' && e.status === 400 && /1500000 bytes/.test(e.message), 'a body the empty store cannot hold');
+      const held = await spill.hold(new Uint8Array(600_000));
+      await assert.rejects(spill.hold(new Uint8Array(1_500_000)), (e: CloudError) => e.code === 'TANDEM_STORE_FULL', 'while another body is held, the store may yet free enough');
+      await held.release();
     } finally {
       await snc.close();
       await small.close();
