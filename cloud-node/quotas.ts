@@ -54,7 +54,8 @@ export const DEFAULT_QUOTAS: Readonly<TenantQuotas> = {
   feedbackBytes: 128 * 1024 * 1024,
 };
 
-const WINDOW_MS = 60_000;
+/** A tenant's bytesPerMinute window (ms). */
+export const WINDOW_MS = 60_000;
 
 export function quotaExceeded(tenant: string, quota: QuotaName, limit: number, reason: string): CloudError {
   return new CloudError('TANDEM_QUOTA_EXCEEDED', { tenant, quota, limit, reason });

@@ -9,6 +9,7 @@
 import { createHash } from 'node:crypto';
 import { nuid } from '@nats-io/transport-node';
 import type { NatsConnection } from '@nats-io/transport-node';
+import { WINDOW_MS } from '../quotas.ts';
 import type { QuotaLedger, QuotaPeers } from '../quotas.ts';
 import { JetStreamBucket } from './jetstream-bucket.ts';
 import type { JetStreamStateOptions } from './jetstream-bucket.ts';
@@ -27,9 +28,6 @@ const TTL_MS = 30_000;
 /** How long close waits for a report in flight and for JetStream to take the deletes. */
 const CLOSE_WAIT_MS = 1_000;
 
-/** A window is one minute (QuotaLedger's): a report saying more is refused. */
-const WINDOW_MS = 60_000;
-
 /** Puts of one report in flight at once. */
 const PUTS_AT_ONCE = 64;
 
@@ -47,7 +45,7 @@ function isUsageRecord(v: unknown): v is UsageRecord {
   const r = v as Record<string, unknown>;
   const count = (x: unknown): boolean => typeof x === 'number' && Number.isSafeInteger(x) && x >= 0;
   return typeof r.gateway === 'string' && r.gateway.length <= 64 && typeof r.tenant === 'string' && r.tenant.length <= 256
-    && count(r.tokens) && count(r.windowBytes) && count(r.windowLeftMs) && (r.windowLeftMs as number) <= WINDOW_MS;
+    && count(r.tokens) && count(r.windowBytes) && count(r.windowLeftMs) && (r.windowLeftMs as number) <= WINDOW_MS; // a report saying more than a minute is left is refused
 }
 
 const keyOf = (gateway: string, tenant: string): string => `${gateway}-${createHash('sha256').update(tenant).digest('hex').slice(0, 32)}`;
@@ -123,7 +121,10 @@ export class JetStreamQuotaUsage implements QuotaPeers {
     for (const [key, { record, receivedAt }] of reports ?? []) {
       const age = now - receivedAt;
       if (age > STALE_MS) {
-        if (age > TTL_MS) reports!.delete(key);
+        if (age > TTL_MS) {
+          reports!.delete(key);
+          if (reports!.size === 0) this.#byTenant.delete(tenant);
+        }
         continue;
       }
       tokens += record.tokens;
