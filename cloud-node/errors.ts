@@ -54,6 +54,7 @@ export const CLOUD_ERRORS = {
   TANDEM_HELD_GRADIENTS_MISSING: { status: 409, template: 'StepCommit of step {step} for session {session} states {expected} micro-batches; the cloud holds the middle adapter\'s gradients of {actual}: send their Backwards again' },
   TANDEM_EVAL_BUSY: { status: 503, template: 'the node is evaluating adapters at capacity: {waiting} evaluations are waiting, the limit of {limit}; retry later' },
   TANDEM_STORE_FULL: { status: 503, template: 'the {store} is full for now: {reason}; retry later' },
+  TANDEM_HELD_ADAPTER_MOVED: { status: 503, template: 'the middle adapter of session {session} changed under this gateway ({reason}); retry: it is read again' },
 } as const satisfies Record<string, { status: number; template: string }>;
 
 export type CloudErrorCode = keyof typeof CLOUD_ERRORS;

@@ -11,7 +11,7 @@ import { ProtocolError } from '../protocol/index.ts';
 import type { MiddleAdapterSpec, StepCommit } from '../protocol/index.ts';
 import { CloudError } from './errors.ts';
 import type { HeldIa3Module, HeldLora, HeldModule } from './middle-compute.ts';
-import type { HeldAdapterSnapshot, HeldAdapterStore } from './state/held-adapter-store.ts';
+import type { HeldAdapterSnapshot, HeldCheckpoints } from './state/held-adapter-store.ts';
 
 const A_SUFFIX = '.lora_A.weight';
 const B_SUFFIX = '.lora_B.weight';
@@ -225,25 +225,35 @@ function orderParams(params: Param[], method: MiddleAdapterSpec['method']): Para
   return out;
 }
 
+function moved(sessionId: string, reason: string): CloudError {
+  return new CloudError('TANDEM_HELD_ADAPTER_MOVED', { session: sessionId, reason });
+}
+
 export interface HeldAdapterMetrics {
   resident(count: number, bytes: number): void;
 }
 
-/** The node's held adapters, by session: quotas per tenant, checkpoints in the store. */
+/**
+ * The node's held adapters, by session: quotas per tenant, checkpoints in the store. On a
+ * cluster's gateway the checkpoints are shared (any gateway may serve the session next): an
+ * adapter is read from them when first used and again whenever another gateway wrote it since,
+ * and a write that finds the checkpoint changed under it is refused
+ * (TANDEM_HELD_ADAPTER_MOVED, which the edge retries) with the copy here dropped.
+ */
 export class HeldAdapters {
-  readonly #store: HeldAdapterStore;
+  readonly #store: HeldCheckpoints;
   readonly #byId = new Map<string, HeldAdapter>();
   readonly #metrics?: HeldAdapterMetrics;
   /** Writes of one session, one after another. */
   readonly #writes = new Map<string, Promise<void>>();
 
-  private constructor(store: HeldAdapterStore, metrics?: HeldAdapterMetrics) {
+  private constructor(store: HeldCheckpoints, metrics?: HeldAdapterMetrics) {
     this.#store = store;
     this.#metrics = metrics;
   }
 
   /** Loads every checkpointed adapter of the store. */
-  static async open(store: HeldAdapterStore, metrics?: HeldAdapterMetrics): Promise<HeldAdapters> {
+  static async open(store: HeldCheckpoints, metrics?: HeldAdapterMetrics): Promise<HeldAdapters> {
     const held = new HeldAdapters(store, metrics);
     for (const s of await store.loadAll()) held.#byId.set(s.sessionId, HeldAdapter.fromSnapshot(s));
     held.#report();
@@ -260,14 +270,35 @@ export class HeldAdapters {
     return n;
   }
 
-  bytesOf(tenant: string): number {
+  /** The bytes of the tenant's held adapters: here, or on every gateway of a cluster. */
+  async bytesOf(tenant: string): Promise<number> {
+    if (this.#store.bytesOf !== undefined) return this.#store.bytesOf(tenant);
     let n = 0;
     for (const h of this.#byId.values()) if (h.tenant === tenant) n += h.bytes;
     return n;
   }
 
-  get(sessionId: string): HeldAdapter | undefined {
-    return this.#byId.get(sessionId);
+  /** The session's adapter as last checkpointed (read again when another gateway wrote it since); undefined when it has none. */
+  async get(sessionId: string, tenant: string): Promise<HeldAdapter | undefined> {
+    if (this.#store.latest === undefined) return this.#byId.get(sessionId);
+    // This process's own writes first: what they write is not another gateway's change.
+    await this.#writes.get(sessionId);
+    const latest = await this.#store.latest(sessionId, tenant);
+    if (latest === 'same') {
+      const held = this.#byId.get(sessionId);
+      if (held !== undefined) return held;
+      // Dropped here while the store kept its revision (a close elsewhere races this): read it whole.
+      this.#store.forget?.(sessionId);
+      return this.get(sessionId, tenant);
+    }
+    if (latest === 'gone') {
+      if (this.#byId.delete(sessionId)) this.#report();
+      return undefined;
+    }
+    const held = HeldAdapter.fromSnapshot(latest);
+    this.#byId.set(sessionId, held);
+    this.#report();
+    return held;
   }
 
   /** Keeps a new adapter and checkpoints it before the Welcome goes out. */
@@ -280,11 +311,7 @@ export class HeldAdapters {
   /** Checkpoints the whole adapter (created, or a commit applied) and drops the gradient files it has applied; durable once it resolves. */
   save(held: HeldAdapter): Promise<void> {
     const snapshot = held.snapshot();
-    const committed = held.lastCommitted ?? 0;
-    return this.#write(held, async () => {
-      await this.#store.save(snapshot);
-      await this.#store.removeGradients(held.sessionId, committed);
-    });
+    return this.#write(held, () => this.#store.save(snapshot));
   }
 
   /** Checkpoints one backward's gradients of the step in progress (not the whole adapter again); durable once it resolves. */
@@ -297,19 +324,37 @@ export class HeldAdapters {
 
   /** Writes of one session, one after another, while it is still held. */
   #write(held: HeldAdapter, write: () => Promise<void>): Promise<void> {
+    const shared = this.#store.latest !== undefined;
     const prev = this.#writes.get(held.sessionId) ?? Promise.resolve();
-    const next = prev.then(() => (this.#byId.get(held.sessionId) === held ? write() : undefined));
+    const next = prev.then(async () => {
+      const current = this.#byId.get(held.sessionId);
+      // Dropped (closed, expired): nothing to keep.
+      if (current === undefined) return;
+      // Read again since (another gateway wrote it): what this change started from is not the checkpoint.
+      if (current !== held) throw moved(held.sessionId, 'another gateway wrote it while this one computed');
+      try {
+        await write();
+      } catch (error) {
+        // What this copy holds is ahead of the checkpoint, or behind another gateway's: read it again on next use.
+        if (shared && this.#byId.get(held.sessionId) === held) {
+          this.#byId.delete(held.sessionId);
+          this.#report();
+        }
+        throw error;
+      }
+    });
     this.#writes.set(held.sessionId, next.catch(() => undefined));
     return next;
   }
 
-  /** Frees the session's adapter and its checkpoint (close, expiry). */
-  async drop(sessionId: string): Promise<void> {
-    if (!this.#byId.delete(sessionId)) return;
-    this.#report();
+  /** Frees the session's adapter and its checkpoint (close, expiry); on a cluster's gateway, whether or not it was read here. */
+  async drop(sessionId: string, tenant: string): Promise<void> {
+    const here = this.#byId.delete(sessionId);
+    if (here) this.#report();
+    if (!here && this.#store.latest === undefined) return;
     await (this.#writes.get(sessionId) ?? Promise.resolve());
     this.#writes.delete(sessionId);
-    await this.#store.remove(sessionId);
+    await this.#store.remove(sessionId, tenant);
   }
 
   #report(): void {

@@ -38,7 +38,7 @@ export interface MiddleRunner {
   backwardFromTape(tape: KeptTape, g: Float32Array, shape: Shape3, tenant?: string, frames?: InputFrames): Promise<Float32Array>;
   /** g_M → g_B, recomputing the forward from h_B. */
   backward(range: BlockRange, h: Float32Array, g: Float32Array, shape: Shape3, tenant?: string, frames?: InputFrames): Promise<Float32Array>;
-  /** Whether forwardHeld and backwardHeld run (absent: no held middle adapters on this runner, e.g. a cluster). */
+  /** Whether forwardHeld and backwardHeld run (absent: no held middle adapters on this runner). */
   readonly holdsAdapters?: boolean;
   /** h_B → h_M with a session's held middle LoRA. */
   forwardHeld?(range: BlockRange, h: Float32Array, shape: Shape3, tenant: string, lora: HeldLora): Promise<Float32Array>;

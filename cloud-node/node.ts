@@ -29,6 +29,7 @@ import { CloudMetrics } from './metrics.ts';
 import { MiddleExecutor } from './middle-executor.ts';
 import { HeldAdapters } from './held-adapters.ts';
 import { HeldAdapterStore } from './state/held-adapter-store.ts';
+import { JetStreamHeldAdapterStore } from './state/jetstream-held-adapter-store.ts';
 import type { MiddleRunner } from './middle-runner.ts';
 import { ClusterExecutor, connectNats } from './cluster/index.ts';
 import type { HopStats } from './cluster/index.ts';
@@ -334,8 +335,8 @@ async function assembleCloudNode(options: CloudNodeOptions, undo: Array<() => un
   // A gateway reports the workers that announce themselves on NATS; one process, itself.
   const local = new LocalClusterStatus({ model, tokensPerSecond: () => series.recentTokensPerSecond() });
   const workers: ClusterStatusSource = options.clusterStatus ?? { workers: () => (executor instanceof ClusterExecutor ? executor.directory : local).workers() };
-  // Held middle adapters are checkpointed in the embedded state folder (a cluster's gateways hold none).
-  const held = nc === undefined ? await HeldAdapters.open(await HeldAdapterStore.open(stateDir), metrics) : undefined;
+  // Held middle adapters are checkpointed in the embedded state folder, or in JetStream for a cluster's gateways (any of them may serve the session's next step).
+  const held = await HeldAdapters.open(nc === undefined ? await HeldAdapterStore.open(stateDir) : await JetStreamHeldAdapterStore.open(nc, { replicas: options.cluster?.replicas }), metrics);
   const service = new SessionService({ store: sessions, metrics, cache, model: () => model.get(), limits, codecs: options.codecs, quotas, lifetimes: options.sessions, inference, held,
     onComputed: (computed) => activity.record(computed),
     shapeLimits: { maxMicrobatchTokens: options.maxMicrobatchTokens, maxSequenceLength: options.maxSequenceLength },

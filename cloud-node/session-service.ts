@@ -199,7 +199,7 @@ export class SessionService {
     });
     this.#options.cache.dropSession(session.id);
     this.#options.inference?.end(session.id);
-    await this.#options.held?.drop(session.id);
+    if (session.training.middleAdapter !== undefined) await this.#options.held?.drop(session.id, session.tenant);
     this.#runtimes.get(session.id)?.feedback?.clear();
     this.#runtimes.delete(session.id);
     this.#activity.delete(session.id);
@@ -297,11 +297,13 @@ export class SessionService {
       updatedAt: now,
     };
     const spec = hello.training.middleAdapter;
-    const held = spec === undefined ? undefined : this.#createHeld(caller.tenant, record, spec);
-    if (held !== undefined) {
-      // The one await before the record is added; from there the store counts it before its own first await.
+    let held: HeldAdapter | undefined;
+    if (spec !== undefined) {
+      // The awaits before the record is added (the tenant's held bytes, the checkpoint); from
+      // there the store counts it before its own first await.
       this.#opening.add(caller.tenant, 1);
       try {
+        held = await this.#createHeld(caller.tenant, record, spec);
         await this.#options.held?.add(held);
       } finally {
         this.#opening.add(caller.tenant, -1);
@@ -310,7 +312,7 @@ export class SessionService {
     try {
       await this.#options.store.add(record);
     } catch (err) {
-      if (held !== undefined) await this.#options.held?.drop(record.id);
+      if (held !== undefined) await this.#options.held?.drop(record.id, caller.tenant);
       throw err;
     }
     this.#touch(record.id);
@@ -320,7 +322,7 @@ export class SessionService {
   }
 
   /** The session's middle adapter, created from its seed; the node must run held adapters and the tenant's quotas must allow it. */
-  #createHeld(tenant: string, record: SessionRecord, spec: NonNullable<Hello['training']['middleAdapter']>): HeldAdapter {
+  async #createHeld(tenant: string, record: SessionRecord, spec: NonNullable<Hello['training']['middleAdapter']>): Promise<HeldAdapter> {
     const { served, executor } = this.#options.model();
     const held = this.#options.held;
     if (held === undefined || executor.holdsAdapters !== true || executor.forwardHeld === undefined) {
@@ -332,7 +334,7 @@ export class SessionService {
     if (range.end <= range.start) throw new CloudError('TANDEM_CUT_INVALID', { bottom: record.cut.bottom, top: record.cut.top, reason: 'the cut leaves no middle block for a middle adapter' });
     const layers = Array.from({ length: range.end - range.start }, (_, i) => range.start + i);
     const adapter = HeldAdapter.create(served.model, record.id, tenant, spec, layers);
-    const resident = held.bytesOf(tenant);
+    const resident = await held.bytesOf(tenant);
     if (resident + adapter.bytes > quotas.heldAdapterBytes) {
       throw quotaExceeded(tenant, 'heldAdapterBytes', quotas.heldAdapterBytes, `the tenant's held adapters take ${resident} bytes and this one ${adapter.bytes}`);
     }
@@ -343,10 +345,12 @@ export class SessionService {
   async #stepCommit(caller: Caller, request: Envelope, commit: StepCommit): Promise<Reply> {
     const session = this.#options.store.getOpen(caller, commit.sessionId);
     this.#touch(session.id);
-    const held = this.#heldOf(session);
-    if (held === undefined) throw new CloudError('TANDEM_FEATURE_UNSUPPORTED', { feature: 'StepCommit for a session without a middle adapter held by the cloud' });
+    if (session.training.middleAdapter === undefined) throw new CloudError('TANDEM_FEATURE_UNSUPPORTED', { feature: 'StepCommit for a session without a middle adapter held by the cloud' });
     const runtime = this.#runtime(session.id);
     const run = async (): Promise<Body> => {
+      // Read when the commit runs (after this session's commits before it): on a cluster's gateway, as last checkpointed.
+      const held = await this.#heldOf(session);
+      if (held === undefined) throw new CloudError('TANDEM_INTERNAL', { reason: 'a session with a middle adapter has none' });
       const { answer, applied } = held.commit(commit);
       if (applied) await this.#options.held?.save(held);
       this.#options.metrics.heldCommits.inc({ outcome: applied ? 'applied' : 'repeat' });
@@ -359,8 +363,9 @@ export class SessionService {
   }
 
   /** The session's held adapter; a session that asked for one never computes without it. */
-  #heldOf(session: SessionRecord): HeldAdapter | undefined {
-    const held = this.#options.held?.get(session.id);
+  async #heldOf(session: SessionRecord): Promise<HeldAdapter | undefined> {
+    if (session.training.middleAdapter === undefined) return undefined;
+    const held = await this.#options.held?.get(session.id, session.tenant);
     if (held === undefined && session.training.middleAdapter !== undefined) {
       throw new CloudError('TANDEM_STATE_INVALID', { file: `held/${session.id}.json`, reason: 'the session holds a middle adapter and its checkpoint is missing' });
     }
@@ -472,7 +477,7 @@ export class SessionService {
     const started = performance.now();
     const range = served.middleOf(session.cut);
     let out: Float32Array;
-    const held = this.#heldOf(session);
+    const held = await this.#heldOf(session);
     if (held !== undefined && executor.forwardHeld !== undefined) {
       out = await executor.forwardHeld(range, h, shape, session.tenant, held.lora());
       if (forward.needsBackward) this.#options.cache.put({ sessionId: session.id, step: forward.step, microbatch: forward.microbatch, data: h, shape });
@@ -513,7 +518,7 @@ export class SessionService {
     }
     const started = performance.now();
     let out: Float32Array | undefined;
-    const held = this.#heldOf(session);
+    const held = await this.#heldOf(session);
     if (held !== undefined && executor.backwardHeld !== undefined) {
       // The held adapter's gradients are checkpointed before g_B goes out: an acknowledged backward is never lost.
       const result = await executor.backwardHeld(served.middleOf(session.cut), h, g, shape, session.tenant, held.lora());

@@ -14,6 +14,8 @@ export const WIRE_ERRORS = {
   modelNotReady: 'TANDEM_MODEL_NOT_READY',
   /** A store the request passes through (a cluster's object store for bodies over max_payload) is full for now: retry, backing off. */
   storeFull: 'TANDEM_STORE_FULL',
+  /** A cluster gateway found the session's held middle adapter written by another gateway since it read it: retry (it reads it again). */
+  heldAdapterMoved: 'TANDEM_HELD_ADAPTER_MOVED',
   authKeyMissing: 'TANDEM_AUTH_KEY_MISSING',
   authKeyInvalid: 'TANDEM_AUTH_KEY_INVALID',
 } as const;

@@ -12,6 +12,7 @@ import type { NatsConnection } from '@nats-io/transport-node';
 import type { Logger } from 'pino';
 import { CloudError } from '../errors.ts';
 import { TapeLost } from '../middle-executor.ts';
+import type { HeldLora } from '../middle-compute.ts';
 import type { BlockRange, InputFrames, KeptTape, MiddleRunner, Shape3 } from '../middle-runner.ts';
 import { frameBytes } from '../../protocol/index.ts';
 import type { TensorFrame } from '../../protocol/index.ts';
@@ -109,6 +110,23 @@ class AttemptAbandoned extends Error {
 function sent(field: 'h' | 'g', frame: TensorFrame | undefined): { hFrame?: TensorFrame; gFrame?: TensorFrame } {
   if (frame === undefined || frameBytes(frame) >= 4 * frame.shape.reduce((n, d) => n * d, 1)) return {};
   return field === 'h' ? { hFrame: frame } : { gFrame: frame };
+}
+
+/** The part of a held adapter on blocks `blocks` (its modules are in model order); undefined when it has none there. */
+function loraOn(lora: HeldLora, blocks: BlockRange): HeldLora | undefined {
+  const on = (path: string): boolean => {
+    const layer = Number(path.split('.')[2]);
+    return layer >= blocks.start && layer < blocks.end;
+  };
+  const modules = lora.modules.filter((m) => on(m.path));
+  const ia3 = lora.ia3?.filter((m) => on(m.path));
+  if (modules.length + (ia3?.length ?? 0) === 0) return undefined;
+  return { scale: lora.scale, modules, ...(ia3 === undefined ? {} : { ia3 }) };
+}
+
+/** The lengths of a held adapter's gradients as a backward answers them: A then B of each module, then each (IA)^3 scale. */
+function gradLengths(lora: HeldLora): number[] {
+  return [...lora.modules.flatMap((m) => [m.a.length, m.b.length]), ...(lora.ia3 ?? []).map((m) => m.scale.length)];
 }
 
 /** A reply's msgpack framing and small fields, beyond its output tensor. */
@@ -264,6 +282,46 @@ export class ClusterExecutor implements MiddleRunner {
     return grad;
   }
 
+  /** The workers run held middle adapters: the gateway holds each (held-adapters.ts) and sends its factors with every request. */
+  get holdsAdapters(): boolean {
+    return true;
+  }
+
+  /** h_B → h_M with a session's held adapter: each range of the chain with its part of the factors; no tape is kept. */
+  async forwardHeld(range: BlockRange, h: Float32Array, shape: Shape3, tenant: string, lora: HeldLora): Promise<Float32Array> {
+    let x = h;
+    for (const segment of await this.#plan(range)) {
+      const part = loraOn(lora, segment.blocks);
+      x = (await this.#toRange(segment, { op: 'forward', blocks: segment.blocks, shape, h: x, keepTape: false, ...(part === undefined ? {} : { lora: part }) }, tenant)).output;
+    }
+    return x;
+  }
+
+  /**
+   * g_M → g_B with a session's held adapter, each range recomputing from its input (a pipeline's
+   * inputs by a forward first), and the factors' gradients in the adapter's order.
+   */
+  async backwardHeld(range: BlockRange, h: Float32Array, g: Float32Array, shape: Shape3, tenant: string, lora: HeldLora): Promise<{ output: Float32Array; loraGrads: Float32Array[] }> {
+    const segments = await this.#plan(range);
+    const parts = segments.map((s) => loraOn(lora, s.blocks));
+    const inputs: Float32Array[] = [h];
+    for (const [i, segment] of segments.slice(0, -1).entries()) {
+      const part = parts[i];
+      inputs.push((await this.#toRange(segment, { op: 'forward', blocks: segment.blocks, shape, h: inputs[i], keepTape: false, ...(part === undefined ? {} : { lora: part }) }, tenant)).output);
+    }
+    let grad = g;
+    const grads: Float32Array[][] = [];
+    for (let i = segments.length - 1; i >= 0; i--) {
+      const part = parts[i];
+      const reply = await this.#toRange(segments[i], { op: 'backward', blocks: segments[i].blocks, shape, h: inputs[i], g: grad, ...(part === undefined ? {} : { lora: part }) }, tenant);
+      grad = reply.output;
+      grads[i] = reply.loraGrads ?? [];
+    }
+    const loraGrads = grads.flat();
+    if (loraGrads.length !== gradLengths(lora).length) throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: 'the workers returned gradients for another set of the held adapter\'s tensors' });
+    return { output: grad, loraGrads };
+  }
+
   async terminateWorker(index: number): Promise<void> {
     throw new CloudError('TANDEM_REQUEST_INVALID', { reason: `worker ${index} is a process of the cluster: stop it there (a gateway cannot end it)` });
   }
@@ -287,7 +345,7 @@ export class ClusterExecutor implements MiddleRunner {
     }
   }
 
-  async #send(subject: string, body: HeldBody, bytes: number, op: MiddleRequest['op'], elements: number, tenant: string, patienceMs: number, deadline: number): Promise<MiddleReply> {
+  async #send(subject: string, body: HeldBody, bytes: number, op: MiddleRequest['op'], elements: number, tenant: string, patienceMs: number, deadline: number, loraLengths?: readonly number[]): Promise<MiddleReply> {
     const started = performance.now();
     const claimId = nuid.next();
     const headers = body.label(traceHeaders({ requestId: claimId, tenant }));
@@ -308,9 +366,16 @@ export class ClusterExecutor implements MiddleRunner {
       });
       abandoned.catch(() => undefined);
       const msg = await Promise.race([pending, abandoned]);
-      const reply = decodeReply(await this.#spill.incoming(msg, elements * 4 + REPLY_OVERHEAD_BYTES).catch((error: unknown) => {
+      const loraBytes = (loraLengths ?? []).reduce((n, l) => n + l * 4, 0);
+      const replyBytes = await this.#spill.incoming(msg, elements * 4 + loraBytes + REPLY_OVERHEAD_BYTES).catch((error: unknown) => {
         throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: `the reply to a ${op} cannot be read: ${(error as Error).message}`.slice(0, 300) });
-      }), elements);
+      });
+      let reply: MiddleReply;
+      try {
+        reply = decodeReply(replyBytes, elements, loraLengths);
+      } catch (error) {
+        throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: `the reply to a ${op} is invalid: ${(error as Error).message}`.slice(0, 300) });
+      }
       if (reply.ok) {
         this.#hop.requests++;
         this.#hop.roundTripMs += performance.now() - started;
@@ -369,17 +434,19 @@ export class ClusterExecutor implements MiddleRunner {
   /** To any worker of the segment's range, again (another worker) on no answer, until the deadline. */
   async #toRange(segment: PipelineSegment, request: Exclude<MiddleRequest, { op: 'dropTape' | 'backwardFromTape' }>, tenant: string): Promise<Extract<MiddleReply, { ok: true }>> {
     const elements = request.shape[0] * request.shape[1] * request.shape[2];
+    // A held adapter's backward answers the gradients of the factors it was sent.
+    const loraLengths = request.op === 'backward' && request.lora !== undefined ? gradLengths(request.lora) : undefined;
     const deadline = Date.now() + (this.#options.requestTimeoutMs ?? 25_000);
     this.#inFlight++;
     try {
-      return await this.#withBody(request, tenant, (body, bytes) => this.#tries(segment, body, bytes, request.op, elements, tenant, deadline));
+      return await this.#withBody(request, tenant, (body, bytes) => this.#tries(segment, body, bytes, request.op, elements, tenant, deadline, loraLengths));
     } finally {
       this.#inFlight--;
     }
   }
 
   /** #toRange's tries, each with the same body. */
-  async #tries(segment: PipelineSegment, body: HeldBody, bytes: number, op: MiddleRequest['op'], elements: number, tenant: string, deadline: number): Promise<Extract<MiddleReply, { ok: true }>> {
+  async #tries(segment: PipelineSegment, body: HeldBody, bytes: number, op: MiddleRequest['op'], elements: number, tenant: string, deadline: number, loraLengths?: readonly number[]): Promise<Extract<MiddleReply, { ok: true }>> {
     const attempt = this.#options.attemptTimeoutMs ?? 10_000;
     const rangeWide = rangeSubject(this.#options.contentHash, segment.owner);
     for (let tries = 0; ; tries++) {
@@ -392,7 +459,7 @@ export class ClusterExecutor implements MiddleRunner {
       if (left <= 0) throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: `no worker of blocks [${segment.owner.start}, ${segment.owner.end}) answered within ${this.#options.requestTimeoutMs ?? 25_000} ms (${tries} tries)` });
       if (tries > 0) this.#retries++;
       try {
-        const reply = await this.#counted(chosen, () => this.#send(subject, body, bytes, op, elements, tenant, Math.max(1, Math.min(attempt, left)), deadline));
+        const reply = await this.#counted(chosen, () => this.#send(subject, body, bytes, op, elements, tenant, Math.max(1, Math.min(attempt, left)), deadline, loraLengths));
         if (reply.ok) return reply;
         throw this.#failed(reply);
       } catch (error) {

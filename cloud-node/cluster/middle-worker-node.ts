@@ -10,6 +10,7 @@ import { pino } from 'pino';
 import { loadModelFolder } from '../../model/index.ts';
 import type { WorkerStatus } from '../cluster-status.ts';
 import { MiddleExecutor, TapeLost } from '../middle-executor.ts';
+import type { HeldLora } from '../middle-compute.ts';
 import type { BlockRange, KeptTape } from '../middle-runner.ts';
 import { parseBlockRange, rangeName } from './block-ranges.ts';
 import { ClusterError } from './errors.ts';
@@ -137,6 +138,35 @@ export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): P
     if (shape[1] > context) throw new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: 'shape', reason: `a sequence of ${shape[1]} is over the model's context of ${context}` });
   };
 
+  // A held adapter's modules: linear modules of the request's blocks, with the model's features.
+  const features = (name: string): [number, number] | undefined => {
+    const q = config.numAttentionHeads * config.headDim;
+    const kv = config.numKeyValueHeads * config.headDim;
+    const dims: Record<string, [number, number]> = {
+      q_proj: [hidden, q], k_proj: [hidden, kv], v_proj: [hidden, kv], o_proj: [q, hidden],
+      gate_proj: [hidden, config.intermediateSize], up_proj: [hidden, config.intermediateSize], down_proj: [config.intermediateSize, hidden],
+    };
+    return Object.hasOwn(dims, name) ? dims[name] : undefined;
+  };
+  const heldFits = (lora: HeldLora, range: BlockRange): void => {
+    const bad = (field: string, reason: string): ClusterError => new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field, reason });
+    const moduleOf = (path: string, field: string): [number, number] => {
+      const [, , layer, , name] = path.split('.');
+      const dims = features(name);
+      if (dims === undefined || !(Number(layer) >= range.start && Number(layer) < range.end)) throw bad(field, `${path} is not a linear module of blocks [${range.start}, ${range.end})`);
+      return dims;
+    };
+    lora.modules.forEach((m, i) => {
+      const [inF, outF] = moduleOf(m.path, `lora.modules[${i}].path`);
+      if (m.inFeatures !== inF || m.outFeatures !== outF) throw bad(`lora.modules[${i}]`, `${m.path} is [${outF}, ${inF}], not [${m.outFeatures}, ${m.inFeatures}]`);
+    });
+    lora.ia3?.forEach((m, i) => {
+      const [inF, outF] = moduleOf(m.path, `lora.ia3[${i}].path`);
+      if (m.scale.length !== (m.feedforward ? inF : outF)) throw bad(`lora.ia3[${i}].scale`, `${m.path} scales ${m.feedforward ? inF : outF} features, not ${m.scale.length}`);
+    });
+    if (new Set([...lora.modules, ...(lora.ia3 ?? [])].map((m) => m.path)).size !== lora.modules.length + (lora.ia3?.length ?? 0)) throw bad('lora', 'names a module twice');
+  };
+
   const serve = async (request: Exclude<MiddleRequest, { op: 'dropTape' }>, tenant: string, waitMs: number | undefined): Promise<MiddleReply> => {
     const started = performance.now();
     fits(request.shape);
@@ -145,6 +175,8 @@ export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): P
       case 'forward': {
         inside(request.blocks);
         rate.add(tokens);
+        if (request.lora !== undefined) heldFits(request.lora, request.blocks);
+        if (request.lora !== undefined) return { ok: true, worker: id, output: await executor.forwardHeld(request.blocks, request.h, request.shape, tenant, request.lora), computeMs: performance.now() - started };
         if (!request.keepTape) return { ok: true, worker: id, output: await executor.forward(request.blocks, request.h, request.shape, tenant, undefined, waitMs), computeMs: performance.now() - started };
         const { output, tape } = await executor.forwardKeepingTape(request.blocks, request.h, request.shape, tenant, undefined, waitMs);
         return { ok: true, worker: id, output, tapeId: keep(tape, request.shape), savedBytes: tape.savedBytes, computeMs: performance.now() - started };
@@ -152,6 +184,11 @@ export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): P
       case 'backward':
         inside(request.blocks);
         rate.add(tokens);
+        if (request.lora !== undefined) {
+          heldFits(request.lora, request.blocks);
+          const { output, loraGrads } = await executor.backwardHeld(request.blocks, request.h, request.g, request.shape, tenant, request.lora);
+          return { ok: true, worker: id, output, loraGrads, computeMs: performance.now() - started };
+        }
         return { ok: true, worker: id, output: await executor.backward(request.blocks, request.h, request.g, request.shape, tenant, undefined, waitMs), computeMs: performance.now() - started };
       case 'backwardFromTape': {
         const held = tapes.get(request.tapeId);
@@ -197,7 +234,8 @@ export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): P
     const trace = traceOf(msg.headers);
     let request: MiddleRequest;
     try {
-      request = decodeRequest(await spill.incoming(msg, maxElements * 4 * 2 + REQUEST_OVERHEAD_BYTES), maxElements);
+      // h and g, and a held adapter's factors (bounded by maxElements too).
+      request = decodeRequest(await spill.incoming(msg, maxElements * 4 * 3 + REQUEST_OVERHEAD_BYTES), maxElements);
     } catch (error) {
       const e = error as ClusterError;
       await respond(msg, { ok: false, worker: id, kind: 'invalid', message: e.message.slice(0, 500), code: e.code });

@@ -4,6 +4,7 @@
 import { headers as natsHeaders } from '@nats-io/transport-node';
 import type { MsgHdrs } from '@nats-io/transport-node';
 import { Packr } from 'msgpackr';
+import type { HeldLora } from '../middle-compute.ts';
 import type { BlockRange, Shape3 } from '../middle-runner.ts';
 import { DEFAULT_LIMITS, decodeFrame, decodeTensor, encodeFrame } from '../../protocol/index.ts';
 import type { TensorFrame } from '../../protocol/index.ts';
@@ -75,13 +76,14 @@ export function safeWorkerId(text: string): string {
  * into the same values. Absent, the float32 values travel.
  */
 export type MiddleRequest =
-  | { op: 'forward'; blocks: BlockRange; shape: Shape3; h: Float32Array; hFrame?: TensorFrame; keepTape: boolean }
-  | { op: 'backward'; blocks: BlockRange; shape: Shape3; h: Float32Array; g: Float32Array; hFrame?: TensorFrame; gFrame?: TensorFrame }
+  | { op: 'forward'; blocks: BlockRange; shape: Shape3; h: Float32Array; hFrame?: TensorFrame; keepTape: boolean; lora?: HeldLora }
+  | { op: 'backward'; blocks: BlockRange; shape: Shape3; h: Float32Array; g: Float32Array; hFrame?: TensorFrame; gFrame?: TensorFrame; lora?: HeldLora }
   | { op: 'backwardFromTape'; tapeId: number; shape: Shape3; g: Float32Array; gFrame?: TensorFrame }
   | { op: 'dropTape'; tapeId: number };
 
 export type MiddleReply =
-  | { ok: true; worker: string; output: Float32Array; tapeId?: number; savedBytes?: number; computeMs: number }
+  /** `loraGrads`: a backward with a held adapter's factors answers their gradients too (A then B of each module, then each (IA)^3 scale). */
+  | { ok: true; worker: string; output: Float32Array; tapeId?: number; savedBytes?: number; computeMs: number; loraGrads?: Float32Array[] }
   /** tapeLost: this worker does not keep that tape (recompute); failed: the computation failed. */
   | { ok: false; worker: string; kind: 'tapeLost' | 'failed' | 'invalid'; message: string; code?: string };
 
@@ -116,9 +118,19 @@ function packTensors<T extends object>(value: T): Uint8Array {
   return packr.pack(out);
 }
 
+/** A held adapter's factors as they cross: each tensor as its float32 bytes. */
+function packLora(lora: HeldLora): Record<string, unknown> {
+  return {
+    scale: lora.scale,
+    modules: lora.modules.map((m) => ({ path: m.path, r: m.r, inFeatures: m.inFeatures, outFeatures: m.outFeatures, a: bytesOf(m.a), b: bytesOf(m.b) })),
+    ...(lora.ia3 === undefined ? {} : { ia3: lora.ia3.map((m) => ({ path: m.path, feedforward: m.feedforward, scale: bytesOf(m.scale) })) }),
+  };
+}
+
 export function encodeRequest(request: MiddleRequest): Uint8Array {
-  const { hFrame, gFrame, ...rest } = request as MiddleRequest & { hFrame?: TensorFrame; gFrame?: TensorFrame };
+  const { hFrame, gFrame, lora, ...rest } = request as MiddleRequest & { hFrame?: TensorFrame; gFrame?: TensorFrame; lora?: HeldLora };
   const out: Record<string, unknown> = { ...rest };
+  if (lora !== undefined) out.lora = packLora(lora);
   // A frame travels in place of its values (encoded as the protocol encodes it).
   if (hFrame !== undefined) {
     delete out.h;
@@ -132,7 +144,8 @@ export function encodeRequest(request: MiddleRequest): Uint8Array {
 }
 
 export function encodeReply(reply: MiddleReply): Uint8Array {
-  return packTensors(reply);
+  if (!reply.ok || reply.loraGrads === undefined) return packTensors(reply);
+  return packTensors({ ...reply, loraGrads: reply.loraGrads.map(bytesOf) });
 }
 
 function invalid(field: string, reason: string): ClusterError {
@@ -206,6 +219,56 @@ function valuesOf(r: Record<string, unknown>, field: 'h' | 'g', shape: Shape3, m
   }
 }
 
+/** The most modules a held adapter names on the blocks of one request (7 linear modules of 256 blocks). */
+const MAX_HELD_MODULES = 7 * 256;
+/** The largest rank, and in- or out-features, of a held module that crosses. */
+const MAX_HELD_RANK = 1024;
+const MAX_HELD_FEATURES = 1 << 20;
+const HELD_PATH = /^model\.layers\.\d{1,5}\.(self_attn|mlp)\.[a-z_]{1,32}$/;
+
+/**
+ * A held adapter's factors: counts, paths and sizes bounded, every tensor's bytes matching its
+ * stated shape, together at most `maxElements` values; the worker checks paths and shapes
+ * against its own blocks' weights before anything computes.
+ */
+function loraOf(value: unknown, maxElements: number): HeldLora {
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) throw invalid('lora', 'not a map');
+  const r = value as Record<string, unknown>;
+  if (typeof r.scale !== 'number' || !Number.isFinite(r.scale)) throw invalid('lora.scale', 'must be a finite number');
+  const list = (field: 'modules' | 'ia3'): Record<string, unknown>[] => {
+    const v = r[field] ?? [];
+    if (!Array.isArray(v) || v.length > MAX_HELD_MODULES) throw invalid(`lora.${field}`, `must be a list of at most ${MAX_HELD_MODULES}`);
+    return v.map((m, i) => {
+      if (typeof m !== 'object' || m === null || Array.isArray(m)) throw invalid(`lora.${field}[${i}]`, 'not a map');
+      const path = (m as Record<string, unknown>).path;
+      if (typeof path !== 'string' || !HELD_PATH.test(path)) throw invalid(`lora.${field}[${i}].path`, 'not a module path model.layers.<i>.<self_attn|mlp>.<name>');
+      return m as Record<string, unknown>;
+    });
+  };
+  let budget = maxElements;
+  const tensor = (v: unknown, field: string, elements: number): Float32Array => {
+    budget -= elements;
+    if (budget < 0) throw invalid('lora', `its tensors hold more than ${maxElements} values`);
+    return tensorOf(v, field, elements);
+  };
+  const modules = list('modules').map((m, i) => {
+    const at = `lora.modules[${i}]`;
+    const rank = int(m.r, `${at}.r`, 1, MAX_HELD_RANK);
+    const inFeatures = int(m.inFeatures, `${at}.inFeatures`, 1, MAX_HELD_FEATURES);
+    const outFeatures = int(m.outFeatures, `${at}.outFeatures`, 1, MAX_HELD_FEATURES);
+    return { path: m.path as string, r: rank, inFeatures, outFeatures, a: tensor(m.a, `${at}.a`, rank * inFeatures), b: tensor(m.b, `${at}.b`, outFeatures * rank) };
+  });
+  const ia3Raw = r.ia3 === undefined ? undefined : list('ia3');
+  const ia3 = ia3Raw?.map((m, i) => {
+    const scale = m.scale;
+    if (!(scale instanceof Uint8Array) || scale.byteLength % 4 !== 0 || scale.byteLength === 0) throw invalid(`lora.ia3[${i}].scale`, 'not float32 bytes');
+    return { path: m.path as string, feedforward: m.feedforward === true, scale: tensor(scale, `lora.ia3[${i}].scale`, scale.byteLength / 4) };
+  });
+  if (modules.length + (ia3?.length ?? 0) === 0) throw invalid('lora', 'names no module');
+  if (modules.length > 0 && (ia3?.length ?? 0) > 0) throw invalid('lora', 'holds LoRA factors and (IA)^3 scales together');
+  return { scale: r.scale, modules, ...(ia3 === undefined ? {} : { ia3 }) };
+}
+
 /** Room in a frame for its codec's parameters (scales, indices) and protobuf's framing beyond float32 values. */
 const FRAME_OVERHEAD_BYTES = 64 * 1024;
 
@@ -215,11 +278,15 @@ export function decodeRequest(bytes: Uint8Array, maxElements: number): MiddleReq
   switch (r.op) {
     case 'forward': {
       const shape = shapeOf(r.shape, maxElements);
-      return { op: 'forward', blocks: blocksOf(r.blocks), shape, h: valuesOf(r, 'h', shape, maxElements), keepTape: r.keepTape === true };
+      const lora = r.lora === undefined ? undefined : loraOf(r.lora, maxElements);
+      // A held adapter's forward keeps no tape: its backward recomputes with the factors of then.
+      if (lora !== undefined && r.keepTape === true) throw invalid('keepTape', 'a forward with a held adapter keeps no tape');
+      return { op: 'forward', blocks: blocksOf(r.blocks), shape, h: valuesOf(r, 'h', shape, maxElements), keepTape: r.keepTape === true, ...(lora === undefined ? {} : { lora }) };
     }
     case 'backward': {
       const shape = shapeOf(r.shape, maxElements);
-      return { op: 'backward', blocks: blocksOf(r.blocks), shape, h: valuesOf(r, 'h', shape, maxElements), g: valuesOf(r, 'g', shape, maxElements) };
+      const lora = r.lora === undefined ? undefined : loraOf(r.lora, maxElements);
+      return { op: 'backward', blocks: blocksOf(r.blocks), shape, h: valuesOf(r, 'h', shape, maxElements), g: valuesOf(r, 'g', shape, maxElements), ...(lora === undefined ? {} : { lora }) };
     }
     case 'backwardFromTape': {
       const shape = shapeOf(r.shape, maxElements);
@@ -232,12 +299,21 @@ export function decodeRequest(bytes: Uint8Array, maxElements: number): MiddleReq
   }
 }
 
-/** A reply the gateway received; the output must hold `elements` values. */
-export function decodeReply(bytes: Uint8Array, elements: number): MiddleReply {
+/**
+ * A reply the gateway received; the output must hold `elements` values, and the gradients of a
+ * held adapter's backward one tensor of each length of `loraLengths`.
+ */
+export function decodeReply(bytes: Uint8Array, elements: number, loraLengths?: readonly number[]): MiddleReply {
   const r = record(bytes, 'reply');
   const worker = typeof r.worker === 'string' ? r.worker.slice(0, 128) : '';
   if (r.ok === true) {
+    let loraGrads: Float32Array[] | undefined;
+    if (loraLengths !== undefined) {
+      if (!Array.isArray(r.loraGrads) || r.loraGrads.length !== loraLengths.length) throw invalid('loraGrads', `must be a list of ${loraLengths.length} tensors`);
+      loraGrads = loraLengths.map((n, i) => tensorOf((r.loraGrads as unknown[])[i], `loraGrads[${i}]`, n));
+    }
     return {
+      ...(loraGrads === undefined ? {} : { loraGrads }),
       ok: true, worker, output: tensorOf(r.output, 'output', elements), computeMs: typeof r.computeMs === 'number' ? r.computeMs : 0,
       tapeId: r.tapeId === undefined ? undefined : int(r.tapeId, 'tapeId', 1, Number.MAX_SAFE_INTEGER),
       savedBytes: r.savedBytes === undefined ? undefined : int(r.savedBytes, 'savedBytes', 0, Number.MAX_SAFE_INTEGER),

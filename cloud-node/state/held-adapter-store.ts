@@ -51,7 +51,48 @@ function f32(text: unknown, file: string, length: number): Float32Array {
   return out;
 }
 
-export class HeldAdapterStore {
+/** A snapshot as its checkpoint holds it: JSON, tensors as base64 float32. */
+export function snapshotRecord(s: HeldAdapterSnapshot): Record<string, unknown> {
+  return {
+    sessionId: s.sessionId, tenant: s.tenant, spec: s.spec, layers: s.layers, optimizerSteps: s.optimizerSteps, last: s.last ?? null,
+    params: s.params.map((p) => ({ key: p.key, shape: p.shape, value: b64(p.value), expAvg: b64(p.expAvg), expAvgSq: b64(p.expAvgSq) })),
+    pending: s.pending === undefined ? null : { step: s.pending.step, microbatches: s.pending.microbatches.map(([mb, grads]) => [mb, grads.map(b64)]) },
+  };
+}
+
+/** One backward's gradients as a gradient file holds them: the tensors' float32 values one after another. */
+export function gradientBytes(grads: readonly Float32Array[]): Uint8Array {
+  const bytes = new Uint8Array(grads.reduce((n, g) => n + g.byteLength, 0));
+  let at = 0;
+  for (const g of grads) {
+    bytes.set(new Uint8Array(g.buffer, g.byteOffset, g.byteLength), at);
+    at += g.byteLength;
+  }
+  return bytes;
+}
+
+/** Where held adapters are checkpointed: the state folder (this file) or a cluster's JetStream (jetstream-held-adapter-store.ts). */
+export interface HeldCheckpoints {
+  /** Every checkpoint to hold from the start (a cluster's gateways load theirs when first used: none). */
+  loadAll(): Promise<HeldAdapterSnapshot[]>;
+  /** The whole adapter (created, or a commit applied), the gradient files it holds applied dropped; durable once it resolves. */
+  save(s: HeldAdapterSnapshot): Promise<void>;
+  /** One backward's gradients of the step in progress (a retry of the micro-batch replaces them); durable once it resolves. */
+  saveGradients(sessionId: string, step: number, microbatch: number, grads: readonly Float32Array[]): Promise<void>;
+  remove(sessionId: string, tenant: string): Promise<void>;
+  /**
+   * Checkpoints other processes write too (a cluster's gateways): the session's checkpoint when
+   * it changed since this store last read or wrote it, `gone` when there is none, `same` when it
+   * did not change. Absent: this process is the only writer.
+   */
+  latest?(sessionId: string, tenant: string): Promise<HeldAdapterSnapshot | 'gone' | 'same'>;
+  /** Forgets what this store last read or wrote of the session: the next `latest` reads it whole (shared stores only). */
+  forget?(sessionId: string): void;
+  /** The bytes of a tenant's held adapters in every process that shares these checkpoints (shared stores only). */
+  bytesOf?(tenant: string): Promise<number>;
+}
+
+export class HeldAdapterStore implements HeldCheckpoints {
   readonly #dir: string;
   /** session → gradient file name → its step. */
   readonly #gradients = new Map<string, Map<string, number>>();
@@ -73,22 +114,14 @@ export class HeldAdapterStore {
   }
 
   async save(s: HeldAdapterSnapshot): Promise<void> {
-    await writeJsonState(this.#file(s.sessionId), {
-      sessionId: s.sessionId, tenant: s.tenant, spec: s.spec, layers: s.layers, optimizerSteps: s.optimizerSteps, last: s.last ?? null,
-      params: s.params.map((p) => ({ key: p.key, shape: p.shape, value: b64(p.value), expAvg: b64(p.expAvg), expAvgSq: b64(p.expAvgSq) })),
-      pending: s.pending === undefined ? null : { step: s.pending.step, microbatches: s.pending.microbatches.map(([mb, grads]) => [mb, grads.map(b64)]) },
-    });
+    await writeJsonState(this.#file(s.sessionId), snapshotRecord(s));
+    await this.removeGradients(s.sessionId, s.last?.step ?? 0);
   }
 
   /** One backward's gradients of the step in progress (a retry of the micro-batch replaces them); durable once it resolves. */
   async saveGradients(sessionId: string, step: number, microbatch: number, grads: readonly Float32Array[]): Promise<void> {
     this.#file(sessionId);
-    const bytes = new Uint8Array(grads.reduce((n, g) => n + g.byteLength, 0));
-    let at = 0;
-    for (const g of grads) {
-      bytes.set(new Uint8Array(g.buffer, g.byteOffset, g.byteLength), at);
-      at += g.byteLength;
-    }
+    const bytes = gradientBytes(grads);
     const name = `${sessionId}.step-${step}.mb-${microbatch}.f32`;
     await writeStateFile(join(this.#dir, name), bytes);
     this.#track(sessionId, name, step);
@@ -172,7 +205,7 @@ export class HeldAdapterStore {
   }
 }
 
-function splitGradients(bytes: Uint8Array, lengths: readonly number[], file: string): Float32Array[] {
+export function splitGradients(bytes: Uint8Array, lengths: readonly number[], file: string): Float32Array[] {
   const total = lengths.reduce((n, l) => n + l, 0);
   if (bytes.length !== total * 4) throw new CloudError('TANDEM_STATE_INVALID', { file, reason: `the gradients have ${bytes.length} bytes; the adapter's tensors need ${total * 4}` });
   const all = new Float32Array(total);
@@ -180,7 +213,7 @@ function splitGradients(bytes: Uint8Array, lengths: readonly number[], file: str
   return splitFloat32(all, lengths);
 }
 
-function parseSnapshot(raw: Record<string, unknown>, file: string): HeldAdapterSnapshot {
+export function parseSnapshot(raw: Record<string, unknown>, file: string): HeldAdapterSnapshot {
   const bad = (reason: string): CloudError => new CloudError('TANDEM_STATE_INVALID', { file, reason });
   if (typeof raw.sessionId !== 'string' || !SESSION_ID.test(raw.sessionId) || typeof raw.tenant !== 'string') throw bad('no session id or tenant');
   if (typeof raw.spec !== 'object' || raw.spec === null || !Array.isArray(raw.layers) || !Array.isArray(raw.params) || !Number.isInteger(raw.optimizerSteps)) throw bad('missing fields');

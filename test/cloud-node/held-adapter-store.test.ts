@@ -9,11 +9,12 @@ import { after, before, describe, it } from 'node:test';
 import { HeldAdapter, HeldAdapters } from '../../cloud-node/held-adapters.ts';
 import { HeldAdapterStore } from '../../cloud-node/state/held-adapter-store.ts';
 import { initBackend, LlamaModel, loadModelFolder } from '../../model/index.ts';
+import { HELD_SPEC, gradientsLike, heldCommit } from './held-helpers.ts';
 import { STORIES_DIR, tempDir } from './helpers.ts';
 
 let model: LlamaModel;
-const SPEC = { method: 'lora' as const, rank: 4, alpha: 8, targets: ['q_proj', 'v_proj'], methodIndex: 1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0.01, seed: 3 };
-const commit = (sessionId: string, step: number, microbatches: number) => ({ sessionId, step, lr: 1e-2, maxGradNorm: 1, edgeGradSquareSum: 0.5, microbatches, exportAdapter: false });
+const SPEC = HELD_SPEC;
+const commit = heldCommit;
 
 before(async () => {
   await initBackend({ backend: 'cpu' });
@@ -22,9 +23,6 @@ before(async () => {
 });
 after(() => model.dispose());
 
-function gradientsLike(held: HeldAdapter, seed: number): Float32Array[] {
-  return held.tensors().map((t, k) => t.data.map((_, i) => Math.sin(seed * 13.7 + k * 3.1 + i * 0.11) * 1e-2));
-}
 
 describe('held adapter checkpoints', () => {
   it('a backward writes only its gradients; a restart resumes the step exactly; a commit drops the gradient files', async () => {
@@ -49,7 +47,7 @@ describe('held adapter checkpoints', () => {
 
     // A node started again on the folder holds the step in progress, and applies it alike.
     const restarted = await HeldAdapters.open(await HeldAdapterStore.open(dir));
-    const again = restarted.get(sessionId);
+    const again = await restarted.get(sessionId, 'alice');
     assert.ok(again !== undefined);
     for (const mb of [0, 1]) assert.deepEqual(again.gradientsOf(1, mb), grads[mb]);
     const original = held.commit(commit(sessionId, 1, 2));
@@ -58,7 +56,7 @@ describe('held adapter checkpoints', () => {
     assert.deepEqual(again.tensors(), held.tensors(), 'the same weights, bit for bit');
     await restarted.save(again);
     assert.deepEqual(await readdir(heldDir), [`${sessionId}.json`], 'the committed step\'s gradient files are gone');
-    await restarted.drop(sessionId);
+    await restarted.drop(sessionId, 'alice');
     assert.deepEqual(await readdir(heldDir), []);
   });
 
@@ -77,8 +75,9 @@ describe('held adapter checkpoints', () => {
     await store.saveGradients(sessionId, 1, 0, g);
     const reopened = await HeldAdapters.open(await HeldAdapterStore.open(dir));
     assert.deepEqual(await readdir(join(dir, 'held')), [`${sessionId}.json`], 'the stale gradient file is removed');
-    assert.equal(reopened.get(sessionId)?.gradientsOf(1, 0), undefined);
-    assert.throws(() => reopened.get(sessionId)?.commit(commit(sessionId, 2, 1)), { code: 'TANDEM_HELD_GRADIENTS_MISSING' }, 'step 1 is not applied twice, nor taken for step 2');
+    const found = await reopened.get(sessionId, 'bob');
+    assert.equal(found?.gradientsOf(1, 0), undefined);
+    assert.throws(() => found?.commit(commit(sessionId, 2, 1)), { code: 'TANDEM_HELD_GRADIENTS_MISSING' }, 'step 1 is not applied twice, nor taken for step 2');
 
     await writeFile(join(dir, 'held', `${sessionId}.step-2.mb-0.f32`), new Uint8Array(12));
     await assert.rejects(HeldAdapterStore.open(dir).then((s) => s.loadAll()), { code: 'TANDEM_STATE_INVALID' });

@@ -21,3 +21,14 @@ export function trainedHeld(model: LlamaModel, seed: number, targets: string[], 
   held.commit({ sessionId: held.sessionId, step: 1, lr: 0.05, maxGradNorm: 0, edgeGradSquareSum: 0, microbatches: 1, exportAdapter: false });
   return held;
 }
+
+/** A middle LoRA spec as a Hello asks for it: r 4 on q_proj and v_proj, the adapter's second method. */
+export const HELD_SPEC = { method: 'lora' as const, rank: 4, alpha: 8, targets: ['q_proj', 'v_proj'], methodIndex: 1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0.01, seed: 3 };
+
+/** A StepCommit of `step` stating `microbatches` backwards (clipping at 1 with the edge's squared norm 0.5). */
+export const heldCommit = (sessionId: string, step: number, microbatches: number) => ({ sessionId, step, lr: 1e-2, maxGradNorm: 1, edgeGradSquareSum: 0.5, microbatches, exportAdapter: false });
+
+/** Deterministic gradients of the adapter's tensors, different for each seed. */
+export function gradientsLike(held: HeldAdapter, seed: number): Float32Array[] {
+  return held.tensors().map((t, k) => t.data.map((_, i) => Math.sin(seed * 13.7 + k * 3.1 + i * 0.11) * 1e-2));
+}

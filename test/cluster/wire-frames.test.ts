@@ -4,7 +4,7 @@
 // by name before anything computes.
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { WAIT_HEADER, decodeRequest, encodeRequest, waitOf } from '../../cloud-node/cluster/wire.ts';
+import { WAIT_HEADER, decodeReply, decodeRequest, encodeReply, encodeRequest, waitOf } from '../../cloud-node/cluster/wire.ts';
 import { headers as natsHeaders } from '@nats-io/transport-node';
 import type { MiddleRequest } from '../../cloud-node/cluster/wire.ts';
 import { decodeTensor, encodeFrame, encodeTensor } from '../../protocol/index.ts';
@@ -61,5 +61,32 @@ describe('the wait a request states', () => {
     assert.equal(wait('25000'), 25_000);
     for (const bad of ['0', '-5', '1.5', '1e3', '600001', '99999999999', 'soon', '']) assert.equal(wait(bad), undefined, bad);
     assert.equal(waitOf(undefined), undefined);
+  });
+});
+
+describe("a held adapter's factors and their gradients", () => {
+  const lora = { scale: 2, modules: [{ path: 'model.layers.2.self_attn.q_proj', r: 2, inFeatures: 64, outFeatures: 64, a: values.slice(0, 128), b: values.slice(128, 256) }] };
+
+  it('cross as they were sent; a forward with them keeps no tape; factors unlike their shape or over the limit are refused', () => {
+    const request: MiddleRequest = { op: 'backward', blocks, shape, h: values, g: values, lora };
+    assert.deepStrictEqual(decodeRequest(encodeRequest(request), 1 << 16), request);
+    assert.throws(() => decodeRequest(encodeRequest({ op: 'forward', blocks, shape, h: values, keepTape: true, lora }), 1 << 16), { code: 'TANDEM_CLUSTER_MESSAGE_INVALID', message: /keepTape/ });
+    const short = { ...lora, modules: [{ ...lora.modules[0], a: values.slice(0, 127) }] };
+    assert.throws(() => decodeRequest(encodeRequest({ ...request, lora: short }), 1 << 16), { message: /lora\.modules\[0\]\.a .*holds 508 bytes; the shape needs 512/ });
+    // h and g hold 2048 values each; the factors are bounded by the same limit.
+    const wide = { ...lora, modules: [{ ...lora.modules[0], r: 40, a: new Float32Array(40 * 64), b: new Float32Array(64 * 40) }] };
+    assert.throws(() => decodeRequest(encodeRequest({ ...request, lora: wide }), 4096), { message: /lora .*more than 4096 values/ });
+    assert.throws(() => decodeRequest(encodeRequest({ ...request, lora: { scale: 2, modules: [] } }), 1 << 16), { message: /names no module/ });
+  });
+
+  it("a backward's reply answers one gradient per factor, of its length; another count or length is refused", () => {
+    const loraGrads = [values.slice(0, 128), values.slice(128, 256)];
+    const reply = { ok: true as const, worker: 'w', output: values, computeMs: 1, loraGrads };
+    const decoded = decodeReply(encodeReply(reply), values.length, [128, 128]);
+    assert.ok(decoded.ok);
+    assert.deepStrictEqual(decoded.loraGrads, loraGrads);
+    assert.throws(() => decodeReply(encodeReply(reply), values.length, [128]), { message: /loraGrads .*list of 1 tensors/ });
+    assert.throws(() => decodeReply(encodeReply(reply), values.length, [128, 129]), { message: /loraGrads\[1\] .*holds 512 bytes; the shape needs 516/ });
+    assert.throws(() => decodeReply(encodeReply({ ...reply, loraGrads: undefined }), values.length, [128, 128]), { message: /loraGrads/ });
   });
 });

@@ -73,6 +73,22 @@ function checkRequest(r: MiddleRequest, maxElements: number): void {
       checkTensor(r.h, elements, 'h');
       if (r.op === 'forward') assert.equal(typeof r.keepTape, 'boolean');
       else checkTensor(r.g, elements, 'g');
+      if (r.lora !== undefined) {
+        assert.ok(Number.isFinite(r.lora.scale));
+        if (r.op === 'forward') assert.equal(r.keepTape, false, 'a held forward keeps no tape');
+        let values = 0;
+        for (const m of r.lora.modules) {
+          assert.match(m.path, /^model\.layers\.\d+\.(self_attn|mlp)\.[a-z_]+$/);
+          checkTensor(m.a, m.r * m.inFeatures, 'lora a');
+          checkTensor(m.b, m.outFeatures * m.r, 'lora b');
+          values += m.a.length + m.b.length;
+        }
+        for (const m of r.lora.ia3 ?? []) {
+          assert.ok(m.scale instanceof Float32Array && m.scale.length > 0);
+          values += m.scale.length;
+        }
+        assert.ok(r.lora.modules.length + (r.lora.ia3?.length ?? 0) > 0 && values <= maxElements, `lora of ${values} values`);
+      }
       break;
     }
     case 'backwardFromTape':
@@ -146,6 +162,17 @@ function requestSeeds(): Seed<MiddleRequest>[] {
     add(`backwardFromTape ${i}`, { op: 'backwardFromTape', tapeId: 7 + i, shape, g }, { op: 'backwardFromTape', tapeId: 7 + i, shape, g }, n);
     add(`backwardFromTape gFrame ${i}`, { op: 'backwardFromTape', tapeId: 2 ** 40 + i, shape, g, gFrame }, { op: 'backwardFromTape', tapeId: 2 ** 40 + i, shape, g: gf }, n);
   });
+  // A held adapter's factors: LoRA on two modules, and (IA)^3 scales.
+  const [shape] = SHAPES;
+  const n = elementsOf(shape);
+  const h = activationLike(n, 40, shape[2]);
+  const g = activationLike(n, 41, shape[2]);
+  const module = (path: string, r: number, inFeatures: number, outFeatures: number) => ({ path, r, inFeatures, outFeatures, a: activationLike(r * inFeatures, 42, inFeatures), b: activationLike(outFeatures * r, 43, r) });
+  const lora = { scale: 2, modules: [module('model.layers.2.self_attn.q_proj', 4, 16, 16), module('model.layers.3.mlp.down_proj', 4, 32, 16)] };
+  const ia3 = { scale: 1, modules: [], ia3: [{ path: 'model.layers.2.self_attn.k_proj', feedforward: false, scale: activationLike(8, 44, 8) }, { path: 'model.layers.4.mlp.down_proj', feedforward: true, scale: activationLike(32, 45, 32) }] };
+  add('forward lora', { op: 'forward', blocks, shape, h, keepTape: false, lora }, { op: 'forward', blocks, shape, h, keepTape: false, lora }, n);
+  add('backward lora', { op: 'backward', blocks, shape, h, g, lora }, { op: 'backward', blocks, shape, h, g, lora }, n);
+  add('backward ia3', { op: 'backward', blocks, shape, h, g, lora: ia3 }, { op: 'backward', blocks, shape, h, g, lora: ia3 }, n);
   add('dropTape', { op: 'dropTape', tapeId: 1 }, { op: 'dropTape', tapeId: 1 }, 0);
   add('dropTape max', { op: 'dropTape', tapeId: Number.MAX_SAFE_INTEGER }, { op: 'dropTape', tapeId: Number.MAX_SAFE_INTEGER }, 0);
   return seeds;
@@ -256,7 +283,9 @@ function hostileValue(elements: number, shape: Shape3): unknown {
   }
 }
 
-const REQUEST_FIELDS = ['op', 'blocks', 'shape', 'h', 'g', 'hFrame', 'gFrame', 'tapeId', 'keepTape', '__proto__', 'toString'];
+const REQUEST_FIELDS = ['op', 'blocks', 'shape', 'h', 'g', 'hFrame', 'gFrame', 'tapeId', 'keepTape', 'lora', '__proto__', 'toString'];
+const LORA_FIELDS = ['scale', 'modules', 'ia3', 'toString'];
+const MODULE_FIELDS = ['path', 'r', 'inFeatures', 'outFeatures', 'a', 'b', 'feedforward', 'scale', '__proto__'];
 const REPLY_FIELDS = ['ok', 'worker', 'output', 'tapeId', 'savedBytes', 'computeMs', 'kind', 'message', 'code', 'toString'];
 const OPS = ['forward', 'backward', 'backwardFromTape', 'dropTape'];
 
@@ -274,7 +303,7 @@ function mutateStructure(seed: Record<string, unknown>, fields: string[], elemen
   const shape = shapeOfSeed(seed);
   const changes = 1 + int(3);
   for (let c = 0; c < changes; c++) {
-    switch (int(8)) {
+    switch (int(9)) {
       case 0: {
         // blocks: the wrong types, or end before start.
         const start = random() < 0.7 ? int(70_000) : hostileValue(elements, shape);
@@ -298,6 +327,28 @@ function mutateStructure(seed: Record<string, unknown>, fields: string[], elemen
       case 3:
         map.op = random() < 0.7 ? pick(OPS) : hostileValue(elements, shape);
         break;
+      case 4: {
+        // A held adapter's factors: a field of the adapter or of one module made wrong, or a module repeated many times.
+        if (typeof map.lora !== 'object' || map.lora === null) {
+          setField(map, pick(fields), hostileValue(elements, shape));
+          break;
+        }
+        const lora: Record<string, unknown> = { ...(map.lora as Record<string, unknown>) };
+        const list = Array.isArray(lora.modules) && lora.modules.length > 0 ? 'modules' : 'ia3';
+        const modules = Array.isArray(lora[list]) ? [...(lora[list] as Record<string, unknown>[])] : [];
+        const how = int(4);
+        if (how === 0 || modules.length === 0) setField(lora, pick(LORA_FIELDS), hostileValue(elements, shape));
+        else if (how === 1) lora[list] = new Array(pick([2, 100, 2000])).fill(modules[0]);
+        else {
+          const k = int(modules.length);
+          const m = { ...modules[k] };
+          setField(m, pick(MODULE_FIELDS), random() < 0.3 ? pick(['model.layers.x.self_attn.q_proj', 'layers.1.q', 'model.layers.1.attn.q_proj', 'model.layers.999999.mlp.up_proj']) : hostileValue(elements, shape));
+          modules[k] = m;
+          lora[list] = modules;
+        }
+        map.lora = lora;
+        break;
+      }
       default:
         setField(map, pick(fields), hostileValue(elements, shape));
         break;

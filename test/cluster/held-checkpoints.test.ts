@@ -1,0 +1,109 @@
+// Held adapters' checkpoints in JetStream, as two gateways share them: one reads what the
+// other wrote (the step in progress included) and applies it alike; a write from a copy that
+// is behind is refused and that copy read again; the tenant's bytes count across gateways; and
+// a removed checkpoint leaves nothing in either stream, however many steps were written.
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { after, before, describe, it } from 'node:test';
+import { jetstreamManager } from '@nats-io/jetstream';
+import type { NatsConnection } from '@nats-io/transport-node';
+import { connectNats } from '../../cloud-node/cluster/nats-connection.ts';
+import { HeldAdapter, HeldAdapters } from '../../cloud-node/held-adapters.ts';
+import { HELD_HEADS_BUCKET, HELD_OBJECTS_BUCKET, JetStreamHeldAdapterStore } from '../../cloud-node/state/jetstream-held-adapter-store.ts';
+import { initBackend, LlamaModel, loadModelFolder } from '../../model/index.ts';
+import { HELD_SPEC, gradientsLike, heldCommit } from '../cloud-node/held-helpers.ts';
+import { STORIES_DIR } from '../cloud-node/helpers.ts';
+import { startNatsServer } from './nats-server.ts';
+import type { TestNatsServer } from './nats-server.ts';
+
+const SPEC = HELD_SPEC;
+const commit = heldCommit;
+
+
+async function messages(nc: NatsConnection): Promise<{ heads: number; objects: number }> {
+  const jsm = await jetstreamManager(nc);
+  return {
+    heads: (await jsm.streams.info(`KV_${HELD_HEADS_BUCKET}`)).state.messages,
+    objects: (await jsm.streams.info(`OBJ_${HELD_OBJECTS_BUCKET}`)).state.messages,
+  };
+}
+
+describe('held adapter checkpoints in JetStream, shared by two gateways', () => {
+  let nats: TestNatsServer;
+  let nc: NatsConnection;
+  let model: LlamaModel;
+  before(async () => {
+    await initBackend({ backend: 'cpu' });
+    const loaded = await loadModelFolder(STORIES_DIR);
+    model = LlamaModel.fromArrays(loaded.config, loaded.weights);
+    nats = await startNatsServer();
+    nc = await connectNats(nats.url, 'test-held-checkpoints', 'gateway');
+  });
+  after(async () => {
+    model.dispose();
+    await nc?.drain();
+    await nats?.close();
+  });
+
+  it('a second gateway reads the step in progress and applies it alike; the first, behind, is refused and reads it again', async () => {
+    const a = await HeldAdapters.open(await JetStreamHeldAdapterStore.open(nc));
+    const b = await HeldAdapters.open(await JetStreamHeldAdapterStore.open(nc));
+    const sessionId = randomUUID();
+    const held = HeldAdapter.create(model, sessionId, 'alice', SPEC, [1, 2, 3]);
+    await a.add(held);
+    const grads = [gradientsLike(held, 1), gradientsLike(held, 2)];
+    // The first backward on a, the second on b (the edge moved between them).
+    held.accumulate(1, 0, grads[0]);
+    await a.saveGradients(held, 1, 0);
+    const onB = await b.get(sessionId, 'alice');
+    assert.ok(onB !== undefined, 'b reads the checkpoint a wrote');
+    assert.deepEqual(onB.gradientsOf(1, 0), grads[0]);
+    onB.accumulate(1, 1, grads[1]);
+    await b.saveGradients(onB, 1, 1);
+    const expected = HeldAdapter.fromSnapshot(structuredClone(onB.snapshot()));
+    const answer = onB.commit(commit(sessionId, 1, 2));
+    await b.save(onB);
+
+    // a's copy is behind: a write from it is refused, and the copy is dropped.
+    held.accumulate(2, 0, grads[0]);
+    await assert.rejects(a.saveGradients(held, 2, 0), { code: 'TANDEM_HELD_ADAPTER_MOVED' });
+    assert.equal(a.count, 0, 'the copy that was behind is dropped');
+    // Read again, it holds b's commit: the same weights as the step applied once, and a repeat answers the same.
+    const again = await a.get(sessionId, 'alice');
+    assert.ok(again !== undefined);
+    assert.equal(again.lastCommitted, 1);
+    assert.deepEqual(expected.commit(commit(sessionId, 1, 2)).answer, answer.answer);
+    assert.deepEqual(again.tensors(), expected.tensors(), 'the step was applied once, bit for bit');
+    assert.deepEqual(again.commit(commit(sessionId, 1, 2)), { answer: answer.answer, applied: false });
+    // b's own copy is current: no read.
+    assert.equal(await b.get(sessionId, 'alice'), onB);
+
+    assert.equal(await a.bytesOf('alice'), held.bytes, "alice's held bytes, counted from the checkpoints every gateway shares");
+    assert.equal(await b.bytesOf('bob'), 0);
+    await b.drop(sessionId, 'alice');
+    assert.equal(await a.get(sessionId, 'alice'), undefined, 'dropped on b, it is gone for a too');
+    assert.equal(await a.bytesOf('alice'), 0);
+  });
+
+  it('30 steps committed and the session removed: both streams are empty again (objects and markers purged)', async () => {
+    const adapters = await HeldAdapters.open(await JetStreamHeldAdapterStore.open(nc));
+    const before = await messages(nc);
+    const sessionId = randomUUID();
+    const held = HeldAdapter.create(model, sessionId, 'carol', SPEC, [1, 2, 3]);
+    await adapters.add(held);
+    for (let step = 1; step <= 30; step++) {
+      for (const mb of [0, 1]) {
+        held.accumulate(step, mb, gradientsLike(held, step * 2 + mb));
+        await adapters.saveGradients(held, step, mb);
+      }
+      held.commit(commit(sessionId, step, 2));
+      await adapters.save(held);
+    }
+    const during = await messages(nc);
+    assert.equal(during.heads - before.heads, 1, 'one head per session');
+    const reread = await HeldAdapters.open(await JetStreamHeldAdapterStore.open(nc));
+    assert.deepEqual((await reread.get(sessionId, 'carol'))?.tensors(), held.tensors());
+    await adapters.drop(sessionId, 'carol');
+    assert.deepEqual(await messages(nc), before, 'nothing of the session is left in either stream');
+  });
+});
