@@ -17,6 +17,7 @@ export const EDGE_ERRORS = {
   TANDEM_EDGE_CHECKPOINT_MISMATCH: { summary: 'the checkpoint was written by a different run' },
   TANDEM_EDGE_TLS_UNTRUSTED: { summary: 'the cloud\'s TLS certificate is not trusted (pass --ca for a private CA)' },
   TANDEM_EDGE_ADAPTER_BASE_MISMATCH: { summary: 'the adapter was trained against another base model than the cloud serves' },
+  TANDEM_EDGE_ROUND_MOVED_ON: { summary: 'the federation round moved on (a later round or attempt) before this owner finished its part' },
 } as const satisfies Record<string, { summary: string }>;
 
 export type EdgeErrorCode = keyof typeof EDGE_ERRORS;

@@ -70,7 +70,11 @@ export interface FederateRoundEvent {
   ack?: RoundUpdateAck;
   /** Seconds spent in secure aggregation (key agreement, sharing, masking, reveal), waits for other owners included. */
   secaggSeconds?: number;
-  /** The cloud's code when it refused the update (e.g. the round moved on). */
+  /**
+   * What ended this attempt without an update taken: the cloud's code when it refused it (e.g.
+   * TANDEM_FED_UPDATE_LATE), or TANDEM_EDGE_ROUND_MOVED_ON when this owner saw secure
+   * aggregation at a later round or attempt.
+   */
   refused?: string;
 }
 
@@ -147,16 +151,25 @@ async function writeGlobal(config: string, decoded: DecodedAdapter, dir: string)
 
 /**
  * The round's secure aggregation as the cloud shows it. A view of another round or attempt is the
- * round moving on: the cloud answers a later round's view with TANDEM_FED_UPDATE_LATE itself, and
- * a retried attempt's with that attempt's view; both end this attempt as refused late.
+ * round moving on (the cloud answers a later round's view with TANDEM_FED_UPDATE_LATE itself, and
+ * a retried attempt's with that attempt's view): TANDEM_EDGE_ROUND_MOVED_ON, which ends this
+ * attempt as refused, and the owner asks for the round again.
  */
 async function secAggView(rest: Rest, base: string, a: Round): Promise<SecAggView> {
   const path = `${base}/secagg`;
   const view = parseSecAggView(await rest.call('GET', path, undefined, secAggReplyBytes(a)), rest.where(path));
   if (view.round !== a.round || view.attempt !== a.attempt) {
-    throw new EdgeError('TANDEM_EDGE_REMOTE_ERROR', `secure aggregation is at round ${view.round}.${view.attempt}, not ${a.round}.${a.attempt}: the round moved on`, { where: rest.where(path), remoteCode: 'TANDEM_FED_UPDATE_LATE' });
+    throw new EdgeError('TANDEM_EDGE_ROUND_MOVED_ON', `secure aggregation is at round ${view.round}.${view.attempt}, not ${a.round}.${a.attempt}: the round moved on`, {
+      where: rest.where(path), details: { round: a.round, attempt: a.attempt, seenRound: view.round, seenAttempt: view.attempt },
+    });
   }
   return view;
+}
+
+/** The code that ends an attempt as refused (the owner asks for the round again); undefined for any other failure. */
+function refusalOf(error: unknown): string | undefined {
+  if (!(error instanceof EdgeError)) return undefined;
+  return error.code === 'TANDEM_EDGE_ROUND_MOVED_ON' ? error.code : error.remoteCode;
 }
 
 function secAggReplyBytes(a: Round): number {
@@ -174,7 +187,7 @@ function waitLimit(a: Round): number {
 
 /**
  * Polls the round's secure aggregation until it reaches `phase`; past waitLimit it is
- * TANDEM_EDGE_REQUEST_FAILED (a later round or attempt is the cloud's TANDEM_FED_UPDATE_LATE).
+ * TANDEM_EDGE_REQUEST_FAILED (a later round or attempt is TANDEM_EDGE_ROUND_MOVED_ON).
  */
 async function waitPhase(rest: Rest, base: string, a: Round, phase: SecAggPhase, pollMs: number): Promise<SecAggView> {
   const until = waitLimit(a);
@@ -373,12 +386,14 @@ export async function federate(options: FederateOptions): Promise<FederateResult
             ev.ack = parseAck(await rest.call('POST', `${base}/updates`, update), rest.where(`${base}/updates`), a);
           }
         } catch (error) {
-          if (!(error instanceof EdgeError) || error.remoteCode === undefined) throw error;
-          ev.refused = error.remoteCode; // the round moved on (late) or it was already in (replay): ask again
+          const refused = refusalOf(error);
+          if (refused === undefined) throw error;
+          ev.refused = refused; // the round moved on (late) or it was already in (replay): ask again
         }
         return ev;
       })().catch((error: unknown) => {
-        if (error instanceof EdgeError && error.remoteCode !== undefined) return { round: a.round, attempt: a.attempt, loss: NaN, examples: 0, updateBytes: 0, update: new Float32Array(0), refused: error.remoteCode };
+        const refused = refusalOf(error);
+        if (refused !== undefined) return { round: a.round, attempt: a.attempt, loss: NaN, examples: 0, updateBytes: 0, update: new Float32Array(0), refused };
         throw error;
       });
       rounds.push(event);

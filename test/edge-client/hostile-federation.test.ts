@@ -174,6 +174,30 @@ describe('an owner in a federation against a hostile cloud', () => {
     assert.equal(error.field, 'sampled');
   });
 
+  it("a SecAgg view of a later attempt ends this attempt as the owner's own TANDEM_EDGE_ROUND_MOVED_ON, not as a code the cloud did not send", QUICK, async () => {
+    await createFederation('moved', { secureAggregation: true, minOwners: 2 });
+    const hostile = await startHostileCloud(cloud.url, { rest: rewrite((p) => p.endsWith('/secagg'), (v) => { v.attempt = (v.attempt as number) + 1; }, 1) });
+    const events: { refused?: string; ack?: unknown }[] = [];
+    try {
+      // The attempt refused, the owner asks for the round again; the test stops it there (bob never joins).
+      const stop = new Error('stop after the first attempt');
+      const ended = await federate({
+        cloud: hostile.url, key: aliceKey, federation: 'moved', data, modelDir: FIXTURE, workDir: join(scratch.dir, 'work-moved'), pollMs: 20, maxRounds: 1,
+        backend: 'cpu', recipe: { batchSize: 2, seqLen: 16 },
+        onRound: (e) => {
+          events.push(e);
+          throw stop;
+        },
+      }).then(() => undefined, (e: unknown) => e);
+      assert.equal(ended, stop);
+      assert.equal(events.length, 1);
+      assert.equal(events[0].refused, 'TANDEM_EDGE_ROUND_MOVED_ON');
+      assert.equal(events[0].ack, undefined, 'no update was sent');
+    } finally {
+      await hostile.close();
+    }
+  });
+
   it('stops waiting for the other owners once the round is past its deadline', QUICK, async () => {
     // bob never advertises keys, so the round stays in phase keys; the deadline is a second ago.
     await createFederation('deadline', { secureAggregation: true, minOwners: 2 });
