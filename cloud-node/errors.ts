@@ -55,6 +55,7 @@ export const CLOUD_ERRORS = {
   TANDEM_EVAL_BUSY: { status: 503, template: 'the node is evaluating adapters at capacity: {waiting} evaluations are waiting, the limit of {limit}; retry later' },
   TANDEM_STORE_FULL: { status: 503, template: 'the {store} is full for now: {reason}; retry later' },
   TANDEM_HELD_ADAPTER_MOVED: { status: 503, template: 'the middle adapter of session {session} changed under this gateway ({reason}); retry: it is read again' },
+  TANDEM_HELD_CHECKPOINT_UNAVAILABLE: { status: 503, template: 'the checkpoint of the middle adapter of session {session} could not be read or written ({reason}); retry: it is read again' },
 } as const satisfies Record<string, { status: number; template: string }>;
 
 export type CloudErrorCode = keyof typeof CLOUD_ERRORS;

@@ -233,12 +233,17 @@ export interface HeldAdapterMetrics {
   resident(count: number, bytes: number): void;
 }
 
+/** A cluster gateway's copy of a checkpoint not used for this long is let go (read again if the session comes back). */
+export const IDLE_COPY_MS = 5 * 60_000;
+
 /**
  * The node's held adapters, by session: quotas per tenant, checkpoints in the store. On a
- * cluster's gateway the checkpoints are shared (any gateway may serve the session next): an
- * adapter is read from them when first used and again whenever another gateway wrote it since,
- * and a write that finds the checkpoint changed under it is refused
- * (TANDEM_HELD_ADAPTER_MOVED, which the edge retries) with the copy here dropped.
+ * cluster's gateway the checkpoints are shared (any gateway may serve the session next), and a
+ * copy here is a cache of them: read when first used and again whenever another gateway wrote
+ * since; a write that finds the checkpoint moved under it, or that fails, marks the copy stale
+ * (TANDEM_HELD_ADAPTER_MOVED / TANDEM_HELD_CHECKPOINT_UNAVAILABLE, which the edge retries), and
+ * every write queued behind it is refused alike, so nothing is acknowledged that is not in the
+ * checkpoint; a copy not used for IDLE_COPY_MS is let go.
  */
 export class HeldAdapters {
   readonly #store: HeldCheckpoints;
@@ -246,15 +251,27 @@ export class HeldAdapters {
   readonly #metrics?: HeldAdapterMetrics;
   /** Writes of one session, one after another. */
   readonly #writes = new Map<string, Promise<void>>();
+  /** Copies whose write failed: ahead of the checkpoint or behind another gateway's; read again on next use. */
+  readonly #stale = new WeakSet<HeldAdapter>();
+  /** Bytes of adapters being created (Hellos between the quota check and their checkpoint), by tenant. */
+  readonly #admitting = new Map<string, number>();
+  /** When each copy was last used (shared stores), the least recently used first. */
+  readonly #usedAt = new Map<string, number>();
+  /** Writes queued or running, by session. */
+  readonly #pending = new Map<string, number>();
+  readonly #shared: boolean;
+  readonly #idleCopyMs: number;
 
-  private constructor(store: HeldCheckpoints, metrics?: HeldAdapterMetrics) {
+  private constructor(store: HeldCheckpoints, metrics?: HeldAdapterMetrics, idleCopyMs = IDLE_COPY_MS) {
     this.#store = store;
     this.#metrics = metrics;
+    this.#shared = store.latest !== undefined;
+    this.#idleCopyMs = idleCopyMs;
   }
 
-  /** Loads every checkpointed adapter of the store. */
-  static async open(store: HeldCheckpoints, metrics?: HeldAdapterMetrics): Promise<HeldAdapters> {
-    const held = new HeldAdapters(store, metrics);
+  /** Loads every checkpointed adapter of the store; `idleCopyMs`: see IDLE_COPY_MS (shared stores). */
+  static async open(store: HeldCheckpoints, metrics?: HeldAdapterMetrics, options: { idleCopyMs?: number } = {}): Promise<HeldAdapters> {
+    const held = new HeldAdapters(store, metrics, options.idleCopyMs);
     for (const s of await store.loadAll()) held.#byId.set(s.sessionId, HeldAdapter.fromSnapshot(s));
     held.#report();
     return held;
@@ -270,7 +287,7 @@ export class HeldAdapters {
     return n;
   }
 
-  /** The bytes of the tenant's held adapters: here, or on every gateway of a cluster. */
+  /** The bytes of the tenant's held adapters: here, or on every gateway of a cluster (checkpointed ones). */
   async bytesOf(tenant: string): Promise<number> {
     if (this.#store.bytesOf !== undefined) return this.#store.bytesOf(tenant);
     let n = 0;
@@ -278,23 +295,42 @@ export class HeldAdapters {
     return n;
   }
 
+  /**
+   * Admits a new adapter of `bytes` against the tenant's `limit` (its held adapters, those being
+   * created here included: the check and the reservation are one step, whatever Hellos run at
+   * once), or throws `refuse(resident)`. The release gives the reservation back once the adapter
+   * is checkpointed (then counted as itself) or refused.
+   */
+  async admit(tenant: string, bytes: number, limit: number, refuse: (resident: number) => Error): Promise<() => void> {
+    const resident = (await this.bytesOf(tenant)) + (this.#admitting.get(tenant) ?? 0);
+    if (resident + bytes > limit) throw refuse(resident);
+    this.#admitting.set(tenant, (this.#admitting.get(tenant) ?? 0) + bytes);
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      const left = (this.#admitting.get(tenant) ?? bytes) - bytes;
+      if (left <= 0) this.#admitting.delete(tenant);
+      else this.#admitting.set(tenant, left);
+    };
+  }
+
   /** The session's adapter as last checkpointed (read again when another gateway wrote it since); undefined when it has none. */
   async get(sessionId: string, tenant: string): Promise<HeldAdapter | undefined> {
-    if (this.#store.latest === undefined) return this.#byId.get(sessionId);
+    if (!this.#shared || this.#store.latest === undefined) return this.#byId.get(sessionId);
+    this.#letIdleGo();
     // This process's own writes first: what they write is not another gateway's change.
     await this.#writes.get(sessionId);
+    const mine = this.#byId.get(sessionId);
+    if (mine === undefined || this.#stale.has(mine)) this.#store.forget?.(sessionId);
     const latest = await this.#store.latest(sessionId, tenant);
-    if (latest === 'same') {
-      const held = this.#byId.get(sessionId);
-      if (held !== undefined) return held;
-      // Dropped here while the store kept its revision (a close elsewhere races this): read it whole.
-      this.#store.forget?.(sessionId);
-      return this.get(sessionId, tenant);
-    }
     if (latest === 'gone') {
-      if (this.#byId.delete(sessionId)) this.#report();
+      this.#letGo(sessionId);
       return undefined;
     }
+    this.#used(sessionId);
+    if (latest === 'same' && mine !== undefined && !this.#stale.has(mine)) return mine;
+    if (latest === 'same') throw new CloudError('TANDEM_INTERNAL', { reason: 'a checkpoint read as unchanged with no copy here' });
     const held = HeldAdapter.fromSnapshot(latest);
     this.#byId.set(sessionId, held);
     this.#report();
@@ -304,6 +340,10 @@ export class HeldAdapters {
   /** Keeps a new adapter and checkpoints it before the Welcome goes out. */
   async add(held: HeldAdapter): Promise<void> {
     this.#byId.set(held.sessionId, held);
+    if (this.#shared) {
+      this.#letIdleGo();
+      this.#used(held.sessionId);
+    }
     this.#report();
     await this.save(held);
   }
@@ -324,37 +364,66 @@ export class HeldAdapters {
 
   /** Writes of one session, one after another, while it is still held. */
   #write(held: HeldAdapter, write: () => Promise<void>): Promise<void> {
-    const shared = this.#store.latest !== undefined;
+    const id = held.sessionId;
+    this.#pending.set(id, (this.#pending.get(id) ?? 0) + 1);
     const prev = this.#writes.get(held.sessionId) ?? Promise.resolve();
     const next = prev.then(async () => {
       const current = this.#byId.get(held.sessionId);
-      // Dropped (closed, expired): nothing to keep.
+      // Dropped (closed, expired): nothing to keep. (A shared store's copy leaves only then, or idle with no write queued.)
       if (current === undefined) return;
-      // Read again since (another gateway wrote it): what this change started from is not the checkpoint.
-      if (current !== held) throw moved(held.sessionId, 'another gateway wrote it while this one computed');
+      // A copy read again since, or one whose earlier write failed: what this change started from is not the checkpoint.
+      if (current !== held || this.#stale.has(held)) throw moved(held.sessionId, 'its checkpoint changed while this gateway computed, or an earlier write of it failed');
       try {
         await write();
       } catch (error) {
         // What this copy holds is ahead of the checkpoint, or behind another gateway's: read it again on next use.
-        if (shared && this.#byId.get(held.sessionId) === held) {
-          this.#byId.delete(held.sessionId);
-          this.#report();
-        }
+        if (this.#shared) this.#stale.add(held);
         throw error;
       }
     });
-    this.#writes.set(held.sessionId, next.catch(() => undefined));
+    const settled = next.catch(() => undefined).then(() => {
+      const left = (this.#pending.get(id) ?? 1) - 1;
+      if (left > 0) {
+        this.#pending.set(id, left);
+        return;
+      }
+      this.#pending.delete(id);
+      if (this.#writes.get(id) === settled) this.#writes.delete(id);
+    });
+    this.#writes.set(id, settled);
     return next;
+  }
+
+  #used(sessionId: string): void {
+    this.#usedAt.delete(sessionId);
+    this.#usedAt.set(sessionId, Date.now());
   }
 
   /** Frees the session's adapter and its checkpoint (close, expiry); on a cluster's gateway, whether or not it was read here. */
   async drop(sessionId: string, tenant: string): Promise<void> {
     const here = this.#byId.delete(sessionId);
+    this.#usedAt.delete(sessionId);
     if (here) this.#report();
-    if (!here && this.#store.latest === undefined) return;
+    if (!here && !this.#shared) return;
     await (this.#writes.get(sessionId) ?? Promise.resolve());
     this.#writes.delete(sessionId);
     await this.#store.remove(sessionId, tenant);
+  }
+
+  /** Lets this gateway's copy go (the checkpoint stays): gone elsewhere, or idle. */
+  #letGo(sessionId: string): void {
+    this.#usedAt.delete(sessionId);
+    this.#store.forget?.(sessionId);
+    if (this.#byId.delete(sessionId)) this.#report();
+  }
+
+  /** Copies not used for idleCopyMs and with no write queued: a session served elsewhere now, or closed there. */
+  #letIdleGo(now = Date.now()): void {
+    for (const [id, at] of this.#usedAt) {
+      if (now - at < this.#idleCopyMs) break;
+      if (this.#pending.has(id)) continue;
+      this.#letGo(id);
+    }
   }
 
   #report(): void {

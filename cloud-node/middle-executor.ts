@@ -284,13 +284,13 @@ export class MiddleExecutor {
   }
 
   /** h_B → h_M with the session's held LoRA; no tape is kept (its backward recomputes). */
-  async forwardHeld(range: BlockRange, h: Float32Array, shape: Shape3, tenant: string, lora: HeldLora): Promise<Float32Array> {
-    return (await this.#submit(tenant, { op: 'forward', item: { range, h, shape, lora }, keepTape: false }, tokensOf(shape))).output;
+  async forwardHeld(range: BlockRange, h: Float32Array, shape: Shape3, tenant: string, lora: HeldLora, waitMs?: number): Promise<Float32Array> {
+    return (await this.#submit(tenant, { op: 'forward', item: { range, h, shape, lora }, keepTape: false }, tokensOf(shape), undefined, waitMs)).output;
   }
 
   /** g_M → g_B with the session's held LoRA, recomputing from h_B; also the gradients of its factors (A then B per module). */
-  async backwardHeld(range: BlockRange, h: Float32Array, g: Float32Array, shape: Shape3, tenant: string, lora: HeldLora): Promise<{ output: Float32Array; loraGrads: Float32Array[] }> {
-    const done = await this.#submit(tenant, { op: 'backward', item: { range, h, g, shape, lora } }, tokensOf(shape));
+  async backwardHeld(range: BlockRange, h: Float32Array, g: Float32Array, shape: Shape3, tenant: string, lora: HeldLora, waitMs?: number): Promise<{ output: Float32Array; loraGrads: Float32Array[] }> {
+    const done = await this.#submit(tenant, { op: 'backward', item: { range, h, g, shape, lora } }, tokensOf(shape), undefined, waitMs);
     if (done.loraGrads === undefined) throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: 'the worker returned no gradients for the held adapter' });
     return { output: done.output, loraGrads: done.loraGrads };
   }

@@ -302,10 +302,16 @@ export class SessionService {
       // The awaits before the record is added (the tenant's held bytes, the checkpoint); from
       // there the store counts it before its own first await.
       this.#opening.add(caller.tenant, 1);
+      let release: (() => void) | undefined;
       try {
-        held = await this.#createHeld(caller.tenant, record, spec);
+        ({ adapter: held, release } = await this.#createHeld(caller.tenant, record, spec));
         await this.#options.held?.add(held);
+      } catch (err) {
+        // Its checkpoint could not be written: no copy stays counted against the tenant.
+        if (held !== undefined) await this.#options.held?.drop(record.id, caller.tenant).catch(() => undefined);
+        throw err;
       } finally {
+        release?.();
         this.#opening.add(caller.tenant, -1);
       }
     }
@@ -322,7 +328,7 @@ export class SessionService {
   }
 
   /** The session's middle adapter, created from its seed; the node must run held adapters and the tenant's quotas must allow it. */
-  async #createHeld(tenant: string, record: SessionRecord, spec: NonNullable<Hello['training']['middleAdapter']>): Promise<HeldAdapter> {
+  async #createHeld(tenant: string, record: SessionRecord, spec: NonNullable<Hello['training']['middleAdapter']>): Promise<{ adapter: HeldAdapter; release: () => void }> {
     const { served, executor } = this.#options.model();
     const held = this.#options.held;
     if (held === undefined || executor.holdsAdapters !== true || executor.forwardHeld === undefined) {
@@ -334,11 +340,9 @@ export class SessionService {
     if (range.end <= range.start) throw new CloudError('TANDEM_CUT_INVALID', { bottom: record.cut.bottom, top: record.cut.top, reason: 'the cut leaves no middle block for a middle adapter' });
     const layers = Array.from({ length: range.end - range.start }, (_, i) => range.start + i);
     const adapter = HeldAdapter.create(served.model, record.id, tenant, spec, layers);
-    const resident = await held.bytesOf(tenant);
-    if (resident + adapter.bytes > quotas.heldAdapterBytes) {
-      throw quotaExceeded(tenant, 'heldAdapterBytes', quotas.heldAdapterBytes, `the tenant's held adapters take ${resident} bytes and this one ${adapter.bytes}`);
-    }
-    return adapter;
+    const release = await held.admit(tenant, adapter.bytes, quotas.heldAdapterBytes,
+      (resident) => quotaExceeded(tenant, 'heldAdapterBytes', quotas.heldAdapterBytes, `the tenant's held adapters take ${resident} bytes and this one ${adapter.bytes}`));
+    return { adapter, release };
   }
 
   /** StepCommit: the middle adapter's optimizer step, one commit of a session at a time; a repeat answers the same. */
@@ -367,7 +371,7 @@ export class SessionService {
     if (session.training.middleAdapter === undefined) return undefined;
     const held = await this.#options.held?.get(session.id, session.tenant);
     if (held === undefined && session.training.middleAdapter !== undefined) {
-      throw new CloudError('TANDEM_STATE_INVALID', { file: `held/${session.id}.json`, reason: 'the session holds a middle adapter and its checkpoint is missing' });
+      throw new CloudError('TANDEM_STATE_INVALID', { file: `held/${session.id}`, reason: 'the session holds a middle adapter and its checkpoint is missing (on a cluster: removed by a close on another gateway, or the JetStream state was lost)' });
     }
     return held;
   }

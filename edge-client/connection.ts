@@ -41,7 +41,7 @@ export interface ConnectionStats {
 }
 
 /** Codes of Error replies that a retry of the same request may cure. */
-const RETRYABLE_REMOTE = new Set<string>([WIRE_ERRORS.modelNotReady, WIRE_ERRORS.storeFull, WIRE_ERRORS.heldAdapterMoved]);
+const RETRYABLE_REMOTE = new Set<string>([WIRE_ERRORS.modelNotReady, WIRE_ERRORS.storeFull, WIRE_ERRORS.heldAdapterMoved, WIRE_ERRORS.heldCheckpointUnavailable]);
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 

@@ -16,6 +16,8 @@ export const WIRE_ERRORS = {
   storeFull: 'TANDEM_STORE_FULL',
   /** A cluster gateway found the session's held middle adapter written by another gateway since it read it: retry (it reads it again). */
   heldAdapterMoved: 'TANDEM_HELD_ADAPTER_MOVED',
+  /** A cluster gateway could not read or write a held middle adapter's checkpoint (JetStream did not answer): retry. */
+  heldCheckpointUnavailable: 'TANDEM_HELD_CHECKPOINT_UNAVAILABLE',
   authKeyMissing: 'TANDEM_AUTH_KEY_MISSING',
   authKeyInvalid: 'TANDEM_AUTH_KEY_INVALID',
 } as const;

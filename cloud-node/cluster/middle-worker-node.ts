@@ -7,7 +7,7 @@ import { hostname } from 'node:os';
 import type { Msg, MsgHdrs, NatsConnection, Subscription } from '@nats-io/transport-node';
 import type { Logger } from 'pino';
 import { pino } from 'pino';
-import { loadModelFolder } from '../../model/index.ts';
+import { HELD_IA3_FEEDFORWARD, loadModelFolder } from '../../model/index.ts';
 import type { WorkerStatus } from '../cluster-status.ts';
 import { MiddleExecutor, TapeLost } from '../middle-executor.ts';
 import type { HeldLora } from '../middle-compute.ts';
@@ -148,20 +148,30 @@ export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): P
     };
     return Object.hasOwn(dims, name) ? dims[name] : undefined;
   };
+  // The group each linear module lives in, as its path names it.
+  const groupOf = (name: string): string => (['q_proj', 'k_proj', 'v_proj', 'o_proj'].includes(name) ? 'self_attn' : 'mlp');
   const heldFits = (lora: HeldLora, range: BlockRange): void => {
     const bad = (field: string, reason: string): ClusterError => new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field, reason });
     const moduleOf = (path: string, field: string): [number, number] => {
-      const [, , layer, , name] = path.split('.');
+      const [, , layer, group, name] = path.split('.');
       const dims = features(name);
-      if (dims === undefined || !(Number(layer) >= range.start && Number(layer) < range.end)) throw bad(field, `${path} is not a linear module of blocks [${range.start}, ${range.end})`);
+      // The layer as the model writes it (no leading zero: one module, one path), the name in its group.
+      const at = Number(layer);
+      if (dims === undefined || group !== groupOf(name) || String(at) !== layer || !(at >= range.start && at < range.end)) {
+        throw bad(field, `${path} is not a linear module of blocks [${range.start}, ${range.end})`);
+      }
       return dims;
     };
+    const rank = lora.modules[0]?.r;
     lora.modules.forEach((m, i) => {
       const [inF, outF] = moduleOf(m.path, `lora.modules[${i}].path`);
       if (m.inFeatures !== inF || m.outFeatures !== outF) throw bad(`lora.modules[${i}]`, `${m.path} is [${outF}, ${inF}], not [${m.outFeatures}, ${m.inFeatures}]`);
+      if (m.r !== rank) throw bad(`lora.modules[${i}].r`, `${m.r}: the modules of one adapter have one rank (${rank})`);
     });
     lora.ia3?.forEach((m, i) => {
       const [inF, outF] = moduleOf(m.path, `lora.ia3[${i}].path`);
+      const feedforward = HELD_IA3_FEEDFORWARD.some((f) => m.path.endsWith(`.${f}`));
+      if (m.feedforward !== feedforward) throw bad(`lora.ia3[${i}].feedforward`, `${m.path} is ${feedforward ? '' : 'not '}a feed-forward module (its input is scaled ${feedforward ? 'in' : 'out'})`);
       if (m.scale.length !== (m.feedforward ? inF : outF)) throw bad(`lora.ia3[${i}].scale`, `${m.path} scales ${m.feedforward ? inF : outF} features, not ${m.scale.length}`);
     });
     if (new Set([...lora.modules, ...(lora.ia3 ?? [])].map((m) => m.path)).size !== lora.modules.length + (lora.ia3?.length ?? 0)) throw bad('lora', 'names a module twice');
@@ -176,7 +186,7 @@ export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): P
         inside(request.blocks);
         rate.add(tokens);
         if (request.lora !== undefined) heldFits(request.lora, request.blocks);
-        if (request.lora !== undefined) return { ok: true, worker: id, output: await executor.forwardHeld(request.blocks, request.h, request.shape, tenant, request.lora), computeMs: performance.now() - started };
+        if (request.lora !== undefined) return { ok: true, worker: id, output: await executor.forwardHeld(request.blocks, request.h, request.shape, tenant, request.lora, waitMs), computeMs: performance.now() - started };
         if (!request.keepTape) return { ok: true, worker: id, output: await executor.forward(request.blocks, request.h, request.shape, tenant, undefined, waitMs), computeMs: performance.now() - started };
         const { output, tape } = await executor.forwardKeepingTape(request.blocks, request.h, request.shape, tenant, undefined, waitMs);
         return { ok: true, worker: id, output, tapeId: keep(tape, request.shape), savedBytes: tape.savedBytes, computeMs: performance.now() - started };
@@ -186,7 +196,7 @@ export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): P
         rate.add(tokens);
         if (request.lora !== undefined) {
           heldFits(request.lora, request.blocks);
-          const { output, loraGrads } = await executor.backwardHeld(request.blocks, request.h, request.g, request.shape, tenant, request.lora);
+          const { output, loraGrads } = await executor.backwardHeld(request.blocks, request.h, request.g, request.shape, tenant, request.lora, waitMs);
           return { ok: true, worker: id, output, loraGrads, computeMs: performance.now() - started };
         }
         return { ok: true, worker: id, output: await executor.backward(request.blocks, request.h, request.g, request.shape, tenant, undefined, waitMs), computeMs: performance.now() - started };

@@ -115,7 +115,8 @@ export class HeldAdapterStore implements HeldCheckpoints {
 
   async save(s: HeldAdapterSnapshot): Promise<void> {
     await writeJsonState(this.#file(s.sessionId), snapshotRecord(s));
-    await this.removeGradients(s.sessionId, s.last?.step ?? 0);
+    // Steps count from 0: before the first commit no gradient file is applied.
+    if (s.last !== undefined) await this.removeGradients(s.sessionId, s.last.step);
   }
 
   /** One backward's gradients of the step in progress (a retry of the micro-batch replaces them); durable once it resolves. */
@@ -181,7 +182,8 @@ export class HeldAdapterStore implements HeldCheckpoints {
       const snapshot = parseSnapshot(raw, file);
       // The step in progress: the latest after the last commit (a later step's first backward started it anew).
       const mine = gradients.filter((f) => f.sessionId === snapshot.sessionId);
-      const committed = snapshot.last?.step ?? 0;
+      // Steps count from 0: before the first commit every step's files are the step in progress.
+      const committed = snapshot.last?.step ?? -1;
       const step = Math.max(-1, ...mine.filter((f) => f.step > committed).map((f) => f.step));
       for (const f of mine) if (f.step !== step) stale.push(f.name);
       const files = mine.filter((f) => f.step === step).sort((a, b) => a.microbatch - b.microbatch);

@@ -16,6 +16,7 @@
 //   the buckets hold the live checkpoints only, however many steps were written.
 import { createHash } from 'node:crypto';
 import { Bucket, Kvm } from '@nats-io/kv';
+import type { KvEntry } from '@nats-io/kv';
 import { Objm, StorageType } from '@nats-io/obj';
 import type { ObjectStore } from '@nats-io/obj';
 import { nuid } from '@nats-io/transport-node';
@@ -60,6 +61,21 @@ function keyOf(sessionId: string, tenant: string): string {
 
 const encode = (v: unknown): Uint8Array => new TextEncoder().encode(JSON.stringify(v));
 
+/** A head as stored, when it is one. */
+function headOf(entry: KvEntry): Head | undefined {
+  try {
+    const v: unknown = entry.json();
+    return isHead(v) ? v : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** JetStream did not answer a read or write of the checkpoint (a nats-server restarting): retryable. */
+function unavailable(sessionId: string, cause: unknown): CloudError {
+  return new CloudError('TANDEM_HELD_CHECKPOINT_UNAVAILABLE', { session: sessionId, reason: String((cause as Error)?.message ?? cause).slice(0, 200) }, { cause });
+}
+
 function moved(sessionId: string, cause: unknown): CloudError {
   return new CloudError('TANDEM_HELD_ADAPTER_MOVED', { session: sessionId, reason: `its checkpoint was written elsewhere since this gateway read it (${(cause as Error).message})`.slice(0, 300) }, { cause });
 }
@@ -93,7 +109,7 @@ export class JetStreamHeldAdapterStore implements HeldCheckpoints {
 
   async save(s: HeldAdapterSnapshot): Promise<void> {
     const name = `${s.sessionId}.${nuid.next()}.json`;
-    await this.#objects.putBlob({ name }, encode(snapshotRecord(s)));
+    await this.#put(s.sessionId, name, encode(snapshotRecord(s)));
     const bytes = s.params.reduce((n, p) => n + p.value.length * 12, 0);
     const before = await this.#move(s.sessionId, s.tenant, { tenant: s.tenant, bytes, checkpoint: name, gradients: null }, name);
     if (before !== undefined) await this.#deleteObjects([before.checkpoint, ...(before.gradients?.files ?? []).map(([, f]) => f)]);
@@ -103,7 +119,7 @@ export class JetStreamHeldAdapterStore implements HeldCheckpoints {
     const known = this.#known.get(sessionId);
     if (known === undefined) throw moved(sessionId, new Error('this gateway holds no revision of it'));
     const name = `${sessionId}.${nuid.next()}.step-${step}.mb-${microbatch}.f32`;
-    await this.#objects.putBlob({ name }, gradientBytes(grads));
+    await this.#put(sessionId, name, gradientBytes(grads));
     const previous = known.head.gradients?.step === step ? known.head.gradients.files : [];
     const replaced = previous.filter(([mb]) => mb === microbatch).map(([, f]) => f);
     const files: [number, string][] = [...previous.filter(([mb]) => mb !== microbatch), [microbatch, name]];
@@ -113,7 +129,12 @@ export class JetStreamHeldAdapterStore implements HeldCheckpoints {
     await this.#deleteObjects(dropped);
   }
 
-  /** Moves the session's head to `head` from the revision known here (creates it when none is); returns the head it replaced. */
+  /**
+   * Moves the session's head to `head` from the revision known here (creates it when none is);
+   * returns the head it replaced. A lost compare-and-set deletes `written` and is
+   * TANDEM_HELD_ADAPTER_MOVED; any other failure (no answer from JetStream) reads the head again,
+   * since the move may have landed: the write stands if the head names `written`.
+   */
   async #move(sessionId: string, tenant: string, head: Head, written: string): Promise<Head | undefined> {
     const key = keyOf(sessionId, tenant);
     const known = this.#known.get(sessionId);
@@ -122,59 +143,82 @@ export class JetStreamHeldAdapterStore implements HeldCheckpoints {
       revision = known === undefined ? await this.#heads.create(key, encode(head)) : await this.#heads.update(key, encode(head), known.revision);
     } catch (error) {
       this.#known.delete(sessionId);
-      await this.#deleteObjects([written]);
-      if (isConflict(error)) throw moved(sessionId, error);
-      throw error;
+      if (isConflict(error)) {
+        await this.#deleteObjects([written]);
+        throw moved(sessionId, error);
+      }
+      const landed = await this.#heads.get(key).then((e) => (e?.operation === 'PUT' ? { entry: e, head: headOf(e) } : undefined), () => undefined);
+      if (landed?.head?.checkpoint === written || landed?.head?.gradients?.files.some(([, f]) => f === written)) {
+        this.#known.set(sessionId, { head: landed.head, revision: landed.entry.revision });
+        return known?.head;
+      }
+      if (landed !== undefined) await this.#deleteObjects([written]);
+      throw unavailable(sessionId, error);
     }
     this.#known.set(sessionId, { head, revision });
     return known?.head;
   }
 
   async latest(sessionId: string, tenant: string): Promise<HeldAdapterSnapshot | 'gone' | 'same'> {
-    const entry = await this.#heads.get(keyOf(sessionId, tenant));
-    if (entry === null || entry.operation !== 'PUT') {
-      this.#known.delete(sessionId);
-      return 'gone';
+    const key = keyOf(sessionId, tenant);
+    for (let tries = 0; ; tries++) {
+      const entry = await this.#heads.get(key).catch((error: unknown) => {
+        throw unavailable(sessionId, error);
+      });
+      if (entry === null || entry.operation !== 'PUT') {
+        this.#known.delete(sessionId);
+        return 'gone';
+      }
+      if (this.#known.get(sessionId)?.revision === entry.revision) return 'same';
+      const file = `${HELD_HEADS_BUCKET}/${entry.key}`;
+      const head = headOf(entry);
+      if (head === undefined || head.tenant !== tenant) throw new CloudError('TANDEM_STATE_INVALID', { file, reason: 'not a held adapter\'s head' });
+      const snapshot = await this.#read(head, sessionId, file);
+      if (snapshot !== undefined) {
+        this.#known.set(sessionId, { head, revision: entry.revision });
+        return snapshot;
+      }
+      // An object the head named is gone: a write replaced it meanwhile (read the new head), or,
+      // the head unchanged, the checkpoint is broken.
+      const now = await this.#heads.get(key).catch(() => null);
+      if (now?.revision === entry.revision || tries >= 3) throw new CloudError('TANDEM_STATE_INVALID', { file, reason: 'it names an object the store does not hold' });
     }
-    if (this.#known.get(sessionId)?.revision === entry.revision) return 'same';
-    let head: unknown;
-    try {
-      head = entry.json();
-    } catch {
-      head = undefined;
-    }
-    const file = `${HELD_HEADS_BUCKET}/${entry.key}`;
-    if (!isHead(head) || head.tenant !== tenant) throw new CloudError('TANDEM_STATE_INVALID', { file, reason: 'not a held adapter\'s head' });
-    const snapshot = await this.#read(head, sessionId, file);
-    this.#known.set(sessionId, { head, revision: entry.revision });
-    return snapshot;
   }
 
-  /** The checkpoint object, and the gradients written since, as one snapshot. */
-  async #read(head: Head, sessionId: string, file: string): Promise<HeldAdapterSnapshot> {
-    const blob = async (name: string): Promise<Uint8Array> => {
-      const info = await this.#objects.info(name);
-      if (info === null || info.deleted) throw moved(sessionId, new Error(`object ${name} is gone (a write replaced it)`));
+  /** The checkpoint object, and the gradients written since, as one snapshot; undefined when an object it names is gone. */
+  async #read(head: Head, sessionId: string, file: string): Promise<HeldAdapterSnapshot | undefined> {
+    const blob = async (name: string): Promise<Uint8Array | undefined> => {
+      const info = await this.#objects.info(name).catch((error: unknown) => {
+        throw unavailable(sessionId, error);
+      });
+      if (info === null || info.deleted) return undefined;
       if (info.size > MAX_CHECKPOINT_BYTES) throw new CloudError('TANDEM_STATE_INVALID', { file: `${HELD_OBJECTS_BUCKET}/${name}`, reason: `${info.size} bytes; the limit is ${MAX_CHECKPOINT_BYTES}` });
-      const data = await this.#objects.getBlob(name);
-      if (data === null) throw moved(sessionId, new Error(`object ${name} is gone (a write replaced it)`));
-      return data;
+      const data = await this.#objects.getBlob(name).catch((error: unknown) => {
+        throw unavailable(sessionId, error);
+      });
+      return data ?? undefined;
     };
+    const checkpoint = await blob(head.checkpoint);
+    if (checkpoint === undefined) return undefined;
     let raw: unknown;
     try {
-      raw = JSON.parse(new TextDecoder().decode(await blob(head.checkpoint)));
-    } catch (error) {
-      if (error instanceof CloudError) throw error;
+      raw = JSON.parse(new TextDecoder().decode(checkpoint));
+    } catch {
       throw new CloudError('TANDEM_STATE_INVALID', { file: `${HELD_OBJECTS_BUCKET}/${head.checkpoint}`, reason: 'not JSON' });
     }
     if (typeof raw !== 'object' || raw === null) throw new CloudError('TANDEM_STATE_INVALID', { file, reason: 'the checkpoint is not a map' });
     const snapshot = parseSnapshot(raw as Record<string, unknown>, `${HELD_OBJECTS_BUCKET}/${head.checkpoint}`);
     if (snapshot.sessionId !== sessionId) throw new CloudError('TANDEM_STATE_INVALID', { file, reason: 'the checkpoint is another session\'s' });
     const g = head.gradients;
-    if (g !== null && g.step > (snapshot.last?.step ?? 0)) {
+    // Steps count from 0: before the first commit, any step's gradients are the step in progress.
+    if (g !== null && g.step > (snapshot.last?.step ?? -1)) {
       const lengths = snapshot.params.map((p) => p.value.length);
       const microbatches = new Map(snapshot.pending?.step === g.step ? snapshot.pending.microbatches : []);
-      for (const [mb, name] of g.files) microbatches.set(mb, splitGradients(await blob(name), lengths, `${HELD_OBJECTS_BUCKET}/${name}`));
+      for (const [mb, name] of g.files) {
+        const bytes = await blob(name);
+        if (bytes === undefined) return undefined;
+        microbatches.set(mb, splitGradients(bytes, lengths, `${HELD_OBJECTS_BUCKET}/${name}`));
+      }
       snapshot.pending = { step: g.step, microbatches: [...microbatches].sort((a, b) => a[0] - b[0]) };
     }
     return snapshot;
@@ -184,22 +228,30 @@ export class JetStreamHeldAdapterStore implements HeldCheckpoints {
     this.#known.delete(sessionId);
   }
 
+  /**
+   * Removes the session's head, then every object of the session (by name: those a gateway
+   * killed midway left unnamed too). The head is deleted by its sequence, not marked (a marker
+   * per session would stay) nor purged by subject (on nats-server 2.9 that moves every watch of
+   * the stream past what it was not yet sent); a write landing in between moves it, and it is
+   * read again.
+   */
   async remove(sessionId: string, tenant: string): Promise<void> {
     const key = keyOf(sessionId, tenant);
     this.#known.delete(sessionId);
-    const entry = await this.#heads.get(key);
-    if (entry === null) return;
-    // The head first (no reader finds a checkpoint half gone), then its objects. Deleted by its
-    // sequence, not marked (a marker per session would stay) nor purged by subject (on
-    // nats-server 2.9 that moves every watch of the stream past what it was not yet sent).
-    await this.#heads.jsm.streams.deleteMessage(this.#heads.stream, entry.revision, false);
-    let head: unknown;
-    try {
-      head = entry?.operation === 'PUT' ? entry.json() : undefined;
-    } catch {
-      head = undefined;
+    for (let tries = 0; ; tries++) {
+      const entry = await this.#heads.get(key);
+      if (entry === null) break;
+      try {
+        await this.#heads.jsm.streams.deleteMessage(this.#heads.stream, entry.revision, false);
+        break;
+      } catch (error) {
+        // No such message (JetStream's 10057 or 10037: a newer put replaced it): read the head again.
+        const code = (error as { code?: unknown }).code;
+        if (tries >= 5 || !(code === 10057 || code === 10037 || /not found/i.test(String((error as Error).message)))) throw error;
+      }
     }
-    if (isHead(head)) await this.#deleteObjects([head.checkpoint, ...(head.gradients?.files ?? []).map(([, f]) => f)]);
+    const names = (await this.#objects.list()).filter((o) => !o.deleted && o.name.startsWith(`${sessionId}.`)).map((o) => o.name);
+    await this.#deleteObjects(names);
   }
 
   /** The bytes of the tenant's held adapters on every gateway: the sum over its heads. */
@@ -207,15 +259,19 @@ export class JetStreamHeldAdapterStore implements HeldCheckpoints {
     let n = 0;
     for await (const key of await this.#heads.keys(`${tenantToken(tenant)}.*`)) {
       const entry = await this.#heads.get(key);
-      let head: unknown;
-      try {
-        head = entry?.operation === 'PUT' ? entry.json() : undefined;
-      } catch {
-        head = undefined;
-      }
-      if (isHead(head) && head.tenant === tenant) n += head.bytes;
+      const head = entry?.operation === 'PUT' ? headOf(entry) : undefined;
+      if (head !== undefined && head.tenant === tenant) n += head.bytes;
     }
     return n;
+  }
+
+  async #put(sessionId: string, name: string, data: Uint8Array): Promise<void> {
+    try {
+      await this.#objects.putBlob({ name }, data);
+    } catch (error) {
+      await this.#deleteObjects([name]);
+      throw unavailable(sessionId, error);
+    }
   }
 
   /** Deletes objects and purges their markers (best effort: one left is found by nothing and costs a marker). */

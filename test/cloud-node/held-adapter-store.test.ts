@@ -82,4 +82,20 @@ describe('held adapter checkpoints', () => {
     await writeFile(join(dir, 'held', `${sessionId}.step-2.mb-0.f32`), new Uint8Array(12));
     await assert.rejects(HeldAdapterStore.open(dir).then((s) => s.loadAll()), { code: 'TANDEM_STATE_INVALID' });
   });
+
+  it('a restart during the first step (step 0, before any commit) keeps its gradient files and applies them', async () => {
+    const dir = await tempDir();
+    const sessionId = randomUUID();
+    const adapters = await HeldAdapters.open(await HeldAdapterStore.open(dir));
+    const held = HeldAdapter.create(model, sessionId, 'carol', SPEC, [1, 2, 3]);
+    await adapters.add(held);
+    const g = gradientsLike(held, 9);
+    held.accumulate(0, 0, g);
+    await adapters.saveGradients(held, 0, 0);
+    const restarted = await HeldAdapters.open(await HeldAdapterStore.open(dir));
+    assert.deepEqual(await readdir(join(dir, 'held')), [`${sessionId}.json`, `${sessionId}.step-0.mb-0.f32`]);
+    const again = await restarted.get(sessionId, 'carol');
+    assert.deepEqual(again?.gradientsOf(0, 0), g);
+    assert.deepEqual(again?.commit(commit(sessionId, 0, 1)), held.commit(commit(sessionId, 0, 1)));
+  });
 });

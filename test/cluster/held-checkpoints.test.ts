@@ -1,11 +1,15 @@
 // Held adapters' checkpoints in JetStream, as two gateways share them: one reads what the
-// other wrote (the step in progress included) and applies it alike; a write from a copy that
-// is behind is refused and that copy read again; the tenant's bytes count across gateways; and
-// a removed checkpoint leaves nothing in either stream, however many steps were written.
+// other wrote (the step in progress included, the first step's too) and applies it alike; a
+// write from a copy that is behind is refused, every write queued behind it too, and that copy
+// read again; a move JetStream did not acknowledge but made stands; a close racing another
+// gateway's write removes everything; the tenant's bytes count across gateways; a copy idle
+// here is let go; and a removed checkpoint leaves nothing in either stream, however many steps
+// were written.
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, before, describe, it } from 'node:test';
 import { jetstreamManager } from '@nats-io/jetstream';
+import { Bucket } from '@nats-io/kv';
 import type { NatsConnection } from '@nats-io/transport-node';
 import { connectNats } from '../../cloud-node/cluster/nats-connection.ts';
 import { HeldAdapter, HeldAdapters } from '../../cloud-node/held-adapters.ts';
@@ -67,10 +71,9 @@ describe('held adapter checkpoints in JetStream, shared by two gateways', () => 
     // a's copy is behind: a write from it is refused, and the copy is dropped.
     held.accumulate(2, 0, grads[0]);
     await assert.rejects(a.saveGradients(held, 2, 0), { code: 'TANDEM_HELD_ADAPTER_MOVED' });
-    assert.equal(a.count, 0, 'the copy that was behind is dropped');
     // Read again, it holds b's commit: the same weights as the step applied once, and a repeat answers the same.
     const again = await a.get(sessionId, 'alice');
-    assert.ok(again !== undefined);
+    assert.ok(again !== undefined && again !== held, 'the copy that was behind is read again');
     assert.equal(again.lastCommitted, 1);
     assert.deepEqual(expected.commit(commit(sessionId, 1, 2)).answer, answer.answer);
     assert.deepEqual(again.tensors(), expected.tensors(), 'the step was applied once, bit for bit');
@@ -105,5 +108,100 @@ describe('held adapter checkpoints in JetStream, shared by two gateways', () => 
     assert.deepEqual((await reread.get(sessionId, 'carol'))?.tensors(), held.tensors());
     await adapters.drop(sessionId, 'carol');
     assert.deepEqual(await messages(nc), before, 'nothing of the session is left in either stream');
+  });
+
+  it("the first step's (step 0) gradients checkpointed on one gateway are the other's step in progress", async () => {
+    const a = await HeldAdapters.open(await JetStreamHeldAdapterStore.open(nc));
+    const b = await HeldAdapters.open(await JetStreamHeldAdapterStore.open(nc));
+    const sessionId = randomUUID();
+    const held = HeldAdapter.create(model, sessionId, 'alice', SPEC, [1, 2, 3]);
+    await a.add(held);
+    const g = gradientsLike(held, 7);
+    held.accumulate(0, 0, g);
+    await a.saveGradients(held, 0, 0);
+    const onB = await b.get(sessionId, 'alice');
+    assert.deepEqual(onB?.gradientsOf(0, 0), g);
+    onB?.accumulate(0, 1, gradientsLike(held, 8));
+    assert.equal(onB?.commit(commit(sessionId, 0, 2)).applied, true);
+    await b.drop(sessionId, 'alice');
+  });
+
+  it('writes queued behind one that is refused are refused too: nothing is acknowledged that the checkpoint lacks', async () => {
+    const a = await HeldAdapters.open(await JetStreamHeldAdapterStore.open(nc));
+    const b = await HeldAdapters.open(await JetStreamHeldAdapterStore.open(nc));
+    const sessionId = randomUUID();
+    const held = HeldAdapter.create(model, sessionId, 'alice', SPEC, [1, 2, 3]);
+    await a.add(held);
+    const onB = await b.get(sessionId, 'alice');
+    onB?.accumulate(1, 0, gradientsLike(held, 1));
+    await b.saveGradients(onB as HeldAdapter, 1, 0);
+    // a's copy is behind; two backwards' writes queued on it.
+    held.accumulate(1, 1, gradientsLike(held, 2));
+    held.accumulate(1, 2, gradientsLike(held, 3));
+    const writes = await Promise.allSettled([a.saveGradients(held, 1, 1), a.saveGradients(held, 1, 2)]);
+    assert.deepEqual(writes.map((w) => (w.status === 'rejected' ? (w.reason as { code?: string }).code : 'acknowledged')), ['TANDEM_HELD_ADAPTER_MOVED', 'TANDEM_HELD_ADAPTER_MOVED']);
+    // Read again, a's copy holds b's backward and neither of its own.
+    const again = await a.get(sessionId, 'alice');
+    assert.notEqual(again, held);
+    assert.ok(again?.gradientsOf(1, 0) !== undefined && again.gradientsOf(1, 1) === undefined && again.gradientsOf(1, 2) === undefined);
+    await a.drop(sessionId, 'alice');
+  });
+
+  it('a move JetStream made but did not acknowledge stands; a close racing another gateway\'s write removes the head and every object', async () => {
+    const a = await HeldAdapters.open(await JetStreamHeldAdapterStore.open(nc));
+    const b = await HeldAdapters.open(await JetStreamHeldAdapterStore.open(nc));
+    const before = await messages(nc);
+    const sessionId = randomUUID();
+    const held = HeldAdapter.create(model, sessionId, 'alice', SPEC, [1, 2, 3]);
+    await a.add(held);
+    held.accumulate(0, 0, gradientsLike(held, 1));
+    held.commit(commit(sessionId, 0, 1));
+    // The update lands, its answer is lost (a timeout).
+    const update = Bucket.prototype.update;
+    Bucket.prototype.update = async function (this: Bucket, ...args: Parameters<Bucket['update']>) {
+      await update.apply(this, args);
+      throw new Error('TIMEOUT');
+    };
+    try {
+      await a.save(held);
+    } finally {
+      Bucket.prototype.update = update;
+    }
+    const onB = await b.get(sessionId, 'alice');
+    assert.deepEqual(onB?.tensors(), held.tensors(), 'the commit is in the checkpoint');
+    assert.equal(onB?.lastCommitted, 0);
+
+    // a closes the session while b's backward writes: the head b moves is read again and removed.
+    const get = Bucket.prototype.get;
+    let armed = true;
+    Bucket.prototype.get = async function (this: Bucket, ...args: Parameters<Bucket['get']>) {
+      const entry = await get.apply(this, args);
+      if (armed) {
+        armed = false;
+        onB?.accumulate(1, 0, gradientsLike(held, 2));
+        await b.saveGradients(onB as HeldAdapter, 1, 0);
+      }
+      return entry;
+    };
+    try {
+      await a.drop(sessionId, 'alice');
+    } finally {
+      Bucket.prototype.get = get;
+    }
+    assert.equal(await b.get(sessionId, 'alice'), undefined, 'gone for b too');
+    assert.deepEqual(await messages(nc), before, 'nothing of the session is left in either stream');
+  });
+
+  it('a copy not used for idleCopyMs is let go here; the checkpoint stays and is read again', async () => {
+    const a = await HeldAdapters.open(await JetStreamHeldAdapterStore.open(nc), undefined, { idleCopyMs: 50 });
+    const first = randomUUID();
+    const second = randomUUID();
+    await a.add(HeldAdapter.create(model, first, 'alice', SPEC, [1, 2, 3]));
+    await new Promise((r) => setTimeout(r, 80));
+    await a.add(HeldAdapter.create(model, second, 'alice', SPEC, [1, 2, 3]));
+    assert.equal(a.count, 1, 'the idle copy was let go');
+    assert.ok((await a.get(first, 'alice')) !== undefined, 'and is read again on use');
+    await a.drop(first, 'alice');
+    await a.drop(second, 'alice');
   });
 });

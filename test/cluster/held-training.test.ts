@@ -124,6 +124,7 @@ describe('a middle LoRA held by a NATS cluster (stories260K, cut (1, 1), f32)', 
       assert.ok(killed, 'the first gateway was killed mid-step');
       assert.equal(await metricOf(b.url, admin, 'tandem_held_commits_total{outcome="applied"}'), 2, 'the second gateway applied steps 3 and 4 (the third from the gradients the first checkpointed, and its own)');
       same(run);
+      assert.deepEqual(await heldInJetStream(nats.url), { heads: 0, objects: 0 }, 'closed on the second gateway: nothing is left, not even what the killed one wrote last');
     } finally {
       watch.stop();
       await watching;

@@ -2,8 +2,9 @@
 // hidden size is not the model's, one longer than the context, and a backward whose g does
 // not have its tape's shape are each answered `invalid` with the field, and the worker goes
 // on serving (a poison request does not crash it or cost other tenants their tapes). So are
-// held adapters' factors that are not linear modules of the request's blocks, or not their
-// shape; good ones are computed and their gradients answered.
+// held adapters' factors that are not linear modules of the request's blocks (by layer, group
+// and name, as the model writes them), not their shape, of two ranks, or an (IA)^3 scale on the
+// wrong side; good ones are computed and their gradients answered.
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { connectNats } from '../../cloud-node/cluster/nats-connection.ts';
@@ -71,6 +72,17 @@ describe('a worker checks requests against its model', () => {
       assert.match(wrongShape.ok ? '' : wrongShape.message, /v_proj is \[32, 64\], not \[64, 64\]/);
       const twice = await ask({ op: 'backward', blocks, shape, h, g: h, lora: lora(module('model.layers.2.self_attn.q_proj', 64), module('model.layers.2.self_attn.q_proj', 64)) }, h.length);
       assert.match(twice.ok ? '' : twice.message, /names a module twice/);
+      // What once reached ONNX Runtime and ended its compute thread: a name in another group, a
+      // layer written with a leading zero (the same module under a second path), modules of two ranks.
+      const group = await ask({ op: 'forward', blocks, shape, h, keepTape: false, lora: lora(module('model.layers.2.mlp.q_proj', 64)) }, h.length);
+      assert.match(group.ok ? '' : group.message, /mlp\.q_proj is not a linear module/);
+      const zero = await ask({ op: 'forward', blocks, shape, h, keepTape: false, lora: lora(module('model.layers.2.self_attn.q_proj', 64), module('model.layers.02.self_attn.q_proj', 64)) }, h.length);
+      assert.match(zero.ok ? '' : zero.message, /layers\.02\.self_attn\.q_proj is not a linear module/);
+      const ranks = await ask({ op: 'forward', blocks, shape, h, keepTape: false, lora: lora(module('model.layers.2.self_attn.q_proj', 64), module('model.layers.3.self_attn.q_proj', 64, 64, 3)) }, h.length);
+      assert.match(ranks.ok ? '' : ranks.message, /lora\.modules\[1\]\.r is invalid: 3: the modules of one adapter have one rank \(2\)/);
+      const ia3 = { scale: 1, modules: [], ia3: [{ path: 'model.layers.2.mlp.down_proj', feedforward: false, scale: new Float32Array(64).fill(1) }] };
+      const flag = await ask({ op: 'forward', blocks, shape, h, keepTape: false, lora: ia3 }, h.length);
+      assert.match(flag.ok ? '' : flag.message, /down_proj is a feed-forward module/);
       const good = lora(module('model.layers.2.self_attn.q_proj', 64), module('model.layers.3.self_attn.v_proj', 32));
       const forward = await ask({ op: 'forward', blocks, shape, h, keepTape: false, lora: good }, h.length);
       const plain = await ask({ op: 'forward', blocks, shape, h, keepTape: false }, h.length);
