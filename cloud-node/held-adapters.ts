@@ -253,6 +253,8 @@ export class HeldAdapters {
   readonly #writes = new Map<string, Promise<void>>();
   /** Copies whose write failed: ahead of the checkpoint or behind another gateway's; read again on next use. */
   readonly #stale = new WeakSet<HeldAdapter>();
+  /** Copies of sessions closed or expired: their writes are nothing to keep (a copy let go idle is not one). */
+  readonly #dropped = new WeakSet<HeldAdapter>();
   /** Bytes of adapters being created (Hellos between the quota check and their checkpoint), by tenant. */
   readonly #admitting = new Map<string, number>();
   /** When each copy was last used (shared stores), the least recently used first. */
@@ -369,8 +371,8 @@ export class HeldAdapters {
     const prev = this.#writes.get(held.sessionId) ?? Promise.resolve();
     const next = prev.then(async () => {
       const current = this.#byId.get(held.sessionId);
-      // Dropped (closed, expired): nothing to keep. (A shared store's copy leaves only then, or idle with no write queued.)
-      if (current === undefined) return;
+      // Dropped (closed, expired): nothing to keep. A copy let go meanwhile (idle) is read again: this write is refused.
+      if (current === undefined && (!this.#shared || this.#dropped.has(held))) return;
       // A copy read again since, or one whose earlier write failed: what this change started from is not the checkpoint.
       if (current !== held || this.#stale.has(held)) throw moved(held.sessionId, 'its checkpoint changed while this gateway computed, or an earlier write of it failed');
       try {
@@ -401,6 +403,8 @@ export class HeldAdapters {
 
   /** Frees the session's adapter and its checkpoint (close, expiry); on a cluster's gateway, whether or not it was read here. */
   async drop(sessionId: string, tenant: string): Promise<void> {
+    const copy = this.#byId.get(sessionId);
+    if (copy !== undefined) this.#dropped.add(copy);
     const here = this.#byId.delete(sessionId);
     this.#usedAt.delete(sessionId);
     if (here) this.#report();

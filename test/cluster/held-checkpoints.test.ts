@@ -196,10 +196,14 @@ describe('held adapter checkpoints in JetStream, shared by two gateways', () => 
     const a = await HeldAdapters.open(await JetStreamHeldAdapterStore.open(nc), undefined, { idleCopyMs: 50 });
     const first = randomUUID();
     const second = randomUUID();
-    await a.add(HeldAdapter.create(model, first, 'alice', SPEC, [1, 2, 3]));
+    const idle = HeldAdapter.create(model, first, 'alice', SPEC, [1, 2, 3]);
+    await a.add(idle);
     await new Promise((r) => setTimeout(r, 80));
     await a.add(HeldAdapter.create(model, second, 'alice', SPEC, [1, 2, 3]));
     assert.equal(a.count, 1, 'the idle copy was let go');
+    // A backward that was computing on the copy let go is not acknowledged unwritten.
+    idle.accumulate(0, 0, gradientsLike(idle, 1));
+    await assert.rejects(a.saveGradients(idle, 0, 0), { code: 'TANDEM_HELD_ADAPTER_MOVED' });
     assert.ok((await a.get(first, 'alice')) !== undefined, 'and is read again on use');
     await a.drop(first, 'alice');
     await a.drop(second, 'alice');
