@@ -243,7 +243,7 @@ export const IDLE_COPY_MS = 5 * 60_000;
  * since; a write that finds the checkpoint moved under it, or that fails, marks the copy stale
  * (TANDEM_HELD_ADAPTER_MOVED / TANDEM_HELD_CHECKPOINT_UNAVAILABLE, which the edge retries), and
  * every write queued behind it is refused alike, so nothing is acknowledged that is not in the
- * checkpoint; a copy not used for IDLE_COPY_MS is let go.
+ * checkpoint; a copy not used for IDLE_COPY_MS is let go (checked at each use and every minute).
  */
 export class HeldAdapters {
   readonly #store: HeldCheckpoints;
@@ -263,12 +263,23 @@ export class HeldAdapters {
   readonly #pending = new Map<string, number>();
   readonly #shared: boolean;
   readonly #idleCopyMs: number;
+  #sweep: NodeJS.Timeout | undefined;
 
   private constructor(store: HeldCheckpoints, metrics?: HeldAdapterMetrics, idleCopyMs = IDLE_COPY_MS) {
     this.#store = store;
     this.#metrics = metrics;
     this.#shared = store.latest !== undefined;
     this.#idleCopyMs = idleCopyMs;
+    // Idle copies go also when no held traffic comes (a gateway whose sessions all moved elsewhere).
+    if (this.#shared) {
+      this.#sweep = setInterval(() => this.#letIdleGo(), Math.min(60_000, idleCopyMs));
+      this.#sweep.unref();
+    }
+  }
+
+  /** Stops the idle sweep (the node closing). */
+  close(): void {
+    clearInterval(this.#sweep);
   }
 
   /** Loads every checkpointed adapter of the store; `idleCopyMs`: see IDLE_COPY_MS (shared stores). */

@@ -459,6 +459,7 @@ async function assembleCloudNode(options: CloudNodeOptions, undo: Array<() => un
     await executor?.close();
     if (keys instanceof JetStreamKeyStore) keys.close();
     if (sessions instanceof JetStreamSessionStore) sessions.close();
+    held.close();
     // Its reports are deleted: the other gateways stop counting them at once (not STALE_MS later).
     await quotaUsage?.close().catch(() => undefined);
     stopWatchingFiles();

@@ -205,7 +205,11 @@ describe('held adapter checkpoints in JetStream, shared by two gateways', () => 
     idle.accumulate(0, 0, gradientsLike(idle, 1));
     await assert.rejects(a.saveGradients(idle, 0, 0), { code: 'TANDEM_HELD_ADAPTER_MOVED' });
     assert.ok((await a.get(first, 'alice')) !== undefined, 'and is read again on use');
+    // With no held traffic at all, the copies go too.
+    await new Promise((r) => setTimeout(r, 200));
+    assert.equal(a.count, 0, 'both copies were let go without another use');
     await a.drop(first, 'alice');
     await a.drop(second, 'alice');
+    a.close();
   });
 });
