@@ -249,7 +249,7 @@ export class HeldAdapters {
   readonly #store: HeldCheckpoints;
   readonly #byId = new Map<string, HeldAdapter>();
   readonly #metrics?: HeldAdapterMetrics;
-  /** Writes of one session, one after another. */
+  /** Writes of one session, one after another: the last one queued, while it is not settled. */
   readonly #writes = new Map<string, Promise<void>>();
   /** Copies whose write failed: ahead of the checkpoint or behind another gateway's; read again on next use. */
   readonly #stale = new WeakSet<HeldAdapter>();
@@ -259,8 +259,6 @@ export class HeldAdapters {
   readonly #admitting = new Map<string, number>();
   /** When each copy was last used (shared stores), the least recently used first. */
   readonly #usedAt = new Map<string, number>();
-  /** Writes queued or running, by session. */
-  readonly #pending = new Map<string, number>();
   readonly #shared: boolean;
   readonly #idleCopyMs: number;
   #sweep: NodeJS.Timeout | undefined;
@@ -330,7 +328,7 @@ export class HeldAdapters {
 
   /** The session's adapter as last checkpointed (read again when another gateway wrote it since); undefined when it has none. */
   async get(sessionId: string, tenant: string): Promise<HeldAdapter | undefined> {
-    if (!this.#shared || this.#store.latest === undefined) return this.#byId.get(sessionId);
+    if (this.#store.latest === undefined) return this.#byId.get(sessionId);
     this.#letIdleGo();
     // This process's own writes first: what they write is not another gateway's change.
     await this.#writes.get(sessionId);
@@ -378,8 +376,7 @@ export class HeldAdapters {
   /** Writes of one session, one after another, while it is still held. */
   #write(held: HeldAdapter, write: () => Promise<void>): Promise<void> {
     const id = held.sessionId;
-    this.#pending.set(id, (this.#pending.get(id) ?? 0) + 1);
-    const prev = this.#writes.get(held.sessionId) ?? Promise.resolve();
+    const prev = this.#writes.get(id) ?? Promise.resolve();
     const next = prev.then(async () => {
       const current = this.#byId.get(held.sessionId);
       // Dropped (closed, expired): nothing to keep. A copy let go meanwhile (idle) is read again: this write is refused.
@@ -394,13 +391,8 @@ export class HeldAdapters {
         throw error;
       }
     });
+    // The entry goes once the last write queued settles: a session with none has no entry.
     const settled = next.catch(() => undefined).then(() => {
-      const left = (this.#pending.get(id) ?? 1) - 1;
-      if (left > 0) {
-        this.#pending.set(id, left);
-        return;
-      }
-      this.#pending.delete(id);
       if (this.#writes.get(id) === settled) this.#writes.delete(id);
     });
     this.#writes.set(id, settled);
@@ -436,7 +428,7 @@ export class HeldAdapters {
   #letIdleGo(now = Date.now()): void {
     for (const [id, at] of this.#usedAt) {
       if (now - at < this.#idleCopyMs) break;
-      if (this.#pending.has(id)) continue;
+      if (this.#writes.has(id)) continue;
       this.#letGo(id);
     }
   }

@@ -7,7 +7,7 @@ import { hostname } from 'node:os';
 import type { Msg, MsgHdrs, NatsConnection, Subscription } from '@nats-io/transport-node';
 import type { Logger } from 'pino';
 import { pino } from 'pino';
-import { HELD_IA3_FEEDFORWARD, loadModelFolder } from '../../model/index.ts';
+import { HELD_IA3_FEEDFORWARD, LINEAR_MODULES, expectedTensorShapes, loadModelFolder } from '../../model/index.ts';
 import type { WorkerStatus } from '../cluster-status.ts';
 import { MiddleExecutor, TapeLost } from '../middle-executor.ts';
 import type { HeldLora } from '../middle-compute.ts';
@@ -138,29 +138,17 @@ export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): P
     if (shape[1] > context) throw new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: 'shape', reason: `a sequence of ${shape[1]} is over the model's context of ${context}` });
   };
 
-  // A held adapter's modules: linear modules of the request's blocks, with the model's features.
-  const features = (name: string): [number, number] | undefined => {
-    const q = config.numAttentionHeads * config.headDim;
-    const kv = config.numKeyValueHeads * config.headDim;
-    const dims: Record<string, [number, number]> = {
-      q_proj: [hidden, q], k_proj: [hidden, kv], v_proj: [hidden, kv], o_proj: [q, hidden],
-      gate_proj: [hidden, config.intermediateSize], up_proj: [hidden, config.intermediateSize], down_proj: [config.intermediateSize, hidden],
-    };
-    return Object.hasOwn(dims, name) ? dims[name] : undefined;
-  };
-  // The group each linear module lives in, as its path names it.
-  const groupOf = (name: string): string => (['q_proj', 'k_proj', 'v_proj', 'o_proj'].includes(name) ? 'self_attn' : 'mlp');
+  // A held adapter's modules: the model's own linear weights ([out, in], by their exact names) of the request's blocks.
+  const shapes = expectedTensorShapes(config);
   const heldFits = (lora: HeldLora, range: BlockRange): void => {
     const bad = (field: string, reason: string): ClusterError => new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field, reason });
     const moduleOf = (path: string, field: string): [number, number] => {
-      const [, , layer, group, name] = path.split('.');
-      const dims = features(name);
-      // The layer as the model writes it (no leading zero: one module, one path), the name in its group.
-      const at = Number(layer);
-      if (dims === undefined || group !== groupOf(name) || String(at) !== layer || !(at >= range.start && at < range.end)) {
+      const weight = shapes.get(`${path}.weight`);
+      const layer = Number(path.split('.')[2]);
+      if (weight === undefined || weight.length !== 2 || !LINEAR_MODULES.some((m) => path.endsWith(`.${m}`)) || !(layer >= range.start && layer < range.end)) {
         throw bad(field, `${path} is not a linear module of blocks [${range.start}, ${range.end})`);
       }
-      return dims;
+      return [weight[1], weight[0]];
     };
     const rank = lora.modules[0]?.r;
     lora.modules.forEach((m, i) => {
@@ -185,8 +173,10 @@ export async function startMiddleWorkerNode(options: MiddleWorkerNodeOptions): P
       case 'forward': {
         inside(request.blocks);
         rate.add(tokens);
-        if (request.lora !== undefined) heldFits(request.lora, request.blocks);
-        if (request.lora !== undefined) return { ok: true, worker: id, output: await executor.forwardHeld(request.blocks, request.h, request.shape, tenant, request.lora, waitMs), computeMs: performance.now() - started };
+        if (request.lora !== undefined) {
+          heldFits(request.lora, request.blocks);
+          return { ok: true, worker: id, output: await executor.forwardHeld(request.blocks, request.h, request.shape, tenant, request.lora, waitMs), computeMs: performance.now() - started };
+        }
         if (!request.keepTape) return { ok: true, worker: id, output: await executor.forward(request.blocks, request.h, request.shape, tenant, undefined, waitMs), computeMs: performance.now() - started };
         const { output, tape } = await executor.forwardKeepingTape(request.blocks, request.h, request.shape, tenant, undefined, waitMs);
         return { ok: true, worker: id, output, tapeId: keep(tape, request.shape), savedBytes: tape.savedBytes, computeMs: performance.now() - started };
