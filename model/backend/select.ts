@@ -60,10 +60,25 @@ async function tryBackend(name: BackendName): Promise<void> {
 }
 
 /**
+ * Starting a backend is one at a time in a process: tfjs's setBackend fails for a second
+ * caller while the first one's wasm module is still loading (two nodes started together).
+ */
+let starting: Promise<unknown> = Promise.resolve();
+function oneAtATime<T>(start: () => Promise<T>): Promise<T> {
+  const run = starting.then(start);
+  starting = run.catch(() => undefined);
+  return run;
+}
+
+/**
  * Picks the compute backend: the one asked for (flag, then TANDEM_BACKEND), or the best that
  * loads, once per process. Asking for one that does not load is a typed error.
  */
-export async function initBackend(options: { backend?: string; log?: (line: string) => void } = {}): Promise<BackendChoice> {
+export function initBackend(options: { backend?: string; log?: (line: string) => void } = {}): Promise<BackendChoice> {
+  return oneAtATime(() => pickBackend(options));
+}
+
+async function pickBackend(options: { backend?: string; log?: (line: string) => void }): Promise<BackendChoice> {
   const wanted = parseBackendName(options.backend ?? process.env.TANDEM_BACKEND, options.backend ? '--backend' : 'TANDEM_BACKEND');
   if (active && (wanted === undefined || wanted === active.name)) return active;
   const order = wanted ? [wanted] : [...BACKENDS];
@@ -92,9 +107,11 @@ export function activeBackend(): BackendChoice | undefined {
  * Switches backends inside one process (tests compare backends). Production code calls
  * initBackend once at start instead.
  */
-export async function useBackend(name: BackendName): Promise<void> {
-  await tryBackend(name);
-  active = { name, skipped: [] };
+export function useBackend(name: BackendName): Promise<void> {
+  return oneAtATime(async () => {
+    await tryBackend(name);
+    active = { name, skipped: [] };
+  });
 }
 
 /**
