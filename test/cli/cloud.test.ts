@@ -55,7 +55,7 @@ describe('tandem cloud', () => {
       const { io, out } = capture();
       let stop!: () => void;
       const stopped = new Promise<void>((resolve) => { stop = resolve; });
-      const running = cloudCommand(io, () => stopped).parseAsync(['--model', fixture, '--port', '0', '--state', state, '--backend', 'cpu', '--log-level', 'silent'], { from: 'user' });
+      const running = cloudCommand(io, () => stopped).parseAsync(['--model', fixture, '--port', '0', '--state', state, '--backend', 'wasm', '--log-level', 'silent'], { from: 'user' });
       while (!out.some((l) => l.startsWith('tandem cloud listening on '))) await new Promise((resolve) => setTimeout(resolve, 10));
       const url = out[0].slice('tandem cloud listening on '.length);
       assert.equal(out.some((l) => l.startsWith('admin key')), start === 1);

@@ -19,7 +19,7 @@ async function tandem(argv: string[]): Promise<{ code: number; out: string; log:
 describe('tandem federation', () => {
   it('creates a federation from a PEFT folder, prints its status and exports the global adapter', async () => {
     const node = await startTestNode();
-    await initBackend({ backend: 'cpu' });
+    await initBackend({ backend: 'wasm' });
     const loaded = await loadModelFolder(STORIES_DIR);
     const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
     const adapter = createAdapter(model, [{ method: 'lora', r: 2, targetModules: ['q_proj'] }], { seed: 5 });

@@ -58,7 +58,7 @@ describe('--seq-len must fit the model\'s max_position_embeddings', () => {
     it(`tandem train --seq-len ${seqLen}: exit 2 with TANDEM_TRAIN_OPTION_INVALID naming the limit, nothing written`, async () => {
       await withTemp(async (dir) => {
         const out = join(dir, 'out');
-        const r = await tandem(['train', '--model', FIXTURE, '--data', DATA, '--method', 'lora', '--steps', '1', '--batch-size', '1', '--val-fraction', '0', '--seq-len', String(seqLen), '--out', out, '--backend', 'cpu']);
+        const r = await tandem(['train', '--model', FIXTURE, '--data', DATA, '--method', 'lora', '--steps', '1', '--batch-size', '1', '--val-fraction', '0', '--seq-len', String(seqLen), '--out', out, '--backend', 'wasm']);
         assert.equal(r.code, 2, r.log);
         assert.match(r.log, /TANDEM_TRAIN_OPTION_INVALID: seqLen .*max_position_embeddings 512/);
         assert.doesNotMatch(r.log, /RangeError|\n\s+at /);
@@ -69,7 +69,7 @@ describe('--seq-len must fit the model\'s max_position_embeddings', () => {
 
   it('trainLocal counts prompt tuning\'s virtual tokens: seqLen 508 + 8 virtual tokens is refused', async () => {
     await withTemp(async (dir) => {
-      const run = trainLocal({ ...DEFAULT_RECIPE, steps: 1, batchSize: 1, valFraction: 0, seqLen: POSITIONS - 4, modelDir: FIXTURE, dataFile: DATA, outDir: dir, methods: [{ method: 'prompt_tuning', numVirtualTokens: 8 }], evaluate: false, backend: 'cpu' });
+      const run = trainLocal({ ...DEFAULT_RECIPE, steps: 1, batchSize: 1, valFraction: 0, seqLen: POSITIONS - 4, modelDir: FIXTURE, dataFile: DATA, outDir: dir, methods: [{ method: 'prompt_tuning', numVirtualTokens: 8 }], evaluate: false, backend: 'wasm' });
       await assert.rejects(run, hasCode('TANDEM_TRAIN_OPTION_INVALID', '8 virtual tokens', String(POSITIONS)));
     });
   });

@@ -1,7 +1,8 @@
 // Sessions with different middle LoRAs in one packed batch (issue 13, Punica's grouping in
 // model/engine's ops): the base matmul once for every token, each segment's low-rank part on
 // its own rows. Each segment's output, and the gradients of its h_B and of its LoRA factors,
-// equal those of LlamaModel.blocks run alone with that LoRA as a linear hook (within 1e-5).
+// equal those of LlamaModel.blocks run alone with that LoRA as a linear hook: within 1e-5 of
+// the largest value (gradients reach ~40 here; the packed path sums in another order).
 import assert from 'node:assert/strict';
 import { before, describe, it } from 'node:test';
 import { LlamaModel, PackedBlocks, Rng, gradients, initBackend, loadModelFolder, segmentLoraDelta, tf } from '../../model/index.ts';
@@ -10,7 +11,7 @@ import { STORIES_DIR } from './helpers.ts';
 
 let model: LlamaModel;
 before(async () => {
-  await initBackend({ backend: 'cpu' });
+  await initBackend({ backend: 'wasm' });
   const loaded = await loadModelFolder(STORIES_DIR);
   model = LlamaModel.fromArrays(loaded.config, loaded.weights);
 });
@@ -30,6 +31,13 @@ function lora(rng: Rng): SegmentLora {
     m.set(`model.layers.${layer}.mlp.down_proj`, { a: normal([4, intermediateSize], rng, 0.3), b: normal([d, 4], rng, 0.3), scale: 2 });
   }
   return m;
+}
+
+/** The largest difference, as a share of the largest value (or absolute below 1). */
+function relDiff(got: Float32Array, want: Float32Array): number {
+  let top = 1;
+  for (const v of want) top = Math.max(top, Math.abs(v));
+  return maxDiff(got, want) / top;
 }
 
 function maxDiff(a: Float32Array, b: Float32Array): number {
@@ -91,8 +99,9 @@ async function check(segments: PackedSegment[], loras: (SegmentLora | undefined)
     const wantOut = (await alone.value.data()) as Float32Array;
     const n = s.batch * s.seq * d;
     const out = gotOut.slice(row, row + n);
-    assert.ok(maxDiff(out, wantOut) <= 1e-5, `segment ${k}'s output differs by ${maxDiff(out, wantOut)}`);
-    assert.ok(maxDiff((gotGrads[k] as Float32Array), (await alone.grads[0]!.data()) as Float32Array) <= 1e-5, `segment ${k}'s g_B differs`);
+    assert.ok(relDiff(out, wantOut) <= 1e-5, `segment ${k}'s output differs by ${relDiff(out, wantOut)}`);
+    const gB = relDiff(gotGrads[k] as Float32Array, (await alone.grads[0]!.data()) as Float32Array);
+    assert.ok(gB <= 1e-5, `segment ${k}'s g_B differs by ${gB}`);
     for (let j = 1; j < alone.grads.length; j++) {
       const wanted = alone.grads[j];
       const got = gotGrads[factor++];
@@ -102,7 +111,7 @@ async function check(segments: PackedSegment[], loras: (SegmentLora | undefined)
         continue;
       }
       const want = (await wanted.data()) as Float32Array;
-      assert.ok(got !== undefined && maxDiff(got, want) <= 1e-5, `segment ${k}'s LoRA factor ${j} gradient differs`);
+      assert.ok(got !== undefined && relDiff(got, want) <= 1e-5, `segment ${k}'s LoRA factor ${j} gradient differs`);
     }
     row += n;
   }

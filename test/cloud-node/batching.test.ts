@@ -34,8 +34,8 @@ const batches: BatchInfo[] = [];
 
 before(async () => {
   [batched, alone] = await Promise.all([
-    MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'cpu', batchWindowMs: 200, maxBatchTokens: 4096, onBatch: (b) => batches.push(b) }),
-    MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'cpu', batchWindowMs: 0 }),
+    MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'wasm', batchWindowMs: 200, maxBatchTokens: 4096, onBatch: (b) => batches.push(b) }),
+    MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'wasm', batchWindowMs: 0 }),
   ]);
 });
 after(async () => {
@@ -130,7 +130,7 @@ describe('filling a batch: tenant weights and tokens in flight', () => {
   /** Keeps the worker busy with a large forward, queues the requests behind it, and returns the batches that followed. */
   async function behindBusy(options: { tenantWeights?: Record<string, number>; tenantTokensInFlight?: number }, tenants: string[]): Promise<BatchInfo[]> {
     const seen: BatchInfo[] = [];
-    const executor = await MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'cpu', batchWindowMs: 0, maxBatchTokens: 32, onBatch: (b) => seen.push(b), ...options });
+    const executor = await MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'wasm', batchWindowMs: 0, maxBatchTokens: 32, onBatch: (b) => seen.push(b), ...options });
     try {
       const busy = executor.forward(range, hBig, big, 'busy');
       const rest = tenants.map((t) => executor.forward(range, h, shape, t));
@@ -155,7 +155,7 @@ describe('filling a batch: tenant weights and tokens in flight', () => {
 
   it('a request still queued when its sender has stopped waiting is dropped unrun; the others behind the busy worker run', async () => {
     const seen: BatchInfo[] = [];
-    const executor = await MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'cpu', batchWindowMs: 0, maxBatchTokens: 32, onBatch: (b) => seen.push(b) });
+    const executor = await MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'wasm', batchWindowMs: 0, maxBatchTokens: 32, onBatch: (b) => seen.push(b) });
     try {
       const busy = executor.forward(range, hBig, big, 'busy');
       // Behind the busy forward: one whose sender waits 1 ms (a gateway that gave up), one with no wait stated.
@@ -170,9 +170,9 @@ describe('filling a batch: tenant weights and tokens in flight', () => {
   });
 
   it('bad options are refused at start', async () => {
-    await assert.rejects(MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'cpu', maxBatchTokens: 0 }), { code: 'TANDEM_OPTION_INVALID' });
-    await assert.rejects(MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'cpu', tenantWeights: { a: 0.5 } }), { code: 'TANDEM_OPTION_INVALID' });
-    await assert.rejects(MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'cpu', batchWindowMs: Number.NaN }), { code: 'TANDEM_OPTION_INVALID' });
+    await assert.rejects(MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'wasm', maxBatchTokens: 0 }), { code: 'TANDEM_OPTION_INVALID' });
+    await assert.rejects(MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'wasm', tenantWeights: { a: 0.5 } }), { code: 'TANDEM_OPTION_INVALID' });
+    await assert.rejects(MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'wasm', batchWindowMs: Number.NaN }), { code: 'TANDEM_OPTION_INVALID' });
   });
 });
 

@@ -45,7 +45,7 @@ function partialPost(path: string, key: string, declared: number | undefined, se
 }
 
 before(async () => {
-  await initBackend({ backend: 'cpu' });
+  await initBackend({ backend: 'wasm' });
   node = await startTestNode();
   keys = { alice: await createTenantKey(node, 'alice'), bob: await createTenantKey(node, 'bob'), mallory: await createTenantKey(node, 'mallory') };
   const loaded = await loadModelFolder(STORIES_DIR);

@@ -85,7 +85,7 @@ export interface Cloud {
 }
 
 export async function startCloud(stateDir: string, port = 0, adminKey = ''): Promise<Cloud> {
-  const proc = run(['cloud', '--model', STORIES, '--state', stateDir, '--port', String(port), '--backend', 'cpu', '--log-level', 'silent']);
+  const proc = run(['cloud', '--model', STORIES, '--state', stateDir, '--port', String(port), '--backend', 'wasm', '--log-level', 'silent']);
   const line = await proc.waitFor(/listening on/);
   const url = line.split('listening on ')[1].trim();
   if (!adminKey) adminKey = (await proc.waitFor(/admin key/)).split(': ').at(-1)!.trim();

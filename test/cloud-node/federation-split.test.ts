@@ -19,7 +19,7 @@ const MU = 0.5;
 describe('split-mode federation with real processes', { timeout: 600_000 }, () => {
   it("each owner's split round equals the same local training (f32), with FedProx; the global adapter is their weighted mean", async () => {
     const dir = await tempDir();
-    await initBackend({ backend: 'cpu' });
+    await initBackend({ backend: 'wasm' });
     const loaded = await loadModelFolder(STORIES);
     const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
     // LoRA on the edge's blocks of cut (1, 1): block 0 (bottom) and block 4 (top).
@@ -44,7 +44,7 @@ describe('split-mode federation with real processes', { timeout: 600_000 }, () =
     assert.equal(created.status, 201, JSON.stringify(created.json));
     // No --model: split mode downloads the edge part of cut (1, 1) from the cloud.
     const procs = OWNERS.map((o) => run(['edge', 'federate', '--cloud', cloud.url, '--key', keys[o], '--federation', 'split', '--data', data[o], '--work', join(dir, `w-${o}`),
-      '--poll', '100', '--batch-size', '4', '--seq-len', '16', '--lr', '0.01', '--codec', 'f32', '--backend', 'cpu', '--json']));
+      '--poll', '100', '--batch-size', '4', '--seq-len', '16', '--lr', '0.01', '--codec', 'f32', '--backend', 'wasm', '--json']));
     await Promise.all(procs.map((p) => p.waitFor(/"event":"done"/, 300_000)));
     const done = await until(async () => {
       const s = await status(cloud, 'split');

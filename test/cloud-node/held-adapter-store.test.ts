@@ -17,7 +17,7 @@ const SPEC = HELD_SPEC;
 const commit = heldCommit;
 
 before(async () => {
-  await initBackend({ backend: 'cpu' });
+  await initBackend({ backend: 'wasm' });
   const loaded = await loadModelFolder(STORIES_DIR);
   model = LlamaModel.fromArrays(loaded.config, loaded.weights);
 });

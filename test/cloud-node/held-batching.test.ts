@@ -14,7 +14,7 @@ const RANGE = { start: 1, end: 4 };
 let model: LlamaModel;
 const executors: MiddleExecutor[] = [];
 before(async () => {
-  await initBackend({ backend: 'cpu' });
+  await initBackend({ backend: 'wasm' });
   const loaded = await loadModelFolder(STORIES_DIR);
   model = LlamaModel.fromArrays(loaded.config, loaded.weights);
 });
@@ -34,8 +34,8 @@ describe('held middle LoRAs batched across sessions in the executor', () => {
   it('three sessions (two LoRAs, one (IA)^3) of different sequence lengths: one packed forward, each result equal to its run alone', async () => {
     const hidden = model.config.hiddenSize;
     const batches: BatchInfo[] = [];
-    const batched = await MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'cpu', batchWindowMs: 200, onBatch: (b) => batches.push(b) });
-    const alone = await MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'cpu', batchWindowMs: 0, maxBatchTokens: 1 });
+    const batched = await MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'wasm', batchWindowMs: 200, onBatch: (b) => batches.push(b) });
+    const alone = await MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'wasm', batchWindowMs: 0, maxBatchTokens: 1 });
     executors.push(batched, alone);
     const sessions = [
       { held: trainedHeld(model, 1, ['q_proj', 'v_proj']), shape: [2, 5, hidden] as [number, number, number] },

@@ -17,7 +17,7 @@ let model: LlamaModel;
 let hidden: number;
 const executors: MiddleExecutor[] = [];
 before(async () => {
-  await initBackend({ backend: 'cpu' });
+  await initBackend({ backend: 'wasm' });
   const loaded = await loadModelFolder(STORIES_DIR);
   model = LlamaModel.fromArrays(loaded.config, loaded.weights);
   hidden = loaded.config.hiddenSize;
@@ -42,9 +42,9 @@ function relDiff(a: Float32Array, b: Float32Array): number {
 describe('held middle adapters on the ONNX Runtime middle', () => {
   it('stacked sessions (two of one LoRA layout, one of another, two (IA)^3s, another length) equal the tfjs executor and their runs alone', async () => {
     const batches: BatchInfo[] = [];
-    const ort = await MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'cpu', engine: 'ort-cpu', batchWindowMs: 200, onBatch: (b) => batches.push(b) });
-    const ortAlone = await MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'cpu', engine: 'ort-cpu', batchWindowMs: 0, maxBatchTokens: 1 });
-    const tfjs = await MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'cpu', batchWindowMs: 0, maxBatchTokens: 1 });
+    const ort = await MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'wasm', engine: 'ort-cpu', batchWindowMs: 200, onBatch: (b) => batches.push(b) });
+    const ortAlone = await MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'wasm', engine: 'ort-cpu', batchWindowMs: 0, maxBatchTokens: 1 });
+    const tfjs = await MiddleExecutor.start({ modelDir: STORIES_DIR, backend: 'wasm', batchWindowMs: 0, maxBatchTokens: 1 });
     executors.push(ort, ortAlone, tfjs);
     assert.equal(ort.holdsAdapters, true);
     const sessions: { held: HeldAdapter; shape: Shape }[] = [

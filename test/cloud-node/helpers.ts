@@ -38,7 +38,7 @@ export interface TestNode extends CloudNode {
 /** A node on 127.0.0.1:0 with a fresh state directory (or the one given), closed when the file ends. */
 export async function startTestNode(options: Partial<CloudNodeOptions> = {}): Promise<TestNode> {
   const stateDir = options.stateDir ?? (await tempDir());
-  const node = await startCloudNode({ modelDir: STORIES_DIR, stateDir, logLevel: 'silent', backend: 'cpu', limits: TEST_LIMITS, ...options });
+  const node = await startCloudNode({ modelDir: STORIES_DIR, stateDir, logLevel: 'silent', backend: 'wasm', limits: TEST_LIMITS, ...options });
   let closed = false;
   const close = async (): Promise<void> => {
     if (closed) return;

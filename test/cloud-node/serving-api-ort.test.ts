@@ -37,7 +37,7 @@ async function expectedIds(prompt: string, dir: string | undefined, maxNewTokens
 }
 
 before(async () => {
-  await initBackend({ backend: 'cpu' });
+  await initBackend({ backend: 'wasm' });
   dirs = await writeTestAdapters(await tempDir(), 4);
   node = await startTestNode({ engine: 'ort-cpu', computeWorkers: 1, serving: { maxBatch: 16 } });
   alice = await createTenantKey(node, 'alice');

@@ -55,7 +55,7 @@ async function streamEvents(path: string, key: string, body: Record<string, unkn
 }
 
 before(async () => {
-  await initBackend({ backend: 'cpu' });
+  await initBackend({ backend: 'wasm' });
   dirs = await writeTestAdapters(await tempDir(), 4);
   node = await startTestNode({ serving: { maxBatch: 16 }, tenantQuotas: { bob: { servedAdapters: 1 }, carol: { servedAdapters: 2 } } });
   alice = await createTenantKey(node, 'alice');

@@ -7,7 +7,7 @@ import { STORIES_DIR, tempDir } from './helpers.ts';
 import { writeTestAdapters } from './serving-fixtures.ts';
 
 test('batched greedy decoding over 4 adapters equals generate() per request, token for token', async () => {
-  await initBackend({ backend: 'cpu' });
+  await initBackend({ backend: 'wasm' });
   const dirs = await writeTestAdapters(await tempDir(), 4);
   const loaded = await loadModelFolder(STORIES_DIR);
   const tokenizer = await loadTokenizer(STORIES_DIR);

@@ -18,7 +18,7 @@ const SPECS = [
 
 /** Writes `count` (at most 8) adapter folders under `dir`, named a0, a1, ...; returns their paths. */
 export async function writeTestAdapters(dir: string, count: number): Promise<string[]> {
-  await initBackend({ backend: 'cpu' });
+  await initBackend({ backend: 'wasm' });
   const loaded = await loadModelFolder(STORIES_DIR);
   const model = LlamaModel.fromArrays(loaded.config, loaded.weights);
   const out: string[] = [];

@@ -19,7 +19,7 @@ let dirs: string[];
 const record = (i: number): ServedAdapterRecord => ({ name: `a${i}`, tenant: 't', shared: false, peftType: 'LORA', bytes: 0, sha256: String(i), baseContentHash: '', createdAt: '' });
 
 before(async () => {
-  await initBackend({ backend: 'cpu' });
+  await initBackend({ backend: 'wasm' });
   dirs = await writeTestAdapters(await tempDir(), 3);
   model = LlamaModel.fromArrays((await loadModelFolder(STORIES_DIR)).config, (await loadModelFolder(STORIES_DIR)).weights);
 });

@@ -15,7 +15,7 @@ describe('the gateway\'s choice of worker', () => {
   let nats: TestNatsServer;
   let workers: MiddleWorkerNode[];
   before(async () => {
-    await initBackend({ backend: 'cpu' });
+    await initBackend({ backend: 'wasm' });
     nats = await startNatsServer();
     workers = [await startWorker(nats.url), await startWorker(nats.url)];
   });

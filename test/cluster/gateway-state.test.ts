@@ -15,7 +15,7 @@ describe('cluster state in JetStream', () => {
   let nats: TestNatsServer;
   let worker: MiddleWorkerNode;
   before(async () => {
-    await initBackend({ backend: 'cpu' });
+    await initBackend({ backend: 'wasm' });
     nats = await startNatsServer();
     worker = await startWorker(nats.url);
   });

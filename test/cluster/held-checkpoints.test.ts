@@ -37,7 +37,7 @@ describe('held adapter checkpoints in JetStream, shared by two gateways', () => 
   let nc: NatsConnection;
   let model: LlamaModel;
   before(async () => {
-    await initBackend({ backend: 'cpu' });
+    await initBackend({ backend: 'wasm' });
     const loaded = await loadModelFolder(STORIES_DIR);
     model = LlamaModel.fromArrays(loaded.config, loaded.weights);
     nats = await startNatsServer();

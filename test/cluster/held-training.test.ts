@@ -48,7 +48,7 @@ describe('a middle LoRA held by a NATS cluster (stories260K, cut (1, 1), f32)', 
   let nats: TestNatsServer;
   let reference: { losses: number[]; adapter: Map<string, Float32Array> };
   before(async () => {
-    await initBackend({ backend: 'cpu' });
+    await initBackend({ backend: 'wasm' });
     nats = await startNatsServer();
     reference = await trainReference({ methods: [...LORA, MIDDLE], ...RUN, gradientAccumulationSteps: 2 });
   });

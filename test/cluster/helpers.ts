@@ -20,7 +20,7 @@ export const LORA: MethodSpec[] = [{ method: 'lora', r: 4, loraAlpha: 8, targetM
 export const RUN = { steps: 4, batchSize: 4, seqLen: 32, lr: 5e-3, seed: 3 };
 
 export async function startWorker(natsUrl: string, blocks?: string): Promise<MiddleWorkerNode> {
-  return startMiddleWorkerNode({ modelDir: FIXTURE, natsUrl, blocks, backend: 'cpu', logLevel: 'silent' });
+  return startMiddleWorkerNode({ modelDir: FIXTURE, natsUrl, blocks, backend: 'wasm', logLevel: 'silent' });
 }
 
 const adminKeys = new Map<string, string>();
@@ -30,7 +30,7 @@ export async function startGateway(natsUrl: string, options: Partial<CloudNodeOp
   const state = options.stateDir === undefined ? await tempDir('gateway') : undefined;
   const stateDir = options.stateDir ?? (state as { dir: string }).dir;
   const node = await startCloudNode({
-    modelDir: FIXTURE, stateDir, logLevel: 'silent', backend: 'cpu',
+    modelDir: FIXTURE, stateDir, logLevel: 'silent', backend: 'wasm',
     cluster: { natsUrl, attemptTimeoutMs: 3000, requestTimeoutMs: 25_000 }, ...options,
   });
   // The first gateway of a cluster makes the admin key; later ones find it in JetStream.
@@ -40,7 +40,7 @@ export async function startGateway(natsUrl: string, options: Partial<CloudNodeOp
 
 /** `tandem cloud --role worker` as a child process; resolves once it says it is ready. */
 export async function spawnWorker(natsUrl: string, blocks?: string): Promise<ChildProcess> {
-  const args = [BIN, 'cloud', '--role', 'worker', '--nats', natsUrl, '--model', FIXTURE, '--backend', 'cpu', '--log-level', 'info'];
+  const args = [BIN, 'cloud', '--role', 'worker', '--nats', natsUrl, '--model', FIXTURE, '--backend', 'wasm', '--log-level', 'info'];
   if (blocks !== undefined) args.push('--blocks', blocks);
   const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   await new Promise<void>((resolve, reject) => {
@@ -96,7 +96,7 @@ export async function trainThrough(cloud: string, key: string, options: Partial<
 /** trainThrough a single-process node of the fixture: what the cluster runs are held to. */
 export async function trainOnOneProcess(options: Partial<EdgeTrainOptions> = {}): Promise<{ losses: number[]; adapter: Map<string, Float32Array> }> {
   const state = await tempDir('single');
-  const node = await startCloudNode({ modelDir: FIXTURE, stateDir: state.dir, logLevel: 'silent', backend: 'cpu' });
+  const node = await startCloudNode({ modelDir: FIXTURE, stateDir: state.dir, logLevel: 'silent', backend: 'wasm' });
   try {
     return await trainThrough(node.url, node.adminKey as string, options);
   } finally {
@@ -107,7 +107,7 @@ export async function trainOnOneProcess(options: Partial<EdgeTrainOptions> = {})
 
 /** `tandem cloud --role gateway` as a child process on a free port; resolves with its URL (and the admin key when it made one). */
 export async function spawnGateway(natsUrl: string, stateDir: string, port: number): Promise<{ child: ChildProcess; url: string; adminKey?: string }> {
-  const args = [BIN, 'cloud', '--role', 'gateway', '--nats', natsUrl, '--model', FIXTURE, '--backend', 'cpu', '--port', String(port), '--state', stateDir, '--worker-timeout', '3', '--log-level', 'warn'];
+  const args = [BIN, 'cloud', '--role', 'gateway', '--nats', natsUrl, '--model', FIXTURE, '--backend', 'wasm', '--port', String(port), '--state', stateDir, '--worker-timeout', '3', '--log-level', 'warn'];
   const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   await new Promise<void>((resolve, reject) => {

@@ -19,7 +19,7 @@ const MAX_PAYLOAD = 16 * 1024;
 describe('cluster messages over max_payload (nats-server with max_payload 16 KiB)', () => {
   let nats: TestNatsServer;
   before(async () => {
-    await initBackend({ backend: 'cpu' });
+    await initBackend({ backend: 'wasm' });
     nats = await startNatsServer({ maxPayload: MAX_PAYLOAD });
   });
   after(() => nats.close());

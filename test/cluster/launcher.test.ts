@@ -13,7 +13,7 @@ describe('tandem cluster up', () => {
   it('starts nats-server (loopback, passwords), a worker and a gateway that is ready; stop() ends every process', async () => {
     const state = await tempDir('cluster-up');
     const [natsPort, gatewayPort] = [await freePort(), await freePort()];
-    const cluster = await launchCluster({ modelDir: FIXTURE, workers: 1, ranges: [], stateDir: state.dir, natsPort, gatewayPort, bin: BIN, backend: 'cpu', natsServer: NATS_SERVER });
+    const cluster = await launchCluster({ modelDir: FIXTURE, workers: 1, ranges: [], stateDir: state.dir, natsPort, gatewayPort, bin: BIN, backend: 'wasm', natsServer: NATS_SERVER });
     try {
       assert.equal(cluster.natsUrl, `nats://127.0.0.1:${natsPort}`);
       assert.ok(cluster.adminKey, 'the gateway printed the admin key it created');
@@ -44,7 +44,7 @@ describe('tandem cluster up', () => {
     const state = await tempDir('cluster-up-missing');
     const missing = join(state.dir, 'no-such-nats-server');
     await assert.rejects(
-      launchCluster({ modelDir: FIXTURE, workers: 1, ranges: [], stateDir: state.dir, natsPort: await freePort(), gatewayPort: await freePort(), bin: BIN, backend: 'cpu', natsServer: missing }),
+      launchCluster({ modelDir: FIXTURE, workers: 1, ranges: [], stateDir: state.dir, natsPort: await freePort(), gatewayPort: await freePort(), bin: BIN, backend: 'wasm', natsServer: missing }),
       (err: Error & { code?: string }) => err.code === 'TANDEM_CLUSTER_START_FAILED' && err.message.includes(missing) && /apt-get install -y nats-server/.test(err.message),
     );
     await state.remove();

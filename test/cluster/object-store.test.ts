@@ -22,7 +22,7 @@ describe('adapters and emulator bundles in the JetStream object store', () => {
   let nats: TestNatsServer;
   let fixtures: { dir: string; remove(): Promise<void> };
   before(async () => {
-    await initBackend({ backend: 'cpu' });
+    await initBackend({ backend: 'wasm' });
     nats = await startNatsServer();
     fixtures = await tempDir('adapters');
   });

@@ -27,7 +27,7 @@ describe('spilled request bodies across tries (nats-server with max_payload 16 K
   let nats: TestNatsServer;
   let nc: NatsConnection;
   before(async () => {
-    await initBackend({ backend: 'cpu' });
+    await initBackend({ backend: 'wasm' });
     nats = await startNatsServer({ maxPayload: MAX_PAYLOAD });
     nc = await connectNats(nats.url, 'test-spill-retries', 'gateway');
   });

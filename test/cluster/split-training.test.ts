@@ -13,7 +13,7 @@ describe('split training through a NATS cluster (stories260K, cut (1, 1): middle
   let nats: TestNatsServer;
   let single: { losses: number[]; adapter: Map<string, Float32Array> };
   before(async () => {
-    await initBackend({ backend: 'cpu' });
+    await initBackend({ backend: 'wasm' });
     nats = await startNatsServer();
     single = await trainOnOneProcess();
   });

@@ -28,7 +28,7 @@ describe('a gateway whose start fails after connecting to NATS', () => {
   it('reports the error and exits by itself', async () => {
     await mkdir(join(state.dir, 'serving'), { recursive: true });
     await writeFile(join(state.dir, 'serving', 'adapters'), 'not a folder');
-    const child = spawn(process.execPath, [BIN, 'cloud', '--role', 'gateway', '--nats', nats.url, '--model', FIXTURE, '--backend', 'cpu', '--port', '0', '--state', state.dir, '--log-level', 'warn'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, [BIN, 'cloud', '--role', 'gateway', '--nats', nats.url, '--model', FIXTURE, '--backend', 'wasm', '--port', '0', '--state', state.dir, '--log-level', 'warn'], { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     child.stdout.on('data', (d: Buffer) => { out += d.toString(); });
     child.stderr.on('data', (d: Buffer) => { out += d.toString(); });

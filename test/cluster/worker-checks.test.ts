@@ -20,7 +20,7 @@ describe('a worker checks requests against its model', () => {
   let nats: TestNatsServer;
   let worker: MiddleWorkerNode;
   before(async () => {
-    await initBackend({ backend: 'cpu' });
+    await initBackend({ backend: 'wasm' });
     nats = await startNatsServer();
     worker = await startWorker(nats.url);
   });

@@ -12,7 +12,7 @@ import { LORA, RUN, maxAdapterDiff, spawnWorker, startGateway, stopChild, trainT
 describe('a worker killed mid-training', () => {
   let nats: TestNatsServer;
   before(async () => {
-    await initBackend({ backend: 'cpu' });
+    await initBackend({ backend: 'wasm' });
     nats = await startNatsServer();
   });
   after(() => nats.close());

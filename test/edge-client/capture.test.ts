@@ -146,16 +146,19 @@ describe('the data plane carries no text, token ids or labels', () => {
         ...DEFAULT_RECIPE, bundleDir, dataFile: train, outDir: join(work.dir, 'out'), methods: [{ method: 'block' }], steps: 1, batchSize: 2, seqLen: 16, lr: 0.01, evalEvery: 0, saveEvery: 0, backend: 'wasm',
       });
       const adapterDir = trained.adapterDir as string;
+      // The first 40 labelled rows (all three labels): the ones `secrets` looks for.
+      const rows = join(work.dir, 'rows.jsonl');
+      await writeFile(rows, `${(await readFile(DEMO_DATA, 'utf8')).split('\n').slice(0, 40).join('\n')}\n`);
       const capture = await startCaptureProxy(cloud.url);
       try {
-        const evaluation = await uploadAdapter({ cloudUrl: capture.url, key: cloud.key, adapterDir, dataFile: DEMO_DATA, seqLen: 32, cacheDir: cache.dir });
+        const evaluation = await uploadAdapter({ cloudUrl: capture.url, key: cloud.key, adapterDir, dataFile: rows, seqLen: 32, cacheDir: cache.dir });
         assert.ok(Number.isFinite(evaluation.plugIn.loss) && evaluation.plugIn.accuracy !== undefined);
         assert.notEqual(evaluation.plugIn.loss, evaluation.baseline.loss);
         const envelopes = envelopesOf(capture);
         const { forwards, backwards } = assertOnlyTensorFrames(envelopes, 64);
         assert.ok(forwards > 0);
         assert.equal(backwards, 0, 'evaluation is forward only');
-        assertClean(capture, await secrets(DEMO_DATA), cloud.key);
+        assertClean(capture, await secrets(rows), cloud.key);
         // No request carries the adapter's weights either.
         const weights = await readFile(join(adapterDir, 'adapter_model.safetensors'));
         assert.equal(haystack(capture).indexOf(weights.subarray(weights.length - 64)), -1, 'the adapter stayed on the edge');

@@ -14,7 +14,7 @@ import { tempDir } from '../model/helpers.ts';
 describe('an edge part from the cloud', () => {
   let node: TestNode;
   before(async () => {
-    await initBackend({ backend: 'cpu' });
+    await initBackend({ backend: 'wasm' });
     node = await startTestNode();
   });
   after(() => node.close());

@@ -45,7 +45,7 @@ async function loraAdapter(layers?: number[]): Promise<WireAdapter> {
 }
 
 before(async () => {
-  await initBackend({ backend: 'cpu' });
+  await initBackend({ backend: 'wasm' });
   cloud = await startTestCloud();
   scratch = await tempDir('hostile-federation');
   data = join(scratch.dir, 'owner.jsonl');
@@ -94,7 +94,7 @@ async function refused(federation: string, rest: Rewrite, code: string, options:
   try {
     const error = await federate({
       cloud: hostile.url, key: aliceKey, federation, data, modelDir: FIXTURE, workDir: join(scratch.dir, `work-${federation}`), pollMs: 20, maxRounds: 1,
-      backend: 'cpu', unreachableMs: 5_000, recipe: { batchSize: 2, seqLen: 16 }, ...options,
+      backend: 'wasm', unreachableMs: 5_000, recipe: { batchSize: 2, seqLen: 16 }, ...options,
     }).then(() => assert.fail('federate took part in the round'), (e: unknown) => e);
     assert.ok(error instanceof EdgeError, String(error));
     assert.equal(error.code, code, error.message);
@@ -111,7 +111,7 @@ describe('an owner in a federation against a hostile cloud', () => {
     try {
       const result = await federate({
         cloud: hostile.url, key: aliceKey, federation: 'honest', data, modelDir: FIXTURE, workDir: join(scratch.dir, 'work-honest'), pollMs: 20, maxRounds: 1,
-        backend: 'cpu', recipe: { batchSize: 2, seqLen: 16 },
+        backend: 'wasm', recipe: { batchSize: 2, seqLen: 16 },
       });
       assert.equal(result.rounds[0].ack?.accepted, true);
       assert.equal(result.rounds[0].ack?.round, 1);
@@ -183,7 +183,7 @@ describe('an owner in a federation against a hostile cloud', () => {
       const stop = new Error('stop after the first attempt');
       const ended = await federate({
         cloud: hostile.url, key: aliceKey, federation: 'moved', data, modelDir: FIXTURE, workDir: join(scratch.dir, 'work-moved'), pollMs: 20, maxRounds: 1,
-        backend: 'cpu', recipe: { batchSize: 2, seqLen: 16 },
+        backend: 'wasm', recipe: { batchSize: 2, seqLen: 16 },
         onRound: (e) => {
           events.push(e);
           throw stop;

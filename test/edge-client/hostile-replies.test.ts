@@ -17,7 +17,7 @@ let cloud: TestCloud;
 let cache: { dir: string; remove(): Promise<void> };
 
 before(async () => {
-  await initBackend({ backend: 'cpu' });
+  await initBackend({ backend: 'wasm' });
   cloud = await startTestCloud();
   cache = await tempDir('hostile-cache');
 });

@@ -17,7 +17,7 @@ describe('--seq-len against the model\'s positions', () => {
   let node: TestNode;
   let key = '';
   before(async () => {
-    await initBackend({ backend: 'cpu' });
+    await initBackend({ backend: 'wasm' });
     node = await startTestNode();
     key = await createTenantKey(node, 'owner');
   });

@@ -30,8 +30,9 @@ async function cli(argv: string[]): Promise<{ code: number; json: { input_ids: n
 }
 
 before(async () => {
+  // The cpu backend, not the suite's wasm: a long InferStep below must compute for a good part of a second.
   await initBackend({ backend: 'cpu' });
-  node = await startTestNode();
+  node = await startTestNode({ backend: 'cpu' });
   key = await createTenantKey(node, 'owner');
   loaded = await loadModelFolder(STORIES_DIR);
   full = LlamaModel.fromArrays(loaded.config, loaded.weights);
@@ -204,7 +205,7 @@ describe('split inference', () => {
   });
 
   it('on a node whose middle runs on ONNX Runtime, the middle\'s cache is kept there too, and the tokens are the same', async () => {
-    const ortNode = await startTestNode({ engine: 'ort-cpu' });
+    const ortNode = await startTestNode({ backend: 'cpu', engine: 'ort-cpu' });
     const ortKey = await createTenantKey(ortNode, 'owner');
     const ortClient = await connectCloud(ortNode.url, { key: ortKey });
     try {
@@ -228,7 +229,7 @@ describe('split inference', () => {
 
   it('one tenant\'s sessions share a KV budget of their own: over it they are refused, other tenants are served', async () => {
     // stories260K, cut (2, 2): one middle block, 256 bytes of KV a token; a 32-token step keeps 8 KiB of KV and 16 KiB of h_B and h_M.
-    const small = await startTestNode({ splitInference: { perTenantBytes: 40_000 } });
+    const small = await startTestNode({ backend: 'cpu', splitInference: { perTenantBytes: 40_000 } });
     const clients: CloudClient[] = [];
     try {
       const open = async (tenant: string): Promise<EdgeSession> => {

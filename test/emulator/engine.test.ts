@@ -13,7 +13,7 @@ const text = 'Once upon a time, there was a little girl named Lily. She liked to
 let work = '';
 
 before(async () => {
-  await initBackend({ backend: 'cpu' });
+  await initBackend({ backend: 'wasm' });
   work = await mkdtemp(join(tmpdir(), 'tandem-emulator-engine-'));
   await writeFile(join(work, 'public.txt'), text.repeat(12));
 });

@@ -32,19 +32,19 @@ async function modelWithTooManyIds(): Promise<string> {
 
 let dir: string;
 before(async () => {
-  await initBackend({ backend: 'cpu' });
+  await initBackend({ backend: 'wasm' });
   dir = await modelWithTooManyIds();
 });
 
 describe('a tokenizer with ids past vocab_size is refused by', () => {
   test('runAudit, before the data is read', async () => {
-    await rejectsModelError(runAudit({ modelDir: dir, dataFile: MISSING, backend: 'cpu' }), 'TANDEM_TOKENIZER_INVALID', '513', 'vocab_size is 512');
+    await rejectsModelError(runAudit({ modelDir: dir, dataFile: MISSING, backend: 'wasm' }), 'TANDEM_TOKENIZER_INVALID', '513', 'vocab_size is 512');
   });
 
   test('buildEmulator, before it starts or writes the bundle', async () => {
     const outDir = join(await tempDir(), 'bundle');
     const events: EmulateEvent[] = [];
-    const built = buildEmulator({ modelDir: dir, keep: 1, cut: { bottom: 1, top: 1 }, outDir, distill: { dataFile: DEMO_DATA, steps: 1, seqLen: 16 }, backend: 'cpu', onEvent: (e) => events.push(e) });
+    const built = buildEmulator({ modelDir: dir, keep: 1, cut: { bottom: 1, top: 1 }, outDir, distill: { dataFile: DEMO_DATA, steps: 1, seqLen: 16 }, backend: 'wasm', onEvent: (e) => events.push(e) });
     await rejectsModelError(built, 'TANDEM_TOKENIZER_INVALID', '513', 'vocab_size is 512');
     assert.deepEqual(events, []);
     await assert.rejects(stat(outDir), { code: 'ENOENT' });
@@ -53,7 +53,7 @@ describe('a tokenizer with ids past vocab_size is refused by', () => {
   test('federate with a local model folder, before it asks the cloud for a round', async () => {
     let ready = false;
     const joined = federate({
-      cloud: 'http://127.0.0.1:9', key: 'k', federation: 'f', data: DEMO_DATA, modelDir: dir, workDir: await tempDir(), backend: 'cpu', unreachableMs: 0,
+      cloud: 'http://127.0.0.1:9', key: 'k', federation: 'f', data: DEMO_DATA, modelDir: dir, workDir: await tempDir(), backend: 'wasm', unreachableMs: 0,
       onReady: () => {
         ready = true;
       },

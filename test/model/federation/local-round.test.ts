@@ -21,7 +21,7 @@ let model: LlamaModel;
 let global: TensorSet;
 
 before(async () => {
-  await initBackend({ backend: 'cpu' });
+  await initBackend({ backend: 'wasm' });
   dir = await mkdtemp(join(tmpdir(), 'tandem-local-round-'));
   const loaded = await loadModelFolder(STORIES);
   model = LlamaModel.fromArrays(loaded.config, loaded.weights);

@@ -9,7 +9,7 @@ import { STORIES_DIR, tempDir } from '../../cloud-node/helpers.ts';
 import { writeTestAdapters } from '../../cloud-node/serving-fixtures.ts';
 
 test('batched ORT serving over 4 adapters equals generateOrt with each adapter merged, token for token', async (t) => {
-  await initBackend({ backend: 'cpu' });
+  await initBackend({ backend: 'wasm' });
   const dirs = await writeTestAdapters(await tempDir(), 4);
   const loaded = await loadModelFolder(STORIES_DIR);
   const tokenizer = await loadTokenizer(STORIES_DIR);

@@ -12,7 +12,7 @@ let model: LlamaModel;
 let adapter: PeftAdapter;
 
 before(async () => {
-  await initBackend({ backend: 'cpu' });
+  await initBackend({ backend: 'wasm' });
   const loaded = await loadModelFolder(STORIES);
   model = LlamaModel.fromArrays(loaded.config, loaded.weights);
   adapter = createAdapter(model, [{ method: 'lora', r: 2, targetModules: ['q_proj', 'v_proj'] }], { seed: 2 });
