@@ -395,7 +395,7 @@ export class ClusterExecutor implements MiddleRunner {
    */
   async #withBody<T>(request: MiddleRequest, tenant: string, use: (body: HeldBody, bytes: number) => Promise<T>): Promise<T> {
     const encoded = encodeRequest(request);
-    const spilling = encoded.byteLength > this.#spill.inlineLimit ? encoded.byteLength : 0;
+    const spilling = this.#spill.spills(encoded.byteLength) ? encoded.byteLength : 0;
     const held = this.#spilledBytes.get(tenant) ?? 0;
     const limit = this.#options.spillBytesPerTenant ?? 16 * this.#spill.inlineLimit;
     if (spilling > 0 && held > 0 && held + spilling > limit) {

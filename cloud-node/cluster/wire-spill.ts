@@ -68,6 +68,11 @@ export class WireSpill {
     return Math.max(0, max - HEADROOM_BYTES);
   }
 
+  /** Whether a body of `bytes` goes through the object store (outgoing and hold decide by this). */
+  spills(bytes: number): boolean {
+    return bytes > this.inlineLimit;
+  }
+
   #open(): Promise<ObjectStore> {
     this.#store ??= new Objm(this.#nc).create(SPILL_BUCKET, { storage: StorageType.Memory, ttl: nanos(SPILL_TTL_MS), replicas: 1 }).catch((cause: unknown) => {
       this.#store = undefined;
@@ -81,7 +86,7 @@ export class WireSpill {
    * name of the object that holds it, which its receiver deletes once read.
    */
   async outgoing(body: Uint8Array, headers: MsgHdrs = natsHeaders()): Promise<{ data: Uint8Array; headers: MsgHdrs }> {
-    if (body.byteLength <= this.inlineLimit) return { data: body, headers };
+    if (!this.spills(body.byteLength)) return { data: body, headers };
     headers.set(SPILL_HEADER, await this.#put(body));
     return { data: new Uint8Array(0), headers };
   }
@@ -91,7 +96,7 @@ export class WireSpill {
    * receivers read the object and leave it, and the caller releases it when the request ends.
    */
   async hold(body: Uint8Array): Promise<HeldBody> {
-    if (body.byteLength <= this.inlineLimit) return { data: body, label: (h) => h, release: async () => undefined };
+    if (!this.spills(body.byteLength)) return { data: body, label: (h) => h, release: async () => undefined };
     const name = await this.#put(body);
     let released: Promise<void> | undefined;
     return {
