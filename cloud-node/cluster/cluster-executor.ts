@@ -112,16 +112,17 @@ function sent(field: 'h' | 'g', frame: TensorFrame | undefined): { hFrame?: Tens
   return field === 'h' ? { hFrame: frame } : { gFrame: frame };
 }
 
-/** The part of a held adapter on blocks `blocks` (its modules are in model order); undefined when it has none there. */
-function loraOn(lora: HeldLora, blocks: BlockRange): HeldLora | undefined {
+/** A request's `lora`: the part of a held adapter on blocks `blocks` (its modules are in model order); none when it has none there. */
+function loraOn(lora: HeldLora | undefined, blocks: BlockRange): { lora?: HeldLora } {
+  if (lora === undefined) return {};
   const on = (path: string): boolean => {
     const layer = Number(path.split('.')[2]);
     return layer >= blocks.start && layer < blocks.end;
   };
   const modules = lora.modules.filter((m) => on(m.path));
   const ia3 = lora.ia3?.filter((m) => on(m.path));
-  if (modules.length + (ia3?.length ?? 0) === 0) return undefined;
-  return { scale: lora.scale, modules, ...(ia3 === undefined ? {} : { ia3 }) };
+  if (modules.length + (ia3?.length ?? 0) === 0) return {};
+  return { lora: { scale: lora.scale, modules, ...(ia3 === undefined ? {} : { ia3 }) } };
 }
 
 /** The lengths of a held adapter's gradients as a backward answers them: A then B of each module, then each (IA)^3 scale. */
@@ -224,11 +225,40 @@ export class ClusterExecutor implements MiddleRunner {
   }
 
   async forward(range: BlockRange, h: Float32Array, shape: Shape3, tenant = '', frames: InputFrames = {}): Promise<Float32Array> {
-    let x = h;
-    for (const [i, segment] of (await this.#plan(range)).entries()) {
-      x = (await this.#toRange(segment, { op: 'forward', blocks: segment.blocks, shape, h: x, ...sent('h', i === 0 ? frames.h : undefined), keepTape: false }, tenant)).output;
+    const segments = await this.#plan(range);
+    return (await this.#inputs(segments, segments.length, h, shape, tenant, frames)).at(-1) as Float32Array;
+  }
+
+  /**
+   * The first `count` segments' forwards without tapes (with a held adapter's part on each):
+   * `h`, then each one's output, in order.
+   */
+  async #inputs(segments: readonly PipelineSegment[], count: number, h: Float32Array, shape: Shape3, tenant: string, frames: InputFrames, lora?: HeldLora): Promise<Float32Array[]> {
+    const inputs: Float32Array[] = [h];
+    for (const [i, segment] of segments.slice(0, count).entries()) {
+      const request = { op: 'forward' as const, blocks: segment.blocks, shape, h: inputs[i], ...sent('h', i === 0 ? frames.h : undefined), keepTape: false, ...loraOn(lora, segment.blocks) };
+      inputs.push((await this.#toRange(segment, request, tenant)).output);
     }
-    return x;
+    return inputs;
+  }
+
+  /** g_M → g_B through every segment in reverse, each recomputing from its input; with a held adapter, its gradients per segment. */
+  async #backward(range: BlockRange, h: Float32Array, g: Float32Array, shape: Shape3, tenant: string, frames: InputFrames, lora?: HeldLora): Promise<{ output: Float32Array; loraGrads: Float32Array[][] }> {
+    const segments = await this.#plan(range);
+    // A pipeline needs each segment's input: the forward again, without tapes.
+    const inputs = await this.#inputs(segments, segments.length - 1, h, shape, tenant, frames, lora);
+    let grad = g;
+    const loraGrads: Float32Array[][] = [];
+    for (let i = segments.length - 1; i >= 0; i--) {
+      const request = {
+        op: 'backward' as const, blocks: segments[i].blocks, shape, h: inputs[i], g: grad,
+        ...sent('h', i === 0 ? frames.h : undefined), ...sent('g', i === segments.length - 1 ? frames.g : undefined), ...loraOn(lora, segments[i].blocks),
+      };
+      const reply = await this.#toRange(segments[i], request, tenant);
+      grad = reply.output;
+      loraGrads[i] = reply.loraGrads ?? [];
+    }
+    return { output: grad, loraGrads };
   }
 
   async forwardKeepingTape(range: BlockRange, h: Float32Array, shape: Shape3, tenant = '', frames: InputFrames = {}): Promise<{ output: Float32Array; tape: KeptTape }> {
@@ -268,18 +298,7 @@ export class ClusterExecutor implements MiddleRunner {
   }
 
   async backward(range: BlockRange, h: Float32Array, g: Float32Array, shape: Shape3, tenant = '', frames: InputFrames = {}): Promise<Float32Array> {
-    const segments = await this.#plan(range);
-    // A pipeline needs each segment's input: the forward again, without tapes.
-    const inputs: Float32Array[] = [h];
-    for (const [i, segment] of segments.slice(0, -1).entries()) {
-      inputs.push((await this.#toRange(segment, { op: 'forward', blocks: segment.blocks, shape, h: inputs.at(-1) as Float32Array, ...sent('h', i === 0 ? frames.h : undefined), keepTape: false }, tenant)).output);
-    }
-    let grad = g;
-    for (let i = segments.length - 1; i >= 0; i--) {
-      const request = { op: 'backward' as const, blocks: segments[i].blocks, shape, h: inputs[i], g: grad, ...sent('h', i === 0 ? frames.h : undefined), ...sent('g', i === segments.length - 1 ? frames.g : undefined) };
-      grad = (await this.#toRange(segments[i], request, tenant)).output;
-    }
-    return grad;
+    return (await this.#backward(range, h, g, shape, tenant, frames)).output;
   }
 
   /** The workers run held middle adapters: the gateway holds each (held-adapters.ts) and sends its factors with every request. */
@@ -289,12 +308,8 @@ export class ClusterExecutor implements MiddleRunner {
 
   /** h_B → h_M with a session's held adapter: each range of the chain with its part of the factors; no tape is kept. */
   async forwardHeld(range: BlockRange, h: Float32Array, shape: Shape3, tenant: string, lora: HeldLora): Promise<Float32Array> {
-    let x = h;
-    for (const segment of await this.#plan(range)) {
-      const part = loraOn(lora, segment.blocks);
-      x = (await this.#toRange(segment, { op: 'forward', blocks: segment.blocks, shape, h: x, keepTape: false, ...(part === undefined ? {} : { lora: part }) }, tenant)).output;
-    }
-    return x;
+    const segments = await this.#plan(range);
+    return (await this.#inputs(segments, segments.length, h, shape, tenant, {}, lora)).at(-1) as Float32Array;
   }
 
   /**
@@ -302,24 +317,10 @@ export class ClusterExecutor implements MiddleRunner {
    * inputs by a forward first), and the factors' gradients in the adapter's order.
    */
   async backwardHeld(range: BlockRange, h: Float32Array, g: Float32Array, shape: Shape3, tenant: string, lora: HeldLora): Promise<{ output: Float32Array; loraGrads: Float32Array[] }> {
-    const segments = await this.#plan(range);
-    const parts = segments.map((s) => loraOn(lora, s.blocks));
-    const inputs: Float32Array[] = [h];
-    for (const [i, segment] of segments.slice(0, -1).entries()) {
-      const part = parts[i];
-      inputs.push((await this.#toRange(segment, { op: 'forward', blocks: segment.blocks, shape, h: inputs[i], keepTape: false, ...(part === undefined ? {} : { lora: part }) }, tenant)).output);
-    }
-    let grad = g;
-    const grads: Float32Array[][] = [];
-    for (let i = segments.length - 1; i >= 0; i--) {
-      const part = parts[i];
-      const reply = await this.#toRange(segments[i], { op: 'backward', blocks: segments[i].blocks, shape, h: inputs[i], g: grad, ...(part === undefined ? {} : { lora: part }) }, tenant);
-      grad = reply.output;
-      grads[i] = reply.loraGrads ?? [];
-    }
-    const loraGrads = grads.flat();
+    const { output, loraGrads: perSegment } = await this.#backward(range, h, g, shape, tenant, {}, lora);
+    const loraGrads = perSegment.flat();
     if (loraGrads.length !== gradLengths(lora).length) throw new CloudError('TANDEM_COMPUTE_FAILED', { reason: 'the workers returned gradients for another set of the held adapter\'s tensors' });
-    return { output: grad, loraGrads };
+    return { output, loraGrads };
   }
 
   async terminateWorker(index: number): Promise<void> {
