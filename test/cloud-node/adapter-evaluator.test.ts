@@ -9,7 +9,7 @@ import { performance } from 'node:perf_hooks';
 import { before, describe, it } from 'node:test';
 import { evaluateAdapter } from '../../cloud-node/adapter-evaluation.ts';
 import { LlamaModel, createAdapter, loadModelFolder, loadTokenizer, saveAdapter, tf } from '../../model/index.ts';
-import { STORIES_DIR, api, createTenantKey, startTestNode, tempDir } from './helpers.ts';
+import { STORIES_DIR, api, createTenantKey, metric, startTestNode, tempDir } from './helpers.ts';
 import type { TestNode } from './helpers.ts';
 import { bystander, survives } from './hardening.ts';
 
@@ -34,12 +34,6 @@ const STORY = 'Once upon a time, a little girl named Lily went to the park with 
 
 function evaluate(node: TestNode, key: string, text: string, seqLen = 64): ReturnType<typeof api> {
   return api(node, 'POST', '/v1/models/stories260K/adapters/evaluate', key, { baseContentHash: contentHash, adapter: { config, weights }, data: { name: 'eval.txt', text }, seqLen });
-}
-
-async function metric(node: TestNode, name: string): Promise<number> {
-  const text = await (await fetch(`${node.url}/metrics`)).text();
-  const line = text.split('\n').find((l) => l.startsWith(`${name} `));
-  return Number(line?.split(' ')[1]);
 }
 
 describe('adapter evaluation runs off the node\'s event loop, bounded', () => {

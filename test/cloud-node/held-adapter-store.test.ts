@@ -2,19 +2,16 @@
 // backward's gradients in a file of their own (a backward does not write the adapter again),
 // and a restart that continues exactly: the same step applied gives the same weights.
 import assert from 'node:assert/strict';
-import { randomUUID } from 'node:crypto';
 import { readFile, readdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { HeldAdapter, HeldAdapters } from '../../cloud-node/held-adapters.ts';
+import { HeldAdapters } from '../../cloud-node/held-adapters.ts';
 import { HeldAdapterStore } from '../../cloud-node/state/held-adapter-store.ts';
 import { initBackend, LlamaModel, loadModelFolder } from '../../model/index.ts';
-import { HELD_SPEC, gradientsLike, heldCommit } from './held-helpers.ts';
+import { addHeld, gradientsLike, heldCommit } from './held-helpers.ts';
 import { STORIES_DIR, tempDir } from './helpers.ts';
 
 let model: LlamaModel;
-const SPEC = HELD_SPEC;
-const commit = heldCommit;
 
 before(async () => {
   await initBackend({ backend: 'wasm' });
@@ -23,14 +20,12 @@ before(async () => {
 });
 after(() => model.dispose());
 
-
 describe('held adapter checkpoints', () => {
   it('a backward writes only its gradients; a restart resumes the step exactly; a commit drops the gradient files', async () => {
     const dir = await tempDir();
-    const sessionId = randomUUID();
     const adapters = await HeldAdapters.open(await HeldAdapterStore.open(dir));
-    const held = HeldAdapter.create(model, sessionId, 'alice', SPEC, [1, 2, 3]);
-    await adapters.add(held);
+    const held = await addHeld(adapters, model, 'alice');
+    const sessionId = held.sessionId;
     const heldDir = join(dir, 'held');
     const checkpoint = join(heldDir, `${sessionId}.json`);
     const written = await readFile(checkpoint);
@@ -50,8 +45,8 @@ describe('held adapter checkpoints', () => {
     const again = await restarted.get(sessionId, 'alice');
     assert.ok(again !== undefined);
     for (const mb of [0, 1]) assert.deepEqual(again.gradientsOf(1, mb), grads[mb]);
-    const original = held.commit(commit(sessionId, 1, 2));
-    const resumed = again.commit(commit(sessionId, 1, 2));
+    const original = held.commit(heldCommit(sessionId, 1, 2));
+    const resumed = again.commit(heldCommit(sessionId, 1, 2));
     assert.deepEqual(resumed, original);
     assert.deepEqual(again.tensors(), held.tensors(), 'the same weights, bit for bit');
     await restarted.save(again);
@@ -62,14 +57,13 @@ describe('held adapter checkpoints', () => {
 
   it('gradient files of a step already committed (a kill after the commit\'s checkpoint) are dropped; a truncated one is a typed error', async () => {
     const dir = await tempDir();
-    const sessionId = randomUUID();
     const store = await HeldAdapterStore.open(dir);
     const adapters = await HeldAdapters.open(store);
-    const held = HeldAdapter.create(model, sessionId, 'bob', SPEC, [1, 2, 3]);
-    await adapters.add(held);
+    const held = await addHeld(adapters, model, 'bob');
+    const sessionId = held.sessionId;
     const g = gradientsLike(held, 5);
     held.accumulate(1, 0, g);
-    held.commit(commit(sessionId, 1, 1));
+    held.commit(heldCommit(sessionId, 1, 1));
     await adapters.save(held);
     // As if the node died between the commit's checkpoint and the removal of the step's gradient file.
     await store.saveGradients(sessionId, 1, 0, g);
@@ -77,7 +71,7 @@ describe('held adapter checkpoints', () => {
     assert.deepEqual(await readdir(join(dir, 'held')), [`${sessionId}.json`], 'the stale gradient file is removed');
     const found = await reopened.get(sessionId, 'bob');
     assert.equal(found?.gradientsOf(1, 0), undefined);
-    assert.throws(() => found?.commit(commit(sessionId, 2, 1)), { code: 'TANDEM_HELD_GRADIENTS_MISSING' }, 'step 1 is not applied twice, nor taken for step 2');
+    assert.throws(() => found?.commit(heldCommit(sessionId, 2, 1)), { code: 'TANDEM_HELD_GRADIENTS_MISSING' }, 'step 1 is not applied twice, nor taken for step 2');
 
     await writeFile(join(dir, 'held', `${sessionId}.step-2.mb-0.f32`), new Uint8Array(12));
     await assert.rejects(HeldAdapterStore.open(dir).then((s) => s.loadAll()), { code: 'TANDEM_STATE_INVALID' });
@@ -85,10 +79,9 @@ describe('held adapter checkpoints', () => {
 
   it('a restart during the first step (step 0, before any commit) keeps its gradient files and applies them', async () => {
     const dir = await tempDir();
-    const sessionId = randomUUID();
     const adapters = await HeldAdapters.open(await HeldAdapterStore.open(dir));
-    const held = HeldAdapter.create(model, sessionId, 'carol', SPEC, [1, 2, 3]);
-    await adapters.add(held);
+    const held = await addHeld(adapters, model, 'carol');
+    const sessionId = held.sessionId;
     const g = gradientsLike(held, 9);
     held.accumulate(0, 0, g);
     await adapters.saveGradients(held, 0, 0);
@@ -96,6 +89,6 @@ describe('held adapter checkpoints', () => {
     assert.deepEqual(await readdir(join(dir, 'held')), [`${sessionId}.json`, `${sessionId}.step-0.mb-0.f32`]);
     const again = await restarted.get(sessionId, 'carol');
     assert.deepEqual(again?.gradientsOf(0, 0), g);
-    assert.deepEqual(again?.commit(commit(sessionId, 0, 1)), held.commit(commit(sessionId, 0, 1)));
+    assert.deepEqual(again?.commit(heldCommit(sessionId, 0, 1)), held.commit(heldCommit(sessionId, 0, 1)));
   });
 });

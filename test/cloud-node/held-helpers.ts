@@ -1,5 +1,8 @@
-// Held middle adapters for the executor tests: random arrays and an adapter trained one step.
+// Held middle adapters for the executor and checkpoint tests: random arrays, an adapter trained
+// one step, a new session's adapter added to a set, its commits and gradients.
+import { randomUUID } from 'node:crypto';
 import { HeldAdapter } from '../../cloud-node/held-adapters.ts';
+import type { HeldAdapters } from '../../cloud-node/held-adapters.ts';
 import { Rng } from '../../model/index.ts';
 import type { LlamaModel } from '../../model/index.ts';
 
@@ -24,6 +27,13 @@ export function trainedHeld(model: LlamaModel, seed: number, targets: string[], 
 
 /** A middle LoRA spec as a Hello asks for it: r 4 on q_proj and v_proj, the adapter's second method. */
 export const HELD_SPEC = { method: 'lora' as const, rank: 4, alpha: 8, targets: ['q_proj', 'v_proj'], methodIndex: 1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0.01, seed: 3 };
+
+/** A new session's held adapter of `tenant` (HELD_SPEC on blocks 1-3), added to `adapters`: its first checkpoint is written. */
+export async function addHeld(adapters: HeldAdapters, model: LlamaModel, tenant: string): Promise<HeldAdapter> {
+  const held = HeldAdapter.create(model, randomUUID(), tenant, HELD_SPEC, [1, 2, 3]);
+  await adapters.add(held);
+  return held;
+}
 
 /** A StepCommit of `step` stating `microbatches` backwards (clipping at 1 with the edge's squared norm 0.5). */
 export const heldCommit = (sessionId: string, step: number, microbatches: number) => ({ sessionId, step, lr: 1e-2, maxGradNorm: 1, edgeGradSquareSum: 0.5, microbatches, exportAdapter: false });

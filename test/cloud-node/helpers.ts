@@ -205,9 +205,9 @@ export function assertError(reply: Envelope, code: string): void {
   if (reply.body.case === 'error') assert.equal(reply.body.value.code, code, reply.body.value.message);
 }
 
-/** The value of a sample in Prometheus text, 0 when absent. */
-export async function metric(node: CloudNode, sample: string): Promise<number> {
-  const text = await (await fetch(`${node.url}/metrics`)).text();
+/** The value of a sample in a node's GET /metrics (with `key` as the bearer, when given), 0 when absent. */
+export async function metric(node: { url: string }, sample: string, key?: string): Promise<number> {
+  const text = await (await fetch(`${node.url}/metrics`, key === undefined ? {} : { headers: { authorization: `Bearer ${key}` } })).text();
   const line = text.split('\n').find((l) => l.startsWith(`${sample} `));
   return line === undefined ? 0 : Number(line.slice(sample.length + 1));
 }

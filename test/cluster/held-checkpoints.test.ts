@@ -6,7 +6,6 @@
 // here is let go; and a removed checkpoint leaves nothing in either stream, however many steps
 // were written.
 import assert from 'node:assert/strict';
-import { randomUUID } from 'node:crypto';
 import { after, before, describe, it } from 'node:test';
 import { jetstreamManager } from '@nats-io/jetstream';
 import { Bucket } from '@nats-io/kv';
@@ -15,14 +14,10 @@ import { connectNats } from '../../cloud-node/cluster/nats-connection.ts';
 import { HeldAdapter, HeldAdapters } from '../../cloud-node/held-adapters.ts';
 import { HELD_HEADS_BUCKET, HELD_OBJECTS_BUCKET, JetStreamHeldAdapterStore } from '../../cloud-node/state/jetstream-held-adapter-store.ts';
 import { initBackend, LlamaModel, loadModelFolder } from '../../model/index.ts';
-import { HELD_SPEC, gradientsLike, heldCommit } from '../cloud-node/held-helpers.ts';
+import { addHeld, gradientsLike, heldCommit } from '../cloud-node/held-helpers.ts';
 import { STORIES_DIR } from '../cloud-node/helpers.ts';
 import { startNatsServer } from './nats-server.ts';
 import type { TestNatsServer } from './nats-server.ts';
-
-const SPEC = HELD_SPEC;
-const commit = heldCommit;
-
 
 async function messages(nc: NatsConnection): Promise<{ heads: number; objects: number }> {
   const jsm = await jetstreamManager(nc);
@@ -43,6 +38,13 @@ describe('held adapter checkpoints in JetStream, shared by two gateways', () => 
     nats = await startNatsServer();
     nc = await connectNats(nats.url, 'test-held-checkpoints', 'gateway');
   });
+  /** Two gateways' sets over the same buckets, and alice's new session added on the first. */
+  async function twoGateways(): Promise<{ a: HeldAdapters; b: HeldAdapters; held: HeldAdapter; sessionId: string }> {
+    const a = await HeldAdapters.open(await JetStreamHeldAdapterStore.open(nc));
+    const b = await HeldAdapters.open(await JetStreamHeldAdapterStore.open(nc));
+    const held = await addHeld(a, model, 'alice');
+    return { a, b, held, sessionId: held.sessionId };
+  }
   after(async () => {
     model.dispose();
     await nc?.drain();
@@ -50,11 +52,7 @@ describe('held adapter checkpoints in JetStream, shared by two gateways', () => 
   });
 
   it('a second gateway reads the step in progress and applies it alike; the first, behind, is refused and reads it again', async () => {
-    const a = await HeldAdapters.open(await JetStreamHeldAdapterStore.open(nc));
-    const b = await HeldAdapters.open(await JetStreamHeldAdapterStore.open(nc));
-    const sessionId = randomUUID();
-    const held = HeldAdapter.create(model, sessionId, 'alice', SPEC, [1, 2, 3]);
-    await a.add(held);
+    const { a, b, held, sessionId } = await twoGateways();
     const grads = [gradientsLike(held, 1), gradientsLike(held, 2)];
     // The first backward on a, the second on b (the edge moved between them).
     held.accumulate(1, 0, grads[0]);
@@ -65,7 +63,7 @@ describe('held adapter checkpoints in JetStream, shared by two gateways', () => 
     onB.accumulate(1, 1, grads[1]);
     await b.saveGradients(onB, 1, 1);
     const expected = HeldAdapter.fromSnapshot(structuredClone(onB.snapshot()));
-    const answer = onB.commit(commit(sessionId, 1, 2));
+    const answer = onB.commit(heldCommit(sessionId, 1, 2));
     await b.save(onB);
 
     // a's copy is behind: a write from it is refused, and the copy is dropped.
@@ -75,9 +73,9 @@ describe('held adapter checkpoints in JetStream, shared by two gateways', () => 
     const again = await a.get(sessionId, 'alice');
     assert.ok(again !== undefined && again !== held, 'the copy that was behind is read again');
     assert.equal(again.lastCommitted, 1);
-    assert.deepEqual(expected.commit(commit(sessionId, 1, 2)).answer, answer.answer);
+    assert.deepEqual(expected.commit(heldCommit(sessionId, 1, 2)).answer, answer.answer);
     assert.deepEqual(again.tensors(), expected.tensors(), 'the step was applied once, bit for bit');
-    assert.deepEqual(again.commit(commit(sessionId, 1, 2)), { answer: answer.answer, applied: false });
+    assert.deepEqual(again.commit(heldCommit(sessionId, 1, 2)), { answer: answer.answer, applied: false });
     // b's own copy is current: no read.
     assert.equal(await b.get(sessionId, 'alice'), onB);
 
@@ -91,15 +89,14 @@ describe('held adapter checkpoints in JetStream, shared by two gateways', () => 
   it('30 steps committed and the session removed: both streams are empty again (objects and markers purged)', async () => {
     const adapters = await HeldAdapters.open(await JetStreamHeldAdapterStore.open(nc));
     const before = await messages(nc);
-    const sessionId = randomUUID();
-    const held = HeldAdapter.create(model, sessionId, 'carol', SPEC, [1, 2, 3]);
-    await adapters.add(held);
+    const held = await addHeld(adapters, model, 'carol');
+    const sessionId = held.sessionId;
     for (let step = 1; step <= 30; step++) {
       for (const mb of [0, 1]) {
         held.accumulate(step, mb, gradientsLike(held, step * 2 + mb));
         await adapters.saveGradients(held, step, mb);
       }
-      held.commit(commit(sessionId, step, 2));
+      held.commit(heldCommit(sessionId, step, 2));
       await adapters.save(held);
     }
     const during = await messages(nc);
@@ -111,27 +108,19 @@ describe('held adapter checkpoints in JetStream, shared by two gateways', () => 
   });
 
   it("the first step's (step 0) gradients checkpointed on one gateway are the other's step in progress", async () => {
-    const a = await HeldAdapters.open(await JetStreamHeldAdapterStore.open(nc));
-    const b = await HeldAdapters.open(await JetStreamHeldAdapterStore.open(nc));
-    const sessionId = randomUUID();
-    const held = HeldAdapter.create(model, sessionId, 'alice', SPEC, [1, 2, 3]);
-    await a.add(held);
+    const { a, b, held, sessionId } = await twoGateways();
     const g = gradientsLike(held, 7);
     held.accumulate(0, 0, g);
     await a.saveGradients(held, 0, 0);
     const onB = await b.get(sessionId, 'alice');
     assert.deepEqual(onB?.gradientsOf(0, 0), g);
     onB?.accumulate(0, 1, gradientsLike(held, 8));
-    assert.equal(onB?.commit(commit(sessionId, 0, 2)).applied, true);
+    assert.equal(onB?.commit(heldCommit(sessionId, 0, 2)).applied, true);
     await b.drop(sessionId, 'alice');
   });
 
   it('writes queued behind one that is refused are refused too: nothing is acknowledged that the checkpoint lacks', async () => {
-    const a = await HeldAdapters.open(await JetStreamHeldAdapterStore.open(nc));
-    const b = await HeldAdapters.open(await JetStreamHeldAdapterStore.open(nc));
-    const sessionId = randomUUID();
-    const held = HeldAdapter.create(model, sessionId, 'alice', SPEC, [1, 2, 3]);
-    await a.add(held);
+    const { a, b, held, sessionId } = await twoGateways();
     const onB = await b.get(sessionId, 'alice');
     onB?.accumulate(1, 0, gradientsLike(held, 1));
     await b.saveGradients(onB as HeldAdapter, 1, 0);
@@ -148,14 +137,10 @@ describe('held adapter checkpoints in JetStream, shared by two gateways', () => 
   });
 
   it('a move JetStream made but did not acknowledge stands; a close racing another gateway\'s write removes the head and every object', async () => {
-    const a = await HeldAdapters.open(await JetStreamHeldAdapterStore.open(nc));
-    const b = await HeldAdapters.open(await JetStreamHeldAdapterStore.open(nc));
     const before = await messages(nc);
-    const sessionId = randomUUID();
-    const held = HeldAdapter.create(model, sessionId, 'alice', SPEC, [1, 2, 3]);
-    await a.add(held);
+    const { a, b, held, sessionId } = await twoGateways();
     held.accumulate(0, 0, gradientsLike(held, 1));
-    held.commit(commit(sessionId, 0, 1));
+    held.commit(heldCommit(sessionId, 0, 1));
     // The update lands, its answer is lost (a timeout).
     const update = Bucket.prototype.update;
     Bucket.prototype.update = async function (this: Bucket, ...args: Parameters<Bucket['update']>) {
@@ -194,12 +179,10 @@ describe('held adapter checkpoints in JetStream, shared by two gateways', () => 
 
   it('a copy not used for idleCopyMs is let go here; the checkpoint stays and is read again', async () => {
     const a = await HeldAdapters.open(await JetStreamHeldAdapterStore.open(nc), undefined, { idleCopyMs: 50 });
-    const first = randomUUID();
-    const second = randomUUID();
-    const idle = HeldAdapter.create(model, first, 'alice', SPEC, [1, 2, 3]);
-    await a.add(idle);
+    const idle = await addHeld(a, model, 'alice');
+    const first = idle.sessionId;
     await new Promise((r) => setTimeout(r, 80));
-    await a.add(HeldAdapter.create(model, second, 'alice', SPEC, [1, 2, 3]));
+    const second = (await addHeld(a, model, 'alice')).sessionId;
     assert.equal(a.count, 1, 'the idle copy was let go');
     // A backward that was computing on the copy let go is not acknowledged unwritten.
     idle.accumulate(0, 0, gradientsLike(idle, 1));

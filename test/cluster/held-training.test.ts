@@ -8,15 +8,15 @@ import { after, before, describe, it } from 'node:test';
 import { Kvm } from '@nats-io/kv';
 import { Objm } from '@nats-io/obj';
 import { unpack } from 'msgpackr';
-import type { MiddleWorkerNode } from '../../cloud-node/index.ts';
 import { connectNats } from '../../cloud-node/cluster/nats-connection.ts';
 import { HELD_HEADS_BUCKET, HELD_OBJECTS_BUCKET } from '../../cloud-node/state/jetstream-held-adapter-store.ts';
 import { initBackend } from '../../model/index.ts';
 import type { MethodSpec } from '../../model/index.ts';
+import { metric } from '../cloud-node/helpers.ts';
 import { trainReference } from '../edge-client/helpers.ts';
 import { freePort, startNatsServer } from './nats-server.ts';
 import type { TestNatsServer } from './nats-server.ts';
-import { LORA, RUN, maxAdapterDiff, spawnGateway, startGateway, startWorker, stopChild, tempDir, trainThrough, until } from './helpers.ts';
+import { LORA, RUN, maxAdapterDiff, onCluster, spawnGateway, startGateway, startWorker, stopChild, tempDir, trainThrough } from './helpers.ts';
 
 const TARGETS = ['q_proj', 'v_proj'];
 /** The middle part as local training creates it: the adapter's second method, on the middle blocks of cut (1, 1). */
@@ -35,13 +35,6 @@ async function heldInJetStream(url: string): Promise<{ heads: number; objects: n
   } finally {
     await nc.drain();
   }
-}
-
-/** A sample of a gateway's GET /metrics (0 when absent). */
-async function metricOf(url: string, key: string, sample: string): Promise<number> {
-  const text = await (await fetch(`${url}/metrics`, { headers: { authorization: `Bearer ${key}` } })).text();
-  const line = text.split('\n').find((l) => l.startsWith(`${sample} `));
-  return line === undefined ? 0 : Number(line.split(' ').at(-1));
 }
 
 describe('a middle LoRA held by a NATS cluster (stories260K, cut (1, 1), f32)', () => {
@@ -64,28 +57,14 @@ describe('a middle LoRA held by a NATS cluster (stories260K, cut (1, 1), f32)', 
   };
 
   it('a gateway and two workers train as local training does; the checkpoint leaves JetStream with the session', async () => {
-    const workers: MiddleWorkerNode[] = [await startWorker(nats.url), await startWorker(nats.url)];
-    const gateway = await startGateway(nats.url);
-    try {
-      await until(async () => (await gateway.cluster?.status.workers())?.length === 2, 10_000, 'both workers announced');
+    await onCluster(nats.url, [undefined, undefined], async (gateway) => {
       same(await trainThrough(gateway.url, gateway.adminKey as string, HELD));
       assert.deepEqual(await heldInJetStream(nats.url), { heads: 0, objects: 0 }, 'the session closed at the end of the run: its head and objects are deleted');
-    } finally {
-      await gateway.remove();
-      for (const w of workers) await w.close();
-    }
+    });
   });
 
   it('a two-range pipeline (blocks 1-2 and 2-4): each range gets its part of the factors, and the run is the same', async () => {
-    const workers = [await startWorker(nats.url, '1-2'), await startWorker(nats.url, '2-4')];
-    const gateway = await startGateway(nats.url);
-    try {
-      await until(async () => (await gateway.cluster?.status.workers())?.length === 2, 10_000, 'both workers announced');
-      same(await trainThrough(gateway.url, gateway.adminKey as string, HELD));
-    } finally {
-      await gateway.remove();
-      for (const w of workers) await w.close();
-    }
+    await onCluster(nats.url, ['1-2', '2-4'], async (gateway) => same(await trainThrough(gateway.url, gateway.adminKey as string, HELD)));
   });
 
   it('an edge given two gateways: the first is killed (SIGKILL) mid-step, the second reads the adapter and the step in progress from JetStream; no step is lost or applied twice', async () => {
@@ -122,7 +101,7 @@ describe('a middle LoRA held by a NATS cluster (stories260K, cut (1, 1), f32)', 
     try {
       const run = await trainThrough(`${a.url},${b.url}`, admin, { ...HELD, requestTimeoutMs: 8000 });
       assert.ok(killed, 'the first gateway was killed mid-step');
-      assert.equal(await metricOf(b.url, admin, 'tandem_held_commits_total{outcome="applied"}'), 2, 'the second gateway applied steps 3 and 4 (the third from the gradients the first checkpointed, and its own)');
+      assert.equal(await metric(b, 'tandem_held_commits_total{outcome="applied"}', admin), 2, 'the second gateway applied steps 3 and 4 (the third from the gradients the first checkpointed, and its own)');
       same(run);
       assert.deepEqual(await heldInJetStream(nats.url), { heads: 0, objects: 0 }, 'closed on the second gateway: nothing is left, not even what the killed one wrote last');
     } finally {

@@ -38,6 +38,28 @@ export async function startGateway(natsUrl: string, options: Partial<CloudNodeOp
   return { ...node, adminKey: node.adminKey ?? adminKeys.get(natsUrl), stateDir, remove: async () => { await node.close(); await state?.remove(); } };
 }
 
+/** A gateway in this process. */
+export type TestGateway = Awaited<ReturnType<typeof startGateway>>;
+
+/**
+ * Workers of `ranges` (undefined: the whole middle) and a gateway in this process, once the
+ * gateway sees every worker; `use` runs on them, then all are closed.
+ */
+export async function onCluster<T>(natsUrl: string, ranges: (string | undefined)[], use: (gateway: TestGateway, workers: MiddleWorkerNode[]) => Promise<T>): Promise<T> {
+  const workers: MiddleWorkerNode[] = [];
+  let gateway: TestGateway | undefined;
+  try {
+    for (const range of ranges) workers.push(await startWorker(natsUrl, range));
+    const started = await startGateway(natsUrl);
+    gateway = started;
+    await until(async () => (await started.cluster?.status.workers())?.length === ranges.length, 10_000, 'every worker announced');
+    return await use(started, workers);
+  } finally {
+    await gateway?.remove();
+    for (const w of workers) await w.close();
+  }
+}
+
 /** `tandem cloud --role worker` as a child process; resolves once it says it is ready. */
 export async function spawnWorker(natsUrl: string, blocks?: string): Promise<ChildProcess> {
   const args = [BIN, 'cloud', '--role', 'worker', '--nats', natsUrl, '--model', FIXTURE, '--backend', 'wasm', '--log-level', 'info'];

@@ -3,11 +3,10 @@
 // a two-range pipeline.
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
-import type { MiddleWorkerNode } from '../../cloud-node/index.ts';
 import { initBackend } from '../../model/index.ts';
 import { startNatsServer } from './nats-server.ts';
 import type { TestNatsServer } from './nats-server.ts';
-import { maxAdapterDiff, startGateway, startWorker, trainOnOneProcess, trainThrough, until } from './helpers.ts';
+import { maxAdapterDiff, onCluster, trainOnOneProcess, trainThrough } from './helpers.ts';
 
 describe('split training through a NATS cluster (stories260K, cut (1, 1): middle blocks [1, 4))', () => {
   let nats: TestNatsServer;
@@ -19,67 +18,47 @@ describe('split training through a NATS cluster (stories260K, cut (1, 1): middle
   });
   after(() => nats.close());
 
-  const same = (run: { losses: number[]; adapter: Map<string, Float32Array> }): void => {
-    assert.equal(run.losses.length, single.losses.length);
-    run.losses.forEach((loss, i) => assert.ok(Math.abs(loss - single.losses[i]) <= 1e-5, `step ${i + 1}: cluster ${loss} vs one process ${single.losses[i]}`));
-    const diff = maxAdapterDiff(single.adapter, run.adapter);
+  type Run = { losses: number[]; adapter: Map<string, Float32Array> };
+  const same = (run: Run, want: Run = single): void => {
+    assert.equal(run.losses.length, want.losses.length);
+    run.losses.forEach((loss, i) => assert.ok(Math.abs(loss - want.losses[i]) <= 1e-5, `step ${i + 1}: cluster ${loss} vs one process ${want.losses[i]}`));
+    const diff = maxAdapterDiff(want.adapter, run.adapter);
     assert.ok(diff <= 1e-5, `adapters differ by ${diff}`);
   };
 
   it('a gateway and two workers of the whole model train as one process does, and both workers compute', async () => {
-    const workers: MiddleWorkerNode[] = [await startWorker(nats.url), await startWorker(nats.url)];
-    const gateway = await startGateway(nats.url);
-    try {
+    await onCluster(nats.url, [undefined, undefined], async (gateway, workers) => {
       const cluster = gateway.cluster;
       assert.ok(cluster !== undefined, 'a gateway reports its cluster');
-      await until(async () => (await cluster.status.workers()).length === 2, 10_000, 'both workers announced');
       const listed = await cluster.status.workers();
       assert.deepEqual(listed.map((w) => w.blocks).sort((a, b) => a.start - b.start), [{ start: 0, end: 5 }, { start: 0, end: 5 }]);
       assert.deepEqual(new Set(listed.map((w) => w.id)), new Set(workers.map((w) => w.id)));
       same(await trainThrough(gateway.url, gateway.adminKey as string));
       assert.ok(cluster.hop().requests >= 4 * 2, `the middle ran on the workers (${cluster.hop().requests} requests)`);
       assert.equal(gateway.compute.backend, 'nats');
-    } finally {
-      await gateway.remove();
-      for (const w of workers) await w.close();
-    }
+    });
   });
 
   it('a two-range pipeline (blocks 1-2 and 2-4, one worker each) trains as one worker does', async () => {
-    const workers = [await startWorker(nats.url, '1-2'), await startWorker(nats.url, '2-4')];
-    const gateway = await startGateway(nats.url);
-    try {
-      await until(async () => (await gateway.cluster?.status.workers())?.length === 2, 10_000, 'both workers announced');
+    await onCluster(nats.url, ['1-2', '2-4'], async (gateway) => {
       same(await trainThrough(gateway.url, gateway.adminKey as string));
       const owned = (await gateway.cluster?.status.workers())?.map((w) => `${w.blocks.start}-${w.blocks.end}`).sort();
       assert.deepEqual(owned, ['1-2', '2-4']);
-    } finally {
-      await gateway.remove();
-      for (const w of workers) await w.close();
-    }
+    });
   });
 
   it('with an int8-block forward and an f16 backward, the gateway sends the edge frames as they came and trains as one process does', async () => {
     const lossy = { codecForward: 'int8-block', codecBackward: 'f16' } as const;
     const one = await trainOnOneProcess(lossy);
-    const worker = await startWorker(nats.url);
-    const gateway = await startGateway(nats.url);
-    try {
+    await onCluster(nats.url, [undefined], async (gateway) => {
       const hop = () => gateway.cluster?.hop() ?? { requests: 0, requestBytes: 0 };
-      await until(async () => (await gateway.cluster?.status.workers())?.length === 1, 10_000, 'the worker announced');
-      const run = await trainThrough(gateway.url, gateway.adminKey as string, lossy);
-      run.losses.forEach((loss, i) => assert.ok(Math.abs(loss - one.losses[i]) <= 1e-5, `step ${i + 1}: cluster ${loss} vs one process ${one.losses[i]}`));
-      const diff = maxAdapterDiff(one.adapter, run.adapter);
-      assert.ok(diff <= 1e-5, `adapters differ by ${diff}`);
+      same(await trainThrough(gateway.url, gateway.adminKey as string, lossy), one);
       const framed = hop();
       same(await trainThrough(gateway.url, gateway.adminKey as string));
       const plain = { requests: hop().requests - framed.requests, requestBytes: hop().requestBytes - framed.requestBytes };
       // h_B at a quarter and g_M at half of their float32 bytes (forwards and backwards alike).
       const ratio = (framed.requestBytes / framed.requests) / (plain.requestBytes / plain.requests);
       assert.ok(ratio < 0.6, `a lossy request body is ${ratio.toFixed(2)} of a float32 one`);
-    } finally {
-      await gateway.remove();
-      await worker.close();
-    }
+    });
   });
 });
