@@ -11,6 +11,7 @@ import { ProtocolError } from '../protocol/index.ts';
 import type { MiddleAdapterSpec, StepCommit } from '../protocol/index.ts';
 import { CloudError } from './errors.ts';
 import type { HeldIa3Module, HeldLora, HeldModule } from './middle-compute.ts';
+import { heldBytes } from './state/held-adapter-store.ts';
 import type { HeldAdapterSnapshot, HeldCheckpoints } from './state/held-adapter-store.ts';
 
 const A_SUFFIX = '.lora_A.weight';
@@ -100,7 +101,7 @@ export class HeldAdapter {
 
   /** Weights and AdamW buffers, bytes. */
   get bytes(): number {
-    return this.#params.reduce((n, p) => n + p.value.length * 12, 0);
+    return heldBytes(this.#params);
   }
 
   /** The last step committed; undefined before the first. */
@@ -378,11 +379,11 @@ export class HeldAdapters {
     const id = held.sessionId;
     const prev = this.#writes.get(id) ?? Promise.resolve();
     const next = prev.then(async () => {
-      const current = this.#byId.get(held.sessionId);
+      const current = this.#byId.get(id);
       // Dropped (closed, expired): nothing to keep. A copy let go meanwhile (idle) is read again: this write is refused.
       if (current === undefined && (!this.#shared || this.#dropped.has(held))) return;
       // A copy read again since, or one whose earlier write failed: what this change started from is not the checkpoint.
-      if (current !== held || this.#stale.has(held)) throw moved(held.sessionId, 'its checkpoint changed while this gateway computed, or an earlier write of it failed');
+      if (current !== held || this.#stale.has(held)) throw moved(id, 'its checkpoint changed while this gateway computed, or an earlier write of it failed');
       try {
         await write();
       } catch (error) {
@@ -412,8 +413,8 @@ export class HeldAdapters {
     this.#usedAt.delete(sessionId);
     if (here) this.#report();
     if (!here && !this.#shared) return;
-    await (this.#writes.get(sessionId) ?? Promise.resolve());
-    this.#writes.delete(sessionId);
+    // Its entry goes by itself once the writes queued before this settle.
+    await this.#writes.get(sessionId);
     await this.#store.remove(sessionId, tenant);
   }
 

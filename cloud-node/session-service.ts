@@ -370,7 +370,7 @@ export class SessionService {
   async #heldOf(session: SessionRecord): Promise<HeldAdapter | undefined> {
     if (session.training.middleAdapter === undefined) return undefined;
     const held = await this.#options.held?.get(session.id, session.tenant);
-    if (held === undefined && session.training.middleAdapter !== undefined) {
+    if (held === undefined) {
       throw new CloudError('TANDEM_STATE_INVALID', { file: `held/${session.id}`, reason: 'the session holds a middle adapter and its checkpoint is missing (on a cluster: removed by a close on another gateway, or the JetStream state was lost)' });
     }
     return held;

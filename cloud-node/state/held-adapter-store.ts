@@ -51,6 +51,11 @@ function f32(text: unknown, file: string, length: number): Float32Array {
   return out;
 }
 
+/** The bytes a held adapter takes: each tensor's float32 values and AdamW's two buffers of them. */
+export function heldBytes(params: readonly { value: Float32Array }[]): number {
+  return params.reduce((n, p) => n + p.value.length * 12, 0);
+}
+
 /** A snapshot as its checkpoint holds it: JSON, tensors as base64 float32. */
 export function snapshotRecord(s: HeldAdapterSnapshot): Record<string, unknown> {
   return {

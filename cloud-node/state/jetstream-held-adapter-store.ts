@@ -22,7 +22,7 @@ import type { ObjectStore } from '@nats-io/obj';
 import { nuid } from '@nats-io/transport-node';
 import type { NatsConnection } from '@nats-io/transport-node';
 import { CloudError } from '../errors.ts';
-import { gradientBytes, parseSnapshot, snapshotRecord, splitGradients } from './held-adapter-store.ts';
+import { gradientBytes, heldBytes, parseSnapshot, snapshotRecord, splitGradients } from './held-adapter-store.ts';
 import type { HeldAdapterSnapshot, HeldCheckpoints } from './held-adapter-store.ts';
 
 export const HELD_OBJECTS_BUCKET = 'tandem-held';
@@ -110,8 +110,7 @@ export class JetStreamHeldAdapterStore implements HeldCheckpoints {
   async save(s: HeldAdapterSnapshot): Promise<void> {
     const name = `${s.sessionId}.${nuid.next()}.json`;
     await this.#put(s.sessionId, name, encode(snapshotRecord(s)));
-    const bytes = s.params.reduce((n, p) => n + p.value.length * 12, 0);
-    const before = await this.#move(s.sessionId, s.tenant, { tenant: s.tenant, bytes, checkpoint: name, gradients: null }, name);
+    const before = await this.#move(s.sessionId, s.tenant, { tenant: s.tenant, bytes: heldBytes(s.params), checkpoint: name, gradients: null }, name);
     if (before !== undefined) await this.#deleteObjects([before.checkpoint, ...(before.gradients?.files ?? []).map(([, f]) => f)]);
   }
 
