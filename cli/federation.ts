@@ -1,7 +1,7 @@
 // `tandem federation create|status|export` (the admin) and `tandem edge federate` (an owner).
 import { Command } from 'commander';
 import { FederationAdmin, federate, readAdapterFolder, writeAdapterFolder } from '../edge-client/index.ts';
-import { CODEC_NAMES, FEDERATION_AGGREGATIONS, FEDERATION_MODES, encodeFloat32 } from '../protocol/index.ts';
+import { CODEC_NAMES, DEFAULT_OWNER_TIMEOUT_SECONDS, FEDERATION_AGGREGATIONS, FEDERATION_MODES, encodeFloat32 } from '../protocol/index.ts';
 import type { CodecName, FederationAggregation, FederationCreate, FederationMode, FederationStatus } from '../protocol/index.ts';
 import { CliError } from './errors.ts';
 import { numberFlag, pemFlag, requiredFlag } from './flags.ts';
@@ -29,6 +29,7 @@ interface CreateFlags extends CommonFlags {
   minOwners?: string;
   localSteps?: string;
   deadline?: string;
+  ownerTimeout?: string;
   aggregation?: string;
   trimFraction?: string;
   serverLr?: string;
@@ -74,6 +75,7 @@ export function federationCommand(io: CommandIo): Command {
     .option('--rounds <n>', 'rounds', '5').option('--sample <n>', 'owners sampled per round (default all)')
     .option('--min-owners <n>', 'fewest updates a round completes with (default: the sample)')
     .option('--local-steps <n>', 'local steps per round', '10').option('--deadline <s>', 'round deadline in seconds', '600')
+    .option('--owner-timeout <s>', `an owner the round waits on, silent this long, is taken as gone; the round moves on once all it waits on are (default min(${DEFAULT_OWNER_TIMEOUT_SECONDS}, the deadline))`)
     .option('--aggregation <name>', FEDERATION_AGGREGATIONS.join(', '), 'fedavg').option('--trim-fraction <f>', 'trimmed mean: fraction cut at each end')
     .option('--server-lr <lr>', 'server learning rate (FedAvg 1, FedAdam 0.01 by default)')
     .option('--secagg', 'secure aggregation (SecAgg: the cloud learns only the sum of the updates)')
@@ -98,6 +100,7 @@ export function federationCommand(io: CommandIo): Command {
         if (cut.length !== 2) throw new CliError('TANDEM_CLI_FLAG_INVALID', '--cut', `must be two integers B,T, got ${JSON.stringify(flags.cut)}`);
         body.cut = { bottom: cut[0], top: cut[1] };
       }
+      if (flags.ownerTimeout !== undefined) body.ownerTimeoutSeconds = numberFlag('--owner-timeout', flags.ownerTimeout, { min: 1, max: body.roundDeadlineSeconds, integer: true });
       if (flags.fedproxMu !== undefined) body.fedproxMu = numberFlag('--fedprox-mu', flags.fedproxMu, { min: 0 });
       if (flags.trimFraction !== undefined) body.trimFraction = numberFlag('--trim-fraction', flags.trimFraction, { min: 0, max: 0.49 });
       if (flags.serverLr !== undefined) body.serverLearningRate = numberFlag('--server-lr', flags.serverLr, { min: 0 });

@@ -203,6 +203,19 @@ async function waitPhase(rest: Rest, base: string, a: Round, phase: SecAggPhase,
   }
 }
 
+/**
+ * Heartbeats (POST .../alive) every third of the round's owner timeout while this owner works on
+ * its part of the round, so that the cloud does not take it as gone; one that fails is no error
+ * (the next one, or the owner's next call, counts as well). Returns the stop.
+ */
+function heartbeat(rest: Rest, base: string, a: Round): () => void {
+  if (a.ownerTimeoutSeconds === undefined) return () => undefined;
+  const beat = (): void => void rest.call('POST', `${base}/alive`, { attempt: a.attempt }).catch(() => undefined);
+  const timer = setInterval(beat, Math.max(100, (a.ownerTimeoutSeconds * 1000) / 3));
+  timer.unref();
+  return () => clearInterval(timer);
+}
+
 /** SecAgg steps 1 and 2 before local training: keys, then Shamir shares of the seeds, so a later dropout is recoverable. */
 async function startSecAgg(rest: Rest, base: string, a: Round, length: number, pollMs: number): Promise<{ owner: SecAggOwner; seconds: number }> {
   const t0 = performance.now();
@@ -338,6 +351,7 @@ export async function federate(options: FederateOptions): Promise<FederateResult
       }
       const adapter = a.adapter;
       const base = `/v1/federations/${encodeURIComponent(options.federation)}/rounds/${a.round}`;
+      const stopHeartbeat = heartbeat(rest, base, a);
       const event = await (async (): Promise<FederateRoundEvent> => {
         const m = a.mode === 'split' ? (split ??= await splitModel(options, a, where)) : local;
         if (!m) throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', 'the federation trains offsite: give the model folder to train on', { field: 'modelDir' });
@@ -395,7 +409,7 @@ export async function federate(options: FederateOptions): Promise<FederateResult
         const refused = refusalOf(error);
         if (refused !== undefined) return { round: a.round, attempt: a.attempt, loss: NaN, examples: 0, updateBytes: 0, update: new Float32Array(0), refused };
         throw error;
-      });
+      }).finally(stopHeartbeat);
       rounds.push(event);
       await options.onRound?.(event);
       if (event.refused) await sleep(pollMs);

@@ -239,6 +239,8 @@ export function parseAssignment(body: unknown, where: string, federation: string
     a.cut = { bottom: f.int(cut.bottom, 'cut.bottom'), top: f.int(cut.top, 'cut.top') };
   }
   if (o.fedproxMu !== undefined) a.fedproxMu = f.number(o.fedproxMu, 'fedproxMu', 0);
+  // A cloud before heartbeats sends none: the owner then sends none.
+  if (o.ownerTimeoutSeconds !== undefined) a.ownerTimeoutSeconds = f.int(o.ownerTimeoutSeconds, 'ownerTimeoutSeconds', 1, MAX_ROUND_DEADLINE_SECONDS);
   if (o.dp !== undefined) {
     const dp = f.object(o.dp, 'dp');
     a.dp = { clipNorm: f.number(dp.clipNorm, 'dp.clipNorm', 0, true), noiseMultiplier: f.number(dp.noiseMultiplier, 'dp.noiseMultiplier', 0, true) };

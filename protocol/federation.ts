@@ -61,6 +61,14 @@ export interface FederationCreate {
   fedproxMu?: number;
   /** At most MAX_ROUND_DEADLINE_SECONDS. */
   roundDeadlineSeconds: number;
+  /**
+   * An owner that took up the round attempt (called in it) and has not called since for this
+   * long (its heartbeats, POST .../rounds/:round/alive, count) is taken as gone: once every owner
+   * the attempt still waits on is gone, the round moves on as at its deadline. An owner that has
+   * not called in the attempt yet is waited for until the deadline. 1..roundDeadlineSeconds;
+   * min(DEFAULT_OWNER_TIMEOUT_SECONDS, roundDeadlineSeconds) when absent.
+   */
+  ownerTimeoutSeconds?: number;
   aggregation: FederationAggregation;
   trimFraction?: number;
   serverLearningRate?: number;
@@ -96,6 +104,18 @@ export interface RoundAssignment {
   sampledOwners: string[];
   /** The global adapter, for a sampled owner that has not submitted. */
   adapter?: WireAdapter;
+  /** FederationCreate.ownerTimeoutSeconds: a sampled owner calls at least this often (RoundAlive) until its part of the round is done. */
+  ownerTimeoutSeconds?: number;
+}
+
+/** POST /v1/federations/:id/rounds/:round/alive, body { attempt }: an owner's heartbeat while it trains. */
+export interface RoundAlive {
+  federation: string;
+  round: number;
+  attempt: number;
+  state: 'open' | 'done' | 'stopped';
+  /** Whether the round and attempt the owner named are still open and it is sampled in them: false, the round moved on without it. */
+  current: boolean;
 }
 
 /** POST /v1/federations/:id/rounds/:round/updates. */
@@ -237,6 +257,9 @@ export function decodeUint32(text: string): Uint32Array | null {
 
 /** The longest a round may take (FederationCreate.roundDeadlineSeconds): a week. */
 export const MAX_ROUND_DEADLINE_SECONDS = 7 * 86_400;
+
+/** FederationCreate.ownerTimeoutSeconds when absent (at most the round's deadline). */
+export const DEFAULT_OWNER_TIMEOUT_SECONDS = 60;
 
 /** The most local steps an owner trains a round (FederationCreate.localSteps). */
 export const MAX_LOCAL_STEPS = 100_000;

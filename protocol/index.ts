@@ -32,5 +32,5 @@ export type { ReassemblerOptions } from './reassembler.ts';
 export { AUTH_ERROR_CODES, DEFAULT_CUT, EDGE_WEIGHTS_FILE, WIRE_ERRORS, replyStreamId } from './contract.ts';
 export type { WireErrorCode } from './contract.ts';
 export type { AdapterEvaluation, CutLimits, EdgeManifest, FileEntry, LmFigures, ModelDescription, PlugInEvaluation } from './rest.ts';
-export { FEDERATION_AGGREGATIONS, FEDERATION_MODES, MAX_LOCAL_STEPS, MAX_ROUND_DEADLINE_SECONDS, SECAGG_PHASES, decodeFloat32, decodeUint32, encodeFloat32, encodeUint32 } from './federation.ts';
-export type { FederationAggregation, FederationCreate, FederationDp, FederationMode, FederationStatus, RoundAssignment, RoundRecord, RoundUpdate, RoundUpdateAck, SecAggKeys, SecAggPhase, SecAggReveal, SecAggShares, SecAggView, WireAdapter, WireShare, WireTensor } from './federation.ts';
+export { DEFAULT_OWNER_TIMEOUT_SECONDS, FEDERATION_AGGREGATIONS, FEDERATION_MODES, MAX_LOCAL_STEPS, MAX_ROUND_DEADLINE_SECONDS, SECAGG_PHASES, decodeFloat32, decodeUint32, encodeFloat32, encodeUint32 } from './federation.ts';
+export type { FederationAggregation, FederationCreate, FederationDp, FederationMode, FederationStatus, RoundAlive, RoundAssignment, RoundRecord, RoundUpdate, RoundUpdateAck, SecAggKeys, SecAggPhase, SecAggReveal, SecAggShares, SecAggView, WireAdapter, WireShare, WireTensor } from './federation.ts';

@@ -6,8 +6,8 @@ import { createHash } from 'node:crypto';
 import { FederationError, RdpAccountant, addGaussianNoise, aggregate, clipUpdate, fedAdamStep, layoutOf, flatten, loraAwareDelta, loraPairs, unmaskSum, zeroLoraA } from '../../model/index.ts';
 import type { SecAggParams } from '../../model/index.ts';
 import type { FedAdamState, TensorSet } from '../../model/index.ts';
-import { FEDERATION_AGGREGATIONS, FEDERATION_MODES, MAX_LOCAL_STEPS, MAX_ROUND_DEADLINE_SECONDS, decodeFloat32, decodeUint32, encodeFloat32 } from '../../protocol/index.ts';
-import type { FederationCreate, FederationStatus, RoundAssignment, RoundRecord, RoundUpdate, RoundUpdateAck, SecAggKeys, SecAggPhase, SecAggReveal, SecAggShares, SecAggView, WireAdapter, WireShare } from '../../protocol/index.ts';
+import { DEFAULT_OWNER_TIMEOUT_SECONDS, FEDERATION_AGGREGATIONS, FEDERATION_MODES, MAX_LOCAL_STEPS, MAX_ROUND_DEADLINE_SECONDS, decodeFloat32, decodeUint32, encodeFloat32 } from '../../protocol/index.ts';
+import type { FederationCreate, FederationStatus, RoundAlive, RoundAssignment, RoundRecord, RoundUpdate, RoundUpdateAck, SecAggKeys, SecAggPhase, SecAggReveal, SecAggShares, SecAggView, WireAdapter, WireShare } from '../../protocol/index.ts';
 import { DirectoryFederationStore } from './directory-federation-store.ts';
 import { CoordinatorError } from './errors.ts';
 import type { FederationRecord, SecAggRound } from './federation-record.ts';
@@ -109,6 +109,7 @@ function checkCreate(body: FederationCreate): void {
     intIn(body.cut.top, 'cut.top', 0, 1000);
   }
   intIn(body.roundDeadlineSeconds, 'roundDeadlineSeconds', 1, MAX_ROUND_DEADLINE_SECONDS);
+  if (body.ownerTimeoutSeconds !== undefined) intIn(body.ownerTimeoutSeconds, 'ownerTimeoutSeconds', 1, body.roundDeadlineSeconds);
   if (!FEDERATION_AGGREGATIONS.includes(body.aggregation)) throw invalid('aggregation', `must be one of ${FEDERATION_AGGREGATIONS.join(', ')}`);
   if (body.trimFraction !== undefined) numIn(body.trimFraction, 'trimFraction', 0, 0.49);
   if (body.serverLearningRate !== undefined) numIn(body.serverLearningRate, 'serverLearningRate', 0, 100, true);
@@ -123,6 +124,11 @@ function checkCreate(body: FederationCreate): void {
     numIn(body.dp.delta, 'dp.delta', 0, 0.5, true);
     numIn(body.dp.epsilonBudget, 'dp.epsilonBudget', 0, 1e6, true);
   }
+}
+
+/** How long an owner the round waits on may stay silent before it is taken as gone (FederationCreate.ownerTimeoutSeconds). */
+export function ownerTimeoutSeconds(config: Pick<FederationCreate, 'ownerTimeoutSeconds' | 'roundDeadlineSeconds'>): number {
+  return config.ownerTimeoutSeconds ?? Math.min(DEFAULT_OWNER_TIMEOUT_SECONDS, config.roundDeadlineSeconds);
 }
 
 /** Owners of a round attempt: the invited sorted by SHA-256 of (federation, round, attempt, owner). */
@@ -149,10 +155,17 @@ export class Coordinator {
   readonly #federations = new Map<string, FederationRecord>();
   readonly #timer: NodeJS.Timeout;
   readonly #onRound?: CoordinatorOptions['onRound'];
+  /**
+   * When each owner of each federation last called (in memory: after a restart every owner's
+   * silence counts from the start). Only a store with one writer sees every call.
+   */
+  readonly #seen = new Map<string, Map<string, number>>();
+  readonly #startedAt: number;
 
   private constructor(options: CoordinatorOptions, store: FederationStore) {
     this.#store = store;
     this.#now = options.now ?? Date.now;
+    this.#startedAt = this.#now();
     this.#onRound = options.onRound;
     this.#timer = setInterval(() => void this.tick().catch(() => undefined), options.tickMs ?? 250);
     this.#timer.unref();
@@ -236,7 +249,49 @@ export class Coordinator {
   #owned(id: string, tenant: string): FederationRecord {
     const r = this.#get(id);
     if (!r.config.owners.includes(tenant)) throw this.#reject(r, new CoordinatorError('TANDEM_FED_NOT_INVITED', { tenant, federation: id }));
+    let seen = this.#seen.get(id);
+    if (!seen) this.#seen.set(id, (seen = new Map()));
+    seen.set(tenant, this.#now());
     return r;
+  }
+
+  /** The owners the open attempt waits on in its phase: those sampled that have not sent what the phase asks for. */
+  #waitingOn(r: FederationRecord): string[] {
+    const missing = (owners: readonly string[], done: object): string[] => owners.filter((o) => !Object.hasOwn(done, o));
+    const sa = r.secagg;
+    if (!sa) return missing(r.sampled, r.received);
+    switch (sa.phase) {
+      case 'keys': return missing(r.sampled, sa.advertised);
+      case 'shares': return missing(Object.keys(sa.advertised), sa.shares);
+      case 'masked': return missing(Object.keys(sa.shares), sa.masked);
+      case 'reveal': return missing(sa.survivors, sa.reveals);
+    }
+  }
+
+  /**
+   * Whether every owner the open attempt waits on took it up (called since its deadline began,
+   * and since this coordinator started) and has been silent since for the owner timeout: then
+   * the round need not wait for its deadline. An owner that has not called yet may still be
+   * starting, or rejoining after a crash: it is waited for until the deadline.
+   */
+  #ownersGone(r: FederationRecord): boolean {
+    if (this.#store.shared) return false;
+    const timeout = ownerTimeoutSeconds(r.config) * 1000;
+    const since = Math.max(this.#startedAt, r.deadline - r.config.roundDeadlineSeconds * 1000);
+    const seen = this.#seen.get(r.config.id);
+    const waiting = this.#waitingOn(r);
+    const now = this.#now();
+    return waiting.length > 0 && waiting.every((o) => {
+      const last = seen?.get(o);
+      return last !== undefined && last >= since && now - last > timeout;
+    });
+  }
+
+  /** An owner's heartbeat while it trains its part of `round` (calling for anything else in the federation counts too). */
+  alive(id: string, tenant: string, round: number, attempt: unknown): RoundAlive {
+    const r = this.#owned(id, tenant);
+    const current = r.state === 'open' && round === r.round && attempt === r.attempt && r.sampled.includes(tenant);
+    return { federation: id, round: r.round, attempt: r.attempt, state: r.state, current };
   }
 
   /**
@@ -277,7 +332,7 @@ export class Coordinator {
       federation: id, round: r.round, attempt: r.attempt, state: r.state, sampled, submitted, deadline: new Date(r.deadline).toISOString(),
       localSteps: r.config.localSteps, mode: r.config.mode, model: r.config.model, aggregation: r.config.aggregation,
       ...(r.config.cut ? { cut: { ...r.config.cut } } : {}), ...(r.config.fedproxMu ? { fedproxMu: r.config.fedproxMu } : {}),
-      secureAggregation: r.config.secureAggregation, owner: tenant, sampledOwners: sampled ? [...r.sampled] : [],
+      secureAggregation: r.config.secureAggregation, owner: tenant, sampledOwners: sampled ? [...r.sampled] : [], ownerTimeoutSeconds: ownerTimeoutSeconds(r.config),
     };
     if (r.config.dp) out.dp = { clipNorm: r.config.dp.clipNorm, noiseMultiplier: r.config.dp.noiseMultiplier };
     if (sampled && !submitted) {
@@ -338,10 +393,13 @@ export class Coordinator {
     return { federation: id, round, attempt, accepted: true, received };
   }
 
-  /** Closes an expired round with the updates in, or retries it with a new sample. */
+  /**
+   * Closes an expired round with the updates in, or retries it with a new sample. A round whose
+   * every owner it waits on is gone (#ownersGone) expires then.
+   */
   async tick(): Promise<void> {
     for (const r of this.#federations.values()) {
-      if (r.state !== 'open' || this.#now() <= r.deadline) continue;
+      if (r.state !== 'open' || (this.#now() <= r.deadline && !this.#ownersGone(r))) continue;
       const enough = Object.keys(r.received).length >= Math.max(r.config.minOwners, r.secagg?.threshold ?? 0);
       if (r.secagg?.phase === 'masked' && enough) this.#toReveal(r);
       else if (r.secagg?.phase === 'reveal' && Object.keys(r.secagg.reveals).length >= r.secagg.threshold) {

@@ -12,6 +12,7 @@ import type { FederationStore } from './federation-store.ts';
 export const FEDERATIONS_DIR = 'federations';
 
 export class DirectoryFederationStore implements FederationStore {
+  readonly shared = false;
   readonly #dir: string;
   readonly #writes = new KeyedWriteQueue();
 

@@ -4,6 +4,11 @@
 import type { FederationRecord } from './federation-record.ts';
 
 export interface FederationStore {
+  /**
+   * Whether other writers (a cluster's other gateways) save these federations too: their owners'
+   * calls are not seen here, so a coordinator on a shared store cannot tell an owner gone.
+   */
+  readonly shared: boolean;
   /** Every stored federation, as it was last saved. */
   load(): Promise<FederationRecord[]>;
   /** Stores `record` (a snapshot the caller no longer changes); durable once it resolves. */

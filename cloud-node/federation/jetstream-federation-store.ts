@@ -39,6 +39,7 @@ interface StoredEntry {
 }
 
 export class JetStreamFederationStore implements FederationStore {
+  readonly shared = true;
   readonly #kv: KV;
   readonly #nc: NatsConnection;
   readonly #writer = randomUUID();

@@ -81,6 +81,14 @@ export async function federationsPlugin(app: FastifyInstance, options: Federatio
     schema: { summary: "an owner's update for a round (delta from the global adapter)", tags: ['federations'], security, params: roundParams, body: { type: 'object', required: ['attempt', 'examples', 'loss'], additionalProperties: true }, response: { 200: anyObject, ...authErrors } },
   }, async (request) => coordinator.submit(request.params.id, request.caller.tenant, request.params.round, request.body));
 
+  app.post<{ Params: { id: string; round: number }; Body: { attempt: number } }>('/federations/:id/rounds/:round/alive', {
+    bodyLimit: 1024,
+    schema: {
+      summary: "a sampled owner's heartbeat while it trains (at least every ownerTimeoutSeconds): whether its round and attempt are still current",
+      tags: ['federations'], security, params: roundParams, body: { type: 'object', required: ['attempt'], properties: { attempt: { type: 'integer', minimum: 0 } }, additionalProperties: true }, response: { 200: anyObject, ...authErrors },
+    },
+  }, async (request) => coordinator.alive(request.params.id, request.caller.tenant, request.params.round, request.body.attempt));
+
   app.get<{ Params: { id: string; round: number } }>('/federations/:id/rounds/:round/secagg', {
     schema: { summary: "the caller's view of the round's secure aggregation: phase, advertised keys, its encrypted shares, survivors", tags: ['federations'], security, params: roundParams, response: { 200: anyObject, ...authErrors } },
   }, async (request) => coordinator.secAggView(request.params.id, request.caller.tenant, request.params.round));

@@ -44,5 +44,10 @@ describe('tandem federation', () => {
     const bad = await tandem(['federation', 'create', ...common, '--id', 'x', '--model', 'stories260K', '--adapter', join(dir, 'init'), '--owners', 'a,b', '--aggregation', 'mean']);
     assert.equal(bad.code, 2);
     assert.match(bad.log, /TANDEM_CLI_FLAG_INVALID: --aggregation/);
+    const timeout = await tandem(['federation', 'create', ...common, '--id', 'y', '--model', 'stories260K', '--adapter', join(dir, 'init'), '--owners', 'a,b', '--deadline', '60', '--owner-timeout', '61']);
+    assert.equal(timeout.code, 2);
+    assert.match(timeout.log, /TANDEM_CLI_FLAG_INVALID: --owner-timeout: must be at most 60, got 61/);
+    const beats = await tandem(['federation', 'create', ...common, '--id', 'z', '--model', 'stories260K', '--adapter', join(dir, 'init'), '--owners', 'a,b', '--deadline', '600', '--owner-timeout', '20', '--json']);
+    assert.equal(beats.code, 0, beats.log);
   });
 });

@@ -92,6 +92,23 @@ describe('federation bodies are admitted before they are read', () => {
     assert.deepEqual([badRound.status, badRound.json.code], [400, 'TANDEM_REQUEST_INVALID']);
   });
 
+  it("takes a sampled owner's heartbeat, says whether its attempt is current, and refuses a tenant not invited and a body that is not { attempt }", async () => {
+    const round = await api(node, 'GET', '/v1/federations/f/round', keys.alice);
+    const sampled = round.json.sampled === true ? 'alice' : 'bob';
+    const beat = await api(node, 'POST', '/v1/federations/f/rounds/1/alive', keys[sampled], { attempt: 0 });
+    assert.deepEqual([beat.status, beat.json], [200, { federation: 'f', round: 1, attempt: 0, state: 'open', current: true }]);
+    const past = await api(node, 'POST', '/v1/federations/f/rounds/1/alive', keys[sampled], { attempt: 3 });
+    assert.equal(past.json.current, false);
+    const other = await api(node, 'POST', '/v1/federations/f/rounds/1/alive', keys[sampled === 'alice' ? 'bob' : 'alice'], { attempt: 0 });
+    assert.equal(other.json.current, false, 'an owner not sampled in the attempt');
+    const mallory = await api(node, 'POST', '/v1/federations/f/rounds/1/alive', keys.mallory, { attempt: 0 });
+    assert.deepEqual([mallory.status, mallory.json.code], [403, 'TANDEM_FED_NOT_INVITED']);
+    for (const bad of [{}, { attempt: -1 }, { attempt: 'x' }, { attempt: 1.5 }]) {
+      const refused = await api(node, 'POST', '/v1/federations/f/rounds/1/alive', keys[sampled], bad);
+      assert.deepEqual([refused.status, refused.json.code], [400, 'TANDEM_REQUEST_INVALID'], JSON.stringify(bad));
+    }
+  });
+
   it("holds the sampled owner's update to the size of the federation's adapter, declared or not", async () => {
     const round = await api(node, 'GET', '/v1/federations/f/round', keys.alice);
     const sampled = round.json.sampled === true ? 'alice' : 'bob';

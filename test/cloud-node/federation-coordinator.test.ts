@@ -6,8 +6,9 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
-import { Coordinator } from '../../cloud-node/federation/index.ts';
-import { encodeFloat32 } from '../../protocol/index.ts';
+import { Coordinator, DirectoryFederationStore } from '../../cloud-node/federation/index.ts';
+import { SecAggOwner } from '../../model/index.ts';
+import { encodeFloat32, encodeUint32 } from '../../protocol/index.ts';
 import type { CoordinatorError } from '../../cloud-node/federation/index.ts';
 import type { FederationCreate } from '../../protocol/index.ts';
 
@@ -138,5 +139,106 @@ describe('federation coordinator', () => {
     assert.equal(s.mode, 'split');
     assert.deepEqual(c.assignment('sp', 'a').cut, { bottom: 1, top: 2 });
     c.close();
+  });
+
+  describe('owners taken as gone', () => {
+    /** A coordinator on a fresh state directory with a test clock; `shared` as a cluster's store is. */
+    async function open(shared = false): Promise<{ c: Coordinator; advance: (ms: number) => Promise<void> }> {
+      const dir = await mkdtemp(join(tmpdir(), 'tandem-coord-'));
+      dirs.push(dir);
+      let now = 1_000_000;
+      const store = new DirectoryFederationStore(dir);
+      if (shared) Object.defineProperty(store, 'shared', { value: true });
+      const c = await Coordinator.open({ store, now: () => now, tickMs: 1e9 });
+      return { c, advance: async (ms) => { now += ms; await c.tick(); } };
+    }
+
+    it('closes a round once every owner it waits on took it up and has been silent for the owner timeout, before the deadline', async () => {
+      const { c, advance } = await open();
+      await c.create(body({ roundDeadlineSeconds: 600, ownerTimeoutSeconds: 5 }));
+      await c.submit('c', 'a', 1, update(0, [1, 1]));
+      await c.submit('c', 'b', 1, update(0, [3, 3]));
+      await advance(30_000);
+      assert.equal(c.status('c').round, 1, 'c has not called in the round: it may still be starting, and is waited for');
+      assert.equal(c.assignment('c', 'c').ownerTimeoutSeconds, 5);
+      await advance(4_000);
+      assert.equal(c.status('c').round, 1, 'c took the round up and has been silent 4 s of its 5');
+      await advance(2_000);
+      const s = c.status('c');
+      assert.equal(s.round, 2, 'c silent past its timeout: the round closed with a and b');
+      assert.deepEqual(s.history[0].participants, ['a', 'b']);
+      assert.deepEqual(s.history[0].sampled, ['a', 'b', 'c']);
+      c.close();
+    });
+
+    it('waits for an owner that keeps calling, and retries at once a round whose missing owners are gone below its minimum', async () => {
+      const { c, advance } = await open();
+      await c.create(body({ roundDeadlineSeconds: 600, ownerTimeoutSeconds: 5 }));
+      c.assignment('c', 'c');
+      await c.submit('c', 'a', 1, update(0, [1, 1]));
+      for (let i = 0; i < 10; i++) {
+        await advance(3_000);
+        assert.deepEqual(c.alive('c', 'b', 1, 0), { federation: 'c', round: 1, attempt: 0, state: 'open', current: true });
+      }
+      assert.equal(c.status('c').attempt, 0, 'b keeps beating: 30 s on, the round still waits (c alone silent is not enough)');
+      await advance(6_000);
+      const s = c.status('c');
+      assert.equal(s.round, 1);
+      assert.equal(s.attempt, 1, 'b and c gone, one update of a minimum of 2: retried with a new sample');
+      assert.deepEqual(c.alive('c', 'a', 1, 0), { federation: 'c', round: 1, attempt: 1, state: 'open', current: false }, 'the heartbeat of a past attempt says it is not current');
+      assert.throws(() => c.alive('c', 'mallory', 1, 1), (e: CoordinatorError) => e.code === 'TANDEM_FED_NOT_INVITED');
+      c.close();
+    });
+
+    it('does not take owners as gone on a store other gateways write (their calls are not seen here)', async () => {
+      const { c, advance } = await open(true);
+      await c.create(body({ roundDeadlineSeconds: 600, ownerTimeoutSeconds: 5 }));
+      c.assignment('c', 'c');
+      await c.submit('c', 'a', 1, update(0, [1, 1]));
+      await c.submit('c', 'b', 1, update(0, [3, 3]));
+      await advance(60_000);
+      assert.equal(c.status('c').round, 1);
+      await advance(541_000);
+      assert.equal(c.status('c').round, 2, 'the deadline still closes it');
+      c.close();
+    });
+
+    it('under secure aggregation, begins the reveal once the owners that shared keys but sent no masked input are gone', async () => {
+      const { c, advance } = await open();
+      await c.create(body({ roundDeadlineSeconds: 600, ownerTimeoutSeconds: 5, secureAggregation: true }));
+      const view = c.secAggView('c', 'a', 1);
+      const owners = new Map(['a', 'b', 'c'].map((o) => [o, new SecAggOwner(o, { round: view.label, length: 2, threshold: view.threshold, owners: 3 })]));
+      for (const [o, s] of owners) await c.advertise('c', o, 1, { attempt: 0, ...s.advertise() });
+      const advertised = c.secAggView('c', 'a', 1).advertised;
+      for (const [o, s] of owners) await c.share('c', o, 1, { attempt: 0, shares: s.shareKeys(advertised) });
+      for (const o of ['a', 'b']) {
+        const masked = owners.get(o)!.maskInput(Float32Array.from([1, 2]), c.secAggView('c', o, 1).shares);
+        await c.submit('c', o, 1, { attempt: 0, examples: 1, loss: 1, masked: encodeUint32(masked) });
+      }
+      await advance(4_000);
+      assert.equal(c.secAggView('c', 'a', 1).phase, 'masked');
+      await advance(2_000);
+      const reveal = c.secAggView('c', 'a', 1);
+      assert.equal(reveal.phase, 'reveal', 'c gone after sharing: the survivors reveal its mask key');
+      assert.deepEqual(reveal.survivors, ['a', 'b']);
+      for (const o of ['a', 'b']) await c.reveal('c', o, 1, { attempt: 0, ...owners.get(o)!.reveal(reveal.survivors) });
+      const s = c.status('c');
+      assert.equal(s.round, 2);
+      assert.deepEqual(s.history[0].participants, ['a', 'b']);
+      c.close();
+    });
+
+    it('refuses an owner timeout outside 1..the round deadline, and defaults to min(60 s, the deadline)', async () => {
+      const { c } = await open();
+      const field = (e: CoordinatorError) => e.code === 'TANDEM_FED_CONFIG_INVALID' && e.details.field === 'ownerTimeoutSeconds';
+      await assert.rejects(c.create(body({ roundDeadlineSeconds: 30, ownerTimeoutSeconds: 31 })), field);
+      await assert.rejects(c.create(body({ ownerTimeoutSeconds: 0 })), field);
+      await assert.rejects(c.create(body({ ownerTimeoutSeconds: 2.5 })), field);
+      await c.create(body({ id: 'long', roundDeadlineSeconds: 600 }));
+      await c.create(body({ id: 'short', roundDeadlineSeconds: 20 }));
+      assert.equal(c.assignment('long', 'a').ownerTimeoutSeconds, 60);
+      assert.equal(c.assignment('short', 'a').ownerTimeoutSeconds, 20);
+      c.close();
+    });
   });
 });

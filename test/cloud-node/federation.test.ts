@@ -78,8 +78,9 @@ describe('federation with real processes', { timeout: 600_000 }, () => {
     // The owners join before the federation exists (they wait for it), so round 1's deadline is only training time.
     const owners = Object.fromEntries((['alice', 'bob', 'carol'] as const).map((o) => [o, owner(cloud, keys[o], 'fedavg', data[o], join(dir, `work-${o}`))]));
     await Promise.all(Object.values(owners).map((p) => p.waitFor(/"event":"ready"/)));
-    // Round 2 closes at its deadline (carol is killed in it): 30 s, of which round 1 takes a few.
-    await create(cloud, { id: 'fedavg', rounds: 3, roundDeadlineSeconds: 30 });
+    // carol is killed in round 2: it closes once she has been silent for 5 s (the owners beat every 5/3 s
+    // while they train), long before its deadline.
+    await create(cloud, { id: 'fedavg', rounds: 3, roundDeadlineSeconds: 600, ownerTimeoutSeconds: 5 });
     const before = flatOf((await api(cloud, 'GET', '/v1/federations/fedavg/adapter', cloud.adminKey)).json as unknown as WireAdapter);
 
     // Round 1: every owner; the new global adapter is the examples-weighted mean of their deltas.
@@ -88,6 +89,7 @@ describe('federation with real processes', { timeout: 600_000 }, () => {
     // carol is killed as soon as she starts training round 2 (alice and bob may already be done with it).
     await owners.carol.waitFor(/"event":"training","round":2/);
     owners.carol.child.kill('SIGKILL');
+    const deadline2 = Date.parse((await status(cloud, 'fedavg')).current.deadline);
     // The last owner's ack may still be on its way when the status shows the round: wait for each owner's own line.
     for (const o of ['alice', 'bob'] as const) await owners[o].waitFor(/"event":"round","round":1,.*"accepted":true/);
     const lines = (['alice', 'bob', 'carol'] as const).map((o) => roundLine(owners[o], 1)!);
@@ -104,12 +106,13 @@ describe('federation with real processes', { timeout: 600_000 }, () => {
     }
     assert.ok(moved > before.length / 4, `the global adapter moved (${moved} of ${before.length} values)`);
 
-    // Round 2 completes at its deadline with the two owners left (above minOwners 2).
+    // Round 2 completes with the two owners left (above minOwners 2) once carol is taken as gone, not at its deadline.
     const r2 = await until(async () => {
       const s = await status(cloud, 'fedavg');
       return s.history.length >= 2 ? s : undefined;
     }, 'round 2', 300_000);
     assert.deepEqual(r2.history[1].participants, ['alice', 'bob']);
+    assert.ok(Date.parse(r2.history[1].completedAt) < deadline2 - 300_000, `round 2 closed at ${r2.history[1].completedAt}, its deadline ${new Date(deadline2).toISOString()}`);
     assert.deepEqual(r2.history[1].sampled, ['alice', 'bob', 'carol']);
     // carol rejoins and takes part in round 3.
     const carol = owner(cloud, keys.carol, 'fedavg', data.carol, join(dir, 'work-carol-2'));
@@ -196,7 +199,9 @@ describe('federation with real processes', { timeout: 600_000 }, () => {
     const data = await ownerData(dir);
     const owners = Object.fromEntries((['alice', 'bob', 'carol'] as const).map((o) => [o, owner(cloud, keys[o], 'secure', data[o], join(dir, `w-${o}`))]));
     await Promise.all(Object.values(owners).map((p) => p.waitFor(/"event":"ready"/)));
-    await create(cloud, { id: 'secure', rounds: 1, minOwners: 2, roundDeadlineSeconds: 20, secureAggregation: true });
+    // carol, killed, is taken as gone 5 s after her last call: the reveal begins then, long before the deadline.
+    await create(cloud, { id: 'secure', rounds: 1, minOwners: 2, roundDeadlineSeconds: 600, ownerTimeoutSeconds: 5, secureAggregation: true });
+    const opened = Date.now();
     const before = flatOf((await api(cloud, 'GET', '/v1/federations/secure/adapter', cloud.adminKey)).json as unknown as WireAdapter);
     // carol starts training only after her keys and seed shares are in: killing her then is a dropout SecAgg must recover.
     await owners.carol.waitFor(/"event":"training","round":1/);
@@ -212,6 +217,7 @@ describe('federation with real processes', { timeout: 600_000 }, () => {
     const done = await status(cloud, 'secure');
     assert.equal(done.state, 'done');
     assert.deepEqual(done.history[0].participants, ['alice', 'bob']);
+    assert.ok(Date.parse(done.history[0].completedAt) < opened + 300_000, `the round closed at ${done.history[0].completedAt}, half its deadline after it opened is ${new Date(opened + 300_000).toISOString()}`);
     const lines = [roundLine(owners.alice, 1)!, roundLine(owners.bob, 1)!];
     const updates = lines.map((l) => decodeFloat32(l.update)!);
     const total = lines[0].examples + lines[1].examples;

@@ -3,7 +3,8 @@
 // are not integers never name a folder (a sentinel outside the work folder survives), an unknown
 // SecAgg phase is refused, a round past its deadline ends the wait, and a proposed cut with no
 // block at the bottom is refused before anything is downloaded. The same proxy passing the
-// node's replies unchanged, the owner takes part in the round (the checks take what the node sends).
+// node's replies unchanged, the owner takes part in the round (the checks take what the node sends),
+// and an owner that trains longer than the round's owner timeout beats and is not taken as gone.
 import assert from 'node:assert/strict';
 import { mkdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -20,6 +21,7 @@ import type { HostileCloudHooks } from './hostile-cloud-proxy.ts';
 let cloud: TestCloud;
 let scratch: { dir: string; remove(): Promise<void> };
 let aliceKey: string;
+let bobKey: string;
 /** Eight short rows: a round's training and evaluation take a fraction of a second. */
 let data: string;
 let offsiteAdapter: WireAdapter;
@@ -51,7 +53,7 @@ before(async () => {
   data = join(scratch.dir, 'owner.jsonl');
   await writeFile(data, Array.from({ length: 8 }, (_, i) => `${JSON.stringify({ text: `the cat sat on the mat ${i}.` })}\n`).join(''));
   aliceKey = (await post('/v1/keys', cloud.key, { tenant: 'alice' })).key as string;
-  await post('/v1/keys', cloud.key, { tenant: 'bob' });
+  bobKey = (await post('/v1/keys', cloud.key, { tenant: 'bob' })).key as string;
   offsiteAdapter = await loraAdapter();
   splitAdapter = await loraAdapter([0, 4]);
 });
@@ -117,6 +119,34 @@ describe('an owner in a federation against a hostile cloud', () => {
       assert.equal(result.rounds[0].ack?.round, 1);
     } finally {
       await hostile.close();
+    }
+  });
+
+  it('an owner that trains longer than the owner timeout beats while it does, and its update is taken', async () => {
+    // alice is done at once; bob takes 3 s before training (its onTraining), three owner timeouts: without
+    // his heartbeats the round would close with alice alone (minOwners 1) and refuse his update as late.
+    await createFederation('beats', { ownerTimeoutSeconds: 1 });
+    const beats: unknown[] = [];
+    const watched = await startHostileCloud(cloud.url, { rest: (path, body) => {
+      if (path.endsWith('/alive')) beats.push((JSON.parse(body.toString('utf8')) as { current: unknown }).current);
+      return body;
+    } });
+    const owner = (url: string, key: string, name: string, onTraining?: () => Promise<void>) => federate({
+      cloud: url, key, federation: 'beats', data, modelDir: FIXTURE, workDir: join(scratch.dir, `work-beats-${name}`), pollMs: 20, maxRounds: 1,
+      backend: 'wasm', recipe: { batchSize: 2, seqLen: 16 }, onTraining,
+    });
+    try {
+      const [alice, bob] = await Promise.all([
+        owner(cloud.url, aliceKey, 'alice'),
+        owner(watched.url, bobKey, 'bob', () => new Promise((r) => setTimeout(r, 3_000))),
+      ]);
+      assert.equal(alice.rounds[0].ack?.accepted, true);
+      assert.equal(bob.rounds[0].ack?.accepted, true, JSON.stringify(bob.rounds[0].refused));
+      assert.ok(beats.length >= 3 && beats.every((c) => c === true), `bob's heartbeats: ${JSON.stringify(beats)}`);
+      const status = (await (await fetch(`${cloud.url}/v1/federations/beats`, { headers: { authorization: `Bearer ${cloud.key}` } })).json()) as { history: { participants: string[] }[] };
+      assert.deepEqual(status.history[0].participants, ['alice', 'bob']);
+    } finally {
+      await watched.close();
     }
   });
 
