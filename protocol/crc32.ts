@@ -34,8 +34,14 @@ const TABLES = (() => {
   return t;
 })();
 
-/** Continues a CRC-32 over `bytes`. Start with crc 0; chain calls to cover several buffers. */
+/**
+ * Continues a CRC-32 over `bytes`. Start with crc 0; chain calls to cover several buffers.
+ * No bytes continue nothing: Node 20's zlib.crc32 answers 0 for an empty array whose buffer was
+ * ever read (its data pointer is then null), whatever crc it continues, so every frame whose
+ * empty `indices` shared that array checksummed to 0.
+ */
 export function crc32(bytes: Uint8Array, crc = 0): number {
+  if (bytes.length === 0) return crc >>> 0;
   return nativeCrc32 ? nativeCrc32(bytes, crc) : crc32Js(bytes, crc);
 }
 
