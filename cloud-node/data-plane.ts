@@ -6,7 +6,8 @@
 // there are more than MAX_ACK_CHUNKS of them, all but the last are emitted as `envelope`
 // events to the client first (in order, on the same socket) and the last one is the ack:
 // socket.io's parser takes at most 10 binary attachments in one packet.
-import type { Server as HttpServer } from 'node:http';
+import type { IncomingMessage, Server as HttpServer } from 'node:http';
+import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import { Server } from 'socket.io';
 import type { Socket } from 'socket.io';
@@ -72,6 +73,16 @@ function checkedRequestId(requestId: string): string {
   return requestId;
 }
 
+/** The path socket.io upgrades (its default); every other upgrade is refused with a typed body. */
+const SOCKET_IO_PATH = '/socket.io/';
+
+function refuseUpgrade(request: IncomingMessage, socket: Duplex): void {
+  if ((request.url ?? '').startsWith(SOCKET_IO_PATH) || !socket.writable) return;
+  const wrapped = new CloudError('TANDEM_REQUEST_INVALID', { reason: `only the data plane (${SOCKET_IO_PATH}, a websocket) upgrades; send ${JSON.stringify((request.url ?? '').slice(0, 64))} without Upgrade` });
+  const body = JSON.stringify({ code: wrapped.code, message: wrapped.describe(), details: wrapped.details });
+  socket.end(`HTTP/1.1 400 Bad Request\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
+}
+
 export function attachDataPlane(options: DataPlaneOptions): Server {
   const { keys, service, metrics, limits, quotas, log } = options;
   // Chunked requests reassemble up to the largest a session can need (a Backward of two full
@@ -113,7 +124,12 @@ export function attachDataPlane(options: DataPlaneOptions): Server {
     maxHttpBufferSize: limits.maxMessageBytes + TRANSPORT_SLACK_BYTES,
     perMessageDeflate: false,
     serveClient: false,
+    // Upgrades to other paths are answered below, not dropped after a second without a word.
+    destroyUpgrade: false,
   });
+  // With an upgrade listener, Node hands every request carrying Upgrade (curl --http2's h2c,
+  // a websocket to a REST path) to the listeners, never to fastify.
+  options.server.on('upgrade', refuseUpgrade);
 
   io.use((socket, next) => {
     const auth = socket.handshake.auth as { key?: unknown } | undefined;

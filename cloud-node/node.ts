@@ -4,9 +4,9 @@
 import rateLimit from '@fastify/rate-limit';
 import swagger from '@fastify/swagger';
 import Fastify from 'fastify';
-import type { FastifyBaseLogger, FastifyError, FastifyInstance } from 'fastify';
+import type { FastifyBaseLogger, FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { STATUS_CODES, createServer as createHttpServer } from 'node:http';
-import type { RequestListener, Server as HttpServer } from 'node:http';
+import type { IncomingMessage, RequestListener, Server as HttpServer, ServerResponse } from 'node:http';
 import { createServer as createHttpsServer } from 'node:https';
 import { resolve } from 'node:path';
 import type { Duplex } from 'node:stream';
@@ -237,16 +237,30 @@ function answerClientError(error: Error & { code?: string }, socket: Duplex): vo
   socket.end(`HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
 }
 
+/** An error of fastify's router (a URL that does not decode, a parameter over its length): the typed body too. */
+function answerFrameworkError(error: FastifyError, _request: FastifyRequest, reply: FastifyReply): void {
+  const wrapped = new CloudError('TANDEM_REQUEST_INVALID', { reason: error.message });
+  void reply.code(error.statusCode !== undefined && error.statusCode >= 400 && error.statusCode < 500 ? error.statusCode : 400).send({ code: wrapped.code, message: wrapped.describe(), details: wrapped.details });
+}
+
+/** An `Expect` other than 100-continue, which Node answers with an empty 417 by default. */
+function answerExpectation(request: IncomingMessage, response: ServerResponse): void {
+  const wrapped = new CloudError('TANDEM_REQUEST_INVALID', { reason: `the server meets no expectation but 100-continue, got Expect: ${JSON.stringify(String(request.headers.expect).slice(0, 64))}` });
+  const body = JSON.stringify({ code: wrapped.code, message: wrapped.describe(), details: wrapped.details });
+  response.writeHead(417, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body), connection: 'close' }).end(body);
+}
+
 /** The HTTP(S) server fastify runs on; socket.io attaches to the same one. */
 function serverFactory(tls: CloudNodeOptions['tls']): (handler: RequestListener) => HttpServer {
-  if (tls === undefined) return (handler) => createHttpServer(handler);
+  const withExpectation = (server: HttpServer): HttpServer => server.on('checkExpectation', answerExpectation);
+  if (tls === undefined) return (handler) => withExpectation(createHttpServer(handler));
   try {
     createSecureContext({ cert: tls.cert, key: tls.key });
   } catch (cause) {
     throw new CloudError('TANDEM_TLS_INVALID', { field: 'certificate or key', reason: (cause as Error).message }, { cause });
   }
   // An https.Server is an http.Server to fastify and socket.io (same request/upgrade events).
-  return (handler) => createHttpsServer({ cert: tls.cert, key: tls.key }, handler) as unknown as HttpServer;
+  return (handler) => withExpectation(createHttpsServer({ cert: tls.cert, key: tls.key }, handler) as unknown as HttpServer);
 }
 
 /** Tells every socket authenticated with `record` why, then disconnects it. */
@@ -376,7 +390,7 @@ async function assembleCloudNode(options: CloudNodeOptions, undo: Array<() => un
   }
   const serving = new Serving(adapters, servingMetrics, options.serving);
 
-  const app = Fastify({ loggerInstance: log as FastifyBaseLogger, bodyLimit: 1024 * 1024, serverFactory: createServer, clientErrorHandler: answerClientError });
+  const app = Fastify({ loggerInstance: log as FastifyBaseLogger, bodyLimit: 1024 * 1024, serverFactory: createServer, clientErrorHandler: answerClientError, frameworkErrors: answerFrameworkError });
   await app.register(swagger, {
     openapi: {
       openapi: '3.0.3',

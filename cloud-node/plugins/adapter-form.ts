@@ -134,6 +134,19 @@ async function readPart(stream: AsyncIterable<Buffer> & { truncated?: boolean },
 }
 
 /** A required field, or a typed refusal naming it. */
+/**
+ * The body of a route that takes JSON or a form, when it is not a form. The route's schema checks
+ * JSON only: a body of another type (text/plain, which fastify parses to a string) or none at
+ * all is TANDEM_REQUEST_INVALID here, before a handler reads a field of it.
+ */
+export function jsonBodyOf<T>(request: FastifyRequest): T {
+  const body = request.body;
+  if (typeof body !== 'object' || body === null || Array.isArray(body)) {
+    throw new CloudError('TANDEM_REQUEST_INVALID', { reason: `the body must be JSON (application/json) or a form (multipart/form-data), not ${request.headers['content-type'] === undefined ? 'absent' : JSON.stringify(String(request.headers['content-type']).slice(0, 64))}` });
+  }
+  return body as T;
+}
+
 export function requiredField(form: AdapterForm, name: string): string {
   const value = form.fields.get(name);
   if (value === undefined) throw invalid(`the form has no ${JSON.stringify(name)} part`);

@@ -9,7 +9,7 @@ import type { ServedModel } from '../served-model.ts';
 import { checkAdapterName, checkUploadBase } from '../serving/adapter-registry.ts';
 import type { ServedAdapterRecord } from '../serving/adapter-registry.ts';
 import type { Serving } from '../serving/serving.ts';
-import { MAX_FORM_FIELD_BYTES, MAX_JSON_ADAPTER_BODY_BYTES, MULTIPART_OPTIONS, booleanField, readAdapterForm, requiredField } from './adapter-form.ts';
+import { MAX_FORM_FIELD_BYTES, MAX_JSON_ADAPTER_BODY_BYTES, MULTIPART_OPTIONS, booleanField, jsonBodyOf, readAdapterForm, requiredField } from './adapter-form.ts';
 import { authErrors, security } from './schemas.ts';
 
 export interface AdaptersPluginOptions {
@@ -122,7 +122,7 @@ export async function adaptersPlugin(app: FastifyInstance, ctx: AdaptersPluginOp
         config, weights: new Uint8Array(weights.buffer, weights.byteOffset, weights.byteLength),
       };
     } else {
-      const body = request.body as UploadBody;
+      const body = jsonBodyOf<UploadBody>(request);
       const encoded = body.adapter.weights;
       const decodedBytes = Math.floor((encoded.length * 3) / 4);
       if (decodedBytes > quotas.servedAdapterBytes) throw new CloudError('TANDEM_ADAPTER_TOO_LARGE', { field: 'adapter.weights bytes', actual: decodedBytes, limit: quotas.servedAdapterBytes });

@@ -11,7 +11,7 @@ import type { EmulatorRegistry, EmulatorRequest } from '../emulator-registry.ts'
 import { CloudError } from '../errors.ts';
 import type { QuotaLedger } from '../quotas.ts';
 import type { ServedModel } from '../served-model.ts';
-import { MAX_FORM_FIELD_BYTES, MAX_JSON_ADAPTER_BODY_BYTES, MULTIPART_OPTIONS, integerField, readAdapterForm, requiredField } from './adapter-form.ts';
+import { MAX_FORM_FIELD_BYTES, MAX_JSON_ADAPTER_BODY_BYTES, MULTIPART_OPTIONS, integerField, jsonBodyOf, readAdapterForm, requiredField } from './adapter-form.ts';
 import { sendListedFile } from './files.ts';
 import { authErrors, cutSchema, errorSchema, security } from './schemas.ts';
 
@@ -173,7 +173,7 @@ export async function emulatorsPlugin(app: FastifyInstance, options: EmulatorsPl
           throw new CloudError('TANDEM_ADAPTER_BASE_MISMATCH', { actual: hash, model: served.id, expected: served.contentHash }, { cause });
         }
       };
-      const body = request.isMultipart() ? await evaluationOfForm(request, maxBody, maxText, checkBase, options.formIdleTimeoutMs) : evaluationOfJson(request.body as EvaluateBody, served.id);
+      const body = request.isMultipart() ? await evaluationOfForm(request, maxBody, maxText, checkBase, options.formIdleTimeoutMs) : evaluationOfJson(jsonBodyOf<EvaluateBody>(request), served.id);
       checkBase(body.baseContentHash);
       const textBytes = Buffer.byteLength(body.data.text, 'utf8');
       if (textBytes > maxText) throw new CloudError('TANDEM_EVAL_DATA_INVALID', { reason: `the text holds ${textBytes} bytes; the limit is ${maxText}` });

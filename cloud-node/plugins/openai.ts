@@ -18,7 +18,7 @@ export interface OpenAiPluginOptions {
 }
 
 const TYPE_OF_STATUS: Record<number, string> = {
-  400: 'invalid_request_error', 401: 'authentication_error', 403: 'permission_error', 404: 'not_found_error', 409: 'conflict_error', 413: 'invalid_request_error', 429: 'rate_limit_error',
+  400: 'invalid_request_error', 401: 'authentication_error', 403: 'permission_error', 404: 'not_found_error', 409: 'conflict_error', 413: 'invalid_request_error', 414: 'invalid_request_error', 415: 'invalid_request_error', 429: 'rate_limit_error',
 };
 
 /** OpenAI's error body for any error a route of this plugin raises. */

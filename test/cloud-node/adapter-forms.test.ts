@@ -112,6 +112,17 @@ describe('adapter uploads and evaluations as multipart/form-data', () => {
     assert.deepEqual(listed.map((a) => a.name).filter((n) => n.startsWith('x')), [], 'nothing refused was stored');
   });
 
+  it('refuses a body that is neither JSON nor a form, and no body at all, with TANDEM_REQUEST_INVALID', async () => {
+    for (const path of ['/v1/adapters', '/v1/models/stories260K/adapters/evaluate']) {
+      for (const init of [{ headers: { 'content-type': 'text/plain' }, body: 'hello' }, {}]) {
+        const res = await fetch(`${node.url}${path}`, { method: 'POST', ...init, headers: { authorization: `Bearer ${alice}`, ...init.headers } });
+        const json = (await res.json()) as Record<string, unknown>;
+        assert.deepEqual([res.status, json.code], [400, 'TANDEM_REQUEST_INVALID'], `${path} ${JSON.stringify(init)}: ${JSON.stringify(json)}`);
+        assert.match(String(json.message), /must be JSON \(application\/json\) or a form/);
+      }
+    }
+  });
+
   it('holds a tenant\'s uploads in flight to its storedAdapters quota while their forms are read', async () => {
     const key = await createTenantKey(node, 'uploader');
     type Answer = { status: number; json: Record<string, unknown> };

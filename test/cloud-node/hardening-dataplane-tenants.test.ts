@@ -139,4 +139,49 @@ describe('data-plane limits found by the review', () => {
     assert.match(raw, /^HTTP\/1\.1 400 /);
     assert.equal(JSON.parse(raw.slice(raw.indexOf('\r\n\r\n') + 4)).code, 'TANDEM_REQUEST_INVALID');
   });
+
+  it('a URL that does not decode, a parameter over its length, an Expect other than 100-continue and an Upgrade to a REST path have a TANDEM_ code too (found by fuzzing)', async () => {
+    const { port } = new URL(node.url);
+    /** The raw answer to `request`, read until the node closes the connection or a whole body has come. */
+    const rawAnswer = (request: string) => new Promise<{ status: number; json: Record<string, unknown> }>((resolve, reject) => {
+      const socket = netConnect(Number(port), '127.0.0.1', () => socket.write(request));
+      let text = '';
+      const done = (): void => {
+        const at = text.indexOf('\r\n\r\n');
+        socket.destroy();
+        try {
+          resolve({ status: Number(text.slice(9, 12)), json: JSON.parse(text.slice(at + 4)) as Record<string, unknown> });
+        } catch {
+          reject(new Error(`not a JSON answer: ${JSON.stringify(text.slice(0, 300))}`));
+        }
+      };
+      socket.setTimeout(10_000, () => reject(new Error(`no answer to ${JSON.stringify(request.slice(0, 60))}`)));
+      socket.on('data', (c: Buffer) => {
+        text += c.toString();
+        const at = text.indexOf('\r\n\r\n');
+        const length = /content-length: (\d+)/i.exec(text.slice(0, at));
+        if (at >= 0 && length && Buffer.byteLength(text.slice(at + 4)) >= Number(length[1])) done();
+      });
+      socket.on('end', done);
+      socket.on('error', reject);
+    });
+    const cases: [string, number][] = [
+      ['GET /v1/health/%ff HTTP/1.1\r\nHost: x\r\n\r\n', 400],
+      [`GET /v1/sessions/${'x'.repeat(101)} HTTP/1.1\r\nHost: x\r\n\r\n`, 414],
+      ['POST /v1/completions HTTP/1.1\r\nHost: x\r\nExpect: foo\r\nContent-Length: 2\r\n\r\n{}', 417],
+      ['GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n', 400],
+      ['GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n', 400],
+    ];
+    for (const [request, status] of cases) {
+      const answer = await rawAnswer(request);
+      assert.deepEqual([answer.status, answer.json.code], [status, 'TANDEM_REQUEST_INVALID'], `${JSON.stringify(request.slice(0, 60))}: ${JSON.stringify(answer.json)}`);
+    }
+    // The data plane still upgrades.
+    const socket = io(node.url, { transports: ['websocket'], auth: { key: node.adminKey }, reconnection: false });
+    await new Promise<void>((resolve, reject) => {
+      socket.on('connect', resolve);
+      socket.on('connect_error', reject);
+    });
+    socket.close();
+  });
 });
