@@ -6,7 +6,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, readFile, readdir, rename, rm, stat, utimes } from 'node:fs/promises';
 import { join } from 'node:path';
-import { EmulatorError, MANIFEST_FILE, verifyBundle } from '../emulator/index.ts';
+import { EmulatorError, MANIFEST_FILE, emulatorLayout, verifyBundle } from '../emulator/index.ts';
 import type { BundleFile, BundleManifest, Quantization } from '../emulator/index.ts';
 import { startEmulatorBuild } from './emulator-build-thread.ts';
 import type { EmulatorBuildThread } from './emulator-build-thread.ts';
@@ -229,6 +229,13 @@ export class EmulatorRegistry {
    * however many ask) on behalf of `tenant`, whose quota of stored bundles it counts against.
    */
   async get(served: ServedModel, request: EmulatorRequest, tenant: string): Promise<ServedBundle> {
+    // The layout asks only for the model's depth: a keep or cut it refuses costs no thread, no
+    // model load, and none of the tenant's bundles (which making room for a build evicts).
+    try {
+      emulatorLayout(served.config.numHiddenLayers, { bottom: request.bottom, top: request.top }, request.keep);
+    } catch (err) {
+      throw cloudErrorOf(err, request);
+    }
     const key = EmulatorRegistry.keyOf(served, request);
     const kept = this.#memory.get(key);
     if (kept && this.#stored.has(key)) {

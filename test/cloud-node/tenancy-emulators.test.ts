@@ -47,6 +47,18 @@ describe('emulator bundles on disk', () => {
     await assertReady(node);
   });
 
+  it('refuses a keep or cut the model cannot have before making room for it: the tenant\'s bundles stay (found by fuzzing)', async () => {
+    const node = await startTestNode({ quotas: { storedBundles: 2 } });
+    const alice = await createTenantKey(node, 'alice');
+    for (const cut of [[1, 1, 2], [1, 1, 3]] as [number, number, number][]) assert.equal((await api(node, 'GET', bundlePath(...cut), alice)).status, 200);
+    for (const [query, code] of [['keep=99', 'TANDEM_EMULATOR_KEEP_INVALID'], ['keep=1e300', 'TANDEM_EMULATOR_KEEP_INVALID'], ['keep=2&bottom=1e300', 'TANDEM_EMULATOR_OPTION_INVALID'], ['keep=2&bottom=3&top=2', 'TANDEM_EMULATOR_OPTION_INVALID']] as const) {
+      const r = await api(node, 'GET', `/v1/models/stories260K/emulators?${query}`, alice);
+      assert.deepEqual([r.status, r.json.code], [400, code], `${query}: ${JSON.stringify(r.json)}`);
+    }
+    const names = (await readdir(join(node.stateDir, 'emulators'))).sort();
+    assert.ok(names.some((n) => keyOf(1, 1, 2).test(n)) && names.some((n) => keyOf(1, 1, 3).test(n)), `both of alice's bundles stay: ${names.join(', ')}`);
+  });
+
   it('keeps the bytes on disk within maxBytes: a new bundle evicts the least recently used ones', async () => {
     const node = await startTestNode({ emulatorStorage: { maxBytes: 1 } });
     const good = await goodTenant(node);
