@@ -454,7 +454,7 @@ export class SessionService {
     const release = this.#options.quotas.reserveTokens(session.tenant, tokensOf(message.frames[0]));
     let body: Body;
     try {
-      body = kind === 'forward' ? await this.#forward(session, message as Forward) : await this.#backward(session, runtime, message as Backward);
+      body = kind === 'forward' ? await this.#forward(session, runtime, message as Forward) : await this.#backward(session, runtime, message as Backward);
     } finally {
       release();
     }
@@ -471,7 +471,7 @@ export class SessionService {
     return reply;
   }
 
-  async #forward(session: SessionRecord, forward: Forward): Promise<Body> {
+  async #forward(session: SessionRecord, runtime: SessionRuntime, forward: Forward): Promise<Body> {
     if (forward.step < session.lastStep) {
       throw new CloudError('TANDEM_STEP_STALE', { session: session.id, step: forward.step, lastStep: session.lastStep });
     }
@@ -482,13 +482,17 @@ export class SessionService {
     const range = served.middleOf(session.cut);
     let out: Float32Array;
     const held = await this.#heldOf(session);
+    // What a backward will need is kept only for a session still open when the compute ends: a
+    // session closed meanwhile has dropped its entries, and nothing could take them again.
+    const open = (): boolean => this.#runtimes.get(session.id) === runtime;
     if (held !== undefined && executor.forwardHeld !== undefined) {
       out = await executor.forwardHeld(range, h, shape, session.tenant, held.lora());
-      if (forward.needsBackward) this.#options.cache.put({ sessionId: session.id, step: forward.step, microbatch: forward.microbatch, data: h, shape });
+      if (forward.needsBackward && open()) this.#options.cache.put({ sessionId: session.id, step: forward.step, microbatch: forward.microbatch, data: h, shape });
     } else if (forward.needsBackward) {
       const taped = await executor.forwardKeepingTape(range, h, shape, session.tenant, { h: forward.frames[0] });
       out = taped.output;
-      this.#options.cache.put({ sessionId: session.id, step: forward.step, microbatch: forward.microbatch, data: h, shape, tape: taped.tape });
+      if (open()) this.#options.cache.put({ sessionId: session.id, step: forward.step, microbatch: forward.microbatch, data: h, shape, tape: taped.tape });
+      else taped.tape?.dispose();
     } else {
       out = await executor.forward(range, h, shape, session.tenant, { h: forward.frames[0] });
     }

@@ -81,4 +81,17 @@ describe('the activation cache', () => {
     assert.equal((await client.request(client.forwardBody(1, 0, [frameOf(h, shape)], false))).body.case, 'forwardResult');
     assert.equal(await metric(node, 'tandem_activation_cache_bytes'), 0);
   });
+
+  it('keeps nothing for the Forwards of a session closed while they compute (found by fuzzing)', async () => {
+    const node = await startTestNode();
+    const client = await TestClient.connect(node, await createTenantKey(node, 'dave'));
+    await client.hello();
+    // The close arrives while the Forwards are with the compute workers.
+    const forwards = Array.from({ length: 8 }, (_, mb) => client.request(client.forwardBody(0, mb, [frameOf(h, shape)])));
+    const closed = await client.request({ case: 'sessionClose', value: { sessionId: client.sessionId, reason: 'completed', message: '' } });
+    assert.equal(closed.body.case, 'sessionClose');
+    await Promise.all(forwards);
+    assert.equal(await metric(node, 'tandem_sessions_open'), 0);
+    assert.equal(await metric(node, 'tandem_activation_cache_bytes'), 0, 'no activation of the closed session is kept');
+  });
 });
