@@ -27,7 +27,7 @@ export { DEFAULT_FEEDBACK_BYTES, ErrorFeedback, FeedbackLedger } from './error-f
 export type { ErrorFeedbackOptions } from './error-feedback.ts';
 export { CRC32_IMPLEMENTATION, crc32, crc32Js } from './crc32.ts';
 export { messagesForTransport, splitMessage } from './chunker.ts';
-export { MAX_STREAM_ID_CHARS, ReassemblyBudget, Reassembler } from './reassembler.ts';
+export { HELD_CHUNK_OVERHEAD_BYTES, MAX_STREAM_ID_CHARS, ReassemblyBudget, Reassembler } from './reassembler.ts';
 export type { ReassemblerOptions } from './reassembler.ts';
 export { AUTH_ERROR_CODES, DEFAULT_CUT, EDGE_WEIGHTS_FILE, WIRE_ERRORS, replyStreamId } from './contract.ts';
 export type { WireErrorCode } from './contract.ts';

@@ -66,9 +66,18 @@ interface OpenStream {
   totalBytes: number;
   next: number;
   filled: number;
+  /** Taken from the budget for the chunks held: their bytes and HELD_CHUNK_OVERHEAD_BYTES each. */
+  charged: number;
   parts: Uint8Array[];
   lastChunkAt: number;
 }
+
+/**
+ * What holding one chunk costs beyond its bytes (its own Uint8Array and ArrayBuffer), charged
+ * to the budget with them: 1-byte chunks held about 220 bytes of memory each, so a stream of
+ * them held two orders of magnitude more than the budget counted.
+ */
+export const HELD_CHUNK_OVERHEAD_BYTES = 256;
 
 /** Stream ids remembered after their timeout, so that a late chunk is told why. */
 const TIMED_OUT_REMEMBERED = 64;
@@ -118,7 +127,7 @@ export class Reassembler {
         throw new ProtocolError('TANDEM_PROTO_CHUNK_LIMIT_EXCEEDED', { field: 'declared bytes', actual: this.#reserved + totalBytes, limit: this.#maxTotalBytes });
       }
       this.#timedOut.delete(streamId);
-      stream = { count, totalBytes, next: 0, filled: 0, parts: [], lastChunkAt: this.#now() };
+      stream = { count, totalBytes, next: 0, filled: 0, charged: 0, parts: [], lastChunkAt: this.#now() };
       this.#streams.set(streamId, stream);
       this.#reserved += totalBytes;
     } else {
@@ -138,12 +147,14 @@ export class Reassembler {
     }
     const last = stream.next + 1 === stream.count;
     // The last chunk is copied straight into the whole message: only incomplete streams hold budget.
-    const refused = last ? undefined : this.#budget?.take(data.length);
+    const charge = last ? 0 : data.length + HELD_CHUNK_OVERHEAD_BYTES;
+    const refused = last ? undefined : this.#budget?.take(charge);
     if (refused !== undefined) {
       const used = refused.used;
       this.#drop(streamId);
-      throw new ProtocolError('TANDEM_PROTO_CHUNK_LIMIT_EXCEEDED', { field: refused.name, actual: used + data.length, limit: refused.limit });
+      throw new ProtocolError('TANDEM_PROTO_CHUNK_LIMIT_EXCEEDED', { field: refused.name, actual: used + charge, limit: refused.limit });
     }
+    if (this.#budget !== undefined) stream.charged += charge;
     // A copy: `data` is a view into the whole received envelope, which a small chunk would keep alive.
     stream.parts.push(last ? data : data.slice());
     stream.filled += data.length;
@@ -205,8 +216,6 @@ export class Reassembler {
     if (stream === undefined) return;
     this.#streams.delete(streamId);
     this.#reserved -= stream.totalBytes;
-    // What the last chunk added was never taken from the budget.
-    const taken = stream.next === stream.count ? stream.filled - (stream.parts.at(-1)?.length ?? 0) : stream.filled;
-    this.#budget?.give(taken);
+    this.#budget?.give(stream.charged);
   }
 }

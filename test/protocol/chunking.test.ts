@@ -1,7 +1,7 @@
 // Frames larger than the transport's message limit travel as chunks and come back whole.
 import test from 'node:test';
 import assert from 'node:assert/strict';
-import { ProtocolError, Reassembler, decodeEnvelope, decodeTensor, encodeEnvelope, encodeTensor, envelope, messagesForTransport, splitMessage } from '../../protocol/index.ts';
+import { HELD_CHUNK_OVERHEAD_BYTES, ProtocolError, ReassemblyBudget, Reassembler, crc32, decodeEnvelope, decodeTensor, encodeEnvelope, encodeTensor, envelope, messagesForTransport, splitMessage } from '../../protocol/index.ts';
 import type { Chunk } from '../../protocol/index.ts';
 import { activationLike } from '../fixtures/protocol/activations.ts';
 
@@ -115,4 +115,32 @@ test('reassembly memory is bounded: message size, open streams and reserved byte
 
 test('a limit too small for any chunk data is refused', () => {
   refuses(() => splitMessage(message, 'req-7', 20), 'TANDEM_PROTO_INPUT_INVALID');
+});
+
+test('each held chunk costs the budget its bytes and its overhead: tiny chunks cannot hold far more memory than the budget counts', () => {
+  const budget = new ReassemblyBudget(64 * 1024);
+  const r = new Reassembler({ maxMessageBytes: 1 << 20, budget });
+  const message = new Uint8Array(10_000).map((_, i) => i % 251);
+  // One byte a chunk, as a hostile sender may cut it.
+  const chunk = (index: number): Chunk => {
+    const data = message.subarray(index, index + 1);
+    return { streamId: 'tiny', index, count: message.length, totalBytes: message.length, crc32: crc32(data), data };
+  };
+  const perChunk = 1 + HELD_CHUNK_OVERHEAD_BYTES;
+  const fits = Math.floor(budget.limit / perChunk);
+  for (let i = 0; i < fits; i++) assert.equal(r.accept(chunk(i)), null);
+  assert.equal(budget.used, fits * perChunk);
+  const refused = refuses(() => r.accept(chunk(fits)), 'TANDEM_PROTO_CHUNK_LIMIT_EXCEEDED');
+  assert.equal(refused.details.limit, budget.limit);
+  assert.equal(budget.used, 0, 'the refused stream gives back all it held');
+  // Chunks of a real size fit as before, and a whole message gives everything back.
+  const whole = new Reassembler({ maxMessageBytes: 1 << 20, budget });
+  let out: Uint8Array | null = null;
+  for (const b of splitMessage(message, 'real', 4096)) {
+    const c = decodeEnvelope(b).body;
+    assert.ok(c.case === 'chunk');
+    out = whole.accept(c.value);
+  }
+  assert.deepEqual(out, message);
+  assert.equal(budget.used, 0);
 });
