@@ -178,28 +178,46 @@ export class HeldAdapter {
       const coef = c.maxGradNorm / (Math.sqrt(c.edgeGradSquareSum + square) + 1e-6);
       if (coef < 1) for (const s of sums) for (let j = 0; j < s.length; j++) s[j] *= coef;
     }
-    this.#adamw(sums, c.lr);
+    this.#adamw(sums, c.lr, c.step);
     this.#last = { step: c.step, middleGradSquareSum: square };
     this.#grads.clear();
     this.#pendingStep = undefined;
     return { answer: this.#last, applied: true };
   }
 
-  /** torch.optim.AdamW: p ← p(1 − lr·λ) − (lr / (1 − β1^t)) · m / (√v / √(1 − β2^t) + ε), in float32 buffers. */
-  #adamw(grads: readonly Float32Array[], lr: number): void {
-    this.#optimizerSteps += 1;
+  /**
+   * torch.optim.AdamW: p ← p(1 − lr·λ) − (lr / (1 − β1^t)) · m / (√v / √(1 − β2^t) + ε), in
+   * float32 buffers. A step that would leave a weight or a moment NaN or infinite (an lr of
+   * 1e308, gradients that overflow float32) is refused and changes nothing: the adapter is
+   * checkpointed after each step, so a poisoned one would stay poisoned across restarts.
+   */
+  #adamw(grads: readonly Float32Array[], lr: number, step: number): void {
+    const t = this.#optimizerSteps + 1;
     const { beta1: b1, beta2: b2, eps, weightDecay: wd } = this.spec;
-    const bc1 = 1 - b1 ** this.#optimizerSteps;
-    const bc2Sqrt = Math.sqrt(1 - b2 ** this.#optimizerSteps);
-    this.#params.forEach((p, i) => {
+    const bc1 = 1 - b1 ** t;
+    const bc2Sqrt = Math.sqrt(1 - b2 ** t);
+    const next = this.#params.map((p, i) => {
       const g = grads[i];
-      const { value, expAvg: m, expAvgSq: v } = p;
-      for (let j = 0; j < value.length; j++) {
-        m[j] = m[j] * b1 + g[j] * (1 - b1);
-        v[j] = v[j] * b2 + g[j] * g[j] * (1 - b2);
-        const decayed = wd === 0 ? value[j] : value[j] * (1 - lr * wd);
+      const { value: w, expAvg: m0, expAvgSq: v0 } = p;
+      const value = new Float32Array(w.length);
+      const m = new Float32Array(w.length);
+      const v = new Float32Array(w.length);
+      for (let j = 0; j < w.length; j++) {
+        m[j] = m0[j] * b1 + g[j] * (1 - b1);
+        v[j] = v0[j] * b2 + g[j] * g[j] * (1 - b2);
+        const decayed = wd === 0 ? w[j] : w[j] * (1 - lr * wd);
         value[j] = decayed - (m[j] / (Math.sqrt(v[j]) / bc2Sqrt + eps)) * (lr / bc1);
+        if (!Number.isFinite(value[j]) || !Number.isFinite(v[j])) {
+          throw new CloudError('TANDEM_RESULT_NON_FINITE', { field: `the held adapter's ${p.key} after the step (lr ${lr})`, index: j, session: this.sessionId, step });
+        }
       }
+      return { value, m, v };
+    });
+    this.#optimizerSteps = t;
+    this.#params.forEach((p, i) => {
+      p.value.set(next[i].value);
+      p.expAvg.set(next[i].m);
+      p.expAvgSq.set(next[i].v);
     });
   }
 

@@ -15,8 +15,8 @@ function training(adapter: Partial<MiddleAdapterSpec> = {}) {
   return { methods: ['lora'], cloudMiddleLora: false, middleLoraRank: 0, middleAdapter: { ...ADAPTER, ...adapter } };
 }
 
-const commit = (sessionId: string, step: number, microbatches = 1, exportAdapter = false): Body => ({
-  case: 'stepCommit', value: { sessionId, step, lr: 1e-3, maxGradNorm: 1, edgeGradSquareSum: 0.5, microbatches, exportAdapter },
+const commit = (sessionId: string, step: number, microbatches = 1, exportAdapter = false, lr = 1e-3): Body => ({
+  case: 'stepCommit', value: { sessionId, step, lr, maxGradNorm: 1, edgeGradSquareSum: 0.5, microbatches, exportAdapter },
 });
 
 describe('middle adapters held by the node', () => {
@@ -44,6 +44,18 @@ describe('middle adapters held by the node', () => {
     const frames = (exported.body.value as StepCommitted).frames;
     assert.equal(frames.length, 12);
     assert.ok(frames.every((f) => /^base_model\.model\.model\.layers\.[123]\.self_attn\.[qv]_proj\.lora_[AB]\.weight$/.test(f.name)));
+  });
+
+  it('refuses a step that would leave the adapter non-finite, which changes nothing: the same step with a sane lr applies (found by fuzzing)', async () => {
+    const node = await startTestNode();
+    const client = await TestClient.connect(node, await createTenantKey(node, 'erin'));
+    await client.hello({ cut: CUT, training: training() });
+    await client.step(1);
+    assertError(await client.request(commit(client.sessionId, 1, 1, false, 1e308)), 'TANDEM_RESULT_NON_FINITE');
+    assert.equal((await client.request(commit(client.sessionId, 1))).body.case, 'stepCommitted', 'the gradients are still there, the adapter unchanged');
+    await client.step(2);
+    const exported = await client.request(commit(client.sessionId, 2, 1, true));
+    assert.equal(exported.body.case, 'stepCommitted', JSON.stringify(exported.body.value));
   });
 
   it('refuses what it cannot hold: a rank over the tenant quota, a target the model lacks, the 1.0 flag alone; holds ia3', async () => {
