@@ -42,6 +42,7 @@ export const CLOUD_ERRORS = {
   TANDEM_TLS_INVALID: { status: 500, template: 'the TLS {field} is invalid: {reason}' },
   TANDEM_MICROBATCH_TOO_LARGE: { status: 400, template: '{field} declares {actual} tokens (batch x sequence), over the limit of {limit}' },
   TANDEM_RESULT_NON_FINITE: { status: 422, template: '{field} of session {session} step {step} holds a NaN or an infinity at element {index} and the session does not allow them' },
+  TANDEM_LOGITS_NON_FINITE: { status: 422, template: 'the logits of {model} for generated token {token} hold a NaN or an infinity at vocabulary id {index}: its weights (an adapter\'s scaling, its factors) compute no finite output' },
   TANDEM_CODEC_PARAMS_INVALID: { status: 400, template: 'the {direction} codec {codec} has invalid parameters: {reason}' },
   TANDEM_RESOURCE_EXHAUSTED: { status: 400, template: 'the request needs more {resource} than this node allows: {reason}' },
   TANDEM_COMPUTE_FAILED: { status: 500, template: 'the compute backend failed and was restarted: {reason}' },

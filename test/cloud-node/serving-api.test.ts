@@ -211,6 +211,29 @@ describe('adapter serving through the OpenAI API', () => {
     assert.equal((await complete(alice, { model: 'stories260K:a0', prompt: 'Once', max_tokens: 3 })).status, 200);
   });
 
+  it('an adapter whose logits are not finite (lora_alpha 1e308) ends its request with TANDEM_LOGITS_NON_FINITE; a request batched with it goes on (found by fuzzing)', async () => {
+    const config = JSON.parse(await readFile(join(dirs[0], ADAPTER_CONFIG_FILE), 'utf8')) as Record<string, unknown>;
+    const r = await api(node, 'POST', '/v1/adapters', bob, {
+      name: 'huge', baseContentHash: contentHash,
+      adapter: { config: JSON.stringify({ ...config, lora_alpha: 1e308 }), weights: (await readFile(join(dirs[0], ADAPTER_WEIGHTS_FILE))).toString('base64') },
+    });
+    assert.equal(r.status, 201, JSON.stringify(r.json));
+    try {
+      const [huge, base] = await Promise.all([
+        complete(bob, { model: 'stories260K:huge', prompt: 'Once', max_tokens: 5 }),
+        complete(bob, { model: 'stories260K', prompt: 'Once upon', max_tokens: 5 }),
+      ]);
+      assert.equal(huge.status, 422, JSON.stringify(huge.json));
+      const error = huge.json.error as Record<string, unknown>;
+      assert.equal(error.code, 'TANDEM_LOGITS_NON_FINITE');
+      assert.match(error.message as string, /adapter huge for generated token 0/);
+      assert.equal(base.status, 200, JSON.stringify(base.json));
+      assert.deepEqual((base.json.choices as Record<string, unknown>[])[0].token_ids, await expectedIds('Once upon', undefined, 5), 'the base request batched with it gets its own tokens');
+    } finally {
+      assert.equal((await api(node, 'DELETE', '/v1/adapters/huge', bob)).status, 200);
+    }
+  });
+
   it('a refusal the scheduler knows at once is an HTTP error with streaming too, not a 200 and an error event', async () => {
     const tight = await startTestNode({ serving: { kvBudgetBytes: 1024 } });
     try {
