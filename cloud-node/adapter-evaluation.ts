@@ -168,6 +168,9 @@ export function checkAdapterFiles(served: EvaluationBase, files: AdapterFiles): 
   return { contents, json, peftType };
 }
 
+/** What one call through the model counts as, at the least, against EvaluationOptions.maxTokens. */
+export const EVAL_MIN_TOKENS_PER_CALL = 128;
+
 export interface EvaluationOptions {
   seqLen: number;
   batchSize: number;
@@ -193,9 +196,13 @@ export async function evaluateAdapter(served: EvaluationBase, tokenizer: Tokeniz
   }
   const records = dataset.examples.flatMap((e) => (e.kind === 'label' ? [{ text: e.text, label: e.label }] : []));
   const labels = prepared.classification ? { tokenizer, records, labels: prepared.classification.labels, seqLen: options.seqLen } : undefined;
-  const scored = 2 * options.seqLen * (prepared.train.length + (labels === undefined ? 0 : records.length * labels.labels.length));
+  // A call through the model counts as at least EVAL_MIN_TOKENS_PER_CALL tokens: with seqLen 2 and
+  // batchSize 1, 3 KB of text took 10 s of calls (0.6 s at batchSize 64), so the token count alone
+  // let one request hold the evaluator for its whole timeout.
+  const calls = Math.ceil(prepared.train.length / options.batchSize) + (labels === undefined ? 0 : records.length);
+  const scored = 2 * Math.max(options.seqLen * (prepared.train.length + (labels === undefined ? 0 : records.length * labels.labels.length)), calls * EVAL_MIN_TOKENS_PER_CALL);
   if (options.maxTokens !== undefined && scored > options.maxTokens) {
-    throw new CloudError('TANDEM_EVAL_DATA_INVALID', { reason: `it makes ${scored} tokens to run through the model (plug-in and baseline, ${prepared.train.length} rows${labels === undefined ? '' : ` and ${records.length} records x ${labels.labels.length} labels`} of ${options.seqLen}); the limit is ${options.maxTokens}: send less data or a shorter seqLen` });
+    throw new CloudError('TANDEM_EVAL_DATA_INVALID', { reason: `it makes ${scored} tokens to run through the model (plug-in and baseline, ${prepared.train.length} rows${labels === undefined ? '' : ` and ${records.length} records x ${labels.labels.length} labels`} of ${options.seqLen}, in ${calls} calls of at least ${EVAL_MIN_TOKENS_PER_CALL} tokens each); the limit is ${options.maxTokens}: send less data, or a larger batchSize` });
   }
   // Base weights the adapter's file names (block, bitfit) are changed in place: copy them.
   const copied = new Set(keys.map(baseNameOfKey).filter((n) => served.model.weights.has(n)));

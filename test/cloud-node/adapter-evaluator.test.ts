@@ -32,8 +32,8 @@ before(async () => {
 
 const STORY = 'Once upon a time, a little girl named Lily went to the park with her mom. She saw a big red ball and played with it all day. ';
 
-function evaluate(node: TestNode, key: string, text: string, seqLen = 64): ReturnType<typeof api> {
-  return api(node, 'POST', '/v1/models/stories260K/adapters/evaluate', key, { baseContentHash: contentHash, adapter: { config, weights }, data: { name: 'eval.txt', text }, seqLen });
+function evaluate(node: TestNode, key: string, text: string, seqLen = 64, batchSize?: number): ReturnType<typeof api> {
+  return api(node, 'POST', '/v1/models/stories260K/adapters/evaluate', key, { baseContentHash: contentHash, adapter: { config, weights }, data: { name: 'eval.txt', text }, seqLen, ...(batchSize === undefined ? {} : { batchSize }) });
 }
 
 describe('adapter evaluation runs off the node\'s event loop, bounded', () => {
@@ -85,6 +85,10 @@ describe('adapter evaluation runs off the node\'s event loop, bounded', () => {
     assert.match(String(over.json.message), /tokens to run through the model .*the limit is 1000/);
     const small = await evaluate(node, key, STORY, 16);
     assert.equal(small.status, 200, JSON.stringify(small.json));
+    // The same text in calls of one row of 2 tokens: each call counts as 128 tokens (found by fuzzing).
+    const calls = await evaluate(node, key, STORY, 2, 1);
+    assert.equal(calls.status, 400, JSON.stringify(calls.json));
+    assert.match(String(calls.json.message), /calls of at least 128 tokens each\); the limit is 1000/);
   });
 
   it('stops an evaluation past its time limit with TANDEM_RESOURCE_EXHAUSTED; the node goes on and the next one gets a fresh worker', async () => {
