@@ -175,6 +175,8 @@ export class ClusterExecutor implements MiddleRunner {
   static async connect(options: ClusterExecutorOptions, connection?: NatsConnection): Promise<ClusterExecutor> {
     const executor = new ClusterExecutor(connection ?? (await connectNats(options.natsUrl, `tandem-gateway-${process.pid}`, 'gateway')), options);
     executor.#ownsConnection = connection === undefined;
+    // Workers may not create the bucket their replies over max_payload go through: the gateway does.
+    if (!(await executor.#spill.prepare())) options.log?.warn({ bucket: SPILL_BUCKET }, 'the object store for bodies over max_payload could not be created (is JetStream enabled?): such bodies will fail');
     const maxPayload = executor.#nc.info?.max_payload;
     if (maxPayload !== undefined && maxPayload < RECOMMENDED_MAX_PAYLOAD) {
       options.log?.warn({ maxPayload, recommended: RECOMMENDED_MAX_PAYLOAD },

@@ -5,7 +5,8 @@
 // which stores it once for all the request's tries and deletes it when the request ends, so
 // the header tells receivers to leave it. The bucket is in memory with a short TTL, so a body
 // whose deleter died does not outlive it. It is opened only when a first body needs it: a
-// cluster whose tensors fit in max_payload needs no JetStream for its messages.
+// cluster whose tensors fit in max_payload needs no JetStream for its messages. A gateway
+// creates it at its start (prepare); workers may only open it.
 import { Objm, StorageType } from '@nats-io/obj';
 import type { ObjectStore } from '@nats-io/obj';
 import { headers as natsHeaders, nanos, nuid } from '@nats-io/transport-node';
@@ -30,6 +31,8 @@ const HEADROOM_BYTES = 2048;
 /** A spilled body not read within this long is dropped by the server. */
 const SPILL_TTL_MS = 10 * 60 * 1000;
 const NAME_PATTERN = /^[A-Za-z0-9]{1,64}$/;
+/** Reading a spilled body takes at most this long (the 40 MB of a long sequence read in ~1 s here). */
+export const SPILL_READ_TIMEOUT_MS = 30_000;
 /** What nats-server answers a write to a full store (server, account or stream limits). */
 const STORE_FULL = /insufficient (storage |memory )?resources|maximum bytes exceeded|resource limits exceeded|storage limit/i;
 
@@ -54,8 +57,12 @@ export class WireSpill {
   #store: Promise<ObjectStore> | undefined;
   readonly #stats: SpillStats = { spilled: 0, spilledBytes: 0 };
 
-  constructor(nc: NatsConnection) {
+  readonly #readTimeoutMs: number;
+
+  /** `readTimeoutMs`: how long reading one spilled body may take (SPILL_READ_TIMEOUT_MS). */
+  constructor(nc: NatsConnection, options: { readTimeoutMs?: number } = {}) {
     this.#nc = nc;
+    this.#readTimeoutMs = options.readTimeoutMs ?? SPILL_READ_TIMEOUT_MS;
   }
 
   get stats(): SpillStats {
@@ -71,6 +78,14 @@ export class WireSpill {
   /** Whether a body of `bytes` goes through the object store (outgoing and hold decide by this). */
   spills(bytes: number): boolean {
     return bytes > this.inlineLimit;
+  }
+
+  /**
+   * Creates the bucket now, when JetStream can (a gateway at its start): workers may not create
+   * streams (infra/nats/auth.conf), only open this one. Whether it is there.
+   */
+  async prepare(): Promise<boolean> {
+    return this.#open().then(() => true, () => false);
   }
 
   #open(): Promise<ObjectStore> {
@@ -153,7 +168,12 @@ export class WireSpill {
 
   /**
    * A received message's body: its payload, or the object its header names (read, then deleted
-   * unless its sender keeps it), refused before it is read when the object is larger than `maxBytes`.
+   * unless its sender keeps it), refused before it is read when the object is larger than
+   * `maxBytes`. The object's record is its writer's word, and any holder of the worker password
+   * may write one: a link (into another bucket, which reading would follow, or create) is
+   * refused, and the chunks are read with a running count against the record's size and
+   * `maxBytes`, so a record that says 16 bytes over 40 MB of chunks costs at most one chunk more.
+   * The read has a deadline of its own (the request's covers only the message's arrival).
    */
   async incoming(msg: Msg, maxBytes: number): Promise<Uint8Array> {
     const h = msg.headers;
@@ -161,18 +181,54 @@ export class WireSpill {
     const name = h.get(SPILL_HEADER);
     if (!NAME_PATTERN.test(name)) throw new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: SPILL_HEADER, reason: 'not an object name (1 to 64 letters and digits)' });
     const store = await this.#open();
+    const invalid = (reason: string): ClusterError => new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: SPILL_HEADER, reason });
     try {
       const info = await store.info(name).catch((cause: unknown) => {
         this.#store = undefined;
-        throw new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: SPILL_HEADER, reason: `the object store ${SPILL_BUCKET} cannot be read: ${(cause as Error).message}` });
+        throw invalid(`the object store ${SPILL_BUCKET} cannot be read: ${(cause as Error).message}`);
       });
-      if (info === null || info.deleted) throw new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: SPILL_HEADER, reason: `object ${name} is not in ${SPILL_BUCKET} (expired or already read)` });
+      if (info === null || info.deleted) throw invalid(`object ${name} is not in ${SPILL_BUCKET} (expired or already read)`);
+      if (info.options?.link !== undefined && info.options.link !== null) throw invalid(`object ${name} is a link, not a body of its own`);
+      if (!(Number.isSafeInteger(info.size) && info.size >= 0)) throw invalid(`object ${name} states a size of ${String(info.size)}`);
       if (info.size > maxBytes) throw new ClusterError('TANDEM_CLUSTER_BODY_TOO_LARGE', { bytes: info.size, limit: maxBytes, reason: 'the body is larger than this receiver accepts' });
-      const body = await store.getBlob(name);
-      if (body === null || body.byteLength !== info.size) throw new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: SPILL_HEADER, reason: `object ${name} could not be read whole` });
-      return body;
+      return await this.#read(store, name, info.size);
     } finally {
       if (!h.has(SPILL_KEPT_HEADER)) store.delete(name).catch(() => undefined);
+    }
+  }
+
+  /** The `size` bytes of object `name`, read chunk by chunk: more, or not all of them within the read timeout, is refused. */
+  async #read(store: ObjectStore, name: string, size: number): Promise<Uint8Array> {
+    const got = await store.get(name);
+    if (got === null) throw new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: SPILL_HEADER, reason: `object ${name} is not in ${SPILL_BUCKET} (expired or already read)` });
+    // Cancelled early, the library's reader loop may still enqueue a chunk and then reject this.
+    got.error.catch(() => undefined);
+    const reader = got.data.getReader();
+    const body = new Uint8Array(size);
+    let filled = 0;
+    let timer: NodeJS.Timeout | undefined;
+    const deadline = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: SPILL_HEADER, reason: `object ${name} was not read whole within ${this.#readTimeoutMs} ms (${filled} of ${size} bytes)` })), this.#readTimeoutMs);
+    });
+    try {
+      for (;;) {
+        const { done, value } = await Promise.race([reader.read(), deadline]);
+        if (done) break;
+        if (filled + value.length > size) throw new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: SPILL_HEADER, reason: `object ${name} holds more than the ${size} bytes its record states` });
+        body.set(value, filled);
+        filled += value.length;
+      }
+      // The digest check ends the stream with an error: a corrupt object is refused too.
+      await Promise.race([got.error, deadline]).catch((cause: unknown) => {
+        throw new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: SPILL_HEADER, reason: `object ${name} could not be read whole: ${(cause as Error).message}` });
+      });
+      if (filled !== size) throw new ClusterError('TANDEM_CLUSTER_MESSAGE_INVALID', { field: SPILL_HEADER, reason: `object ${name} holds ${filled} of the ${size} bytes its record states` });
+      return body;
+    } catch (error) {
+      await reader.cancel().catch(() => undefined);
+      throw error;
+    } finally {
+      clearTimeout(timer);
     }
   }
 }
