@@ -9,6 +9,13 @@ import { ANNOUNCE_SUBJECT } from './wire.ts';
 /** A worker silent for this long is taken for gone. */
 export const WORKER_SILENCE_MS = 3500;
 
+/**
+ * Workers the directory knows at once. A new one past it makes room by forgetting the silent
+ * ones, else it is not taken: forged announcements (200,000 ids held 120 MiB until the next read)
+ * cannot grow the gateway without end.
+ */
+export const MAX_KNOWN_WORKERS = 4096;
+
 interface Known {
   status: WorkerStatus;
   contentHash: string;
@@ -62,7 +69,11 @@ export class WorkerDirectory implements ClusterStatusSource {
         const a = announcementOf(msg.data);
         if (a === undefined) return;
         if (a.leaving) this.#known.delete(a.status.id);
-        else this.#known.set(a.status.id, { status: a.status, contentHash: a.contentHash });
+        else {
+          if (!this.#known.has(a.status.id) && this.#known.size >= MAX_KNOWN_WORKERS) this.#live();
+          if (!this.#known.has(a.status.id) && this.#known.size >= MAX_KNOWN_WORKERS) return;
+          this.#known.set(a.status.id, { status: a.status, contentHash: a.contentHash });
+        }
         const listeners = this.#listeners;
         this.#listeners = [];
         for (const l of listeners) l();
