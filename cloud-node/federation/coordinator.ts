@@ -21,6 +21,12 @@ const MAX_ADAPTER_VALUES = 16 * 1024 * 1024;
  */
 const MAX_EXACT_PRODUCT_WORK = 2 ** 27;
 const MAX_TENSORS = 4096;
+/**
+ * The largest |loss| an owner may report (a token's cross-entropy is a few tens at most): two
+ * owners' ±1e308 made the round's weighted mean NaN, and the operator's view failed to encode.
+ */
+const MAX_REPORTED_LOSS = 1e6;
+const finiteOrNull = (x: number): number | null => (Number.isFinite(x) ? x : null);
 
 /** The bodies an owner sends in a round. */
 export type FederationBodyKind = 'update' | 'secagg-keys' | 'secagg-shares' | 'secagg-reveal';
@@ -367,9 +373,9 @@ export class Coordinator {
     if (this.#now() > r.deadline) throw this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_LATE', { round, attempt, current: r.round, currentAttempt: r.attempt, state: 'past its deadline' }));
     const shape = (field: string, reason: string): CoordinatorError => this.#reject(r, new CoordinatorError('TANDEM_FED_UPDATE_SHAPE', { field, reason }));
     if (typeof body.examples !== 'number' || !Number.isInteger(body.examples) || body.examples < 1 || body.examples > 1e9) throw shape('examples', 'must be an integer in 1..1e9');
-    if (typeof body.loss !== 'number' || !Number.isFinite(body.loss)) throw shape('loss', 'must be a finite number');
-    if (body.validation !== undefined && (typeof body.validation !== 'object' || body.validation === null || !Number.isFinite(body.validation.loss) || (body.validation.accuracy !== undefined && !(body.validation.accuracy >= 0 && body.validation.accuracy <= 1)))) {
-      throw shape('validation', 'must be { loss, accuracy? in [0, 1] }');
+    if (typeof body.loss !== 'number' || !(Math.abs(body.loss) <= MAX_REPORTED_LOSS)) throw shape('loss', `must be a number in [-${MAX_REPORTED_LOSS}, ${MAX_REPORTED_LOSS}]`);
+    if (body.validation !== undefined && (typeof body.validation !== 'object' || body.validation === null || !(Math.abs(body.validation.loss) <= MAX_REPORTED_LOSS) || (body.validation.accuracy !== undefined && !(body.validation.accuracy >= 0 && body.validation.accuracy <= 1)))) {
+      throw shape('validation', `must be { loss in [-${MAX_REPORTED_LOSS}, ${MAX_REPORTED_LOSS}], accuracy? in [0, 1] }`);
     }
     const expectedChars = 4 * Math.ceil((r.layout.size * 4) / 3);
     const field = r.secagg ? 'masked' : 'values';
@@ -475,7 +481,7 @@ export class Coordinator {
     for (const o of owners) if (r.received[o].validation) validation[o] = r.received[o].validation!;
     const record: RoundRecord = {
       round: r.round, attempt: r.attempt, sampled: [...r.sampled], participants: owners, examples,
-      loss: owners.reduce((s, o) => s + r.received[o].loss * r.received[o].examples, 0) / examples,
+      loss: finiteOrNull(owners.reduce((s, o) => s + r.received[o].loss * r.received[o].examples, 0) / examples),
       validation, bytesReceived: owners.reduce((s, o) => s + r.received[o].bytes, 0), bytesSent: r.bytesSent, epsilon, ...(lora ? { lora } : {}), completedAt: new Date(this.#now()).toISOString(),
     };
     r.history.push(record);

@@ -59,7 +59,7 @@ export async function clusterPlugin(app: FastifyInstance, options: ClusterPlugin
       const f = coordinator.status(id);
       return {
         id, model: f.model, mode: f.mode, state: f.state, round: f.round, rounds: f.rounds, owners: f.owners.length,
-        history: f.history.slice(-CLUSTER_ROUNDS_SHOWN).map((h) => ({ round: h.round, participants: h.participants.length, examples: h.examples, loss: h.loss, completedAt: h.completedAt })),
+        history: f.history.slice(-CLUSTER_ROUNDS_SHOWN).map((h) => ({ round: h.round, participants: h.participants.length, examples: h.examples, loss: h.loss !== null && Number.isFinite(h.loss) ? h.loss : null, completedAt: h.completedAt })),
       };
     });
     return {

@@ -141,6 +141,20 @@ describe('federation coordinator', () => {
     c.close();
   });
 
+  it('refuses a reported loss past 1e6, whose weighted mean could overflow to NaN (found by review)', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'tandem-coord-'));
+    dirs.push(dir);
+    const c = await Coordinator.open({ stateDir: dir, tickMs: 1e9 });
+    await c.create(body({ owners: ['a', 'b'], sampleSize: 2 }));
+    const shape = (field: string) => (e: CoordinatorError) => e.code === 'TANDEM_FED_UPDATE_SHAPE' && e.details.field === field;
+    await assert.rejects(c.submit('c', 'a', 1, { ...update(0, [1, 1], 2), loss: 1e308 }), shape('loss'));
+    await assert.rejects(c.submit('c', 'a', 1, { ...update(0, [1, 1], 2), validation: { loss: -1e308 } }), shape('validation'));
+    await c.submit('c', 'a', 1, { ...update(0, [1, 1], 2), loss: 1e6 });
+    await c.submit('c', 'b', 1, { ...update(0, [1, 1], 2), loss: -1e6 });
+    assert.equal(c.status('c').history[0].loss, 0);
+    c.close();
+  });
+
   describe('owners taken as gone', () => {
     /** A coordinator on a fresh state directory with a test clock; `shared` as a cluster's store is. */
     async function open(shared = false): Promise<{ c: Coordinator; advance: (ms: number) => Promise<void> }> {
