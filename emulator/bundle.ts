@@ -163,6 +163,11 @@ export async function writeBundleFiles(dir: string, files: ReadonlyMap<string, U
   await writeFileAtomic(join(dir, MANIFEST_FILE), manifest);
 }
 
+/** The most files a bundle lists (as many as the edge takes from a download listing). */
+export const MAX_BUNDLE_FILES = 64;
+/** The largest manifest.json read (a bundle's is a few KiB). */
+const MAX_MANIFEST_BYTES = 1024 * 1024;
+
 function invalid(message: string, file: string, field?: string): EmulatorError {
   return new EmulatorError('TANDEM_BUNDLE_INVALID', message, { file, field });
 }
@@ -201,8 +206,13 @@ export function parseManifest(json: unknown, file: string): BundleManifest {
   if (!Array.isArray(files) || !files.every((f) => isObject(f) && typeof f.name === 'string' && isInt(f.bytes) && typeof f.sha256 === 'string')) {
     throw invalid('files must list {name, bytes, sha256}', file, 'files');
   }
+  // Each file listed is read and hashed: listed 10,000 times, one file was read 10,000 times.
+  if (files.length > MAX_BUNDLE_FILES) throw invalid(`files lists ${files.length} files, over the limit of ${MAX_BUNDLE_FILES}`, file, 'files');
+  const names = new Set<string>();
   for (const f of files as BundleFile[]) {
     if (f.name === MANIFEST_FILE || !/^[A-Za-z0-9._-]+$/.test(f.name) || f.name.startsWith('.')) throw invalid(`file name ${JSON.stringify(f.name)} must be a plain file name other than the manifest`, file, 'files');
+    if (names.has(f.name)) throw invalid(`files lists ${f.name} twice`, file, 'files');
+    names.add(f.name);
   }
   for (const required of [CONFIG_FILE, EDGE_WEIGHTS_FILE, EMULATOR_WEIGHTS_FILE]) {
     if (!(files as BundleFile[]).some((f) => f.name === required)) throw invalid(`files must include ${required}`, file, 'files');
@@ -211,13 +221,27 @@ export function parseManifest(json: unknown, file: string): BundleManifest {
   return json as unknown as BundleManifest;
 }
 
-async function readBundleFile(dir: string, name: string): Promise<Uint8Array> {
+/**
+ * A file of the bundle, read only when it is a regular file of the size expected (`bytes`, as
+ * the manifest records) or at most `maxBytes`: a named pipe would block the read for good, and
+ * /dev/zero would fill the memory.
+ */
+async function readBundleFile(dir: string, name: string, size: { bytes: number } | { maxBytes: number }): Promise<Uint8Array> {
   const path = join(dir, name);
+  const fail = (cause: unknown): EmulatorError => {
+    const code = (cause as NodeJS.ErrnoException).code;
+    return new EmulatorError('TANDEM_BUNDLE_INVALID', code === 'ENOENT' ? 'the manifest lists this file but the bundle lacks it' : `the file could not be read (${code ?? String(cause)})`, { file: path, cause });
+  };
+  const info = await stat(path).catch((cause: unknown) => { throw fail(cause); });
+  if (!info.isFile()) throw new EmulatorError('TANDEM_BUNDLE_INVALID', 'is not a regular file', { file: path });
+  if ('bytes' in size && info.size !== size.bytes) {
+    throw new EmulatorError('TANDEM_BUNDLE_CHECKSUM_MISMATCH', `${name} has ${info.size} bytes; the manifest records ${size.bytes}`, { file: path, details: { name } });
+  }
+  if ('maxBytes' in size && info.size > size.maxBytes) throw new EmulatorError('TANDEM_BUNDLE_INVALID', `holds ${info.size} bytes, over the limit of ${size.maxBytes}`, { file: path });
   try {
     return new Uint8Array(await readFile(path));
   } catch (cause) {
-    const code = (cause as NodeJS.ErrnoException).code;
-    throw new EmulatorError('TANDEM_BUNDLE_INVALID', code === 'ENOENT' ? 'the manifest lists this file but the bundle lacks it' : `the file could not be read (${code ?? String(cause)})`, { file: path, cause });
+    throw fail(cause);
   }
 }
 
@@ -231,7 +255,7 @@ export async function verifyBundle(dir: string): Promise<{ manifest: BundleManif
   if (!(await stat(manifestPath).then((s) => s.isFile(), () => false))) throw new EmulatorError('TANDEM_BUNDLE_INVALID', `the folder has no ${MANIFEST_FILE}; is it an emulator bundle?`, { file: manifestPath });
   let json: unknown;
   try {
-    json = JSON.parse(Buffer.from(await readBundleFile(dir, MANIFEST_FILE)).toString('utf8'));
+    json = JSON.parse(Buffer.from(await readBundleFile(dir, MANIFEST_FILE, { maxBytes: MAX_MANIFEST_BYTES })).toString('utf8'));
   } catch (cause) {
     if (cause instanceof EmulatorError) throw cause;
     throw new EmulatorError('TANDEM_BUNDLE_INVALID', `the manifest is not valid JSON: ${(cause as Error).message}`, { file: manifestPath, cause });
@@ -239,7 +263,7 @@ export async function verifyBundle(dir: string): Promise<{ manifest: BundleManif
   const manifest = parseManifest(json, manifestPath);
   const files = new Map<string, Uint8Array>();
   for (const f of manifest.files) {
-    const bytes = await readBundleFile(dir, f.name);
+    const bytes = await readBundleFile(dir, f.name, { bytes: f.bytes });
     const actual = sha256(bytes);
     if (bytes.length !== f.bytes || actual !== f.sha256) {
       throw new EmulatorError('TANDEM_BUNDLE_CHECKSUM_MISMATCH', `${f.name} has ${bytes.length} bytes with sha256 ${actual}; the manifest records ${f.bytes} bytes with sha256 ${f.sha256}`, {

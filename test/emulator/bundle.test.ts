@@ -1,5 +1,6 @@
 // Emulator bundles on stories260K: built, read back, and every changed byte detected.
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { mkdtemp, readFile, rm, writeFile, cp } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -78,6 +79,31 @@ describe('emulator bundle', () => {
     await assert.rejects(readBundle(dir), expectCode('TANDEM_BUNDLE_CHECKSUM_MISMATCH', MANIFEST_FILE));
     await rm(join(dir, 'edge.safetensors'));
     await assert.rejects(readBundle(dir), expectCode('TANDEM_BUNDLE_INVALID', 'edge.safetensors'));
+  });
+
+  it('refuses a manifest listing a file twice or over 64 files, a named pipe in place of a file, and a file of another size before reading it (found by fuzzing)', async () => {
+    const relisted = async (name: string, change: (m: BundleManifest) => void): Promise<string> => {
+      const dir = join(work, name);
+      await cp(plain, dir, { recursive: true });
+      const m = JSON.parse(await readFile(join(dir, MANIFEST_FILE), 'utf8')) as BundleManifest;
+      change(m);
+      await writeFile(join(dir, MANIFEST_FILE), JSON.stringify(m));
+      return dir;
+    };
+    // The checksum is not a signature (anyone recomputes it): these are refused before it is checked.
+    const twice = await relisted('listed-twice', (m) => { m.files.push(...Array.from({ length: 3 }, () => ({ ...m.files[0] }))); });
+    await assert.rejects(readBundle(twice), (e: unknown) => expectCode('TANDEM_BUNDLE_INVALID', MANIFEST_FILE)(e) && /twice/.test((e as Error).message));
+    const many = await relisted('listed-many', (m) => { m.files.push(...Array.from({ length: 70 }, (_, i) => ({ name: `x${i}`, bytes: 1, sha256: m.files[0].sha256 }))); });
+    await assert.rejects(readBundle(many), (e: unknown) => expectCode('TANDEM_BUNDLE_INVALID', MANIFEST_FILE)(e) && /over the limit of 64/.test((e as Error).message));
+    const pipe = join(work, 'fifo-bundle');
+    await cp(plain, pipe, { recursive: true });
+    await rm(join(pipe, 'tokenizer.json'));
+    execFileSync('mkfifo', [join(pipe, 'tokenizer.json')]);
+    await assert.rejects(readBundle(pipe), (e: unknown) => expectCode('TANDEM_BUNDLE_INVALID', 'tokenizer.json')(e) && /not a regular file/.test((e as Error).message));
+    const longer = join(work, 'longer-bundle');
+    await cp(plain, longer, { recursive: true });
+    await writeFile(join(longer, 'tokenizer.json'), Buffer.concat([await readFile(join(plain, 'tokenizer.json')), Buffer.from(' ')]));
+    await assert.rejects(readBundle(longer), (e: unknown) => expectCode('TANDEM_BUNDLE_CHECKSUM_MISMATCH', 'tokenizer.json')(e) && /bytes; the manifest records/.test((e as Error).message));
   });
 
   it('stores int8 emulator weights as I8 with per-row F32 scales, dequantized on load', async () => {
