@@ -54,8 +54,11 @@ async function fileExists(path: string): Promise<boolean> {
   }
 }
 
+/** The largest config.json or shard index read (a 70B model's index is under 100 KB). */
+const MAX_JSON_FILE_BYTES = 16 * 1024 * 1024;
+
 async function readJsonFile(path: string, code: 'TANDEM_MODEL_CONFIG_INVALID' | 'TANDEM_SHARD_INDEX_INVALID' | 'TANDEM_TOKENIZER_INVALID'): Promise<unknown> {
-  const text = Buffer.from(await readModelFile(path)).toString('utf8');
+  const text = Buffer.from(await readModelFile(path, MAX_JSON_FILE_BYTES)).toString('utf8');
   try {
     return JSON.parse(text);
   } catch (cause) {

@@ -4,7 +4,7 @@
 // few it leaves implicit (duplicate keys, unknown entry fields); the writer produces
 // the reference's layout byte for byte.
 import { randomBytes } from 'node:crypto';
-import { open, readFile, rename, rm } from 'node:fs/promises';
+import { open, readFile, rename, rm, stat } from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { ModelError } from './errors.ts';
@@ -404,7 +404,23 @@ function fsError(cause: unknown, path: string, verb: 'read' | 'written'): ModelE
   });
 }
 
+/**
+ * The size of `path` when it is a regular file. Opening a named pipe blocks until a writer comes
+ * (a thread of libuv's pool with it), and /dev/zero reads without end: both are refused here.
+ */
+async function regularFileSize(path: string): Promise<number> {
+  let info: Awaited<ReturnType<typeof stat>>;
+  try {
+    info = await stat(path);
+  } catch (cause) {
+    throw fsError(cause, path, 'read');
+  }
+  if (!info.isFile()) throw new ModelError('TANDEM_MODEL_FILE_UNREADABLE', 'it is not a regular file', { file: path });
+  return info.size;
+}
+
 async function openForReading(path: string): Promise<FileHandle> {
+  await regularFileSize(path);
   try {
     return await open(path, 'r');
   } catch (cause) {
@@ -486,8 +502,13 @@ async function readExactly(fh: FileHandle, into: Uint8Array, position: number, p
   }
 }
 
-/** Reads a file a model needs, turning the filesystem's errors into typed ones naming the file. */
-export async function readModelFile(path: string): Promise<Uint8Array> {
+/**
+ * Reads a file a model needs, turning the filesystem's errors into typed ones naming the file:
+ * only a regular file of at most `maxBytes` is read.
+ */
+export async function readModelFile(path: string, maxBytes: number): Promise<Uint8Array> {
+  const size = await regularFileSize(path);
+  if (size > maxBytes) throw new ModelError('TANDEM_MODEL_FILE_UNREADABLE', `it holds ${size} bytes, over the limit of ${maxBytes} for this file`, { file: path });
   try {
     const buf = await readFile(path);
     return new Uint8Array(buf.buffer, buf.byteOffset, buf.byteLength);

@@ -53,8 +53,11 @@ export interface Tokenizer {
   decode(ids: readonly number[], options?: DecodeOptions): string;
 }
 
+/** The largest tokenizer file read (Llama 3's tokenizer.json is 9 MB, Qwen2's 7 MB). */
+const MAX_TOKENIZER_FILE_BYTES = 64 * 1024 * 1024;
+
 async function readJson(path: string): Promise<unknown> {
-  const text = Buffer.from(await readModelFile(path)).toString('utf8');
+  const text = Buffer.from(await readModelFile(path, MAX_TOKENIZER_FILE_BYTES)).toString('utf8');
   try {
     return JSON.parse(text);
   } catch (cause) {

@@ -3,10 +3,10 @@
 // checkpoint is written into a temporary sibling folder and renamed into place, so a
 // crash leaves the previous checkpoint or the new one, never a mixture.
 import { randomBytes } from 'node:crypto';
-import { mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { ModelError } from '../errors.ts';
-import { readSafetensorsFile, toFloat32, writeSafetensorsFile } from '../safetensors.ts';
+import { readModelFile, readSafetensorsFile, toFloat32, writeSafetensorsFile } from '../safetensors.ts';
 import type { BatchStreamState } from './data.ts';
 import type { OptimizerKind, OptimizerState, StateTensor } from './optimizer.ts';
 
@@ -89,15 +89,18 @@ function isWords(v: unknown): v is number[] {
   return Array.isArray(v) && v.length === 4 && v.every((w) => Number.isInteger(w) && w >= 0 && w < 2 ** 32);
 }
 
+/** The largest trainer_state.json read (the run's recipe and the generators' states: a few KiB). */
+const MAX_TRAINER_STATE_BYTES = 16 * 1024 * 1024;
+
 /** Reads a checkpoint written by saveTrainingCheckpoint; anything missing or malformed is TANDEM_CHECKPOINT_INVALID naming the file. */
 export async function readTrainingCheckpoint(dir: string): Promise<TrainingCheckpoint> {
   const statePath = join(dir, TRAINER_STATE_FILE);
   let raw: unknown;
   try {
-    raw = JSON.parse(await readFile(statePath, 'utf8'));
+    raw = JSON.parse(Buffer.from(await readModelFile(statePath, MAX_TRAINER_STATE_BYTES)).toString('utf8'));
   } catch (cause) {
-    const code = (cause as NodeJS.ErrnoException).code;
-    throw invalid(code === 'ENOENT' ? 'there is no checkpoint here' : `the file is not readable JSON (${code ?? (cause as Error).message})`, statePath, cause);
+    if (cause instanceof ModelError && cause.code === 'TANDEM_MODEL_FILE_MISSING') throw invalid('there is no checkpoint here', statePath, cause);
+    throw invalid(`the file is not readable JSON (${cause instanceof ModelError ? cause.message : (cause as Error).message})`, statePath, cause);
   }
   if (!isObject(raw)) throw invalid('expected a JSON object', statePath);
   if (raw.version !== CHECKPOINT_VERSION) throw invalid(`version ${JSON.stringify(raw.version)} is not ${CHECKPOINT_VERSION}`, statePath);
@@ -106,7 +109,9 @@ export async function readTrainingCheckpoint(dir: string): Promise<TrainingCheck
   const data = raw.data;
   if (!Number.isInteger(step) || (step as number) < 0) throw invalid('"step" must be a non-negative integer', statePath);
   if (!isObject(opt) || (opt.kind !== 'adamw' && opt.kind !== 'sgd') || !Number.isInteger(opt.step)) throw invalid('"optimizer" must name the kind and the step', statePath);
-  if (!isObject(data) || !Number.isInteger(data.epoch) || !Number.isInteger(data.position) || !isWords(data.epochRng)) throw invalid('"data" must hold epoch, position and epochRng', statePath);
+  if (!isObject(data) || !Number.isInteger(data.epoch) || (data.epoch as number) < 0 || !Number.isInteger(data.position) || (data.position as number) < 0 || !isWords(data.epochRng)) {
+    throw invalid('"data" must hold epoch and position (non-negative integers) and epochRng', statePath);
+  }
   if (raw.adapterRandom !== undefined && !(Array.isArray(raw.adapterRandom) && raw.adapterRandom.every(isWords))) throw invalid('"adapterRandom" must be a list of generator states', statePath);
   if (!isObject(raw.run)) throw invalid('"run" must be an object', statePath);
   const optimizerPath = join(dir, OPTIMIZER_FILE);

@@ -1,11 +1,11 @@
 // Training data: .jsonl files of {"text"}, {"prompt","completion"} or {"text","label"}
 // records, and plain text. Records become rows of token ids and labels of one length;
 // a malformed record is a typed error naming the file and the line, never skipped.
-import { readFile } from 'node:fs/promises';
 import { extname } from 'node:path';
 import { ModelError } from '../errors.ts';
 import { IGNORE_INDEX } from '../loss.ts';
 import { Rng } from '../random.ts';
+import { readModelFile } from '../safetensors.ts';
 
 /** What the data code needs of a tokenizer (model/tokenizer.ts's Tokenizer fits). */
 export interface TextTokenizer {
@@ -91,16 +91,16 @@ export function parseDataset(content: string, file: string): Dataset {
   return { file, format, examples };
 }
 
-/** Reads and parses a data file; a missing or unreadable file is a typed error naming it. */
+/** The largest data file read: about what one JavaScript string holds (2^29 characters). */
+export const MAX_DATA_FILE_BYTES = 512 * 1024 * 1024;
+
+/**
+ * Reads and parses a data file; a missing or unreadable file, one that is not a regular file (a
+ * named pipe blocked the read for good) or one over MAX_DATA_FILE_BYTES is a typed error naming it.
+ */
 export async function readDataset(file: string): Promise<Dataset> {
-  let content: string;
-  try {
-    content = await readFile(file, 'utf8');
-  } catch (cause) {
-    const code = (cause as NodeJS.ErrnoException).code;
-    throw new ModelError(code === 'ENOENT' ? 'TANDEM_MODEL_FILE_MISSING' : 'TANDEM_MODEL_FILE_UNREADABLE', `the data file could not be read (${code ?? String(cause)})`, { file, cause });
-  }
-  return parseDataset(content, file);
+  const bytes = await readModelFile(file, MAX_DATA_FILE_BYTES);
+  return parseDataset(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('utf8'), file);
 }
 
 function commonPrefix(a: readonly number[], b: readonly number[]): number {
