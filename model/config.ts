@@ -25,6 +25,10 @@ export interface ModelConfig {
   numKeyValueHeads: number;
   headDim: number;
   vocabSize: number;
+  /**
+   * The longest sequence the model computes: max_position_embeddings, or the attention window
+   * when one is set and shorter (slidingWindowOf).
+   */
   maxPositionEmbeddings: number;
   rmsNormEps: number;
   ropeTheta: number;
@@ -115,6 +119,27 @@ function parseRopeScaling(v: unknown, file: string): RopeScaling | undefined {
   return { ropeType: 'llama3', factor, lowFreqFactor, highFreqFactor, originalMaxPositionEmbeddings: boundedInt(r, 'original_max_position_embeddings', file, 8192) };
 }
 
+/**
+ * The attention window of a config, when some layer attends to a window only: Mistral's
+ * sliding_window (null for none), Qwen2's when use_sliding_window is on for the layers from
+ * max_window_layers. The forward here attends to every earlier position, which equals windowed
+ * attention exactly for sequences no longer than the window: the model's context is cut to it,
+ * so a longer sequence is refused (it was computed with full attention, silently).
+ */
+function slidingWindowOf(r: Record<string, unknown>, modelType: string, numHiddenLayers: number, file: string): number | undefined {
+  const window = (fallback?: number): number => {
+    const w = r.sliding_window ?? fallback;
+    if (typeof w !== 'number' || !Number.isInteger(w) || w < 1) throw new ModelError('TANDEM_MODEL_CONFIG_INVALID', `sliding_window must be a positive integer or null, got ${JSON.stringify(w) ?? String(w)}`, { file, field: 'sliding_window' });
+    return w;
+  };
+  if (modelType === 'mistral') return r.sliding_window === undefined || r.sliding_window === null ? undefined : window();
+  // Qwen2 (transformers' defaults: max_window_layers 28, sliding_window 4096; null turns it off).
+  if (r.use_sliding_window !== true || r.sliding_window === null) return undefined;
+  const fromLayer = r.max_window_layers ?? 28;
+  if (typeof fromLayer !== 'number' || !Number.isInteger(fromLayer) || fromLayer < 0) throw new ModelError('TANDEM_MODEL_CONFIG_INVALID', `max_window_layers must be a non-negative integer, got ${JSON.stringify(fromLayer)}`, { file, field: 'max_window_layers' });
+  return fromLayer < numHiddenLayers ? window(4096) : undefined;
+}
+
 /** Parses a Hugging Face config.json object. Any model_type outside the LLaMA family is a typed error naming it. */
 export function parseModelConfig(raw: unknown, file = 'config.json'): ModelConfig {
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) {
@@ -127,7 +152,8 @@ export function parseModelConfig(raw: unknown, file = 'config.json'): ModelConfi
   const intermediateSize = boundedInt(r, 'intermediate_size', file);
   const numHiddenLayers = boundedInt(r, 'num_hidden_layers', file);
   const vocabSize = boundedInt(r, 'vocab_size', file);
-  const maxPositionEmbeddings = boundedInt(r, 'max_position_embeddings', file, 2048);
+  const window = slidingWindowOf(r, family.modelType, numHiddenLayers, file);
+  const maxPositionEmbeddings = Math.min(boundedInt(r, 'max_position_embeddings', file, 2048), window ?? Infinity);
   const numAttentionHeads = boundedInt(r, 'num_attention_heads', file);
   const numKeyValueHeads = boundedInt(r, 'num_key_value_heads', file, numAttentionHeads);
   if (numAttentionHeads % numKeyValueHeads !== 0) {

@@ -246,7 +246,8 @@ function checkTokenIds(json: Record<string, unknown>, model: Record<string, unkn
     if (!Array.isArray(added)) throw new ModelError('TANDEM_TOKENIZER_INVALID', 'added_tokens must be an array', { file, field: 'added_tokens' });
     added.forEach((token, k) => idAt(isObject(token) ? token.id : undefined, `added_tokens[${k}].id`));
   }
-  if (ids.length === 0) return;
+  // A tokenizer without tokens encoded every text as undefined ids (found by fuzzing).
+  if (ids.length === 0) throw new ModelError('TANDEM_TOKENIZER_INVALID', 'the vocabulary holds no token', { file, field: 'model.vocab' });
   let max = 0;
   for (const id of ids) if (id > max) max = id;
   const seen = new Uint8Array(Math.min(max + 1, ids.length));

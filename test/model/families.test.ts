@@ -19,6 +19,17 @@ describe('model families', () => {
     assert.equal(parseModelConfig({ ...base, model_type: 'mistral' }).modelType, 'mistral');
   });
 
+  it('cut the context to an attention window, whose attention equals full attention only that far (found by fuzzing)', () => {
+    const ctx = (raw: Record<string, unknown>): number => parseModelConfig({ ...base, max_position_embeddings: 32768, ...raw }).maxPositionEmbeddings;
+    assert.equal(ctx({ model_type: 'mistral', sliding_window: 4096 }), 4096);
+    assert.equal(ctx({ model_type: 'mistral', sliding_window: null }), 32768);
+    assert.equal(ctx({ model_type: 'mistral', sliding_window: 65536 }), 32768, 'a window over the context changes nothing');
+    assert.equal(ctx({ model_type: 'qwen2', use_sliding_window: true, sliding_window: 2, max_window_layers: 0 }), 2);
+    assert.equal(ctx({ model_type: 'qwen2', use_sliding_window: true, sliding_window: 2 }), 32768, 'max_window_layers 28 by default: no layer of one uses the window');
+    assert.equal(ctx({ model_type: 'qwen2', use_sliding_window: false, sliding_window: 2, max_window_layers: 0 }), 32768);
+    throwsModelError(() => parseModelConfig({ ...base, model_type: 'mistral', sliding_window: -1 }), 'TANDEM_MODEL_CONFIG_INVALID', 'sliding_window');
+  });
+
   it('refuse an unknown model_type naming the supported ones, and a family registered twice', () => {
     throwsModelError(() => parseModelConfig({ ...base, model_type: 'gpt2' }), 'TANDEM_MODEL_TYPE_UNSUPPORTED', 'gpt2', 'llama, mistral, qwen2');
     const registry = new ModelFamilyRegistry();

@@ -63,6 +63,15 @@ describe('vocabulary sizes and ids', () => {
     await rejectsModelError(loadTokenizer(inVocab), 'TANDEM_TOKENIZER_INVALID', `id ${missing}`, 'without gaps');
   });
 
+  test('a vocabulary without a token is refused (it encoded every text as undefined ids; found by fuzzing)', async () => {
+    const dir = await tokenizerDir((json) => {
+      json.model.vocab = {};
+      json.added_tokens = [];
+      (json.model as Record<string, unknown>).merges = [];
+    });
+    await rejectsModelError(loadTokenizer(dir), 'TANDEM_TOKENIZER_INVALID', 'holds no token');
+  });
+
   test('an id far past the entries is refused before anything is laid out for it', async () => {
     const dir = await tokenizerDir((json) => {
       json.added_tokens.push({ id: 50_000_000, content: '<far>', special: true });
