@@ -283,6 +283,14 @@ export class CloudRest {
 
 const sha256 = (bytes: Uint8Array): string => createHash('sha256').update(bytes).digest('hex');
 
+/** `bytes` when their sha256 is the one listed for `file` (hex, with or without "sha256:"), else TANDEM_EDGE_DOWNLOAD_CORRUPT. */
+export function checkListedSha256(bytes: Uint8Array, file: FileEntry, where: string): Uint8Array {
+  const got = sha256(bytes);
+  const listed = file.sha256.replace(/^sha256:/, '').toLowerCase();
+  if (got !== listed) throw new EdgeError('TANDEM_EDGE_DOWNLOAD_CORRUPT', `sha256 ${got} differs from the manifest's ${listed}`, { where, details: { file: file.name } });
+  return bytes;
+}
+
 function cacheKey(contentHash: string, cut: Cut): string {
   const hash = contentHash.replace(/^sha256:/, '').replace(/[^A-Za-z0-9]/g, '').slice(0, 64);
   return `${hash}-b${cut.bottom}-t${cut.top}`;
@@ -312,11 +320,8 @@ export async function downloadEdgePart(rest: CloudRest, modelId: string, cut: Cu
   try {
     await mkdir(tmp);
     for (const f of manifest.files) {
-      const bytes = await rest.file(modelId, cut, f);
+      const bytes = checkListedSha256(await rest.file(modelId, cut, f), f, `${rest.baseUrl} file ${f.name}`);
       downloadedBytes += bytes.length;
-      const where = `${rest.baseUrl} file ${f.name}`;
-      const got = sha256(bytes);
-      if (got !== f.sha256) throw new EdgeError('TANDEM_EDGE_DOWNLOAD_CORRUPT', `sha256 ${got} differs from the manifest's ${f.sha256}`, { where });
       await writeFile(join(tmp, f.name), bytes);
     }
     await writeFile(join(tmp, MANIFEST_FILE), `${JSON.stringify(manifest, null, 2)}\n`);

