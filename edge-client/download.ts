@@ -197,6 +197,9 @@ export async function cloudFetch(url: string, init: CloudFetchInit = {}): Promis
   }
 }
 
+/** The slowest transfer an edge file is given time for (512 kbit/s): a 1 GB file gets 4.5 hours. */
+export const MIN_DOWNLOAD_BYTES_PER_SECOND = 64 * 1024;
+
 /** The REST half of the cloud API, with the key in every request. */
 export class CloudRest {
   readonly baseUrl: string;
@@ -210,11 +213,11 @@ export class CloudRest {
     this.baseUrl = url.replace(/\/+$/, '');
   }
 
-  private async get(path: string): Promise<Response> {
+  private async get(path: string, timeoutMs = this.timeoutMs): Promise<Response> {
     const url = `${this.baseUrl}${path}`;
     let res: Response;
     try {
-      res = await cloudFetch(url, { headers: { authorization: `Bearer ${this.key}` }, timeoutMs: this.timeoutMs, ca: this.ca });
+      res = await cloudFetch(url, { headers: { authorization: `Bearer ${this.key}` }, timeoutMs, ca: this.ca });
     } catch (cause) {
       if (cause instanceof EdgeError) throw cause;
       throw new EdgeError('TANDEM_EDGE_HTTP_FAILED', `GET failed: ${(cause as Error).message}`, { where: url, cause });
@@ -274,9 +277,13 @@ export class CloudRest {
     return { model: typeof body.model === 'string' ? body.model : modelId, contentHash: body.contentHash, cut: got, files };
   }
 
-  /** One file of the manifest, read no further than the bytes the manifest declares for it. */
+  /**
+   * One file of the manifest, read no further than the bytes the manifest declares for it, within
+   * the timeout and the time its bytes take at MIN_DOWNLOAD_BYTES_PER_SECOND (a fixed 60 s failed
+   * every file that takes longer to cross, however steadily it came).
+   */
   async file(modelId: string, cut: Cut, file: FileEntry): Promise<Uint8Array> {
-    const res = await this.get(this.edgePath(modelId, cut, `/files/${encodeURIComponent(file.name)}`));
+    const res = await this.get(this.edgePath(modelId, cut, `/files/${encodeURIComponent(file.name)}`), Math.ceil(this.timeoutMs + (file.bytes / MIN_DOWNLOAD_BYTES_PER_SECOND) * 1000));
     return readDeclaredFile(res, file, `${this.baseUrl} file ${file.name}`);
   }
 }

@@ -255,6 +255,40 @@ describe('a hostile cloud that sends more than it declares', () => {
     assert.equal((await readBundle(out)).manifest.checksum, good.manifest.checksum);
   });
 
+  it('an edge file is given time for its bytes: one that comes steadily past the timeout arrives, a trickle still ends (found by review)', async () => {
+    const bytes = 256 * 1024;
+    // 64 KiB every 400 ms (1.6 s in all), or 1 byte every 100 ms.
+    const serve = (chunk: number, everyMs: number) => createHttpServer((_req, res) => {
+      res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': String(bytes) });
+      let sent = 0;
+      const timer = setInterval(() => {
+        const n = Math.min(chunk, bytes - sent);
+        res.write(Buffer.alloc(n, 1));
+        sent += n;
+        if (sent >= bytes) {
+          clearInterval(timer);
+          res.end();
+        }
+      }, everyMs);
+      res.on('close', () => clearInterval(timer));
+    });
+    const file = { name: EDGE_WEIGHTS_FILE, bytes, sha256: createHash('sha256').update(Buffer.alloc(bytes, 1)).digest('hex') };
+    for (const [label, chunk, everyMs, arrives] of [['steady', 64 * 1024, 400, true], ['trickle', 1, 100, false]] as const) {
+      const server = serve(chunk, everyMs);
+      await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+      try {
+        // A timeout of 1 s, and 4 s for 256 KiB at 64 KiB/s.
+        const rest = new CloudRest(`http://127.0.0.1:${(server.address() as AddressInfo).port}`, key, 1000);
+        const got = rest.file(MODEL, CUT, file);
+        if (arrives) assert.equal((await got).length, bytes, label);
+        else await assert.rejects(got, (e: unknown) => e instanceof EdgeError && /timeout/i.test(e.message), label);
+      } finally {
+        server.closeAllConnections();
+        await new Promise<void>((resolve) => server.close(() => resolve()));
+      }
+    }
+  });
+
   it('stops reading a bundle file at the bytes its listing declares', async () => {
     const p = await through((path) => (path.startsWith(`/v1/models/${MODEL}/emulators/files/emulator.safetensors?`) ? { total: FLOOD_BYTES } : undefined));
     await assert.rejects(downloadBundle({ cloudUrl: p.url, key, modelId: MODEL, keep: 2, bottom: 1, top: 1, outDir: join(work, 'bundle-flood') }),
