@@ -303,7 +303,16 @@ function cacheKey(contentHash: string, cut: Cut): string {
   return `${hash}-b${cut.bottom}-t${cut.top}`;
 }
 
+/**
+ * Whether the cache folder holds exactly the manifest's files, each of its size and sha256. An
+ * edge file the manifest does not list counts against it: the loader reads an optional one
+ * (tokenizer_config.json) wherever it is, so another cloud's, cached under the same content hash,
+ * would be used.
+ */
 async function cachedFilesMatch(dir: string, manifest: EdgeManifest): Promise<boolean> {
+  for (const name of EDGE_FILES) {
+    if (!manifest.files.some((f) => f.name === name) && (await stat(join(dir, name)).then(() => true, () => false))) return false;
+  }
   for (const f of manifest.files) {
     const path = join(dir, f.name);
     const s = await stat(path).catch(() => undefined);

@@ -289,6 +289,23 @@ describe('a hostile cloud that sends more than it declares', () => {
     }
   });
 
+  it('a cached edge part holding a file the manifest does not list is not taken from the cache (found by review)', async () => {
+    const cache = join(work, 'cache-unlisted');
+    const first = await downloadEdgePart(new CloudRest(node.url, key), MODEL, CUT, cache);
+    assert.equal(first.cached, false);
+    assert.ok(first.manifest.files.some((f) => f.name === 'tokenizer_config.json'));
+    // A cloud of the same content hash that lists no tokenizer_config.json: the cached one (another cloud's, as far as this one knows) would be read.
+    const p = await through((path, body) => {
+      if (!isEdgeManifest(path)) return undefined;
+      const m = JSON.parse(body.toString()) as { files: { name: string }[] };
+      return Buffer.from(JSON.stringify({ ...m, files: m.files.filter((f) => f.name !== 'tokenizer_config.json') }));
+    });
+    const second = await downloadEdgePart(new CloudRest(p.url, key), MODEL, CUT, cache);
+    assert.equal(second.cached, false, 'downloaded again');
+    await assert.rejects(readFile(join(second.dir, 'tokenizer_config.json')), { code: 'ENOENT' });
+    assert.equal((await downloadEdgePart(new CloudRest(p.url, key), MODEL, CUT, cache)).cached, true, 'then cached as this cloud lists it');
+  });
+
   it('stops reading a bundle file at the bytes its listing declares', async () => {
     const p = await through((path) => (path.startsWith(`/v1/models/${MODEL}/emulators/files/emulator.safetensors?`) ? { total: FLOOD_BYTES } : undefined));
     await assert.rejects(downloadBundle({ cloudUrl: p.url, key, modelId: MODEL, keep: 2, bottom: 1, top: 1, outDir: join(work, 'bundle-flood') }),
