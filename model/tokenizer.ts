@@ -85,11 +85,14 @@ function shown(pattern: string): string {
  * tokenizer.json pattern to) can backtrack catastrophically, or undefined when it cannot in
  * the ways refused here: a group repeated by `*`, `+`, `{n,}` or `{n,m}` (m > 1) whose body
  * holds a quantifier or an alternation, such as `(\w+\s?)+` or `(a|a)*` (exponential), and
- * back-references. Pre-tokenizer regexes of real models (GPT-2, Llama-3, Qwen2) have neither.
+ * back-references; and three or more unbounded repetitions in one alternative, such as
+ * `a*a*a*b` (polynomial: twelve of them took 18 s on 25 characters). Pre-tokenizer regexes of
+ * real models (GPT-2, Llama-3, Qwen2) have none of these: Llama-3's `\s*[\r\n]+` has two.
  */
 function backtrackingHazard(source: string): string | undefined {
-  interface Group { quantified: boolean; alternation: boolean; start: number; end: number }
-  const open: Group[] = [{ quantified: false, alternation: false, start: 0, end: source.length }];
+  /** `repeats`: the unbounded repetitions in the group's current alternative so far. */
+  interface Group { quantified: boolean; alternation: boolean; repeats: number; start: number; end: number }
+  const open: Group[] = [{ quantified: false, alternation: false, repeats: 0, start: 0, end: source.length }];
   let previous: Group | undefined; // the group just closed, when the next token may quantify it
   let i = 0;
   while (i < source.length) {
@@ -111,7 +114,7 @@ function backtrackingHazard(source: string): string | undefined {
       continue;
     }
     if (c === '(') {
-      const group: Group = { quantified: false, alternation: false, start: i, end: source.length };
+      const group: Group = { quantified: false, alternation: false, repeats: 0, start: i, end: source.length };
       open.push(group);
       i++;
       if (source[i] === '?') {
@@ -138,19 +141,22 @@ function backtrackingHazard(source: string): string | undefined {
     }
     if (c === '|') {
       top.alternation = true;
+      top.repeats = 0;
       i++;
       previous = undefined;
       continue;
     }
     let repeats: boolean | undefined;
+    let unbounded = false;
     let length = 1;
-    if (c === '*' || c === '+') repeats = true;
+    if (c === '*' || c === '+') repeats = unbounded = true;
     else if (c === '?') repeats = false;
     else if (c === '{') {
       const m = /^\{(\d+)(,(\d*))?\}/.exec(source.slice(i, i + 48));
       if (m) {
         length = m[0].length;
         repeats = m[2] === undefined ? Number(m[1]) > 1 : m[3] === '' || Number(m[3]) > 1;
+        unbounded = m[2] !== undefined && m[3] === '';
       }
     }
     if (repeats === undefined) {
@@ -163,6 +169,9 @@ function backtrackingHazard(source: string): string | undefined {
     if (repeats && previous !== undefined && (previous.quantified || previous.alternation)) {
       const what = previous.quantified ? 'a quantifier' : 'an alternation';
       return `the group ${shown(source.slice(previous.start, previous.end))} is repeated by ${JSON.stringify(source.slice(previous.end, i))} and holds ${what} (as compiled; a repeated group holding a quantifier or an alternation can backtrack exponentially)`;
+    }
+    if (unbounded && ++top.repeats >= 3) {
+      return `${shown(source.slice(top.start, top.end === source.length ? i : top.end))} repeats three or more parts without bound in one alternative (as compiled; their matches can split a run of characters in polynomially many ways)`;
     }
     top.quantified = true;
     previous = undefined;

@@ -141,6 +141,9 @@ describe('regular expressions in tokenizer.json', () => {
       [(json) => { json.normalizer = { type: 'Sequence', normalizers: [json.normalizer, { type: 'Replace', pattern: { Regex: '(a+)+b' }, content: '' }] }; }, 'normalizer.normalizers[1].pattern.Regex'],
       [(json) => { json.decoder = { type: 'Sequence', decoders: [{ type: 'Replace', pattern: { Regex: '((ab)*)*' }, content: '' }, json.decoder] }; }, 'decoder.decoders[0].pattern.Regex'],
       [(json) => { json.pre_tokenizer = split('(a)\\1+'); }, 'pre_tokenizer.pattern.Regex'],
+      // Polynomial, no group needed: 25 characters took 18 s (found by fuzzing).
+      [(json) => { json.pre_tokenizer = split('a*a*a*a*a*a*a*a*a*a*a*a*b'); }, 'pre_tokenizer.pattern.Regex'],
+      [(json) => { json.normalizer = { type: 'Replace', pattern: { Regex: 'x|\\s*.+\\w{2,}y' }, content: '' }; }, 'normalizer.pattern.Regex'],
     ];
     for (const [edit, field] of cases) {
       await rejectsModelError(loadTokenizer(await tokenizerDir(edit)), 'TANDEM_TOKENIZER_INVALID', `field ${field}`, 'backtrack');
