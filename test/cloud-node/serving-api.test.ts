@@ -204,6 +204,9 @@ describe('adapter serving through the OpenAI API', () => {
     const malformed = await fetch(`${node.url}/v1/chat/completions`, { method: 'POST', headers: { authorization: `Bearer ${alice}`, 'content-type': 'application/json' }, body: '{"model": "stories260K", "messages": [' });
     assert.equal(malformed.status, 400);
     assert.equal(((await malformed.json()) as { error: { code: string } }).error.code, 'TANDEM_REQUEST_INVALID');
+    const xml = await fetch(`${node.url}/v1/completions`, { method: 'POST', headers: { authorization: `Bearer ${alice}`, 'content-type': 'application/xml' }, body: '<a/>' });
+    assert.equal(xml.status, 415);
+    assert.deepEqual((({ code, type }) => ({ code, type }))(((await xml.json()) as { error: { code: string; type: string } }).error), { code: 'TANDEM_REQUEST_INVALID', type: 'invalid_request_error' });
     const noKey = await api(node, 'POST', '/v1/completions', undefined, { model: 'stories260K', prompt: 'x' });
     assert.equal(noKey.status, 401);
     assert.equal((noKey.json.error as Record<string, unknown>).code, 'TANDEM_AUTH_KEY_MISSING');
