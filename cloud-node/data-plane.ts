@@ -15,7 +15,7 @@ import {
   ProtocolError, ReassemblyBudget, Reassembler, decodeEnvelope, encodeEnvelope, envelope, errorBody, messagesForTransport, replyStreamId,
 } from '../protocol/index.ts';
 import type { Envelope, ErrorBody, Limits } from '../protocol/index.ts';
-import { CloudError, resourceErrorOf } from './errors.ts';
+import { CloudError, rawRefusal, resourceErrorOf } from './errors.ts';
 import { quotaExceeded } from './quotas.ts';
 import type { CloudMetrics } from './metrics.ts';
 import type { QuotaLedger } from './quotas.ts';
@@ -78,9 +78,7 @@ const SOCKET_IO_PATH = '/socket.io/';
 
 function refuseUpgrade(request: IncomingMessage, socket: Duplex): void {
   if ((request.url ?? '').startsWith(SOCKET_IO_PATH) || !socket.writable) return;
-  const wrapped = new CloudError('TANDEM_REQUEST_INVALID', { reason: `only the data plane (${SOCKET_IO_PATH}, a websocket) upgrades; send ${JSON.stringify((request.url ?? '').slice(0, 64))} without Upgrade` });
-  const body = JSON.stringify({ code: wrapped.code, message: wrapped.describe(), details: wrapped.details });
-  socket.end(`HTTP/1.1 400 Bad Request\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
+  socket.end(rawRefusal(400, `only the data plane (${SOCKET_IO_PATH}, a websocket) upgrades; send ${JSON.stringify((request.url ?? '').slice(0, 64))} without Upgrade`));
 }
 
 export function attachDataPlane(options: DataPlaneOptions): Server {

@@ -1,6 +1,7 @@
 // One catalogue of the errors cloud-node/ raises. Codes are stable: they are HTTP error
 // bodies' `code` and travel on the wire inside protocol Error bodies, so a code is never
 // renamed or reused; new ones are appended.
+import { STATUS_CODES } from 'node:http';
 import { defineErrors } from '../common/define-errors.ts';
 
 export const CLOUD_ERRORS = {
@@ -85,3 +86,14 @@ export function resourceErrorOf(error: unknown, resource: string): CloudError | 
   if (error instanceof CloudError || !(error instanceof Error) || !RESOURCE_FAILURE.test(error.message)) return undefined;
   return new CloudError('TANDEM_RESOURCE_EXHAUSTED', { resource, reason: error.message.slice(0, 200) }, { cause: error });
 }
+
+/**
+ * A whole HTTP/1.1 response refusing a request with TANDEM_REQUEST_INVALID, for what is answered
+ * on the socket before fastify sees it (a request HTTP cannot parse, an Upgrade to a REST path).
+ */
+export function rawRefusal(status: number, reason: string): string {
+  const wrapped = new CloudError('TANDEM_REQUEST_INVALID', { reason });
+  const body = JSON.stringify({ code: wrapped.code, message: wrapped.describe(), details: wrapped.details });
+  return `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`;
+}
+

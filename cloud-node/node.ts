@@ -5,7 +5,7 @@ import rateLimit from '@fastify/rate-limit';
 import swagger from '@fastify/swagger';
 import Fastify from 'fastify';
 import type { FastifyBaseLogger, FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
-import { STATUS_CODES, createServer as createHttpServer } from 'node:http';
+import { createServer as createHttpServer } from 'node:http';
 import type { IncomingMessage, RequestListener, Server as HttpServer, ServerResponse } from 'node:http';
 import { createServer as createHttpsServer } from 'node:https';
 import { resolve } from 'node:path';
@@ -20,7 +20,7 @@ import type { CodecPreferences, Limits } from '../protocol/index.ts';
 import { ActivationCache } from './activation-cache.ts';
 import { ModelSlot } from './context.ts';
 import { attachDataPlane, errorBodyOf } from './data-plane.ts';
-import { CloudError, resourceErrorOf } from './errors.ts';
+import { CloudError, rawRefusal, resourceErrorOf } from './errors.ts';
 import { EmulatorRegistry } from './emulator-registry.ts';
 import type { EmulatorBuildSettings, EmulatorStorageLimits } from './emulator-registry.ts';
 import type { ClusterStatusSource } from './cluster-status.ts';
@@ -232,9 +232,7 @@ function answerClientError(error: Error & { code?: string }, socket: Duplex): vo
   if (!socket.writable) return;
   const status = error.code === 'HPE_HEADER_OVERFLOW' ? 431 : error.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400;
   const reason = status === 431 ? 'the request line and headers are over the server\'s limit of 16 KiB' : status === 408 ? 'the request did not arrive in time' : `HTTP could not parse the request (${error.code ?? 'malformed'})`;
-  const wrapped = new CloudError('TANDEM_REQUEST_INVALID', { reason });
-  const body = JSON.stringify({ code: wrapped.code, message: wrapped.describe(), details: wrapped.details });
-  socket.end(`HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
+  socket.end(rawRefusal(status, reason));
 }
 
 /** An error of fastify's router (a URL that does not decode, a parameter over its length): the typed body too. */
