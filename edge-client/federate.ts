@@ -206,11 +206,18 @@ async function waitPhase(rest: Rest, base: string, a: Round, phase: SecAggPhase,
 /**
  * Heartbeats (POST .../alive) every third of the round's owner timeout while this owner works on
  * its part of the round, so that the cloud does not take it as gone; one that fails is no error
- * (the next one, or the owner's next call, counts as well). Returns the stop.
+ * (the next one, or the owner's next call, counts as well). A beat the cloud answers with
+ * `current: false` (the round moved on without this owner) aborts `moved`, which ends local
+ * training at its next step. Returns the stop.
  */
-function heartbeat(rest: Rest, base: string, a: Round): () => void {
+function heartbeat(rest: Rest, base: string, a: Round, moved: AbortController): () => void {
   if (a.ownerTimeoutSeconds === undefined) return () => undefined;
-  const beat = (): void => void rest.call('POST', `${base}/alive`, { attempt: a.attempt }).catch(() => undefined);
+  const where = rest.where(`${base}/alive`);
+  const beat = (): void => void rest.call('POST', `${base}/alive`, { attempt: a.attempt }).then((reply) => {
+    if (typeof reply === 'object' && reply !== null && (reply as { current?: unknown }).current === false) {
+      moved.abort(new EdgeError('TANDEM_EDGE_ROUND_MOVED_ON', `round ${a.round}.${a.attempt} moved on without this owner`, { where, details: { round: a.round, attempt: a.attempt } }));
+    }
+  }, () => undefined);
   const timer = setInterval(beat, Math.max(100, (a.ownerTimeoutSeconds * 1000) / 3));
   timer.unref();
   return () => clearInterval(timer);
@@ -280,11 +287,11 @@ async function splitModel(options: FederateOptions, a: Round, where: string): Pr
 }
 
 /** One round's local training from the global adapter in `adapterDir`, under the round's FedProx μ and FFA-LoRA. */
-async function trainRound(m: RoundModel, a: Round, options: FederateOptions, adapterDir: string, onStart: (trainRows: number) => void): Promise<TrainingResult> {
+async function trainRound(m: RoundModel, a: Round, options: FederateOptions, adapterDir: string, onStart: (trainRows: number) => void, signal: AbortSignal): Promise<TrainingResult> {
   const spec: TrainingSpec = {
     model: m.model, tokenizer: m.tokenizer, modelHash: m.modelHash, dataFile: options.data, baseModel: m.baseModel,
     recipe: { ...DEFAULT_RECIPE, ...options.recipe, steps: a.localSteps, seed: (options.recipe?.seed ?? 0) + a.round * 1009 + a.attempt },
-    methods: [], adapterDir, evaluate: true, ...(m.cut ? { cut: m.cut } : {}),
+    methods: [], adapterDir, evaluate: true, signal, ...(m.cut ? { cut: m.cut } : {}),
     onEvent: (e) => {
       if (e.type === 'start') onStart(e.trainRows);
     },
@@ -351,7 +358,8 @@ export async function federate(options: FederateOptions): Promise<FederateResult
       }
       const adapter = a.adapter;
       const base = `/v1/federations/${encodeURIComponent(options.federation)}/rounds/${a.round}`;
-      const stopHeartbeat = heartbeat(rest, base, a);
+      const moved = new AbortController();
+      const stopHeartbeat = heartbeat(rest, base, a, moved);
       const event = await (async (): Promise<FederateRoundEvent> => {
         const m = a.mode === 'split' ? (split ??= await splitModel(options, a, where)) : local;
         if (!m) throw new EdgeError('TANDEM_EDGE_OPTION_INVALID', 'the federation trains offsite: give the model folder to train on', { field: 'modelDir' });
@@ -364,7 +372,7 @@ export async function federate(options: FederateOptions): Promise<FederateResult
         let result: TrainingResult;
         try {
           await writeGlobal(adapter.config, global, join(dir, 'global'));
-          result = await trainRound(m, a, options, join(dir, 'global'), (rows) => (trainRows = rows));
+          result = await trainRound(m, a, options, join(dir, 'global'), (rows) => (trainRows = rows), moved.signal);
         } finally {
           await rm(dir, { recursive: true, force: true });
         }

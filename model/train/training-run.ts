@@ -104,6 +104,8 @@ export interface RunSettings {
   /** Write the adapter as a PEFT folder here once every step is done. */
   adapterOut?: string;
   onEvent?: TrainEventHandler;
+  /** Ends the run between steps: runSteps rejects with the signal's reason (a federated round that moved on). */
+  signal?: AbortSignal;
   /**
    * The engine of the frozen work: an OrtLlama over the model's weights, an engine name
    * ('auto' for the best that starts), or absent for TANDEM_ENGINE when set, else tfjs alone.
@@ -286,6 +288,11 @@ export async function runSteps(state: RunState, spec: TrainingSpec): Promise<Tra
     const began = performance.now();
     let tokensDone = 0;
     while (trainer.step < stopAt) {
+      // A step on tfjs's wasm or cpu backend resolves its promises as microtasks: without a turn of
+      // the event loop between steps no timer or socket of the process ran until the run ended
+      // (a federated owner's heartbeats, then its round, were lost).
+      await new Promise((resolve) => setImmediate(resolve));
+      spec.signal?.throwIfAborted();
       const t0 = performance.now();
       const microbatches = Array.from({ length: recipe.gradientAccumulationSteps }, () => stream.next());
       const r = await trainer.trainStep(microbatches);

@@ -10,7 +10,7 @@ import { mkdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { EdgeError, federate, readAdapterFolder } from '../../edge-client/index.ts';
-import type { FederateOptions } from '../../edge-client/index.ts';
+import type { FederateOptions, FederateRoundEvent } from '../../edge-client/index.ts';
 import { LlamaModel, createAdapter, initBackend, loadModelFolder, saveAdapter } from '../../model/index.ts';
 import type { FederationCreate, WireAdapter } from '../../protocol/index.ts';
 import { FIXTURE, MODEL_ID, startTestCloud, tempDir } from './helpers.ts';
@@ -148,6 +148,25 @@ describe('an owner in a federation against a hostile cloud', () => {
     } finally {
       await watched.close();
     }
+  });
+
+  it('an owner whose round moved on without it (its heartbeat says so) stops training at its next step', async () => {
+    // bob alone, 100,000 local steps (minutes here), a 2 s deadline: the round is retried without
+    // his update, and his next beat, answered current: false, ends his training.
+    await createFederation('stops', { roundDeadlineSeconds: 2, localSteps: 100_000 });
+    const events: FederateRoundEvent[] = [];
+    const stop = new Error('stop after the first attempt');
+    const ended = await federate({
+      cloud: cloud.url, key: bobKey, federation: 'stops', data, modelDir: FIXTURE, workDir: join(scratch.dir, 'work-stops'), pollMs: 20, maxRounds: 1,
+      backend: 'wasm', recipe: { batchSize: 2, seqLen: 16 },
+      onRound: (e) => {
+        events.push(e);
+        throw stop;
+      },
+    }).then(() => undefined, (e: unknown) => e);
+    assert.equal(ended, stop);
+    assert.equal(events[0].refused, 'TANDEM_EDGE_ROUND_MOVED_ON');
+    assert.equal(events[0].ack, undefined, 'no update was sent');
   });
 
   it('refuses a round and attempt that are not integers before they name a folder: nothing outside the work folder is touched', QUICK, async () => {
