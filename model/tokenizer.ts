@@ -90,9 +90,15 @@ function shown(pattern: string): string {
  * real models (GPT-2, Llama-3, Qwen2) have none of these: Llama-3's `\s*[\r\n]+` has two.
  */
 function backtrackingHazard(source: string): string | undefined {
-  /** `repeats`: the unbounded repetitions in the group's current alternative so far. */
-  interface Group { quantified: boolean; alternation: boolean; repeats: number; start: number; end: number }
-  const open: Group[] = [{ quantified: false, alternation: false, repeats: 0, start: 0, end: source.length }];
+  const tooManyRepeats = (group: { start: number; end: number }, at: number): string =>
+    `${shown(source.slice(group.start, group.end === source.length ? at : group.end))} repeats three or more parts without bound in one alternative (as compiled; their matches can split a run of characters in polynomially many ways)`;
+  /**
+   * `repeats`: the unbounded repetitions in the group's current alternative so far, those of the
+   * groups inside it included (`(?:a*)(?:a*)(?:a*)b` is `a*a*a*b`); `most`: the largest over the
+   * alternatives closed so far.
+   */
+  interface Group { quantified: boolean; alternation: boolean; repeats: number; most: number; start: number; end: number }
+  const open: Group[] = [{ quantified: false, alternation: false, repeats: 0, most: 0, start: 0, end: source.length }];
   let previous: Group | undefined; // the group just closed, when the next token may quantify it
   let i = 0;
   while (i < source.length) {
@@ -114,7 +120,7 @@ function backtrackingHazard(source: string): string | undefined {
       continue;
     }
     if (c === '(') {
-      const group: Group = { quantified: false, alternation: false, repeats: 0, start: i, end: source.length };
+      const group: Group = { quantified: false, alternation: false, repeats: 0, most: 0, start: i, end: source.length };
       open.push(group);
       i++;
       if (source[i] === '?') {
@@ -136,11 +142,14 @@ function backtrackingHazard(source: string): string | undefined {
       const parent = open[open.length - 1];
       parent.quantified ||= group.quantified;
       parent.alternation ||= group.alternation;
+      parent.repeats += Math.max(group.most, group.repeats);
+      if (parent.repeats >= 3) return tooManyRepeats(parent, i);
       previous = group;
       continue;
     }
     if (c === '|') {
       top.alternation = true;
+      top.most = Math.max(top.most, top.repeats);
       top.repeats = 0;
       i++;
       previous = undefined;
@@ -170,9 +179,7 @@ function backtrackingHazard(source: string): string | undefined {
       const what = previous.quantified ? 'a quantifier' : 'an alternation';
       return `the group ${shown(source.slice(previous.start, previous.end))} is repeated by ${JSON.stringify(source.slice(previous.end, i))} and holds ${what} (as compiled; a repeated group holding a quantifier or an alternation can backtrack exponentially)`;
     }
-    if (unbounded && ++top.repeats >= 3) {
-      return `${shown(source.slice(top.start, top.end === source.length ? i : top.end))} repeats three or more parts without bound in one alternative (as compiled; their matches can split a run of characters in polynomially many ways)`;
-    }
+    if (unbounded && ++top.repeats >= 3) return tooManyRepeats(top, i);
     top.quantified = true;
     previous = undefined;
   }

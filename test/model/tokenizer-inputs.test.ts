@@ -144,6 +144,8 @@ describe('regular expressions in tokenizer.json', () => {
       // Polynomial, no group needed: 25 characters took 18 s (found by fuzzing).
       [(json) => { json.pre_tokenizer = split('a*a*a*a*a*a*a*a*a*a*a*a*b'); }, 'pre_tokenizer.pattern.Regex'],
       [(json) => { json.normalizer = { type: 'Replace', pattern: { Regex: 'x|\\s*.+\\w{2,}y' }, content: '' }; }, 'normalizer.pattern.Regex'],
+      // The same spread over groups.
+      [(json) => { json.pre_tokenizer = split('(?:a*)(?:b|a*)(a*)c'); }, 'pre_tokenizer.pattern.Regex'],
     ];
     for (const [edit, field] of cases) {
       await rejectsModelError(loadTokenizer(await tokenizerDir(edit)), 'TANDEM_TOKENIZER_INVALID', `field ${field}`, 'backtrack');
