@@ -196,29 +196,29 @@ export class HeldAdapter {
     const { beta1: b1, beta2: b2, eps, weightDecay: wd } = this.spec;
     const bc1 = 1 - b1 ** t;
     const bc2Sqrt = Math.sqrt(1 - b2 ** t);
-    const next = this.#params.map((p, i) => {
-      const g = grads[i];
-      const { value: w, expAvg: m0, expAvgSq: v0 } = p;
-      const value = new Float32Array(w.length);
-      const m = new Float32Array(w.length);
-      const v = new Float32Array(w.length);
-      for (let j = 0; j < w.length; j++) {
-        m[j] = m0[j] * b1 + g[j] * (1 - b1);
-        v[j] = v0[j] * b2 + g[j] * g[j] * (1 - b2);
-        const decayed = wd === 0 ? w[j] : w[j] * (1 - lr * wd);
-        value[j] = decayed - (m[j] / (Math.sqrt(v[j]) / bc2Sqrt + eps)) * (lr / bc1);
-        if (!Number.isFinite(value[j]) || !Number.isFinite(v[j])) {
-          throw new CloudError('TANDEM_RESULT_NON_FINITE', { field: `the held adapter's ${p.key} after the step (lr ${lr})`, index: j, session: this.sessionId, step });
+    const f = Math.fround; // the buffers are float32: each stored value is rounded as stored
+    // Twice over the elements, once to check and once to write, so that a refused step changes
+    // nothing and costs no copy of the adapter and its moments.
+    for (const write of [false, true]) {
+      this.#params.forEach((p, i) => {
+        const g = grads[i];
+        const { value: w, expAvg: m, expAvgSq: v } = p;
+        for (let j = 0; j < w.length; j++) {
+          const mj = f(m[j] * b1 + g[j] * (1 - b1));
+          const vj = f(v[j] * b2 + g[j] * g[j] * (1 - b2));
+          const decayed = wd === 0 ? w[j] : w[j] * (1 - lr * wd);
+          const wj = f(decayed - (mj / (Math.sqrt(vj) / bc2Sqrt + eps)) * (lr / bc1));
+          if (write) {
+            m[j] = mj;
+            v[j] = vj;
+            w[j] = wj;
+          } else if (!Number.isFinite(wj) || !Number.isFinite(vj)) {
+            throw new CloudError('TANDEM_RESULT_NON_FINITE', { field: `the held adapter's ${p.key} after the step (lr ${lr})`, index: j, session: this.sessionId, step });
+          }
         }
-      }
-      return { value, m, v };
-    });
+      });
+    }
     this.#optimizerSteps = t;
-    this.#params.forEach((p, i) => {
-      p.value.set(next[i].value);
-      p.expAvg.set(next[i].m);
-      p.expAvgSq.set(next[i].v);
-    });
   }
 
   /** The adapter's tensors by PEFT key (export). */

@@ -30,6 +30,7 @@ export const MODEL_ERRORS = {
   TANDEM_MERGE_UNSUPPORTED: { summary: 'a PEFT method of the adapter cannot be merged into the base weights' },
   TANDEM_MODEL_FAMILY_DUPLICATE: { summary: 'a model family is already registered under that model_type' },
   TANDEM_ADAPTER_TOO_LARGE: { summary: 'an adapter configuration would make loading or creating it allocate more than the limit' },
+  TANDEM_LOGITS_NON_FINITE: { summary: 'the logits hold a NaN or an infinity: the weights compute no finite output' },
 } as const satisfies Record<string, { summary: string }>;
 
 export type ModelErrorCode = keyof typeof MODEL_ERRORS;

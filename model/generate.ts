@@ -109,6 +109,15 @@ export class GenerationLoop {
   /** The last position's logits → the ids to run next, or undefined when done. */
   take(values: Float32Array): number[] | undefined {
     const step = this.#generatedIds.length;
+    // NaN compares false with everything: argmax would pick id 0 again and again, and sampling
+    // would draw from NaN probabilities. -Infinity masks an id; all of them masked is no choice.
+    let finite = false;
+    for (let i = 0; i < values.length; i++) {
+      const v = values[i];
+      if (v !== v || v === Infinity) throw new ModelError('TANDEM_LOGITS_NON_FINITE', `the logits of generated token ${step} hold ${v} at vocabulary id ${i}`, { field: 'logits', details: { token: step, index: i } });
+      finite ||= v !== -Infinity;
+    }
+    if (!finite && values.length > 0) throw new ModelError('TANDEM_LOGITS_NON_FINITE', `the logits of generated token ${step} are -Infinity at every id`, { field: 'logits', details: { token: step, index: 0 } });
     if (step === 0) this.#topLogits = largest(values, this.#options.topLogits ?? 10);
     if (this.#options.maxNewTokens === 0) return undefined;
     const id = this.#temperature === 0 ? argmax(values) : sample(values, this.#temperature, this.#topP, this.#rng);

@@ -154,7 +154,7 @@ export class Reassembler {
       this.#drop(streamId);
       throw new ProtocolError('TANDEM_PROTO_CHUNK_LIMIT_EXCEEDED', { field: refused.name, actual: used + charge, limit: refused.limit });
     }
-    if (this.#budget !== undefined) stream.charged += charge;
+    stream.charged += charge;
     // A copy: `data` is a view into the whole received envelope, which a small chunk would keep alive.
     stream.parts.push(last ? data : data.slice());
     stream.filled += data.length;

@@ -360,12 +360,12 @@ export class ServingScheduler {
     }
     a.prefilled = 0;
     const before = a.loop.result().generatedIds.length;
-    // NaN compares false with everything: argmax would pick id 0 again and again, a reply of
-    // empty text that looks like an answer.
-    for (let i = 0; i < logits.length; i++) {
-      if (!Number.isFinite(logits[i])) throw new CloudError('TANDEM_LOGITS_NON_FINITE', { model: a.request.adapter === undefined ? 'the base model' : `adapter ${a.request.adapter.name}`, token: before, index: i });
+    try {
+      a.next = a.loop.take(logits);
+    } catch (err) {
+      if (!(err instanceof ModelError && err.code === 'TANDEM_LOGITS_NON_FINITE')) throw err;
+      throw new CloudError('TANDEM_LOGITS_NON_FINITE', { model: a.request.adapter === undefined ? 'the base model' : `adapter ${a.request.adapter.name}`, token: before, index: String(err.details?.index) }, { cause: err });
     }
-    a.next = a.loop.take(logits);
     const ids = a.loop.result().generatedIds;
     if (ids.length > before) {
       if (a.firstTokenAt === undefined) {

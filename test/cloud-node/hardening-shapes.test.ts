@@ -69,3 +69,23 @@ describe('finding 3: the declared shape of a frame is bounded before any work', 
     assert.equal(attacker.welcome?.limits.maxElements, MAX_TOKENS * HIDDEN);
   });
 });
+
+// Found by the fuzzing of stop 33: one Forward whose top-k frame kept no value (k = 0: no
+// payload, no indices) made every frame of every tenant fail TANDEM_PROTO_FRAME_CHECKSUM_MISMATCH
+// until the node restarted. Decoding it read the buffer of the empty array that every absent
+// bytes field shares; Node's zlib.crc32 then answers 0 for that array whatever CRC it continues,
+// and f32 frames carry it as their indices. The CRC of no bytes now continues the CRC unchanged.
+describe('a top-k frame that keeps no value', () => {
+  /** A top-k frame of [1, 8, HIDDEN] that keeps no value: all zeros, its checksum that of no bytes. */
+  function emptyTopk(): TensorFrame {
+    const frame = frameOf(randomTensor([1, 8, HIDDEN], 3), [1, 8, HIDDEN], { codec: 'topk', topkFraction: 0.01, topkValues: 'f16' });
+    return { ...frame, params: { ...frame.params, k: 0, indices: new Uint8Array(0), scales: new Uint8Array(0) }, payload: new Uint8Array(0), crc32: 0 };
+  }
+
+  it("is computed as zeros, and every other tenant's f32 frames after it still check", async () => {
+    for (let i = 0; i < 3; i++) {
+      const reply = await survives(node, good, () => attacker.request(attacker.forwardBody(70 + i, 0, [emptyTopk()], false)));
+      assert.equal(reply.body.case, 'forwardResult', JSON.stringify(reply.body.value));
+    }
+  });
+});

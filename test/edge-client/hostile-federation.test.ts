@@ -62,6 +62,22 @@ after(async () => {
   await scratch.remove();
 });
 
+/** `key`'s owner in `federation` through `url` until its first attempt ends (its round event): that event. */
+async function firstAttempt(url: string, key: string, federation: string): Promise<FederateRoundEvent[]> {
+  const events: FederateRoundEvent[] = [];
+  const stop = new Error('stop after the first attempt');
+  const ended = await federate({
+    cloud: url, key, federation, data, modelDir: FIXTURE, workDir: join(scratch.dir, `work-${federation}`), pollMs: 20, maxRounds: 1,
+    backend: 'wasm', recipe: { batchSize: 2, seqLen: 16 },
+    onRound: (e) => {
+      events.push(e);
+      throw stop;
+    },
+  }).then(() => undefined, (e: unknown) => e);
+  assert.equal(ended, stop);
+  return events;
+}
+
 /** A federation of alice and bob, both sampled; only alice runs here, so a SecAgg round waits for bob's keys. */
 async function createFederation(id: string, body: Partial<FederationCreate> = {}): Promise<void> {
   await post('/v1/federations', cloud.key, {
@@ -154,17 +170,7 @@ describe('an owner in a federation against a hostile cloud', () => {
     // bob alone, 100,000 local steps (minutes here), a 2 s deadline: the round is retried without
     // his update, and his next beat, answered current: false, ends his training.
     await createFederation('stops', { roundDeadlineSeconds: 2, localSteps: 100_000 });
-    const events: FederateRoundEvent[] = [];
-    const stop = new Error('stop after the first attempt');
-    const ended = await federate({
-      cloud: cloud.url, key: bobKey, federation: 'stops', data, modelDir: FIXTURE, workDir: join(scratch.dir, 'work-stops'), pollMs: 20, maxRounds: 1,
-      backend: 'wasm', recipe: { batchSize: 2, seqLen: 16 },
-      onRound: (e) => {
-        events.push(e);
-        throw stop;
-      },
-    }).then(() => undefined, (e: unknown) => e);
-    assert.equal(ended, stop);
+    const events = await firstAttempt(cloud.url, bobKey, 'stops');
     assert.equal(events[0].refused, 'TANDEM_EDGE_ROUND_MOVED_ON');
     assert.equal(events[0].ack, undefined, 'no update was sent');
   });
@@ -226,19 +232,9 @@ describe('an owner in a federation against a hostile cloud', () => {
   it("a SecAgg view of a later attempt ends this attempt as the owner's own TANDEM_EDGE_ROUND_MOVED_ON, not as a code the cloud did not send", QUICK, async () => {
     await createFederation('moved', { secureAggregation: true, minOwners: 2 });
     const hostile = await startHostileCloud(cloud.url, { rest: rewrite((p) => p.endsWith('/secagg'), (v) => { v.attempt = (v.attempt as number) + 1; }, 1) });
-    const events: { refused?: string; ack?: unknown }[] = [];
     try {
       // The attempt refused, the owner asks for the round again; the test stops it there (bob never joins).
-      const stop = new Error('stop after the first attempt');
-      const ended = await federate({
-        cloud: hostile.url, key: aliceKey, federation: 'moved', data, modelDir: FIXTURE, workDir: join(scratch.dir, 'work-moved'), pollMs: 20, maxRounds: 1,
-        backend: 'wasm', recipe: { batchSize: 2, seqLen: 16 },
-        onRound: (e) => {
-          events.push(e);
-          throw stop;
-        },
-      }).then(() => undefined, (e: unknown) => e);
-      assert.equal(ended, stop);
+      const events = await firstAttempt(hostile.url, aliceKey, 'moved');
       assert.equal(events.length, 1);
       assert.equal(events[0].refused, 'TANDEM_EDGE_ROUND_MOVED_ON');
       assert.equal(events[0].ack, undefined, 'no update was sent');

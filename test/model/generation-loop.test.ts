@@ -3,7 +3,7 @@
 // sorted, as the loop did before it selected in one pass and sorted typed arrays), ties included.
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { GenerationLoop, Rng } from '../../model/index.ts';
+import { GenerationLoop, ModelError, Rng } from '../../model/index.ts';
 import type { ModelConfig } from '../../model/index.ts';
 
 const VOCAB = 151_936;
@@ -73,5 +73,18 @@ describe('GenerationLoop on a 152k vocabulary', () => {
       }
       assert.deepEqual(loop.result().generatedIds, want, `temperature ${temperature}, top-p ${topP}, ${label}`);
     }
+  });
+
+  it('refuses logits holding a NaN or +Infinity, or masked everywhere, and takes -Infinity as a mask', () => {
+    const take = (values: Float32Array) => new GenerationLoop(config, [1], { maxNewTokens: 2, temperature: 0 }).take(values);
+    const masked = new Float32Array(8).fill(-Infinity);
+    masked[5] = 0;
+    assert.deepEqual(take(masked), [5]);
+    for (const [at, v] of [[3, NaN], [6, Infinity]] as const) {
+      const bad = new Float32Array(8);
+      bad[at] = v;
+      assert.throws(() => take(bad), (e: unknown) => e instanceof ModelError && e.code === 'TANDEM_LOGITS_NON_FINITE' && new RegExp(`id ${at}`).test(e.message));
+    }
+    assert.throws(() => take(new Float32Array(8).fill(-Infinity)), (e: unknown) => e instanceof ModelError && e.code === 'TANDEM_LOGITS_NON_FINITE');
   });
 });
